@@ -1,0 +1,109 @@
+"""Pieces several algorithms compose: gradient averaging, model averaging, state copies."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from localsgd.algorithms.base import SyncContext
+from localsgd.comm.base import WORLD, Scope
+
+
+def average_gradients(ctx: SyncContext) -> None:
+    """Average every trainable parameter's gradient over the world (one collective per dtype).
+
+    A missing gradient counts as zeros and every parameter receives the average, so the
+    replicas' optimizers see the same gradients and stay identical.
+    """
+    grads = []
+    for p in ctx.params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        grads.append(p.grad)
+    ctx.comm.average(grads, WORLD)
+
+
+def optimizer_state_tensors(ctx: SyncContext) -> list[torch.Tensor]:
+    """The optimizer's per-parameter floating-point state (momentum, Adam moments)."""
+    found = []
+    for p in ctx.params:
+        for value in ctx.optimizer.state.get(p, {}).values():
+            if (
+                isinstance(value, torch.Tensor)
+                and value.is_floating_point()
+                and value.shape == p.shape
+            ):
+                found.append(value)
+    return found
+
+
+class ModelAverager:
+    """Averages parameters, optionally buffers and optimizer state, in one collective per dtype.
+
+    ``optimizer_state``: ``local`` leaves it alone, ``average`` averages it with the
+    parameters, ``reset`` clears it (momentum starts again from the next gradient).
+    """
+
+    def __init__(self, ctx: SyncContext, average_buffers: bool, optimizer_state: str) -> None:
+        self.ctx = ctx
+        self.average_buffers = average_buffers
+        self.optimizer_state = optimizer_state
+
+    def __call__(self, scope: Scope = WORLD) -> None:
+        ctx = self.ctx
+        tensors = list(ctx.params)
+        if self.average_buffers:
+            tensors += ctx.buffers
+        if self.optimizer_state == "average":
+            tensors += optimizer_state_tensors(ctx)
+        ctx.comm.average(tensors, scope)
+        if self.optimizer_state == "reset":
+            for p in ctx.params:
+                ctx.optimizer.state.pop(p, None)
+
+
+def average_model(ctx: SyncContext, *, params: bool, buffers: bool, record: bool) -> None:
+    """Average parameters and/or buffers over the world: the consensus of plain averaging."""
+    tensors = (list(ctx.params) if params else []) + (list(ctx.buffers) if buffers else [])
+    ctx.comm.average(tensors, WORLD, record=record)
+
+
+def clone_all(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    return [t.detach().clone() for t in tensors]
+
+
+def load_tensors(
+    field: str, destination: Sequence[torch.Tensor], source: Sequence[torch.Tensor]
+) -> None:
+    """Copy a saved tensor list into live tensors, checking that the shapes match."""
+    if len(destination) != len(source):
+        raise ValueError(
+            f"state {field!r} holds {len(source)} tensors, the model has {len(destination)}"
+        )
+    with torch.no_grad():
+        for i, (dst, src) in enumerate(zip(destination, source)):
+            if tuple(dst.shape) != tuple(src.shape):
+                raise ValueError(
+                    f"state {field!r} tensor {i} has shape {tuple(src.shape)}, "
+                    f"the model's has {tuple(dst.shape)}"
+                )
+            dst.copy_(src)
+
+
+def require_keys(state: Mapping[str, Any], keys: Sequence[str], algorithm: str) -> None:
+    missing = [k for k in keys if k not in state]
+    if missing:
+        raise ValueError(f"{algorithm} state is missing {missing}; was it saved by {algorithm}?")
+
+
+def lr_of(ctx: SyncContext) -> dict[int, float]:
+    """The current learning rate of each trainable parameter, by ``id``."""
+    lrs = {}
+    for group in ctx.optimizer.param_groups:
+        lr = group.get("lr", 1.0)
+        lr = float(lr.item() if isinstance(lr, torch.Tensor) else lr)
+        for p in group["params"]:
+            lrs[id(p)] = lr
+    return lrs

@@ -1,0 +1,99 @@
+"""Hierarchical local SGD: frequent averaging inside blocks, rare averaging across them."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from localsgd.algorithms._common import ModelAverager, average_model, require_keys
+from localsgd.algorithms.base import AlgorithmConfig, SyncContext, check_int, register
+from localsgd.algorithms.local_sgd import check_local_options
+from localsgd.comm.base import WORLD, Block
+
+
+@register("hierarchical_local_sgd")
+@dataclass(frozen=True)
+class HierarchicalLocalSGD(AlgorithmConfig):
+    """Every H = ``period`` steps the workers of each block of G = ``block_size``
+    consecutive ranks (one node, say) average among themselves; every H·H_b steps
+    (H_b = ``block_period``) all workers average instead (Lin et al. 2020, §4).
+
+    Consistency: after a block sync, replicas within a block are identical; after a
+    global sync, all replicas are. The world size must be a multiple of G.
+    """
+
+    period: int = 4
+    """H: local steps between two block averagings."""
+    block_period: int = 4
+    """H_b: block averagings per global averaging; a global one happens every H·H_b steps."""
+    block_size: int = 2
+    """G: consecutive ranks per block; must divide the world size."""
+    average_buffers: bool = True
+    """Average floating-point buffers (BatchNorm statistics) at each sync too."""
+    optimizer_state: str = "local"
+    """Optimizer state at a sync: ``local``, ``average`` or ``reset``."""
+
+    def __post_init__(self) -> None:
+        check_int("hierarchical_local_sgd.period", self.period, 1)
+        check_int("hierarchical_local_sgd.block_period", self.block_period, 1)
+        check_int("hierarchical_local_sgd.block_size", self.block_size, 1)
+        check_local_options("hierarchical_local_sgd", self.average_buffers, self.optimizer_state)
+
+    def bind(self, ctx: SyncContext) -> HierarchicalSync:
+        return HierarchicalSync(self, ctx)
+
+
+class HierarchicalSync:
+    def __init__(self, config: HierarchicalLocalSGD, ctx: SyncContext) -> None:
+        self.config = config
+        self.ctx = ctx
+        self.block = Block(config.block_size)
+        ctx.comm.prepare(self.block)
+        self.averager = ModelAverager(ctx, config.average_buffers, config.optimizer_state)
+        self.step = 0
+        self.block_syncs = 0
+        self.global_syncs = 0
+        self.last_global = 0
+
+    @property
+    def syncs(self) -> int:
+        return self.block_syncs + self.global_syncs
+
+    def before_step(self) -> None:
+        pass
+
+    def after_step(self) -> None:
+        self.step += 1
+        if self.step % (self.config.period * self.config.block_period) == 0:
+            self.averager(WORLD)
+            self.global_syncs += 1
+            self.last_global = self.step
+        elif self.step % self.config.period == 0:
+            self.averager(self.block)
+            self.block_syncs += 1
+
+    def write_consensus(self, *, record: bool) -> None:
+        synced = self.last_global == self.step
+        average_model(self.ctx, params=not synced,
+                      buffers=not (synced and self.config.average_buffers), record=record)
+
+    def finalize(self) -> None:
+        self.write_consensus(record=True)
+        self.last_global = self.step
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "block_syncs": self.block_syncs,
+            "global_syncs": self.global_syncs,
+            "last_global": self.last_global,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        require_keys(state, ["step", "block_syncs", "global_syncs", "last_global"],
+                     "hierarchical_local_sgd")
+        self.step = int(state["step"])
+        self.block_syncs = int(state["block_syncs"])
+        self.global_syncs = int(state["global_syncs"])
+        self.last_global = int(state["last_global"])

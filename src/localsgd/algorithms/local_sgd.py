@@ -1,0 +1,126 @@
+"""Local SGD: H local steps on every worker, then the models are averaged."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from localsgd.algorithms._common import ModelAverager, average_model, require_keys
+from localsgd.algorithms.base import (
+    OPTIMIZER_STATE_CHOICES,
+    AlgorithmConfig,
+    SyncContext,
+    check_bool,
+    check_choice,
+    check_int,
+    register,
+)
+
+
+def check_local_options(prefix: str, average_buffers: object, optimizer_state: object) -> None:
+    check_bool(f"{prefix}.average_buffers", average_buffers)
+    check_choice(f"{prefix}.optimizer_state", optimizer_state, OPTIMIZER_STATE_CHOICES)
+
+
+@register("local_sgd")
+@dataclass(frozen=True)
+class LocalSGD(AlgorithmConfig):
+    """Every worker takes H = ``period`` optimizer steps on its own data, then all workers
+    average their parameters (Stich 2019; Lin et al. 2020, "Don't use large mini-batches,
+    use local SGD").
+
+    Consistency: parameters are identical on every replica right after each sync (every
+    H-th step) and differ in between.
+    """
+
+    period: int = 8
+    """H: local steps between two averagings. 1 is mini-batch SGD for plain SGD."""
+    average_buffers: bool = True
+    """Average floating-point buffers (BatchNorm running statistics) at each sync too."""
+    optimizer_state: str = "local"
+    """At a sync, the optimizer state (momentum) is kept ``local``, averaged (``average``,
+    in the same collective) or ``reset``."""
+
+    def __post_init__(self) -> None:
+        check_int("local_sgd.period", self.period, 1)
+        check_local_options("local_sgd", self.average_buffers, self.optimizer_state)
+
+    def bind(self, ctx: SyncContext) -> LocalSGDSync:
+        return LocalSGDSync(ctx, self.period, ModelAverager(ctx, self.average_buffers,
+                                                            self.optimizer_state))
+
+
+class AfterAverage(Protocol):
+    """Work done right after the replicas were averaged (SlowMo's and DiLoCo's outer step)."""
+
+    def apply(self) -> None: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None: ...
+
+
+class LocalSGDSync:
+    """Counts local steps and averages every ``period``-th one; ``outer`` runs after."""
+
+    def __init__(
+        self,
+        ctx: SyncContext,
+        period: int,
+        averager: ModelAverager,
+        outer: AfterAverage | None = None,
+    ) -> None:
+        self.ctx = ctx
+        self.period = period
+        self.averager = averager
+        self.outer = outer
+        self.syncs = 0
+        self.since_sync = 0
+        self.buffers_in_sync = True
+
+    def before_step(self) -> None:
+        pass
+
+    def after_step(self) -> None:
+        self.since_sync += 1
+        self.buffers_in_sync = False
+        if self.since_sync == self.period:
+            self.sync()
+
+    def sync(self) -> None:
+        self.averager()
+        if self.outer is not None:
+            self.outer.apply()
+        self.syncs += 1
+        self.since_sync = 0
+        self.buffers_in_sync = self.averager.average_buffers
+
+    def write_consensus(self, *, record: bool) -> None:
+        average_model(self.ctx, params=self.since_sync > 0, buffers=not self.buffers_in_sync,
+                      record=record)
+
+    def finalize(self) -> None:
+        if self.since_sync > 0:
+            self.sync()
+        average_model(self.ctx, params=False, buffers=not self.buffers_in_sync, record=True)
+        self.buffers_in_sync = True
+
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {
+            "syncs": self.syncs,
+            "since_sync": self.since_sync,
+            "buffers_in_sync": self.buffers_in_sync,
+        }
+        if self.outer is not None:
+            state["outer"] = self.outer.state_dict()
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        require_keys(state, ["syncs", "since_sync", "buffers_in_sync"], "local SGD")
+        self.syncs = int(state["syncs"])
+        self.since_sync = int(state["since_sync"])
+        self.buffers_in_sync = bool(state["buffers_in_sync"])
+        if self.outer is not None:
+            require_keys(state, ["outer"], "local SGD with an outer optimizer")
+            self.outer.load_state_dict(state["outer"])

@@ -1,0 +1,49 @@
+"""Mini-batch SGD: gradients averaged over all workers before every step (the DDP baseline)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from localsgd.algorithms._common import average_gradients, average_model, require_keys
+from localsgd.algorithms.base import AlgorithmConfig, SyncContext, register
+
+
+@register("minibatch_sgd")
+@dataclass(frozen=True)
+class MiniBatchSGD(AlgorithmConfig):
+    """Synchronous data parallelism: every step uses the gradient averaged over K workers.
+
+    Consistency: parameters are identical on every replica after every step. Buffers
+    (BatchNorm statistics) stay local and are averaged into the consensus model.
+    """
+
+    def bind(self, ctx: SyncContext) -> MiniBatchSync:
+        return MiniBatchSync(ctx)
+
+
+class MiniBatchSync:
+    def __init__(self, ctx: SyncContext) -> None:
+        self.ctx = ctx
+        self.syncs = 0
+
+    def before_step(self) -> None:
+        average_gradients(self.ctx)
+        self.syncs += 1
+
+    def after_step(self) -> None:
+        pass
+
+    def write_consensus(self, *, record: bool) -> None:
+        average_model(self.ctx, params=False, buffers=True, record=record)
+
+    def finalize(self) -> None:
+        self.write_consensus(record=True)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"syncs": self.syncs}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        require_keys(state, ["syncs"], "minibatch_sgd")
+        self.syncs = int(state["syncs"])

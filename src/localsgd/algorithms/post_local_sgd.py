@@ -1,0 +1,91 @@
+"""Post-local SGD: mini-batch SGD until a switch step, local SGD after it."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from localsgd.algorithms._common import ModelAverager, require_keys
+from localsgd.algorithms.base import AlgorithmConfig, SyncContext, check_int, register
+from localsgd.algorithms.local_sgd import LocalSGDSync, check_local_options
+from localsgd.algorithms.minibatch import MiniBatchSync
+
+
+@register("post_local_sgd")
+@dataclass(frozen=True)
+class PostLocalSGD(AlgorithmConfig):
+    """Steps t < t' = ``switch_step`` average gradients (mini-batch SGD); from t' on, every
+    worker takes H = ``period`` local steps between model averagings (Lin et al. 2020).
+
+    Consistency: identical parameters after every step before t'; after t', identical
+    right after each sync (every H-th step counted from t').
+    """
+
+    switch_step: int = 0
+    """t': the first optimizer step taken locally (0-based). 0 is local SGD from the start."""
+    period: int = 8
+    """H: local steps between two averagings after the switch."""
+    average_buffers: bool = True
+    """Average floating-point buffers (BatchNorm statistics) at each local-SGD sync."""
+    optimizer_state: str = "local"
+    """Optimizer state at a local-SGD sync: ``local``, ``average`` or ``reset``."""
+
+    def __post_init__(self) -> None:
+        check_int("post_local_sgd.switch_step", self.switch_step, 0)
+        check_int("post_local_sgd.period", self.period, 1)
+        check_local_options("post_local_sgd", self.average_buffers, self.optimizer_state)
+
+    def bind(self, ctx: SyncContext) -> PostLocalSync:
+        return PostLocalSync(self, ctx)
+
+
+class PostLocalSync:
+    def __init__(self, config: PostLocalSGD, ctx: SyncContext) -> None:
+        self.config = config
+        self.step = 0
+        self.minibatch = MiniBatchSync(ctx)
+        self.local = LocalSGDSync(
+            ctx, config.period, ModelAverager(ctx, config.average_buffers, config.optimizer_state)
+        )
+
+    @property
+    def syncs(self) -> int:
+        return self.minibatch.syncs + self.local.syncs
+
+    @property
+    def switched(self) -> bool:
+        return self.step >= self.config.switch_step
+
+    def before_step(self) -> None:
+        if not self.switched:
+            self.minibatch.before_step()
+
+    def after_step(self) -> None:
+        if self.switched:
+            self.local.after_step()
+        self.step += 1
+
+    def write_consensus(self, *, record: bool) -> None:
+        if self.step > self.config.switch_step:
+            self.local.write_consensus(record=record)
+        else:
+            self.minibatch.write_consensus(record=record)
+
+    def finalize(self) -> None:
+        # Buffers were never averaged before the switch, so finish through the local path.
+        self.local.buffers_in_sync = self.local.buffers_in_sync and self.step > self.config.switch_step
+        self.local.finalize()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "minibatch": self.minibatch.state_dict(),
+            "local": self.local.state_dict(),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        require_keys(state, ["step", "minibatch", "local"], "post_local_sgd")
+        self.step = int(state["step"])
+        self.minibatch.load_state_dict(state["minibatch"])
+        self.local.load_state_dict(state["local"])

@@ -1,0 +1,119 @@
+"""The communicator protocol: the narrow waist between algorithms and engines.
+
+Algorithms only ever call :meth:`Communicator.average` and :meth:`Communicator.broadcast`.
+An engine supplies the implementation: real process groups
+(:class:`~localsgd.comm.process_group.ProcessGroupCommunicator`) or, later, a simulated
+engine that holds every replica stacked in one process. Both count the same things.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol, Union, runtime_checkable
+
+import torch
+
+
+@dataclass(frozen=True)
+class World:
+    """Every rank of the communicator's group."""
+
+    def label(self) -> str:
+        return "world"
+
+
+@dataclass(frozen=True)
+class Block:
+    """Blocks of ``size`` consecutive ranks (G in hierarchical local SGD): ranks
+    ``[0, G)``, ``[G, 2G)``, ... average among themselves."""
+
+    size: int
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.size, int) or isinstance(self.size, bool) or self.size < 1:
+            raise ValueError(f"block size must be an integer >= 1, got {self.size!r}")
+
+    def label(self) -> str:
+        return f"block{self.size}"
+
+
+Scope = Union[World, Block]
+WORLD = World()
+
+
+def check_block(scope: Block, world_size: int) -> None:
+    """Raise ``ValueError`` unless ``scope.size`` divides ``world_size``."""
+    if world_size % scope.size != 0:
+        divisors = [d for d in range(1, world_size + 1) if world_size % d == 0]
+        raise ValueError(
+            f"block_size={scope.size} does not divide the world size {world_size}; "
+            f"allowed: one of {divisors}"
+        )
+
+
+@dataclass
+class CommStats:
+    """What a communicator has done: collectives issued, payload bytes, seconds spent.
+
+    ``bytes`` is the payload handed to each collective (numel x element size), not the
+    traffic a particular collective algorithm puts on the wire; the cost model turns one
+    into the other.
+    """
+
+    collectives: int = 0
+    bytes: int = 0
+    seconds: float = 0.0
+    by_scope: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    def record(self, scope_label: str, nbytes: int, seconds: float) -> None:
+        self.collectives += 1
+        self.bytes += nbytes
+        self.seconds += seconds
+        entry = self.by_scope.setdefault(
+            scope_label, {"collectives": 0, "bytes": 0, "seconds": 0.0}
+        )
+        entry["collectives"] += 1
+        entry["bytes"] += nbytes
+        entry["seconds"] += seconds
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "collectives": self.collectives,
+            "bytes": self.bytes,
+            "comm_seconds": self.seconds,
+            "by_scope": {k: dict(v) for k, v in self.by_scope.items()},
+        }
+
+
+@runtime_checkable
+class Communicator(Protocol):
+    """What an algorithm may ask of the engine.
+
+    ``average`` works in place and issues one collective per dtype among ``tensors``
+    (never one per tensor). ``record=False`` keeps the call out of :attr:`stats`, for
+    bookkeeping traffic such as evaluating the consensus model.
+    """
+
+    @property
+    def rank(self) -> int: ...
+
+    @property
+    def world_size(self) -> int: ...
+
+    @property
+    def stats(self) -> CommStats: ...
+
+    def prepare(self, scope: Scope) -> None:
+        """Validate ``scope`` against the world and create what it needs (subgroups),
+        once, collectively. Raises ``ValueError`` for a block size that does not divide
+        the world."""
+        ...
+
+    def average(
+        self, tensors: Sequence[torch.Tensor], scope: Scope = WORLD, *, record: bool = True
+    ) -> None: ...
+
+    def broadcast(
+        self, tensors: Sequence[torch.Tensor], src: int = 0, *, record: bool = True
+    ) -> None: ...

@@ -1,0 +1,82 @@
+"""Flat buffers: one contiguous tensor per dtype, so a sync is one collective per dtype.
+
+Two paths. If the tensors are already consecutive views of one storage (what
+:func:`flatten_into_views` makes of a model's parameters), the collective runs on that
+storage in place: no copy at all. Otherwise they are packed into a new buffer and the
+result is copied back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+
+
+def group_by_dtype(
+    tensors: Iterable[torch.Tensor],
+) -> dict[tuple[torch.device, torch.dtype], list[torch.Tensor]]:
+    """Tensors grouped by (device, dtype), first-seen order kept within and across groups."""
+    groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+    for t in tensors:
+        groups.setdefault((t.device, t.dtype), []).append(t)
+    return groups
+
+
+def contiguous_span(tensors: Sequence[torch.Tensor]) -> torch.Tensor | None:
+    """A 1-D view covering ``tensors`` if they lie back to back in one storage, else None.
+
+    Writing into the returned view writes into every tensor. All tensors must share one
+    dtype and device (callers group first).
+    """
+    first = tensors[0]
+    storage = first.untyped_storage()
+    ptr = storage.data_ptr()
+    start = first.storage_offset()
+    expected = start
+    for t in tensors:
+        if (
+            not t.is_contiguous()
+            or t.storage_offset() != expected
+            or t.untyped_storage().data_ptr() != ptr
+        ):
+            return None
+        expected += t.numel()
+    flat = first.new_empty(0)
+    flat.set_(storage, start, (expected - start,))
+    return flat
+
+
+def pack(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """A new 1-D buffer holding ``tensors`` back to back."""
+    return torch.cat([t.detach().reshape(-1) for t in tensors])
+
+
+def unpack(flat: torch.Tensor, tensors: Sequence[torch.Tensor]) -> None:
+    """Copy ``flat`` back into ``tensors`` (the inverse of :func:`pack`)."""
+    views = [v.view_as(t) for v, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
+    with torch.no_grad():
+        torch._foreach_copy_(list(tensors), views)
+
+
+def flatten_into_views(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Re-home ``tensors`` (parameters or buffers) into one contiguous storage per dtype.
+
+    Each tensor's ``.data`` becomes a view of the shared buffer, values unchanged; the
+    tensor objects stay the same, so optimizers and modules keep working. Returns the flat
+    buffers. Tensors already laid out back to back are left alone.
+    """
+    flats = []
+    for group in group_by_dtype(tensors).values():
+        span = contiguous_span(group)
+        if span is not None:
+            flats.append(span)
+            continue
+        flat = pack(group)
+        offset = 0
+        for t in group:
+            n = t.numel()
+            t.data = flat[offset : offset + n].view_as(t)
+            offset += n
+        flats.append(flat)
+    return flats

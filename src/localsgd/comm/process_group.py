@@ -1,0 +1,131 @@
+"""The communicator over real ``torch.distributed`` process groups (gloo on CPU, NCCL on GPU)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from localsgd.comm.base import WORLD, Block, CommStats, Scope, check_block
+from localsgd.comm.flat import contiguous_span, group_by_dtype, pack, unpack
+
+
+class ProcessGroupCommunicator:
+    """Averages and broadcasts over a process group, one collective per dtype.
+
+    ``group`` defaults to the default (world) group. Block scopes get their subgroups
+    created once, in :meth:`prepare`, which every rank must call in the same order (the
+    algorithms do this when :class:`~localsgd.DataParallel` enters).
+
+    Seconds are wall-clock around each collective; on CUDA the device is synchronized
+    first so the figure is the collective's, not the queue's.
+    """
+
+    def __init__(self, group: Any = None) -> None:
+        if not dist.is_available() or not dist.is_initialized():
+            raise RuntimeError(
+                "torch.distributed is not initialized; call localsgd.init_distributed() "
+                "(or torch.distributed.init_process_group) first"
+            )
+        self._group = group
+        self._rank = dist.get_rank(group)
+        self._world_size = dist.get_world_size(group)
+        self._blocks: dict[int, Any] = {}
+        self._stats = CommStats()
+
+    @property
+    def rank(self) -> int:
+        return self._rank
+
+    @property
+    def world_size(self) -> int:
+        return self._world_size
+
+    @property
+    def stats(self) -> CommStats:
+        return self._stats
+
+    def prepare(self, scope: Scope) -> None:
+        if isinstance(scope, Block):
+            self._block_group(scope)
+
+    def _block_group(self, scope: Block) -> Any:
+        if scope.size in self._blocks:
+            return self._blocks[scope.size]
+        check_block(scope, self._world_size)
+        if scope.size == self._world_size:
+            mine = self._group
+        else:
+            # new_group is collective over the whole world: every rank creates every block.
+            global_ranks = (
+                list(range(self._world_size))
+                if self._group is None
+                else dist.get_process_group_ranks(self._group)
+            )
+            mine = None
+            for start in range(0, self._world_size, scope.size):
+                members = global_ranks[start : start + scope.size]
+                pg = dist.new_group(members)
+                if start <= self._rank < start + scope.size:
+                    mine = pg
+        self._blocks[scope.size] = mine
+        return mine
+
+    def _resolve(self, scope: Scope) -> tuple[Any, int]:
+        if isinstance(scope, Block):
+            return self._block_group(scope), scope.size
+        return self._group, self._world_size
+
+    def average(
+        self, tensors: Sequence[torch.Tensor], scope: Scope = WORLD, *, record: bool = True
+    ) -> None:
+        group, size = self._resolve(scope)
+        if size == 1 or not tensors:
+            return
+        label = scope.label()
+        for members in group_by_dtype(tensors).values():
+            flat = contiguous_span(members)
+            packed = flat is None
+            if packed:
+                flat = pack(members)
+            assert flat is not None
+            seconds = self._timed(dist.all_reduce, flat, group=group)
+            # SUM then scale: gloo has no AVG. Identical bits on every rank either way.
+            flat.mul_(1.0 / size)
+            if packed:
+                unpack(flat, members)
+            if record:
+                self._stats.record(label, flat.numel() * flat.element_size(), seconds)
+
+    def broadcast(
+        self, tensors: Sequence[torch.Tensor], src: int = 0, *, record: bool = True
+    ) -> None:
+        if self._world_size == 1 or not tensors:
+            return
+        global_src = src if self._group is None else dist.get_global_rank(self._group, src)
+        for members in group_by_dtype(tensors).values():
+            flat = contiguous_span(members)
+            packed = flat is None
+            if packed:
+                flat = pack(members)
+            assert flat is not None
+            seconds = self._timed(dist.broadcast, flat, src=global_src, group=self._group)
+            if packed:
+                unpack(flat, members)
+            if record:
+                self._stats.record("world", flat.numel() * flat.element_size(), seconds)
+
+    @staticmethod
+    def _timed(collective: Any, flat: torch.Tensor, **kwargs: Any) -> float:
+        cuda = flat.is_cuda
+        if cuda:
+            torch.cuda.synchronize(flat.device)
+        start = time.perf_counter()
+        with torch.no_grad():
+            collective(flat, **kwargs)
+        if cuda:
+            torch.cuda.synchronize(flat.device)
+        return time.perf_counter() - start

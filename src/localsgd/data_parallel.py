@@ -1,0 +1,246 @@
+"""``DataParallel``: the context manager that runs an algorithm around the user's loop."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator, Mapping
+from types import TracebackType
+from typing import Any
+
+import torch
+from torch import nn
+
+from localsgd.algorithms.base import AlgorithmConfig, SyncContext, Synchronizer, build
+from localsgd.comm.base import CommStats, Communicator
+from localsgd.comm.flat import flatten_into_views
+from localsgd.comm.solo import SoloCommunicator
+
+log = logging.getLogger(__name__)
+
+STATE_VERSION = 1
+
+
+def default_communicator() -> Communicator:
+    """The world's process group if one is up with more than one rank, else a world of one."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        from localsgd.comm.process_group import ProcessGroupCommunicator
+
+        return ProcessGroupCommunicator()
+    return SoloCommunicator()
+
+
+class DataParallel:
+    """Run ``algorithm`` around ``optimizer.step()`` for the duration of a ``with`` block.
+
+    ::
+
+        with localsgd.DataParallel(model, opt, algorithms.LocalSGD(period=8)) as dp:
+            for x, y in loader:
+                opt.zero_grad(); loss_fn(model(x), y).backward(); opt.step()
+        print(dp.stats)
+
+    On enter, every replica is made identical to rank 0's (parameters and buffers) and
+    optimizer step hooks are registered; on a clean exit the hooks are removed and every
+    rank holds the consensus model. An exception inside the block propagates; hooks are
+    removed and no collective is attempted (peers may be gone).
+
+    ``flat=True`` re-homes parameters and floating-point buffers into one contiguous
+    storage per dtype (values, tensor objects and optimizer references unchanged), so a
+    sync is a single in-place collective with no packing copies.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        algorithm: AlgorithmConfig | Mapping[str, Any],
+        *,
+        comm: Communicator | None = None,
+        flat: bool = True,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise ValueError(
+                f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
+            )
+        self.model = model
+        self.optimizer = optimizer
+        self.algorithm = build(algorithm)
+        self._comm = comm
+        self._flat = flat
+        self._sync: Synchronizer | None = None
+        self._ctx: SyncContext | None = None
+        self._hooks: list[Any] = []
+        self._steps = 0
+        self._pending: Mapping[str, Any] | None = None
+
+    # -- the with block ---------------------------------------------------------------------
+
+    def __enter__(self) -> DataParallel:
+        if self._hooks:
+            raise RuntimeError("this DataParallel is already entered; it is not reentrant")
+        comm = self._comm if self._comm is not None else default_communicator()
+        self._comm = comm
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self._check_optimizer()
+        buffers = [b for b in self.model.buffers() if b.is_floating_point()]
+        if self._flat:
+            flatten_into_views(params + buffers)
+        everything = list(self.model.parameters()) + list(self.model.buffers())
+        comm.broadcast(everything, src=0, record=False)
+        self._ctx = SyncContext(comm, params, buffers, self.optimizer)
+        self._sync = self.algorithm.bind(self._ctx)
+        self._hooks = [
+            self.optimizer.register_step_pre_hook(self._before_step),
+            self.optimizer.register_step_post_hook(self._after_step),
+        ]
+        log.debug("rank %d: entered %s over %d ranks", comm.rank, self.algorithm,
+                  comm.world_size)
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
+        if exc_type is None and self._sync is not None:
+            self._sync.finalize()
+
+    def _check_optimizer(self) -> None:
+        known = {id(p) for p in self.model.parameters()}
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                if id(p) not in known:
+                    raise ValueError(
+                        f"optimizer holds a parameter of shape {tuple(p.shape)} that is not "
+                        "in the model; build the optimizer from model.parameters()"
+                    )
+
+    def _before_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        assert self._sync is not None
+        self._sync.before_step()
+
+    def _after_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        assert self._sync is not None
+        self._steps += 1
+        self._sync.after_step()
+
+    # -- what users read --------------------------------------------------------------------
+
+    @property
+    def comm(self) -> Communicator:
+        if self._comm is None:
+            raise RuntimeError("the communicator exists once DataParallel has been entered")
+        return self._comm
+
+    @property
+    def rank(self) -> int:
+        return self.comm.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.comm.world_size
+
+    @property
+    def stats(self) -> dict[str, Any]:
+        """Steps, syncs and the communicator's counters: collectives, bytes, seconds."""
+        comm_stats = self._comm.stats if self._comm is not None else CommStats()
+        return {
+            "steps": self._steps,
+            "syncs": self._sync.syncs if self._sync is not None else 0,
+            **comm_stats.as_dict(),
+        }
+
+    @contextlib.contextmanager
+    def consensus(self) -> Iterator[nn.Module]:
+        """Temporarily put the consensus model in place (for evaluation), then restore
+        this replica exactly. Collective: every rank must enter it at the same step. Its
+        traffic is not counted in :attr:`stats`."""
+        if self._sync is None or self._ctx is None:
+            raise RuntimeError("consensus() needs an entered DataParallel")
+        saved = [t.detach().clone() for t in self._ctx.params + self._ctx.buffers]
+        self._sync.write_consensus(record=False)
+        try:
+            yield self.model
+        finally:
+            with torch.no_grad():
+                torch._foreach_copy_(self._ctx.params + self._ctx.buffers, saved)
+
+    # -- checkpoints ------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """This rank's state: the algorithm's (counters, outer momentum, central model),
+        this replica's parameters and buffers (they differ between syncs), step and
+        communication counters. Save one per rank, with the optimizer's own state dict."""
+        if self._sync is None:
+            raise RuntimeError("state_dict() needs an entered DataParallel")
+        comm_stats = self.comm.stats
+        return {
+            "version": STATE_VERSION,
+            "algorithm_config": self.algorithm.to_dict(),
+            "algorithm": self._sync.state_dict(),
+            "replica": {k: v.detach().clone() for k, v in self._replica().items()},
+            "steps": self._steps,
+            "comm": {
+                "collectives": comm_stats.collectives,
+                "bytes": comm_stats.bytes,
+                "seconds": comm_stats.seconds,
+                "by_scope": {k: dict(v) for k, v in comm_stats.by_scope.items()},
+            },
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` saved, inside the ``with`` block (after the
+        broadcast on enter), so the run continues exactly."""
+        if self._sync is None:
+            raise RuntimeError(
+                "load_state_dict() must be called inside the with block: entering "
+                "broadcasts rank 0's model, which would overwrite a restored replica"
+            )
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(
+                f"state version {state.get('version')!r} is not supported; "
+                f"expected {STATE_VERSION}"
+            )
+        saved_algo = state.get("algorithm_config", {})
+        if saved_algo.get("name") != self.algorithm.name:
+            raise ValueError(
+                f"state was saved by algorithm {saved_algo.get('name')!r}, "
+                f"this DataParallel runs {self.algorithm.name!r}"
+            )
+        replica = self._replica()
+        saved = state["replica"]
+        if set(saved) != set(replica):
+            raise ValueError(
+                f"state replica names differ from the model's: missing "
+                f"{sorted(set(replica) - set(saved))}, unexpected {sorted(set(saved) - set(replica))}"
+            )
+        with torch.no_grad():
+            for name, tensor in replica.items():
+                if tensor.shape != saved[name].shape:
+                    raise ValueError(
+                        f"state replica {name!r} has shape {tuple(saved[name].shape)}, "
+                        f"the model's has {tuple(tensor.shape)}"
+                    )
+                tensor.copy_(saved[name])
+        self._sync.load_state_dict(state["algorithm"])
+        self._steps = int(state["steps"])
+        comm_stats = self.comm.stats
+        saved_comm = state["comm"]
+        comm_stats.collectives = int(saved_comm["collectives"])
+        comm_stats.bytes = int(saved_comm["bytes"])
+        comm_stats.seconds = float(saved_comm["seconds"])
+        comm_stats.by_scope = {k: dict(v) for k, v in saved_comm["by_scope"].items()}
+
+    def _replica(self) -> dict[str, torch.Tensor]:
+        named = dict(self.model.named_parameters())
+        named.update(dict(self.model.named_buffers()))
+        return named

@@ -1,0 +1,74 @@
+"""Process-group set-up from torchrun's environment."""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+_TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process stands: its rank, the world, its device and the backend."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str | None
+
+
+def init_distributed(
+    backend: str | None = None, timeout: datetime.timedelta | float = 300.0
+) -> DistInfo:
+    """Join the process group described by torchrun's environment variables.
+
+    ``backend`` defaults to NCCL when CUDA is available and gloo otherwise; on CUDA the
+    process binds to ``cuda:LOCAL_RANK``. Already initialized: nothing is done and the
+    current group is described. No torchrun environment (a plain ``python`` run): a world
+    of one, nothing is initialized.
+    """
+    if backend is not None and backend not in ("gloo", "nccl"):
+        raise ValueError(f"backend must be 'gloo', 'nccl' or None (automatic), got {backend!r}")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = (backend == "nccl") or (backend is None and torch.cuda.is_available())
+    if use_cuda:
+        if not torch.cuda.is_available():
+            raise ValueError("backend 'nccl' needs CUDA, and no CUDA device is available")
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if dist.is_available() and dist.is_initialized():
+        return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device,
+                        dist.get_backend())
+    missing = [v for v in _TORCHRUN_VARS if v not in os.environ]
+    if missing:
+        if len(missing) < len(_TORCHRUN_VARS):
+            raise RuntimeError(
+                f"incomplete torch.distributed environment: {missing} unset "
+                f"(torchrun sets all of {list(_TORCHRUN_VARS)})"
+            )
+        return DistInfo(0, 1, 0, device, None)
+    chosen = backend or ("nccl" if use_cuda else "gloo")
+    if not isinstance(timeout, datetime.timedelta):
+        timeout = datetime.timedelta(seconds=float(timeout))
+    dist.init_process_group(chosen, timeout=timeout)
+    info = DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device, chosen)
+    log.info("rank %d/%d: joined the %s process group on %s", info.rank, info.world_size,
+             chosen, device)
+    return info
+
+
+def destroy_distributed() -> None:
+    """Leave the process group if one is up; safe to call always (e.g. in ``finally``)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
