@@ -1,0 +1,91 @@
+"""A small harness for real multi-process tests: spawned ranks, a free port, a timeout.
+
+``run_world(fn, world_size, *args)`` starts ``world_size`` fresh Python processes, each with
+torchrun's environment variables set (loopback, a free port), calls
+``localsgd.init_distributed()`` (gloo on CPU) and then ``fn(rank, world_size, *args)``.
+Each rank's return value comes back through a file. A rank that raises fails the test with
+its traceback; a world that does not finish within ``timeout`` seconds is killed and fails
+the test instead of hanging CI.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import pickle
+import socket
+import tempfile
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _entry(
+    fn: Callable[..., Any], rank: int, world_size: int, port: int, out: str, args: tuple
+) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_WORLD_SIZE=str(world_size),
+        OMP_NUM_THREADS="1",
+    )
+    import torch
+
+    torch.set_num_threads(1)
+    import localsgd
+
+    try:
+        localsgd.init_distributed(backend="gloo", timeout=60)
+        result = fn(rank, world_size, *args)
+        payload: dict[str, Any] = {"ok": True, "result": result}
+    except BaseException:  # noqa: BLE001 - the traceback goes back to the test
+        payload = {"ok": False, "error": traceback.format_exc()}
+    finally:
+        localsgd.destroy_distributed()
+    with open(out, "wb") as f:
+        pickle.dump(payload, f)
+
+
+def run_world(
+    fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 180.0
+) -> list[Any]:
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` gloo ranks; results by rank."""
+    ctx = mp.get_context("spawn")
+    port = free_port()
+    with tempfile.TemporaryDirectory() as tmp:
+        outs = [str(Path(tmp) / f"rank{r}.pkl") for r in range(world_size)]
+        procs = [
+            ctx.Process(target=_entry, args=(fn, r, world_size, port, outs[r], args))
+            for r in range(world_size)
+        ]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(timeout)
+        hung = [r for r, p in enumerate(procs) if p.is_alive()]
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join()
+        if hung:
+            raise TimeoutError(f"ranks {hung} still running after {timeout}s; killed")
+        results = []
+        for r, path in enumerate(outs):
+            if not os.path.exists(path):
+                raise RuntimeError(f"rank {r} exited with code {procs[r].exitcode} and no result")
+            with open(path, "rb") as f:
+                payload = pickle.load(f)
+            if not payload["ok"]:
+                raise RuntimeError(f"rank {r} failed:\n{payload['error']}")
+            results.append(payload["result"])
+        return results

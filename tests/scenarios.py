@@ -1,0 +1,267 @@
+"""Per-rank training scenarios run by the distributed tests (importable by spawned ranks)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import localsgd
+from localsgd import algorithms as A
+
+IN, OUT = 6, 3
+
+
+def make_model(seed: int = 0, depth: int = 11, width: int = 8, extra_f64: bool = False) -> nn.Module:
+    """An MLP of ``depth`` linear layers (2·depth parameter tensors); optionally a float64
+    head so the model has two dtypes."""
+    torch.manual_seed(seed)
+    layers: list[nn.Module] = [nn.Linear(IN, width), nn.Tanh()]
+    for _ in range(depth - 2):
+        layers += [nn.Linear(width, width), nn.Tanh()]
+    layers.append(nn.Linear(width, OUT))
+    model = nn.Sequential(*layers)
+    if extra_f64:
+        model = MixedPrecisionModel(model)
+    return model
+
+
+class MixedPrecisionModel(nn.Module):
+    def __init__(self, body: nn.Module) -> None:
+        super().__init__()
+        self.body = body
+        self.scale = nn.Linear(OUT, OUT).double()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.scale(self.body(x).double()).float()
+
+
+def batch(rank: int, step: int, size: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank ``rank``'s batch at ``step``: fixed by (rank, step) alone."""
+    g = torch.Generator().manual_seed(10_000 * step + rank)
+    return torch.randn(size, IN, generator=g), torch.randint(0, OUT, (size,), generator=g)
+
+
+def concat_batch(world: int, step: int, size: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    xs, ys = zip(*(batch(r, step, size) for r in range(world)))
+    return torch.cat(xs), torch.cat(ys)
+
+
+def flat(model: nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1).double() for p in model.parameters()])
+
+
+def loss_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> None:
+    opt.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()
+
+
+def sgd(model: nn.Module, momentum: float = 0.0) -> torch.optim.Optimizer:
+    return torch.optim.SGD(model.parameters(), lr=0.1, momentum=momentum, weight_decay=1e-4 if momentum else 0.0)
+
+
+def train(
+    algo: A.AlgorithmConfig,
+    rank: int,
+    steps: range,
+    *,
+    model: nn.Module | None = None,
+    opt: torch.optim.Optimizer | None = None,
+    momentum: float = 0.0,
+    batch_fn: Callable[[int, int], tuple[torch.Tensor, torch.Tensor]] = batch,
+) -> tuple[nn.Module, dict[str, Any]]:
+    model = model if model is not None else make_model()
+    opt = opt if opt is not None else sgd(model, momentum)
+    with localsgd.DataParallel(model, opt, algo) as dp:
+        for step in steps:
+            loss_step(model, opt, *batch_fn(rank, step))
+        stats = dp.stats
+    return model, stats
+
+
+# -- equivalences -----------------------------------------------------------------------------
+
+
+def equivalences(rank: int, world: int) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    steps = range(20)
+
+    # One process on the concatenated batch (no communication at all).
+    ref = make_model()
+    ref_opt = sgd(ref)
+    for step in steps:
+        loss_step(ref, ref_opt, *concat_batch(world, step))
+    out["reference"] = flat(ref)
+    out["minibatch"] = flat(train(A.MiniBatchSGD(), rank, steps)[0])
+    out["local_h1"] = flat(train(A.LocalSGD(period=1), rank, steps)[0])
+
+    # Post-local SGD = mini-batch SGD until the switch, then local SGD from that state.
+    switch, period = 6, 4
+    out["post_local"] = flat(train(A.PostLocalSGD(switch_step=switch, period=period), rank, steps, momentum=0.9)[0])
+    m = make_model()
+    o = sgd(m, 0.9)
+    train(A.MiniBatchSGD(), rank, range(switch), model=m, opt=o)
+    out["post_local_prefix"] = flat(m)
+    train(A.LocalSGD(period=period), rank, range(switch, 20), model=m, opt=o)
+    out["minibatch_then_local"] = flat(m)
+    out["post_local_at_switch"] = flat(
+        train(A.PostLocalSGD(switch_step=switch, period=period), rank, range(switch), momentum=0.9)[0]
+    )
+    out["minibatch_momentum_at_switch"] = flat(train(A.MiniBatchSGD(), rank, range(switch), momentum=0.9)[0])
+
+    out["local_h4"] = flat(train(A.LocalSGD(period=4), rank, steps, momentum=0.9)[0])
+    out["slowmo_plain"] = flat(train(A.SlowMo(period=4, momentum=0.0, lr=1.0), rank, steps, momentum=0.9)[0])
+    out["diloco_plain"] = flat(
+        train(A.DiLoCo(period=4, outer_lr=1.0, outer_momentum=0.0), rank, steps, momentum=0.9)[0]
+    )
+    out["hier_one_block"] = flat(
+        train(A.HierarchicalLocalSGD(period=2, block_period=2, block_size=world), rank, steps, momentum=0.9)[0]
+    )
+    out["local_h2"] = flat(train(A.LocalSGD(period=2), rank, steps, momentum=0.9)[0])
+
+    # Gradient accumulation over k micro-batches = mini-batch SGD on their concatenation.
+    k = 3
+    out["accumulation"] = flat(
+        train(A.GradientAccumulation(steps=k), rank, range(6 * k), momentum=0.9,
+              batch_fn=lambda r, s: batch(r, s, 2))[0]
+    )
+
+    def joined(r: int, s: int) -> tuple[torch.Tensor, torch.Tensor]:
+        xs, ys = zip(*(batch(r, s * k + i, 2) for i in range(k)))
+        return torch.cat(xs), torch.cat(ys)
+
+    out["minibatch_joined"] = flat(train(A.MiniBatchSGD(), rank, range(6), momentum=0.9, batch_fn=joined)[0])
+    return out
+
+
+# -- consistency and counters -----------------------------------------------------------------
+
+STEPS = 12
+
+
+def consistency_configs(world: int) -> dict[str, A.AlgorithmConfig]:
+    return {
+        "minibatch_sgd": A.MiniBatchSGD(),
+        "gradient_accumulation": A.GradientAccumulation(steps=3),
+        "local_sgd": A.LocalSGD(period=4),
+        "post_local_sgd": A.PostLocalSGD(switch_step=4, period=3),
+        "hierarchical_local_sgd": A.HierarchicalLocalSGD(period=2, block_period=2, block_size=2),
+        "slowmo": A.SlowMo(period=4, momentum=0.5),
+        "diloco": A.DiLoCo(period=4),
+        "sma": A.SMA(),
+    }
+
+
+def _gather(vec: torch.Tensor, world: int) -> list[torch.Tensor]:
+    parts = [torch.empty_like(vec) for _ in range(world)]
+    dist.all_gather(parts, vec)
+    return parts
+
+
+def consistency(rank: int, world: int) -> dict[str, Any]:
+    """Per algorithm and step: which ranks hold bit-identical parameters, the counters, and
+    how many times ``torch.distributed.all_reduce`` was really called."""
+    real_calls = {"all_reduce": 0}
+    original = dist.all_reduce
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        real_calls["all_reduce"] += 1
+        return original(*args, **kwargs)
+
+    out: dict[str, Any] = {}
+    for mixed in (False, True):
+        for name, algo in consistency_configs(world).items():
+            model = make_model(extra_f64=mixed)
+            opt = sgd(model, 0.9)
+            per_step = []
+            with localsgd.DataParallel(model, opt, algo) as dp:
+                for step in range(STEPS):
+                    before = real_calls["all_reduce"]
+                    dist.all_reduce = counting  # type: ignore[assignment]
+                    try:
+                        loss_step(model, opt, *batch(rank, step))
+                    finally:
+                        dist.all_reduce = original
+                    params = _gather(flat(model), world)
+                    entry: dict[str, Any] = {
+                        "equal": [bool(torch.equal(params[0], p)) for p in params],
+                        "stats": {k: v for k, v in dp.stats.items() if k != "by_scope"},
+                        "by_scope": dp.stats["by_scope"],
+                        "real_all_reduce": real_calls["all_reduce"] - before,
+                    }
+                    if name == "sma":
+                        central = torch.cat([z.reshape(-1).double() for z in dp._sync.central])  # type: ignore[union-attr]
+                        entry["central_equal"] = [bool(torch.equal(central, c)) for c in _gather(central, world)]
+                    if name == "hierarchical_local_sgd":
+                        entry["equal_pairs"] = [bool(torch.equal(params[i], params[i ^ 1])) for i in range(world)]
+                    per_step.append(entry)
+            final = _gather(flat(model), world)
+            out[(name, mixed)] = {
+                "steps": per_step,
+                "final_equal": all(torch.equal(final[0], f) for f in final),
+                "numel": {
+                    str(dt): sum(p.numel() for p in model.parameters() if p.dtype == dt)
+                    for dt in {p.dtype for p in model.parameters()}
+                },
+            }
+    return out
+
+
+# -- resume -----------------------------------------------------------------------------------
+
+RESUME_STEPS = 14
+RESUME_AT = 7
+
+
+def resume_configs(world: int) -> dict[str, A.AlgorithmConfig]:
+    configs = consistency_configs(world)
+    configs["local_sgd_avg_state"] = A.LocalSGD(period=4, optimizer_state="average")
+    configs["local_sgd_reset_state"] = A.LocalSGD(period=4, optimizer_state="reset")
+    return configs
+
+
+def _optimizer(name: str, model: nn.Module) -> torch.optim.Optimizer:
+    if name == "diloco":
+        return torch.optim.AdamW(model.parameters(), lr=1e-2)
+    return sgd(model, 0.9)
+
+
+def resume_first(rank: int, world: int, folder: str) -> dict[str, Any]:
+    out = {}
+    for name, algo in resume_configs(world).items():
+        model = make_model()
+        opt = _optimizer(name, model)
+        with localsgd.DataParallel(model, opt, algo) as dp:
+            for step in range(RESUME_STEPS):
+                loss_step(model, opt, *batch(rank, step))
+                if step + 1 == RESUME_AT:
+                    # Save a checkpoint mid-run (between syncs for most algorithms).
+                    torch.save(
+                        {"dp": dp.state_dict(), "model": model.state_dict(), "opt": opt.state_dict()},
+                        Path(folder) / f"{name}-rank{rank}.pt",
+                    )
+            stats = dict(dp.stats)
+        out[name] = {"params": flat(model), "stats": stats}
+    return out
+
+
+def resume_second(rank: int, world: int, folder: str) -> dict[str, Any]:
+    out = {}
+    for name, algo in resume_configs(world).items():
+        ckpt = torch.load(Path(folder) / f"{name}-rank{rank}.pt", weights_only=False)
+        model = make_model(seed=123)  # a different init: everything must come from the checkpoint
+        model.load_state_dict(ckpt["model"])
+        opt = _optimizer(name, model)
+        opt.load_state_dict(ckpt["opt"])
+        with localsgd.DataParallel(model, opt, algo) as dp:
+            dp.load_state_dict(ckpt["dp"])
+            for step in range(RESUME_AT, RESUME_STEPS):
+                loss_step(model, opt, *batch(rank, step))
+            stats = dict(dp.stats)
+        out[name] = {"params": flat(model), "stats": stats}
+    return out
