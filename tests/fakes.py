@@ -35,21 +35,18 @@ class FakeCommunicator:
             check_block(scope, self.world_size)
         self.prepared.append(scope)
 
-    def average(
-        self, tensors: Sequence[torch.Tensor], scope: Scope = WORLD, *, record: bool = True
-    ) -> None:
+    def average(self, tensors: Sequence[torch.Tensor], scope: Scope = WORLD, *, record: bool = True) -> None:
         if isinstance(scope, Block) and scope not in self.prepared:
             raise AssertionError(f"scope {scope} used before prepare()")
         if not tensors:
             return  # as the real communicators: nothing to exchange, no collective
         groups = group_by_dtype(tensors)
-        self.calls.append(Call("average", scope.label(), sum(t.numel() for t in tensors),
-                               [dtype for _, dtype in groups]))
+        self.calls.append(
+            Call("average", scope.label(), sum(t.numel() for t in tensors), [dtype for _, dtype in groups])
+        )
         if record:
             for members in groups.values():
                 self.stats.record(scope.label(), sum(t.numel() * t.element_size() for t in members), 0.0)
 
-    def broadcast(
-        self, tensors: Sequence[torch.Tensor], src: int = 0, *, record: bool = True
-    ) -> None:
+    def broadcast(self, tensors: Sequence[torch.Tensor], src: int = 0, *, record: bool = True) -> None:
         self.calls.append(Call("broadcast", "world", sum(t.numel() for t in tensors), []))

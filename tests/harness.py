@@ -27,9 +27,7 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _entry(
-    fn: Callable[..., Any], rank: int, world_size: int, port: int, out: str, args: tuple
-) -> None:
+def _entry(fn: Callable[..., Any], rank: int, world_size: int, port: int, out: str, args: tuple) -> None:
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
@@ -48,7 +46,7 @@ def _entry(
         localsgd.init_distributed(backend="gloo", timeout=60)
         result = fn(rank, world_size, *args)
         payload: dict[str, Any] = {"ok": True, "result": result}
-    except BaseException:  # noqa: BLE001 - the traceback goes back to the test
+    except BaseException:
         payload = {"ok": False, "error": traceback.format_exc()}
     finally:
         localsgd.destroy_distributed()
@@ -56,9 +54,7 @@ def _entry(
         pickle.dump(payload, f)
 
 
-def run_world(
-    fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 180.0
-) -> list[Any]:
+def run_world(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 180.0) -> list[Any]:
     """Run ``fn(rank, world_size, *args)`` on ``world_size`` gloo ranks; results by rank."""
     ctx = mp.get_context("spawn")
     port = free_port()

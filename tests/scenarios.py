@@ -62,7 +62,9 @@ def loss_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: 
 
 
 def sgd(model: nn.Module, momentum: float = 0.0) -> torch.optim.Optimizer:
-    return torch.optim.SGD(model.parameters(), lr=0.1, momentum=momentum, weight_decay=1e-4 if momentum else 0.0)
+    return torch.optim.SGD(
+        model.parameters(), lr=0.1, momentum=momentum, weight_decay=1e-4 if momentum else 0.0
+    )
 
 
 def train(
@@ -102,7 +104,9 @@ def equivalences(rank: int, world: int) -> dict[str, torch.Tensor]:
 
     # Post-local SGD = mini-batch SGD until the switch, then local SGD from that state.
     switch, period = 6, 4
-    out["post_local"] = flat(train(A.PostLocalSGD(switch_step=switch, period=period), rank, steps, momentum=0.9)[0])
+    out["post_local"] = flat(
+        train(A.PostLocalSGD(switch_step=switch, period=period), rank, steps, momentum=0.9)[0]
+    )
     m = make_model()
     o = sgd(m, 0.9)
     train(A.MiniBatchSGD(), rank, range(switch), model=m, opt=o)
@@ -120,15 +124,22 @@ def equivalences(rank: int, world: int) -> dict[str, torch.Tensor]:
         train(A.DiLoCo(period=4, outer_lr=1.0, outer_momentum=0.0), rank, steps, momentum=0.9)[0]
     )
     out["hier_one_block"] = flat(
-        train(A.HierarchicalLocalSGD(period=2, block_period=2, block_size=world), rank, steps, momentum=0.9)[0]
+        train(A.HierarchicalLocalSGD(period=2, block_period=2, block_size=world), rank, steps, momentum=0.9)[
+            0
+        ]
     )
     out["local_h2"] = flat(train(A.LocalSGD(period=2), rank, steps, momentum=0.9)[0])
 
     # Gradient accumulation over k micro-batches = mini-batch SGD on their concatenation.
     k = 3
     out["accumulation"] = flat(
-        train(A.GradientAccumulation(steps=k), rank, range(6 * k), momentum=0.9,
-              batch_fn=lambda r, s: batch(r, s, 2))[0]
+        train(
+            A.GradientAccumulation(steps=k),
+            rank,
+            range(6 * k),
+            momentum=0.9,
+            batch_fn=lambda r, s: batch(r, s, 2),
+        )[0]
     )
 
     def joined(r: int, s: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -196,9 +207,13 @@ def consistency(rank: int, world: int) -> dict[str, Any]:
                     }
                     if name == "sma":
                         central = torch.cat([z.reshape(-1).double() for z in dp._sync.central])  # type: ignore[union-attr]
-                        entry["central_equal"] = [bool(torch.equal(central, c)) for c in _gather(central, world)]
+                        entry["central_equal"] = [
+                            bool(torch.equal(central, c)) for c in _gather(central, world)
+                        ]
                     if name == "hierarchical_local_sgd":
-                        entry["equal_pairs"] = [bool(torch.equal(params[i], params[i ^ 1])) for i in range(world)]
+                        entry["equal_pairs"] = [
+                            bool(torch.equal(params[i], params[i ^ 1])) for i in range(world)
+                        ]
                     per_step.append(entry)
             final = _gather(flat(model), world)
             out[(name, mixed)] = {

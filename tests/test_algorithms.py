@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import subprocess
 import sys
 
@@ -52,8 +53,16 @@ def test_every_field_is_documented_and_every_config_round_trips():
     import inspect
 
     assert A.names() == sorted(
-        ["minibatch_sgd", "gradient_accumulation", "local_sgd", "post_local_sgd",
-         "hierarchical_local_sgd", "slowmo", "diloco", "sma"]
+        [
+            "minibatch_sgd",
+            "gradient_accumulation",
+            "local_sgd",
+            "post_local_sgd",
+            "hierarchical_local_sgd",
+            "slowmo",
+            "diloco",
+            "sma",
+        ]
     )
     for name in A.names():
         cls = A.get(name)
@@ -64,9 +73,11 @@ def test_every_field_is_documented_and_every_config_round_trips():
         body = ast.parse(inspect.getsource(cls)).body[0].body  # type: ignore[attr-defined]
         documented = {
             stmt.target.id
-            for stmt, nxt in zip(body, body[1:])
-            if isinstance(stmt, ast.AnnAssign) and isinstance(nxt, ast.Expr)
-            and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)
+            for stmt, nxt in itertools.pairwise(body)
+            if isinstance(stmt, ast.AnnAssign)
+            and isinstance(nxt, ast.Expr)
+            and isinstance(nxt.value, ast.Constant)
+            and isinstance(nxt.value.value, str)
         }
         assert {f.name for f in dataclasses.fields(cls)} <= documented, name
 
@@ -92,9 +103,12 @@ def test_build_from_plain_dicts():
 def test_block_size_must_divide_the_world():
     model = make_model()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    dp = localsgd.DataParallel(model, opt, A.HierarchicalLocalSGD(block_size=3),
-                               comm=FakeCommunicator(world_size=4))
-    with pytest.raises(ValueError, match=r"block_size=3 does not divide the world size 4; allowed: one of \[1, 2, 4\]"):
+    dp = localsgd.DataParallel(
+        model, opt, A.HierarchicalLocalSGD(block_size=3), comm=FakeCommunicator(world_size=4)
+    )
+    with pytest.raises(
+        ValueError, match=r"block_size=3 does not divide the world size 4; allowed: one of \[1, 2, 4\]"
+    ):
         dp.__enter__()
 
 
@@ -125,7 +139,7 @@ def test_local_sgd_syncs_every_period_and_once_more_on_exit():
 
 
 def test_exit_right_after_a_sync_communicates_nothing_more():
-    per_step, _, comm, *_ = run_fake(A.LocalSGD(period=5, average_buffers=True), 10)
+    _, _, comm, *_ = run_fake(A.LocalSGD(period=5, average_buffers=True), 10)
     assert [c.op for c in comm.calls].count("average") == 2
 
 
@@ -137,9 +151,7 @@ def test_post_local_counts_its_period_from_the_switch():
 
 
 def test_hierarchical_schedule_blocks_then_world():
-    per_step, stats, comm, *_ = run_fake(
-        A.HierarchicalLocalSGD(period=2, block_period=3, block_size=2), 12
-    )
+    per_step, stats, *_ = run_fake(A.HierarchicalLocalSGD(period=2, block_period=3, block_size=2), 12)
     want = [[] for _ in range(12)]
     for s in (2, 4, 8, 10):
         want[s - 1] = ["block2"]
@@ -226,9 +238,9 @@ def test_slowmo_outer_step_matches_the_paper_formula_on_one_worker():
                     p.copy_(a)
     for p, q in zip(model.parameters(), ref.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
-    assert not torch.allclose(
-        next(model.parameters()), next(train_plain(steps, lr=lr).parameters())
-    ), "slow momentum must change the trajectory"
+    assert not torch.allclose(next(model.parameters()), next(train_plain(steps, lr=lr).parameters())), (
+        "slow momentum must change the trajectory"
+    )
 
 
 def test_diloco_outer_step_is_nesterov_sgd_on_the_pseudo_gradient():
@@ -350,7 +362,7 @@ def test_data_parallel_rejects_bad_input():
         opt = torch.optim.SGD(list(model.parameters()) + list(other.parameters()), lr=0.1)
         localsgd.DataParallel(model, opt, A.LocalSGD()).__enter__()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    with pytest.raises(ValueError, match="model must be a torch.nn.Module"):
+    with pytest.raises(ValueError, match=r"model must be a torch\.nn\.Module"):
         localsgd.DataParallel(object(), opt, A.LocalSGD())  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="has no field 'perod'"):
         localsgd.DataParallel(model, opt, {"name": "local_sgd", "perod": 1})
@@ -360,7 +372,7 @@ def test_data_parallel_rejects_bad_input():
     with dp:
         state = dp.state_dict()
     with localsgd.DataParallel(model, opt, A.SMA()) as other_dp:
-        with pytest.raises(ValueError, match="saved by algorithm 'local_sgd'.*runs 'sma'"):
+        with pytest.raises(ValueError, match=r"saved by algorithm 'local_sgd'.*runs 'sma'"):
             other_dp.load_state_dict(state)
 
 

@@ -32,7 +32,7 @@ def consistency(request: pytest.FixtureRequest) -> tuple[int, list[dict[Any, Any
 
 
 def test_minibatch_and_period_one_equal_one_process_on_the_concatenated_batch(equivalences):
-    world, ranks = equivalences
+    _, ranks = equivalences
     for r in ranks:
         assert rel_err(r["minibatch"], r["reference"]) <= 1e-6
         assert rel_err(r["local_h1"], r["reference"]) <= 1e-6

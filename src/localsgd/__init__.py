@@ -24,7 +24,14 @@ if TYPE_CHECKING:
     from localsgd.data_parallel import DataParallel
     from localsgd.distributed import DistInfo, destroy_distributed, init_distributed
 
-__all__ = sorted(_LAZY)
+__all__ = [
+    "DataParallel",
+    "DistInfo",
+    "algorithms",
+    "comm",
+    "destroy_distributed",
+    "init_distributed",
+]
 
 
 def __getattr__(name: str) -> Any:

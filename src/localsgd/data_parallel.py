@@ -64,9 +64,7 @@ class DataParallel:
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not isinstance(optimizer, torch.optim.Optimizer):
-            raise ValueError(
-                f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
-            )
+            raise ValueError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         self.model = model
         self.optimizer = optimizer
         self.algorithm = build(algorithm)
@@ -85,7 +83,7 @@ class DataParallel:
             raise RuntimeError("this DataParallel is already entered; it is not reentrant")
         comm = self._comm if self._comm is not None else default_communicator()
         self._comm = comm
-        params = [p for p in self.model.parameters() if p.requires_grad]
+        params: list[torch.Tensor] = [p for p in self.model.parameters() if p.requires_grad]
         self._check_optimizer()
         buffers = [b for b in self.model.buffers() if b.is_floating_point()]
         if self._flat:
@@ -98,8 +96,7 @@ class DataParallel:
             self.optimizer.register_step_pre_hook(self._before_step),
             self.optimizer.register_step_post_hook(self._after_step),
         ]
-        log.debug("rank %d: entered %s over %d ranks", comm.rank, self.algorithm,
-                  comm.world_size)
+        log.debug("rank %d: entered %s over %d ranks", comm.rank, self.algorithm, comm.world_size)
         return self
 
     def __exit__(
@@ -207,8 +204,7 @@ class DataParallel:
             )
         if state.get("version") != STATE_VERSION:
             raise ValueError(
-                f"state version {state.get('version')!r} is not supported; "
-                f"expected {STATE_VERSION}"
+                f"state version {state.get('version')!r} is not supported; expected {STATE_VERSION}"
             )
         saved_algo = state.get("algorithm_config", {})
         if saved_algo.get("name") != self.algorithm.name:
@@ -241,6 +237,6 @@ class DataParallel:
         comm_stats.by_scope = {k: dict(v) for k, v in saved_comm["by_scope"].items()}
 
     def _replica(self) -> dict[str, torch.Tensor]:
-        named = dict(self.model.named_parameters())
+        named: dict[str, torch.Tensor] = dict(self.model.named_parameters())
         named.update(dict(self.model.named_buffers()))
         return named

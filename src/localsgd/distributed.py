@@ -26,9 +26,7 @@ class DistInfo:
     backend: str | None
 
 
-def init_distributed(
-    backend: str | None = None, timeout: datetime.timedelta | float = 300.0
-) -> DistInfo:
+def init_distributed(backend: str | None = None, timeout: datetime.timedelta | float = 300.0) -> DistInfo:
     """Join the process group described by torchrun's environment variables.
 
     ``backend`` defaults to NCCL when CUDA is available and gloo otherwise; on CUDA the
@@ -48,8 +46,7 @@ def init_distributed(
     else:
         device = torch.device("cpu")
     if dist.is_available() and dist.is_initialized():
-        return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device,
-                        dist.get_backend())
+        return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device, dist.get_backend())
     missing = [v for v in _TORCHRUN_VARS if v not in os.environ]
     if missing:
         if len(missing) < len(_TORCHRUN_VARS):
@@ -63,8 +60,7 @@ def init_distributed(
         timeout = datetime.timedelta(seconds=float(timeout))
     dist.init_process_group(chosen, timeout=timeout)
     info = DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device, chosen)
-    log.info("rank %d/%d: joined the %s process group on %s", info.rank, info.world_size,
-             chosen, device)
+    log.info("rank %d/%d: joined the %s process group on %s", info.rank, info.world_size, chosen, device)
     return info
 
 

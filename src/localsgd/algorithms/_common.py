@@ -30,11 +30,7 @@ def optimizer_state_tensors(ctx: SyncContext) -> list[torch.Tensor]:
     found = []
     for p in ctx.params:
         for value in ctx.optimizer.state.get(p, {}).values():
-            if (
-                isinstance(value, torch.Tensor)
-                and value.is_floating_point()
-                and value.shape == p.shape
-            ):
+            if isinstance(value, torch.Tensor) and value.is_floating_point() and value.shape == p.shape:
                 found.append(value)
     return found
 
@@ -74,14 +70,10 @@ def clone_all(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     return [t.detach().clone() for t in tensors]
 
 
-def load_tensors(
-    field: str, destination: Sequence[torch.Tensor], source: Sequence[torch.Tensor]
-) -> None:
+def load_tensors(field: str, destination: Sequence[torch.Tensor], source: Sequence[torch.Tensor]) -> None:
     """Copy a saved tensor list into live tensors, checking that the shapes match."""
     if len(destination) != len(source):
-        raise ValueError(
-            f"state {field!r} holds {len(source)} tensors, the model has {len(destination)}"
-        )
+        raise ValueError(f"state {field!r} holds {len(source)} tensors, the model has {len(destination)}")
     with torch.no_grad():
         for i, (dst, src) in enumerate(zip(destination, source)):
             if tuple(dst.shape) != tuple(src.shape):

@@ -44,7 +44,10 @@ class SyncContext:
 class Synchronizer(Protocol):
     """The runtime half of an algorithm; see the module docstring."""
 
-    syncs: int
+    @property
+    def syncs(self) -> int:
+        """Communication rounds so far (gradient or model averagings)."""
+        ...
 
     def before_step(self) -> None:
         """Runs before ``optimizer.step()``: gradients are final, parameters untouched."""
@@ -125,9 +128,7 @@ def build(spec: Mapping[str, Any] | AlgorithmConfig) -> AlgorithmConfig:
         if key == "name":
             continue
         if key not in allowed:
-            raise ValueError(
-                f"algorithm {cls.name!r} has no field {key!r}; allowed: {sorted(allowed)}"
-            )
+            raise ValueError(f"algorithm {cls.name!r} has no field {key!r}; allowed: {sorted(allowed)}")
         kwargs[key] = _coerce(f"{cls.name}.{key}", value, hints[key])
     return cls(**kwargs)
 

@@ -75,8 +75,9 @@ class HierarchicalSync:
 
     def write_consensus(self, *, record: bool) -> None:
         synced = self.last_global == self.step
-        average_model(self.ctx, params=not synced,
-                      buffers=not (synced and self.config.average_buffers), record=record)
+        average_model(
+            self.ctx, params=not synced, buffers=not (synced and self.config.average_buffers), record=record
+        )
 
     def finalize(self) -> None:
         self.write_consensus(record=True)
@@ -91,8 +92,7 @@ class HierarchicalSync:
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        require_keys(state, ["step", "block_syncs", "global_syncs", "last_global"],
-                     "hierarchical_local_sgd")
+        require_keys(state, ["step", "block_syncs", "global_syncs", "last_global"], "hierarchical_local_sgd")
         self.step = int(state["step"])
         self.block_syncs = int(state["block_syncs"])
         self.global_syncs = int(state["global_syncs"])

@@ -47,8 +47,7 @@ class LocalSGD(AlgorithmConfig):
         check_local_options("local_sgd", self.average_buffers, self.optimizer_state)
 
     def bind(self, ctx: SyncContext) -> LocalSGDSync:
-        return LocalSGDSync(ctx, self.period, ModelAverager(ctx, self.average_buffers,
-                                                            self.optimizer_state))
+        return LocalSGDSync(ctx, self.period, ModelAverager(ctx, self.average_buffers, self.optimizer_state))
 
 
 class AfterAverage(Protocol):
@@ -97,8 +96,7 @@ class LocalSGDSync:
         self.buffers_in_sync = self.averager.average_buffers
 
     def write_consensus(self, *, record: bool) -> None:
-        average_model(self.ctx, params=self.since_sync > 0, buffers=not self.buffers_in_sync,
-                      record=record)
+        average_model(self.ctx, params=self.since_sync > 0, buffers=not self.buffers_in_sync, record=record)
 
     def finalize(self) -> None:
         if self.since_sync > 0:

@@ -66,7 +66,7 @@ class OuterMomentum:
         for s, idx in self._scales().items():
             x0 = [self.anchor[i] for i in idx]
             u = [self.buffer[i] for i in idx]
-            g = torch._foreach_sub(x0, [params[i] for i in idx])
+            g = list(torch._foreach_sub(x0, [params[i] for i in idx]))
             if s != 1.0:
                 torch._foreach_div_(g, s)
             torch._foreach_mul_(u, self.momentum)
@@ -155,8 +155,6 @@ class DiLoCo(AlgorithmConfig):
         check_local_options("diloco", self.average_buffers, self.optimizer_state)
 
     def bind(self, ctx: SyncContext) -> LocalSGDSync:
-        outer = OuterMomentum(
-            ctx, self.outer_lr, self.outer_momentum, self.nesterov, scale_by_lr=False
-        )
+        outer = OuterMomentum(ctx, self.outer_lr, self.outer_momentum, self.nesterov, scale_by_lr=False)
         averager = ModelAverager(ctx, self.average_buffers, self.optimizer_state)
         return LocalSGDSync(ctx, self.period, averager, outer)

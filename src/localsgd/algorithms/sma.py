@@ -55,7 +55,7 @@ class SMASync:
     @torch.no_grad()
     def before_step(self) -> None:
         # d_j = w_j - z, taken before the optimizer moves w_j.
-        self.correction = torch._foreach_sub(self.ctx.params, self.central)
+        self.correction = list(torch._foreach_sub(self.ctx.params, self.central))
 
     @torch.no_grad()
     def after_step(self) -> None:

@@ -38,7 +38,7 @@ class Block:
         return f"block{self.size}"
 
 
-Scope = Union[World, Block]
+Scope = Union[World, Block]  # noqa: UP007 - a runtime alias, kept valid on Python 3.10
 WORLD = World()
 
 
@@ -47,8 +47,7 @@ def check_block(scope: Block, world_size: int) -> None:
     if world_size % scope.size != 0:
         divisors = [d for d in range(1, world_size + 1) if world_size % d == 0]
         raise ValueError(
-            f"block_size={scope.size} does not divide the world size {world_size}; "
-            f"allowed: one of {divisors}"
+            f"block_size={scope.size} does not divide the world size {world_size}; allowed: one of {divisors}"
         )
 
 
@@ -70,9 +69,7 @@ class CommStats:
         self.collectives += 1
         self.bytes += nbytes
         self.seconds += seconds
-        entry = self.by_scope.setdefault(
-            scope_label, {"collectives": 0, "bytes": 0, "seconds": 0.0}
-        )
+        entry = self.by_scope.setdefault(scope_label, {"collectives": 0, "bytes": 0, "seconds": 0.0})
         entry["collectives"] += 1
         entry["bytes"] += nbytes
         entry["seconds"] += seconds
@@ -114,6 +111,4 @@ class Communicator(Protocol):
         self, tensors: Sequence[torch.Tensor], scope: Scope = WORLD, *, record: bool = True
     ) -> None: ...
 
-    def broadcast(
-        self, tensors: Sequence[torch.Tensor], src: int = 0, *, record: bool = True
-    ) -> None: ...
+    def broadcast(self, tensors: Sequence[torch.Tensor], src: int = 0, *, record: bool = True) -> None: ...

@@ -35,15 +35,11 @@ def contiguous_span(tensors: Sequence[torch.Tensor]) -> torch.Tensor | None:
     start = first.storage_offset()
     expected = start
     for t in tensors:
-        if (
-            not t.is_contiguous()
-            or t.storage_offset() != expected
-            or t.untyped_storage().data_ptr() != ptr
-        ):
+        if not t.is_contiguous() or t.storage_offset() != expected or t.untyped_storage().data_ptr() != ptr:
             return None
         expected += t.numel()
     flat = first.new_empty(0)
-    flat.set_(storage, start, (expected - start,))
+    flat.set_(storage, start, (expected - start,), (1,))
     return flat
 
 

@@ -79,9 +79,7 @@ class ProcessGroupCommunicator:
             return self._block_group(scope), scope.size
         return self._group, self._world_size
 
-    def average(
-        self, tensors: Sequence[torch.Tensor], scope: Scope = WORLD, *, record: bool = True
-    ) -> None:
+    def average(self, tensors: Sequence[torch.Tensor], scope: Scope = WORLD, *, record: bool = True) -> None:
         group, size = self._resolve(scope)
         if size == 1 or not tensors:
             return
@@ -100,9 +98,7 @@ class ProcessGroupCommunicator:
             if record:
                 self._stats.record(label, flat.numel() * flat.element_size(), seconds)
 
-    def broadcast(
-        self, tensors: Sequence[torch.Tensor], src: int = 0, *, record: bool = True
-    ) -> None:
+    def broadcast(self, tensors: Sequence[torch.Tensor], src: int = 0, *, record: bool = True) -> None:
         if self._world_size == 1 or not tensors:
             return
         global_src = src if self._group is None else dist.get_global_rank(self._group, src)

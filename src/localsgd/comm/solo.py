@@ -31,12 +31,8 @@ class SoloCommunicator:
         if isinstance(scope, Block):
             check_block(scope, 1)
 
-    def average(
-        self, tensors: Sequence[torch.Tensor], scope: Scope = WORLD, *, record: bool = True
-    ) -> None:
+    def average(self, tensors: Sequence[torch.Tensor], scope: Scope = WORLD, *, record: bool = True) -> None:
         return None
 
-    def broadcast(
-        self, tensors: Sequence[torch.Tensor], src: int = 0, *, record: bool = True
-    ) -> None:
+    def broadcast(self, tensors: Sequence[torch.Tensor], src: int = 0, *, record: bool = True) -> None:
         return None
