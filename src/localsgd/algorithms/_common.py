@@ -60,6 +60,22 @@ class ModelAverager:
                 ctx.optimizer.state.pop(p, None)
 
 
+class ParametersAlwaysInSync:
+    """For algorithms whose replicas hold identical parameters after every update
+    (gradient averaging): only the buffers need averaging into the consensus model."""
+
+    ctx: SyncContext
+
+    def after_step(self) -> None:
+        pass
+
+    def write_consensus(self, *, record: bool) -> None:
+        average_model(self.ctx, params=False, buffers=True, record=record)
+
+    def finalize(self) -> None:
+        self.write_consensus(record=True)
+
+
 def average_model(ctx: SyncContext, *, params: bool, buffers: bool, record: bool) -> None:
     """Average parameters and/or buffers over the world: the consensus of plain averaging."""
     tensors = (list(ctx.params) if params else []) + (list(ctx.buffers) if buffers else [])

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from localsgd.algorithms._common import average_model, clone_all, load_tensors, require_keys
+from localsgd.algorithms._common import ParametersAlwaysInSync, clone_all, load_tensors, require_keys
 from localsgd.algorithms.base import AlgorithmConfig, SyncContext, check_int, register
 from localsgd.comm.base import WORLD
 
@@ -36,7 +36,7 @@ class GradientAccumulation(AlgorithmConfig):
         return AccumulationSync(self, ctx)
 
 
-class AccumulationSync:
+class AccumulationSync(ParametersAlwaysInSync):
     def __init__(self, config: GradientAccumulation, ctx: SyncContext) -> None:
         self.config = config
         self.ctx = ctx
@@ -65,15 +65,6 @@ class AccumulationSync:
         self.accumulated = None
         self.micro = 0
         self.syncs += 1
-
-    def after_step(self) -> None:
-        pass
-
-    def write_consensus(self, *, record: bool) -> None:
-        average_model(self.ctx, params=False, buffers=True, record=record)
-
-    def finalize(self) -> None:
-        self.write_consensus(record=True)
 
     def state_dict(self) -> dict[str, Any]:
         return {

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from localsgd.algorithms._common import average_gradients, average_model, require_keys
+from localsgd.algorithms._common import ParametersAlwaysInSync, average_gradients, require_keys
 from localsgd.algorithms.base import AlgorithmConfig, SyncContext, register
 
 
@@ -23,7 +23,7 @@ class MiniBatchSGD(AlgorithmConfig):
         return MiniBatchSync(ctx)
 
 
-class MiniBatchSync:
+class MiniBatchSync(ParametersAlwaysInSync):
     def __init__(self, ctx: SyncContext) -> None:
         self.ctx = ctx
         self.syncs = 0
@@ -31,15 +31,6 @@ class MiniBatchSync:
     def before_step(self) -> None:
         average_gradients(self.ctx)
         self.syncs += 1
-
-    def after_step(self) -> None:
-        pass
-
-    def write_consensus(self, *, record: bool) -> None:
-        average_model(self.ctx, params=False, buffers=True, record=record)
-
-    def finalize(self) -> None:
-        self.write_consensus(record=True)
 
     def state_dict(self) -> dict[str, Any]:
         return {"syncs": self.syncs}

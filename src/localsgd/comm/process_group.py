@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -83,45 +83,52 @@ class ProcessGroupCommunicator:
         group, size = self._resolve(scope)
         if size == 1 or not tensors:
             return
-        label = scope.label()
-        for members in group_by_dtype(tensors).values():
-            flat = contiguous_span(members)
-            packed = flat is None
-            if packed:
-                flat = pack(members)
-            assert flat is not None
-            seconds = self._timed(dist.all_reduce, flat, group=group)
+
+        def all_reduce_mean(flat: torch.Tensor) -> None:
+            dist.all_reduce(flat, group=group)
             # SUM then scale: gloo has no AVG. Identical bits on every rank either way.
             flat.mul_(1.0 / size)
-            if packed:
-                unpack(flat, members)
-            if record:
-                self._stats.record(label, flat.numel() * flat.element_size(), seconds)
+
+        self._per_dtype(tensors, all_reduce_mean, scope.label(), record)
 
     def broadcast(self, tensors: Sequence[torch.Tensor], src: int = 0, *, record: bool = True) -> None:
         if self._world_size == 1 or not tensors:
             return
         global_src = src if self._group is None else dist.get_global_rank(self._group, src)
+
+        def from_src(flat: torch.Tensor) -> None:
+            dist.broadcast(flat, src=global_src, group=self._group)
+
+        self._per_dtype(tensors, from_src, "world", record)
+
+    def _per_dtype(
+        self,
+        tensors: Sequence[torch.Tensor],
+        collective: Callable[[torch.Tensor], None],
+        label: str,
+        record: bool,
+    ) -> None:
+        """Run ``collective`` once per dtype on a flat buffer: in place when the tensors
+        already lie back to back in one storage, else on a packed copy written back."""
         for members in group_by_dtype(tensors).values():
             flat = contiguous_span(members)
             packed = flat is None
-            if packed:
+            if flat is None:
                 flat = pack(members)
-            assert flat is not None
-            seconds = self._timed(dist.broadcast, flat, src=global_src, group=self._group)
+            seconds = self._timed(collective, flat)
             if packed:
                 unpack(flat, members)
             if record:
-                self._stats.record("world", flat.numel() * flat.element_size(), seconds)
+                self._stats.record(label, flat.numel() * flat.element_size(), seconds)
 
     @staticmethod
-    def _timed(collective: Any, flat: torch.Tensor, **kwargs: Any) -> float:
+    def _timed(collective: Callable[[torch.Tensor], None], flat: torch.Tensor) -> float:
         cuda = flat.is_cuda
         if cuda:
             torch.cuda.synchronize(flat.device)
         start = time.perf_counter()
         with torch.no_grad():
-            collective(flat, **kwargs)
+            collective(flat)
         if cuda:
             torch.cuda.synchronize(flat.device)
         return time.perf_counter() - start
