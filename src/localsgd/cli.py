@@ -1,0 +1,135 @@
+"""The ``localsgd`` command: train one run, run a study, report on a store."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Communication-efficient data-parallel training: run, sweep and report local SGD and its family.",
+)
+
+SetOption = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="Override a config value, e.g. --set algorithm.period=16 (repeatable)."),
+]
+
+
+def _fail(message: str) -> typer.Exit:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    return typer.Exit(code=2)
+
+
+def _inside_torchrun() -> bool:
+    return "TORCHELASTIC_RUN_ID" in os.environ or ("RANK" in os.environ and "WORLD_SIZE" in os.environ)
+
+
+@app.command()
+def train(
+    config: Annotated[Path, typer.Argument(help="Run config (TOML).")],
+    out: Annotated[Path, typer.Option(help="Store to record the run in.")] = Path("runs"),
+    overrides: SetOption = None,
+) -> None:
+    """Train one run and write its record (config, environment, metrics, checkpoint, status).
+
+    Starts `workers` processes through torch's elastic launcher, unless already running
+    under torchrun (then this process is one of the workers, and rank 0 records the run).
+    """
+    from localsgd.studies.configs import ConfigError
+    from localsgd.studies.loading import load_run_config
+
+    try:
+        run = load_run_config(config, overrides or [])
+    except ConfigError as exc:
+        raise _fail(str(exc)) from None
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if _inside_torchrun():
+        from localsgd import worker
+
+        argv = [str(config), "--out", str(out)]
+        for item in overrides or []:
+            argv += ["--set", item]
+        raise typer.Exit(code=worker.main(argv))
+    from localsgd.engines.processes import execute
+    from localsgd.studies.store import Store
+
+    store = Store(out)
+    status = execute(run, store)
+    record = store.run_dir(run.run_id())
+    typer.echo(f"{status}: {record}")
+    if status == "failed":
+        info = (record / "status.json").read_text()
+        typer.echo(info, err=True)
+        raise typer.Exit(code=1)
+
+
+@app.command()
+def study(
+    config: Annotated[Path, typer.Argument(help="Study file (TOML): [study], [base] and [[grid]] blocks.")],
+    out: Annotated[Path | None, typer.Option(help="Store folder (default: [study].out or studies_out/<name>).")] = None,
+    overrides: SetOption = None,
+    retry_failed: Annotated[bool, typer.Option(help="Run failed and diverged runs again.")] = False,
+    dry_run: Annotated[bool, typer.Option(help="List the planned runs and stop.")] = False,
+) -> None:
+    """Run every run of a study's grid; rerunning skips finished runs and restarts unfinished ones."""
+    from localsgd.studies.configs import ConfigError
+    from localsgd.studies.grid import load_study
+    from localsgd.studies.runner import run_study
+
+    try:
+        plan = load_study(config, overrides or [])
+    except ConfigError as exc:
+        raise _fail(str(exc)) from None
+    folder = out or plan.default_out()
+    if dry_run:
+        for run in plan.runs:
+            typer.echo(f"{run.run_id()}  K={run.workers}  B={run.data.batch_size}  seed={run.seed}  {run.algorithm}")
+        typer.echo(f"{len(plan.runs)} runs -> {folder}")
+        return
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
+    counts = run_study(plan, folder, study_file=config, retry_failed=retry_failed)
+    summary = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
+    typer.echo(f"study {plan.section.name}: {summary}; store: {folder}")
+
+
+@app.command()
+def report(
+    store_dir: Annotated[Path, typer.Argument(help="A store folder written by `study` or `train`.")],
+    out: Annotated[Path | None, typer.Option(help="Report folder (default: STORE_DIR/report).")] = None,
+) -> None:
+    """Tables (mean ± std over seeds), plots, report.md, report.html and results.xlsx from the store alone."""
+    from localsgd.report import make_report
+
+    try:
+        paths = make_report(store_dir, out)
+    except ValueError as exc:
+        raise _fail(str(exc)) from None
+    for kind, path in paths.items():
+        typer.echo(f"{kind}: {path}")
+
+
+@app.command()
+def algorithms() -> None:
+    """List the registered algorithms and their hyperparameters."""
+    import dataclasses
+
+    from localsgd import algorithms as registry
+
+    for name in registry.names():
+        cls = registry.get(name)
+        fields = ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(cls))  # type: ignore[arg-type]
+        typer.echo(f"{name}: {cls.__name__}({fields})")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Engines: how the K workers of a run execute."""

@@ -1,0 +1,1 @@
+"""Studies: run configs, the training loop, sweeps over grids, and the results store."""

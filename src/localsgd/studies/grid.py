@@ -1,0 +1,156 @@
+"""Study files: a base run config and grids whose product is the list of runs.
+
+::
+
+    [study]
+    name = "demo"
+
+    [base]                      # a run config: defaults for every run
+    workload = "mnist1d_cnn"
+    [base.train]
+    epochs = 10
+
+    [[grid]]                    # one block of runs: the product of its lists
+    workers = [1]
+    seed = [0, 1, 2]
+
+    [[grid]]
+    workers = [4]
+    seed = [0, 1, 2]
+    global_batch = 256          # held fixed: data.batch_size = 256 / workers
+    algorithm = [{name = "minibatch_sgd"}, {name = "local_sgd", period = 4}]
+    [grid.optimizer]
+    lr = [0.05, 0.1]
+
+Inside a grid, a list is an axis (a field that is itself a list, such as
+``schedule.milestones``, takes a list of lists); anything else is a setting of that block.
+``global_batch`` holds the global batch fixed across worker counts (the per-worker batch is
+derived and the run records ``fixed = "global_batch"``); without it the per-worker batch is
+what stays fixed.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from localsgd.studies.configs import ConfigError, apply_overrides, from_dict, load_toml
+from localsgd.studies.schema import RunConfig, run_config
+
+LIST_FIELDS = {"schedule.milestones"}
+
+
+@dataclass(frozen=True)
+class StudySection:
+    """``[study]``: what the study is called and where it writes."""
+
+    name: str = "study"
+    """Name, used for the default output folder ``studies_out/<name>``."""
+    out: str | None = None
+    """The store folder; ``localsgd study --out`` overrides it."""
+    description: str = ""
+    """A sentence for the report header."""
+
+
+@dataclass
+class Study:
+    section: StudySection
+    runs: list[RunConfig] = field(default_factory=list)
+
+    def default_out(self) -> Path:
+        return Path(self.section.out or Path("studies_out") / self.section.name)
+
+
+def load_study(path: str | Path, overrides: list[str] | None = None) -> Study:
+    """Parse a study file; ``overrides`` (``key=value``) apply to ``[base]``."""
+    data = load_toml(path)
+    unknown = set(data) - {"study", "base", "grid"}
+    if unknown:
+        raise ConfigError(f"unknown top-level key(s) {sorted(unknown)}; allowed: ['base', 'grid', 'study']")
+    section = from_dict(StudySection, data.get("study", {}), "study")
+    base = apply_overrides(data.get("base", {}), overrides or [])
+    run_config(base)  # the base alone must be a valid run
+    grids = data.get("grid", [{}])
+    if not isinstance(grids, list) or not all(isinstance(g, Mapping) for g in grids):
+        raise ConfigError("grid must be an array of tables ([[grid]] blocks)")
+    runs: list[RunConfig] = []
+    seen: set[str] = set()
+    for i, grid in enumerate(grids):
+        for run in expand(base, grid, f"grid[{i}]", section.name):
+            if run.run_id() not in seen:
+                seen.add(run.run_id())
+                runs.append(run)
+    return Study(section, runs)
+
+
+def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        path = f"{prefix}{key}"
+        # ``algorithm`` is a table-valued field: a table of lists spreads over its keys.
+        if isinstance(value, Mapping) and (path != "algorithm" or any(isinstance(v, list) for v in value.values())):
+            out.update(_flatten(value, f"{path}."))
+        else:
+            out[path] = value
+    return out
+
+
+def _is_axis(path: str, value: Any) -> bool:
+    if not isinstance(value, list):
+        return False
+    if path in LIST_FIELDS:
+        return bool(value) and all(isinstance(v, list) for v in value)
+    return True
+
+
+def _set(tree: dict[str, Any], path: str, value: Any) -> None:
+    parts = path.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {}
+            node[part] = child
+        node = child
+    node[parts[-1]] = value
+
+
+def _copy(tree: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: _copy(v) if isinstance(v, Mapping) else v for k, v in tree.items()}
+
+
+def expand(base: Mapping[str, Any], grid: Mapping[str, Any], where: str, study: str) -> list[RunConfig]:
+    """The runs of one grid block: ``base`` updated by each point of the block's product."""
+    flat = _flatten(grid)
+    global_batch = flat.pop("global_batch", None)
+    if global_batch is not None and (not isinstance(global_batch, int) or isinstance(global_batch, bool) or global_batch < 1):
+        raise ConfigError(f"{where}.global_batch must be an integer >= 1, got {global_batch!r}")
+    axes = {p: v for p, v in flat.items() if _is_axis(p, v)}
+    settings = {p: v for p, v in flat.items() if p not in axes}
+    for path, values in axes.items():
+        if not values:
+            raise ConfigError(f"{where}.{path} is an empty list: a grid axis needs at least one value")
+    runs = []
+    for point in itertools.product(*axes.values()):
+        tree = _copy(base)
+        tree.setdefault("name", study)
+        for path, value in [*settings.items(), *zip(axes, point)]:
+            if path == "algorithm" and not isinstance(value, Mapping):
+                raise ConfigError(f"{where}.algorithm values must be tables like {{name = \"local_sgd\", period = 8}}, got {value!r}")
+            _set(tree, path, _copy(value) if isinstance(value, Mapping) else value)
+        if global_batch is not None:
+            workers = tree.get("workers", 1)
+            if not isinstance(workers, int) or global_batch % workers:
+                raise ConfigError(
+                    f"{where}.global_batch = {global_batch} is not divisible by workers = {workers!r}"
+                )
+            _set(tree, "data.batch_size", global_batch // workers)
+            tree["fixed"] = "global_batch"
+        try:
+            runs.append(run_config(tree))
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+    return runs

@@ -1,0 +1,201 @@
+"""The run config: what one training run is, section by section (TOML tables)."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from localsgd.algorithms.base import check_bool, check_choice, check_float, check_int
+from localsgd.studies.configs import ConfigError, from_dict, to_dict
+
+ENGINES = ("processes",)
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULES = ("constant", "step", "cosine", "half_cosine")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """``[data]``: how much data, where from, and the batch."""
+
+    num_samples: int = 20000
+    """MNIST-1D: samples generated (80 % train, 20 % test)."""
+    path: str | None = None
+    """Path of a data set read from disk (CIFAR-10: the python-version archive or folder)."""
+    batch_size: int = 64
+    """B: the batch each worker takes per step (the per-worker batch)."""
+
+    def __post_init__(self) -> None:
+        check_int("data.num_samples", self.num_samples, 100)
+        check_int("data.batch_size", self.batch_size, 1)
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    """``[optimizer]``: the inner (per-worker) optimizer."""
+
+    name: str = "sgd"
+    """``sgd`` or ``adamw``."""
+    lr: float = 0.1
+    """Base learning rate (at ``schedule.base_batch`` when the linear scaling rule is on)."""
+    momentum: float = 0.9
+    """SGD momentum."""
+    nesterov: bool = True
+    """SGD with Nesterov momentum."""
+    weight_decay: float = 5e-4
+    """L2 weight decay (decoupled for AdamW)."""
+    decay_norm_and_bias: bool = True
+    """Apply weight decay to normalization weights and biases too; false exempts them."""
+    beta1: float = 0.9
+    """AdamW β1."""
+    beta2: float = 0.999
+    """AdamW β2."""
+    eps: float = 1e-8
+    """AdamW ε."""
+
+    def __post_init__(self) -> None:
+        check_choice("optimizer.name", self.name, OPTIMIZERS)
+        check_float("optimizer.lr", self.lr, 0.0, None, low_open=True)
+        check_float("optimizer.momentum", self.momentum, 0.0, 1.0)
+        check_bool("optimizer.nesterov", self.nesterov)
+        check_float("optimizer.weight_decay", self.weight_decay, 0.0)
+        check_bool("optimizer.decay_norm_and_bias", self.decay_norm_and_bias)
+        check_float("optimizer.beta1", self.beta1, 0.0, 1.0)
+        check_float("optimizer.beta2", self.beta2, 0.0, 1.0)
+        check_float("optimizer.eps", self.eps, 0.0, None, low_open=True)
+        if self.nesterov and self.name == "sgd" and self.momentum == 0:
+            raise ConfigError("optimizer.nesterov needs optimizer.momentum > 0")
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """``[schedule]``: the learning rate over training."""
+
+    name: str = "constant"
+    """``constant``; ``step`` (× ``gamma`` at each milestone); ``cosine`` (to 0 at the end);
+    ``half_cosine`` (constant for the first half, cosine to 0 over the second)."""
+    milestones: tuple[float, ...] = (0.5, 0.75)
+    """``step``: fractions of training at which the rate is multiplied by ``gamma``."""
+    gamma: float = 0.1
+    """``step``: the factor applied at each milestone."""
+    warmup_epochs: float = 0.0
+    """Gradual warmup: linear from the base rate to the scaled one over W epochs (Goyal et
+    al. 2017). 0 disables it."""
+    linear_scaling: bool = False
+    """Linear scaling rule: lr = base lr × global batch / ``base_batch``."""
+    base_batch: int = 128
+    """The batch at which ``optimizer.lr`` was tuned, for the linear scaling rule."""
+
+    def __post_init__(self) -> None:
+        check_choice("schedule.name", self.name, SCHEDULES)
+        for i, m in enumerate(self.milestones):
+            check_float(f"schedule.milestones[{i}]", m, 0.0, 1.0, low_open=True)
+        if list(self.milestones) != sorted(self.milestones):
+            raise ConfigError(f"schedule.milestones must be increasing, got {list(self.milestones)}")
+        check_float("schedule.gamma", self.gamma, 0.0, 1.0, low_open=True, high_open=False)
+        check_float("schedule.warmup_epochs", self.warmup_epochs, 0.0)
+        check_bool("schedule.linear_scaling", self.linear_scaling)
+        check_int("schedule.base_batch", self.base_batch, 1)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """``[train]``: how long, how often to evaluate."""
+
+    epochs: float = 10.0
+    """Passes over the training set (fractions allowed)."""
+    eval_every: int = 100
+    """Evaluate the consensus model every this many steps (and at the end)."""
+    max_steps: int | None = None
+    """Stop after this many steps even if the epochs are not done (smoke tests)."""
+
+    def __post_init__(self) -> None:
+        check_float("train.epochs", self.epochs, 0.0, None, low_open=True)
+        check_int("train.eval_every", self.eval_every, 1)
+        if self.max_steps is not None:
+            check_int("train.max_steps", self.max_steps, 1)
+
+
+def _default_algorithm() -> dict[str, Any]:
+    return {"name": "minibatch_sgd"}
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """One training run: workload, K workers, algorithm and recipe."""
+
+    name: str = "run"
+    """A label for humans; the run's identity is the hash of the whole config."""
+    workload: str = "mnist1d_cnn"
+    """Registered workload: ``mnist1d_cnn``, ``mnist1d_mlp``, ``cifar10_resnet20``."""
+    workers: int = 1
+    """K: worker processes."""
+    engine: str = "processes"
+    """How the K workers run: ``processes`` (torch.distributed, one process each)."""
+    seed: int = 0
+    """Model init (identical on every worker) and data order (shards per worker)."""
+    device: str = "auto"
+    """``auto`` (CUDA if available), ``cpu`` or ``cuda``."""
+    algorithm: dict[str, Any] = field(default_factory=_default_algorithm)
+    """The algorithm table, as for ``localsgd.algorithms.build``; post-local SGD also takes
+    ``switch_epoch`` (converted to ``switch_step`` from the steps per epoch)."""
+    data: DataConfig = field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    fixed: str = "worker_batch"
+    """What was held fixed when the worker count varied: ``worker_batch`` or
+    ``global_batch`` (recorded in the run record)."""
+
+    def __post_init__(self) -> None:
+        check_int("workers", self.workers, 1)
+        check_choice("engine", self.engine, ENGINES)
+        check_int("seed", self.seed, 0)
+        check_choice("device", self.device, ("auto", "cpu", "cuda"))
+        check_choice("fixed", self.fixed, ("worker_batch", "global_batch"))
+        self.algorithm_config(steps_per_epoch=1)  # validates the algorithm table
+
+    @property
+    def global_batch(self) -> int:
+        return self.workers * self.data.batch_size
+
+    def algorithm_config(self, steps_per_epoch: int) -> Any:
+        """The algorithm config, with ``switch_epoch`` resolved to ``switch_step``."""
+        from localsgd.algorithms import build
+
+        spec = dict(self.algorithm)
+        if "switch_epoch" in spec:
+            if spec.get("name") != "post_local_sgd":
+                raise ConfigError("algorithm.switch_epoch applies to post_local_sgd only")
+            if "switch_step" in spec:
+                raise ConfigError("give algorithm.switch_step or algorithm.switch_epoch, not both")
+            epochs = spec.pop("switch_epoch")
+            check_float("algorithm.switch_epoch", epochs, 0.0)
+            spec["switch_step"] = round(float(epochs) * steps_per_epoch)
+        try:
+            return build(spec)
+        except ValueError as exc:
+            raise ConfigError(f"algorithm: {exc}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+    def run_id(self) -> str:
+        """A stable identity: the same config always maps to the same id."""
+        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:12]
+
+    def replace(self, **changes: Any) -> RunConfig:
+        return dataclasses.replace(self, **changes)
+
+
+def run_config(data: dict[str, Any]) -> RunConfig:
+    """A ``RunConfig`` from a plain dict (a parsed TOML file); errors name the key."""
+    try:
+        return from_dict(RunConfig, data)
+    except ConfigError:
+        raise
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None

@@ -1,0 +1,255 @@
+"""One training run on this process's rank: the loop every engine and command shares.
+
+Every rank runs :func:`train`; rank 0 alone writes the run record (metrics, status,
+checkpoint) into the run folder it is given.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import platform
+import socket
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from localsgd.studies.store import write_json_atomic
+
+log = logging.getLogger(__name__)
+
+
+class Diverged(Exception):
+    """The training loss became NaN or infinite."""
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise ValueError("device = 'cuda' but no CUDA device is available; use 'auto' or 'cpu'")
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def git_sha() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            cwd=Path(__file__).resolve().parent,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def environment(world_size: int, backend: str | None, device: torch.device) -> dict[str, Any]:
+    import numpy
+
+    import localsgd
+
+    return {
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+        "localsgd": localsgd.__version__,
+        "git_sha": git_sha(),
+        "host": socket.gethostname(),
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "command": sys.argv,
+        "world_size": world_size,
+        "backend": backend,
+        "device": str(device),
+        "cuda": torch.version.cuda if torch.cuda.is_available() else None,
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+class MetricsWriter:
+    """Appends evaluation rows to ``metrics.jsonl`` (rank 0 only; others discard)."""
+
+    def __init__(self, run_dir: Path | None) -> None:
+        self.file = (run_dir / "metrics.jsonl").open("w") if run_dir is not None else None
+        self.rows: list[dict[str, Any]] = []
+
+    def write(self, row: dict[str, Any]) -> None:
+        self.rows.append(row)
+        if self.file is not None:
+            self.file.write(json.dumps(row) + "\n")
+            self.file.flush()
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+
+
+def train(config: Any, run_dir: Path | None, rank: int, world_size: int, backend: str | None = None) -> dict[str, Any]:
+    """Train ``config`` (a :class:`~localsgd.studies.schema.RunConfig`) on this rank.
+
+    ``run_dir`` is where rank 0 writes the record; other ranks pass None. Returns the
+    status dict (also written as ``status.json``). Errors are recorded and re-raised;
+    divergence is recorded as ``diverged`` and returned.
+    """
+    device = resolve_device(config.device, int(os.environ.get("LOCAL_RANK", "0")))
+    writer = MetricsWriter(run_dir)
+    if run_dir is not None:
+        write_json_atomic(run_dir / "env.json", environment(world_size, backend, device))
+    status: dict[str, Any]
+    try:
+        status = _train(config, run_dir, writer, rank, world_size, device)
+    except Diverged as exc:
+        status = _status("diverged", str(exc), writer.rows)
+    except BaseException as exc:
+        status = _status("failed", "".join(traceback.format_exception(exc)).strip(), writer.rows)
+        if run_dir is not None:
+            write_json_atomic(run_dir / "status.json", status)
+        raise
+    finally:
+        writer.close()
+    if run_dir is not None:
+        write_json_atomic(run_dir / "status.json", status)
+    return status
+
+
+def _status(kind: str, error: str | None, rows: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+    last = rows[-1] if rows else {}
+    accs = [r["test_accuracy"] for r in rows if r.get("test_accuracy") is not None]
+    wall = last.get("wall_seconds", 0.0)
+    return {
+        "status": kind,
+        "error": error,
+        "steps": last.get("step", 0),
+        "epochs": last.get("epoch", 0.0),
+        "samples": last.get("samples", 0),
+        "wall_seconds": wall,
+        "samples_per_second": (last.get("samples", 0) / wall) if wall else None,
+        "best_test_accuracy": max(accs) if accs else None,
+        "final": last,
+        **extra,
+    }
+
+
+def _train(
+    config: Any,
+    run_dir: Path | None,
+    writer: MetricsWriter,
+    rank: int,
+    world_size: int,
+    device: torch.device,
+) -> dict[str, Any]:
+    import localsgd
+    from localsgd import workloads
+    from localsgd.studies import recipes
+
+    if world_size != config.workers:
+        raise ValueError(f"workers = {config.workers} but the process group has {world_size} ranks")
+    workload = workloads.build(
+        config.workload, num_samples=config.data.num_samples, data_path=config.data.path, seed=config.seed
+    )
+    batch = config.data.batch_size
+    steps_per_epoch = workload.steps_per_epoch(world_size, batch)
+    if steps_per_epoch < 1:
+        raise ValueError(
+            f"data.batch_size = {batch} x {world_size} workers exceeds the {workload.train_size} "
+            "training samples: not one step per epoch"
+        )
+    total_steps = math.ceil(config.train.epochs * steps_per_epoch)
+    if config.train.max_steps is not None:
+        total_steps = min(total_steps, config.train.max_steps)
+    algorithm = config.algorithm_config(steps_per_epoch)
+    torch.manual_seed(config.seed)
+    model = workload.make_model(config.seed).to(device)
+    optimizer = recipes.build_optimizer(model, config.optimizer)
+    global_batch = batch * world_size
+
+    def lr(step: int) -> float:
+        return recipes.lr_at(
+            step, total_steps, steps_per_epoch, config.optimizer.lr, config.schedule, global_batch
+        )
+
+    step = 0
+    train_seconds = 0.0
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    loss_count = 0
+    with localsgd.DataParallel(model, optimizer, algorithm) as dp:
+
+        def evaluate() -> dict[str, Any]:
+            nonlocal loss_sum, loss_count
+            mean_loss = torch.stack([loss_sum / max(loss_count, 1)])
+            dp.comm.average([mean_loss], record=False)  # train loss averaged over workers
+            train_loss = float(mean_loss.item())
+            loss_sum, loss_count = torch.zeros_like(loss_sum), 0
+            with dp.consensus():
+                scores = workload.evaluate(model, device) if rank == 0 else {}
+            stats = dp.stats
+            row = {
+                "step": step,
+                "epoch": step / steps_per_epoch,
+                "samples": step * global_batch,
+                "wall_seconds": train_seconds,
+                "lr": optimizer.param_groups[0]["lr"],
+                "train_loss": train_loss,
+                "test_loss": scores.get("test_loss"),
+                "test_accuracy": scores.get("test_accuracy"),
+                "bytes": stats["bytes"],
+                "syncs": stats["syncs"],
+                "collectives": stats["collectives"],
+                "comm_seconds": stats["comm_seconds"],
+            }
+            writer.write(row)
+            if rank == 0:
+                log.info(
+                    "rank 0 step %d epoch %.2f: train loss %.4f, test acc %s",
+                    step, row["epoch"], train_loss, row["test_accuracy"],
+                )
+            if not math.isfinite(train_loss):
+                # Every rank sees the same averaged loss, so all stop together.
+                raise Diverged(f"train loss is {train_loss} at step {step}")
+            return row
+
+        epoch = 0
+        while step < total_steps:
+            for x, y in workload.train_batches(rank, world_size, batch, epoch, config.seed, device):
+                start = time.perf_counter()
+                for group in optimizer.param_groups:
+                    group["lr"] = lr(step)
+                optimizer.zero_grad()
+                loss = workload.loss(model(x), y)
+                loss.backward()
+                optimizer.step()
+                loss_sum += loss.detach()
+                loss_count += 1
+                step += 1
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                train_seconds += time.perf_counter() - start
+                if step % config.train.eval_every == 0 or step == total_steps:
+                    evaluate()
+                if step >= total_steps:
+                    break
+            epoch += 1
+        # Leaving the block puts the consensus model on every rank.
+    final_stats = dp.stats
+    if run_dir is not None:
+        tmp = run_dir / ".checkpoint.pt.tmp"
+        torch.save({"model": model.state_dict(), "config": config.to_dict(), "step": step}, tmp)
+        os.replace(tmp, run_dir / "checkpoint.pt")
+    return _status(
+        "completed",
+        None,
+        writer.rows,
+        stats=final_stats,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total_steps,
+        global_batch=global_batch,
+    )

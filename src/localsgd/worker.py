@@ -1,0 +1,67 @@
+"""The worker entry point every launch path shares.
+
+``python -m localsgd.worker CONFIG [--out STORE | --run-dir DIR] [--set key=value ...]``
+under ``torchrun`` (one machine or ``--nnodes N``), or started by ``localsgd train`` and
+``localsgd study`` through torch's elastic launcher. Rank 0 writes the run record.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import localsgd
+from localsgd.studies.loading import load_run_config
+from localsgd.studies.store import Store
+from localsgd.studies.trainer import train
+
+log = logging.getLogger("localsgd.worker")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m localsgd.worker", description=__doc__)
+    parser.add_argument("config", help="run config, .toml or .json")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--out", default="runs", help="store to record the run in (default: runs)")
+    where.add_argument("--run-dir", help="write the record into this folder (set by the launcher)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+
+    config = load_run_config(args.config, args.overrides)
+    info = localsgd.init_distributed()
+    try:
+        return run(config, info, args.run_dir, args.out)
+    finally:
+        localsgd.destroy_distributed()
+
+
+def run(config, info: localsgd.DistInfo, run_dir: str | None, out: str) -> int:  # type: ignore[no-untyped-def]
+    import torch.distributed as dist
+
+    store = None
+    if run_dir is not None:
+        folder = Path(run_dir) if info.rank == 0 else None
+    else:
+        # Started by hand under torchrun: rank 0 owns the store.
+        store = Store(out) if info.rank == 0 else None
+        folder = store.begin(config.run_id(), config.name, config.to_dict()) if store else None
+        if info.world_size > 1:
+            dist.barrier()
+    error = None
+    try:
+        status = train(config, folder, info.rank, info.world_size, info.backend)
+    except BaseException as exc:
+        error = f"{type(exc).__name__}: {exc}"
+        raise
+    finally:
+        if store is not None:
+            final = store.finish(config.run_id(), error=error)
+            log.info("run %s %s: %s", config.run_id(), final, store.run_dir(config.run_id()))
+    return 0 if status["status"] in ("completed", "diverged") else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
