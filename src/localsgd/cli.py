@@ -72,7 +72,9 @@ def train(
 @app.command()
 def study(
     config: Annotated[Path, typer.Argument(help="Study file (TOML): [study], [base] and [[grid]] blocks.")],
-    out: Annotated[Path | None, typer.Option(help="Store folder (default: [study].out or studies_out/<name>).")] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Store folder (default: [study].out or studies_out/<name>).")
+    ] = None,
     overrides: SetOption = None,
     retry_failed: Annotated[bool, typer.Option(help="Run failed and diverged runs again.")] = False,
     dry_run: Annotated[bool, typer.Option(help="List the planned runs and stop.")] = False,
@@ -89,7 +91,9 @@ def study(
     folder = out or plan.default_out()
     if dry_run:
         for run in plan.runs:
-            typer.echo(f"{run.run_id()}  K={run.workers}  B={run.data.batch_size}  seed={run.seed}  {run.algorithm}")
+            typer.echo(
+                f"{run.run_id()}  K={run.workers}  B={run.data.batch_size}  seed={run.seed}  {run.algorithm}"
+            )
         typer.echo(f"{len(plan.runs)} runs -> {folder}")
         return
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import localsgd
 from localsgd.studies.loading import load_run_config
+from localsgd.studies.schema import RunConfig
 from localsgd.studies.store import Store
 from localsgd.studies.trainer import train
 
@@ -38,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         localsgd.destroy_distributed()
 
 
-def run(config, info: localsgd.DistInfo, run_dir: str | None, out: str) -> int:  # type: ignore[no-untyped-def]
+def run(config: RunConfig, info: localsgd.DistInfo, run_dir: str | None, out: str) -> int:
     import torch.distributed as dist
 
     store = None

@@ -37,9 +37,19 @@ def execute(config: Any, store: Store, *, timeout: float | None = None) -> str:
         return store.finish(run_id, error=error)
 
     command = [
-        sys.executable, "-m", "torch.distributed.run",
-        "--standalone", "--nnodes", "1", "--nproc-per-node", str(config.workers),
-        "-m", "localsgd.worker", str(folder / "config.json"), "--run-dir", str(folder),
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nnodes",
+        "1",
+        "--nproc-per-node",
+        str(config.workers),
+        "-m",
+        "localsgd.worker",
+        str(folder / "config.json"),
+        "--run-dir",
+        str(folder),
     ]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads_per_worker(config.workers)))
     write_json_atomic(folder / "launch.json", {"command": command})
@@ -48,7 +58,9 @@ def execute(config: Any, store: Store, *, timeout: float | None = None) -> str:
         with log_path.open("w") as log:
             proc = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env, timeout=timeout)
         if proc.returncode != 0:
-            error = f"workers exited with code {proc.returncode}; last lines of workers.log:\n" + _tail(log_path)
+            error = f"workers exited with code {proc.returncode}; last lines of workers.log:\n" + _tail(
+                log_path
+            )
     except subprocess.TimeoutExpired:
         error = f"workers did not finish within {timeout} s; last lines of workers.log:\n" + _tail(log_path)
     return store.finish(run_id, error=error)

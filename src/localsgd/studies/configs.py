@@ -8,12 +8,13 @@ applies ``--set section.key=value`` strings, whose values keep the field's type.
 from __future__ import annotations
 
 import dataclasses
-import tomllib
 import types
 import typing
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
+
+import tomllib
 
 T = TypeVar("T")
 
@@ -85,9 +86,7 @@ def coerce(dotted: str, value: Any, annotation: Any) -> Any:
             return value
     else:
         raise TypeError(f"{dotted}: unsupported annotation {annotation!r}")
-    raise ConfigError(
-        f"{dotted} must be {annotation.__name__}, got {type(value).__name__} {value!r}"
-    )
+    raise ConfigError(f"{dotted} must be {annotation.__name__}, got {type(value).__name__} {value!r}")
 
 
 def to_dict(config: Any) -> dict[str, Any]:

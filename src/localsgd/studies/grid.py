@@ -91,7 +91,9 @@ def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     for key, value in data.items():
         path = f"{prefix}{key}"
         # ``algorithm`` is a table-valued field: a table of lists spreads over its keys.
-        if isinstance(value, Mapping) and (path != "algorithm" or any(isinstance(v, list) for v in value.values())):
+        if isinstance(value, Mapping) and (
+            path != "algorithm" or any(isinstance(v, list) for v in value.values())
+        ):
             out.update(_flatten(value, f"{path}."))
         else:
             out[path] = value
@@ -126,7 +128,9 @@ def expand(base: Mapping[str, Any], grid: Mapping[str, Any], where: str, study: 
     """The runs of one grid block: ``base`` updated by each point of the block's product."""
     flat = _flatten(grid)
     global_batch = flat.pop("global_batch", None)
-    if global_batch is not None and (not isinstance(global_batch, int) or isinstance(global_batch, bool) or global_batch < 1):
+    if global_batch is not None and (
+        not isinstance(global_batch, int) or isinstance(global_batch, bool) or global_batch < 1
+    ):
         raise ConfigError(f"{where}.global_batch must be an integer >= 1, got {global_batch!r}")
     axes = {p: v for p, v in flat.items() if _is_axis(p, v)}
     settings = {p: v for p, v in flat.items() if p not in axes}
@@ -139,7 +143,9 @@ def expand(base: Mapping[str, Any], grid: Mapping[str, Any], where: str, study: 
         tree.setdefault("name", study)
         for path, value in [*settings.items(), *zip(axes, point)]:
             if path == "algorithm" and not isinstance(value, Mapping):
-                raise ConfigError(f"{where}.algorithm values must be tables like {{name = \"local_sgd\", period = 8}}, got {value!r}")
+                raise ConfigError(
+                    f'{where}.algorithm values must be tables like {{name = "local_sgd", period = 8}}, got {value!r}'
+                )
             _set(tree, path, _copy(value) if isinstance(value, Mapping) else value)
         if global_batch is not None:
             workers = tree.get("workers", 1)

@@ -38,11 +38,14 @@ def run_study(
     store = Store(out)
     if study_file is not None:
         shutil.copyfile(study_file, out / "study.toml")
-    write_json_atomic(out / "plan.json", {
-        "study": study.section.name,
-        "description": study.section.description,
-        "runs": [{"run_id": r.run_id(), **r.to_dict()} for r in study.runs],
-    })
+    write_json_atomic(
+        out / "plan.json",
+        {
+            "study": study.section.name,
+            "description": study.section.description,
+            "runs": [{"run_id": r.run_id(), **r.to_dict()} for r in study.runs],
+        },
+    )
     counts: Counter[str] = Counter()
     todo = []
     for run in study.runs:
@@ -64,8 +67,13 @@ def run_study(
     )
 
     columns = (
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), TextColumn("{task.fields[last]}"),
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[last]}"),
     )
     with Progress(*columns, disable=not progress) as bar:
         task = bar.add_task(study.section.name, total=len(todo), last="")

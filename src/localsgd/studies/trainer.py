@@ -93,7 +93,9 @@ class MetricsWriter:
             self.file.close()
 
 
-def train(config: Any, run_dir: Path | None, rank: int, world_size: int, backend: str | None = None) -> dict[str, Any]:
+def train(
+    config: Any, run_dir: Path | None, rank: int, world_size: int, backend: str | None = None
+) -> dict[str, Any]:
     """Train ``config`` (a :class:`~localsgd.studies.schema.RunConfig`) on this rank.
 
     ``run_dir`` is where rank 0 writes the record; other ranks pass None. Returns the
@@ -210,7 +212,10 @@ def _train(
             if rank == 0:
                 log.info(
                     "rank 0 step %d epoch %.2f: train loss %.4f, test acc %s",
-                    step, row["epoch"], train_loss, row["test_accuracy"],
+                    step,
+                    row["epoch"],
+                    train_loss,
+                    row["test_accuracy"],
                 )
             if not math.isfinite(train_loss):
                 # Every rank sees the same averaged loss, so all stop together.
