@@ -433,3 +433,28 @@ def test_cuda_tensors_average_in_a_world_of_one():
         x, y = batch(0, 0)
         loss_step(model, opt, x.cuda(), y.cuda())
     assert next(model.parameters()).is_cuda
+
+
+@pytest.mark.parametrize(
+    "algo",
+    [A.SlowMo(period=4, momentum=0.5), A.DiLoCo(period=4), A.LocalSGD(period=4), A.SMA(alpha=0.5)],
+    ids=lambda a: a.name,
+)
+def test_consensus_is_what_exit_leaves_and_changes_nothing(algo):
+    def run(peek: bool) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        model = make_model()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        seen: list[torch.Tensor] = []
+        with localsgd.DataParallel(model, opt, algo) as dp:
+            for step in range(6):
+                loss_step(model, opt, *batch(0, step))
+                if peek:
+                    with dp.consensus():
+                        seen = [p.detach().clone() for p in model.parameters()]
+        return seen, [p.detach().clone() for p in model.parameters()]
+
+    seen, final = run(peek=True)
+    _, undisturbed = run(peek=False)
+    for a, b, c in zip(seen, final, undisturbed):
+        assert torch.equal(a, b)  # evaluated model == the model left on exit
+        assert torch.equal(b, c)  # peeking did not change the trajectory

@@ -80,6 +80,8 @@ class HierarchicalSync:
         )
 
     def finalize(self) -> None:
+        if self.last_global != self.step:
+            self.global_syncs += 1  # the exit averaging is a global sync
         self.write_consensus(record=True)
         self.last_global = self.step
 

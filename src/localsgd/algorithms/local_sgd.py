@@ -53,7 +53,7 @@ class LocalSGD(AlgorithmConfig):
 class AfterAverage(Protocol):
     """Work done right after the replicas were averaged (SlowMo's and DiLoCo's outer step)."""
 
-    def apply(self) -> None: ...
+    def apply(self, *, commit: bool = True) -> None: ...
 
     def state_dict(self) -> dict[str, Any]: ...
 
@@ -96,7 +96,11 @@ class LocalSGDSync:
         self.buffers_in_sync = self.averager.average_buffers
 
     def write_consensus(self, *, record: bool) -> None:
+        # The model a sync now would produce (without its outer-optimizer state changes),
+        # which is also what finalize() leaves on exit.
         average_model(self.ctx, params=self.since_sync > 0, buffers=not self.buffers_in_sync, record=record)
+        if self.outer is not None and self.since_sync > 0:
+            self.outer.apply(commit=False)
 
     def finalize(self) -> None:
         if self.since_sync > 0:

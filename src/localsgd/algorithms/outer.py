@@ -61,11 +61,14 @@ class OuterMomentum:
         return groups
 
     @torch.no_grad()
-    def apply(self) -> None:
+    def apply(self, *, commit: bool = True) -> None:
+        """The outer step from the averaged parameters in place. ``commit=False`` writes the
+        resulting model into the parameters but leaves x_0 and u untouched (to evaluate
+        the model a sync would produce now)."""
         params = self.ctx.params
         for s, idx in self._scales().items():
-            x0 = [self.anchor[i] for i in idx]
-            u = [self.buffer[i] for i in idx]
+            x0 = [self.anchor[i] if commit else self.anchor[i].clone() for i in idx]
+            u = [self.buffer[i] if commit else self.buffer[i].clone() for i in idx]
             g = list(torch._foreach_sub(x0, [params[i] for i in idx]))
             if s != 1.0:
                 torch._foreach_div_(g, s)
