@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from localsgd.studies.grid import Study
-from localsgd.studies.store import FINISHED, Store, write_json_atomic
+from localsgd.studies.store import FINISHED, Store
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +38,7 @@ def run_study(
     store = Store(out)
     if study_file is not None:
         shutil.copyfile(study_file, out / "study.toml")
-    write_json_atomic(
-        out / "plan.json",
+    store.write_plan(
         {
             "study": study.section.name,
             "description": study.section.description,

@@ -49,6 +49,7 @@ def write_json_atomic(path: Path, data: Any) -> None:
     """Write ``data`` as JSON to ``path`` through a temporary file and a rename."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o644)  # mkstemp's 0600 would hide results from other readers
         with os.fdopen(fd, "w") as f:
             json.dump(data, f, indent=2, sort_keys=True, default=str)
             f.flush()
@@ -169,6 +170,15 @@ class Store:
                 (status, time.time(), info.get("error"), run_id),
             )
         return str(status)
+
+    def write_plan(self, plan: Mapping[str, Any]) -> None:
+        """Record what a study intends to run (``plan.json``), for reports."""
+        write_json_atomic(self.root / "plan.json", dict(plan))
+
+    def plan(self) -> dict[str, Any] | None:
+        """The study's plan, if one was recorded."""
+        path = self.root / "plan.json"
+        return json.loads(path.read_text()) if path.exists() else None
 
     def records(self, *, statuses: tuple[str, ...] = FINISHED) -> list[RunRecord]:
         """Finished runs (by default), in the order they were first started."""

@@ -257,4 +257,5 @@ def _train(
         steps_per_epoch=steps_per_epoch,
         total_steps=total_steps,
         global_batch=global_batch,
+        algorithm=algorithm.to_dict(),
     )

@@ -1,0 +1,269 @@
+"""``make_report``: a store in, tables, plots, report.md, report.html and results.xlsx out."""
+
+from __future__ import annotations
+
+import datetime
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from localsgd.report import plots
+from localsgd.report.render import (
+    Block,
+    Bullets,
+    Heading,
+    Image,
+    Paragraph,
+    Table,
+    fmt,
+    fmt_bytes,
+    fmt_pm,
+    frame_rows,
+    short_error,
+    to_html,
+    to_markdown,
+    write_atomic,
+    write_xlsx,
+)
+from localsgd.report.tables import (
+    Study,
+    baseline_table,
+    curves,
+    load,
+    natural_key,
+    status_table,
+    summary_table,
+)
+
+log = logging.getLogger(__name__)
+
+TITLE = "localsgd study report"
+
+# (file stem, caption) in the order they appear in the report.
+PLOTS = {
+    "accuracy_vs_speedup": "Final test accuracy against speedup over one worker (mean ± std over seeds)",
+    "accuracy_vs_epochs": "Test accuracy against epochs (mean over seeds)",
+    "accuracy_vs_wall_time": "Test accuracy against training wall time (mean over seeds)",
+    "train_loss_vs_epochs": "Train loss against epochs (mean over seeds)",
+    "accuracy_vs_bytes": "Final test accuracy against communication volume (mean ± std over seeds)",
+    "accuracy_vs_period_workers": "Final test accuracy against H·K (mean ± std over seeds)",
+}
+
+
+def make_report(store_dir: str | Path, out_dir: str | Path | None = None) -> dict[str, Path]:
+    """Write the report of the store at ``store_dir`` into ``out_dir`` (default
+    ``STORE/report``) and return the paths written, by kind.
+
+    Reads only the store. Each file is written to a temporary name and renamed into place;
+    the PNGs and the workbook come before the documents that refer to them. ``ValueError``
+    when ``store_dir`` is not a store or has no finished run.
+    """
+    study = load(store_dir)
+    out = Path(out_dir) if out_dir is not None else study.root / "report"
+    out.mkdir(parents=True, exist_ok=True)
+
+    summary = summary_table(study)
+    status = status_table(study)
+    baseline = baseline_table(study)
+    curve_frame = curves(study)
+    look = plots.styles(summary)
+
+    figures: dict[str, Callable[[], bytes]] = {
+        "accuracy_vs_speedup": lambda: plots.accuracy_vs_speedup(summary, look),
+        "accuracy_vs_epochs": lambda: plots.accuracy_vs_epochs(curve_frame, look),
+        "accuracy_vs_wall_time": lambda: plots.accuracy_vs_wall_time(curve_frame, look),
+        "train_loss_vs_epochs": lambda: plots.train_loss_vs_epochs(curve_frame, look),
+        "accuracy_vs_bytes": lambda: plots.accuracy_vs_bytes(summary, look),
+        "accuracy_vs_period_workers": lambda: plots.accuracy_vs_period_workers(summary, look),
+    }
+    paths: dict[str, Path] = {}
+    images: dict[str, bytes] = {}
+    for stem, draw in figures.items():
+        png = draw()
+        images[f"{stem}.png"] = png
+        paths[stem] = write_atomic(out / f"{stem}.png", png)
+
+    paths["xlsx"] = write_xlsx(
+        out / "results.xlsx",
+        {
+            "summary": summary,
+            "status": status,
+            "baseline": baseline,
+            "runs": study.runs,
+            "metrics": _metrics_sheet(study),
+        },
+    )
+    blocks = _document(study, summary, status, baseline)
+    paths["markdown"] = write_atomic(out / "report.md", to_markdown(blocks))
+    paths["html"] = write_atomic(out / "report.html", to_html(blocks, TITLE, images))
+    log.info("report of %s written to %s", study.root, out)
+    return paths
+
+
+def _metrics_sheet(study: Study) -> pd.DataFrame:
+    """Every evaluation row with its run's identity in front (``lr`` is the scheduled rate)."""
+    ident = study.runs[["run_id", "status", "workload", "variant", "workers", "batch_size", "seed"]]
+    metrics = study.metrics.merge(ident, on="run_id", how="left")
+    front = list(ident.columns)
+    return metrics[front + [c for c in metrics.columns if c not in front]]
+
+
+def _document(
+    study: Study, summary: pd.DataFrame, status: pd.DataFrame, baseline: pd.DataFrame
+) -> list[Block]:
+    runs = study.runs
+    counts = runs["status"].value_counts()
+    workloads = sorted(runs["workload"].unique(), key=natural_key)
+    seeds = sorted(runs["seed"].dropna().unique())
+    fixed = sorted({str(v) for v in runs.get("config.fixed", pd.Series(dtype=object)).dropna()})
+    fixed_text = {"worker_batch": "the per-worker batch B", "global_batch": "the global batch K·B"}
+    generated = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+    plan = study.plan
+    intro = []
+    if plan.get("study"):
+        intro.append(
+            f"Study `{plan['study']}`" + (f": {plan['description']}" if plan.get("description") else ".")
+        )
+    intro.append(f"Store `{study.root}`, generated {generated}.")
+    planned = plan.get("runs")
+    pending = []
+    if isinstance(planned, list):
+        done = set(runs["run_id"])
+        missing = sum(1 for r in planned if isinstance(r, dict) and r.get("run_id") not in done)
+        if missing:
+            pending.append(f"{missing} of the {len(planned)} planned runs have not finished yet.")
+
+    blocks: list[Block] = [
+        Heading(1, TITLE),
+        Paragraph(" ".join(intro)),
+        Bullets(
+            [
+                f"Workload{'s' if len(workloads) > 1 else ''}: {', '.join(workloads)}.",
+                f"{len(runs)} finished runs: "
+                + ", ".join(f"{int(counts.get(s, 0))} {s}" for s in ("completed", "failed", "diverged"))
+                + f", in {status.shape[0]} configurations "
+                f"({runs['variant'].nunique()} variants, K ∈ "
+                f"{{{', '.join(str(k) for k in sorted(runs['workers'].unique()))}}}).",
+                *pending,
+                f"Seeds: {', '.join(str(s) for s in seeds)}.",
+                *(
+                    [f"Held fixed when K varies: {', '.join(fixed_text.get(f, f) for f in fixed)}."]
+                    if fixed
+                    else []
+                ),
+                *_baseline_lines(baseline),
+                "Tables show mean ± std over seeds (std with ddof=1, blank for one seed) of the "
+                "completed runs only; failed and diverged runs are listed in the status table. "
+                "Final = the last evaluation; wall time is training time without evaluation.",
+            ]
+        ),
+        Heading(2, "Accuracy against speedup"),
+        Image("accuracy_vs_speedup.png", PLOTS["accuracy_vs_speedup"]),
+        Heading(2, "Summary"),
+        _summary_display(study, summary),
+        Heading(2, "Training curves"),
+        Image("accuracy_vs_epochs.png", PLOTS["accuracy_vs_epochs"]),
+        Image("accuracy_vs_wall_time.png", PLOTS["accuracy_vs_wall_time"]),
+        Image("train_loss_vs_epochs.png", PLOTS["train_loss_vs_epochs"]),
+        Heading(2, "Communication"),
+        Image("accuracy_vs_bytes.png", PLOTS["accuracy_vs_bytes"]),
+        Paragraph(
+            "H·K: H is the period (local steps between averagings) of local SGD, post-local SGD "
+            "(after its switch), hierarchical local SGD (H: local steps between block averagings), SlowMo and DiLoCo; "
+            "mini-batch SGD and gradient accumulation count as H = 1; SMA has no period and is "
+            "left out."
+        ),
+        Image("accuracy_vs_period_workers.png", PLOTS["accuracy_vs_period_workers"]),
+        Heading(2, "Run status"),
+        _status_display(study, status),
+        Paragraph(
+            "Every run's config, final metrics and evaluation rows are in `results.xlsx` "
+            "(sheets summary, status, baseline, runs, metrics)."
+        ),
+    ]
+    return blocks
+
+
+def _baseline_lines(baseline: pd.DataFrame) -> list[str]:
+    lines = []
+    for row in baseline.to_dict("records"):
+        where = str(row["workload"]) + (f" [{row['setting']}]" if row.get("setting") else "")
+        if row["runs"]:
+            lines.append(
+                f"Speedup baseline for {where}: the {row['runs']} completed K=1 run(s) "
+                f"({row['variants']}; seeds {row['seeds']}), mean wall time "
+                f"{fmt_pm(row['wall_seconds_mean'], row['wall_seconds_std'], '.1f')} s. "
+                "Speedup = that mean / a configuration's mean wall time."
+            )
+        else:
+            lines.append(f"Speedup baseline for {where}: none (no completed K=1 run); speedup is blank.")
+    return lines
+
+
+def _key_columns(study: Study) -> list[tuple[str, Callable[[Any], str]]]:
+    runs = study.runs
+    columns: list[tuple[str, Callable[[Any], str]]] = []
+    if runs["workload"].nunique() > 1:
+        columns.append(("workload", lambda r: str(r.workload)))
+    columns += [
+        ("variant", lambda r: str(r.variant)),
+        ("K", lambda r: str(r.workers)),
+        ("B", lambda r: str(r.batch_size)),
+        ("lr", lambda r: fmt(r.lr, "g")),
+    ]
+    if "setting" in study.group_keys:
+        columns.append(("setting", lambda r: str(r.setting)))
+    return columns
+
+
+def _summary_display(study: Study, summary: pd.DataFrame) -> Table:
+    if summary.empty:
+        return Table(["note"], [["no completed run: nothing to average"]])
+    return frame_rows(
+        summary,
+        [
+            *_key_columns(study),
+            ("seeds", lambda r: str(r.n_seeds)),
+            (
+                "final test acc (%)",
+                lambda r: fmt_pm(r.final_test_accuracy_mean, r.final_test_accuracy_std, ".2f", 100),
+            ),
+            (
+                "best test acc (%)",
+                lambda r: fmt_pm(r.best_test_accuracy_mean, r.best_test_accuracy_std, ".2f", 100),
+            ),
+            ("final train loss", lambda r: fmt_pm(r.final_train_loss_mean, r.final_train_loss_std, ".4f")),
+            ("wall time (s)", lambda r: fmt_pm(r.wall_seconds_mean, r.wall_seconds_std, ".1f")),
+            ("speedup (×)", lambda r: fmt(r.speedup, ".2f")),
+            ("payload/worker", lambda r: fmt_bytes(r.bytes_mean)),
+            ("syncs", lambda r: fmt(r.syncs_mean, ".6g")),
+            ("samples/s", lambda r: fmt_pm(r.samples_per_second_mean, r.samples_per_second_std, ".0f")),
+        ],
+    )
+
+
+def _status_display(study: Study, status: pd.DataFrame) -> Table:
+    runs = study.runs
+
+    def errors(row: Any) -> str:
+        same = (runs["workload"] == row.workload) & (runs["group"] == row.group)
+        bad = runs[same & (runs["status"] != "completed")]
+        return "\n".join(
+            f"seed {r.seed} ({r.status}): {short_error(str(r.error or 'no error recorded'))}"
+            for r in bad.itertuples(index=False)
+        )
+
+    return frame_rows(
+        status,
+        [
+            *_key_columns(study),
+            ("completed", lambda r: str(r.completed)),
+            ("failed", lambda r: str(r.failed)),
+            ("diverged", lambda r: str(r.diverged)),
+            ("errors (last line)", errors),
+        ],
+    )

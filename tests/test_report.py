@@ -1,0 +1,336 @@
+"""The report: a hand-built store of synthetic runs in, tables checked against the raw rows."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+import statistics
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from localsgd.report import make_report, variant_label
+from localsgd.studies.schema import RunConfig
+from localsgd.studies.store import Store, write_json_atomic
+
+pd = pytest.importorskip("pandas")
+openpyxl = pytest.importorskip("openpyxl")
+
+PLOTS = (
+    "accuracy_vs_speedup",
+    "accuracy_vs_epochs",
+    "accuracy_vs_wall_time",
+    "train_loss_vs_epochs",
+    "accuracy_vs_bytes",
+    "accuracy_vs_period_workers",
+)
+STEPS = (0, 50, 100, 150, 200)
+BATCH = 64
+
+# (algorithm table, workers, seed, status, wall seconds at the end, final accuracy)
+RUNS: list[tuple[dict[str, Any], int, int, str, float, float]] = [
+    ({"name": "minibatch_sgd"}, 1, 0, "completed", 100.0, 0.900),
+    ({"name": "minibatch_sgd"}, 1, 1, "completed", 104.0, 0.910),
+    ({"name": "minibatch_sgd"}, 1, 2, "completed", 99.0, 0.905),
+    ({"name": "local_sgd", "period": 4}, 2, 0, "completed", 55.0, 0.880),
+    ({"name": "local_sgd", "period": 4}, 2, 1, "completed", 57.5, 0.895),
+    ({"name": "local_sgd", "period": 4}, 2, 2, "completed", 53.0, 0.870),
+    ({"name": "local_sgd", "period": 4}, 2, 3, "diverged", 20.0, 0.100),
+    ({"name": "slowmo", "period": 8}, 2, 0, "completed", 51.0, 0.885),
+    ({"name": "slowmo", "period": 8}, 2, 1, "completed", 52.0, 0.875),
+    ({"name": "slowmo", "period": 8}, 2, 2, "failed", 0.0, 0.0),
+]
+FAILURE = 'Traceback (most recent call last):\n  File "x.py", line 1\nRuntimeError: worker 1 lost'
+
+
+def _rows(
+    algorithm: dict[str, Any], workers: int, seed: int, status: str, wall: float, acc: float
+) -> list[dict[str, Any]]:
+    if status == "failed":
+        return []
+    period = int(algorithm.get("period", 1))
+    rows = []
+    for i, step in enumerate(STEPS):
+        frac = step / STEPS[-1]
+        syncs = step // period if workers > 1 else 0
+        rows.append(
+            {
+                "step": step,
+                "epoch": step / 50,
+                "samples": step * BATCH * workers,
+                "wall_seconds": wall * frac,
+                "lr": 0.1,
+                "train_loss": 2.3 * (1 - 0.8 * frac) + 0.01 * seed if i else 2.3,
+                "test_loss": 2.3 * (1 - 0.7 * frac),
+                "test_accuracy": 0.1 + (acc - 0.1) * frac**0.5,
+                "bytes": syncs * 4 * 1000,
+                "syncs": syncs,
+                "collectives": syncs,
+                "comm_seconds": 0.001 * syncs,
+            }
+        )
+    if status == "diverged":
+        rows[-1]["train_loss"] = math.inf
+        rows[-2]["train_loss"] = math.nan
+    return rows
+
+
+def _config(algorithm: dict[str, Any], workers: int, seed: int) -> dict[str, Any]:
+    config = RunConfig(name=f"{algorithm['name']}-k{workers}-s{seed}", workers=workers, seed=seed).to_dict()
+    config["algorithm"] = dict(algorithm)
+    config["data"]["batch_size"] = BATCH
+    return config
+
+
+def build_store(root: Path) -> Store:
+    store = Store(root)
+    for algorithm, workers, seed, status, wall, acc in RUNS:
+        config = _config(algorithm, workers, seed)
+        run_id = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
+        partial = store.begin(run_id, config["name"], config)
+        rows = _rows(algorithm, workers, seed, status, wall, acc)
+        with (partial / "metrics.jsonl").open("w") as f:
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
+        if status == "failed":
+            store.finish(run_id, error=FAILURE)
+            continue
+        last = rows[-1]
+        error = "train loss is inf at step 200" if status == "diverged" else None
+        write_json_atomic(
+            partial / "status.json",
+            {
+                "status": status,
+                "error": error,
+                "steps": last["step"],
+                "epochs": last["epoch"],
+                "wall_seconds": last["wall_seconds"],
+                "samples": last["samples"],
+                "samples_per_second": last["samples"] / last["wall_seconds"],
+                "best_test_accuracy": max(r["test_accuracy"] for r in rows),
+                "final": last,
+                "stats": {},
+            },
+        )
+        assert store.finish(run_id) == status
+    return store
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Path]]:
+    root = tmp_path_factory.mktemp("study")
+    build_store(root)
+    return root, make_report(root)
+
+
+def _raw_final(store_root: Path) -> dict[str, list[dict[str, Any]]]:
+    """Completed runs' last metric rows by variant label, straight from the JSONL files."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for run in sorted((store_root / "runs").iterdir()):
+        status = json.loads((run / "status.json").read_text())["status"]
+        if status != "completed":
+            continue
+        config = json.loads((run / "config.json").read_text())
+        lines = (run / "metrics.jsonl").read_text().splitlines()
+        last = json.loads(lines[-1])
+        out.setdefault(f"{variant_label(config)} K={config['workers']}", []).append(last)
+    return out
+
+
+def _sheet(paths: dict[str, Path], name: str) -> Any:
+    return pd.read_excel(paths["xlsx"], sheet_name=name)
+
+
+def test_every_file_is_written_and_nonempty(report: tuple[Path, dict[str, Path]]) -> None:
+    root, paths = report
+    out = root / "report"
+    assert set(paths) == {"markdown", "html", "xlsx", *PLOTS}
+    for kind, path in paths.items():
+        assert path.parent == out, (kind, path)
+        assert path.is_file() and path.stat().st_size > 0, kind
+    for stem in PLOTS:
+        assert paths[stem].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")], "temporary files left behind"
+
+
+def test_markdown_links_every_plot_and_names_the_baseline(report: tuple[Path, dict[str, Path]]) -> None:
+    _, paths = report
+    text = paths["markdown"].read_text()
+    for stem in PLOTS:
+        assert f"]({stem}.png)" in text
+    assert "mnist1d_cnn" in text
+    assert "the 3 completed K=1 run(s) (minibatch_sgd; seeds 0, 1, 2)" in text
+    assert "10 finished runs: 8 completed, 1 failed, 1 diverged" in text
+    assert "| local_sgd H=4 | 2 |" in text
+
+
+def test_html_is_self_contained(report: tuple[Path, dict[str, Path]]) -> None:
+    _, paths = report
+    text = paths["html"].read_text()
+    assert text.count("data:image/png;base64,") == len(PLOTS)
+    sources = re.findall(r"""(?:src|href)\s*=\s*["']?([^"'\s>]+)""", text, flags=re.IGNORECASE)
+    assert sources and all(s.startswith("data:") for s in sources), sources
+    assert "<link" not in text and "<script" not in text and "@import" not in text
+    assert "<table>" in text and "slowmo H=8 β=0.5 α=1" in text
+
+
+def test_workbook_sheets(report: tuple[Path, dict[str, Path]]) -> None:
+    _, paths = report
+    book = openpyxl.load_workbook(paths["xlsx"], read_only=True)
+    assert book.sheetnames == ["summary", "status", "baseline", "runs", "metrics"]
+    runs = _sheet(paths, "runs")
+    assert len(runs) == len(RUNS)
+    assert {"run_id", "status", "config.workers", "config.algorithm.name", "final_test_accuracy"} <= set(
+        runs.columns
+    )
+    metrics = _sheet(paths, "metrics")
+    assert len(metrics) == len(STEPS) * sum(1 for r in RUNS if r[3] != "failed")
+    assert set(metrics["run_id"]) <= set(runs["run_id"])
+
+
+def test_summary_matches_the_raw_rows(report: tuple[Path, dict[str, Path]]) -> None:
+    root, paths = report
+    raw = _raw_final(root)
+    summary = _sheet(paths, "summary")
+    base_wall = statistics.mean(r["wall_seconds"] for r in raw["minibatch_sgd K=1"])
+    assert len(summary) == len(raw) == 3
+    for row in summary.itertuples(index=False):
+        finals = raw[f"{row.variant} K={row.workers}"]
+        accs = [r["test_accuracy"] for r in finals]
+        walls = [r["wall_seconds"] for r in finals]
+        assert row.n_seeds == len(finals)
+        assert row.final_test_accuracy_mean == pytest.approx(statistics.mean(accs), abs=1e-9)
+        assert row.final_test_accuracy_std == pytest.approx(statistics.stdev(accs), abs=1e-9)
+        assert row.wall_seconds_mean == pytest.approx(statistics.mean(walls), abs=1e-9)
+        assert row.speedup == pytest.approx(base_wall / statistics.mean(walls), abs=1e-9)
+        assert row.bytes_mean == pytest.approx(statistics.mean(r["bytes"] for r in finals), abs=1e-9)
+    by_variant = summary.set_index("variant")
+    assert by_variant.loc["minibatch_sgd", "speedup"] == pytest.approx(1.0, abs=1e-12)
+    # The diverged seed 3 (final accuracy 0.1) and the failed seed 2 are not in the means.
+    assert by_variant.loc["local_sgd H=4", "n_seeds"] == 3
+    assert by_variant.loc["local_sgd H=4", "seeds"] == "0, 1, 2"
+    assert by_variant.loc["slowmo H=8 β=0.5 α=1", "n_seeds"] == 2
+
+
+def test_status_table_counts_failed_and_diverged(report: tuple[Path, dict[str, Path]]) -> None:
+    _, paths = report
+    status = _sheet(paths, "status").set_index("variant")
+    assert status.loc["minibatch_sgd", ["completed", "failed", "diverged"]].tolist() == [3, 0, 0]
+    assert status.loc["local_sgd H=4", ["completed", "failed", "diverged"]].tolist() == [3, 0, 1]
+    assert status.loc["slowmo H=8 β=0.5 α=1", ["completed", "failed", "diverged"]].tolist() == [2, 1, 0]
+    assert "RuntimeError: worker 1 lost" in status.loc["slowmo H=8 β=0.5 α=1", "errors"]
+    assert "train loss is inf" in status.loc["local_sgd H=4", "errors"]
+    text = paths["markdown"].read_text()
+    assert "seed 2 (failed): RuntimeError: worker 1 lost" in text
+
+
+def test_one_seed_has_blank_std_and_out_dir_is_honoured(tmp_path: Path) -> None:
+    store = Store(tmp_path / "store")
+    config = _config({"name": "local_sgd", "period": 2}, 1, 0)
+    partial = store.begin("only", "only", config)
+    rows = _rows(config["algorithm"], 1, 0, "completed", 10.0, 0.5)
+    (partial / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_json_atomic(partial / "status.json", {"status": "completed", "error": None})
+    store.finish("only")
+    paths = make_report(tmp_path / "store", tmp_path / "elsewhere")
+    assert paths["html"] == tmp_path / "elsewhere" / "report.html"
+    summary = _sheet(paths, "summary")
+    assert summary.loc[0, "n_seeds"] == 1
+    assert math.isnan(summary.loc[0, "final_test_accuracy_std"])
+    assert summary.loc[0, "final_test_accuracy_mean"] == pytest.approx(0.5, abs=1e-12)
+    assert summary.loc[0, "speedup"] == pytest.approx(1.0)
+
+
+def test_empty_store_and_non_store_raise(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="not a localsgd store"):
+        make_report(tmp_path / "nothing")
+    store = Store(tmp_path / "empty")
+    with pytest.raises(ValueError, match="no finished runs"):
+        make_report(tmp_path / "empty")
+    store.begin("running", "running", _config({"name": "minibatch_sgd"}, 1, 0))
+    with pytest.raises(ValueError, match="no finished runs"):
+        make_report(tmp_path / "empty")
+
+
+@pytest.mark.parametrize(
+    ("algorithm", "label"),
+    [
+        ({"name": "minibatch_sgd"}, "minibatch_sgd"),
+        ({"name": "local_sgd", "period": 4}, "local_sgd H=4"),
+        ({"name": "local_sgd"}, "local_sgd H=8"),
+        ({"name": "post_local_sgd", "switch_step": 200, "period": 16}, "post_local_sgd t'=200 H=16"),
+        ({"name": "post_local_sgd", "switch_epoch": 2.5}, "post_local_sgd t'=2.5ep H=8"),
+        (
+            {"name": "hierarchical_local_sgd", "period": 2, "block_period": 4, "block_size": 2},
+            "hierarchical_local_sgd H=2 Hb=4 G=2",
+        ),
+        ({"name": "slowmo", "period": 8, "momentum": 0.5, "lr": 1.0}, "slowmo H=8 β=0.5 α=1"),
+        ({"name": "diloco", "period": 8}, "diloco H=8 η=0.7 μ=0.9"),
+        ({"name": "sma"}, "sma α=1/K μ=0.9"),
+        ({"name": "sma", "alpha": 0.25}, "sma α=0.25 μ=0.9"),
+        ({"name": "gradient_accumulation", "steps": 4}, "gradient_accumulation k=4"),
+        (
+            {"name": "local_sgd", "period": 4, "optimizer_state": "average"},
+            "local_sgd H=4 optimizer_state=average",
+        ),
+    ],
+)
+def test_variant_label(algorithm: dict[str, Any], label: str) -> None:
+    assert variant_label({"algorithm": algorithm}) == label
+
+
+def _add_run(store: Store, config: dict[str, Any], status: str, wall: float, acc: float) -> None:
+    run_id = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
+    partial = store.begin(run_id, config["name"], config)
+    rows = _rows(config["algorithm"], config["workers"], config["seed"], status, wall, acc)
+    (partial / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    if status == "failed":
+        store.finish(run_id, error=FAILURE)
+        return
+    write_json_atomic(partial / "status.json", {"status": status, "error": None})
+    store.finish(run_id)
+
+
+def test_only_failed_runs_still_report(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    for seed in (0, 1):
+        _add_run(store, _config({"name": "local_sgd"}, 2, seed), "failed", 0.0, 0.0)
+    paths = make_report(tmp_path)
+    assert all(p.stat().st_size > 0 for p in paths.values())
+    assert _sheet(paths, "summary").empty
+    status = _sheet(paths, "status")
+    assert status.loc[0, ["completed", "failed", "diverged"]].tolist() == [0, 2, 0]
+    assert "no completed run" in paths["markdown"].read_text()
+
+
+def test_other_varying_keys_split_groups_and_workloads_have_their_own_baseline(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    for epochs, wall in ((2.0, 50.0), (4.0, 100.0)):
+        for seed in (0, 1):
+            config = _config({"name": "local_sgd", "period": 4}, 2, seed)
+            config["train"]["epochs"] = epochs
+            config["name"] = f"e{epochs}-s{seed}"
+            _add_run(store, config, "completed", wall + seed, 0.8 + 0.01 * seed)
+    baseline = _config({"name": "minibatch_sgd"}, 1, 0)
+    baseline["train"]["epochs"] = 4.0
+    _add_run(store, baseline, "completed", 150.0, 0.85)
+    other = _config({"name": "minibatch_sgd"}, 2, 0)
+    other["workload"] = "mnist1d_mlp"
+    _add_run(store, other, "completed", 10.0, 0.7)
+    paths = make_report(tmp_path)
+    summary = _sheet(paths, "summary")
+    assert "setting" in summary.columns
+    cnn = summary[(summary["workload"] == "mnist1d_cnn") & (summary["workers"] == 2)].set_index("setting")
+    assert cnn.loc["train.epochs=2.0", "n_seeds"] == 2
+    assert cnn.loc["train.epochs=4.0", "n_seeds"] == 2
+    # The baseline is the K=1 run with the same other settings: the 4-epoch one.
+    assert cnn.loc["train.epochs=4.0", "speedup"] == pytest.approx(150.0 / 100.5, abs=1e-9)
+    assert math.isnan(cnn.loc["train.epochs=2.0", "speedup"])
+    mlp = summary[summary["workload"] == "mnist1d_mlp"]
+    assert len(mlp) == 1 and math.isnan(mlp["speedup"].iloc[0])  # no K=1 run of that workload
+    text = paths["markdown"].read_text()
+    assert "Speedup baseline for mnist1d_cnn [train.epochs=2.0]: none" in text
+    assert "Speedup baseline for mnist1d_cnn [train.epochs=4.0]: the 1 completed K=1 run(s)" in text
