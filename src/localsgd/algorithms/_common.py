@@ -49,10 +49,9 @@ class ModelAverager:
 
     def __call__(self, scope: Scope = WORLD) -> None:
         ctx = self.ctx
-        tensors = list(ctx.params)
-        if self.average_buffers:
-            tensors += ctx.buffers
+        tensors = ctx.model_tensors(params=True, buffers=self.average_buffers)
         if self.optimizer_state == "average":
+            tensors = list(tensors)
             tensors += optimizer_state_tensors(ctx)
         ctx.comm.average(tensors, scope)
         if self.optimizer_state == "reset":
@@ -78,8 +77,8 @@ class ParametersAlwaysInSync:
 
 def average_model(ctx: SyncContext, *, params: bool, buffers: bool, record: bool) -> None:
     """Average parameters and/or buffers over the world: the consensus of plain averaging."""
-    tensors = (list(ctx.params) if params else []) + (list(ctx.buffers) if buffers else [])
-    ctx.comm.average(tensors, WORLD, record=record)
+    if params or buffers:
+        ctx.comm.average(ctx.model_tensors(params=params, buffers=buffers), WORLD, record=record)
 
 
 def clone_all(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:

@@ -17,12 +17,13 @@ import dataclasses
 import types
 import typing
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol, TypeVar
 
 import torch
 
 from localsgd.comm.base import Communicator
+from localsgd.comm.flat import Spans
 
 OPTIMIZER_STATE_CHOICES = ("local", "average", "reset")
 
@@ -39,6 +40,16 @@ class SyncContext:
     params: list[torch.Tensor]
     buffers: list[torch.Tensor]
     optimizer: torch.optim.Optimizer
+    _spans: dict[tuple[bool, bool], Spans] = field(default_factory=dict, init=False, repr=False)
+
+    def model_tensors(self, *, params: bool = True, buffers: bool = False) -> list[torch.Tensor]:
+        """Parameters and/or buffers to hand to the communicator: one flat span per dtype
+        when they lie back to back (as ``DataParallel`` lays them out), else the tensors."""
+        key = (params, buffers)
+        if key not in self._spans:
+            chosen = (self.params if params else []) + (self.buffers if buffers else [])
+            self._spans[key] = Spans(chosen)
+        return self._spans[key].get()
 
 
 class Synchronizer(Protocol):

@@ -76,3 +76,29 @@ def flatten_into_views(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
             offset += n
         flats.append(flat)
     return flats
+
+
+class Spans:
+    """The flat spans covering a fixed list of tensors, re-derived only when one moved.
+
+    Finding the spans walks every tensor's storage in Python; a sync of a model with many
+    small tensors would pay that every time. Checking that no tensor moved (its data
+    pointer is unchanged) is a third of that cost and keeps a re-homed tensor safe.
+    """
+
+    def __init__(self, tensors: Sequence[torch.Tensor]) -> None:
+        self.tensors = list(tensors)
+        self._ptrs: list[int] | None = None
+        self._spans: list[torch.Tensor] = []
+
+    def get(self) -> list[torch.Tensor]:
+        ptrs = [t.data_ptr() for t in self.tensors]
+        if ptrs != self._ptrs:
+            spans = (
+                [contiguous_span(g) for g in group_by_dtype(self.tensors).values()] if self.tensors else []
+            )
+            self._spans = (
+                [s for s in spans if s is not None] if all(s is not None for s in spans) else self.tensors
+            )
+            self._ptrs = ptrs
+        return self._spans

@@ -35,6 +35,8 @@ class ProcessGroupCommunicator:
         self._world_size = dist.get_world_size(group)
         self._blocks: dict[int, Any] = {}
         self._stats = CommStats()
+        # NCCL averages inside the collective, saving a pass over the buffer.
+        self._avg = dist.get_backend(group) == "nccl"
 
     @property
     def rank(self) -> int:
@@ -85,9 +87,12 @@ class ProcessGroupCommunicator:
             return
 
         def all_reduce_mean(flat: torch.Tensor) -> None:
-            dist.all_reduce(flat, group=group)
-            # SUM then scale: gloo has no AVG. Identical bits on every rank either way.
-            flat.mul_(1.0 / size)
+            if self._avg:
+                dist.all_reduce(flat, op=dist.ReduceOp.AVG, group=group)
+            else:
+                # SUM then scale: gloo has no AVG. Identical bits on every rank either way.
+                dist.all_reduce(flat, group=group)
+                flat.mul_(1.0 / size)
 
         self._per_dtype(tensors, all_reduce_mean, scope.label(), record)
 
