@@ -48,10 +48,10 @@ def _entry(fn: Callable[..., Any], rank: int, world_size: int, port: int, out: s
         payload: dict[str, Any] = {"ok": True, "result": result}
     except BaseException:
         payload = {"ok": False, "error": traceback.format_exc()}
-    finally:
-        localsgd.destroy_distributed()
+    # The result is saved before tearing down, so a crash in gloo's teardown loses nothing.
     with open(out, "wb") as f:
         pickle.dump(payload, f)
+    localsgd.destroy_distributed()
 
 
 def run_world(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 180.0) -> list[Any]:

@@ -17,10 +17,11 @@ _LAZY = {
     "DistInfo": ("localsgd.distributed", "DistInfo"),
     "algorithms": ("localsgd.algorithms", None),
     "comm": ("localsgd.comm", None),
+    "workloads": ("localsgd.workloads", None),
 }
 
 if TYPE_CHECKING:
-    from localsgd import algorithms, comm
+    from localsgd import algorithms, comm, workloads
     from localsgd.data_parallel import DataParallel
     from localsgd.distributed import DistInfo, destroy_distributed, init_distributed
 
@@ -31,6 +32,7 @@ __all__ = [
     "comm",
     "destroy_distributed",
     "init_distributed",
+    "workloads",
 ]
 
 

@@ -12,11 +12,6 @@ from typing import Any
 from localsgd.studies.store import Store, write_json_atomic
 
 
-def threads_per_worker(workers: int) -> int:
-    """Split this machine's cores between the workers so they don't oversubscribe it."""
-    return max(1, (os.cpu_count() or 1) // workers)
-
-
 def execute(config: Any, store: Store, *, timeout: float | None = None) -> str:
     """Run ``config`` to the end and record it in ``store``; returns the final status.
 
@@ -51,7 +46,7 @@ def execute(config: Any, store: Store, *, timeout: float | None = None) -> str:
         "--run-dir",
         str(folder),
     ]
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads_per_worker(config.workers)))
+    env = dict(os.environ, OMP_NUM_THREADS=str(config.threads))
     write_json_atomic(folder / "launch.json", {"command": command})
     log_path = folder / "workers.log"
     try:

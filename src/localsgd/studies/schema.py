@@ -20,15 +20,17 @@ SCHEDULES = ("constant", "step", "cosine", "half_cosine")
 class DataConfig:
     """``[data]``: how much data, where from, and the batch."""
 
-    num_samples: int = 20000
-    """MNIST-1D: samples generated (80 % train, 20 % test)."""
+    num_samples: int | None = None
+    """MNIST-1D: samples generated, 80 % train and 20 % test (default 20000); CIFAR-10:
+    the first N training images (default all). None keeps the workload's default."""
     path: str | None = None
     """Path of a data set read from disk (CIFAR-10: the python-version archive or folder)."""
     batch_size: int = 64
     """B: the batch each worker takes per step (the per-worker batch)."""
 
     def __post_init__(self) -> None:
-        check_int("data.num_samples", self.num_samples, 100)
+        if self.num_samples is not None:
+            check_int("data.num_samples", self.num_samples, 100)
         check_int("data.batch_size", self.batch_size, 1)
 
 
@@ -138,6 +140,9 @@ class RunConfig:
     """Model init (identical on every worker) and data order (shards per worker)."""
     device: str = "auto"
     """``auto`` (CUDA if available), ``cpu`` or ``cuda``."""
+    threads: int = 1
+    """Intra-op CPU threads per worker (``torch.set_num_threads``). One per worker keeps K
+    processes from oversubscribing the cores; small models gain nothing from more."""
     algorithm: dict[str, Any] = field(default_factory=_default_algorithm)
     """The algorithm table, as for ``localsgd.algorithms.build``; post-local SGD also takes
     ``switch_epoch`` (converted to ``switch_step`` from the steps per epoch)."""
@@ -154,6 +159,7 @@ class RunConfig:
         check_choice("engine", self.engine, ENGINES)
         check_int("seed", self.seed, 0)
         check_choice("device", self.device, ("auto", "cpu", "cuda"))
+        check_int("threads", self.threads, 1)
         check_choice("fixed", self.fixed, ("worker_batch", "global_batch"))
         self.algorithm_config(steps_per_epoch=1)  # validates the algorithm table
 

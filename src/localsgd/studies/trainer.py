@@ -103,6 +103,7 @@ def train(
     divergence is recorded as ``diverged`` and returned.
     """
     device = resolve_device(config.device, int(os.environ.get("LOCAL_RANK", "0")))
+    torch.set_num_threads(config.threads)
     writer = MetricsWriter(run_dir)
     if run_dir is not None:
         write_json_atomic(run_dir / "env.json", environment(world_size, backend, device))
@@ -155,9 +156,8 @@ def _train(
 
     if world_size != config.workers:
         raise ValueError(f"workers = {config.workers} but the process group has {world_size} ranks")
-    workload = workloads.build(
-        config.workload, num_samples=config.data.num_samples, data_path=config.data.path, seed=config.seed
-    )
+    options = {"num_samples": config.data.num_samples, "data_path": config.data.path}
+    workload = workloads.build(config.workload, **{k: v for k, v in options.items() if v is not None})
     batch = config.data.batch_size
     steps_per_epoch = workload.steps_per_epoch(world_size, batch)
     if steps_per_epoch < 1:

@@ -14,6 +14,7 @@ Random augmentation draws from a generator seeded from ``(s, e, r)``.
 
 from __future__ import annotations
 
+import copy
 import inspect
 import os
 from collections.abc import Callable, Iterator
@@ -44,6 +45,10 @@ class Workload(Protocol):
     num_classes: int
     config: dict[str, Any]
     """The resolved build options (with ``name``): what a run record stores."""
+    recipe: dict[str, Any]
+    """The single-worker training recipe this workload is known to work with (plain
+    values: ``epochs``, ``batch_size``, ``lr``, ``momentum``, ``nesterov``,
+    ``weight_decay``, ``lr_schedule``, ...); a starting point for studies, not a rule."""
 
     @property
     def train_size(self) -> int: ...
@@ -194,6 +199,7 @@ class TensorWorkload:
         y_test: torch.Tensor,
         model_factory: Callable[[], nn.Module],
         config: dict[str, Any],
+        recipe: dict[str, Any] | None = None,
         train_transform: TrainTransform | None = None,
         test_transform: TestTransform | None = None,
     ) -> None:
@@ -203,6 +209,7 @@ class TensorWorkload:
         self.name = name
         self.num_classes = num_classes
         self.config = {"name": name, **config}
+        self.recipe = copy.deepcopy(recipe or {})
         self._splits = {"cpu": (x_train, y_train, x_test, y_test)}
         self._model_factory = model_factory
         self._train_transform = train_transform

@@ -1,7 +1,7 @@
 """MNIST-1D (Greydanus 2020): ten 1-D templates of length 40, randomly padded, translated,
 scaled, sheared and noised. Small enough to train in seconds on a CPU, and it separates
-model classes: on 16000 training samples the CNN here passes 90% test accuracy within two
-epochs and reaches ~97-98% in five, while the MLP needs ten epochs for ~73%.
+model classes: on 16000 training samples the CNN here passes 90% test accuracy after one
+epoch and reaches 97.5-98% in five, while the MLP reaches ~80% in ten.
 
 The data set is generated locally with ``mnist1d.data.make_dataset`` (never
 ``get_dataset``, which downloads) and cached as ``.npz`` under :func:`cache_dir`, keyed by
@@ -18,6 +18,7 @@ import tempfile
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -34,6 +35,20 @@ TRAIN_SPLIT = 0.8  # mnist1d's default; 20000 samples -> 16000 train / 4000 test
 DEFAULT_NUM_SAMPLES = 20000
 DEFAULT_SEED = 42  # mnist1d's own default generation seed
 _KEYS = ("x", "y", "x_test", "y_test")
+
+# Measured with one worker on 20000 samples (16000 train), 2 CPU cores, one thread: the CNN
+# reaches 97.5-98.1% test accuracy (seeds 0-4) in ~2.5 s of training; 90% after the first
+# epoch. The MLP reaches 80% in 10 epochs (83% after 30 at lr 0.05).
+CNN_RECIPE: dict[str, Any] = {
+    "epochs": 5,
+    "batch_size": 64,
+    "lr": 0.1,
+    "momentum": 0.9,
+    "nesterov": True,
+    "weight_decay": 5e-4,
+    "lr_schedule": "cosine",
+}
+MLP_RECIPE: dict[str, Any] = {**CNN_RECIPE, "epochs": 10}
 
 
 # -- data ----------------------------------------------------------------------------------
@@ -164,6 +179,7 @@ class MLP(nn.Module):
 def _mnist1d(
     name: str,
     model_factory: Callable[[], nn.Module],
+    recipe: dict[str, Any],
     num_samples: int,
     seed: int,
     data_path: str | os.PathLike[str] | None,
@@ -181,6 +197,7 @@ def _mnist1d(
         x_test=torch.as_tensor(arrays["x_test"], dtype=torch.float32),
         y_test=torch.as_tensor(arrays["y_test"], dtype=torch.long),
         model_factory=model_factory,
+        recipe=recipe,
         config={
             "num_samples": num_samples,
             "seed": seed,
@@ -202,7 +219,7 @@ def mnist1d_cnn(
     seed of the data set itself (the training order and model init take their own seeds).
     ``data_path``: the cache directory (``None``: :func:`cache_dir`).
     """
-    return _mnist1d("mnist1d_cnn", ConvNet1D, num_samples, seed, data_path)
+    return _mnist1d("mnist1d_cnn", ConvNet1D, CNN_RECIPE, num_samples, seed, data_path)
 
 
 @register("mnist1d_mlp")
@@ -213,4 +230,4 @@ def mnist1d_mlp(
     data_path: str | os.PathLike[str] | None = None,
 ) -> TensorWorkload:
     """MNIST-1D with :class:`MLP`; options as for :func:`mnist1d_cnn`."""
-    return _mnist1d("mnist1d_mlp", MLP, num_samples, seed, data_path)
+    return _mnist1d("mnist1d_mlp", MLP, MLP_RECIPE, num_samples, seed, data_path)
