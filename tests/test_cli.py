@@ -1,0 +1,194 @@
+"""End to end through the ``localsgd`` command: train, study, report, kill and resume."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.timeout(600)
+
+LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK",
+                 "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID")
+
+BASE = """
+[base]
+workload = "mnist1d_cnn"
+[base.data]
+num_samples = 1000
+batch_size = 16
+[base.train]
+epochs = 1
+max_steps = {max_steps}
+eval_every = 5
+"""
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    out = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
+    out["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("cache"))
+    out["OMP_NUM_THREADS"] = "1"
+    return out
+
+
+def cli(args: list[str], env: dict[str, str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "localsgd.cli", *args],
+        capture_output=True, text=True, env=env, cwd=cwd, timeout=timeout,
+    )
+
+
+def write_study(path: Path, grids: str, max_steps: int = 20, name: str = "tiny") -> Path:
+    path.write_text(f'[study]\nname = "{name}"\n' + BASE.format(max_steps=max_steps) + grids)
+    return path
+
+
+TINY_GRIDS = """
+[[grid]]
+workers = [1]
+seed = [0]
+
+[[grid]]
+workers = [2]
+seed = [0]
+algorithm = [{name = "minibatch_sgd"}, {name = "local_sgd", period = 4}]
+"""
+
+
+def read_rows(run_dir: Path) -> list[dict]:
+    with (run_dir / "metrics.jsonl").open() as f:
+        return [json.loads(line) for line in f]
+
+
+def test_tiny_study_through_the_cli_produces_every_report_file(tmp_path, env):
+    import pandas as pd
+
+    study = write_study(tmp_path / "tiny.toml", TINY_GRIDS)
+    out = tmp_path / "store"
+    done = cli(["study", str(study), "--out", str(out)], env, tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "3 completed" in done.stdout
+    runs = sorted(p for p in (out / "runs").iterdir())
+    assert len(runs) == 3
+    for run in runs:
+        for name in ("config.json", "env.json", "metrics.jsonl", "status.json", "checkpoint.pt"):
+            assert (run / name).stat().st_size > 0, f"{run.name}/{name}"
+        status = json.loads((run / "status.json").read_text())
+        assert status["status"] == "completed" and status["steps"] == 20
+        rows = read_rows(run)
+        assert [r["step"] for r in rows] == [5, 10, 15, 20]
+        env_info = json.loads((run / "env.json").read_text())
+        assert env_info["torch"] and env_info["world_size"] == json.loads((run / "config.json").read_text())["workers"]
+
+    reported = cli(["report", str(out)], env, tmp_path)
+    assert reported.returncode == 0, reported.stderr
+    report = out / "report"
+    for name in ("report.md", "report.html", "results.xlsx"):
+        assert (report / name).stat().st_size > 0
+    assert len(list(report.glob("*.png"))) >= 5
+    html = (report / "report.html").read_text()
+    assert "data:image/png;base64," in html
+
+    # The tables' numbers, recomputed from the raw JSONL.
+    sheets = pd.read_excel(report / "results.xlsx", sheet_name=None)
+    runs_sheet = sheets["runs"]
+    assert len(runs_sheet) == 3
+    finals = {}
+    for run in runs:
+        config = json.loads((run / "config.json").read_text())
+        rows = read_rows(run)
+        finals[(config["workers"], config["algorithm"]["name"])] = (rows[-1]["test_accuracy"], rows[-1]["wall_seconds"])
+    summary = next(df for name, df in sheets.items() if name not in ("runs", "metrics", "status"))
+    acc_col = next(c for c in summary.columns if "final" in c.lower() and "acc" in c.lower() and "std" not in c.lower())
+    workers_col = next(c for c in summary.columns if c.lower() in ("workers", "k", "workers k"))
+    recomputed = sorted(a for a, _ in finals.values())
+    assert sorted(summary[acc_col].astype(float)) == pytest.approx(recomputed, abs=1e-9)
+    speed_col = next(c for c in summary.columns if "speedup" in c.lower() and "std" not in c.lower())
+    baseline_wall = finals[(1, "minibatch_sgd")][1]
+    for _, row in summary.iterrows():
+        if int(row[workers_col]) == 2:
+            match = [w for (k, _), (a, w) in finals.items() if k == 2 and a == pytest.approx(row[acc_col], abs=1e-12)]
+            assert match and row[speed_col] == pytest.approx(baseline_wall / match[0], rel=1e-9)
+
+
+def test_killed_study_resumes_without_duplicate_or_lost_rows(tmp_path, env):
+    grids = """
+[[grid]]
+workers = [2]
+seed = [0, 1, 2]
+algorithm = [{name = "local_sgd", period = 2}]
+"""
+    study = write_study(tmp_path / "kill.toml", grids, max_steps=25)
+    out = tmp_path / "store"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "localsgd.cli", "study", str(study), "--out", str(out)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=tmp_path, start_new_session=True,
+    )
+    try:
+        deadline = time.time() + 240
+        completed = 0
+        while time.time() < deadline and completed < 1:
+            time.sleep(0.5)
+            if (out / "index.sqlite").exists():
+                with sqlite3.connect(out / "index.sqlite") as db:
+                    completed = db.execute("SELECT COUNT(*) FROM runs WHERE status='completed'").fetchone()[0]
+        assert completed >= 1, "no run completed in time"
+        time.sleep(2.0)  # let the second run get under way
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    with sqlite3.connect(out / "index.sqlite") as db:
+        before = dict(db.execute("SELECT run_id, status FROM runs").fetchall())
+    assert 1 <= list(before.values()).count("completed") < 3
+
+    again = cli(["study", str(study), "--out", str(out)], env, tmp_path)
+    assert again.returncode == 0, again.stderr
+    with sqlite3.connect(out / "index.sqlite") as db:
+        after = db.execute("SELECT run_id, status, attempts FROM runs").fetchall()
+    assert len(after) == 3 and all(status == "completed" for _, status, _ in after)
+    assert not list((out / "runs").glob("*.partial"))
+    for run_id, _, _ in after:
+        steps = [r["step"] for r in read_rows(out / "runs" / run_id)]
+        assert steps == [5, 10, 15, 20, 25], run_id  # nothing lost, nothing twice
+    # Runs finished before the kill were not redone.
+    for run_id, _, attempts in after:
+        if before.get(run_id) == "completed":
+            assert attempts == 1
+
+
+def test_huge_learning_rate_is_recorded_as_diverged(tmp_path, env):
+    run = tmp_path / "run.toml"
+    run.write_text(
+        'workload = "mnist1d_mlp"\nworkers = 2\n[data]\nnum_samples = 1000\nbatch_size = 16\n'
+        "[optimizer]\nlr = 1e6\nnesterov = false\nmomentum = 0.0\n[train]\nepochs = 1\nmax_steps = 40\neval_every = 5\n"
+    )
+    done = cli(["train", str(run), "--out", str(tmp_path / "runs")], env, tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("diverged")
+    (record,) = (tmp_path / "runs" / "runs").iterdir()
+    status = json.loads((record / "status.json").read_text())
+    assert status["status"] == "diverged" and "train loss is" in status["error"]
+    rows = read_rows(record)
+    assert not math.isfinite(rows[-1]["train_loss"]) and rows[-1]["step"] < 40
+
+
+def test_cli_rejects_bad_configs_naming_the_key(tmp_path, env):
+    run = tmp_path / "run.toml"
+    run.write_text("workers = 2\n[optimizer]\nlr = 0.1\n")
+    bad = cli(["train", str(run), "--set", "optimizer.lr=fast"], env, tmp_path)
+    assert bad.returncode == 2 and "optimizer.lr must be float, got str 'fast'" in bad.stderr
+    study = write_study(tmp_path / "s.toml", "[[grid]]\nworkers = [3]\nglobal_batch = 64\n")
+    bad = cli(["study", str(study)], env, tmp_path)
+    assert bad.returncode == 2 and "global_batch = 64 is not divisible by workers = 3" in bad.stderr
+    bad = cli(["report", str(tmp_path / "nowhere")], env, tmp_path)
+    assert bad.returncode == 2 and "is not a localsgd store" in bad.stderr
+    assert not (tmp_path / "studies_out").exists()  # nothing written for a rejected study
