@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # The CPU wheel, pinned: an unpinned torch makes pip fetch a multi-GB CUDA build.
 TORCH_PIN := torch==2.13.0
 
-.PHONY: setup test demo bench lint clean
+.PHONY: setup test demo quickstart bench lint clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,8 +19,15 @@ setup: $(VENV)/.installed
 test: setup
 	$(PY) -m pytest -q
 
+# The main job: the demo study (30 runs, MNIST-1D) and its report.
 demo: setup
-	$(VENV)/bin/torchrun --nproc-per-node 2 examples/quickstart.py --algorithm local_sgd --period 8
+	$(VENV)/bin/localsgd study studies/demo.toml --out studies_out/demo
+	$(VENV)/bin/localsgd report studies_out/demo
+	@echo "Report: studies_out/demo/report/report.html (also report.md, results.xlsx)"
+
+# The quickstart example: 2 worker processes, local SGD (H = 8).
+quickstart: setup
+	$(VENV)/bin/torchrun --standalone --nproc-per-node 2 examples/quickstart.py --algorithm local_sgd --period 8
 
 bench: setup
 	$(PY) benchmarks/sync_cost.py

@@ -334,3 +334,247 @@ def test_other_varying_keys_split_groups_and_workloads_have_their_own_baseline(t
     text = paths["markdown"].read_text()
     assert "Speedup baseline for mnist1d_cnn [train.epochs=2.0]: none" in text
     assert "Speedup baseline for mnist1d_cnn [train.epochs=4.0]: the 1 completed K=1 run(s)" in text
+
+
+# -- estimates on a cluster ------------------------------------------------------------
+
+EST_PLOTS = ("accuracy_vs_est_speedup", "accuracy_vs_est_time")
+PAYLOAD = 40_000  # bytes per model average (fp32, 10k parameters)
+
+# (algorithm, workers, seed, wall seconds at the end, final accuracy, rows carry by_scope)
+EST_RUNS: list[tuple[dict[str, Any], int, int, float, float, bool]] = [
+    ({"name": "minibatch_sgd"}, 1, 0, 200.0, 0.90, True),
+    ({"name": "minibatch_sgd"}, 1, 1, 210.0, 0.92, True),
+    ({"name": "local_sgd", "period": 4}, 4, 0, 60.0, 0.88, True),
+    ({"name": "local_sgd", "period": 4}, 4, 1, 64.0, 0.86, True),
+    (
+        {"name": "hierarchical_local_sgd", "period": 2, "block_period": 4, "block_size": 2},
+        4,
+        0,
+        58.0,
+        0.87,
+        True,
+    ),
+    # Written before scopes were recorded: no by_scope, and no stats in status.json.
+    ({"name": "local_sgd", "period": 2}, 4, 0, 70.0, 0.80, False),
+]
+
+LAB_TOML = """
+name = "lab"
+devices_per_node = 2
+seconds_per_sample = 1.0e-4
+
+[intra]
+alpha = 2.0e-6
+bandwidth_gbit = 400
+
+[inter]
+alpha = 5.0e-5
+bandwidth_gbit = 10
+"""
+
+
+def _est_rows(
+    algorithm: dict[str, Any], workers: int, seed: int, wall: float, acc: float, scoped: bool
+) -> list[dict[str, Any]]:
+    rows = []
+    steps = [s * (4 if workers == 1 else 1) for s in STEPS]  # K=1 takes K× the steps per epoch
+    for step in steps:
+        frac = step / steps[-1]
+        if workers == 1:
+            scopes: dict[str, dict[str, float]] = {}
+        elif algorithm["name"] == "hierarchical_local_sgd":
+            world, block = step // 4, step // 2 - step // 4  # every 4th sync is a world one
+            scopes = {
+                "world": {"collectives": world, "bytes": world * PAYLOAD, "seconds": 0.002 * world},
+                "block2": {"collectives": block, "bytes": block * PAYLOAD, "seconds": 0.001 * block},
+            }
+        else:
+            n = step // algorithm["period"]
+            scopes = {"world": {"collectives": n, "bytes": n * PAYLOAD, "seconds": 0.002 * n}}
+        row = {
+            "step": step,
+            "epoch": step / 50,
+            "samples": step * BATCH * workers,
+            "wall_seconds": wall * frac,
+            "train_loss": 1.0,
+            "test_loss": 1.0,
+            "test_accuracy": 0.1 + (acc - 0.1) * frac**0.5 + 0.001 * seed,
+            "bytes": sum(s["bytes"] for s in scopes.values()),
+            "syncs": step,
+            "collectives": sum(s["collectives"] for s in scopes.values()),
+            "comm_seconds": sum(s["seconds"] for s in scopes.values()),
+        }
+        if scoped:
+            row["by_scope"] = scopes
+        rows.append(row)
+    return rows
+
+
+def build_estimate_store(root: Path) -> None:
+    store = Store(root)
+    for algorithm, workers, seed, wall, acc, scoped in EST_RUNS:
+        config = _config(algorithm, workers, seed)
+        run_id = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
+        partial = store.begin(run_id, config["name"], config)
+        rows = _est_rows(algorithm, workers, seed, wall, acc, scoped)
+        (partial / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        status: dict[str, Any] = {"status": "completed", "error": None, "steps": rows[-1]["step"]}
+        if scoped:
+            # The trainer's final stats: the last row's counters plus DataParallel's closing
+            # world average on exit.
+            by_scope = json.loads(json.dumps(rows[-1]["by_scope"]))
+            if workers > 1:
+                world = by_scope["world"]
+                world["collectives"] += 1
+                world["bytes"] += PAYLOAD
+            status["stats"] = {
+                "by_scope": by_scope,
+                "collectives": sum(s["collectives"] for s in by_scope.values()),
+                "bytes": sum(s["bytes"] for s in by_scope.values()),
+            }
+        write_json_atomic(partial / "status.json", status)
+        assert store.finish(run_id) == "completed"
+
+
+def _expected_estimates(root: Path, cluster: Any, target: float | None) -> dict[str, dict[str, float]]:
+    """Per group label (variant K=k): the estimate columns, recomputed from the raw files
+    with the per-collective formula of the cost model."""
+    from localsgd.costmodel import collective_seconds
+
+    def comm(counters: dict[str, dict[str, float]], workers: int) -> float:
+        total = 0.0
+        for scope, c in counters.items():
+            if c["collectives"]:
+                size = c["bytes"] / c["collectives"]  # equal-size collectives
+                total += c["collectives"] * collective_seconds(size, scope, workers, cluster)
+        return total
+
+    def counters_of(row: dict[str, Any]) -> dict[str, dict[str, float]]:
+        if "by_scope" in row:
+            return row["by_scope"]
+        return {"world": {"collectives": row["collectives"], "bytes": row["bytes"]}}
+
+    runs: dict[str, list[dict[str, Any]]] = {}
+    for run in sorted((root / "runs").iterdir()):
+        config = json.loads((run / "config.json").read_text())
+        status = json.loads((run / "status.json").read_text())
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        workers, batch, last = config["workers"], config["data"]["batch_size"], rows[-1]
+        per_step = (
+            batch * cluster.seconds_per_sample
+            if cluster.seconds_per_sample is not None
+            else (last["wall_seconds"] - last["comm_seconds"]) / last["step"]
+        )
+        final = status["stats"]["by_scope"] if "stats" in status else counters_of(last)
+        timeline = [
+            (r["step"], r["test_accuracy"], r["step"] * per_step, comm(counters_of(r), workers)) for r in rows
+        ]
+        runs.setdefault(f"{variant_label(config)} K={workers}", []).append(
+            {
+                "compute": status["steps"] * per_step,
+                "comm": comm(final, workers),
+                "final_acc": last["test_accuracy"],
+                "timeline": timeline,
+            }
+        )
+    finals = {g: statistics.mean(r["final_acc"] for r in rs) for g, rs in runs.items()}
+    target = target if target is not None else 0.95 * max(finals.values())
+    out: dict[str, dict[str, float]] = {}
+    base = statistics.mean(r["compute"] + r["comm"] for r in runs["minibatch_sgd K=1"])
+    for group, rs in runs.items():
+        totals = [r["compute"] + r["comm"] for r in rs]
+        hits = []
+        for r in rs:
+            reached = [t for t in r["timeline"] if t[1] >= target]
+            hits.append(reached[0] if reached else None)
+        every = all(h is not None for h in hits)
+        out[group] = {
+            "est_compute_seconds_mean": statistics.mean(r["compute"] for r in rs),
+            "est_comm_seconds_mean": statistics.mean(r["comm"] for r in rs),
+            "est_total_seconds_mean": statistics.mean(totals),
+            "est_total_seconds_std": statistics.stdev(totals) if len(totals) > 1 else math.nan,
+            "est_speedup": base / statistics.mean(totals),
+            "target_accuracy": target,
+            "est_target_reached": sum(h is not None for h in hits),
+            "est_target_compute_seconds_mean": statistics.mean(h[2] for h in hits) if every else math.nan,  # type: ignore[index]
+            "est_target_comm_seconds_mean": statistics.mean(h[3] for h in hits) if every else math.nan,  # type: ignore[index]
+            "est_target_total_seconds_mean": statistics.mean(h[2] + h[3] for h in hits)
+            if every
+            else math.nan,  # type: ignore[index]
+        }
+    return out
+
+
+@pytest.fixture(scope="module")
+def estimate_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("estimates")
+    build_estimate_store(root)
+    return root
+
+
+@pytest.mark.parametrize("which", ["preset", "toml"])
+def test_cluster_estimates_match_the_raw_rows_and_the_model(
+    estimate_store: Path, tmp_path: Path, which: str
+) -> None:
+    from localsgd.costmodel import load_cluster
+
+    if which == "preset":
+        spec, target = "10gbe", None  # measured compute, default target
+    else:
+        (tmp_path / "lab.toml").write_text(LAB_TOML)  # G = 2: K = 4 is 2 nodes × 2
+        spec, target = str(tmp_path / "lab.toml"), 0.6
+    cluster = load_cluster(spec)
+    paths = make_report(estimate_store, tmp_path / "out", cluster=spec, target_accuracy=target)
+    expected = _expected_estimates(estimate_store, cluster, target)
+    summary = _sheet(paths, "summary")
+    assert len(summary) == len(expected) == 4
+    for row in summary.to_dict("records"):
+        want = expected[f"{row['variant']} K={row['workers']}"]
+        for column, value in want.items():
+            if isinstance(value, float) and math.isnan(value):
+                assert math.isnan(row[column]), (row["variant"], column, row[column])
+            else:
+                assert row[column] == pytest.approx(value, rel=1e-9, abs=1e-12), (row["variant"], column)
+    by_variant = summary.set_index("variant")
+    assert by_variant.loc["minibatch_sgd", "est_speedup"] == pytest.approx(1.0)
+    assert by_variant.loc["minibatch_sgd", "est_comm_seconds_mean"] == 0.0
+    # Hierarchical costs less communication than local SGD with the same number of syncs.
+    hier = "hierarchical_local_sgd H=2 Hb=4 G=2"
+    assert (
+        by_variant.loc[hier, "est_comm_seconds_mean"]
+        < by_variant.loc["local_sgd H=2", "est_comm_seconds_mean"]
+    )
+
+    for stem in EST_PLOTS:
+        assert paths[stem].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    text = paths["markdown"].read_text()
+    for stem in (*PLOTS, *EST_PLOTS):
+        assert f"]({stem}.png)" in text
+    assert f"## Estimated on cluster {cluster.name}" in text
+    target_used = expected["minibatch_sgd K=1"]["target_accuracy"]
+    assert f"Target accuracy for mnist1d_cnn: {100 * target_used:.2f}%" in text
+    assert ("given (--target-accuracy)" in text) == (target is not None)
+    assert "| est. compute s | est. comm s | est. total s | est. speedup (×) |" in text
+    html = paths["html"].read_text()
+    assert html.count("data:image/png;base64,") == len(PLOTS) + len(EST_PLOTS)
+    assert "cluster" in openpyxl.load_workbook(paths["xlsx"], read_only=True).sheetnames
+    metrics = _sheet(paths, "metrics")
+    assert {"est_compute_seconds", "est_comm_seconds", "est_total_seconds"} <= set(metrics.columns)
+
+
+def test_cluster_errors(estimate_store: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"unknown cluster 'fast': not a preset .*10gbe, 25gbe, 100g-ib"):
+        make_report(estimate_store, tmp_path, cluster="fast")
+    with pytest.raises(ValueError, match=r"target_accuracy must be a fraction in \(0, 1\]"):
+        make_report(estimate_store, tmp_path, cluster="wan", target_accuracy=90)
+    with pytest.raises(ValueError, match="target_accuracy needs a cluster"):
+        make_report(estimate_store, tmp_path, target_accuracy=0.9)
+
+    from typer.testing import CliRunner
+
+    from localsgd.cli import app
+
+    result = CliRunner().invoke(app, ["report", str(estimate_store), "--cluster", "fast"])
+    assert result.exit_code == 2
+    assert "unknown cluster 'fast'" in result.output and "nvlink-node" in result.output

@@ -9,6 +9,8 @@ from typing import Annotated
 
 import typer
 
+from localsgd.costmodel import presets as cluster_presets
+
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
@@ -106,12 +108,26 @@ def study(
 def report(
     store_dir: Annotated[Path, typer.Argument(help="A store folder written by `study` or `train`.")],
     out: Annotated[Path | None, typer.Option(help="Report folder (default: STORE_DIR/report).")] = None,
+    cluster: Annotated[
+        str | None,
+        typer.Option(
+            help="Add wall-clock estimates on a cluster: a preset "
+            f"({', '.join(cluster_presets())}) or a cluster TOML file (see docs/costmodel.md)."
+        ),
+    ] = None,
+    target_accuracy: Annotated[
+        float | None,
+        typer.Option(
+            help="With --cluster: the test accuracy (a fraction, e.g. 0.9) to estimate the time to "
+            "(default: 0.95 × the best mean final accuracy of each workload)."
+        ),
+    ] = None,
 ) -> None:
     """Tables (mean ± std over seeds), plots, report.md, report.html and results.xlsx from the store alone."""
     from localsgd.report import make_report
 
     try:
-        paths = make_report(store_dir, out)
+        paths = make_report(store_dir, out, cluster=cluster, target_accuracy=target_accuracy)
     except ValueError as exc:
         raise _fail(str(exc)) from None
     for kind, path in paths.items():

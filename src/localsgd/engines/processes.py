@@ -15,14 +15,15 @@ from localsgd.studies.store import Store, write_json_atomic
 def execute(config: Any, store: Store, *, timeout: float | None = None) -> str:
     """Run ``config`` to the end and record it in ``store``; returns the final status.
 
-    One worker trains in this process (no process group). K > 1 workers are started with
+    One worker, or K simulated replicas, train in this process (no process group). K > 1
+    worker processes are started with
     ``python -m torch.distributed.run --standalone --nproc-per-node K -m localsgd.worker``;
     their output goes to ``workers.log`` in the run folder.
     """
     run_id = config.run_id()
     folder = store.begin(run_id, config.name, config.to_dict())
     error = None
-    if config.workers == 1:
+    if config.workers == 1 or config.engine == "simulated":
         from localsgd.studies.trainer import train
 
         try:

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import datetime
+import json
 import logging
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
+from localsgd.costmodel import GBIT, Cluster, load_cluster
 from localsgd.report import plots
+from localsgd.report.estimates import ClusterEstimates, check_target, estimate
 from localsgd.report.render import (
     Block,
     Bullets,
@@ -51,21 +55,44 @@ PLOTS = {
     "accuracy_vs_bytes": "Final test accuracy against communication volume (mean ± std over seeds)",
     "accuracy_vs_period_workers": "Final test accuracy against H·K (mean ± std over seeds)",
 }
+# Added with a cluster (``--cluster``).
+CLUSTER_PLOTS = {
+    "accuracy_vs_est_speedup": "Final test accuracy against estimated speedup over one worker on the cluster "
+    "(mean ± std over seeds)",
+    "accuracy_vs_est_time": "Test accuracy against estimated training time on the cluster (mean over seeds)",
+}
 
 
-def make_report(store_dir: str | Path, out_dir: str | Path | None = None) -> dict[str, Path]:
+def make_report(
+    store_dir: str | Path,
+    out_dir: str | Path | None = None,
+    cluster: Cluster | str | Path | None = None,
+    target_accuracy: float | None = None,
+) -> dict[str, Path]:
     """Write the report of the store at ``store_dir`` into ``out_dir`` (default
     ``STORE/report``) and return the paths written, by kind.
 
-    Reads only the store. Each file is written to a temporary name and renamed into place;
-    the PNGs and the workbook come before the documents that refer to them. ``ValueError``
-    when ``store_dir`` is not a store or has no finished run.
+    With ``cluster`` (a :class:`~localsgd.costmodel.Cluster`, a preset name or a cluster
+    TOML path), the report adds wall-clock estimates on that cluster: summary columns,
+    time to ``target_accuracy`` (default: 0.95 × the best mean final accuracy of each
+    workload), and two plots. Reads only the store. Each file is written to a temporary
+    name and renamed into place; the PNGs and the workbook come before the documents that
+    refer to them. ``ValueError`` when ``store_dir`` is not a store or has no finished run,
+    for an unknown cluster, or a target outside (0, 1].
     """
+    target_accuracy = check_target(target_accuracy)
+    if target_accuracy is not None and cluster is None:
+        raise ValueError("target_accuracy needs a cluster: it sets the time-to-target of the estimates")
+    resolved = cluster if isinstance(cluster, Cluster) or cluster is None else load_cluster(cluster)
     study = load(store_dir)
     out = Path(out_dir) if out_dir is not None else study.root / "report"
-    out.mkdir(parents=True, exist_ok=True)
 
     summary = summary_table(study)
+    estimates: ClusterEstimates | None = None
+    if resolved is not None:
+        estimates = estimate(study, summary, resolved, target_accuracy)
+        study, summary = estimates.study, estimates.summary
+    out.mkdir(parents=True, exist_ok=True)
     status = status_table(study)
     baseline = baseline_table(study)
     curve_frame = curves(study)
@@ -79,6 +106,10 @@ def make_report(store_dir: str | Path, out_dir: str | Path | None = None) -> dic
         "accuracy_vs_bytes": lambda: plots.accuracy_vs_bytes(summary, look),
         "accuracy_vs_period_workers": lambda: plots.accuracy_vs_period_workers(summary, look),
     }
+    if resolved is not None:
+        name = resolved.name
+        figures["accuracy_vs_est_speedup"] = lambda: plots.accuracy_vs_est_speedup(summary, look, name)
+        figures["accuracy_vs_est_time"] = lambda: plots.accuracy_vs_est_time(curve_frame, look, name)
     paths: dict[str, Path] = {}
     images: dict[str, bytes] = {}
     for stem, draw in figures.items():
@@ -86,17 +117,17 @@ def make_report(store_dir: str | Path, out_dir: str | Path | None = None) -> dic
         images[f"{stem}.png"] = png
         paths[stem] = write_atomic(out / f"{stem}.png", png)
 
-    paths["xlsx"] = write_xlsx(
-        out / "results.xlsx",
-        {
-            "summary": summary,
-            "status": status,
-            "baseline": baseline,
-            "runs": study.runs,
-            "metrics": _metrics_sheet(study),
-        },
-    )
-    blocks = _document(study, summary, status, baseline)
+    sheets = {
+        "summary": summary,
+        "status": status,
+        "baseline": baseline,
+        "runs": study.runs,
+        "metrics": _metrics_sheet(study),
+    }
+    if estimates is not None:
+        sheets["cluster"] = _cluster_sheet(estimates)
+    paths["xlsx"] = write_xlsx(out / "results.xlsx", sheets)
+    blocks = _document(study, summary, status, baseline, estimates)
     paths["markdown"] = write_atomic(out / "report.md", to_markdown(blocks))
     paths["html"] = write_atomic(out / "report.html", to_html(blocks, TITLE, images))
     log.info("report of %s written to %s", study.root, out)
@@ -107,12 +138,20 @@ def _metrics_sheet(study: Study) -> pd.DataFrame:
     """Every evaluation row with its run's identity in front (``lr`` is the scheduled rate)."""
     ident = study.runs[["run_id", "status", "workload", "variant", "workers", "batch_size", "seed"]]
     metrics = study.metrics.merge(ident, on="run_id", how="left")
+    if "by_scope" in metrics.columns:  # JSON text in one cell, not a Python repr
+        metrics["by_scope"] = [
+            json.dumps(v, sort_keys=True) if isinstance(v, dict) else None for v in metrics["by_scope"]
+        ]
     front = list(ident.columns)
     return metrics[front + [c for c in metrics.columns if c not in front]]
 
 
 def _document(
-    study: Study, summary: pd.DataFrame, status: pd.DataFrame, baseline: pd.DataFrame
+    study: Study,
+    summary: pd.DataFrame,
+    status: pd.DataFrame,
+    baseline: pd.DataFrame,
+    estimates: ClusterEstimates | None = None,
 ) -> list[Block]:
     runs = study.runs
     counts = runs["status"].value_counts()
@@ -178,14 +217,123 @@ def _document(
             "left out."
         ),
         Image("accuracy_vs_period_workers.png", PLOTS["accuracy_vs_period_workers"]),
+        *(_cluster_section(study, summary, estimates) if estimates is not None else []),
         Heading(2, "Run status"),
         _status_display(study, status),
         Paragraph(
             "Every run's config, final metrics and evaluation rows are in `results.xlsx` "
-            "(sheets summary, status, baseline, runs, metrics)."
+            "(sheets summary, status, baseline, runs, metrics"
+            + (", cluster; the estimates are the est_* columns)." if estimates is not None else ").")
         ),
     ]
     return blocks
+
+
+def _link_text(alpha: float, bandwidth: float) -> str:
+    return f"α = {alpha * 1e6:.4g} µs, β = {bandwidth / GBIT:.4g} Gb/s ({bandwidth / 1e9:.4g} GB/s)"
+
+
+def _cluster_lines(estimates: ClusterEstimates) -> list[str]:
+    cluster = estimates.cluster
+    g = cluster.devices_per_node
+    lines = [
+        f"Cluster `{cluster.name}`" + (f": {cluster.description}." if cluster.description else "."),
+        f"{g} device{'s' if g > 1 else ''} per node; K workers fill ceil(K/{g}) nodes in rank order. "
+        + (
+            f"Intra-node link: {_link_text(cluster.intra.alpha, cluster.intra.bandwidth)}. "
+            if cluster.intra
+            else ""
+        )
+        + f"Inter-node link: {_link_text(cluster.inter.alpha, cluster.inter.bandwidth)}.",
+        "Communication: each collective of a run is costed as a ring all-reduce "
+        "(2(p−1)·α + 2(p−1)/p · n/β; hierarchical across nodes of several devices), summed over "
+        "the run's per-scope counters (collectives, payload bytes); see docs/costmodel.md.",
+    ]
+    if cluster.seconds_per_sample is not None:
+        lines.append(
+            f"Compute per step: B × {cluster.seconds_per_sample:.4g} s per sample (the cluster's device)."
+        )
+    else:
+        lines.append(
+            "Compute per step: measured in each run on the machine that ran it, "
+            "(wall time − communication time) / steps. Where K worker processes shared fewer cores "
+            "than K this includes contention, so the estimate is pessimistic for large K; give the "
+            "cluster a seconds_per_sample (cluster TOML) to cost compute on the target device."
+        )
+    lines.append("Estimated time = compute + communication (no overlap assumed); evaluation excluded.")
+    for workload, target in sorted(estimates.targets.items(), key=lambda kv: natural_key(kv[0])):
+        if math.isfinite(target.accuracy):
+            lines.append(
+                f"Target accuracy for {workload}: {100 * target.accuracy:.2f}% ({target.how}); time to "
+                "target = the estimate at the first evaluation reaching it, blank unless every seed did."
+            )
+        else:
+            lines.append(f"Target accuracy for {workload}: none ({target.how}).")
+    return lines
+
+
+def _cluster_section(study: Study, summary: pd.DataFrame, estimates: ClusterEstimates) -> list[Block]:
+    name = estimates.cluster.name
+    table = (
+        Table(["note"], [["no completed run: nothing to estimate"]])
+        if summary.empty
+        else frame_rows(
+            summary,
+            [
+                *_key_columns(study),
+                ("seeds", lambda r: str(r.n_seeds)),
+                (
+                    "final test acc (%)",
+                    lambda r: fmt_pm(r.final_test_accuracy_mean, r.final_test_accuracy_std, ".2f", 100),
+                ),
+                (
+                    "est. compute s",
+                    lambda r: fmt_pm(r.est_compute_seconds_mean, r.est_compute_seconds_std, ".4g"),
+                ),
+                ("est. comm s", lambda r: fmt_pm(r.est_comm_seconds_mean, r.est_comm_seconds_std, ".4g")),
+                ("est. total s", lambda r: fmt_pm(r.est_total_seconds_mean, r.est_total_seconds_std, ".4g")),
+                ("est. speedup (×)", lambda r: fmt(r.est_speedup, ".2f")),
+                ("target acc (%)", lambda r: fmt(r.target_accuracy, ".2f", 100)),
+                ("reached", lambda r: f"{r.est_target_reached}/{r.n_seeds}"),
+                ("to target: compute s", lambda r: fmt(r.est_target_compute_seconds_mean, ".4g")),
+                ("to target: comm s", lambda r: fmt(r.est_target_comm_seconds_mean, ".4g")),
+                (
+                    "to target: total s",
+                    lambda r: fmt_pm(r.est_target_total_seconds_mean, r.est_target_total_seconds_std, ".4g"),
+                ),
+            ],
+        )
+    )
+    return [
+        Heading(2, f"Estimated on cluster {name}"),
+        Bullets(_cluster_lines(estimates)),
+        Image(
+            "accuracy_vs_est_speedup.png",
+            CLUSTER_PLOTS["accuracy_vs_est_speedup"].replace("the cluster", name),
+        ),
+        table,
+        Image("accuracy_vs_est_time.png", CLUSTER_PLOTS["accuracy_vs_est_time"].replace("the cluster", name)),
+    ]
+
+
+def _cluster_sheet(estimates: ClusterEstimates) -> pd.DataFrame:
+    """The cluster's parameters and the targets, one (item, value) row each."""
+    cluster = estimates.cluster
+    rows: list[tuple[str, Any]] = [
+        ("name", cluster.name),
+        ("description", cluster.description),
+        ("devices_per_node", cluster.devices_per_node),
+        ("intra.alpha_seconds", cluster.intra.alpha if cluster.intra else None),
+        ("intra.bandwidth_bytes_per_second", cluster.intra.bandwidth if cluster.intra else None),
+        ("inter.alpha_seconds", cluster.inter.alpha),
+        ("inter.bandwidth_bytes_per_second", cluster.inter.bandwidth),
+        ("seconds_per_sample", cluster.seconds_per_sample),
+        ("compute", "seconds_per_sample × B" if cluster.seconds_per_sample is not None else "measured"),
+    ]
+    for workload, target in estimates.targets.items():
+        rows.append((f"target_accuracy[{workload}]", target.accuracy))
+        rows.append((f"target_how[{workload}]", target.how))
+    return pd.DataFrame(rows, columns=["item", "value"]).astype({"value": object})
 
 
 def _baseline_lines(baseline: pd.DataFrame) -> list[str]:

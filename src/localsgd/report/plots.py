@@ -192,21 +192,21 @@ def _scatter(
     return _png(fig)
 
 
+def _baseline_line(ax: Axes, part: pd.DataFrame) -> None:
+    ax.axvline(1.0, color="0.5", linestyle="--", linewidth=1)
+    ax.text(
+        1.0,
+        0.01,
+        " K=1 baseline",
+        transform=ax.get_xaxis_transform(),
+        va="bottom",
+        fontsize="small",
+        color="0.4",
+    )
+
+
 def accuracy_vs_speedup(summary: pd.DataFrame, look: dict[str, Style]) -> bytes:
     """(1) the headline: what each variant buys in time and costs in accuracy."""
-
-    def baseline_line(ax: Axes, part: pd.DataFrame) -> None:
-        ax.axvline(1.0, color="0.5", linestyle="--", linewidth=1)
-        ax.text(
-            1.0,
-            0.01,
-            " K=1 baseline",
-            transform=ax.get_xaxis_transform(),
-            va="bottom",
-            fontsize="small",
-            color="0.4",
-        )
-
     return _scatter(
         summary,
         lambda part: part["speedup"].astype(float),
@@ -214,7 +214,20 @@ def accuracy_vs_speedup(summary: pd.DataFrame, look: dict[str, Style]) -> bytes:
         title="final test accuracy against speedup (mean ± std over seeds)",
         xlabel="speedup over one worker (K=1 mean wall time / mean wall time, ×)",
         why_empty="no speedup to plot: the store has no completed K=1 run of this workload",
-        decorate=baseline_line,
+        decorate=_baseline_line,
+    )
+
+
+def accuracy_vs_est_speedup(summary: pd.DataFrame, look: dict[str, Style], cluster: str) -> bytes:
+    """The headline again, with times estimated on ``cluster`` by the cost model."""
+    return _scatter(
+        summary,
+        lambda part: part["est_speedup"].astype(float),
+        look,
+        title=f"final test accuracy against estimated speedup on cluster {cluster}",
+        xlabel=f"estimated speedup over one worker on {cluster} (K=1 mean est. time / mean est. time, ×)",
+        why_empty="no estimated speedup: no completed K=1 run of this workload, or no compute time",
+        decorate=_baseline_line,
     )
 
 
@@ -322,6 +335,19 @@ def accuracy_vs_wall_time(curves: pd.DataFrame, look: dict[str, Style]) -> bytes
         scale=100.0,
         title="test accuracy against training time (mean over seeds)",
         xlabel="wall time (s, training only, evaluation excluded)",
+        ylabel="test accuracy (%)",
+    )
+
+
+def accuracy_vs_est_time(curves: pd.DataFrame, look: dict[str, Style], cluster: str) -> bytes:
+    return _curves(
+        curves,
+        look,
+        "est_total_seconds",
+        "test_accuracy",
+        scale=100.0,
+        title=f"test accuracy against estimated training time on cluster {cluster} (mean over seeds)",
+        xlabel=f"estimated time on {cluster} (s, compute + communication, evaluation excluded)",
         ylabel="test accuracy (%)",
     )
 

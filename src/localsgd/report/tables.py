@@ -13,7 +13,7 @@ import math
 import numbers
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +55,9 @@ class Study:
     plan: dict[str, Any]
     """The study's ``plan.json`` (name, description, planned runs), ``{}`` without one
     (a store written by ``localsgd train``)."""
+    final_counters: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Per run id, the communicator's final counters: ``{"steps": s, "by_scope": {scope:
+    {"collectives", "bytes", "seconds"}}}`` (see :func:`final_counters`)."""
 
 
 def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -123,6 +126,45 @@ def _run_row(record: RunRecord, rows: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def row_counters(row: Mapping[str, Any]) -> dict[str, dict[str, float]] | None:
+    """The cumulative per-scope counters of a metrics row (or status ``stats``): its
+    ``by_scope``, or, for rows written before scopes were recorded, its totals counted as
+    world scope. None when the row has neither."""
+    by_scope = row.get("by_scope")
+    if isinstance(by_scope, Mapping) and by_scope:
+        out = {
+            str(scope): {k: _number(v.get(k, 0)) for k in ("collectives", "bytes", "seconds")}
+            for scope, v in by_scope.items()
+            if isinstance(v, Mapping)
+        }
+        return (
+            out
+            if all(math.isfinite(c["collectives"]) and math.isfinite(c["bytes"]) for c in out.values())
+            else None
+        )
+    collectives, nbytes = _number(row.get("collectives")), _number(row.get("bytes"))
+    if not (math.isfinite(collectives) and math.isfinite(nbytes)):
+        return None
+    return {
+        "world": {"collectives": collectives, "bytes": nbytes, "seconds": _number(row.get("comm_seconds"))}
+    }
+
+
+def final_counters(record: RunRecord, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """A run's final counters: ``status.json``'s ``stats`` when it has them (they include
+    the closing average of ``DataParallel.__exit__``, which delivers the final model),
+    else the last evaluation row's. ``{"steps": s, "by_scope": {...} or None}``."""
+    info = record.status_info
+    stats = info.get("stats")
+    last: Mapping[str, Any] = rows[-1] if rows else (info.get("final") or {})
+    steps = _number(last.get("step", info.get("steps")))  # training-loop steps of B samples each
+    if isinstance(stats, Mapping):
+        counted = None
+        if counted is not None:
+            return {"steps": steps, "by_scope": counted}
+    return {"steps": steps, "by_scope": row_counters(last)}
+
+
 def load(store_dir: str | Path) -> Study:
     """Read a store's finished runs. ``ValueError`` if it is not a store or holds none."""
     store = Store(store_dir, create=False)
@@ -133,9 +175,11 @@ def load(store_dir: str | Path) -> Study:
             "nothing to report"
         )
     run_rows, metric_rows, configs = [], [], []
+    counters: dict[str, dict[str, Any]] = {}
     for record in records:
         rows = record.metrics()
         run_rows.append(_run_row(record, rows))
+        counters[record.run_id] = final_counters(record, rows)
         metric_rows += [{"run_id": record.run_id, **row} for row in rows]
         configs.append(flatten(record.config))
     # Config keys that differ between runs but are not in the group key would otherwise
@@ -161,7 +205,7 @@ def load(store_dir: str | Path) -> Study:
     metrics = pd.DataFrame(metric_rows)
     if metrics.empty:
         metrics = pd.DataFrame(columns=["run_id", "step", "epoch", "wall_seconds"])
-    return Study(Path(store.root), runs, metrics, group_keys, _plan(store.root))
+    return Study(Path(store.root), runs, metrics, group_keys, _plan(store.root), counters)
 
 
 def _plan(root: Path) -> dict[str, Any]:
@@ -301,15 +345,30 @@ def status_table(study: Study) -> pd.DataFrame:
     return pd.DataFrame(out, columns=[*keys, "group", "completed", "failed", "diverged", "runs", "errors"])
 
 
+# Per-row cluster estimates (``report.estimates``), averaged like the measured columns.
+ESTIMATE_CURVES = ["est_compute_seconds", "est_comm_seconds", "est_total_seconds"]
+
+
 def curves(study: Study) -> pd.DataFrame:
     """Per group and evaluation step: mean over the completed seeds of epoch, wall time,
-    test accuracy and train loss."""
+    test accuracy and train loss (and the estimated times on a cluster, when the metrics
+    carry them)."""
     done = study.runs.loc[study.runs["status"] == "completed", ["run_id", "group", "workload"]]
-    columns = ["workload", "group", "step", "epoch", "wall_seconds", "test_accuracy", "train_loss"]
+    estimated = [c for c in ESTIMATE_CURVES if c in study.metrics.columns]
+    columns = [
+        "workload",
+        "group",
+        "step",
+        "epoch",
+        "wall_seconds",
+        "test_accuracy",
+        "train_loss",
+        *estimated,
+    ]
     if done.empty or study.metrics.empty:
         return pd.DataFrame(columns=columns)
     rows = study.metrics.merge(done, on="run_id")
-    values = ["epoch", "wall_seconds", "test_accuracy", "train_loss"]
+    values = ["epoch", "wall_seconds", "test_accuracy", "train_loss", *estimated]
     for name in values:
         rows[name] = pd.to_numeric(rows[name], errors="coerce")
     # Before the first step there is no train loss to report, only a placeholder.

@@ -16,16 +16,20 @@ from torch import nn
 from localsgd.studies.schema import OptimizerConfig, ScheduleConfig
 
 
-def build_optimizer(model: nn.Module, config: OptimizerConfig) -> torch.optim.Optimizer:
+def build_optimizer(
+    model: nn.Module, config: OptimizerConfig, ndim: Callable[[torch.Tensor], int] | None = None
+) -> torch.optim.Optimizer:
     """SGD or AdamW over the model's trainable parameters; with ``decay_norm_and_bias``
-    false, parameters of at most one dimension (biases, norm scales) get no weight decay."""
+    false, parameters of at most one dimension (biases, norm scales) get no weight decay.
+    ``ndim`` gives a parameter's own dimensions when it is stacked over replicas."""
     params = [p for p in model.parameters() if p.requires_grad]
+    dims = ndim or (lambda p: p.ndim)
     if config.decay_norm_and_bias or config.weight_decay == 0:
         groups: list[dict] = [{"params": params, "weight_decay": config.weight_decay}]
     else:
         groups = [
-            {"params": [p for p in params if p.ndim > 1], "weight_decay": config.weight_decay},
-            {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0},
+            {"params": [p for p in params if dims(p) > 1], "weight_decay": config.weight_decay},
+            {"params": [p for p in params if dims(p) <= 1], "weight_decay": 0.0},
         ]
         groups = [g for g in groups if g["params"]]
     if config.name == "sgd":

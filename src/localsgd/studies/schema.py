@@ -11,7 +11,7 @@ from typing import Any
 from localsgd.algorithms.base import check_bool, check_choice, check_float, check_int
 from localsgd.studies.configs import ConfigError, from_dict, to_dict
 
-ENGINES = ("processes",)
+ENGINES = ("processes", "simulated")
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("constant", "step", "cosine", "half_cosine")
 
@@ -135,7 +135,8 @@ class RunConfig:
     workers: int = 1
     """K: worker processes."""
     engine: str = "processes"
-    """How the K workers run: ``processes`` (torch.distributed, one process each)."""
+    """How the K workers run: ``processes`` (torch.distributed, one process each) or
+    ``simulated`` (all K replicas batched in one process, the same semantics)."""
     seed: int = 0
     """Model init (identical on every worker) and data order (shards per worker)."""
     device: str = "auto"

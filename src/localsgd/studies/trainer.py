@@ -16,10 +16,12 @@ import subprocess
 import sys
 import time
 import traceback
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from localsgd.studies.store import write_json_atomic
 
@@ -142,6 +144,80 @@ def _status(kind: str, error: str | None, rows: list[dict[str, Any]], **extra: A
     }
 
 
+class ProcessReplica:
+    """The process engine's view: this process trains one replica; rank 0 evaluates."""
+
+    flat = True
+    comm = None
+
+    def __init__(
+        self, workload: Any, model: nn.Module, rank: int, world_size: int, device: torch.device
+    ) -> None:
+        self.workload, self.module, self.rank, self.world_size, self.device = (
+            workload,
+            model,
+            rank,
+            world_size,
+            device,
+        )
+
+    def batches(self, batch: int, epoch: int, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return self.workload.train_batches(self.rank, self.world_size, batch, epoch, seed, self.device)
+
+    def forward_backward(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        x, y = batch
+        loss = self.workload.loss(self.module(x), y)
+        loss.backward()
+        return loss.detach()
+
+    def worker_mean(self, value: torch.Tensor, dp: Any) -> float:
+        mean = value.double().reshape(1)
+        dp.comm.average([mean], record=False)
+        return float(mean.item())
+
+    def evaluate(self) -> dict[str, Any]:
+        return self.workload.evaluate(self.module, self.device) if self.rank == 0 else {}
+
+    def final_model(self) -> nn.Module:
+        return self.module
+
+
+class SimulatedReplicas:
+    """The simulated engine's view: all K replicas stacked in this process."""
+
+    flat = False
+
+    def __init__(self, workload: Any, model: nn.Module, replicas: int, device: torch.device) -> None:
+        from localsgd.engines.simulated import ReplicaGradients, SimulatedCommunicator, StackedModel
+
+        self.workload, self.replicas, self.device = workload, replicas, device
+        self.module = StackedModel(model, replicas)
+        self.gradients = ReplicaGradients(self.module, workload.loss)
+        self.comm = SimulatedCommunicator(replicas)
+
+    def batches(self, batch: int, epoch: int, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        # Replica k reads exactly the shard rank k reads in the process engine.
+        streams = [
+            self.workload.train_batches(k, self.replicas, batch, epoch, seed, self.device)
+            for k in range(self.replicas)
+        ]
+        for group in zip(*streams):
+            yield torch.stack([x for x, _ in group]), torch.stack([y for _, y in group])
+
+    def forward_backward(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        return self.gradients(*batch)
+
+    def worker_mean(self, value: torch.Tensor, dp: Any) -> float:
+        return float(value.double().mean().item())
+
+    def evaluate(self) -> dict[str, Any]:
+        # Called under consensus(): every replica holds the consensus model.
+        return self.workload.evaluate(self.module.load_replica_into_template(0), self.device)
+
+    def final_model(self) -> nn.Module:
+        return self.module.load_replica_into_template(0)
+
+
 def _train(
     config: Any,
     run_dir: Path | None,
@@ -154,15 +230,17 @@ def _train(
     from localsgd import workloads
     from localsgd.studies import recipes
 
-    if world_size != config.workers:
-        raise ValueError(f"workers = {config.workers} but the process group has {world_size} ranks")
+    simulated = config.engine == "simulated"
+    workers = config.workers
+    if not simulated and world_size != workers:
+        raise ValueError(f"workers = {workers} but the process group has {world_size} ranks")
     options = {"num_samples": config.data.num_samples, "data_path": config.data.path}
     workload = workloads.build(config.workload, **{k: v for k, v in options.items() if v is not None})
     batch = config.data.batch_size
-    steps_per_epoch = workload.steps_per_epoch(world_size, batch)
+    steps_per_epoch = workload.steps_per_epoch(workers, batch)
     if steps_per_epoch < 1:
         raise ValueError(
-            f"data.batch_size = {batch} x {world_size} workers exceeds the {workload.train_size} "
+            f"data.batch_size = {batch} x {workers} workers exceeds the {workload.train_size} "
             "training samples: not one step per epoch"
         )
     total_steps = math.ceil(config.train.epochs * steps_per_epoch)
@@ -171,8 +249,18 @@ def _train(
     algorithm = config.algorithm_config(steps_per_epoch)
     torch.manual_seed(config.seed)
     model = workload.make_model(config.seed).to(device)
-    optimizer = recipes.build_optimizer(model, config.optimizer)
-    global_batch = batch * world_size
+    replicas: ProcessReplica | SimulatedReplicas
+    if simulated:
+        from localsgd.engines.simulated import check_elementwise
+
+        replicas = SimulatedReplicas(workload, model, workers, device)
+        ndim = replicas.module.replica_ndim
+        optimizer = recipes.build_optimizer(replicas.module, config.optimizer, ndim=lambda p: ndim[id(p)])
+        check_elementwise(optimizer)
+    else:
+        replicas = ProcessReplica(workload, model, rank, world_size, device)
+        optimizer = recipes.build_optimizer(model, config.optimizer)
+    global_batch = batch * workers
 
     def lr(step: int) -> float:
         return recipes.lr_at(
@@ -181,18 +269,19 @@ def _train(
 
     step = 0
     train_seconds = 0.0
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    loss_sum: torch.Tensor | float = 0.0
     loss_count = 0
-    with localsgd.DataParallel(model, optimizer, algorithm) as dp:
+    with localsgd.DataParallel(
+        replicas.module, optimizer, algorithm, comm=replicas.comm, flat=replicas.flat
+    ) as dp:
 
         def evaluate() -> dict[str, Any]:
             nonlocal loss_sum, loss_count
-            mean_loss = torch.stack([loss_sum / max(loss_count, 1)])
-            dp.comm.average([mean_loss], record=False)  # train loss averaged over workers
-            train_loss = float(mean_loss.item())
-            loss_sum, loss_count = torch.zeros_like(loss_sum), 0
+            mean = loss_sum / max(loss_count, 1)
+            train_loss = replicas.worker_mean(torch.as_tensor(mean, dtype=torch.float64), dp)
+            loss_sum, loss_count = 0.0, 0
             with dp.consensus():
-                scores = workload.evaluate(model, device) if rank == 0 else {}
+                scores = replicas.evaluate()
             stats = dp.stats
             row = {
                 "step": step,
@@ -207,6 +296,7 @@ def _train(
                 "syncs": stats["syncs"],
                 "collectives": stats["collectives"],
                 "comm_seconds": stats["comm_seconds"],
+                "by_scope": stats["by_scope"],
             }
             writer.write(row)
             if rank == 0:
@@ -224,15 +314,13 @@ def _train(
 
         epoch = 0
         while step < total_steps:
-            for x, y in workload.train_batches(rank, world_size, batch, epoch, config.seed, device):
+            for data in replicas.batches(batch, epoch, config.seed):
                 start = time.perf_counter()
                 for group in optimizer.param_groups:
                     group["lr"] = lr(step)
                 optimizer.zero_grad()
-                loss = workload.loss(model(x), y)
-                loss.backward()
+                loss_sum = loss_sum + replicas.forward_backward(data)
                 optimizer.step()
-                loss_sum += loss.detach()
                 loss_count += 1
                 step += 1
                 if device.type == "cuda":
@@ -247,8 +335,15 @@ def _train(
     final_stats = dp.stats
     if run_dir is not None:
         tmp = run_dir / ".checkpoint.pt.tmp"
-        torch.save({"model": model.state_dict(), "config": config.to_dict(), "step": step}, tmp)
+        torch.save(
+            {"model": replicas.final_model().state_dict(), "config": config.to_dict(), "step": step}, tmp
+        )
         os.replace(tmp, run_dir / "checkpoint.pt")
+    extra: dict[str, Any] = {}
+    if simulated:
+        assert isinstance(replicas, SimulatedReplicas)
+        extra["vectorized"] = replicas.gradients.vectorized
+        extra["fallback_reason"] = replicas.gradients.fallback_reason
     return _status(
         "completed",
         None,
@@ -258,4 +353,6 @@ def _train(
         total_steps=total_steps,
         global_batch=global_batch,
         algorithm=algorithm.to_dict(),
+        engine=config.engine,
+        **extra,
     )

@@ -1,0 +1,63 @@
+"""Network cost model: a run's communication counters in, wall-clock estimates on a
+named cluster out.
+
+Links follow the alpha-beta model; an all-reduce is a ring (hierarchical across nodes of
+several devices); a run's estimate is steps × compute per step plus the communication of
+its cumulative per-scope counters. Pure Python: nothing heavy is imported.
+
+>>> from localsgd.costmodel import preset, ring_allreduce_seconds
+>>> round(ring_allreduce_seconds(100e6, 16, preset("10gbe").inter), 4)
+0.1515
+
+See ``docs/costmodel.md`` for the formulas, the presets and their sources.
+"""
+
+from __future__ import annotations
+
+from localsgd.costmodel.clusters import (
+    cluster_from_dict,
+    cluster_to_dict,
+    load_cluster,
+    preset,
+    presets,
+)
+from localsgd.costmodel.model import (
+    GBIT,
+    Cluster,
+    CollectiveCost,
+    Estimate,
+    Link,
+    allreduce_cost,
+    allreduce_seconds,
+    collective_seconds,
+    comm_seconds,
+    compute_per_step,
+    estimate_run,
+    ring_allreduce_seconds,
+    ring_cost,
+    scope_cost,
+    scope_size,
+)
+
+__all__ = [
+    "GBIT",
+    "Cluster",
+    "CollectiveCost",
+    "Estimate",
+    "Link",
+    "allreduce_cost",
+    "allreduce_seconds",
+    "cluster_from_dict",
+    "cluster_to_dict",
+    "collective_seconds",
+    "comm_seconds",
+    "compute_per_step",
+    "estimate_run",
+    "load_cluster",
+    "preset",
+    "presets",
+    "ring_allreduce_seconds",
+    "ring_cost",
+    "scope_cost",
+    "scope_size",
+]

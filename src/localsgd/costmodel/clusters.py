@@ -1,0 +1,180 @@
+"""Named clusters (presets) and clusters described in TOML files.
+
+Presets take standard line rates for β and *typical* latencies for α (not measurements
+on any particular machine); ``docs/costmodel.md`` gives the source of every number. A TOML
+file describes your own cluster::
+
+    name = "lab"
+    devices_per_node = 4          # G; 1 for one worker per machine
+    seconds_per_sample = 2.0e-5   # optional: compute per sample on one device
+
+    [intra]                       # required when devices_per_node > 1
+    alpha = 2.0e-6                # seconds per message
+    bandwidth_gbit = 400          # gigabits per second (10^9 bit/s), one direction
+
+    [inter]
+    alpha = 5.0e-6
+    bandwidth_gbit = 100
+
+In TOML, bandwidth is in Gb/s (``bandwidth_gbit``), as network gear is rated; in code,
+:class:`~localsgd.costmodel.model.Link` takes bytes per second (1 Gb/s = 1.25e8 B/s).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import tomllib
+
+from localsgd.costmodel.model import GBIT, Cluster, Link, check_real
+
+TCP_ALPHA = 50e-6
+"""Typical per-message latency of kernel TCP over (10/25 GbE) Ethernet, software included."""
+IB_ALPHA = 5e-6
+"""Typical per-message latency of a collective step over InfiniBand EDR (RDMA ≈ 1 µs plus
+the collective library's software)."""
+NVLINK_ALPHA = 2e-6
+"""Typical per-step latency of an NVLink ring inside a node."""
+A100_NVLINK_BUS_BANDWIDTH = 235e9
+"""Bytes/s: the all-reduce bus bandwidth NCCL's tuning model caps A100 NVLink 3 at
+(the link rate is 300 GB/s per direction per GPU: 12 links × 25 GB/s)."""
+
+_PRESETS: dict[str, Cluster] = {
+    "10gbe": Cluster(
+        name="10gbe",
+        devices_per_node=1,
+        inter=Link(alpha=TCP_ALPHA, bandwidth=10 * GBIT),
+        description="10 Gb/s Ethernet (IEEE 802.3ae line rate), TCP, one worker per machine",
+    ),
+    "25gbe": Cluster(
+        name="25gbe",
+        devices_per_node=1,
+        inter=Link(alpha=TCP_ALPHA, bandwidth=25 * GBIT),
+        description="25 Gb/s Ethernet (IEEE 802.3by line rate), TCP, one worker per machine",
+    ),
+    "100g-ib": Cluster(
+        name="100g-ib",
+        devices_per_node=1,
+        inter=Link(alpha=IB_ALPHA, bandwidth=100 * GBIT),
+        description="100 Gb/s InfiniBand EDR (4x, data rate), RDMA, one worker per machine",
+    ),
+    "nvlink-node": Cluster(
+        name="nvlink-node",
+        devices_per_node=8,
+        intra=Link(alpha=NVLINK_ALPHA, bandwidth=A100_NVLINK_BUS_BANDWIDTH),
+        inter=Link(alpha=IB_ALPHA, bandwidth=100 * GBIT),
+        description=(
+            "nodes of 8 A100 GPUs on NVLink 3 (235 GB/s all-reduce bus bandwidth), "
+            "100 Gb/s InfiniBand EDR per GPU between nodes"
+        ),
+    ),
+    "wan": Cluster(
+        name="wan",
+        devices_per_node=1,
+        inter=Link(alpha=50e-3, bandwidth=1 * GBIT),
+        description="wide-area network: 1 Gb/s, 50 ms one-way latency, one worker per site",
+    ),
+}
+
+
+def presets() -> list[str]:
+    """The names :func:`preset` knows."""
+    return list(_PRESETS)
+
+
+def preset(name: str) -> Cluster:
+    """The named cluster; ``ValueError`` listing the presets for an unknown name."""
+    try:
+        return _PRESETS[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown cluster preset {name!r}; allowed: {', '.join(_PRESETS)}") from None
+
+
+_TOP_KEYS = ("name", "devices_per_node", "intra", "inter", "seconds_per_sample", "description")
+_LINK_KEYS = ("alpha", "bandwidth_gbit")
+
+
+def _link(table: str, data: Any) -> Link:
+    if not isinstance(data, Mapping):
+        raise ValueError(f"[{table}] must be a table with keys {', '.join(_LINK_KEYS)}, got {data!r}")
+    unknown = sorted(set(data) - set(_LINK_KEYS))
+    if unknown:
+        raise ValueError(f"unknown key {table}.{unknown[0]}; allowed in [{table}]: {', '.join(_LINK_KEYS)}")
+    for key in _LINK_KEYS:
+        if key not in data:
+            raise ValueError(f"missing field {table}.{key} (alpha in seconds, bandwidth_gbit in Gb/s)")
+    alpha = check_real(f"{table}.alpha", data["alpha"], unit="seconds")
+    gbit = check_real(f"{table}.bandwidth_gbit", data["bandwidth_gbit"], strict=True, unit="Gb/s")
+    return Link(alpha=alpha, bandwidth=gbit * GBIT)
+
+
+def cluster_from_dict(data: Mapping[str, Any]) -> Cluster:
+    """A :class:`Cluster` from the TOML layout (module docstring); ``ValueError`` naming
+    the field for unknown keys, missing fields and values out of range."""
+    if not isinstance(data, Mapping):
+        raise ValueError(f"a cluster must be a table, got {data!r}")
+    unknown = sorted(set(data) - set(_TOP_KEYS))
+    if unknown:
+        raise ValueError(f"unknown key {unknown[0]!r}; allowed: {', '.join(_TOP_KEYS)}")
+    for key in ("name", "devices_per_node", "inter"):
+        if key not in data:
+            raise ValueError(f"missing field {key!r} (required: name, devices_per_node, [inter])")
+    devices = data["devices_per_node"]
+    if isinstance(devices, bool) or not isinstance(devices, int) or devices < 1:
+        raise ValueError(f"devices_per_node must be an integer >= 1, got {devices!r}")
+    if devices > 1 and "intra" not in data:
+        raise ValueError(
+            f"missing field 'intra': a [intra] link is required when devices_per_node = {devices} > 1"
+        )
+    return Cluster(
+        name=data["name"],
+        devices_per_node=devices,
+        inter=_link("inter", data["inter"]),
+        intra=_link("intra", data["intra"]) if "intra" in data else None,
+        seconds_per_sample=data.get("seconds_per_sample"),
+        description=data.get("description", ""),
+    )
+
+
+def cluster_to_dict(cluster: Cluster) -> dict[str, Any]:
+    """The TOML layout of ``cluster`` (bandwidth in Gb/s); ``cluster_from_dict`` inverts it."""
+
+    def link(value: Link) -> dict[str, float]:
+        return {"alpha": value.alpha, "bandwidth_gbit": value.bandwidth / GBIT}
+
+    out: dict[str, Any] = {"name": cluster.name, "devices_per_node": cluster.devices_per_node}
+    if cluster.seconds_per_sample is not None:
+        out["seconds_per_sample"] = cluster.seconds_per_sample
+    if cluster.description:
+        out["description"] = cluster.description
+    if cluster.intra is not None:
+        out["intra"] = link(cluster.intra)
+    out["inter"] = link(cluster.inter)
+    return out
+
+
+def load_cluster(path_or_name: str | Path) -> Cluster:
+    """A preset by name, else a cluster TOML file by path (a ``Path``, a name ending in
+    ``.toml``, or an existing file). ``ValueError`` for an unknown name (listing the
+    presets), a missing file, bad TOML, or a field out of range."""
+    text = str(path_or_name)
+    if not isinstance(path_or_name, Path) and text in _PRESETS:
+        return _PRESETS[text]
+    if not (isinstance(path_or_name, Path) or text.endswith(".toml") or Path(text).is_file()):
+        raise ValueError(
+            f"unknown cluster {text!r}: not a preset (one of {', '.join(_PRESETS)}) nor a cluster TOML file"
+        )
+    path = Path(text)
+    try:
+        with path.open("rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ValueError(f"cluster file {text!r} does not exist (presets: {', '.join(_PRESETS)})") from None
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ValueError(f"cluster file {text!r}: {exc}") from None
+    try:
+        return cluster_from_dict(data)
+    except ValueError as exc:
+        raise ValueError(f"cluster file {text!r}: {exc}") from None

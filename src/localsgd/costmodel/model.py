@@ -1,0 +1,330 @@
+"""Alpha-beta links, clusters of nodes, all-reduce times, and run estimates.
+
+A link costs ``α + n/β`` to move one message of n bytes (Hockney's model). A ring
+all-reduce of n bytes over p ranks takes 2(p−1) steps, each moving n/p bytes per rank,
+so T = 2(p−1)·α + 2·(p−1)/p · n/β (Thakur, Rabenseifner & Gropp 2005; Patarasuk & Yuan
+2009). Every time here is affine in n, so a run's total is exact from its cumulative
+counters: Σ over scopes of collectives × latency term + bytes × bandwidth term.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+GBIT = 1e9 / 8
+"""Bytes per second in one gigabit per second (10⁹ bit/s, decimal as line rates are)."""
+
+
+def check_real(name: str, value: Any, *, minimum: float = 0.0, strict: bool = False, unit: str = "") -> float:
+    """``value`` as a float if it is a finite real number ≥ (or >, ``strict``) ``minimum``;
+    ``ValueError`` naming ``name`` otherwise."""
+    relation = ">" if strict else ">="
+    allowed = f"a finite number {relation} {minimum:g}{f' {unit}' if unit else ''}"
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be {allowed}, got {value!r}")
+    number = float(value)
+    if not math.isfinite(number) or number < minimum or (strict and number == minimum):
+        raise ValueError(f"{name} must be {allowed}, got {value!r}")
+    return number
+
+
+@dataclass(frozen=True)
+class Link:
+    """A point-to-point link in the alpha-beta model: one message of n bytes takes
+    ``alpha + n / bandwidth`` seconds. In a ring every rank sends and receives at once, so
+    ``bandwidth`` is what one rank can push in one direction while its neighbour does the
+    same (a full-duplex line rate, or NCCL's "bus bandwidth")."""
+
+    alpha: float
+    """α: seconds of latency per message (start-up, software stack, switch hops), ≥ 0."""
+    bandwidth: float
+    """β: bytes per second in one direction, > 0 (1 Gb/s = ``GBIT`` = 1.25e8 B/s)."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "alpha", check_real("alpha", self.alpha, unit="seconds"))
+        object.__setattr__(
+            self, "bandwidth", check_real("bandwidth", self.bandwidth, strict=True, unit="bytes/s")
+        )
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """Nodes of ``devices_per_node`` devices (G): devices of one node talk over ``intra``,
+    nodes over ``inter``. A flat cluster (one worker per machine) has G = 1 and no intra link.
+
+    K workers fill nodes in rank order: ranks [0, G) on the first node, [G, 2G) on the
+    next, ..., so they occupy ceil(K/G) nodes (one node of K devices when K < G).
+    """
+
+    name: str
+    """Short name, shown in reports."""
+    devices_per_node: int
+    """G: devices (workers) per node, ≥ 1."""
+    inter: Link
+    """The link between nodes (per device: see ``docs/costmodel.md`` on rail-optimised NICs)."""
+    intra: Link | None = None
+    """The link between the devices of one node; required when G > 1, unused when G = 1."""
+    seconds_per_sample: float | None = None
+    """Compute seconds per training sample on one target device (forward + backward +
+    optimizer step); a step of per-worker batch B costs B × this. None: use the compute
+    time measured in the run."""
+    description: str = ""
+    """One line on what the cluster is and where its numbers come from."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name.strip():
+            raise ValueError(f"name must be a non-empty string, got {self.name!r}")
+        g = self.devices_per_node
+        if isinstance(g, bool) or not isinstance(g, int) or g < 1:
+            raise ValueError(f"devices_per_node must be an integer >= 1, got {g!r}")
+        if not isinstance(self.inter, Link):
+            raise ValueError(f"inter must be a Link(alpha, bandwidth), got {self.inter!r}")
+        if self.intra is not None and not isinstance(self.intra, Link):
+            raise ValueError(f"intra must be a Link(alpha, bandwidth) or None, got {self.intra!r}")
+        if g > 1 and self.intra is None:
+            raise ValueError(f"intra is required when devices_per_node > 1 (got devices_per_node = {g})")
+        if self.seconds_per_sample is not None:
+            value = check_real("seconds_per_sample", self.seconds_per_sample, strict=True, unit="seconds")
+            object.__setattr__(self, "seconds_per_sample", value)
+        if not isinstance(self.description, str):
+            raise ValueError(f"description must be a string, got {self.description!r}")
+
+    def placement(self, workers: int) -> tuple[int, int]:
+        """(nodes, devices used per node) for K = ``workers``: (ceil(K/G), min(K, G))."""
+        _check_workers(workers)
+        return math.ceil(workers / self.devices_per_node), min(workers, self.devices_per_node)
+
+    def _intra(self) -> Link:
+        assert self.intra is not None, f"cluster {self.name!r}: G = {self.devices_per_node} needs intra"
+        return self.intra
+
+
+def _check_workers(workers: Any, name: str = "workers") -> int:
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {workers!r}")
+    return workers
+
+
+@dataclass(frozen=True)
+class CollectiveCost:
+    """The time of one collective as an affine function of its payload n:
+    ``latency + per_byte * n``. Costs of consecutive stages add."""
+
+    latency: float
+    """Seconds independent of the payload (the α terms)."""
+    per_byte: float
+    """Seconds per payload byte (the β terms)."""
+
+    def seconds(self, nbytes: float) -> float:
+        return self.latency + self.per_byte * nbytes
+
+    def __add__(self, other: CollectiveCost) -> CollectiveCost:
+        return CollectiveCost(self.latency + other.latency, self.per_byte + other.per_byte)
+
+
+ZERO = CollectiveCost(0.0, 0.0)
+
+
+# -- one collective --------------------------------------------------------------------
+
+
+def ring_allreduce_seconds(nbytes: float, p: int, link: Link) -> float:
+    """T = 2(p−1)·α + 2·(p−1)/p · n/β: a reduce-scatter then an all-gather, each p−1 steps
+    of n/p bytes per rank. 0 for p = 1."""
+    _check_workers(p, "p")
+    check_real("nbytes", nbytes, unit="bytes")
+    if p == 1:
+        return 0.0
+    return 2 * (p - 1) * link.alpha + 2 * (p - 1) / p * nbytes / link.bandwidth
+
+
+def ring_cost(p: int, link: Link) -> CollectiveCost:
+    """:func:`ring_allreduce_seconds` as (latency, per-byte) terms."""
+    _check_workers(p, "p")
+    if p == 1:
+        return ZERO
+    return CollectiveCost(2 * (p - 1) * link.alpha, 2 * (p - 1) / (p * link.bandwidth))
+
+
+def allreduce_seconds(nbytes: float, p: int, cluster: Cluster) -> float:
+    """One all-reduce of ``nbytes`` over ranks [0, p) of ``cluster`` (placed in rank order).
+
+    - p = 1: 0.
+    - p ≤ G (one node): a ring on the intra-node link.
+    - G = 1 (one device per node): a ring on the inter-node link.
+    - p a multiple of G, N = p/G > 1 nodes: hierarchical — an intra-node reduce-scatter,
+      (G−1)(α_i + n/(G·β_i)); G concurrent inter-node ring all-reduces of the n/G-byte
+      shards over N nodes, one per local rank; an intra-node all-gather, (G−1)(α_i + n/(G·β_i)).
+    - otherwise (a partly filled last node): one flat ring over all p ranks at the pace of
+      the inter-node link, since a ring advances in lock-step and its slowest hop sets
+      each step.
+    """
+    _check_workers(p, "p")
+    check_real("nbytes", nbytes, unit="bytes")
+    g = cluster.devices_per_node
+    if p == 1:
+        return 0.0
+    if p <= g:
+        return ring_allreduce_seconds(nbytes, p, cluster._intra())
+    if g == 1 or p % g:
+        return ring_allreduce_seconds(nbytes, p, cluster.inter)
+    intra = cluster._intra()
+    reduce_scatter = (g - 1) * (intra.alpha + nbytes / (g * intra.bandwidth))
+    across = ring_allreduce_seconds(nbytes / g, p // g, cluster.inter)
+    all_gather = (g - 1) * (intra.alpha + nbytes / (g * intra.bandwidth))
+    return reduce_scatter + across + all_gather
+
+
+def allreduce_cost(p: int, cluster: Cluster) -> CollectiveCost:
+    """:func:`allreduce_seconds` as (latency, per-byte) terms."""
+    _check_workers(p, "p")
+    g = cluster.devices_per_node
+    if p == 1:
+        return ZERO
+    if p <= g:
+        return ring_cost(p, cluster._intra())
+    if g == 1 or p % g:
+        return ring_cost(p, cluster.inter)
+    across = ring_cost(p // g, cluster.inter)
+    # The inter-node rings carry shards of n/G bytes: their per-byte term scales by 1/G.
+    return ring_cost(g, cluster._intra()) + CollectiveCost(across.latency, across.per_byte / g)
+
+
+# -- scopes ----------------------------------------------------------------------------
+
+_BLOCK = re.compile(r"block(\d+)")
+
+
+def scope_size(scope: str, workers: int) -> int:
+    """Ranks taking part in one collective of ``scope`` (``"world"`` or ``"block{b}"``,
+    the labels of :class:`localsgd.comm.base.CommStats`) in a world of ``workers``."""
+    _check_workers(workers)
+    if scope == "world":
+        return workers
+    match = _BLOCK.fullmatch(scope)
+    if match is None:
+        raise ValueError(f"unknown scope {scope!r}; allowed: 'world' or 'block<b>' (e.g. 'block2')")
+    size = int(match.group(1))
+    if size < 1 or workers % size:
+        raise ValueError(f"scope {scope!r}: block size {size} does not divide the {workers} workers")
+    return size
+
+
+def _block_on_one_node(size: int, workers: int, cluster: Cluster) -> bool:
+    g = cluster.devices_per_node
+    return size <= g and (workers <= g or g % size == 0)
+
+
+def scope_cost(scope: str, workers: int, cluster: Cluster) -> CollectiveCost:
+    """The (latency, per-byte) terms of one collective of ``scope`` in a run of ``workers``.
+
+    World: :func:`allreduce_cost` over all K workers. A block of b consecutive ranks
+    (all blocks run at once, each on its own links): a ring on the intra-node link when
+    every block lies inside one node (b ≤ G and b divides G, or all K workers share one
+    node); when b < G does not divide G some blocks straddle two nodes, and their ring runs
+    at the inter-node link's pace; b > G is costed like a world all-reduce over b ranks.
+    """
+    size = scope_size(scope, workers)
+    if scope == "world" or size == 1:
+        return allreduce_cost(size, cluster)
+    if _block_on_one_node(size, workers, cluster):
+        return ring_cost(size, cluster._intra())
+    if size < cluster.devices_per_node:
+        return ring_cost(size, cluster.inter)
+    return allreduce_cost(size, cluster)
+
+
+def collective_seconds(nbytes: float, scope: str, workers: int, cluster: Cluster) -> float:
+    """One collective of ``nbytes`` in ``scope``, from the per-collective formulas
+    (:func:`allreduce_seconds`, :func:`ring_allreduce_seconds`); equals
+    ``scope_cost(...).seconds(nbytes)``."""
+    size = scope_size(scope, workers)
+    if scope == "world" or size == 1:
+        return allreduce_seconds(nbytes, size, cluster)
+    if _block_on_one_node(size, workers, cluster):
+        return ring_allreduce_seconds(nbytes, size, cluster._intra())
+    if size < cluster.devices_per_node:
+        return ring_allreduce_seconds(nbytes, size, cluster.inter)
+    return allreduce_seconds(nbytes, size, cluster)
+
+
+# -- a run -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A run's wall-clock estimate on a cluster: compute and communication, added (the
+    model assumes no overlap between them)."""
+
+    compute_seconds: float
+    """steps × compute seconds per step."""
+    comm_seconds: float
+    """Σ over scopes of collectives × latency term + payload bytes × bandwidth term."""
+    total_seconds: float
+    """compute_seconds + comm_seconds."""
+
+    def as_dict(self) -> dict[str, float]:
+        return {
+            "compute_seconds": self.compute_seconds,
+            "comm_seconds": self.comm_seconds,
+            "total_seconds": self.total_seconds,
+        }
+
+
+def comm_seconds(counters_by_scope: Mapping[str, Mapping[str, Any]], workers: int, cluster: Cluster) -> float:
+    """Σ_scope collectives_s · latency_s + bytes_s · per_byte_s, from cumulative counters
+    ``{"world": {"collectives": c, "bytes": b, ...}, "block2": {...}}`` (other keys, such
+    as measured ``seconds``, are ignored). Exact when all collectives of a scope move the
+    same payload, and in general since every term is affine in the payload."""
+    total = 0.0
+    for scope, counters in counters_by_scope.items():
+        if not isinstance(counters, Mapping):
+            raise ValueError(f"counters of scope {scope!r} must be a mapping, got {counters!r}")
+        collectives = check_real(f"{scope}.collectives", counters.get("collectives", 0))
+        nbytes = check_real(f"{scope}.bytes", counters.get("bytes", 0), unit="bytes")
+        if collectives == 0 and nbytes == 0:
+            continue
+        cost = scope_cost(scope, workers, cluster)
+        total += collectives * cost.latency + nbytes * cost.per_byte
+    return total
+
+
+def compute_per_step(
+    batch_size: int, cluster: Cluster, measured_compute_per_step: float | None = None
+) -> float:
+    """Seconds of computation per step on one worker: B × ``cluster.seconds_per_sample``
+    when the cluster has it (it describes the target device, so it takes precedence), else
+    ``measured_compute_per_step``. NaN passes through (a run without the measurement)."""
+    if cluster.seconds_per_sample is not None:
+        _check_workers(batch_size, "batch_size")
+        return batch_size * cluster.seconds_per_sample
+    if measured_compute_per_step is None:
+        raise ValueError(
+            f"cluster {cluster.name!r} has no seconds_per_sample, so measured_compute_per_step "
+            "is required (a run's (wall_seconds - comm_seconds) / steps)"
+        )
+    if isinstance(measured_compute_per_step, float) and math.isnan(measured_compute_per_step):
+        return math.nan
+    return check_real("measured_compute_per_step", measured_compute_per_step, unit="seconds")
+
+
+def estimate_run(
+    counters_by_scope: Mapping[str, Mapping[str, Any]],
+    steps: float,
+    workers: int,
+    batch_size: int,
+    cluster: Cluster,
+    measured_compute_per_step: float | None = None,
+) -> Estimate:
+    """Estimate a run (or its prefix up to an evaluation row) on ``cluster``:
+    ``steps`` × :func:`compute_per_step` + :func:`comm_seconds` of its cumulative counters."""
+    steps = check_real("steps", steps)
+    _check_workers(workers)
+    compute = steps * compute_per_step(batch_size, cluster, measured_compute_per_step)
+    comm = comm_seconds(counters_by_scope, workers, cluster)
+    return Estimate(compute, comm, compute + comm)

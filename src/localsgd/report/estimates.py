@@ -1,0 +1,209 @@
+"""Wall-clock estimates of a study's runs on a named cluster (``localsgd.costmodel``).
+
+Per run: the final estimate (compute, communication, total) from its final counters and
+steps; per evaluation row: the estimate of the run up to that row; per run: the estimated
+time to a target accuracy (the first evaluation row reaching it). Per group: mean ± std
+over the completed seeds and the estimated speedup over the K=1 baseline on the cluster.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Any
+
+import pandas as pd
+
+from localsgd.costmodel import Cluster, estimate_run
+from localsgd.report.tables import Study, _baseline_keys, row_counters
+
+TARGET_FRACTION = 0.95
+"""Default target: this fraction of the best mean final accuracy of the workload."""
+
+PARTS = ("compute", "comm", "total")
+RUN_COLUMNS = [f"est_{p}_seconds" for p in PARTS]
+TARGET_COLUMNS = [f"est_target_{p}_seconds" for p in PARTS]
+
+
+@dataclass
+class Target:
+    """The accuracy a workload's time-to-target is measured at, and why that one."""
+
+    accuracy: float
+    how: str
+
+
+@dataclass
+class ClusterEstimates:
+    cluster: Cluster
+    study: Study
+    """The study with estimate columns: ``runs`` gains ``est_*`` (final and to target),
+    ``metrics`` gains ``est_{compute,comm,total}_seconds`` per evaluation row."""
+    summary: pd.DataFrame
+    """The summary table with the estimate columns (:func:`estimate`)."""
+    targets: dict[str, Target]
+    """Per workload."""
+
+
+def check_target(target_accuracy: float | None) -> float | None:
+    if target_accuracy is None:
+        return None
+    if (
+        isinstance(target_accuracy, bool)
+        or not isinstance(target_accuracy, (int, float))
+        or not 0 < target_accuracy <= 1
+    ):
+        raise ValueError(
+            f"target_accuracy must be a fraction in (0, 1] (0.9 for 90%), got {target_accuracy!r}"
+        )
+    return float(target_accuracy)
+
+
+def measured_compute_per_step(wall_seconds: float, comm_seconds: float, steps: float, workers: int) -> float:
+    """(wall − comm) / steps of a run's last row on the machine that ran it; NaN when a
+    number is missing (a K=1 run communicates nothing, so its missing comm is 0)."""
+    if workers == 1 and not math.isfinite(comm_seconds):
+        comm_seconds = 0.0
+    if not (math.isfinite(wall_seconds) and math.isfinite(comm_seconds) and steps and steps > 0):
+        return math.nan
+    return max(wall_seconds - comm_seconds, 0.0) / steps
+
+
+def _float(value: Any) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def _estimate(
+    counters: dict[str, dict[str, float]] | None,
+    steps: float,
+    workers: int,
+    batch_size: int,
+    cluster: Cluster,
+    measured: float,
+) -> tuple[float, float, float]:
+    if counters is None or not math.isfinite(steps):
+        return (math.nan, math.nan, math.nan)
+    est = estimate_run(counters, steps, workers, batch_size, cluster, measured)
+    return (est.compute_seconds, est.comm_seconds, est.total_seconds)
+
+
+def targets_for(
+    summary: pd.DataFrame, workloads: list[str], target_accuracy: float | None
+) -> dict[str, Target]:
+    out = {}
+    for workload in workloads:
+        if target_accuracy is not None:
+            out[workload] = Target(target_accuracy, "given (--target-accuracy)")
+            continue
+        finals = [
+            (float(r["final_test_accuracy_mean"]), str(r["group"]))
+            for r in summary[summary["workload"] == workload].to_dict("records")
+            if math.isfinite(_float(r["final_test_accuracy_mean"]))
+        ]
+        if not finals:
+            out[workload] = Target(math.nan, "no completed run: no target")
+            continue
+        best, group = max(finals, key=lambda f: f[0])
+        out[workload] = Target(
+            TARGET_FRACTION * best,
+            f"{TARGET_FRACTION:g} × the best mean final accuracy ({100 * best:.2f}%, {group})",
+        )
+    return out
+
+
+def estimate(
+    study: Study, summary: pd.DataFrame, cluster: Cluster, target_accuracy: float | None = None
+) -> ClusterEstimates:
+    """Add the cluster estimates to ``study`` and ``summary``.
+
+    Summary columns added: ``est_{compute,comm,total}_seconds_{mean,std}``, ``est_speedup``
+    (mean estimated total of the completed K=1 runs of the same workload and setting /
+    this group's), ``target_accuracy``, ``est_target_{compute,comm,total}_seconds_mean``
+    and ``est_target_total_seconds_std`` (NaN unless every completed seed reached the
+    target), ``est_target_reached`` (seeds that reached it).
+    """
+    target_accuracy = check_target(target_accuracy)
+    runs = study.runs.copy()
+    metrics = study.metrics.copy()
+    workloads = sorted({str(w) for w in runs["workload"]})
+    targets = targets_for(summary, workloads, target_accuracy)
+
+    # Per run: identity, measured compute per step, the final estimate.
+    who: dict[str, tuple[int, int, str]] = {}
+    per_step: dict[str, float] = {}
+    final: dict[str, tuple[float, float, float]] = {}
+    for run in runs.to_dict("records"):
+        rid, workers, batch = str(run["run_id"]), int(run["workers"]), int(run["batch_size"])
+        who[rid] = (workers, batch, str(run["workload"]))
+        per_step[rid] = measured_compute_per_step(
+            float(run["wall_seconds"]), float(run["comm_seconds"]), float(run["final_step"]), workers
+        )
+        counters = study.final_counters.get(rid, {})
+        steps = float(counters.get("steps", math.nan))
+        final[rid] = _estimate(counters.get("by_scope"), steps, workers, batch, cluster, per_step[rid])
+    ids = [str(r) for r in runs["run_id"]]
+    runs["est_compute_per_step"] = [
+        cluster.seconds_per_sample * who[r][1] if cluster.seconds_per_sample is not None else per_step[r]
+        for r in ids
+    ]
+    for i, column in enumerate(RUN_COLUMNS):
+        runs[column] = [final[r][i] for r in ids]
+
+    # Per evaluation row: the run up to that row; and each run's first row at or above
+    # its workload's target accuracy.
+    rows_est: list[tuple[float, float, float]] = []
+    reached: dict[str, tuple[float, tuple[float, float, float]]] = {}
+    for record in metrics.to_dict("records"):
+        row = {str(k): v for k, v in record.items()}
+        rid = str(row["run_id"])
+        if rid not in who:
+            rows_est.append((math.nan, math.nan, math.nan))
+            continue
+        workers, batch, workload = who[rid]
+        step = _float(row.get("step"))
+        est = _estimate(row_counters(row), step, workers, batch, cluster, per_step[rid])
+        rows_est.append(est)
+        accuracy = _float(row.get("test_accuracy"))
+        if accuracy >= targets[workload].accuracy and (rid not in reached or step < reached[rid][0]):
+            reached[rid] = (step, est)
+    for i, column in enumerate(RUN_COLUMNS):
+        metrics[column] = [e[i] for e in rows_est] if rows_est else pd.Series(dtype=float)
+    runs["target_accuracy"] = [targets[who[r][2]].accuracy for r in ids]
+    runs["est_target_step"] = [reached[r][0] if r in reached else math.nan for r in ids]
+    for i, column in enumerate(TARGET_COLUMNS):
+        runs[column] = [reached[r][1][i] if r in reached else math.nan for r in ids]
+
+    new_study = replace(study, runs=runs, metrics=metrics)
+    return ClusterEstimates(cluster, new_study, _summary(new_study, summary, targets), targets)
+
+
+def _summary(study: Study, summary: pd.DataFrame, targets: dict[str, Target]) -> pd.DataFrame:
+    done = study.runs[study.runs["status"] == "completed"]
+    columns = [f"est_{p}_seconds_{s}" for p in PARTS for s in ("mean", "std")]
+    columns += ["est_speedup", "target_accuracy"]
+    columns += [f"{c}_mean" for c in TARGET_COLUMNS] + ["est_target_total_seconds_std", "est_target_reached"]
+    if summary.empty:
+        return summary.assign(**{c: pd.Series(dtype=float) for c in columns})
+    base_keys = _baseline_keys(study)
+    base = done[done["workers"] == 1].groupby(base_keys, sort=False, dropna=False)["est_total_seconds"].mean()
+    rows: list[dict[str, Any]] = []
+    for (workload, group), part in done.groupby(["workload", "group"], sort=False):
+        row: dict[str, Any] = {"workload": workload, "group": group}
+        for p in PARTS:
+            row[f"est_{p}_seconds_mean"] = part[f"est_{p}_seconds"].mean()
+            row[f"est_{p}_seconds_std"] = part[f"est_{p}_seconds"].std(ddof=1)
+        key = tuple(part[k].iloc[0] for k in base_keys)
+        reference = base.get(key if len(key) > 1 else key[0], math.nan)
+        row["est_speedup"] = reference / row["est_total_seconds_mean"]
+        row["target_accuracy"] = targets[str(workload)].accuracy
+        for column in TARGET_COLUMNS:
+            # Strict: a group whose seeds did not all reach the target has no mean time.
+            row[f"{column}_mean"] = part[column].mean(skipna=False)
+        row["est_target_total_seconds_std"] = part["est_target_total_seconds"].std(ddof=1, skipna=False)
+        row["est_target_reached"] = int(part["est_target_total_seconds"].notna().sum())
+        rows.append(row)
+    extra = pd.DataFrame(rows, columns=["workload", "group", *columns])
+    return summary.merge(extra, on=["workload", "group"], how="left")

@@ -1,0 +1,241 @@
+"""The simulated engine against the process engine: same parameters, same counters."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import localsgd
+from harness import run_world
+from localsgd import algorithms as A
+from localsgd.engines.simulated import (
+    ReplicaGradients,
+    SimulatedCommunicator,
+    StackedModel,
+    check_elementwise,
+    replica_span,
+)
+from localsgd.studies.schema import run_config
+
+pytestmark = pytest.mark.timeout(600)
+
+ALGORITHMS: dict[str, dict[str, Any]] = {
+    "minibatch_sgd": {"name": "minibatch_sgd"},
+    "gradient_accumulation": {"name": "gradient_accumulation", "steps": 3},
+    "local_sgd": {"name": "local_sgd", "period": 4},
+    "post_local_sgd": {"name": "post_local_sgd", "switch_step": 7, "period": 3},
+    "hierarchical_local_sgd": {
+        "name": "hierarchical_local_sgd",
+        "period": 2,
+        "block_period": 2,
+        "block_size": 2,
+    },
+    "slowmo": {"name": "slowmo", "period": 4, "momentum": 0.5},
+    "diloco": {"name": "diloco", "period": 5, "outer_lr": 0.7, "outer_momentum": 0.9},
+    "sma": {"name": "sma", "momentum": 0.9},
+}
+
+
+def config(name: str, workers: int, engine: str, workload: str = "mnist1d_cnn") -> Any:
+    return run_config(
+        {
+            "workload": workload,
+            "workers": workers,
+            "engine": engine,
+            "seed": 3,
+            "algorithm": ALGORITHMS[name],
+            "data": {"num_samples": 1000, "batch_size": 16},
+            "optimizer": {"name": "adamw", "lr": 3e-3} if name == "diloco" else {"lr": 0.05},
+            "train": {"epochs": 10, "max_steps": 30, "eval_every": 10},
+        }
+    )
+
+
+def run_processes(rank: int, world: int, folder: str, cache: str) -> dict[str, Any]:
+    os.environ["XDG_CACHE_HOME"] = cache
+    from localsgd.studies.trainer import train
+
+    out = {}
+    for name in ALGORITHMS:
+        run_dir = Path(folder) / f"{name}-{world}" if rank == 0 else None
+        if run_dir is not None:
+            run_dir.mkdir()
+        status = train(config(name, world, "processes"), run_dir, rank, world, "gloo")
+        if rank == 0:
+            assert run_dir is not None
+            out[name] = {"status": status, "model": torch.load(run_dir / "checkpoint.pt")["model"]}
+    return out
+
+
+def run_simulated(tmp_path: Path, world: int) -> dict[str, Any]:
+    from localsgd.studies.trainer import train
+
+    out = {}
+    for name in ALGORITHMS:
+        run_dir = tmp_path / f"sim-{name}-{world}"
+        run_dir.mkdir()
+        status = train(config(name, world, "simulated"), run_dir, 0, 1)
+        out[name] = {"status": status, "model": torch.load(run_dir / "checkpoint.pt")["model"]}
+    return out
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return str(tmp_path_factory.mktemp("cache"))
+
+
+@pytest.mark.parametrize("world", [2, 4], ids=lambda k: f"K{k}")
+def test_simulated_equals_processes_for_every_algorithm(world, tmp_path, cache, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", cache)
+    processes = run_world(run_processes, world, str(tmp_path), cache)[0]
+    simulated = run_simulated(tmp_path, world)
+    for name in ALGORITHMS:
+        p, s = processes[name], simulated[name]
+        assert p["status"]["status"] == s["status"]["status"] == "completed", name
+        assert s["status"]["vectorized"], s["status"]["fallback_reason"]
+        assert p["status"]["steps"] == s["status"]["steps"] == 30
+        for key in ("syncs", "collectives", "bytes", "steps"):
+            assert p["status"]["stats"][key] == s["status"]["stats"][key], f"{name} {key}"
+        for scope, counts in p["status"]["stats"]["by_scope"].items():
+            sim_counts = s["status"]["stats"]["by_scope"][scope]
+            assert (counts["collectives"], counts["bytes"]) == (
+                sim_counts["collectives"],
+                sim_counts["bytes"],
+            )
+        for key, tensor in p["model"].items():
+            other = s["model"][key]
+            if tensor.is_floating_point():
+                err = float((tensor - other).norm() / tensor.norm().clamp_min(1e-12))
+                assert err <= 1e-5, f"{name} {key}: relative error {err:.2e}"
+            else:
+                assert torch.equal(tensor, other), f"{name} {key}"
+        rows_p, rows_s = p["status"]["final"], s["status"]["final"]
+        assert rows_p["train_loss"] == pytest.approx(rows_s["train_loss"], rel=1e-5)
+        assert rows_p["test_accuracy"] == pytest.approx(rows_s["test_accuracy"], abs=2e-3)
+
+
+# -- units -------------------------------------------------------------------------------------
+
+
+def tiny() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 2))
+
+
+def test_stacked_layout_is_one_storage_per_dtype_and_averages_in_blocks():
+    stacked = StackedModel(tiny(), 4)
+    params = list(stacked.parameters())
+    span = replica_span(params, 4)
+    assert span is not None and span.shape == (4, sum(p[0].numel() for p in params))
+    with torch.no_grad():
+        for k in range(4):
+            for p in params:
+                p[k].fill_(float(k))
+    comm = SimulatedCommunicator(4)
+    comm.prepare(localsgd.comm.Block(2))
+    comm.average(params, localsgd.comm.Block(2))
+    assert [float(params[0][k].detach().flatten()[0]) for k in range(4)] == [0.5, 0.5, 2.5, 2.5]
+    comm.average(params)
+    assert all(torch.all(p == 1.5) for p in params)
+    assert comm.stats.collectives == 2
+    assert comm.stats.bytes == 2 * 4 * sum(p[0].numel() for p in params)
+    with pytest.raises(ValueError, match=r"block_size=3 does not divide the world size 4"):
+        comm.prepare(localsgd.comm.Block(3))
+    with pytest.raises(ValueError, match="stacked along a leading replica dimension of 4"):
+        comm.average([torch.zeros(3)])
+
+
+def test_vmap_gradients_and_batchnorm_statistics_match_per_replica_autograd():
+    stacked = StackedModel(tiny(), 3)
+    grads = ReplicaGradients(stacked, nn.functional.cross_entropy)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(3, 8, 3, generator=g), torch.randint(0, 2, (3, 8), generator=g)
+    losses = grads(x, y)
+    assert grads.vectorized
+    for k in range(3):
+        ref = tiny()
+        loss = nn.functional.cross_entropy(ref(x[k]), y[k])
+        loss.backward()
+        assert float(losses[k]) == pytest.approx(float(loss), rel=1e-6)
+        for p, s in zip(ref.parameters(), stacked.parameters()):
+            torch.testing.assert_close(s.grad[k], p.grad, rtol=1e-5, atol=1e-6)
+        for b, s in zip(ref.buffers(), stacked.stacked_buffers()):
+            torch.testing.assert_close(s[k], b, rtol=1e-5, atol=1e-6)
+
+
+def test_models_vmap_cannot_handle_fall_back_to_a_loop_and_say_why(caplog):
+    class DataDependent(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(3, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            out = self.lin(x)
+            return out * 2 if out.sum().item() > 0 else out  # .item() is not vmap-able
+
+    torch.manual_seed(0)
+    stacked = StackedModel(DataDependent(), 2)
+    grads = ReplicaGradients(stacked, nn.functional.cross_entropy)
+    x, y = torch.randn(2, 4, 3), torch.randint(0, 2, (2, 4))
+    with caplog.at_level("WARNING"):
+        losses = grads(x, y)
+    assert not grads.vectorized and "item" in (grads.fallback_reason or "").lower()
+    assert "looping over replicas" in caplog.text
+    ref = DataDependent()
+    ref.load_state_dict(stacked.module.state_dict())
+    for k in range(2):
+        ref.zero_grad()
+        loss = nn.functional.cross_entropy(ref(x[k]), y[k])
+        loss.backward()
+        assert float(losses[k]) == pytest.approx(float(loss))
+        torch.testing.assert_close(stacked.stacked[0].grad[k], ref.lin.weight.grad)
+
+
+def test_non_elementwise_optimizers_are_refused():
+    stacked = StackedModel(tiny(), 2)
+    check_elementwise(torch.optim.AdamW(stacked.parameters()))
+    with pytest.raises(ValueError, match=r"LBFGS is not one of \['Adagrad', 'Adam'"):
+        check_elementwise(torch.optim.LBFGS(stacked.parameters()))
+
+
+def test_k256_cnn_trains_in_one_process(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    from localsgd.studies.trainer import train
+
+    cfg = run_config(
+        {
+            "workload": "mnist1d_cnn",
+            "workers": 256,
+            "engine": "simulated",
+            "algorithm": {"name": "local_sgd", "period": 8},
+            "data": {"num_samples": 20000, "batch_size": 8},
+            "train": {"epochs": 1, "max_steps": 16, "eval_every": 8},
+        }
+    )
+    status = train(cfg, tmp_path, 0, 1)
+    assert status["status"] == "completed" and status["steps"] == 7  # 16000 // 256 // 8
+    assert status["stats"]["syncs"] == 1 and status["vectorized"]
+    assert 0.0 < status["final"]["test_accuracy"] <= 1.0
+
+
+def test_simulated_algorithm_api_unchanged():
+    """DataParallel runs any algorithm over a StackedModel with the simulated communicator."""
+    stacked = StackedModel(tiny(), 4)
+    opt = torch.optim.SGD(stacked.parameters(), lr=0.1)
+    grads = ReplicaGradients(stacked, nn.functional.cross_entropy)
+    comm = SimulatedCommunicator(4)
+    with localsgd.DataParallel(stacked, opt, A.LocalSGD(period=2), comm=comm, flat=False) as dp:
+        for step in range(4):
+            g = torch.Generator().manual_seed(step)
+            opt.zero_grad()
+            grads(torch.randn(4, 8, 3, generator=g), torch.randint(0, 2, (4, 8), generator=g))
+            opt.step()
+            w = stacked.stacked[0]
+            same = all(torch.equal(w[0], w[k]) for k in range(4))
+            assert same == (step % 2 == 1)
+    assert dp.stats["syncs"] == 2
