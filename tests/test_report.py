@@ -578,3 +578,14 @@ def test_cluster_errors(estimate_store: Path, tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["report", str(estimate_store), "--cluster", "fast"])
     assert result.exit_code == 2
     assert "unknown cluster 'fast'" in result.output and "nvlink-node" in result.output
+
+
+def test_measured_compute_per_step() -> None:
+    from localsgd.report.estimates import measured_compute_per_step
+
+    assert measured_compute_per_step(10.0, 2.0, 100, 4) == pytest.approx(0.08)
+    # The simulated engine ran all 4 replicas in one process: one worker's share.
+    assert measured_compute_per_step(10.0, 2.0, 100, 4, "simulated") == pytest.approx(0.02)
+    assert measured_compute_per_step(10.0, math.nan, 100, 1) == pytest.approx(0.1)  # K=1: no comm
+    assert math.isnan(measured_compute_per_step(10.0, math.nan, 100, 4))
+    assert math.isnan(measured_compute_per_step(10.0, 0.0, 0, 1))

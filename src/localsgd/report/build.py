@@ -260,6 +260,13 @@ def _cluster_lines(estimates: ClusterEstimates) -> list[str]:
             "than K this includes contention, so the estimate is pessimistic for large K; give the "
             "cluster a seconds_per_sample (cluster TOML) to cost compute on the target device."
         )
+        engines = estimates.study.runs.get("config.engine", pd.Series(dtype=object))
+        if (engines == "simulated").any():
+            lines.append(
+                "Runs of the simulated engine computed all K replicas in one process: their measured "
+                "compute per step is divided by K (batched replicas cost less than K separate steps, "
+                "so this leans optimistic)."
+            )
     lines.append("Estimated time = compute + communication (no overlap assumed); evaluation excluded.")
     for workload, target in sorted(estimates.targets.items(), key=lambda kv: natural_key(kv[0])):
         if math.isfinite(target.accuracy):

@@ -59,14 +59,19 @@ def check_target(target_accuracy: float | None) -> float | None:
     return float(target_accuracy)
 
 
-def measured_compute_per_step(wall_seconds: float, comm_seconds: float, steps: float, workers: int) -> float:
-    """(wall − comm) / steps of a run's last row on the machine that ran it; NaN when a
-    number is missing (a K=1 run communicates nothing, so its missing comm is 0)."""
+def measured_compute_per_step(
+    wall_seconds: float, comm_seconds: float, steps: float, workers: int, engine: str = "processes"
+) -> float:
+    """One worker's compute per step measured in a run: (wall − comm) / steps of its last
+    row on the machine that ran it. The simulated engine computes all K replicas in one
+    process, so its time is divided by K. NaN when a number is missing (a K=1 run
+    communicates nothing, so its missing comm is 0)."""
     if workers == 1 and not math.isfinite(comm_seconds):
         comm_seconds = 0.0
     if not (math.isfinite(wall_seconds) and math.isfinite(comm_seconds) and steps and steps > 0):
         return math.nan
-    return max(wall_seconds - comm_seconds, 0.0) / steps
+    per_step = max(wall_seconds - comm_seconds, 0.0) / steps
+    return per_step / workers if engine == "simulated" else per_step
 
 
 def _float(value: Any) -> float:
@@ -138,8 +143,13 @@ def estimate(
     for run in runs.to_dict("records"):
         rid, workers, batch = str(run["run_id"]), int(run["workers"]), int(run["batch_size"])
         who[rid] = (workers, batch, str(run["workload"]))
+        engine = run.get("config.engine")
         per_step[rid] = measured_compute_per_step(
-            float(run["wall_seconds"]), float(run["comm_seconds"]), float(run["final_step"]), workers
+            float(run["wall_seconds"]),
+            float(run["comm_seconds"]),
+            float(run["final_step"]),
+            workers,
+            engine if isinstance(engine, str) else "processes",
         )
         counters = study.final_counters.get(rid, {})
         steps = float(counters.get("steps", math.nan))

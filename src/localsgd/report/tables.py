@@ -159,7 +159,7 @@ def final_counters(record: RunRecord, rows: list[dict[str, Any]]) -> dict[str, A
     last: Mapping[str, Any] = rows[-1] if rows else (info.get("final") or {})
     steps = _number(last.get("step", info.get("steps")))  # training-loop steps of B samples each
     if isinstance(stats, Mapping):
-        counted = None
+        counted = row_counters(stats)
         if counted is not None:
             return {"steps": steps, "by_scope": counted}
     return {"steps": steps, "by_scope": row_counters(last)}
