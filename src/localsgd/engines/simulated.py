@@ -226,16 +226,16 @@ class _ExplicitRunningStats:
         if not (bn.training and bn.track_running_stats):
             return super().forward(x)  # type: ignore[misc]
         bn._check_input_dim(x)
-        dims = [0, *range(2, x.dim())]
+        # One pass: the kernel's batch mean and inverse std give the running update too.
+        out, mean, invstd = torch.native_batch_norm(x, bn.weight, bn.bias, None, None, True, 0.0, bn.eps)
         with torch.no_grad():
-            flat = x.detach()
-            mean = flat.mean(dims)
-            var = flat.var(dims, unbiased=True)
+            n = x.numel() // x.shape[1]
+            var = (invstd.detach().pow(-2) - bn.eps) * (n / max(n - 1, 1))  # unbiased, as nn.BatchNorm
             bn.num_batches_tracked.add_(1)
             momentum = bn.momentum if bn.momentum is not None else 1.0 / bn.num_batches_tracked
-            bn.running_mean.mul_(1 - momentum).add_(mean * momentum)
+            bn.running_mean.mul_(1 - momentum).add_(mean.detach() * momentum)
             bn.running_var.mul_(1 - momentum).add_(var * momentum)
-        return nn.functional.batch_norm(x, None, None, bn.weight, bn.bias, True, 0.0, bn.eps)
+        return out
 
 
 def explicit_batchnorm(module: nn.Module) -> nn.Module:
