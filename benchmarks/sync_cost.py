@@ -7,9 +7,8 @@ For a ResNet-20 (0.27 M parameters in 65 tensors: latency-bound) and a 25 M-para
 - ``raw``: one ``all_reduce`` of a flat float32 buffer of the same size (the limit);
 - ``raw_scaled``: ``raw`` plus the ``mul_(1/K)`` that gloo forces (it has no AVG);
 - ``scale``: that ``mul_`` alone, to see its share;
-- ``bookkeeping``: the per-tensor Python work ``ProcessGroupCommunicator.average`` does
-  before its collective (grouping by dtype, checking the tensors still form one span),
-  alone; it mirrors the library's code path, so update it if that path changes;
+- ``bookkeeping``: the per-tensor Python work a sync does before its collective (checking
+  that the cached flat span still covers every parameter), alone;
 - ``per_tensor``: one ``all_reduce`` and one divide per parameter tensor (HF accelerate's
   LocalSGD; accelerate also clones each tensor, so it is slower still);
 - ``torch_averager``: ``PeriodicModelAverager(period=1).average_parameters`` on a plain
@@ -57,7 +56,7 @@ from torch.distributed.algorithms.model_averaging.averagers import PeriodicModel
 
 import localsgd
 from localsgd.algorithms.local_sgd import LocalSGDSync
-from localsgd.comm.flat import contiguous_span, group_by_dtype
+from localsgd.comm.flat import contiguous_span
 
 log = logging.getLogger("sync_cost")
 
@@ -220,7 +219,8 @@ def sync_costs(name: str, cfg: BenchConfig, rank: int, world: int) -> dict[str, 
             "raw": lambda: dist.all_reduce(raw),
             "raw_scaled": lambda: (dist.all_reduce(raw), raw.mul_(inv)),
             "scale": lambda: raw.mul_(inv),
-            "bookkeeping": lambda: [contiguous_span(g) for g in group_by_dtype(params).values()],
+            # What the library does per sync now: check the cached span is still valid.
+            "bookkeeping": lambda: sync.ctx.model_tensors(params=True, buffers=False),
             "per_tensor": per_tensor,
             "torch_averager": torch_average,
         }

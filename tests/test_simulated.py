@@ -239,3 +239,18 @@ def test_simulated_algorithm_api_unchanged():
             same = all(torch.equal(w[0], w[k]) for k in range(4))
             assert same == (step % 2 == 1)
     assert dp.stats["syncs"] == 2
+
+
+def test_one_simulated_replica_is_one_process(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    from localsgd.studies.trainer import train
+
+    models = {}
+    for engine in ("processes", "simulated"):
+        run_dir = tmp_path / engine
+        run_dir.mkdir()
+        status = train(config("local_sgd", 1, engine), run_dir, 0, 1)
+        assert status["status"] == "completed" and status["stats"]["collectives"] == 0
+        models[engine] = torch.load(run_dir / "checkpoint.pt")["model"]
+    for key, tensor in models["processes"].items():
+        torch.testing.assert_close(models["simulated"][key], tensor, rtol=1e-5, atol=1e-6)

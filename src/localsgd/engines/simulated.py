@@ -114,18 +114,17 @@ class SimulatedCommunicator:
 
     @torch.no_grad()
     def average(self, tensors: Sequence[torch.Tensor], scope: Scope = WORLD, *, record: bool = True) -> None:
-        if not tensors:
-            return
         size = scope.size if isinstance(scope, Block) else self._k
         if isinstance(scope, Block):
             check_block(scope, self._k)
+        if size == 1 or not tensors:
+            return  # as the process engine: a group of one exchanges and counts nothing
         for members, nbytes in self._groups(tensors):
             start = time.perf_counter()
-            if size > 1:
-                span = replica_span(members, self._k)
-                for view in [span] if span is not None else members:
-                    blocks = view.unflatten(0, (self._k // size, size))
-                    blocks.copy_(blocks.mean(1, keepdim=True).expand_as(blocks))
+            span = replica_span(members, self._k)
+            for view in [span] if span is not None else members:
+                blocks = view.unflatten(0, (self._k // size, size))
+                blocks.copy_(blocks.mean(1, keepdim=True).expand_as(blocks))
             if record:
                 self._stats.record(scope.label(), nbytes, time.perf_counter() - start)
 
