@@ -128,7 +128,7 @@ def epoch_batches(
     a new seed each epoch gives new shards. Every rank gets the same number of full
     batches, so the collectives of all ranks line up.
     """
-    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed)).to(x.device)
     per_rank = len(x) // world_size
     shard = perm[rank::world_size][:per_rank]
     n_batches = per_rank // batch_size
@@ -184,13 +184,14 @@ def train(
     start = time.perf_counter()
 
     data = load_mnist1d(args.num_samples, args.data_seed)
-    x_train = torch.tensor(data["x"], dtype=torch.float32)
-    y_train = torch.tensor(data["y"], dtype=torch.long)
-    x_test = torch.tensor(data["x_test"], dtype=torch.float32)
-    y_test = torch.tensor(data["y_test"], dtype=torch.long)
+    device = info.device  # cuda:LOCAL_RANK under NCCL, else the CPU
+    x_train = torch.tensor(data["x"], dtype=torch.float32, device=device)
+    y_train = torch.tensor(data["y"], dtype=torch.long, device=device)
+    x_test = torch.tensor(data["x_test"], dtype=torch.float32, device=device)
+    y_test = torch.tensor(data["y_test"], dtype=torch.long, device=device)
 
     torch.manual_seed(args.seed)  # same init everywhere (DataParallel broadcasts rank 0's)
-    model = ConvNet()
+    model = ConvNet().to(device)
     opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, nesterov=True,
                           weight_decay=5e-4)
     if master:
@@ -205,7 +206,7 @@ def train(
         for epoch in range(args.epochs):
             batches = epoch_batches(x_train, y_train, args.batch_size, info.rank,
                                     info.world_size, seed=10_000 * args.seed + epoch)
-            loss_sum = torch.zeros(())
+            loss_sum = torch.zeros((), device=device)
             for x, y in batches:
                 opt.zero_grad()
                 loss = F.cross_entropy(model(x), y)

@@ -227,6 +227,23 @@ def consistency(rank: int, world: int) -> dict[str, Any]:
     return out
 
 
+def batchnorm_buffers(rank: int, world: int) -> list[dict[str, Any]]:
+    """Local SGD (H=3) on a model with BatchNorm: per step, whether every rank holds the same
+    running statistics; then the same after exit."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(IN, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, OUT))
+    opt = sgd(model, 0.9)
+    out = []
+    with localsgd.DataParallel(model, opt, A.LocalSGD(period=3)):
+        for step in range(7):
+            loss_step(model, opt, *batch(rank, step))
+            stats = torch.cat([model[1].running_mean, model[1].running_var]).double()
+            out.append({"equal": all(torch.equal(stats, s) for s in _gather(stats, world))})
+    stats = torch.cat([model[1].running_mean, model[1].running_var]).double()
+    out.append({"equal": all(torch.equal(stats, s) for s in _gather(stats, world))})
+    return out
+
+
 # -- resume -----------------------------------------------------------------------------------
 
 RESUME_STEPS = 14

@@ -388,8 +388,18 @@ def test_exception_in_the_block_propagates_and_removes_hooks():
     assert len(comm.calls) == n  # no hook left behind, no collective attempted on exit
 
 
+class ShiftingCommunicator(FakeCommunicator):
+    """A fake whose 'average' moves every value, so a restore has something to undo."""
+
+    def average(self, tensors, scope=None, *, record=True):  # type: ignore[override]
+        super().average(tensors, scope or localsgd.comm.WORLD, record=record)
+        with torch.no_grad():
+            for t in tensors:
+                t.add_(1.0)
+
+
 def test_consensus_restores_the_replica_and_is_not_counted():
-    comm = FakeCommunicator(2)
+    comm = ShiftingCommunicator(2)
     model = make_model()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with localsgd.DataParallel(model, opt, A.LocalSGD(period=4), comm=comm) as dp:
@@ -398,6 +408,7 @@ def test_consensus_restores_the_replica_and_is_not_counted():
         stats = dict(dp.stats)
         with dp.consensus() as m:
             assert m is model
+            assert not torch.equal(next(model.parameters()), before[0])  # the consensus was in place
         assert dp.stats["collectives"] == stats["collectives"]
         assert comm.calls[-1].op == "average"
         for p, b in zip(model.parameters(), before):
@@ -458,3 +469,32 @@ def test_consensus_is_what_exit_leaves_and_changes_nothing(algo):
     for a, b, c in zip(seen, final, undisturbed):
         assert torch.equal(a, b)  # evaluated model == the model left on exit
         assert torch.equal(b, c)  # peeking did not change the trajectory
+
+
+def test_slowmo_leaves_the_model_alone_when_the_inner_rate_is_zero():
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with localsgd.DataParallel(model, opt, A.SlowMo(period=1, momentum=0.9)):
+        for step in range(3):
+            loss_step(model, opt, *batch(0, step))
+        for group in opt.param_groups:
+            group["lr"] = 0.0
+        before = [p.detach().clone() for p in model.parameters()]
+        loss_step(model, opt, *batch(0, 3))
+        for p, b in zip(model.parameters(), before):
+            assert torch.equal(p, b)
+
+
+def test_averaging_optimizer_state_refuses_partial_state():
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    with pytest.raises(ValueError, match=r"optimizer_state='average' needs optimizer state for every"):
+        with localsgd.DataParallel(
+            model, opt, A.LocalSGD(period=1, optimizer_state="average"), comm=FakeCommunicator(2)
+        ):
+            opt.zero_grad()
+            out = model[0](batch(0, 0)[0]).sum()  # only the first layer gets a gradient
+            out.backward()
+            for p in list(model.parameters())[2:]:
+                p.grad = None
+            opt.step()

@@ -16,8 +16,16 @@ import pytest
 
 pytestmark = pytest.mark.timeout(600)
 
-LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK",
-                 "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID")
+LAUNCHER_VARS = (
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "GROUP_RANK",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "TORCHELASTIC_RUN_ID",
+)
 
 BASE = """
 [base]
@@ -43,7 +51,11 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 def cli(args: list[str], env: dict[str, str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "localsgd.cli", *args],
-        capture_output=True, text=True, env=env, cwd=cwd, timeout=timeout,
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=cwd,
+        timeout=timeout,
     )
 
 
@@ -87,7 +99,10 @@ def test_tiny_study_through_the_cli_produces_every_report_file(tmp_path, env):
         rows = read_rows(run)
         assert [r["step"] for r in rows] == [5, 10, 15, 20]
         env_info = json.loads((run / "env.json").read_text())
-        assert env_info["torch"] and env_info["world_size"] == json.loads((run / "config.json").read_text())["workers"]
+        assert (
+            env_info["torch"]
+            and env_info["world_size"] == json.loads((run / "config.json").read_text())["workers"]
+        )
 
     reported = cli(["report", str(out)], env, tmp_path)
     assert reported.returncode == 0, reported.stderr
@@ -106,9 +121,14 @@ def test_tiny_study_through_the_cli_produces_every_report_file(tmp_path, env):
     for run in runs:
         config = json.loads((run / "config.json").read_text())
         rows = read_rows(run)
-        finals[(config["workers"], config["algorithm"]["name"])] = (rows[-1]["test_accuracy"], rows[-1]["wall_seconds"])
+        finals[(config["workers"], config["algorithm"]["name"])] = (
+            rows[-1]["test_accuracy"],
+            rows[-1]["wall_seconds"],
+        )
     summary = next(df for name, df in sheets.items() if name not in ("runs", "metrics", "status"))
-    acc_col = next(c for c in summary.columns if "final" in c.lower() and "acc" in c.lower() and "std" not in c.lower())
+    acc_col = next(
+        c for c in summary.columns if "final" in c.lower() and "acc" in c.lower() and "std" not in c.lower()
+    )
     workers_col = next(c for c in summary.columns if c.lower() in ("workers", "k", "workers k"))
     recomputed = sorted(a for a, _ in finals.values())
     assert sorted(summary[acc_col].astype(float)) == pytest.approx(recomputed, abs=1e-9)
@@ -116,7 +136,11 @@ def test_tiny_study_through_the_cli_produces_every_report_file(tmp_path, env):
     baseline_wall = finals[(1, "minibatch_sgd")][1]
     for _, row in summary.iterrows():
         if int(row[workers_col]) == 2:
-            match = [w for (k, _), (a, w) in finals.items() if k == 2 and a == pytest.approx(row[acc_col], abs=1e-12)]
+            match = [
+                w
+                for (k, _), (a, w) in finals.items()
+                if k == 2 and a == pytest.approx(row[acc_col], abs=1e-12)
+            ]
             assert match and row[speed_col] == pytest.approx(baseline_wall / match[0], rel=1e-9)
 
 
@@ -131,7 +155,11 @@ algorithm = [{name = "local_sgd", period = 2}]
     out = tmp_path / "store"
     proc = subprocess.Popen(
         [sys.executable, "-m", "localsgd.cli", "study", str(study), "--out", str(out)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=tmp_path, start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+        cwd=tmp_path,
+        start_new_session=True,
     )
     try:
         deadline = time.time() + 240

@@ -168,3 +168,10 @@ def test_resumed_run_continues_exactly(world, tmp_path):
                 assert a["stats"][key] == b["stats"][key], f"{name} {key}"
     # Saved mid-run: the checkpoint was not taken at a point where resuming is trivial.
     assert not torch.equal(first[0]["local_sgd"]["params"], first[0]["sma"]["params"])
+
+
+def test_batchnorm_statistics_are_averaged_at_syncs_and_on_exit():
+    ranks = run_world(scenarios.batchnorm_buffers, 2)
+    equal = [entry["equal"] for entry in ranks[0]]
+    # Steps 1..7 (synced at 3 and 6), then after exit.
+    assert equal == [False, False, True, False, False, True, False, True]

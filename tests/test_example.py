@@ -31,8 +31,16 @@ TIMEOUT = 150  # seconds for one run; a 2-rank run takes ~7 s on 2 idle cores
 
 # torchrun's variables must not leak in from an outer launcher: the plain run must be a
 # world of one, and the torchrun run must get its own.
-LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK",
-                 "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID")
+LAUNCHER_VARS = (
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "GROUP_RANK",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "TORCHELASTIC_RUN_ID",
+)
 
 
 @pytest.fixture(scope="module")
@@ -49,9 +57,7 @@ def parameter_count() -> int:
     return sum(p.numel() for p in module.ConvNet().parameters())
 
 
-def run_example(
-    launcher: list[str], flags: list[str], cache: Path
-) -> tuple[float, dict[str, Any], str]:
+def run_example(launcher: list[str], flags: list[str], cache: Path) -> tuple[float, dict[str, Any], str]:
     """Run the example; return its final test accuracy, its stats and its stdout."""
     env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
     env.update(
@@ -59,12 +65,28 @@ def run_example(
         XDG_CACHE_HOME=str(cache),
         PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT / "src"), env.get("PYTHONPATH")])),
     )
-    cmd = [sys.executable, *launcher, str(EXAMPLE), *flags,
-           "--num-samples", str(NUM_SAMPLES), "--epochs", str(EPOCHS),
-           "--batch-size", str(BATCH)]
+    cmd = [
+        sys.executable,
+        *launcher,
+        str(EXAMPLE),
+        *flags,
+        "--num-samples",
+        str(NUM_SAMPLES),
+        "--epochs",
+        str(EPOCHS),
+        "--batch-size",
+        str(BATCH),
+    ]
     # A session of its own, so a timeout kills torchrun *and* its workers.
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         out, err = proc.communicate(timeout=TIMEOUT)
     except subprocess.TimeoutExpired:
@@ -117,8 +139,7 @@ def test_two_ranks_train_and_count_one_collective_per_sync(flags, syncs_for, cac
 
 @pytest.mark.timeout(2 * TIMEOUT)
 def test_plain_python_is_a_world_of_one_and_communicates_nothing(cache_dir):
-    accuracy, stats, out = run_example([], ["--algorithm", "local_sgd", "--period", "8"],
-                                       cache_dir)
+    accuracy, stats, out = run_example([], ["--algorithm", "local_sgd", "--period", "8"], cache_dir)
 
     assert accuracy > 0.5, out  # one worker, twice the steps: 0.75-0.77 over seeds 0-3
     steps = EPOCHS * (N_TRAIN // BATCH)

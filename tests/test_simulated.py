@@ -180,6 +180,10 @@ def test_models_vmap_cannot_handle_fall_back_to_a_loop_and_say_why(caplog):
 
     torch.manual_seed(0)
     stacked = StackedModel(DataDependent(), 2)
+    bn = StackedModel(nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3), DataDependent()), 2)
+    ReplicaGradients(bn, nn.functional.cross_entropy)(torch.randn(2, 4, 3), torch.randint(0, 2, (2, 4)))
+    counts = bn.stacked_buffers()[2]
+    assert counts.tolist() == [1, 1], "a failed vmap attempt must not update BatchNorm statistics twice"
     grads = ReplicaGradients(stacked, nn.functional.cross_entropy)
     x, y = torch.randn(2, 4, 3), torch.randint(0, 2, (2, 4))
     with caplog.at_level("WARNING"):

@@ -61,7 +61,7 @@ lr = 0.05
         ({"schedule": {"name": "linear"}}, r"schedule\.name must be one of"),
         ({"schedule": {"milestones": [0.8, 0.5]}}, r"schedule\.milestones must be increasing"),
         ({"schedule": {"milestones": 0.5}}, r"schedule\.milestones must be a list"),
-        ({"engine": "threads"}, r"engine must be one of \['processes'\]"),
+        ({"engine": "threads"}, r"engine must be one of \['processes', 'simulated'\]"),
         (
             {"algorithm": {"name": "local_sgd", "period": 0}},
             r"algorithm: local_sgd\.period must be an integer >= 1",
@@ -279,3 +279,26 @@ def test_a_run_renamed_but_not_indexed_is_reconciled(tmp_path):
     folder.rename(store.run_dir("abc"))  # killed between the rename and the index update
     assert store.status("abc") == "diverged"
     assert [r.status for r in store.records()] == ["diverged"]
+
+
+def test_study_overrides_that_a_grid_shadows_are_rejected(tmp_path):
+    path = write(tmp_path / "s.toml", STUDY)
+    with pytest.raises(ConfigError, match=r"--set workers changes \[base\], but grid\[0\] sets 'workers'"):
+        load_study(path, ["workers=8"])
+    assert all(r.data.num_samples == 2000 for r in load_study(path, ["data.num_samples=2000"]).runs)
+
+
+def test_workload_and_block_size_are_checked_when_the_config_loads():
+    with pytest.raises(ConfigError, match=r"workload must be one of \['cifar10_resnet20', 'mnist1d_cnn'"):
+        run_config({"workload": "mnist1d"})
+    with pytest.raises(ConfigError, match=r"algorithm\.block_size = 4 does not divide workers = 6"):
+        run_config({"workers": 6, "algorithm": {"name": "hierarchical_local_sgd", "block_size": 4}})
+
+
+def test_rerunning_from_the_stores_own_study_copy(tmp_path):
+    study_file = write(tmp_path / "s.toml", STUDY)
+    out = tmp_path / "store"
+    run_study(load_study(study_file), out, study_file=study_file, execute=fake_execute(), progress=False)
+    copy = out / "study.toml"
+    counts = run_study(load_study(copy), out, study_file=copy, execute=fake_execute(), progress=False)
+    assert counts == {"skipped (completed)": 12}

@@ -90,7 +90,7 @@ class DataParallel:
             flatten_into_views(params + buffers)
         everything = list(self.model.parameters()) + list(self.model.buffers())
         comm.broadcast(everything, src=0, record=False)
-        self._ctx = SyncContext(comm, params, buffers, self.optimizer)
+        self._ctx = SyncContext(comm, params, buffers, self.optimizer, flat=self._flat)
         self._sync = self.algorithm.bind(self._ctx)
         self._hooks = [
             self.optimizer.register_step_pre_hook(self._before_step),

@@ -41,7 +41,13 @@ def init_distributed(backend: str | None = None, timeout: datetime.timedelta | f
     if use_cuda:
         if not torch.cuda.is_available():
             raise ValueError("backend 'nccl' needs CUDA, and no CUDA device is available")
-        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        if local_world > torch.cuda.device_count():
+            raise ValueError(
+                f"{local_world} processes on this node but {torch.cuda.device_count()} CUDA devices: "
+                "NCCL needs one device per process; use backend='gloo' (CPU) or fewer processes"
+            )
+        device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")

@@ -32,7 +32,14 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 
     config = load_run_config(args.config, args.overrides)
-    info = localsgd.init_distributed()
+    from localsgd.studies.trainer import resolve_device
+
+    # NCCL only when this run trains on CUDA; a CPU run uses gloo even on a GPU machine.
+    device = resolve_device(config.device)
+    info = localsgd.init_distributed(backend="nccl" if device.type == "cuda" else "gloo")
+    if config.engine == "simulated" and info.world_size > 1:
+        localsgd.destroy_distributed()
+        raise SystemExit("engine = 'simulated' runs all K replicas in one process; start it without torchrun")
     try:
         return run(config, info, args.run_dir, args.out)
     finally:

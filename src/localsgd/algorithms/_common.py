@@ -28,6 +28,15 @@ def average_gradients(ctx: SyncContext) -> None:
 def optimizer_state_tensors(ctx: SyncContext) -> list[torch.Tensor]:
     """The optimizer's per-parameter floating-point state (momentum, Adam moments)."""
     found = []
+    with_state = sum(1 for p in ctx.params if ctx.optimizer.state.get(p))
+    if 0 < with_state < len(ctx.params):
+        # Ranks could disagree on the payload (state exists only where a gradient arrived),
+        # and a collective of mismatched sizes hangs; refuse instead.
+        raise ValueError(
+            f"optimizer_state='average' needs optimizer state for every trainable parameter, "
+            f"but only {with_state} of {len(ctx.params)} have it (parameters without gradients?); "
+            "use optimizer_state='local' or 'reset'"
+        )
     for p in ctx.params:
         for value in ctx.optimizer.state.get(p, {}).values():
             if isinstance(value, torch.Tensor) and value.is_floating_point() and value.shape == p.shape:

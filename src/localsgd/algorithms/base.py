@@ -40,11 +40,16 @@ class SyncContext:
     params: list[torch.Tensor]
     buffers: list[torch.Tensor]
     optimizer: torch.optim.Optimizer
+    flat: bool = True
+    """Whether parameters and buffers were laid out back to back (``DataParallel(flat=True)``);
+    engines with their own layout (stacked replicas) hand tensors over as they are."""
     _spans: dict[tuple[bool, bool], Spans] = field(default_factory=dict, init=False, repr=False)
 
     def model_tensors(self, *, params: bool = True, buffers: bool = False) -> list[torch.Tensor]:
         """Parameters and/or buffers to hand to the communicator: one flat span per dtype
         when they lie back to back (as ``DataParallel`` lays them out), else the tensors."""
+        if not self.flat:
+            return (self.params if params else []) + (self.buffers if buffers else [])
         key = (params, buffers)
         if key not in self._spans:
             chosen = (self.params if params else []) + (self.buffers if buffers else [])

@@ -81,8 +81,10 @@ class HierarchicalSync:
 
     def finalize(self) -> None:
         if self.last_global != self.step:
-            self.global_syncs += 1  # the exit averaging is a global sync
-        self.write_consensus(record=True)
+            self.averager(WORLD)  # the exit averaging is a global sync, optimizer state included
+            self.global_syncs += 1
+        if not self.config.average_buffers:
+            average_model(self.ctx, params=False, buffers=True, record=True)
         self.last_global = self.step
 
     def state_dict(self) -> dict[str, Any]:

@@ -55,9 +55,7 @@ class OuterMomentum:
         groups: dict[float, list[int]] = {}
         lrs = lr_of(self.ctx) if self.scale_by_lr else {}
         for i, p in enumerate(self.ctx.params):
-            s = lrs.get(id(p), 1.0)
-            # A zero learning rate moved nothing: (x_0 - x̄) is 0 and needs no scaling.
-            groups.setdefault(s if s > 0 else 1.0, []).append(i)
+            groups.setdefault(lrs.get(id(p), 1.0), []).append(i)
         return groups
 
     @torch.no_grad()
@@ -67,6 +65,10 @@ class OuterMomentum:
         the model a sync would produce now)."""
         params = self.ctx.params
         for s, idx in self._scales().items():
+            if s == 0:
+                # A zero inner learning rate moved nothing; the outer step α·γ·u is 0 too.
+                torch._foreach_copy_([params[i] for i in idx], [self.anchor[i] for i in idx])
+                continue
             x0 = [self.anchor[i] if commit else self.anchor[i].clone() for i in idx]
             u = [self.buffer[i] if commit else self.buffer[i].clone() for i in idx]
             g = list(torch._foreach_sub(x0, [params[i] for i in idx]))

@@ -2,8 +2,9 @@
 
 Algorithms only ever call :meth:`Communicator.average` and :meth:`Communicator.broadcast`.
 An engine supplies the implementation: real process groups
-(:class:`~localsgd.comm.process_group.ProcessGroupCommunicator`) or, later, a simulated
-engine that holds every replica stacked in one process. Both count the same things.
+(:class:`~localsgd.comm.process_group.ProcessGroupCommunicator`) or the simulated engine's
+(:class:`~localsgd.engines.simulated.SimulatedCommunicator`), which holds every replica
+stacked in one process. Both count the same things.
 """
 
 from __future__ import annotations

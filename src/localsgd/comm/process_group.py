@@ -58,6 +58,10 @@ class ProcessGroupCommunicator:
         if scope.size in self._blocks:
             return self._blocks[scope.size]
         check_block(scope, self._world_size)
+        if self._group is not None and scope.size != self._world_size:
+            # new_group is collective over the default world, which a subgroup's ranks alone
+            # cannot satisfy.
+            raise ValueError("block scopes need the communicator over the default world (group=None)")
         if scope.size == self._world_size:
             mine = self._group
         else:

@@ -279,26 +279,40 @@ class ReplicaGradients:
         self._one = grad_and_value(loss)
         self._all = vmap(self._one, in_dims=(0, 0, 0, 0), randomness="different")
         self.vectorized = True
+        self._proven = False
         self.fallback_reason: str | None = None
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Set every stacked parameter's ``.grad``; return the ``[K]`` losses."""
         params = tuple(p.detach() for p in self.stacked.stacked)
         buffers = tuple(self.stacked.stacked_buffers())
+        vmap_error: Exception | None = None
         if self.vectorized:
+            # The first call may fail half-way, after BatchNorm updated its statistics.
+            saved = None if self._proven else [b.clone() for b in buffers]
             try:
                 grads, losses = self._all(params, buffers, x, y)
+                self._proven = True
             except Exception as exc:
+                if saved is None:
+                    raise  # vmap worked before: this is a real error, not a vmap limitation
+                with torch.no_grad():
+                    for b, s in zip(buffers, saved):
+                        b.copy_(s)
+                vmap_error = exc
                 self.vectorized = False
                 self.fallback_reason = f"{type(exc).__name__}: {exc}"
                 log.warning(
                     "simulated engine: vmap failed (%s); looping over replicas instead", self.fallback_reason
                 )
         if not self.vectorized:
-            results = [
-                self._one(tuple(p[k] for p in params), tuple(b[k] for b in buffers), x[k], y[k])
-                for k in range(self.stacked.replicas)
-            ]
+            try:
+                results = [
+                    self._one(tuple(p[k] for p in params), tuple(b[k] for b in buffers), x[k], y[k])
+                    for k in range(self.stacked.replicas)
+                ]
+            except Exception as exc:
+                raise exc from vmap_error  # not a vmap limitation after all: show both
             grads = tuple(torch.stack([g[i] for g, _ in results]) for i in range(len(params)))
             losses = torch.stack([v for _, v in results])
         for p, g in zip(self.stacked.stacked, grads):

@@ -263,9 +263,10 @@ def _cluster_lines(estimates: ClusterEstimates) -> list[str]:
         engines = estimates.study.runs.get("config.engine", pd.Series(dtype=object))
         if (engines == "simulated").any():
             lines.append(
-                "Runs of the simulated engine computed all K replicas in one process: their measured "
-                "compute per step is divided by K (batched replicas cost less than K separate steps, "
-                "so this leans optimistic)."
+                "Runs of the simulated engine computed all K replicas in one process: a worker's "
+                "compute per step is taken from the single-worker runs of the same workload and "
+                "per-worker batch when the study has them, else the simulated step time divided by "
+                "K (batched replicas cost less than K separate steps, so that leans optimistic)."
             )
     lines.append("Estimated time = compute + communication (no overlap assumed); evaluation excluded.")
     for workload, target in sorted(estimates.targets.items(), key=lambda kv: natural_key(kv[0])):

@@ -151,6 +151,19 @@ def estimate(
             workers,
             engine if isinstance(engine, str) else "processes",
         )
+    # A simulated worker's step is one replica's step: when the study has single-worker runs
+    # of the same workload and batch, their measured step time is the better figure (K
+    # batched replicas run faster per replica than one model does alone).
+    single: dict[tuple[str, int], list[float]] = {}
+    for rid, (workers, batch, workload) in who.items():
+        if workers == 1 and math.isfinite(per_step[rid]):
+            single.setdefault((workload, batch), []).append(per_step[rid])
+    for run in runs.to_dict("records"):
+        rid = str(run["run_id"])
+        workers, batch, workload = who[rid]
+        if run.get("config.engine") == "simulated" and workers > 1 and (workload, batch) in single:
+            times = single[(workload, batch)]
+            per_step[rid] = sum(times) / len(times)
         counters = study.final_counters.get(rid, {})
         steps = float(counters.get("steps", math.nan))
         final[rid] = _estimate(counters.get("by_scope"), steps, workers, batch, cluster, per_step[rid])

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from localsgd.studies.configs import ConfigError, apply_overrides, from_dict, load_toml
+from localsgd.studies.configs import ConfigError, apply_overrides, from_dict, load_toml, parse_override
 from localsgd.studies.schema import RunConfig, run_config
 
 LIST_FIELDS = {"schedule.milestones"}
@@ -78,7 +78,16 @@ def load_study(path: str | Path, overrides: list[str] | None = None) -> Study:
         raise ConfigError("grid must be an array of tables ([[grid]] blocks)")
     runs: list[RunConfig] = []
     seen: set[str] = set()
+    overridden = [".".join(parse_override(text)[0]) for text in overrides or []]
     for i, grid in enumerate(grids):
+        flat = _flatten(grid)
+        for key in overridden:
+            shadow = [p for p in flat if p == key or key.startswith(p + ".")]
+            if shadow:
+                raise ConfigError(
+                    f"--set {key} changes [base], but grid[{i}] sets {shadow[0]!r} for its "
+                    "runs, which wins; edit the grid instead"
+                )
         for run in expand(base, grid, f"grid[{i}]", section.name):
             if run.run_id() not in seen:
                 seen.add(run.run_id())

@@ -72,8 +72,3 @@ def lr_at(
         return base_lr + (peak - base_lr) * step / warmup
     progress = step / max(total_steps, 1)
     return peak * DECAYS[schedule.name](progress, schedule)
-
-
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    for group in optimizer.param_groups:
-        group["lr"] = lr

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 from collections import Counter
 from collections.abc import Callable
@@ -36,7 +37,9 @@ def run_study(
 
         execute = execute_processes
     store = Store(out)
-    if study_file is not None:
+    if study_file is not None and not (
+        (out / "study.toml").exists() and os.path.samefile(study_file, out / "study.toml")
+    ):
         shutil.copyfile(study_file, out / "study.toml")
     store.write_plan(
         {

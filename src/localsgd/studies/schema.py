@@ -162,7 +162,16 @@ class RunConfig:
         check_choice("device", self.device, ("auto", "cpu", "cuda"))
         check_int("threads", self.threads, 1)
         check_choice("fixed", self.fixed, ("worker_batch", "global_batch"))
-        self.algorithm_config(steps_per_epoch=1)  # validates the algorithm table
+        algorithm = self.algorithm_config(steps_per_epoch=1)  # validates the algorithm table
+        block = getattr(algorithm, "block_size", None)
+        if block is not None and self.workers % block:
+            raise ConfigError(
+                f"algorithm.block_size = {block} does not divide workers = {self.workers}; "
+                "blocks are groups of consecutive workers"
+            )
+        from localsgd import workloads
+
+        check_choice("workload", self.workload, workloads.names())
 
     @property
     def global_batch(self) -> int:

@@ -126,13 +126,8 @@ class Store:
     def begin(self, run_id: str, name: str, config: Mapping[str, Any]) -> Path:
         """Start (or restart) a run: a clean ``.partial`` folder and an index row."""
         final = self.run_dir(run_id)
-        if final.exists():
-            shutil.rmtree(final)  # a finished run being redone on purpose
         partial = final.with_name(f"{run_id}.partial")
-        if partial.exists():
-            shutil.rmtree(partial)
-        partial.mkdir(parents=True)
-        write_json_atomic(partial / "config.json", dict(config))
+        # Index first: a crash after this leaves a 'running' row, which a rerun restarts.
         with self._db() as db:
             db.execute(
                 """INSERT INTO runs (run_id, name, status, config, started, attempts)
@@ -141,6 +136,12 @@ class Store:
                        finished = NULL, error = NULL, attempts = runs.attempts + 1""",
                 (run_id, name, json.dumps(dict(config), sort_keys=True), time.time()),
             )
+        if final.exists():
+            shutil.rmtree(final)  # a finished run being redone on purpose
+        if partial.exists():
+            shutil.rmtree(partial)
+        partial.mkdir(parents=True)
+        write_json_atomic(partial / "config.json", dict(config))
         return partial
 
     def finish(self, run_id: str, *, error: str | None = None) -> str:

@@ -32,11 +32,19 @@ class Diverged(Exception):
     """The training loss became NaN or infinite."""
 
 
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise ValueError("device = 'cuda' but no CUDA device is available; use 'auto' or 'cpu'")
-        return torch.device("cuda", local_rank % torch.cuda.device_count())
+def resolve_device(name: str, local_rank: int | None = None) -> torch.device:
+    """``cuda`` or ``cpu`` for this process. ``auto`` takes CUDA when every process on this
+    node can have its own device (what NCCL needs), else the CPU."""
+    local_rank = int(os.environ.get("LOCAL_RANK", "0")) if local_rank is None else local_rank
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    enough = torch.cuda.is_available() and local_world <= torch.cuda.device_count()
+    if name == "cuda" and not enough:
+        raise ValueError(
+            f"device = 'cuda' needs one CUDA device per worker process on this node "
+            f"({local_world} processes, {torch.cuda.device_count()} devices); use 'auto' or 'cpu'"
+        )
+    if name == "cuda" or (name == "auto" and enough):
+        return torch.device("cuda", local_rank)
     return torch.device("cpu")
 
 
@@ -104,7 +112,7 @@ def train(
     status dict (also written as ``status.json``). Errors are recorded and re-raised;
     divergence is recorded as ``diverged`` and returned.
     """
-    device = resolve_device(config.device, int(os.environ.get("LOCAL_RANK", "0")))
+    device = resolve_device(config.device)
     torch.set_num_threads(config.threads)
     writer = MetricsWriter(run_dir)
     if run_dir is not None:
@@ -314,8 +322,12 @@ def _train(
 
         epoch = 0
         while step < total_steps:
-            for data in replicas.batches(batch, epoch, config.seed):
-                start = time.perf_counter()
+            batches = iter(replicas.batches(batch, epoch, config.seed))
+            while True:
+                start = time.perf_counter()  # data loading and augmentation count as training
+                data = next(batches, None)
+                if data is None:
+                    break
                 for group in optimizer.param_groups:
                     group["lr"] = lr(step)
                 optimizer.zero_grad()
