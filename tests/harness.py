@@ -20,6 +20,18 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+# torchrun's variables: a subprocess test clears them so an outer launcher cannot leak in.
+LAUNCHER_VARS = (
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "GROUP_RANK",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "TORCHELASTIC_RUN_ID",
+)
+
 
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:

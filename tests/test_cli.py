@@ -14,18 +14,10 @@ from pathlib import Path
 
 import pytest
 
+from harness import LAUNCHER_VARS
+
 pytestmark = pytest.mark.timeout(600)
 
-LAUNCHER_VARS = (
-    "RANK",
-    "WORLD_SIZE",
-    "LOCAL_RANK",
-    "LOCAL_WORLD_SIZE",
-    "GROUP_RANK",
-    "MASTER_ADDR",
-    "MASTER_PORT",
-    "TORCHELASTIC_RUN_ID",
-)
 
 BASE = """
 [base]

@@ -19,6 +19,8 @@ from typing import Any
 
 import pytest
 
+from harness import LAUNCHER_VARS
+
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "quickstart.py"
 
@@ -28,19 +30,6 @@ N_TRAIN = int(NUM_SAMPLES * 0.8)  # mnist1d's default train_split
 EPOCHS = 10
 BATCH = 32
 TIMEOUT = 150  # seconds for one run; a 2-rank run takes ~7 s on 2 idle cores
-
-# torchrun's variables must not leak in from an outer launcher: the plain run must be a
-# world of one, and the torchrun run must get its own.
-LAUNCHER_VARS = (
-    "RANK",
-    "WORLD_SIZE",
-    "LOCAL_RANK",
-    "LOCAL_WORLD_SIZE",
-    "GROUP_RANK",
-    "MASTER_ADDR",
-    "MASTER_PORT",
-    "TORCHELASTIC_RUN_ID",
-)
 
 
 @pytest.fixture(scope="module")
