@@ -120,7 +120,9 @@ class ProcessGroupCommunicator:
         """Run ``collective`` once per dtype on a flat buffer: in place when the tensors
         already lie back to back in one storage, else on a packed copy written back."""
         for members in group_by_dtype(tensors).values():
-            flat = contiguous_span(members)
+            single = members[0]
+            one_flat = len(members) == 1 and single.dim() == 1 and single.is_contiguous()
+            flat = single if one_flat else contiguous_span(members)
             packed = flat is None
             if flat is None:
                 flat = pack(members)
