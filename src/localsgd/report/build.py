@@ -198,6 +198,15 @@ def _document(
                 "Tables show mean ± std over seeds (std with ddof=1, blank for one seed) of the "
                 "completed runs only; failed and diverged runs are listed in the status table. "
                 "Final = the last evaluation; wall time is training time without evaluation.",
+                *(
+                    [
+                        "Simulated-engine runs trained all K replicas in one process: their wall time "
+                        "and speedup measure the simulation on this machine, not K workers; "
+                        "`localsgd report --cluster NAME` estimates the time on a cluster."
+                    ]
+                    if (study.runs.get("config.engine", pd.Series(dtype=object)) == "simulated").any()
+                    else []
+                ),
             ]
         ),
         Heading(2, "Accuracy against speedup"),
