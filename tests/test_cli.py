@@ -212,3 +212,33 @@ def test_cli_rejects_bad_configs_naming_the_key(tmp_path, env):
     bad = cli(["report", str(tmp_path / "nowhere")], env, tmp_path)
     assert bad.returncode == 2 and "is not a localsgd store" in bad.stderr
     assert not (tmp_path / "studies_out").exists()  # nothing written for a rejected study
+
+
+def test_worker_entry_point_under_torchrun_records_the_run(tmp_path, env):
+    """The multi-node path: torchrun starts `-m localsgd.worker` itself; rank 0 owns the store."""
+    run = tmp_path / "run.toml"
+    run.write_text(
+        'workload = "mnist1d_mlp"\nworkers = 2\ndevice = "cpu"\n[algorithm]\nname = "local_sgd"\nperiod = 4\n'
+        "[data]\nnum_samples = 1000\nbatch_size = 16\n[train]\nepochs = 1\nmax_steps = 12\neval_every = 6\n"
+    )
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "localsgd.worker",
+        str(run),
+        "--out",
+        str(tmp_path / "store"),
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    (record,) = (tmp_path / "store" / "runs").iterdir()
+    status = json.loads((record / "status.json").read_text())
+    assert status["status"] == "completed", done.stderr[-3000:]
+    assert status["steps"] == 12 and status["stats"]["syncs"] == 3
+    assert [r["step"] for r in read_rows(record)] == [6, 12]
+    with sqlite3.connect(tmp_path / "store" / "index.sqlite") as db:
+        assert db.execute("SELECT status FROM runs").fetchall() == [("completed",)]

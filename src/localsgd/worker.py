@@ -53,11 +53,20 @@ def run(config: RunConfig, info: localsgd.DistInfo, run_dir: str | None, out: st
     if run_dir is not None:
         folder = Path(run_dir) if info.rank == 0 else None
     else:
-        # Started by hand under torchrun: rank 0 owns the store.
-        store = Store(out) if info.rank == 0 else None
-        folder = store.begin(config.run_id(), config.name, config.to_dict()) if store else None
+        # Started by hand under torchrun: rank 0 owns the store, and tells the others whether
+        # it could open the run (else they would wait for it until the timeout).
+        problem: list[str | None] = [None]
+        folder = None
+        if info.rank == 0:
+            try:
+                store = Store(out)
+                folder = store.begin(config.run_id(), config.name, config.to_dict())
+            except Exception as exc:
+                problem = [f"rank 0 could not open the store {out!r}: {exc}"]
         if info.world_size > 1:
-            dist.barrier()
+            dist.broadcast_object_list(problem, src=0)
+        if problem[0] is not None:
+            raise RuntimeError(problem[0])
     error = None
     try:
         status = train(config, folder, info.rank, info.world_size, info.backend)
