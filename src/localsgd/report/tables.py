@@ -89,6 +89,8 @@ def _number(value: Any) -> float:
 def _run_row(record: RunRecord, rows: list[dict[str, Any]]) -> dict[str, Any]:
     config = record.config
     info = record.status_info
+    stats = info.get("stats")
+    final_stats: Mapping[str, Any] = stats if isinstance(stats, dict) else {}
     last: Mapping[str, Any] = rows[-1] if rows else (info.get("final") or {})
     accs = [_number(r.get("test_accuracy")) for r in rows]
     accs = [a for a in accs if math.isfinite(a)]
@@ -119,10 +121,12 @@ def _run_row(record: RunRecord, rows: list[dict[str, Any]]) -> dict[str, Any]:
         "final_test_loss": _number(last.get("test_loss")),
         "wall_seconds": wall,
         "samples_per_second": samples / wall if wall and wall > 0 else math.nan,
-        "bytes": _number(last.get("bytes")),
-        "syncs": _number(last.get("syncs")),
-        "collectives": _number(last.get("collectives")),
-        "comm_seconds": _number(last.get("comm_seconds")),
+        # Communication totals: the run's final counters (they include the averaging on
+        # exit, as the cost-model estimates do), else the last evaluation's.
+        **{
+            key: _number(final_stats.get(key, last.get(key)))
+            for key in ("bytes", "syncs", "collectives", "comm_seconds")
+        },
     }
 
 
