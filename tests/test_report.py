@@ -24,6 +24,7 @@ PLOTS = (
     "accuracy_vs_epochs",
     "accuracy_vs_wall_time",
     "train_loss_vs_epochs",
+    "train_loss_vs_wall_time",
     "accuracy_vs_bytes",
     "accuracy_vs_period_workers",
 )

@@ -52,6 +52,7 @@ PLOTS = {
     "accuracy_vs_epochs": "Test accuracy against epochs (mean over seeds)",
     "accuracy_vs_wall_time": "Test accuracy against training wall time (mean over seeds)",
     "train_loss_vs_epochs": "Train loss against epochs (mean over seeds)",
+    "train_loss_vs_wall_time": "Train loss against training wall time (mean over seeds)",
     "accuracy_vs_bytes": "Final test accuracy against communication volume (mean ± std over seeds)",
     "accuracy_vs_period_workers": "Final test accuracy against H·K (mean ± std over seeds)",
 }
@@ -103,6 +104,7 @@ def make_report(
         "accuracy_vs_epochs": lambda: plots.accuracy_vs_epochs(curve_frame, look),
         "accuracy_vs_wall_time": lambda: plots.accuracy_vs_wall_time(curve_frame, look),
         "train_loss_vs_epochs": lambda: plots.train_loss_vs_epochs(curve_frame, look),
+        "train_loss_vs_wall_time": lambda: plots.train_loss_vs_wall_time(curve_frame, look),
         "accuracy_vs_bytes": lambda: plots.accuracy_vs_bytes(summary, look),
         "accuracy_vs_period_workers": lambda: plots.accuracy_vs_period_workers(summary, look),
     }
@@ -217,6 +219,7 @@ def _document(
         Image("accuracy_vs_epochs.png", PLOTS["accuracy_vs_epochs"]),
         Image("accuracy_vs_wall_time.png", PLOTS["accuracy_vs_wall_time"]),
         Image("train_loss_vs_epochs.png", PLOTS["train_loss_vs_epochs"]),
+        Image("train_loss_vs_wall_time.png", PLOTS["train_loss_vs_wall_time"]),
         Heading(2, "Communication"),
         Image("accuracy_vs_bytes.png", PLOTS["accuracy_vs_bytes"]),
         Paragraph(

@@ -363,3 +363,16 @@ def train_loss_vs_epochs(curves: pd.DataFrame, look: dict[str, Style]) -> bytes:
         xlabel="epoch (passes over the training set)",
         ylabel="train loss (mean since the previous evaluation)",
     )
+
+
+def train_loss_vs_wall_time(curves: pd.DataFrame, look: dict[str, Style]) -> bytes:
+    return _curves(
+        curves,
+        look,
+        "wall_seconds",
+        "train_loss",
+        log_y=True,
+        title="train loss against training time (mean over workers and seeds)",
+        xlabel="wall time (s, training only, evaluation excluded)",
+        ylabel="train loss (mean since the previous evaluation)",
+    )
