@@ -297,3 +297,25 @@ def resume_second(rank: int, world: int, folder: str) -> dict[str, Any]:
             stats = dict(dp.stats)
         out[name] = {"params": flat(model), "stats": stats}
     return out
+
+
+def amp_overflow_agreement(rank: int, world: int) -> dict[str, Any]:
+    """Rank 1 overflows at step 2; with dp.unscale_ every rank skips that step together."""
+    model = make_model()
+    opt = sgd(model)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    steps_taken = []
+    with localsgd.DataParallel(model, opt, A.MiniBatchSGD()) as dp:
+        for step in range(4):
+            opt.zero_grad()
+            x, y = batch(rank, step)
+            if rank == 1 and step == 2:
+                x = x * float("inf")
+            scaler.scale(nn.functional.cross_entropy(model(x), y)).backward()
+            dp.unscale_(scaler)
+            before = dp.stats["steps"]
+            scaler.step(opt)
+            scaler.update()
+            steps_taken.append(dp.stats["steps"] - before)
+        stats = dict(dp.stats)
+    return {"steps_taken": steps_taken, "scale": scaler.get_scale(), "params": flat(model), "stats": stats}

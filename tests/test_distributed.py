@@ -175,3 +175,13 @@ def test_batchnorm_statistics_are_averaged_at_syncs_and_on_exit():
     equal = [entry["equal"] for entry in ranks[0]]
     # Steps 1..7 (synced at 3 and 6), then after exit.
     assert equal == [False, False, True, False, False, True, False, True]
+
+
+def test_amp_overflow_on_one_rank_skips_the_step_on_every_rank():
+    ranks = run_world(scenarios.amp_overflow_agreement, 2)
+    for r in ranks:
+        assert r["steps_taken"] == [1, 1, 0, 1]
+        assert r["stats"]["syncs"] == 3
+    assert ranks[0]["scale"] == ranks[1]["scale"] == 2.0**7  # backed off once, on both
+    assert torch.equal(ranks[0]["params"], ranks[1]["params"])
+    assert torch.isfinite(ranks[0]["params"]).all()

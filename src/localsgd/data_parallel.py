@@ -171,6 +171,26 @@ class DataParallel:
             with torch.no_grad():
                 torch._foreach_copy_(self._ctx.params + self._ctx.buffers, saved)
 
+    def unscale_(self, scaler: Any) -> None:
+        """``scaler.unscale_(optimizer)``, then make every rank agree on whether gradients
+        overflowed, so that ``scaler.step(optimizer)`` steps on all ranks or on none.
+
+        A ``torch.amp.GradScaler`` decides to skip a step from *this rank's* gradients; a
+        rank that skips alone would leave the others waiting in a collective (mini-batch
+        SGD) or out of step (local SGD). Call it between ``scaler.scale(loss).backward()``
+        and ``scaler.step(optimizer)``. Collective; not counted in :attr:`stats`."""
+        scaler.unscale_(self.optimizer)
+        state = getattr(scaler, "_per_optimizer_states", {}).get(id(self.optimizer))
+        if not state or "found_inf_per_device" not in state:
+            raise RuntimeError(
+                "this GradScaler keeps no per-device overflow flags after unscale_ (is it enabled?)"
+            )
+        found = state["found_inf_per_device"]
+        local = torch.tensor([float(sum(float(v.item()) for v in found.values()) > 0)], dtype=torch.float64)
+        self.comm.average([local], record=False)  # > 0 when any rank overflowed
+        for flag in found.values():
+            flag.fill_(1.0 if local.item() > 0 else 0.0)
+
     # -- checkpoints ------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
