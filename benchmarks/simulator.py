@@ -41,17 +41,19 @@ PERIOD = 8
 LENGTH = 40  # MNIST-1D signal length
 
 
-def make_batches(k: int, b: int, count: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def make_batches(k: int, b: int, count: int) -> list[dict[str, torch.Tensor]]:
+    """Batches stacked over K replicas, as the simulated engine feeds them."""
     g = torch.Generator().manual_seed(0)
     return [
-        (torch.randn(k, b, LENGTH, generator=g), torch.randint(0, 10, (k, b), generator=g))
+        {"x": torch.randn(k, b, LENGTH, generator=g), "y": torch.randint(0, 10, (k, b), generator=g)}
         for _ in range(count)
     ]
 
 
-def simulated_runner(
-    template: nn.Module, k: int, loss: Callable
-) -> Callable[[torch.Tensor, torch.Tensor], None]:
+Step = Callable[[dict[str, torch.Tensor]], None]
+
+
+def simulated_runner(template: nn.Module, k: int, loss: Callable) -> Step:
     stacked = StackedModel(template, k)
     grads = ReplicaGradients(stacked, loss)
     opt = torch.optim.SGD(stacked.parameters(), lr=0.05, momentum=0.9)
@@ -60,25 +62,23 @@ def simulated_runner(
     )
     dp.__enter__()
 
-    def step(x: torch.Tensor, y: torch.Tensor) -> None:
+    def step(batch: dict[str, torch.Tensor]) -> None:
         opt.zero_grad()
-        grads(x, y)
+        grads(batch)
         opt.step()
 
     return step
 
 
-def loop_runner(
-    make: Callable[[], nn.Module], k: int, loss: Callable
-) -> Callable[[torch.Tensor, torch.Tensor], None]:
+def loop_runner(make: Callable[[], nn.Module], k: int, loss: Callable) -> Step:
     models = [make() for _ in range(k)]
     opts = [torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9) for m in models]
     count = [0]
 
-    def step(x: torch.Tensor, y: torch.Tensor) -> None:
+    def step(batch: dict[str, torch.Tensor]) -> None:
         for i, (m, o) in enumerate(zip(models, opts)):
             o.zero_grad()
-            loss(m(x[i]), y[i]).backward()
+            loss(m, {"x": batch["x"][i], "y": batch["y"][i]}).backward()
             o.step()
         count[0] += 1
         if count[0] % PERIOD == 0:
@@ -91,12 +91,12 @@ def loop_runner(
     return step
 
 
-def single_runner(template: nn.Module, loss: Callable) -> Callable[[torch.Tensor, torch.Tensor], None]:
+def single_runner(template: nn.Module, loss: Callable) -> Step:
     opt = torch.optim.SGD(template.parameters(), lr=0.05, momentum=0.9)
 
-    def step(x: torch.Tensor, y: torch.Tensor) -> None:
+    def step(batch: dict[str, torch.Tensor]) -> None:
         opt.zero_grad()
-        loss(template(x.flatten(0, 1)), y.flatten()).backward()
+        loss(template, {"x": batch["x"].flatten(0, 1), "y": batch["y"].flatten()}).backward()
         opt.step()
 
     return step
@@ -105,7 +105,7 @@ def single_runner(template: nn.Module, loss: Callable) -> Callable[[torch.Tensor
 def measure(step: Callable, batches: list, steps: int) -> float:
     start = time.perf_counter()
     for i in range(steps):
-        step(*batches[i % len(batches)])
+        step(batches[i % len(batches)])
     return time.perf_counter() - start
 
 

@@ -77,10 +77,11 @@ def parse_args() -> tuple[argparse.Namespace, algorithms.AlgorithmConfig]:
         if value is None:
             continue
         if field not in fields:
-            takes = [f"--{d.replace('_', '-')}" for d, f in HYPERPARAMETER_FLAGS.items()
-                     if f in fields]
-            p.error(f"--{dest.replace('_', '-')} does not apply to {args.algorithm}, "
-                    f"which takes {takes or 'none of the hyperparameter flags'}")
+            takes = [f"--{d.replace('_', '-')}" for d, f in HYPERPARAMETER_FLAGS.items() if f in fields]
+            p.error(
+                f"--{dest.replace('_', '-')} does not apply to {args.algorithm}, "
+                f"which takes {takes or 'none of the hyperparameter flags'}"
+            )
         spec[field] = value
     try:
         return args, algorithms.build(spec)  # validates every value
@@ -177,9 +178,7 @@ def main() -> None:
         localsgd.destroy_distributed()
 
 
-def train(
-    args: argparse.Namespace, algorithm: algorithms.AlgorithmConfig, info: localsgd.DistInfo
-) -> None:
+def train(args: argparse.Namespace, algorithm: algorithms.AlgorithmConfig, info: localsgd.DistInfo) -> None:
     master = info.rank == 0  # only rank 0 prints
     start = time.perf_counter()
 
@@ -192,20 +191,23 @@ def train(
 
     torch.manual_seed(args.seed)  # same init everywhere (DataParallel broadcasts rank 0's)
     model = ConvNet().to(device)
-    opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, nesterov=True,
-                          weight_decay=5e-4)
+    opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
     if master:
         run = {k: v for k, v in vars(args).items() if k not in HYPERPARAMETER_FLAGS}
         config = {**run, "algorithm": algorithm.to_dict(), "world_size": info.world_size}
         print(f"config={json.dumps(config)}", flush=True)
-        print(f"{len(x_train)} train / {len(x_test)} test samples, "
-              f"{sum(p.numel() for p in model.parameters())} parameters, "
-              f"{info.world_size} worker(s) x batch {args.batch_size}", flush=True)
+        print(
+            f"{len(x_train)} train / {len(x_test)} test samples, "
+            f"{sum(p.numel() for p in model.parameters())} parameters, "
+            f"{info.world_size} worker(s) x batch {args.batch_size}",
+            flush=True,
+        )
 
     with localsgd.DataParallel(model, opt, algorithm) as dp:
         for epoch in range(args.epochs):
-            batches = epoch_batches(x_train, y_train, args.batch_size, info.rank,
-                                    info.world_size, seed=10_000 * args.seed + epoch)
+            batches = epoch_batches(
+                x_train, y_train, args.batch_size, info.rank, info.world_size, seed=10_000 * args.seed + epoch
+            )
             loss_sum = torch.zeros((), device=device)
             for x, y in batches:
                 opt.zero_grad()
@@ -220,10 +222,12 @@ def train(
             with dp.consensus() as consensus_model:  # collective: every rank enters
                 test_acc = accuracy(consensus_model, x_test, y_test)
             if master:
-                print(f"epoch {epoch + 1:3d} | step {dp.stats['steps']:5d} | "
-                      f"train_loss {train_loss.item():.4f} | test_acc {test_acc:.4f} | "
-                      f"syncs {dp.stats['syncs']} | {time.perf_counter() - start:.1f}s",
-                      flush=True)
+                print(
+                    f"epoch {epoch + 1:3d} | step {dp.stats['steps']:5d} | "
+                    f"train_loss {train_loss.item():.4f} | test_acc {test_acc:.4f} | "
+                    f"syncs {dp.stats['syncs']} | {time.perf_counter() - start:.1f}s",
+                    flush=True,
+                )
 
     # On exit every rank holds the consensus model.
     test_acc = accuracy(model, x_test, y_test)

@@ -7,8 +7,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+import localsgd
+from localsgd import algorithms as A
 from localsgd.comm.base import WORLD, Block, CommStats, Scope, check_block
 from localsgd.comm.flat import group_by_dtype
+from scenarios import batch, loss_step, make_model
 
 
 @dataclass
@@ -50,3 +53,19 @@ class FakeCommunicator:
 
     def broadcast(self, tensors: Sequence[torch.Tensor], src: int = 0, *, record: bool = True) -> None:
         self.calls.append(Call("broadcast", "world", sum(t.numel() for t in tensors), []))
+
+
+def run_fake(algo: A.AlgorithmConfig, steps: int, world: int = 4, momentum: float = 0.9):
+    """Train ``steps`` steps on rank 0 of a fake world; per step, the scopes communicated."""
+    comm = FakeCommunicator(world_size=world)
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=momentum)
+    per_step = []
+    with localsgd.DataParallel(model, opt, algo, comm=comm) as dp:
+        assert [c.op for c in comm.calls] == ["broadcast"]
+        for step in range(steps):
+            n = len(comm.calls)
+            loss_step(model, opt, *batch(0, step))
+            per_step.append([c.scope for c in comm.calls[n:]])
+        stats = dp.stats
+    return per_step, stats, comm, model, opt

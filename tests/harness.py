@@ -97,3 +97,11 @@ def run_world(fn: Callable[..., Any], world_size: int, *args: Any, timeout: floa
                 raise RuntimeError(f"rank {r} failed:\n{payload['error']}")
             results.append(payload["result"])
         return results
+
+
+def worker_command(nproc: int, config: str, *args: str) -> list[str]:
+    """A hand-run ``torchrun --standalone --nproc-per-node N -m localsgd.worker CONFIG ...``."""
+    import sys
+
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc)]
+    return [*launcher, "-m", "localsgd.worker", config, *args]

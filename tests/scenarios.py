@@ -61,6 +61,15 @@ def loss_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: 
     opt.step()
 
 
+def train_plain(steps: int, **opt_kwargs: Any) -> nn.Module:
+    """One model trained alone, without DataParallel, on rank 0's batches."""
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), **opt_kwargs)
+    for step in range(steps):
+        loss_step(model, opt, *batch(0, step))
+    return model
+
+
 def sgd(model: nn.Module, momentum: float = 0.0) -> torch.optim.Optimizer:
     return torch.optim.SGD(
         model.parameters(), lr=0.1, momentum=momentum, weight_decay=1e-4 if momentum else 0.0
@@ -119,7 +128,9 @@ def equivalences(rank: int, world: int) -> dict[str, torch.Tensor]:
     out["minibatch_momentum_at_switch"] = flat(train(A.MiniBatchSGD(), rank, range(switch), momentum=0.9)[0])
 
     out["local_h4"] = flat(train(A.LocalSGD(period=4), rank, steps, momentum=0.9)[0])
-    out["slowmo_plain"] = flat(train(A.SlowMo(period=4, momentum=0.0, lr=1.0), rank, steps, momentum=0.9)[0])
+    out["slowmo_plain"] = flat(
+        train(A.SlowMo(period=4, outer_momentum=0.0, outer_lr=1.0), rank, steps, momentum=0.9)[0]
+    )
     out["diloco_plain"] = flat(
         train(A.DiLoCo(period=4, outer_lr=1.0, outer_momentum=0.0), rank, steps, momentum=0.9)[0]
     )
@@ -150,6 +161,22 @@ def equivalences(rank: int, world: int) -> dict[str, torch.Tensor]:
     return out
 
 
+# -- every registered algorithm, syncing within a few steps ------------------------------------
+
+FAST = {"period": 4, "block_period": 2, "steps": 3, "switch_step": 7}
+"""Small values for the period-like fields (by their paper names), so that a test of a few
+dozen steps sees every kind of sync."""
+
+
+def fast_spec(name: str) -> dict[str, Any]:
+    """Algorithm ``name`` with its defaults, every period-like field made small: the config
+    generic tests run for every registered algorithm, a new one included."""
+    import dataclasses
+
+    fields = {f.name for f in dataclasses.fields(A.get(name))}  # type: ignore[arg-type]
+    return {"name": name, **{k: v for k, v in FAST.items() if k in fields}}
+
+
 # -- consistency and counters -----------------------------------------------------------------
 
 STEPS = 12
@@ -162,7 +189,7 @@ def consistency_configs(world: int) -> dict[str, A.AlgorithmConfig]:
         "local_sgd": A.LocalSGD(period=4),
         "post_local_sgd": A.PostLocalSGD(switch_step=4, period=3),
         "hierarchical_local_sgd": A.HierarchicalLocalSGD(period=2, block_period=2, block_size=2),
-        "slowmo": A.SlowMo(period=4, momentum=0.5),
+        "slowmo": A.SlowMo(period=4, outer_momentum=0.5),
         "diloco": A.DiLoCo(period=4),
         "sma": A.SMA(),
     }
@@ -251,14 +278,16 @@ RESUME_AT = 7
 
 
 def resume_configs(world: int) -> dict[str, A.AlgorithmConfig]:
-    configs = consistency_configs(world)
+    """Every registered algorithm (a new one too), plus the optimizer-state variants."""
+    configs = {name: A.build(fast_spec(name)) for name in A.names()}
     configs["local_sgd_avg_state"] = A.LocalSGD(period=4, optimizer_state="average")
     configs["local_sgd_reset_state"] = A.LocalSGD(period=4, optimizer_state="reset")
+    configs["diloco_adamw"] = A.DiLoCo(period=4)
     return configs
 
 
 def _optimizer(name: str, model: nn.Module) -> torch.optim.Optimizer:
-    if name == "diloco":
+    if name == "diloco_adamw":  # the paper's inner optimizer: Adam state must resume too
         return torch.optim.AdamW(model.parameters(), lr=1e-2)
     return sgd(model, 0.9)
 

@@ -14,16 +14,16 @@ from pathlib import Path
 
 import pytest
 
-from harness import LAUNCHER_VARS
+from harness import LAUNCHER_VARS, worker_command
 
 pytestmark = pytest.mark.timeout(600)
 
 
 BASE = """
-[base]
-workload = "mnist1d_cnn"
-[base.data]
+[base.workload]
+name = "mnist1d_cnn"
 num_samples = 1000
+[base.data]
 batch_size = 16
 [base.train]
 epochs = 1
@@ -68,6 +68,10 @@ algorithm = [{name = "minibatch_sgd"}, {name = "local_sgd", period = 4}]
 """
 
 
+def config_of(run_dir: Path) -> dict:
+    return json.loads((run_dir / "config.json").read_text())["config"]
+
+
 def read_rows(run_dir: Path) -> list[dict]:
     with (run_dir / "metrics.jsonl").open() as f:
         return [json.loads(line) for line in f]
@@ -91,10 +95,7 @@ def test_tiny_study_through_the_cli_produces_every_report_file(tmp_path, env):
         rows = read_rows(run)
         assert [r["step"] for r in rows] == [5, 10, 15, 20]
         env_info = json.loads((run / "env.json").read_text())
-        assert (
-            env_info["torch"]
-            and env_info["world_size"] == json.loads((run / "config.json").read_text())["workers"]
-        )
+        assert env_info["torch"] and env_info["world_size"] == config_of(run)["workers"]
 
     reported = cli(["report", str(out)], env, tmp_path)
     assert reported.returncode == 0, reported.stderr
@@ -111,10 +112,10 @@ def test_tiny_study_through_the_cli_produces_every_report_file(tmp_path, env):
     assert len(runs_sheet) == 3
     finals = {}
     for run in runs:
-        config = json.loads((run / "config.json").read_text())
+        config = config_of(run)
         rows = read_rows(run)
         finals[(config["workers"], config["algorithm"]["name"])] = (
-            rows[-1]["test_accuracy"],
+            rows[-1]["metrics"]["accuracy"],
             rows[-1]["wall_seconds"],
         )
     summary = next(df for name, df in sheets.items() if name not in ("runs", "metrics", "status"))
@@ -188,24 +189,27 @@ algorithm = [{name = "local_sgd", period = 2}]
 def test_huge_learning_rate_is_recorded_as_diverged(tmp_path, env):
     run = tmp_path / "run.toml"
     run.write_text(
-        'workload = "mnist1d_mlp"\nworkers = 2\n[data]\nnum_samples = 1000\nbatch_size = 16\n'
+        'workers = 2\n[workload]\nname = "mnist1d_mlp"\nnum_samples = 1000\n[data]\nbatch_size = 16\n'
         "[optimizer]\nlr = 1e6\nnesterov = false\nmomentum = 0.0\n[train]\nepochs = 1\nmax_steps = 40\neval_every = 5\n"
     )
     done = cli(["train", str(run), "--out", str(tmp_path / "runs")], env, tmp_path)
-    assert done.returncode == 0, done.stderr
+    assert done.returncode == 1, done.stderr
     assert done.stdout.startswith("diverged")
+    assert "error: Diverged: train loss is" in done.stderr
     (record,) = (tmp_path / "runs" / "runs").iterdir()
     status = json.loads((record / "status.json").read_text())
-    assert status["status"] == "diverged" and "train loss is" in status["error"]
+    assert status["status"] == "diverged" and "train loss is" in status["error"]["message"]
     rows = read_rows(record)
-    assert not math.isfinite(rows[-1]["train_loss"]) and rows[-1]["step"] < 40
+    # Strict JSON has no inf or NaN: the non-finite loss is a null, the message says which.
+    assert rows[-1]["train_loss"] is None and rows[-1]["step"] < 40
+    assert all(r["train_loss"] is None or math.isfinite(r["train_loss"]) for r in rows)
 
 
 def test_cli_rejects_bad_configs_naming_the_key(tmp_path, env):
     run = tmp_path / "run.toml"
     run.write_text("workers = 2\n[optimizer]\nlr = 0.1\n")
     bad = cli(["train", str(run), "--set", "optimizer.lr=fast"], env, tmp_path)
-    assert bad.returncode == 2 and "optimizer.lr must be float, got str 'fast'" in bad.stderr
+    assert bad.returncode == 2 and "optimizer.lr must be a number, got str 'fast'" in bad.stderr
     study = write_study(tmp_path / "s.toml", "[[grid]]\nworkers = [3]\nglobal_batch = 64\n")
     bad = cli(["study", str(study)], env, tmp_path)
     assert bad.returncode == 2 and "global_batch = 64 is not divisible by workers = 3" in bad.stderr
@@ -218,27 +222,15 @@ def test_worker_entry_point_under_torchrun_records_the_run(tmp_path, env):
     """The multi-node path: torchrun starts `-m localsgd.worker` itself; rank 0 owns the store."""
     run = tmp_path / "run.toml"
     run.write_text(
-        'workload = "mnist1d_mlp"\nworkers = 2\ndevice = "cpu"\n[algorithm]\nname = "local_sgd"\nperiod = 4\n'
-        "[data]\nnum_samples = 1000\nbatch_size = 16\n[train]\nepochs = 1\nmax_steps = 12\neval_every = 6\n"
+        'workers = 2\ndevice = "cpu"\n[workload]\nname = "mnist1d_mlp"\nnum_samples = 1000\n[algorithm]\nname = "local_sgd"\nperiod = 4\n'
+        "[data]\nbatch_size = 16\n[train]\nepochs = 1\nmax_steps = 12\neval_every = 6\n"
     )
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node",
-        "2",
-        "-m",
-        "localsgd.worker",
-        str(run),
-        "--out",
-        str(tmp_path / "store"),
-    ]
+    command = worker_command(2, str(run), "--out", str(tmp_path / "store"))
     done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     (record,) = (tmp_path / "store" / "runs").iterdir()
     status = json.loads((record / "status.json").read_text())
     assert status["status"] == "completed", done.stderr[-3000:]
-    assert status["steps"] == 12 and status["stats"]["syncs"] == 3
+    assert status["steps"] == 12 and status["counters"]["syncs"] == 3
     assert [r["step"] for r in read_rows(record)] == [6, 12]
     with sqlite3.connect(tmp_path / "store" / "index.sqlite") as db:
         assert db.execute("SELECT status FROM runs").fetchall() == [("completed",)]

@@ -43,8 +43,8 @@ def train(
     Starts `workers` processes through torch's elastic launcher, unless already running
     under torchrun (then this process is one of the workers, and rank 0 records the run).
     """
-    from localsgd.studies.configs import ConfigError
     from localsgd.studies.loading import load_run_config
+    from localsgd.util.checks import ConfigError
 
     try:
         run = load_run_config(config, overrides or [])
@@ -58,16 +58,20 @@ def train(
         for item in overrides or []:
             argv += ["--set", item]
         raise typer.Exit(code=worker.main(argv))
-    from localsgd.engines.processes import execute
-    from localsgd.studies.store import Store
+    from localsgd.records import Store
+    from localsgd.studies.runner import execute_run, preflight
 
-    store = Store(out)
-    status = execute(run, store)
-    record = store.run_dir(run.run_id())
-    typer.echo(f"{status}: {record}")
-    if status == "failed":
-        info = (record / "status.json").read_text()
-        typer.echo(info, err=True)
+    try:
+        workload = next(iter(preflight([run]).values()))
+        store = Store(out)
+    except ValueError as exc:
+        raise _fail(str(exc)) from None
+    status = execute_run(run, store, workload=workload)
+    typer.echo(f"{status}: {store.run_dir(run.run_id())}")
+    error = store.error(run.run_id())
+    if error is not None:
+        typer.secho(f"error: {error.line()}", fg=typer.colors.RED, err=True)
+    if status != "completed":
         raise typer.Exit(code=1)
 
 
@@ -82,9 +86,9 @@ def study(
     dry_run: Annotated[bool, typer.Option(help="List the planned runs and stop.")] = False,
 ) -> None:
     """Run every run of a study's grid; rerunning skips finished runs and restarts unfinished ones."""
-    from localsgd.studies.configs import ConfigError
     from localsgd.studies.grid import load_study
     from localsgd.studies.runner import run_study
+    from localsgd.util.checks import ConfigError
 
     try:
         plan = load_study(config, overrides or [])
@@ -99,7 +103,10 @@ def study(
         typer.echo(f"{len(plan.runs)} runs -> {folder}")
         return
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
-    counts = run_study(plan, folder, study_file=config, retry_failed=retry_failed)
+    try:
+        counts = run_study(plan, folder, study_file=config, retry_failed=retry_failed)
+    except ConfigError as exc:
+        raise _fail(str(exc)) from None
     summary = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
     typer.echo(f"study {plan.section.name}: {summary}; store: {folder}")
 
@@ -115,11 +122,12 @@ def report(
             f"({', '.join(cluster_presets())}) or a cluster TOML file (see docs/costmodel.md)."
         ),
     ] = None,
-    target_accuracy: Annotated[
-        float | None,
+    target: Annotated[
+        str | None,
         typer.Option(
-            help="With --cluster: the test accuracy (a fraction, e.g. 0.9) to estimate the time to "
-            "(default: 0.95 × the best mean final accuracy of each workload)."
+            help="With --cluster: the value of the primary metric to estimate the time to, as "
+            "METRIC=VALUE (accuracy=0.9: accuracies are fractions) or a bare VALUE (default: the "
+            "best mean final value of each workload, 5% short of it)."
         ),
     ] = None,
 ) -> None:
@@ -127,7 +135,7 @@ def report(
     from localsgd.report import make_report
 
     try:
-        paths = make_report(store_dir, out, cluster=cluster, target_accuracy=target_accuracy)
+        paths = make_report(store_dir, out, cluster=cluster, target=target)
     except ValueError as exc:
         raise _fail(str(exc)) from None
     for kind, path in paths.items():

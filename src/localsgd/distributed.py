@@ -74,3 +74,20 @@ def destroy_distributed() -> None:
     """Leave the process group if one is up; safe to call always (e.g. in ``finally``)."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def resolve_device(name: str, local_rank: int | None = None) -> torch.device:
+    """``cuda`` or ``cpu`` for this process. ``auto`` takes CUDA when every process on this
+    node can have its own device (what NCCL needs), else the CPU; ``cuda`` without enough
+    devices is a ``ValueError``."""
+    local_rank = int(os.environ.get("LOCAL_RANK", "0")) if local_rank is None else local_rank
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    enough = torch.cuda.is_available() and local_world <= torch.cuda.device_count()
+    if name == "cuda" and not enough:
+        raise ValueError(
+            f"device = 'cuda' needs one CUDA device per worker process on this node "
+            f"({local_world} processes, {torch.cuda.device_count()} devices); use 'auto' or 'cpu'"
+        )
+    if name == "cuda" or (name == "auto" and enough):
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")

@@ -2,21 +2,27 @@
 
 ``python -m localsgd.worker CONFIG [--out STORE | --run-dir DIR] [--set key=value ...]``
 under ``torchrun`` (one machine or ``--nnodes N``), or started by ``localsgd train`` and
-``localsgd study`` through torch's elastic launcher. Rank 0 writes the run record.
+``localsgd study`` through torch's elastic launcher. Rank 0 writes the run record; a rank
+that fails records its own exception in ``DIR/errors/`` for the launcher's caller.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 from pathlib import Path
 
 import localsgd
+from localsgd.distributed import resolve_device
+from localsgd.engines.processes import write_worker_error
+from localsgd.records.store import Store
 from localsgd.studies.loading import load_run_config
+from localsgd.studies.runner import preflight
 from localsgd.studies.schema import RunConfig
-from localsgd.studies.store import Store
 from localsgd.studies.trainer import train
+from localsgd.util.checks import ConfigError
 
 log = logging.getLogger("localsgd.worker")
 
@@ -30,26 +36,35 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-
-    config = load_run_config(args.config, args.overrides)
-    from localsgd.studies.trainer import resolve_device
-
-    # NCCL only when this run trains on CUDA; a CPU run uses gloo even on a GPU machine.
-    device = resolve_device(config.device)
-    info = localsgd.init_distributed(backend="nccl" if device.type == "cuda" else "gloo")
-    if config.engine == "simulated" and info.world_size > 1:
-        localsgd.destroy_distributed()
-        raise SystemExit("engine = 'simulated' runs all K replicas in one process; start it without torchrun")
+    rank = 0
     try:
-        return run(config, info, args.run_dir, args.out)
-    finally:
-        localsgd.destroy_distributed()
+        config = load_run_config(args.config, args.overrides)
+        # NCCL only when this run trains on CUDA; a CPU run uses gloo even on a GPU machine.
+        device = resolve_device(config.device)
+        info = localsgd.init_distributed(backend="nccl" if device.type == "cuda" else "gloo")
+        rank = info.rank
+        try:
+            return run(config, info, args.run_dir, args.out)
+        finally:
+            localsgd.destroy_distributed()
+    except BaseException as exc:
+        if args.run_dir is not None and not isinstance(exc, (SystemExit, KeyboardInterrupt)):
+            # On another node the folder may not exist: that node's launcher reports the error.
+            with contextlib.suppress(OSError):
+                write_worker_error(args.run_dir, rank, exc)
+        if isinstance(exc, ConfigError):
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        raise
 
 
 def run(config: RunConfig, info: localsgd.DistInfo, run_dir: str | None, out: str) -> int:
     import torch.distributed as dist
 
     store = None
+    # Built on every rank before anything is recorded: a bad workload fails here, as a
+    # configuration error, rather than inside a half-written run.
+    workload = next(iter(preflight([config]).values()))
     if run_dir is not None:
         folder = Path(run_dir) if info.rank == 0 else None
     else:
@@ -67,17 +82,13 @@ def run(config: RunConfig, info: localsgd.DistInfo, run_dir: str | None, out: st
             dist.broadcast_object_list(problem, src=0)
         if problem[0] is not None:
             raise RuntimeError(problem[0])
-    error = None
     try:
-        status = train(config, folder, info.rank, info.world_size, info.backend)
-    except BaseException as exc:
-        error = f"{type(exc).__name__}: {exc}"
-        raise
+        status = train(config, folder, info.rank, info.world_size, info.backend, workload=workload)
     finally:
         if store is not None:
-            final = store.finish(config.run_id(), error=error)
+            final = store.finish(config.run_id())
             log.info("run %s %s: %s", config.run_id(), final, store.run_dir(config.run_id()))
-    return 0 if status["status"] in ("completed", "diverged") else 1
+    return 0 if status.status in ("completed", "diverged") else 1
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""What every algorithm shares: the runtime context, the protocol, the registry, validation.
+"""What every algorithm shares: the runtime context, the protocol, the registry.
 
 An algorithm is two objects. Its *config* is a frozen dataclass the user builds
 (``LocalSGD(period=8)``): every hyperparameter a documented field, validated on
@@ -14,9 +14,8 @@ a leading dimension (simulated engine).
 from __future__ import annotations
 
 import dataclasses
-import types
-import typing
-from collections.abc import Callable, Mapping, Sequence
+import functools
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol, TypeVar
 
@@ -24,6 +23,7 @@ import torch
 
 from localsgd.comm.base import Communicator
 from localsgd.comm.flat import Spans
+from localsgd.util.checks import ConfigError, from_dict
 
 OPTIMIZER_STATE_CHOICES = ("local", "average", "reset")
 
@@ -83,9 +83,22 @@ class Synchronizer(Protocol):
 
 
 class AlgorithmConfig:
-    """Base of the algorithm configs: name, dict round trip, bind."""
+    """Base of the algorithm configs: name, paper symbols, period, dict round trip, bind.
+
+    Subclasses are frozen dataclasses registered with :func:`register`. ``SYMBOLS`` maps
+    the headline fields to their paper symbols, in the order a label prints them;
+    ``RENAMED`` maps old field names to new ones (the old name gets an error naming the new).
+    """
 
     name: ClassVar[str]
+    SYMBOLS: ClassVar[dict[str, str]] = {}
+    RENAMED: ClassVar[dict[str, str]] = {}
+
+    @property
+    def sync_period(self) -> int | None:
+        """H for the H·K view: local steps between two averagings of the whole model; 1 for
+        algorithms that synchronise every step; None where no comparable period exists."""
+        return None
 
     def bind(self, ctx: SyncContext) -> Synchronizer:
         raise NotImplementedError
@@ -93,6 +106,35 @@ class AlgorithmConfig:
     def to_dict(self) -> dict[str, Any]:
         assert dataclasses.is_dataclass(self)
         return {"name": self.name, **dataclasses.asdict(self)}
+
+    def label(self) -> str:
+        """``"local_sgd H=4"``: the name, the headline fields by symbol, then every other
+        field that differs from its default as ``field=value``."""
+        assert dataclasses.is_dataclass(self)
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        defaults = defaults_of(type(self))
+        parts = [self.name]
+        parts += [f"{symbol}={format_value(values[key])}" for key, symbol in self.SYMBOLS.items()]
+        parts += [
+            f"{key}={format_value(value)}"
+            for key, value in sorted(values.items())
+            if key not in self.SYMBOLS and (key not in defaults or value != defaults[key])
+        ]
+        return " ".join(parts)
+
+
+def defaults_of(cls: type) -> dict[str, Any]:
+    """A config class's field defaults."""
+    assert dataclasses.is_dataclass(cls), cls
+    return {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
+
+
+def format_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
 
 
 _REGISTRY: dict[str, type[AlgorithmConfig]] = {}
@@ -106,10 +148,26 @@ def register(name: str) -> Callable[[C], C]:
         if name in _REGISTRY:
             raise ValueError(f"algorithm name {name!r} is already registered")
         cls.name = name
+        if cls.RENAMED:
+            _refuse_renamed_keywords(cls)
         _REGISTRY[name] = cls
         return cls
 
     return deco
+
+
+def _refuse_renamed_keywords(cls: type[AlgorithmConfig]) -> None:
+    """``SlowMo(momentum=0.5)`` names the field's new name instead of a bare TypeError."""
+    init = cls.__init__
+
+    @functools.wraps(init)
+    def checked(self: Any, *args: Any, **kwargs: Any) -> None:
+        for old, new in cls.RENAMED.items():
+            if old in kwargs:
+                raise ConfigError(f"{cls.name}.{old} was renamed: use {cls.name}.{new}")
+        init(self, *args, **kwargs)
+
+    cls.__init__ = checked  # type: ignore[method-assign]
 
 
 def names() -> list[str]:
@@ -117,94 +175,24 @@ def names() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def get(name: str) -> type[AlgorithmConfig]:
+def get(name: object) -> type[AlgorithmConfig]:
     try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise ValueError(f"algorithm name {name!r} is unknown; allowed: {names()}") from None
+        return _REGISTRY[name]  # type: ignore[index]
+    except (KeyError, TypeError):
+        raise ConfigError(f"algorithm name {name!r} is unknown; allowed: {names()}") from None
 
 
 def build(spec: Mapping[str, Any] | AlgorithmConfig) -> AlgorithmConfig:
     """An algorithm config from a plain dict such as ``{"name": "local_sgd", "period": 8}``.
 
-    Unknown keys and values of the wrong type raise ``ValueError`` naming the key.
+    Unknown keys, renamed keys and values of the wrong type raise :class:`ConfigError`
+    (a ``ValueError``) naming the key.
     """
     if isinstance(spec, AlgorithmConfig):
         return spec
     if not isinstance(spec, Mapping):
-        raise ValueError(f"algorithm spec must be a mapping with a 'name' key, got {spec!r}")
+        raise ConfigError(f"algorithm spec must be a mapping with a 'name' key, got {spec!r}")
     if "name" not in spec:
-        raise ValueError(f"algorithm spec needs a 'name' key; allowed names: {names()}")
+        raise ConfigError(f"algorithm spec needs a 'name' key; allowed names: {names()}")
     cls = get(spec["name"])
-    assert dataclasses.is_dataclass(cls)
-    allowed = {f.name: f for f in dataclasses.fields(cls)}
-    hints = typing.get_type_hints(cls)
-    kwargs: dict[str, Any] = {}
-    for key, value in spec.items():
-        if key == "name":
-            continue
-        if key not in allowed:
-            raise ValueError(f"algorithm {cls.name!r} has no field {key!r}; allowed: {sorted(allowed)}")
-        kwargs[key] = _coerce(f"{cls.name}.{key}", value, hints[key])
-    return cls(**kwargs)
-
-
-def _coerce(field: str, value: Any, annotation: Any) -> Any:
-    """Check ``value`` against a field's annotation; ints are accepted for floats."""
-    options = typing.get_args(annotation) if _is_union(annotation) else (annotation,)
-    for option in options:
-        if option is type(None) and value is None:
-            return None
-        if option is bool and isinstance(value, bool):
-            return value
-        if option is int and isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if option is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if option is str and isinstance(value, str):
-            return value
-    wanted = " or ".join(getattr(o, "__name__", str(o)) for o in options)
-    raise ValueError(f"{field} must be {wanted}, got {type(value).__name__} {value!r}")
-
-
-def _is_union(annotation: Any) -> bool:
-    return typing.get_origin(annotation) in (typing.Union, types.UnionType)
-
-
-# -- validation helpers: every message names the field and what is allowed -----------------
-
-
-def check_int(field: str, value: object, minimum: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{field} must be an integer >= {minimum}, got {value!r}")
-
-
-def check_float(
-    field: str,
-    value: object,
-    low: float,
-    high: float | None = None,
-    *,
-    low_open: bool = False,
-    high_open: bool = True,
-) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if ok:
-        v = float(value)  # type: ignore[arg-type]
-        ok = v == v and (v > low if low_open else v >= low)
-        if ok and high is not None:
-            ok = v < high if high_open else v <= high
-    if not ok:
-        left = "(" if low_open else "["
-        right = "inf)" if high is None else (f"{high})" if high_open else f"{high}]")
-        raise ValueError(f"{field} must be a number in {left}{low}, {right}, got {value!r}")
-
-
-def check_choice(field: str, value: object, choices: Sequence[str]) -> None:
-    if value not in choices:
-        raise ValueError(f"{field} must be one of {list(choices)}, got {value!r}")
-
-
-def check_bool(field: str, value: object) -> None:
-    if not isinstance(value, bool):
-        raise ValueError(f"{field} must be true or false, got {value!r}")
+    return from_dict(cls, {k: v for k, v in spec.items() if k != "name"}, cls.name)

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
 from localsgd.algorithms._common import ParametersAlwaysInSync, clone_all, load_tensors, require_keys
-from localsgd.algorithms.base import AlgorithmConfig, SyncContext, check_int, register
+from localsgd.algorithms.base import AlgorithmConfig, SyncContext, register
 from localsgd.comm.base import WORLD
+from localsgd.util.checks import check_int
 
 
 @register("gradient_accumulation")
@@ -26,8 +27,14 @@ class GradientAccumulation(AlgorithmConfig):
     (and its momentum, weight decay, step count) untouched.
     """
 
+    SYMBOLS: ClassVar[dict[str, str]] = {"steps": "k"}
+
     steps: int = 2
     """Micro-batches per applied update (k). 1 is mini-batch SGD."""
+
+    @property
+    def sync_period(self) -> int:
+        return 1
 
     def __post_init__(self) -> None:
         check_int("gradient_accumulation.steps", self.steps, 1)

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from localsgd.algorithms._common import ModelAverager, average_model, require_keys
-from localsgd.algorithms.base import AlgorithmConfig, SyncContext, check_int, register
+from localsgd.algorithms.base import AlgorithmConfig, SyncContext, register
 from localsgd.algorithms.local_sgd import check_local_options
 from localsgd.comm.base import WORLD, Block
+from localsgd.util.checks import check_int
 
 
 @register("hierarchical_local_sgd")
@@ -22,6 +23,8 @@ class HierarchicalLocalSGD(AlgorithmConfig):
     Consistency: after a block sync, replicas within a block are identical; after a
     global sync, all replicas are. The world size must be a multiple of G.
     """
+
+    SYMBOLS: ClassVar[dict[str, str]] = {"period": "H", "block_period": "Hb", "block_size": "G"}
 
     period: int = 4
     """H: local steps between two block averagings."""
@@ -39,6 +42,11 @@ class HierarchicalLocalSGD(AlgorithmConfig):
         check_int("hierarchical_local_sgd.block_period", self.block_period, 1)
         check_int("hierarchical_local_sgd.block_size", self.block_size, 1)
         check_local_options("hierarchical_local_sgd", self.average_buffers, self.optimizer_state)
+
+    @property
+    def sync_period(self) -> int:
+        """H: the steps between block averagings (the H of Lin et al.'s H·K comparisons)."""
+        return self.period
 
     def bind(self, ctx: SyncContext) -> HierarchicalSync:
         return HierarchicalSync(self, ctx)

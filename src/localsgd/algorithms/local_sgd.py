@@ -4,18 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 from localsgd.algorithms._common import ModelAverager, average_model, require_keys
-from localsgd.algorithms.base import (
-    OPTIMIZER_STATE_CHOICES,
-    AlgorithmConfig,
-    SyncContext,
-    check_bool,
-    check_choice,
-    check_int,
-    register,
-)
+from localsgd.algorithms.base import OPTIMIZER_STATE_CHOICES, AlgorithmConfig, SyncContext, register
+from localsgd.util.checks import check_bool, check_choice, check_int
 
 
 def check_local_options(prefix: str, average_buffers: object, optimizer_state: object) -> None:
@@ -34,6 +27,8 @@ class LocalSGD(AlgorithmConfig):
     H-th step) and differ in between.
     """
 
+    SYMBOLS: ClassVar[dict[str, str]] = {"period": "H"}
+
     period: int = 8
     """H: local steps between two averagings. 1 is mini-batch SGD for plain SGD."""
     average_buffers: bool = True
@@ -45,6 +40,10 @@ class LocalSGD(AlgorithmConfig):
     def __post_init__(self) -> None:
         check_int("local_sgd.period", self.period, 1)
         check_local_options("local_sgd", self.average_buffers, self.optimizer_state)
+
+    @property
+    def sync_period(self) -> int:
+        return self.period
 
     def bind(self, ctx: SyncContext) -> LocalSGDSync:
         return LocalSGDSync(ctx, self.period, ModelAverager(ctx, self.average_buffers, self.optimizer_state))

@@ -19,6 +19,10 @@ class MiniBatchSGD(AlgorithmConfig):
     (BatchNorm statistics) stay local and are averaged into the consensus model.
     """
 
+    @property
+    def sync_period(self) -> int:
+        return 1
+
     def bind(self, ctx: SyncContext) -> MiniBatchSync:
         return MiniBatchSync(ctx)
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -25,15 +25,9 @@ from localsgd.algorithms._common import (
     lr_of,
     require_keys,
 )
-from localsgd.algorithms.base import (
-    AlgorithmConfig,
-    SyncContext,
-    check_bool,
-    check_float,
-    check_int,
-    register,
-)
+from localsgd.algorithms.base import AlgorithmConfig, SyncContext, register
 from localsgd.algorithms.local_sgd import LocalSGDSync, check_local_options
+from localsgd.util.checks import check_bool, check_float, check_int
 
 
 class OuterMomentum:
@@ -97,17 +91,21 @@ class OuterMomentum:
 @dataclass(frozen=True)
 class SlowMo(AlgorithmConfig):
     """Local SGD with slow momentum: every H steps the averaged update (x_0 - x̄)/γ feeds a
-    momentum buffer u ← βu + (x_0 - x̄)/γ and the model moves x_0 ← x_0 - αγu, γ being
+    momentum buffer u ← βu + (x_0 - x̄)/γ and the model moves x_0 ← x_0 - αγu (α =
+    ``outer_lr``, β = ``outer_momentum``, the names DiLoCo's fields use too), γ being
     the inner optimizer's current learning rate (Wang et al. 2020, "SlowMo").
 
     Consistency: parameters identical on every replica right after each sync.
     """
 
+    SYMBOLS: ClassVar[dict[str, str]] = {"period": "H", "outer_momentum": "β", "outer_lr": "α"}
+    RENAMED: ClassVar[dict[str, str]] = {"lr": "outer_lr", "momentum": "outer_momentum"}
+
     period: int = 8
     """H (τ in the paper): local steps between two outer steps."""
-    momentum: float = 0.5
+    outer_momentum: float = 0.5
     """β: slow momentum, in [0, 1)."""
-    lr: float = 1.0
+    outer_lr: float = 1.0
     """α: slow learning rate, > 0."""
     nesterov: bool = False
     """Use Nesterov's form of the slow momentum step."""
@@ -118,13 +116,17 @@ class SlowMo(AlgorithmConfig):
 
     def __post_init__(self) -> None:
         check_int("slowmo.period", self.period, 1)
-        check_float("slowmo.momentum", self.momentum, 0.0, 1.0)
-        check_float("slowmo.lr", self.lr, 0.0, None, low_open=True)
+        check_float("slowmo.outer_momentum", self.outer_momentum, 0.0, 1.0)
+        check_float("slowmo.outer_lr", self.outer_lr, 0.0, None, low_open=True)
         check_bool("slowmo.nesterov", self.nesterov)
         check_local_options("slowmo", self.average_buffers, self.optimizer_state)
 
+    @property
+    def sync_period(self) -> int:
+        return self.period
+
     def bind(self, ctx: SyncContext) -> LocalSGDSync:
-        outer = OuterMomentum(ctx, self.lr, self.momentum, self.nesterov, scale_by_lr=True)
+        outer = OuterMomentum(ctx, self.outer_lr, self.outer_momentum, self.nesterov, scale_by_lr=True)
         averager = ModelAverager(ctx, self.average_buffers, self.optimizer_state)
         return LocalSGDSync(ctx, self.period, averager, outer)
 
@@ -138,6 +140,8 @@ class DiLoCo(AlgorithmConfig):
 
     Consistency: parameters identical on every replica right after each outer step.
     """
+
+    SYMBOLS: ClassVar[dict[str, str]] = {"period": "H", "outer_lr": "η", "outer_momentum": "μ"}
 
     period: int = 500
     """H: inner steps between two outer steps."""
@@ -158,6 +162,10 @@ class DiLoCo(AlgorithmConfig):
         check_float("diloco.outer_momentum", self.outer_momentum, 0.0, 1.0)
         check_bool("diloco.nesterov", self.nesterov)
         check_local_options("diloco", self.average_buffers, self.optimizer_state)
+
+    @property
+    def sync_period(self) -> int:
+        return self.period
 
     def bind(self, ctx: SyncContext) -> LocalSGDSync:
         outer = OuterMomentum(ctx, self.outer_lr, self.outer_momentum, self.nesterov, scale_by_lr=False)

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from localsgd.algorithms._common import ModelAverager, require_keys
-from localsgd.algorithms.base import AlgorithmConfig, SyncContext, check_int, register
+from localsgd.algorithms.base import AlgorithmConfig, SyncContext, register
 from localsgd.algorithms.local_sgd import LocalSGDSync, check_local_options
 from localsgd.algorithms.minibatch import MiniBatchSync
+from localsgd.util.checks import check_int
 
 
 @register("post_local_sgd")
@@ -21,6 +22,8 @@ class PostLocalSGD(AlgorithmConfig):
     Consistency: identical parameters after every step before t'; after t', identical
     right after each sync (every H-th step counted from t').
     """
+
+    SYMBOLS: ClassVar[dict[str, str]] = {"switch_step": "t'", "period": "H"}
 
     switch_step: int = 0
     """t': the first optimizer step taken locally (0-based). 0 is local SGD from the start."""
@@ -35,6 +38,10 @@ class PostLocalSGD(AlgorithmConfig):
         check_int("post_local_sgd.switch_step", self.switch_step, 0)
         check_int("post_local_sgd.period", self.period, 1)
         check_local_options("post_local_sgd", self.average_buffers, self.optimizer_state)
+
+    @property
+    def sync_period(self) -> int:
+        return self.period
 
     def bind(self, ctx: SyncContext) -> PostLocalSync:
         return PostLocalSync(self, ctx)

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
 from localsgd.algorithms._common import average_model, clone_all, load_tensors, require_keys
-from localsgd.algorithms.base import AlgorithmConfig, SyncContext, check_float, register
+from localsgd.algorithms.base import AlgorithmConfig, SyncContext, register
 from localsgd.comm.base import WORLD
+from localsgd.util.checks import check_float
 
 
 @register("sma")
@@ -28,6 +29,8 @@ class SMA(AlgorithmConfig):
     per dtype per step.
     """
 
+    SYMBOLS: ClassVar[dict[str, str]] = {"alpha": "α", "momentum": "μ"}
+
     alpha: float | None = None
     """α: strength of the correction toward z, in (0, 1]; None means 1/K for K workers."""
     momentum: float = 0.9
@@ -37,6 +40,9 @@ class SMA(AlgorithmConfig):
         if self.alpha is not None:
             check_float("sma.alpha", self.alpha, 0.0, 1.0, low_open=True, high_open=False)
         check_float("sma.momentum", self.momentum, 0.0, 1.0)
+
+    def label(self) -> str:
+        return super().label().replace("α=None", "α=1/K")
 
     def bind(self, ctx: SyncContext) -> SMASync:
         return SMASync(self, ctx)

@@ -23,12 +23,14 @@ In TOML, bandwidth is in Gb/s (``bandwidth_gbit``), as network gear is rated; in
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import tomllib
 
 from localsgd.costmodel.model import GBIT, Cluster, Link, check_real
+from localsgd.util.checks import ConfigError, check_int, from_dict
 
 TCP_ALPHA = 50e-6
 """Typical per-message latency of kernel TCP over (10/25 GbE) Ethernet, software included."""
@@ -92,49 +94,55 @@ def preset(name: str) -> Cluster:
         raise ValueError(f"unknown cluster preset {name!r}; allowed: {', '.join(_PRESETS)}") from None
 
 
-_TOP_KEYS = ("name", "devices_per_node", "intra", "inter", "seconds_per_sample", "description")
-_LINK_KEYS = ("alpha", "bandwidth_gbit")
+@dataclass(frozen=True)
+class LinkFile:
+    """``[intra]`` / ``[inter]`` of a cluster file."""
+
+    alpha: float
+    """Seconds of latency per message, >= 0."""
+    bandwidth_gbit: float
+    """Gigabits per second in one direction, > 0."""
+
+    def link(self, table: str) -> Link:
+        alpha = check_real(f"{table}.alpha", self.alpha, unit="seconds")
+        gbit = check_real(f"{table}.bandwidth_gbit", self.bandwidth_gbit, strict=True, unit="Gb/s")
+        return Link(alpha=alpha, bandwidth=gbit * GBIT)
 
 
-def _link(table: str, data: Any) -> Link:
-    if not isinstance(data, Mapping):
-        raise ValueError(f"[{table}] must be a table with keys {', '.join(_LINK_KEYS)}, got {data!r}")
-    unknown = sorted(set(data) - set(_LINK_KEYS))
-    if unknown:
-        raise ValueError(f"unknown key {table}.{unknown[0]}; allowed in [{table}]: {', '.join(_LINK_KEYS)}")
-    for key in _LINK_KEYS:
-        if key not in data:
-            raise ValueError(f"missing field {table}.{key} (alpha in seconds, bandwidth_gbit in Gb/s)")
-    alpha = check_real(f"{table}.alpha", data["alpha"], unit="seconds")
-    gbit = check_real(f"{table}.bandwidth_gbit", data["bandwidth_gbit"], strict=True, unit="Gb/s")
-    return Link(alpha=alpha, bandwidth=gbit * GBIT)
+@dataclass(frozen=True)
+class ClusterFile:
+    """A cluster file (the module docstring's layout)."""
+
+    name: str
+    """What reports call the cluster."""
+    devices_per_node: int
+    """G: workers per node; 1 for one worker per machine."""
+    inter: LinkFile
+    """The link between nodes."""
+    intra: LinkFile | None = None
+    """The link inside a node; required when G > 1."""
+    seconds_per_sample: float | None = None
+    """Compute per sample on one device (default: measured in each run)."""
+    description: str = ""
+    """A sentence for reports."""
 
 
 def cluster_from_dict(data: Mapping[str, Any]) -> Cluster:
     """A :class:`Cluster` from the TOML layout (module docstring); ``ValueError`` naming
-    the field for unknown keys, missing fields and values out of range."""
-    if not isinstance(data, Mapping):
-        raise ValueError(f"a cluster must be a table, got {data!r}")
-    unknown = sorted(set(data) - set(_TOP_KEYS))
-    if unknown:
-        raise ValueError(f"unknown key {unknown[0]!r}; allowed: {', '.join(_TOP_KEYS)}")
-    for key in ("name", "devices_per_node", "inter"):
-        if key not in data:
-            raise ValueError(f"missing field {key!r} (required: name, devices_per_node, [inter])")
-    devices = data["devices_per_node"]
-    if isinstance(devices, bool) or not isinstance(devices, int) or devices < 1:
-        raise ValueError(f"devices_per_node must be an integer >= 1, got {devices!r}")
-    if devices > 1 and "intra" not in data:
-        raise ValueError(
-            f"missing field 'intra': a [intra] link is required when devices_per_node = {devices} > 1"
+    the key for unknown keys, missing keys and values out of range."""
+    spec = from_dict(ClusterFile, data)
+    check_int("devices_per_node", spec.devices_per_node, 1)
+    if spec.devices_per_node > 1 and spec.intra is None:
+        raise ConfigError(
+            f"missing key 'intra': a [intra] link is required when devices_per_node = {spec.devices_per_node} > 1"
         )
     return Cluster(
-        name=data["name"],
-        devices_per_node=devices,
-        inter=_link("inter", data["inter"]),
-        intra=_link("intra", data["intra"]) if "intra" in data else None,
-        seconds_per_sample=data.get("seconds_per_sample"),
-        description=data.get("description", ""),
+        name=spec.name,
+        devices_per_node=spec.devices_per_node,
+        inter=spec.inter.link("inter"),
+        intra=spec.intra.link("intra") if spec.intra is not None else None,
+        seconds_per_sample=spec.seconds_per_sample,
+        description=spec.description,
     )
 
 

@@ -10,11 +10,12 @@ counters: Σ over scopes of collectives × latency term + bytes × bandwidth ter
 from __future__ import annotations
 
 import math
-import numbers
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+
+from localsgd.util.checks import check_float, check_int
 
 GBIT = 1e9 / 8
 """Bytes per second in one gigabit per second (10⁹ bit/s, decimal as line rates are)."""
@@ -23,14 +24,7 @@ GBIT = 1e9 / 8
 def check_real(name: str, value: Any, *, minimum: float = 0.0, strict: bool = False, unit: str = "") -> float:
     """``value`` as a float if it is a finite real number ≥ (or >, ``strict``) ``minimum``;
     ``ValueError`` naming ``name`` otherwise."""
-    relation = ">" if strict else ">="
-    allowed = f"a finite number {relation} {minimum:g}{f' {unit}' if unit else ''}"
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"{name} must be {allowed}, got {value!r}")
-    number = float(value)
-    if not math.isfinite(number) or number < minimum or (strict and number == minimum):
-        raise ValueError(f"{name} must be {allowed}, got {value!r}")
-    return number
+    return check_float(name, value, minimum, low_open=strict, unit=unit)
 
 
 @dataclass(frozen=True)
@@ -105,9 +99,8 @@ class Cluster:
 
 
 def _check_workers(workers: Any, name: str = "workers") -> int:
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {workers!r}")
-    return workers
+    check_int(name, workers, 1)
+    return int(workers)
 
 
 @dataclass(frozen=True)

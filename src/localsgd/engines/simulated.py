@@ -10,6 +10,7 @@ whose counters are those the process engine would have recorded on each rank.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -18,8 +19,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from localsgd.comm.base import WORLD, Block, CommStats, Scope, check_block
+from localsgd.comm.base import WORLD, Block, CommStats, Communicator, Scope, check_block
 from localsgd.comm.flat import group_by_dtype
+from localsgd.engines.base import Job, Replicas, register
+from localsgd.records.record import EngineInfo
+from localsgd.util.nest import map_nest, zip_nests
 
 log = logging.getLogger(__name__)
 
@@ -208,7 +212,21 @@ def _stack(tensors: Sequence[torch.Tensor], replicas: int) -> list[torch.Tensor]
     return [t for t in out if t is not None]
 
 
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+LossFn = Callable[[nn.Module, Any], torch.Tensor]
+"""``loss(model, batch)``: a workload's training loss."""
+
+
+class _Loss(nn.Module):
+    """``loss(model, batch)`` as a module of its own, so ``functional_call`` can swap the
+    model's tensors for one replica's (names gain a ``model.`` prefix)."""
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn) -> None:
+        super().__init__()
+        self.model = model
+        self.loss_fn = [loss_fn]  # a list: a bound method of a workload is not a module
+
+    def forward(self, batch: Any) -> torch.Tensor:
+        return self.loss_fn[0](self.model, batch)
 
 
 class _ExplicitRunningStats:
@@ -255,34 +273,32 @@ class ReplicaGradients:
     """Per-replica losses and gradients of a :class:`StackedModel`, all replicas at once.
 
     ``vmap(grad_and_value(...))`` over ``functional_call``; BatchNorm running statistics
-    are updated in place, per replica. A model ``vmap`` cannot handle falls back to a loop
-    over the replicas with the same functional code, and says why once.
+    are updated in place, per replica. A batch is any nest of tensors stacked along a
+    leading replica dimension. A model ``vmap`` cannot handle falls back to a loop over the
+    replicas with the same functional code, and says why once.
     """
 
     def __init__(self, stacked: StackedModel, loss_fn: LossFn) -> None:
         from torch.func import functional_call, grad_and_value, vmap
 
         self.stacked = stacked
-        module = explicit_batchnorm(stacked.module)
-        names = stacked.param_names
-        buffer_names = stacked.buffer_names
+        module = _Loss(explicit_batchnorm(stacked.module), loss_fn)
+        names = [f"model.{n}" for n in stacked.param_names]
+        buffer_names = [f"model.{n}" for n in stacked.buffer_names]
 
         def loss(
-            params: tuple[torch.Tensor, ...],
-            buffers: tuple[torch.Tensor, ...],
-            x: torch.Tensor,
-            y: torch.Tensor,
+            params: tuple[torch.Tensor, ...], buffers: tuple[torch.Tensor, ...], batch: Any
         ) -> torch.Tensor:
             state = {**dict(zip(names, params)), **dict(zip(buffer_names, buffers))}
-            return loss_fn(functional_call(module, state, (x,)), y)
+            return functional_call(module, state, (batch,))
 
         self._one = grad_and_value(loss)
-        self._all = vmap(self._one, in_dims=(0, 0, 0, 0), randomness="different")
+        self._all = vmap(self._one, in_dims=(0, 0, 0), randomness="different")
         self.vectorized = True
         self._proven = False
         self.fallback_reason: str | None = None
 
-    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def __call__(self, batch: Any) -> torch.Tensor:
         """Set every stacked parameter's ``.grad``; return the ``[K]`` losses."""
         params = tuple(p.detach() for p in self.stacked.stacked)
         buffers = tuple(self.stacked.stacked_buffers())
@@ -291,7 +307,7 @@ class ReplicaGradients:
             # The first call may fail half-way, after BatchNorm updated its statistics.
             saved = None if self._proven else [b.clone() for b in buffers]
             try:
-                grads, losses = self._all(params, buffers, x, y)
+                grads, losses = self._all(params, buffers, batch)
                 self._proven = True
             except Exception as exc:
                 if saved is None:
@@ -308,7 +324,11 @@ class ReplicaGradients:
         if not self.vectorized:
             try:
                 results = [
-                    self._one(tuple(p[k] for p in params), tuple(b[k] for b in buffers), x[k], y[k])
+                    self._one(
+                        tuple(p[k] for p in params),
+                        tuple(b[k] for b in buffers),
+                        map_nest(functools.partial(_row, k=k), batch),
+                    )
                     for k in range(self.stacked.replicas)
                 ]
             except Exception as exc:
@@ -318,3 +338,83 @@ class ReplicaGradients:
         for p, g in zip(self.stacked.stacked, grads):
             p.grad = g
         return losses.detach()
+
+
+def _row(t: torch.Tensor, k: int) -> torch.Tensor:
+    return t[k]
+
+
+class SimulatedEngine:
+    """K replicas stacked in one process with the semantics of K worker processes."""
+
+    info = EngineInfo(
+        "simulated",
+        real_wall_time=False,
+        description="K replicas batched in one process (vmap), the semantics of K worker processes",
+    )
+
+    def processes(self, workers: int) -> int:
+        return 1
+
+    def execute(self, job: Job) -> None:
+        job.train(0, 1)
+
+    def replicas(
+        self,
+        workload: Any,
+        model: nn.Module,
+        *,
+        rank: int,
+        world_size: int,
+        workers: int,
+        device: torch.device,
+    ) -> Replicas:
+        return SimulatedReplicas(workload, model, workers, device)
+
+
+class SimulatedReplicas:
+    """All K replicas stacked in this process; replica k reads exactly the shard rank k
+    reads in the process engine."""
+
+    flat = False
+
+    def __init__(self, workload: Any, model: nn.Module, replicas: int, device: torch.device) -> None:
+        self.workload = workload
+        self.replicas = replicas
+        self.device = device
+        self.module = StackedModel(model, replicas)
+        self.gradients = ReplicaGradients(self.module, workload.loss)
+        self.comm: Communicator | None = SimulatedCommunicator(replicas)
+
+    def param_ndim(self, p: torch.Tensor) -> int:
+        return self.module.replica_ndim[id(p)]
+
+    def check_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        check_elementwise(optimizer)
+
+    def batches(self, batch_size: int, epoch: int, seed: int) -> Iterator[Any]:
+        streams = [
+            self.workload.train_batches(k, self.replicas, batch_size, epoch, seed, self.device)
+            for k in range(self.replicas)
+        ]
+        for group in zip(*streams):
+            yield zip_nests(torch.stack, list(group))
+
+    def forward_backward(self, batch: Any) -> torch.Tensor:
+        return self.gradients(batch)
+
+    def worker_mean(self, value: torch.Tensor, dp: Any) -> float:
+        return float(value.double().mean().item())
+
+    def evaluate(self) -> dict[str, float]:
+        # Called under consensus(): every replica holds the consensus model.
+        return self.workload.evaluate(self.module.load_replica_into_template(0), self.device)
+
+    def final_model(self) -> nn.Module:
+        return self.module.load_replica_into_template(0)
+
+    def details(self) -> dict[str, Any]:
+        return {"vectorized": self.gradients.vectorized, "fallback_reason": self.gradients.fallback_reason}
+
+
+SIMULATED = register(SimulatedEngine())

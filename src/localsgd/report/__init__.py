@@ -1,5 +1,6 @@
 """Reports on a results store: tables (mean ± std over seeds, speedup against one worker),
-plots, ``report.md``, a self-contained ``report.html`` and ``results.xlsx``.
+plots, ``report.md``, a self-contained ``report.html`` and ``results.xlsx``, all from the
+metrics each workload declared.
 
 >>> from localsgd.report import make_report
 >>> paths = make_report("runs/my_study")  # doctest: +SKIP
@@ -24,22 +25,9 @@ def make_report(
     store_dir: str | Path,
     out_dir: str | Path | None = None,
     cluster: Cluster | str | Path | None = None,
-    target_accuracy: float | None = None,
+    target: str | None = None,
 ) -> dict[str, Path]:
-    """Write the report of the store at ``store_dir`` into ``out_dir`` (default
-    ``STORE/report``): PNG plots, ``results.xlsx``, ``report.md``, ``report.html``.
-
-    With ``cluster`` (a :class:`localsgd.costmodel.Cluster`, a preset name such as
-    ``"10gbe"``, or a cluster TOML path) the report adds wall-clock estimates on that
-    cluster: estimated compute, communication and total seconds, estimated speedup over one
-    worker, estimated time to ``target_accuracy`` (a fraction; default 0.95 × the best mean
-    final accuracy of each workload), and two plots (``accuracy_vs_est_speedup``,
-    ``accuracy_vs_est_time``).
-
-    Returns the paths written, by kind (``markdown``, ``html``, ``xlsx`` and one key per
-    plot). Reads only the store. ``ValueError`` if ``store_dir`` is not a store or holds no
-    finished run, for an unknown cluster, or a target outside (0, 1].
-    """
+    """See :func:`localsgd.report.build.make_report` (imported on first call)."""
     from localsgd.report.build import make_report as _make_report
 
-    return _make_report(store_dir, out_dir, cluster, target_accuracy)
+    return _make_report(store_dir, out_dir, cluster, target)

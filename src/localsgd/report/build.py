@@ -13,8 +13,9 @@ from typing import Any
 import pandas as pd
 
 from localsgd.costmodel import GBIT, Cluster, load_cluster
+from localsgd.records import Metric
 from localsgd.report import plots
-from localsgd.report.estimates import ClusterEstimates, check_target, estimate
+from localsgd.report.estimates import ClusterEstimates, estimate, parse_target
 from localsgd.report.render import (
     Block,
     Bullets,
@@ -29,7 +30,6 @@ from localsgd.report.render import (
     short_error,
     to_html,
     to_markdown,
-    write_atomic,
     write_xlsx,
 )
 from localsgd.report.tables import (
@@ -41,6 +41,7 @@ from localsgd.report.tables import (
     status_table,
     summary_table,
 )
+from localsgd.util.files import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -48,19 +49,19 @@ TITLE = "localsgd study report"
 
 # (file stem, caption) in the order they appear in the report.
 PLOTS = {
-    "accuracy_vs_speedup": "Final test accuracy against speedup over one worker (mean ± std over seeds)",
-    "accuracy_vs_epochs": "Test accuracy against epochs (mean over seeds)",
-    "accuracy_vs_wall_time": "Test accuracy against training wall time (mean over seeds)",
+    "metric_vs_speedup": "Final primary metric against speedup over one worker (mean ± std over seeds)",
+    "metric_vs_epochs": "Primary metric against epochs (mean over seeds)",
+    "metric_vs_wall_time": "Primary metric against training wall time (mean over seeds)",
     "train_loss_vs_epochs": "Train loss against epochs (mean over seeds)",
     "train_loss_vs_wall_time": "Train loss against training wall time (mean over seeds)",
-    "accuracy_vs_bytes": "Final test accuracy against communication volume (mean ± std over seeds)",
-    "accuracy_vs_period_workers": "Final test accuracy against H·K (mean ± std over seeds)",
+    "metric_vs_bytes": "Final primary metric against communication volume (mean ± std over seeds)",
+    "metric_vs_period_workers": "Final primary metric against H·K (mean ± std over seeds)",
 }
 # Added with a cluster (``--cluster``).
 CLUSTER_PLOTS = {
-    "accuracy_vs_est_speedup": "Final test accuracy against estimated speedup over one worker on the cluster "
+    "metric_vs_est_speedup": "Final primary metric against estimated speedup over one worker on the cluster "
     "(mean ± std over seeds)",
-    "accuracy_vs_est_time": "Test accuracy against estimated training time on the cluster (mean over seeds)",
+    "metric_vs_est_time": "Primary metric against estimated training time on the cluster (mean over seeds)",
 }
 
 
@@ -68,22 +69,23 @@ def make_report(
     store_dir: str | Path,
     out_dir: str | Path | None = None,
     cluster: Cluster | str | Path | None = None,
-    target_accuracy: float | None = None,
+    target: str | None = None,
 ) -> dict[str, Path]:
     """Write the report of the store at ``store_dir`` into ``out_dir`` (default
     ``STORE/report``) and return the paths written, by kind.
 
     With ``cluster`` (a :class:`~localsgd.costmodel.Cluster`, a preset name or a cluster
     TOML path), the report adds wall-clock estimates on that cluster: summary columns,
-    time to ``target_accuracy`` (default: 0.95 × the best mean final accuracy of each
-    workload), and two plots. Reads only the store. Each file is written to a temporary
+    time to ``target`` (``"METRIC=VALUE"`` or a value of the primary metric; default: the
+    best mean final value of each workload's primary metric, 5 % short of it), and two
+    plots. Reads only the store. Each file is written to a temporary
     name and renamed into place; the PNGs and the workbook come before the documents that
     refer to them. ``ValueError`` when ``store_dir`` is not a store or has no finished run,
-    for an unknown cluster, or a target outside (0, 1].
+    for an unknown cluster, or a malformed target.
     """
-    target_accuracy = check_target(target_accuracy)
-    if target_accuracy is not None and cluster is None:
-        raise ValueError("target_accuracy needs a cluster: it sets the time-to-target of the estimates")
+    goal = parse_target(target)
+    if goal is not None and cluster is None:
+        raise ValueError("--target needs --cluster: it sets the time-to-target of the estimates")
     resolved = cluster if isinstance(cluster, Cluster) or cluster is None else load_cluster(cluster)
     study = load(store_dir)
     out = Path(out_dir) if out_dir is not None else study.root / "report"
@@ -91,27 +93,28 @@ def make_report(
     summary = summary_table(study)
     estimates: ClusterEstimates | None = None
     if resolved is not None:
-        estimates = estimate(study, summary, resolved, target_accuracy)
+        estimates = estimate(study, summary, resolved, goal)
         study, summary = estimates.study, estimates.summary
     out.mkdir(parents=True, exist_ok=True)
     status = status_table(study)
     baseline = baseline_table(study)
     curve_frame = curves(study)
     look = plots.styles(summary)
+    metrics = {w: m for w in study.declared if (m := study.primary(w)) is not None}
 
     figures: dict[str, Callable[[], bytes]] = {
-        "accuracy_vs_speedup": lambda: plots.accuracy_vs_speedup(summary, look),
-        "accuracy_vs_epochs": lambda: plots.accuracy_vs_epochs(curve_frame, look),
-        "accuracy_vs_wall_time": lambda: plots.accuracy_vs_wall_time(curve_frame, look),
+        "metric_vs_speedup": lambda: plots.metric_vs_speedup(summary, look, metrics),
+        "metric_vs_epochs": lambda: plots.metric_vs_epochs(curve_frame, look, metrics),
+        "metric_vs_wall_time": lambda: plots.metric_vs_wall_time(curve_frame, look, metrics),
         "train_loss_vs_epochs": lambda: plots.train_loss_vs_epochs(curve_frame, look),
         "train_loss_vs_wall_time": lambda: plots.train_loss_vs_wall_time(curve_frame, look),
-        "accuracy_vs_bytes": lambda: plots.accuracy_vs_bytes(summary, look),
-        "accuracy_vs_period_workers": lambda: plots.accuracy_vs_period_workers(summary, look),
+        "metric_vs_bytes": lambda: plots.metric_vs_bytes(summary, look, metrics),
+        "metric_vs_period_workers": lambda: plots.metric_vs_period_workers(summary, look, metrics),
     }
     if resolved is not None:
         name = resolved.name
-        figures["accuracy_vs_est_speedup"] = lambda: plots.accuracy_vs_est_speedup(summary, look, name)
-        figures["accuracy_vs_est_time"] = lambda: plots.accuracy_vs_est_time(curve_frame, look, name)
+        figures["metric_vs_est_speedup"] = lambda: plots.metric_vs_est_speedup(summary, look, metrics, name)
+        figures["metric_vs_est_time"] = lambda: plots.metric_vs_est_time(curve_frame, look, metrics, name)
     paths: dict[str, Path] = {}
     images: dict[str, bytes] = {}
     for stem, draw in figures.items():
@@ -166,9 +169,10 @@ def _document(
     plan = study.plan
     intro = []
     if plan.get("study"):
-        intro.append(
-            f"Study `{plan['study']}`" + (f": {plan['description']}" if plan.get("description") else ".")
-        )
+        description = str(plan.get("description") or "").strip()
+        if description and description[-1] not in ".!?":
+            description += "."
+        intro.append(f"Study `{plan['study']}`" + (f": {description}" if description else "."))
     intro.append(f"Store `{study.root}`, generated {generated}.")
     planned = plan.get("runs")
     pending = []
@@ -202,33 +206,44 @@ def _document(
                 "Final = the last evaluation; wall time is training time without evaluation.",
                 *(
                     [
-                        "Simulated-engine runs trained all K replicas in one process: their wall time "
-                        "and speedup measure the simulation on this machine, not K workers; "
-                        "`localsgd report --cluster NAME` estimates the time on a cluster."
+                        "Runs of an engine that computes all K workers in one process ("
+                        + ", ".join(
+                            f"`{e}`"
+                            for e in sorted(set(runs.loc[~runs["real_wall_time"].astype(bool), "engine"]))
+                        )
+                        + "): their wall time and speedup measure the simulation on this machine, "
+                        "not K workers; `localsgd report --cluster NAME` estimates the time on a cluster."
                     ]
-                    if (study.runs.get("config.engine", pd.Series(dtype=object)) == "simulated").any()
+                    if (~runs["real_wall_time"].astype(bool)).any()
                     else []
                 ),
             ]
         ),
-        Heading(2, "Accuracy against speedup"),
-        Image("accuracy_vs_speedup.png", PLOTS["accuracy_vs_speedup"]),
+        Bullets(_metric_lines(study)),
+        Heading(2, "Primary metric against speedup"),
+        Image("metric_vs_speedup.png", PLOTS["metric_vs_speedup"]),
         Heading(2, "Summary"),
         _summary_display(study, summary),
         Heading(2, "Training curves"),
-        Image("accuracy_vs_epochs.png", PLOTS["accuracy_vs_epochs"]),
-        Image("accuracy_vs_wall_time.png", PLOTS["accuracy_vs_wall_time"]),
+        Image("metric_vs_epochs.png", PLOTS["metric_vs_epochs"]),
+        Image("metric_vs_wall_time.png", PLOTS["metric_vs_wall_time"]),
         Image("train_loss_vs_epochs.png", PLOTS["train_loss_vs_epochs"]),
         Image("train_loss_vs_wall_time.png", PLOTS["train_loss_vs_wall_time"]),
         Heading(2, "Communication"),
-        Image("accuracy_vs_bytes.png", PLOTS["accuracy_vs_bytes"]),
+        Image("metric_vs_bytes.png", PLOTS["metric_vs_bytes"]),
         Paragraph(
-            "H·K: H is the period (local steps between averagings) of local SGD, post-local SGD "
-            "(after its switch), hierarchical local SGD (H: local steps between block averagings), SlowMo and DiLoCo; "
-            "mini-batch SGD and gradient accumulation count as H = 1; SMA has no period and is "
-            "left out."
+            "H·K: H is each algorithm's synchronisation period (its `sync_period`: local steps "
+            "between two averagings; hierarchical local SGD: between block averagings), K the "
+            "workers; algorithms that synchronise every step count as H = 1, and those without a "
+            "comparable period"
+            + (
+                f" ({', '.join(sorted(set(runs.loc[runs['period'].isna(), 'algorithm'])))})"
+                if runs["period"].isna().any()
+                else ""
+            )
+            + " are left out."
         ),
-        Image("accuracy_vs_period_workers.png", PLOTS["accuracy_vs_period_workers"]),
+        Image("metric_vs_period_workers.png", PLOTS["metric_vs_period_workers"]),
         *(_cluster_section(study, summary, estimates) if estimates is not None else []),
         Heading(2, "Run status"),
         _status_display(study, status),
@@ -239,6 +254,59 @@ def _document(
         ),
     ]
     return blocks
+
+
+def _metric_lines(study: Study) -> list[str]:
+    lines = []
+    for workload in sorted(study.declared, key=natural_key):
+        declared = study.declared[workload]
+        primary = study.primary(workload)
+        described = ", ".join(
+            f"{m.heading}, {'higher' if m.higher_is_better else 'lower'} is better" for m in declared
+        )
+        lines.append(
+            f"Metrics of {workload} (of the consensus model at each evaluation): {described}; "
+            f"primary: {primary.title if primary else 'none'}."
+        )
+    return lines
+
+
+def _metric_format(metric: Metric) -> str:
+    return ".2f" if metric.unit == "%" else ".4g"
+
+
+def _metric_columns(study: Study, *, best: bool, every: bool) -> list[tuple[str, Callable[[Any], str]]]:
+    """Display columns of the declared metrics: the final value of every metric (or of the
+    primary ones only), and the best value of the primary ones."""
+    primaries = {study.primaries[w] for w in study.primaries}
+    columns: list[tuple[str, Callable[[Any], str]]] = []
+    for m in study.metric_list():
+        if not every and m.name not in primaries:
+            continue
+        spec = _metric_format(m)
+
+        def final(r: Any, m: Metric = m, spec: str = spec) -> str:
+            return fmt_pm(
+                getattr(r, f"final_{m.name}_mean"), getattr(r, f"final_{m.name}_std"), spec, m.scale
+            )
+
+        columns.append((f"final {m.heading}", final))
+        if best and m.name in primaries:
+
+            def best_cell(r: Any, m: Metric = m, spec: str = spec) -> str:
+                return fmt_pm(
+                    getattr(r, f"best_{m.name}_mean"), getattr(r, f"best_{m.name}_std"), spec, m.scale
+                )
+
+            columns.append((f"best {m.heading}", best_cell))
+    return columns
+
+
+def _target_text(estimates: ClusterEstimates, workload: str) -> str:
+    target = estimates.targets.get(str(workload))
+    if target is None or target.metric is None or not math.isfinite(target.value):
+        return ""
+    return f"{target.value * target.metric.scale:.4g}{target.metric.unit}"
 
 
 def _link_text(alpha: float, bandwidth: float) -> str:
@@ -272,23 +340,24 @@ def _cluster_lines(estimates: ClusterEstimates) -> list[str]:
             "than K this includes contention, so the estimate is pessimistic for large K; give the "
             "cluster a seconds_per_sample (cluster TOML) to cost compute on the target device."
         )
-        engines = estimates.study.runs.get("config.engine", pd.Series(dtype=object))
-        if (engines == "simulated").any():
+        if (~estimates.study.runs["real_wall_time"].astype(bool)).any():
             lines.append(
-                "Runs of the simulated engine computed all K replicas in one process: a worker's "
+                "Runs of an engine that computes all K workers in one process: a worker's "
                 "compute per step is taken from the single-worker runs of the same workload and "
                 "per-worker batch when the study has them, else the simulated step time divided by "
                 "K (batched replicas cost less than K separate steps, so that leans optimistic)."
             )
     lines.append("Estimated time = compute + communication (no overlap assumed); evaluation excluded.")
     for workload, target in sorted(estimates.targets.items(), key=lambda kv: natural_key(kv[0])):
-        if math.isfinite(target.accuracy):
+        if target.metric is not None and math.isfinite(target.value):
+            m = target.metric
             lines.append(
-                f"Target accuracy for {workload}: {100 * target.accuracy:.2f}% ({target.how}); time to "
-                "target = the estimate at the first evaluation reaching it, blank unless every seed did."
+                f"Target for {workload}: {m.title} {'≥' if m.higher_is_better else '≤'} "
+                f"{target.value * m.scale:.4g}{m.unit} ({target.how}); time to target = the estimate "
+                "at the first evaluation reaching it, blank unless every seed did."
             )
         else:
-            lines.append(f"Target accuracy for {workload}: none ({target.how}).")
+            lines.append(f"Target for {workload}: none ({target.how}).")
     return lines
 
 
@@ -302,10 +371,7 @@ def _cluster_section(study: Study, summary: pd.DataFrame, estimates: ClusterEsti
             [
                 *_key_columns(study),
                 ("seeds", lambda r: str(r.n_seeds)),
-                (
-                    "final test acc (%)",
-                    lambda r: fmt_pm(r.final_test_accuracy_mean, r.final_test_accuracy_std, ".2f", 100),
-                ),
+                *_metric_columns(study, best=False, every=False),
                 (
                     "est. compute s",
                     lambda r: fmt_pm(r.est_compute_seconds_mean, r.est_compute_seconds_std, ".4g"),
@@ -313,7 +379,7 @@ def _cluster_section(study: Study, summary: pd.DataFrame, estimates: ClusterEsti
                 ("est. comm s", lambda r: fmt_pm(r.est_comm_seconds_mean, r.est_comm_seconds_std, ".4g")),
                 ("est. total s", lambda r: fmt_pm(r.est_total_seconds_mean, r.est_total_seconds_std, ".4g")),
                 ("est. speedup (×)", lambda r: fmt(r.est_speedup, ".2f")),
-                ("target acc (%)", lambda r: fmt(r.target_accuracy, ".2f", 100)),
+                ("target", lambda r: _target_text(estimates, r.workload)),
                 ("reached", lambda r: f"{r.est_target_reached}/{r.n_seeds}"),
                 ("to target: compute s", lambda r: fmt(r.est_target_compute_seconds_mean, ".4g")),
                 ("to target: comm s", lambda r: fmt(r.est_target_comm_seconds_mean, ".4g")),
@@ -328,11 +394,11 @@ def _cluster_section(study: Study, summary: pd.DataFrame, estimates: ClusterEsti
         Heading(2, f"Estimated on cluster {name}"),
         Bullets(_cluster_lines(estimates)),
         Image(
-            "accuracy_vs_est_speedup.png",
-            CLUSTER_PLOTS["accuracy_vs_est_speedup"].replace("the cluster", name),
+            "metric_vs_est_speedup.png",
+            CLUSTER_PLOTS["metric_vs_est_speedup"].replace("the cluster", name),
         ),
         table,
-        Image("accuracy_vs_est_time.png", CLUSTER_PLOTS["accuracy_vs_est_time"].replace("the cluster", name)),
+        Image("metric_vs_est_time.png", CLUSTER_PLOTS["metric_vs_est_time"].replace("the cluster", name)),
     ]
 
 
@@ -351,7 +417,8 @@ def _cluster_sheet(estimates: ClusterEstimates) -> pd.DataFrame:
         ("compute", "seconds_per_sample × B" if cluster.seconds_per_sample is not None else "measured"),
     ]
     for workload, target in estimates.targets.items():
-        rows.append((f"target_accuracy[{workload}]", target.accuracy))
+        rows.append((f"target_metric[{workload}]", target.metric.name if target.metric else None))
+        rows.append((f"target_value[{workload}]", target.value))
         rows.append((f"target_how[{workload}]", target.how))
     return pd.DataFrame(rows, columns=["item", "value"]).astype({"value": object})
 
@@ -383,6 +450,8 @@ def _key_columns(study: Study) -> list[tuple[str, Callable[[Any], str]]]:
         ("B", lambda r: str(r.batch_size)),
         ("lr", lambda r: fmt(r.lr, "g")),
     ]
+    if "engine" in study.group_keys:
+        columns.append(("engine", lambda r: str(r.engine)))
     if "setting" in study.group_keys:
         columns.append(("setting", lambda r: str(r.setting)))
     return columns
@@ -396,14 +465,7 @@ def _summary_display(study: Study, summary: pd.DataFrame) -> Table:
         [
             *_key_columns(study),
             ("seeds", lambda r: str(r.n_seeds)),
-            (
-                "final test acc (%)",
-                lambda r: fmt_pm(r.final_test_accuracy_mean, r.final_test_accuracy_std, ".2f", 100),
-            ),
-            (
-                "best test acc (%)",
-                lambda r: fmt_pm(r.best_test_accuracy_mean, r.best_test_accuracy_std, ".2f", 100),
-            ),
+            *_metric_columns(study, best=True, every=True),
             ("final train loss", lambda r: fmt_pm(r.final_train_loss_mean, r.final_train_loss_std, ".4f")),
             ("wall time (s)", lambda r: fmt_pm(r.wall_seconds_mean, r.wall_seconds_std, ".1f")),
             ("speedup (×)", lambda r: fmt(r.speedup, ".2f")),

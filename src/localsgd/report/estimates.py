@@ -2,8 +2,9 @@
 
 Per run: the final estimate (compute, communication, total) from its final counters and
 steps; per evaluation row: the estimate of the run up to that row; per run: the estimated
-time to a target accuracy (the first evaluation row reaching it). Per group: mean ± std
-over the completed seeds and the estimated speedup over the K=1 baseline on the cluster.
+time to a target value of its workload's primary metric (the first evaluation row reaching
+it, in the metric's direction). Per group: mean ± std over the completed seeds and the
+estimated speedup over the K=1 baseline on the cluster.
 """
 
 from __future__ import annotations
@@ -15,10 +16,12 @@ from typing import Any
 import pandas as pd
 
 from localsgd.costmodel import Cluster, estimate_run
+from localsgd.records import Metric
 from localsgd.report.tables import Study, _baseline_keys, row_counters
 
-TARGET_FRACTION = 0.95
-"""Default target: this fraction of the best mean final accuracy of the workload."""
+TARGET_MARGIN = 0.05
+"""Default target: the best mean final value of the workload's primary metric, short of it
+by this fraction of its size (0.95 × the best accuracy; 1.05 × the lowest loss)."""
 
 PARTS = ("compute", "comm", "total")
 RUN_COLUMNS = [f"est_{p}_seconds" for p in PARTS]
@@ -27,10 +30,14 @@ TARGET_COLUMNS = [f"est_target_{p}_seconds" for p in PARTS]
 
 @dataclass
 class Target:
-    """The accuracy a workload's time-to-target is measured at, and why that one."""
+    """The value of a workload's primary metric its time-to-target is measured at."""
 
-    accuracy: float
+    metric: Metric | None
+    value: float
     how: str
+
+    def reached(self, value: float) -> bool:
+        return self.metric is not None and math.isfinite(value) and self.metric.reached(value, self.value)
 
 
 @dataclass
@@ -45,33 +52,38 @@ class ClusterEstimates:
     """Per workload."""
 
 
-def check_target(target_accuracy: float | None) -> float | None:
-    if target_accuracy is None:
+def parse_target(text: str | None) -> tuple[str | None, float] | None:
+    """``"accuracy=0.9"`` -> ("accuracy", 0.9); a bare ``"0.9"`` is for the primary metric
+    (None). ``ValueError`` naming ``--target`` for anything else."""
+    if text is None:
         return None
-    if (
-        isinstance(target_accuracy, bool)
-        or not isinstance(target_accuracy, (int, float))
-        or not 0 < target_accuracy <= 1
-    ):
+    name, _, raw = text.rpartition("=") if "=" in text else (None, "", text)
+    try:
+        value = float(raw)
+    except ValueError:
         raise ValueError(
-            f"target_accuracy must be a fraction in (0, 1] (0.9 for 90%), got {target_accuracy!r}"
-        )
-    return float(target_accuracy)
+            f"--target must be METRIC=VALUE or a number for the primary metric, got {text!r}"
+        ) from None
+    if not math.isfinite(value):
+        raise ValueError(f"--target must be a finite number, got {text!r}")
+    if name is not None and not name.isidentifier():
+        raise ValueError(f"--target metric name {name!r} is not a metric name")
+    return name, value
 
 
 def measured_compute_per_step(
-    wall_seconds: float, comm_seconds: float, steps: float, workers: int, engine: str = "processes"
+    wall_seconds: float, comm_seconds: float, steps: float, workers: int, real_wall_time: bool = True
 ) -> float:
     """One worker's compute per step measured in a run: (wall − comm) / steps of its last
-    row on the machine that ran it. The simulated engine computes all K replicas in one
-    process, so its time is divided by K. NaN when a number is missing (a K=1 run
-    communicates nothing, so its missing comm is 0)."""
+    row on the machine that ran it. An engine whose wall time is not a real K-worker time
+    (one process computed all K replicas) has it divided by K. NaN when a number is
+    missing (a K=1 run communicates nothing, so its missing comm is 0)."""
     if workers == 1 and not math.isfinite(comm_seconds):
         comm_seconds = 0.0
     if not (math.isfinite(wall_seconds) and math.isfinite(comm_seconds) and steps and steps > 0):
         return math.nan
     per_step = max(wall_seconds - comm_seconds, 0.0) / steps
-    return per_step / workers if engine == "simulated" else per_step
+    return per_step if real_wall_time else per_step / workers
 
 
 def _float(value: Any) -> float:
@@ -96,45 +108,56 @@ def _estimate(
 
 
 def targets_for(
-    summary: pd.DataFrame, workloads: list[str], target_accuracy: float | None
+    study: Study, summary: pd.DataFrame, workloads: list[str], target: tuple[str | None, float] | None
 ) -> dict[str, Target]:
     out = {}
     for workload in workloads:
-        if target_accuracy is not None:
-            out[workload] = Target(target_accuracy, "given (--target-accuracy)")
+        metric = study.primary(workload)
+        if target is not None:
+            name, value = target
+            if name is not None and name != (metric.name if metric else None):
+                names = [m.name for m in study.declared.get(workload, ())]
+                raise ValueError(
+                    f"--target {name}={value:g}: time to target uses the primary metric of "
+                    f"{workload} ({metric.name if metric else 'none'}); its metrics are {names}"
+                )
+            out[workload] = Target(metric, value, "given (--target)")
             continue
+        column = f"final_{metric.name}_mean" if metric else None
         finals = [
-            (float(r["final_test_accuracy_mean"]), str(r["group"]))
+            (float(r[column]), str(r["group"]))
             for r in summary[summary["workload"] == workload].to_dict("records")
-            if math.isfinite(_float(r["final_test_accuracy_mean"]))
+            if column and math.isfinite(_float(r.get(column)))
         ]
-        if not finals:
-            out[workload] = Target(math.nan, "no completed run: no target")
+        if metric is None or not finals:
+            out[workload] = Target(metric, math.nan, "no completed run: no target")
             continue
-        best, group = max(finals, key=lambda f: f[0])
+        best, group = max(finals, key=lambda f: f[0] if metric.higher_is_better else -f[0])
+        sign = -1.0 if metric.higher_is_better else 1.0
+        value = best + sign * TARGET_MARGIN * abs(best)
+        shown = f"{best * metric.scale:.4g}{metric.unit}"
+        factor = 1 + sign * TARGET_MARGIN
         out[workload] = Target(
-            TARGET_FRACTION * best,
-            f"{TARGET_FRACTION:g} × the best mean final accuracy ({100 * best:.2f}%, {group})",
+            metric, value, f"{factor:g} × the best mean final {metric.title} ({shown}, {group})"
         )
     return out
 
 
 def estimate(
-    study: Study, summary: pd.DataFrame, cluster: Cluster, target_accuracy: float | None = None
+    study: Study, summary: pd.DataFrame, cluster: Cluster, target: tuple[str | None, float] | None = None
 ) -> ClusterEstimates:
     """Add the cluster estimates to ``study`` and ``summary``.
 
     Summary columns added: ``est_{compute,comm,total}_seconds_{mean,std}``, ``est_speedup``
     (mean estimated total of the completed K=1 runs of the same workload and setting /
-    this group's), ``target_accuracy``, ``est_target_{compute,comm,total}_seconds_mean``
+    this group's), ``target_value``, ``est_target_{compute,comm,total}_seconds_mean``
     and ``est_target_total_seconds_std`` (NaN unless every completed seed reached the
     target), ``est_target_reached`` (seeds that reached it).
     """
-    target_accuracy = check_target(target_accuracy)
     runs = study.runs.copy()
     metrics = study.metrics.copy()
     workloads = sorted({str(w) for w in runs["workload"]})
-    targets = targets_for(summary, workloads, target_accuracy)
+    targets = targets_for(study, summary, workloads, target)
 
     # Per run: identity, measured compute per step, the final estimate.
     who: dict[str, tuple[int, int, str]] = {}
@@ -143,17 +166,16 @@ def estimate(
     for run in runs.to_dict("records"):
         rid, workers, batch = str(run["run_id"]), int(run["workers"]), int(run["batch_size"])
         who[rid] = (workers, batch, str(run["workload"]))
-        engine = run.get("config.engine")
         per_step[rid] = measured_compute_per_step(
             float(run["wall_seconds"]),
             float(run["comm_seconds"]),
             float(run["final_step"]),
             workers,
-            engine if isinstance(engine, str) else "processes",
+            bool(run["real_wall_time"]),
         )
-    # A simulated worker's step is one replica's step: when the study has single-worker runs
-    # of the same workload and batch, their measured step time is the better figure (K
-    # batched replicas run faster per replica than one model does alone).
+    # Where one process computed all K replicas, a worker's step is one replica's step: when
+    # the study has single-worker runs of the same workload and batch, their measured step
+    # time is the better figure (K batched replicas run faster per replica than one model).
     single: dict[tuple[str, int], list[float]] = {}
     for rid, (workers, batch, workload) in who.items():
         if workers == 1 and math.isfinite(per_step[rid]):
@@ -161,7 +183,7 @@ def estimate(
     for run in runs.to_dict("records"):
         rid = str(run["run_id"])
         workers, batch, workload = who[rid]
-        if run.get("config.engine") == "simulated" and workers > 1 and (workload, batch) in single:
+        if not run["real_wall_time"] and workers > 1 and (workload, batch) in single:
             times = single[(workload, batch)]
             per_step[rid] = sum(times) / len(times)
         counters = study.final_counters.get(rid, {})
@@ -175,8 +197,8 @@ def estimate(
     for i, column in enumerate(RUN_COLUMNS):
         runs[column] = [final[r][i] for r in ids]
 
-    # Per evaluation row: the run up to that row; and each run's first row at or above
-    # its workload's target accuracy.
+    # Per evaluation row: the run up to that row; and each run's first row at or past its
+    # workload's target.
     rows_est: list[tuple[float, float, float]] = []
     reached: dict[str, tuple[float, tuple[float, float, float]]] = {}
     for record in metrics.to_dict("records"):
@@ -189,12 +211,13 @@ def estimate(
         step = _float(row.get("step"))
         est = _estimate(row_counters(row), step, workers, batch, cluster, per_step[rid])
         rows_est.append(est)
-        accuracy = _float(row.get("test_accuracy"))
-        if accuracy >= targets[workload].accuracy and (rid not in reached or step < reached[rid][0]):
+        goal = targets[workload]
+        value = _float(row.get(goal.metric.name)) if goal.metric else math.nan
+        if goal.reached(value) and (rid not in reached or step < reached[rid][0]):
             reached[rid] = (step, est)
     for i, column in enumerate(RUN_COLUMNS):
         metrics[column] = [e[i] for e in rows_est] if rows_est else pd.Series(dtype=float)
-    runs["target_accuracy"] = [targets[who[r][2]].accuracy for r in ids]
+    runs["target_value"] = [targets[who[r][2]].value for r in ids]
     runs["est_target_step"] = [reached[r][0] if r in reached else math.nan for r in ids]
     for i, column in enumerate(TARGET_COLUMNS):
         runs[column] = [reached[r][1][i] if r in reached else math.nan for r in ids]
@@ -206,7 +229,7 @@ def estimate(
 def _summary(study: Study, summary: pd.DataFrame, targets: dict[str, Target]) -> pd.DataFrame:
     done = study.runs[study.runs["status"] == "completed"]
     columns = [f"est_{p}_seconds_{s}" for p in PARTS for s in ("mean", "std")]
-    columns += ["est_speedup", "target_accuracy"]
+    columns += ["est_speedup", "target_value"]
     columns += [f"{c}_mean" for c in TARGET_COLUMNS] + ["est_target_total_seconds_std", "est_target_reached"]
     if summary.empty:
         return summary.assign(**{c: pd.Series(dtype=float) for c in columns})
@@ -221,7 +244,7 @@ def _summary(study: Study, summary: pd.DataFrame, targets: dict[str, Target]) ->
         key = tuple(part[k].iloc[0] for k in base_keys)
         reference = base.get(key if len(key) > 1 else key[0], math.nan)
         row["est_speedup"] = reference / row["est_total_seconds_mean"]
-        row["target_accuracy"] = targets[str(workload)].accuracy
+        row["target_value"] = targets[str(workload)].value
         for column in TARGET_COLUMNS:
             # Strict: a group whose seeds did not all reach the target has no mean time.
             row[f"{column}_mean"] = part[column].mean(skipna=False)

@@ -1,95 +1,55 @@
 """Human-readable names for runs: the algorithm and the hyperparameters that set it apart.
 
 A run's ``algorithm`` table holds only what its author wrote (``{"name": "local_sgd"}`` means
-H = 8), so defaults are filled in from the algorithm registry before labelling.
+H = 8); the registered config fills in the defaults, and its ``SYMBOLS`` and
+``sync_period`` give the label and the H of the H·K view, so the report knows nothing
+about any particular algorithm.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
-# The paper symbol of each headline hyperparameter, in the order they are printed. Every
-# other field appears as ``field=value`` only when it differs from its default.
-SYMBOLS: dict[str, tuple[tuple[str, str], ...]] = {
-    "minibatch_sgd": (),
-    "gradient_accumulation": (("steps", "k"),),
-    "local_sgd": (("period", "H"),),
-    "post_local_sgd": (("switch_step", "t'"), ("switch_epoch", "t'"), ("period", "H")),
-    "hierarchical_local_sgd": (("period", "H"), ("block_period", "Hb"), ("block_size", "G")),
-    "slowmo": (("period", "H"), ("momentum", "β"), ("lr", "α")),
-    "diloco": (("period", "H"), ("outer_lr", "η"), ("outer_momentum", "μ")),
-    "sma": (("alpha", "α"), ("momentum", "μ")),
-}
-
-# Algorithms whose synchronisation period is H = ``period``; fully synchronous ones count as
-# H = 1. Others (SMA, unknown) have no comparable period.
-PERIODIC = ("local_sgd", "post_local_sgd", "hierarchical_local_sgd", "slowmo", "diloco")
-SYNCHRONOUS = ("minibatch_sgd", "gradient_accumulation")
+from localsgd import algorithms
+from localsgd.algorithms.base import AlgorithmConfig, format_value
 
 
-def _defaults(name: str) -> dict[str, Any]:
-    """The registered config's field defaults, or ``{}`` for a name the registry lacks."""
-    from localsgd.algorithms import get
-
+def _config(spec: Mapping[str, Any]) -> AlgorithmConfig | None:
+    """The registered config of a run's algorithm table; ``<x>_epoch`` keys (resolved to
+    steps at run time) stand in as step 0. None for a name or table the registry refuses."""
+    table = {k: v for k, v in spec.items() if not k.endswith("_epoch")}
+    for key in spec:
+        if key.endswith("_epoch"):
+            table[key.removesuffix("_epoch") + "_step"] = 0
     try:
-        cls = get(name)
+        return algorithms.build(table)
     except ValueError:
-        return {}
-    if not dataclasses.is_dataclass(cls):
-        return {}
-    return {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
-
-
-def _fmt(value: Any) -> str:
-    if isinstance(value, bool):
-        return str(value).lower()
-    if isinstance(value, float):
-        return f"{value:g}"
-    return str(value)
-
-
-def algorithm_spec(config: Mapping[str, Any]) -> dict[str, Any]:
-    """The run's algorithm table with the registry defaults filled in."""
-    spec = dict(config.get("algorithm") or {})
-    name = str(spec.get("name", "unknown"))
-    resolved = {**_defaults(name), **spec, "name": name}
-    if "switch_epoch" in spec:
-        resolved.pop("switch_step", None)  # resolved from the epoch only at run time
-    return resolved
+        return None
 
 
 def variant_label(config: Mapping[str, Any]) -> str:
     """``"local_sgd H=4"``, ``"slowmo H=8 β=0.5 α=1"``, ``"sma α=1/K μ=0.9"``, ... for a
     run config dict (``RunConfig.to_dict()``)."""
-    spec = algorithm_spec(config)
-    name = spec.pop("name")
-    defaults = _defaults(name)
-    parts = [name]
-    symbols = SYMBOLS.get(name, ())
-    for key, symbol in symbols:
-        if key not in spec:
-            continue
-        value = spec.pop(key)
-        if key == "alpha" and value is None:
-            parts.append(f"{symbol}=1/K")
-        elif key == "switch_epoch":
-            parts.append(f"{symbol}={_fmt(value)}ep")
-        else:
-            parts.append(f"{symbol}={_fmt(value)}")
-    for key in sorted(spec):
-        if key not in defaults or spec[key] != defaults[key]:
-            parts.append(f"{key}={_fmt(spec[key])}")
-    return " ".join(parts)
+    spec = dict(config.get("algorithm") or {})
+    built = _config(spec)
+    if built is None:
+        return str(spec.get("name", "unknown"))
+    label = built.label()
+    for key, value in spec.items():
+        if key.endswith("_epoch"):
+            step_key = key.removesuffix("_epoch") + "_step"
+            symbol = built.SYMBOLS.get(step_key, step_key)
+            label = label.replace(f"{symbol}=0", f"{symbol}={format_value(value)}ep", 1)
+    return label
 
 
 def period(config: Mapping[str, Any]) -> int | None:
-    """H of a run for the accuracy-against-H·K plot: ``period`` for the periodic algorithms,
-    1 for the synchronous ones, None for the rest (SMA, unknown names)."""
-    spec = algorithm_spec(config)
-    if spec["name"] in SYNCHRONOUS:
-        return 1
-    if spec["name"] in PERIODIC and isinstance(spec.get("period"), int):
-        return int(spec["period"])
-    return None
+    """H of a run for the H·K view (the algorithm's ``sync_period``), None where the
+    algorithm has no comparable period (SMA, unknown names)."""
+    built = _config(dict(config.get("algorithm") or {}))
+    return None if built is None else built.sync_period
+
+
+def algorithm_name(config: Mapping[str, Any]) -> str:
+    return str((config.get("algorithm") or {}).get("name", "unknown"))

@@ -19,6 +19,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import LogFormatter, ScalarFormatter
 
+from localsgd.records import Metric
 from localsgd.report.render import fmt_bytes
 from localsgd.report.tables import natural_key
 
@@ -141,10 +142,15 @@ def _std(value: Any) -> float:
     return 0.0 if value is None or not math.isfinite(float(value)) else float(value)
 
 
+Metrics = dict[str, Metric]
+"""Per workload, the metric a figure shows (its primary metric)."""
+
+
 def _scatter(
     summary: pd.DataFrame,
     x_of: Callable[[pd.DataFrame], pd.Series],
     look: dict[str, Style],
+    metrics: Metrics,
     *,
     title: str,
     xlabel: str,
@@ -152,36 +158,41 @@ def _scatter(
     log_x: int | None = None,
     decorate: Callable[[Axes, pd.DataFrame], None] | None = None,
 ) -> bytes:
-    """Final test accuracy (mean ± std over seeds) against an x, one point and one legend
-    entry per group."""
+    """Each workload's final primary metric (mean ± std over seeds) against an x, one
+    point and one legend entry per group. ``title`` may hold ``{metric}``."""
     workloads = _workloads(summary)
     entries = max((int((summary["workload"] == w).sum()) for w in workloads), default=0)
     fig, axes = _figure(len(workloads), entries)
     if not workloads:
-        axes[0].set_title(title)
+        axes[0].set_title(title.format(metric="metric"))
         _no_data(axes[0], why_empty)
         return _png(fig)
     for ax, workload in zip(axes, workloads):
+        metric = metrics.get(workload)
+        ax.set_title(f"{workload}: {title.format(metric=metric.title if metric else 'metric')}")
+        ax.set_xlabel(xlabel)
+        ax.grid(True, alpha=0.3)
+        if metric is None or f"final_{metric.name}_mean" not in summary.columns:
+            _no_data(ax, "no completed run declared a metric")
+            continue
+        mean, std = f"final_{metric.name}_mean", f"final_{metric.name}_std"
+        ax.set_ylabel(f"final {metric.heading}")
         part = summary[summary["workload"] == workload].copy()
         part["x"] = x_of(part)
-        part = part[np.isfinite(part["x"].astype(float)) & np.isfinite(part["final_test_accuracy_mean"])]
-        ax.set_title(f"{workload}: {title}")
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel("final test accuracy (%)")
-        ax.grid(True, alpha=0.3)
+        part = part[np.isfinite(part["x"].astype(float)) & np.isfinite(part[mean].astype(float))]
         if part.empty:
             _no_data(ax, why_empty)
             continue
-        for row in part.itertuples(index=False):
+        for row in part.to_dict("records"):
             ax.errorbar(
-                float(row.x),
-                100 * float(row.final_test_accuracy_mean),
-                yerr=100 * _std(row.final_test_accuracy_std),
-                fmt=look[row.group].marker,
-                color=look[row.group].color,
+                float(row["x"]),
+                metric.scale * float(row[mean]),
+                yerr=metric.scale * _std(row[std]),
+                fmt=look[row["group"]].marker,
+                color=look[row["group"]].color,
                 markersize=8,
                 capsize=4,
-                label=f"{row.group} (n={row.n_seeds})",
+                label=f"{row['group']} (n={row['n_seeds']})",
             )
         ax.margins(x=0.08, y=0.12)  # keep points and error bars off the frame
         if log_x:
@@ -205,40 +216,45 @@ def _baseline_line(ax: Axes, part: pd.DataFrame) -> None:
     )
 
 
-def accuracy_vs_speedup(summary: pd.DataFrame, look: dict[str, Style]) -> bytes:
-    """(1) the headline: what each variant buys in time and costs in accuracy."""
+def metric_vs_speedup(summary: pd.DataFrame, look: dict[str, Style], metrics: Metrics) -> bytes:
+    """The headline: what each variant buys in time and costs in its primary metric."""
     return _scatter(
         summary,
         lambda part: part["speedup"].astype(float),
         look,
-        title="final test accuracy against speedup (mean ± std over seeds)",
+        metrics,
+        title="final {metric} against speedup (mean ± std over seeds)",
         xlabel="speedup over one worker (K=1 mean wall time / mean wall time, ×)",
         why_empty="no speedup to plot: the store has no completed K=1 run of this workload",
         decorate=_baseline_line,
     )
 
 
-def accuracy_vs_est_speedup(summary: pd.DataFrame, look: dict[str, Style], cluster: str) -> bytes:
+def metric_vs_est_speedup(
+    summary: pd.DataFrame, look: dict[str, Style], metrics: Metrics, cluster: str
+) -> bytes:
     """The headline again, with times estimated on ``cluster`` by the cost model."""
     return _scatter(
         summary,
         lambda part: part["est_speedup"].astype(float),
         look,
-        title=f"final test accuracy against estimated speedup on cluster {cluster}",
+        metrics,
+        title=f"final {{metric}} against estimated speedup on cluster {cluster}",
         xlabel=f"estimated speedup over one worker on {cluster} (K=1 mean est. time / mean est. time, ×)",
         why_empty="no estimated speedup: no completed K=1 run of this workload, or no compute time",
         decorate=_baseline_line,
     )
 
 
-def accuracy_vs_bytes(summary: pd.DataFrame, look: dict[str, Style]) -> bytes:
-    """(5) accuracy against communication volume; K=1 runs (0 bytes) have no place on a
-    log axis and are left out."""
+def metric_vs_bytes(summary: pd.DataFrame, look: dict[str, Style], metrics: Metrics) -> bytes:
+    """The primary metric against communication volume; K=1 runs (0 bytes) have no place
+    on a log axis and are left out."""
     return _scatter(
         summary[summary["bytes_mean"].astype(float) > 0],
         lambda part: part["bytes_mean"].astype(float),
         look,
-        title="final test accuracy against communication (K=1 runs, 0 bytes, omitted)",
+        metrics,
+        title="final {metric} against communication (K=1 runs, 0 bytes, omitted)",
         xlabel="communication payload per worker over the run (bytes, log scale; kB = 1000 B)",
         why_empty="no run communicated (only K=1 runs)",
         log_x=10,
@@ -246,30 +262,45 @@ def accuracy_vs_bytes(summary: pd.DataFrame, look: dict[str, Style]) -> bytes:
     )
 
 
-def accuracy_vs_period_workers(summary: pd.DataFrame, look: dict[str, Style]) -> bytes:
-    """(6) accuracy against H·K: local steps between averagings times workers."""
+def metric_vs_period_workers(summary: pd.DataFrame, look: dict[str, Style], metrics: Metrics) -> bytes:
+    """The primary metric against H·K: local steps between averagings times workers."""
     part = summary[summary["period"].notna()]
     return _scatter(
         part,
         lambda p: p["period"].astype(float) * p["workers"].astype(float),
         look,
-        title="final test accuracy against H·K (mini-batch SGD and gradient accumulation: H=1)",
+        metrics,
+        title="final {metric} against H·K (synchronous algorithms: H=1)",
         xlabel="H·K (local steps between averagings × workers, log₂ scale)",
         why_empty="no run of an algorithm with a period H",
         log_x=2,
     )
 
 
+YSpec = Callable[[str], tuple[str, float, str] | None]
+"""Per workload: (column, scale, y label) of a curve, or None when there is nothing."""
+
+
+def _metric_y(metrics: Metrics) -> YSpec:
+    def spec(workload: str) -> tuple[str, float, str] | None:
+        m = metrics.get(workload)
+        return (m.name, m.scale, m.heading) if m else None
+
+    return spec
+
+
+def _train_loss_y(workload: str) -> tuple[str, float, str]:
+    return ("train_loss", 1.0, "train loss (mean since the previous evaluation)")
+
+
 def _curves(
     curves: pd.DataFrame,
     look: dict[str, Style],
     x: str,
-    y: str,
+    y_of: YSpec,
     *,
     title: str,
     xlabel: str,
-    ylabel: str,
-    scale: float = 1.0,
     log_y: bool = False,
 ) -> bytes:
     """One line per group (mean over its completed seeds at each evaluation step)."""
@@ -277,15 +308,21 @@ def _curves(
     entries = max((curves.loc[curves["workload"] == w, "group"].nunique() for w in workloads), default=0)
     fig, axes = _figure(len(workloads), entries)
     if not workloads:
-        axes[0].set_title(title)
+        axes[0].set_title(title.format(metric="metric"))
         _no_data(axes[0], "no completed run with evaluation rows")
         return _png(fig)
     for ax, workload in zip(axes, workloads):
         part = curves[curves["workload"] == workload]
-        ax.set_title(f"{workload}: {title}")
+        spec = y_of(workload)
         ax.set_xlabel(xlabel)
-        ax.set_ylabel(ylabel)
         ax.grid(True, alpha=0.3)
+        if spec is None or spec[0] not in part.columns:
+            ax.set_title(f"{workload}: {title.format(metric='metric')}")
+            _no_data(ax, "no completed run declared a metric")
+            continue
+        y, scale, ylabel = spec
+        ax.set_title(f"{workload}: {title.format(metric=ylabel.split(' (')[0])}")
+        ax.set_ylabel(ylabel)
         positive = True
         for group in look:
             line = part[part["group"] == group].sort_values("step")
@@ -313,42 +350,40 @@ def _curves(
     return _png(fig)
 
 
-def accuracy_vs_epochs(curves: pd.DataFrame, look: dict[str, Style]) -> bytes:
+EPOCHS = "epoch (passes over the training set)"
+WALL = "wall time (s, training only, evaluation excluded)"
+
+
+def metric_vs_epochs(curves: pd.DataFrame, look: dict[str, Style], metrics: Metrics) -> bytes:
     return _curves(
         curves,
         look,
         "epoch",
-        "test_accuracy",
-        scale=100.0,
-        title="test accuracy during training (mean over seeds)",
-        xlabel="epoch (passes over the training set)",
-        ylabel="test accuracy (%)",
+        _metric_y(metrics),
+        title="{metric} during training (mean over seeds)",
+        xlabel=EPOCHS,
     )
 
 
-def accuracy_vs_wall_time(curves: pd.DataFrame, look: dict[str, Style]) -> bytes:
+def metric_vs_wall_time(curves: pd.DataFrame, look: dict[str, Style], metrics: Metrics) -> bytes:
     return _curves(
         curves,
         look,
         "wall_seconds",
-        "test_accuracy",
-        scale=100.0,
-        title="test accuracy against training time (mean over seeds)",
-        xlabel="wall time (s, training only, evaluation excluded)",
-        ylabel="test accuracy (%)",
+        _metric_y(metrics),
+        title="{metric} against training time (mean over seeds)",
+        xlabel=WALL,
     )
 
 
-def accuracy_vs_est_time(curves: pd.DataFrame, look: dict[str, Style], cluster: str) -> bytes:
+def metric_vs_est_time(curves: pd.DataFrame, look: dict[str, Style], metrics: Metrics, cluster: str) -> bytes:
     return _curves(
         curves,
         look,
         "est_total_seconds",
-        "test_accuracy",
-        scale=100.0,
-        title=f"test accuracy against estimated training time on cluster {cluster} (mean over seeds)",
+        _metric_y(metrics),
+        title=f"{{metric}} against estimated training time on cluster {cluster} (mean over seeds)",
         xlabel=f"estimated time on {cluster} (s, compute + communication, evaluation excluded)",
-        ylabel="test accuracy (%)",
     )
 
 
@@ -357,11 +392,10 @@ def train_loss_vs_epochs(curves: pd.DataFrame, look: dict[str, Style]) -> bytes:
         curves,
         look,
         "epoch",
-        "train_loss",
+        _train_loss_y,
         log_y=True,
         title="train loss during training (mean over workers and seeds)",
-        xlabel="epoch (passes over the training set)",
-        ylabel="train loss (mean since the previous evaluation)",
+        xlabel=EPOCHS,
     )
 
 
@@ -370,9 +404,8 @@ def train_loss_vs_wall_time(curves: pd.DataFrame, look: dict[str, Style]) -> byt
         curves,
         look,
         "wall_seconds",
-        "train_loss",
+        _train_loss_y,
         log_y=True,
         title="train loss against training time (mean over workers and seeds)",
-        xlabel="wall time (s, training only, evaluation excluded)",
-        ylabel="train loss (mean since the previous evaluation)",
+        xlabel=WALL,
     )

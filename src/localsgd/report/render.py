@@ -1,48 +1,21 @@
 """Writing the report: one document model rendered twice (Markdown, self-contained HTML),
-the Excel workbook, and atomic file writes.
+and the Excel workbook.
 """
 
 from __future__ import annotations
 
 import base64
-import contextlib
 import html
 import math
-import os
 import re
-import secrets
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-# -- atomic writes ---------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
-    """A fresh path beside ``path`` for the block to create; it replaces ``path`` only if
-    the block succeeds. (Not ``mkstemp``: its 0600 mode would make a report unreadable to
-    the rest of a team; a file created by the block gets the usual umask.)"""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp{path.suffix}")
-    try:
-        yield tmp
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-def write_atomic(path: Path, data: bytes | str) -> Path:
-    with atomic_path(path) as tmp, open(tmp, "xb") as f:
-        f.write(data.encode() if isinstance(data, str) else data)
-    return path
-
+from localsgd.util.files import atomic_path
 
 # -- the document model ----------------------------------------------------------------
 

@@ -2,7 +2,8 @@
 
 A *group* is one point of a study's grid: (workload, variant, K workers, per-worker batch B,
 lr), plus any other config key that varies across the study (``setting``). Only completed
-runs enter the means; failed and diverged runs are counted in the status table.
+runs enter the means; failed, diverged and unreadable runs are counted in the status table.
+Every number a workload evaluates comes from the metrics it declared in its records.
 """
 
 from __future__ import annotations
@@ -20,25 +21,24 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from localsgd.report.labels import algorithm_spec, period, variant_label
-from localsgd.studies.store import RunRecord, Store
+from localsgd.records import Metric, MetricsRow, RecordError, RunRecord, Store
+from localsgd.report.labels import algorithm_name, period, variant_label
+from localsgd.util.nest import flatten
 
 log = logging.getLogger(__name__)
 
 GROUP_KEYS = ["workload", "variant", "workers", "batch_size", "lr"]
 
 # Config keys that are the group key, the seed, or only a label: never part of ``setting``.
-_NOT_SETTINGS = ("name", "seed", "workload", "workers", "data.batch_size", "optimizer.lr")
+# The engine is a group key of its own when it varies, but not part of the speedup
+# baseline: one worker is one worker on every engine.
+_NOT_SETTINGS = ("name", "seed", "workload.name", "workers", "data.batch_size", "optimizer.lr", "engine")
 
-# Per-run quantities averaged over seeds (mean and std, ddof=1) in the summary table.
-MEAN_STD = [
-    "final_test_accuracy",
-    "best_test_accuracy",
-    "final_train_loss",
-    "wall_seconds",
-    "samples_per_second",
-]
+# Per-run quantities averaged over seeds (mean and std, ddof=1) in the summary table,
+# besides the final and best value of every declared metric.
+MEAN_STD = ["final_train_loss", "wall_seconds", "samples_per_second"]
 MEAN_ONLY = ["bytes", "syncs"]
+COUNTER_COLUMNS = ("bytes", "syncs", "collectives", "comm_seconds")
 
 
 @dataclass
@@ -49,29 +49,33 @@ class Study:
     runs: pd.DataFrame
     """One row per finished run: identity, group key, final metrics, flattened config."""
     metrics: pd.DataFrame
-    """Every evaluation row of every run, with ``run_id``."""
+    """Every evaluation row of every run, with ``run_id``; one column per declared metric."""
     group_keys: list[str]
-    """``GROUP_KEYS``, plus ``setting`` when some other config key varies."""
+    """``GROUP_KEYS``, plus ``engine`` when runs of several engines are compared and
+    ``setting`` when some other config key varies."""
     plan: dict[str, Any]
     """The study's ``plan.json`` (name, description, planned runs), ``{}`` without one
     (a store written by ``localsgd train``)."""
     final_counters: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Per run id, the communicator's final counters: ``{"steps": s, "by_scope": {scope:
     {"collectives", "bytes", "seconds"}}}`` (see :func:`final_counters`)."""
+    declared: dict[str, tuple[Metric, ...]] = field(default_factory=dict)
+    """Per workload, the metrics its runs declared (in their order)."""
+    primaries: dict[str, str] = field(default_factory=dict)
+    """Per workload, the name of its primary metric."""
 
+    def metric_list(self) -> list[Metric]:
+        """Every declared metric of the study, each name once."""
+        seen: dict[str, Metric] = {}
+        for metrics in self.declared.values():
+            for m in metrics:
+                seen.setdefault(m.name, m)
+        return list(seen.values())
 
-def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``; lists become JSON text (one spreadsheet cell)."""
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        dotted = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            out.update(flatten(value, f"{dotted}."))
-        elif isinstance(value, (list, tuple)):
-            out[dotted] = json.dumps(list(value))
-        else:
-            out[dotted] = value
-    return out
+    def primary(self, workload: str) -> Metric | None:
+        """The primary metric of ``workload`` (None when none of its runs declared one)."""
+        name = self.primaries.get(workload)
+        return next((m for m in self.declared.get(workload, ()) if m.name == name), None)
 
 
 def natural_key(text: str) -> tuple[Any, ...]:
@@ -86,54 +90,55 @@ def _number(value: Any) -> float:
     return float(value)
 
 
-def _run_row(record: RunRecord, rows: list[dict[str, Any]]) -> dict[str, Any]:
+def workload_of(config: Mapping[str, Any]) -> str:
+    spec = config.get("workload")
+    return str(spec.get("name", "?") if isinstance(spec, Mapping) else spec or "?")
+
+
+def _run_row(record: RunRecord, rows: list[MetricsRow]) -> dict[str, Any]:
     config = record.config
     info = record.status_info
-    stats = info.get("stats")
-    final_stats: Mapping[str, Any] = stats if isinstance(stats, dict) else {}
-    last: Mapping[str, Any] = rows[-1] if rows else (info.get("final") or {})
-    accs = [_number(r.get("test_accuracy")) for r in rows]
-    accs = [a for a in accs if math.isfinite(a)]
-    best = max(accs) if accs else _number(info.get("best_test_accuracy"))
-    wall = _number(last.get("wall_seconds", info.get("wall_seconds")))
-    samples = _number(last.get("samples", info.get("samples")))
-    spec = algorithm_spec(config)
-    return {
+    last = rows[-1] if rows else info.final
+    wall = _number(last.wall_seconds if last else info.wall_seconds)
+    samples = _number(last.samples if last else info.samples)
+    counters = info.counters
+    row: dict[str, Any] = {
         "run_id": record.run_id,
         "name": record.name,
-        "status": record.status,
-        "error": record.error or info.get("error"),
-        "workload": str(config.get("workload", "?")),
+        "status": "unreadable" if record.problem else record.status,
+        "error": record.problem or (info.error.line() if info.error else None),
+        "workload": workload_of(config),
         "variant": variant_label(config),
-        "algorithm": spec["name"],
+        "algorithm": algorithm_name(config),
         "workers": int(config.get("workers", 1)),
         "batch_size": int((config.get("data") or {}).get("batch_size", 0)),
         "lr": _number((config.get("optimizer") or {}).get("lr")),
         "seed": config.get("seed"),
         "period": period(config),
+        "engine": info.engine.name if info.engine else str(config.get("engine", "?")),
+        "real_wall_time": info.engine.real_wall_time if info.engine else True,
         "evaluations": len(rows),
-        "final_step": _number(last.get("step", info.get("steps"))),
-        "final_epoch": _number(last.get("epoch", info.get("epochs"))),
+        "final_step": _number(last.step if last else info.steps),
+        "final_epoch": _number(last.epoch if last else info.epochs),
         "final_samples": samples,
-        "final_test_accuracy": _number(last.get("test_accuracy")),
-        "best_test_accuracy": best,
-        "final_train_loss": _number(last.get("train_loss")),
-        "final_test_loss": _number(last.get("test_loss")),
+        "final_train_loss": _number(last.train_loss if last else None),
         "wall_seconds": wall,
         "samples_per_second": samples / wall if wall and wall > 0 else math.nan,
-        # Communication totals: the run's final counters (they include the averaging on
-        # exit, as the cost-model estimates do), else the last evaluation's.
-        **{
-            key: _number(final_stats.get(key, last.get(key)))
-            for key in ("bytes", "syncs", "collectives", "comm_seconds")
-        },
     }
+    # Communication totals: the run's final counters (they include the averaging on exit,
+    # as the cost-model estimates do), else the last evaluation's.
+    for key in COUNTER_COLUMNS:
+        source = counters if counters is not None else last
+        row[key] = _number(getattr(source, key)) if source is not None else math.nan
+    for m in info.metrics:
+        row[f"final_{m.name}"] = _number(last.metrics.get(m.name)) if last else math.nan
+        row[f"best_{m.name}"] = m.best([_number(r.metrics.get(m.name)) for r in rows])
+    return row
 
 
 def row_counters(row: Mapping[str, Any]) -> dict[str, dict[str, float]] | None:
-    """The cumulative per-scope counters of a metrics row (or status ``stats``): its
-    ``by_scope``, or, for rows written before scopes were recorded, its totals counted as
-    world scope. None when the row has neither."""
+    """The cumulative per-scope counters of a metrics row: its ``by_scope``, or, when it
+    has none, its totals counted as world scope. None when the row has neither."""
     by_scope = row.get("by_scope")
     if isinstance(by_scope, Mapping) and by_scope:
         out = {
@@ -154,23 +159,31 @@ def row_counters(row: Mapping[str, Any]) -> dict[str, dict[str, float]] | None:
     }
 
 
-def final_counters(record: RunRecord, rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """A run's final counters: ``status.json``'s ``stats`` when it has them (they include
-    the closing average of ``DataParallel.__exit__``, which delivers the final model),
-    else the last evaluation row's. ``{"steps": s, "by_scope": {...} or None}``."""
+def final_counters(record: RunRecord, rows: list[MetricsRow]) -> dict[str, Any]:
+    """A run's final counters: the status's (they include the closing average of
+    ``DataParallel.__exit__``, which delivers the final model), else the last evaluation
+    row's. ``{"steps": s, "by_scope": {...} or None}``."""
     info = record.status_info
-    stats = info.get("stats")
-    last: Mapping[str, Any] = rows[-1] if rows else (info.get("final") or {})
-    steps = _number(last.get("step", info.get("steps")))  # training-loop steps of B samples each
-    if isinstance(stats, Mapping):
-        counted = row_counters(stats)
+    last = rows[-1] if rows else info.final
+    steps = _number(last.step if last else info.steps)  # training-loop steps of B samples each
+    if info.counters is not None:
+        counted = row_counters(info.counters.__dict__)
         if counted is not None:
             return {"steps": steps, "by_scope": counted}
-    return {"steps": steps, "by_scope": row_counters(last)}
+    return {"steps": steps, "by_scope": row_counters(last.__dict__) if last else None}
+
+
+def _metric_rows(record: RunRecord, rows: list[MetricsRow]) -> list[dict[str, Any]]:
+    out = []
+    for r in rows:
+        plain = {k: v for k, v in r.__dict__.items() if k != "metrics"}
+        out.append({"run_id": record.run_id, **plain, **{k: _number(v) for k, v in r.metrics.items()}})
+    return out
 
 
 def load(store_dir: str | Path) -> Study:
-    """Read a store's finished runs. ``ValueError`` if it is not a store or holds none."""
+    """Read a store's finished runs. ``ValueError`` if it is not a store, holds none, or
+    holds records of another version."""
     store = Store(store_dir, create=False)
     records = store.records()
     if not records:
@@ -180,12 +193,27 @@ def load(store_dir: str | Path) -> Study:
         )
     run_rows, metric_rows, configs = [], [], []
     counters: dict[str, dict[str, Any]] = {}
+    declared: dict[str, tuple[Metric, ...]] = {}
+    primaries: dict[str, str] = {}
     for record in records:
-        rows = record.metrics()
+        try:
+            rows = [] if record.problem else record.metrics()
+        except RecordError as exc:
+            record.problem = str(exc)
+            rows = []
         run_rows.append(_run_row(record, rows))
         counters[record.run_id] = final_counters(record, rows)
-        metric_rows += [{"run_id": record.run_id, **row} for row in rows]
+        metric_rows += _metric_rows(record, rows)
         configs.append(flatten(record.config))
+        info = record.status_info
+        if info.metrics and not record.problem:
+            workload = workload_of(record.config)
+            known = {m.name for m in declared.get(workload, ())}
+            declared[workload] = declared.get(workload, ()) + tuple(
+                m for m in info.metrics if m.name not in known
+            )
+            if info.primary:
+                primaries.setdefault(workload, info.primary)
     # Config keys that differ between runs but are not in the group key would otherwise
     # silently merge different experiments into one mean.
     keys = sorted({k for c in configs for k in c})
@@ -198,30 +226,31 @@ def load(store_dir: str | Path) -> Study:
     ]
     for row, config in zip(run_rows, configs):
         row["setting"] = ", ".join(f"{k}={config.get(k)}" for k in varying)
-    group_keys = [*GROUP_KEYS, "setting"] if varying else list(GROUP_KEYS)
+    group_keys = list(GROUP_KEYS)
+    if len({r["engine"] for r in run_rows}) > 1:
+        group_keys.append("engine")
+    if varying:
+        group_keys.append("setting")
     order = sorted(range(len(run_rows)), key=lambda i: _sort_key(run_rows[i]))
     run_rows = [run_rows[i] for i in order]
     configs = [configs[i] for i in order]
     runs = pd.DataFrame(run_rows)
+    for m in {m.name: m for ms in declared.values() for m in ms}.values():
+        for prefix in ("final_", "best_"):
+            if f"{prefix}{m.name}" not in runs.columns:
+                runs[f"{prefix}{m.name}"] = math.nan
     runs["group"] = _group_labels(run_rows, group_keys)
     config_frame = pd.DataFrame([{f"config.{k}": v for k, v in c.items()} for c in configs])
     runs = pd.concat([runs, config_frame], axis=1)
     metrics = pd.DataFrame(metric_rows)
     if metrics.empty:
-        metrics = pd.DataFrame(columns=["run_id", "step", "epoch", "wall_seconds"])
-    return Study(Path(store.root), runs, metrics, group_keys, _plan(store.root), counters)
-
-
-def _plan(root: Path) -> dict[str, Any]:
-    path = root / "plan.json"
-    if not path.exists():
-        return {}
+        metrics = pd.DataFrame(columns=["run_id", "step", "epoch", "wall_seconds", "train_loss"])
     try:
-        plan = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        log.warning("ignoring %s: %s", path, exc)
-        return {}
-    return plan if isinstance(plan, dict) else {}
+        plan = store.plan()
+    except RecordError as exc:
+        log.warning("ignoring the plan: %s", exc)
+        plan = {}
+    return Study(Path(store.root), runs, metrics, group_keys, plan, counters, declared, primaries)
 
 
 def _sort_key(run: Mapping[str, Any]) -> tuple[Any, ...]:
@@ -257,6 +286,8 @@ def _group_labels(runs: list[dict[str, Any]], group_keys: list[str]) -> list[str
             text += f", B={run['batch_size']}"
         if show_lr:
             text += f", lr={run['lr']:g}"
+        if "engine" in group_keys:
+            text += f", {run['engine']}"
         if "setting" in group_keys and run["setting"]:
             text += f" [{run['setting']}]"
         labels.append(text)
@@ -299,7 +330,8 @@ def summary_table(study: Study) -> pd.DataFrame:
     runs = study.runs[study.runs["status"] == "completed"]
     keys = study.group_keys
     columns = [*keys, "group", "n_seeds", "seeds"]
-    for name in MEAN_STD:
+    measured = [f"{p}_{m.name}" for m in study.metric_list() for p in ("final", "best")] + MEAN_STD
+    for name in measured:
         columns += [f"{name}_mean", f"{name}_std"]
     columns += ["speedup", *[f"{name}_mean" for name in MEAN_ONLY], "period"]
     if runs.empty:
@@ -316,7 +348,7 @@ def summary_table(study: Study) -> pd.DataFrame:
         row["group"] = group["group"].iloc[0]
         row["n_seeds"] = len(group)
         row["seeds"] = ", ".join(str(s) for s in sorted(group["seed"]))
-        for name in MEAN_STD:
+        for name in measured:
             row[f"{name}_mean"] = group[name].mean()
             row[f"{name}_std"] = group[name].std(ddof=1)  # NaN with one seed
         base = baseline.get(tuple(row[k] for k in base_keys), math.nan)
@@ -328,6 +360,9 @@ def summary_table(study: Study) -> pd.DataFrame:
     return pd.DataFrame(out, columns=columns)
 
 
+STATUS_COLUMNS = ("completed", "failed", "diverged", "unreadable")
+
+
 def status_table(study: Study) -> pd.DataFrame:
     """Per group: how many runs completed, failed, diverged, with the errors."""
     keys = study.group_keys
@@ -337,7 +372,7 @@ def status_table(study: Study) -> pd.DataFrame:
         row: dict[str, Any] = dict(zip(keys, key))
         row["group"] = group["group"].iloc[0]
         counts = group["status"].value_counts()
-        for status in ("completed", "failed", "diverged"):
+        for status in STATUS_COLUMNS:
             row[status] = int(counts.get(status, 0))
         row["runs"] = len(group)
         bad = group[group["status"] != "completed"]
@@ -346,7 +381,7 @@ def status_table(study: Study) -> pd.DataFrame:
             for r in bad.to_dict("records")
         )
         out.append(row)
-    return pd.DataFrame(out, columns=[*keys, "group", "completed", "failed", "diverged", "runs", "errors"])
+    return pd.DataFrame(out, columns=[*keys, "group", *STATUS_COLUMNS, "runs", "errors"])
 
 
 # Per-row cluster estimates (``report.estimates``), averaged like the measured columns.
@@ -355,27 +390,17 @@ ESTIMATE_CURVES = ["est_compute_seconds", "est_comm_seconds", "est_total_seconds
 
 def curves(study: Study) -> pd.DataFrame:
     """Per group and evaluation step: mean over the completed seeds of epoch, wall time,
-    test accuracy and train loss (and the estimated times on a cluster, when the metrics
-    carry them)."""
+    train loss and every declared metric (and the estimated times on a cluster, when the
+    metrics carry them)."""
     done = study.runs.loc[study.runs["status"] == "completed", ["run_id", "group", "workload"]]
     estimated = [c for c in ESTIMATE_CURVES if c in study.metrics.columns]
-    columns = [
-        "workload",
-        "group",
-        "step",
-        "epoch",
-        "wall_seconds",
-        "test_accuracy",
-        "train_loss",
-        *estimated,
-    ]
+    names = [m.name for m in study.metric_list() if m.name in study.metrics.columns]
+    values = ["epoch", "wall_seconds", "train_loss", *names, *estimated]
+    columns = ["workload", "group", "step", *values]
     if done.empty or study.metrics.empty:
         return pd.DataFrame(columns=columns)
     rows = study.metrics.merge(done, on="run_id")
-    values = ["epoch", "wall_seconds", "test_accuracy", "train_loss", *estimated]
     for name in values:
         rows[name] = pd.to_numeric(rows[name], errors="coerce")
-    # Before the first step there is no train loss to report, only a placeholder.
-    rows.loc[pd.to_numeric(rows["step"], errors="coerce") == 0, "train_loss"] = np.nan
     out = rows.groupby(["workload", "group", "step"], sort=False)[values].mean().reset_index()
     return out[columns]

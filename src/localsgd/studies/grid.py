@@ -37,8 +37,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from localsgd.studies.configs import ConfigError, apply_overrides, from_dict, load_toml, parse_override
-from localsgd.studies.schema import RunConfig, run_config
+from localsgd.studies.configs import apply_overrides, load_toml, parse_override
+from localsgd.studies.schema import RunConfig, normalize, run_config
+from localsgd.util.checks import ConfigError, from_dict
+from localsgd.util.nest import deep_copy, flatten, set_dotted
 
 LIST_FIELDS = {"schedule.milestones"}
 
@@ -71,7 +73,10 @@ def load_study(path: str | Path, overrides: list[str] | None = None) -> Study:
     if unknown:
         raise ConfigError(f"unknown top-level key(s) {sorted(unknown)}; allowed: ['base', 'grid', 'study']")
     section = from_dict(StudySection, data.get("study", {}), "study")
-    base = apply_overrides(data.get("base", {}), overrides or [])
+    base = data.get("base", {})
+    if not isinstance(base, Mapping):
+        raise ConfigError(f"base must be a table of run settings, got {type(base).__name__}")
+    base = apply_overrides(normalize(base), overrides or [])
     run_config(base)  # the base alone must be a valid run
     grids = data.get("grid", [{}])
     if not isinstance(grids, list) or not all(isinstance(g, Mapping) for g in grids):
@@ -95,18 +100,15 @@ def load_study(path: str | Path, overrides: list[str] | None = None) -> Study:
     return Study(section, runs)
 
 
-def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        path = f"{prefix}{key}"
-        # ``algorithm`` is a table-valued field: a table of lists spreads over its keys.
-        if isinstance(value, Mapping) and (
-            path != "algorithm" or any(isinstance(v, list) for v in value.values())
-        ):
-            out.update(_flatten(value, f"{path}."))
-        else:
-            out[path] = value
-    return out
+def _flatten(data: Mapping[str, Any]) -> dict[str, Any]:
+    # ``algorithm`` is a table-valued field: set whole, unless a table of lists spreads axes.
+    return flatten(
+        data,
+        lists_as_json=False,
+        whole=lambda path, table: (
+            path == "algorithm" and not any(isinstance(v, list) for v in table.values())
+        ),
+    )
 
 
 def _is_axis(path: str, value: Any) -> bool:
@@ -115,22 +117,6 @@ def _is_axis(path: str, value: Any) -> bool:
     if path in LIST_FIELDS:
         return bool(value) and all(isinstance(v, list) for v in value)
     return True
-
-
-def _set(tree: dict[str, Any], path: str, value: Any) -> None:
-    parts = path.split(".")
-    node = tree
-    for part in parts[:-1]:
-        child = node.get(part)
-        if not isinstance(child, dict):
-            child = {}
-            node[part] = child
-        node = child
-    node[parts[-1]] = value
-
-
-def _copy(tree: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: _copy(v) if isinstance(v, Mapping) else v for k, v in tree.items()}
 
 
 def expand(base: Mapping[str, Any], grid: Mapping[str, Any], where: str, study: str) -> list[RunConfig]:
@@ -148,21 +134,23 @@ def expand(base: Mapping[str, Any], grid: Mapping[str, Any], where: str, study: 
             raise ConfigError(f"{where}.{path} is an empty list: a grid axis needs at least one value")
     runs = []
     for point in itertools.product(*axes.values()):
-        tree = _copy(base)
+        tree = deep_copy(base)
         tree.setdefault("name", study)
         for path, value in [*settings.items(), *zip(axes, point)]:
             if path == "algorithm" and not isinstance(value, Mapping):
                 raise ConfigError(
                     f'{where}.algorithm values must be tables like {{name = "local_sgd", period = 8}}, got {value!r}'
                 )
-            _set(tree, path, _copy(value) if isinstance(value, Mapping) else value)
+            if path == "workload" and isinstance(value, str):
+                path = "workload.name"  # a name keeps the workload options of [base]
+            set_dotted(tree, path, deep_copy(value) if isinstance(value, Mapping) else value)
         if global_batch is not None:
             workers = tree.get("workers", 1)
             if not isinstance(workers, int) or global_batch % workers:
                 raise ConfigError(
                     f"{where}.global_batch = {global_batch} is not divisible by workers = {workers!r}"
                 )
-            _set(tree, "data.batch_size", global_batch // workers)
+            set_dotted(tree, "data.batch_size", global_batch // workers)
             tree["fixed"] = "global_batch"
         try:
             runs.append(run_config(tree))

@@ -1,4 +1,4 @@
-"""Reading run configs from files (TOML or the JSON a run record holds) plus overrides."""
+"""Reading run configs from files (TOML, or a run record's ``config.json``) plus overrides."""
 
 from __future__ import annotations
 
@@ -6,20 +6,26 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from localsgd.studies.configs import ConfigError, apply_overrides, load_toml
+from localsgd.studies.configs import apply_overrides, load_toml
 from localsgd.studies.schema import RunConfig, run_config
+from localsgd.util.checks import ConfigError
 
 
 def load_run_config(path: str | Path, overrides: Sequence[str] = ()) -> RunConfig:
-    """A run config from ``path`` (``.toml`` or ``.json``) with ``--set`` overrides."""
+    """A run config from ``path`` (``.toml``, or ``.json``: a run record's ``config.json``
+    or a plain config) with ``--set`` overrides."""
     p = Path(path)
     if p.suffix == ".json":
         if not p.is_file():
             raise ConfigError(f"config file {str(p)!r} does not exist")
         try:
             data = json.loads(p.read_text())
-        except json.JSONDecodeError as exc:
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ConfigError(f"config file {str(p)!r} is not valid JSON: {exc}") from None
+        if isinstance(data, dict) and {"version", "run_id", "config"} <= set(data):
+            data = data["config"]  # a run record's snapshot
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {str(p)!r} must hold a JSON object, got {type(data).__name__}")
     else:
         data = load_toml(p)
     return run_config(apply_overrides(data, overrides))

@@ -1,4 +1,5 @@
-"""Running a study: every planned run once, resumable, with a progress bar and ETA."""
+"""Running runs: one run through its engine into a store, and every run of a study once,
+resumable, with a progress bar and ETA."""
 
 from __future__ import annotations
 
@@ -7,14 +8,73 @@ import logging
 import os
 import shutil
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from localsgd import engines, workloads
+from localsgd.records.record import ErrorInfo
+from localsgd.records.store import FINISHED, Store
 from localsgd.studies.grid import Study
-from localsgd.studies.store import FINISHED, Store
+from localsgd.studies.schema import RunConfig
+from localsgd.util.checks import ConfigError
 
 log = logging.getLogger(__name__)
+
+
+def preflight(runs: Iterable[RunConfig]) -> dict[str, workloads.Workload]:
+    """Check what can be checked before any run record exists: every distinct workload is
+    built once (its data paths read, an import-path factory called and its result checked),
+    and every run's batch fits its workload. Returns the built workloads by spec.
+    ``ConfigError`` naming the key otherwise."""
+    built: dict[str, workloads.Workload] = {}
+    for run in runs:
+        key = json.dumps(run.workload, sort_keys=True)
+        if key not in built:
+            try:
+                built[key] = workloads.build(run.workload)
+            except ConfigError:
+                raise
+            except Exception as exc:
+                raise ConfigError(
+                    f"workload = {run.workload_name!r}: building it failed: {type(exc).__name__}: {exc}"
+                ) from None
+        try:
+            built[key].steps_per_epoch(run.workers, run.data.batch_size)
+        except ValueError as exc:
+            raise ConfigError(
+                f"data.batch_size = {run.data.batch_size} with workers = {run.workers}: {exc}"
+            ) from None
+    return built
+
+
+def execute_run(
+    config: RunConfig,
+    store: Store,
+    *,
+    timeout: float | None = None,
+    workload: workloads.Workload | None = None,
+) -> str:
+    """Run ``config`` to the end through its engine and record it in ``store``; returns
+    the final status. A failed run's status holds its root error (the first worker's own
+    exception)."""
+    from localsgd.studies.trainer import train
+
+    engine = engines.get(config.engine)
+    run_id = config.run_id()
+    folder = store.begin(run_id, config.name, config.to_dict())
+
+    def train_here(rank: int, world_size: int) -> None:
+        train(config, folder, rank, world_size, workload=workload)
+
+    error: ErrorInfo | None = None
+    try:
+        engine.execute(engines.Job(config.workers, config.threads, folder, train_here, timeout))
+    except engines.WorkerFailure as exc:
+        error = exc.error
+    except Exception as exc:  # a run trained in this process: recorded as failed, the study goes on
+        error = ErrorInfo.from_exception(exc)
+    return store.finish(run_id, error=error)
 
 
 def run_study(
@@ -32,10 +92,12 @@ def run_study(
     left unfinished by an interrupted study starts again from scratch. Returns how many
     runs ended in each status, skipped ones included.
     """
+    built = preflight(study.runs)
     if execute is None:
-        from localsgd.engines.processes import execute as execute_processes
 
-        execute = execute_processes
+        def execute(run: RunConfig, store: Store) -> str:
+            return execute_run(run, store, workload=built[json.dumps(run.workload, sort_keys=True)])
+
     store = Store(out)
     if study_file is not None and not (
         (out / "study.toml").exists() and os.path.samefile(study_file, out / "study.toml")

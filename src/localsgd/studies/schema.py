@@ -5,33 +5,41 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
-from localsgd.algorithms.base import check_bool, check_choice, check_float, check_int
-from localsgd.studies.configs import ConfigError, from_dict, to_dict
+from localsgd.util.checks import (
+    ConfigError,
+    check_bool,
+    check_choice,
+    check_float,
+    check_int,
+    from_dict,
+    to_dict,
+)
 
-ENGINES = ("processes", "simulated")
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("constant", "step", "cosine", "half_cosine")
 
 
+MAX_BATCH = 2**24
+"""The largest per-worker batch a config may ask for."""
+MAX_WORKERS = 65536
+
+
 @dataclass(frozen=True)
 class DataConfig:
-    """``[data]``: how much data, where from, and the batch."""
+    """``[data]``: the batch. What data and how much belongs to the workload's own section
+    (``[workload]``)."""
 
-    num_samples: int | None = None
-    """MNIST-1D: samples generated, 80 % train and 20 % test (default 20000); CIFAR-10:
-    the first N training images (default all). None keeps the workload's default."""
-    path: str | None = None
-    """Path of a data set read from disk (CIFAR-10: the python-version archive or folder)."""
+    RENAMED: ClassVar[dict[str, str]] = {"num_samples": "workload.num_samples", "path": "workload.data_path"}
+
     batch_size: int = 64
     """B: the batch each worker takes per step (the per-worker batch)."""
 
     def __post_init__(self) -> None:
-        if self.num_samples is not None:
-            check_int("data.num_samples", self.num_samples, 100)
-        check_int("data.batch_size", self.batch_size, 1)
+        check_int("data.batch_size", self.batch_size, 1, MAX_BATCH)
 
 
 @dataclass(frozen=True)
@@ -114,7 +122,7 @@ class TrainConfig:
     """Stop after this many steps even if the epochs are not done (smoke tests)."""
 
     def __post_init__(self) -> None:
-        check_float("train.epochs", self.epochs, 0.0, None, low_open=True)
+        check_float("train.epochs", self.epochs, 0.0, 1e6, low_open=True, high_open=False)
         check_int("train.eval_every", self.eval_every, 1)
         if self.max_steps is not None:
             check_int("train.max_steps", self.max_steps, 1)
@@ -124,19 +132,26 @@ def _default_algorithm() -> dict[str, Any]:
     return {"name": "minibatch_sgd"}
 
 
+def _default_workload() -> dict[str, Any]:
+    return {"name": "mnist1d_cnn"}
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """One training run: workload, K workers, algorithm and recipe."""
 
     name: str = "run"
     """A label for humans; the run's identity is the hash of the whole config."""
-    workload: str = "mnist1d_cnn"
-    """Registered workload: ``mnist1d_cnn``, ``mnist1d_mlp``, ``cifar10_resnet20``."""
+    workload: dict[str, Any] = field(default_factory=_default_workload)
+    """The workload's section: ``name`` (registered: ``mnist1d_cnn``, ``mnist1d_mlp``,
+    ``cifar10_resnet20``; or an import path ``package.module:function``) and the workload's
+    own options. ``workload = "name"`` is short for ``[workload] name = "name"``."""
     workers: int = 1
-    """K: worker processes."""
+    """K: workers."""
     engine: str = "processes"
-    """How the K workers run: ``processes`` (torch.distributed, one process each) or
-    ``simulated`` (all K replicas batched in one process, the same semantics)."""
+    """How the K workers run (see ``localsgd.engines``): ``processes`` (torch.distributed,
+    one process each) or ``simulated`` (all K replicas batched in one process, the same
+    semantics)."""
     seed: int = 0
     """Model init (identical on every worker) and data order (shards per worker)."""
     device: str = "auto"
@@ -156,9 +171,11 @@ class RunConfig:
     ``global_batch`` (recorded in the run record)."""
 
     def __post_init__(self) -> None:
-        check_int("workers", self.workers, 1)
-        check_choice("engine", self.engine, ENGINES)
-        check_int("seed", self.seed, 0)
+        from localsgd import engines, workloads
+
+        check_int("workers", self.workers, 1, MAX_WORKERS)
+        engines.get(self.engine)
+        check_int("seed", self.seed, 0, 2**63 - 1)
         check_choice("device", self.device, ("auto", "cpu", "cuda"))
         check_int("threads", self.threads, 1)
         check_choice("fixed", self.fixed, ("worker_batch", "global_batch"))
@@ -169,29 +186,38 @@ class RunConfig:
                 f"algorithm.block_size = {block} does not divide workers = {self.workers}; "
                 "blocks are groups of consecutive workers"
             )
-        from localsgd import workloads
-
-        check_choice("workload", self.workload, workloads.names())
+        workloads.check_spec(self.workload)
 
     @property
     def global_batch(self) -> int:
         return self.workers * self.data.batch_size
 
+    @property
+    def workload_name(self) -> str:
+        return str(self.workload["name"])
+
     def algorithm_config(self, steps_per_epoch: int) -> Any:
-        """The algorithm config, with ``switch_epoch`` resolved to ``switch_step``."""
-        from localsgd.algorithms import build
+        """The algorithm config, with every ``<x>_epoch`` key resolved to the algorithm's
+        ``<x>_step`` field (post-local SGD's ``switch_epoch``, say)."""
+        from localsgd import algorithms
 
         spec = dict(self.algorithm)
-        if "switch_epoch" in spec:
-            if spec.get("name") != "post_local_sgd":
-                raise ConfigError("algorithm.switch_epoch applies to post_local_sgd only")
-            if "switch_step" in spec:
-                raise ConfigError("give algorithm.switch_step or algorithm.switch_epoch, not both")
-            epochs = spec.pop("switch_epoch")
-            check_float("algorithm.switch_epoch", epochs, 0.0)
-            spec["switch_step"] = round(float(epochs) * steps_per_epoch)
         try:
-            return build(spec)
+            cls = algorithms.get(spec.get("name"))
+        except ValueError as exc:
+            raise ConfigError(f"algorithm.name: {exc}") from None
+        steps = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        for key in [k for k in spec if k.endswith("_epoch")]:
+            target = key.removesuffix("_epoch") + "_step"
+            if target not in steps:
+                raise ConfigError(f"algorithm.{key}: {cls.name} has no {target} field to give in epochs")
+            if target in spec:
+                raise ConfigError(f"give algorithm.{target} or algorithm.{key}, not both")
+            epochs = spec.pop(key)
+            check_float(f"algorithm.{key}", epochs, 0.0, 1e9)
+            spec[target] = round(float(epochs) * steps_per_epoch)
+        try:
+            return algorithms.build(spec)
         except ValueError as exc:
             raise ConfigError(f"algorithm: {exc}") from None
 
@@ -207,10 +233,20 @@ class RunConfig:
         return dataclasses.replace(self, **changes)
 
 
-def run_config(data: dict[str, Any]) -> RunConfig:
+def normalize(data: Mapping[str, Any]) -> dict[str, Any]:
+    """``workload = "name"`` written out as the table ``{"name": "name"}``."""
+    out = dict(data)
+    if isinstance(out.get("workload"), str):
+        out["workload"] = {"name": out["workload"]}
+    return out
+
+
+def run_config(data: Mapping[str, Any]) -> RunConfig:
     """A ``RunConfig`` from a plain dict (a parsed TOML file); errors name the key."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"a run config must be a table of sections, got {type(data).__name__}")
     try:
-        return from_dict(RunConfig, data)
+        return from_dict(RunConfig, normalize(data))
     except ConfigError:
         raise
     except ValueError as exc:

@@ -1,42 +1,59 @@
-"""Workloads: data + model + loss + evaluation, built by name.
+"""Workloads: data + model + loss + declared metrics, built by name or import path.
 
 >>> from localsgd import workloads
 >>> wl = workloads.build("mnist1d_cnn", num_samples=20000)   # generated once, then cached
 >>> model = wl.make_model(seed=0)
->>> for x, y in wl.train_batches(rank, world_size, batch_size=64, epoch=0, seed=0, device="cpu"):
-...     wl.loss(model(x), y).backward()
->>> wl.evaluate(model, "cpu")   # {"test_loss": ..., "test_accuracy": ...}
+>>> for batch in wl.train_batches(rank, world_size, batch_size=64, epoch=0, seed=0, device="cpu"):
+...     wl.loss(model, batch).backward()                    # batch = {"x": ..., "y": ...}
+>>> wl.evaluate(model, "cpu")   # {"accuracy": ..., "eval_loss": ...}; wl.primary == "accuracy"
 
-Registered: ``mnist1d_cnn`` (the default), ``mnist1d_mlp``, ``cifar10_resnet20``. Studies
-and examples use workloads; algorithms never do.
+Registered: ``mnist1d_cnn`` (the default), ``mnist1d_mlp``, ``cifar10_resnet20``; any
+``package.module:function`` returning a :class:`Workload` works too. Studies, engines and
+examples use workloads; algorithms never do.
 """
 
 from localsgd.workloads import cifar10, mnist1d
 from localsgd.workloads.base import (
+    ACCURACY,
+    EVAL_LOSS,
+    Batch,
+    Metric,
+    TensorWorkload,
     Workload,
     augment_generator,
     build,
     cache_dir,
+    check_spec,
+    metric,
     names,
-    options,
     register,
+    resolve,
     shard_indices,
     shuffle_generator,
+    split_spec,
 )
 
 DEFAULT = "mnist1d_cnn"
 
 __all__ = [
+    "ACCURACY",
     "DEFAULT",
+    "EVAL_LOSS",
+    "Batch",
+    "Metric",
+    "TensorWorkload",
     "Workload",
     "augment_generator",
     "build",
     "cache_dir",
+    "check_spec",
     "cifar10",
+    "metric",
     "mnist1d",
     "names",
-    "options",
     "register",
+    "resolve",
     "shard_indices",
     "shuffle_generator",
+    "split_spec",
 ]

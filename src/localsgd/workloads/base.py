@@ -1,12 +1,15 @@
-"""What every workload shares: the protocol, the registry, sharding, in-memory batching.
+"""What every workload shares: the contract, declared metrics, the registry (names and
+import paths), sharding, in-memory batching.
 
-A workload is data + model + loss + evaluation behind one small interface
-(:class:`Workload`), built by name from keyword options (:func:`build`). Workloads serve
-studies and examples; algorithms never import them.
+A workload is data + model + loss + metrics behind one small interface (:class:`Workload`),
+built from its own validated config section (:func:`build`). A batch is a nest (mapping,
+list, tuple) of tensors; the workload computes the loss from ``(model, batch)`` and
+declares its metrics (:class:`Metric`) and which one is primary. Studies, engines and
+examples use workloads; algorithms never do.
 
-Sharding contract (identical for every workload and every algorithm): for a training seed
-``s`` and an epoch ``e`` the permutation of the training indices is drawn from a
-``torch.Generator`` seeded from ``(s, e)`` only; it is cut into ``world_size`` contiguous
+Sharding contract (identical for every built-in workload and every algorithm): for a
+training seed ``s`` and an epoch ``e`` the permutation of the training indices is drawn from
+a ``torch.Generator`` seeded from ``(s, e)`` only; it is cut into ``world_size`` contiguous
 shards of ``train_size // world_size`` samples (the tail is dropped) and rank ``r`` takes
 shard ``r``. Every rank takes the same number of full batches, so collectives line up.
 Random augmentation draws from a generator seeded from ``(s, e, r)``.
@@ -14,22 +17,29 @@ Random augmentation draws from a generator seeded from ``(s, e, r)``.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import dataclasses
+import importlib
 import inspect
 import os
-from collections.abc import Callable, Iterator
+import sys
+import typing
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from localsgd.algorithms.base import check_int
+from localsgd.records.record import Metric
+from localsgd.util.checks import ConfigError, check_int, from_dict
 
 Device = torch.device | str
-Batch = tuple[torch.Tensor, torch.Tensor]
+Batch = Any
+"""A nest of tensors: a mapping (``{"x": ..., "y": ...}``), list or tuple, or one tensor."""
 
 # Domain tags keep the shuffle and augmentation streams apart (SeedSequence pads its
 # entropy with zeros, so [s, e] and [s, e, 0] would otherwise collide).
@@ -37,31 +47,32 @@ _SHUFFLE_TAG = 0x5348
 _AUGMENT_TAG = 0x4147
 
 
+ACCURACY = Metric("accuracy", "test accuracy", "%", True, 100.0)
+EVAL_LOSS = Metric("eval_loss", "eval loss", "", False)
+
+
+@runtime_checkable
 class Workload(Protocol):
-    """Data, model, loss and evaluation of one training task."""
+    """Data, model, loss and metrics of one training task."""
 
     name: str
-    """The registry name, e.g. ``"mnist1d_cnn"``."""
-    num_classes: int
+    """The name the run config used (registry name or import path)."""
+    metrics: tuple[Metric, ...]
+    """What :meth:`evaluate` reports, in display order."""
+    primary: str
+    """The name of the metric studies and reports lead with (and time-to-target uses)."""
     config: dict[str, Any]
-    """The resolved build options (with ``name``): what a run record stores."""
-    recipe: dict[str, Any]
-    """The single-worker training recipe this workload is known to work with (plain
-    values: ``epochs``, ``batch_size``, ``lr``, ``momentum``, ``nesterov``,
-    ``weight_decay``, ``lr_schedule``, ...); a starting point for studies, not a rule."""
+    """The resolved build options: what a run record stores."""
 
     @property
     def train_size(self) -> int: ...
-
-    @property
-    def test_size(self) -> int: ...
 
     def make_model(self, seed: int) -> nn.Module:
         """A fresh model on the CPU; the same ``seed`` gives the same initial parameters."""
         ...
 
-    def loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Mean cross-entropy."""
+    def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        """The mean training loss of ``model`` on ``batch`` (a scalar with a graph)."""
         ...
 
     def steps_per_epoch(self, world_size: int, batch_size: int) -> int:
@@ -71,22 +82,69 @@ class Workload(Protocol):
     def train_batches(
         self, rank: int, world_size: int, batch_size: int, epoch: int, seed: int, device: Device
     ) -> Iterator[Batch]:
-        """This rank's batches of one epoch, on ``device``; see the module docstring."""
+        """This rank's batches of one epoch, on ``device``; shards a function of (seed,
+        epoch, rank) alone."""
         ...
 
-    def evaluate(self, model: nn.Module, device: Device, batch_size: int = 1000) -> dict[str, float]:
-        """``{"test_loss", "test_accuracy"}`` over the full test split."""
+    def evaluate(self, model: nn.Module, device: Device) -> dict[str, float]:
+        """One value per declared metric, over the evaluation split."""
         ...
 
 
-# -- registry ------------------------------------------------------------------------------
+WORKLOAD_MEMBERS = (
+    "metrics",
+    "primary",
+    "make_model",
+    "loss",
+    "steps_per_epoch",
+    "train_batches",
+    "evaluate",
+)
+
+
+def check_workload(obj: object, where: str) -> Workload:
+    """``obj`` if it keeps the :class:`Workload` contract, else a ``ConfigError`` naming
+    ``where`` (the factory) and what is missing."""
+    missing = [m for m in WORKLOAD_MEMBERS if not hasattr(obj, m)]
+    if missing:
+        raise ConfigError(
+            f"{where} returned {type(obj).__name__}, not a workload: it lacks {', '.join(missing)} "
+            "(see localsgd.workloads.Workload)"
+        )
+    workload: Any = obj
+    metrics = tuple(workload.metrics)
+    if not metrics or not all(isinstance(m, Metric) for m in metrics):
+        raise ConfigError(f"{where} returned a workload whose metrics are not a non-empty tuple of Metric")
+    names = [m.name for m in metrics]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{where} returned a workload with duplicate metric names {names}")
+    if workload.primary not in names:
+        raise ConfigError(
+            f"{where} returned a workload whose primary {workload.primary!r} is not one of {names}"
+        )
+    return workload
+
+
+def metric(workload: Workload, name: str | None = None) -> Metric:
+    """The declared metric ``name`` (default: the primary one)."""
+    wanted = workload.primary if name is None else name
+    for m in workload.metrics:
+        if m.name == wanted:
+            return m
+    raise ValueError(
+        f"workload {workload.name!r} has no metric {wanted!r}; allowed: {[m.name for m in workload.metrics]}"
+    )
+
+
+# -- registry and import paths -------------------------------------------------------------
 
 Factory = Callable[..., Workload]
 _REGISTRY: dict[str, Factory] = {}
 
 
 def register(name: str) -> Callable[[Factory], Factory]:
-    """Decorator: make a factory with keyword-only options buildable as ``build(name, ...)``."""
+    """Decorator: make ``factory`` buildable by ``name``. The factory takes its options as
+    one frozen dataclass parameter (its config section) or as keyword parameters."""
 
     def deco(factory: Factory) -> Factory:
         if name in _REGISTRY:
@@ -102,29 +160,109 @@ def names() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def options(name: str) -> dict[str, Any]:
-    """The options a workload takes, with their defaults (``inspect.Parameter.empty`` if required)."""
-    factory = _get(name)
-    return {p.name: p.default for p in inspect.signature(factory).parameters.values()}
+def resolve(name: object, key: str = "workload") -> Factory:
+    """The factory of a registered name or of an import path ``package.module:function``.
 
-
-def build(name: str, **opts: Any) -> Workload:
-    """The workload registered as ``name``, built from keyword options.
-
-    An unknown name or option raises ``ValueError`` listing what is allowed; each workload
-    validates its values (``ValueError`` naming the option).
+    The current directory is importable, as for ``python -m``. ``ConfigError`` naming
+    ``key`` for an unknown name, a module that does not import, or a missing function.
     """
-    allowed = options(name)
-    unknown = sorted(set(opts) - set(allowed))
-    if unknown:
-        raise ValueError(f"workload {name!r} has no option {unknown[0]!r}; allowed: {sorted(allowed)}")
-    return _REGISTRY[name](**opts)
+    if not isinstance(name, str) or not name:
+        raise ConfigError(
+            f"{key} must be a registered name {names()} or 'package.module:function', got {name!r}"
+        )
+    if name in _REGISTRY:
+        return _REGISTRY[name]
+    if ":" not in name:
+        raise ConfigError(
+            f"{key} = {name!r} is not a registered workload {names()} nor an import path 'package.module:function'"
+        )
+    module_name, _, attr = name.partition(":")
+    if not module_name or not attr:
+        raise ConfigError(f"{key} = {name!r}: an import path is 'package.module:function'")
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:
+        raise ConfigError(
+            f"{key} = {name!r}: cannot import {module_name!r} ({type(exc).__name__}: {exc})"
+        ) from None
+    factory = module
+    for part in attr.split("."):
+        if not hasattr(factory, part):
+            raise ConfigError(f"{key} = {name!r}: module {module_name!r} has no {attr!r}")
+        factory = getattr(factory, part)
+    if not callable(factory):
+        raise ConfigError(f"{key} = {name!r}: {attr!r} is a {type(factory).__name__}, not a function")
+    return factory
 
 
-def _get(name: object) -> Factory:
-    if not isinstance(name, str) or name not in _REGISTRY:
-        raise ValueError(f"workload name {name!r} is unknown; allowed: {names()}")
-    return _REGISTRY[name]
+def options_class(factory: Factory) -> tuple[type, bool]:
+    """The config section a factory takes: ``(dataclass, True)`` for a factory of one
+    dataclass parameter, else a dataclass made from its keyword parameters and False."""
+    try:
+        signature = inspect.signature(factory)
+    except (TypeError, ValueError):
+        return dataclasses.make_dataclass("Options", [], frozen=True), False
+    try:
+        hints = typing.get_type_hints(factory)
+    except Exception:
+        hints = {}
+    params = [p for p in signature.parameters.values() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    if len(params) == 1 and dataclasses.is_dataclass(hints.get(params[0].name)):
+        return hints[params[0].name], True
+    fields: list[tuple[Any, ...]] = []
+    for p in params:
+        hint = hints.get(p.name, Any)
+        if p.default is p.empty:
+            fields.append((p.name, hint))
+        else:
+            fields.append((p.name, hint, dataclasses.field(default=p.default)))
+    fields.sort(key=lambda f: len(f) == 3)  # required before defaulted, as dataclasses want
+    return dataclasses.make_dataclass(
+        f"{getattr(factory, '__name__', 'workload')}_options", fields, frozen=True
+    ), False
+
+
+def split_spec(spec: str | Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+    """``"mnist1d_cnn"`` or ``{"name": ..., **options}`` -> (name, options)."""
+    if isinstance(spec, str):
+        return spec, {}
+    if not isinstance(spec, Mapping) or "name" not in spec:
+        raise ConfigError(
+            "workload must be a name or import path, or a table with a 'name' key and the "
+            f"workload's options, got {spec!r}"
+        )
+    return spec["name"], {k: v for k, v in spec.items() if k != "name"}
+
+
+def check_spec(spec: str | Mapping[str, Any], key: str = "workload") -> tuple[Factory, Any, bool]:
+    """Resolve the factory and validate the options without building anything (no data
+    is read): ``(factory, options, takes_dataclass)``; ``ConfigError`` naming the key."""
+    name, options = split_spec(spec)
+    factory = resolve(name, key)
+    cls, takes_dataclass = options_class(factory)
+    return factory, from_dict(cls, options, key), takes_dataclass
+
+
+def build(spec: str | Mapping[str, Any], /, **options: Any) -> Workload:
+    """The workload of ``spec`` (a registered name, an import path ``package.module:function``,
+    or a table ``{"name": ..., **options}``), with keyword ``options`` on top.
+
+    Unknown options, values of the wrong type and factories that return no workload raise
+    :class:`ConfigError` (a ``ValueError``) naming the key; each workload validates its own
+    values (and data paths) too.
+    """
+    name, given = split_spec(spec)
+    factory, opts, takes_dataclass = check_spec({"name": name, **given, **options})
+    if takes_dataclass:
+        result = factory(opts)
+    else:
+        result = factory(**{f.name: getattr(opts, f.name) for f in dataclasses.fields(opts)})
+    workload = check_workload(result, f"workload = {name!r}")
+    with contextlib.suppress(AttributeError):  # a read-only name stays as the workload has it
+        workload.name = name  # the name the config used (import paths included)
+    return workload
 
 
 # -- seeds and sharding --------------------------------------------------------------------
@@ -181,12 +319,18 @@ TestTransform = Callable[[torch.Tensor], torch.Tensor]
 
 
 class TensorWorkload:
-    """A :class:`Workload` whose splits live in memory as tensors.
+    """A classification :class:`Workload` whose splits live in memory as tensors; batches
+    are ``{"x": inputs, "y": labels}``, the loss is the mean cross-entropy, and the metrics
+    are test accuracy (primary) and eval loss.
 
     ``train_transform(x, generator)`` turns a stored training batch into model input (CIFAR:
     uint8 -> augmented, normalized float); ``test_transform(x)`` does the same for
     evaluation. Without them the stored tensors are the inputs.
     """
+
+    metrics: tuple[Metric, ...] = (ACCURACY, EVAL_LOSS)
+    primary: str = "accuracy"
+    eval_batch_size = 1000
 
     def __init__(
         self,
@@ -208,7 +352,7 @@ class TensorWorkload:
         assert y_train.dtype == torch.long and y_test.dtype == torch.long, (y_train.dtype, y_test.dtype)
         self.name = name
         self.num_classes = num_classes
-        self.config = {"name": name, **config}
+        self.config = dict(config)
         self.recipe = copy.deepcopy(recipe or {})
         self._splits = {"cpu": (x_train, y_train, x_test, y_test)}
         self._model_factory = model_factory
@@ -224,7 +368,7 @@ class TensorWorkload:
         return len(self._splits["cpu"][2])
 
     def __repr__(self) -> str:
-        opts = ", ".join(f"{k}={v!r}" for k, v in self.config.items() if k != "name")
+        opts = ", ".join(f"{k}={v!r}" for k, v in self.config.items())
         return f"<workload {self.name}({opts}): {self.train_size} train / {self.test_size} test>"
 
     def make_model(self, seed: int) -> nn.Module:
@@ -235,8 +379,8 @@ class TensorWorkload:
             torch.manual_seed(seed)
             return self._model_factory()
 
-    def loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(logits, y)
+    def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        return F.cross_entropy(model(batch["x"]), batch["y"])
 
     def steps_per_epoch(self, world_size: int, batch_size: int) -> int:
         check_int("world_size", world_size, 1)
@@ -273,20 +417,20 @@ class TensorWorkload:
             if self._train_transform is not None:
                 assert generator is not None
                 x = self._train_transform(x, generator)
-            yield x, y_all[idx]
+            yield {"x": x, "y": y_all[idx]}
 
     @torch.no_grad()
-    def evaluate(self, model: nn.Module, device: Device, batch_size: int = 1000) -> dict[str, float]:
-        check_int("batch_size", batch_size, 1)
+    def evaluate(self, model: nn.Module, device: Device) -> dict[str, float]:
+        """Test accuracy and mean cross-entropy over the full test split."""
         _, _, x_test, y_test = self._on(device)
         was_training = model.training
         model.eval()
         try:
             loss_sum = torch.zeros((), dtype=torch.float64, device=x_test.device)
             correct = torch.zeros((), dtype=torch.long, device=x_test.device)
-            for start in range(0, len(x_test), batch_size):
-                x = x_test[start : start + batch_size]
-                y = y_test[start : start + batch_size]
+            for start in range(0, len(x_test), self.eval_batch_size):
+                x = x_test[start : start + self.eval_batch_size]
+                y = y_test[start : start + self.eval_batch_size]
                 if self._test_transform is not None:
                     x = self._test_transform(x)
                 logits = model(x)
@@ -295,7 +439,7 @@ class TensorWorkload:
         finally:
             model.train(was_training)
         n = len(y_test)
-        return {"test_loss": loss_sum.item() / n, "test_accuracy": correct.item() / n}
+        return {"accuracy": correct.item() / n, "eval_loss": loss_sum.item() / n}
 
     def _on(self, device: Device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """The four split tensors on ``device``, copied there once and kept."""

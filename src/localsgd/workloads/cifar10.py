@@ -19,6 +19,7 @@ import os
 import pickle
 import tarfile
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from localsgd.algorithms.base import check_int
+from localsgd.util.checks import ConfigError, check_int
 from localsgd.workloads.base import TensorWorkload, register
 
 NAME = "cifar10_resnet20"
@@ -85,7 +86,7 @@ def _read_files(data_path: str | os.PathLike[str], batches: Sequence[str]) -> di
     the extracted folder, or a folder holding either."""
     path = Path(data_path)
     if not path.exists():
-        raise ValueError(f"{NAME}: data_path '{data_path}' does not exist; {_EXPECTED}")
+        raise ConfigError(f"workload.data_path '{data_path}' does not exist; {_EXPECTED}")
     if path.is_dir() and not (path / FOLDER).is_dir() and (path / ARCHIVE).is_file():
         path = path / ARCHIVE
     if path.is_dir():
@@ -107,8 +108,8 @@ def _read_files(data_path: str | os.PathLike[str], batches: Sequence[str]) -> di
             return contents
     except (tarfile.TarError, OSError, EOFError) as e:
         detail = " ".join(str(e).split())  # tarfile's messages span lines
-        raise ValueError(
-            f"{NAME}: data_path '{data_path}' is not a readable tar archive ({detail}); {_EXPECTED}"
+        raise ConfigError(
+            f"workload.data_path '{data_path}' is not a readable tar archive ({detail}); {_EXPECTED}"
         ) from None
 
 
@@ -117,7 +118,7 @@ def _check_found(
 ) -> None:
     missing = [b for b in batches if b not in found]
     if missing:
-        raise ValueError(f"{NAME}: data_path '{data_path}' has no {FOLDER}/{missing[0]}; {_EXPECTED}")
+        raise ConfigError(f"workload.data_path '{data_path}' has no {FOLDER}/{missing[0]}; {_EXPECTED}")
 
 
 def _load_batch(raw: bytes, where: str) -> tuple[np.ndarray, np.ndarray]:
@@ -126,8 +127,8 @@ def _load_batch(raw: bytes, where: str) -> tuple[np.ndarray, np.ndarray]:
         content = _ArrayUnpickler(io.BytesIO(raw), encoding="bytes").load()
     except Exception as e:
         detail = " ".join(str(e).split())
-        raise ValueError(
-            f"{NAME}: {where} is not a readable CIFAR-10 batch pickle ({detail}); {_EXPECTED}"
+        raise ConfigError(
+            f"workload.data_path: {where} is not a readable CIFAR-10 batch pickle ({detail}); {_EXPECTED}"
         ) from None
     return _parse_batch(content, where)
 
@@ -136,7 +137,7 @@ def _parse_batch(content: object, where: str) -> tuple[np.ndarray, np.ndarray]:
     expected = "a dict with b'data' (uint8, N x 3072) and b'labels' (N integers in [0, 10))"
     if not isinstance(content, dict) or b"data" not in content or b"labels" not in content:
         got = sorted(content) if isinstance(content, dict) else type(content).__name__
-        raise ValueError(f"{NAME}: {where} is malformed: expected {expected}, got {got}")
+        raise ConfigError(f"workload.data_path: {where} is malformed: expected {expected}, got {got}")
     data, labels = content[b"data"], np.asarray(content[b"labels"])
     ok = (
         isinstance(data, np.ndarray)
@@ -150,8 +151,8 @@ def _parse_batch(content: object, where: str) -> tuple[np.ndarray, np.ndarray]:
     if not ok:
         shape = getattr(data, "shape", None)
         dtype = getattr(data, "dtype", type(data).__name__)
-        raise ValueError(
-            f"{NAME}: {where} is malformed: expected {expected}, got data {dtype} {shape} "
+        raise ConfigError(
+            f"workload.data_path: {where} is malformed: expected {expected}, got data {dtype} {shape} "
             f"and {labels.shape[0] if labels.ndim else 'no'} labels"
         )
     # Rows are channel-major: 1024 red, 1024 green, 1024 blue values, each row by row.
@@ -271,30 +272,37 @@ def resnet20() -> ResNetCifar:
 # -- registered workload -------------------------------------------------------------------
 
 
-@register(NAME)
-def cifar10_resnet20(
-    *,
-    data_path: str | os.PathLike[str] | None = None,
-    num_samples: int | None = None,
-) -> TensorWorkload:
-    """CIFAR-10 with ResNet-20.
+@dataclass(frozen=True)
+class Cifar10Config:
+    """``[workload]`` of ``cifar10_resnet20``."""
 
-    ``data_path``: ``cifar-10-python.tar.gz``, its extracted ``cifar-10-batches-py`` folder,
-    or a folder holding either (required). ``num_samples``: train on the first
-    ``num_samples`` training images only (``None``: all 50000); the test split is always
-    the full 10000.
-    """
-    if data_path is None or not isinstance(data_path, (str, os.PathLike)):
-        raise ValueError(
-            f"{NAME}.data_path must be the path of {ARCHIVE} or its extracted folder, got {data_path!r}"
-        )
-    if num_samples is not None:
-        check_int(f"{NAME}.num_samples", num_samples, 1)
+    data_path: str = ""
+    """``cifar-10-python.tar.gz``, its extracted ``cifar-10-batches-py`` folder, or a folder
+    holding either (required)."""
+    num_samples: int | None = None
+    """Train on the first N training images only (None: all 50000); the test split is
+    always the full 10000."""
+
+    def __post_init__(self) -> None:
+        if not self.data_path:
+            raise ConfigError(
+                f"workload.data_path is required: the path of {ARCHIVE} or its extracted folder"
+            )
+        if not Path(self.data_path).exists():
+            raise ConfigError(f"workload.data_path '{self.data_path}' does not exist; {_EXPECTED}")
+        if self.num_samples is not None:
+            check_int("workload.num_samples", self.num_samples, 1, 50_000)
+
+
+@register(NAME)
+def cifar10_resnet20(config: Cifar10Config) -> TensorWorkload:
+    """CIFAR-10 with ResNet-20; options in :class:`Cifar10Config`."""
+    data_path, num_samples = config.data_path, config.num_samples
     arrays = load_arrays(data_path)
     if num_samples is not None:
         if num_samples > len(arrays["y"]):
-            raise ValueError(
-                f"{NAME}.num_samples must be <= {len(arrays['y'])} (the training images in "
+            raise ConfigError(
+                f"workload.num_samples must be <= {len(arrays['y'])} (the training images in "
                 f"'{data_path}') or None, got {num_samples}"
             )
         arrays["x"], arrays["y"] = arrays["x"][:num_samples], arrays["y"][:num_samples]

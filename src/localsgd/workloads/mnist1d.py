@@ -11,12 +11,13 @@ The data set is generated locally with ``mnist1d.data.make_dataset`` (never
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import random
-import tempfile
 import zipfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from localsgd.algorithms.base import check_int
+from localsgd.util.checks import check_directory, check_int
+from localsgd.util.files import atomic_path
 from localsgd.workloads.base import TensorWorkload, cache_dir, register
 
 logger = logging.getLogger(__name__)
@@ -114,14 +116,8 @@ def _check_arrays(arrays: dict[str, np.ndarray], num_samples: int) -> None:
 def _write_atomically(path: Path, arrays: dict[str, np.ndarray]) -> None:
     # Several ranks may generate at once: each writes a private file, then renames it.
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, x=arrays["x"], y=arrays["y"], x_test=arrays["x_test"], y_test=arrays["y_test"])
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        np.savez(tmp, x=arrays["x"], y=arrays["y"], x_test=arrays["x_test"], y_test=arrays["y_test"])
 
 
 # -- models --------------------------------------------------------------------------------
@@ -175,20 +171,33 @@ class MLP(nn.Module):
 
 # -- registered workloads ------------------------------------------------------------------
 
+MAX_NUM_SAMPLES = 10_000_000
+"""Generation is a Python loop (about 5000 samples per second): 10 M samples is hours."""
+
+
+@dataclass(frozen=True)
+class Mnist1dConfig:
+    """``[workload]`` of ``mnist1d_cnn`` and ``mnist1d_mlp``."""
+
+    num_samples: int = DEFAULT_NUM_SAMPLES
+    """Train + test samples generated (80 % train, 20 % test)."""
+    seed: int = DEFAULT_SEED
+    """The generation seed of the data set itself (training order and model init take the
+    run's seed)."""
+    data_path: str | None = None
+    """The cache directory of generated data sets (default: ``~/.cache/localsgd``)."""
+
+    def __post_init__(self) -> None:
+        check_int("workload.num_samples", self.num_samples, 100, MAX_NUM_SAMPLES)
+        check_int("workload.seed", self.seed, 0, 2**32 - 1)
+        if self.data_path is not None:
+            check_directory("workload.data_path", self.data_path)
+
 
 def _mnist1d(
-    name: str,
-    model_factory: Callable[[], nn.Module],
-    recipe: dict[str, Any],
-    num_samples: int,
-    seed: int,
-    data_path: str | os.PathLike[str] | None,
+    name: str, model_factory: Callable[[], nn.Module], recipe: dict[str, Any], config: Mnist1dConfig
 ) -> TensorWorkload:
-    check_int(f"{name}.num_samples", num_samples, 100)
-    check_int(f"{name}.seed", seed, 0)
-    if data_path is not None and not isinstance(data_path, (str, os.PathLike)):
-        raise ValueError(f"{name}.data_path must be a directory path or None, got {data_path!r}")
-    arrays = load_arrays(num_samples, seed, data_path)
+    arrays = load_arrays(config.num_samples, config.seed, config.data_path)
     return TensorWorkload(
         name=name,
         num_classes=NUM_CLASSES,
@@ -198,36 +207,17 @@ def _mnist1d(
         y_test=torch.as_tensor(arrays["y_test"], dtype=torch.long),
         model_factory=model_factory,
         recipe=recipe,
-        config={
-            "num_samples": num_samples,
-            "seed": seed,
-            "data_path": None if data_path is None else str(data_path),
-        },
+        config=dataclasses.asdict(config),
     )
 
 
 @register("mnist1d_cnn")
-def mnist1d_cnn(
-    *,
-    num_samples: int = DEFAULT_NUM_SAMPLES,
-    seed: int = DEFAULT_SEED,
-    data_path: str | os.PathLike[str] | None = None,
-) -> TensorWorkload:
-    """MNIST-1D with :class:`ConvNet1D`.
-
-    ``num_samples``: train + test samples generated (80% train). ``seed``: the generation
-    seed of the data set itself (the training order and model init take their own seeds).
-    ``data_path``: the cache directory (``None``: :func:`cache_dir`).
-    """
-    return _mnist1d("mnist1d_cnn", ConvNet1D, CNN_RECIPE, num_samples, seed, data_path)
+def mnist1d_cnn(config: Mnist1dConfig) -> TensorWorkload:
+    """MNIST-1D with :class:`ConvNet1D`; options in :class:`Mnist1dConfig`."""
+    return _mnist1d("mnist1d_cnn", ConvNet1D, CNN_RECIPE, config)
 
 
 @register("mnist1d_mlp")
-def mnist1d_mlp(
-    *,
-    num_samples: int = DEFAULT_NUM_SAMPLES,
-    seed: int = DEFAULT_SEED,
-    data_path: str | os.PathLike[str] | None = None,
-) -> TensorWorkload:
-    """MNIST-1D with :class:`MLP`; options as for :func:`mnist1d_cnn`."""
-    return _mnist1d("mnist1d_mlp", MLP, MLP_RECIPE, num_samples, seed, data_path)
+def mnist1d_mlp(config: Mnist1dConfig) -> TensorWorkload:
+    """MNIST-1D with :class:`MLP`; options in :class:`Mnist1dConfig`."""
+    return _mnist1d("mnist1d_mlp", MLP, MLP_RECIPE, config)

@@ -12,21 +12,22 @@ from typing import Any
 
 import pytest
 
+from localsgd.records import Store
 from localsgd.report import make_report, variant_label
 from localsgd.studies.schema import RunConfig
-from localsgd.studies.store import Store, write_json_atomic
+from report.records import write_run
 
 pd = pytest.importorskip("pandas")
 openpyxl = pytest.importorskip("openpyxl")
 
 PLOTS = (
-    "accuracy_vs_speedup",
-    "accuracy_vs_epochs",
-    "accuracy_vs_wall_time",
+    "metric_vs_speedup",
+    "metric_vs_epochs",
+    "metric_vs_wall_time",
     "train_loss_vs_epochs",
     "train_loss_vs_wall_time",
-    "accuracy_vs_bytes",
-    "accuracy_vs_period_workers",
+    "metric_vs_bytes",
+    "metric_vs_period_workers",
 )
 STEPS = (0, 50, 100, 150, 200)
 BATCH = 64
@@ -64,7 +65,7 @@ def _rows(
                 "samples": step * BATCH * workers,
                 "wall_seconds": wall * frac,
                 "lr": 0.1,
-                "train_loss": 2.3 * (1 - 0.8 * frac) + 0.01 * seed if i else 2.3,
+                "train_loss": 2.3 * (1 - 0.8 * frac) + 0.01 * seed if i else None,
                 "test_loss": 2.3 * (1 - 0.7 * frac),
                 "test_accuracy": 0.1 + (acc - 0.1) * frac**0.5,
                 "bytes": syncs * 4 * 1000,
@@ -91,32 +92,9 @@ def build_store(root: Path) -> Store:
     for algorithm, workers, seed, status, wall, acc in RUNS:
         config = _config(algorithm, workers, seed)
         run_id = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
-        partial = store.begin(run_id, config["name"], config)
         rows = _rows(algorithm, workers, seed, status, wall, acc)
-        with (partial / "metrics.jsonl").open("w") as f:
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
-        if status == "failed":
-            store.finish(run_id, error=FAILURE)
-            continue
-        last = rows[-1]
-        error = "train loss is inf at step 200" if status == "diverged" else None
-        write_json_atomic(
-            partial / "status.json",
-            {
-                "status": status,
-                "error": error,
-                "steps": last["step"],
-                "epochs": last["epoch"],
-                "wall_seconds": last["wall_seconds"],
-                "samples": last["samples"],
-                "samples_per_second": last["samples"] / last["wall_seconds"],
-                "best_test_accuracy": max(r["test_accuracy"] for r in rows),
-                "final": last,
-                "stats": {},
-            },
-        )
-        assert store.finish(run_id) == status
+        error = "train loss is inf at step 200" if status == "diverged" else FAILURE
+        assert write_run(store, run_id, config, rows, status, error) == status
     return store
 
 
@@ -134,7 +112,7 @@ def _raw_final(store_root: Path) -> dict[str, list[dict[str, Any]]]:
         status = json.loads((run / "status.json").read_text())["status"]
         if status != "completed":
             continue
-        config = json.loads((run / "config.json").read_text())
+        config = json.loads((run / "config.json").read_text())["config"]
         lines = (run / "metrics.jsonl").read_text().splitlines()
         last = json.loads(lines[-1])
         out.setdefault(f"{variant_label(config)} K={config['workers']}", []).append(last)
@@ -184,7 +162,7 @@ def test_workbook_sheets(report: tuple[Path, dict[str, Path]]) -> None:
     assert book.sheetnames == ["summary", "status", "baseline", "runs", "metrics"]
     runs = _sheet(paths, "runs")
     assert len(runs) == len(RUNS)
-    assert {"run_id", "status", "config.workers", "config.algorithm.name", "final_test_accuracy"} <= set(
+    assert {"run_id", "status", "config.workers", "config.algorithm.name", "final_accuracy"} <= set(
         runs.columns
     )
     metrics = _sheet(paths, "metrics")
@@ -200,11 +178,11 @@ def test_summary_matches_the_raw_rows(report: tuple[Path, dict[str, Path]]) -> N
     assert len(summary) == len(raw) == 3
     for row in summary.itertuples(index=False):
         finals = raw[f"{row.variant} K={row.workers}"]
-        accs = [r["test_accuracy"] for r in finals]
+        accs = [r["metrics"]["accuracy"] for r in finals]
         walls = [r["wall_seconds"] for r in finals]
         assert row.n_seeds == len(finals)
-        assert row.final_test_accuracy_mean == pytest.approx(statistics.mean(accs), abs=1e-9)
-        assert row.final_test_accuracy_std == pytest.approx(statistics.stdev(accs), abs=1e-9)
+        assert row.final_accuracy_mean == pytest.approx(statistics.mean(accs), abs=1e-9)
+        assert row.final_accuracy_std == pytest.approx(statistics.stdev(accs), abs=1e-9)
         assert row.wall_seconds_mean == pytest.approx(statistics.mean(walls), abs=1e-9)
         assert row.speedup == pytest.approx(base_wall / statistics.mean(walls), abs=1e-9)
         assert row.bytes_mean == pytest.approx(statistics.mean(r["bytes"] for r in finals), abs=1e-9)
@@ -231,17 +209,14 @@ def test_status_table_counts_failed_and_diverged(report: tuple[Path, dict[str, P
 def test_one_seed_has_blank_std_and_out_dir_is_honoured(tmp_path: Path) -> None:
     store = Store(tmp_path / "store")
     config = _config({"name": "local_sgd", "period": 2}, 1, 0)
-    partial = store.begin("only", "only", config)
     rows = _rows(config["algorithm"], 1, 0, "completed", 10.0, 0.5)
-    (partial / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    write_json_atomic(partial / "status.json", {"status": "completed", "error": None})
-    store.finish("only")
+    write_run(store, "only", config, rows, "completed")
     paths = make_report(tmp_path / "store", tmp_path / "elsewhere")
     assert paths["html"] == tmp_path / "elsewhere" / "report.html"
     summary = _sheet(paths, "summary")
     assert summary.loc[0, "n_seeds"] == 1
-    assert math.isnan(summary.loc[0, "final_test_accuracy_std"])
-    assert summary.loc[0, "final_test_accuracy_mean"] == pytest.approx(0.5, abs=1e-12)
+    assert math.isnan(summary.loc[0, "final_accuracy_std"])
+    assert summary.loc[0, "final_accuracy_mean"] == pytest.approx(0.5, abs=1e-12)
     assert summary.loc[0, "speedup"] == pytest.approx(1.0)
 
 
@@ -268,7 +243,7 @@ def test_empty_store_and_non_store_raise(tmp_path: Path) -> None:
             {"name": "hierarchical_local_sgd", "period": 2, "block_period": 4, "block_size": 2},
             "hierarchical_local_sgd H=2 Hb=4 G=2",
         ),
-        ({"name": "slowmo", "period": 8, "momentum": 0.5, "lr": 1.0}, "slowmo H=8 β=0.5 α=1"),
+        ({"name": "slowmo", "period": 8, "outer_momentum": 0.5, "outer_lr": 1.0}, "slowmo H=8 β=0.5 α=1"),
         ({"name": "diloco", "period": 8}, "diloco H=8 η=0.7 μ=0.9"),
         ({"name": "sma"}, "sma α=1/K μ=0.9"),
         ({"name": "sma", "alpha": 0.25}, "sma α=0.25 μ=0.9"),
@@ -285,14 +260,8 @@ def test_variant_label(algorithm: dict[str, Any], label: str) -> None:
 
 def _add_run(store: Store, config: dict[str, Any], status: str, wall: float, acc: float) -> None:
     run_id = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
-    partial = store.begin(run_id, config["name"], config)
     rows = _rows(config["algorithm"], config["workers"], config["seed"], status, wall, acc)
-    (partial / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    if status == "failed":
-        store.finish(run_id, error=FAILURE)
-        return
-    write_json_atomic(partial / "status.json", {"status": status, "error": None})
-    store.finish(run_id)
+    write_run(store, run_id, config, rows, status, FAILURE)
 
 
 def test_only_failed_runs_still_report(tmp_path: Path) -> None:
@@ -319,7 +288,7 @@ def test_other_varying_keys_split_groups_and_workloads_have_their_own_baseline(t
     baseline["train"]["epochs"] = 4.0
     _add_run(store, baseline, "completed", 150.0, 0.85)
     other = _config({"name": "minibatch_sgd"}, 2, 0)
-    other["workload"] = "mnist1d_mlp"
+    other["workload"] = {"name": "mnist1d_mlp"}
     _add_run(store, other, "completed", 10.0, 0.7)
     paths = make_report(tmp_path)
     summary = _sheet(paths, "summary")
@@ -339,7 +308,7 @@ def test_other_varying_keys_split_groups_and_workloads_have_their_own_baseline(t
 
 # -- estimates on a cluster ------------------------------------------------------------
 
-EST_PLOTS = ("accuracy_vs_est_speedup", "accuracy_vs_est_time")
+EST_PLOTS = ("metric_vs_est_speedup", "metric_vs_est_time")
 PAYLOAD = 40_000  # bytes per model average (fp32, 10k parameters)
 
 # (algorithm, workers, seed, wall seconds at the end, final accuracy, rows carry by_scope)
@@ -400,6 +369,7 @@ def _est_rows(
             "wall_seconds": wall * frac,
             "train_loss": 1.0,
             "test_loss": 1.0,
+            "lr": 0.1,
             "test_accuracy": 0.1 + (acc - 0.1) * frac**0.5 + 0.001 * seed,
             "bytes": sum(s["bytes"] for s in scopes.values()),
             "syncs": step,
@@ -417,10 +387,8 @@ def build_estimate_store(root: Path) -> None:
     for algorithm, workers, seed, wall, acc, scoped in EST_RUNS:
         config = _config(algorithm, workers, seed)
         run_id = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
-        partial = store.begin(run_id, config["name"], config)
         rows = _est_rows(algorithm, workers, seed, wall, acc, scoped)
-        (partial / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-        status: dict[str, Any] = {"status": "completed", "error": None, "steps": rows[-1]["step"]}
+        counters = None
         if scoped:
             # The trainer's final stats: the last row's counters plus DataParallel's closing
             # world average on exit.
@@ -429,13 +397,14 @@ def build_estimate_store(root: Path) -> None:
                 world = by_scope["world"]
                 world["collectives"] += 1
                 world["bytes"] += PAYLOAD
-            status["stats"] = {
+            counters = {
+                "steps": rows[-1]["step"],
                 "by_scope": by_scope,
                 "collectives": sum(s["collectives"] for s in by_scope.values()),
                 "bytes": sum(s["bytes"] for s in by_scope.values()),
+                "comm_seconds": sum(s["seconds"] for s in by_scope.values()),
             }
-        write_json_atomic(partial / "status.json", status)
-        assert store.finish(run_id) == "completed"
+        assert write_run(store, run_id, config, rows, "completed", counters=counters) == "completed"
 
 
 def _expected_estimates(root: Path, cluster: Any, target: float | None) -> dict[str, dict[str, float]]:
@@ -452,13 +421,13 @@ def _expected_estimates(root: Path, cluster: Any, target: float | None) -> dict[
         return total
 
     def counters_of(row: dict[str, Any]) -> dict[str, dict[str, float]]:
-        if "by_scope" in row:
+        if row.get("by_scope"):
             return row["by_scope"]
         return {"world": {"collectives": row["collectives"], "bytes": row["bytes"]}}
 
     runs: dict[str, list[dict[str, Any]]] = {}
     for run in sorted((root / "runs").iterdir()):
-        config = json.loads((run / "config.json").read_text())
+        config = json.loads((run / "config.json").read_text())["config"]
         status = json.loads((run / "status.json").read_text())
         rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
         workers, batch, last = config["workers"], config["data"]["batch_size"], rows[-1]
@@ -467,15 +436,16 @@ def _expected_estimates(root: Path, cluster: Any, target: float | None) -> dict[
             if cluster.seconds_per_sample is not None
             else (last["wall_seconds"] - last["comm_seconds"]) / last["step"]
         )
-        final = status["stats"]["by_scope"] if "stats" in status else counters_of(last)
+        final = status["counters"]["by_scope"] if status["counters"] else counters_of(last)
         timeline = [
-            (r["step"], r["test_accuracy"], r["step"] * per_step, comm(counters_of(r), workers)) for r in rows
+            (r["step"], r["metrics"]["accuracy"], r["step"] * per_step, comm(counters_of(r), workers))
+            for r in rows
         ]
         runs.setdefault(f"{variant_label(config)} K={workers}", []).append(
             {
                 "compute": status["steps"] * per_step,
                 "comm": comm(final, workers),
-                "final_acc": last["test_accuracy"],
+                "final_acc": last["metrics"]["accuracy"],
                 "timeline": timeline,
             }
         )
@@ -496,7 +466,7 @@ def _expected_estimates(root: Path, cluster: Any, target: float | None) -> dict[
             "est_total_seconds_mean": statistics.mean(totals),
             "est_total_seconds_std": statistics.stdev(totals) if len(totals) > 1 else math.nan,
             "est_speedup": base / statistics.mean(totals),
-            "target_accuracy": target,
+            "target_value": target,
             "est_target_reached": sum(h is not None for h in hits),
             "est_target_compute_seconds_mean": statistics.mean(h[2] for h in hits) if every else math.nan,  # type: ignore[index]
             "est_target_comm_seconds_mean": statistics.mean(h[3] for h in hits) if every else math.nan,  # type: ignore[index]
@@ -526,7 +496,8 @@ def test_cluster_estimates_match_the_raw_rows_and_the_model(
         (tmp_path / "lab.toml").write_text(LAB_TOML)  # G = 2: K = 4 is 2 nodes × 2
         spec, target = str(tmp_path / "lab.toml"), 0.6
     cluster = load_cluster(spec)
-    paths = make_report(estimate_store, tmp_path / "out", cluster=spec, target_accuracy=target)
+    given = None if target is None else f"accuracy={target}"
+    paths = make_report(estimate_store, tmp_path / "out", cluster=spec, target=given)
     expected = _expected_estimates(estimate_store, cluster, target)
     summary = _sheet(paths, "summary")
     assert len(summary) == len(expected) == 4
@@ -553,9 +524,9 @@ def test_cluster_estimates_match_the_raw_rows_and_the_model(
     for stem in (*PLOTS, *EST_PLOTS):
         assert f"]({stem}.png)" in text
     assert f"## Estimated on cluster {cluster.name}" in text
-    target_used = expected["minibatch_sgd K=1"]["target_accuracy"]
-    assert f"Target accuracy for mnist1d_cnn: {100 * target_used:.2f}%" in text
-    assert ("given (--target-accuracy)" in text) == (target is not None)
+    target_used = expected["minibatch_sgd K=1"]["target_value"]
+    assert f"Target for mnist1d_cnn: test accuracy ≥ {100 * target_used:.4g}%" in text
+    assert ("given (--target)" in text) == (target is not None)
     assert "| est. compute s | est. comm s | est. total s | est. speedup (×) |" in text
     html = paths["html"].read_text()
     assert html.count("data:image/png;base64,") == len(PLOTS) + len(EST_PLOTS)
@@ -567,10 +538,14 @@ def test_cluster_estimates_match_the_raw_rows_and_the_model(
 def test_cluster_errors(estimate_store: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"unknown cluster 'fast': not a preset .*10gbe, 25gbe, 100g-ib"):
         make_report(estimate_store, tmp_path, cluster="fast")
-    with pytest.raises(ValueError, match=r"target_accuracy must be a fraction in \(0, 1\]"):
-        make_report(estimate_store, tmp_path, cluster="wan", target_accuracy=90)
-    with pytest.raises(ValueError, match="target_accuracy needs a cluster"):
-        make_report(estimate_store, tmp_path, target_accuracy=0.9)
+    with pytest.raises(ValueError, match=r"--target must be METRIC=VALUE or a number for the primary metric"):
+        make_report(estimate_store, tmp_path, cluster="wan", target="accuracy=high")
+    with pytest.raises(
+        ValueError, match=r"--target f1=0\.9: time to target uses the primary metric of mnist1d_cnn"
+    ):
+        make_report(estimate_store, tmp_path, cluster="wan", target="f1=0.9")
+    with pytest.raises(ValueError, match="--target needs --cluster"):
+        make_report(estimate_store, tmp_path, target="0.9")
 
     from typer.testing import CliRunner
 
@@ -585,8 +560,8 @@ def test_measured_compute_per_step() -> None:
     from localsgd.report.estimates import measured_compute_per_step
 
     assert measured_compute_per_step(10.0, 2.0, 100, 4) == pytest.approx(0.08)
-    # The simulated engine ran all 4 replicas in one process: one worker's share.
-    assert measured_compute_per_step(10.0, 2.0, 100, 4, "simulated") == pytest.approx(0.02)
+    # An engine that ran all 4 replicas in one process: one worker's share.
+    assert measured_compute_per_step(10.0, 2.0, 100, 4, real_wall_time=False) == pytest.approx(0.02)
     assert measured_compute_per_step(10.0, math.nan, 100, 1) == pytest.approx(0.1)  # K=1: no comm
     assert math.isnan(measured_compute_per_step(10.0, math.nan, 100, 4))
     assert math.isnan(measured_compute_per_step(10.0, 0.0, 0, 1))

@@ -137,3 +137,86 @@ def test_plain_python_is_a_world_of_one_and_communicates_nothing(cache_dir):
     assert stats["collectives"] == 0
     assert stats["bytes"] == 0
     assert stats["by_scope"] == {}
+
+
+# -- your own workload: examples/own_workload.py through `localsgd study` -----------------------
+
+
+def test_own_workload_runs_in_both_engines_and_its_metric_reaches_the_report(tmp_path):
+    """examples/own_run.toml as a newcomer runs it from the repository root: one worker,
+    K = 2 worker processes and K = 4 simulated replicas of a regression model with dict
+    batches, MSE loss and R²."""
+    import pandas as pd
+
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
+    env["OMP_NUM_THREADS"] = "1"
+    out = tmp_path / "store"
+    study = [sys.executable, "-m", "localsgd.cli", "study", "examples/own_run.toml", "--out", str(out)]
+    done = subprocess.run(
+        [*study, "--set", "train.max_steps=60"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "8 completed" in done.stdout
+    report = subprocess.run(
+        [sys.executable, "-m", "localsgd.cli", "report", str(out)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=300,
+    )
+    assert report.returncode == 0, report.stderr[-3000:]
+    summary = pd.read_excel(out / "report" / "results.xlsx", sheet_name="summary")
+    assert {"final_r2_mean", "final_eval_mse_mean", "best_r2_mean"} <= set(summary.columns)
+    engines = dict(zip(summary["workers"], summary["engine"]))
+    assert engines[2] == "processes" and engines[4] == "simulated"
+    # 60 steps of a learnable regression: well above R² = 0 (predicting the mean).
+    assert (summary["final_r2_mean"] > 0.2).all(), summary[["variant", "workers", "final_r2_mean"]]
+    text = (out / "report" / "report.md").read_text()
+    assert "final R² |" in text and "primary: R²" in text
+    assert "R², higher is better, eval MSE, lower is better" in text
+
+
+@pytest.mark.parametrize(
+    "command,workload,message",
+    [
+        ("train", "nosuchmodule:f", "workload = 'nosuchmodule:f': cannot import 'nosuchmodule'"),
+        ("train", "os:getcwd", "workload = 'os:getcwd' returned str, not a workload"),
+        ("study", "nosuchmodule:f", "workload = 'nosuchmodule:f': cannot import 'nosuchmodule'"),
+        # The study's [base.workload] options do not fit os.getcwd, which takes none.
+        ("study", "os:getcwd", "unknown key 'workload.num_samples'; allowed: []"),
+    ],
+)
+def test_a_bad_import_path_is_a_one_line_error_before_any_record(tmp_path, command, workload, message):
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
+    (tmp_path / "run.toml").write_text("workers = 2\n")
+    config = "examples/own_run.toml" if command == "study" else str(tmp_path / "run.toml")
+    out = tmp_path / "out"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "localsgd.cli",
+            command,
+            config,
+            "--out",
+            str(out),
+            "--set",
+            f"workload.name={workload}",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=120,
+    )
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip() == f"error: {message}" or (
+        done.stderr.count("\n") == 1 and done.stderr.startswith("error: ") and message in done.stderr
+    ), done.stderr
+    assert not out.exists(), f"{command} created {out} for a rejected config"

@@ -1,0 +1,165 @@
+"""What every engine shares: the protocol, the registry, the job a run hands an engine.
+
+An engine owns how the K workers of a run execute: launching them (worker processes
+through torch's elastic launcher, or one process), the replica layout (one replica per
+process, or all K stacked), the communicator, how wall time is measured, and what its
+figures mean (:class:`~localsgd.records.EngineInfo`, recorded with every run and read by
+reports). Studies call engines; engines never import studies.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from localsgd.comm.base import Communicator
+from localsgd.records.record import EngineInfo, ErrorInfo
+from localsgd.util.checks import ConfigError
+
+
+class WorkerFailure(Exception):
+    """The workers of a run failed; ``error`` is the root cause (the first worker's own
+    exception: type, message, traceback, rank)."""
+
+    def __init__(self, error: ErrorInfo) -> None:
+        super().__init__(error.line())
+        self.error = error
+
+
+@dataclass
+class Job:
+    """One run, handed to :meth:`Engine.execute`."""
+
+    workers: int
+    """K: the run's workers."""
+    threads: int
+    """Intra-op CPU threads per worker process."""
+    run_dir: Path
+    """The run's folder; it holds ``config.json`` (the run config workers read)."""
+    train: Callable[[int, int], None]
+    """Trains the run in this process as ``train(rank, world_size)``."""
+    timeout: float | None = None
+    """Seconds the whole run may take (None: no limit)."""
+    env: Mapping[str, str] = field(default_factory=dict)
+    """Extra environment variables for worker processes."""
+
+
+class Replicas(Protocol):
+    """An engine's view of the K replicas one process trains: what the training loop
+    steps, which batches it feeds, how it evaluates the consensus model."""
+
+    @property
+    def module(self) -> nn.Module:
+        """What the optimizer and ``DataParallel`` see (one replica, or all K stacked)."""
+        ...
+
+    @property
+    def comm(self) -> Communicator | None:
+        """The communicator (None: ``DataParallel`` picks the process group's)."""
+        ...
+
+    @property
+    def flat(self) -> bool:
+        """Whether ``DataParallel`` should re-home the parameters into flat storage."""
+        ...
+
+    def param_ndim(self, p: torch.Tensor) -> int:
+        """A parameter's own number of dimensions (without a replica dimension)."""
+        ...
+
+    def check_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """Refuse an optimizer this layout cannot step correctly."""
+        ...
+
+    def batches(self, batch_size: int, epoch: int, seed: int) -> Iterator[Any]:
+        """The batches of one epoch this process feeds its replicas."""
+        ...
+
+    def forward_backward(self, batch: Any) -> torch.Tensor:
+        """Set the gradients of ``module`` from ``batch``; return the loss(es), detached."""
+        ...
+
+    def worker_mean(self, value: torch.Tensor, dp: Any) -> float:
+        """The mean over all K workers of a per-worker value (a collective)."""
+        ...
+
+    def evaluate(self) -> dict[str, float]:
+        """The workload's metrics of the model in place (the consensus, under
+        ``dp.consensus()``); ``{}`` on ranks that do not evaluate."""
+        ...
+
+    def final_model(self) -> nn.Module:
+        """The consensus model after training, as a plain module (for the checkpoint)."""
+        ...
+
+    def details(self) -> dict[str, Any]:
+        """Engine-specific notes for the run's status."""
+        ...
+
+
+class Engine(Protocol):
+    """How the K workers of a run execute; see the module docstring."""
+
+    info: EngineInfo
+
+    def processes(self, workers: int) -> int:
+        """How many processes (the torch.distributed world size) K workers take."""
+        ...
+
+    def execute(self, job: Job) -> None:
+        """Run ``job`` to the end; raise :class:`WorkerFailure` when workers failed, or the
+        exception of a run trained in this process."""
+        ...
+
+    def replicas(
+        self,
+        workload: Any,
+        model: nn.Module,
+        *,
+        rank: int,
+        world_size: int,
+        workers: int,
+        device: torch.device,
+    ) -> Replicas:
+        """This process's view of the replicas of ``model``."""
+        ...
+
+
+_REGISTRY: dict[str, Engine] = {}
+
+
+def register(engine: Engine) -> Engine:
+    """Make ``engine`` available by ``engine.info.name``."""
+    name = engine.info.name
+    if name in _REGISTRY:
+        raise ValueError(f"engine name {name!r} is already registered")
+    _REGISTRY[name] = engine
+    return engine
+
+
+def names() -> list[str]:
+    """Registered engine names, sorted."""
+    return sorted(_REGISTRY)
+
+
+def get(name: object, key: str = "engine") -> Engine:
+    """The engine registered as ``name``; ``ConfigError`` naming ``key`` otherwise."""
+    if not isinstance(name, str) or name not in _REGISTRY:
+        raise ConfigError(f"{key} must be one of {names()}, got {name!r}")
+    return _REGISTRY[name]
+
+
+def check_world(engine: Engine, workers: int, world_size: int) -> None:
+    """Refuse a process group whose size does not fit ``workers`` on ``engine``."""
+    expected = engine.processes(workers)
+    if world_size != expected:
+        hint = "start it without torchrun" if expected == 1 else f"start {expected} processes"
+        raise ConfigError(
+            f"engine {engine.info.name!r} runs workers = {workers} as {expected} process(es), but "
+            f"the process group has {world_size} rank(s); {hint}"
+        )

@@ -1,0 +1,368 @@
+"""The run record: typed, versioned files in a run's folder.
+
+::
+
+    config.json     ConfigSnapshot: the resolved run config and the run id
+    env.json        Environment: versions, git SHA, host, command, world
+    metrics.jsonl   MetricsRow, one per evaluation of the consensus model
+    status.json     Status: completed | failed (with the root error) | diverged, totals,
+                    the workload's declared metrics, the engine that ran it
+
+Every file carries :data:`RECORD_VERSION`; a reader refuses any other version with a
+:class:`RecordError` naming the file. The trainer writes records through
+:class:`RunWriter`; the report reads them through :class:`~localsgd.records.store.Store`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+import traceback as tb
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any, TypeVar
+
+from localsgd.util.checks import ConfigError, from_dict
+from localsgd.util.files import write_json_atomic
+
+RECORD_VERSION = 2
+"""Version 2: declared metrics (``metrics`` per row), structured errors, engine info."""
+
+STATUSES = ("completed", "failed", "diverged")
+
+T = TypeVar("T")
+
+
+class RecordError(ValueError):
+    """A record file that cannot be read: missing, corrupt, or of another version."""
+
+
+class RecordVersionError(RecordError):
+    """A record written by another version of the record format."""
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One number a workload's evaluation reports about the consensus model."""
+
+    name: str
+    """The key in the workload's ``evaluate()`` result, e.g. ``"accuracy"``; an identifier."""
+    label: str = ""
+    """For humans, e.g. ``"test accuracy"`` (default: the name with spaces)."""
+    unit: str = ""
+    """The unit of the displayed value, e.g. ``"%"``."""
+    higher_is_better: bool = True
+    """The direction: accuracy, F1 and R² go up; losses and perplexity go down."""
+    scale: float = 1.0
+    """Displayed value = value × scale (accuracy is a fraction shown in percent: 100)."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name.isidentifier():
+            raise ValueError(f"metric name must be an identifier, got {self.name!r}")
+        if self.name in RESERVED_METRIC_NAMES:
+            raise ValueError(
+                f"metric name {self.name!r} is reserved for a column of every metrics row; "
+                f"not one of {sorted(RESERVED_METRIC_NAMES)}"
+            )
+
+    @property
+    def title(self) -> str:
+        return self.label or self.name.replace("_", " ")
+
+    @property
+    def heading(self) -> str:
+        """``"test accuracy (%)"``: the title with its unit."""
+        return f"{self.title} ({self.unit})" if self.unit else self.title
+
+    def better(self, a: float, b: float) -> bool:
+        """Whether ``a`` is strictly better than ``b``."""
+        return a > b if self.higher_is_better else a < b
+
+    def best(self, values: Sequence[float | None]) -> float:
+        """The best finite value (NaN when there is none)."""
+        finite = [v for v in values if v is not None and math.isfinite(v)]
+        if not finite:
+            return math.nan
+        return max(finite) if self.higher_is_better else min(finite)
+
+    def reached(self, value: float, target: float) -> bool:
+        """Whether ``value`` is at or past ``target`` in the metric's direction."""
+        return value >= target if self.higher_is_better else value <= target
+
+
+RESERVED_METRIC_NAMES = frozenset(
+    {
+        "step",
+        "epoch",
+        "samples",
+        "wall_seconds",
+        "lr",
+        "train_loss",
+        "metrics",
+        "bytes",
+        "syncs",
+        "collectives",
+        "comm_seconds",
+        "by_scope",
+        "run_id",
+    }
+)
+"""Columns every metrics row has: no workload metric may take one of these names."""
+
+
+@dataclass(frozen=True)
+class ErrorInfo:
+    """Why a run failed: the root exception, as the worker that raised it saw it."""
+
+    type: str
+    message: str
+    traceback: str = ""
+    rank: int | None = None
+    """The worker (rank) that raised it first; None when it was raised outside a worker."""
+
+    @classmethod
+    def from_exception(cls, exc: BaseException, rank: int | None = None) -> ErrorInfo:
+        text = "".join(tb.format_exception(type(exc), exc, exc.__traceback__)).strip()
+        return cls(type(exc).__name__, str(exc), text, rank)
+
+    def line(self) -> str:
+        """One line: ``ValueError: message (rank 1)``."""
+        first = (self.message.strip().splitlines() or [""])[0]
+        where = f" (rank {self.rank})" if self.rank is not None else ""
+        return f"{self.type}: {first}{where}"
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    """What an engine's figures mean, recorded with each run for the report."""
+
+    name: str
+    real_wall_time: bool = True
+    """True: a run's wall time is the time its K workers took, running at once. False: the
+    K workers were computed by one process (a simulation): its wall time measures the
+    simulation, and estimates take one worker's compute time from elsewhere."""
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class ConfigSnapshot:
+    """``config.json``: the resolved run config (``RunConfig.to_dict()``) and its id."""
+
+    version: int
+    run_id: str
+    config: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Environment:
+    """``env.json``: where and with what a run ran."""
+
+    version: int
+    python: str
+    torch: str
+    numpy: str
+    localsgd: str
+    git_sha: str | None
+    host: str
+    platform: str
+    cpu_count: int | None
+    command: tuple[str, ...]
+    world_size: int
+    backend: str | None
+    device: str
+    cuda: str | None
+    started_at: str
+
+
+@dataclass(frozen=True)
+class MetricsRow:
+    """One line of ``metrics.jsonl``: the consensus model evaluated at ``step``."""
+
+    step: int
+    epoch: float
+    samples: int
+    """Training samples consumed by all workers together."""
+    wall_seconds: float
+    """Training wall time so far (evaluation excluded)."""
+    lr: float | None
+    train_loss: float | None
+    """Mean training loss over workers since the previous evaluation (None at step 0)."""
+    metrics: dict[str, float | None]
+    """The workload's declared metrics of the consensus model."""
+    bytes: int = 0
+    syncs: int = 0
+    collectives: int = 0
+    comm_seconds: float = 0.0
+    by_scope: dict[str, dict[str, float]] = field(default_factory=dict)
+    """Cumulative communication per scope (``world``, ``block2``, ...)."""
+
+
+@dataclass(frozen=True)
+class Counters:
+    """A run's final communication counters (they include the averaging on exit)."""
+
+    steps: int = 0
+    syncs: int = 0
+    collectives: int = 0
+    bytes: int = 0
+    comm_seconds: float = 0.0
+    by_scope: dict[str, dict[str, float]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Status:
+    """``status.json``: how a run ended, with its totals and what its figures mean."""
+
+    version: int
+    status: str
+    """``completed``, ``failed`` or ``diverged``."""
+    error: ErrorInfo | None = None
+    steps: int = 0
+    epochs: float = 0.0
+    samples: int = 0
+    wall_seconds: float = 0.0
+    metrics: tuple[Metric, ...] = ()
+    """The workload's declared metrics (empty when the run failed before building it)."""
+    primary: str | None = None
+    best: dict[str, float | None] = field(default_factory=dict)
+    """The best value of each metric over the run's evaluations, in its direction."""
+    final: MetricsRow | None = None
+    counters: Counters | None = None
+    steps_per_epoch: int | None = None
+    total_steps: int | None = None
+    global_batch: int | None = None
+    algorithm: dict[str, Any] | None = None
+    """The algorithm config the run used, defaults filled in."""
+    engine: EngineInfo | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+    """Engine-specific notes (the simulated engine: whether vmap was used, and why not)."""
+
+    def __post_init__(self) -> None:
+        if self.status not in STATUSES:
+            raise ValueError(f"status must be one of {list(STATUSES)}, got {self.status!r}")
+
+    @property
+    def samples_per_second(self) -> float | None:
+        return self.samples / self.wall_seconds if self.wall_seconds else None
+
+    def metric(self, name: str | None = None) -> Metric | None:
+        wanted = self.primary if name is None else name
+        return next((m for m in self.metrics if m.name == wanted), None)
+
+
+# -- JSON --------------------------------------------------------------------------------
+
+
+def to_json(record: Any) -> dict[str, Any]:
+    """A record dataclass as JSON-ready data (non-finite floats become None)."""
+
+    def plain(v: Any) -> Any:
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {str(k): plain(x) for k, x in v.items()}
+        return v
+
+    return plain(dataclasses.asdict(record))
+
+
+def from_json(cls: type[T], data: Any, where: str, *, versioned: bool = True) -> T:
+    """``cls`` from parsed JSON; ``RecordError`` naming ``where`` for another version or a
+    malformed file."""
+    if versioned:
+        version = data.get("version") if isinstance(data, Mapping) else None
+        if version != RECORD_VERSION:
+            raise RecordVersionError(
+                f"{where}: record version {version!r} is not supported (this localsgd reads "
+                f"version {RECORD_VERSION}); it was written by another localsgd version: rerun "
+                "the study with this one, or report it with the version that wrote it"
+            )
+    try:
+        return from_dict(cls, data)
+    except ConfigError as exc:
+        raise RecordError(f"{where} is malformed: {exc}") from None
+
+
+def read_json(path: Path) -> Any:
+    """A JSON file; ``RecordError`` naming the file when it is missing or not JSON."""
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise RecordError(f"{path} is missing") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise RecordError(f"{path} is unreadable ({exc}); delete the run folder to redo the run") from None
+
+
+def read_metrics(path: Path) -> list[MetricsRow]:
+    """``metrics.jsonl``; a truncated last line (a run killed while writing) is ignored,
+    any other bad line is a ``RecordError`` naming the file and line."""
+    if not path.exists():
+        return []
+    lines = path.read_text(errors="replace").splitlines()
+    rows = []
+    for i, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            data = json.loads(line)
+        except json.JSONDecodeError as exc:
+            if i == len(lines):
+                break  # cut off mid-write
+            raise RecordError(f"{path}, line {i}: not JSON ({exc})") from None
+        rows.append(from_json(MetricsRow, data, f"{path}, line {i}", versioned=False))
+    return rows
+
+
+class RunWriter:
+    """Writes one run's record files into ``run_dir`` (rank 0 only; with ``run_dir`` None
+    every call is a no-op, so other ranks can hold one too)."""
+
+    def __init__(self, run_dir: Path | None) -> None:
+        self.run_dir = run_dir
+        self.rows: list[MetricsRow] = []
+        self._file: IO[str] | None = None
+        if run_dir is not None:
+            self._file = (run_dir / "metrics.jsonl").open("w")
+
+    def environment(self, env: Environment) -> None:
+        if self.run_dir is not None:
+            write_json_atomic(self.run_dir / "env.json", to_json(env))
+
+    def row(self, row: MetricsRow) -> None:
+        self.rows.append(row)
+        if self._file is not None:
+            self._file.write(json.dumps(to_json(row)) + "\n")
+            self._file.flush()
+
+    def status(self, status: Status) -> None:
+        if self.run_dir is not None:
+            write_json_atomic(self.run_dir / "status.json", to_json(status))
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def failed_status(error: ErrorInfo, rows: list[MetricsRow] | None = None) -> Status:
+    """The status of a run that failed, with what it got done."""
+    last = rows[-1] if rows else None
+    return Status(
+        RECORD_VERSION,
+        "failed",
+        error=error,
+        steps=last.step if last else 0,
+        epochs=last.epoch if last else 0.0,
+        samples=last.samples if last else 0,
+        wall_seconds=last.wall_seconds if last else 0.0,
+        final=last,
+    )
+
+
+def now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")

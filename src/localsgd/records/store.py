@@ -1,0 +1,250 @@
+"""The results store: a directory of run records plus an SQLite index.
+
+Layout::
+
+    STORE/index.sqlite            one row per run: id, name, status, config, times, error
+    STORE/plan.json               what the study that owns the store means to run
+    STORE/runs/<id>/              the run's record (see :mod:`localsgd.records.record`)
+    STORE/runs/<id>/checkpoint.pt the consensus model at the end
+
+A run is written under ``runs/<id>.partial/`` and renamed into place when it ends, then the
+index is updated: a run killed half-way leaves only a ``.partial`` folder, which the next
+attempt deletes, so the store never holds half a run or the same rows twice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import sqlite3
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from localsgd.records.record import (
+    RECORD_VERSION,
+    ConfigSnapshot,
+    Environment,
+    ErrorInfo,
+    MetricsRow,
+    RecordError,
+    RecordVersionError,
+    Status,
+    failed_status,
+    from_json,
+    read_json,
+    read_metrics,
+    to_json,
+)
+from localsgd.util.files import write_json_atomic
+
+FINISHED = ("completed", "failed", "diverged")
+STATUSES = (*FINISHED, "running")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    run_id    TEXT PRIMARY KEY,
+    name      TEXT NOT NULL,
+    status    TEXT NOT NULL,
+    config    TEXT NOT NULL,
+    started   REAL,
+    finished  REAL,
+    error     TEXT,
+    attempts  INTEGER NOT NULL DEFAULT 0
+)
+"""
+
+
+@dataclass
+class RunRecord:
+    """One finished run as read back from the store.
+
+    ``problem`` says why the run's files could not be read (folder missing, corrupt
+    status); such a run has an empty ``status_info`` and reports must not count it."""
+
+    run_id: str
+    name: str
+    status: str
+    config: dict[str, Any]
+    path: Path
+    status_info: Status
+    problem: str | None = None
+
+    @property
+    def error(self) -> ErrorInfo | None:
+        return self.status_info.error
+
+    def metrics(self) -> list[MetricsRow]:
+        """The evaluation rows, in order."""
+        return read_metrics(self.path / "metrics.jsonl")
+
+    def env(self) -> Environment | None:
+        path = self.path / "env.json"
+        return from_json(Environment, read_json(path), str(path)) if path.exists() else None
+
+
+class Store:
+    """A study directory (see the module docstring). Only one process writes to it."""
+
+    def __init__(self, root: str | Path, *, create: bool = True) -> None:
+        self.root = Path(root)
+        if self.root.exists() and not self.root.is_dir():
+            raise ValueError(f"store {str(self.root)!r} is a file; give a folder")
+        if not create and not (self.root / "index.sqlite").exists():
+            raise ValueError(
+                f"{str(self.root)!r} is not a localsgd store: no index.sqlite inside "
+                "(expected the folder a study or train command wrote)"
+            )
+        (self.root / "runs").mkdir(parents=True, exist_ok=True)
+        try:
+            with self._db() as db:
+                db.execute(_SCHEMA)
+        except sqlite3.DatabaseError as exc:
+            raise ValueError(
+                f"{self.root / 'index.sqlite'} is not a readable SQLite index ({exc}); "
+                "move it away to start the store afresh"
+            ) from None
+
+    @contextlib.contextmanager
+    def _db(self) -> Iterator[sqlite3.Connection]:
+        db = sqlite3.connect(self.root / "index.sqlite", timeout=30)
+        try:
+            with db:  # one transaction: committed on success, rolled back on error
+                yield db
+        finally:
+            db.close()
+
+    def run_dir(self, run_id: str) -> Path:
+        return self.root / "runs" / run_id
+
+    def partial_dir(self, run_id: str) -> Path:
+        return self.root / "runs" / f"{run_id}.partial"
+
+    def status(self, run_id: str) -> str | None:
+        """The run's status, reconciling a run that ended but was not yet indexed."""
+        with self._db() as db:
+            row = db.execute("SELECT status FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+        if row is None:
+            return None
+        if row[0] == "running" and (self.run_dir(run_id) / "status.json").exists():
+            return self._index_finished(run_id)
+        return str(row[0])
+
+    def begin(self, run_id: str, name: str, config: Mapping[str, Any]) -> Path:
+        """Start (or restart) a run: a clean ``.partial`` folder holding ``config.json``,
+        and an index row."""
+        final = self.run_dir(run_id)
+        partial = self.partial_dir(run_id)
+        # Index first: a crash after this leaves a 'running' row, which a rerun restarts.
+        with self._db() as db:
+            db.execute(
+                """INSERT INTO runs (run_id, name, status, config, started, attempts)
+                   VALUES (?, ?, 'running', ?, ?, 1)
+                   ON CONFLICT(run_id) DO UPDATE SET status = 'running', started = excluded.started,
+                       finished = NULL, error = NULL, attempts = runs.attempts + 1""",
+                (run_id, name, json.dumps(dict(config), sort_keys=True), time.time()),
+            )
+        if final.exists():
+            shutil.rmtree(final)  # a finished run being redone on purpose
+        if partial.exists():
+            shutil.rmtree(partial)
+        partial.mkdir(parents=True)
+        snapshot = ConfigSnapshot(RECORD_VERSION, run_id, dict(config))
+        write_json_atomic(partial / "config.json", to_json(snapshot))
+        return partial
+
+    def finish(self, run_id: str, *, error: ErrorInfo | None = None) -> str:
+        """Move the ``.partial`` folder into place and index its status.
+
+        ``error`` is the root cause an engine found (the first worker to fail): it replaces
+        the error of a failed status (a rank that failed because a peer did), and a run
+        without a ``status.json`` (its workers died first) is recorded as failed with it."""
+        partial = self.partial_dir(run_id)
+        if not partial.exists():
+            raise ValueError(f"run {run_id} has no .partial folder to finish")
+        status_path = partial / "status.json"
+        if not status_path.exists():
+            lost = ErrorInfo("RunLost", "the run ended without writing a status")
+            write_json_atomic(status_path, to_json(failed_status(error or lost)))
+        elif error is not None:
+            status = from_json(Status, read_json(status_path), str(status_path))
+            if status.status == "failed":
+                write_json_atomic(status_path, to_json(_with_error(status, error)))
+        os.replace(partial, self.run_dir(run_id))
+        return self._index_finished(run_id)
+
+    def _index_finished(self, run_id: str) -> str:
+        path = self.run_dir(run_id) / "status.json"
+        status = from_json(Status, read_json(path), str(path))
+        with self._db() as db:
+            db.execute(
+                "UPDATE runs SET status = ?, finished = ?, error = ? WHERE run_id = ?",
+                (status.status, time.time(), status.error.line() if status.error else None, run_id),
+            )
+        return status.status
+
+    def error(self, run_id: str) -> ErrorInfo | None:
+        """The root error of a finished run (None when it did not fail or is not finished)."""
+        path = self.run_dir(run_id) / "status.json"
+        if not path.exists():
+            return None
+        return from_json(Status, read_json(path), str(path)).error
+
+    def write_plan(self, plan: Mapping[str, Any]) -> None:
+        """Record what a study intends to run (``plan.json``), for reports."""
+        write_json_atomic(self.root / "plan.json", dict(plan))
+
+    def plan(self) -> dict[str, Any]:
+        """The study's plan (``{}`` for a store of single runs)."""
+        path = self.root / "plan.json"
+        if not path.exists():
+            return {}
+        plan = read_json(path)
+        if not isinstance(plan, dict):
+            raise RecordError(f"{path} is malformed: expected a JSON object")
+        return plan
+
+    def records(self, *, statuses: tuple[str, ...] = FINISHED) -> list[RunRecord]:
+        """Finished runs (by default), in the order they were first started. A run whose
+        files are missing or unreadable comes back with ``problem`` set; a record of
+        another version raises :class:`RecordError`."""
+        with self._db() as db:
+            rows = db.execute(
+                "SELECT run_id, name, status, config FROM runs ORDER BY started, run_id"
+            ).fetchall()
+        out = []
+        for run_id, name, status, config in rows:
+            if status == "running":
+                try:
+                    status = self.status(run_id) or status
+                except RecordVersionError:
+                    raise
+                except RecordError:
+                    pass  # a broken status of an unfinished run: it is not finished
+            if status not in statuses:
+                continue
+            path = self.run_dir(run_id)
+            problem = None
+            info = Status(RECORD_VERSION, "failed")
+            status_path = path / "status.json"
+            if not path.is_dir():
+                problem = f"run folder {path} is missing"
+            else:
+                try:
+                    info = from_json(Status, read_json(status_path), str(status_path))
+                except RecordVersionError:
+                    raise
+                except RecordError as exc:
+                    problem = str(exc)
+            out.append(RunRecord(run_id, name, status, json.loads(config), path, info, problem))
+        return out
+
+
+def _with_error(status: Status, error: ErrorInfo) -> Status:
+    from dataclasses import replace
+
+    return replace(status, error=error)

@@ -1,0 +1,45 @@
+"""Learning-rate schedules and optimizer recipes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from localsgd.studies import recipes
+from localsgd.studies.schema import ScheduleConfig, run_config
+
+
+def test_learning_rate_schedules():
+    lr = 0.1
+
+    def at(step: int, **kw) -> float:
+        return recipes.lr_at(step, 100, 10, lr, ScheduleConfig(**kw), global_batch=512)
+
+    assert at(0) == at(99) == lr
+    assert [at(s, name="step", milestones=(0.5, 0.75)) for s in (49, 50, 74, 75)] == pytest.approx(
+        [0.1, 0.01, 0.01, 0.001]
+    )
+    assert at(0, name="cosine") == pytest.approx(lr)
+    assert at(50, name="cosine") == pytest.approx(lr / 2)
+    assert at(100, name="cosine") == pytest.approx(0.0, abs=1e-12)
+    assert at(49, name="half_cosine") == lr
+    assert at(75, name="half_cosine") == pytest.approx(lr / 2)
+    # Linear scaling: 512 / 128 = 4x; warmup over 2 epochs (20 steps) from the base rate.
+    scaled = {"linear_scaling": True, "base_batch": 128, "warmup_epochs": 2.0}
+    assert at(0, **scaled) == pytest.approx(0.1)
+    assert at(10, **scaled) == pytest.approx(0.25)
+    assert at(20, **scaled) == pytest.approx(0.4)
+    assert at(99, **scaled) == pytest.approx(0.4)
+
+
+def test_optimizer_recipes():
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
+    config = run_config({"optimizer": {"decay_norm_and_bias": False, "weight_decay": 0.01}}).optimizer
+    opt = recipes.build_optimizer(model, config)
+    assert isinstance(opt, torch.optim.SGD) and opt.defaults["nesterov"]
+    decayed, exempt = opt.param_groups
+    assert decayed["weight_decay"] == 0.01 and all(p.ndim == 2 for p in decayed["params"])
+    assert exempt["weight_decay"] == 0.0 and len(exempt["params"]) == 4  # 2 biases, BN weight and bias
+    adamw = recipes.build_optimizer(model, run_config({"optimizer": {"name": "adamw", "lr": 1e-3}}).optimizer)
+    assert isinstance(adamw, torch.optim.AdamW) and len(adamw.param_groups) == 1

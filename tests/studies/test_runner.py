@@ -1,0 +1,65 @@
+"""The runner: resumable studies, no duplicates, the study copy in the store."""
+
+from __future__ import annotations
+
+import pytest
+
+from localsgd.records import RECORD_VERSION, MetricsRow, RunWriter, Status, Store
+from localsgd.studies.grid import load_study
+from localsgd.studies.runner import run_study
+from localsgd.studies.schema import RunConfig
+from studies.grids import STUDY, write
+
+
+def fake_execute(kill_at: set[str] | None = None, executed: list[str] | None = None):
+    """Stands in for the process engine: writes a two-row record, or dies mid-run."""
+
+    def execute(config: RunConfig, store: Store) -> str:
+        run_id = config.run_id()
+        folder = store.begin(run_id, config.name, config.to_dict())
+        if executed is not None:
+            executed.append(run_id)
+        writer = RunWriter(folder)
+        for step in (1, 2):
+            writer.row(MetricsRow(step, step / 10, 64 * step, 0.1 * step, 0.1, 1.0, {"accuracy": 0.5}))
+            if kill_at and run_id in kill_at:
+                writer.close()
+                raise KeyboardInterrupt  # killed half-way: one row written, no status
+        writer.close()
+        writer.status(Status(RECORD_VERSION, "completed"))
+        return store.finish(run_id)
+
+    return execute
+
+
+def test_study_killed_mid_run_resumes_without_duplicates_or_losses(tmp_path):
+    study = load_study(write(tmp_path / "s.toml", STUDY))
+    out = tmp_path / "store"
+    victim = study.runs[4].run_id()
+    with pytest.raises(KeyboardInterrupt):
+        run_study(study, out, execute=fake_execute({victim}), progress=False)
+    store = Store(out)
+    assert len(store.records()) == 4
+    assert (out / "runs" / f"{victim}.partial").exists()
+    assert store.status(victim) == "running"
+
+    executed: list[str] = []
+    counts = run_study(study, out, execute=fake_execute(executed=executed), progress=False)
+    assert counts == {"skipped (completed)": 4, "completed": len(study.runs) - 4}
+    assert executed[0] == victim and len(executed) == len(study.runs) - 4
+    records = store.records()
+    assert sorted(r.run_id for r in records) == sorted(r.run_id() for r in study.runs)
+    assert all(len(r.metrics()) == 2 for r in records)  # the killed attempt's row is gone
+    assert not list((out / "runs").glob("*.partial"))
+
+    again = run_study(study, out, execute=fake_execute(), progress=False)
+    assert again == {"skipped (completed)": len(study.runs)}
+
+
+def test_rerunning_from_the_stores_own_study_copy(tmp_path):
+    study_file = write(tmp_path / "s.toml", STUDY)
+    out = tmp_path / "store"
+    run_study(load_study(study_file), out, study_file=study_file, execute=fake_execute(), progress=False)
+    copy = out / "study.toml"
+    counts = run_study(load_study(copy), out, study_file=copy, execute=fake_execute(), progress=False)
+    assert counts == {"skipped (completed)": 12}

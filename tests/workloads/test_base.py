@@ -1,0 +1,265 @@
+"""The workload contract: registry and import paths, declared metrics, sharding, in-memory batches."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from localsgd import workloads
+from localsgd.util.checks import ConfigError
+from localsgd.workloads.base import derive_seed
+from workloads.conftest import N_TEST, N_TRAIN, NUM_SAMPLES
+
+
+def test_names_and_options() -> None:
+    assert workloads.names() == ["cifar10_resnet20", "mnist1d_cnn", "mnist1d_mlp"]
+    assert workloads.DEFAULT == "mnist1d_cnn"
+    _, options, takes_dataclass = workloads.check_spec("mnist1d_cnn")
+    assert takes_dataclass and dataclasses.asdict(options) == {
+        "num_samples": 20000,
+        "seed": 42,
+        "data_path": None,
+    }
+
+
+def test_unknown_name_lists_allowed() -> None:
+    with pytest.raises(
+        ConfigError,
+        match=r"workload = 'imagenet' is not a registered workload \['cifar10_resnet20', 'mnist1d_cnn'",
+    ):
+        workloads.build("imagenet")
+
+
+def test_unknown_option_lists_allowed() -> None:
+    with pytest.raises(
+        ConfigError,
+        match=r"unknown key 'workload\.batch_size'; allowed: \['data_path', 'num_samples', 'seed'\]",
+    ):
+        workloads.build("mnist1d_cnn", batch_size=64)
+
+
+def test_sizes_config_and_declared_metrics(cnn: workloads.Workload) -> None:
+    assert (cnn.name, cnn.num_classes, cnn.train_size, cnn.test_size) == ("mnist1d_cnn", 10, N_TRAIN, N_TEST)
+    assert cnn.config == {"num_samples": NUM_SAMPLES, "seed": 42, "data_path": None}
+    assert [m.name for m in cnn.metrics] == ["accuracy", "eval_loss"] and cnn.primary == "accuracy"
+    accuracy = workloads.metric(cnn)
+    assert (accuracy.higher_is_better, accuracy.unit, accuracy.scale) == (True, "%", 100.0)
+    assert not workloads.metric(cnn, "eval_loss").higher_is_better
+    assert isinstance(cnn, workloads.Workload)
+
+
+# -- import paths ---------------------------------------------------------------------------
+
+MODULE = """
+from dataclasses import dataclass
+
+from localsgd import workloads
+
+
+@dataclass(frozen=True)
+class Options:
+    num_samples: int = 1000
+
+    def __post_init__(self):
+        if self.num_samples < 100:
+            raise ValueError(f"workload.num_samples must be >= 100, got {self.num_samples}")
+
+
+def make(options: Options):
+    return workloads.build("mnist1d_mlp", num_samples=options.num_samples)
+
+
+def keywords(*, num_samples: int = 1000, tag: str = "x"):
+    wl = workloads.build("mnist1d_mlp", num_samples=num_samples)
+    wl.tag = tag
+    return wl
+"""
+
+
+@pytest.fixture
+def user_module(tmp_path, monkeypatch, cache_home) -> str:
+    (tmp_path / "user_wl.py").write_text(MODULE)
+    monkeypatch.chdir(tmp_path)  # the current directory is importable, as for python -m
+    monkeypatch.delitem(sys.modules, "user_wl", raising=False)
+    return "user_wl"
+
+
+def test_import_paths_build_with_the_factorys_own_options(user_module: str) -> None:
+    built = workloads.build({"name": f"{user_module}:make", "num_samples": 1000})
+    assert built.name == f"{user_module}:make" and built.train_size == N_TRAIN
+    by_keywords = workloads.build(f"{user_module}:keywords", tag="y")
+    assert by_keywords.tag == "y"  # type: ignore[attr-defined]
+    with pytest.raises(ConfigError, match=r"workload\.num_samples must be >= 100, got 5"):
+        workloads.build(f"{user_module}:make", num_samples=5)
+    with pytest.raises(ConfigError, match=r"workload\.tag must be a string, got int 3"):
+        workloads.build(f"{user_module}:keywords", tag=3)
+    with pytest.raises(ConfigError, match=r"unknown key 'workload\.size'; allowed: \['num_samples'\]"):
+        workloads.check_spec({"name": f"{user_module}:make", "size": 3})
+
+
+@pytest.mark.parametrize(
+    "spec,message",
+    [
+        (
+            "nosuchmodule:f",
+            r"^workload = 'nosuchmodule:f': cannot import 'nosuchmodule' \(ModuleNotFoundError",
+        ),
+        ("os:getcwd", r"^workload = 'os:getcwd' returned str, not a workload: it lacks metrics, primary"),
+        ("os:nope", r"^workload = 'os:nope': module 'os' has no 'nope'$"),
+        ("os:sep", r"^workload = 'os:sep': 'sep' is a str, not a function$"),
+        (":f", r"^workload = ':f': an import path is 'package\.module:function'$"),
+    ],
+)
+def test_bad_import_paths_are_one_line_errors_naming_the_key(spec: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message) as info:
+        workloads.build(spec)
+    assert "\n" not in str(info.value)
+
+
+def test_metric_declarations_are_checked() -> None:
+    with pytest.raises(ValueError, match="metric name 'step' is reserved"):
+        workloads.Metric("step")
+    with pytest.raises(ValueError, match="must be an identifier"):
+        workloads.Metric("f1 score")
+    loss = workloads.Metric("eval_loss", higher_is_better=False)
+    assert loss.best([3.0, 1.0, float("nan"), 2.0]) == 1.0 and loss.reached(0.9, 1.0)
+    assert workloads.ACCURACY.best([0.5, 0.7]) == 0.7 and not workloads.ACCURACY.reached(0.6, 0.7)
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4, 7])
+def test_shards_are_disjoint_equal_and_cover_floor(world_size: int) -> None:
+    n = 1001
+    shards = [workloads.shard_indices(n, r, world_size, epoch=3, seed=5) for r in range(world_size)]
+    per_rank = n // world_size
+    assert [len(s) for s in shards] == [per_rank] * world_size
+    union = torch.cat(shards)
+    assert len(torch.unique(union)) == per_rank * world_size  # disjoint
+    assert int(union.min()) >= 0 and int(union.max()) < n
+    # Contiguous pieces of one permutation that depends on (seed, epoch) only.
+    perm = torch.randperm(n, generator=workloads.shuffle_generator(5, 3))
+    assert torch.equal(union, perm[: per_rank * world_size])
+
+
+def test_shards_depend_on_seed_and_epoch_only() -> None:
+    a = workloads.shard_indices(800, 1, 4, epoch=2, seed=7)
+    assert torch.equal(a, workloads.shard_indices(800, 1, 4, epoch=2, seed=7))
+    assert not torch.equal(a, workloads.shard_indices(800, 1, 4, epoch=3, seed=7))
+    assert not torch.equal(a, workloads.shard_indices(800, 1, 4, epoch=2, seed=8))
+    # The global permutation is the same whatever the world size.
+    two = torch.cat([workloads.shard_indices(800, r, 2, epoch=2, seed=7) for r in range(2)])
+    four = torch.cat([workloads.shard_indices(800, r, 4, epoch=2, seed=7) for r in range(4)])
+    assert torch.equal(two, four)
+
+
+def test_shuffle_and_augment_seeds_do_not_collide() -> None:
+    # numpy's SeedSequence pads with zeros: without domain tags (7, 0) and (7, 0, 0) would meet.
+    shuffle = workloads.shuffle_generator(7, 0).initial_seed()
+    augment = workloads.augment_generator(7, 0, 0).initial_seed()
+    assert shuffle != augment
+    assert len({derive_seed(1, s, e) for s in range(20) for e in range(20)}) == 400
+    assert workloads.augment_generator(7, 0, 1).initial_seed() != augment
+
+
+def test_train_batches_follow_the_shards(cnn: workloads.Workload, arrays: dict[str, np.ndarray]) -> None:
+    world_size, batch_size, epoch, seed = 3, 32, 1, 11
+    steps = cnn.steps_per_epoch(world_size, batch_size)
+    assert steps == (N_TRAIN // world_size) // batch_size == 8
+    x_all = torch.as_tensor(arrays["x"], dtype=torch.float32)
+    y_all = torch.as_tensor(arrays["y"])
+    seen = []
+    for rank in range(world_size):
+        batches = list(cnn.train_batches(rank, world_size, batch_size, epoch, seed, "cpu"))
+        assert len(batches) == steps
+        shard = workloads.shard_indices(N_TRAIN, rank, world_size, epoch, seed)
+        idx = shard[: steps * batch_size]
+        assert all(set(b) == {"x", "y"} for b in batches)
+        x = torch.cat([b["x"] for b in batches])
+        y = torch.cat([b["y"] for b in batches])
+        assert all(b["x"].shape == (batch_size, 40) and b["x"].dtype == torch.float32 for b in batches)
+        assert all(b["y"].shape == (batch_size,) and b["y"].dtype == torch.long for b in batches)
+        torch.testing.assert_close(x, x_all[idx], rtol=0, atol=0)
+        assert torch.equal(y, y_all[idx])
+        seen.append(idx)
+    assert len(torch.unique(torch.cat(seen))) == world_size * steps * batch_size
+
+
+def test_train_batches_reshuffle_every_epoch(cnn: workloads.Workload) -> None:
+    def first(epoch: int, seed: int) -> torch.Tensor:
+        return next(iter(cnn.train_batches(0, 2, 64, epoch, seed, torch.device("cpu"))))["y"]
+
+    assert torch.equal(first(0, 0), first(0, 0))
+    assert not torch.equal(first(0, 0), first(1, 0))
+    assert not torch.equal(first(0, 0), first(0, 1))
+
+
+def test_train_batch_errors(cnn: workloads.Workload) -> None:
+    with pytest.raises(ValueError, match=r"rank must be in \[0, 2\) for world_size 2, got 2"):
+        cnn.train_batches(2, 2, 32, 0, 0, "cpu")  # raised on the call, not on first next()
+    with pytest.raises(ValueError, match=r"batch_size must be <= 200 \(train_size 800 // world_size 4\)"):
+        cnn.steps_per_epoch(4, 201)
+    with pytest.raises(ValueError, match=r"batch_size must be an integer >= 1"):
+        cnn.steps_per_epoch(1, 0)
+    with pytest.raises(ValueError, match=r"epoch must be an integer >= 0"):
+        cnn.train_batches(0, 1, 32, -1, 0, "cpu")
+    assert cnn.steps_per_epoch(4, 200) == 1
+
+
+def test_importing_workloads_does_not_import_generators() -> None:
+    code = (
+        "import sys, localsgd; assert 'localsgd.workloads' not in sys.modules;"
+        "import localsgd.workloads; bad = {'mnist1d', 'matplotlib', 'torchvision'} & set(sys.modules);"
+        "assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+class ConstantLogits(nn.Module):
+    """Logit ``a`` for class 0 and 0 for the rest, whatever the input; records its mode."""
+
+    def __init__(self, a: float) -> None:
+        super().__init__()
+        self.a = nn.Parameter(torch.tensor(a))
+        self.modes: list[bool] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.modes.append(self.training)
+        logits = torch.zeros(len(x), 10)
+        logits[:, 0] = self.a
+        return logits
+
+
+def test_evaluate_known_model(cnn: workloads.Workload, arrays: dict[str, np.ndarray]) -> None:
+    a = 2.0
+    y = arrays["y_test"]
+    p0 = math.exp(a) / (math.exp(a) + 9)
+    want_loss = float(np.mean(np.where(y == 0, -math.log(p0), -math.log((1 - p0) / 9))))
+    model = ConstantLogits(a)
+    cnn.eval_batch_size = 64  # type: ignore[attr-defined]
+    metrics = cnn.evaluate(model, "cpu")
+    del cnn.eval_batch_size  # type: ignore[attr-defined]
+    assert set(metrics) == {"accuracy", "eval_loss"}
+    assert metrics["accuracy"] == pytest.approx(float(np.mean(y == 0)))
+    assert 0.0 < metrics["accuracy"] < 0.3
+    assert metrics["eval_loss"] == pytest.approx(want_loss, rel=1e-6)
+    assert model.modes == [False] * math.ceil(N_TEST / 64)  # eval mode, every test sample
+    assert model.training  # train mode restored
+    model.eval()
+    cnn.evaluate(model, "cpu")
+    assert not model.training  # ... and eval mode kept
+
+
+def test_loss_is_mean_cross_entropy_of_the_models_logits(cnn: workloads.Workload) -> None:
+    logits = torch.tensor([[0.0, math.log(3.0)] + [-math.inf] * 8, [0.0] * 10])
+    batch = {"x": torch.zeros(2, 40), "y": torch.tensor([1, 4])}
+
+    def model(x: torch.Tensor) -> torch.Tensor:
+        return logits
+
+    assert cnn.loss(model, batch).item() == pytest.approx((-math.log(3 / 4) + math.log(10)) / 2)
