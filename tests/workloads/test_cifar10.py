@@ -22,19 +22,32 @@ from workloads.conftest import same_params
 N_TRAIN, N_TEST = 800, 200
 
 
-def test_recipes(cnn: workloads.Workload, cifar: workloads.Workload) -> None:
-    assert cnn.recipe == {
-        "epochs": 5,
-        "batch_size": 64,
-        "lr": 0.1,
-        "momentum": 0.9,
-        "nesterov": True,
-        "weight_decay": 5e-4,
-        "lr_schedule": "cosine",
+def recipe_config(recipe: dict) -> dict:
+    """A workload's documented recipe as run-config sections (milestones as fractions)."""
+    schedule: dict = {"name": recipe["lr_schedule"]}
+    if "lr_milestones" in recipe:
+        schedule["milestones"] = [m / recipe["epochs"] for m in recipe["lr_milestones"]]
+        schedule["gamma"] = recipe["lr_decay"]
+    optimizer = {k: recipe[k] for k in ("lr", "momentum", "nesterov", "weight_decay")}
+    return {
+        "optimizer": optimizer,
+        "schedule": schedule,
+        "train": {"epochs": recipe["epochs"]},
+        "data": {"batch_size": recipe["batch_size"]},
     }
+
+
+def test_recipes_are_valid_run_configs_and_private_copies(
+    cnn: workloads.Workload, cifar: workloads.Workload
+) -> None:
+    from localsgd.studies.schema import run_config
+
+    for wl in (cnn, cifar):
+        config = run_config(recipe_config(wl.recipe))
+        assert config.optimizer.lr == wl.recipe["lr"] and config.train.epochs == wl.recipe["epochs"]
+    assert run_config(recipe_config(cifar.recipe)).schedule.milestones == (0.5, 0.75)
     cnn.recipe["epochs"] = 1  # each workload holds its own copy
     assert mnist1d.CNN_RECIPE["epochs"] == 5
-    assert cifar.recipe["lr_milestones"] == [82, 123] and cifar.recipe["weight_decay"] == 1e-4
 
 
 def test_resnet20_size_and_shape() -> None:

@@ -147,6 +147,7 @@ def run_study(
             status = execute(run, store)
             counts[status] += 1
             if status != "completed":
-                log.warning("run %s (%s) %s", run.run_id(), label, status)
+                error = store.error(run.run_id())
+                log.warning("run %s (%s) %s: %s", run.run_id(), label, status, error.line() if error else "")
             bar.update(task, advance=1, last=f"{status}: {label}")
     return counts
