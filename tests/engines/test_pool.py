@@ -75,3 +75,31 @@ def test_a_run_in_a_used_pool_equals_the_run_launched_alone(tmp_path, clean_env)
     assert env["world_size"] == 2 and env["backend"] == "gloo" and "--serve" in env["command"]
     assert (a / "workers.log").read_text().count("rank 0 step") == 2  # this run's lines only
     assert os.path.exists(b / "launch.json") and not os.path.exists(a / "launch.json")
+
+
+def test_runs_in_parallel_slots_equal_the_same_runs_one_at_a_time(tmp_path, clean_env):
+    """Under --parallel, a one-worker run trains in a pooled process of its own (a world of
+    one, as in this process) instead of this process, which the slots share."""
+    from localsgd.studies.grid import Study, StudySection
+    from localsgd.studies.runner import run_study
+
+    runs = [run_config({**config(seed, {"name": "minibatch_sgd"}), "workers": 1}) for seed in (0, 1)]
+    counts = run_study(
+        Study(StudySection("two"), runs),
+        tmp_path / "parallel",
+        parallel=2,
+        oversubscribe=True,
+        progress=False,
+    )
+    assert counts == {"completed": 2}
+    here = Store(tmp_path / "here")
+    for run in runs:
+        assert execute_run(run, here) == "completed"  # in this process
+        served = torch.load(
+            tmp_path / "parallel" / "runs" / run.run_id() / "checkpoint.pt", weights_only=True
+        )
+        alone = torch.load(here.run_dir(run.run_id()) / "checkpoint.pt", weights_only=True)
+        assert all(torch.equal(served["model"][k], alone["model"][k]) for k in alone["model"])
+        pooled_env = json.loads((tmp_path / "parallel" / "runs" / run.run_id() / "env.json").read_text())
+        assert pooled_env["world_size"] == 1 and pooled_env["backend"] is None
+        assert "--serve" in pooled_env["command"]

@@ -188,7 +188,7 @@ def run_study(
     Completed (and, unless ``retry_failed``, failed and diverged) runs are skipped; a run
     left unfinished by an interrupted study starts again from scratch. ``parallel`` runs
     go at once (default: 1 on this machine, every run under Slurm), refused when they
-    would oversubscribe the cores (:func:`check_parallel`). ``executor``: ``local`` (worker
+    would oversubscribe this machine's cores (:func:`check_parallel`). ``executor``: ``local`` (worker
     pools on this machine) or ``slurm`` (a Slurm job per run through submitit;
     ``executor_options`` as for :class:`~localsgd.engines.slurm.SlurmSession`). Progress
     goes to ``output`` (default stdout): a line per finished run, or a bar in a terminal.
@@ -196,20 +196,23 @@ def run_study(
     """
     if executor not in EXECUTORS:
         raise ConfigError(f"executor must be one of {list(EXECUTORS)}, got {executor!r}")
-    built = preflight(study.runs, local=executor == "local")
-    store = Store(out)
+    # submitit's local executor (cluster = "local") runs the jobs on this machine's cores.
+    here = executor == "local" or (executor_options or {}).get("cluster") == "local"
+    built = preflight(study.runs, local=here)
+    # Nothing is written until every check has passed: a new store is created after them.
+    existing = Store(out, create=False) if (out / "index.sqlite").exists() else None
     counts: Counter[str] = Counter()
     todo = []
     for run in study.runs:
-        status = store.status(run.run_id())
+        status = existing.status(run.run_id()) if existing is not None else None
         keep = status == "completed" or (status in FINISHED and not retry_failed)
         if keep:
             counts[f"skipped ({status})"] += 1
         else:
             todo.append(run)
     if parallel is None:
-        parallel = max(1, len(todo)) if executor == "slurm" else 1
-    check_parallel(todo, parallel, oversubscribe=oversubscribe or executor != "local")
+        parallel = 1 if here else max(1, len(todo))
+    check_parallel(todo, parallel, oversubscribe=oversubscribe or not here)
     if executor == "slurm":
         from localsgd.engines.slurm import SlurmSession
 
@@ -226,6 +229,7 @@ def run_study(
             # in threads would share its global state (RNG, thread count).
             return _Sessions(lambda engine: engine.session(in_process=parallel == 1))
 
+    store = existing or Store(out)
     if study_file is not None and not (
         (out / "study.toml").exists() and os.path.samefile(study_file, out / "study.toml")
     ):
@@ -277,7 +281,9 @@ def run_study(
     all_sessions = [slot_sessions() for _ in range(parallel)]
     with reporter if progress else contextlib.nullcontext():
         if progress:
-            where = "as Slurm jobs" if executor == "slurm" else "on this machine"
+            where = "on this machine" if executor == "local" else "as Slurm jobs"
+            if executor == "slurm" and here:
+                where += " (submitit's local executor)"
             reporter.say(
                 f"study {study.section.name}: {len(todo)} run(s) to do ({skipped} finished before), "
                 f"{parallel} at a time {where}; store {out}"
