@@ -82,7 +82,9 @@ def run(config: RunConfig, info: localsgd.DistInfo, run_dir: str | None, out: st
     store = None
     # Built on every rank before anything is recorded: a bad workload fails here, as a
     # configuration error, rather than inside a half-written run.
-    workload = next(iter(preflight([config]).values()))
+    # This node checks its own devices when it resolves the device (one of several nodes
+    # cannot tell how many processes the others run).
+    workload = next(iter(preflight([config], local=False).values()))
     if run_dir is not None:
         folder = Path(run_dir) if info.rank == 0 else None
     else:
