@@ -67,7 +67,7 @@ def train(
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
     from localsgd import workloads
     from localsgd.records import Store
-    from localsgd.studies.progress import follow_rows, primary_value, row_line
+    from localsgd.studies.progress import follow_rows, primary_value, row_line, run_label
     from localsgd.studies.runner import execute_run, preflight
 
     try:
@@ -77,7 +77,7 @@ def train(
         raise _fail(str(exc)) from None
     metric = workloads.metric(workload)
     run_id = run.run_id()
-    typer.echo(f"run {run_id}: workers = {run.workers} ({run.engine} engine), algorithm {run.algorithm}")
+    typer.echo(f"run {run_id}: {run_label(run)} ({run.engine} engine)")
     with follow_rows(
         [store.partial_dir(run_id) / "metrics.jsonl", store.run_dir(run_id) / "metrics.jsonl"],
         lambda row: typer.echo(row_line(row, metric)),

@@ -171,7 +171,11 @@ class WorkerPool:
                         continue
                     sock.settimeout(None)
                     channel = Channel(sock)
-                    hello = channel.receive_one()
+                    try:
+                        hello = channel.receive_one()
+                    except (EOFError, OSError, ValueError):
+                        channel.close()
+                        continue  # a worker that died before saying hello: the launcher exits
                     channels[int(hello["hello"])] = channel
                     self._pids.append(int(hello["pid"]))
             except BaseException:
