@@ -70,7 +70,7 @@ def test_parallel_runs_that_would_oversubscribe_the_cores_are_refused():
     from localsgd.studies.schema import run_config
     from localsgd.util.checks import ConfigError
 
-    runs = [run_config({"workers": 1}), run_config({"workers": 4, "threads": 2})]
+    runs = [run_config({"workers": 1}), run_config({"workers": 4, "threads": 2}), run_config({"workers": 2})]
     check_parallel(runs, 2, cores=16)  # 2 x 4 x 2 = 16 threads fit
     with pytest.raises(ConfigError) as caught:
         check_parallel(runs, 2, cores=8)
@@ -83,7 +83,8 @@ def test_parallel_runs_that_would_oversubscribe_the_cores_are_refused():
         check_parallel(runs, 3, cores=16)
     check_parallel(runs, 2, cores=16, oversubscribe=True)
     check_parallel(runs, 1, cores=1)  # one run at a time is the run config's business
-    check_parallel(runs[:1], 16, cores=16)
+    check_parallel(runs[:1], 16, cores=1)  # one run: nothing runs beside it
+    check_parallel(runs[:2], 3, cores=16)  # two runs: the third slot stays idle
     with pytest.raises(ConfigError, match="--parallel must be an integer >= 1, got 0"):
         check_parallel(runs, 0)
 

@@ -92,7 +92,7 @@ def check_parallel(
     runs that share cores time each other, and their wall times mean nothing."""
     if isinstance(parallel, bool) or not isinstance(parallel, int) or parallel < 1:
         raise ConfigError(f"--parallel must be an integer >= 1, got {parallel!r}")
-    if parallel == 1 or oversubscribe or not runs:
+    if min(parallel, len(runs)) <= 1 or oversubscribe:
         return
     cores = usable_cores() if cores is None else cores
 
@@ -100,12 +100,13 @@ def check_parallel(
         return engines.get(run.engine).processes(run.workers) * run.threads
 
     widest = max(runs, key=width)
-    need = parallel * width(widest)
+    at_once = min(parallel, len(runs))  # slots beyond the runs stay idle
+    need = at_once * width(widest)
     if need > cores:
         fits = cores // width(widest)
         hint = f"use --parallel {fits} or less" if fits >= 2 else "run them one at a time"
         raise ConfigError(
-            f"--parallel {parallel} runs up to {parallel} x {engines.get(widest.engine).processes(widest.workers)} "
+            f"--parallel {parallel} runs up to {at_once} x {engines.get(widest.engine).processes(widest.workers)} "
             f"worker process(es) x {widest.threads} thread(s) = {need} threads at once (the widest "
             f"run: workers = {widest.workers}, threads = {widest.threads}), and this machine has "
             f"{cores} cores; {hint}, or pass --oversubscribe to share the cores anyway"
