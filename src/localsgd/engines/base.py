@@ -4,7 +4,10 @@ An engine owns how the K workers of a run execute: launching them (worker proces
 through torch's elastic launcher, or one process), the replica layout (one replica per
 process, or all K stacked), the communicator, how wall time is measured, and what its
 figures mean (:class:`~localsgd.records.EngineInfo`, recorded with every run and read by
-reports). Studies call engines; engines never import studies.
+reports). Studies call engines; engines never import studies: a run reaches an engine as
+a :class:`Job` (its folder holds ``config.json``), and worker processes train it through
+the worker entry point (``python -m localsgd.worker``). A study runs many jobs through a
+:class:`Session`, which keeps worker processes up from one run to the next.
 """
 
 from __future__ import annotations
