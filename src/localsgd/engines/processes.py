@@ -14,7 +14,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +50,8 @@ def root_error(run_dir: Path) -> ErrorInfo | None:
     return min(found, key=lambda f: f[0])[1] if found else None
 
 
-def _tail(path: Path, lines: int = 30) -> str:
+def log_tail(path: Path, lines: int = 30) -> str:
+    """The last ``lines`` lines of a log file (empty when it does not exist)."""
     return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""
 
 
@@ -98,13 +99,15 @@ class ProcessesEngine:
                 )
         except subprocess.TimeoutExpired:
             raise WorkerFailure(
-                ErrorInfo("TimeoutError", f"workers did not finish within {job.timeout} s", _tail(log_path))
+                ErrorInfo(
+                    "TimeoutError", f"workers did not finish within {job.timeout} s", log_tail(log_path)
+                )
             ) from None
         if proc.returncode != 0:
             error = root_error(job.run_dir) or ErrorInfo(
                 "WorkersExited",
                 f"workers exited with code {proc.returncode} without recording an error (see {log_path})",
-                _tail(log_path),
+                log_tail(log_path),
             )
             raise WorkerFailure(error)
 
@@ -117,19 +120,32 @@ class ProcessesEngine:
         world_size: int,
         workers: int,
         device: torch.device,
+        delay: Mapping[str, float] | None = None,
     ) -> Replicas:
-        return ProcessReplica(workload, model, rank, world_size, device)
+        return ProcessReplica(workload, model, rank, world_size, device, delay)
 
 
 class ProcessReplica:
-    """This process trains one replica; rank 0 evaluates."""
+    """This process trains one replica; rank 0 evaluates. With a ``delay``, its communicator
+    waits that long after every counted collective of the scope (see
+    :class:`~localsgd.comm.process_group.ProcessGroupCommunicator`)."""
 
     flat = True
-    comm: Communicator | None = None
 
     def __init__(
-        self, workload: Any, model: nn.Module, rank: int, world_size: int, device: torch.device
+        self,
+        workload: Any,
+        model: nn.Module,
+        rank: int,
+        world_size: int,
+        device: torch.device,
+        delay: Mapping[str, float] | None = None,
     ) -> None:
+        self.comm: Communicator | None = None  # DataParallel takes the world's process group
+        if delay and world_size > 1:
+            from localsgd.comm.process_group import ProcessGroupCommunicator
+
+            self.comm = ProcessGroupCommunicator(delay=delay)
         self.workload = workload
         self.module = model
         self.rank = rank
@@ -167,4 +183,4 @@ class ProcessReplica:
 
 PROCESSES = register(ProcessesEngine())
 
-__all__ = ["PROCESSES", "ProcessReplica", "ProcessesEngine", "root_error", "write_worker_error"]
+__all__ = ["PROCESSES", "ProcessReplica", "ProcessesEngine", "log_tail", "root_error", "write_worker_error"]

@@ -54,10 +54,12 @@ def execute_run(
     *,
     timeout: float | None = None,
     workload: workloads.Workload | None = None,
+    launch: Callable[[engines.Job], None] | None = None,
 ) -> str:
     """Run ``config`` to the end through its engine and record it in ``store``; returns
     the final status. A failed run's status holds its root error (the first worker's own
-    exception)."""
+    exception). ``launch`` places a run of several worker processes somewhere else than the
+    engine would (an emulated multi-node cluster, say); a run of one process stays here."""
     from localsgd.studies.trainer import train
 
     engine = engines.get(config.engine)
@@ -69,7 +71,11 @@ def execute_run(
 
     error: ErrorInfo | None = None
     try:
-        engine.execute(engines.Job(config.workers, config.threads, folder, train_here, timeout))
+        job = engines.Job(config.workers, config.threads, folder, train_here, timeout)
+        if launch is not None and engine.processes(config.workers) > 1:
+            launch(job)
+        else:
+            engine.execute(job)
     except engines.WorkerFailure as exc:
         error = exc.error
     except Exception as exc:  # a run trained in this process: recorded as failed, the study goes on
@@ -85,18 +91,21 @@ def run_study(
     retry_failed: bool = False,
     execute: Callable[[Any, Store], str] | None = None,
     progress: bool = True,
+    launch: Callable[[engines.Job], None] | None = None,
 ) -> Counter[str]:
     """Run every run of ``study`` not already finished in the store at ``out``.
 
     Completed (and, unless ``retry_failed``, failed and diverged) runs are skipped; a run
     left unfinished by an interrupted study starts again from scratch. Returns how many
-    runs ended in each status, skipped ones included.
+    runs ended in each status, skipped ones included. ``launch``: as for
+    :func:`execute_run`.
     """
     built = preflight(study.runs)
     if execute is None:
 
         def execute(run: RunConfig, store: Store) -> str:
-            return execute_run(run, store, workload=built[json.dumps(run.workload, sort_keys=True)])
+            key = json.dumps(run.workload, sort_keys=True)
+            return execute_run(run, store, workload=built[key], launch=launch)
 
     store = Store(out)
     if study_file is not None and not (
