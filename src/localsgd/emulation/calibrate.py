@@ -7,7 +7,8 @@ intra-node link). Each times all-reduces of a few payload sizes n; a ring all-re
 p = 2 ranks takes T(n) = 2(p−1)·α + 2(p−1)/p · n/β = 2α + n/β, so a straight line fitted
 to (n, T) gives α = intercept / 2 and β = 1 / slope. The fit is least squares on the
 *relative* residuals (each point weighted by 1/T): times span three decades, and plain
-least squares would let the largest payloads decide the intercept alone.
+least squares would let the largest payloads decide the intercept alone), made robust by
+reweighting (least absolute relative deviations): on a busy machine one size can hiccup.
 
 A shaped link's token bucket lets its first ``burst`` bytes through at memory speed (the
 probe pauses before each all-reduce so that the bucket is full, as it is after a run's
@@ -33,9 +34,12 @@ from localsgd.costmodel import Cluster, Link
 from localsgd.emulation.cluster import EmulatedCluster
 
 MIN_BYTES = 4096
-MAX_BYTES = 16 * 2**20
+MAX_BYTES = 32 * 2**20
 PROBE_SECONDS = 0.3
 """The largest probe payload takes about this long on a shaped link (at most MAX_BYTES)."""
+IRLS_ROUNDS = 30
+IRLS_FLOOR = 1e-3
+"""Relative residuals below 0.1 % count as 0.1 % when reweighting (no division by zero)."""
 
 
 @dataclass(frozen=True)
@@ -98,9 +102,15 @@ def fit_link(
     carried = np.maximum(2 * (p - 1) / p * np.asarray(nbytes, dtype=float) - burst, 0.0)
     if np.count_nonzero(carried) < 1 or len(set(carried.tolist())) < 2:
         raise ValueError(f"need payloads beyond the {burst}-byte bucket, got {list(nbytes)}")
-    # Rows scaled by 1/t: minimise Σ ((a + c·x − t) / t)².
+    # Rows scaled by 1/t: least squares on the relative residuals r = (a + c·x − t) / t,
+    # reweighted by 1/sqrt|r| until it settles: least absolute relative deviations, so that
+    # one hiccup of a busy machine (a 4 KiB all-reduce that took 3 ms) does not move the line.
     design = np.stack([1 / t, carried / t], axis=1)
-    (a, c), *_ = np.linalg.lstsq(design, np.ones_like(t), rcond=None)
+    weights = np.ones_like(t)
+    for _ in range(IRLS_ROUNDS):
+        (a, c), *_ = np.linalg.lstsq(design * weights[:, None], weights, rcond=None)
+        residuals = np.abs(design @ np.array([a, c]) - 1)
+        weights = 1 / np.sqrt(np.maximum(residuals, IRLS_FLOOR))
     if not c > 0:
         raise ValueError(
             f"the probe's times do not grow with the payload (slope {c:.3g} s/B): {list(seconds)}"
@@ -113,7 +123,7 @@ def fit_link(
 
 def probe_sizes(rate_bits: float | None) -> list[int]:
     """Payloads from 4 KiB up by factors of 4 to what a link of ``rate_bits`` moves in
-    about :data:`PROBE_SECONDS` (unshaped: 16 MiB), that last size included."""
+    about :data:`PROBE_SECONDS` (unshaped: 32 MiB), that last size included."""
     top = MAX_BYTES if rate_bits is None else int(min(max(rate_bits / 8 * PROBE_SECONDS, 2**20), MAX_BYTES))
     sizes = [MIN_BYTES]
     while sizes[-1] * 4 < top:
@@ -138,7 +148,15 @@ def _probe(
 ) -> LinkFit:
     out = work / f"probe-{nodes}x{procs}.json"
     where = cluster.placement(nodes, procs)
-    args = ["localsgd.emulation.probe", str(out), "--sizes", ",".join(map(str, sizes)), "--reps", str(reps)]
+    args = [
+        "-m",
+        "localsgd.emulation.probe",
+        str(out),
+        "--sizes",
+        ",".join(map(str, sizes)),
+        "--reps",
+        str(reps),
+    ]
     rate = cluster.spec.rate_bits
     if burst and rate is not None:
         args += ["--pause", f"{2 * burst * 8 / rate + 1e-3:.6f}"]  # the bucket refills in between

@@ -136,9 +136,11 @@ class EmulatedCluster:
         return Placement(tuple(range(n)), g)
 
     def commands(
-        self, module_args: Sequence[str], where: Placement, run_id: str | None = None
+        self, program: Sequence[str], where: Placement, run_id: str | None = None
     ) -> list[list[str]]:
-        """One ``torchrun`` command per node of ``where``, each run inside its namespace."""
+        """One ``torchrun ... PROGRAM`` command per node of ``where``, each run inside its
+        namespace; ``program`` is what torchrun runs: ``["-m", "localsgd.worker", ...]`` or
+        ``["script.py", ...]``."""
         run_id = run_id or secrets.token_hex(4)
         host = self.network.addresses[where.nodes[0]]
         out = []
@@ -167,8 +169,7 @@ class EmulatedCluster:
                     self.network.addresses[node],
                     "--max-restarts",
                     "0",
-                    "-m",
-                    *module_args,
+                    *program,
                 ]
             )
         return out
@@ -183,15 +184,15 @@ class EmulatedCluster:
 
     def run(
         self,
-        module_args: Sequence[str],
+        program: Sequence[str],
         *,
         where: Placement | None = None,
         env: Mapping[str, str] | None = None,
         log_dir: Path,
         timeout: float | None = None,
     ) -> list[int]:
-        """Run ``python -m MODULE_ARGS`` under torchrun on the nodes of ``where`` (default:
-        all × G) and wait; returns each node's exit code. Logs go to
+        """Run ``program`` (:meth:`commands`) under torchrun on the nodes of ``where``
+        (default: all × G) and wait; returns each node's exit code. Logs go to
         ``log_dir/node<i>.log``. A node that fails gets the others stopped after
         :data:`FAILURE_GRACE` seconds; past ``timeout`` every node is stopped (``TimeoutError``)."""
         if self._signals is None:
@@ -203,7 +204,7 @@ class EmulatedCluster:
         log_dir.mkdir(parents=True, exist_ok=True)
         procs = []
         with contextlib.ExitStack() as logs:
-            for command, node in zip(self.commands(module_args, where), where.nodes):
+            for command, node in zip(self.commands(program, where), where.nodes):
                 out = logs.enter_context((log_dir / f"node{node}.log").open("wb"))
                 proc = subprocess.Popen(
                     command, stdout=out, stderr=subprocess.STDOUT, env=self.node_env(node, base),
@@ -240,7 +241,7 @@ class EmulatedCluster:
                 f"the run has workers = {job.workers}; the emulated cluster runs {self.world_size} "
                 f"({self.nodes} nodes × {self.procs_per_node} processes)"
             )
-        args = ["localsgd.worker", str(job.run_dir / "config.json"), "--run-dir", str(job.run_dir)]
+        args = ["-m", "localsgd.worker", str(job.run_dir / "config.json"), "--run-dir", str(job.run_dir)]
         where = self.placement()
         write_json_atomic(
             job.run_dir / "launch.json",
