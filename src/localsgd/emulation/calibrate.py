@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -66,10 +67,19 @@ class LinkFit:
         p = self.world_size
         return 2 * (p - 1) * self.alpha + max(2 * (p - 1) / p * nbytes - self.burst, 0) / self.bandwidth
 
+    def errors(self) -> list[float]:
+        """|predicted − measured| / measured at each probed size."""
+        return [abs(self.predicted(n) - t) / t for n, t in zip(self.nbytes, self.seconds)]
+
     @property
     def worst_error(self) -> float:
-        """The largest |predicted − measured| / measured over the probed sizes."""
-        return max(abs(self.predicted(n) - t) / t for n, t in zip(self.nbytes, self.seconds))
+        """The largest relative error over the probed sizes (an ignored hiccup included)."""
+        return max(self.errors())
+
+    @property
+    def median_error(self) -> float:
+        """The median relative error over the probed sizes."""
+        return statistics.median(self.errors())
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -80,6 +90,7 @@ class LinkFit:
             "bytes": list(self.nbytes),
             "seconds": list(self.seconds),
             "worst_relative_error": self.worst_error,
+            "median_relative_error": self.median_error,
         }
 
 
@@ -188,7 +199,8 @@ def calibrate(cluster: EmulatedCluster, *, reps: int = 7, name: str | None = Non
         f"{cluster.nodes} emulated nodes × {g} processes, links {rate}"
         + (f" (tbf, burst {cluster.spec.bucket()} B)" if cluster.spec.rate else "")
         + f"; α, β fitted to gloo all-reduces of {inter.nbytes[0]}-{inter.nbytes[-1]} B between two nodes "
-        f"(worst error {inter.worst_error:.1%}) and over a node's loopback (worst error {intra.worst_error:.1%})"
+        f"(median error {inter.median_error:.1%}, worst {inter.worst_error:.1%}) and over a node's loopback "
+        f"(median error {intra.median_error:.1%}, worst {intra.worst_error:.1%})"
     )
     result = Cluster(
         name=name or f"emulated-{cluster.nodes}x{g}-{rate}",

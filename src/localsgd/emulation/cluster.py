@@ -11,7 +11,8 @@ traffic between nodes crosses the shaped links and traffic inside a node its loo
 way, so ``localsgd cluster emulate`` can run a single run or a whole study on it.
 
 Leaving the ``with`` block, for whatever reason (a failed job, an exception, SIGINT,
-SIGTERM or SIGHUP), stops every process the cluster started and deletes its namespaces.
+SIGTERM or SIGHUP), stops every process the cluster started and deletes its namespaces;
+further signals are ignored until that is done.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
-from localsgd.emulation.network import EmulatedNetwork, NetworkSpec, kill_all, signals_raise
+from localsgd.emulation.network import EmulatedNetwork, NetworkSpec, kill_all, signals_ignored, signals_raise
 from localsgd.engines.base import Job, WorkerFailure
 from localsgd.engines.processes import log_tail, root_error
 from localsgd.records.record import ErrorInfo
@@ -109,8 +110,9 @@ class EmulatedCluster:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         try:
-            self.stop()
-            self.network.down()
+            with signals_ignored():
+                self.stop()
+                self.network.down()
         finally:
             if self._signals is not None:
                 self._signals.close()

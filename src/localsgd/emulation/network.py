@@ -352,6 +352,26 @@ def cleanup_stale() -> list[str]:
     return removed
 
 
+TEARDOWN_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+@contextlib.contextmanager
+def signals_ignored() -> Iterator[None]:
+    """Within the block, SIGINT, SIGTERM and SIGHUP are ignored (a second Ctrl-C must not cut
+    a teardown short); only in the main thread."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in TEARDOWN_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 @contextlib.contextmanager
 def signals_raise() -> Iterator[None]:
     """Within the block, SIGTERM and SIGHUP raise ``SystemExit`` (SIGINT already raises
