@@ -172,16 +172,16 @@ def test_an_interrupted_emulation_leaves_nothing_behind(env: Path, sig: signal.S
     command = [sys.executable, "-m", "localsgd.cli", "cluster", "emulate", "run.toml", "--nodes", "2"]
     proc = subprocess.Popen([*command, "--procs-per-node", "1", "--out", str(env / "store")], cwd=env)
     try:
-        # Wait until the workers run inside the namespaces (each node logs its launcher).
+        # Wait until every node's launcher runs inside its namespace.
         deadline = time.monotonic() + 240
         state = None
         while time.monotonic() < deadline and proc.poll() is None:
             mine = [p for p in STATE_DIR.glob("lsgd*.json") if json.loads(p.read_text())["pid"] == proc.pid]
-            logs = list((env / "store").glob("runs/*.partial/nodes/node1.log"))
-            if mine and logs and "joined the gloo process group" in logs[0].read_text():
+            logs = list((env / "store").glob("runs/*.partial/nodes/node*.log"))
+            if mine and len(logs) == 2 and running(str(env / "store")):
                 state = json.loads(mine[0].read_text())
                 break
-            time.sleep(0.5)
+            time.sleep(0.2)
         assert state is not None, "the emulated job did not start"
         created = state["namespaces"]
         assert len(created) == 3 and set(created) <= set(namespaces())
@@ -207,3 +207,37 @@ def test_namespaces_it_did_not_create_are_left_alone(env: Path) -> None:
     finally:
         foreign.down()
     assert foreign.nodes[0] not in namespaces()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--rate", "fast"], "error: rate must be a positive tc rate such as '100mbit'"),
+        (["--nodes", "0"], r"error: nodes must be an integer in [1, 250], got 0"),
+        (
+            ["--nodes", "3"],
+            "takes 4 processes; the emulated cluster runs 6 (3 nodes × 2) or one in this process",
+        ),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_code_2_before_anything_exists(
+    env: Path, args: list[str], message: str
+) -> None:
+    (env / "run.toml").write_text(
+        'workers = 4\ndevice = "cpu"\n[workload]\nname = "mnist1d_mlp"\nnum_samples = 1000\n'
+    )
+    command = [
+        sys.executable,
+        "-m",
+        "localsgd.cli",
+        "cluster",
+        "emulate",
+        "run.toml",
+        "--out",
+        "store",
+        *args,
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=env)
+    assert done.returncode == 2, done.stderr
+    assert message in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    assert not (env / "store").exists()

@@ -61,8 +61,9 @@ def plot(frame: pd.DataFrame, cluster: str) -> bytes:
     from matplotlib import colormaps
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
-    fig = Figure(figsize=(9.0, 5.6), layout="constrained")
+    fig = Figure(figsize=(10.0, 5.6), layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.subplots()
     low = min(frame["est_total_mean"].min(), frame["measured_total_mean"].min()) / 1.5
@@ -86,6 +87,11 @@ def plot(frame: pd.DataFrame, cluster: str) -> bytes:
         )
     ax.set_xscale("log")
     ax.set_yscale("log")
+    for axis in (ax.xaxis, ax.yaxis):
+        # Ticks at 1, 2, 5 × 10^k, written as plain numbers.
+        axis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        axis.set_minor_formatter(NullFormatter())
     ax.set_xlim(low, high)
     ax.set_ylim(low, high)
     ax.set_xlabel(f"estimated training time on {cluster} (s)")
@@ -125,11 +131,11 @@ def section(estimates: ClusterEstimates) -> tuple[list[Block], dict[str, bytes]]
                 str(r.workload),
                 str(r.group),
                 str(r.seeds),
-                fmt_pm(r.measured_total_mean, r.measured_total_std, ".4g"),
-                fmt_pm(r.est_total_mean, r.est_total_std, ".4g"),
+                fmt_pm(r.measured_total_mean, r.measured_total_std, ".3g"),
+                fmt_pm(r.est_total_mean, r.est_total_std, ".3g"),
                 fmt_pm(r.ratio_mean, r.ratio_std, ".3f"),
-                fmt_pm(r.measured_comm_mean, r.measured_comm_std, ".4g"),
-                fmt(r.est_comm_mean, ".4g"),
+                fmt_pm(r.measured_comm_mean, r.measured_comm_std, ".3g"),
+                fmt(r.est_comm_mean, ".3g"),
                 fmt_pm(r.comm_ratio_mean, r.comm_ratio_std, ".3f"),
             ]
             for r in frame.itertuples(index=False)
