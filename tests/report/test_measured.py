@@ -91,9 +91,9 @@ def test_measured_beside_estimated_with_the_delay(tmp_path: Path) -> None:
         line = next(x for x in lines if ("comm.delay.world=0.25" in x) == bool(delay))
         cells = [c.strip() for c in line.strip("|").split("|")]
         assert cells[2] == "2"
-        assert float(cells[4].split(" ± ")[0]) == pytest.approx(mean, rel=1e-3)
+        assert float(cells[4].split(" ± ")[0]) == pytest.approx(mean, rel=5e-3)  # 3 significant digits
         assert float(cells[5].split(" ± ")[0]) == pytest.approx(sum(ratios) / 2, abs=1e-3)
-        assert float(cells[7]) == pytest.approx(network + 4 * delay.get("world", 0.0), rel=1e-3)
+        assert float(cells[7]) == pytest.approx(network + 4 * delay.get("world", 0.0), rel=5e-3)
     # The estimate section describes the flat ring and the delay it adds.
     assert "one flat ring over all ranks across nodes, as gloo runs it" in text
     assert "injected delay (comm.delay)" in text
