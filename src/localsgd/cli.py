@@ -211,14 +211,16 @@ def _write_calibration(cluster: EmulatedCluster, path: Path) -> None:
 
 @cluster_app.command()
 def emulate(
-    job: Annotated[Path, typer.Argument(help="A study file ([study], [base], [[grid]]) or a run config.")],
+    job: Annotated[Path, typer.Argument(help="A study file (study, base and grid tables) or a run config.")],
     nodes: NodesOption = 2,
     procs_per_node: ProcsOption = 2,
     rate: RateOption = None,
     burst: BurstOption = None,
     out: Annotated[
         Path | None,
-        typer.Option(help="Store folder (default: [study].out or studies_out/<name>; runs for a run)."),
+        typer.Option(
+            help="Store folder (default: the study's out, or studies_out/NAME; runs for a single run)."
+        ),
     ] = None,
     overrides: SetOption = None,
     calibrate: Annotated[

@@ -15,13 +15,16 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
+from typer.testing import CliRunner
 
 from harness import LAUNCHER_VARS
 from localsgd import engines
+from localsgd.cli import app
 from localsgd.costmodel import load_cluster
 from localsgd.emulation import EmulatedCluster, EmulatedNetwork, NetworkSpec, cleanup_stale, unavailable
 from localsgd.emulation.network import STATE_DIR, namespaces
@@ -68,6 +71,14 @@ def running(marker: str) -> list[int]:
             except OSError:
                 continue
     return found
+
+
+@pytest.fixture(autouse=True)
+def no_leftovers() -> Iterator[None]:
+    """Whatever a test does, emulations whose owner died (a subprocess it started) are
+    removed after it, so that even a failing test leaves no namespace behind."""
+    yield
+    cleanup_stale()
 
 
 @pytest.fixture
@@ -226,18 +237,38 @@ def test_bad_input_is_one_line_and_exit_code_2_before_anything_exists(
     (env / "run.toml").write_text(
         'workers = 4\ndevice = "cpu"\n[workload]\nname = "mnist1d_mlp"\nnum_samples = 1000\n'
     )
-    command = [
-        sys.executable,
-        "-m",
-        "localsgd.cli",
-        "cluster",
-        "emulate",
-        "run.toml",
-        "--out",
-        "store",
-        *args,
-    ]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=env)
-    assert done.returncode == 2, done.stderr
+    done = CliRunner().invoke(app, ["cluster", "emulate", "run.toml", "--out", "store", *args])
+    assert done.exit_code == 2, done.stderr
     assert message in done.stderr and len(done.stderr.strip().splitlines()) == 1
     assert not (env / "store").exists()
+
+
+HARD_KILLED = """
+import sys, time
+from localsgd.emulation.network import EmulatedNetwork, NetworkSpec
+network = EmulatedNetwork(NetworkSpec(2, "100mbit")).up()
+print(network.ident, flush=True)
+time.sleep(600)
+"""
+
+
+def test_cleanup_removes_what_a_hard_killed_emulation_left(env: Path) -> None:
+    proc = subprocess.Popen([sys.executable, "-c", HARD_KILLED], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        ident = proc.stdout.readline().strip()
+        left = sorted(n for n in namespaces() if n.startswith(f"{ident}-"))
+        assert left == [f"{ident}-node0", f"{ident}-node1", f"{ident}-switch"]
+    finally:
+        proc.kill()  # SIGKILL: no teardown runs
+        proc.wait()
+    assert set(left) <= set(namespaces())
+    done = subprocess.run(
+        [sys.executable, "-m", "localsgd.cli", "cluster", "cleanup"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert all(name in done.stdout for name in left)
+    assert not set(left) & set(namespaces()) and not (STATE_DIR / f"{ident}.json").exists()
