@@ -80,9 +80,9 @@ def train(
 
 @app.command()
 def study(
-    config: Annotated[Path, typer.Argument(help="Study file (TOML): [study], [base] and [[grid]] blocks.")],
+    config: Annotated[Path, typer.Argument(help="Study file (TOML): study, base and grid tables.")],
     out: Annotated[
-        Path | None, typer.Option(help="Store folder (default: [study].out or studies_out/<name>).")
+        Path | None, typer.Option(help="Store folder (default: the study's out, or studies_out/NAME).")
     ] = None,
     overrides: SetOption = None,
     retry_failed: Annotated[bool, typer.Option(help="Run failed and diverged runs again.")] = False,
