@@ -161,8 +161,11 @@ class Engine(Protocol):
         world_size: int,
         workers: int,
         device: torch.device,
+        delay: Mapping[str, float] | None = None,
     ) -> Replicas:
-        """This process's view of the replicas of ``model``."""
+        """This process's view of the replicas of ``model``. ``delay``: seconds added to
+        every counted collective of a scope (a run's ``comm.delay``), which the engine
+        either waits out or records for the cost model's estimates."""
         ...
 
 

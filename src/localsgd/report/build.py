@@ -14,7 +14,7 @@ import pandas as pd
 
 from localsgd.costmodel import GBIT, Cluster, load_cluster
 from localsgd.records import Metric
-from localsgd.report import plots
+from localsgd.report import measured, plots
 from localsgd.report.estimates import ClusterEstimates, estimate, parse_target
 from localsgd.report.render import (
     Block,
@@ -121,6 +121,11 @@ def make_report(
         png = draw()
         images[f"{stem}.png"] = png
         paths[stem] = write_atomic(out / f"{stem}.png", png)
+    # Runs of real K-worker time beside their estimates (report/measured.py).
+    measured_blocks, measured_images = measured.section(estimates) if estimates is not None else ([], {})
+    for file, png in measured_images.items():
+        images[file] = png
+        paths[file.removesuffix(".png")] = write_atomic(out / file, png)
 
     sheets = {
         "summary": summary,
@@ -133,6 +138,9 @@ def make_report(
         sheets["cluster"] = _cluster_sheet(estimates)
     paths["xlsx"] = write_xlsx(out / "results.xlsx", sheets)
     blocks = _document(study, summary, status, baseline, estimates)
+    if measured_blocks:
+        at = next(i for i, b in enumerate(blocks) if isinstance(b, Heading) and b.text == "Run status")
+        blocks[at:at] = measured_blocks
     paths["markdown"] = write_atomic(out / "report.md", to_markdown(blocks))
     paths["html"] = write_atomic(out / "report.html", to_html(blocks, TITLE, images))
     log.info("report of %s written to %s", study.root, out)
@@ -326,8 +334,14 @@ def _cluster_lines(estimates: ClusterEstimates) -> list[str]:
         )
         + f"Inter-node link: {_link_text(cluster.inter.alpha, cluster.inter.bandwidth)}.",
         "Communication: each collective of a run is costed as a ring all-reduce "
-        "(2(p−1)·α + 2(p−1)/p · n/β; hierarchical across nodes of several devices), summed over "
-        "the run's per-scope counters (collectives, payload bytes); see docs/costmodel.md.",
+        "(2(p−1)·α + 2(p−1)/p · n/β; "
+        + (
+            "hierarchical across nodes of several devices"
+            if cluster.allreduce == "hierarchical"
+            else "one flat ring over all ranks across nodes, as gloo runs it"
+        )
+        + "), summed over the run's per-scope counters (collectives, payload bytes), plus a run's "
+        "injected delay (comm.delay) per collective of its scope; see docs/costmodel.md.",
     ]
     if cluster.seconds_per_sample is not None:
         lines.append(

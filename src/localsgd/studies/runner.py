@@ -120,11 +120,14 @@ def execute_run(
     timeout: float | None = None,
     workload: workloads.Workload | None = None,
     session: engines.Session | None = None,
+    launch: Callable[[engines.Job], None] | None = None,
 ) -> str:
     """Run ``config`` to the end through its engine -- on processes of its own, or on
     ``session``'s -- and record it in ``store``; returns the final status. A failed run's
     status holds its root error (the first worker's own exception). A run cancelled from
-    outside is left unfinished (the next attempt redoes it)."""
+    outside is left unfinished (the next attempt redoes it). ``launch`` places a run of
+    several worker processes somewhere else than the engine would (an emulated multi-node
+    cluster, say); a run of one process stays here."""
     from localsgd.studies.trainer import train
 
     engine = engines.get(config.engine)
@@ -137,7 +140,9 @@ def execute_run(
     job = engines.Job(config.workers, config.threads, folder, train_here, timeout, device=config.device)
     error: ErrorInfo | None = None
     try:
-        if session is None:
+        if launch is not None and engine.processes(config.workers) > 1:
+            launch(job)
+        elif session is None:
             engine.execute(job)
         else:
             session.execute(job)
@@ -183,6 +188,7 @@ def run_study(
     oversubscribe: bool = False,
     executor: str = "local",
     executor_options: Mapping[str, Any] | None = None,
+    launch: Callable[[engines.Job], None] | None = None,
 ) -> Counter[str]:
     """Run every run of ``study`` not already finished in the store at ``out``.
 
@@ -193,7 +199,8 @@ def run_study(
     pools on this machine) or ``slurm`` (a Slurm job per run through submitit;
     ``executor_options`` as for :class:`~localsgd.engines.slurm.SlurmSession`). Progress
     goes to ``output`` (default stdout): a line per finished run, or a bar in a terminal.
-    Returns how many runs ended in each status, skipped ones included.
+    ``launch``: as for :func:`execute_run`. Returns how many runs ended in each status,
+    skipped ones included.
     """
     if executor not in EXECUTORS:
         raise ConfigError(f"executor must be one of {list(EXECUTORS)}, got {executor!r}")
@@ -260,7 +267,9 @@ def run_study(
         if execute is not None:
             status = execute(run, store)
         else:
-            status = execute_run(run, store, workload=workload, session=sessions.get(run.engine))
+            status = execute_run(
+                run, store, workload=workload, session=sessions.get(run.engine), launch=launch
+            )
         seconds = time.monotonic() - started
         with lock:
             counts[status] += 1

@@ -142,7 +142,13 @@ def _train(
     torch.manual_seed(config.seed)
     model = workload.make_model(config.seed).to(device)
     replicas = engine.replicas(
-        workload, model, rank=rank, world_size=world_size, workers=workers, device=device
+        workload,
+        model,
+        rank=rank,
+        world_size=world_size,
+        workers=workers,
+        device=device,
+        delay=config.comm.delay,
     )
     optimizer = recipes.build_optimizer(replicas.module, config.optimizer, ndim=replicas.param_ndim)
     replicas.check_optimizer(optimizer)
