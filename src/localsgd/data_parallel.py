@@ -156,6 +156,20 @@ class DataParallel:
             **comm_stats.as_dict(),
         }
 
+    @property
+    def updates(self) -> int:
+        """Updates of the consensus model so far: the steps, or, for an algorithm that keeps
+        the consensus on a server, the server's updates (on the rank that hosts it)."""
+        counted = getattr(self._sync, "updates", None)
+        return int(counted) if counted is not None else self._steps
+
+    @property
+    def details(self) -> dict[str, Any]:
+        """What the algorithm has to say for the run's record (a parameter server's staleness
+        distribution and lost workers, say); ``{}`` for most."""
+        report = getattr(self._sync, "details", None)
+        return dict(report()) if report is not None else {}
+
     @contextlib.contextmanager
     def consensus(self) -> Iterator[nn.Module]:
         """Temporarily put the consensus model in place (for evaluation), then restore

@@ -88,7 +88,9 @@ def test_build_from_plain_dicts():
         A.build({"name": "local_sgd", "period": "8"})
     with pytest.raises(ValueError, match=r"local_sgd\.average_buffers must be true or false"):
         A.build({"name": "local_sgd", "average_buffers": "yes"})
-    with pytest.raises(ValueError, match=r"algorithm name 'localsgd' is unknown; allowed: \['diloco'"):
+    with pytest.raises(
+        ValueError, match=r"algorithm name 'localsgd' is unknown; allowed: \['async_local_sgd', 'diloco'"
+    ):
         A.build({"name": "localsgd"})
     with pytest.raises(ValueError, match="needs a 'name' key"):
         A.build({"period": 8})

@@ -5,6 +5,7 @@
 LocalSGD(period=8, average_buffers=True, optimizer_state='local')
 """
 
+from localsgd.algorithms.async_local_sgd import AsyncLocalSGD
 from localsgd.algorithms.base import (
     AlgorithmConfig,
     SyncContext,
@@ -25,6 +26,7 @@ from localsgd.algorithms.sma import SMA
 __all__ = [
     "SMA",
     "AlgorithmConfig",
+    "AsyncLocalSGD",
     "DiLoCo",
     "GradientAccumulation",
     "HierarchicalLocalSGD",

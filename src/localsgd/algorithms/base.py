@@ -93,6 +93,10 @@ class AlgorithmConfig:
     name: ClassVar[str]
     SYMBOLS: ClassVar[dict[str, str]] = {}
     RENAMED: ClassVar[dict[str, str]] = {}
+    asynchronous: ClassVar[bool] = False
+    """Workers never wait for one another: the consensus model lives on a server that one
+    rank hosts, so only that rank evaluates it, and only after every worker has finished
+    for the final evaluation (no collectives once training has started)."""
 
     @property
     def sync_period(self) -> int | None:

@@ -1,15 +1,16 @@
 """The communicator protocol: the narrow waist between algorithms and engines.
 
-Algorithms only ever call :meth:`Communicator.average` and :meth:`Communicator.broadcast`.
-An engine supplies the implementation: real process groups
-(:class:`~localsgd.comm.process_group.ProcessGroupCommunicator`) or the simulated engine's
-(:class:`~localsgd.engines.simulated.SimulatedCommunicator`), which holds every replica
-stacked in one process. Both count the same things.
+Algorithms only ever call :meth:`Communicator.average` and :meth:`Communicator.broadcast`,
+and asynchronous ones :meth:`~Communicator.serve`, :meth:`~Communicator.push` and
+:meth:`~Communicator.pull` (a parameter server). An engine supplies the implementation:
+real process groups (:class:`~localsgd.comm.process_group.ProcessGroupCommunicator`) or the
+simulated engine's (:class:`~localsgd.engines.simulated.SimulatedCommunicator`), which holds
+every replica stacked in one process. Both count the same things.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, Union, runtime_checkable
 
@@ -84,6 +85,34 @@ class CommStats:
         }
 
 
+PUSH = "push"
+PULL = "pull"
+"""The scope labels of a parameter server's transfers in :class:`CommStats`: one of each
+per exchange (a worker's model up, the global model down), each of one model's bytes."""
+
+
+class Server(Protocol):
+    """A parameter server's state as a communicator hosts it (the algorithm's rules; see
+    :class:`localsgd.algorithms.async_server.ParameterServer`). Not thread-safe: the host
+    serialises calls. Non-blocking: ``push``/``finish`` register, ``ready`` tells when done."""
+
+    def push(self, worker: int, model: Sequence[torch.Tensor]) -> None: ...
+
+    def finish(self, worker: int) -> None: ...
+
+    def lose(self, worker: int) -> None: ...
+
+    def ready(self, worker: int) -> bool: ...
+
+    def finished(self) -> bool: ...
+
+    def model(self, out: Sequence[torch.Tensor], worker: int | None = None) -> int: ...
+
+
+ServerFactory = Callable[[list[torch.Tensor]], Server]
+"""Builds the server from the initial global model (one replica's tensors)."""
+
+
 @runtime_checkable
 class Communicator(Protocol):
     """What an algorithm may ask of the engine.
@@ -113,3 +142,21 @@ class Communicator(Protocol):
     ) -> None: ...
 
     def broadcast(self, tensors: Sequence[torch.Tensor], src: int = 0, *, record: bool = True) -> None: ...
+
+    def serve(self, tensors: Sequence[torch.Tensor], server: ServerFactory) -> None:
+        """Host a parameter server whose initial model is ``tensors`` (the same on every
+        worker): ``server(initial)`` is built once, where this communicator keeps it (rank
+        0's process, the simulated engine). Collective: every worker calls it, once, first."""
+        ...
+
+    def push(self, tensors: Sequence[torch.Tensor], *, record: bool = True) -> None:
+        """Send this worker's model (``tensors``) to the server and, once the server has
+        applied it, overwrite ``tensors`` with the global model it produced (a push and a
+        pull in one exchange, so no other update can come between them)."""
+        ...
+
+    def pull(self, tensors: Sequence[torch.Tensor], *, final: bool = False, record: bool = True) -> int:
+        """Overwrite ``tensors`` with the current global model; return its version.
+        ``final``: this worker is done pushing; wait until every worker is done (or lost)
+        and return the final global model."""
+        ...

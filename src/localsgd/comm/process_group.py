@@ -9,8 +9,17 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from localsgd.comm.base import WORLD, Block, CommStats, Scope, check_block
+from localsgd.comm.base import WORLD, Block, CommStats, Scope, ServerFactory, check_block
 from localsgd.comm.flat import contiguous_span, group_by_dtype, pack, unpack
+from localsgd.comm.parameter_server import (
+    KIND_FINISH,
+    KIND_PULL,
+    KIND_PUSH,
+    PairChannels,
+    ServerHost,
+    record_exchange,
+    record_pull,
+)
 
 
 class ProcessGroupCommunicator:
@@ -48,6 +57,8 @@ class ProcessGroupCommunicator:
             raise ValueError(f"delay must be finite seconds >= 0 per scope, got {bad}")
         # NCCL averages inside the collective, saving a pass over the buffer.
         self._avg = dist.get_backend(group) == "nccl"
+        self._host: ServerHost | None = None
+        self._pairs: PairChannels | None = None
 
     @property
     def rank(self) -> int:
@@ -157,3 +168,42 @@ class ProcessGroupCommunicator:
         if pause:
             time.sleep(pause)
         return time.perf_counter() - start
+
+    # -- a parameter server (see localsgd.comm.parameter_server) ---------------------------------
+
+    def serve(self, tensors: Sequence[torch.Tensor], server: ServerFactory) -> None:
+        """Rank 0 hosts the server (its global model in CPU memory) and a thread per other
+        rank; every rank joins its pair group with rank 0. Collective."""
+        if self._group is not None:
+            raise ValueError("a parameter server needs the communicator over the default world (group=None)")
+        if self._rank == 0:
+            self._host = ServerHost(server([t.detach().cpu().clone() for t in tensors]))
+        self._pairs = PairChannels(self._world_size, self._rank, self._host, tensors)
+
+    def _channels(self) -> PairChannels:
+        if self._pairs is None:
+            raise RuntimeError("push/pull need a parameter server: call serve() first")
+        return self._pairs
+
+    def push(self, tensors: Sequence[torch.Tensor], *, record: bool = True) -> None:
+        pairs = self._channels()
+        start = time.perf_counter()
+        if self._host is not None:
+            self._host.exchange(0, tensors, tensors)
+        else:
+            pairs.request(KIND_PUSH, tensors)
+        if record:
+            record_exchange(self._stats, tensors, time.perf_counter() - start)
+
+    def pull(self, tensors: Sequence[torch.Tensor], *, final: bool = False, record: bool = True) -> int:
+        pairs = self._channels()
+        start = time.perf_counter()
+        if self._host is not None:
+            version = self._host.finish(0, tensors) if final else self._host.pull(tensors)
+            if final:
+                pairs.join()
+        else:
+            version = pairs.request(KIND_FINISH if final else KIND_PULL, tensors)
+        if record:
+            record_pull(self._stats, tensors, time.perf_counter() - start)
+        return version

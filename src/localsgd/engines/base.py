@@ -97,6 +97,12 @@ class Replicas(Protocol):
         """Whether ``DataParallel`` should re-home the parameters into flat storage."""
         ...
 
+    @property
+    def asynchronous(self) -> bool:
+        """Whether this layout's workers run without waiting for one another (Hogwild):
+        then rank 0 alone evaluates, and the final evaluation waits for :meth:`finish`."""
+        ...
+
     def param_ndim(self, p: torch.Tensor) -> int:
         """A parameter's own number of dimensions (without a replica dimension)."""
         ...
@@ -120,6 +126,15 @@ class Replicas(Protocol):
     def evaluate(self) -> dict[str, float]:
         """The workload's metrics of the model in place (the consensus, under
         ``dp.consensus()``); ``{}`` on ranks that do not evaluate."""
+        ...
+
+    def updates(self, dp: Any) -> int:
+        """Updates the evaluated model has received so far (``dp.updates`` unless the
+        layout has workers of its own)."""
+        ...
+
+    def finish(self) -> None:
+        """Wait for workers this layout started itself (after ``DataParallel`` exits)."""
         ...
 
     def final_model(self) -> nn.Module:

@@ -134,6 +134,14 @@ class ProcessReplica:
     def evaluate(self) -> dict[str, float]:
         return self.workload.evaluate(self.module, self.device) if self.rank == 0 else {}
 
+    asynchronous = False
+
+    def updates(self, dp: Any) -> int:
+        return int(dp.updates)
+
+    def finish(self) -> None:
+        pass
+
     def final_model(self) -> nn.Module:
         return self.module
 

@@ -19,8 +19,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from localsgd.comm.base import WORLD, Block, CommStats, Communicator, Scope, check_block
+from localsgd.comm.base import (
+    WORLD,
+    Block,
+    CommStats,
+    Communicator,
+    Scope,
+    Server,
+    ServerFactory,
+    check_block,
+)
 from localsgd.comm.flat import group_by_dtype
+from localsgd.comm.parameter_server import record_exchange, record_pull
 from localsgd.engines.base import Job, Replicas, Session, register
 from localsgd.engines.pool import LocalSession
 from localsgd.records.record import EngineInfo
@@ -90,6 +100,10 @@ class SimulatedCommunicator:
             raise ValueError(f"replicas must be >= 1, got {replicas}")
         self._k = replicas
         self._stats = CommStats()
+        self.server: Server | None = None
+        self.pushing: Callable[[], Sequence[int]] = lambda: range(self._k)
+        """The replicas whose push is due at a push, in the order they reach the server
+        (all, by index, when replicas step together; see simulated_async)."""
 
     @property
     def rank(self) -> int:
@@ -143,6 +157,48 @@ class SimulatedCommunicator:
                 t.copy_(t[src : src + 1].expand_as(t))
             if record:
                 self._stats.record("world", nbytes, time.perf_counter() - start)
+
+    # -- a parameter server: this engine hosts it and plays every worker, in event order ------
+
+    def serve(self, tensors: Sequence[torch.Tensor], server: ServerFactory) -> None:
+        self.server = server([t[0].detach().clone() for t in tensors])
+
+    def _server(self) -> Server:
+        if self.server is None:
+            raise RuntimeError("push/pull need a parameter server: call serve() first")
+        return self.server
+
+    @torch.no_grad()
+    def push(self, tensors: Sequence[torch.Tensor], *, record: bool = True) -> None:
+        server = self._server()
+        start = time.perf_counter()
+        due = list(self.pushing())
+        for k in due:
+            server.push(k, [t[k] for t in tensors])
+        for k in due:
+            if not server.ready(k):
+                raise RuntimeError(
+                    f"simulated engine: replica {k}'s push waits for replicas that are not pushing "
+                    "(a staleness bound no push order of this engine can meet)"
+                )
+            server.model([t[k] for t in tensors], k)
+        if record and due:
+            record_exchange(self._stats, [t[0] for t in tensors], (time.perf_counter() - start) / len(due))
+
+    @torch.no_grad()
+    def pull(self, tensors: Sequence[torch.Tensor], *, final: bool = False, record: bool = True) -> int:
+        server = self._server()
+        start = time.perf_counter()
+        if final:
+            for k in range(self._k):
+                if not server.finished():
+                    server.finish(k)
+        version = server.model([t[0] for t in tensors])
+        for t in tensors:
+            t.copy_(t[0:1].expand_as(t))
+        if record:
+            record_pull(self._stats, [t[0] for t in tensors], time.perf_counter() - start)
+        return version
 
 
 class StackedModel(nn.Module):
@@ -424,6 +480,14 @@ class SimulatedReplicas:
     def evaluate(self) -> dict[str, float]:
         # Called under consensus(): every replica holds the consensus model.
         return self.workload.evaluate(self.module.load_replica_into_template(0), self.device)
+
+    asynchronous = False
+
+    def updates(self, dp: Any) -> int:
+        return int(dp.updates)
+
+    def finish(self) -> None:
+        pass
 
     def final_model(self) -> nn.Module:
         return self.module.load_replica_into_template(0)

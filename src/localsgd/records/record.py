@@ -114,6 +114,8 @@ RESERVED_METRIC_NAMES = frozenset(
         "comm_seconds",
         "by_scope",
         "run_id",
+        "updates",
+        "updates_per_second",
     }
 )
 """Columns every metrics row has: no workload metric may take one of these names."""
@@ -203,7 +205,13 @@ class MetricsRow:
     collectives: int = 0
     comm_seconds: float = 0.0
     by_scope: dict[str, dict[str, float]] = field(default_factory=dict)
-    """Cumulative communication per scope (``world``, ``block2``, ...)."""
+    """Cumulative communication per scope (``world``, ``block2``, ``push``, ``pull``, ...)."""
+    updates: int | None = None
+    """Updates the evaluated model has received so far: steps for synchronous algorithms
+    (one update of every replica per step), every worker's step under Hogwild (all write
+    the shared model), the server's updates under a parameter server."""
+    updates_per_second: float | None = None
+    """``updates`` / ``wall_seconds``."""
 
 
 @dataclass(frozen=True)

@@ -163,19 +163,35 @@ def _train(
     train_seconds = 0.0
     loss_sum: torch.Tensor | float = 0.0
     loss_count = 0
+    # Asynchronous runs (a parameter server, Hogwild): workers never wait for one another,
+    # so only rank 0 evaluates (the global model, without any collective), and the final
+    # evaluation comes once, after every worker has finished.
+    deferred = bool(getattr(algorithm, "asynchronous", False)) or replicas.asynchronous
+    evaluates = rank == 0 or not deferred
     with localsgd.DataParallel(
         replicas.module, optimizer, algorithm, comm=replicas.comm, flat=replicas.flat
     ) as dp:
 
-        def evaluate() -> MetricsRow:
+        def evaluate(*, final: bool = False) -> MetricsRow | None:
             nonlocal loss_sum, loss_count
             mean = loss_sum / max(loss_count, 1)
-            train_loss = replicas.worker_mean(torch.as_tensor(mean, dtype=torch.float64), dp)
             counted = loss_count
             loss_sum, loss_count = 0.0, 0
-            with dp.consensus():
-                scores = replicas.evaluate()
+            if not evaluates:
+                return None
+            if deferred:
+                # The evaluating worker's own (rank 0's, replica 0's): a mean over workers
+                # would be a collective.
+                train_loss = float(torch.as_tensor(mean).reshape(-1)[0])
+            else:
+                train_loss = replicas.worker_mean(torch.as_tensor(mean, dtype=torch.float64), dp)
+            if final:
+                scores = replicas.evaluate()  # the final global model is in place
+            else:
+                with dp.consensus():
+                    scores = replicas.evaluate()
             stats = dp.stats
+            updates = replicas.updates(dp)
             row = MetricsRow(
                 step=step,
                 epoch=step / steps_per_epoch,
@@ -189,6 +205,8 @@ def _train(
                 collectives=stats["collectives"],
                 comm_seconds=stats["comm_seconds"],
                 by_scope=stats["by_scope"],
+                updates=updates,
+                updates_per_second=updates / train_seconds if train_seconds > 0 else None,
             )
             writer.row(row)
             if rank == 0:
@@ -224,12 +242,20 @@ def _train(
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 train_seconds += time.perf_counter() - start
-                if step % config.train.eval_every == 0 or step == total_steps:
+                at_end = step == total_steps
+                # An asynchronous run's final evaluation waits for every worker (below).
+                if (step % config.train.eval_every == 0 or at_end) and not (deferred and at_end):
                     evaluate()
                 if step >= total_steps:
                     break
             epoch += 1
-        # Leaving the block puts the consensus model on every rank.
+        finishing = time.perf_counter()
+        # Leaving the block puts the consensus model on every rank (an asynchronous run's
+        # once every worker has finished: that wait is training time).
+    replicas.finish()
+    if deferred:
+        train_seconds += time.perf_counter() - finishing
+        evaluate(final=True)
     final = dp.stats
     if writer.run_dir is not None:
         tmp = writer.run_dir / ".checkpoint.pt.tmp"
@@ -265,7 +291,7 @@ def _train(
         global_batch=global_batch,
         algorithm=algorithm.to_dict(),
         engine=engine.info,
-        details=replicas.details(),
+        details={**replicas.details(), **dp.details},
     )
 
 

@@ -1,0 +1,152 @@
+"""Asynchronous local SGD on a parameter server (Downpour SGD, Dean et al. 2012; Liu et al.
+2024, "Asynchronous Local-SGD Training for Language Modeling")."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from localsgd.algorithms.async_server import ORDERS, ParameterServer, ServerOptions
+from localsgd.algorithms.base import AlgorithmConfig, SyncContext, register
+from localsgd.util.checks import ConfigError, check_bool, check_choice, check_float, check_int
+
+OUTER_OPTIMIZERS = ("sgd", "nesterov")
+
+
+@register("async_local_sgd")
+@dataclass(frozen=True)
+class AsyncLocalSGD(AlgorithmConfig):
+    """A server holds the global model x. Each worker takes H = ``period`` local steps from
+    the model it last received, pushes its model x_k and receives the global model right
+    after the server applied it, without waiting for the other workers. The server applies
+    x ← x − α·d from the pseudo-gradient g = c·(b_k − x_k) (b_k: the model k started from;
+    c = 1/(1 + τ) with ``staleness_lr``, Zhang et al. 2016, else 1), d from the outer
+    optimizer (plain: d = g; ``nesterov``: Nesterov momentum β, applied every N-th update
+    as in Liu et al.'s delayed Nesterov). H = 1 with plain SGD inside is classic
+    asynchronous SGD; one worker with α = 1 is plain SGD, bit for bit.
+
+    Consistency: no two workers need to hold the same model at any time; the global model
+    (the consensus, what evaluation sees) lives on the server, which is a thread of rank 0
+    (the process engine) or the engine itself (simulated). ``max_staleness`` = s bounds
+    the staleness τ of every push (stale-synchronous parallel, Ho et al. 2013): pushes
+    that would let the global model run more than s updates ahead of a worker wait, and
+    s = 0 is synchronous local SGD (each round one update: the mean of the K models).
+    See :mod:`localsgd.algorithms.async_server`.
+    """
+
+    SYMBOLS: ClassVar[dict[str, str]] = {"period": "H"}
+    asynchronous: ClassVar[bool] = True
+
+    period: int = 1
+    """H: local steps between two pushes. 1 is asynchronous SGD."""
+    max_staleness: int | None = None
+    """s: the most updates a push may not have seen (None: unbounded, fully asynchronous;
+    0: synchronous)."""
+    staleness_lr: bool = False
+    """Scale each push's change by 1/(1 + τ), τ its staleness (Zhang et al. 2016)."""
+    outer_optimizer: str = "sgd"
+    """The server's update: ``sgd`` (plain) or ``nesterov`` (momentum ``outer_momentum``,
+    delayed by ``nesterov_delay``)."""
+    outer_lr: float = 1.0
+    """α: the server's learning rate on the pseudo-gradient."""
+    outer_momentum: float = 0.9
+    """β: the server's Nesterov momentum (``outer_optimizer = "nesterov"`` only)."""
+    nesterov_delay: int = 1
+    """N: momentum is updated and applied every N-th update, plain steps of g/N in between
+    (Liu et al. 2024, delayed Nesterov); 1 is Nesterov on every update."""
+    order: str = "arrival"
+    """``arrival``: pushes are applied as they arrive (asynchronous). ``round_robin``:
+    strictly in the workers' cyclic order, whatever order they arrive in (a deterministic
+    schedule: the process engine then equals the simulated one)."""
+
+    def __post_init__(self) -> None:
+        check_int("async_local_sgd.period", self.period, 1)
+        if self.max_staleness is not None:
+            check_int("async_local_sgd.max_staleness", self.max_staleness, 0)
+        check_bool("async_local_sgd.staleness_lr", self.staleness_lr)
+        check_choice("async_local_sgd.outer_optimizer", self.outer_optimizer, OUTER_OPTIMIZERS)
+        check_float("async_local_sgd.outer_lr", self.outer_lr, 0.0, None, low_open=True)
+        check_float("async_local_sgd.outer_momentum", self.outer_momentum, 0.0, 1.0)
+        check_int("async_local_sgd.nesterov_delay", self.nesterov_delay, 1)
+        check_choice("async_local_sgd.order", self.order, ORDERS)
+        if self.outer_optimizer == "sgd" and self.nesterov_delay != 1:
+            raise ConfigError(
+                "async_local_sgd.nesterov_delay needs async_local_sgd.outer_optimizer = 'nesterov'"
+            )
+
+    @property
+    def sync_period(self) -> int:
+        return self.period
+
+    def server_options(self) -> ServerOptions:
+        momentum = self.outer_momentum if self.outer_optimizer == "nesterov" else 0.0
+        return ServerOptions(
+            self.max_staleness, self.staleness_lr, self.outer_lr, momentum, self.nesterov_delay, self.order
+        )
+
+    def bind(self, ctx: SyncContext) -> AsyncLocalSGDSync:
+        return AsyncLocalSGDSync(ctx, self)
+
+
+class AsyncLocalSGDSync:
+    """Counts local steps; every H-th pushes the model (parameters and floating-point
+    buffers) and continues from the global model the server returns."""
+
+    def __init__(self, ctx: SyncContext, config: AsyncLocalSGD) -> None:
+        self.ctx = ctx
+        self.period = config.period
+        self.syncs = 0
+        self.since_push = 0
+        self.server: ParameterServer | None = None
+        options = config.server_options()
+
+        def make(initial: list[torch.Tensor]) -> ParameterServer:
+            self.server = ParameterServer(initial, ctx.comm.world_size, options)
+            return self.server
+
+        ctx.comm.serve(self._tensors(), make)
+
+    def _tensors(self) -> list[torch.Tensor]:
+        return self.ctx.model_tensors(params=True, buffers=True)
+
+    def before_step(self) -> None:
+        pass
+
+    def after_step(self) -> None:
+        self.since_push += 1
+        if self.since_push == self.period:
+            self.ctx.comm.push(self._tensors())
+            self.syncs += 1
+            self.since_push = 0
+
+    def write_consensus(self, *, record: bool) -> None:
+        self.ctx.comm.pull(self._tensors(), record=record)
+
+    def finalize(self) -> None:
+        if self.since_push > 0:
+            self.ctx.comm.push(self._tensors())
+            self.syncs += 1
+            self.since_push = 0
+        self.ctx.comm.pull(self._tensors(), final=True)
+
+    @property
+    def updates(self) -> int | None:
+        """Updates of the global model so far (on the rank that hosts the server)."""
+        return self.server.version if self.server is not None else None
+
+    def details(self) -> dict[str, Any]:
+        return {"server": self.server.summary()} if self.server is not None else {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"syncs": self.syncs, "since_push": self.since_push}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        # Each rank saves its own state at its own moment, and the server's state (on rank
+        # 0) at rank 0's: no set of per-rank checkpoints is a consistent cut of the run.
+        raise ValueError(
+            "async_local_sgd cannot resume from per-rank checkpoints: the workers and the "
+            "server are never checkpointed at one moment; start the run again"
+        )
