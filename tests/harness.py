@@ -66,8 +66,15 @@ def _entry(fn: Callable[..., Any], rank: int, world_size: int, port: int, out: s
     localsgd.destroy_distributed()
 
 
-def run_world(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 180.0) -> list[Any]:
-    """Run ``fn(rank, world_size, *args)`` on ``world_size`` gloo ranks; results by rank."""
+def run_world(
+    fn: Callable[..., Any],
+    world_size: int,
+    *args: Any,
+    timeout: float = 180.0,
+    may_die: tuple[int, ...] = (),
+) -> list[Any]:
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` gloo ranks; results by rank.
+    Ranks in ``may_die`` may end without a result (a test that kills them): theirs is None."""
     ctx = mp.get_context("spawn")
     port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
@@ -89,6 +96,9 @@ def run_world(fn: Callable[..., Any], world_size: int, *args: Any, timeout: floa
             raise TimeoutError(f"ranks {hung} still running after {timeout}s; killed")
         results = []
         for r, path in enumerate(outs):
+            if r in may_die and not os.path.exists(path):
+                results.append(None)
+                continue
             if not os.path.exists(path):
                 raise RuntimeError(f"rank {r} exited with code {procs[r].exitcode} and no result")
             with open(path, "rb") as f:

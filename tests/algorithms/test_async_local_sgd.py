@@ -7,11 +7,13 @@ from __future__ import annotations
 import json
 import os
 import random
+import signal
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 import localsgd
 from harness import run_world
@@ -297,3 +299,79 @@ def test_resuming_from_a_checkpoint_is_refused():
         state = dp.state_dict()
         with pytest.raises(ValueError, match="async_local_sgd cannot resume from per-rank checkpoints"):
             dp.load_state_dict(state)
+
+
+def bounded(rank: int, world: int) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, algo in {
+        "s0": A.AsyncLocalSGD(period=2, max_staleness=0),
+        "s1": A.AsyncLocalSGD(period=1, max_staleness=1),
+        "local": A.LocalSGD(period=2),
+    }.items():
+        model, stats = train(algo, rank, range(20))
+        out[name] = {"params": flat(model), "stats": stats}
+    return out
+
+
+def train(algo: A.AlgorithmConfig, rank: int, steps: range) -> tuple[torch.nn.Module, dict[str, Any]]:
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    with localsgd.DataParallel(model, opt, algo) as dp:
+        for step in steps:
+            loss_step(model, opt, *batch(rank, step))
+    return model, {**dp.stats, **dp.details}
+
+
+def test_max_staleness_bounds_real_workers_and_zero_is_synchronous_local_sgd():
+    ranks = run_world(bounded, 4)
+    server = ranks[0]["s1"]["stats"]["server"]
+    assert server["pushes"] == 80 and server["max_staleness_seen"] <= 1
+    s0 = ranks[0]["s0"]["stats"]["server"]
+    # Every push applied to the very model it was computed from, four at a time.
+    assert s0["staleness"] == {"0": 40} and s0["updates"] == 10
+    for rank in ranks:
+        # Each worker ends with the final global model: local SGD's average, to rounding.
+        err = float(
+            (rank["s0"]["params"] - ranks[0]["local"]["params"]).norm() / ranks[0]["local"]["params"].norm()
+        )
+        assert err < 1e-6, err
+        assert torch.equal(rank["s0"]["params"], ranks[0]["s0"]["params"])
+
+
+# -- a worker that dies ----------------------------------------------------------------------------
+
+KILLED, KILL_AT = 2, 7
+
+
+def train_until_killed(rank: int, world: int, folder: str, cache: str, algorithm: dict[str, Any]) -> Any:
+    if rank == KILLED:
+        steps = [0]
+
+        def die(optimizer: Any, args: Any, kwargs: Any) -> None:
+            steps[0] += 1
+            if steps[0] == KILL_AT:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        register_optimizer_step_post_hook(die)
+    return train_ranks(rank, world, folder, cache, algorithm)
+
+
+@pytest.mark.parametrize("bound", [None, 1], ids=["unbounded", "s1"])
+def test_a_killed_worker_does_not_stop_the_run_and_is_recorded(bound, tmp_path, cache, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", cache)
+    algorithm = {"period": 2, "max_staleness": bound}
+    results = run_world(train_until_killed, 3, str(tmp_path), cache, algorithm, may_die=(KILLED,))
+    assert results[KILLED] is None
+    status = results[0]["status"]
+    assert status.status == "completed" and status.steps == 30
+    server = status.details["server"]
+    # It pushed after steps 2, 4, 6 and died at 7: lost, with the run going on without it.
+    assert list(server["lost_workers"]) == [str(KILLED)]
+    assert server["pushes_per_worker"] == [15, 15, 3]
+    if bound is None:
+        assert server["updates"] == 33  # every push its own update
+    else:
+        assert server["max_staleness_seen"] <= bound
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [8, 16, 24, 30]
+    assert rows[-1]["updates"] == server["updates"]
