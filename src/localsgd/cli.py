@@ -321,7 +321,6 @@ def emulate(
     inside its own network namespace, `-m localsgd.worker` on every run. Runs of one process
     (K = 1, the simulated engine) run here as usual; every other run must have K = N × G.
     Everything the emulation created is removed when it ends, also on failure or interrupt."""
-    from localsgd import engines
     from localsgd.records import Store
     from localsgd.studies.configs import load_toml
     from localsgd.studies.grid import load_study
@@ -335,7 +334,7 @@ def emulate(
         plan = load_study(job, overrides or []) if is_study else None
         runs = plan.runs if plan is not None else [load_run_config(job, overrides or [])]
         for run in runs:
-            processes = engines.get(run.engine).processes(run.workers)
+            processes = run.processes()
             if processes not in (1, cluster.world_size):
                 raise ConfigError(
                     f"run {run.run_id()} (workers = {run.workers}, engine = {run.engine!r}) takes "

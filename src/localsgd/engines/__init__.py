@@ -1,11 +1,12 @@
 """Engines: how the K workers of a run execute, registered by name.
 
-``processes`` (K worker processes on torch.distributed) and ``simulated`` (K replicas
-stacked in one process, the same semantics). A run config names its engine; everything a
+``processes`` (K worker processes on torch.distributed), ``simulated`` (K replicas
+stacked in one process, the same semantics) and ``hogwild`` (P processes per device on one
+shared model, lock-free). A run config names its engine; everything a
 report needs to know about one is its :class:`~localsgd.records.EngineInfo`.
 """
 
-from localsgd.engines import processes, simulated
+from localsgd.engines import hogwild, processes, simulated
 from localsgd.engines.base import (
     Cancelled,
     Engine,
@@ -28,6 +29,7 @@ __all__ = [
     "WorkerFailure",
     "check_world",
     "get",
+    "hogwild",
     "names",
     "processes",
     "register",

@@ -12,6 +12,7 @@ the worker entry point (``python -m localsgd.worker``). A study runs many jobs t
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,6 +61,8 @@ class Job:
     device: str = "auto"
     """The run's ``device`` setting: worker processes that outlive the run (a pool) pick
     their process group's backend from it (NCCL for CUDA, gloo otherwise)."""
+    engine_options: Mapping[str, Any] = field(default_factory=dict)
+    """The run's ``engine_options`` (what :meth:`Engine.processes` may depend on)."""
 
 
 class Session(Protocol):
@@ -97,11 +100,6 @@ class Replicas(Protocol):
         """Whether ``DataParallel`` should re-home the parameters into flat storage."""
         ...
 
-    @property
-    def asynchronous(self) -> bool:
-        """Whether this layout's workers run without waiting for one another (Hogwild):
-        then rank 0 alone evaluates, and the final evaluation waits for :meth:`finish`."""
-        ...
 
     def param_ndim(self, p: torch.Tensor) -> int:
         """A parameter's own number of dimensions (without a replica dimension)."""
@@ -128,13 +126,31 @@ class Replicas(Protocol):
         ``dp.consensus()``); ``{}`` on ranks that do not evaluate."""
         ...
 
-    def updates(self, dp: Any) -> int:
+    def begin(
+        self,
+        optimizer: torch.optim.Optimizer,
+        lr: Callable[[int], float],
+        total_steps: int,
+        batch_size: int,
+        seed: int,
+    ) -> None:
+        """Training starts (``DataParallel`` has entered): a layout with workers of its own
+        starts them, with their own ``optimizer`` of the same class and settings, the
+        schedule ``lr(step)`` (picklable) and ``total_steps`` steps each."""
+        ...
+
+    def evaluating(self) -> contextlib.AbstractContextManager[None]:
+        """Around putting the consensus in place and evaluating it: workers of the layout's
+        own hold still meanwhile."""
+        ...
+
+    def updates(self, dp: Any) -> int | None:
         """Updates the evaluated model has received so far (``dp.updates`` unless the
-        layout has workers of its own)."""
+        layout has workers of its own; None when this process cannot tell)."""
         ...
 
     def finish(self) -> None:
-        """Wait for workers this layout started itself (after ``DataParallel`` exits)."""
+        """Wait for the workers the layout started itself (before the final evaluation)."""
         ...
 
     def final_model(self) -> nn.Module:
@@ -151,7 +167,12 @@ class Engine(Protocol):
 
     info: EngineInfo
 
-    def processes(self, workers: int) -> int:
+    def options(self, raw: Mapping[str, Any] | None, workers: int | None = None) -> Any:
+        """The run's ``engine_options`` table checked (against ``workers`` when given) and
+        made this engine's own options; ``ConfigError`` naming ``engine_options.<key>``."""
+        ...
+
+    def processes(self, workers: int, options: Mapping[str, Any] | None = None) -> int:
         """How many processes (the torch.distributed world size) K workers take."""
         ...
 
@@ -177,10 +198,12 @@ class Engine(Protocol):
         workers: int,
         device: torch.device,
         delay: Mapping[str, float] | None = None,
+        options: Mapping[str, Any] | None = None,
     ) -> Replicas:
         """This process's view of the replicas of ``model``. ``delay``: seconds added to
         every counted collective of a scope (a run's ``comm.delay``), which the engine
-        either waits out or records for the cost model's estimates."""
+        either waits out or records for the cost model's estimates. ``options``: the run's
+        ``engine_options``."""
         ...
 
 
@@ -208,9 +231,20 @@ def get(name: object, key: str = "engine") -> Engine:
     return _REGISTRY[name]
 
 
-def check_world(engine: Engine, workers: int, world_size: int) -> None:
+def no_options(engine: str, raw: Mapping[str, Any] | None) -> None:
+    """An engine without options refuses any."""
+    if raw:
+        raise ConfigError(
+            f"engine_options.{sorted(raw)[0]}: engine {engine!r} takes no options; "
+            "engine_options are for engine = 'hogwild' or 'simulated'"
+        )
+
+
+def check_world(
+    engine: Engine, workers: int, world_size: int, options: Mapping[str, Any] | None = None
+) -> None:
     """Refuse a process group whose size does not fit ``workers`` on ``engine``."""
-    expected = engine.processes(workers)
+    expected = engine.processes(workers, options)
     if world_size != expected:
         hint = "start it without torchrun" if expected == 1 else f"start {expected} processes"
         raise ConfigError(

@@ -9,13 +9,18 @@ A worker that fails writes its exception to ``RUN_DIR/errors/rank<r>.json``; the
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from localsgd.records.record import ErrorInfo, RecordError, from_json, read_json
 from localsgd.util.files import write_json_atomic
+
+if TYPE_CHECKING:
+    from localsgd.engines.base import Job
 
 ERRORS = "errors"
 WORKER_MODULE = "localsgd.worker"
@@ -70,3 +75,34 @@ def root_error(run_dir: Path) -> ErrorInfo | None:
 def tail(path: Path, lines: int = 30) -> str:
     """The last ``lines`` lines of a log file ('' when there is none)."""
     return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""
+
+
+def launch_workers(job: Job, processes: int) -> None:
+    """Run ``job`` on ``processes`` worker processes of its own, started by torch's elastic
+    launcher (one process: in this process); ``WorkerFailure`` with the root error when
+    they fail."""
+    from localsgd.engines.base import WorkerFailure
+
+    if processes == 1:
+        job.train(0, 1)
+        return
+    command = torchrun_command(
+        processes, ["-m", WORKER_MODULE, str(job.run_dir / "config.json"), "--run-dir", str(job.run_dir)]
+    )
+    env = worker_env(job.threads, job.env)
+    write_json_atomic(job.run_dir / "launch.json", {"command": command})
+    log_path = job.run_dir / "workers.log"
+    try:
+        with log_path.open("w") as log:
+            proc = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env, timeout=job.timeout)
+    except subprocess.TimeoutExpired:
+        raise WorkerFailure(
+            ErrorInfo("TimeoutError", f"workers did not finish within {job.timeout} s", tail(log_path))
+        ) from None
+    if proc.returncode != 0:
+        error = root_error(job.run_dir) or ErrorInfo(
+            "WorkersExited",
+            f"workers exited with code {proc.returncode} without recording an error (see {log_path})",
+            tail(log_path),
+        )
+        raise WorkerFailure(error)

@@ -313,7 +313,7 @@ class LocalSession:
 
     def pool(self, job: Job) -> WorkerPool:
         """The pool ``job`` runs on (made, not started, when there is none of its shape)."""
-        processes = self.engine.processes(job.workers)
+        processes = self.engine.processes(job.workers, job.engine_options)
         key = (processes, job.threads, job.device, tuple(sorted(job.env.items())))
         with self._lock:
             if self._closed:
@@ -330,7 +330,7 @@ class LocalSession:
         return pool
 
     def execute(self, job: Job) -> None:
-        if self.engine.processes(job.workers) == 1 and self.in_process:
+        if self.engine.processes(job.workers, job.engine_options) == 1 and self.in_process:
             if self._closed:
                 raise Cancelled("the session is closed")
             job.train(0, 1)

@@ -12,20 +12,19 @@ launcher's summary.
 
 from __future__ import annotations
 
-import subprocess
-from collections.abc import Iterator, Mapping
+import contextlib
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
 from localsgd.comm.base import Communicator
-from localsgd.engines.base import Job, Replicas, Session, WorkerFailure, register
-from localsgd.engines.launch import WORKER_MODULE, root_error, tail, torchrun_command, worker_env
+from localsgd.engines.base import Job, Replicas, Session, no_options, register
+from localsgd.engines.launch import launch_workers, root_error
 from localsgd.engines.launch import write_worker_error as write_worker_error
 from localsgd.engines.pool import LocalSession
-from localsgd.records.record import EngineInfo, ErrorInfo
-from localsgd.util.files import write_json_atomic
+from localsgd.records.record import EngineInfo
 
 
 class ProcessesEngine:
@@ -37,36 +36,14 @@ class ProcessesEngine:
         description="K worker processes on torch.distributed, one replica each",
     )
 
-    def processes(self, workers: int) -> int:
+    def options(self, raw: Mapping[str, Any] | None, workers: int | None = None) -> None:
+        no_options(self.info.name, raw)
+
+    def processes(self, workers: int, options: Mapping[str, Any] | None = None) -> int:
         return workers
 
     def execute(self, job: Job) -> None:
-        if job.workers == 1:
-            job.train(0, 1)
-            return
-        command = torchrun_command(
-            job.workers,
-            ["-m", WORKER_MODULE, str(job.run_dir / "config.json"), "--run-dir", str(job.run_dir)],
-        )
-        env = worker_env(job.threads, job.env)
-        write_json_atomic(job.run_dir / "launch.json", {"command": command})
-        log_path = job.run_dir / "workers.log"
-        try:
-            with log_path.open("w") as log:
-                proc = subprocess.run(
-                    command, stdout=log, stderr=subprocess.STDOUT, env=env, timeout=job.timeout
-                )
-        except subprocess.TimeoutExpired:
-            raise WorkerFailure(
-                ErrorInfo("TimeoutError", f"workers did not finish within {job.timeout} s", tail(log_path))
-            ) from None
-        if proc.returncode != 0:
-            error = root_error(job.run_dir) or ErrorInfo(
-                "WorkersExited",
-                f"workers exited with code {proc.returncode} without recording an error (see {log_path})",
-                tail(log_path),
-            )
-            raise WorkerFailure(error)
+        launch_workers(job, job.workers)
 
     def session(self, *, in_process: bool = True) -> Session:
         return LocalSession(self, in_process=in_process)
@@ -81,6 +58,7 @@ class ProcessesEngine:
         workers: int,
         device: torch.device,
         delay: Mapping[str, float] | None = None,
+        options: Mapping[str, Any] | None = None,
     ) -> Replicas:
         return ProcessReplica(workload, model, rank, world_size, device, delay)
 
@@ -134,9 +112,20 @@ class ProcessReplica:
     def evaluate(self) -> dict[str, float]:
         return self.workload.evaluate(self.module, self.device) if self.rank == 0 else {}
 
-    asynchronous = False
+    def begin(
+        self,
+        optimizer: torch.optim.Optimizer,
+        lr: Callable[[int], float],
+        total_steps: int,
+        batch_size: int,
+        seed: int,
+    ) -> None:
+        pass
 
-    def updates(self, dp: Any) -> int:
+    def evaluating(self) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()
+
+    def updates(self, dp: Any) -> int | None:
         return int(dp.updates)
 
     def finish(self) -> None:

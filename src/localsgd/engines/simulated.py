@@ -10,6 +10,7 @@ whose counters are those the process engine would have recorded on each rank.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import time
@@ -33,6 +34,7 @@ from localsgd.comm.flat import group_by_dtype
 from localsgd.comm.parameter_server import record_exchange, record_pull
 from localsgd.engines.base import Job, Replicas, Session, register
 from localsgd.engines.pool import LocalSession
+from localsgd.engines.simulated_async import SimulatedOptions, simulated_options
 from localsgd.records.record import EngineInfo
 from localsgd.util.nest import map_nest, zip_nests
 
@@ -410,7 +412,10 @@ class SimulatedEngine:
         description="K replicas batched in one process (vmap), the semantics of K worker processes",
     )
 
-    def processes(self, workers: int) -> int:
+    def options(self, raw: Mapping[str, Any] | None, workers: int | None = None) -> SimulatedOptions:
+        return simulated_options(raw, workers)
+
+    def processes(self, workers: int, options: Mapping[str, Any] | None = None) -> int:
         return 1
 
     def execute(self, job: Job) -> None:
@@ -429,8 +434,9 @@ class SimulatedEngine:
         workers: int,
         device: torch.device,
         delay: Mapping[str, float] | None = None,
+        options: Mapping[str, Any] | None = None,
     ) -> Replicas:
-        return SimulatedReplicas(workload, model, workers, device, delay)
+        return SimulatedReplicas(workload, model, workers, device, delay, self.options(options, workers))
 
 
 class SimulatedReplicas:
@@ -448,11 +454,13 @@ class SimulatedReplicas:
         replicas: int,
         device: torch.device,
         delay: Mapping[str, float] | None = None,
+        options: SimulatedOptions | None = None,
     ) -> None:
         self.delay = dict(delay or {})
         self.workload = workload
         self.replicas = replicas
         self.device = device
+        self.options = options or SimulatedOptions()
         self.module = StackedModel(model, replicas)
         self.gradients = ReplicaGradients(self.module, workload.loss)
         self.comm: Communicator | None = SimulatedCommunicator(replicas)
@@ -481,9 +489,20 @@ class SimulatedReplicas:
         # Called under consensus(): every replica holds the consensus model.
         return self.workload.evaluate(self.module.load_replica_into_template(0), self.device)
 
-    asynchronous = False
+    def begin(
+        self,
+        optimizer: torch.optim.Optimizer,
+        lr: Callable[[int], float],
+        total_steps: int,
+        batch_size: int,
+        seed: int,
+    ) -> None:
+        pass
 
-    def updates(self, dp: Any) -> int:
+    def evaluating(self) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()
+
+    def updates(self, dp: Any) -> int | None:
         return int(dp.updates)
 
     def finish(self) -> None:

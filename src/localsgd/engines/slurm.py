@@ -99,9 +99,8 @@ class SlurmSession:
                 "(or pass --slurm cluster=local to try the same path with local processes)"
             )
         for run in runs:
-            from localsgd import engines
 
-            processes = engines.get(run.engine).processes(run.workers)
+            processes = run.processes()
             if processes % nodes:
                 raise ConfigError(
                     f"--slurm nodes = {nodes} does not divide the {processes} worker process(es) "
@@ -121,7 +120,7 @@ class SlurmSession:
 
     def execute(self, job: Job) -> None:
         submitit = _submitit()
-        processes = self.engine.processes(job.workers)
+        processes = self.engine.processes(job.workers, job.engine_options)
         parameters = dict(self.parameters)
         if job.timeout is not None:
             parameters["timeout_min"] = max(1, math.ceil(job.timeout / 60))

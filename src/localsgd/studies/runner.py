@@ -67,7 +67,7 @@ def preflight(runs: Iterable[RunConfig], *, local: bool = True) -> dict[str, wor
 def _check_cuda(run: RunConfig) -> None:
     import torch
 
-    need = engines.get(run.engine).processes(run.workers)
+    need = run.processes()
     have = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if have < need:
         raise ConfigError(
@@ -97,7 +97,7 @@ def check_parallel(
     cores = usable_cores() if cores is None else cores
 
     def width(run: RunConfig) -> int:
-        return engines.get(run.engine).processes(run.workers) * run.threads
+        return run.processes() * run.threads
 
     widest = max(runs, key=width)
     at_once = min(parallel, len(runs))  # slots beyond the runs stay idle
@@ -106,7 +106,7 @@ def check_parallel(
         fits = cores // width(widest)
         hint = f"use --parallel {fits} or less" if fits >= 2 else "run them one at a time"
         raise ConfigError(
-            f"--parallel {parallel} runs up to {at_once} x {engines.get(widest.engine).processes(widest.workers)} "
+            f"--parallel {parallel} runs up to {at_once} x {widest.processes()} "
             f"worker process(es) x {widest.threads} thread(s) = {need} threads at once (the widest "
             f"run: workers = {widest.workers}, threads = {widest.threads}), and this machine has "
             f"{cores} cores; {hint}, or pass --oversubscribe to share the cores anyway"
@@ -137,10 +137,18 @@ def execute_run(
     def train_here(rank: int, world_size: int) -> None:
         train(config, folder, rank, world_size, workload=workload)
 
-    job = engines.Job(config.workers, config.threads, folder, train_here, timeout, device=config.device)
+    job = engines.Job(
+        config.workers,
+        config.threads,
+        folder,
+        train_here,
+        timeout,
+        device=config.device,
+        engine_options=config.engine_options,
+    )
     error: ErrorInfo | None = None
     try:
-        if launch is not None and engine.processes(config.workers) > 1:
+        if launch is not None and config.processes() > 1:
             launch(job)
         elif session is None:
             engine.execute(job)

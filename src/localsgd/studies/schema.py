@@ -181,8 +181,13 @@ class RunConfig:
     """K: workers."""
     engine: str = "processes"
     """How the K workers run (see ``localsgd.engines``): ``processes`` (torch.distributed,
-    one process each) or ``simulated`` (all K replicas batched in one process, the same
-    semantics)."""
+    one process each), ``simulated`` (all K replicas batched in one process, the same
+    semantics) or ``hogwild`` (P processes per device on one shared model, lock-free)."""
+    engine_options: dict[str, Any] = field(default_factory=dict)
+    """The engine's own options, checked by the engine: ``hogwild`` takes
+    ``procs_per_device`` (P) and ``devices`` (D), with workers = D × P; ``simulated`` takes
+    ``worker_speeds`` (one per worker) or ``speed_spread`` (σ of seeded log-normal speeds),
+    which order a parameter server's pushes; ``processes`` takes none."""
     seed: int = 0
     """Model init (identical on every worker) and data order (shards per worker)."""
     device: str = "auto"
@@ -206,7 +211,7 @@ class RunConfig:
         from localsgd import engines, workloads
 
         check_int("workers", self.workers, 1, MAX_WORKERS)
-        engines.get(self.engine)
+        engines.get(self.engine).options(self.engine_options, self.workers)
         check_int("seed", self.seed, 0, 2**63 - 1)
         check_choice("device", self.device, ("auto", "cpu", "cuda"))
         check_int("threads", self.threads, 1)
@@ -220,6 +225,12 @@ class RunConfig:
             )
         workloads.check_spec(self.workload)
         self.comm.check_workers(self.workers)
+
+    def processes(self) -> int:
+        """The worker processes (torch.distributed ranks) the run's engine starts."""
+        from localsgd import engines
+
+        return engines.get(self.engine).processes(self.workers, self.engine_options)
 
     @property
     def global_batch(self) -> int:
@@ -260,10 +271,12 @@ class RunConfig:
     def run_id(self) -> str:
         """A stable identity: the same config always maps to the same id."""
         data = self.to_dict()
+        # Sections added after stores were written are left out at their defaults, so a
+        # store's finished runs keep their ids (and a rerun skips them).
         if self.comm == CommConfig():
-            # Sections added after stores were written are left out at their defaults, so a
-            # store's finished runs keep their ids (and a rerun skips them).
             del data["comm"]
+        if not self.engine_options:
+            del data["engine_options"]
         blob = json.dumps(data, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
 

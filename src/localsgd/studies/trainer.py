@@ -8,6 +8,7 @@ metrics, status, checkpoint) into the run folder it is given.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import os
@@ -98,7 +99,7 @@ def train(
     and re-raised; divergence is recorded as ``diverged`` and returned.
     """
     engine = engines.get(config.engine)
-    engines.check_world(engine, config.workers, world_size)
+    engines.check_world(engine, config.workers, world_size, config.engine_options)
     device = resolve_device(config.device)
     torch.set_num_threads(config.threads)
     writer = RunWriter(run_dir)
@@ -149,28 +150,35 @@ def _train(
         workers=workers,
         device=device,
         delay=config.comm.delay,
+        options=config.engine_options,
     )
     optimizer = recipes.build_optimizer(replicas.module, config.optimizer, ndim=replicas.param_ndim)
     replicas.check_optimizer(optimizer)
     global_batch = batch * workers
 
-    def lr(step: int) -> float:
-        return recipes.lr_at(
-            step, total_steps, steps_per_epoch, config.optimizer.lr, config.schedule, global_batch
-        )
+    # A partial of a module-level function: workers an engine starts itself get it pickled.
+    lr = functools.partial(
+        recipes.lr_at,
+        total_steps=total_steps,
+        steps_per_epoch=steps_per_epoch,
+        base_lr=config.optimizer.lr,
+        schedule=config.schedule,
+        global_batch=global_batch,
+    )
 
     step = 0
     train_seconds = 0.0
     loss_sum: torch.Tensor | float = 0.0
     loss_count = 0
-    # Asynchronous runs (a parameter server, Hogwild): workers never wait for one another,
+    # An asynchronous algorithm (a parameter server): workers never wait for one another,
     # so only rank 0 evaluates (the global model, without any collective), and the final
     # evaluation comes once, after every worker has finished.
-    deferred = bool(getattr(algorithm, "asynchronous", False)) or replicas.asynchronous
+    deferred = bool(getattr(algorithm, "asynchronous", False))
     evaluates = rank == 0 or not deferred
     with localsgd.DataParallel(
         replicas.module, optimizer, algorithm, comm=replicas.comm, flat=replicas.flat
     ) as dp:
+        replicas.begin(optimizer, lr, total_steps, batch, config.seed)
 
         def evaluate(*, final: bool = False) -> MetricsRow | None:
             nonlocal loss_sum, loss_count
@@ -188,7 +196,7 @@ def _train(
             if final:
                 scores = replicas.evaluate()  # the final global model is in place
             else:
-                with dp.consensus():
+                with replicas.evaluating(), dp.consensus():
                     scores = replicas.evaluate()
             stats = dp.stats
             updates = replicas.updates(dp)
@@ -206,7 +214,9 @@ def _train(
                 comm_seconds=stats["comm_seconds"],
                 by_scope=stats["by_scope"],
                 updates=updates,
-                updates_per_second=updates / train_seconds if train_seconds > 0 else None,
+                updates_per_second=updates / train_seconds
+                if updates is not None and train_seconds > 0
+                else None,
             )
             writer.row(row)
             if rank == 0:
@@ -243,6 +253,11 @@ def _train(
                     torch.cuda.synchronize(device)
                 train_seconds += time.perf_counter() - start
                 at_end = step == total_steps
+                if at_end:
+                    # Workers the engine started itself (Hogwild's helpers) finish: training time.
+                    joining = time.perf_counter()
+                    replicas.finish()
+                    train_seconds += time.perf_counter() - joining
                 # An asynchronous run's final evaluation waits for every worker (below).
                 if (step % config.train.eval_every == 0 or at_end) and not (deferred and at_end):
                     evaluate()
@@ -252,7 +267,6 @@ def _train(
         finishing = time.perf_counter()
         # Leaving the block puts the consensus model on every rank (an asynchronous run's
         # once every worker has finished: that wait is training time).
-    replicas.finish()
     if deferred:
         train_seconds += time.perf_counter() - finishing
         evaluate(final=True)
