@@ -8,8 +8,10 @@ memory (``share_memory()``; on CUDA the model stays on the device and reaches th
 processes through CUDA IPC, which ``torch.multiprocessing`` uses for CUDA tensors) and
 spawns P − 1 *helper* processes with ``torch.multiprocessing``. Every process of a device
 has its own data shard (worker w = d·P + j of W = D·P), its own gradients and its own
-optimizer state (same optimizer class and settings, same schedule), and writes the shared
-parameters in place whenever it steps: no locks, no copies.
+optimizer state (same optimizer class and settings), and writes the shared parameters in
+place whenever it steps: no locks, no copies. The learning-rate schedule follows the
+device's progress, its processes' steps together / P, so that a process the OS runs ahead
+of the others does not run through the schedule on its own.
 
 Evaluation: the leader holds the helpers at their next step boundary, evaluates the shared
 model, and lets them go on; the final evaluation waits until every helper has finished.
@@ -113,7 +115,8 @@ class Control:
         self.hold_flag = context.Value("i", 0, lock=False)
         self.holding = context.Value("i", 0, lock=False)
         self.ready = context.Value("i", 0, lock=False)
-        self.steps = torch.zeros(max(helpers, 1), dtype=torch.int64).share_memory_()
+        self.steps = torch.zeros(helpers + 1, dtype=torch.int64).share_memory_()
+        """Every process's steps: the leader's in slot 0, helper j's in slot j."""
         self.errors = context.SimpleQueue()
 
     # -- a helper's side ---------------------------------------------------------------------
@@ -131,6 +134,11 @@ class Control:
                 self.cond.notify_all()
                 self.cond.wait_for(lambda: self.hold_flag.value == 0)
                 self.holding.value -= 1
+
+    def progress(self) -> int:
+        """The device's steps per process so far: every process's steps (slot 0 the
+        leader's) over P."""
+        return int(self.steps.sum()) // (self.helpers + 1)
 
     def leave(self) -> None:
         with self.cond:
@@ -170,7 +178,7 @@ def _helper(
             for batch in workload.train_batches(worker, workers, batch_size, epoch, seed, where):
                 control.step_boundary()
                 for group in optimizer.param_groups:
-                    group["lr"] = lr(step)
+                    group["lr"] = lr(control.progress())
                 optimizer.zero_grad(set_to_none=True)
                 workload.loss(model, batch).backward()
                 optimizer.step()
@@ -180,7 +188,8 @@ def _helper(
                     break
             epoch += 1
     except BaseException as exc:
-        control.errors.put(f"hogwild worker {worker}: {''.join(traceback.format_exception(exc)).strip()}")
+        trace = "".join(traceback.format_exception(exc)).strip()
+        control.errors.put(f"hogwild worker {worker} failed: {type(exc).__name__}: {exc}\n{trace}")
         raise
     finally:
         control.leave()
@@ -216,6 +225,8 @@ class HogwildReplicas:
         self.steps = 0
         self.helpers: list[Any] = []
         self.control: Control | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.lr: Callable[[int], float] | None = None
 
     def param_ndim(self, p: torch.Tensor) -> int:
         return p.ndim
@@ -235,6 +246,7 @@ class HogwildReplicas:
         they start from the leaders' common model)."""
         if self.procs == 1:
             return
+        self.optimizer, self.lr = optimizer, lr
         import torch.multiprocessing as mp
 
         if self.device.type == "cpu":
@@ -252,7 +264,7 @@ class HogwildReplicas:
                 args=(
                     self.worker + j,
                     self.workers,
-                    j - 1,
+                    j,
                     self.module,
                     self.workload,
                     type(optimizer),
@@ -286,9 +298,16 @@ class HogwildReplicas:
         return self.workload.train_batches(self.worker, self.workers, batch_size, epoch, seed, self.device)
 
     def forward_backward(self, batch: Any) -> torch.Tensor:
+        if self.control is not None and self.optimizer is not None and self.lr is not None:
+            # The schedule at the device's progress, as the helpers take it (module docstring).
+            rate = self.lr(self.control.progress())
+            for group in self.optimizer.param_groups:
+                group["lr"] = rate
         loss = self.workload.loss(self.module, batch)
         loss.backward()
         self.steps += 1
+        if self.control is not None:
+            self.control.steps[0] = self.steps
         return loss.detach()
 
     def worker_mean(self, value: torch.Tensor, dp: Any) -> float:
@@ -330,8 +349,7 @@ class HogwildReplicas:
         leader counts its own device's only)."""
         if self.options.devices > 1:
             return None
-        helpers = int(self.control.steps.sum()) if self.control is not None else 0
-        return self.steps + helpers
+        return int(self.control.steps.sum()) if self.control is not None else self.steps
 
     def finish(self) -> None:
         """Wait for the helpers to finish their steps (before the final evaluation)."""

@@ -1,0 +1,192 @@
+"""The Hogwild engine: P processes on one shared model. One process is plain SGD exactly;
+two reach one process's accuracy in the same number of updates; devices compose with the
+algorithm over their leaders; a helper's failure is the run's error; options are checked."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from harness import run_world
+from localsgd import workloads
+from localsgd.studies.schema import run_config
+from localsgd.studies.trainer import train
+from localsgd.util.checks import ConfigError
+
+pytestmark = pytest.mark.timeout(600)
+
+
+def config(engine: str, workers: int, options: dict[str, Any], **changes: Any) -> Any:
+    data: dict[str, Any] = {
+        "workload": {"name": "mnist1d_cnn", "num_samples": 16000},
+        "workers": workers,
+        "engine": engine,
+        "engine_options": options,
+        "seed": 0,
+        "data": {"batch_size": 32},
+        "optimizer": {"lr": 0.1},
+        "schedule": {"name": "cosine"},
+        "train": {"epochs": 3, "eval_every": 500},
+    }
+    data.update(changes)
+    return run_config(data)
+
+
+def run(folder: Path, cfg: Any) -> Any:
+    folder.mkdir()
+    status = train(cfg, folder, 0, 1)
+    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    return status, rows, torch.load(folder / "checkpoint.pt")["model"]
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> str:
+    folder = str(tmp_path_factory.getbasetemp() / "cache")
+    monkeypatch.setenv("XDG_CACHE_HOME", folder)
+    return folder
+
+
+def test_one_process_is_plain_sgd_exactly(tmp_path):
+    short = {
+        "train": {"epochs": 1, "max_steps": 60, "eval_every": 20},
+        "workload": {"name": "mnist1d_cnn", "num_samples": 2000},
+    }
+    hogwild = run(tmp_path / "h", config("hogwild", 1, {}, **short))
+    plain = run(tmp_path / "p", config("processes", 1, {}, **short))
+    for key, tensor in plain[2].items():
+        assert torch.equal(hogwild[2][key], tensor), key
+    assert [r["metrics"] for r in hogwild[1]] == [r["metrics"] for r in plain[1]]
+    assert [r["updates"] for r in hogwild[1]] == [20, 40, 50]  # 1600 samples: 50 steps
+    assert hogwild[0].engine.name == "hogwild" and hogwild[0].details["procs_per_device"] == 1
+
+
+def test_two_processes_reach_one_process_accuracy_in_the_same_number_of_updates(tmp_path):
+    one, one_rows, _ = run(tmp_path / "one", config("hogwild", 1, {}))
+    two, two_rows, model = run(tmp_path / "two", config("hogwild", 2, {"procs_per_device": 2}))
+    # 12800 training samples, batch 32, 3 epochs: 1200 updates, by one process or two.
+    assert one.final.updates == two.final.updates == 1200
+    assert two.details == {"procs_per_device": 2, "devices": 1, "updates": 1200}
+    assert abs(two.final.metrics["accuracy"] - one.final.metrics["accuracy"]) <= 0.01
+    assert one.final.metrics["accuracy"] > 0.9
+    # Evaluations at the leader's steps 500 and 600 (its last), the final one once, of the
+    # shared model once both processes finished: the model the checkpoint holds.
+    assert [r["step"] for r in two_rows] == [500, 600]
+    assert two_rows[-1]["updates"] == 1200 and two_rows[0]["updates"] >= 500
+    assert two_rows[-1]["updates_per_second"] == pytest.approx(1200 / two_rows[-1]["wall_seconds"])
+    workload = workloads.build({"name": "mnist1d_cnn", "num_samples": 16000})
+    net = workload.make_model(0)
+    net.load_state_dict(model)
+    assert workload.evaluate(net, torch.device("cpu")) == pytest.approx(two.final.metrics)
+
+
+def devices(rank: int, world: int, folder: str, cache: str) -> Any:
+    os.environ["XDG_CACHE_HOME"] = cache
+    cfg = config(
+        "hogwild",
+        4,
+        {"procs_per_device": 2, "devices": 2},
+        algorithm={"name": "local_sgd", "period": 4},
+        workload={"name": "mnist1d_cnn", "num_samples": 2000},
+        train={"epochs": 2, "eval_every": 12},
+    )
+    run_dir = Path(folder) if rank == 0 else None
+    status = train(cfg, run_dir, rank, world, "gloo")
+    params = (
+        torch.cat(
+            [
+                p.detach().reshape(-1)
+                for p in torch.load(Path(folder) / "checkpoint.pt")["model"].values()
+                if p.is_floating_point()
+            ]
+        )
+        if rank == 0
+        else None
+    )
+    return {"status": status, "params": params}
+
+
+def test_devices_are_combined_by_the_algorithm_over_their_leaders(tmp_path, cache):
+    (tmp_path / "run").mkdir()
+    ranks = run_world(devices, 2, str(tmp_path / "run"), cache)
+    status = ranks[0]["status"]
+    assert status.status == "completed" and status.steps == 24
+    # 1600 samples over 4 workers of batch 32: 12 steps an epoch. The two leaders averaged
+    # their devices' models every 4 of their steps.
+    assert status.counters.syncs == 6 and status.counters.by_scope["world"]["collectives"] == 6
+    assert status.details == {"procs_per_device": 2, "devices": 2, "updates": None}
+    assert ranks[1]["status"].counters.syncs == 6
+
+
+class FailingHelper:
+    """A workload whose loss fails in any process but the one that built it."""
+
+    def __init__(self) -> None:
+        self.base = workloads.build({"name": "mnist1d_mlp", "num_samples": 1000})
+        self.parent = os.getpid()
+
+    def __getattr__(self, name: str) -> Any:
+        if name in ("base", "parent") or name.startswith("__"):
+            raise AttributeError(name)  # while unpickling, before __dict__ is back
+        return getattr(self.base, name)
+
+    def loss(self, model: Any, batch: Any) -> torch.Tensor:
+        if os.getpid() != self.parent:
+            raise KeyError("the helper's shard is gone")
+        return self.base.loss(model, batch)
+
+
+def test_a_helpers_failure_is_the_runs_error(tmp_path):
+    cfg = config(
+        "hogwild",
+        2,
+        {"procs_per_device": 2},
+        workload={"name": "mnist1d_mlp", "num_samples": 1000},
+        train={"epochs": 1, "eval_every": 5},
+    )
+    (tmp_path / "r").mkdir()
+    with pytest.raises(RuntimeError, match=r"hogwild worker 1 failed: KeyError: .the helper's shard is gone"):
+        train(cfg, tmp_path / "r", 0, 1, workload=FailingHelper())  # type: ignore[arg-type]
+    assert json.loads((tmp_path / "r" / "status.json").read_text())["status"] == "failed"
+
+
+@pytest.mark.parametrize(
+    "engine,workers,options,message",
+    [
+        ("hogwild", 4, {"procs_per_device": 2}, r"workers = 4 with devices = 1 and procs_per_device = 2"),
+        (
+            "hogwild",
+            2,
+            {"procs_per_device": 0},
+            r"engine_options.procs_per_device must be an integer in \[1, 1024\], got 0",
+        ),
+        (
+            "hogwild",
+            2,
+            {"threads": 2},
+            r"unknown key 'engine_options.threads'; allowed: \['devices', 'procs_per_device'\]",
+        ),
+        ("processes", 2, {"devices": 2}, r"engine_options.devices: engine 'processes' takes no options"),
+    ],
+)
+def test_bad_options_name_the_key(engine, workers, options, message):
+    with pytest.raises(ConfigError, match=message):
+        config(engine, workers, options)
+
+
+def test_options_fix_the_process_count_and_stay_out_of_old_run_ids():
+    assert config("hogwild", 8, {"procs_per_device": 4, "devices": 2}).processes() == 2
+    assert config("processes", 4, {}).processes() == 4
+    import hashlib
+
+    plain = config("processes", 2, {})
+    data = plain.to_dict()
+    assert data.pop("engine_options") == {}
+    del data["comm"]
+    # The id a store written before engine options existed gave this run.
+    assert plain.run_id() == hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
+    assert plain.run_id() != config("hogwild", 2, {"procs_per_device": 2}).run_id()
