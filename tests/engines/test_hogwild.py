@@ -66,7 +66,7 @@ def test_one_process_is_plain_sgd_exactly(tmp_path):
 
 
 def test_two_processes_reach_one_process_accuracy_in_the_same_number_of_updates(tmp_path):
-    one, one_rows, _ = run(tmp_path / "one", config("hogwild", 1, {}))
+    one, _, _ = run(tmp_path / "one", config("hogwild", 1, {}))
     two, two_rows, model = run(tmp_path / "two", config("hogwild", 2, {"procs_per_device": 2}))
     # 12800 training samples, batch 32, 3 epochs: 1200 updates, by one process or two.
     assert one.final.updates == two.final.updates == 1200
