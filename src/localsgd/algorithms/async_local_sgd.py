@@ -84,7 +84,13 @@ class AsyncLocalSGD(AlgorithmConfig):
     def server_options(self) -> ServerOptions:
         momentum = self.outer_momentum if self.outer_optimizer == "nesterov" else 0.0
         return ServerOptions(
-            self.max_staleness, self.staleness_lr, self.outer_lr, momentum, self.nesterov_delay, self.order
+            self.max_staleness,
+            self.staleness_lr,
+            self.outer_lr,
+            momentum,
+            self.nesterov_delay,
+            self.order,
+            self.period,
         )
 
     def bind(self, ctx: SyncContext) -> AsyncLocalSGDSync:

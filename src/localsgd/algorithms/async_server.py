@@ -39,6 +39,8 @@ class ServerOptions:
     outer_momentum: float = 0.0
     nesterov_delay: int = 1
     order: str = "arrival"
+    period: int = 1
+    """H: the workers' local steps between pushes (for engines that schedule the pushes)."""
 
 
 @dataclass(frozen=True)
@@ -82,6 +84,8 @@ class OuterStep:
     ) -> None:
         """Update ``model`` in place from the pushed models (one update: their mean)."""
         n = len(pushed)
+        if not model:
+            return  # bookkeeping only (a schedule planned without a model)
         if self.momentum == 0 and self.lr == 1.0 and all(c == 1.0 for c in scales):
             # θ + (x̄ − base) written as x̄ + (θ − base): when nobody else updated the model
             # since this base, θ − base is exactly 0 and the worker's model is kept bit for
@@ -158,7 +162,9 @@ class ParameterServer:
         self._arrive(worker, [t.detach().to(g.device, copy=True) for t, g in zip(model, self.global_model)])
 
     def finish(self, worker: int) -> None:
-        """Worker has no more pushes."""
+        """Worker has no more pushes (again: nothing happens)."""
+        if worker in self.done or worker in self.lost or (worker in self.pending and self.pending[worker][1] is None):
+            return
         self._arrive(worker, None)
 
     def lose(self, worker: int) -> None:
@@ -185,8 +191,9 @@ class ParameterServer:
         into ``out``; return its version."""
         version = self.version if worker is None else self.base[worker]
         source = self.global_model if worker is None else self.snapshots[version]
-        with torch.no_grad():
-            torch._foreach_copy_(list(out), source)
+        if source:
+            with torch.no_grad():
+                torch._foreach_copy_(list(out), source)
         return version
 
     # -- what the record shows ---------------------------------------------------------------

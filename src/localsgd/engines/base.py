@@ -139,6 +139,15 @@ class Replicas(Protocol):
         schedule ``lr(step)`` (picklable) and ``total_steps`` steps each."""
         ...
 
+    def iterations(self, total_steps: int) -> int:
+        """Steps of the training loop that give every worker ``total_steps`` steps (more when
+        some replicas are held still while others step: simulated workers of unequal speed)."""
+        ...
+
+    def worker_steps(self, iteration: int) -> float:
+        """The mean steps per worker after ``iteration`` steps of the training loop."""
+        ...
+
     def evaluating(self) -> contextlib.AbstractContextManager[None]:
         """Around putting the consensus in place and evaluating it: workers of the layout's
         own hold still meanwhile."""

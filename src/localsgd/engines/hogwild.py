@@ -344,6 +344,12 @@ class HogwildReplicas:
     def evaluate(self) -> dict[str, float]:
         return self.workload.evaluate(self.module, self.device) if self.rank == 0 else {}
 
+    def iterations(self, total_steps: int) -> int:
+        return total_steps
+
+    def worker_steps(self, iteration: int) -> float:
+        return float(iteration)
+
     def updates(self, dp: Any) -> int | None:
         """Every process's steps on this device's model; None with several devices (each
         leader counts its own device's only)."""

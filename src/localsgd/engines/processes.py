@@ -125,6 +125,12 @@ class ProcessReplica:
     def evaluating(self) -> contextlib.AbstractContextManager[None]:
         return contextlib.nullcontext()
 
+    def iterations(self, total_steps: int) -> int:
+        return total_steps
+
+    def worker_steps(self, iteration: int) -> float:
+        return float(iteration)
+
     def updates(self, dp: Any) -> int | None:
         return int(dp.updates)
 

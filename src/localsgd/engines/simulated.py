@@ -34,7 +34,7 @@ from localsgd.comm.flat import group_by_dtype
 from localsgd.comm.parameter_server import record_exchange, record_pull
 from localsgd.engines.base import Job, Replicas, Session, register
 from localsgd.engines.pool import LocalSession
-from localsgd.engines.simulated_async import SimulatedOptions, simulated_options
+from localsgd.engines.simulated_async import Asynchrony, SimulatedOptions, simulated_options
 from localsgd.records.record import EngineInfo
 from localsgd.util.nest import map_nest, zip_nests
 
@@ -103,9 +103,9 @@ class SimulatedCommunicator:
         self._k = replicas
         self._stats = CommStats()
         self.server: Server | None = None
-        self.pushing: Callable[[], Sequence[int]] = lambda: range(self._k)
-        """The replicas whose push is due at a push, in the order they reach the server
-        (all, by index, when replicas step together; see simulated_async)."""
+        self.schedule: Asynchrony | None = None
+        """Set when replicas reach the server in their own time (see simulated_async);
+        otherwise every replica pushes at every push, in index order."""
 
     @property
     def rank(self) -> int:
@@ -174,18 +174,25 @@ class SimulatedCommunicator:
     def push(self, tensors: Sequence[torch.Tensor], *, record: bool = True) -> None:
         server = self._server()
         start = time.perf_counter()
-        due = list(self.pushing())
-        for k in due:
-            server.push(k, [t[k] for t in tensors])
-        for k in due:
-            if not server.ready(k):
-                raise RuntimeError(
-                    f"simulated engine: replica {k}'s push waits for replicas that are not pushing "
-                    "(a staleness bound no push order of this engine can meet)"
-                )
-            server.model([t[k] for t in tensors], k)
-        if record and due:
-            record_exchange(self._stats, [t[0] for t in tensors], (time.perf_counter() - start) / len(due))
+
+        def rows(k: int) -> list[torch.Tensor]:
+            return [t[k] for t in tensors]
+
+        if self.schedule is not None:
+            pushes = self.schedule.push(rows)
+        else:
+            for k in range(self._k):
+                server.push(k, rows(k))
+            for k in range(self._k):
+                if not server.ready(k):
+                    raise RuntimeError(f"simulated engine: replica {k}'s push waits, and every replica has pushed")
+                server.model(rows(k), k)
+            pushes = self._k
+        if record and pushes:
+            # What one worker process counts: its exchanges (the same number for each in
+            # lockstep; their mean with unequal speeds).
+            for _ in range(round(pushes / self._k)):
+                record_exchange(self._stats, rows(0), (time.perf_counter() - start) / pushes)
 
     @torch.no_grad()
     def pull(self, tensors: Sequence[torch.Tensor], *, final: bool = False, record: bool = True) -> int:
@@ -193,8 +200,9 @@ class SimulatedCommunicator:
         start = time.perf_counter()
         if final:
             for k in range(self._k):
-                if not server.finished():
-                    server.finish(k)
+                server.finish(k)
+            if not server.finished():
+                raise RuntimeError("simulated engine: replicas still wait for the server at the end")
         version = server.model([t[0] for t in tensors])
         for t in tensors:
             t.copy_(t[0:1].expand_as(t))
@@ -464,30 +472,20 @@ class SimulatedReplicas:
         self.module = StackedModel(model, replicas)
         self.gradients = ReplicaGradients(self.module, workload.loss)
         self.comm: Communicator | None = SimulatedCommunicator(replicas)
+        self.asynchrony: Asynchrony | None = None
+        self.speeds: list[float] = []
+        self.total_steps = 0
 
     def param_ndim(self, p: torch.Tensor) -> int:
         return self.module.replica_ndim[id(p)]
 
     def check_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         check_elementwise(optimizer)
-
-    def batches(self, batch_size: int, epoch: int, seed: int) -> Iterator[Any]:
-        streams = [
-            self.workload.train_batches(k, self.replicas, batch_size, epoch, seed, self.device)
-            for k in range(self.replicas)
-        ]
-        for group in zip(*streams):
-            yield zip_nests(torch.stack, list(group))
-
-    def forward_backward(self, batch: Any) -> torch.Tensor:
-        return self.gradients(batch)
-
-    def worker_mean(self, value: torch.Tensor, dp: Any) -> float:
-        return float(value.double().mean().item())
-
-    def evaluate(self) -> dict[str, float]:
-        # Called under consensus(): every replica holds the consensus model.
-        return self.workload.evaluate(self.module.load_replica_into_template(0), self.device)
+        # Registered before DataParallel's hooks, so held replicas are put back before an
+        # algorithm sees the step.
+        self._held: dict[str, Any] = {}
+        optimizer.register_step_pre_hook(self._hold)
+        optimizer.register_step_post_hook(self._release)
 
     def begin(
         self,
@@ -497,7 +495,110 @@ class SimulatedReplicas:
         batch_size: int,
         seed: int,
     ) -> None:
-        pass
+        comm = self.comm
+        assert isinstance(comm, SimulatedCommunicator)
+        speeds = self.options.speeds(self.replicas, seed)
+        self.speeds = speeds
+        self.total_steps = total_steps
+        if comm.server is None:
+            return  # no parameter server: replicas step together whatever their speeds
+        server: Any = comm.server
+        streams = [self._stream(k, batch_size, seed) for k in range(self.replicas)]
+        self.asynchrony = Asynchrony(server, speeds, server.options.period, total_steps, streams)
+        comm.schedule = self.asynchrony
+        if self.asynchrony.masking and type(optimizer) is not torch.optim.SGD:
+            raise ValueError(
+                "the simulated engine holds some replicas still while others step (unequal worker "
+                f"speeds, or rounds of unequal length), which is exact for SGD only, not {type(optimizer).__name__}"
+            )
+        if self.asynchrony.mixed_steps and any(
+            lr(i) != lr(0) for i in range(0, self.asynchrony.iterations, max(1, self.asynchrony.iterations // 997))
+        ):
+            raise ValueError(
+                "with unequal worker speeds the simulated engine steps replicas that are at different "
+                "steps of their own at once: the learning rate must be constant (schedule.name = 'constant')"
+            )
+
+    def _stream(self, k: int, batch_size: int, seed: int) -> Iterator[Any]:
+        epoch = 0
+        while True:
+            yield from self.workload.train_batches(k, self.replicas, batch_size, epoch, seed, self.device)
+            epoch += 1
+
+    def iterations(self, total_steps: int) -> int:
+        return self.asynchrony.iterations if self.asynchrony is not None else total_steps
+
+    def worker_steps(self, iteration: int) -> float:
+        return self.asynchrony.progress[iteration] if self.asynchrony is not None else float(iteration)
+
+    def batches(self, batch_size: int, epoch: int, seed: int) -> Iterator[Any]:
+        if self.asynchrony is not None:
+            while True:  # each replica its own stream, for as long as the schedule runs
+                yield zip_nests(torch.stack, self.asynchrony.next_batches())
+        streams = [
+            self.workload.train_batches(k, self.replicas, batch_size, epoch, seed, self.device)
+            for k in range(self.replicas)
+        ]
+        for group in zip(*streams):
+            yield zip_nests(torch.stack, list(group))
+
+    def _still(self) -> list[int]:
+        """The replicas held still at this step."""
+        if self.asynchrony is None or not self.asynchrony.masking:
+            return []
+        active = set(self.asynchrony.active())
+        return [k for k in range(self.replicas) if k not in active]
+
+    def forward_backward(self, batch: Any) -> torch.Tensor:
+        still = self._still()
+        buffers = self.module.stacked_buffers()
+        saved = [b[still].clone() for b in buffers] if still else []
+        losses = self.gradients(batch)
+        if still:
+            with torch.no_grad():
+                for b, rows in zip(buffers, saved):
+                    b[still] = rows
+        return losses
+
+    def _hold(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        still = self._still()
+        if not still:
+            self._held = {}
+            return
+        params = list(self.module.stacked)
+        state = {
+            (i, name): value[still].clone()
+            for i, p in enumerate(params)
+            for name, value in optimizer.state.get(p, {}).items()
+            if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == self.replicas
+        }
+        self._held = {"still": still, "params": [p.detach()[still].clone() for p in params], "state": state}
+
+    @torch.no_grad()
+    def _release(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        held = self._held
+        if held:
+            still = held["still"]
+            params = list(self.module.stacked)
+            for p, rows in zip(params, held["params"]):
+                p[still] = rows
+            for i, p in enumerate(params):
+                for name, value in optimizer.state.get(p, {}).items():
+                    if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == self.replicas:
+                        # A momentum buffer born at this step is "none yet" for a held replica: 0
+                        # (SGD's first step sets it to the gradient, as 0·β + gradient does).
+                        rows = held["state"].get((i, name))
+                        value[still] = rows if rows is not None else 0
+        if self.asynchrony is not None:
+            self.asynchrony.stepped()
+
+
+    def worker_mean(self, value: torch.Tensor, dp: Any) -> float:
+        return float(value.double().mean().item())
+
+    def evaluate(self) -> dict[str, float]:
+        # Called under consensus(): every replica holds the consensus model.
+        return self.workload.evaluate(self.module.load_replica_into_template(0), self.device)
 
     def evaluating(self) -> contextlib.AbstractContextManager[None]:
         return contextlib.nullcontext()
@@ -516,6 +617,13 @@ class SimulatedReplicas:
             "vectorized": self.gradients.vectorized,
             "fallback_reason": self.gradients.fallback_reason,
         }
+        if self.options.heterogeneous or self.asynchrony is not None:
+            # Virtual time, in steps of a worker of speed 1: when the last worker finished
+            # (asynchronous), or every step waiting for the slowest (synchronous).
+            out["worker_speeds"] = self.speeds
+            out["virtual_time"] = (
+                self.asynchrony.virtual_time() if self.asynchrony is not None else self.total_steps / min(self.speeds)
+            )
         if self.delay:
             out["delay_not_waited"] = self.delay  # seconds per collective, by scope
         return out

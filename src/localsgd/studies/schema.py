@@ -211,12 +211,20 @@ class RunConfig:
         from localsgd import engines, workloads
 
         check_int("workers", self.workers, 1, MAX_WORKERS)
-        engines.get(self.engine).options(self.engine_options, self.workers)
+        options = engines.get(self.engine).options(self.engine_options, self.workers)
         check_int("seed", self.seed, 0, 2**63 - 1)
         check_choice("device", self.device, ("auto", "cpu", "cuda"))
         check_int("threads", self.threads, 1)
         check_choice("fixed", self.fixed, ("worker_batch", "global_batch"))
         algorithm = self.algorithm_config(steps_per_epoch=1)  # validates the algorithm table
+        if algorithm.asynchronous and getattr(options, "heterogeneous", False):
+            constant = self.schedule.name == "constant" and self.schedule.warmup_epochs == 0
+            if self.optimizer.name != "sgd" or not constant:
+                raise ConfigError(
+                    "engine_options: simulated workers of unequal speeds under an asynchronous algorithm "
+                    "are stepped while others are held still, each at a step of its own, which needs "
+                    "optimizer.name = 'sgd' and a constant schedule (schedule.name = 'constant', no warmup)"
+                )
         block = getattr(algorithm, "block_size", None)
         if block is not None and self.workers % block:
             raise ConfigError(

@@ -179,6 +179,7 @@ def _train(
         replicas.module, optimizer, algorithm, comm=replicas.comm, flat=replicas.flat
     ) as dp:
         replicas.begin(optimizer, lr, total_steps, batch, config.seed)
+        iterations = replicas.iterations(total_steps)
 
         def evaluate(*, final: bool = False) -> MetricsRow | None:
             nonlocal loss_sum, loss_count
@@ -200,10 +201,11 @@ def _train(
                     scores = replicas.evaluate()
             stats = dp.stats
             updates = replicas.updates(dp)
+            done = replicas.worker_steps(step)
             row = MetricsRow(
-                step=step,
-                epoch=step / steps_per_epoch,
-                samples=step * global_batch,
+                step=round(done),
+                epoch=done / steps_per_epoch,
+                samples=round(done * global_batch),
                 wall_seconds=train_seconds,
                 lr=optimizer.param_groups[0]["lr"],
                 train_loss=train_loss if counted else None,
@@ -235,7 +237,7 @@ def _train(
             return row
 
         epoch = 0
-        while step < total_steps:
+        while step < iterations:
             batches = iter(replicas.batches(batch, epoch, config.seed))
             while True:
                 start = time.perf_counter()  # data loading and augmentation count as training
@@ -252,7 +254,7 @@ def _train(
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 train_seconds += time.perf_counter() - start
-                at_end = step == total_steps
+                at_end = step == iterations
                 if at_end:
                     # Workers the engine started itself (Hogwild's helpers) finish: training time.
                     joining = time.perf_counter()
@@ -261,7 +263,7 @@ def _train(
                 # An asynchronous run's final evaluation waits for every worker (below).
                 if (step % config.train.eval_every == 0 or at_end) and not (deferred and at_end):
                     evaluate()
-                if step >= total_steps:
+                if step >= iterations:
                     break
             epoch += 1
         finishing = time.perf_counter()
@@ -282,9 +284,9 @@ def _train(
     return Status(
         version=RECORD_VERSION,
         status="completed",
-        steps=step,
-        epochs=step / steps_per_epoch,
-        samples=step * global_batch,
+        steps=round(replicas.worker_steps(step)),
+        epochs=replicas.worker_steps(step) / steps_per_epoch,
+        samples=round(replicas.worker_steps(step) * global_batch),
         wall_seconds=train_seconds,
         metrics=tuple(workload.metrics),
         primary=workload.primary,

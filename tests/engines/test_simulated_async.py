@@ -1,0 +1,164 @@
+"""Simulated asynchrony: replicas of unequal speeds reach the parameter server in the order of
+their virtual finish times, which equals K separate models trained and pushed one event at a
+time in that order; the staleness bound holds; speeds and their errors."""
+
+from __future__ import annotations
+
+import heapq
+import json
+from typing import Any
+
+import pytest
+import torch
+
+from localsgd import algorithms as A
+from localsgd import workloads
+from localsgd.algorithms.async_server import ParameterServer
+from localsgd.engines.simulated_async import SimulatedOptions, plan
+from localsgd.studies.schema import run_config
+from localsgd.studies.trainer import train
+from localsgd.util.checks import ConfigError
+
+pytestmark = pytest.mark.timeout(600)
+
+WORKLOAD = {"name": "mnist1d_mlp", "num_samples": 1000}
+SPEEDS = [2.0, 1.0, 1.0, 0.5]
+
+
+def config(asynchronous: dict[str, Any], speeds: list[float] | None = None, **changes: Any) -> Any:
+    data: dict[str, Any] = {
+        "workload": WORKLOAD,
+        "workers": 4,
+        "engine": "simulated",
+        "engine_options": {"worker_speeds": speeds} if speeds else {},
+        "seed": 5,
+        "algorithm": {"name": "async_local_sgd", **asynchronous},
+        "data": {"batch_size": 8},
+        "optimizer": {"lr": 0.05, "momentum": 0.9, "nesterov": True, "weight_decay": 1e-4},
+        "train": {"epochs": 1, "max_steps": 10, "eval_every": 4},
+    }
+    data.update(changes)
+    return run_config(data)
+
+
+def reference(cfg: Any, speeds: list[float]) -> tuple[ParameterServer, list[float]]:
+    """K separate models, each with its own SGD, trained round by round in the order the
+    rounds end in virtual time, each pushed to the server as its round ends."""
+    workload = workloads.build(cfg.workload)
+    algo = cfg.algorithm_config(1)
+    k_workers, period, total = cfg.workers, algo.period, cfg.train.max_steps
+    torch.manual_seed(cfg.seed)
+    models = [workload.make_model(cfg.seed) for _ in range(k_workers)]
+    for m in models[1:]:
+        m.load_state_dict(models[0].state_dict())
+    opts = [
+        torch.optim.SGD(m.parameters(), lr=cfg.optimizer.lr, momentum=0.9, nesterov=True, weight_decay=1e-4)
+        for m in models
+    ]
+
+    def stream(k: int) -> Any:
+        epoch = 0
+        while True:
+            yield from workload.train_batches(
+                k, k_workers, cfg.data.batch_size, epoch, cfg.seed, torch.device("cpu")
+            )
+            epoch += 1
+
+    streams = [stream(k) for k in range(k_workers)]
+    params = [[p for p in m.parameters()] for m in models]
+    server = ParameterServer([p.detach() for p in params[0]], k_workers, algo.server_options())
+    done = [0] * k_workers
+    events = [(min(period, total) / speeds[k], k) for k in range(k_workers)]
+    heapq.heapify(events)
+    finished_at = [0.0] * k_workers
+    while events:
+        now, k = heapq.heappop(events)
+        steps = min(period, total - done[k])
+        for _ in range(steps):
+            opts[k].zero_grad()
+            workload.loss(models[k], next(streams[k])).backward()
+            opts[k].step()
+        done[k] += steps
+        server.push(k, params[k])
+        assert server.ready(k), "no staleness bound here: every push applies at once"
+        server.model(params[k], k)
+        if done[k] < total:
+            heapq.heappush(events, (now + min(period, total - done[k]) / speeds[k], k))
+        else:
+            server.finish(k)
+            finished_at[k] = now
+    return server, finished_at
+
+
+def test_unequal_speeds_equal_separate_models_pushed_in_virtual_time_order(tmp_path):
+    cfg = config({"period": 3}, SPEEDS)
+    status = train(cfg, tmp_path, 0, 1)
+    server, finished_at = reference(cfg, SPEEDS)
+    model = torch.load(tmp_path / "checkpoint.pt")["model"]
+    ours = torch.cat([v.reshape(-1) for v in model.values()])
+    theirs = torch.cat([t.reshape(-1) for t in server.global_model])
+    err = float((ours - theirs).norm() / theirs.norm())
+    assert err <= 1e-5, err
+    assert status.details["server"] == server.summary()
+    assert status.details["virtual_time"] == max(finished_at) == 10 / 0.5
+    # Every worker took its 10 steps, whatever its speed.
+    assert status.details["server"]["pushes_per_worker"] == [4, 4, 4, 4]
+    assert status.steps == 10 and status.final.step == 10
+    # Rounds of 3 steps: the fast worker's end at 1.5, 3, 4.5, 5 (its short last one), the
+    # two of speed 1 at 3, 6, 9, 10, the slow one's at 6, 12, 18, 20. At t = 3 the fast worker
+    # pushes first (tie by index) from the model its own first push made; the next two have
+    # missed both of its pushes, and the one after them.
+    order = [(a.worker, a.staleness) for a in server.log]
+    assert order[:5] == [(0, 0), (0, 0), (1, 2), (2, 3), (0, 2)]
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == 10 and rows[-1]["updates"] == 16
+    assert [r["step"] for r in rows] == sorted(r["step"] for r in rows)
+
+
+def test_the_schedule_steps_only_the_workers_whose_rounds_are_due():
+    server = ParameterServer([], 4, A.AsyncLocalSGD(period=3).server_options())
+    batches = plan(SPEEDS, 3, 10, server)
+    assert [sorted(b.lengths) for b in batches[:3]] == [[0, 1, 2, 3], [0], [0, 1, 2]]
+    assert sum(sum(b.lengths.values()) for b in batches) == 40
+    equal = plan([1.0] * 4, 3, 10, ParameterServer([], 4, A.AsyncLocalSGD(period=3).server_options()))
+    assert [b.lengths for b in equal] == [{k: n for k in range(4)} for n in (3, 3, 3, 1)]
+
+
+@pytest.mark.parametrize("bound", [0, 1])
+def test_the_staleness_bound_holds_for_unequal_speeds(tmp_path, bound):
+    status = train(
+        config({"period": 1, "max_staleness": bound}, None, engine_options={"speed_spread": 0.8}),
+        tmp_path,
+        0,
+        1,
+    )
+    server = status.details["server"]
+    assert server["max_staleness_seen"] <= bound and server["pushes"] == 40
+    if bound == 0:
+        assert server["staleness"] == {"0": 40} and server["updates"] == 10
+    speeds = status.details["worker_speeds"]
+    assert len(set(speeds)) == 4 and sum(speeds) == pytest.approx(4.0)
+    assert speeds == SimulatedOptions(speed_spread=0.8).speeds(4, 5)
+
+
+def test_speed_options_are_checked():
+    with pytest.raises(
+        ConfigError,
+        match=r"engine_options.worker_speeds has 3 values; it needs one per worker \(workers = 4\)",
+    ):
+        config({}, [1.0, 1.0, 1.0])
+    with pytest.raises(
+        ConfigError, match=r"engine_options.worker_speeds\[1\] must be a finite number > 0, got 0.0"
+    ):
+        config({}, [1.0, 0.0, 1.0, 1.0])
+    with pytest.raises(ConfigError, match=r"give engine_options.worker_speeds or engine_options.speed_spread"):
+        config({}, None, engine_options={"worker_speeds": [1.0] * 4, "speed_spread": 0.5})
+    with pytest.raises(ConfigError, match=r"optimizer.name = 'sgd' and a constant schedule"):
+        config({}, SPEEDS, schedule={"name": "cosine"})
+    # Synchronous algorithms step together; the speeds give the virtual time only.
+    config({}, SPEEDS, algorithm={"name": "local_sgd"}, schedule={"name": "cosine"})
+
+
+def test_synchronous_runs_wait_for_the_slowest_worker(tmp_path):
+    status = train(config({}, SPEEDS, algorithm={"name": "local_sgd", "period": 2}), tmp_path, 0, 1)
+    assert status.details["virtual_time"] == 10 / 0.5 and status.details["worker_speeds"] == SPEEDS
