@@ -176,6 +176,29 @@ def test_a_flat_ring_across_nodes_by_hand() -> None:
         dataclasses.replace(ring, allreduce="tree")
 
 
+def test_a_parameter_servers_pushes_and_pulls_share_its_links_by_hand() -> None:
+    # 10 GbE, one worker per machine, K = 4: the server (rank 0's machine) carries the three
+    # other workers' transfers over its link, one after another: per byte of one worker's
+    # transfer 3/β; latency α. 10 pushes and 11 pulls of 4 MB each (the final pull besides).
+    flat = preset("10gbe")
+    cost = scope_cost("push", 4, flat)
+    assert (cost.latency, cost.per_byte) == pytest.approx((50e-6, 3 / 1.25e9))
+    assert scope_cost("pull", 4, flat) == cost and scope_size("push", 4) == 4
+    expected = 21 * 50e-6 + 3 * (10 + 11) * 4e6 / 1.25e9
+    counters = {"push": {"collectives": 10, "bytes": 40e6}, "pull": {"collectives": 11, "bytes": 44e6}}
+    assert comm_seconds(counters, 4, flat) == pytest.approx(expected, rel=1e-12)
+    assert collective_seconds(4e6, "pull", 4, flat) == pytest.approx(50e-6 + 3 * 4e6 / 1.25e9, rel=1e-12)
+    # One worker: the server is in its own process.
+    assert comm_seconds(counters, 1, flat) == 0.0
+    # Nodes of 8 on 2 × 8: the seven other workers of the server's node share its intra
+    # link, the eight of the other node its inter link; the busier of the two sets the pace.
+    node = Cluster("two", 8, inter=Link(5e-6, 25 * GBIT), intra=Link(1e-6, 300 * GBIT))
+    cost = scope_cost("push", 16, node)
+    assert (cost.latency, cost.per_byte) == pytest.approx((5e-6, max(8 / (25 * GBIT), 7 / (300 * GBIT))))
+    one_node = scope_cost("push", 4, node)
+    assert (one_node.latency, one_node.per_byte) == pytest.approx((1e-6, 3 / (300 * GBIT)))
+
+
 def test_injected_delay_adds_seconds_per_collective_of_its_scope() -> None:
     cluster = Cluster("emulated", 2, inter=Link(1e-4, 1.25e7), intra=Link(1e-5, 2e9), allreduce="ring")
     counters = {

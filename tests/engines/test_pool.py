@@ -43,7 +43,7 @@ def rows(run_dir: Path) -> list[dict]:
     out = []
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
         row = json.loads(line)
-        for timed in ("wall_seconds", "comm_seconds", "by_scope"):
+        for timed in ("wall_seconds", "comm_seconds", "by_scope", "updates_per_second"):
             row.pop(timed)
         out.append(row)
     return out

@@ -2,7 +2,7 @@
 named cluster out.
 
 Links follow the alpha-beta model; an all-reduce is a ring (hierarchical across nodes of
-several devices); a run's estimate is steps × compute per step plus the communication of
+several devices); a parameter server's pushes and pulls share the server's links; a run's estimate is steps × compute per step plus the communication of
 its cumulative per-scope counters. Pure Python: nothing heavy is imported.
 
 >>> from localsgd.costmodel import preset, ring_allreduce_seconds
@@ -25,6 +25,7 @@ from localsgd.costmodel.clusters import (
 from localsgd.costmodel.model import (
     ALLREDUCE_ALGORITHMS,
     GBIT,
+    SERVER_SCOPES,
     Cluster,
     CollectiveCost,
     Estimate,
@@ -40,11 +41,13 @@ from localsgd.costmodel.model import (
     ring_cost,
     scope_cost,
     scope_size,
+    server_cost,
 )
 
 __all__ = [
     "ALLREDUCE_ALGORITHMS",
     "GBIT",
+    "SERVER_SCOPES",
     "Cluster",
     "CollectiveCost",
     "Estimate",
@@ -66,4 +69,5 @@ __all__ = [
     "ring_cost",
     "scope_cost",
     "scope_size",
+    "server_cost",
 ]

@@ -212,11 +212,17 @@ def allreduce_cost(p: int, cluster: Cluster) -> CollectiveCost:
 _BLOCK = re.compile(r"block(\d+)")
 
 
+SERVER_SCOPES = ("push", "pull")
+"""A parameter server's transfers (:data:`localsgd.comm.base.PUSH` and ``PULL``): one
+model each way per exchange between a worker and the server on rank 0."""
+
+
 def scope_size(scope: str, workers: int) -> int:
     """Ranks taking part in one collective of ``scope`` (``"world"`` or ``"block{b}"``,
-    the labels of :class:`localsgd.comm.base.CommStats`) in a world of ``workers``."""
+    the labels of :class:`localsgd.comm.base.CommStats`) in a world of ``workers``; for a
+    parameter server's ``push``/``pull``, the workers sharing the server's link."""
     _check_workers(workers)
-    if scope == "world":
+    if scope == "world" or scope in SERVER_SCOPES:
         return workers
     match = _BLOCK.fullmatch(scope)
     if match is None:
@@ -232,6 +238,30 @@ def _block_on_one_node(size: int, workers: int, cluster: Cluster) -> bool:
     return size <= g and (workers <= g or g % size == 0)
 
 
+def server_cost(workers: int, cluster: Cluster) -> CollectiveCost:
+    """One push or pull of a worker to or from a parameter server on rank 0's node, when
+    every worker moves as much (the affine terms per byte of *one* worker's transfers).
+
+    The server's links carry every worker's transfers one after another: the G − 1 other
+    workers of its node over the intra-node link, the K − G workers of other nodes over
+    its inter-node link (its own worker's transfers stay in its memory). Per byte of one
+    worker's transfer the server's busiest link is therefore busy
+    max((K − G')/β_e, (G' − 1)/β_i) seconds, G' = min(K, G): the time a worker waits when the
+    server is the bottleneck, which this model charges to every transfer (a push and a pull
+    per round: 2 transfers of the model). Latency: α of the link the farthest worker uses.
+    One worker: 0 (the server is in its process)."""
+    _check_workers(workers)
+    if workers == 1:
+        return ZERO
+    local = min(workers, cluster.devices_per_node)
+    remote = workers - local
+    per_byte = remote / cluster.inter.bandwidth if remote else 0.0
+    if local > 1:
+        per_byte = max(per_byte, (local - 1) / cluster._intra().bandwidth)
+    latency = cluster.inter.alpha if remote else cluster._intra().alpha
+    return CollectiveCost(latency, per_byte)
+
+
 def scope_cost(scope: str, workers: int, cluster: Cluster) -> CollectiveCost:
     """The (latency, per-byte) terms of one collective of ``scope`` in a run of ``workers``.
 
@@ -242,6 +272,8 @@ def scope_cost(scope: str, workers: int, cluster: Cluster) -> CollectiveCost:
     at the inter-node link's pace; b > G is costed like a world all-reduce over b ranks.
     """
     size = scope_size(scope, workers)
+    if scope in SERVER_SCOPES:
+        return server_cost(workers, cluster)
     if scope == "world" or size == 1:
         return allreduce_cost(size, cluster)
     if _block_on_one_node(size, workers, cluster):
@@ -256,6 +288,8 @@ def collective_seconds(nbytes: float, scope: str, workers: int, cluster: Cluster
     (:func:`allreduce_seconds`, :func:`ring_allreduce_seconds`); equals
     ``scope_cost(...).seconds(nbytes)``."""
     size = scope_size(scope, workers)
+    if scope in SERVER_SCOPES:
+        return server_cost(workers, cluster).seconds(nbytes)
     if scope == "world" or size == 1:
         return allreduce_seconds(nbytes, size, cluster)
     if _block_on_one_node(size, workers, cluster):

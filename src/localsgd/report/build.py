@@ -14,7 +14,7 @@ import pandas as pd
 
 from localsgd.costmodel import GBIT, Cluster, load_cluster
 from localsgd.records import Metric
-from localsgd.report import measured, plots
+from localsgd.report import asynchrony, measured, plots
 from localsgd.report.estimates import ClusterEstimates, estimate, parse_target
 from localsgd.report.render import (
     Block,
@@ -126,6 +126,11 @@ def make_report(
     for file, png in measured_images.items():
         images[file] = png
         paths[file.removesuffix(".png")] = write_atomic(out / file, png)
+    # Asynchronous runs: updates, staleness, lost workers (report/asynchrony.py).
+    async_blocks, async_images = asynchrony.section(study)
+    for file, png in async_images.items():
+        images[file] = png
+        paths[file.removesuffix(".png")] = write_atomic(out / file, png)
 
     sheets = {
         "summary": summary,
@@ -138,9 +143,10 @@ def make_report(
         sheets["cluster"] = _cluster_sheet(estimates)
     paths["xlsx"] = write_xlsx(out / "results.xlsx", sheets)
     blocks = _document(study, summary, status, baseline, estimates)
-    if measured_blocks:
-        at = next(i for i, b in enumerate(blocks) if isinstance(b, Heading) and b.text == "Run status")
-        blocks[at:at] = measured_blocks
+    for extra in (measured_blocks, async_blocks):
+        if extra:
+            at = next(i for i, b in enumerate(blocks) if isinstance(b, Heading) and b.text == "Run status")
+            blocks[at:at] = extra
     paths["markdown"] = write_atomic(out / "report.md", to_markdown(blocks))
     paths["html"] = write_atomic(out / "report.html", to_html(blocks, TITLE, images))
     log.info("report of %s written to %s", study.root, out)
