@@ -132,4 +132,4 @@ class LocalSGD:
                 "optimizers accelerator.prepare() returned hold this model's parameters; "
                 "prepare the optimizer with the model, or pass optimizer="
             )
-        return found[0]  # type: ignore[no-any-return]
+        return found[0]
