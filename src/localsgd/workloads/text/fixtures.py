@@ -194,6 +194,7 @@ def train_tokenizer(texts: list[str], folder: Path) -> int:
         sep_token="[SEP]",
         mask_token="[MASK]",
         model_max_length=TINY_BERT["max_position_embeddings"],
+        model_input_names=["input_ids", "token_type_ids", "attention_mask"],  # BERT's: pairs need segments
     )
     fast.save_pretrained(str(folder))
     return int(tok.get_vocab_size())
