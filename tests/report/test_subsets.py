@@ -1,0 +1,45 @@
+"""Per workload and training subset: the primary metric against speedup, one panel each,
+and the workbook sheet, with each subset's speedup against its own single worker."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+from localsgd.records import Store
+from localsgd.report import make_report
+from report.test_report import _add_run, _config, _sheet
+
+
+def test_each_subset_gets_a_panel_and_its_own_baseline(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    walls = {(512, 1): 40.0, (512, 2): 25.0, (2048, 1): 160.0, (2048, 2): 80.0}
+    for (subset, workers), wall in walls.items():
+        for seed in (0, 1):
+            algorithm = {"name": "local_sgd", "period": 4} if workers > 1 else {"name": "minibatch_sgd"}
+            config = _config(algorithm, workers, seed)
+            config["workload"] = {"name": "mnist1d_cnn", "data": {"train_subset": subset}}
+            config["name"] = f"{subset}-{workers}-{seed}"
+            _add_run(store, config, "completed", wall + seed, 0.7 + subset / 10_000)
+    paths = make_report(tmp_path)
+    assert paths["metric_vs_speedup_by_subset"].stat().st_size > 0
+    assert "metric_vs_speedup_by_subset.png" in paths["markdown"].read_text()
+    sheet = _sheet(paths, "by_subset")
+    assert list(sheet["subset"]) == ["512", "512", "2 048", "2 048"]
+    assert set(sheet["metric"]) == {"accuracy"}
+    k2 = sheet[sheet["workers"] == 2].set_index("subset")
+    assert k2.loc["512", "speedup"] == pytest.approx(40.5 / 25.5)
+    assert k2.loc["2 048", "speedup"] == pytest.approx(160.5 / 80.5)
+    assert k2.loc["2 048", "final_mean"] == pytest.approx(0.7 + 0.2048, abs=0.02)
+
+
+def test_no_subset_no_extra_panel(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    for workers in (1, 2):
+        _add_run(store, _config({"name": "minibatch_sgd"}, workers, 0), "completed", 10.0 / workers, 0.8)
+    paths = make_report(tmp_path)
+    assert "metric_vs_speedup_by_subset" not in paths
+    assert "by_subset" not in __import__("openpyxl").load_workbook(paths["xlsx"]).sheetnames
+    assert not math.isnan(_sheet(paths, "summary")["speedup"].iloc[-1])
