@@ -27,12 +27,12 @@ def test_each_subset_gets_a_panel_and_its_own_baseline(tmp_path: Path) -> None:
     assert paths["metric_vs_speedup_by_subset"].stat().st_size > 0
     assert "metric_vs_speedup_by_subset.png" in paths["markdown"].read_text()
     sheet = _sheet(paths, "by_subset")
-    assert list(sheet["subset"]) == ["512", "512", "2 048", "2 048"]
+    assert list(sheet["subset"]) == ["512", "512", "2048", "2048"]
     assert set(sheet["metric"]) == {"accuracy"}
     k2 = sheet[sheet["workers"] == 2].set_index("subset")
     assert k2.loc["512", "speedup"] == pytest.approx(40.5 / 25.5)
-    assert k2.loc["2 048", "speedup"] == pytest.approx(160.5 / 80.5)
-    assert k2.loc["2 048", "final_mean"] == pytest.approx(0.7 + 0.2048, abs=0.02)
+    assert k2.loc["2048", "speedup"] == pytest.approx(160.5 / 80.5)
+    assert k2.loc["2048", "final_mean"] == pytest.approx(0.7 + 0.2048, abs=0.02)
 
 
 def test_no_subset_no_extra_panel(tmp_path: Path) -> None:

@@ -28,11 +28,11 @@ def has_subsets(study: Study) -> bool:
 def _label(value: object) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "all"
-    return f"{int(value):,}".replace(",", " ")  # type: ignore[call-overload]
+    return str(int(value))  # type: ignore[call-overload]  # digits alone: panels sort 512 before 2048
 
 
 def by_subset(study: Study, summary: pd.DataFrame) -> pd.DataFrame:
-    """The summary with ``subset`` (examples trained on) and ``panel`` ("mnli, subset 4 000")
+    """The summary with ``subset`` (examples trained on) and ``panel`` ("mnli, subset 4000")
     columns, sorted by workload, subset and K."""
     runs = study.runs
     subset_of = {
