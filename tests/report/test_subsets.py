@@ -1,9 +1,9 @@
 """Per workload and training subset: the primary metric against speedup, one panel each,
-and the workbook sheet, with each subset's speedup against its own single worker."""
+and the workbook sheet, with each subset's speedup against its own single worker. (A study
+without subsets gets neither: tests/report/test_report.py checks its exact files and sheets.)"""
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import pytest
@@ -34,12 +34,3 @@ def test_each_subset_gets_a_panel_and_its_own_baseline(tmp_path: Path) -> None:
     assert k2.loc["2048", "speedup"] == pytest.approx(160.5 / 80.5)
     assert k2.loc["2048", "final_mean"] == pytest.approx(0.7 + 0.2048, abs=0.02)
 
-
-def test_no_subset_no_extra_panel(tmp_path: Path) -> None:
-    store = Store(tmp_path)
-    for workers in (1, 2):
-        _add_run(store, _config({"name": "minibatch_sgd"}, workers, 0), "completed", 10.0 / workers, 0.8)
-    paths = make_report(tmp_path)
-    assert "metric_vs_speedup_by_subset" not in paths
-    assert "by_subset" not in __import__("openpyxl").load_workbook(paths["xlsx"]).sheetnames
-    assert not math.isnan(_sheet(paths, "summary")["speedup"].iloc[-1])
