@@ -5,7 +5,8 @@ interleaved (blocks whose order rotates, medians after warm-up, the slowest rank
 
 - ``dp_step``: a training step (AdamW) of the plain model inside ``DataParallel`` with
   ``LocalSGD(period=10**9)`` (no sync ever due), against ``bare_step``, the same step of a
-  twin model outside it. Target: ratio <= 1.03.
+  twin model outside it. Target: ratio <= 1.03. ``bare2_step``, a second bare twin, gives
+  the A/A ratio: the noise floor of the machine.
 - ``ours_sync``: one local-SGD averaging (one flat all-reduce per dtype), against
   ``accelerate_sync``: accelerate's ``LocalSGD._sync_and_avg_model_params`` (one
   all-reduce per tensor, on clones) on the DDP model ``accelerator.prepare`` returned.
@@ -48,7 +49,7 @@ MODELS: dict[str, dict[str, Any]] = {
         "config": {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072, "vocab_size": 30522},
         "batch": 2,
         "length": 32,
-        "reps": 6,
+        "reps": 8,
         "warmup": 1,
     },
     "bert_tiny": {
@@ -60,6 +61,7 @@ MODELS: dict[str, dict[str, Any]] = {
     },
 }  # fmt: skip
 PAIRS = {
+    "A/A: bare step / its bare twin (the noise floor)": ("bare2_step", "bare_step", None),
     "step in DataParallel, no sync due / bare step": ("dp_step", "bare_step", 1.03),
     "local-SGD sync / accelerate LocalSGD sync": ("ours_sync", "accelerate_sync", None),
     "mini-batch SGD via our DDP path / plain DDP step": ("ours_ddp_step", "ddp_step", 1.05),
@@ -101,48 +103,49 @@ def rank_main(rank: int, world: int, port: int, names: list[str], quick: bool, o
             "labels": torch.randint(0, 3, (spec["batch"],), generator=g),
         }
         base = build(spec)
-        models = {k: copy.deepcopy(base) for k in ("bare", "dp", "ddp", "ours_ddp")}
-        opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-5) for k, m in models.items()}
-        ddp = DistributedDataParallel(models["ddp"])
-        ours_ddp = DistributedDataParallel(models["ours_ddp"])
-        prepared = accelerator.prepare(copy.deepcopy(base))
-        acc_local = AccelerateLocalSGD(accelerator=accelerator, model=prepared, local_sgd_steps=1)
 
-        def step(
-            model: torch.nn.Module, opt: torch.optim.Optimizer, batch: dict[str, torch.Tensor] = batch
-        ) -> Callable[[], None]:
+        def step(model: torch.nn.Module, batch: dict[str, torch.Tensor] = batch) -> Callable[[], None]:
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+
             def run() -> None:
                 opt.zero_grad()
                 model(**batch).loss.backward()
                 opt.step()
 
+            run.optimizer = opt  # type: ignore[attr-defined]
             return run
 
-        with (
-            localsgd.DataParallel(models["dp"], opts["dp"], algorithms.LocalSGD(period=10**9)) as dp,
-            localsgd.DataParallel(ours_ddp, opts["ours_ddp"], algorithms.MiniBatchSGD()),
-        ):
-            assert dp._sync is not None
-            sync = dp._sync.averager  # type: ignore[attr-defined]
-            methods: dict[str, Callable[[], Any]] = {
-                "bare_step": step(models["bare"], opts["bare"]),
-                "dp_step": step(models["dp"], opts["dp"]),
-                "ddp_step": step(ddp, opts["ddp"]),
-                "ours_ddp_step": step(ours_ddp, opts["ours_ddp"]),
-                "ours_sync": sync,
-                "accelerate_sync": acc_local._sync_and_avg_model_params,
-            }
-            times: dict[str, list[float]] = {k: [] for k in methods}
-            order = list(methods)
-            for rep in range(spec["warmup"] + spec["reps"]):
-                shift = rep % len(order)
-                for key in order[shift:] + order[:shift]:  # the same order on both ranks
-                    torch.distributed.barrier()
-                    start = time.perf_counter()
-                    methods[key]()
-                    elapsed = time.perf_counter() - start
-                    if rep >= spec["warmup"]:
-                        times[key].append(elapsed)
+        times: dict[str, list[float]] = {}
+        # Three phases, each with only its own models alive (BERT-base with AdamW state is
+        # 1.8 GB a copy), each timed interleaved.
+        # 1. The step inside DataParallel (no sync due) against two bare twins (A/A: noise).
+        bare, bare2, dp_model = (copy.deepcopy(base) for _ in range(3))
+        dp_step = step(dp_model)
+        with localsgd.DataParallel(dp_model, dp_step.optimizer, algorithms.LocalSGD(period=10**9)):  # type: ignore[attr-defined]
+            times |= interleaved(
+                {"bare_step": step(bare), "bare2_step": step(bare2), "dp_step": dp_step}, spec
+            )
+        del bare, bare2, dp_model, dp_step
+        # 2. One local-SGD averaging against accelerate's (on the DDP model prepare returns).
+        ours_model = copy.deepcopy(base)
+        prepared = accelerator.prepare(copy.deepcopy(base))
+        theirs = AccelerateLocalSGD(accelerator=accelerator, model=prepared, local_sgd_steps=1)
+        opt = torch.optim.SGD(ours_model.parameters(), lr=0.0)
+        with localsgd.DataParallel(ours_model, opt, algorithms.LocalSGD(period=1)) as dp:
+            sync = dp._sync.averager  # type: ignore[union-attr]
+            times |= interleaved(
+                {"ours_sync": sync, "accelerate_sync": theirs._sync_and_avg_model_params}, spec
+            )
+        del ours_model, prepared, theirs, opt
+        # 3. Mini-batch SGD: a DDP model inside DataParallel against a plain DDP twin.
+        ddp, ours_ddp = (
+            DistributedDataParallel(copy.deepcopy(base)),
+            DistributedDataParallel(copy.deepcopy(base)),
+        )
+        ddp_step, ours_ddp_step = step(ddp), step(ours_ddp)
+        with localsgd.DataParallel(ours_ddp, ours_ddp_step.optimizer, algorithms.MiniBatchSGD()):  # type: ignore[attr-defined]
+            times |= interleaved({"ddp_step": ddp_step, "ours_ddp_step": ours_ddp_step}, spec)
+        del ddp, ours_ddp, ddp_step, ours_ddp_step
         results[name] = {
             "parameters": sum(p.numel() for p in base.parameters()),
             "tensors": len(list(base.parameters())),
@@ -154,6 +157,23 @@ def rank_main(rank: int, world: int, port: int, names: list[str], quick: bool, o
     with open(out, "w") as f:
         json.dump(results, f)
     accelerator.end_training()
+
+
+def interleaved(methods: dict[str, Callable[[], Any]], spec: dict[str, Any]) -> dict[str, list[float]]:
+    """Each method's times, in blocks whose order rotates (the same order on every rank);
+    a barrier before each call, so a collective's time is its own."""
+    times: dict[str, list[float]] = {k: [] for k in methods}
+    order = list(methods)
+    for rep in range(spec["warmup"] + spec["reps"]):
+        shift = rep % len(order)
+        for key in order[shift:] + order[:shift]:
+            torch.distributed.barrier()
+            start = time.perf_counter()
+            methods[key]()
+            elapsed = time.perf_counter() - start
+            if rep >= spec["warmup"]:
+                times[key].append(elapsed)
+    return times
 
 
 def free_port() -> int:
