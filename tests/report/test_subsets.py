@@ -27,6 +27,7 @@ def test_each_subset_gets_a_panel_and_its_own_baseline(tmp_path: Path) -> None:
     assert paths["metric_vs_speedup_by_subset"].stat().st_size > 0
     assert "metric_vs_speedup_by_subset.png" in paths["markdown"].read_text()
     sheet = _sheet(paths, "by_subset")
+    sheet["subset"] = sheet["subset"].astype(str)  # Excel reads digit strings back as numbers
     assert list(sheet["subset"]) == ["512", "512", "2048", "2048"]
     assert set(sheet["metric"]) == {"accuracy"}
     k2 = sheet[sheet["workers"] == 2].set_index("subset")
