@@ -10,10 +10,13 @@ from typing import Annotated
 import typer
 
 from localsgd.costmodel import presets as cluster_presets
+from localsgd.records.store import DEFAULT_RUN_STORE
 
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
+    # Plain help: rich markup would swallow the TOML table names ([study], [[grid]]).
+    rich_markup_mode=None,
     help="Communication-efficient data-parallel training: run, sweep and report local SGD and its family.",
 )
 
@@ -35,13 +38,15 @@ def _inside_torchrun() -> bool:
 @app.command()
 def train(
     config: Annotated[Path, typer.Argument(help="Run config (TOML).")],
-    out: Annotated[Path, typer.Option(help="Store to record the run in.")] = Path("runs"),
+    out: Annotated[Path, typer.Option(help="Store to record the run in.")] = Path(DEFAULT_RUN_STORE),
     overrides: SetOption = None,
 ) -> None:
     """Train one run and write its record (config, environment, metrics, checkpoint, status).
 
     Starts `workers` processes through torch's elastic launcher, unless already running
     under torchrun (then this process is one of the workers, and rank 0 records the run).
+    Prints rank 0's evaluations as they come, then the final metric and the run folder.
+    Exit code: 0 completed, 1 failed or diverged, 2 a bad config.
     """
     from localsgd.studies.loading import load_run_config
     from localsgd.util.checks import ConfigError
@@ -50,15 +55,19 @@ def train(
         run = load_run_config(config, overrides or [])
     except ConfigError as exc:
         raise _fail(str(exc)) from None
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if _inside_torchrun():
         from localsgd import worker
 
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
         argv = [str(config), "--out", str(out)]
         for item in overrides or []:
             argv += ["--set", item]
         raise typer.Exit(code=worker.main(argv))
+    # The evaluations are printed from the record, whichever process trains the run.
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
+    from localsgd import workloads
     from localsgd.records import Store
+    from localsgd.studies.progress import follow_rows, primary_value, row_line, run_label
     from localsgd.studies.runner import execute_run, preflight
 
     try:
@@ -66,13 +75,40 @@ def train(
         store = Store(out)
     except ValueError as exc:
         raise _fail(str(exc)) from None
-    status = execute_run(run, store, workload=workload)
-    typer.echo(f"{status}: {store.run_dir(run.run_id())}")
-    error = store.error(run.run_id())
+    metric = workloads.metric(workload)
+    run_id = run.run_id()
+    typer.echo(f"run {run_id}: {run_label(run)} ({run.engine} engine)")
+    with follow_rows(
+        [store.partial_dir(run_id) / "metrics.jsonl", store.run_dir(run_id) / "metrics.jsonl"],
+        lambda row: typer.echo(row_line(row, metric)),
+    ):
+        status = execute_run(run, store, workload=workload)
+    info = store.final_status(run_id)
+    steps = f" after {info.steps} steps ({info.wall_seconds:.1f} s of training)" if info else ""
+    typer.echo(f"{status}: {primary_value(info, metric)}{steps}")
+    typer.echo(f"run folder: {store.run_dir(run_id)}")
+    error = info.error if info is not None else None
     if error is not None:
         typer.secho(f"error: {error.line()}", fg=typer.colors.RED, err=True)
     if status != "completed":
         raise typer.Exit(code=1)
+
+
+def _options(items: list[str] | None, flag: str) -> dict[str, object]:
+    """``KEY=VALUE`` items as a dict; a value is JSON when it parses (numbers, true/false,
+    objects), else a string."""
+    import json
+
+    options: dict[str, object] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise _fail(f"{flag} takes KEY=VALUE, got {item!r}")
+        try:
+            options[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key.strip()] = value
+    return options
 
 
 @app.command()
@@ -84,12 +120,44 @@ def study(
     overrides: SetOption = None,
     retry_failed: Annotated[bool, typer.Option(help="Run failed and diverged runs again.")] = False,
     dry_run: Annotated[bool, typer.Option(help="List the planned runs and stop.")] = False,
+    parallel: Annotated[
+        int | None,
+        typer.Option(
+            help="Runs at once (default: 1 here, every run under --executor slurm). On this machine "
+            "N x workers x threads must fit in the cores.",
+            show_default=False,
+        ),
+    ] = None,
+    oversubscribe: Annotated[
+        bool, typer.Option(help="Let --parallel runs need more threads than there are cores.")
+    ] = False,
+    executor: Annotated[
+        str,
+        typer.Option(help="Where runs go: local (worker pools on this machine) or slurm (a job per run)."),
+    ] = "local",
+    slurm: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--slurm",
+            help="A submitit/Slurm option as KEY=VALUE, e.g. slurm_partition=gpu, timeout_min=120, "
+            "nodes=2, cluster=local (repeatable; see docs/slurm.md).",
+        ),
+    ] = None,
 ) -> None:
-    """Run every run of a study's grid; rerunning skips finished runs and restarts unfinished ones."""
+    """Run every run of a study's grid; rerunning skips finished runs and restarts unfinished ones.
+
+    Prints a line per finished run (a progress bar in a terminal) and a summary. Exit code:
+    0 every run completed, 1 some failed or diverged, 2 a bad study file or option.
+    """
     from localsgd.studies.grid import load_study
-    from localsgd.studies.runner import run_study
+    from localsgd.studies.runner import EXECUTORS, run_study
     from localsgd.util.checks import ConfigError
 
+    if executor not in EXECUTORS:
+        raise _fail(f"--executor must be one of {list(EXECUTORS)}, got {executor!r}")
+    if slurm and executor != "slurm":
+        raise _fail("--slurm options need --executor slurm")
+    options = _options(slurm, "--slurm")
     try:
         plan = load_study(config, overrides or [])
     except ConfigError as exc:
@@ -104,11 +172,29 @@ def study(
         return
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
     try:
-        counts = run_study(plan, folder, study_file=config, retry_failed=retry_failed)
+        counts = run_study(
+            plan,
+            folder,
+            study_file=config,
+            retry_failed=retry_failed,
+            parallel=parallel,
+            oversubscribe=oversubscribe,
+            executor=executor,
+            executor_options=options,
+        )
     except ConfigError as exc:
         raise _fail(str(exc)) from None
     summary = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
+    bad = sum(n for status, n in counts.items() if "failed" in status or "diverged" in status)
     typer.echo(f"study {plan.section.name}: {summary}; store: {folder}")
+    if bad:
+        typer.secho(
+            f"{bad} of {sum(counts.values())} runs failed or diverged (their errors are in the "
+            f"lines above and in `localsgd report {folder}`); --retry-failed runs them again",
+            fg=typer.colors.RED,
+            err=True,
+        )
+        raise typer.Exit(code=1)
 
 
 @app.command()

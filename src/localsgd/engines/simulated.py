@@ -21,7 +21,8 @@ from torch import nn
 
 from localsgd.comm.base import WORLD, Block, CommStats, Communicator, Scope, check_block
 from localsgd.comm.flat import group_by_dtype
-from localsgd.engines.base import Job, Replicas, register
+from localsgd.engines.base import Job, Replicas, Session, register
+from localsgd.engines.pool import LocalSession
 from localsgd.records.record import EngineInfo
 from localsgd.util.nest import map_nest, zip_nests
 
@@ -358,6 +359,9 @@ class SimulatedEngine:
 
     def execute(self, job: Job) -> None:
         job.train(0, 1)
+
+    def session(self, *, in_process: bool = True) -> Session:
+        return LocalSession(self, in_process=in_process)
 
     def replicas(
         self,

@@ -189,8 +189,7 @@ def _train(
             )
             writer.row(row)
             if rank == 0:
-                value = row.metrics.get(primary.name)
-                shown = "n/a" if value is None else f"{value * primary.scale:.4g}{primary.unit}"
+                shown = primary.show(row.metrics.get(primary.name))
                 log.info(
                     "rank 0 step %d epoch %.2f: train loss %.4f, %s %s",
                     step,
