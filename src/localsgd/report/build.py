@@ -14,7 +14,7 @@ import pandas as pd
 
 from localsgd.costmodel import GBIT, Cluster, load_cluster
 from localsgd.records import Metric
-from localsgd.report import measured, plots
+from localsgd.report import measured, plots, subsets
 from localsgd.report.estimates import ClusterEstimates, estimate, parse_target
 from localsgd.report.render import (
     Block,
@@ -50,6 +50,8 @@ TITLE = "localsgd study report"
 # (file stem, caption) in the order they appear in the report.
 PLOTS = {
     "metric_vs_speedup": "Final primary metric against speedup over one worker (mean ± std over seeds)",
+    "metric_vs_speedup_by_subset": "The same, one panel per workload and training subset "
+    "(workbook sheet by_subset)",
     "metric_vs_epochs": "Primary metric against epochs (mean over seeds)",
     "metric_vs_wall_time": "Primary metric against training wall time (mean over seeds)",
     "train_loss_vs_epochs": "Train loss against epochs (mean over seeds)",
@@ -115,6 +117,9 @@ def make_report(
         name = resolved.name
         figures["metric_vs_est_speedup"] = lambda: plots.metric_vs_est_speedup(summary, look, metrics, name)
         figures["metric_vs_est_time"] = lambda: plots.metric_vs_est_time(curve_frame, look, metrics, name)
+    split = subsets.by_subset(study, summary) if subsets.has_subsets(study) else None
+    if split is not None:
+        figures["metric_vs_speedup_by_subset"] = lambda: subsets.metric_vs_speedup_by_subset(split, look, metrics)
     paths: dict[str, Path] = {}
     images: dict[str, bytes] = {}
     for stem, draw in figures.items():
@@ -134,10 +139,15 @@ def make_report(
         "runs": study.runs,
         "metrics": _metrics_sheet(study),
     }
+    if split is not None:
+        sheets["by_subset"] = subsets.sheet(split, metrics)
     if estimates is not None:
         sheets["cluster"] = _cluster_sheet(estimates)
     paths["xlsx"] = write_xlsx(out / "results.xlsx", sheets)
     blocks = _document(study, summary, status, baseline, estimates)
+    if split is not None:  # right after the headline plot
+        at = next(i for i, b in enumerate(blocks) if isinstance(b, Image)) + 1
+        blocks[at:at] = [Image("metric_vs_speedup_by_subset.png", PLOTS["metric_vs_speedup_by_subset"])]
     if measured_blocks:
         at = next(i for i, b in enumerate(blocks) if isinstance(b, Heading) and b.text == "Run status")
         blocks[at:at] = measured_blocks
