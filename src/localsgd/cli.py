@@ -116,9 +116,9 @@ def _options(items: list[str] | None, flag: str) -> dict[str, object]:
 
 @app.command()
 def study(
-    config: Annotated[Path, typer.Argument(help="Study file (TOML): study, base and grid tables.")],
+    config: Annotated[Path, typer.Argument(help="Study file (TOML): [study], [base] and [[grid]] blocks.")],
     out: Annotated[
-        Path | None, typer.Option(help="Store folder (default: the study's out, or studies_out/NAME).")
+        Path | None, typer.Option(help="Store folder (default: [study].out or studies_out/<name>).")
     ] = None,
     overrides: SetOption = None,
     retry_failed: Annotated[bool, typer.Option(help="Run failed and diverged runs again.")] = False,
