@@ -139,8 +139,8 @@ def test_table_cells_follow_one_rounding_rule(report: tuple[Path, dict[str, Path
     assert local["speedup (×)"] == "1.83 ± 0.09"
     assert base["speedup (×)"] == "1 (baseline)"
     # One worker communicates nothing: no payload, no syncs (it counted 200 steps).
-    assert base["payload/worker"] == base["syncs"] == "—"
-    assert local["payload/worker"] == "200 kB" and local["syncs"] == "50"
+    assert base["payload per worker"] == base["syncs"] == "—"
+    assert local["payload per worker"] == "200 kB" and local["syncs"] == "50"
 
 
 def test_html_has_contents_links_and_embedded_figures(report: tuple[Path, dict[str, Path]]) -> None:

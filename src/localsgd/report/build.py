@@ -599,7 +599,7 @@ def _summary_display(study: Study, summary: pd.DataFrame) -> Table:
             ("wall time (s)", lambda r: fmt_pm(r.wall_seconds_mean, r.wall_seconds_std)),
             ("speedup (×)", lambda r: _speedup(r.speedup, r.speedup_std)),
             (
-                "payload/worker",
+                "payload per worker",
                 lambda r: NOT_APPLICABLE if int(r.workers) == 1 else fmt_bytes(r.bytes_mean, r.bytes_std),
             ),
             ("syncs", lambda r: NOT_APPLICABLE if int(r.workers) == 1 else fmt(r.syncs_mean)),

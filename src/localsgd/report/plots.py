@@ -497,52 +497,87 @@ def scatter(
     *,
     title: str,
     why_empty: str,
+    front: bool = False,
 ) -> Plot:
     """Each workload's final primary metric (mean ± std over seeds) against ``axis``: one
-    panel, or one panel per family when markers would overlap."""
-    blocks: list[tuple[str, Metric, list[_Point], _Frame, bool]] = []
+    panel, or one panel per family when markers would overlap. With ``front``, the Pareto
+    front of the means is drawn in every panel as a staircase and the points it leaves
+    behind are faded (and called dominated in the legend)."""
+    blocks: list[tuple[str, Metric, list[_Point], _Frame, bool, list[bool]]] = []
     left_out: dict[str, str] = {}
     for workload, metric, points, frame in _panels(summary, look, metrics, axis, why_empty, left_out):
         multiples = len({p.style.family for p in points}) > 1 and _overlap(points, frame, axis)
-        blocks.append((workload, metric, points, frame, multiples))
+        best = (
+            pareto_front(
+                [p.x for p in points], [p.y for p in points], axis.higher_is_better, metric.higher_is_better
+            )
+            if front
+            else [True] * len(points)
+        )
+        blocks.append((workload, metric, points, frame, multiples, best))
     if not blocks:
         return Plot(None, left_out)
     sizes = []
-    for _, _, points, _, multiples in blocks:
+    for _, _, points, _, multiples, _ in blocks:
         n_families = len({p.style.family for p in points})
         sizes.append(_grid_size(n_families, len(points)) if multiples else _single_size(len(points)))
     fig, owners = _figure(sizes)
-    for owner, (workload, metric, points, frame, multiples) in zip(owners, blocks):
+    order = look_families(look)
+    for owner, (workload, metric, points, frame, multiples, best) in zip(owners, blocks):
         if len(blocks) > 1:
             owner.suptitle(f"Workload {workload}", fontsize="medium")
+        dominated = {p.group for p, b in zip(points, best) if not b}
         handles, labels = [], []
-        if multiples:
-            present = list(dict.fromkeys(p.style.family for p in points))
-            present.sort(key=lambda f: list(look_families(look)).index(f))
-            axes = _grid(owner, len(present))
-            for ax, family in zip(axes, present):
+        present = sorted(dict.fromkeys(p.style.family for p in points), key=order.index)
+        axes = _grid(owner, len(present)) if multiples else [owner.subplots()]
+        for ax, family in zip(axes, present if multiples else [None]):
+            if family is not None:
                 ax.set_title(family_title(family), fontsize="medium")
-                for p in points:
-                    if p.style.family != family:
-                        _draw_point(ax, p, axis, frame, metric, context=True)
-                for p in points:
-                    if p.style.family == family:
-                        handles.append(_draw_point(ax, p, axis, frame, metric, context=False))
-                        labels.append(p.label)
-                _decorate(ax, axis, frame)
+            for p in sorted(points, key=lambda p: list(look).index(p.group)):
+                if family is not None and p.style.family != family:
+                    _draw_point(ax, p, axis, frame, metric, context=True)
+                    continue
+                handle = _draw_point(ax, p, axis, frame, metric, context=False)
+                if p.group in dominated:
+                    _fade(handle)
+                handles.append(handle)
+                labels.append(p.label + (", dominated" if p.group in dominated else ""))
+            if front:
+                _staircase(ax, [p for p, b in zip(points, best) if b and not p.edge], axis, metric)
+            _decorate(ax, axis, frame)
+        if multiples:
             owner.supxlabel(axis.label, fontsize="medium")
             owner.supylabel(f"final {metric.heading}", fontsize="medium")
         else:
-            ax = owner.subplots()
-            for p in sorted(points, key=lambda p: list(look).index(p.group)):
-                handles.append(_draw_point(ax, p, axis, frame, metric, context=False))
-                labels.append(p.label)
-            _decorate(ax, axis, frame)
-            ax.set_xlabel(axis.label)
-            ax.set_ylabel(f"final {metric.heading}")
-        _legend(owner, handles, labels, "variant, workers K (seeds)")
+            axes[0].set_xlabel(axis.label)
+            axes[0].set_ylabel(f"final {metric.heading}")
+        line = axes[0].get_legend_handles_labels()
+        _legend(owner, [*line[0], *handles], [*line[1], *labels], "variant, workers K (seeds)")
     fig.suptitle(_sentence(title.format(metric=_title_metric(metrics))))
     return Plot(fig, left_out)
+
+
+def _fade(handle: Any) -> None:
+    for artist in handle.get_children() if isinstance(handle, ErrorbarContainer) else [handle]:
+        artist.set_alpha(0.35)
+
+
+def _staircase(ax: Axes, best: list[_Point], axis: XAxis, metric: Metric) -> None:
+    """The edge of the region the front dominates: sorted by x, each step holds the next
+    point's value when both axes point the same way, the previous one's else."""
+    best = sorted(best, key=lambda p: p.x)
+    if len(best) < 2:
+        return
+    ax.step(
+        [p.x for p in best],
+        [p.y for p in best],
+        where="pre" if axis.higher_is_better == metric.higher_is_better else "post",
+        color="0.15",
+        linewidth=1.3,
+        linestyle="--",
+        zorder=5,
+        label="Pareto front",
+    )
 
 
 def look_families(look: dict[str, Style]) -> list[str]:
@@ -663,51 +698,8 @@ def pareto(
     title: str,
     why_empty: str,
 ) -> Plot:
-    """The final primary metric against ``axis`` with the Pareto front of the means drawn
-    as a staircase; dominated points faded (and said so in the legend)."""
-    blocks = []
-    left_out: dict[str, str] = {}
-    for workload, metric, points, frame in _panels(summary, look, metrics, axis, why_empty, left_out):
-        front = pareto_front(
-            [p.x for p in points], [p.y for p in points], axis.higher_is_better, metric.higher_is_better
-        )
-        blocks.append((workload, metric, points, frame, front))
-    if not blocks:
-        return Plot(None, left_out)
-    fig, owners = _figure([_single_size(len(points)) for _, _, points, _, _ in blocks])
-    for owner, (workload, metric, points, frame, front) in zip(owners, blocks):
-        if len(blocks) > 1:
-            owner.suptitle(f"Workload {workload}", fontsize="medium")
-        ax = owner.subplots()
-        handles, labels = [], []
-        for p, best in sorted(zip(points, front), key=lambda pf: list(look).index(pf[0].group)):
-            handle = _draw_point(ax, p, axis, frame, metric, context=False)
-            if not best:
-                for artist in handle.get_children() if isinstance(handle, ErrorbarContainer) else [handle]:
-                    artist.set_alpha(0.35)
-            handles.append(handle)
-            labels.append(p.label + ("" if best else ", dominated"))
-        on_front = sorted((p for p, best in zip(points, front) if best and not p.edge), key=lambda p: p.x)
-        if len(on_front) > 1:
-            # The edge of the region the front dominates: sorted by x, each step holds the
-            # next point's value when both axes point the same way, the previous one's else.
-            ax.step(
-                [p.x for p in on_front],
-                [p.y for p in on_front],
-                where="pre" if axis.higher_is_better == metric.higher_is_better else "post",
-                color="0.15",
-                linewidth=1.3,
-                linestyle="--",
-                zorder=5,
-                label="Pareto front",
-            )
-        _decorate(ax, axis, frame)
-        ax.set_xlabel(axis.label)
-        ax.set_ylabel(f"final {metric.heading}")
-        line = ax.get_legend_handles_labels()
-        _legend(owner, [*line[0], *handles], [*line[1], *labels], "variant, workers K (seeds)")
-    fig.suptitle(_sentence(title.format(metric=_title_metric(metrics))))
-    return Plot(fig, left_out)
+    """The final primary metric against ``axis`` with the Pareto front of the means."""
+    return scatter(summary, look, metrics, axis, title=title, why_empty=why_empty, front=True)
 
 
 def pareto_speedup(summary: pd.DataFrame, look: dict[str, Style], metrics: Metrics) -> Plot:

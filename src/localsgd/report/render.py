@@ -136,14 +136,19 @@ nav.toc { background: #f7f7f9; border: 1px solid #e4e4e8; border-radius: 6px; pa
 nav.toc ul { margin: .2em 0; padding-left: 1.2em; }
 nav.toc > ul > li { font-weight: 600; }
 nav.toc li li { font-weight: normal; font-size: 14px; }
-.table-wrap { overflow-x: auto; margin: 1em 0; max-width: 100%; }
+/* Tables may use the whole window, wider than the text column; past that they scroll. */
+.table-wrap { overflow-x: auto; margin: 1em 0; width: calc(100vw - 3em); max-width: 1800px;
+              position: relative; left: 50%; transform: translateX(-50%); }
+.table-wrap table { margin: 0 auto; }
+html { overflow-x: hidden; }
 table { border-collapse: collapse; font-size: 13px; }
-th, td { border: 1px solid #d8d8dc; padding: 4px 8px; text-align: right; vertical-align: top; }
+th, td { border: 1px solid #d8d8dc; padding: 4px 6px; text-align: right; vertical-align: top; }
 th { background: #f0f0f3; position: sticky; top: 0; }
 td { white-space: nowrap; }
 td.text { text-align: left; white-space: normal; min-width: 8em; }
 td.text.label { white-space: nowrap; }
 td.text.long { min-width: 24em; }
+th.text { text-align: left; }
 td:first-child, th:first-child { text-align: left; position: sticky; left: 0; background: #fff;
                                  box-shadow: 1px 0 0 #d8d8dc; }
 th:first-child { background: #f0f0f3; z-index: 1; }
@@ -192,7 +197,12 @@ def to_html(blocks: Sequence[Block], title: str, images: Mapping[str, bytes]) ->
             items = "".join(f"<li>{_html_inline(item)}</li>" for item in block.items)
             body.append(f"<ul>{items}</ul>")
         elif isinstance(block, Table):
-            head = "".join(f"<th>{html.escape(h)}</th>" for h in block.headers)
+            # A column of text has its header on the left, like its cells.
+            texts = [all(not _is_number(row[i]) for row in block.rows) for i in range(len(block.headers))]
+            head = "".join(
+                ('<th class="text">' if text else "<th>") + f"{html.escape(h)}</th>"
+                for h, text in zip(block.headers, texts)
+            )
             rows = []
             for row in block.rows:
                 cells = "".join(

@@ -99,6 +99,8 @@ COLUMNS: dict[str, tuple[str, str]] = {
     "item": ("", "cluster parameter or target"),
     "value": ("", "its value (seconds, bytes per second)"),
 }
+SETTINGS = {"lr", "seed"}
+"""Numeric columns that are settings, not measurements: no rounding format."""
 SCOPE_COUNTERS = {
     "collectives": ("collectives", "collectives in scope {scope}, cumulative"),
     "bytes": ("B", "payload per worker in scope {scope}, cumulative"),
@@ -224,8 +226,14 @@ def _formats(frame: pd.DataFrame, metrics: Mapping[str, Metric]) -> dict[str, li
     columns = list(frame.columns)
     for column in columns:
         info = describe(column, metrics)
-        if info is None or not pd.api.types.is_numeric_dtype(frame[column]) or frame[column].dtype == bool:
-            continue
+        if (
+            info is None
+            or column in SETTINGS
+            or column.startswith("config.")
+            or not pd.api.types.is_numeric_dtype(frame[column])
+            or frame[column].dtype == bool
+        ):
+            continue  # settings stay as written: lr 0.1, not 0.1000
         scale = 100.0 if info.percent else 1.0
         nan = pd.Series([math.nan] * len(frame), index=frame.index)
         if column.endswith("_std"):
@@ -239,8 +247,8 @@ def _formats(frame: pd.DataFrame, metrics: Mapping[str, Metric]) -> dict[str, li
         for mean, std in zip(means, stds):
             if not math.isfinite(number(mean)) and not column.endswith("_std"):
                 formats.append(None)
-            elif info.integer and float(number(mean)).is_integer():
-                formats.append("0")
+            elif float(number(mean)).is_integer() and (info.integer or not math.isfinite(number(std))):
+                formats.append("0")  # a count, or a whole number without spread (20 syncs)
             else:
                 formats.append(excel_format(decimals(mean, std, scale), info.percent))
         out[column] = formats
