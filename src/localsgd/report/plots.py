@@ -177,16 +177,21 @@ def _legend(owner: Figure | SubFigure, handles: list[Any], labels: list[str], ti
         owner.legend(handles, labels, loc="outside lower center", ncols=3, **common)
 
 
-def _figure(blocks: list[tuple[float, float]]) -> tuple[Figure, list[Figure | SubFigure]]:
-    """A figure of one block per workload, stacked, each ``(width, height)`` inches."""
+def _figure(
+    blocks: list[tuple[float, float]], workloads: list[str], named: bool
+) -> tuple[Figure, list[Figure | SubFigure]]:
+    """A figure of one block per workload, stacked, each ``(width, height)`` inches; each
+    block titled with its workload when ``named`` (the study has several) or stacked."""
     width = max(w for w, _ in blocks)
-    heights = [h for _, h in blocks]
+    heights = [h + (0.3 if named else 0) for _, h in blocks]
     fig = Figure(figsize=(width, sum(heights)), layout="constrained")
     FigureCanvasAgg(fig)
-    if len(blocks) == 1:
+    if len(blocks) == 1 and not named:
         return fig, [fig]
-    subs = fig.subfigures(len(blocks), 1, height_ratios=heights, squeeze=False)[:, 0]
-    return fig, list(subs)
+    subs = list(fig.subfigures(len(blocks), 1, height_ratios=heights, squeeze=False)[:, 0])
+    for sub, workload in zip(subs, workloads):
+        sub.suptitle(f"Workload {workload}", fontsize="medium")
+    return fig, subs
 
 
 def _grid(owner: Figure | SubFigure, panels: int) -> list[Axes]:
@@ -521,11 +526,9 @@ def scatter(
     for _, _, points, _, multiples, _ in blocks:
         n_families = len({p.style.family for p in points})
         sizes.append(_grid_size(n_families, len(points)) if multiples else _single_size(len(points)))
-    fig, owners = _figure(sizes)
+    fig, owners = _figure(sizes, [b[0] for b in blocks], len(_workloads(summary)) > 1)
     order = look_families(look)
-    for owner, (workload, metric, points, frame, multiples, best) in zip(owners, blocks):
-        if len(blocks) > 1:
-            owner.suptitle(f"Workload {workload}", fontsize="medium")
+    for owner, (_, metric, points, frame, multiples, best) in zip(owners, blocks):
         dominated = {p.group for p, b in zip(points, best) if not b}
         handles, labels = [], []
         present = sorted(dict.fromkeys(p.style.family for p in points), key=order.index)
@@ -575,7 +578,7 @@ def _staircase(ax: Axes, best: list[_Point], axis: XAxis, metric: Metric) -> Non
         color="0.15",
         linewidth=1.3,
         linestyle="--",
-        zorder=5,
+        zorder=2.5,  # above the error bars' context, below the markers
         label="Pareto front",
     )
 
@@ -809,10 +812,8 @@ def _curves(
         _grid_size(len(present), len(lines)) if multiples else _single_size(len(lines))
         for _, _, lines, present, multiples in blocks
     ]
-    fig, owners = _figure(sizes)
-    for owner, (workload, (y, scale, ylabel), lines, present, multiples) in zip(owners, blocks):
-        if len(blocks) > 1:
-            owner.suptitle(f"Workload {workload}", fontsize="medium")
+    fig, owners = _figure(sizes, [b[0] for b in blocks], len(_workloads(curves)) > 1)
+    for owner, (_, (y, scale, ylabel), lines, present, multiples) in zip(owners, blocks):
         positive = log_y and all((ln[y].astype(float).dropna() > 0).all() for ln in lines.values())
         handles, labels = [], []
         axes = _grid(owner, len(present)) if multiples else [owner.subplots()]
