@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from localsgd.records import Metric
-from localsgd.report import plots
+from localsgd.report import curve_plots, graphics, plots
 from localsgd.report.tables import curves, load, summary_table
 
 pd = pytest.importorskip("pandas")
@@ -85,9 +85,9 @@ def test_curves_are_drawn_in_bands_and_points_with_both_error_bars(
     study = load(root)
     table = summary_table(study)
     frame = curves(study)
-    look = plots.styles(table)
+    look = graphics.styles(table)
     metrics = {w: m for w in study.declared if (m := study.primary(w)) is not None}
-    fig = plots.metric_vs_epochs(frame, look, metrics).figure
+    fig = curve_plots.metric_vs_epochs(frame, look, metrics).figure
     assert fig is not None
     (ax,) = visible_axes(fig)
     bands = [c for c in ax.collections if isinstance(c, PolyCollection)]
@@ -103,7 +103,7 @@ def test_curves_are_drawn_in_bands_and_points_with_both_error_bars(
     containers = [c for c in ax.containers if c.has_xerr and c.has_yerr]
     assert containers, "speedup has horizontal and vertical error bars"
     # Every figure gives a group the same colour: the curves and the points use the same set.
-    drawn = plots.metric_vs_epochs(frame, look, metrics).figure
+    drawn = curve_plots.metric_vs_epochs(frame, look, metrics).figure
     assert drawn is not None
     line_colors = {matplotlib.colors.to_hex(line.get_color()) for line in visible_axes(drawn)[0].get_lines()}
     point_colors = {matplotlib.colors.to_hex(c.lines[0].get_color()) for c in ax.containers}
@@ -120,14 +120,14 @@ def test_one_hue_per_family_and_markers_tell_members_apart() -> None:
             ("minibatch_sgd, K=1", "minibatch_sgd", 1, 1.0, 0.0, 0.978, 0.003),
         ]
     )
-    look = plots.styles(table)
+    look = graphics.styles(table)
     hue = {g: colorsys.rgb_to_hsv(*matplotlib.colors.to_rgb(s.color))[0] for g, s in look.items()}
     local = [g for g in look if g.startswith("local_sgd")]
     assert max(hue[g] for g in local) - min(hue[g] for g in local) < 0.01
     assert len({look[g].color for g in local}) == 3 and len({look[g].marker for g in local}) == 3
     assert abs(hue["slowmo H=16, K=4"] - hue[local[0]]) > 0.05
     # The family colour is the registry's: the same in any study that has the family.
-    alone = plots.styles(table[table["algorithm"] == "slowmo"])
+    alone = graphics.styles(table[table["algorithm"] == "slowmo"])
     assert alone["slowmo H=16, K=4"].color == look["slowmo H=16, K=4"].color
 
 
@@ -141,7 +141,7 @@ def test_coinciding_points_become_one_panel_per_family() -> None:
             ("local_sgd H=16, K=4", "local_sgd", 4, 1.92, 0.3, 0.9561, 0.0023),
         ]
     )
-    look = plots.styles(table)
+    look = graphics.styles(table)
     fig = plots.metric_vs_speedup(table, look, METRICS).figure
     assert fig is not None
     axes = visible_axes(fig)
@@ -150,7 +150,7 @@ def test_coinciding_points_become_one_panel_per_family() -> None:
     # Apart, the same points fit one panel.
     apart = table.copy()
     apart.loc[apart["group"] == "sma, K=4", "speedup"] = 1.5
-    fig = plots.metric_vs_speedup(apart, plots.styles(apart), METRICS).figure
+    fig = plots.metric_vs_speedup(apart, graphics.styles(apart), METRICS).figure
     assert fig is not None and len(visible_axes(fig)) == 1
 
 
@@ -165,7 +165,7 @@ def test_points_at_the_same_x_are_dodged_apart() -> None:
     )
     table["bytes_mean"] = 664_000.0
     table["period"] = 16
-    look = plots.styles(table)
+    look = graphics.styles(table)
     for plot in (
         plots.metric_vs_bytes(table, look, METRICS),
         plots.metric_vs_period_workers(table, look, METRICS),
@@ -186,7 +186,7 @@ def test_an_outlier_does_not_stretch_the_metric_axis() -> None:
     ]
     rows.append(("gradient_accumulation k=4, K=4", "gradient_accumulation", 4, 1.26, 0.1, 0.8193, 0.0085))
     table = summary(rows)
-    fig = plots.metric_vs_speedup(table, plots.styles(table), METRICS).figure
+    fig = plots.metric_vs_speedup(table, graphics.styles(table), METRICS).figure
     assert fig is not None
     (ax,) = visible_axes(fig)
     low, high = ax.get_ylim()
@@ -220,7 +220,7 @@ def test_log_axes_have_few_plain_labels() -> None:
     )
     table["bytes_mean"] = [10_000_000 / h for h in (1, 2, 4, 8, 16, 32)]
     table["period"] = [1, 2, 4, 8, 16, 32]
-    look = plots.styles(table)
+    look = graphics.styles(table)
     for plot, allowed in (
         (plots.metric_vs_bytes(table, look, METRICS), {"200 kB", "500 kB", "1 MB", "2 MB", "5 MB", "10 MB"}),
         (plots.metric_vs_period_workers(table, look, METRICS), {"4", "8", "16", "32", "64", "128"}),
@@ -237,7 +237,7 @@ def test_log_axes_have_few_plain_labels() -> None:
 
 def test_no_baseline_means_no_speedup_figure_and_a_reason() -> None:
     table = summary([("local_sgd H=4, K=4", "local_sgd", 4, math.nan, math.nan, 0.95, 0.01)])
-    look = plots.styles(table)
+    look = graphics.styles(table)
     for plot in (plots.metric_vs_speedup(table, look, METRICS), plots.pareto_speedup(table, look, METRICS)):
         assert plot.figure is None
         assert plot.left_out == {"w": "no completed K=1 run to measure speedup against"}
@@ -272,7 +272,7 @@ def test_pareto_figure_draws_its_front() -> None:
             ("local_sgd H=16, K=4", "local_sgd", 4, 2.0, 0.2, 0.955, 0.003),
         ]
     )
-    fig = plots.pareto_speedup(table, plots.styles(table), METRICS).figure
+    fig = plots.pareto_speedup(table, graphics.styles(table), METRICS).figure
     assert fig is not None
     (ax,) = visible_axes(fig)
     (front,) = [line for line in ax.get_lines() if line.get_label() == "Pareto front"]

@@ -15,7 +15,7 @@ import pandas as pd
 
 from localsgd.costmodel import GBIT, Cluster, load_cluster
 from localsgd.records import Metric
-from localsgd.report import plots, workbook
+from localsgd.report import curve_plots, graphics, plots, workbook
 from localsgd.report.estimates import ClusterEstimates, estimate, parse_target
 from localsgd.report.render import (
     Block,
@@ -46,8 +46,8 @@ from localsgd.util.files import write_atomic
 log = logging.getLogger(__name__)
 
 TITLE = "localsgd study report"
-FORMATS = plots.FORMATS
-DPI = plots.DPI
+FORMATS = graphics.FORMATS
+DPI = graphics.DPI
 NOT_APPLICABLE = "—"
 
 
@@ -57,7 +57,7 @@ class Drawing:
 
     stem: str
     caption: str
-    draw: Callable[[], plots.Plot]
+    draw: Callable[[], graphics.Plot]
 
 
 def check_formats(formats: str | Sequence[str]) -> tuple[str, ...]:
@@ -117,25 +117,25 @@ def make_report(
     status = status_table(study)
     baseline = baseline_table(study)
     curve_frame = curves(study)
-    look = plots.styles(summary)
+    look = graphics.styles(summary)
     metrics = {w: m for w in study.declared if (m := study.primary(w)) is not None}
 
     drawings = _drawings(summary, curve_frame, look, metrics, resolved.name if resolved else None)
     paths: dict[str, Path] = {}
     images: dict[str, bytes] = {}
-    drawn: dict[str, plots.Plot] = {}
+    drawn: dict[str, graphics.Plot] = {}
     for drawing in drawings:
         plot = drawing.draw()
         drawn[drawing.stem] = plot
         if plot.figure is None:
             continue
         for kind in chosen:
-            data = plots.render(plot.figure, kind, dpi)
+            data = graphics.render(plot.figure, kind, dpi)
             paths[f"{drawing.stem}.{kind}"] = write_atomic(out / f"{drawing.stem}.{kind}", data)
             if kind == "png":
                 images[drawing.stem] = data
         if drawing.stem not in images:  # the HTML page shows PNGs, written or not
-            images[drawing.stem] = plots.render(plot.figure, "png", dpi)
+            images[drawing.stem] = graphics.render(plot.figure, "png", dpi)
 
     sheets = {
         "summary": workbook.Sheet(summary, "variant"),
@@ -158,8 +158,8 @@ def make_report(
 def _drawings(
     summary: pd.DataFrame,
     curve_frame: pd.DataFrame,
-    look: dict[str, plots.Style],
-    metrics: plots.Metrics,
+    look: dict[str, graphics.Style],
+    metrics: graphics.Metrics,
     cluster: str | None,
 ) -> list[Drawing]:
     out = [
@@ -177,22 +177,22 @@ def _drawings(
         Drawing(
             "metric_vs_epochs",
             "Primary metric against epochs (mean, band ± std over seeds)",
-            lambda: plots.metric_vs_epochs(curve_frame, look, metrics),
+            lambda: curve_plots.metric_vs_epochs(curve_frame, look, metrics),
         ),
         Drawing(
             "metric_vs_wall_time",
             "Primary metric against training wall time (mean, band ± std over seeds)",
-            lambda: plots.metric_vs_wall_time(curve_frame, look, metrics),
+            lambda: curve_plots.metric_vs_wall_time(curve_frame, look, metrics),
         ),
         Drawing(
             "train_loss_vs_epochs",
             "Train loss against epochs (mean, band ± std over seeds)",
-            lambda: plots.train_loss_vs_epochs(curve_frame, look),
+            lambda: curve_plots.train_loss_vs_epochs(curve_frame, look),
         ),
         Drawing(
             "train_loss_vs_wall_time",
             "Train loss against training wall time (mean, band ± std over seeds)",
-            lambda: plots.train_loss_vs_wall_time(curve_frame, look),
+            lambda: curve_plots.train_loss_vs_wall_time(curve_frame, look),
         ),
         Drawing(
             "metric_vs_bytes",
@@ -222,13 +222,13 @@ def _drawings(
             Drawing(
                 "metric_vs_est_time",
                 f"Primary metric against estimated training time on {cluster} (mean, band ± std over seeds)",
-                lambda: plots.metric_vs_est_time(curve_frame, look, metrics, cluster),
+                lambda: curve_plots.metric_vs_est_time(curve_frame, look, metrics, cluster),
             ),
         ]
     return out
 
 
-FigureMap = dict[str, tuple[Drawing, plots.Plot]]
+FigureMap = dict[str, tuple[Drawing, graphics.Plot]]
 
 
 def _figure_blocks(figures: FigureMap, stem: str, formats: Sequence[str]) -> list[Block]:

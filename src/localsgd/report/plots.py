@@ -1,224 +1,42 @@
-"""The report's figures: matplotlib figures, saved as PNG, PDF and SVG.
-
-What every figure holds to:
-
-- one colour per algorithm family (the registry's order), the same in every figure; the
-  members of a family (periods, worker counts) differ in shade, marker and line style;
-- mean ± std over seeds: bands on curves, error bars on points, on every axis that varies
-  (speedup inherits the spread of the wall times);
-- no marker hides another: points that share an x are dodged sideways, and when markers
-  would still overlap, the figure becomes small multiples, one panel per family with every
-  other point in grey for context; curves of many groups are drawn the same way;
-- the metric axis is not stretched by an outlier: a point far from the rest (a poor or
-  diverging configuration) is drawn at the edge of the axis, pointing out, with its value;
-- log axes carry few, plain tick labels (``1 MB``, ``16``, ``0.5``);
-- no empty panel: a figure (or a workload's panel) without data is left out and the
-  report says why (:attr:`Plot.left_out`).
-
-Figures are built on ``matplotlib.figure.Figure`` with the Agg canvas, never through
-``pyplot``, so reporting changes no global matplotlib state and needs no display.
+"""The report's point figures: each configuration's final primary metric (mean ± std over
+seeds) against speedup, estimated speedup, communication volume or H·K, with error bars on
+both axes where both vary, and the Pareto fronts. Conventions in :mod:`~localsgd.report.graphics`.
 """
 
 from __future__ import annotations
 
-import io
 import math
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
-import matplotlib
-import numpy as np
 import pandas as pd
 from matplotlib.axes import Axes
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.container import ErrorbarContainer
-from matplotlib.figure import Figure, SubFigure
-from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
 from localsgd.records import Metric
+from localsgd.report.graphics import (
+    CONTEXT,
+    Metrics,
+    Plot,
+    Style,
+    grid,
+    grid_size,
+    legend,
+    log_ticks,
+    look_families,
+    sentence,
+    single_size,
+    stack,
+    title_metric,
+    workloads,
+)
 from localsgd.report.labels import families, family_title
-from localsgd.report.rounding import fmt, fmt_bytes, fmt_pm
+from localsgd.report.rounding import fmt_pm
 from localsgd.report.tables import natural_key
 
-FORMATS = ("png", "pdf", "svg")
-DPI = 200
-MARKERS = ("o", "s", "D", "P", "X", "h", "*", "p", "<", ">")
-"""Markers of a family's members; the up and down triangles are kept for outliers drawn at
-the edge of an axis."""
-LINESTYLES = ("-", "--", ":", "-.")
-CONTEXT = "0.80"
-"""Other families' points and lines in a small multiple."""
 OUTLIER_GAP = 2.0
 """A value is an outlier when the gap to the rest exceeds this many times the rest's range."""
-SINGLE_CURVES_MAX = 5
-"""More groups than this (of several families) draw curves as small multiples."""
-SIDE_LEGEND_MAX = 12
-"""Up to this many legend entries sit at the right; more go below, in columns."""
-
-
-def _palette(n: int) -> list[Any]:
-    """``n`` distinct colours, none of them grey (grey is for context)."""
-    from matplotlib import colormaps
-
-    tab10 = [colormaps["tab10"](i) for i in (0, 1, 2, 3, 4, 5, 6, 8, 9)]
-    if n <= len(tab10):
-        return tab10
-    tab20 = [colormaps["tab20"](i) for i in range(20) if i not in (14, 15)]
-    if n <= len(tab20):
-        return tab20
-    return [colormaps["turbo"](x) for x in np.linspace(0.05, 0.95, n)]
-
-
-def _shade(color: Any, amount: float) -> tuple[float, float, float, float]:
-    """Darker for ``amount`` < 0 (towards black), lighter for > 0 (towards white)."""
-    r, g, b = (float(c) for c in matplotlib.colors.to_rgb(color))
-    if amount < 0:
-        k = 1 + amount
-        return (r * k, g * k, b * k, 1.0)
-    return (r + (1 - r) * amount, g + (1 - g) * amount, b + (1 - b) * amount, 1.0)
-
-
-@dataclass(frozen=True)
-class Style:
-    color: Any
-    marker: str
-    linestyle: str
-    family: str
-
-
-def family_colors(names: Sequence[str]) -> dict[str, Any]:
-    """A colour per algorithm family: the registered ones in the registry's order, then any
-    other name (an algorithm this installation does not register) sorted."""
-    order = families()
-    order += sorted({str(n) for n in names} - set(order))
-    return dict(zip(order, _palette(len(order))))
-
-
-def styles(summary: pd.DataFrame) -> dict[str, Style]:
-    """One look per group, shared by every figure: the family's colour, shaded from dark to
-    light over its members (in natural order of their labels), a marker and line style per
-    member."""
-    if summary.empty:
-        return {}
-    colors = family_colors(list(summary["algorithm"].astype(str)))
-    out: dict[str, Style] = {}
-    for family in colors:
-        part = summary[summary["algorithm"].astype(str) == family]
-        groups = sorted(dict.fromkeys(str(g) for g in part["group"]), key=natural_key)
-        n = len(groups)
-        for i, group in enumerate(groups):
-            # Mild shades: lighter or darker enough to tell members apart, not enough to
-            # pass for a neighbouring family's colour; markers tell them apart too.
-            amount = 0.0 if n == 1 else -0.3 + 0.5 * i / (n - 1)
-            out[group] = Style(
-                _shade(colors[family], amount),
-                MARKERS[i % len(MARKERS)],
-                LINESTYLES[i % len(LINESTYLES)],
-                family,
-            )
-    return out
-
-
-@dataclass
-class Plot:
-    """A drawn figure, or None when no workload had anything to draw."""
-
-    figure: Figure | None
-    left_out: dict[str, str] = field(default_factory=dict)
-    """Per workload left out of the figure: why."""
-
-
-def render(fig: Figure, fmt_name: str, dpi: int = DPI) -> bytes:
-    """The figure as PNG, PDF or SVG bytes. PDF fonts are embedded as TrueType (Type 42),
-    which publishers accept; Type 3 fonts they often refuse."""
-    buf = io.BytesIO()
-    with matplotlib.rc_context({"pdf.fonttype": 42, "svg.hashsalt": "localsgd"}):
-        # "tight" also rescues a title wider than its panel instead of clipping it.
-        fig.savefig(buf, format=fmt_name, dpi=dpi, bbox_inches="tight", facecolor="white")
-    return buf.getvalue()
-
-
-def _workloads(frame: pd.DataFrame) -> list[str]:
-    return sorted({str(w) for w in frame["workload"]}, key=natural_key) if len(frame) else []
-
-
-# -- axes ------------------------------------------------------------------------------
-
-
-def _plain(value: float, pos: int | None = None) -> str:
-    return fmt(value)
-
-
-def _log_ticks(axis: Any, base: int, kind: str, span: float) -> None:
-    """Few readable labels on a log axis: powers of 2 as integers; decades (and 2×, 5×
-    when the axis spans less than three decades) in plain numbers or bytes."""
-    if base == 2:
-        axis.set_major_locator(LogLocator(base=2, numticks=20))
-    else:
-        axis.set_major_locator(LogLocator(base=10, subs=(1.0,) if span >= 3 else (1.0, 2.0, 5.0)))
-    axis.set_minor_formatter(NullFormatter())
-    label = (lambda v, pos=None: fmt_bytes(v)) if kind == "bytes" else _plain
-    axis.set_major_formatter(FuncFormatter(label))
-
-
-def _legend(owner: Figure | SubFigure, handles: list[Any], labels: list[str], title: str) -> None:
-    if not handles:
-        return
-    common: dict[str, Any] = {
-        "fontsize": "small",
-        "title": title,
-        "title_fontsize": "small",
-        "frameon": False,
-    }
-    if len(handles) <= SIDE_LEGEND_MAX:
-        owner.legend(handles, labels, loc="outside right center", **common)
-    else:
-        owner.legend(handles, labels, loc="outside lower center", ncols=3, **common)
-
-
-def _figure(
-    blocks: list[tuple[float, float]], workloads: list[str], named: bool
-) -> tuple[Figure, list[Figure | SubFigure]]:
-    """A figure of one block per workload, stacked, each ``(width, height)`` inches; each
-    block titled with its workload when ``named`` (the study has several) or stacked."""
-    width = max(w for w, _ in blocks)
-    heights = [h + (0.3 if named else 0) for _, h in blocks]
-    fig = Figure(figsize=(width, sum(heights)), layout="constrained")
-    FigureCanvasAgg(fig)
-    if len(blocks) == 1 and not named:
-        return fig, [fig]
-    subs = list(fig.subfigures(len(blocks), 1, height_ratios=heights, squeeze=False)[:, 0])
-    for sub, workload in zip(subs, workloads):
-        sub.suptitle(f"Workload {workload}", fontsize="medium")
-    return fig, subs
-
-
-def _grid(owner: Figure | SubFigure, panels: int) -> list[Axes]:
-    ncols = min(3, panels)
-    nrows = math.ceil(panels / ncols)
-    axes = owner.subplots(nrows, ncols, squeeze=False, sharex=True, sharey=True)
-    flat = list(axes.flat)
-    for ax in flat[panels:]:
-        ax.set_visible(False)
-    # The x tick labels of a panel above an empty slot would be hidden by sharex.
-    for ax in flat[:panels]:
-        ax.xaxis.set_tick_params(labelbottom=True)
-    return flat[:panels]
-
-
-def _grid_size(panels: int, legend_entries: int) -> tuple[float, float]:
-    ncols = min(3, panels)
-    nrows = math.ceil(panels / ncols)
-    below = legend_entries > SIDE_LEGEND_MAX
-    width = 3.7 * ncols + (0 if below else 3.6)
-    height = 3.0 * nrows + 0.7 + (0.22 * math.ceil(legend_entries / 3) if below else 0)
-    return max(width, 8.0), height
-
-
-def _single_size(legend_entries: int) -> tuple[float, float]:
-    below = legend_entries > SIDE_LEGEND_MAX
-    return (9.5 if below else 11.0), 4.8 + (0.22 * math.ceil(legend_entries / 3) if below else 0)
 
 
 # -- robust limits ---------------------------------------------------------------------
@@ -457,15 +275,11 @@ def _decorate(ax: Axes, axis: XAxis, frame: _Frame) -> None:
     if axis.log:
         ax.set_xscale("log", base=axis.log)
         span = (frame.x[1] - frame.x[0]) * (math.log10(axis.log))
-        _log_ticks(ax.xaxis, axis.log, "bytes" if axis.bytes else "plain", span)
+        log_ticks(ax.xaxis, axis.log, "bytes" if axis.bytes else "plain", span)
     ax.set_xlim(_inverse(axis, frame.x[0]), _inverse(axis, frame.x[1]))
     ax.set_ylim(*frame.y)
     if axis.reference is not None:
         ax.axvline(axis.reference, color="0.5", linestyle="--", linewidth=1, zorder=0)
-
-
-Metrics = dict[str, Metric]
-"""Per workload, the metric a figure shows (its primary metric)."""
 
 
 def _panels(
@@ -479,7 +293,7 @@ def _panels(
     """Per workload with something to draw: its metric, points (dodged) and limits; the
     others go to ``left_out`` with the reason."""
     out = []
-    for workload in _workloads(summary):
+    for workload in workloads(summary):
         metric = metrics.get(workload)
         if metric is None:
             left_out[workload] = "no completed run declared a metric"
@@ -525,14 +339,14 @@ def scatter(
     sizes = []
     for _, _, points, _, multiples, _ in blocks:
         n_families = len({p.style.family for p in points})
-        sizes.append(_grid_size(n_families, len(points)) if multiples else _single_size(len(points)))
-    fig, owners = _figure(sizes, [b[0] for b in blocks], len(_workloads(summary)) > 1)
+        sizes.append(grid_size(n_families, len(points)) if multiples else single_size(len(points)))
+    fig, owners = stack(sizes, [b[0] for b in blocks], len(workloads(summary)) > 1)
     order = look_families(look)
     for owner, (_, metric, points, frame, multiples, best) in zip(owners, blocks):
         dominated = {p.group for p, b in zip(points, best) if not b}
         handles, labels = [], []
         present = sorted(dict.fromkeys(p.style.family for p in points), key=order.index)
-        axes = _grid(owner, len(present)) if multiples else [owner.subplots()]
+        axes = grid(owner, len(present)) if multiples else [owner.subplots()]
         for ax, family in zip(axes, present if multiples else [None]):
             if family is not None:
                 ax.set_title(family_title(family), fontsize="medium")
@@ -555,8 +369,8 @@ def scatter(
             axes[0].set_xlabel(axis.label)
             axes[0].set_ylabel(f"final {metric.heading}")
         line = axes[0].get_legend_handles_labels()
-        _legend(owner, [*line[0], *handles], [*line[1], *labels], "variant, workers K (seeds)")
-    fig.suptitle(_sentence(title.format(metric=_title_metric(metrics))))
+        legend(owner, [*line[0], *handles], [*line[1], *labels], "variant, workers K (seeds)")
+    fig.suptitle(sentence(title.format(metric=title_metric(metrics))))
     return Plot(fig, left_out)
 
 
@@ -582,22 +396,6 @@ def _staircase(ax: Axes, best: list[_Point], axis: XAxis, metric: Metric) -> Non
         label="Pareto front",
     )
 
-
-def look_families(look: dict[str, Style]) -> list[str]:
-    """The families of ``look`` in colour order."""
-    return list(dict.fromkeys(s.family for s in look.values()))
-
-
-def _sentence(text: str) -> str:
-    return text[:1].upper() + text[1:]
-
-
-def _title_metric(metrics: Metrics) -> str:
-    names = list(dict.fromkeys(m.title for m in metrics.values()))
-    return names[0] if len(names) == 1 else "primary metric"
-
-
-# -- the figures -------------------------------------------------------------------------
 
 SPEEDUP = XAxis(
     "speedup",
@@ -735,168 +533,3 @@ def pareto_est_time(summary: pd.DataFrame, look: dict[str, Style], metrics: Metr
 
 
 # -- curves ------------------------------------------------------------------------------
-
-YSpec = Callable[[str], tuple[str, float, str] | None]
-"""Per workload: (column, scale, y label) of a curve, or None when there is nothing."""
-
-
-def _metric_y(metrics: Metrics) -> YSpec:
-    def spec(workload: str) -> tuple[str, float, str] | None:
-        m = metrics.get(workload)
-        return (m.name, m.scale, m.heading) if m else None
-
-    return spec
-
-
-def _train_loss_y(workload: str) -> tuple[str, float, str]:
-    return ("train_loss", 1.0, "train loss")
-
-
-def _line(
-    ax: Axes, line: pd.DataFrame, x: str, y: str, scale: float, style: Style, *, context: bool, log_y: bool
-) -> Any:
-    xs = line[x].astype(float).to_numpy()
-    mean = line[y].astype(float).to_numpy() * scale
-    if context:
-        return ax.plot(xs, mean, color=CONTEXT, linewidth=0.9, zorder=1)[0]
-    std = np.nan_to_num(line[f"{y}_std"].astype(float).to_numpy() * scale)
-    low, high = mean - std, mean + std
-    if log_y:
-        low = np.where(low > 0, low, mean)  # a band below zero has no place on a log axis
-    ax.fill_between(xs, low, high, color=style.color, alpha=0.18, linewidth=0, zorder=2)
-    return ax.plot(
-        xs,
-        mean,
-        color=style.color,
-        linestyle=style.linestyle,
-        marker=style.marker,
-        markevery=max(1, len(xs) // 8),
-        markersize=4,
-        linewidth=1.5,
-        zorder=3,
-    )[0]
-
-
-def _curves(
-    curves: pd.DataFrame,
-    look: dict[str, Style],
-    x: str,
-    y_of: YSpec,
-    *,
-    title: str,
-    xlabel: str,
-    log_y: bool = False,
-) -> Plot:
-    """A line per group (mean over its completed seeds at each evaluation step) in a band
-    of ± one std; one panel, or one per family (the others in grey) for many groups."""
-    left_out: dict[str, str] = {}
-    blocks = []
-    for workload in _workloads(curves):
-        part = curves[curves["workload"] == workload]
-        spec = y_of(workload)
-        if spec is None or spec[0] not in part.columns or x not in part.columns:
-            left_out[workload] = "no completed run declared a metric"
-            continue
-        groups = [g for g in look if g in set(part["group"])]
-        lines = {g: part[part["group"] == g].sort_values("step") for g in groups}
-        lines = {g: ln for g, ln in lines.items() if np.isfinite(ln[spec[0]].astype(float)).any()}
-        if not lines:
-            left_out[workload] = "no evaluation rows"
-            continue
-        present = list(dict.fromkeys(look[g].family for g in lines))
-        multiples = len(lines) > SINGLE_CURVES_MAX and len(present) > 1
-        blocks.append((workload, spec, lines, present, multiples))
-    if not blocks:
-        return Plot(None, left_out)
-    sizes = [
-        _grid_size(len(present), len(lines)) if multiples else _single_size(len(lines))
-        for _, _, lines, present, multiples in blocks
-    ]
-    fig, owners = _figure(sizes, [b[0] for b in blocks], len(_workloads(curves)) > 1)
-    for owner, (_, (y, scale, ylabel), lines, present, multiples) in zip(owners, blocks):
-        positive = log_y and all((ln[y].astype(float).dropna() > 0).all() for ln in lines.values())
-        handles, labels = [], []
-        axes = _grid(owner, len(present)) if multiples else [owner.subplots()]
-        for ax, family in zip(axes, present if multiples else [None]):
-            if family is not None:
-                ax.set_title(family_title(family), fontsize="medium")
-                for g, ln in lines.items():
-                    if look[g].family != family:
-                        _line(ax, ln, x, y, scale, look[g], context=True, log_y=positive)
-            for g, ln in lines.items():
-                if family is None or look[g].family == family:
-                    handles.append(_line(ax, ln, x, y, scale, look[g], context=False, log_y=positive))
-                    labels.append(g)
-            ax.grid(True, alpha=0.3)
-            if positive:
-                ax.set_yscale("log")
-                low, high = ax.get_ylim()
-                _log_ticks(ax.yaxis, 10, "plain", math.log10(high / low))
-        label = f"{ylabel}, log scale" if positive else ylabel
-        if multiples:
-            owner.supxlabel(xlabel, fontsize="medium")
-            owner.supylabel(label, fontsize="medium")
-        else:
-            axes[0].set_xlabel(xlabel)
-            axes[0].set_ylabel(label)
-        _legend(owner, handles, labels, "variant, workers K")
-    names = list(dict.fromkeys(spec[2].split(" (")[0] for _, spec, _, _, _ in blocks))
-    fig.suptitle(_sentence(title.format(metric=names[0] if len(names) == 1 else "primary metric")))
-    return Plot(fig, left_out)
-
-
-EPOCHS = "epoch (passes over the training set)"
-WALL = "training wall time (s, evaluation excluded)"
-BAND = "mean ± std over seeds"
-
-
-def metric_vs_epochs(curves: pd.DataFrame, look: dict[str, Style], metrics: Metrics) -> Plot:
-    return _curves(
-        curves, look, "epoch", _metric_y(metrics), title=f"{{metric}} during training ({BAND})", xlabel=EPOCHS
-    )
-
-
-def metric_vs_wall_time(curves: pd.DataFrame, look: dict[str, Style], metrics: Metrics) -> Plot:
-    return _curves(
-        curves,
-        look,
-        "wall_seconds",
-        _metric_y(metrics),
-        title=f"{{metric}} against training time ({BAND})",
-        xlabel=WALL,
-    )
-
-
-def metric_vs_est_time(curves: pd.DataFrame, look: dict[str, Style], metrics: Metrics, cluster: str) -> Plot:
-    return _curves(
-        curves,
-        look,
-        "est_total_seconds",
-        _metric_y(metrics),
-        title=f"{{metric}} against estimated training time on {cluster} ({BAND})",
-        xlabel=f"estimated time on {cluster} (s, compute + communication, evaluation excluded)",
-    )
-
-
-def train_loss_vs_epochs(curves: pd.DataFrame, look: dict[str, Style]) -> Plot:
-    return _curves(
-        curves,
-        look,
-        "epoch",
-        _train_loss_y,
-        log_y=True,
-        title=f"Train loss during training (mean over workers; {BAND})",
-        xlabel=EPOCHS,
-    )
-
-
-def train_loss_vs_wall_time(curves: pd.DataFrame, look: dict[str, Style]) -> Plot:
-    return _curves(
-        curves,
-        look,
-        "wall_seconds",
-        _train_loss_y,
-        log_y=True,
-        title=f"Train loss against training time (mean over workers; {BAND})",
-        xlabel=WALL,
-    )
