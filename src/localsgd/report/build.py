@@ -129,13 +129,10 @@ def make_report(
         drawn[drawing.stem] = plot
         if plot.figure is None:
             continue
+        files = graphics.render(plot.figure, chosen, dpi)
+        images[drawing.stem] = files["png"]  # the HTML page shows PNGs, written or not
         for kind in chosen:
-            data = graphics.render(plot.figure, kind, dpi)
-            paths[f"{drawing.stem}.{kind}"] = write_atomic(out / f"{drawing.stem}.{kind}", data)
-            if kind == "png":
-                images[drawing.stem] = data
-        if drawing.stem not in images:  # the HTML page shows PNGs, written or not
-            images[drawing.stem] = graphics.render(plot.figure, "png", dpi)
+            paths[f"{drawing.stem}.{kind}"] = write_atomic(out / f"{drawing.stem}.{kind}", files[kind])
 
     sheets = {
         "summary": workbook.Sheet(summary, "variant"),

@@ -126,14 +126,29 @@ class Plot:
     """Per workload left out of the figure: why."""
 
 
-def render(fig: Figure, fmt_name: str, dpi: int = DPI) -> bytes:
-    """The figure as PNG, PDF or SVG bytes. PDF fonts are embedded as TrueType (Type 42),
-    which publishers accept; Type 3 fonts they often refuse."""
-    buf = io.BytesIO()
+def render(fig: Figure, formats: Sequence[str], dpi: int = DPI) -> dict[str, bytes]:
+    """The figure as PNG (always: the HTML page shows it), and as each of ``formats`` (PNG,
+    PDF, SVG). PDF fonts are embedded as TrueType (Type 42), which publishers accept; Type 3
+    fonts they often refuse.
+
+    The PNG is drawn first, with the layout computed and the bounding box made tight (which
+    also rescues a title wider than its panel); the other formats reuse both instead of
+    laying the figure out again."""
+    out: dict[str, bytes] = {}
     with matplotlib.rc_context({"pdf.fonttype": 42, "svg.hashsalt": "localsgd"}):
-        # "tight" also rescues a title wider than its panel instead of clipping it.
-        fig.savefig(buf, format=fmt_name, dpi=dpi, bbox_inches="tight", facecolor="white")
-    return buf.getvalue()
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight", facecolor="white")
+        out["png"] = buf.getvalue()
+        canvas = fig.canvas
+        assert isinstance(canvas, FigureCanvasAgg), type(canvas)  # every figure here is on Agg
+        bbox = fig.get_tightbbox(canvas.get_renderer()).padded(matplotlib.rcParams["savefig.pad_inches"])
+        fig.set_layout_engine("none")
+        for kind in dict.fromkeys(formats):
+            if kind != "png":
+                buf = io.BytesIO()
+                fig.savefig(buf, format=kind, dpi=dpi, bbox_inches=bbox, facecolor="white")
+                out[kind] = buf.getvalue()
+    return out
 
 
 def workloads(frame: pd.DataFrame) -> list[str]:
