@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -143,8 +144,10 @@ def test_killed_study_resumes_without_duplicate_or_lost_rows(tmp_path, env):
 workers = [2]
 seed = [0, 1, 2]
 algorithm = [{name = "local_sgd", period = 2}]
+[grid.train]
+epochs = 8
 """
-    study = write_study(tmp_path / "kill.toml", grids, max_steps=25)
+    study = write_study(tmp_path / "kill.toml", grids, max_steps=200)
     out = tmp_path / "store"
     proc = subprocess.Popen(
         [sys.executable, "-m", "localsgd.cli", "study", str(study), "--out", str(out)],
@@ -154,17 +157,23 @@ algorithm = [{name = "local_sgd", period = 2}]
         cwd=tmp_path,
         start_new_session=True,
     )
+
+    def under_way() -> bool:
+        """A run completed and the next one has written rows."""
+        if not (out / "index.sqlite").exists():
+            return False
+        with sqlite3.connect(out / "index.sqlite") as db:
+            completed = db.execute("SELECT COUNT(*) FROM runs WHERE status='completed'").fetchone()[0]
+        partial = [p / "metrics.jsonl" for p in (out / "runs").glob("*.partial")]
+        return completed >= 1 and any(p.exists() and p.read_text().count("\n") >= 2 for p in partial)
+
     try:
         deadline = time.time() + 240
-        completed = 0
-        while time.time() < deadline and completed < 1:
-            time.sleep(0.5)
-            if (out / "index.sqlite").exists():
-                with sqlite3.connect(out / "index.sqlite") as db:
-                    completed = db.execute("SELECT COUNT(*) FROM runs WHERE status='completed'").fetchone()[0]
-        assert completed >= 1, "no run completed in time"
-        time.sleep(2.0)  # let the second run get under way
+        while time.time() < deadline and not under_way():
+            time.sleep(0.05)
+        assert under_way(), "no run completed in time"
     finally:
+        # The study's process alone: its pool's workers notice and leave by themselves.
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     with sqlite3.connect(out / "index.sqlite") as db:
@@ -179,7 +188,7 @@ algorithm = [{name = "local_sgd", period = 2}]
     assert not list((out / "runs").glob("*.partial"))
     for run_id, _, _ in after:
         steps = [r["step"] for r in read_rows(out / "runs" / run_id)]
-        assert steps == [5, 10, 15, 20, 25], run_id  # nothing lost, nothing twice
+        assert steps == list(range(5, 201, 5)), run_id  # nothing lost, nothing twice
     # Runs finished before the kill were not redone.
     for run_id, _, attempts in after:
         if before.get(run_id) == "completed":
@@ -194,9 +203,14 @@ def test_huge_learning_rate_is_recorded_as_diverged(tmp_path, env):
     )
     done = cli(["train", str(run), "--out", str(tmp_path / "runs")], env, tmp_path)
     assert done.returncode == 1, done.stderr
-    assert done.stdout.startswith("diverged")
     assert "error: Diverged: train loss is" in done.stderr
     (record,) = (tmp_path / "runs" / "runs").iterdir()
+    # Rank 0's evaluations as they came, then how the run ended and where it is.
+    lines = done.stdout.splitlines()
+    steps = [line for line in lines if line.startswith("step ")]
+    assert steps and steps[0].startswith("step 5 (epoch ") and ": train loss " in steps[0]
+    assert "test accuracy" in steps[0] and steps[0].endswith("%")
+    assert lines[-2].startswith("diverged: test accuracy ") and lines[-1] == f"run folder: {record}"
     status = json.loads((record / "status.json").read_text())
     assert status["status"] == "diverged" and "train loss is" in status["error"]["message"]
     rows = read_rows(record)
@@ -234,3 +248,92 @@ def test_worker_entry_point_under_torchrun_records_the_run(tmp_path, env):
     assert [r["step"] for r in read_rows(record)] == [6, 12]
     with sqlite3.connect(tmp_path / "store" / "index.sqlite") as db:
         assert db.execute("SELECT status FROM runs").fetchall() == [("completed",)]
+
+
+def test_a_failed_run_makes_exit_code_1_and_the_next_run_completes_on_a_fresh_pool(tmp_path, env):
+    from engines.test_processes import FLAKY
+
+    (tmp_path / "flaky.py").write_text(FLAKY)
+    study = tmp_path / "flaky.toml"
+    study.write_text(
+        '[study]\nname = "flaky"\n[base]\nworkers = 2\ndevice = "cpu"\n[base.workload]\nname = "flaky:make"\n'
+        "[base.data]\nbatch_size = 16\n[base.train]\nepochs = 1\nmax_steps = 6\neval_every = 3\n"
+        "[[grid]]\nworkload.fail_rank = [1, 7]\n"
+    )
+    done = cli(["study", str(study), "--out", "store"], env, tmp_path)
+    assert done.returncode == 1, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[1].startswith("[1/2]  failed     minibatch_sgd  K=2  seed=0  -  ")
+    assert lines[1].endswith("error: KeyError: 'shard 1 is missing from the bucket' (rank 1)")
+    # The crash killed its pool; the next run got a fresh one and completed.
+    assert lines[2].startswith("[2/2]  completed  minibatch_sgd  K=2  seed=0  test accuracy ")
+    assert lines[3] == "study flaky: 1 completed, 1 failed; store: store"
+    assert "1 of 2 runs failed or diverged" in done.stderr and "--retry-failed" in done.stderr
+    statuses = {
+        json.loads((p / "config.json").read_text())["config"]["workload"]["fail_rank"]: json.loads(
+            (p / "status.json").read_text()
+        )
+        for p in (tmp_path / "store" / "runs").iterdir()
+    }
+    assert statuses[1]["status"] == "failed" and statuses[1]["error"]["type"] == "KeyError"
+    assert statuses[7]["status"] == "completed" and statuses[7]["steps"] == 6
+
+
+def test_parallel_runs_beyond_the_cores_are_a_usage_error(tmp_path, env):
+    study = write_study(tmp_path / "s.toml", TINY_GRIDS)
+    cores = len(os.sched_getaffinity(0))
+    done = cli(["study", str(study), "--out", "store", "--parallel", str(cores)], env, tmp_path)
+    assert done.returncode == 2
+    assert f"error: --parallel {cores} runs up to {cores} x 2 worker process(es) x 1 thread(s)" in done.stderr
+    assert "--oversubscribe" in done.stderr
+    assert not (tmp_path / "store").exists()  # refused before anything was written
+
+
+def test_every_commands_help_shows_its_words(tmp_path):
+    from typer.main import get_command
+    from typer.testing import CliRunner
+
+    from localsgd.cli import app
+
+    commands = get_command(app).commands  # type: ignore[attr-defined]
+    assert sorted(commands) == ["algorithms", "report", "study", "train"]
+    runner = CliRunner()
+    for name, command in commands.items():
+        shown = " ".join(runner.invoke(app, [name, "--help"], terminal_width=200).output.split())
+        texts = [command.help or ""] + [getattr(p, "help", None) or "" for p in command.params]
+        for text in texts:
+            for word in re.findall(r"\S*\[\S*", text):  # what markup would take for tags
+                assert word in shown, (name, word)
+    study_help = runner.invoke(app, ["study", "--help"], terminal_width=200).output
+    assert "Study file (TOML): [study], [base] and [[grid]] blocks." in study_help
+    assert "[study].out" in study_help
+
+
+def test_slurm_executor_through_submitits_local_executor_fills_the_same_store(tmp_path, env):
+    pytest.importorskip("submitit")
+    grids = '[[grid]]\nworkers = [1, 2]\nseed = [0]\nalgorithm = [{name = "local_sgd", period = 4}]\n'
+    study = write_study(tmp_path / "s.toml", grids, name="cluster")
+    bad = cli(
+        ["study", str(study), "--executor", "slurm", "--slurm", "cluster=local", "--slurm", "bogus=1"],
+        env,
+        tmp_path,
+    )
+    assert bad.returncode == 2 and "error: --slurm: " in bad.stderr and "bogus" in bad.stderr
+    args = ["study", str(study), "--out", "store", "--executor", "slurm", "--slurm", "cluster=local"]
+    done = cli([*args, "--parallel", "2", "--oversubscribe"], env, tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "2 at a time as Slurm jobs (submitit's local executor)" in done.stdout
+    assert "study cluster: 2 completed; store: store" in done.stdout
+    store = tmp_path / "store"
+    for run in (store / "runs").iterdir():
+        workers = config_of(run)["workers"]
+        status = json.loads((run / "status.json").read_text())
+        assert status["status"] == "completed" and status["steps"] == 20
+        assert [r["step"] for r in read_rows(run)] == [5, 10, 15, 20]
+        assert json.loads((run / "env.json").read_text())["world_size"] == workers
+        # Two tasks met through rank 0's address in the run folder; one task needs none.
+        assert len(list(run.glob("rendezvous-*.json"))) == (1 if workers == 2 else 0)
+    logs = list((store / "slurm").glob("*/*_log.err"))
+    assert len(logs) == 3  # a task per worker process: 1 + 2
+    with sqlite3.connect(store / "index.sqlite") as db:
+        assert db.execute("SELECT status FROM runs").fetchall() == [("completed",), ("completed",)]

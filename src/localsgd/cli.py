@@ -5,15 +5,21 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from localsgd.costmodel import presets as cluster_presets
+from localsgd.records.store import DEFAULT_RUN_STORE
+
+if TYPE_CHECKING:
+    from localsgd.emulation import EmulatedCluster
 
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
+    # Plain help: rich markup would swallow the TOML table names ([study], [[grid]]).
+    rich_markup_mode=None,
     help="Communication-efficient data-parallel training: run, sweep and report local SGD and its family.",
 )
 
@@ -35,13 +41,15 @@ def _inside_torchrun() -> bool:
 @app.command()
 def train(
     config: Annotated[Path, typer.Argument(help="Run config (TOML).")],
-    out: Annotated[Path, typer.Option(help="Store to record the run in.")] = Path("runs"),
+    out: Annotated[Path, typer.Option(help="Store to record the run in.")] = Path(DEFAULT_RUN_STORE),
     overrides: SetOption = None,
 ) -> None:
     """Train one run and write its record (config, environment, metrics, checkpoint, status).
 
     Starts `workers` processes through torch's elastic launcher, unless already running
     under torchrun (then this process is one of the workers, and rank 0 records the run).
+    Prints rank 0's evaluations as they come, then the final metric and the run folder.
+    Exit code: 0 completed, 1 failed or diverged, 2 a bad config.
     """
     from localsgd.studies.loading import load_run_config
     from localsgd.util.checks import ConfigError
@@ -50,15 +58,19 @@ def train(
         run = load_run_config(config, overrides or [])
     except ConfigError as exc:
         raise _fail(str(exc)) from None
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if _inside_torchrun():
         from localsgd import worker
 
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
         argv = [str(config), "--out", str(out)]
         for item in overrides or []:
             argv += ["--set", item]
         raise typer.Exit(code=worker.main(argv))
+    # The evaluations are printed from the record, whichever process trains the run.
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
+    from localsgd import workloads
     from localsgd.records import Store
+    from localsgd.studies.progress import follow_rows, primary_value, row_line, run_label
     from localsgd.studies.runner import execute_run, preflight
 
     try:
@@ -66,30 +78,89 @@ def train(
         store = Store(out)
     except ValueError as exc:
         raise _fail(str(exc)) from None
-    status = execute_run(run, store, workload=workload)
-    typer.echo(f"{status}: {store.run_dir(run.run_id())}")
-    error = store.error(run.run_id())
+    metric = workloads.metric(workload)
+    run_id = run.run_id()
+    typer.echo(f"run {run_id}: {run_label(run)} ({run.engine} engine)")
+    with follow_rows(
+        [store.partial_dir(run_id) / "metrics.jsonl", store.run_dir(run_id) / "metrics.jsonl"],
+        lambda row: typer.echo(row_line(row, metric)),
+    ):
+        status = execute_run(run, store, workload=workload)
+    info = store.final_status(run_id)
+    steps = f" after {info.steps} steps ({info.wall_seconds:.1f} s of training)" if info else ""
+    typer.echo(f"{status}: {primary_value(info, metric)}{steps}")
+    typer.echo(f"run folder: {store.run_dir(run_id)}")
+    error = info.error if info is not None else None
     if error is not None:
         typer.secho(f"error: {error.line()}", fg=typer.colors.RED, err=True)
     if status != "completed":
         raise typer.Exit(code=1)
 
 
+def _options(items: list[str] | None, flag: str) -> dict[str, object]:
+    """``KEY=VALUE`` items as a dict; a value is JSON when it parses (numbers, true/false,
+    objects), else a string."""
+    import json
+
+    options: dict[str, object] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise _fail(f"{flag} takes KEY=VALUE, got {item!r}")
+        try:
+            options[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key.strip()] = value
+    return options
+
+
 @app.command()
 def study(
-    config: Annotated[Path, typer.Argument(help="Study file (TOML): [study], [base] and [[grid]] blocks.")],
+    config: Annotated[Path, typer.Argument(help="Study file (TOML): study, base and grid tables.")],
     out: Annotated[
-        Path | None, typer.Option(help="Store folder (default: [study].out or studies_out/<name>).")
+        Path | None, typer.Option(help="Store folder (default: the study's out, or studies_out/NAME).")
     ] = None,
     overrides: SetOption = None,
     retry_failed: Annotated[bool, typer.Option(help="Run failed and diverged runs again.")] = False,
     dry_run: Annotated[bool, typer.Option(help="List the planned runs and stop.")] = False,
+    parallel: Annotated[
+        int | None,
+        typer.Option(
+            help="Runs at once (default: 1 here, every run under --executor slurm). On this machine "
+            "N x workers x threads must fit in the cores.",
+            show_default=False,
+        ),
+    ] = None,
+    oversubscribe: Annotated[
+        bool, typer.Option(help="Let --parallel runs need more threads than there are cores.")
+    ] = False,
+    executor: Annotated[
+        str,
+        typer.Option(help="Where runs go: local (worker pools on this machine) or slurm (a job per run)."),
+    ] = "local",
+    slurm: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--slurm",
+            help="A submitit/Slurm option as KEY=VALUE, e.g. slurm_partition=gpu, timeout_min=120, "
+            "nodes=2, cluster=local (repeatable; see docs/slurm.md).",
+        ),
+    ] = None,
 ) -> None:
-    """Run every run of a study's grid; rerunning skips finished runs and restarts unfinished ones."""
+    """Run every run of a study's grid; rerunning skips finished runs and restarts unfinished ones.
+
+    Prints a line per finished run (a progress bar in a terminal) and a summary. Exit code:
+    0 every run completed, 1 some failed or diverged, 2 a bad study file or option.
+    """
     from localsgd.studies.grid import load_study
-    from localsgd.studies.runner import run_study
+    from localsgd.studies.runner import EXECUTORS, run_study
     from localsgd.util.checks import ConfigError
 
+    if executor not in EXECUTORS:
+        raise _fail(f"--executor must be one of {list(EXECUTORS)}, got {executor!r}")
+    if slurm and executor != "slurm":
+        raise _fail("--slurm options need --executor slurm")
+    options = _options(slurm, "--slurm")
     try:
         plan = load_study(config, overrides or [])
     except ConfigError as exc:
@@ -104,11 +175,29 @@ def study(
         return
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
     try:
-        counts = run_study(plan, folder, study_file=config, retry_failed=retry_failed)
+        counts = run_study(
+            plan,
+            folder,
+            study_file=config,
+            retry_failed=retry_failed,
+            parallel=parallel,
+            oversubscribe=oversubscribe,
+            executor=executor,
+            executor_options=options,
+        )
     except ConfigError as exc:
         raise _fail(str(exc)) from None
     summary = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
+    bad = sum(n for status, n in counts.items() if "failed" in status or "diverged" in status)
     typer.echo(f"study {plan.section.name}: {summary}; store: {folder}")
+    if bad:
+        typer.secho(
+            f"{bad} of {sum(counts.values())} runs failed or diverged (their errors are in the "
+            f"lines above and in `localsgd report {folder}`); --retry-failed runs them again",
+            fg=typer.colors.RED,
+            err=True,
+        )
+        raise typer.Exit(code=1)
 
 
 @app.command()
@@ -161,6 +250,160 @@ def algorithms() -> None:
         cls = registry.get(name)
         fields = ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(cls))  # type: ignore[arg-type]
         typer.echo(f"{name}: {cls.__name__}({fields})")
+
+
+cluster_app = typer.Typer(
+    no_args_is_help=True,
+    help="Emulated multi-node clusters on this machine (network namespaces, links shaped with tc; "
+    "needs root): run a study or a run on one, calibrate its links for the cost model.",
+)
+app.add_typer(cluster_app, name="cluster")
+
+NodesOption = Annotated[int, typer.Option(help="N: emulated nodes (network namespaces).")]
+ProcsOption = Annotated[int, typer.Option(help="G: worker processes per node.")]
+RateOption = Annotated[
+    str | None,
+    typer.Option(help="Each node's link rate, as tc writes it (100mbit, 1gbit); default: unshaped."),
+]
+BurstOption = Annotated[
+    int | None, typer.Option(help="Token-bucket bytes of each shaped link (default: 2 ms at the rate).")
+]
+
+
+def _emulated_cluster(
+    nodes: int, procs_per_node: int, rate: str | None, burst: int | None
+) -> EmulatedCluster:
+    """An EmulatedCluster (not yet up), or exit 2 with the reason it cannot be built here."""
+    from localsgd.emulation import EmulatedCluster, unavailable
+
+    why = unavailable()
+    if why is not None:
+        raise _fail(why)
+    try:
+        return EmulatedCluster(nodes, procs_per_node, rate, burst)
+    except ValueError as exc:
+        raise _fail(str(exc)) from None
+
+
+def _write_calibration(cluster: EmulatedCluster, path: Path) -> None:
+    from localsgd.costmodel import cluster_to_toml
+    from localsgd.emulation import calibrate as calibrate_links
+
+    result = calibrate_links(cluster)
+    comment = "Calibrated on an emulated cluster with `localsgd cluster calibrate`:\n" + (
+        f"inter-node: {result.inter.nbytes} B took {[round(t, 6) for t in result.inter.seconds]} s;\n"
+        f"loopback: {result.intra.nbytes} B took {[round(t, 6) for t in result.intra.seconds]} s."
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(cluster_to_toml(result.cluster, comment))
+    link = result.cluster.inter
+    typer.echo(
+        f"cluster file: {path} (inter-node α = {link.alpha * 1e6:.4g} µs, "
+        f"β = {link.bandwidth * 8 / 1e6:.4g} Mbit/s)"
+    )
+
+
+@cluster_app.command()
+def emulate(
+    job: Annotated[Path, typer.Argument(help="A study file (study, base and grid tables) or a run config.")],
+    nodes: NodesOption = 2,
+    procs_per_node: ProcsOption = 2,
+    rate: RateOption = None,
+    burst: BurstOption = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            help="Store folder (default: the study's out, or studies_out/NAME; runs for a single run)."
+        ),
+    ] = None,
+    overrides: SetOption = None,
+    calibrate: Annotated[
+        Path | None,
+        typer.Option(help="First probe the links and write the cluster file here (for report --cluster)."),
+    ] = None,
+    retry_failed: Annotated[
+        bool, typer.Option(help="Run failed and diverged runs of a study again.")
+    ] = False,
+) -> None:
+    """Run a study or a single run on N emulated nodes × G processes: one torchrun per node,
+    inside its own network namespace, `-m localsgd.worker` on every run. Runs of one process
+    (K = 1, the simulated engine) run here as usual; every other run must have K = N × G.
+    Everything the emulation created is removed when it ends, also on failure or interrupt."""
+    from localsgd import engines
+    from localsgd.records import Store
+    from localsgd.studies.configs import load_toml
+    from localsgd.studies.grid import load_study
+    from localsgd.studies.loading import load_run_config
+    from localsgd.studies.runner import execute_run, preflight, run_study
+    from localsgd.util.checks import ConfigError
+
+    cluster = _emulated_cluster(nodes, procs_per_node, rate, burst)
+    try:
+        is_study = job.suffix == ".toml" and bool({"study", "base", "grid"} & set(load_toml(job)))
+        plan = load_study(job, overrides or []) if is_study else None
+        runs = plan.runs if plan is not None else [load_run_config(job, overrides or [])]
+        for run in runs:
+            processes = engines.get(run.engine).processes(run.workers)
+            if processes not in (1, cluster.world_size):
+                raise ConfigError(
+                    f"run {run.run_id()} (workers = {run.workers}, engine = {run.engine!r}) takes "
+                    f"{processes} processes; the emulated cluster runs {cluster.world_size} "
+                    f"({nodes} nodes × {procs_per_node}) or one in this process"
+                )
+        built = preflight(runs)
+    except ConfigError as exc:
+        raise _fail(str(exc)) from None
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
+    with cluster:
+        typer.echo(f"emulated cluster: {cluster.describe()}")
+        if calibrate is not None:
+            _write_calibration(cluster, calibrate)
+        if plan is not None:
+            folder = out or plan.default_out()
+            counts = run_study(
+                plan, folder, study_file=job, retry_failed=retry_failed, launch=cluster.execute
+            )
+            summary = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
+            typer.echo(f"study {plan.section.name}: {summary}; store: {folder}")
+            return
+        run = runs[0]
+        store = Store(out or Path("runs"))
+        status = execute_run(run, store, workload=next(iter(built.values())), launch=cluster.execute)
+    typer.echo(f"{status}: {store.run_dir(run.run_id())}")
+    error = store.error(run.run_id())
+    if error is not None:
+        typer.secho(f"error: {error.line()}", fg=typer.colors.RED, err=True)
+    if status != "completed":
+        raise typer.Exit(code=1)
+
+
+@cluster_app.command("calibrate")
+def calibrate_command(
+    out: Annotated[Path, typer.Option(help="The cluster file to write (TOML, read by report --cluster).")],
+    nodes: NodesOption = 2,
+    procs_per_node: ProcsOption = 2,
+    rate: RateOption = None,
+    burst: BurstOption = None,
+) -> None:
+    """Measure α and β of the emulated links (two nodes) and of a node's loopback with gloo
+    all-reduces of a few sizes, and write the cluster file the cost model reads."""
+    cluster = _emulated_cluster(nodes, procs_per_node, rate, burst)
+    if nodes < 2:
+        raise _fail("--nodes must be >= 2: the inter-node link is measured between two nodes")
+    with cluster:
+        _write_calibration(cluster, out)
+
+
+@cluster_app.command()
+def cleanup() -> None:
+    """Delete what emulations killed without a chance to clean up (SIGKILL) left behind."""
+    from localsgd.emulation import cleanup_stale, unavailable
+
+    why = unavailable()
+    if why is not None:
+        raise _fail(why)
+    removed = cleanup_stale()
+    typer.echo(f"removed {len(removed)} namespace(s)" + (f": {', '.join(removed)}" if removed else ""))
 
 
 def main() -> None:

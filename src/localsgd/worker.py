@@ -1,23 +1,30 @@
 """The worker entry point every launch path shares.
 
 ``python -m localsgd.worker CONFIG [--out STORE | --run-dir DIR] [--set key=value ...]``
-under ``torchrun`` (one machine or ``--nnodes N``), or started by ``localsgd train`` and
-``localsgd study`` through torch's elastic launcher. Rank 0 writes the run record; a rank
-that fails records its own exception in ``DIR/errors/`` for the launcher's caller.
+under ``torchrun`` (one machine or ``--nnodes N``), started by ``localsgd train`` through
+torch's elastic launcher, or by a Slurm job. ``python -m localsgd.worker --serve ADDRESS``
+is a pool worker (see :mod:`localsgd.engines.pool`): it joins the process group once and
+trains the runs its controller hands it, one after another. Rank 0 writes the run record;
+a rank that fails records its own exception in ``DIR/errors/`` for the launcher's caller.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import sys
+import traceback
+from collections import OrderedDict
 from pathlib import Path
 
 import localsgd
+from localsgd import workloads
 from localsgd.distributed import resolve_device
-from localsgd.engines.processes import write_worker_error
-from localsgd.records.store import Store
+from localsgd.engines.launch import write_worker_error
+from localsgd.engines.pool import PoolConnection, output_to
+from localsgd.records.store import DEFAULT_RUN_STORE, Store
 from localsgd.studies.loading import load_run_config
 from localsgd.studies.runner import preflight
 from localsgd.studies.schema import RunConfig
@@ -26,16 +33,27 @@ from localsgd.util.checks import ConfigError
 
 log = logging.getLogger("localsgd.worker")
 
+CACHED_WORKLOADS = 2
+"""Built workloads (their data in memory) a pool worker keeps for the next runs."""
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m localsgd.worker", description=__doc__)
-    parser.add_argument("config", help="run config, .toml or .json")
+    parser.add_argument("config", nargs="?", help="run config, .toml or .json")
     where = parser.add_mutually_exclusive_group()
-    where.add_argument("--out", default="runs", help="store to record the run in (default: runs)")
+    where.add_argument(
+        "--out", default=DEFAULT_RUN_STORE, help=f"store to record the run in (default: {DEFAULT_RUN_STORE})"
+    )
     where.add_argument("--run-dir", help="write the record into this folder (set by the launcher)")
+    where.add_argument("--serve", metavar="HOST:PORT", help="be a pool worker of this controller")
+    parser.add_argument("--device", default="auto", help="with --serve: the runs' device setting")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if args.serve is not None:
+        return serve(args.serve, args.device)
+    if args.config is None:
+        parser.error("a run config is required (or --serve)")
     rank = 0
     try:
         config = load_run_config(args.config, args.overrides)
@@ -64,7 +82,9 @@ def run(config: RunConfig, info: localsgd.DistInfo, run_dir: str | None, out: st
     store = None
     # Built on every rank before anything is recorded: a bad workload fails here, as a
     # configuration error, rather than inside a half-written run.
-    workload = next(iter(preflight([config]).values()))
+    # This node checks its own devices when it resolves the device (one of several nodes
+    # cannot tell how many processes the others run).
+    workload = next(iter(preflight([config], local=False).values()))
     if run_dir is not None:
         folder = Path(run_dir) if info.rank == 0 else None
     else:
@@ -89,6 +109,53 @@ def run(config: RunConfig, info: localsgd.DistInfo, run_dir: str | None, out: st
             final = store.finish(config.run_id())
             log.info("run %s %s: %s", config.run_id(), final, store.run_dir(config.run_id()))
     return 0 if status.status in ("completed", "diverged") else 1
+
+
+def serve(address: str, device_name: str) -> int:
+    """A pool worker: join the process group once, then train each run the controller at
+    ``address`` hands over until it says stop. A run that raises is recorded (the worker's
+    own exception, in the run folder) and ends this process: its peers may be waiting in a
+    collective, so the pool is not reused."""
+    device = resolve_device(device_name)
+    info = localsgd.init_distributed(backend="nccl" if device.type == "cuda" else "gloo")
+    built: OrderedDict[str, workloads.Workload] = OrderedDict()
+    try:
+        connection = PoolConnection(address, info.rank)
+        for run_dir in connection.runs():
+            with output_to(run_dir / "workers.log"):
+                try:
+                    config = load_run_config(run_dir / "config.json")
+                    status = train(
+                        config,
+                        run_dir if info.rank == 0 else None,
+                        info.rank,
+                        info.world_size,
+                        info.backend,
+                        workload=_workload(built, config),
+                    )
+                except BaseException as exc:
+                    traceback.print_exc()
+                    with contextlib.suppress(OSError):
+                        write_worker_error(run_dir, info.rank, exc)
+                    raise
+            connection.done(status.status)
+        connection.close()
+    finally:
+        localsgd.destroy_distributed()
+    return 0
+
+
+def _workload(built: OrderedDict[str, workloads.Workload], config: RunConfig) -> workloads.Workload:
+    """The run's workload, built once per spec: a workload's data and model depend on its
+    spec alone, never on a run (shards are a function of seed, epoch and rank)."""
+    key = json.dumps(config.workload, sort_keys=True)
+    if key in built:
+        built.move_to_end(key)
+    else:
+        built[key] = workloads.build(config.workload)
+        while len(built) > CACHED_WORKLOADS:
+            built.popitem(last=False)
+    return built[key]
 
 
 if __name__ == "__main__":

@@ -66,11 +66,12 @@ def test_a_workers_own_exception_is_the_runs_error(project):
         timeout=300,
     )
     assert done.returncode == 1
-    assert done.stdout.startswith("failed: ")
+    assert "\nfailed: " in done.stdout
+    (record,) = (cwd / "store" / "runs").iterdir()
+    assert f"run folder: {Path('store') / 'runs' / record.name}" in done.stdout
     # Not the launcher's ChildFailedError summary: the worker's exception, type and rank.
     assert "error: KeyError: 'shard 1 is missing from the bucket' (rank 1)" in done.stderr
     assert "ChildFailedError" not in done.stderr
-    (record,) = (cwd / "store" / "runs").iterdir()
     status = json.loads((record / "status.json").read_text())
     assert status["status"] == "failed"
     error = status["error"]

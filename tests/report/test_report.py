@@ -460,7 +460,9 @@ def test_cluster_estimates_match_the_raw_rows_and_the_model(
     assert ("given (--target)" in text) == (target is not None)
     assert "| est. compute s | est. comm s | est. total s | est. speedup (×) |" in text
     html = paths["html"].read_text()
-    assert html.count("data:image/png;base64,") == len(PLOTS) + len(EST_PLOTS)
+    # The runs are of worker processes: their measured times beside the estimates, one plot more.
+    assert html.count("data:image/png;base64,") == len(PLOTS) + len(EST_PLOTS) + 1
+    assert f"## Measured against estimated on {cluster.name}" in text
     assert "cluster" in openpyxl.load_workbook(paths["xlsx"], read_only=True).sheetnames
     metrics = _sheet(paths, "metrics")
     assert {"est_compute_seconds", "est_comm_seconds", "est_total_seconds"} <= set(metrics.columns)

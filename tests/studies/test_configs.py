@@ -42,7 +42,7 @@ lr = 0.05
 @pytest.mark.parametrize(
     "data,message",
     [
-        ({"wrokers": 2}, r"unknown key 'wrokers'; allowed: \['algorithm', 'data'"),
+        ({"wrokers": 2}, r"unknown key 'wrokers'; allowed: \['algorithm', 'comm', 'data'"),
         ({"optimizer": {"lrr": 0.1}}, r"unknown key 'optimizer\.lrr'; allowed: \['beta1'"),
         ({"optimizer": {"lr": "fast"}}, r"optimizer\.lr must be a number, got str 'fast'"),
         ({"optimizer": {"lr": float("inf")}}, r"optimizer\.lr must be a finite number > 0, got inf"),

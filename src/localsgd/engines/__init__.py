@@ -6,12 +6,25 @@ report needs to know about one is its :class:`~localsgd.records.EngineInfo`.
 """
 
 from localsgd.engines import processes, simulated
-from localsgd.engines.base import Engine, Job, Replicas, WorkerFailure, check_world, get, names, register
+from localsgd.engines.base import (
+    Cancelled,
+    Engine,
+    Job,
+    Replicas,
+    Session,
+    WorkerFailure,
+    check_world,
+    get,
+    names,
+    register,
+)
 
 __all__ = [
+    "Cancelled",
     "Engine",
     "Job",
     "Replicas",
+    "Session",
     "WorkerFailure",
     "check_world",
     "get",

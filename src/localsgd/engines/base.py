@@ -4,7 +4,10 @@ An engine owns how the K workers of a run execute: launching them (worker proces
 through torch's elastic launcher, or one process), the replica layout (one replica per
 process, or all K stacked), the communicator, how wall time is measured, and what its
 figures mean (:class:`~localsgd.records.EngineInfo`, recorded with every run and read by
-reports). Studies call engines; engines never import studies.
+reports). Studies call engines; engines never import studies: a run reaches an engine as
+a :class:`Job` (its folder holds ``config.json``), and worker processes train it through
+the worker entry point (``python -m localsgd.worker``). A study runs many jobs through a
+:class:`Session`, which keeps worker processes up from one run to the next.
 """
 
 from __future__ import annotations
@@ -31,6 +34,13 @@ class WorkerFailure(Exception):
         self.error = error
 
 
+class Cancelled(BaseException):
+    """A run was stopped from outside (its session closed under it, the study
+    interrupted): not a failure of the run, which stays unfinished and is redone by the
+    next attempt. A ``BaseException``, like ``KeyboardInterrupt``, so that handlers which
+    record failures let it through."""
+
+
 @dataclass
 class Job:
     """One run, handed to :meth:`Engine.execute`."""
@@ -47,6 +57,25 @@ class Job:
     """Seconds the whole run may take (None: no limit)."""
     env: Mapping[str, str] = field(default_factory=dict)
     """Extra environment variables for worker processes."""
+    device: str = "auto"
+    """The run's ``device`` setting: worker processes that outlive the run (a pool) pick
+    their process group's backend from it (NCCL for CUDA, gloo otherwise)."""
+
+
+class Session(Protocol):
+    """Runs jobs one after another, keeping what it can between them (worker processes
+    with their process group and data: see :mod:`localsgd.engines.pool`). A study opens
+    one per engine (and per parallel slot) and closes it at the end; closing it stops
+    every process it started."""
+
+    def execute(self, job: Job) -> None:
+        """As :meth:`Engine.execute`."""
+        ...
+
+    def close(self) -> None:
+        """Stop every worker process this session started (a run in progress is
+        :class:`Cancelled`)."""
+        ...
 
 
 class Replicas(Protocol):
@@ -112,8 +141,15 @@ class Engine(Protocol):
         ...
 
     def execute(self, job: Job) -> None:
-        """Run ``job`` to the end; raise :class:`WorkerFailure` when workers failed, or the
-        exception of a run trained in this process."""
+        """Run ``job`` to the end on processes of its own (started for it, stopped after
+        it); raise :class:`WorkerFailure` when workers failed, or the exception of a run
+        trained in this process."""
+        ...
+
+    def session(self, *, in_process: bool = True) -> Session:
+        """A session for many runs of this engine. ``in_process``: a run of one process
+        may train in the calling process (False when the caller trains several runs at
+        once, which must not share one process's global state)."""
         ...
 
     def replicas(
@@ -125,8 +161,11 @@ class Engine(Protocol):
         world_size: int,
         workers: int,
         device: torch.device,
+        delay: Mapping[str, float] | None = None,
     ) -> Replicas:
-        """This process's view of the replicas of ``model``."""
+        """This process's view of the replicas of ``model``. ``delay``: seconds added to
+        every counted collective of a scope (a run's ``comm.delay``), which the engine
+        either waits out or records for the cost model's estimates."""
         ...
 
 

@@ -1,57 +1,31 @@
 """The process engine: one worker process per worker, on torch.distributed.
 
-K > 1 workers are started with ``python -m torch.distributed.run --nproc-per-node K -m
-localsgd.worker CONFIG --run-dir DIR``; the same worker entry point serves a hand-run
-``torchrun`` and multi-node runs. One worker trains in the calling process. A worker that
-fails writes its own exception to ``DIR/errors/rank<r>.json``; the first one is the run's
-root cause, raised as :class:`~localsgd.engines.base.WorkerFailure` instead of the
+A run on its own (:meth:`ProcessesEngine.execute`) starts its K > 1 workers with ``python
+-m torch.distributed.run --nproc-per-node K -m localsgd.worker CONFIG --run-dir DIR``; the
+same worker entry point serves a hand-run ``torchrun`` and multi-node runs. A study runs
+through a :meth:`~ProcessesEngine.session`, whose worker pools stay up from one run to the
+next (:mod:`localsgd.engines.pool`). One worker trains in the calling process. A worker
+that fails writes its own exception to ``DIR/errors/rank<r>.json``; the first one is the
+run's root cause, raised as :class:`~localsgd.engines.base.WorkerFailure` instead of the
 launcher's summary.
 """
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
-import time
-from collections.abc import Iterator
-from pathlib import Path
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
 from localsgd.comm.base import Communicator
-from localsgd.engines.base import Job, Replicas, WorkerFailure, register
-from localsgd.records.record import EngineInfo, ErrorInfo, RecordError, from_json, read_json
+from localsgd.engines.base import Job, Replicas, Session, WorkerFailure, register
+from localsgd.engines.launch import WORKER_MODULE, root_error, tail, torchrun_command, worker_env
+from localsgd.engines.launch import write_worker_error as write_worker_error
+from localsgd.engines.pool import LocalSession
+from localsgd.records.record import EngineInfo, ErrorInfo
 from localsgd.util.files import write_json_atomic
-
-ERRORS = "errors"
-
-
-def write_worker_error(run_dir: str | Path, rank: int, exc: BaseException) -> None:
-    """Record worker ``rank``'s exception in the run folder (every rank may do this)."""
-    folder = Path(run_dir) / ERRORS
-    folder.mkdir(exist_ok=True)
-    info = ErrorInfo.from_exception(exc, rank)
-    write_json_atomic(folder / f"rank{rank}.json", {"time": time.time(), **info.__dict__})
-
-
-def root_error(run_dir: Path) -> ErrorInfo | None:
-    """The first error a worker recorded (by time), or None."""
-    found: list[tuple[float, ErrorInfo]] = []
-    for path in sorted((run_dir / ERRORS).glob("rank*.json")):
-        try:
-            data = read_json(path)
-            when = float(data.pop("time"))
-            found.append((when, from_json(ErrorInfo, data, str(path), versioned=False)))
-        except (RecordError, KeyError, TypeError, ValueError, AttributeError):
-            continue
-    return min(found, key=lambda f: f[0])[1] if found else None
-
-
-def _tail(path: Path, lines: int = 30) -> str:
-    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""
 
 
 class ProcessesEngine:
@@ -70,25 +44,11 @@ class ProcessesEngine:
         if job.workers == 1:
             job.train(0, 1)
             return
-        command = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nnodes",
-            "1",
-            "--nproc-per-node",
-            str(job.workers),
-            "-m",
-            "localsgd.worker",
-            str(job.run_dir / "config.json"),
-            "--run-dir",
-            str(job.run_dir),
-        ]
-        # Workers import what this process can: an import-path workload in the current
-        # directory too.
-        path = os.pathsep.join(p for p in (os.getcwd(), os.environ.get("PYTHONPATH", "")) if p)
-        env = dict(os.environ, OMP_NUM_THREADS=str(job.threads), PYTHONPATH=path, **job.env)
+        command = torchrun_command(
+            job.workers,
+            ["-m", WORKER_MODULE, str(job.run_dir / "config.json"), "--run-dir", str(job.run_dir)],
+        )
+        env = worker_env(job.threads, job.env)
         write_json_atomic(job.run_dir / "launch.json", {"command": command})
         log_path = job.run_dir / "workers.log"
         try:
@@ -98,15 +58,18 @@ class ProcessesEngine:
                 )
         except subprocess.TimeoutExpired:
             raise WorkerFailure(
-                ErrorInfo("TimeoutError", f"workers did not finish within {job.timeout} s", _tail(log_path))
+                ErrorInfo("TimeoutError", f"workers did not finish within {job.timeout} s", tail(log_path))
             ) from None
         if proc.returncode != 0:
             error = root_error(job.run_dir) or ErrorInfo(
                 "WorkersExited",
                 f"workers exited with code {proc.returncode} without recording an error (see {log_path})",
-                _tail(log_path),
+                tail(log_path),
             )
             raise WorkerFailure(error)
+
+    def session(self, *, in_process: bool = True) -> Session:
+        return LocalSession(self, in_process=in_process)
 
     def replicas(
         self,
@@ -117,19 +80,32 @@ class ProcessesEngine:
         world_size: int,
         workers: int,
         device: torch.device,
+        delay: Mapping[str, float] | None = None,
     ) -> Replicas:
-        return ProcessReplica(workload, model, rank, world_size, device)
+        return ProcessReplica(workload, model, rank, world_size, device, delay)
 
 
 class ProcessReplica:
-    """This process trains one replica; rank 0 evaluates."""
+    """This process trains one replica; rank 0 evaluates. With a ``delay``, its communicator
+    waits that long after every counted collective of the scope (see
+    :class:`~localsgd.comm.process_group.ProcessGroupCommunicator`)."""
 
     flat = True
-    comm: Communicator | None = None
 
     def __init__(
-        self, workload: Any, model: nn.Module, rank: int, world_size: int, device: torch.device
+        self,
+        workload: Any,
+        model: nn.Module,
+        rank: int,
+        world_size: int,
+        device: torch.device,
+        delay: Mapping[str, float] | None = None,
     ) -> None:
+        self.comm: Communicator | None = None  # DataParallel takes the world's process group
+        if delay and world_size > 1:
+            from localsgd.comm.process_group import ProcessGroupCommunicator
+
+            self.comm = ProcessGroupCommunicator(delay=delay)
         self.workload = workload
         self.module = model
         self.rank = rank

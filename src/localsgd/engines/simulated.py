@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -21,7 +21,8 @@ from torch import nn
 
 from localsgd.comm.base import WORLD, Block, CommStats, Communicator, Scope, check_block
 from localsgd.comm.flat import group_by_dtype
-from localsgd.engines.base import Job, Replicas, register
+from localsgd.engines.base import Job, Replicas, Session, register
+from localsgd.engines.pool import LocalSession
 from localsgd.records.record import EngineInfo
 from localsgd.util.nest import map_nest, zip_nests
 
@@ -359,6 +360,9 @@ class SimulatedEngine:
     def execute(self, job: Job) -> None:
         job.train(0, 1)
 
+    def session(self, *, in_process: bool = True) -> Session:
+        return LocalSession(self, in_process=in_process)
+
     def replicas(
         self,
         workload: Any,
@@ -368,17 +372,28 @@ class SimulatedEngine:
         world_size: int,
         workers: int,
         device: torch.device,
+        delay: Mapping[str, float] | None = None,
     ) -> Replicas:
-        return SimulatedReplicas(workload, model, workers, device)
+        return SimulatedReplicas(workload, model, workers, device, delay)
 
 
 class SimulatedReplicas:
     """All K replicas stacked in this process; replica k reads exactly the shard rank k
-    reads in the process engine."""
+    reads in the process engine. An injected ``delay`` is not waited out (the wall time
+    here is not a K-worker time anyway): it is recorded in the run's details, and the cost
+    model adds it to the estimates from the run's config."""
 
     flat = False
 
-    def __init__(self, workload: Any, model: nn.Module, replicas: int, device: torch.device) -> None:
+    def __init__(
+        self,
+        workload: Any,
+        model: nn.Module,
+        replicas: int,
+        device: torch.device,
+        delay: Mapping[str, float] | None = None,
+    ) -> None:
+        self.delay = dict(delay or {})
         self.workload = workload
         self.replicas = replicas
         self.device = device
@@ -414,7 +429,13 @@ class SimulatedReplicas:
         return self.module.load_replica_into_template(0)
 
     def details(self) -> dict[str, Any]:
-        return {"vectorized": self.gradients.vectorized, "fallback_reason": self.gradients.fallback_reason}
+        out: dict[str, Any] = {
+            "vectorized": self.gradients.vectorized,
+            "fallback_reason": self.gradients.fallback_reason,
+        }
+        if self.delay:
+            out["delay_not_waited"] = self.delay  # seconds per collective, by scope
+        return out
 
 
 SIMULATED = register(SimulatedEngine())

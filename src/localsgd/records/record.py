@@ -77,6 +77,12 @@ class Metric:
         """``"test accuracy (%)"``: the title with its unit."""
         return f"{self.title} ({self.unit})" if self.unit else self.title
 
+    def show(self, value: float | None) -> str:
+        """A value as displayed: ``"97.45%"`` (4 significant digits; ``"n/a"`` for None)."""
+        if value is None or not math.isfinite(value):
+            return "n/a"
+        return f"{value * self.scale:.4g}{self.unit}"
+
     def better(self, a: float, b: float) -> bool:
         """Whether ``a`` is strictly better than ``b``."""
         return a > b if self.higher_is_better else a < b

@@ -43,6 +43,8 @@ from localsgd.records.record import (
 from localsgd.util.files import write_json_atomic
 
 FINISHED = ("completed", "failed", "diverged")
+DEFAULT_RUN_STORE = "studies_out/train"
+"""Where a single run (``localsgd train``, a hand-run torchrun) is recorded by default."""
 STATUSES = (*FINISHED, "running")
 
 _SCHEMA = """
@@ -187,12 +189,17 @@ class Store:
             )
         return status.status
 
-    def error(self, run_id: str) -> ErrorInfo | None:
-        """The root error of a finished run (None when it did not fail or is not finished)."""
+    def final_status(self, run_id: str) -> Status | None:
+        """The status of a finished run (None when it is not finished)."""
         path = self.run_dir(run_id) / "status.json"
         if not path.exists():
             return None
-        return from_json(Status, read_json(path), str(path)).error
+        return from_json(Status, read_json(path), str(path))
+
+    def error(self, run_id: str) -> ErrorInfo | None:
+        """The root error of a finished run (None when it did not fail or is not finished)."""
+        status = self.final_status(run_id)
+        return None if status is None else status.error
 
     def write_plan(self, plan: Mapping[str, Any]) -> None:
         """Record what a study intends to run (``plan.json``), for reports."""

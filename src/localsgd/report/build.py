@@ -15,7 +15,7 @@ import pandas as pd
 
 from localsgd.costmodel import GBIT, Cluster, load_cluster
 from localsgd.records import Metric
-from localsgd.report import curve_plots, graphics, plots, workbook
+from localsgd.report import curve_plots, graphics, measured, plots, workbook
 from localsgd.report.estimates import ClusterEstimates, estimate, parse_target
 from localsgd.report.render import (
     Block,
@@ -127,12 +127,14 @@ def make_report(
     for drawing in drawings:
         plot = drawing.draw()
         drawn[drawing.stem] = plot
-        if plot.figure is None:
-            continue
-        files = graphics.render(plot.figure, chosen, dpi)
-        images[drawing.stem] = files["png"]  # the HTML page shows PNGs, written or not
-        for kind in chosen:
-            paths[f"{drawing.stem}.{kind}"] = write_atomic(out / f"{drawing.stem}.{kind}", files[kind])
+        if plot.figure is not None:
+            _write_figure(out, drawing.stem, plot.figure, chosen, dpi, images, paths)
+    # Runs of real K-worker time beside their estimates (report/measured.py).
+    measured_blocks: list[Block] = []
+    if estimates is not None:
+        measured_blocks, measured_figures = measured.section(estimates, look, chosen)
+        for stem, figure in measured_figures.items():
+            _write_figure(out, stem, figure, chosen, dpi, images, paths)
 
     sheets = {
         "summary": workbook.Sheet(summary, "variant"),
@@ -146,10 +148,34 @@ def make_report(
     paths["xlsx"] = workbook.write_workbook(out / "results.xlsx", sheets, study.metric_list())
     figures = {d.stem: (d, drawn[d.stem]) for d in drawings}
     blocks = _document(study, summary, status, baseline, figures, chosen, estimates)
+    if measured_blocks:
+        at = next(i for i, b in enumerate(blocks) if isinstance(b, Heading) and b.text == "Run status")
+        blocks[at:at] = measured_blocks
+        blocks += [
+            Links(block.caption, [(f.upper(), f"{block.stem}.{f}") for f in chosen])
+            for block in measured_blocks
+            if isinstance(block, Figure)
+        ]
     paths["markdown"] = write_atomic(out / "report.md", to_markdown(blocks))
     paths["html"] = write_atomic(out / "report.html", to_html(blocks, TITLE, images))
     log.info("report of %s written to %s", study.root, out)
     return paths
+
+
+def _write_figure(
+    out: Path,
+    stem: str,
+    figure: Any,
+    formats: Sequence[str],
+    dpi: int,
+    images: dict[str, bytes],
+    paths: dict[str, Path],
+) -> None:
+    """``stem.<format>`` for each format, and the PNG for the HTML page (written or not)."""
+    files = graphics.render(figure, formats, dpi)
+    images[stem] = files["png"]
+    for kind in formats:
+        paths[f"{stem}.{kind}"] = write_atomic(out / f"{stem}.{kind}", files[kind])
 
 
 def _drawings(
@@ -440,8 +466,14 @@ def _cluster_lines(estimates: ClusterEstimates) -> list[str]:
         )
         + f"Inter-node link: {_link_text(cluster.inter.alpha, cluster.inter.bandwidth)}.",
         "Communication: each collective of a run is costed as a ring all-reduce "
-        "(2(p−1)·α + 2(p−1)/p · n/β; hierarchical across nodes of several devices), summed over "
-        "the run's per-scope counters (collectives, payload bytes); see docs/costmodel.md.",
+        "(2(p−1)·α + 2(p−1)/p · n/β; "
+        + (
+            "hierarchical across nodes of several devices"
+            if cluster.allreduce == "hierarchical"
+            else "one flat ring over all ranks across nodes, as gloo runs it"
+        )
+        + "), summed over the run's per-scope counters (collectives, payload bytes), plus a run's "
+        "injected delay (comm.delay) per collective of its scope; see docs/costmodel.md.",
     ]
     if cluster.seconds_per_sample is not None:
         lines.append(

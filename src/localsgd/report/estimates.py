@@ -94,6 +94,19 @@ def _float(value: Any) -> float:
         return math.nan
 
 
+DELAY_PREFIX = "config.comm.delay."
+"""Flattened config columns of a run's injected delay per scope (``comm.delay``)."""
+
+
+def injected_delay(run: dict[str, Any]) -> dict[str, float]:
+    """A run's ``comm.delay`` (seconds per collective, by scope) from its flattened config."""
+    return {
+        key.removeprefix(DELAY_PREFIX): float(value)
+        for key, value in run.items()
+        if key.startswith(DELAY_PREFIX) and math.isfinite(_float(value))
+    }
+
+
 def _estimate(
     counters: dict[str, dict[str, float]] | None,
     steps: float,
@@ -101,10 +114,11 @@ def _estimate(
     batch_size: int,
     cluster: Cluster,
     measured: float,
+    delay: dict[str, float] | None = None,
 ) -> tuple[float, float, float]:
     if counters is None or not math.isfinite(steps):
         return (math.nan, math.nan, math.nan)
-    est = estimate_run(counters, steps, workers, batch_size, cluster, measured)
+    est = estimate_run(counters, steps, workers, batch_size, cluster, measured, delay)
     return (est.compute_seconds, est.comm_seconds, est.total_seconds)
 
 
@@ -163,11 +177,13 @@ def estimate(
 
     # Per run: identity, measured compute per step, the final estimate.
     who: dict[str, tuple[int, int, str]] = {}
+    delays: dict[str, dict[str, float]] = {}
     per_step: dict[str, float] = {}
     final: dict[str, tuple[float, float, float]] = {}
     for run in runs.to_dict("records"):
         rid, workers, batch = str(run["run_id"]), int(run["workers"]), int(run["batch_size"])
         who[rid] = (workers, batch, str(run["workload"]))
+        delays[rid] = injected_delay(run)
         per_step[rid] = measured_compute_per_step(
             float(run["wall_seconds"]),
             float(run["comm_seconds"]),
@@ -190,7 +206,9 @@ def estimate(
             per_step[rid] = sum(times) / len(times)
         counters = study.final_counters.get(rid, {})
         steps = float(counters.get("steps", math.nan))
-        final[rid] = _estimate(counters.get("by_scope"), steps, workers, batch, cluster, per_step[rid])
+        final[rid] = _estimate(
+            counters.get("by_scope"), steps, workers, batch, cluster, per_step[rid], delays[rid]
+        )
     ids = [str(r) for r in runs["run_id"]]
     runs["est_compute_per_step"] = [
         cluster.seconds_per_sample * who[r][1] if cluster.seconds_per_sample is not None else per_step[r]
@@ -211,7 +229,7 @@ def estimate(
             continue
         workers, batch, workload = who[rid]
         step = _float(row.get("step"))
-        est = _estimate(row_counters(row), step, workers, batch, cluster, per_step[rid])
+        est = _estimate(row_counters(row), step, workers, batch, cluster, per_step[rid], delays[rid])
         rows_est.append(est)
         goal = targets[workload]
         value = _float(row.get(goal.metric.name)) if goal.metric else math.nan

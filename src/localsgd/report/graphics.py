@@ -164,11 +164,13 @@ def _plain(value: float, pos: int | None = None) -> str:
 
 def log_ticks(axis: Any, base: int, kind: str, span: float) -> None:
     """Few readable labels on a log axis: powers of 2 as integers; decades (and 2×, 5×
-    when the axis spans less than three decades) in plain numbers or bytes."""
+    when the axis spans less than three decades, 3× and 7× too below about one) in plain
+    numbers or bytes."""
     if base == 2:
         axis.set_major_locator(LogLocator(base=2, numticks=20))
     else:
-        axis.set_major_locator(LogLocator(base=10, subs=(1.0,) if span >= 3 else (1.0, 2.0, 5.0)))
+        subs = (1.0,) if span >= 3 else (1.0, 2.0, 5.0) if span >= 1.2 else (1.0, 2.0, 3.0, 5.0, 7.0)
+        axis.set_major_locator(LogLocator(base=10, subs=subs))
     axis.set_minor_formatter(NullFormatter())
     label = (lambda v, pos=None: fmt_bytes(v)) if kind == "bytes" else _plain
     axis.set_major_formatter(FuncFormatter(label))

@@ -128,6 +128,37 @@ class TrainConfig:
             check_int("train.max_steps", self.max_steps, 1)
 
 
+@dataclass(frozen=True)
+class CommConfig:
+    """``[comm]``: what the communication of the run is subjected to, beyond the network."""
+
+    delay: dict[str, float] = field(default_factory=dict)
+    """Seconds added to every collective of a scope: ``{world = 1.0}`` delays each global
+    average (the delayed global synchronisations of Lin et al. 2020, §4), ``block2`` each
+    average inside blocks of 2. The process engine waits them out after the collective (in
+    the run's communication time); the simulated engine does not wait, and the cost model
+    adds delay × collectives of the scope to its estimates. Keys: ``world`` or
+    ``block<G>`` (G dividing the workers); values: finite seconds >= 0."""
+
+    def __post_init__(self) -> None:
+        from localsgd.costmodel import check_delay
+
+        try:
+            # Block keys are checked against the workers by RunConfig; any G is a scope here.
+            object.__setattr__(self, "delay", check_delay(self.delay, None, "comm.delay"))
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+
+    def check_workers(self, workers: int) -> None:
+        """Every block key names a block size that divides ``workers``."""
+        from localsgd.costmodel import check_delay
+
+        try:
+            check_delay(self.delay, workers, "comm.delay")
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+
+
 def _default_algorithm() -> dict[str, Any]:
     return {"name": "minibatch_sgd"}
 
@@ -166,6 +197,7 @@ class RunConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    comm: CommConfig = field(default_factory=CommConfig)
     fixed: str = "worker_batch"
     """What was held fixed when the worker count varied: ``worker_batch`` or
     ``global_batch`` (recorded in the run record)."""
@@ -187,6 +219,7 @@ class RunConfig:
                 "blocks are groups of consecutive workers"
             )
         workloads.check_spec(self.workload)
+        self.comm.check_workers(self.workers)
 
     @property
     def global_batch(self) -> int:
@@ -226,7 +259,12 @@ class RunConfig:
 
     def run_id(self) -> str:
         """A stable identity: the same config always maps to the same id."""
-        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        data = self.to_dict()
+        if self.comm == CommConfig():
+            # Sections added after stores were written are left out at their defaults, so a
+            # store's finished runs keep their ids (and a rerun skips them).
+            del data["comm"]
+        blob = json.dumps(data, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
 
     def replace(self, **changes: Any) -> RunConfig:

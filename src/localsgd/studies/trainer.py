@@ -142,7 +142,13 @@ def _train(
     torch.manual_seed(config.seed)
     model = workload.make_model(config.seed).to(device)
     replicas = engine.replicas(
-        workload, model, rank=rank, world_size=world_size, workers=workers, device=device
+        workload,
+        model,
+        rank=rank,
+        world_size=world_size,
+        workers=workers,
+        device=device,
+        delay=config.comm.delay,
     )
     optimizer = recipes.build_optimizer(replicas.module, config.optimizer, ndim=replicas.param_ndim)
     replicas.check_optimizer(optimizer)
@@ -186,8 +192,7 @@ def _train(
             )
             writer.row(row)
             if rank == 0:
-                value = row.metrics.get(primary.name)
-                shown = "n/a" if value is None else f"{value * primary.scale:.4g}{primary.unit}"
+                shown = primary.show(row.metrics.get(primary.name))
                 log.info(
                     "rank 0 step %d epoch %.2f: train loss %.4f, %s %s",
                     step,
