@@ -240,6 +240,27 @@ def report(
 
 
 @app.command()
+def fixtures(
+    folder: Annotated[Path, typer.Argument(help="Folder to write into (created if missing).")],
+    scale: Annotated[int, typer.Option(min=1, help="Multiply the number of examples.")] = 1,
+) -> None:
+    """Write tiny text fixtures in the real formats: a tokenizer, a tiny BERT config, MNLI,
+    SQuAD v1.1 and a text corpus (for tests, the tiny studies and a first cluster check)."""
+    from localsgd.util.checks import ConfigError
+
+    if folder.exists() and not folder.is_dir():
+        raise _fail(f"fixtures folder '{folder}' is a file")
+    try:
+        from localsgd.workloads.text.fixtures import write_fixtures
+
+        paths = write_fixtures(folder, scale=scale)
+    except ConfigError as exc:
+        raise _fail(str(exc)) from None
+    for kind, path in paths.items():
+        typer.echo(f"{kind}: {path}")
+
+
+@app.command()
 def algorithms() -> None:
     """List the registered algorithms and their hyperparameters."""
     import dataclasses

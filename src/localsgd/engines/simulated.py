@@ -418,6 +418,10 @@ class SimulatedReplicas:
     def forward_backward(self, batch: Any) -> torch.Tensor:
         return self.gradients(batch)
 
+    def unscale_(self, scaler: Any, dp: Any) -> None:
+        # One scaler sees every replica's gradients: its overflow decision is shared already.
+        scaler.unscale_(dp.optimizer)
+
     def worker_mean(self, value: torch.Tensor, dp: Any) -> float:
         return float(value.double().mean().item())
 

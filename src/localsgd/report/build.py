@@ -15,7 +15,7 @@ import pandas as pd
 
 from localsgd.costmodel import GBIT, Cluster, load_cluster
 from localsgd.records import Metric
-from localsgd.report import curve_plots, graphics, measured, plots, workbook
+from localsgd.report import curve_plots, graphics, measured, plots, subsets, workbook
 from localsgd.report.estimates import ClusterEstimates, estimate, parse_target
 from localsgd.report.render import (
     Block,
@@ -120,7 +120,17 @@ def make_report(
     look = graphics.styles(summary)
     metrics = {w: m for w in study.declared if (m := study.primary(w)) is not None}
 
+    split = subsets.by_subset(study, summary) if subsets.has_subsets(study) else None
     drawings = _drawings(summary, curve_frame, look, metrics, resolved.name if resolved else None)
+    if split is not None:  # right after the headline figure
+        drawings.insert(
+            [d.stem for d in drawings].index("metric_vs_speedup") + 1,
+            Drawing(
+                "metric_vs_speedup_by_subset",
+                "The same, one panel per workload and training subset (workbook sheet by_subset)",
+                lambda: subsets.metric_vs_speedup_by_subset(split, look, metrics),
+            ),
+        )
     paths: dict[str, Path] = {}
     images: dict[str, bytes] = {}
     drawn: dict[str, graphics.Plot] = {}
@@ -143,6 +153,8 @@ def make_report(
         "runs": workbook.Sheet(workbook.runs_sheet(study.runs), "run_id"),
         "metrics": workbook.Sheet(workbook.metrics_sheet(study.metrics, study.runs), "run_id"),
     }
+    if split is not None:
+        sheets["by_subset"] = workbook.Sheet(subsets.sheet(split, metrics), "group")
     if estimates is not None:
         sheets["cluster"] = workbook.Sheet(_cluster_sheet(estimates), "item")
     paths["xlsx"] = workbook.write_workbook(out / "results.xlsx", sheets, study.metric_list())
@@ -257,6 +269,8 @@ FigureMap = dict[str, tuple[Drawing, graphics.Plot]]
 def _figure_blocks(figures: FigureMap, stem: str, formats: Sequence[str]) -> list[Block]:
     """The figure with its caption and files, or a sentence saying why there is none; a
     note for workloads left out of a drawn figure."""
+    if stem not in figures:  # a figure this study does not call for
+        return []
     drawing, plot = figures[stem]
     if plot.figure is None:
         reasons = sorted(set(plot.left_out.values()))
@@ -362,6 +376,7 @@ def _document(
         ),
         *figure("pareto_speedup"),
         *figure("metric_vs_speedup"),
+        *figure("metric_vs_speedup_by_subset"),
         Heading(2, "Summary"),
         _summary_display(study, summary),
         Heading(2, "Training curves"),

@@ -33,7 +33,17 @@ GROUP_KEYS = ["workload", "variant", "workers", "batch_size", "lr"]
 # Config keys that are the group key, the seed, or only a label: never part of ``setting``.
 # The engine is a group key of its own when it varies, but not part of the speedup
 # baseline: one worker is one worker on every engine.
-_NOT_SETTINGS = ("name", "seed", "workload.name", "workers", "data.batch_size", "optimizer.lr", "engine")
+# ``fixed`` only says how the batch was derived (the batch is a group key already).
+_NOT_SETTINGS = (
+    "name",
+    "seed",
+    "workload.name",
+    "workers",
+    "data.batch_size",
+    "optimizer.lr",
+    "engine",
+    "fixed",
+)
 
 # Per-run quantities averaged over seeds (mean and std, ddof=1) in the summary table,
 # besides the final and best value of every declared metric.

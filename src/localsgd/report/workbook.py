@@ -96,6 +96,9 @@ COLUMNS: dict[str, tuple[str, str]] = {
     "est_target_comm_seconds": ("s", "estimated communication time to the target"),
     "est_target_total_seconds": ("s", "estimated time to the target (blank unless every seed reached it)"),
     "est_target_reached": ("runs", "seeds that reached the target"),
+    "subset": ("examples", "training subset: the first N examples after a seeded shuffle; all when unset"),
+    "metric": ("", "the primary metric the final_* columns hold"),
+    "final": ("metric", "the primary metric (column metric) at the last evaluation"),
     "item": ("", "cluster parameter or target"),
     "value": ("", "its value (seconds, bytes per second)"),
 }
