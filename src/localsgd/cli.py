@@ -219,16 +219,24 @@ def report(
             "best mean final value of each workload, 5% short of it)."
         ),
     ] = None,
+    formats: Annotated[
+        str,
+        typer.Option("--format", help="Figure files to write, comma-separated: png, pdf, svg."),
+    ] = "png,pdf,svg",
+    dpi: Annotated[int, typer.Option(help="Resolution of the PNG figures (dots per inch, 50 to 1200).")] = 200,
 ) -> None:
-    """Tables (mean ± std over seeds), plots, report.md, report.html and results.xlsx from the store alone."""
+    """Tables (mean ± std over seeds), figures, report.md, report.html and results.xlsx from the store alone."""
     from localsgd.report import make_report
 
     try:
-        paths = make_report(store_dir, out, cluster=cluster, target=target)
+        paths = make_report(store_dir, out, cluster=cluster, target=target, formats=formats, dpi=dpi)
     except ValueError as exc:
         raise _fail(str(exc)) from None
-    for kind, path in paths.items():
-        typer.echo(f"{kind}: {path}")
+    figures = [p for kind, p in paths.items() if kind not in ("markdown", "html", "xlsx")]
+    kinds = sorted({p.suffix.lstrip(".").upper() for p in figures})
+    typer.echo(f"figures: {len(figures)} files ({', '.join(kinds)}) in {paths['html'].parent}")
+    for kind in ("xlsx", "markdown", "html"):
+        typer.echo(f"{kind}: {paths[kind]}")
 
 
 @app.command()

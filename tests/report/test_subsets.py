@@ -10,7 +10,8 @@ import pytest
 
 from localsgd.records import Store
 from localsgd.report import make_report
-from report.test_report import _add_run, _config, _sheet
+from report.stores import config_of
+from report.test_report import _add_run, _sheet
 
 
 def test_each_subset_gets_a_panel_and_its_own_baseline(tmp_path: Path) -> None:
@@ -19,13 +20,13 @@ def test_each_subset_gets_a_panel_and_its_own_baseline(tmp_path: Path) -> None:
     for (subset, workers), wall in walls.items():
         for seed in (0, 1):
             algorithm = {"name": "local_sgd", "period": 4} if workers > 1 else {"name": "minibatch_sgd"}
-            config = _config(algorithm, workers, seed)
+            config = config_of(algorithm, workers, seed)
             config["workload"] = {"name": "mnist1d_cnn", "data": {"train_subset": subset}}
             config["name"] = f"{subset}-{workers}-{seed}"
             _add_run(store, config, "completed", wall + seed, 0.7 + subset / 10_000)
-    paths = make_report(tmp_path)
-    assert paths["metric_vs_speedup_by_subset"].stat().st_size > 0
-    assert "metric_vs_speedup_by_subset.png" in paths["markdown"].read_text()
+    paths = make_report(tmp_path, formats="png")
+    assert paths["metric_vs_speedup_by_subset.png"].stat().st_size > 0
+    assert "](metric_vs_speedup_by_subset.png)" in paths["markdown"].read_text()
     sheet = _sheet(paths, "by_subset")
     sheet["subset"] = sheet["subset"].astype(str)  # Excel reads digit strings back as numbers
     assert list(sheet["subset"]) == ["512", "512", "2048", "2048"]

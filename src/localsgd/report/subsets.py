@@ -14,7 +14,7 @@ import math
 import pandas as pd
 
 from localsgd.records import Metric
-from localsgd.report import plots
+from localsgd.report import graphics, plots
 from localsgd.report.tables import Study, natural_key
 
 SUBSET_KEY = "config.workload.data.train_subset"
@@ -56,8 +56,8 @@ def by_subset(study: Study, summary: pd.DataFrame) -> pd.DataFrame:
 
 
 def metric_vs_speedup_by_subset(
-    table: pd.DataFrame, look: dict[str, plots.Style], metrics: dict[str, Metric]
-) -> bytes:
+    table: pd.DataFrame, look: dict[str, graphics.Style], metrics: dict[str, Metric]
+) -> graphics.Plot:
     """One panel per workload and subset (``table`` from :func:`by_subset`)."""
     panels = table.assign(workload=table["panel"])
     per_panel = {p: metrics[w] for p, w in zip(table["panel"], table["workload"]) if w in metrics}
