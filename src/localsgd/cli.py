@@ -116,9 +116,9 @@ def _options(items: list[str] | None, flag: str) -> dict[str, object]:
 
 @app.command()
 def study(
-    config: Annotated[Path, typer.Argument(help="Study file (TOML): study, base and grid tables.")],
+    config: Annotated[Path, typer.Argument(help="Study file (TOML): [study], [base] and [[grid]] blocks.")],
     out: Annotated[
-        Path | None, typer.Option(help="Store folder (default: the study's out, or studies_out/NAME).")
+        Path | None, typer.Option(help="Store folder (default: [study].out or studies_out/<name>).")
     ] = None,
     overrides: SetOption = None,
     retry_failed: Annotated[bool, typer.Option(help="Run failed and diverged runs again.")] = False,
@@ -219,13 +219,42 @@ def report(
             "best mean final value of each workload, 5% short of it)."
         ),
     ] = None,
+    formats: Annotated[
+        str,
+        typer.Option("--format", help="Figure files to write, comma-separated: png, pdf, svg."),
+    ] = "png,pdf,svg",
+    dpi: Annotated[int, typer.Option(help="Resolution of the PNG figures (dots per inch, 50 to 1200).")] = 200,
 ) -> None:
-    """Tables (mean ± std over seeds), plots, report.md, report.html and results.xlsx from the store alone."""
+    """Tables (mean ± std over seeds), figures, report.md, report.html and results.xlsx from the store alone."""
     from localsgd.report import make_report
 
     try:
-        paths = make_report(store_dir, out, cluster=cluster, target=target)
+        paths = make_report(store_dir, out, cluster=cluster, target=target, formats=formats, dpi=dpi)
     except ValueError as exc:
+        raise _fail(str(exc)) from None
+    figures = [p for kind, p in paths.items() if kind not in ("markdown", "html", "xlsx")]
+    kinds = sorted({p.suffix.lstrip(".").upper() for p in figures})
+    typer.echo(f"figures: {len(figures)} files ({', '.join(kinds)}) in {paths['html'].parent}")
+    for kind in ("xlsx", "markdown", "html"):
+        typer.echo(f"{kind}: {paths[kind]}")
+
+
+@app.command()
+def fixtures(
+    folder: Annotated[Path, typer.Argument(help="Folder to write into (created if missing).")],
+    scale: Annotated[int, typer.Option(min=1, help="Multiply the number of examples.")] = 1,
+) -> None:
+    """Write tiny text fixtures in the real formats: a tokenizer, a tiny BERT config, MNLI,
+    SQuAD v1.1 and a text corpus (for tests, the tiny studies and a first cluster check)."""
+    from localsgd.util.checks import ConfigError
+
+    if folder.exists() and not folder.is_dir():
+        raise _fail(f"fixtures folder '{folder}' is a file")
+    try:
+        from localsgd.workloads.text.fixtures import write_fixtures
+
+        paths = write_fixtures(folder, scale=scale)
+    except ConfigError as exc:
         raise _fail(str(exc)) from None
     for kind, path in paths.items():
         typer.echo(f"{kind}: {path}")

@@ -54,7 +54,7 @@ lr = 0.05
         ({"seed": 2**70}, r"seed must be an integer in \[0, "),
         ({"optimizer": {"momentum": 1.5}}, r"optimizer\.momentum must be a finite number >= 0 and < 1"),
         ({"optimizer": {"name": "lamb"}}, r"optimizer\.name must be one of \['sgd', 'adamw'\]"),
-        ({"schedule": {"name": "linear"}}, r"schedule\.name must be one of"),
+        ({"schedule": {"name": "exponential"}}, r"schedule\.name must be one of"),
         ({"schedule": {"milestones": [0.8, 0.5]}}, r"schedule\.milestones must be increasing"),
         ({"schedule": {"milestones": 0.5}}, r"schedule\.milestones must be a list"),
         ({"engine": "threads"}, r"engine must be one of \['processes', 'simulated'\]"),

@@ -117,6 +117,11 @@ class Replicas(Protocol):
         """Set the gradients of ``module`` from ``batch``; return the loss(es), detached."""
         ...
 
+    def unscale_(self, scaler: Any, dp: Any) -> None:
+        """Unscale the gradients of an fp16 ``GradScaler`` so that every worker agrees on
+        whether a step overflowed (a collective where workers are processes)."""
+        ...
+
     def worker_mean(self, value: torch.Tensor, dp: Any) -> float:
         """The mean over all K workers of a per-worker value (a collective)."""
         ...

@@ -104,6 +104,9 @@ class ProcessReplica:
         loss.backward()
         return loss.detach()
 
+    def unscale_(self, scaler: Any, dp: Any) -> None:
+        dp.unscale_(scaler)
+
     def worker_mean(self, value: torch.Tensor, dp: Any) -> float:
         mean = value.double().reshape(1)
         dp.comm.average([mean], record=False)

@@ -593,6 +593,10 @@ class SimulatedReplicas:
             self.asynchrony.stepped()
 
 
+    def unscale_(self, scaler: Any, dp: Any) -> None:
+        # One scaler sees every replica's gradients: its overflow decision is shared already.
+        scaler.unscale_(dp.optimizer)
+
     def worker_mean(self, value: torch.Tensor, dp: Any) -> float:
         return float(value.double().mean().item())
 

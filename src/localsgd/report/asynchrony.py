@@ -5,26 +5,29 @@ metric against updates.
 Read from the runs' records: every metrics row's ``updates`` (and updates per second),
 and a parameter server's summary in the run's status (``details["server"]``: staleness
 histogram, pushes, lost workers); a simulated run with worker speeds adds its virtual time.
+Figures follow :mod:`~localsgd.report.graphics` (each group in its family's colour and marker).
 The section appears when some run was asynchronous (a server, or more updates than steps:
 several Hogwild processes on one model).
 """
 
 from __future__ import annotations
 
-import io
 import math
 from collections import Counter
+from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 import pandas as pd
+from matplotlib.figure import Figure as MplFigure
 
 from localsgd.records import Store
-from localsgd.report.render import Block, Heading, Image, Paragraph, Table, fmt, fmt_pm
+from localsgd.report import graphics
+from localsgd.report.render import Block, Figure, Heading, Paragraph, Table
+from localsgd.report.rounding import fmt, fmt_pm, number
 from localsgd.report.tables import Study, natural_key
 
-STALENESS_PLOT = "staleness_distribution.png"
-UPDATES_PLOT = "metric_vs_updates.png"
+STALENESS_PLOT = "staleness_distribution"
+UPDATES_PLOT = "metric_vs_updates"
 
 
 def run_details(study: Study) -> dict[str, dict[str, Any]]:
@@ -51,25 +54,17 @@ def runs_frame(study: Study) -> pd.DataFrame:
                 "run_id": rid,
                 "workload": run.workload,
                 "group": run.group,
-                "steps": _num(run.final_step),
-                "updates": _num(last["updates"]) if last is not None else math.nan,
-                "updates_per_second": _num(last["updates_per_second"]) if last is not None else math.nan,
-                "pushes": _num(server.get("pushes")),
+                "steps": number(run.final_step),
+                "updates": number(last["updates"]) if last is not None else math.nan,
+                "updates_per_second": number(last["updates_per_second"]) if last is not None else math.nan,
+                "pushes": number(server.get("pushes")),
                 "histogram": histogram,
                 "lost": len(server.get("lost_workers") or {}),
                 "has_server": bool(server),
-                "virtual_time": _num(details.get(rid, {}).get("virtual_time")),
+                "virtual_time": number(details.get(rid, {}).get("virtual_time")),
             }
         )
     return pd.DataFrame(rows)
-
-
-def _num(value: Any) -> float:
-    try:
-        out = float(value)
-    except (TypeError, ValueError):
-        return math.nan
-    return out
 
 
 def asynchronous(frame: pd.DataFrame) -> bool:
@@ -126,91 +121,97 @@ def groups(frame: pd.DataFrame) -> pd.DataFrame:
     return out.iloc[order].reset_index(drop=True)
 
 
-def staleness_plot(summary: pd.DataFrame) -> bytes:
-    """Fraction of pushes at each staleness, one line per configuration with a server."""
-    from matplotlib import colormaps
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(10.0, 5.2), layout="constrained")
-    FigureCanvasAgg(fig)
-    ax = fig.subplots()
+def staleness_plot(summary: pd.DataFrame, look: dict[str, graphics.Style]) -> MplFigure:
+    """Fraction of pushes at each staleness, one line per configuration with a server, in
+    its family's colour and marker as in every figure of the report."""
     part = summary[summary["histogram"].map(bool)]
-    colors = colormaps["tab20"] if len(part) > 10 else colormaps["tab10"]
-    markers = "osD^vP<>Xh*p"
-    for i, row in enumerate(part.itertuples(index=False)):
+    fig, (owner,) = graphics.stack([graphics.single_size(len(part))], [], False)
+    ax = owner.subplots()
+    several = part["workload"].nunique() > 1
+    for row in part.itertuples(index=False):
+        style = look[str(row.group)]
         total = sum(row.histogram.values())
         xs = sorted(row.histogram)
-        ys = [row.histogram[x] / total for x in xs]
-        label = f"{row.group}" + (f" ({row.workload})" if part["workload"].nunique() > 1 else "")
-        ax.plot(xs, ys, marker=markers[i % len(markers)], color=colors(i % colors.N), markersize=5, label=label)
+        ax.plot(
+            xs,
+            [row.histogram[x] / total for x in xs],
+            color=style.color,
+            linestyle=style.linestyle,
+            marker=style.marker,
+            markersize=5,
+            label=f"{row.group}" + (f" ({row.workload})" if several else ""),
+        )
     ax.set_xlabel("staleness τ (updates a push did not see)")
     ax.set_ylabel("fraction of pushes")
     ax.grid(True, alpha=0.3)
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small", frameon=False)
-    return _png(fig)
+    handles, labels = ax.get_legend_handles_labels()
+    graphics.legend(owner, handles, labels, "variant, workers K")
+    fig.suptitle("Staleness of the pushes to the parameter server (pooled over seeds)")
+    return fig
 
 
-def updates_plot(study: Study, names: list[str]) -> bytes:
-    """The primary metric against updates of the evaluated model (mean over seeds), a
-    panel per workload, log-scaled updates."""
-    from matplotlib import colormaps
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    workloads = sorted({str(w) for w in study.runs["workload"]}, key=natural_key)
-    fig = Figure(figsize=(10.0, 4.6 * len(workloads)), layout="constrained")
-    FigureCanvasAgg(fig)
-    axes = np.atleast_1d(fig.subplots(len(workloads), 1))
+def updates_plot(study: Study, look: dict[str, graphics.Style], groups_shown: list[str]) -> MplFigure | None:
+    """The primary metric against updates of the evaluated model (mean over seeds at each
+    evaluation), a block per workload, updates on a log axis; None when nothing to draw."""
     done = study.runs[study.runs["status"] == "completed"]
-    for ax, workload in zip(axes, workloads):
+    panels = []
+    for workload in graphics.workloads(done):
         metric = study.primary(workload)
-        if metric is None:
+        if metric is None or "updates" not in study.metrics.columns:
             continue
         mine = done[done["workload"] == workload]
-        groups_here = [g for g in dict.fromkeys(mine["group"]) if g in names]
-        colors = colormaps["tab20"] if len(groups_here) > 10 else colormaps["tab10"]
-        for i, group in enumerate(groups_here):
+        lines = {}
+        for group in [g for g in dict.fromkeys(mine["group"]) if g in groups_shown and g in look]:
             ids = set(mine[mine["group"] == group]["run_id"])
-            rows = study.metrics[study.metrics["run_id"].isin(ids)]
-            rows = rows.dropna(subset=["updates", metric.name])
-            if rows.empty:
-                continue
-            # Rows at the same evaluation index across seeds: mean updates, mean metric.
-            rows = rows.assign(index=rows.groupby("run_id").cumcount())
-            mean = rows.groupby("index")[["updates", metric.name]].mean()
+            rows = study.metrics[study.metrics["run_id"].isin(ids)].dropna(subset=["updates", metric.name])
+            rows = rows[rows["updates"] > 0]
+            if len(rows):
+                # Rows at the same evaluation index across seeds: mean updates, mean metric.
+                rows = rows.assign(index=rows.groupby("run_id").cumcount())
+                lines[str(group)] = rows.groupby("index")[["updates", metric.name]].mean()
+        if lines:
+            panels.append((str(workload), metric, lines))
+    if not panels:
+        return None
+    sizes = [graphics.single_size(len(lines)) for _, _, lines in panels]
+    fig, owners = graphics.stack(sizes, [p[0] for p in panels], len(panels) > 1)
+    for owner, (_, metric, lines) in zip(owners, panels):
+        ax = owner.subplots()
+        low, high = math.inf, 0.0
+        for group, mean in lines.items():
+            style = look[group]
+            low, high = min(low, mean["updates"].min()), max(high, mean["updates"].max())
             ax.plot(
                 mean["updates"],
                 mean[metric.name] * metric.scale,
-                marker="os^Dv<>P"[i % 8],
+                color=style.color,
+                linestyle=style.linestyle,
+                marker=style.marker,
                 markersize=4,
-                color=colors(i % colors.N),
-                label=str(group),
+                label=group,
             )
         ax.set_xscale("log")
-        ax.set_xlabel("updates of the evaluated model")
+        graphics.log_ticks(ax.xaxis, 10, "plain", math.log10(high / low) if high > low else 0.0)
+        ax.set_xlabel("updates of the evaluated model (log scale)")
         ax.set_ylabel(metric.heading)
-        ax.set_title(str(workload), fontsize="medium")
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small", frameon=False)
-    return _png(fig)
+        handles, labels = ax.get_legend_handles_labels()
+        graphics.legend(owner, handles, labels, "variant, workers K")
+    fig.suptitle("Primary metric against updates of the evaluated model (mean over seeds)")
+    return fig
 
 
-def _png(fig: Any) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight", facecolor="white")
-    return buf.getvalue()
-
-
-def section(study: Study) -> tuple[list[Block], dict[str, bytes]]:
-    """The report's "asynchronous training" section and its figures, by file name; nothing
+def section(
+    study: Study, look: dict[str, graphics.Style], formats: Sequence[str]
+) -> tuple[list[Block], dict[str, MplFigure]]:
+    """The report's "asynchronous training" section and its figures, by file stem; nothing
     when no run was asynchronous."""
     frame = runs_frame(study)
     if not asynchronous(frame):
         return [], {}
     summary = groups(frame)
-    has_server = summary["histogram"].map(bool).any()
-    has_time = summary["virtual_time"].notna().any()
+    has_server = bool(summary["histogram"].map(bool).any())
+    has_time = bool(summary["virtual_time"].notna().any())
     headers = ["workload", "configuration", "seeds", "updates", "updates/s"]
     if has_server:
         headers += ["pushes", "staleness mean", "p50", "p90", "max", "lost workers"]
@@ -218,18 +219,18 @@ def section(study: Study) -> tuple[list[Block], dict[str, bytes]]:
         headers.append("virtual time")
     rows = []
     for r in summary.itertuples(index=False):
-        cells = [str(r.workload), str(r.group), str(r.seeds), fmt(r.updates, ".0f"), fmt_pm(r.ups_mean, r.ups_std, ".3g")]
+        cells = [str(r.workload), str(r.group), str(r.seeds), fmt(r.updates), fmt_pm(r.ups_mean, r.ups_std)]
         if has_server:
             cells += [
-                fmt(r.pushes, ".0f"),
-                fmt(r.staleness_mean, ".3g"),
-                fmt(r.staleness_p50, ".0f"),
-                fmt(r.staleness_p90, ".0f"),
-                fmt(r.staleness_max, ".0f"),
+                fmt(r.pushes),
+                fmt(r.staleness_mean),
+                fmt(r.staleness_p50),
+                fmt(r.staleness_p90),
+                fmt(r.staleness_max),
                 str(r.lost) if r.histogram else "",
             ]
         if has_time:
-            cells.append(fmt(r.virtual_time, ".4g"))
+            cells.append(fmt(r.virtual_time))
         rows.append(cells)
     blocks: list[Block] = [
         Heading(2, "Asynchronous training"),
@@ -245,11 +246,20 @@ def section(study: Study) -> tuple[list[Block], dict[str, bytes]]:
         ),
         Table(headers, rows),
     ]
-    images: dict[str, bytes] = {}
-    names = list(summary["group"])
-    images[UPDATES_PLOT] = updates_plot(study, names)
-    blocks.append(Image(UPDATES_PLOT, "Primary metric against updates of the evaluated model (mean over seeds)"))
+    figures: dict[str, MplFigure] = {}
+    updates = updates_plot(study, look, list(summary["group"]))
+    if updates is not None:
+        figures[UPDATES_PLOT] = updates
+        blocks.append(
+            Figure(
+                UPDATES_PLOT,
+                "Primary metric against updates of the evaluated model (mean over seeds)",
+                formats,
+            )
+        )
     if has_server:
-        images[STALENESS_PLOT] = staleness_plot(summary)
-        blocks.append(Image(STALENESS_PLOT, "Staleness distribution of the pushes (pooled over seeds)"))
-    return blocks, images
+        figures[STALENESS_PLOT] = staleness_plot(summary, look)
+        blocks.append(
+            Figure(STALENESS_PLOT, "Staleness distribution of the pushes (pooled over seeds)", formats)
+        )
+    return blocks, figures

@@ -9,17 +9,20 @@ communication part: the network model plus any injected delay (``comm.delay``).
 
 from __future__ import annotations
 
-import io
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import pandas as pd
+from matplotlib.figure import Figure as MplFigure
 
+from localsgd.report import graphics
 from localsgd.report.estimates import ClusterEstimates
-from localsgd.report.render import Block, Heading, Image, Paragraph, Table, fmt, fmt_pm
+from localsgd.report.render import Block, Figure, Heading, Paragraph, Table
+from localsgd.report.rounding import fmt, fmt_pm
 from localsgd.report.tables import natural_key
 
-PLOT = "measured_vs_estimated.png"
+PLOT = "measured_vs_estimated"
 BAND = 0.15
 """The plot shades estimates within ±15 % of the measurement."""
 
@@ -55,60 +58,57 @@ def groups(estimates: ClusterEstimates) -> pd.DataFrame:
     return frame.iloc[order].reset_index(drop=True)
 
 
-def plot(frame: pd.DataFrame, cluster: str) -> bytes:
+def plot(frame: pd.DataFrame, cluster: str, look: dict[str, graphics.Style]) -> MplFigure:
     """Measured against estimated training time, one point per group (error bars: std
-    over seeds), log-log, with y = x and a ±15 % band."""
-    from matplotlib import colormaps
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
-
-    fig = Figure(figsize=(10.0, 5.6), layout="constrained")
-    FigureCanvasAgg(fig)
-    ax = fig.subplots()
+    over seeds, on both axes), log-log, with y = x and a ±15 % band; each group in its
+    family's colour and marker, as in every figure of the report."""
+    fig, (owner,) = graphics.stack([graphics.single_size(len(frame))], [], False)
+    ax = owner.subplots()
     low = min(frame["est_total_mean"].min(), frame["measured_total_mean"].min()) / 1.5
     high = max(frame["est_total_mean"].max(), frame["measured_total_mean"].max()) * 1.5
     line = np.geomspace(low, high, 50)
     ax.plot(line, line, color="0.3", linewidth=1, label="measured = estimated")
-    ax.fill_between(line, line * (1 - BAND), line * (1 + BAND), color="0.85", label=f"±{BAND:.0%}")
-    colors = colormaps["tab20"] if len(frame) > 10 else colormaps["tab10"]
-    markers = "osD^vP<>Xh*p"
-    for i, row in enumerate(frame.itertuples(index=False)):
+    ax.fill_between(line, line * (1 - BAND), line * (1 + BAND), color="0.88", label=f"±{BAND:.0%}")
+    several = frame["workload"].nunique() > 1
+    for row in frame.itertuples(index=False):
+        style = look[str(row.group)]
         ax.errorbar(
             row.est_total_mean,
             row.measured_total_mean,
             xerr=_std(row.est_total_std),
             yerr=_std(row.measured_total_std),
-            fmt=markers[i % len(markers)],
-            color=colors(i % colors.N),
+            fmt=style.marker,
+            color=style.color,
             markersize=7,
+            markeredgecolor="white",
+            markeredgewidth=0.7,
             capsize=3,
-            label=f"{row.group}" + (f" ({row.workload})" if frame["workload"].nunique() > 1 else ""),
+            label=f"{row.group}" + (f" ({row.workload})" if several else ""),
         )
     ax.set_xscale("log")
     ax.set_yscale("log")
+    span = np.log10(high / low)
     for axis in (ax.xaxis, ax.yaxis):
-        # Ticks at 1, 2, 5 × 10^k, written as plain numbers.
-        axis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
-        axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-        axis.set_minor_formatter(NullFormatter())
+        graphics.log_ticks(axis, 10, "plain", span)
     ax.set_xlim(low, high)
     ax.set_ylim(low, high)
-    ax.set_xlabel(f"estimated training time on {cluster} (s)")
-    ax.set_ylabel("measured training time (s)")
+    ax.set_xlabel(f"estimated training time on {cluster} (s, log scale)")
+    ax.set_ylabel("measured training time (s, log scale)")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small", frameon=False)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight", facecolor="white")
-    return buf.getvalue()
+    handles, labels = ax.get_legend_handles_labels()
+    graphics.legend(owner, handles, labels, "variant, workers K")
+    fig.suptitle(f"Measured against estimated training time on {cluster} (mean ± std over seeds)")
+    return fig
 
 
 def _std(value: float) -> float:
     return float(value) if np.isfinite(value) else 0.0
 
 
-def section(estimates: ClusterEstimates) -> tuple[list[Block], dict[str, bytes]]:
-    """The report's "measured against estimated" section and its figure, by file name;
+def section(
+    estimates: ClusterEstimates, look: dict[str, graphics.Style], formats: Sequence[str]
+) -> tuple[list[Block], dict[str, MplFigure]]:
+    """The report's "measured against estimated" section and its figure, by file stem;
     nothing when the study has no completed multi-worker run with a real wall time."""
     frame = groups(estimates)
     if frame.empty:
@@ -131,12 +131,12 @@ def section(estimates: ClusterEstimates) -> tuple[list[Block], dict[str, bytes]]
                 str(r.workload),
                 str(r.group),
                 str(r.seeds),
-                fmt_pm(r.measured_total_mean, r.measured_total_std, ".3g"),
-                fmt_pm(r.est_total_mean, r.est_total_std, ".3g"),
-                fmt_pm(r.ratio_mean, r.ratio_std, ".3f"),
-                fmt_pm(r.measured_comm_mean, r.measured_comm_std, ".3g"),
-                fmt(r.est_comm_mean, ".3g"),
-                fmt_pm(r.comm_ratio_mean, r.comm_ratio_std, ".3f"),
+                fmt_pm(r.measured_total_mean, r.measured_total_std),
+                fmt_pm(r.est_total_mean, r.est_total_std),
+                fmt_pm(r.ratio_mean, r.ratio_std),
+                fmt_pm(r.measured_comm_mean, r.measured_comm_std),
+                fmt(r.est_comm_mean),
+                fmt_pm(r.comm_ratio_mean, r.comm_ratio_std),
             ]
             for r in frame.itertuples(index=False)
         ],
@@ -150,7 +150,7 @@ def section(estimates: ClusterEstimates) -> tuple[list[Block], dict[str, bytes]]
             "delay (`comm.delay`, seconds per collective of its scope). Measured communication is the time "
             "spent inside collectives, waiting for slower peers included."
         ),
-        Image(PLOT, f"Measured against estimated training time on {name}"),
+        Figure(PLOT, f"Measured against estimated training time on {name}", formats),
         table,
     ]
-    return blocks, {PLOT: plot(frame, name)}
+    return blocks, {PLOT: plot(frame, name, look)}

@@ -20,7 +20,8 @@ from localsgd.util.checks import (
 )
 
 OPTIMIZERS = ("sgd", "adamw")
-SCHEDULES = ("constant", "step", "cosine", "half_cosine")
+SCHEDULES = ("constant", "step", "cosine", "half_cosine", "linear")
+PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 MAX_BATCH = 2**24
@@ -85,7 +86,9 @@ class ScheduleConfig:
 
     name: str = "constant"
     """``constant``; ``step`` (× ``gamma`` at each milestone); ``cosine`` (to 0 at the end);
-    ``half_cosine`` (constant for the first half, cosine to 0 over the second)."""
+    ``half_cosine`` (constant for the first half, cosine to 0 over the second); ``linear``
+    (linear decay to 0 at the end, from the end of the warmup: the fine-tuning recipe of
+    BERT and of transformers' ``get_linear_schedule_with_warmup``)."""
     milestones: tuple[float, ...] = (0.5, 0.75)
     """``step``: fractions of training at which the rate is multiplied by ``gamma``."""
     gamma: float = 0.1
@@ -93,6 +96,11 @@ class ScheduleConfig:
     warmup_epochs: float = 0.0
     """Gradual warmup: linear from the base rate to the scaled one over W epochs (Goyal et
     al. 2017). 0 disables it."""
+    warmup_steps: int = 0
+    """Warmup from 0 to the peak rate, linear over this many steps (the transformers
+    recipe). Not with ``warmup_epochs`` or ``warmup_ratio``."""
+    warmup_ratio: float = 0.0
+    """The same warmup, over this fraction of the training steps."""
     linear_scaling: bool = False
     """Linear scaling rule: lr = base lr × global batch / ``base_batch``."""
     base_batch: int = 128
@@ -106,6 +114,14 @@ class ScheduleConfig:
             raise ConfigError(f"schedule.milestones must be increasing, got {list(self.milestones)}")
         check_float("schedule.gamma", self.gamma, 0.0, 1.0, low_open=True, high_open=False)
         check_float("schedule.warmup_epochs", self.warmup_epochs, 0.0)
+        check_int("schedule.warmup_steps", self.warmup_steps, 0)
+        check_float("schedule.warmup_ratio", self.warmup_ratio, 0.0, 1.0)
+        given = [k for k in ("warmup_epochs", "warmup_steps", "warmup_ratio") if getattr(self, k) > 0]
+        if len(given) > 1:
+            raise ConfigError(
+                f"schedule: give one of warmup_epochs (from the base rate to the scaled one), "
+                f"warmup_steps or warmup_ratio (from 0), not {' and '.join(given)}"
+            )
         check_bool("schedule.linear_scaling", self.linear_scaling)
         check_int("schedule.base_batch", self.base_batch, 1)
 
@@ -120,8 +136,13 @@ class TrainConfig:
     """Evaluate the consensus model every this many steps (and at the end)."""
     max_steps: int | None = None
     """Stop after this many steps even if the epochs are not done (smoke tests)."""
+    precision: str = "fp32"
+    """``fp32``; ``bf16`` or ``fp16``: the forward pass under autocast in that type (on CPU
+    too), parameters, optimizer and averaging in fp32; ``fp16`` scales the loss with a
+    ``GradScaler`` whose overflow decision every worker shares."""
 
     def __post_init__(self) -> None:
+        check_choice("train.precision", self.precision, PRECISIONS)
         check_float("train.epochs", self.epochs, 0.0, 1e6, low_open=True, high_open=False)
         check_int("train.eval_every", self.eval_every, 1)
         if self.max_steps is not None:

@@ -36,6 +36,7 @@ from localsgd.records.record import (
     now,
 )
 from localsgd.studies import recipes
+from localsgd.studies.precision import with_precision
 from localsgd.studies.schema import RunConfig
 
 log = logging.getLogger(__name__)
@@ -142,8 +143,10 @@ def _train(
     algorithm = config.algorithm_config(steps_per_epoch)
     torch.manual_seed(config.seed)
     model = workload.make_model(config.seed).to(device)
+    trained = with_precision(workload, device, config.train.precision)
+    scaler = getattr(trained, "scaler", None)
     replicas = engine.replicas(
-        workload,
+        trained,
         model,
         rank=rank,
         world_size=world_size,
@@ -247,8 +250,15 @@ def _train(
                 for group in optimizer.param_groups:
                     group["lr"] = lr(step)
                 optimizer.zero_grad()
-                loss_sum = loss_sum + replicas.forward_backward(data)
-                optimizer.step()
+                loss = replicas.forward_backward(data)
+                if scaler is not None:
+                    loss = trained.unscaled(loss)
+                    replicas.unscale_(scaler, dp)  # every worker steps, or none does
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    optimizer.step()
+                loss_sum = loss_sum + loss
                 loss_count += 1
                 step += 1
                 if device.type == "cuda":
