@@ -190,3 +190,23 @@ def test_options_fix_the_process_count_and_stay_out_of_old_run_ids():
     # The id a store written before engine options existed gave this run.
     assert plain.run_id() == hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
     assert plain.run_id() != config("hogwild", 2, {"procs_per_device": 2}).run_id()
+
+
+def test_fp16_is_refused_where_workers_step_without_agreeing_on_overflows():
+    """fp16 needs every worker's verdict on overflows before each step (a collective):
+    Hogwild's helpers and asynchronous workers take none."""
+    message = r"train.precision = 'fp16' needs every worker to agree on overflows"
+    with pytest.raises(ConfigError, match=message):
+        config("hogwild", 2, {"procs_per_device": 2}, train={"epochs": 1, "precision": "fp16"})
+    with pytest.raises(ConfigError, match=message):
+        config(
+            "processes",
+            2,
+            {},
+            algorithm={"name": "async_local_sgd"},
+            train={"epochs": 1, "precision": "fp16"},
+        )
+    assert (
+        config("hogwild", 2, {"procs_per_device": 2}, train={"epochs": 1, "precision": "bf16"}).workers == 2
+    )
+    assert config("processes", 2, {}, train={"epochs": 1, "precision": "fp16"}).train.precision == "fp16"

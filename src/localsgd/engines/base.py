@@ -126,6 +126,11 @@ class Replicas(Protocol):
         """The mean over all K workers of a per-worker value (a collective)."""
         ...
 
+    def mean_loss(self, total: torch.Tensor | float, count: int) -> torch.Tensor | float:
+        """Each worker's mean training loss over its steps since the last call, from the
+        sum of the losses :meth:`forward_backward` returned over ``count`` loop steps."""
+        ...
+
     def evaluate(self) -> dict[str, float]:
         """The workload's metrics of the model in place (the consensus, under
         ``dp.consensus()``); ``{}`` on ranks that do not evaluate."""

@@ -25,7 +25,7 @@ import logging
 import traceback
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -52,6 +52,10 @@ class HogwildOptions:
     devices: int = 1
     """D: devices (one leader process each); their models are combined by the run's
     algorithm over the D leaders. On CPU each "device" is a model in shared memory."""
+
+    steps_without_agreement: ClassVar[bool] = True
+    """The helpers step on their own, without the workers' agreement on fp16 overflows
+    (``Replicas.unscale_``): the run config refuses ``train.precision = "fp16"``."""
 
     def __post_init__(self) -> None:
         check_int("engine_options.procs_per_device", self.procs_per_device, 1, 1024)
@@ -310,6 +314,13 @@ class HogwildReplicas:
             self.control.steps[0] = self.steps
         return loss.detach()
 
+    def unscale_(self, scaler: Any, dp: Any) -> None:
+        # Unreachable from a checked run config (HogwildOptions.steps_without_agreement).
+        raise RuntimeError("the hogwild engine does not train in fp16: its helpers step without a GradScaler")
+
+    def mean_loss(self, total: torch.Tensor | float, count: int) -> torch.Tensor | float:
+        return total / max(count, 1)
+
     def worker_mean(self, value: torch.Tensor, dp: Any) -> float:
         mean = value.double().reshape(1)
         dp.comm.average([mean], record=False)
@@ -358,7 +369,15 @@ class HogwildReplicas:
         return int(self.control.steps.sum()) if self.control is not None else self.steps
 
     def finish(self) -> None:
-        """Wait for the helpers to finish their steps (before the final evaluation)."""
+        """Wait for the helpers to finish their steps (before the final evaluation). Their
+        processes exit afterwards (:meth:`details` reaps them): a process's exit is no part
+        of training, and on a busy machine it takes seconds."""
+        control = self.control
+        if control is not None:
+            self._wait(lambda: control.holding.value >= control.helpers)  # all have left
+            self._check_helpers()
+
+    def _reap(self) -> None:
         for process in self.helpers:
             while process.is_alive():
                 process.join(HOLD_POLL)
@@ -369,6 +388,7 @@ class HogwildReplicas:
         return self.module
 
     def details(self) -> dict[str, Any]:
+        self._reap()  # called once, when the run is over
         return {
             "procs_per_device": self.procs,
             "devices": self.options.devices,

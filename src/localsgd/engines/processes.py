@@ -107,6 +107,9 @@ class ProcessReplica:
     def unscale_(self, scaler: Any, dp: Any) -> None:
         dp.unscale_(scaler)
 
+    def mean_loss(self, total: torch.Tensor | float, count: int) -> torch.Tensor | float:
+        return total / max(count, 1)
+
     def worker_mean(self, value: torch.Tensor, dp: Any) -> float:
         mean = value.double().reshape(1)
         dp.comm.average([mean], record=False)

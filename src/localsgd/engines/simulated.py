@@ -473,6 +473,8 @@ class SimulatedReplicas:
         self.gradients = ReplicaGradients(self.module, workload.loss)
         self.comm: Communicator | None = SimulatedCommunicator(replicas)
         self.asynchrony: Asynchrony | None = None
+        self._loss_steps: torch.Tensor | None = None
+        """Each replica's own steps since the last mean_loss, when some are held still."""
         self.speeds: list[float] = []
         self.total_steps = 0
 
@@ -506,6 +508,8 @@ class SimulatedReplicas:
         streams = [self._stream(k, batch_size, seed) for k in range(self.replicas)]
         self.asynchrony = Asynchrony(server, speeds, server.options.period, total_steps, streams)
         comm.schedule = self.asynchrony
+        if self.asynchrony.masking:
+            self._loss_steps = torch.zeros(self.replicas, device=self.device)
         if self.asynchrony.masking and type(optimizer) is not torch.optim.SGD:
             raise ValueError(
                 "the simulated engine holds some replicas still while others step (unequal worker "
@@ -554,6 +558,12 @@ class SimulatedReplicas:
         buffers = self.module.stacked_buffers()
         saved = [b[still].clone() for b in buffers] if still else []
         losses = self.gradients(batch)
+        if self._loss_steps is not None:
+            # A held replica's loss (of another replica's batch) is none of its own steps.
+            active = torch.ones_like(self._loss_steps)
+            active[still] = 0
+            self._loss_steps += active
+            losses = torch.where(active.to(torch.bool), losses, torch.zeros_like(losses))
         if still:
             with torch.no_grad():
                 for b, rows in zip(buffers, saved):
@@ -596,6 +606,13 @@ class SimulatedReplicas:
     def unscale_(self, scaler: Any, dp: Any) -> None:
         # One scaler sees every replica's gradients: its overflow decision is shared already.
         scaler.unscale_(dp.optimizer)
+
+    def mean_loss(self, total: torch.Tensor | float, count: int) -> torch.Tensor | float:
+        if self._loss_steps is None:
+            return total / max(count, 1)
+        # Held replicas' losses were left out (forward_backward): each over its own steps.
+        steps, self._loss_steps = self._loss_steps, torch.zeros_like(self._loss_steps)
+        return total / steps.clamp_min(1)
 
     def worker_mean(self, value: torch.Tensor, dp: Any) -> float:
         return float(value.double().mean().item())

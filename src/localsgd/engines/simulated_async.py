@@ -210,7 +210,9 @@ class Asynchrony:
             for i in range(period):
                 total += sum(1 for n in batch.lengths.values() if n > i)
                 self.progress.append(total / len(speeds))
-        self.masking = any(len(b.lengths) < len(speeds) or len(set(b.lengths.values())) > 1 for b in self.batches)
+        # Replicas are held still at a step where some worker computes nothing: it is not in
+        # the batch, or its round (its last) is shorter than H.
+        self.masking = any(len(b.lengths) < len(speeds) or min(b.lengths.values()) < period for b in self.batches)
         self.mixed_steps = len(set(speeds)) > 1
 
     @property

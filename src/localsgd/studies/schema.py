@@ -239,13 +239,23 @@ class RunConfig:
         check_choice("fixed", self.fixed, ("worker_batch", "global_batch"))
         algorithm = self.algorithm_config(steps_per_epoch=1)  # validates the algorithm table
         if algorithm.asynchronous and getattr(options, "heterogeneous", False):
-            constant = self.schedule.name == "constant" and self.schedule.warmup_epochs == 0
+            warm = self.schedule.warmup_epochs or self.schedule.warmup_steps or self.schedule.warmup_ratio
+            constant = self.schedule.name == "constant" and not warm
             if self.optimizer.name != "sgd" or not constant:
                 raise ConfigError(
                     "engine_options: simulated workers of unequal speeds under an asynchronous algorithm "
                     "are stepped while others are held still, each at a step of its own, which needs "
                     "optimizer.name = 'sgd' and a constant schedule (schedule.name = 'constant', no warmup)"
                 )
+        # fp16 agrees on overflows with a collective before every step (Replicas.unscale_):
+        # asynchronous workers take no collectives once training has started, and Hogwild's
+        # helper processes step without a GradScaler.
+        alone = algorithm.asynchronous or getattr(options, "steps_without_agreement", False)
+        if self.train.precision == "fp16" and alone:
+            raise ConfigError(
+                "train.precision = 'fp16' needs every worker to agree on overflows before each step, "
+                "which asynchronous algorithms and the hogwild engine do not do; use 'bf16' or 'fp32'"
+            )
         block = getattr(algorithm, "block_size", None)
         if block is not None and self.workers % block:
             raise ConfigError(

@@ -186,7 +186,7 @@ def _train(
 
         def evaluate(*, final: bool = False) -> MetricsRow | None:
             nonlocal loss_sum, loss_count
-            mean = loss_sum / max(loss_count, 1)
+            mean = replicas.mean_loss(loss_sum, loss_count)
             counted = loss_count
             loss_sum, loss_count = 0.0, 0
             if not evaluates:
@@ -239,6 +239,7 @@ def _train(
                 raise Diverged(f"train loss is {train_loss} at step {step}")
             return row
 
+        all_steps = replicas.worker_steps(iterations)
         epoch = 0
         while step < iterations:
             batches = iter(replicas.batches(batch, epoch, config.seed))
@@ -270,8 +271,11 @@ def _train(
                     joining = time.perf_counter()
                     replicas.finish()
                     train_seconds += time.perf_counter() - joining
-                # An asynchronous run's final evaluation waits for every worker (below).
-                if (step % config.train.eval_every == 0 or at_end) and not (deferred and at_end):
+                # An asynchronous run's final evaluation waits for every worker (below); a
+                # simulated schedule's last steps may hold every replica still: no worker
+                # steps after this one, so no evaluation here either.
+                no_more = at_end or replicas.worker_steps(step) >= all_steps
+                if (step % config.train.eval_every == 0 or at_end) and not (deferred and no_more):
                     evaluate()
                 if step >= iterations:
                     break
@@ -305,7 +309,9 @@ def _train(
         },
         final=last,
         counters=Counters(
-            steps=final["steps"],
+            # Less the loop's steps that were no worker's step (a simulated schedule's held
+            # steps): the steps one worker took, as a worker process counts them.
+            steps=final["steps"] - (step - round(replicas.worker_steps(step))),
             syncs=final["syncs"],
             collectives=final["collectives"],
             bytes=final["bytes"],
