@@ -19,6 +19,7 @@ from typing import Any
 
 import pandas as pd
 from matplotlib.figure import Figure as MplFigure
+from matplotlib.ticker import MaxNLocator
 
 from localsgd.records import Store
 from localsgd.report import graphics
@@ -141,6 +142,7 @@ def staleness_plot(summary: pd.DataFrame, look: dict[str, graphics.Style]) -> Mp
             markersize=5,
             label=f"{row.group}" + (f" ({row.workload})" if several else ""),
         )
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # staleness counts updates
     ax.set_xlabel("staleness τ (updates a push did not see)")
     ax.set_ylabel("fraction of pushes")
     ax.grid(True, alpha=0.3)
