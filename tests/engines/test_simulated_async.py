@@ -113,6 +113,11 @@ def test_unequal_speeds_equal_separate_models_pushed_in_virtual_time_order(tmp_p
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["step"] == 10 and rows[-1]["updates"] == 16
     assert [r["step"] for r in rows] == sorted(r["step"] for r in rows)
+    # The train loss is replica 0's over its own steps: none once it has finished (at t = 5).
+    losses = [r["train_loss"] for r in rows]
+    own = [v for v in losses if v is not None]
+    assert losses[-1] is None and len(own) >= 2 and all(v > 0.1 for v in own), losses
+    assert status.counters.steps == 10
 
 
 def test_the_schedule_steps_only_the_workers_whose_rounds_are_due():

@@ -126,9 +126,12 @@ class Replicas(Protocol):
         """The mean over all K workers of a per-worker value (a collective)."""
         ...
 
-    def mean_loss(self, total: torch.Tensor | float, count: int) -> torch.Tensor | float:
-        """Each worker's mean training loss over its steps since the last call, from the
-        sum of the losses :meth:`forward_backward` returned over ``count`` loop steps."""
+    def mean_loss(
+        self, total: torch.Tensor | float, count: int
+    ) -> tuple[torch.Tensor | float, torch.Tensor | int]:
+        """Each worker's mean training loss over its own steps since the last call, and
+        those steps, from the sum of the losses :meth:`forward_backward` returned over
+        ``count`` steps of the training loop."""
         ...
 
     def evaluate(self) -> dict[str, float]:

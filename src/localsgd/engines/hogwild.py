@@ -318,8 +318,10 @@ class HogwildReplicas:
         # Unreachable from a checked run config (HogwildOptions.steps_without_agreement).
         raise RuntimeError("the hogwild engine does not train in fp16: its helpers step without a GradScaler")
 
-    def mean_loss(self, total: torch.Tensor | float, count: int) -> torch.Tensor | float:
-        return total / max(count, 1)
+    def mean_loss(
+        self, total: torch.Tensor | float, count: int
+    ) -> tuple[torch.Tensor | float, torch.Tensor | int]:
+        return total / max(count, 1), count
 
     def worker_mean(self, value: torch.Tensor, dp: Any) -> float:
         mean = value.double().reshape(1)

@@ -107,8 +107,10 @@ class ProcessReplica:
     def unscale_(self, scaler: Any, dp: Any) -> None:
         dp.unscale_(scaler)
 
-    def mean_loss(self, total: torch.Tensor | float, count: int) -> torch.Tensor | float:
-        return total / max(count, 1)
+    def mean_loss(
+        self, total: torch.Tensor | float, count: int
+    ) -> tuple[torch.Tensor | float, torch.Tensor | int]:
+        return total / max(count, 1), count
 
     def worker_mean(self, value: torch.Tensor, dp: Any) -> float:
         mean = value.double().reshape(1)

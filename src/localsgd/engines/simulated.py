@@ -607,12 +607,14 @@ class SimulatedReplicas:
         # One scaler sees every replica's gradients: its overflow decision is shared already.
         scaler.unscale_(dp.optimizer)
 
-    def mean_loss(self, total: torch.Tensor | float, count: int) -> torch.Tensor | float:
+    def mean_loss(
+        self, total: torch.Tensor | float, count: int
+    ) -> tuple[torch.Tensor | float, torch.Tensor | int]:
         if self._loss_steps is None:
-            return total / max(count, 1)
+            return total / max(count, 1), count
         # Held replicas' losses were left out (forward_backward): each over its own steps.
         steps, self._loss_steps = self._loss_steps, torch.zeros_like(self._loss_steps)
-        return total / steps.clamp_min(1)
+        return total / steps.clamp_min(1), steps
 
     def worker_mean(self, value: torch.Tensor, dp: Any) -> float:
         return float(value.double().mean().item())

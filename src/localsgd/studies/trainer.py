@@ -186,7 +186,7 @@ def _train(
 
         def evaluate(*, final: bool = False) -> MetricsRow | None:
             nonlocal loss_sum, loss_count
-            mean = replicas.mean_loss(loss_sum, loss_count)
+            mean, steps = replicas.mean_loss(loss_sum, loss_count)
             counted = loss_count
             loss_sum, loss_count = 0.0, 0
             if not evaluates:
@@ -195,6 +195,7 @@ def _train(
                 # The evaluating worker's own (rank 0's, replica 0's): a mean over workers
                 # would be a collective.
                 train_loss = float(torch.as_tensor(mean).reshape(-1)[0])
+                counted = int(torch.as_tensor(steps).reshape(-1)[0])  # none: no train loss
             else:
                 train_loss = replicas.worker_mean(torch.as_tensor(mean, dtype=torch.float64), dp)
             if final:
