@@ -92,7 +92,7 @@ class OuterStep:
             # bit (one worker is plain SGD exactly).
             mean = list(pushed[0]) if n == 1 else _mean(pushed)
             for t, xm, b in zip(model, mean, base):
-                t.copy_(xm + (t - b))
+                t.sub_(b).add_(xm)  # (θ − base) + x̄: the same rounding as x̄ + (θ − base), in place
             return
         # g = mean_k c_k (base − x_k)
         grad = [torch.zeros_like(t) for t in model]
