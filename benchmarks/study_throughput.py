@@ -23,10 +23,8 @@ Nothing here is asserted: this is a measurement, not a test.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -35,12 +33,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from shared import machine_at_end
 
 from localsgd import workloads
 from localsgd.engines.processes import PROCESSES
 from localsgd.records import Store
 from localsgd.records.record import read_metrics
-from localsgd.studies.runner import execute_run, usable_cores
+from localsgd.studies.runner import execute_run
 from localsgd.studies.schema import RunConfig, run_config
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -153,21 +152,14 @@ def main() -> None:
             f"| {key[2:]} | {s['fresh_mean']:.2f} (median {s['fresh_median']:.2f}) | {s['pool_first']:.2f} | "
             f"{s['pool_later_mean']:.3f} (median {s['pool_later_median']:.3f}) | {s['ratio_mean']:.0f}x | {train:.2f} |"
         )
-    load = os.getloadavg()
     print("\n".join(table))
-    print(f"\n{usable_cores()} cores; load average {load[0]:.1f} at the end (the machine is shared)")
+    machine = machine_at_end()
     out = {
         "command": ["python", "benchmarks/study_throughput.py", *sys.argv[1:]],
         "quick": args.quick,
         "runs_per_k": runs_per_k,
         "steps": steps,
-        "machine": {
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "torch": torch.__version__,
-            "python": platform.python_version(),
-            "cores": usable_cores(),
-            "load_average_at_end": load,
-        },
+        "machine": machine,
         "summary": summary,
         "table": table,
         "results": results,
