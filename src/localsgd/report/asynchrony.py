@@ -55,6 +55,7 @@ def runs_frame(study: Study) -> pd.DataFrame:
                 "run_id": rid,
                 "workload": run.workload,
                 "group": run.group,
+                "workers": int(run.workers),
                 "steps": number(run.final_step),
                 "updates": number(last["updates"]) if last is not None else math.nan,
                 "updates_per_second": number(last["updates_per_second"]) if last is not None else math.nan,
@@ -101,6 +102,7 @@ def groups(frame: pd.DataFrame) -> pd.DataFrame:
             {
                 "workload": workload,
                 "group": group,
+                "workers": int(part["workers"].iloc[0]),
                 "seeds": len(part),
                 "updates": part["updates"].mean(),
                 "ups_mean": part["updates_per_second"].mean(),
@@ -123,32 +125,53 @@ def groups(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def staleness_plot(summary: pd.DataFrame, look: dict[str, graphics.Style]) -> MplFigure:
-    """Fraction of pushes at each staleness, one line per configuration with a server, in
-    its family's colour and marker as in every figure of the report."""
+    """The cumulative distribution of the pushes' staleness (fraction of pushes with τ ≤ x),
+    one line per configuration with a server in its family's colour, marker and line style,
+    one panel per worker count K (staleness scales with K; each panel its own τ range)."""
     part = summary[summary["histogram"].map(bool)]
-    fig, (owner,) = graphics.stack([graphics.single_size(len(part))], [], False)
-    ax = owner.subplots()
+    counts = sorted({int(k) for k in part["workers"]})
+    fig, (owner,) = graphics.stack([graphics.grid_size(len(counts), len(part))], [], False)
+    ncols = min(3, len(counts))
+    axes = owner.subplots(math.ceil(len(counts) / ncols), ncols, squeeze=False, sharey=True).flat
     several = part["workload"].nunique() > 1
-    for row in part.itertuples(index=False):
-        style = look[str(row.group)]
-        total = sum(row.histogram.values())
-        xs = sorted(row.histogram)
-        ax.plot(
-            xs,
-            [row.histogram[x] / total for x in xs],
-            color=style.color,
-            linestyle=style.linestyle,
-            marker=style.marker,
-            markersize=5,
-            label=f"{row.group}" + (f" ({row.workload})" if several else ""),
-        )
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # staleness counts updates
-    ax.set_xlabel("staleness τ (updates a push did not see)")
-    ax.set_ylabel("fraction of pushes")
-    ax.grid(True, alpha=0.3)
-    handles, labels = ax.get_legend_handles_labels()
+    for ax, k in zip(axes, counts):
+        for row in part[part["workers"] == k].itertuples(index=False):
+            style = look[str(row.group)]
+            total = sum(row.histogram.values())
+            xs = sorted(row.histogram)
+            ys = [sum(row.histogram[x] for x in xs[: i + 1]) / total for i in range(len(xs))]
+            ax.step(
+                [0, *xs],
+                [0.0, *ys],
+                where="post",
+                color=style.color,
+                linestyle=style.linestyle,
+                linewidth=1.4,
+                label=f"{row.group}" + (f" ({row.workload})" if several else ""),
+            )
+            ax.plot(
+                xs,
+                ys,
+                linestyle="none",
+                marker=style.marker,
+                markevery=max(1, len(xs) // 10),
+                markersize=3.5,
+                color=style.color,
+            )
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # staleness counts updates
+        ax.set_title(f"K = {k}", fontsize="medium")
+        ax.set_xlabel("staleness τ (updates a push did not see)")
+        ax.grid(True, alpha=0.3)
+    for ax in list(axes)[len(counts) :]:
+        ax.set_visible(False)
+    axes[0].set_ylabel("fraction of pushes with staleness ≤ τ")
+    handles, labels = [], []
+    for ax in list(axes)[: len(counts)]:
+        h, lab = ax.get_legend_handles_labels()
+        handles += h
+        labels += lab
     graphics.legend(owner, handles, labels, "variant, workers K")
-    fig.suptitle("Staleness of the pushes to the parameter server (pooled over seeds)")
+    fig.suptitle("Staleness of the pushes to the parameter server (cumulative, pooled over seeds)")
     return fig
 
 
@@ -262,6 +285,10 @@ def section(
     if has_server:
         figures[STALENESS_PLOT] = staleness_plot(summary, look)
         blocks.append(
-            Figure(STALENESS_PLOT, "Staleness distribution of the pushes (pooled over seeds)", formats)
+            Figure(
+                STALENESS_PLOT,
+                "Staleness distribution of the pushes (cumulative, pooled over seeds)",
+                formats,
+            )
         )
     return blocks, figures
