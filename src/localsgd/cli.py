@@ -223,7 +223,9 @@ def report(
         str,
         typer.Option("--format", help="Figure files to write, comma-separated: png, pdf, svg."),
     ] = "png,pdf,svg",
-    dpi: Annotated[int, typer.Option(help="Resolution of the PNG figures (dots per inch, 50 to 1200).")] = 200,
+    dpi: Annotated[
+        int, typer.Option(help="Resolution of the PNG figures (dots per inch, 50 to 1200).")
+    ] = 200,
 ) -> None:
     """Tables (mean ± std over seeds), figures, report.md, report.html and results.xlsx from the store alone."""
     from localsgd.report import make_report
