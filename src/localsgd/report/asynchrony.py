@@ -130,7 +130,8 @@ def staleness_plot(summary: pd.DataFrame, look: dict[str, graphics.Style]) -> Mp
     one panel per worker count K (staleness scales with K; each panel its own τ range)."""
     part = summary[summary["histogram"].map(bool)]
     counts = sorted({int(k) for k in part["workers"]})
-    fig, (owner,) = graphics.stack([graphics.grid_size(len(counts), len(part))], [], False)
+    title = "Staleness of the pushes to the parameter server (cumulative, pooled over seeds)"
+    fig, (owner,) = graphics.stack([graphics.grid_size(len(counts), len(part))], [], False, title)
     ncols = min(3, len(counts))
     axes = owner.subplots(math.ceil(len(counts) / ncols), ncols, squeeze=False, sharey=True).flat
     several = part["workload"].nunique() > 1
@@ -171,7 +172,6 @@ def staleness_plot(summary: pd.DataFrame, look: dict[str, graphics.Style]) -> Mp
         handles += h
         labels += lab
     graphics.legend(owner, handles, labels, "variant, workers K")
-    fig.suptitle("Staleness of the pushes to the parameter server (cumulative, pooled over seeds)")
     return fig
 
 
@@ -199,7 +199,8 @@ def updates_plot(study: Study, look: dict[str, graphics.Style], groups_shown: li
     if not panels:
         return None
     sizes = [graphics.single_size(len(lines)) for _, _, lines in panels]
-    fig, owners = graphics.stack(sizes, [p[0] for p in panels], len(panels) > 1)
+    title = "Primary metric against updates of the evaluated model (mean over seeds)"
+    fig, owners = graphics.stack(sizes, [p[0] for p in panels], len(panels) > 1, title)
     for owner, (_, metric, lines) in zip(owners, panels):
         ax = owner.subplots()
         low, high = math.inf, 0.0
@@ -222,7 +223,6 @@ def updates_plot(study: Study, look: dict[str, graphics.Style], groups_shown: li
         ax.grid(True, which="both", alpha=0.3)
         handles, labels = ax.get_legend_handles_labels()
         graphics.legend(owner, handles, labels, "variant, workers K")
-    fig.suptitle("Primary metric against updates of the evaluated model (mean over seeds)")
     return fig
 
 
