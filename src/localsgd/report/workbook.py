@@ -56,6 +56,8 @@ COLUMNS: dict[str, tuple[str, str]] = {
     "train_loss": ("", "train loss, mean over workers since the previous evaluation"),
     "wall_seconds": ("s", "training wall time, evaluation excluded"),
     "samples_per_second": ("samples/s", "training samples of all workers per second of wall time"),
+    "updates": ("updates", "updates the evaluated model received (every Hogwild process's step, a server's updates)"),
+    "updates_per_second": ("updates/s", "updates per second of training wall time"),
     "bytes": ("B", "communication payload per worker, cumulative"),
     "syncs": ("syncs", "communication rounds (blank for K=1: one worker communicates nothing)"),
     "collectives": ("collectives", "collective operations per worker, cumulative"),
@@ -112,7 +114,7 @@ SCOPE_COUNTERS = {
 INTEGERS = {
     "workers", "batch_size", "n_seeds", "evaluations", "final_step", "step", "syncs", "collectives",
     "completed", "failed", "diverged", "unreadable", "runs", "period", "est_target_reached", "seed",
-    "est_target_step", "samples", "final_samples", "bytes",
+    "est_target_step", "samples", "final_samples", "bytes", "updates",
 }  # fmt: skip
 
 
