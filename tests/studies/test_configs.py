@@ -57,7 +57,7 @@ lr = 0.05
         ({"schedule": {"name": "exponential"}}, r"schedule\.name must be one of"),
         ({"schedule": {"milestones": [0.8, 0.5]}}, r"schedule\.milestones must be increasing"),
         ({"schedule": {"milestones": 0.5}}, r"schedule\.milestones must be a list"),
-        ({"engine": "threads"}, r"engine must be one of \['processes', 'simulated'\]"),
+        ({"engine": "threads"}, r"engine must be one of \['hogwild', 'processes', 'simulated'\]"),
         (
             {"algorithm": {"name": "local_sgd", "period": 0}},
             r"algorithm: local_sgd\.period must be an integer >= 1",
