@@ -53,9 +53,9 @@ def make_batches(k: int, b: int, count: int) -> list[dict[str, torch.Tensor]]:
 Step = Callable[[dict[str, torch.Tensor]], None]
 
 
-def simulated_runner(template: nn.Module, k: int, loss: Callable) -> Step:
+def simulated_runner(template: nn.Module, k: int, loss: Callable, fused: bool = True) -> Step:
     stacked = StackedModel(template, k)
-    grads = ReplicaGradients(stacked, loss)
+    grads = ReplicaGradients(stacked, loss, fused=fused)
     opt = torch.optim.SGD(stacked.parameters(), lr=0.05, momentum=0.9)
     dp = localsgd.DataParallel(
         stacked, opt, algorithms.LocalSGD(period=PERIOD), comm=SimulatedCommunicator(k), flat=False

@@ -273,17 +273,28 @@ def explicit_batchnorm(module: nn.Module) -> nn.Module:
 class ReplicaGradients:
     """Per-replica losses and gradients of a :class:`StackedModel`, all replicas at once.
 
-    ``vmap(grad_and_value(...))`` over ``functional_call``; BatchNorm running statistics
+    Three paths, the first that fits: ``fused`` (:mod:`localsgd.engines.fused`: the model
+    run once on the concatenated batch with stacked layers, for models built of common
+    layers; checked once against the reference on the first batch), ``vmap``
+    (``vmap(grad_and_value(...))`` over ``functional_call``, any model ``vmap`` handles),
+    ``loop`` (the same functional code replica by replica). BatchNorm running statistics
     are updated in place, per replica. A batch is any nest of tensors stacked along a
-    leading replica dimension. A model ``vmap`` cannot handle falls back to a loop over the
-    replicas with the same functional code, and says why once.
+    leading replica dimension. ``groups``: the replicas form that many equal groups (the
+    trials of :class:`TrialReplicas`); a call returns ``[groups, n]`` losses whose mean
+    over dimension 1 is each group's mean loss. ``fused=False`` never takes the fused path.
     """
 
-    def __init__(self, stacked: StackedModel, loss_fn: LossFn) -> None:
+    def __init__(self, stacked: StackedModel, loss_fn: LossFn, *, fused: bool = True, groups: int = 1) -> None:
         from torch.func import functional_call, grad_and_value, vmap
 
+        from localsgd.engines import fused as fusion
+
+        if groups < 1 or stacked.replicas % groups:
+            raise ValueError(f"groups must divide the {stacked.replicas} replicas, got {groups}")
         self.stacked = stacked
+        self.groups = groups
         module = _Loss(explicit_batchnorm(stacked.module), loss_fn)
+        self._reference_module = module
         names = [f"model.{n}" for n in stacked.param_names]
         buffer_names = [f"model.{n}" for n in stacked.buffer_names]
 
@@ -298,9 +309,75 @@ class ReplicaGradients:
         self.vectorized = True
         self._proven = False
         self.fallback_reason: str | None = None
+        self._fused: fusion.FusedGradients | None = None
+        self._fused_checked = False
+        self.fused_reason: str | None = "fused=False" if not fused else fusion.unsupported(stacked.module)
+        if self.fused_reason is None:
+            self._fused = fusion.FusedGradients(
+                stacked.module,
+                stacked.replicas,
+                stacked.param_names,
+                list(stacked.stacked),
+                stacked.buffer_names,
+                stacked.stacked_buffers(),
+                loss_fn,
+                groups,
+            )
+
+    @property
+    def path(self) -> str:
+        """``fused``, ``vmap`` or ``loop``: how gradients are computed now."""
+        if self._fused is not None:
+            return "fused"
+        return "vmap" if self.vectorized else "loop"
 
     def __call__(self, batch: Any) -> torch.Tensor:
-        """Set every stacked parameter's ``.grad``; return the ``[K]`` losses."""
+        """Set every stacked parameter's ``.grad``; return the ``[groups, n]`` losses."""
+        if self._fused is not None and not self._fused_checked:
+            self._check_fused(batch)
+        if self._fused is not None:
+            return self._fused(batch)
+        grads, losses = self._functional(batch)
+        for p, g in zip(self.stacked.stacked, grads):
+            p.grad = g
+        return losses.detach().view(self.groups, -1)
+
+    def _check_fused(self, batch: Any) -> None:
+        """Compare the fused path with the reference on ``batch`` (dropout off, running
+        statistics restored after), and keep it only when they agree."""
+        assert self._fused is not None
+        self._fused_checked = True
+        buffers = self.stacked.stacked_buffers()
+        saved = [b.clone() for b in buffers]
+        dropouts = [
+            m
+            for root in (self._fused.model, self._reference_module)
+            for m in root.modules()
+            if isinstance(m, nn.modules.dropout._DropoutNd) and m.training
+        ]
+        problem: str | None = None
+        try:
+            for m in dropouts:
+                m.eval()
+            grads, losses = self._functional(batch)
+            _restore(buffers, saved)
+            fused_losses = self._fused(batch, replica_losses=True).flatten()
+            problem = _mismatch("loss", fused_losses, losses.detach())
+            for name, p, g in zip(self.stacked.param_names, self.stacked.stacked, grads):
+                problem = problem or _mismatch(f"gradient of {name}", p.grad, g)
+        except Exception as exc:
+            problem = f"{type(exc).__name__}: {exc}"
+        finally:
+            for m in dropouts:
+                m.train()
+            _restore(buffers, saved)
+        if problem is not None:
+            self._fused = None
+            self.fused_reason = f"fused path disagrees with {self.path}: {problem}"
+            log.warning("simulated engine: %s; using %s", self.fused_reason, self.path)
+
+    def _functional(self, batch: Any) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+        """Gradients and ``[K]`` losses through ``vmap``, or the loop when ``vmap`` fails."""
         params = tuple(p.detach() for p in self.stacked.stacked)
         buffers = tuple(self.stacked.stacked_buffers())
         vmap_error: Exception | None = None
@@ -310,35 +387,45 @@ class ReplicaGradients:
             try:
                 grads, losses = self._all(params, buffers, batch)
                 self._proven = True
+                return grads, losses
             except Exception as exc:
                 if saved is None:
                     raise  # vmap worked before: this is a real error, not a vmap limitation
-                with torch.no_grad():
-                    for b, s in zip(buffers, saved):
-                        b.copy_(s)
+                _restore(buffers, saved)
                 vmap_error = exc
                 self.vectorized = False
                 self.fallback_reason = f"{type(exc).__name__}: {exc}"
                 log.warning(
                     "simulated engine: vmap failed (%s); looping over replicas instead", self.fallback_reason
                 )
-        if not self.vectorized:
-            try:
-                results = [
-                    self._one(
-                        tuple(p[k] for p in params),
-                        tuple(b[k] for b in buffers),
-                        map_nest(functools.partial(_row, k=k), batch),
-                    )
-                    for k in range(self.stacked.replicas)
-                ]
-            except Exception as exc:
-                raise exc from vmap_error  # not a vmap limitation after all: show both
-            grads = tuple(torch.stack([g[i] for g, _ in results]) for i in range(len(params)))
-            losses = torch.stack([v for _, v in results])
-        for p, g in zip(self.stacked.stacked, grads):
-            p.grad = g
-        return losses.detach()
+        try:
+            results = [
+                self._one(
+                    tuple(p[k] for p in params),
+                    tuple(b[k] for b in buffers),
+                    map_nest(functools.partial(_row, k=k), batch),
+                )
+                for k in range(self.stacked.replicas)
+            ]
+        except Exception as exc:
+            raise exc from vmap_error  # not a vmap limitation after all: show both
+        grads = tuple(torch.stack([g[i] for g, _ in results]) for i in range(len(params)))
+        return grads, torch.stack([v for _, v in results])
+
+
+def _restore(tensors: Sequence[torch.Tensor], saved: Sequence[torch.Tensor]) -> None:
+    with torch.no_grad():
+        for t, s in zip(tensors, saved):
+            t.copy_(s)
+
+
+def _mismatch(what: str, got: torch.Tensor | None, want: torch.Tensor) -> str | None:
+    """None when ``got`` equals ``want`` to float32 rounding, else what differs."""
+    if got is None:
+        return f"{what}: none"
+    scale = float(want.abs().max()) if want.numel() else 0.0
+    diff = float((got - want).abs().max()) if want.numel() else 0.0
+    return None if diff <= 1e-4 * scale + 1e-6 else f"{what} differs by {diff:.3g} (scale {scale:.3g})"
 
 
 def _row(t: torch.Tensor, k: int) -> torch.Tensor:
@@ -416,7 +503,7 @@ class SimulatedReplicas:
             yield zip_nests(torch.stack, list(group))
 
     def forward_backward(self, batch: Any) -> torch.Tensor:
-        return self.gradients(batch)
+        return self.gradients(batch).flatten()
 
     def unscale_(self, scaler: Any, dp: Any) -> None:
         # One scaler sees every replica's gradients: its overflow decision is shared already.
@@ -434,8 +521,10 @@ class SimulatedReplicas:
 
     def details(self) -> dict[str, Any]:
         out: dict[str, Any] = {
-            "vectorized": self.gradients.vectorized,
+            "vectorized": self.gradients.path != "loop",
+            "path": self.gradients.path,
             "fallback_reason": self.gradients.fallback_reason,
+            "fused_reason": self.gradients.fused_reason,
         }
         if self.delay:
             out["delay_not_waited"] = self.delay  # seconds per collective, by scope
