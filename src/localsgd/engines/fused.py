@@ -29,6 +29,7 @@ when the check fails: a model whose ``forward`` mixes samples, a loss that sums.
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -170,9 +171,9 @@ class FusedConv(nn.Module):
     def __init__(self, layout: Layout, conv: nn.Conv1d | nn.Conv2d, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         super().__init__()
         self.layout = layout
-        self.tensors = [weight, bias]
-        self.conv = F.conv1d if isinstance(conv, nn.Conv1d) else F.conv2d
-        self.options = {
+        self.tensors: list[torch.Tensor | None] = [weight, bias]
+        self.conv: Any = F.conv1d if isinstance(conv, nn.Conv1d) else F.conv2d
+        self.options: dict[str, Any] = {
             "stride": conv.stride,
             "padding": conv.padding,
             "dilation": conv.dilation,
@@ -181,10 +182,10 @@ class FusedConv(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight, bias = self.tensors
-        k = self.layout.k
-        w = weight.reshape(k * weight.shape[1], *weight.shape[2:])
+        assert weight is not None
+        w = weight.reshape(-1, *weight.shape[2:])  # [K·C_out, C_in / groups, ...]
         b = None if bias is None else bias.reshape(-1)
-        out = self.conv(self.layout.to_channels(x), w, b, **self.options)  # type: ignore[operator]
+        out = self.conv(self.layout.to_channels(x), w, b, **self.options)
         return self.layout.from_channels(out)
 
 
@@ -265,8 +266,10 @@ def fused_model(
         if not isinstance(module, STACKED):
             continue
 
-        def tensor(field: str, source: dict[str, torch.Tensor] = params) -> torch.Tensor | None:
-            return source.get(f"{name}.{field}" if name else field)
+        def tensor(
+            field: str, source: dict[str, torch.Tensor] = params, prefix: str = name
+        ) -> torch.Tensor | None:
+            return source.get(f"{prefix}.{field}" if prefix else field)
 
         fused: nn.Module
         if isinstance(module, nn.Linear):
@@ -296,6 +299,11 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
         raise ValueError("the model itself is a single stacked layer; wrap it in nn.Sequential")
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+def _rows(t: torch.Tensor, g: int, per: int) -> torch.Tensor:
+    """Replicas ``g·per ... g·per + per - 1`` of a stacked ``[K, B, ...]``, concatenated."""
+    return t[g * per : (g + 1) * per].flatten(0, 1)
 
 
 class _Replay(nn.Module):
@@ -359,10 +367,7 @@ class FusedGradients:
             # Each group's loss is the loss of its own samples (replica-major on both
             # sides): the model is not run again.
             losses = [
-                self.loss_fn(
-                    _Replay(out[g * per : (g + 1) * per].flatten(0, 1)),
-                    map_nest(lambda t, g=g: t[g * per : (g + 1) * per].flatten(0, 1), batch),
-                )
+                self.loss_fn(_Replay(_rows(out, g, per)), map_nest(functools.partial(_rows, g=g, per=per), batch))
                 for g in range(parts)
             ]
         return torch.stack(losses).detach().reshape(parts, 1)

@@ -80,15 +80,23 @@ class SimulatedCommunicator:
     """The communicator of K stacked replicas: ``average`` is a mean over dimension 0
     (within blocks of G consecutive replicas for a block scope).
 
+    ``groups`` > 1: the stacked replicas are that many independent worlds of K each (the
+    trials of :class:`TrialReplicas`), consecutive along dimension 0; every collective
+    stays inside its world, and ``world_size`` is K.
+
     Counters match the process engine's per-rank counters: one collective per dtype per
     call, ``bytes`` = one replica's payload. ``seconds`` is the time the mean took here,
     not a network time (the cost model estimates that).
     """
 
-    def __init__(self, replicas: int) -> None:
+    def __init__(self, replicas: int, groups: int = 1) -> None:
         if replicas < 1:
             raise ValueError(f"replicas must be >= 1, got {replicas}")
+        if groups < 1:
+            raise ValueError(f"groups must be >= 1, got {groups}")
         self._k = replicas
+        self._worlds = groups
+        self._stacked = replicas * groups
         self._stats = CommStats()
 
     @property
@@ -110,10 +118,10 @@ class SimulatedCommunicator:
     def _groups(self, tensors: Sequence[torch.Tensor]) -> Iterator[tuple[list[torch.Tensor], int]]:
         for members in group_by_dtype(tensors).values():
             for t in members:
-                if t.dim() == 0 or t.shape[0] != self._k:
+                if t.dim() == 0 or t.shape[0] != self._stacked:
                     raise ValueError(
                         f"simulated engine: expected tensors stacked along a leading replica "
-                        f"dimension of {self._k}, got shape {tuple(t.shape)}"
+                        f"dimension of {self._stacked}, got shape {tuple(t.shape)}"
                     )
             yield members, sum(t[0].numel() * t.element_size() for t in members)
 
@@ -126,9 +134,9 @@ class SimulatedCommunicator:
             return  # as the process engine: a group of one exchanges and counts nothing
         for members, nbytes in self._groups(tensors):
             start = time.perf_counter()
-            span = replica_span(members, self._k)
+            span = replica_span(members, self._stacked)
             for view in [span] if span is not None else members:
-                blocks = view.unflatten(0, (self._k // size, size))
+                blocks = view.unflatten(0, (self._stacked // size, size))
                 blocks.copy_(blocks.mean(1, keepdim=True).expand_as(blocks))
             if record:
                 self._stats.record(scope.label(), nbytes, time.perf_counter() - start)
@@ -140,7 +148,8 @@ class SimulatedCommunicator:
         for members, nbytes in self._groups(tensors):
             start = time.perf_counter()
             for t in members:
-                t.copy_(t[src : src + 1].expand_as(t))
+                worlds = t.unflatten(0, (self._worlds, self._k))
+                worlds.copy_(worlds[:, src : src + 1].expand_as(worlds))
             if record:
                 self._stats.record("world", nbytes, time.perf_counter() - start)
 
@@ -438,7 +447,7 @@ class SimulatedEngine:
     info = EngineInfo(
         "simulated",
         real_wall_time=False,
-        description="K replicas batched in one process (vmap), the semantics of K worker processes",
+        description="K replicas batched in one process (fused stacked layers, or vmap), the semantics of K worker processes",
     )
 
     def processes(self, workers: int) -> int:
@@ -462,6 +471,22 @@ class SimulatedEngine:
         delay: Mapping[str, float] | None = None,
     ) -> Replicas:
         return SimulatedReplicas(workload, model, workers, device, delay)
+
+    def trial_replicas(
+        self,
+        workload: Any,
+        models: Sequence[nn.Module],
+        *,
+        workers: int,
+        seeds: Sequence[int],
+        device: torch.device,
+        delay: Mapping[str, float] | None = None,
+    ) -> Any:
+        """R trials of ``workers`` replicas each in this process, one per model and seed
+        (:class:`~localsgd.engines.trials.TrialReplicas`)."""
+        from localsgd.engines.trials import TrialReplicas
+
+        return TrialReplicas(workload, models, workers, seeds, device, delay)
 
 
 class SimulatedReplicas:
@@ -520,15 +545,21 @@ class SimulatedReplicas:
         return self.module.load_replica_into_template(0)
 
     def details(self) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "vectorized": self.gradients.path != "loop",
-            "path": self.gradients.path,
-            "fallback_reason": self.gradients.fallback_reason,
-            "fused_reason": self.gradients.fused_reason,
-        }
-        if self.delay:
-            out["delay_not_waited"] = self.delay  # seconds per collective, by scope
-        return out
+        return replica_details(self.gradients, self.delay)
+
+
+def replica_details(gradients: ReplicaGradients, delay: Mapping[str, float]) -> dict[str, Any]:
+    """What a run's status says about stacked replicas: how gradients were computed (and
+    why not fused, or not vectorized), and any delay that was recorded, not waited."""
+    out: dict[str, Any] = {
+        "vectorized": gradients.path != "loop",
+        "path": gradients.path,
+        "fallback_reason": gradients.fallback_reason,
+        "fused_reason": gradients.fused_reason,
+    }
+    if delay:
+        out["delay_not_waited"] = dict(delay)  # seconds per collective, by scope
+    return out
 
 
 SIMULATED = register(SimulatedEngine())

@@ -135,10 +135,7 @@ def _train(
     primary = workloads.metric(workload)
     workers = config.workers
     batch = config.data.batch_size
-    steps_per_epoch = workload.steps_per_epoch(workers, batch)
-    total_steps = math.ceil(config.train.epochs * steps_per_epoch)
-    if config.train.max_steps is not None:
-        total_steps = min(total_steps, config.train.max_steps)
+    steps_per_epoch, total_steps = plan(config, workload)
     algorithm = config.algorithm_config(steps_per_epoch)
     torch.manual_seed(config.seed)
     model = workload.make_model(config.seed).to(device)
@@ -178,32 +175,20 @@ def _train(
             loss_sum, loss_count = 0.0, 0
             with dp.consensus():
                 scores = replicas.evaluate()
-            stats = dp.stats
-            row = MetricsRow(
+            row = metrics_row(
+                workload,
+                dp.stats,
                 step=step,
-                epoch=step / steps_per_epoch,
-                samples=step * global_batch,
-                wall_seconds=train_seconds,
+                steps_per_epoch=steps_per_epoch,
+                global_batch=global_batch,
+                train_seconds=train_seconds,
                 lr=optimizer.param_groups[0]["lr"],
                 train_loss=train_loss if counted else None,
-                metrics={m.name: _float(scores.get(m.name)) for m in workload.metrics},
-                bytes=stats["bytes"],
-                syncs=stats["syncs"],
-                collectives=stats["collectives"],
-                comm_seconds=stats["comm_seconds"],
-                by_scope=stats["by_scope"],
+                scores=scores,
             )
             writer.row(row)
             if rank == 0:
-                shown = primary.show(row.metrics.get(primary.name))
-                log.info(
-                    "rank 0 step %d epoch %.2f: train loss %.4f, %s %s",
-                    step,
-                    row.epoch,
-                    train_loss,
-                    primary.title,
-                    shown,
-                )
+                log_row(row, primary, "rank 0")
             if not math.isfinite(train_loss):
                 # Every rank sees the same averaged loss, so all stop together.
                 raise Diverged(f"train loss is {train_loss} at step {step}")
@@ -240,14 +225,97 @@ def _train(
                     break
             epoch += 1
         # Leaving the block puts the consensus model on every rank.
-    final = dp.stats
     if writer.run_dir is not None:
-        tmp = writer.run_dir / ".checkpoint.pt.tmp"
-        torch.save(
-            {"model": replicas.final_model().state_dict(), "config": config.to_dict(), "step": step}, tmp
-        )
-        os.replace(tmp, writer.run_dir / "checkpoint.pt")
-    rows = writer.rows
+        save_checkpoint(writer.run_dir, replicas.final_model(), config, step)
+    return completed_status(
+        workload,
+        writer.rows,
+        dp.stats,
+        step=step,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total_steps,
+        global_batch=global_batch,
+        train_seconds=train_seconds,
+        algorithm=algorithm.to_dict(),
+        engine=engine.info,
+        details=replicas.details(),
+    )
+
+
+# -- what every training loop shares (this one, and trials batched in one process) ---------
+
+
+def plan(config: RunConfig, workload: workloads.Workload) -> tuple[int, int]:
+    """Steps per epoch and the run's total steps."""
+    steps_per_epoch = workload.steps_per_epoch(config.workers, config.data.batch_size)
+    total_steps = math.ceil(config.train.epochs * steps_per_epoch)
+    if config.train.max_steps is not None:
+        total_steps = min(total_steps, config.train.max_steps)
+    return steps_per_epoch, total_steps
+
+
+def metrics_row(
+    workload: workloads.Workload,
+    stats: dict[str, Any],
+    *,
+    step: int,
+    steps_per_epoch: int,
+    global_batch: int,
+    train_seconds: float,
+    lr: float,
+    train_loss: float | None,
+    scores: dict[str, float],
+) -> MetricsRow:
+    """One evaluation's row of the metrics stream."""
+    return MetricsRow(
+        step=step,
+        epoch=step / steps_per_epoch,
+        samples=step * global_batch,
+        wall_seconds=train_seconds,
+        lr=lr,
+        train_loss=train_loss,
+        metrics={m.name: _float(scores.get(m.name)) for m in workload.metrics},
+        bytes=stats["bytes"],
+        syncs=stats["syncs"],
+        collectives=stats["collectives"],
+        comm_seconds=stats["comm_seconds"],
+        by_scope=stats["by_scope"],
+    )
+
+
+def log_row(row: MetricsRow, primary: Any, who: str) -> None:
+    log.info(
+        "%s step %d epoch %.2f: train loss %.4f, %s %s",
+        who,
+        row.step,
+        row.epoch,
+        row.train_loss if row.train_loss is not None else math.nan,
+        primary.title,
+        primary.show(row.metrics.get(primary.name)),
+    )
+
+
+def save_checkpoint(run_dir: Path, model: torch.nn.Module, config: RunConfig, step: int) -> None:
+    tmp = run_dir / ".checkpoint.pt.tmp"
+    torch.save({"model": model.state_dict(), "config": config.to_dict(), "step": step}, tmp)
+    os.replace(tmp, run_dir / "checkpoint.pt")
+
+
+def completed_status(
+    workload: workloads.Workload,
+    rows: list[MetricsRow],
+    final: dict[str, Any],
+    *,
+    step: int,
+    steps_per_epoch: int,
+    total_steps: int,
+    global_batch: int,
+    train_seconds: float,
+    algorithm: dict[str, Any],
+    engine: Any,
+    details: dict[str, Any],
+) -> Status:
+    """The status of a run that trained to the end; ``final``: its last counters."""
     last = rows[-1] if rows else None
     return Status(
         version=RECORD_VERSION,
@@ -273,9 +341,9 @@ def _train(
         steps_per_epoch=steps_per_epoch,
         total_steps=total_steps,
         global_batch=global_batch,
-        algorithm=algorithm.to_dict(),
-        engine=engine.info,
-        details=replicas.details(),
+        algorithm=algorithm,
+        engine=engine,
+        details=details,
     )
 
 
