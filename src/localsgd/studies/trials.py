@@ -249,7 +249,7 @@ def _train(
             global_batch=global_batch,
             train_seconds=train_seconds,
             algorithm=algorithm.to_dict(),
-            engine=engine.info,  # type: ignore[attr-defined]
+            engine=engine.info,
             details=details,
         )
         writer.status(status)
