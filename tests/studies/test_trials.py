@@ -3,7 +3,6 @@ what they share, recorded as runs of their own."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import pytest

@@ -359,10 +359,11 @@ class FusedGradients:
                 "tensor; the fused path needs one call returning a tensor"
             )
         parts = self.k if replica_losses else self.groups
+        output = self._outputs.pop().detach()
         if parts == 1:
             return loss.detach().reshape(1, 1)
         with torch.no_grad():
-            out = self.layout.split(self._outputs[0].detach())  # [K, B, ...]
+            out = self.layout.split(output)  # [K, B, ...]
             per = self.k // parts
             # Each group's loss is the loss of its own samples (replica-major on both
             # sides): the model is not run again.

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from localsgd import engines, workloads
+from localsgd import algorithms, engines, workloads
 from localsgd.distributed import resolve_device
 from localsgd.records.record import ErrorInfo, RunWriter, Status, failed_status
 from localsgd.records.store import Store
@@ -58,7 +58,7 @@ def batch_key(config: RunConfig) -> str | None:
     if config.optimizer.name != "sgd" or config.train.precision != "fp32":
         return None
     data = config.to_dict()
-    shared_rate = bool(getattr(config.algorithm_config(1), "READS_INNER_LR", False))
+    shared_rate = algorithms.get(config.algorithm.get("name")).READS_INNER_LR
     for dotted in TRIAL_FIELDS:
         if shared_rate and dotted in ("optimizer.lr", "schedule"):
             continue
