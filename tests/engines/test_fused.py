@@ -76,7 +76,7 @@ def test_fused_equals_separate_models_and_vmap(name):
         loss_f = fused(batch)
         loss_v = vmapped(batch)
         losses = []
-        for i, (m, opt) in enumerate(zip(models, opts)):
+        for i, m in enumerate(models):
             loss = xent(m, {"x": batch["x"][i], "y": batch["y"][i]})
             loss.backward()
             losses.append(loss.item())
