@@ -30,14 +30,17 @@ from __future__ import annotations
 
 import copy
 import functools
+import logging
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from localsgd.util.nest import map_nest
+
+log = logging.getLogger(__name__)
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 
@@ -306,15 +309,18 @@ def _rows(t: torch.Tensor, g: int, per: int) -> torch.Tensor:
     return t[g * per : (g + 1) * per].flatten(0, 1)
 
 
-class _Replay(nn.Module):
+def _replay(output: torch.Tensor) -> nn.Module:
+    return cast(nn.Module, _Replay(output))  # the loss only calls its model
+
+
+class _Replay:
     """Returns a given output whatever it is called with: replays part of the fused
-    model's output to the workload's loss."""
+    model's output to the workload's loss (which only calls its model)."""
 
     def __init__(self, output: torch.Tensor) -> None:
-        super().__init__()
         self.output = output
 
-    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+    def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         return self.output
 
 
@@ -341,6 +347,8 @@ class FusedGradients:
             template, replicas, dict(zip(param_names, params)), dict(zip(buffer_names, buffers))
         )
         self.loss_fn = loss_fn
+        self._vmap_parts = True
+        self._vmapped_loss = torch.func.vmap(lambda out, part: loss_fn(_replay(out), part))
         self._outputs: list[Any] = []
         self.model.register_forward_hook(lambda module, args, output: self._outputs.append(output))
 
@@ -364,11 +372,27 @@ class FusedGradients:
             return loss.detach().reshape(1, 1)
         with torch.no_grad():
             out = self.layout.split(output)  # [K, B, ...]
-            per = self.k // parts
-            # Each group's loss is the loss of its own samples (replica-major on both
-            # sides): the model is not run again.
-            losses = [
-                self.loss_fn(_Replay(_rows(out, g, per)), map_nest(functools.partial(_rows, g=g, per=per), batch))
+            losses = self._part_losses(out, batch, parts)
+        return losses.detach().reshape(parts, 1)
+
+    def _part_losses(self, out: torch.Tensor, batch: Any, parts: int) -> torch.Tensor:
+        """The loss of each of ``parts`` equal groups of replicas from the model's output
+        ``[K, B, ...]`` (the model is not run again): ``vmap`` over the groups, or a loop
+        when the loss cannot be vmapped."""
+        per = self.k // parts
+
+        def grouped(t: torch.Tensor) -> torch.Tensor:
+            return t.reshape(parts, per * t.shape[1], *t.shape[2:])  # replica-major in each group
+
+        if self._vmap_parts:
+            try:
+                return self._vmapped_loss(out.reshape(parts, -1, *out.shape[2:]), map_nest(grouped, batch))
+            except Exception as exc:  # a loss vmap cannot trace: one call per group instead
+                log.debug("fused path: group losses by a loop (%s: %s)", type(exc).__name__, exc)
+                self._vmap_parts = False
+        return torch.stack(
+            [
+                self.loss_fn(_replay(_rows(out, g, per)), map_nest(functools.partial(_rows, g=g, per=per), batch))
                 for g in range(parts)
             ]
-        return torch.stack(losses).detach().reshape(parts, 1)
+        )

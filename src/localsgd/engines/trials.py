@@ -41,6 +41,9 @@ class ReplicaSGD(torch.optim.Optimizer):
         self.momentum = momentum
         self.nesterov = nesterov
         self.lr = torch.zeros_like(momentum)
+        # Fixed for the run: decided once, not by a device sync at every step.
+        self._use_momentum = bool((momentum != 0).any())
+        self._decays = [g["weight_decay"] is not None and bool((g["weight_decay"] != 0).any()) for g in self.param_groups]
 
     def set_lr(self, lr: torch.Tensor) -> None:
         """η for every replica (``[R]``)."""
@@ -51,26 +54,25 @@ class ReplicaSGD(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure: Any = None) -> None:  # type: ignore[override]
         assert closure is None, "ReplicaSGD takes no closure"
-        use_momentum = bool((self.momentum != 0).any())
-        for group in self.param_groups:
+        for group, decays in zip(self.param_groups, self._decays):
             decay = group["weight_decay"]
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 shape = (-1,) + (1,) * (p.dim() - 1)
                 d = p.grad
-                if decay is not None and bool((decay != 0).any()):
-                    d = d + decay.view(shape) * p
-                if use_momentum:
+                if decays:
+                    d = torch.addcmul(d, decay.view(shape), p)
+                if self._use_momentum:
                     mu = self.momentum.view(shape)
                     state = self.state[p]
                     buf = state.get("momentum_buffer")
                     if buf is None:
                         buf = state["momentum_buffer"] = d.detach().clone()
                     else:
-                        buf.mul_(mu).add_(d)
-                    d = d + mu * buf if self.nesterov else buf
-                p.sub_(self.lr.view(shape) * d)
+                        torch.addcmul(d, buf, mu, out=buf)
+                    d = torch.addcmul(d, mu, buf) if self.nesterov else buf
+                p.addcmul_(self.lr.view(shape), d, value=-1)
 
 
 class TrialReplicas:
