@@ -135,7 +135,8 @@ def _train(
     primary = workloads.metric(workload)
     workers = config.workers
     batch = config.data.batch_size
-    steps_per_epoch, total_steps = plan(config, workload)
+    run = plan(config, workload)
+    steps_per_epoch, total_steps = run.steps_per_epoch, run.total_steps
     algorithm = config.algorithm_config(steps_per_epoch)
     torch.manual_seed(config.seed)
     model = workload.make_model(config.seed).to(device)
@@ -178,9 +179,8 @@ def _train(
             row = metrics_row(
                 workload,
                 dp.stats,
+                run,
                 step=step,
-                steps_per_epoch=steps_per_epoch,
-                global_batch=global_batch,
                 train_seconds=train_seconds,
                 lr=optimizer.param_groups[0]["lr"],
                 train_loss=train_loss if counted else None,
@@ -231,10 +231,8 @@ def _train(
         workload,
         writer.rows,
         dp.stats,
+        run,
         step=step,
-        steps_per_epoch=steps_per_epoch,
-        total_steps=total_steps,
-        global_batch=global_batch,
         train_seconds=train_seconds,
         algorithm=algorithm.to_dict(),
         engine=engine.info,
@@ -245,22 +243,31 @@ def _train(
 # -- what every training loop shares (this one, and trials batched in one process) ---------
 
 
-def plan(config: RunConfig, workload: workloads.Workload) -> tuple[int, int]:
-    """Steps per epoch and the run's total steps."""
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """How long a run trains, in the units its record counts."""
+
+    steps_per_epoch: int
+    total_steps: int
+    global_batch: int
+    """K·B: samples per step over all workers."""
+
+
+def plan(config: RunConfig, workload: workloads.Workload) -> Plan:
+    """Steps per epoch, the run's total steps and its global batch."""
     steps_per_epoch = workload.steps_per_epoch(config.workers, config.data.batch_size)
     total_steps = math.ceil(config.train.epochs * steps_per_epoch)
     if config.train.max_steps is not None:
         total_steps = min(total_steps, config.train.max_steps)
-    return steps_per_epoch, total_steps
+    return Plan(steps_per_epoch, total_steps, config.data.batch_size * config.workers)
 
 
 def metrics_row(
     workload: workloads.Workload,
     stats: dict[str, Any],
+    run: Plan,
     *,
     step: int,
-    steps_per_epoch: int,
-    global_batch: int,
     train_seconds: float,
     lr: float,
     train_loss: float | None,
@@ -269,8 +276,8 @@ def metrics_row(
     """One evaluation's row of the metrics stream."""
     return MetricsRow(
         step=step,
-        epoch=step / steps_per_epoch,
-        samples=step * global_batch,
+        epoch=step / run.steps_per_epoch,
+        samples=step * run.global_batch,
         wall_seconds=train_seconds,
         lr=lr,
         train_loss=train_loss,
@@ -305,11 +312,9 @@ def completed_status(
     workload: workloads.Workload,
     rows: list[MetricsRow],
     final: dict[str, Any],
+    run: Plan,
     *,
     step: int,
-    steps_per_epoch: int,
-    total_steps: int,
-    global_batch: int,
     train_seconds: float,
     algorithm: dict[str, Any],
     engine: Any,
@@ -321,8 +326,8 @@ def completed_status(
         version=RECORD_VERSION,
         status="completed",
         steps=step,
-        epochs=step / steps_per_epoch,
-        samples=step * global_batch,
+        epochs=step / run.steps_per_epoch,
+        samples=step * run.global_batch,
         wall_seconds=train_seconds,
         metrics=tuple(workload.metrics),
         primary=workload.primary,
@@ -338,9 +343,9 @@ def completed_status(
             comm_seconds=final["comm_seconds"],
             by_scope=final["by_scope"],
         ),
-        steps_per_epoch=steps_per_epoch,
-        total_steps=total_steps,
-        global_batch=global_batch,
+        steps_per_epoch=run.steps_per_epoch,
+        total_steps=run.total_steps,
+        global_batch=run.global_batch,
         algorithm=algorithm,
         engine=engine,
         details=details,

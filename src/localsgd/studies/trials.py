@@ -151,8 +151,8 @@ def _train(
     if workload is None:
         workload = workloads.build(first.workload)
     primary = workloads.metric(workload)
-    steps_per_epoch, total_steps = plan(first, workload)
-    algorithm = first.algorithm_config(steps_per_epoch)
+    run = plan(first, workload)
+    algorithm = first.algorithm_config(run.steps_per_epoch)
     models = []
     for c in configs:
         torch.manual_seed(c.seed)  # as a run of its own: the model of its seed
@@ -171,7 +171,6 @@ def _train(
         nesterov=first.optimizer.nesterov,
     )
     batch = first.data.batch_size
-    global_batch = batch * first.workers
     lrs = [0.0] * len(configs)
     step = 0
     train_seconds = 0.0
@@ -191,9 +190,8 @@ def _train(
                     row = metrics_row(
                         workload,
                         dp.stats,
+                        run,
                         step=step,
-                        steps_per_epoch=steps_per_epoch,
-                        global_batch=global_batch,
                         train_seconds=train_seconds,
                         lr=lrs[r],
                         train_loss=means[r] if counted else None,
@@ -208,7 +206,7 @@ def _train(
                         statuses[r] = status
 
         epoch = 0
-        while step < total_steps and None in statuses:
+        while step < run.total_steps and None in statuses:
             stream = iter(replicas.batches(batch, epoch))
             while True:
                 start = time.perf_counter()
@@ -216,7 +214,9 @@ def _train(
                 if data is None:
                     break
                 lrs = [
-                    recipes.lr_at(step, total_steps, steps_per_epoch, c.optimizer.lr, c.schedule, global_batch)
+                    recipes.lr_at(
+                        step, run.total_steps, run.steps_per_epoch, c.optimizer.lr, c.schedule, run.global_batch
+                    )
                     for c in configs
                 ]
                 optimizer.set_lr(replicas.per_replica(lrs))
@@ -228,9 +228,9 @@ def _train(
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 train_seconds += time.perf_counter() - start
-                if step % first.train.eval_every == 0 or step == total_steps:
+                if step % first.train.eval_every == 0 or step == run.total_steps:
                     evaluate()
-                if step >= total_steps or None not in statuses:
+                if step >= run.total_steps or None not in statuses:
                     break
             epoch += 1
     details = replicas.details()
@@ -243,10 +243,8 @@ def _train(
             workload,
             writer.rows,
             dp.stats,
+            run,
             step=step,
-            steps_per_epoch=steps_per_epoch,
-            total_steps=total_steps,
-            global_batch=global_batch,
             train_seconds=train_seconds,
             algorithm=algorithm.to_dict(),
             engine=engine.info,
