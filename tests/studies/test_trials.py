@@ -137,6 +137,7 @@ def test_study_batches_trials_records_each_and_resumes(tmp_path, monkeypatch):
         ours, theirs = store.final_status(run.run_id()), other.final_status(run.run_id())
         assert ours is not None and theirs is not None
         assert ours.details["trials_batched"] == 4 and "trials_batched" not in theirs.details
+        assert ours.wall_seconds == pytest.approx(ours.details["batch_wall_seconds"] / 4)  # its share
         assert ours.final is not None and theirs.final is not None
         assert ours.final.metrics["eval_loss"] == pytest.approx(theirs.final.metrics["eval_loss"], rel=1e-5)
     bad = store.final_status(runs[-1].run_id())

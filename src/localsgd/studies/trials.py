@@ -7,9 +7,10 @@ its own run, as if it had run alone.
 A metaparameter search of R trials of K workers then costs about one simulation of R·K
 replicas. Exact against the trials run one by one (the same parameters after N steps, to
 float rounding) for models without dropout: dropout draws from one generator for all
-trials here, so its masks differ from a run's own. Each trial's ``wall_seconds`` is the
-whole batch's training time, and its status says how many trials shared it
-(``details.trials_batched``).
+trials here, so its masks differ from a run's own. Each trial's ``wall_seconds`` is its
+share of the batch's training time (the batch's over R), and its status says how many
+trials shared it and the batch's time (``details.trials_batched``,
+``details.batch_wall_seconds``).
 """
 
 from __future__ import annotations
@@ -192,7 +193,7 @@ def _train(
                         dp.stats,
                         run,
                         step=step,
-                        train_seconds=train_seconds,
+                        train_seconds=train_seconds / len(configs),
                         lr=lrs[r],
                         train_loss=means[r] if counted else None,
                         scores=replicas.evaluate(r),
@@ -233,7 +234,9 @@ def _train(
                 if step >= run.total_steps or None not in statuses:
                     break
             epoch += 1
-    details = replicas.details()
+    # Each trial's wall time is its share of the batch's, as the simulated engine's is one
+    # replica's share (K·share) of a run's: the cost model divides by K, never by R.
+    details = {**replicas.details(), "batch_wall_seconds": train_seconds}
     for r, (c, writer) in enumerate(zip(configs, writers)):
         if statuses[r] is not None:
             continue
@@ -245,7 +248,7 @@ def _train(
             dp.stats,
             run,
             step=step,
-            train_seconds=train_seconds,
+            train_seconds=train_seconds / len(configs),
             algorithm=algorithm.to_dict(),
             engine=engine.info,
             details=details,
