@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from localsgd.engines.simulated import ReplicaGradients, SimulatedCommunicator, StackedModel, replica_details
+from localsgd.engines.stacked import ReplicaGradients, SimulatedCommunicator, StackedModel, replica_details
 from localsgd.util.nest import zip_nests
 
 
