@@ -30,7 +30,7 @@ def trial(name: str, **changes: Any) -> Any:
         "algorithm": {"name": "local_sgd", "period": 2},
         "data": {"batch_size": 16},
         "optimizer": {"lr": 0.05, "momentum": 0.9, "nesterov": False, "decay_norm_and_bias": False},
-        "train": {"epochs": 10, "max_steps": 12, "eval_every": 5},
+        "train": {"epochs": 10, "max_steps": 8, "eval_every": 3},
     }
     for dotted, value in changes.items():
         section, _, key = dotted.rpartition("__")
@@ -67,7 +67,7 @@ def test_trials_batched_equal_the_runs_one_by_one(tmp_path, monkeypatch):
                 assert torch.equal(ours[key], tensor)
         rows_ours = (folder / "metrics.jsonl").read_text().splitlines()
         rows_theirs = (alone_dir / "metrics.jsonl").read_text().splitlines()
-        assert len(rows_ours) == len(rows_theirs) == 3  # steps 5, 10, 12
+        assert len(rows_ours) == len(rows_theirs) == 3  # steps 3, 6, 8
         assert batched.final is not None and alone.final is not None
         assert batched.final.lr == pytest.approx(alone.final.lr, rel=1e-12)
         assert batched.final.train_loss == pytest.approx(alone.final.train_loss, rel=1e-5)
@@ -126,7 +126,7 @@ def study(runs: list[Any]) -> Study:
 
 def test_study_batches_trials_records_each_and_resumes(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    runs = [*TRIALS, trial("diverges", optimizer__lr=1e6, optimizer__momentum=0.0)]
+    runs = [*TRIALS, trial("diverges", optimizer__lr=1e8, optimizer__momentum=0.0, optimizer__weight_decay=1.0)]
     counts = run_study(study(runs), tmp_path / "batched", progress=False)
     assert counts == {"completed": 3, "diverged": 1}
     store = Store(tmp_path / "batched", create=False)
