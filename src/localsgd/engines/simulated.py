@@ -22,6 +22,7 @@ from torch import nn
 from localsgd.comm.base import WORLD, Block, CommStats, Communicator, Scope, check_block
 from localsgd.comm.flat import group_by_dtype
 from localsgd.engines.base import Job, Replicas, Session, register
+from localsgd.engines.launch import launch_run
 from localsgd.engines.pool import LocalSession
 from localsgd.records.record import EngineInfo
 from localsgd.util.nest import map_nest, zip_nests
@@ -358,6 +359,9 @@ class SimulatedEngine:
         return 1
 
     def execute(self, job: Job) -> None:
+        if job.max_restarts:
+            launch_run(job, 1)  # torch's elastic launcher restarts the one process
+            return
         job.train(0, 1)
 
     def session(self, *, in_process: bool = True) -> Session:
