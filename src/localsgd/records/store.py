@@ -67,6 +67,10 @@ CREATE TABLE IF NOT EXISTS runs (
     finished  REAL,
     error     TEXT,
     attempts  INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS meta (
+    key       TEXT PRIMARY KEY,
+    value     TEXT NOT NULL
 )
 """
 
@@ -120,7 +124,8 @@ class Store:
                 (self.root / "runs").mkdir(parents=True, exist_ok=True)
             with self._db() as db:
                 if create:
-                    db.execute(_SCHEMA)
+                    for statement in _SCHEMA.split(";"):
+                        db.execute(statement)
                 db.execute("SELECT COUNT(*) FROM runs").fetchone()
         except sqlite3.DatabaseError as exc:
             raise ValueError(
@@ -149,15 +154,33 @@ class Store:
         runs (take it before reading the store, so that what is read stays true)."""
         return FileLock(Path(root) / LOCK, f"store {root}")
 
-    def run_lock(self, run_id: str) -> contextlib.ExitStack:
-        """The store's lock shared and run ``run_id``'s exclusive (in ``.lock.d/``): held by a
-        single run while it trains. Entered, it raises
+    @contextlib.contextmanager
+    def run_lock(self, run_id: str) -> Iterator[None]:
+        """The store's lock shared and run ``run_id``'s exclusive (in ``.lock.d/``), held
+        for the block by a single run while it trains; raises
         :class:`~localsgd.records.lock.StoreInUse` when a study or the same run holds them."""
-        stack = contextlib.ExitStack()
-        stack.enter_context(FileLock(self.root / LOCK, f"store {self.root}", shared=True))
-        (self.root / f"{LOCK}.d").mkdir(exist_ok=True)
-        stack.enter_context(FileLock(self.root / f"{LOCK}.d" / run_id, f"run {run_id} in store {self.root}"))
-        return stack
+        with FileLock(self.root / LOCK, f"store {self.root}", shared=True):
+            (self.root / f"{LOCK}.d").mkdir(exist_ok=True)
+            with FileLock(self.root / f"{LOCK}.d" / run_id, f"run {run_id} in store {self.root}"):
+                yield
+
+    def owner(self) -> str | None:
+        """The study the store belongs to (None: a store of single runs, or a store of a
+        version that did not record it, whose ``plan.json`` then names it)."""
+        try:
+            with self._db() as db:
+                row = db.execute("SELECT value FROM meta WHERE key = 'study'").fetchone()
+        except sqlite3.OperationalError:  # an index written before the table existed
+            row = None
+        if row is not None:
+            return str(row[0])
+        study = self.plan().get("study")
+        return str(study) if study else None
+
+    def set_owner(self, study: str) -> None:
+        """Make the store study ``study``'s."""
+        with self._db() as db:
+            db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('study', ?)", (study,))
 
     def run_count(self) -> int:
         """How many runs the index holds (finished or not)."""

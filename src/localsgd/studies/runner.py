@@ -87,10 +87,10 @@ def open_run_store(out: str | Path, config: RunConfig) -> Store:
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     try:
-        plan = store.plan()
+        owner = store.owner()
+        plan = store.plan() if owner else {}
     except RecordError as exc:
-        raise ConfigError(f"{exc}; delete it or record the run in another store") from None
-    owner = plan.get("study")
+        raise ConfigError(f"{exc}; delete it (its study writes it again) or record the run in another store") from None
     runs = plan.get("runs")
     planned = {r.get("run_id") for r in runs if isinstance(r, dict)} if isinstance(runs, list) else set()
     if owner and config.run_id() not in planned:
@@ -305,7 +305,7 @@ def _open_existing(out: Path, study: Study, adopt: bool, lock: FileLock) -> Stor
     if adopt:
         return store
     try:
-        owner = store.plan().get("study")
+        owner = store.owner()
     except RecordError as exc:
         raise ConfigError(f"{exc}; delete it (the study writes it again) or pass --adopt-store") from None
     name = study.section.name
@@ -407,6 +407,7 @@ def _run_study(
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
     store = existing
+    store.set_owner(study.section.name)
     if study_file is not None and not (
         (out / "study.toml").exists() and os.path.samefile(study_file, out / "study.toml")
     ):
