@@ -64,7 +64,24 @@ def init_distributed(backend: str | None = None, timeout: datetime.timedelta | f
     chosen = backend or ("nccl" if use_cuda else "gloo")
     if not isinstance(timeout, datetime.timedelta):
         timeout = datetime.timedelta(seconds=float(timeout))
-    dist.init_process_group(chosen, timeout=timeout)
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        # torch's elastic agent keeps one store for its workers across restarts of the
+        # group: without a prefix of its own, a restarted group reads the addresses the
+        # previous one published and its gloo connections fail or hang.
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        world_size = int(os.environ["WORLD_SIZE"])
+        store = dist.TCPStore(
+            os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size, False, timeout
+        )
+        dist.init_process_group(
+            chosen,
+            store=dist.PrefixStore(f"localsgd/attempt{attempt}", store),
+            rank=int(os.environ["RANK"]),
+            world_size=world_size,
+            timeout=timeout,
+        )
+    else:
+        dist.init_process_group(chosen, timeout=timeout)
     info = DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device, chosen)
     log.info("rank %d/%d: joined the %s process group on %s", info.rank, info.world_size, chosen, device)
     return info

@@ -26,6 +26,8 @@ from localsgd.util.lifetime import process_alive
 HEARTBEATS = "LOCALSGD_HEARTBEATS"
 """The environment variable naming the folder this worker beats into."""
 BEAT_SECONDS = 1.0
+STARTUP_SECONDS = 60.0
+"""What a worker may take beyond the timeout to start beating (Python, torch's import)."""
 
 
 def silence_limit(timeout: float) -> float:
@@ -64,9 +66,10 @@ def start_beating(rank: int, folder: str | Path | None = None) -> bool:
 class HeartbeatWatch:
     """Watches the beats of ``processes`` workers in ``folder``; see the module docstring.
 
-    A rank that has not beaten yet counts as silent only once ``timeout`` has passed since
-    the watch began (start-up, imports and the rendezvous take their time); a rank whose
-    process is dead is not silent (its launcher notices the death)."""
+    A rank that has not beaten yet counts as silent only once ``timeout`` and
+    :data:`STARTUP_SECONDS` have passed since the watch began (starting Python and importing
+    torch take their time on a busy machine); a rank whose process is dead is not silent
+    (its launcher notices the death)."""
 
     def __init__(self, folder: Path, processes: int, timeout: float) -> None:
         self.folder = Path(folder)
@@ -93,7 +96,7 @@ class HeartbeatWatch:
                 age = now - path.stat().st_mtime
                 beating = int(path.read_text())
             except (OSError, ValueError):
-                if now - self.began > self.timeout:
+                if now - self.began > self.timeout + STARTUP_SECONDS:
                     quiet.append((rank, None, now - self.began))
                 continue
             if age > self.silence and process_alive(beating):
