@@ -6,6 +6,8 @@ import contextlib
 import logging
 import os
 import signal
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Annotated
@@ -44,10 +46,12 @@ def _inside_torchrun() -> bool:
 _STOPPED_BY: list[int] = []
 
 
-def _stop_on_signals() -> None:
-    """SIGINT and SIGTERM raise KeyboardInterrupt in the main thread once, so that a study
-    or run stops in order (workers stopped, the run in progress left unfinished, resumable);
-    further signals are ignored while it stops (SIGKILL still ends it, and its workers)."""
+@contextlib.contextmanager
+def _stopping_in_order() -> Iterator[None]:
+    """For the block, SIGINT and SIGTERM raise KeyboardInterrupt in the main thread once, so
+    that a study or run stops in order (workers stopped, the run in progress left
+    unfinished, resumable); further signals are ignored while it stops (SIGKILL still ends
+    it, and its workers). The previous handlers come back after the block."""
 
     def handler(signum: int, frame: FrameType | None) -> None:
         _STOPPED_BY.append(signum)
@@ -55,8 +59,17 @@ def _stop_on_signals() -> None:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGINT, handler)
-    signal.signal(signal.SIGTERM, handler)
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread may handle signals
+        return
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    for sig in previous:
+        signal.signal(sig, handler)
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 def _interrupted(what: str) -> typer.Exit:
@@ -152,10 +165,9 @@ def train(
     from localsgd.studies.progress import follow_rows, primary_value, row_line, run_label
     from localsgd.studies.runner import execute_run, open_run_store, preflight
 
-    _stop_on_signals()
     run_id = run.run_id()
     try:
-        with contextlib.ExitStack() as held:
+        with _stopping_in_order(), contextlib.ExitStack() as held:
             workload = next(iter(preflight([run]).values()))
             store = open_run_store(out, run)
             held.enter_context(store.run_lock(run_id))
@@ -276,19 +288,19 @@ def study(
         typer.echo(f"{len(plan.runs)} runs -> {folder}")
         return
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
-    _stop_on_signals()
     try:
-        counts = run_study(
-            plan,
-            folder,
-            study_file=config,
-            retry_failed=retry_failed,
-            parallel=parallel,
-            oversubscribe=oversubscribe,
-            executor=executor,
-            executor_options=options,
-            adopt_store=adopt_store,
-        )
+        with _stopping_in_order():
+                counts = run_study(
+                plan,
+                folder,
+                study_file=config,
+                retry_failed=retry_failed,
+                parallel=parallel,
+                oversubscribe=oversubscribe,
+                executor=executor,
+                executor_options=options,
+                adopt_store=adopt_store,
+            )
     except ConfigError as exc:
         raise _fail(str(exc)) from None
     except KeyboardInterrupt:

@@ -120,6 +120,9 @@ class Store:
                 "(expected the folder a study or train command wrote)"
             )
         try:
+            if (self.root / "index.sqlite").exists():
+                with self._db() as db:  # a corrupt index is named before anything is written
+                    db.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
             if create:
                 (self.root / "runs").mkdir(parents=True, exist_ok=True)
             with self._db() as db:
