@@ -326,6 +326,11 @@ def option_cases() -> list[Case]:
         Case("executor", study_with("--executor", "cloud"), r"--executor must be one of \['local', 'slurm'\], got 'cloud'"),
         Case("slurm-without-executor", study_with("--slurm", "nodes=2"), r"--slurm options need --executor slurm"),
         Case("slurm-malformed", study_with("--executor", "slurm", "--slurm", "nodes"), r"--slurm takes KEY=VALUE, got 'nodes'"),
+        Case(
+            "slurm-restarts",
+            lambda d: ["study", str(write(d / "s.toml", STUDY.replace("max_steps = 4", "max_steps = 4\nmax_restarts = 1"))), "--out", "store", "--executor", "slurm", "--slurm", "cluster=local"],
+            r"train\.max_restarts = 1 needs --executor local",
+        ),
         Case("train-both", lambda d: ["train", str(write(d / "run.toml", RUN)), "--resume", "x"], r"give a run config or --resume RUN_DIR, not both"),
         Case("train-neither", lambda d: ["train"], r"a run config is required \(or --resume RUN_DIR\)"),
         Case("resume-not-a-run", lambda d: ["train", "--resume", str(d)], r"--resume '.*' is not a run folder \(no config\.json inside\)"),

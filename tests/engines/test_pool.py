@@ -56,10 +56,10 @@ def test_a_run_in_a_used_pool_equals_the_run_launched_alone(tmp_path, clean_env)
     with PROCESSES.session() as session:
         assert execute_run(first, pooled, session=session) == "completed"
         (pool,) = session.pools
-        workers = tuple(pool._pids)
+        workers = pool.pids
         assert execute_run(second, pooled, session=session) == "completed"
         # The same two processes and process group served both runs.
-        assert session.pools == (pool,) and pool.runs == 2 and tuple(pool._pids) == workers
+        assert session.pools == (pool,) and pool.runs == 2 and pool.pids == workers and len(workers) == 2
     assert not pool.alive
     assert execute_run(second, alone) == "completed"  # its own launcher, as before pools
 

@@ -101,6 +101,12 @@ class SlurmSession:
         for run in runs:
             from localsgd import engines
 
+            if run.train.max_restarts:
+                raise ConfigError(
+                    f"train.max_restarts = {run.train.max_restarts} needs --executor local (torch's "
+                    "elastic launcher restarts the workers there); under Slurm set it to 0 (a run "
+                    "left unfinished resumes from its last checkpoint when the study runs again)"
+                )
             processes = engines.get(run.engine).processes(run.workers)
             if processes % nodes:
                 raise ConfigError(
