@@ -567,8 +567,12 @@ def test_report_flags_runs_whose_folders_are_missing_or_unreadable(tmp_path):
     shutil.rmtree(store.run_dir("gone"))
     write(store.run_dir("bad") / "status.json", "{")
     write(store.run_dir("rows") / "metrics.jsonl", "not json\n" + (store.run_dir("good") / "metrics.jsonl").read_text())
-    result = CliRunner().invoke(app, ["report", str(tmp_path / "store")])
+    index = (tmp_path / "store" / "index.sqlite").read_bytes()
+    # A report reads the store while a study holds it, and writes nothing into its index.
+    with Store.lock_for_study(tmp_path / "store"):
+        result = CliRunner().invoke(app, ["report", str(tmp_path / "store")])
     assert result.exit_code == 0, result.output
+    assert (tmp_path / "store" / "index.sqlite").read_bytes() == index
     text = (tmp_path / "store" / "report" / "report.md").read_text()
     assert text.count("unreadable") >= 3
     assert "runs/gone is missing" in text and "status.json is unreadable" in text

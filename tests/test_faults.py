@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from harness import LAUNCHER_VARS
+from harness import LAUNCHER_VARS, untimed_rows
 from localsgd.engines.processes import PROCESSES
 from localsgd.records import Store
 from localsgd.studies.runner import execute_run
@@ -71,7 +71,6 @@ TRAINING = {
     "train": {"epochs": 2, "max_steps": 40, "eval_every": 5, "checkpoint_every": 4},
 }
 PLAIN = {"name": "mnist1d_mlp", "num_samples": 1000}
-TIMED = ("wall_seconds", "comm_seconds", "by_scope")
 
 
 @pytest.fixture
@@ -96,13 +95,7 @@ def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def rows(run_dir: Path) -> list[dict]:
-    out = []
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        for key in TIMED:
-            row.pop(key)
-        out.append(row)
-    return out
+    return untimed_rows(run_dir)
 
 
 def assert_same_run(run_dir: Path, reference: Path) -> None:

@@ -290,7 +290,7 @@ def study(
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
     try:
         with _stopping_in_order():
-                counts = run_study(
+            counts = run_study(
                 plan,
                 folder,
                 study_file=config,

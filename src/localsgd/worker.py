@@ -36,7 +36,7 @@ from localsgd.distributed import resolve_device
 from localsgd.engines.heartbeat import start_beating
 from localsgd.engines.launch import restart_attempt, write_worker_error
 from localsgd.engines.pool import PoolConnection, output_to
-from localsgd.records.store import CHECKPOINTS, DEFAULT_RUN_STORE
+from localsgd.records.store import CHECKPOINTS, DEFAULT_RUN_STORE, Store
 from localsgd.studies.loading import load_run_config
 from localsgd.studies.runner import open_run_store, preflight
 from localsgd.studies.schema import RunConfig
@@ -101,47 +101,17 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(config: RunConfig, info: localsgd.DistInfo, run_dir: str | None, out: str) -> int:
-    import torch.distributed as dist
-
     # Built on every rank before anything is recorded: a bad workload fails here, as a
     # configuration error, rather than inside a half-written run.
     # This node checks its own devices when it resolves the device (one of several nodes
     # cannot tell how many processes the others run).
     workload = next(iter(preflight([config], local=False).values()))
-    if run_dir is not None:
-        folder = Path(run_dir)
-        status = train(
-            config,
-            folder if info.rank == 0 else None,
-            info.rank,
-            info.world_size,
-            info.backend,
-            workload=workload,
-            checkpoints=folder / CHECKPOINTS,
-        )
-        return 0 if status.status in ("completed", "diverged") else 1
-    # Started by hand under torchrun: rank 0 owns the store (it holds the run's lock for the
-    # run), and tells the others where the run is or why it could not open it (else they
-    # would wait for it until the timeout).
     with contextlib.ExitStack() as held:
-        shared: list[str | None] = [None, None]
         store = None
-        if info.rank == 0:
-            try:
-                store = open_run_store(out, config)
-                held.enter_context(store.run_lock(config.run_id()))
-                # A restart of this launch resumes the run; a new launch starts it afresh.
-                folder = store.begin(
-                    config.run_id(), config.name, config.to_dict(), resume=restart_attempt() > 0
-                )
-                shared = [None, str(folder)]
-            except Exception as exc:
-                shared = [f"rank 0 could not open the store {out!r}: {exc}", None]
-        if info.world_size > 1:
-            dist.broadcast_object_list(shared, src=0)
-        if shared[0] is not None:
-            raise ConfigError(shared[0]) if info.rank == 0 else RuntimeError(shared[0])
-        folder = Path(str(shared[1]))
+        if run_dir is not None:
+            folder = Path(run_dir)
+        else:
+            store, folder = _open_run(config, info, out, held)
         try:
             status = train(
                 config,
@@ -150,6 +120,7 @@ def run(config: RunConfig, info: localsgd.DistInfo, run_dir: str | None, out: st
                 info.world_size,
                 info.backend,
                 workload=workload,
+                # On another node the folder may be out of reach: no checkpoints there.
                 checkpoints=folder / CHECKPOINTS if folder.is_dir() else None,
             )
         finally:
@@ -157,6 +128,32 @@ def run(config: RunConfig, info: localsgd.DistInfo, run_dir: str | None, out: st
                 final = store.finish(config.run_id())
                 log.info("run %s %s: %s", config.run_id(), final, store.run_dir(config.run_id()))
     return 0 if status.status in ("completed", "diverged") else 1
+
+
+def _open_run(
+    config: RunConfig, info: localsgd.DistInfo, out: str, held: contextlib.ExitStack
+) -> tuple[Store | None, Path]:
+    """Started by hand under torchrun: rank 0 owns the store (it holds the run's lock for
+    the run, in ``held``) and tells the others where the run is, or why it could not open
+    it (else they would wait for it until the timeout)."""
+    import torch.distributed as dist
+
+    shared: list[str | None] = [None, None]
+    store = None
+    if info.rank == 0:
+        try:
+            store = open_run_store(out, config)
+            held.enter_context(store.run_lock(config.run_id()))
+            # A restart of this launch resumes the run; a new launch starts it afresh.
+            folder = store.begin(config.run_id(), config.name, config.to_dict(), resume=restart_attempt() > 0)
+            shared = [None, str(folder)]
+        except Exception as exc:
+            shared = [f"rank 0 could not open the store {out!r}: {exc}", None]
+    if info.world_size > 1:
+        dist.broadcast_object_list(shared, src=0)
+    if shared[0] is not None:
+        raise ConfigError(shared[0]) if info.rank == 0 else RuntimeError(shared[0])
+    return store, Path(str(shared[1]))
 
 
 def serve(address: str, device_name: str, timeout: float = DEFAULT_TIMEOUT_SECONDS) -> int:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from harness import LAUNCHER_VARS
+from harness import LAUNCHER_VARS, untimed_rows
 from localsgd.engines.processes import PROCESSES
 from localsgd.records import Store
 from localsgd.studies.runner import execute_run
@@ -40,13 +40,7 @@ def clean_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def rows(run_dir: Path) -> list[dict]:
-    out = []
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        for timed in ("wall_seconds", "comm_seconds", "by_scope"):
-            row.pop(timed)
-        out.append(row)
-    return out
+    return untimed_rows(run_dir)
 
 
 def test_a_run_in_a_used_pool_equals_the_run_launched_alone(tmp_path, clean_env):

@@ -9,14 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from harness import untimed_rows
 from localsgd import algorithms, workloads
 from localsgd.records import Store
 from localsgd.studies.checkpoints import CheckpointError, verify
 from localsgd.studies.runner import execute_run
 from localsgd.studies.schema import run_config
 from scenarios import fast_spec
-
-TIMED = ("wall_seconds", "comm_seconds", "by_scope")
 
 
 class Interrupting:
@@ -53,13 +52,7 @@ def config(algorithm: dict, engine: str = "simulated", workers: int = 4, **train
 
 
 def rows(run_dir: Path) -> list[dict]:
-    out = []
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        for key in TIMED:
-            row.pop(key)
-        out.append(row)
-    return out
+    return untimed_rows(run_dir)
 
 
 def final_model(run_dir: Path) -> dict[str, torch.Tensor]:
