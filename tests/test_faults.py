@@ -351,3 +351,21 @@ def test_a_worker_killed_mid_run_restarts_the_group_which_resumes_exactly(projec
     assert_same_run(done, uninterrupted)
     log = (done / "workers.log").read_text()
     assert "resumed from the checkpoint of step 28" in log
+
+
+def own_listeners(rank: int, world_size: int) -> list[tuple[int, str, int]]:
+    import torch.distributed as dist
+
+    dist.barrier()
+    return listening({os.getpid()})
+
+
+def test_a_group_started_by_hand_on_loopback_listens_on_loopback_only():
+    """torchrun-style variables with MASTER_ADDR=127.0.0.1 (a Slurm job on one node, the
+    test harness): rank 0's store listens there alone, not on every interface."""
+    from harness import run_world
+
+    results = run_world(own_listeners, 2, timeout=120)
+    assert len(results[0]) > len(results[1]), results  # rank 0 hosts the store
+    sockets = [s for rank in results for s in rank]
+    assert all(ipaddress.ip_address(address).is_loopback for _, address, _ in sockets), sockets
