@@ -158,7 +158,13 @@ VALUES = [
     ("train.max_restarts", "-1", r"train\.max_restarts must be an integer in \[0, 100\], got -1"),
     ("train.max_restarts", "1000", r"train\.max_restarts must be an integer in \[0, 100\], got 1000"),
     ("train.bogus", "1", r"unknown key 'train\.bogus'; allowed: \['checkpoint_every', 'epochs'"),
-    ("schedule.name", "'linear'", r"schedule\.name must be one of \['constant', 'step'"),
+    ("schedule.name", "'exponential'", r"schedule\.name must be one of \['constant', 'step'"),
+    ("schedule.warmup_steps", "-1", r"schedule\.warmup_steps must be an integer >= 0, got -1"),
+    ("schedule.warmup_ratio", "2", r"schedule\.warmup_ratio must be a finite number >= 0 and < 1"),
+    ("train.precision", "'fp8'", r"train\.precision must be one of \['fp32', 'bf16', 'fp16'\], got 'fp8'"),
+    ("comm.delay", "{world = inf}", r"comm\.delay\.world must be a finite number >= 0 seconds, got inf"),
+    ("comm.delay", "{block3 = 1.0}", r"comm\.delay\.block3: scope 'block3': block size 3 does not divide"),
+    ("comm.delay", "{ring = 1.0}", r"comm\.delay\.ring: unknown scope 'ring'; allowed: 'world' or 'block"),
     ("schedule.milestones", "[0.8, 0.5]", r"schedule\.milestones must be increasing, got \[0\.8, 0\.5\]"),
     ("schedule.milestones", "[1.5]", r"schedule\.milestones\[0\] must be a finite number > 0 and < 1"),
     ("schedule.milestones", "0.5", r"schedule\.milestones must be a list, got float 0\.5"),
@@ -210,6 +216,8 @@ VALUES = [
     ("workload", "{name = 'nosuchmodule:f'}", r"workload = 'nosuchmodule:f': cannot import 'nosuchmodule'"),
     ("workload", "{name = 'os:nope'}", r"workload = 'os:nope': module 'os' has no 'nope'"),
     ("workload", "{num_samples = 100}", r"workload must be a name or import path, or a table with a 'name' key"),
+    ("workload", "{name = 'mnli', data = {path = 'nope'}, model = {tokenizer = 'x'}}", r"workload\.data\.path 'nope' does not exist"),
+    ("workload", "{name = 'mlm', model = {tokenizer = 'x'}}", r"workload\.model needs exactly one of path \(a checkpoint folder\) or config"),
 ]
 
 

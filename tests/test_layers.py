@@ -22,6 +22,7 @@ LAYERS = {
     "engines": 4,
     "integrations": 4,
     "report": 5,
+    "emulation": 5,
     "studies": 6,
     "worker": 7,
     "cli": 8,

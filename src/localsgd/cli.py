@@ -18,6 +18,7 @@ from localsgd.costmodel import presets as cluster_presets
 from localsgd.records.store import DEFAULT_RUN_STORE
 
 if TYPE_CHECKING:
+    from localsgd.emulation import EmulatedCluster
     from localsgd.studies.schema import RunConfig
 
 app = typer.Typer(
@@ -337,8 +338,13 @@ def report(
             "best mean final value of each workload, 5% short of it)."
         ),
     ] = None,
+    formats: Annotated[
+        str,
+        typer.Option("--format", help="Figure files to write, comma-separated: png, pdf, svg."),
+    ] = "png,pdf,svg",
+    dpi: Annotated[int, typer.Option(help="Resolution of the PNG figures (dots per inch, 50 to 1200).")] = 200,
 ) -> None:
-    """Tables (mean ± std over seeds), plots, report.md, report.html and results.xlsx from the store alone.
+    """Tables (mean ± std over seeds), figures, report.md, report.html and results.xlsx from the store alone.
 
     Reads the store without its lock (while a study writes it, the runs finished so far);
     runs whose folders are missing or unreadable are listed as unreadable, not counted.
@@ -349,8 +355,32 @@ def report(
 
     try:
         check_output_folder("--out", out if out is not None else store_dir / "report")
-        paths = make_report(store_dir, out, cluster=cluster, target=target)
+        paths = make_report(store_dir, out, cluster=cluster, target=target, formats=formats, dpi=dpi)
     except ValueError as exc:
+        raise _fail(str(exc)) from None
+    figures = [p for kind, p in paths.items() if kind not in ("markdown", "html", "xlsx")]
+    kinds = sorted({p.suffix.lstrip(".").upper() for p in figures})
+    typer.echo(f"figures: {len(figures)} files ({', '.join(kinds)}) in {paths['html'].parent}")
+    for kind in ("xlsx", "markdown", "html"):
+        typer.echo(f"{kind}: {paths[kind]}")
+
+
+@app.command()
+def fixtures(
+    folder: Annotated[Path, typer.Argument(help="Folder to write into (created if missing).")],
+    scale: Annotated[int, typer.Option(min=1, help="Multiply the number of examples.")] = 1,
+) -> None:
+    """Write tiny text fixtures in the real formats: a tokenizer, a tiny BERT config, MNLI,
+    SQuAD v1.1 and a text corpus (for tests, the tiny studies and a first cluster check)."""
+    from localsgd.util.checks import ConfigError
+
+    if folder.exists() and not folder.is_dir():
+        raise _fail(f"fixtures folder '{folder}' is a file")
+    try:
+        from localsgd.workloads.text.fixtures import write_fixtures
+
+        paths = write_fixtures(folder, scale=scale)
+    except ConfigError as exc:
         raise _fail(str(exc)) from None
     for kind, path in paths.items():
         typer.echo(f"{kind}: {path}")
@@ -367,6 +397,163 @@ def algorithms() -> None:
         cls = registry.get(name)
         fields = ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(cls))  # type: ignore[arg-type]
         typer.echo(f"{name}: {cls.__name__}({fields})")
+
+
+cluster_app = typer.Typer(
+    no_args_is_help=True,
+    help="Emulated multi-node clusters on this machine (network namespaces, links shaped with tc; "
+    "needs root): run a study or a run on one, calibrate its links for the cost model.",
+)
+app.add_typer(cluster_app, name="cluster")
+
+NodesOption = Annotated[int, typer.Option(help="N: emulated nodes (network namespaces).")]
+ProcsOption = Annotated[int, typer.Option(help="G: worker processes per node.")]
+RateOption = Annotated[
+    str | None,
+    typer.Option(help="Each node's link rate, as tc writes it (100mbit, 1gbit); default: unshaped."),
+]
+BurstOption = Annotated[
+    int | None, typer.Option(help="Token-bucket bytes of each shaped link (default: 2 ms at the rate).")
+]
+
+
+def _emulated_cluster(
+    nodes: int, procs_per_node: int, rate: str | None, burst: int | None
+) -> EmulatedCluster:
+    """An EmulatedCluster (not yet up), or exit 2 with the reason it cannot be built here."""
+    from localsgd.emulation import EmulatedCluster, unavailable
+
+    why = unavailable()
+    if why is not None:
+        raise _fail(why)
+    try:
+        return EmulatedCluster(nodes, procs_per_node, rate, burst)
+    except ValueError as exc:
+        raise _fail(str(exc)) from None
+
+
+def _write_calibration(cluster: EmulatedCluster, path: Path) -> None:
+    from localsgd.costmodel import cluster_to_toml
+    from localsgd.emulation import calibrate as calibrate_links
+
+    result = calibrate_links(cluster)
+    comment = "Calibrated on an emulated cluster with `localsgd cluster calibrate`:\n" + (
+        f"inter-node: {result.inter.nbytes} B took {[round(t, 6) for t in result.inter.seconds]} s;\n"
+        f"loopback: {result.intra.nbytes} B took {[round(t, 6) for t in result.intra.seconds]} s."
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(cluster_to_toml(result.cluster, comment))
+    link = result.cluster.inter
+    typer.echo(
+        f"cluster file: {path} (inter-node α = {link.alpha * 1e6:.4g} µs, "
+        f"β = {link.bandwidth * 8 / 1e6:.4g} Mbit/s)"
+    )
+
+
+@cluster_app.command()
+def emulate(
+    job: Annotated[Path, typer.Argument(help="A study file (study, base and grid tables) or a run config.")],
+    nodes: NodesOption = 2,
+    procs_per_node: ProcsOption = 2,
+    rate: RateOption = None,
+    burst: BurstOption = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            help="Store folder (default: the study's out, or studies_out/NAME; runs for a single run)."
+        ),
+    ] = None,
+    overrides: SetOption = None,
+    calibrate: Annotated[
+        Path | None,
+        typer.Option(help="First probe the links and write the cluster file here (for report --cluster)."),
+    ] = None,
+    retry_failed: Annotated[
+        bool, typer.Option(help="Run failed and diverged runs of a study again.")
+    ] = False,
+) -> None:
+    """Run a study or a single run on N emulated nodes × G processes: one torchrun per node,
+    inside its own network namespace, `-m localsgd.worker` on every run. Runs of one process
+    (K = 1, the simulated engine) run here as usual; every other run must have K = N × G.
+    Everything the emulation created is removed when it ends, also on failure or interrupt."""
+    from localsgd import engines
+    from localsgd.studies.configs import load_toml
+    from localsgd.studies.grid import load_study
+    from localsgd.studies.loading import load_run_config
+    from localsgd.studies.runner import execute_run, open_run_store, preflight, run_study
+    from localsgd.util.checks import ConfigError
+
+    cluster = _emulated_cluster(nodes, procs_per_node, rate, burst)
+    try:
+        is_study = job.suffix == ".toml" and bool({"study", "base", "grid"} & set(load_toml(job)))
+        plan = load_study(job, overrides or []) if is_study else None
+        runs = plan.runs if plan is not None else [load_run_config(job, overrides or [])]
+        for run in runs:
+            processes = engines.get(run.engine).processes(run.workers)
+            if processes not in (1, cluster.world_size):
+                raise ConfigError(
+                    f"run {run.run_id()} (workers = {run.workers}, engine = {run.engine!r}) takes "
+                    f"{processes} processes; the emulated cluster runs {cluster.world_size} "
+                    f"({nodes} nodes × {procs_per_node}) or one in this process"
+                )
+        built = preflight(runs)
+    except ConfigError as exc:
+        raise _fail(str(exc)) from None
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
+    with cluster:  # it handles SIGINT/SIGTERM itself: it tears the emulation down
+        typer.echo(f"emulated cluster: {cluster.describe()}")
+        if calibrate is not None:
+            _write_calibration(cluster, calibrate)
+        try:
+            if plan is not None:
+                folder = out or plan.default_out()
+                counts = run_study(
+                    plan, folder, study_file=job, retry_failed=retry_failed, launch=cluster.execute
+                )
+                summary = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
+                typer.echo(f"study {plan.section.name}: {summary}; store: {folder}")
+                return
+            run = runs[0]
+            store = open_run_store(out or Path("runs"), run)
+            with store.run_lock(run.run_id()):
+                status = execute_run(run, store, workload=next(iter(built.values())), launch=cluster.execute)
+        except ConfigError as exc:  # the store: in use, another study's, corrupt
+            raise _fail(str(exc)) from None
+    typer.echo(f"{status}: {store.run_dir(run.run_id())}")
+    error = store.error(run.run_id())
+    if error is not None:
+        typer.secho(f"error: {error.line()}", fg=typer.colors.RED, err=True)
+    if status != "completed":
+        raise typer.Exit(code=1)
+
+
+@cluster_app.command("calibrate")
+def calibrate_command(
+    out: Annotated[Path, typer.Option(help="The cluster file to write (TOML, read by report --cluster).")],
+    nodes: NodesOption = 2,
+    procs_per_node: ProcsOption = 2,
+    rate: RateOption = None,
+    burst: BurstOption = None,
+) -> None:
+    """Measure α and β of the emulated links (two nodes) and of a node's loopback with gloo
+    all-reduces of a few sizes, and write the cluster file the cost model reads."""
+    cluster = _emulated_cluster(nodes, procs_per_node, rate, burst)
+    if nodes < 2:
+        raise _fail("--nodes must be >= 2: the inter-node link is measured between two nodes")
+    with cluster:
+        _write_calibration(cluster, out)
+
+
+@cluster_app.command()
+def cleanup() -> None:
+    """Delete what emulations killed without a chance to clean up (SIGKILL) left behind."""
+    from localsgd.emulation import cleanup_stale, unavailable
+
+    why = unavailable()
+    if why is not None:
+        raise _fail(why)
+    removed = cleanup_stale()
+    typer.echo(f"removed {len(removed)} namespace(s)" + (f": {', '.join(removed)}" if removed else ""))
 
 
 def main() -> None:

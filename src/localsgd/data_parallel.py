@@ -50,6 +50,13 @@ class DataParallel:
     ``flat=True`` re-homes parameters and floating-point buffers into one contiguous
     storage per dtype (values, tensor objects and optimizer references unchanged), so a
     sync is a single in-place collective with no packing copies.
+
+    A model wrapped in ``DistributedDataParallel`` (what ``accelerator.prepare`` returns
+    with several processes) is accepted: mini-batch SGD lets DDP's bucketed all-reduce,
+    overlapped with the backward pass, average the gradients (and counts its buckets);
+    every other algorithm runs the backward passes as under ``no_sync()`` and communicates
+    itself. An optimizer wrapper that steps an inner ``optimizer`` (accelerate's
+    ``AcceleratedOptimizer``) is unwrapped: the hooks go where the update happens.
     """
 
     def __init__(
@@ -63,9 +70,17 @@ class DataParallel:
     ) -> None:
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        inner = getattr(optimizer, "optimizer", None)
+        if isinstance(inner, torch.optim.Optimizer):
+            optimizer = inner  # a wrapper calls inner.step() only when it really steps
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise ValueError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        from torch.nn.parallel import DistributedDataParallel
+
         self.model = model
+        self._ddp = model if isinstance(model, DistributedDataParallel) else None
+        self._ddp_sync: bool | None = None
+        self._ddp_buckets: list[int] | None = None
         self.optimizer = optimizer
         self.algorithm = build(algorithm)
         self._comm = comm
@@ -91,6 +106,12 @@ class DataParallel:
         everything = list(self.model.parameters()) + list(self.model.buffers())
         comm.broadcast(everything, src=0, record=False)
         self._ctx = SyncContext(comm, params, buffers, self.optimizer, flat=self._flat)
+        if self._ddp is not None:
+            self._ddp_sync = self._ddp.require_backward_grad_sync
+            if self.algorithm.USES_DDP_GRADIENTS:
+                self._ctx.gradients_averaged = self._count_ddp_buckets
+            else:
+                self._ddp.require_backward_grad_sync = False  # what no_sync() sets
         self._sync = self.algorithm.bind(self._ctx)
         self._hooks = [
             self.optimizer.register_step_pre_hook(self._before_step),
@@ -108,8 +129,21 @@ class DataParallel:
         for handle in self._hooks:
             handle.remove()
         self._hooks = []
+        if self._ddp is not None and self._ddp_sync is not None:
+            self._ddp.require_backward_grad_sync = self._ddp_sync
         if exc_type is None and self._sync is not None:
             self._sync.finalize()
+
+    def _count_ddp_buckets(self) -> None:
+        """Record the all-reduces DDP ran in this backward pass: one per gradient bucket, of
+        the bucket's bytes. Their time overlaps the backward pass and is not measured."""
+        assert self._ddp is not None
+        if self._ddp_buckets is None or not self._ddp._has_rebuilt_buckets:
+            # DDP rebuilds its buckets once, after the first backward pass, in use order.
+            sizes = str(self._ddp._get_ddp_logging_data().get("bucket_sizes", ""))
+            self._ddp_buckets = [int(b) for b in sizes.split(",") if b.strip()]
+        for nbytes in self._ddp_buckets:
+            self.comm.stats.record("world", nbytes, 0.0)
 
     def _check_optimizer(self) -> None:
         known = {id(p) for p in self.model.parameters()}

@@ -17,8 +17,10 @@ from localsgd.costmodel import (
     Estimate,
     Link,
     allreduce_seconds,
+    check_delay,
     cluster_from_dict,
     cluster_to_dict,
+    cluster_to_toml,
     collective_seconds,
     comm_seconds,
     estimate_run,
@@ -152,6 +154,53 @@ def test_estimate_is_linear_in_the_counters(name: str) -> None:
     assert est.total_seconds == pytest.approx(est.compute_seconds + est.comm_seconds)
 
 
+def test_a_flat_ring_across_nodes_by_hand() -> None:
+    # gloo runs every all-reduce as one ring over all p ranks in rank order. On 2 nodes of
+    # G = 2 the ring 0 -> 1 -> 2 -> 3 -> 0 crosses nodes twice, each hop in its own
+    # direction, so every step runs at the inter-node link's pace:
+    # T = 2(p−1)·α_e + 2(p−1)/p · n/β_e = 6·α_e + 1.5·n/β_e.
+    inter, intra = Link(1e-4, 100e6 / 8), Link(1e-5, 2e9)
+    ring = Cluster("emulated", 2, inter=inter, intra=intra, allreduce="ring")
+    n = 20e6
+    expected = 6 * 1e-4 + 1.5 * n / (100e6 / 8)
+    assert expected == pytest.approx(2.4006, rel=1e-12)
+    assert allreduce_seconds(n, 4, ring) == pytest.approx(expected, rel=1e-12)
+    assert collective_seconds(n, "world", 4, ring) == pytest.approx(expected, rel=1e-12)
+    assert scope_cost("world", 4, ring).seconds(n) == pytest.approx(expected, rel=1e-12)
+    # Blocks of one node stay on the intra-node link: T_ring(n, 2) = 2·α_i + n/β_i.
+    assert collective_seconds(n, "block2", 4, ring) == pytest.approx(2 * 1e-5 + n / 2e9, rel=1e-12)
+    # The hierarchical default runs the two shards' inter-node rings concurrently instead.
+    hier = dataclasses.replace(ring, allreduce="hierarchical")
+    assert allreduce_seconds(n, 4, hier) < allreduce_seconds(n, 4, ring)
+    with pytest.raises(ValueError, match=r"allreduce must be one of \['hierarchical', 'ring'\], got 'tree'"):
+        dataclasses.replace(ring, allreduce="tree")
+
+
+def test_injected_delay_adds_seconds_per_collective_of_its_scope() -> None:
+    cluster = Cluster("emulated", 2, inter=Link(1e-4, 1.25e7), intra=Link(1e-5, 2e9), allreduce="ring")
+    counters = {
+        "world": {"collectives": 3, "bytes": 3 * 1e6},
+        "block2": {"collectives": 9, "bytes": 9 * 1e6},
+    }
+    plain = comm_seconds(counters, 4, cluster)
+    # 1 s per global collective, 0.25 s per block collective: 3·1 + 9·0.25 = 5.25 s more.
+    delayed = comm_seconds(counters, 4, cluster, {"world": 1.0, "block2": 0.25})
+    assert delayed - plain == pytest.approx(5.25, rel=1e-12)
+    assert comm_seconds(counters, 4, cluster, {"world": 0.0}) == plain
+    est = estimate_run(counters, 48, 4, 32, cluster, 0.01, delay={"world": 1.0})
+    assert est.comm_seconds == pytest.approx(plain + 3.0, rel=1e-12)
+    assert est.total_seconds == pytest.approx(0.48 + plain + 3.0, rel=1e-12)
+    assert check_delay(None, 4) == {} and check_delay({"block2": 1}, 4) == {"block2": 1.0}
+    with pytest.raises(ValueError, match=r"delay\.world must be a finite number >= 0 seconds, got -1"):
+        comm_seconds(counters, 4, cluster, {"world": -1})
+    with pytest.raises(ValueError, match=r"comm\.delay\.node: unknown scope 'node'"):
+        check_delay({"node": 1.0}, 4, "comm.delay")
+    with pytest.raises(ValueError, match=r"delay\.block3: scope 'block3': block size 3 does not divide"):
+        check_delay({"block3": 1.0}, 4)
+    with pytest.raises(ValueError, match=r"delay\.world must be a finite number"):
+        check_delay({"world": float("inf")}, 4)
+
+
 def test_compute_from_the_cluster_takes_precedence_over_the_measurement() -> None:
     cluster = dataclasses.replace(preset("10gbe"), seconds_per_sample=1e-4)
     est = estimate_run(
@@ -231,13 +280,26 @@ def test_cluster_toml(tmp_path: Path) -> None:
     for name in presets():
         assert cluster_from_dict(cluster_to_dict(preset(name))) == preset(name)
     assert cluster_from_dict(cluster_to_dict(cluster)) == cluster
+    assert cluster.allreduce == "hierarchical" and "allreduce" not in cluster_to_dict(cluster)
+    ring = dataclasses.replace(cluster, allreduce="ring")
+    assert cluster_to_dict(ring)["allreduce"] == "ring"
+    assert cluster_from_dict(cluster_to_dict(ring)) == ring
+    # Written as a file and read back, every float keeps its digits.
+    odd = dataclasses.replace(ring, inter=Link(alpha=1.234567890123e-4, bandwidth=1.1e7), description='a "q"')
+    path.write_text(cluster_to_toml(odd, comment="calibrated\non a test"))
+    assert path.read_text().startswith("# calibrated\n# on a test\nname = ")
+    assert load_cluster(path) == odd
     assert load_cluster("nvlink-node") is preset("nvlink-node")
 
 
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
-        (lambda t: "gpus = 8\n" + t, r"unknown key 'gpus'; allowed: \['description', 'devices_per_node'"),
+        (
+            lambda t: "gpus = 8\n" + t,
+            r"unknown key 'gpus'; allowed: \['allreduce', 'description', 'devices_per_node'",
+        ),
+        (lambda t: 'allreduce = "tree"\n' + t, r"allreduce must be one of \['hierarchical', 'ring'\]"),
         (
             lambda t: t.replace("bandwidth_gbit = 25", "bandwidth = 25"),
             r"unknown key 'inter\.bandwidth'; allowed: \['alpha', 'bandwidth_gbit'\]",

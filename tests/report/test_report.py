@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import hashlib
+import base64
+import io
 import json
 import math
 import re
@@ -14,13 +15,14 @@ import pytest
 
 from localsgd.records import Store
 from localsgd.report import make_report, variant_label
-from localsgd.studies.schema import RunConfig
 from report.records import write_run
+from report.stores import FAILURE, RUNS, STEPS, build_estimate_store, config_of, rows_of, run_id_of
 
 pd = pytest.importorskip("pandas")
 openpyxl = pytest.importorskip("openpyxl")
 
 PLOTS = (
+    "pareto_speedup",
     "metric_vs_speedup",
     "metric_vs_epochs",
     "metric_vs_wall_time",
@@ -29,80 +31,17 @@ PLOTS = (
     "metric_vs_bytes",
     "metric_vs_period_workers",
 )
-STEPS = (0, 50, 100, 150, 200)
-BATCH = 64
-
-# (algorithm table, workers, seed, status, wall seconds at the end, final accuracy)
-RUNS: list[tuple[dict[str, Any], int, int, str, float, float]] = [
-    ({"name": "minibatch_sgd"}, 1, 0, "completed", 100.0, 0.900),
-    ({"name": "minibatch_sgd"}, 1, 1, "completed", 104.0, 0.910),
-    ({"name": "minibatch_sgd"}, 1, 2, "completed", 99.0, 0.905),
-    ({"name": "local_sgd", "period": 4}, 2, 0, "completed", 55.0, 0.880),
-    ({"name": "local_sgd", "period": 4}, 2, 1, "completed", 57.5, 0.895),
-    ({"name": "local_sgd", "period": 4}, 2, 2, "completed", 53.0, 0.870),
-    ({"name": "local_sgd", "period": 4}, 2, 3, "diverged", 20.0, 0.100),
-    ({"name": "slowmo", "period": 8}, 2, 0, "completed", 51.0, 0.885),
-    ({"name": "slowmo", "period": 8}, 2, 1, "completed", 52.0, 0.875),
-    ({"name": "slowmo", "period": 8}, 2, 2, "failed", 0.0, 0.0),
-]
-FAILURE = 'Traceback (most recent call last):\n  File "x.py", line 1\nRuntimeError: worker 1 lost'
+FORMATS = ("png", "pdf", "svg")
 
 
-def _rows(
-    algorithm: dict[str, Any], workers: int, seed: int, status: str, wall: float, acc: float
-) -> list[dict[str, Any]]:
-    if status == "failed":
-        return []
-    period = int(algorithm.get("period", 1))
-    rows = []
-    for i, step in enumerate(STEPS):
-        frac = step / STEPS[-1]
-        syncs = step // period if workers > 1 else 0
-        rows.append(
-            {
-                "step": step,
-                "epoch": step / 50,
-                "samples": step * BATCH * workers,
-                "wall_seconds": wall * frac,
-                "lr": 0.1,
-                "train_loss": 2.3 * (1 - 0.8 * frac) + 0.01 * seed if i else None,
-                "test_loss": 2.3 * (1 - 0.7 * frac),
-                "test_accuracy": 0.1 + (acc - 0.1) * frac**0.5,
-                "bytes": syncs * 4 * 1000,
-                "syncs": syncs,
-                "collectives": syncs,
-                "comm_seconds": 0.001 * syncs,
-            }
-        )
-    if status == "diverged":
-        rows[-1]["train_loss"] = math.inf
-        rows[-2]["train_loss"] = math.nan
-    return rows
-
-
-def _config(algorithm: dict[str, Any], workers: int, seed: int) -> dict[str, Any]:
-    config = RunConfig(name=f"{algorithm['name']}-k{workers}-s{seed}", workers=workers, seed=seed).to_dict()
-    config["algorithm"] = dict(algorithm)
-    config["data"]["batch_size"] = BATCH
-    return config
-
-
-def build_store(root: Path) -> Store:
-    store = Store(root)
-    for algorithm, workers, seed, status, wall, acc in RUNS:
-        config = _config(algorithm, workers, seed)
-        run_id = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
-        rows = _rows(algorithm, workers, seed, status, wall, acc)
-        error = "train loss is inf at step 200" if status == "diverged" else FAILURE
-        assert write_run(store, run_id, config, rows, status, error) == status
-    return store
-
-
-@pytest.fixture(scope="module")
-def report(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Path]]:
-    root = tmp_path_factory.mktemp("study")
-    build_store(root)
-    return root, make_report(root)
+def is_format(data: bytes, kind: str) -> bool:
+    """Whether ``data`` starts as a file of ``kind`` does."""
+    if kind == "png":
+        return data[:8] == b"\x89PNG\r\n\x1a\n"
+    if kind == "pdf":
+        return data[:5] == b"%PDF-" and data.rstrip().endswith(b"%%EOF")
+    head = data[:400].decode("utf-8", "replace")
+    return head.startswith("<?xml") and "<svg" in head and data.rstrip().endswith(b"</svg>")
 
 
 def _raw_final(store_root: Path) -> dict[str, list[dict[str, Any]]]:
@@ -123,35 +62,103 @@ def _sheet(paths: dict[str, Path], name: str) -> Any:
     return pd.read_excel(paths["xlsx"], sheet_name=name)
 
 
-def test_every_file_is_written_and_nonempty(report: tuple[Path, dict[str, Path]]) -> None:
+def test_every_file_is_written_in_every_format(report: tuple[Path, dict[str, Path]]) -> None:
     root, paths = report
     out = root / "report"
-    assert set(paths) == {"markdown", "html", "xlsx", *PLOTS}
+    assert set(paths) == {"markdown", "html", "xlsx", *(f"{s}.{f}" for s in PLOTS for f in FORMATS)}
     for kind, path in paths.items():
         assert path.parent == out, (kind, path)
         assert path.is_file() and path.stat().st_size > 0, kind
     for stem in PLOTS:
-        assert paths[stem].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        for kind in FORMATS:
+            assert is_format(paths[f"{stem}.{kind}"].read_bytes(), kind), (stem, kind)
+    # PDF fonts embedded as TrueType (Type 42), not Type 3, which publishers refuse.
+    pdf = paths["metric_vs_speedup.pdf"].read_bytes()
+    assert b"/CIDFontType2" in pdf and b"/Type3" not in pdf
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")], "temporary files left behind"
 
 
-def test_markdown_links_every_plot_and_names_the_baseline(report: tuple[Path, dict[str, Path]]) -> None:
+def test_formats_and_dpi_are_chosen_and_checked(report: tuple[Path, dict[str, Path]], tmp_path: Path) -> None:
+    root, default = report
+    paths = make_report(root, tmp_path / "svg", formats="svg", dpi=60)
+    figures = {k for k in paths if k not in ("markdown", "html", "xlsx")}
+    assert figures == {f"{s}.svg" for s in PLOTS}
+    text = paths["markdown"].read_text()
+    assert "](metric_vs_speedup.svg)" in text and ".png" not in text
+    # The HTML page embeds PNGs whatever is written, at the chosen dpi: 60 against 200.
+    from PIL import Image
+
+    html = paths["html"].read_text()
+    embedded = re.findall(r'id="fig-([a-z_]+)"><img alt="[^"]*" src="data:image/png;base64,([^"]+)"', html)
+    assert [stem for stem, _ in embedded] == list(PLOTS)
+    for stem, data in embedded:
+        small = Image.open(io.BytesIO(base64.b64decode(data))).size
+        large = Image.open(default[f"{stem}.png"]).size
+        assert large[0] == pytest.approx(small[0] * 200 / 60, rel=0.02), stem
+        assert large[1] == pytest.approx(small[1] * 200 / 60, rel=0.02), stem
+    for bad in ("png,gif", ""):
+        with pytest.raises(ValueError, match="--format must be a comma-separated list of png, pdf, svg"):
+            make_report(root, tmp_path / "bad", formats=bad)
+    with pytest.raises(ValueError, match="--dpi must be a whole number from 50 to 1200"):
+        make_report(root, tmp_path / "bad", dpi=10)
+    assert not (tmp_path / "bad").exists()  # refused before anything is written
+
+
+def test_markdown_links_every_figure_and_names_the_baseline(report: tuple[Path, dict[str, Path]]) -> None:
     _, paths = report
     text = paths["markdown"].read_text()
     for stem in PLOTS:
         assert f"]({stem}.png)" in text
+        assert f"[PDF]({stem}.pdf)" in text and f"[SVG]({stem}.svg)" in text
+    assert "[results.xlsx](results.xlsx)" in text
+    assert "- [Summary](#summary)" in text  # the table of contents
     assert "mnist1d_cnn" in text
     assert "the 3 completed K=1 run(s) (minibatch_sgd; seeds 0, 1, 2)" in text
     assert "10 finished runs: 8 completed, 1 failed, 1 diverged" in text
     assert "| local_sgd H=4 | 2 |" in text
 
 
-def test_html_is_self_contained(report: tuple[Path, dict[str, Path]]) -> None:
+def _row(text: str, start: str) -> list[str]:
+    line = next(line for line in text.splitlines() if line.startswith(start))
+    return [cell.strip() for cell in line.strip("|").split("|")]
+
+
+def test_table_cells_follow_one_rounding_rule(report: tuple[Path, dict[str, Path]]) -> None:
     _, paths = report
+    text = paths["markdown"].read_text()
+    header = _row(text, "| variant |")
+    base = dict(zip(header, _row(text, "| minibatch_sgd | 1 |")))
+    local = dict(zip(header, _row(text, "| local_sgd H=4 | 2 |")))
+    # Accuracy 0.900, 0.910, 0.905: 90.5 ± 0.5 %; local SGD 0.880, 0.895, 0.870: 88.2 ± 1.3 %.
+    assert base["final test accuracy (%)"] == "90.5 ± 0.5"
+    assert local["final test accuracy (%)"] == "88.2 ± 1.3"
+    # Wall times 100, 104, 99 s and 55, 57.5, 53 s.
+    assert base["wall time (s)"] == "101.0 ± 2.6"
+    assert local["wall time (s)"] == "55.2 ± 2.3"
+    # Speedup 101 / 55.17 = 1.831 ± 1.831·sqrt((2.646/101)² + (2.255/55.17)²) = 0.089.
+    assert local["speedup (×)"] == "1.83 ± 0.09"
+    assert base["speedup (×)"] == "1 (baseline)"
+    # One worker communicates nothing: no payload, no syncs (it counted 200 steps).
+    assert base["payload per worker"] == base["syncs"] == "—"
+    assert local["payload per worker"] == "200 kB" and local["syncs"] == "50"
+
+
+def test_html_has_contents_links_and_embedded_figures(report: tuple[Path, dict[str, Path]]) -> None:
+    root, paths = report
     text = paths["html"].read_text()
     assert text.count("data:image/png;base64,") == len(PLOTS)
-    sources = re.findall(r"""(?:src|href)\s*=\s*["']?([^"'\s>]+)""", text, flags=re.IGNORECASE)
+    sources = re.findall(r"""src\s*=\s*["']?([^"'\s>]+)""", text, flags=re.IGNORECASE)
     assert sources and all(s.startswith("data:") for s in sources), sources
+    links = re.findall(r"""href\s*=\s*["']([^"']+)["']""", text, flags=re.IGNORECASE)
+    anchors = set(re.findall(r'id="([^"]+)"', text))
+    files = {p.name for p in (root / "report").iterdir()}
+    for link in links:
+        assert (link[1:] in anchors) if link.startswith("#") else (link in files), link
+    for stem in PLOTS:
+        for kind in FORMATS:
+            assert f'href="{stem}.{kind}"' in text
+        assert f'href="#fig-{stem}"' in text
+    assert 'href="results.xlsx"' in text and '<nav class="toc">' in text
     assert "<link" not in text and "<script" not in text and "@import" not in text
     assert "<table>" in text and "slowmo H=8 β=0.5 α=1" in text
 
@@ -159,7 +166,7 @@ def test_html_is_self_contained(report: tuple[Path, dict[str, Path]]) -> None:
 def test_workbook_sheets(report: tuple[Path, dict[str, Path]]) -> None:
     _, paths = report
     book = openpyxl.load_workbook(paths["xlsx"], read_only=True)
-    assert book.sheetnames == ["summary", "status", "baseline", "runs", "metrics"]
+    assert book.sheetnames == ["summary", "status", "baseline", "runs", "metrics", "units"]
     runs = _sheet(paths, "runs")
     assert len(runs) == len(RUNS)
     assert {"run_id", "status", "config.workers", "config.algorithm.name", "final_accuracy"} <= set(
@@ -174,7 +181,8 @@ def test_summary_matches_the_raw_rows(report: tuple[Path, dict[str, Path]]) -> N
     root, paths = report
     raw = _raw_final(root)
     summary = _sheet(paths, "summary")
-    base_wall = statistics.mean(r["wall_seconds"] for r in raw["minibatch_sgd K=1"])
+    base_walls = [r["wall_seconds"] for r in raw["minibatch_sgd K=1"]]
+    base_wall, base_sd = statistics.mean(base_walls), statistics.stdev(base_walls)
     assert len(summary) == len(raw) == 3
     for row in summary.itertuples(index=False):
         finals = raw[f"{row.variant} K={row.workers}"]
@@ -185,6 +193,12 @@ def test_summary_matches_the_raw_rows(report: tuple[Path, dict[str, Path]]) -> N
         assert row.final_accuracy_std == pytest.approx(statistics.stdev(accs), abs=1e-9)
         assert row.wall_seconds_mean == pytest.approx(statistics.mean(walls), abs=1e-9)
         assert row.speedup == pytest.approx(base_wall / statistics.mean(walls), abs=1e-9)
+        if row.workers > 1:  # the spread of both wall times, propagated to first order
+            wall, sd = statistics.mean(walls), statistics.stdev(walls)
+            expected = (base_wall / wall) * math.sqrt((base_sd / base_wall) ** 2 + (sd / wall) ** 2)
+            assert row.speedup_std == pytest.approx(expected, rel=1e-9)
+        else:  # the baseline itself: 1 by definition
+            assert row.speedup == 1.0 and row.speedup_std == 0.0
         assert row.bytes_mean == pytest.approx(statistics.mean(r["bytes"] for r in finals), abs=1e-9)
     by_variant = summary.set_index("variant")
     assert by_variant.loc["minibatch_sgd", "speedup"] == pytest.approx(1.0, abs=1e-12)
@@ -208,10 +222,10 @@ def test_status_table_counts_failed_and_diverged(report: tuple[Path, dict[str, P
 
 def test_one_seed_has_blank_std_and_out_dir_is_honoured(tmp_path: Path) -> None:
     store = Store(tmp_path / "store")
-    config = _config({"name": "local_sgd", "period": 2}, 1, 0)
-    rows = _rows(config["algorithm"], 1, 0, "completed", 10.0, 0.5)
+    config = config_of({"name": "local_sgd", "period": 2}, 1, 0)
+    rows = rows_of(config["algorithm"], 1, 0, "completed", 10.0, 0.5)
     write_run(store, "only", config, rows, "completed")
-    paths = make_report(tmp_path / "store", tmp_path / "elsewhere")
+    paths = make_report(tmp_path / "store", tmp_path / "elsewhere", formats="png")
     assert paths["html"] == tmp_path / "elsewhere" / "report.html"
     summary = _sheet(paths, "summary")
     assert summary.loc[0, "n_seeds"] == 1
@@ -226,7 +240,7 @@ def test_empty_store_and_non_store_raise(tmp_path: Path) -> None:
     store = Store(tmp_path / "empty")
     with pytest.raises(ValueError, match="no finished runs"):
         make_report(tmp_path / "empty")
-    store.begin("running", "running", _config({"name": "minibatch_sgd"}, 1, 0))
+    store.begin("running", "running", config_of({"name": "minibatch_sgd"}, 1, 0))
     with pytest.raises(ValueError, match="no finished runs"):
         make_report(tmp_path / "empty")
 
@@ -259,15 +273,15 @@ def test_variant_label(algorithm: dict[str, Any], label: str) -> None:
 
 
 def _add_run(store: Store, config: dict[str, Any], status: str, wall: float, acc: float) -> None:
-    run_id = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
-    rows = _rows(config["algorithm"], config["workers"], config["seed"], status, wall, acc)
+    run_id = run_id_of(config)
+    rows = rows_of(config["algorithm"], config["workers"], config["seed"], status, wall, acc)
     write_run(store, run_id, config, rows, status, FAILURE)
 
 
 def test_only_failed_runs_still_report(tmp_path: Path) -> None:
     store = Store(tmp_path)
     for seed in (0, 1):
-        _add_run(store, _config({"name": "local_sgd"}, 2, seed), "failed", 0.0, 0.0)
+        _add_run(store, config_of({"name": "local_sgd"}, 2, seed), "failed", 0.0, 0.0)
     paths = make_report(tmp_path)
     assert all(p.stat().st_size > 0 for p in paths.values())
     assert _sheet(paths, "summary").empty
@@ -280,17 +294,17 @@ def test_other_varying_keys_split_groups_and_workloads_have_their_own_baseline(t
     store = Store(tmp_path)
     for epochs, wall in ((2.0, 50.0), (4.0, 100.0)):
         for seed in (0, 1):
-            config = _config({"name": "local_sgd", "period": 4}, 2, seed)
+            config = config_of({"name": "local_sgd", "period": 4}, 2, seed)
             config["train"]["epochs"] = epochs
             config["name"] = f"e{epochs}-s{seed}"
             _add_run(store, config, "completed", wall + seed, 0.8 + 0.01 * seed)
-    baseline = _config({"name": "minibatch_sgd"}, 1, 0)
+    baseline = config_of({"name": "minibatch_sgd"}, 1, 0)
     baseline["train"]["epochs"] = 4.0
     _add_run(store, baseline, "completed", 150.0, 0.85)
-    other = _config({"name": "minibatch_sgd"}, 2, 0)
+    other = config_of({"name": "minibatch_sgd"}, 2, 0)
     other["workload"] = {"name": "mnist1d_mlp"}
     _add_run(store, other, "completed", 10.0, 0.7)
-    paths = make_report(tmp_path)
+    paths = make_report(tmp_path, formats="png")
     summary = _sheet(paths, "summary")
     assert "setting" in summary.columns
     cnn = summary[(summary["workload"] == "mnist1d_cnn") & (summary["workers"] == 2)].set_index("setting")
@@ -308,27 +322,7 @@ def test_other_varying_keys_split_groups_and_workloads_have_their_own_baseline(t
 
 # -- estimates on a cluster ------------------------------------------------------------
 
-EST_PLOTS = ("metric_vs_est_speedup", "metric_vs_est_time")
-PAYLOAD = 40_000  # bytes per model average (fp32, 10k parameters)
-
-# (algorithm, workers, seed, wall seconds at the end, final accuracy, rows carry by_scope)
-EST_RUNS: list[tuple[dict[str, Any], int, int, float, float, bool]] = [
-    ({"name": "minibatch_sgd"}, 1, 0, 200.0, 0.90, True),
-    ({"name": "minibatch_sgd"}, 1, 1, 210.0, 0.92, True),
-    ({"name": "local_sgd", "period": 4}, 4, 0, 60.0, 0.88, True),
-    ({"name": "local_sgd", "period": 4}, 4, 1, 64.0, 0.86, True),
-    (
-        {"name": "hierarchical_local_sgd", "period": 2, "block_period": 4, "block_size": 2},
-        4,
-        0,
-        58.0,
-        0.87,
-        True,
-    ),
-    # Written before scopes were recorded: no by_scope, and no stats in status.json.
-    ({"name": "local_sgd", "period": 2}, 4, 0, 70.0, 0.80, False),
-]
-
+EST_PLOTS = ("pareto_est_time", "metric_vs_est_speedup", "metric_vs_est_time")
 LAB_TOML = """
 name = "lab"
 devices_per_node = 2
@@ -342,69 +336,6 @@ bandwidth_gbit = 400
 alpha = 5.0e-5
 bandwidth_gbit = 10
 """
-
-
-def _est_rows(
-    algorithm: dict[str, Any], workers: int, seed: int, wall: float, acc: float, scoped: bool
-) -> list[dict[str, Any]]:
-    rows = []
-    steps = [s * (4 if workers == 1 else 1) for s in STEPS]  # K=1 takes K× the steps per epoch
-    for step in steps:
-        frac = step / steps[-1]
-        if workers == 1:
-            scopes: dict[str, dict[str, float]] = {}
-        elif algorithm["name"] == "hierarchical_local_sgd":
-            world, block = step // 4, step // 2 - step // 4  # every 4th sync is a world one
-            scopes = {
-                "world": {"collectives": world, "bytes": world * PAYLOAD, "seconds": 0.002 * world},
-                "block2": {"collectives": block, "bytes": block * PAYLOAD, "seconds": 0.001 * block},
-            }
-        else:
-            n = step // algorithm["period"]
-            scopes = {"world": {"collectives": n, "bytes": n * PAYLOAD, "seconds": 0.002 * n}}
-        row = {
-            "step": step,
-            "epoch": step / 50,
-            "samples": step * BATCH * workers,
-            "wall_seconds": wall * frac,
-            "train_loss": 1.0,
-            "test_loss": 1.0,
-            "lr": 0.1,
-            "test_accuracy": 0.1 + (acc - 0.1) * frac**0.5 + 0.001 * seed,
-            "bytes": sum(s["bytes"] for s in scopes.values()),
-            "syncs": step,
-            "collectives": sum(s["collectives"] for s in scopes.values()),
-            "comm_seconds": sum(s["seconds"] for s in scopes.values()),
-        }
-        if scoped:
-            row["by_scope"] = scopes
-        rows.append(row)
-    return rows
-
-
-def build_estimate_store(root: Path) -> None:
-    store = Store(root)
-    for algorithm, workers, seed, wall, acc, scoped in EST_RUNS:
-        config = _config(algorithm, workers, seed)
-        run_id = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
-        rows = _est_rows(algorithm, workers, seed, wall, acc, scoped)
-        counters = None
-        if scoped:
-            # The trainer's final stats: the last row's counters plus DataParallel's closing
-            # world average on exit.
-            by_scope = json.loads(json.dumps(rows[-1]["by_scope"]))
-            if workers > 1:
-                world = by_scope["world"]
-                world["collectives"] += 1
-                world["bytes"] += PAYLOAD
-            counters = {
-                "steps": rows[-1]["step"],
-                "by_scope": by_scope,
-                "collectives": sum(s["collectives"] for s in by_scope.values()),
-                "bytes": sum(s["bytes"] for s in by_scope.values()),
-                "comm_seconds": sum(s["seconds"] for s in by_scope.values()),
-            }
-        assert write_run(store, run_id, config, rows, "completed", counters=counters) == "completed"
 
 
 def _expected_estimates(root: Path, cluster: Any, target: float | None) -> dict[str, dict[str, float]]:
@@ -497,7 +428,7 @@ def test_cluster_estimates_match_the_raw_rows_and_the_model(
         spec, target = str(tmp_path / "lab.toml"), 0.6
     cluster = load_cluster(spec)
     given = None if target is None else f"accuracy={target}"
-    paths = make_report(estimate_store, tmp_path / "out", cluster=spec, target=given)
+    paths = make_report(estimate_store, tmp_path / "out", cluster=spec, target=given, formats="png")
     expected = _expected_estimates(estimate_store, cluster, target)
     summary = _sheet(paths, "summary")
     assert len(summary) == len(expected) == 4
@@ -519,7 +450,7 @@ def test_cluster_estimates_match_the_raw_rows_and_the_model(
     )
 
     for stem in EST_PLOTS:
-        assert paths[stem].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert is_format(paths[f"{stem}.png"].read_bytes(), "png")
     text = paths["markdown"].read_text()
     for stem in (*PLOTS, *EST_PLOTS):
         assert f"]({stem}.png)" in text
@@ -529,7 +460,9 @@ def test_cluster_estimates_match_the_raw_rows_and_the_model(
     assert ("given (--target)" in text) == (target is not None)
     assert "| est. compute s | est. comm s | est. total s | est. speedup (×) |" in text
     html = paths["html"].read_text()
-    assert html.count("data:image/png;base64,") == len(PLOTS) + len(EST_PLOTS)
+    # The runs are of worker processes: their measured times beside the estimates, one plot more.
+    assert html.count("data:image/png;base64,") == len(PLOTS) + len(EST_PLOTS) + 1
+    assert f"## Measured against estimated on {cluster.name}" in text
     assert "cluster" in openpyxl.load_workbook(paths["xlsx"], read_only=True).sheetnames
     metrics = _sheet(paths, "metrics")
     assert {"est_compute_seconds", "est_comm_seconds", "est_total_seconds"} <= set(metrics.columns)
@@ -554,6 +487,31 @@ def test_cluster_errors(estimate_store: Path, tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["report", str(estimate_store), "--cluster", "fast"])
     assert result.exit_code == 2
     assert "unknown cluster 'fast'" in result.output and "nvlink-node" in result.output
+    for option in (["--format", "png,gif"], ["--dpi", "20"]):
+        result = CliRunner().invoke(
+            app, ["report", str(estimate_store), "--out", str(tmp_path / "x"), *option]
+        )
+        assert result.exit_code == 2 and option[0] in result.output
+    assert not (tmp_path / "x").exists()
+
+
+def test_cli_writes_the_formats_asked_for(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from localsgd.cli import app
+
+    store = Store(tmp_path / "store")
+    config = config_of({"name": "minibatch_sgd"}, 1, 0)
+    write_run(store, "one", config, rows_of(config["algorithm"], 1, 0, "completed", 10.0, 0.5), "completed")
+    out = tmp_path / "out"
+    result = CliRunner().invoke(
+        app, ["report", str(tmp_path / "store"), "--out", str(out), "--format", "pdf"]
+    )
+    assert result.exit_code == 0, result.output
+    written = {p.suffix for p in out.iterdir() if p.stem not in ("report", "results")}
+    assert written == {".pdf"}
+    assert f"figures: {len(list(out.glob('*.pdf')))} files (PDF) in {out}" in result.output
+    assert f"html: {out / 'report.html'}" in result.output
 
 
 def test_measured_compute_per_step() -> None:

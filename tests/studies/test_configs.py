@@ -42,7 +42,7 @@ lr = 0.05
 @pytest.mark.parametrize(
     "data,message",
     [
-        ({"wrokers": 2}, r"unknown key 'wrokers'; allowed: \['algorithm', 'data'"),
+        ({"wrokers": 2}, r"unknown key 'wrokers'; allowed: \['algorithm', 'comm', 'data'"),
         ({"optimizer": {"lrr": 0.1}}, r"unknown key 'optimizer\.lrr'; allowed: \['beta1'"),
         ({"optimizer": {"lr": "fast"}}, r"optimizer\.lr must be a number, got str 'fast'"),
         ({"optimizer": {"lr": float("inf")}}, r"optimizer\.lr must be a finite number > 0, got inf"),
@@ -54,7 +54,7 @@ lr = 0.05
         ({"seed": 2**70}, r"seed must be an integer in \[0, "),
         ({"optimizer": {"momentum": 1.5}}, r"optimizer\.momentum must be a finite number >= 0 and < 1"),
         ({"optimizer": {"name": "lamb"}}, r"optimizer\.name must be one of \['sgd', 'adamw'\]"),
-        ({"schedule": {"name": "linear"}}, r"schedule\.name must be one of"),
+        ({"schedule": {"name": "exponential"}}, r"schedule\.name must be one of"),
         ({"schedule": {"milestones": [0.8, 0.5]}}, r"schedule\.milestones must be increasing"),
         ({"schedule": {"milestones": 0.5}}, r"schedule\.milestones must be a list"),
         ({"engine": "threads"}, r"engine must be one of \['processes', 'simulated'\]"),

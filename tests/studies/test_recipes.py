@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -31,6 +33,26 @@ def test_learning_rate_schedules():
     assert at(10, **scaled) == pytest.approx(0.25)
     assert at(20, **scaled) == pytest.approx(0.4)
     assert at(99, **scaled) == pytest.approx(0.4)
+
+
+def test_linear_schedule_with_warmup_matches_transformers():
+    transformers = pytest.importorskip("transformers")
+    total, peak = 50, 0.2
+    for warmup in ({"warmup_steps": 7}, {"warmup_ratio": 0.1}, {}):
+        opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=peak)
+        steps = warmup.get("warmup_steps", math.ceil(warmup.get("warmup_ratio", 0.0) * total))
+        sched = transformers.get_linear_schedule_with_warmup(opt, steps, total)
+        for step in range(total):
+            ours = recipes.lr_at(step, total, 10, peak, ScheduleConfig(name="linear", **warmup), 32)
+            assert ours == pytest.approx(opt.param_groups[0]["lr"], abs=1e-12), (warmup, step)
+            opt.step()
+            sched.step()
+    with pytest.raises(ValueError, match="give one of warmup_epochs"):
+        ScheduleConfig(warmup_steps=3, warmup_ratio=0.1)
+    with pytest.raises(ValueError, match=r"schedule\.warmup_ratio must be a finite number >= 0 and < 1"):
+        ScheduleConfig(warmup_ratio=1.5)
+    with pytest.raises(ValueError, match=r"train\.precision must be one of \['fp32', 'bf16', 'fp16'\]"):
+        run_config({"train": {"precision": "fp8"}})
 
 
 def test_optimizer_recipes():

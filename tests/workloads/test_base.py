@@ -19,7 +19,9 @@ from workloads.conftest import N_TEST, N_TRAIN, NUM_SAMPLES
 
 
 def test_names_and_options() -> None:
-    assert workloads.names() == ["cifar10_resnet20", "mnist1d_cnn", "mnist1d_mlp"]
+    names = workloads.names()
+    assert names == sorted(names)
+    assert {"cifar10_resnet20", "mnist1d_cnn", "mnist1d_mlp", "mnli", "squad", "mlm"} <= set(names)
     assert workloads.DEFAULT == "mnist1d_cnn"
     _, options, takes_dataclass = workloads.check_spec("mnist1d_cnn")
     assert takes_dataclass and dataclasses.asdict(options) == {
@@ -32,7 +34,8 @@ def test_names_and_options() -> None:
 def test_unknown_name_lists_allowed() -> None:
     with pytest.raises(
         ConfigError,
-        match=r"workload = 'imagenet' is not a registered workload \['cifar10_resnet20', 'mnist1d_cnn'",
+        match=r"workload = 'imagenet' is not a registered workload \['cifar10_resnet20', 'mlm', 'mnist1d_cnn', "
+        r"'mnist1d_mlp', 'mnli', 'squad'\] nor an import path",
     ):
         workloads.build("imagenet")
 

@@ -52,6 +52,14 @@ def test_mnist1d_model_sizes(cache_home: Path) -> None:
     )
     assert sum(p.numel() for p in mnist1d.ConvNet1D(batch_norm=False).parameters()) == 8106 - 3 * 32
     assert sum(p.numel() for p in mlp.parameters()) == 40 * 100 + 100 + 100 * 100 + 100 + 100 * 10 + 10
+    # The width option: a communication-heavy MLP of 5.1 M parameters.
+    wide = workloads.build("mnist1d_mlp", num_samples=NUM_SAMPLES, width=2240)
+    assert wide.config["width"] == 2240
+    assert sum(p.numel() for p in wide.make_model(0).parameters()) == 2240**2 + 52 * 2240 + 10 == 5_134_090
+    with pytest.raises(ValueError, match=r"workload\.width must be an integer in \[1, 16384\], got 0"):
+        workloads.build("mnist1d_mlp", num_samples=NUM_SAMPLES, width=0)
+    with pytest.raises(ValueError, match=r"unknown key 'workload\.width'"):
+        workloads.build("mnist1d_cnn", num_samples=NUM_SAMPLES, width=8)
 
 
 def test_cache_is_written_then_reused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -43,6 +43,11 @@ class SyncContext:
     flat: bool = True
     """Whether parameters and buffers were laid out back to back (``DataParallel(flat=True)``);
     engines with their own layout (stacked replicas) hand tensors over as they are."""
+    gradients_averaged: Callable[[], None] | None = None
+    """Set when gradients arrive averaged over the world already (a model wrapped in
+    ``DistributedDataParallel``, whose bucketed all-reduce overlaps the backward pass): an
+    algorithm that averages gradients every step calls it, to count that traffic, instead
+    of averaging again (see ``AlgorithmConfig.USES_DDP_GRADIENTS``)."""
     _spans: dict[tuple[bool, bool], Spans] = field(default_factory=dict, init=False, repr=False)
 
     def model_tensors(self, *, params: bool = True, buffers: bool = False) -> list[torch.Tensor]:
@@ -93,6 +98,10 @@ class AlgorithmConfig:
     name: ClassVar[str]
     SYMBOLS: ClassVar[dict[str, str]] = {}
     RENAMED: ClassVar[dict[str, str]] = {}
+    USES_DDP_GRADIENTS: ClassVar[bool] = False
+    """Whether, on a ``DistributedDataParallel`` model, the algorithm lets DDP average the
+    gradients of every backward pass (mini-batch SGD); otherwise every backward pass runs
+    as under ``no_sync()`` and the algorithm communicates through the communicator."""
 
     @property
     def sync_period(self) -> int | None:

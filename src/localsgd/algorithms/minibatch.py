@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from localsgd.algorithms._common import ParametersAlwaysInSync, average_gradients, require_keys
 from localsgd.algorithms.base import AlgorithmConfig, SyncContext, register
@@ -16,8 +16,12 @@ class MiniBatchSGD(AlgorithmConfig):
     """Synchronous data parallelism: every step uses the gradient averaged over K workers.
 
     Consistency: parameters are identical on every replica after every step. Buffers
-    (BatchNorm statistics) stay local and are averaged into the consensus model.
+    (BatchNorm statistics) stay local and are averaged into the consensus model. On a model
+    wrapped in ``DistributedDataParallel``, DDP's bucketed all-reduce (overlapped with the
+    backward pass) does the averaging and nothing is averaged a second time.
     """
+
+    USES_DDP_GRADIENTS: ClassVar[bool] = True
 
     @property
     def sync_period(self) -> int:
@@ -33,7 +37,10 @@ class MiniBatchSync(ParametersAlwaysInSync):
         self.syncs = 0
 
     def before_step(self) -> None:
-        average_gradients(self.ctx)
+        if self.ctx.gradients_averaged is not None:
+            self.ctx.gradients_averaged()  # DDP averaged them during the backward pass
+        else:
+            average_gradients(self.ctx)
         self.syncs += 1
 
     def state_dict(self) -> dict[str, Any]:

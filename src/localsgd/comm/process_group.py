@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -22,9 +22,16 @@ class ProcessGroupCommunicator:
 
     Seconds are wall-clock around each collective; on CUDA the device is synchronized
     first so the figure is the collective's, not the queue's.
+
+    ``delay`` (``{scope label: seconds}``, e.g. ``{"world": 1.0}``) is an injected wait after
+    every counted collective of that scope, inside its measured seconds: a slow link or a
+    distant site emulated on a fast one (Lin et al. 2020 delay each global synchronisation).
+    Every rank waits, so the run's wall time grows by the delay once per collective.
+    Uncounted traffic (``record=False``: the broadcast on entering, evaluation) is not
+    delayed.
     """
 
-    def __init__(self, group: Any = None) -> None:
+    def __init__(self, group: Any = None, *, delay: Mapping[str, float] | None = None) -> None:
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError(
                 "torch.distributed is not initialized; call localsgd.init_distributed() "
@@ -35,6 +42,10 @@ class ProcessGroupCommunicator:
         self._world_size = dist.get_world_size(group)
         self._blocks: dict[int, Any] = {}
         self._stats = CommStats()
+        self._delay = {str(k): float(v) for k, v in (delay or {}).items()}
+        bad = {k: v for k, v in self._delay.items() if not v >= 0 or v == float("inf")}
+        if bad:
+            raise ValueError(f"delay must be finite seconds >= 0 per scope, got {bad}")
         # NCCL averages inside the collective, saving a pass over the buffer.
         self._avg = dist.get_backend(group) == "nccl"
 
@@ -126,14 +137,15 @@ class ProcessGroupCommunicator:
             packed = flat is None
             if flat is None:
                 flat = pack(members)
-            seconds = self._timed(collective, flat)
+            pause = self._delay.get(label, 0.0) if record else 0.0
+            seconds = self._timed(collective, flat, pause)
             if packed:
                 unpack(flat, members)
             if record:
                 self._stats.record(label, flat.numel() * flat.element_size(), seconds)
 
     @staticmethod
-    def _timed(collective: Callable[[torch.Tensor], None], flat: torch.Tensor) -> float:
+    def _timed(collective: Callable[[torch.Tensor], None], flat: torch.Tensor, pause: float = 0.0) -> float:
         cuda = flat.is_cuda
         if cuda:
             torch.cuda.synchronize(flat.device)
@@ -142,4 +154,6 @@ class ProcessGroupCommunicator:
             collective(flat)
         if cuda:
             torch.cuda.synchronize(flat.device)
+        if pause:
+            time.sleep(pause)
         return time.perf_counter() - start

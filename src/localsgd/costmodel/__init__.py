@@ -17,11 +17,13 @@ from __future__ import annotations
 from localsgd.costmodel.clusters import (
     cluster_from_dict,
     cluster_to_dict,
+    cluster_to_toml,
     load_cluster,
     preset,
     presets,
 )
 from localsgd.costmodel.model import (
+    ALLREDUCE_ALGORITHMS,
     GBIT,
     Cluster,
     CollectiveCost,
@@ -29,6 +31,7 @@ from localsgd.costmodel.model import (
     Link,
     allreduce_cost,
     allreduce_seconds,
+    check_delay,
     collective_seconds,
     comm_seconds,
     compute_per_step,
@@ -40,6 +43,7 @@ from localsgd.costmodel.model import (
 )
 
 __all__ = [
+    "ALLREDUCE_ALGORITHMS",
     "GBIT",
     "Cluster",
     "CollectiveCost",
@@ -47,8 +51,10 @@ __all__ = [
     "Link",
     "allreduce_cost",
     "allreduce_seconds",
+    "check_delay",
     "cluster_from_dict",
     "cluster_to_dict",
+    "cluster_to_toml",
     "collective_seconds",
     "comm_seconds",
     "compute_per_step",

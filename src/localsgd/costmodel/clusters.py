@@ -7,6 +7,7 @@ file describes your own cluster::
     name = "lab"
     devices_per_node = 4          # G; 1 for one worker per machine
     seconds_per_sample = 2.0e-5   # optional: compute per sample on one device
+    allreduce = "hierarchical"    # optional: or "ring" (one flat ring across nodes, as gloo)
 
     [intra]                       # required when devices_per_node > 1
     alpha = 2.0e-6                # seconds per message
@@ -22,6 +23,7 @@ In TOML, bandwidth is in Gb/s (``bandwidth_gbit``), as network gear is rated; in
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,8 +31,8 @@ from typing import Any
 
 import tomllib
 
-from localsgd.costmodel.model import GBIT, Cluster, Link, check_real
-from localsgd.util.checks import ConfigError, check_int, from_dict
+from localsgd.costmodel.model import ALLREDUCE_ALGORITHMS, GBIT, Cluster, Link, check_real
+from localsgd.util.checks import ConfigError, check_choice, check_int, from_dict
 
 TCP_ALPHA = 50e-6
 """Typical per-message latency of kernel TCP over (10/25 GbE) Ethernet, software included."""
@@ -125,6 +127,9 @@ class ClusterFile:
     """Compute per sample on one device (default: measured in each run)."""
     description: str = ""
     """A sentence for reports."""
+    allreduce: str = "hierarchical"
+    """``hierarchical`` or ``ring``: how an all-reduce spanning nodes runs (see
+    :attr:`~localsgd.costmodel.model.Cluster.allreduce`)."""
 
 
 def cluster_from_dict(data: Mapping[str, Any]) -> Cluster:
@@ -132,6 +137,7 @@ def cluster_from_dict(data: Mapping[str, Any]) -> Cluster:
     the key for unknown keys, missing keys and values out of range."""
     spec = from_dict(ClusterFile, data)
     check_int("devices_per_node", spec.devices_per_node, 1)
+    check_choice("allreduce", spec.allreduce, ALLREDUCE_ALGORITHMS)
     if spec.devices_per_node > 1 and spec.intra is None:
         raise ConfigError(
             f"missing key 'intra': a [intra] link is required when devices_per_node = {spec.devices_per_node} > 1"
@@ -143,6 +149,7 @@ def cluster_from_dict(data: Mapping[str, Any]) -> Cluster:
         intra=spec.intra.link("intra") if spec.intra is not None else None,
         seconds_per_sample=spec.seconds_per_sample,
         description=spec.description,
+        allreduce=spec.allreduce,
     )
 
 
@@ -157,10 +164,29 @@ def cluster_to_dict(cluster: Cluster) -> dict[str, Any]:
         out["seconds_per_sample"] = cluster.seconds_per_sample
     if cluster.description:
         out["description"] = cluster.description
+    if cluster.allreduce != "hierarchical":
+        out["allreduce"] = cluster.allreduce
     if cluster.intra is not None:
         out["intra"] = link(cluster.intra)
     out["inter"] = link(cluster.inter)
     return out
+
+
+def cluster_to_toml(cluster: Cluster, comment: str = "") -> str:
+    """The cluster file text of ``cluster`` (:func:`load_cluster` reads it back); ``comment``
+    lines go on top, each prefixed with ``#``."""
+
+    def value(v: Any) -> str:
+        # repr keeps every float's digits and is valid TOML; JSON's string escapes are TOML's.
+        return json.dumps(v, ensure_ascii=False) if isinstance(v, str) else repr(v)
+
+    data = cluster_to_dict(cluster)
+    lines = [f"# {line}".rstrip() for line in comment.splitlines()]
+    lines += [f"{k} = {value(v)}" for k, v in data.items() if not isinstance(v, dict)]
+    for table in ("intra", "inter"):
+        if table in data:
+            lines += ["", f"[{table}]", *(f"{k} = {value(v)}" for k, v in data[table].items())]
+    return "\n".join(lines) + "\n"
 
 
 def load_cluster(path_or_name: str | Path) -> Cluster:

@@ -46,6 +46,10 @@ class Link:
         )
 
 
+ALLREDUCE_ALGORITHMS = ("hierarchical", "ring")
+"""The values of :attr:`Cluster.allreduce`."""
+
+
 @dataclass(frozen=True)
 class Cluster:
     """Nodes of ``devices_per_node`` devices (G): devices of one node talk over ``intra``,
@@ -69,6 +73,12 @@ class Cluster:
     time measured in the run."""
     description: str = ""
     """One line on what the cluster is and where its numbers come from."""
+    allreduce: str = "hierarchical"
+    """How an all-reduce spanning several nodes of G > 1 devices runs: ``hierarchical``
+    (intra-node reduce-scatter, G concurrent inter-node rings on the n/G shards, intra-node
+    all-gather: NCCL on rail-optimised nodes) or ``ring`` (one flat ring over all p ranks in
+    rank order, as gloo runs every all-reduce: the hop that crosses nodes sets the pace of
+    every step). Irrelevant when G = 1."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name.strip():
@@ -87,11 +97,19 @@ class Cluster:
             object.__setattr__(self, "seconds_per_sample", value)
         if not isinstance(self.description, str):
             raise ValueError(f"description must be a string, got {self.description!r}")
+        if self.allreduce not in ALLREDUCE_ALGORITHMS:
+            raise ValueError(f"allreduce must be one of {list(ALLREDUCE_ALGORITHMS)}, got {self.allreduce!r}")
 
     def placement(self, workers: int) -> tuple[int, int]:
         """(nodes, devices used per node) for K = ``workers``: (ceil(K/G), min(K, G))."""
         _check_workers(workers)
         return math.ceil(workers / self.devices_per_node), min(workers, self.devices_per_node)
+
+    def _flat(self, p: int) -> bool:
+        """Whether an all-reduce over ranks [0, p), p > G, is one flat ring at the
+        inter-node link's pace (rather than hierarchical)."""
+        g = self.devices_per_node
+        return g == 1 or p % g != 0 or self.allreduce == "ring"
 
     def _intra(self) -> Link:
         assert self.intra is not None, f"cluster {self.name!r}: G = {self.devices_per_node} needs intra"
@@ -150,12 +168,13 @@ def allreduce_seconds(nbytes: float, p: int, cluster: Cluster) -> float:
     - p = 1: 0.
     - p ≤ G (one node): a ring on the intra-node link.
     - G = 1 (one device per node): a ring on the inter-node link.
-    - p a multiple of G, N = p/G > 1 nodes: hierarchical — an intra-node reduce-scatter,
-      (G−1)(α_i + n/(G·β_i)); G concurrent inter-node ring all-reduces of the n/G-byte
-      shards over N nodes, one per local rank; an intra-node all-gather, (G−1)(α_i + n/(G·β_i)).
-    - otherwise (a partly filled last node): one flat ring over all p ranks at the pace of
-      the inter-node link, since a ring advances in lock-step and its slowest hop sets
-      each step.
+    - p a multiple of G, N = p/G > 1 nodes, ``cluster.allreduce == "hierarchical"``: an
+      intra-node reduce-scatter, (G−1)(α_i + n/(G·β_i)); G concurrent inter-node ring
+      all-reduces of the n/G-byte shards over N nodes, one per local rank; an intra-node
+      all-gather, (G−1)(α_i + n/(G·β_i)).
+    - otherwise (a partly filled last node, or ``allreduce == "ring"``): one flat ring over
+      all p ranks at the pace of the inter-node link, since a ring advances in lock-step
+      and its slowest hop sets each step.
     """
     _check_workers(p, "p")
     check_real("nbytes", nbytes, unit="bytes")
@@ -164,7 +183,7 @@ def allreduce_seconds(nbytes: float, p: int, cluster: Cluster) -> float:
         return 0.0
     if p <= g:
         return ring_allreduce_seconds(nbytes, p, cluster._intra())
-    if g == 1 or p % g:
+    if cluster._flat(p):
         return ring_allreduce_seconds(nbytes, p, cluster.inter)
     intra = cluster._intra()
     reduce_scatter = (g - 1) * (intra.alpha + nbytes / (g * intra.bandwidth))
@@ -181,7 +200,7 @@ def allreduce_cost(p: int, cluster: Cluster) -> CollectiveCost:
         return ZERO
     if p <= g:
         return ring_cost(p, cluster._intra())
-    if g == 1 or p % g:
+    if cluster._flat(p):
         return ring_cost(p, cluster.inter)
     across = ring_cost(p // g, cluster.inter)
     # The inter-node rings carry shards of n/G bytes: their per-byte term scales by 1/G.
@@ -269,11 +288,44 @@ class Estimate:
         }
 
 
-def comm_seconds(counters_by_scope: Mapping[str, Mapping[str, Any]], workers: int, cluster: Cluster) -> float:
-    """Σ_scope collectives_s · latency_s + bytes_s · per_byte_s, from cumulative counters
-    ``{"world": {"collectives": c, "bytes": b, ...}, "block2": {...}}`` (other keys, such
-    as measured ``seconds``, are ignored). Exact when all collectives of a scope move the
-    same payload, and in general since every term is affine in the payload."""
+def check_delay(
+    delay: Mapping[str, Any] | None, workers: int | None, name: str = "delay"
+) -> dict[str, float]:
+    """``delay`` as ``{scope: seconds}``: the keys are scopes (``world``, or ``block<b>``
+    with b >= 1 dividing the ``workers``; any b when ``workers`` is None), the values finite
+    seconds >= 0. ``ValueError`` naming ``name.<scope>`` otherwise; None is no delay."""
+    if delay is None:
+        return {}
+    if not isinstance(delay, Mapping):
+        raise ValueError(f"{name} must be a table of scope = seconds, got {type(delay).__name__} {delay!r}")
+    out: dict[str, float] = {}
+    for scope, seconds in delay.items():
+        key = str(scope)
+        match = _BLOCK.fullmatch(key)
+        try:
+            if workers is not None:
+                scope_size(key, workers)
+            elif key != "world" and (match is None or int(match.group(1)) < 1):
+                raise ValueError(f"unknown scope {key!r}; allowed: 'world' or 'block<b>' (e.g. 'block2')")
+        except ValueError as exc:
+            raise ValueError(f"{name}.{key}: {exc}") from None
+        out[key] = check_real(f"{name}.{key}", seconds, unit="seconds")
+    return out
+
+
+def comm_seconds(
+    counters_by_scope: Mapping[str, Mapping[str, Any]],
+    workers: int,
+    cluster: Cluster,
+    delay: Mapping[str, float] | None = None,
+) -> float:
+    """Σ_scope collectives_s · (latency_s + delay_s) + bytes_s · per_byte_s, from cumulative
+    counters ``{"world": {"collectives": c, "bytes": b, ...}, "block2": {...}}`` (other keys,
+    such as measured ``seconds``, are ignored). ``delay`` adds seconds to every collective
+    of a scope (``{"world": 1.0}``: a run's injected ``comm.delay``). Exact when all
+    collectives of a scope move the same payload, and in general since every term is affine
+    in the payload."""
+    added = check_delay(delay, workers)
     total = 0.0
     for scope, counters in counters_by_scope.items():
         if not isinstance(counters, Mapping):
@@ -283,7 +335,7 @@ def comm_seconds(counters_by_scope: Mapping[str, Mapping[str, Any]], workers: in
         if collectives == 0 and nbytes == 0:
             continue
         cost = scope_cost(scope, workers, cluster)
-        total += collectives * cost.latency + nbytes * cost.per_byte
+        total += collectives * (cost.latency + added.get(scope, 0.0)) + nbytes * cost.per_byte
     return total
 
 
@@ -313,11 +365,13 @@ def estimate_run(
     batch_size: int,
     cluster: Cluster,
     measured_compute_per_step: float | None = None,
+    delay: Mapping[str, float] | None = None,
 ) -> Estimate:
     """Estimate a run (or its prefix up to an evaluation row) on ``cluster``:
-    ``steps`` × :func:`compute_per_step` + :func:`comm_seconds` of its cumulative counters."""
+    ``steps`` × :func:`compute_per_step` + :func:`comm_seconds` of its cumulative counters
+    (with ``delay`` seconds added to every collective of a scope)."""
     steps = check_real("steps", steps)
     _check_workers(workers)
     compute = steps * compute_per_step(batch_size, cluster, measured_compute_per_step)
-    comm = comm_seconds(counters_by_scope, workers, cluster)
+    comm = comm_seconds(counters_by_scope, workers, cluster, delay)
     return Estimate(compute, comm, compute + comm)

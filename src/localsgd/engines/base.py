@@ -120,6 +120,11 @@ class Replicas(Protocol):
         """Set the gradients of ``module`` from ``batch``; return the loss(es), detached."""
         ...
 
+    def unscale_(self, scaler: Any, dp: Any) -> None:
+        """Unscale the gradients of an fp16 ``GradScaler`` so that every worker agrees on
+        whether a step overflowed (a collective where workers are processes)."""
+        ...
+
     def worker_mean(self, value: torch.Tensor, dp: Any) -> float:
         """The mean over all K workers of a per-worker value (a collective)."""
         ...
@@ -168,8 +173,11 @@ class Engine(Protocol):
         world_size: int,
         workers: int,
         device: torch.device,
+        delay: Mapping[str, float] | None = None,
     ) -> Replicas:
-        """This process's view of the replicas of ``model``."""
+        """This process's view of the replicas of ``model``. ``delay``: seconds added to
+        every counted collective of a scope (a run's ``comm.delay``), which the engine
+        either waits out or records for the cost model's estimates."""
         ...
 
 

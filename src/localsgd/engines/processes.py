@@ -13,7 +13,7 @@ launcher's summary.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -57,19 +57,32 @@ class ProcessesEngine:
         world_size: int,
         workers: int,
         device: torch.device,
+        delay: Mapping[str, float] | None = None,
     ) -> Replicas:
-        return ProcessReplica(workload, model, rank, world_size, device)
+        return ProcessReplica(workload, model, rank, world_size, device, delay)
 
 
 class ProcessReplica:
-    """This process trains one replica; rank 0 evaluates."""
+    """This process trains one replica; rank 0 evaluates. With a ``delay``, its communicator
+    waits that long after every counted collective of the scope (see
+    :class:`~localsgd.comm.process_group.ProcessGroupCommunicator`)."""
 
     flat = True
-    comm: Communicator | None = None
 
     def __init__(
-        self, workload: Any, model: nn.Module, rank: int, world_size: int, device: torch.device
+        self,
+        workload: Any,
+        model: nn.Module,
+        rank: int,
+        world_size: int,
+        device: torch.device,
+        delay: Mapping[str, float] | None = None,
     ) -> None:
+        self.comm: Communicator | None = None  # DataParallel takes the world's process group
+        if delay and world_size > 1:
+            from localsgd.comm.process_group import ProcessGroupCommunicator
+
+            self.comm = ProcessGroupCommunicator(delay=delay)
         self.workload = workload
         self.module = model
         self.rank = rank
@@ -89,6 +102,9 @@ class ProcessReplica:
         loss = self.workload.loss(self.module, batch)
         loss.backward()
         return loss.detach()
+
+    def unscale_(self, scaler: Any, dp: Any) -> None:
+        dp.unscale_(scaler)
 
     def worker_mean(self, value: torch.Tensor, dp: Any) -> float:
         mean = value.double().reshape(1)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -376,17 +376,28 @@ class SimulatedEngine:
         world_size: int,
         workers: int,
         device: torch.device,
+        delay: Mapping[str, float] | None = None,
     ) -> Replicas:
-        return SimulatedReplicas(workload, model, workers, device)
+        return SimulatedReplicas(workload, model, workers, device, delay)
 
 
 class SimulatedReplicas:
     """All K replicas stacked in this process; replica k reads exactly the shard rank k
-    reads in the process engine."""
+    reads in the process engine. An injected ``delay`` is not waited out (the wall time
+    here is not a K-worker time anyway): it is recorded in the run's details, and the cost
+    model adds it to the estimates from the run's config."""
 
     flat = False
 
-    def __init__(self, workload: Any, model: nn.Module, replicas: int, device: torch.device) -> None:
+    def __init__(
+        self,
+        workload: Any,
+        model: nn.Module,
+        replicas: int,
+        device: torch.device,
+        delay: Mapping[str, float] | None = None,
+    ) -> None:
+        self.delay = dict(delay or {})
         self.workload = workload
         self.replicas = replicas
         self.device = device
@@ -411,6 +422,10 @@ class SimulatedReplicas:
     def forward_backward(self, batch: Any) -> torch.Tensor:
         return self.gradients(batch)
 
+    def unscale_(self, scaler: Any, dp: Any) -> None:
+        # One scaler sees every replica's gradients: its overflow decision is shared already.
+        scaler.unscale_(dp.optimizer)
+
     def worker_mean(self, value: torch.Tensor, dp: Any) -> float:
         return float(value.double().mean().item())
 
@@ -422,7 +437,13 @@ class SimulatedReplicas:
         return self.module.load_replica_into_template(0)
 
     def details(self) -> dict[str, Any]:
-        return {"vectorized": self.gradients.vectorized, "fallback_reason": self.gradients.fallback_reason}
+        out: dict[str, Any] = {
+            "vectorized": self.gradients.vectorized,
+            "fallback_reason": self.gradients.fallback_reason,
+        }
+        if self.delay:
+            out["delay_not_waited"] = self.delay  # seconds per collective, by scope
+        return out
 
 
 SIMULATED = register(SimulatedEngine())

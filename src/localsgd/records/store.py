@@ -23,6 +23,7 @@ import json
 import os
 import shutil
 import sqlite3
+import threading
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -125,6 +126,7 @@ class Store:
                     db.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
             if create:
                 (self.root / "runs").mkdir(parents=True, exist_ok=True)
+                self._create_index()
             with self._db() as db:
                 if create:
                     for statement in _SCHEMA.split(";"):
@@ -137,6 +139,32 @@ class Store:
             ) from None
         except (NotADirectoryError, FileExistsError, PermissionError) as exc:
             raise ValueError(f"store {str(self.root)!r} cannot be written: {exc}") from None
+
+    def _create_index(self) -> None:
+        """Create ``index.sqlite`` with its tables in one step: built under another name and
+        linked into place, so that a reader never finds an index without tables (which it
+        would call corrupt). A store created at the same time by another process wins."""
+        index = self.root / "index.sqlite"
+        if index.exists():
+            return
+        tmp = self.root / f".index.sqlite.{os.getpid()}.{threading.get_ident()}.tmp"
+        try:
+            db = sqlite3.connect(tmp)
+            try:
+                with db:
+                    for statement in _SCHEMA.split(";"):
+                        db.execute(statement)
+            finally:
+                db.close()
+            try:
+                os.link(tmp, index)
+            except FileExistsError:
+                pass
+            except OSError:  # a filesystem without hard links
+                if not index.exists():
+                    os.replace(tmp, index)
+        finally:
+            tmp.unlink(missing_ok=True)
 
     @contextlib.contextmanager
     def _db(self) -> Iterator[sqlite3.Connection]:

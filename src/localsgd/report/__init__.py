@@ -1,6 +1,6 @@
 """Reports on a results store: tables (mean ± std over seeds, speedup against one worker),
-plots, ``report.md``, a self-contained ``report.html`` and ``results.xlsx``, all from the
-metrics each workload declared.
+figures (PNG, PDF, SVG), ``report.md``, a self-contained ``report.html`` and
+``results.xlsx``, all from the metrics each workload declared.
 
 >>> from localsgd.report import make_report
 >>> paths = make_report("runs/my_study")  # doctest: +SKIP
@@ -10,6 +10,7 @@ pandas and matplotlib load only when ``make_report`` is called.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -26,8 +27,10 @@ def make_report(
     out_dir: str | Path | None = None,
     cluster: Cluster | str | Path | None = None,
     target: str | None = None,
+    formats: str | Sequence[str] = ("png", "pdf", "svg"),
+    dpi: int = 200,
 ) -> dict[str, Path]:
     """See :func:`localsgd.report.build.make_report` (imported on first call)."""
     from localsgd.report.build import make_report as _make_report
 
-    return _make_report(store_dir, out_dir, cluster, target)
+    return _make_report(store_dir, out_dir, cluster, target, formats, dpi)

@@ -1,12 +1,13 @@
-"""``make_report``: a store in, tables, plots, report.md, report.html and results.xlsx out."""
+"""``make_report``: a store in; tables, figures (PNG, PDF, SVG), report.md, report.html and
+results.xlsx out."""
 
 from __future__ import annotations
 
 import datetime
-import json
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,24 +15,23 @@ import pandas as pd
 
 from localsgd.costmodel import GBIT, Cluster, load_cluster
 from localsgd.records import Metric
-from localsgd.report import plots
+from localsgd.report import curve_plots, graphics, measured, plots, subsets, workbook
 from localsgd.report.estimates import ClusterEstimates, estimate, parse_target
 from localsgd.report.render import (
     Block,
     Bullets,
+    Contents,
+    Figure,
     Heading,
-    Image,
+    Links,
     Paragraph,
     Table,
-    fmt,
-    fmt_bytes,
-    fmt_pm,
     frame_rows,
     short_error,
     to_html,
     to_markdown,
-    write_xlsx,
 )
+from localsgd.report.rounding import fmt, fmt_bytes, fmt_pm
 from localsgd.report.tables import (
     Study,
     baseline_table,
@@ -46,23 +46,35 @@ from localsgd.util.files import write_atomic
 log = logging.getLogger(__name__)
 
 TITLE = "localsgd study report"
+FORMATS = graphics.FORMATS
+DPI = graphics.DPI
+NOT_APPLICABLE = "—"
 
-# (file stem, caption) in the order they appear in the report.
-PLOTS = {
-    "metric_vs_speedup": "Final primary metric against speedup over one worker (mean ± std over seeds)",
-    "metric_vs_epochs": "Primary metric against epochs (mean over seeds)",
-    "metric_vs_wall_time": "Primary metric against training wall time (mean over seeds)",
-    "train_loss_vs_epochs": "Train loss against epochs (mean over seeds)",
-    "train_loss_vs_wall_time": "Train loss against training wall time (mean over seeds)",
-    "metric_vs_bytes": "Final primary metric against communication volume (mean ± std over seeds)",
-    "metric_vs_period_workers": "Final primary metric against H·K (mean ± std over seeds)",
-}
-# Added with a cluster (``--cluster``).
-CLUSTER_PLOTS = {
-    "metric_vs_est_speedup": "Final primary metric against estimated speedup over one worker on the cluster "
-    "(mean ± std over seeds)",
-    "metric_vs_est_time": "Primary metric against estimated training time on the cluster (mean over seeds)",
-}
+
+@dataclass(frozen=True)
+class Drawing:
+    """A figure of the report: its file stem, caption and how to draw it."""
+
+    stem: str
+    caption: str
+    draw: Callable[[], graphics.Plot]
+
+
+def check_formats(formats: str | Sequence[str]) -> tuple[str, ...]:
+    """``"png,pdf"`` or ``["png", "pdf"]`` -> ``("png", "pdf")``; ``ValueError`` naming
+    ``--format`` and the allowed formats."""
+    items = formats.split(",") if isinstance(formats, str) else list(formats)
+    chosen = tuple(dict.fromkeys(str(f).strip().lower() for f in items if str(f).strip()))
+    wrong = [f for f in chosen if f not in FORMATS]
+    if wrong or not chosen:
+        raise ValueError(f"--format must be a comma-separated list of {', '.join(FORMATS)}, got {formats!r}")
+    return chosen
+
+
+def check_dpi(dpi: int) -> int:
+    if isinstance(dpi, bool) or not isinstance(dpi, int) or not 50 <= dpi <= 1200:
+        raise ValueError(f"--dpi must be a whole number from 50 to 1200, got {dpi!r}")
+    return dpi
 
 
 def make_report(
@@ -70,19 +82,25 @@ def make_report(
     out_dir: str | Path | None = None,
     cluster: Cluster | str | Path | None = None,
     target: str | None = None,
+    formats: str | Sequence[str] = FORMATS,
+    dpi: int = DPI,
 ) -> dict[str, Path]:
     """Write the report of the store at ``store_dir`` into ``out_dir`` (default
-    ``STORE/report``) and return the paths written, by kind.
+    ``STORE/report``) and return the paths written: ``markdown``, ``html``, ``xlsx`` and
+    ``<figure>.<format>`` for every figure drawn in every one of ``formats`` (PNG, PDF,
+    SVG; PNG at ``dpi``).
 
     With ``cluster`` (a :class:`~localsgd.costmodel.Cluster`, a preset name or a cluster
     TOML path), the report adds wall-clock estimates on that cluster: summary columns,
     time to ``target`` (``"METRIC=VALUE"`` or a value of the primary metric; default: the
-    best mean final value of each workload's primary metric, 5 % short of it), and two
-    plots. Reads only the store. Each file is written to a temporary
-    name and renamed into place; the PNGs and the workbook come before the documents that
-    refer to them. ``ValueError`` when ``store_dir`` is not a store or has no finished run,
-    for an unknown cluster, or a malformed target.
+    best mean final value of each workload's primary metric, 5 % short of it), and three
+    figures. Reads only the store. Each file is written to a temporary name and renamed
+    into place; the figures and the workbook come before the documents that refer to them.
+    ``ValueError`` when ``store_dir`` is not a store or has no finished run, for an
+    unknown cluster, a malformed target, format or dpi.
     """
+    chosen = check_formats(formats)
+    dpi = check_dpi(dpi)
     goal = parse_target(target)
     if goal is not None and cluster is None:
         raise ValueError("--target needs --cluster: it sets the time-to-target of the estimates")
@@ -99,56 +117,174 @@ def make_report(
     status = status_table(study)
     baseline = baseline_table(study)
     curve_frame = curves(study)
-    look = plots.styles(summary)
+    look = graphics.styles(summary)
     metrics = {w: m for w in study.declared if (m := study.primary(w)) is not None}
 
-    figures: dict[str, Callable[[], bytes]] = {
-        "metric_vs_speedup": lambda: plots.metric_vs_speedup(summary, look, metrics),
-        "metric_vs_epochs": lambda: plots.metric_vs_epochs(curve_frame, look, metrics),
-        "metric_vs_wall_time": lambda: plots.metric_vs_wall_time(curve_frame, look, metrics),
-        "train_loss_vs_epochs": lambda: plots.train_loss_vs_epochs(curve_frame, look),
-        "train_loss_vs_wall_time": lambda: plots.train_loss_vs_wall_time(curve_frame, look),
-        "metric_vs_bytes": lambda: plots.metric_vs_bytes(summary, look, metrics),
-        "metric_vs_period_workers": lambda: plots.metric_vs_period_workers(summary, look, metrics),
-    }
-    if resolved is not None:
-        name = resolved.name
-        figures["metric_vs_est_speedup"] = lambda: plots.metric_vs_est_speedup(summary, look, metrics, name)
-        figures["metric_vs_est_time"] = lambda: plots.metric_vs_est_time(curve_frame, look, metrics, name)
+    split = subsets.by_subset(study, summary) if subsets.has_subsets(study) else None
+    drawings = _drawings(summary, curve_frame, look, metrics, resolved.name if resolved else None)
+    if split is not None:  # right after the headline figure
+        drawings.insert(
+            [d.stem for d in drawings].index("metric_vs_speedup") + 1,
+            Drawing(
+                "metric_vs_speedup_by_subset",
+                "The same, one panel per workload and training subset (workbook sheet by_subset)",
+                lambda: subsets.metric_vs_speedup_by_subset(split, look, metrics),
+            ),
+        )
     paths: dict[str, Path] = {}
     images: dict[str, bytes] = {}
-    for stem, draw in figures.items():
-        png = draw()
-        images[f"{stem}.png"] = png
-        paths[stem] = write_atomic(out / f"{stem}.png", png)
+    drawn: dict[str, graphics.Plot] = {}
+    for drawing in drawings:
+        plot = drawing.draw()
+        drawn[drawing.stem] = plot
+        if plot.figure is not None:
+            _write_figure(out, drawing.stem, plot.figure, chosen, dpi, images, paths)
+    # Runs of real K-worker time beside their estimates (report/measured.py).
+    measured_blocks: list[Block] = []
+    if estimates is not None:
+        measured_blocks, measured_figures = measured.section(estimates, look, chosen)
+        for stem, figure in measured_figures.items():
+            _write_figure(out, stem, figure, chosen, dpi, images, paths)
 
     sheets = {
-        "summary": summary,
-        "status": status,
-        "baseline": baseline,
-        "runs": study.runs,
-        "metrics": _metrics_sheet(study),
+        "summary": workbook.Sheet(summary, "variant"),
+        "status": workbook.Sheet(status, "variant"),
+        "baseline": workbook.Sheet(baseline, "workload"),
+        "runs": workbook.Sheet(workbook.runs_sheet(study.runs), "run_id"),
+        "metrics": workbook.Sheet(workbook.metrics_sheet(study.metrics, study.runs), "run_id"),
     }
+    if split is not None:
+        sheets["by_subset"] = workbook.Sheet(subsets.sheet(split, metrics), "group")
     if estimates is not None:
-        sheets["cluster"] = _cluster_sheet(estimates)
-    paths["xlsx"] = write_xlsx(out / "results.xlsx", sheets)
-    blocks = _document(study, summary, status, baseline, estimates)
+        sheets["cluster"] = workbook.Sheet(_cluster_sheet(estimates), "item")
+    paths["xlsx"] = workbook.write_workbook(out / "results.xlsx", sheets, study.metric_list())
+    figures = {d.stem: (d, drawn[d.stem]) for d in drawings}
+    blocks = _document(study, summary, status, baseline, figures, chosen, estimates)
+    if measured_blocks:
+        at = next(i for i, b in enumerate(blocks) if isinstance(b, Heading) and b.text == "Run status")
+        blocks[at:at] = measured_blocks
+        blocks += [
+            Links(block.caption, [(f.upper(), f"{block.stem}.{f}") for f in chosen])
+            for block in measured_blocks
+            if isinstance(block, Figure)
+        ]
     paths["markdown"] = write_atomic(out / "report.md", to_markdown(blocks))
     paths["html"] = write_atomic(out / "report.html", to_html(blocks, TITLE, images))
     log.info("report of %s written to %s", study.root, out)
     return paths
 
 
-def _metrics_sheet(study: Study) -> pd.DataFrame:
-    """Every evaluation row with its run's identity in front (``lr`` is the scheduled rate)."""
-    ident = study.runs[["run_id", "status", "workload", "variant", "workers", "batch_size", "seed"]]
-    metrics = study.metrics.merge(ident, on="run_id", how="left")
-    if "by_scope" in metrics.columns:  # JSON text in one cell, not a Python repr
-        metrics["by_scope"] = [
-            json.dumps(v, sort_keys=True) if isinstance(v, dict) else None for v in metrics["by_scope"]
+def _write_figure(
+    out: Path,
+    stem: str,
+    figure: Any,
+    formats: Sequence[str],
+    dpi: int,
+    images: dict[str, bytes],
+    paths: dict[str, Path],
+) -> None:
+    """``stem.<format>`` for each format, and the PNG for the HTML page (written or not)."""
+    files = graphics.render(figure, formats, dpi)
+    images[stem] = files["png"]
+    for kind in formats:
+        paths[f"{stem}.{kind}"] = write_atomic(out / f"{stem}.{kind}", files[kind])
+
+
+def _drawings(
+    summary: pd.DataFrame,
+    curve_frame: pd.DataFrame,
+    look: dict[str, graphics.Style],
+    metrics: graphics.Metrics,
+    cluster: str | None,
+) -> list[Drawing]:
+    out = [
+        Drawing(
+            "pareto_speedup",
+            "Pareto front: final primary metric against speedup over one worker (mean ± std over "
+            "seeds on both axes; the dashed staircase joins the configurations no other beats on both)",
+            lambda: plots.pareto_speedup(summary, look, metrics),
+        ),
+        Drawing(
+            "metric_vs_speedup",
+            "Final primary metric against speedup over one worker (mean ± std over seeds on both axes)",
+            lambda: plots.metric_vs_speedup(summary, look, metrics),
+        ),
+        Drawing(
+            "metric_vs_epochs",
+            "Primary metric against epochs (mean, band ± std over seeds)",
+            lambda: curve_plots.metric_vs_epochs(curve_frame, look, metrics),
+        ),
+        Drawing(
+            "metric_vs_wall_time",
+            "Primary metric against training wall time (mean, band ± std over seeds)",
+            lambda: curve_plots.metric_vs_wall_time(curve_frame, look, metrics),
+        ),
+        Drawing(
+            "train_loss_vs_epochs",
+            "Train loss against epochs (mean, band ± std over seeds)",
+            lambda: curve_plots.train_loss_vs_epochs(curve_frame, look),
+        ),
+        Drawing(
+            "train_loss_vs_wall_time",
+            "Train loss against training wall time (mean, band ± std over seeds)",
+            lambda: curve_plots.train_loss_vs_wall_time(curve_frame, look),
+        ),
+        Drawing(
+            "metric_vs_bytes",
+            "Final primary metric against communication volume (mean ± std over seeds)",
+            lambda: plots.metric_vs_bytes(summary, look, metrics),
+        ),
+        Drawing(
+            "metric_vs_period_workers",
+            "Final primary metric against H·K (mean ± std over seeds)",
+            lambda: plots.metric_vs_period_workers(summary, look, metrics),
+        ),
+    ]
+    if cluster is not None:
+        out += [
+            Drawing(
+                "pareto_est_time",
+                f"Pareto front: final primary metric against estimated training time on {cluster} "
+                "(mean ± std over seeds on both axes)",
+                lambda: plots.pareto_est_time(summary, look, metrics, cluster),
+            ),
+            Drawing(
+                "metric_vs_est_speedup",
+                f"Final primary metric against estimated speedup over one worker on {cluster} "
+                "(mean ± std over seeds on both axes)",
+                lambda: plots.metric_vs_est_speedup(summary, look, metrics, cluster),
+            ),
+            Drawing(
+                "metric_vs_est_time",
+                f"Primary metric against estimated training time on {cluster} (mean, band ± std over seeds)",
+                lambda: curve_plots.metric_vs_est_time(curve_frame, look, metrics, cluster),
+            ),
         ]
-    front = list(ident.columns)
-    return metrics[front + [c for c in metrics.columns if c not in front]]
+    return out
+
+
+FigureMap = dict[str, tuple[Drawing, graphics.Plot]]
+
+
+def _figure_blocks(figures: FigureMap, stem: str, formats: Sequence[str]) -> list[Block]:
+    """The figure with its caption and files, or a sentence saying why there is none; a
+    note for workloads left out of a drawn figure."""
+    if stem not in figures:  # a figure this study does not call for
+        return []
+    drawing, plot = figures[stem]
+    if plot.figure is None:
+        reasons = sorted(set(plot.left_out.values()))
+        return [Paragraph(f"No figure “{drawing.caption.split(' (')[0]}”: {'; '.join(reasons)}.")]
+    blocks: list[Block] = [Figure(stem, drawing.caption, formats)]
+    if plot.left_out:
+        blocks.append(
+            Paragraph(
+                "Not in this figure: "
+                + "; ".join(f"{w} ({why})" for w, why in sorted(plot.left_out.items()))
+                + "."
+            )
+        )
+    return blocks
 
 
 def _document(
@@ -156,6 +292,8 @@ def _document(
     summary: pd.DataFrame,
     status: pd.DataFrame,
     baseline: pd.DataFrame,
+    figures: FigureMap,
+    formats: Sequence[str],
     estimates: ClusterEstimates | None = None,
 ) -> list[Block]:
     runs = study.runs
@@ -181,10 +319,16 @@ def _document(
         missing = sum(1 for r in planned if isinstance(r, dict) and r.get("run_id") not in done)
         if missing:
             pending.append(f"{missing} of the {len(planned)} planned runs have not finished yet.")
+    simulated = sorted(set(runs.loc[~runs["real_wall_time"].astype(bool), "engine"]))
+
+    def figure(stem: str) -> list[Block]:
+        return _figure_blocks(figures, stem, formats)
 
     blocks: list[Block] = [
         Heading(1, TITLE),
         Paragraph(" ".join(intro)),
+        Contents(),
+        Heading(2, "Overview"),
         Bullets(
             [
                 f"Workload{'s' if len(workloads) > 1 else ''}: {', '.join(workloads)}.",
@@ -201,36 +345,47 @@ def _document(
                     else []
                 ),
                 *_baseline_lines(baseline),
-                "Tables show mean ± std over seeds (std with ddof=1, blank for one seed) of the "
-                "completed runs only; failed and diverged runs are listed in the status table. "
-                "Final = the last evaluation; wall time is training time without evaluation.",
+                "Tables show mean ± std over seeds (std with ddof=1) of the completed runs only; failed "
+                "and diverged runs are listed in the status table. Final = the last evaluation; wall "
+                "time is training time without evaluation. Rounding: the std keeps two significant "
+                "digits when its first is 1 or 2, else one, and the mean is rounded to the same place; "
+                "a value without ± (one seed, or all seeds equal) keeps four significant digits. "
+                f"{NOT_APPLICABLE} marks a figure that does not apply (a single worker communicates "
+                "nothing).",
                 *(
                     [
                         "Runs of an engine that computes all K workers in one process ("
-                        + ", ".join(
-                            f"`{e}`"
-                            for e in sorted(set(runs.loc[~runs["real_wall_time"].astype(bool), "engine"]))
-                        )
+                        + ", ".join(f"`{e}`" for e in simulated)
                         + "): their wall time and speedup measure the simulation on this machine, "
                         "not K workers; `localsgd report --cluster NAME` estimates the time on a cluster."
                     ]
-                    if (~runs["real_wall_time"].astype(bool)).any()
+                    if simulated
                     else []
                 ),
             ]
         ),
         Bullets(_metric_lines(study)),
         Heading(2, "Primary metric against speedup"),
-        Image("metric_vs_speedup.png", PLOTS["metric_vs_speedup"]),
+        Paragraph(
+            "Speedup = the mean wall time of the K=1 baseline / a configuration's mean wall time; its "
+            "± propagates the spread of both wall times, speedup · sqrt((σ₁/T₁)² + (σ/T)²) (σ the std "
+            "over seeds), and is drawn as horizontal error bars. Each algorithm family has one colour "
+            "in every figure; when markers would hide one another, the figure has one panel per family "
+            "with the other points in grey. A configuration far below (above) the others is drawn at "
+            "the edge of the axis with its value, so that it does not squeeze the rest."
+        ),
+        *figure("pareto_speedup"),
+        *figure("metric_vs_speedup"),
+        *figure("metric_vs_speedup_by_subset"),
         Heading(2, "Summary"),
         _summary_display(study, summary),
         Heading(2, "Training curves"),
-        Image("metric_vs_epochs.png", PLOTS["metric_vs_epochs"]),
-        Image("metric_vs_wall_time.png", PLOTS["metric_vs_wall_time"]),
-        Image("train_loss_vs_epochs.png", PLOTS["train_loss_vs_epochs"]),
-        Image("train_loss_vs_wall_time.png", PLOTS["train_loss_vs_wall_time"]),
+        *figure("metric_vs_epochs"),
+        *figure("metric_vs_wall_time"),
+        *figure("train_loss_vs_epochs"),
+        *figure("train_loss_vs_wall_time"),
         Heading(2, "Communication"),
-        Image("metric_vs_bytes.png", PLOTS["metric_vs_bytes"]),
+        *figure("metric_vs_bytes"),
         Paragraph(
             "H·K: H is each algorithm's synchronisation period (its `sync_period`: local steps "
             "between two averagings; hierarchical local SGD: between block averagings), K the "
@@ -241,17 +396,26 @@ def _document(
                 if runs["period"].isna().any()
                 else ""
             )
-            + " are left out."
+            + " are left out, as are K=1 runs. Points at the same H·K are spread sideways so that "
+            "none hides another."
         ),
-        Image("metric_vs_period_workers.png", PLOTS["metric_vs_period_workers"]),
-        *(_cluster_section(study, summary, estimates) if estimates is not None else []),
+        *figure("metric_vs_period_workers"),
+        *(_cluster_section(study, summary, estimates, figure) if estimates is not None else []),
         Heading(2, "Run status"),
         _status_display(study, status),
+        Heading(2, "Files"),
         Paragraph(
-            "Every run's config, final metrics and evaluation rows are in `results.xlsx` "
-            "(sheets summary, status, baseline, runs, metrics"
-            + (", cluster; the estimates are the est_* columns)." if estimates is not None else ").")
+            "Every run's config (the fields that apply to it), final metrics and evaluation rows are "
+            "in the workbook: sheets summary, status, baseline, runs, metrics"
+            + (", cluster" if estimates is not None else "")
+            + " and units (the unit and meaning of every column)."
         ),
+        Links("Tables", [("results.xlsx", "results.xlsx"), ("report.md", "report.md")]),
+        *[
+            Links(drawing.caption.split(" (")[0], [(f.upper(), f"{stem}.{f}") for f in formats])
+            for stem, (drawing, plot) in figures.items()
+            if plot.figure is not None
+        ],
     ]
     return blocks
 
@@ -271,10 +435,6 @@ def _metric_lines(study: Study) -> list[str]:
     return lines
 
 
-def _metric_format(metric: Metric) -> str:
-    return ".2f" if metric.unit == "%" else ".4g"
-
-
 def _metric_columns(study: Study, *, best: bool, every: bool) -> list[tuple[str, Callable[[Any], str]]]:
     """Display columns of the declared metrics: the final value of every metric (or of the
     primary ones only), and the best value of the primary ones."""
@@ -283,20 +443,15 @@ def _metric_columns(study: Study, *, best: bool, every: bool) -> list[tuple[str,
     for m in study.metric_list():
         if not every and m.name not in primaries:
             continue
-        spec = _metric_format(m)
 
-        def final(r: Any, m: Metric = m, spec: str = spec) -> str:
-            return fmt_pm(
-                getattr(r, f"final_{m.name}_mean"), getattr(r, f"final_{m.name}_std"), spec, m.scale
-            )
+        def final(r: Any, m: Metric = m) -> str:
+            return fmt_pm(getattr(r, f"final_{m.name}_mean"), getattr(r, f"final_{m.name}_std"), m.scale)
 
         columns.append((f"final {m.heading}", final))
         if best and m.name in primaries:
 
-            def best_cell(r: Any, m: Metric = m, spec: str = spec) -> str:
-                return fmt_pm(
-                    getattr(r, f"best_{m.name}_mean"), getattr(r, f"best_{m.name}_std"), spec, m.scale
-                )
+            def best_cell(r: Any, m: Metric = m) -> str:
+                return fmt_pm(getattr(r, f"best_{m.name}_mean"), getattr(r, f"best_{m.name}_std"), m.scale)
 
             columns.append((f"best {m.heading}", best_cell))
     return columns
@@ -306,7 +461,7 @@ def _target_text(estimates: ClusterEstimates, workload: str) -> str:
     target = estimates.targets.get(str(workload))
     if target is None or target.metric is None or not math.isfinite(target.value):
         return ""
-    return f"{target.value * target.metric.scale:.4g}{target.metric.unit}"
+    return f"{fmt(target.value, target.metric.scale)}{target.metric.unit}"
 
 
 def _link_text(alpha: float, bandwidth: float) -> str:
@@ -326,8 +481,14 @@ def _cluster_lines(estimates: ClusterEstimates) -> list[str]:
         )
         + f"Inter-node link: {_link_text(cluster.inter.alpha, cluster.inter.bandwidth)}.",
         "Communication: each collective of a run is costed as a ring all-reduce "
-        "(2(p−1)·α + 2(p−1)/p · n/β; hierarchical across nodes of several devices), summed over "
-        "the run's per-scope counters (collectives, payload bytes); see docs/costmodel.md.",
+        "(2(p−1)·α + 2(p−1)/p · n/β; "
+        + (
+            "hierarchical across nodes of several devices"
+            if cluster.allreduce == "hierarchical"
+            else "one flat ring over all ranks across nodes, as gloo runs it"
+        )
+        + "), summed over the run's per-scope counters (collectives, payload bytes), plus a run's "
+        "injected delay (comm.delay) per collective of its scope; see docs/costmodel.md.",
     ]
     if cluster.seconds_per_sample is not None:
         lines.append(
@@ -361,7 +522,12 @@ def _cluster_lines(estimates: ClusterEstimates) -> list[str]:
     return lines
 
 
-def _cluster_section(study: Study, summary: pd.DataFrame, estimates: ClusterEstimates) -> list[Block]:
+def _cluster_section(
+    study: Study,
+    summary: pd.DataFrame,
+    estimates: ClusterEstimates,
+    figure: Callable[[str], list[Block]],
+) -> list[Block]:
     name = estimates.cluster.name
     table = (
         Table(["note"], [["no completed run: nothing to estimate"]])
@@ -372,20 +538,17 @@ def _cluster_section(study: Study, summary: pd.DataFrame, estimates: ClusterEsti
                 *_key_columns(study),
                 ("seeds", lambda r: str(r.n_seeds)),
                 *_metric_columns(study, best=False, every=False),
-                (
-                    "est. compute s",
-                    lambda r: fmt_pm(r.est_compute_seconds_mean, r.est_compute_seconds_std, ".4g"),
-                ),
-                ("est. comm s", lambda r: fmt_pm(r.est_comm_seconds_mean, r.est_comm_seconds_std, ".4g")),
-                ("est. total s", lambda r: fmt_pm(r.est_total_seconds_mean, r.est_total_seconds_std, ".4g")),
-                ("est. speedup (×)", lambda r: fmt(r.est_speedup, ".2f")),
+                ("est. compute s", lambda r: fmt_pm(r.est_compute_seconds_mean, r.est_compute_seconds_std)),
+                ("est. comm s", lambda r: _comm(r, r.est_comm_seconds_mean, r.est_comm_seconds_std)),
+                ("est. total s", lambda r: fmt_pm(r.est_total_seconds_mean, r.est_total_seconds_std)),
+                ("est. speedup (×)", lambda r: _speedup(r.est_speedup, r.est_speedup_std)),
                 ("target", lambda r: _target_text(estimates, r.workload)),
                 ("reached", lambda r: f"{r.est_target_reached}/{r.n_seeds}"),
-                ("to target: compute s", lambda r: fmt(r.est_target_compute_seconds_mean, ".4g")),
-                ("to target: comm s", lambda r: fmt(r.est_target_comm_seconds_mean, ".4g")),
+                ("to target: compute s", lambda r: fmt(r.est_target_compute_seconds_mean)),
+                ("to target: comm s", lambda r: _comm(r, r.est_target_comm_seconds_mean, math.nan)),
                 (
                     "to target: total s",
-                    lambda r: fmt_pm(r.est_target_total_seconds_mean, r.est_target_total_seconds_std, ".4g"),
+                    lambda r: fmt_pm(r.est_target_total_seconds_mean, r.est_target_total_seconds_std),
                 ),
             ],
         )
@@ -393,12 +556,10 @@ def _cluster_section(study: Study, summary: pd.DataFrame, estimates: ClusterEsti
     return [
         Heading(2, f"Estimated on cluster {name}"),
         Bullets(_cluster_lines(estimates)),
-        Image(
-            "metric_vs_est_speedup.png",
-            CLUSTER_PLOTS["metric_vs_est_speedup"].replace("the cluster", name),
-        ),
+        *figure("pareto_est_time"),
+        *figure("metric_vs_est_speedup"),
         table,
-        Image("metric_vs_est_time.png", CLUSTER_PLOTS["metric_vs_est_time"].replace("the cluster", name)),
+        *figure("metric_vs_est_time"),
     ]
 
 
@@ -431,7 +592,7 @@ def _baseline_lines(baseline: pd.DataFrame) -> list[str]:
             lines.append(
                 f"Speedup baseline for {where}: the {row['runs']} completed K=1 run(s) "
                 f"({row['variants']}; seeds {row['seeds']}), mean wall time "
-                f"{fmt_pm(row['wall_seconds_mean'], row['wall_seconds_std'], '.1f')} s. "
+                f"{fmt_pm(row['wall_seconds_mean'], row['wall_seconds_std'])} s. "
                 "Speedup = that mean / a configuration's mean wall time."
             )
         else:
@@ -448,13 +609,25 @@ def _key_columns(study: Study) -> list[tuple[str, Callable[[Any], str]]]:
         ("variant", lambda r: str(r.variant)),
         ("K", lambda r: str(r.workers)),
         ("B", lambda r: str(r.batch_size)),
-        ("lr", lambda r: fmt(r.lr, "g")),
+        ("lr", lambda r: fmt(r.lr)),
     ]
     if "engine" in study.group_keys:
         columns.append(("engine", lambda r: str(r.engine)))
     if "setting" in study.group_keys:
         columns.append(("setting", lambda r: str(r.setting)))
     return columns
+
+
+def _speedup(mean: Any, std: Any) -> str:
+    """Speedup ± its propagated std; the baseline itself is 1 by definition."""
+    if mean == 1.0 and std == 0.0:
+        return "1 (baseline)"
+    return fmt_pm(mean, std)
+
+
+def _comm(row: Any, mean: Any, std: Any) -> str:
+    """A communication figure, or — for one worker, which communicates nothing."""
+    return NOT_APPLICABLE if int(row.workers) == 1 else fmt_pm(mean, std)
 
 
 def _summary_display(study: Study, summary: pd.DataFrame) -> Table:
@@ -466,12 +639,15 @@ def _summary_display(study: Study, summary: pd.DataFrame) -> Table:
             *_key_columns(study),
             ("seeds", lambda r: str(r.n_seeds)),
             *_metric_columns(study, best=True, every=True),
-            ("final train loss", lambda r: fmt_pm(r.final_train_loss_mean, r.final_train_loss_std, ".4f")),
-            ("wall time (s)", lambda r: fmt_pm(r.wall_seconds_mean, r.wall_seconds_std, ".1f")),
-            ("speedup (×)", lambda r: fmt(r.speedup, ".2f")),
-            ("payload/worker", lambda r: fmt_bytes(r.bytes_mean)),
-            ("syncs", lambda r: fmt(r.syncs_mean, ".6g")),
-            ("samples/s", lambda r: fmt_pm(r.samples_per_second_mean, r.samples_per_second_std, ".0f")),
+            ("final train loss", lambda r: fmt_pm(r.final_train_loss_mean, r.final_train_loss_std)),
+            ("wall time (s)", lambda r: fmt_pm(r.wall_seconds_mean, r.wall_seconds_std)),
+            ("speedup (×)", lambda r: _speedup(r.speedup, r.speedup_std)),
+            (
+                "payload per worker",
+                lambda r: NOT_APPLICABLE if int(r.workers) == 1 else fmt_bytes(r.bytes_mean, r.bytes_std),
+            ),
+            ("syncs", lambda r: NOT_APPLICABLE if int(r.workers) == 1 else fmt(r.syncs_mean)),
+            ("samples/s", lambda r: fmt_pm(r.samples_per_second_mean, r.samples_per_second_std)),
         ],
     )
 

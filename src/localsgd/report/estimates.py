@@ -17,6 +17,7 @@ import pandas as pd
 
 from localsgd.costmodel import Cluster, estimate_run
 from localsgd.records import Metric
+from localsgd.report.rounding import ratio_std
 from localsgd.report.tables import Study, _baseline_keys, row_counters
 
 TARGET_MARGIN = 0.05
@@ -93,6 +94,19 @@ def _float(value: Any) -> float:
         return math.nan
 
 
+DELAY_PREFIX = "config.comm.delay."
+"""Flattened config columns of a run's injected delay per scope (``comm.delay``)."""
+
+
+def injected_delay(run: dict[str, Any]) -> dict[str, float]:
+    """A run's ``comm.delay`` (seconds per collective, by scope) from its flattened config."""
+    return {
+        key.removeprefix(DELAY_PREFIX): float(value)
+        for key, value in run.items()
+        if key.startswith(DELAY_PREFIX) and math.isfinite(_float(value))
+    }
+
+
 def _estimate(
     counters: dict[str, dict[str, float]] | None,
     steps: float,
@@ -100,10 +114,11 @@ def _estimate(
     batch_size: int,
     cluster: Cluster,
     measured: float,
+    delay: dict[str, float] | None = None,
 ) -> tuple[float, float, float]:
     if counters is None or not math.isfinite(steps):
         return (math.nan, math.nan, math.nan)
-    est = estimate_run(counters, steps, workers, batch_size, cluster, measured)
+    est = estimate_run(counters, steps, workers, batch_size, cluster, measured, delay)
     return (est.compute_seconds, est.comm_seconds, est.total_seconds)
 
 
@@ -150,7 +165,8 @@ def estimate(
 
     Summary columns added: ``est_{compute,comm,total}_seconds_{mean,std}``, ``est_speedup``
     (mean estimated total of the completed K=1 runs of the same workload and setting /
-    this group's), ``target_value``, ``est_target_{compute,comm,total}_seconds_mean``
+    this group's) and ``est_speedup_std`` (both spreads propagated, as for the measured
+    speedup), ``target_value``, ``est_target_{compute,comm,total}_seconds_mean``
     and ``est_target_total_seconds_std`` (NaN unless every completed seed reached the
     target), ``est_target_reached`` (seeds that reached it).
     """
@@ -161,11 +177,13 @@ def estimate(
 
     # Per run: identity, measured compute per step, the final estimate.
     who: dict[str, tuple[int, int, str]] = {}
+    delays: dict[str, dict[str, float]] = {}
     per_step: dict[str, float] = {}
     final: dict[str, tuple[float, float, float]] = {}
     for run in runs.to_dict("records"):
         rid, workers, batch = str(run["run_id"]), int(run["workers"]), int(run["batch_size"])
         who[rid] = (workers, batch, str(run["workload"]))
+        delays[rid] = injected_delay(run)
         per_step[rid] = measured_compute_per_step(
             float(run["wall_seconds"]),
             float(run["comm_seconds"]),
@@ -188,7 +206,9 @@ def estimate(
             per_step[rid] = sum(times) / len(times)
         counters = study.final_counters.get(rid, {})
         steps = float(counters.get("steps", math.nan))
-        final[rid] = _estimate(counters.get("by_scope"), steps, workers, batch, cluster, per_step[rid])
+        final[rid] = _estimate(
+            counters.get("by_scope"), steps, workers, batch, cluster, per_step[rid], delays[rid]
+        )
     ids = [str(r) for r in runs["run_id"]]
     runs["est_compute_per_step"] = [
         cluster.seconds_per_sample * who[r][1] if cluster.seconds_per_sample is not None else per_step[r]
@@ -209,7 +229,7 @@ def estimate(
             continue
         workers, batch, workload = who[rid]
         step = _float(row.get("step"))
-        est = _estimate(row_counters(row), step, workers, batch, cluster, per_step[rid])
+        est = _estimate(row_counters(row), step, workers, batch, cluster, per_step[rid], delays[rid])
         rows_est.append(est)
         goal = targets[workload]
         value = _float(row.get(goal.metric.name)) if goal.metric else math.nan
@@ -229,12 +249,15 @@ def estimate(
 def _summary(study: Study, summary: pd.DataFrame, targets: dict[str, Target]) -> pd.DataFrame:
     done = study.runs[study.runs["status"] == "completed"]
     columns = [f"est_{p}_seconds_{s}" for p in PARTS for s in ("mean", "std")]
-    columns += ["est_speedup", "target_value"]
+    columns += ["est_speedup", "est_speedup_std", "target_value"]
     columns += [f"{c}_mean" for c in TARGET_COLUMNS] + ["est_target_total_seconds_std", "est_target_reached"]
     if summary.empty:
         return summary.assign(**{c: pd.Series(dtype=float) for c in columns})
     base_keys = _baseline_keys(study)
-    base = done[done["workers"] == 1].groupby(base_keys, sort=False, dropna=False)["est_total_seconds"].mean()
+    singles = done[done["workers"] == 1].groupby(base_keys, sort=False, dropna=False)
+    base = singles["est_total_seconds"].mean()
+    base_std = singles["est_total_seconds"].std(ddof=1)
+    base_ids = singles["run_id"].agg(frozenset)
     rows: list[dict[str, Any]] = []
     for (workload, group), part in done.groupby(["workload", "group"], sort=False):
         row: dict[str, Any] = {"workload": workload, "group": group}
@@ -242,8 +265,15 @@ def _summary(study: Study, summary: pd.DataFrame, targets: dict[str, Target]) ->
             row[f"est_{p}_seconds_mean"] = part[f"est_{p}_seconds"].mean()
             row[f"est_{p}_seconds_std"] = part[f"est_{p}_seconds"].std(ddof=1)
         key = tuple(part[k].iloc[0] for k in base_keys)
-        reference = base.get(key if len(key) > 1 else key[0], math.nan)
-        row["est_speedup"] = reference / row["est_total_seconds_mean"]
+        key = key if len(key) > 1 else key[0]
+        if key not in base.index:
+            row["est_speedup"] = row["est_speedup_std"] = math.nan
+        elif base_ids[key] == frozenset(part["run_id"]):  # the baseline itself: 1 by definition
+            row["est_speedup"], row["est_speedup_std"] = 1.0, 0.0
+        else:
+            total, total_std = row["est_total_seconds_mean"], row["est_total_seconds_std"]
+            row["est_speedup"] = base[key] / total
+            row["est_speedup_std"] = ratio_std(base[key], base_std[key], total, total_std)
         row["target_value"] = targets[str(workload)].value
         for column in TARGET_COLUMNS:
             # Strict: a group whose seeds did not all reach the target has no mean time.

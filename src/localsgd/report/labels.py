@@ -53,3 +53,18 @@ def period(config: Mapping[str, Any]) -> int | None:
 
 def algorithm_name(config: Mapping[str, Any]) -> str:
     return str((config.get("algorithm") or {}).get("name", "unknown"))
+
+
+def families() -> list[str]:
+    """Every registered algorithm name, in the registry's (sorted) order: the order that
+    gives each algorithm family its colour, the same in every figure and every report."""
+    return algorithms.names()
+
+
+def family_title(name: str) -> str:
+    """An algorithm family's name for a panel title: its config class (``LocalSGD``,
+    ``DiLoCo``), or the registry name when it is not registered here."""
+    try:
+        return algorithms.get(name).__name__
+    except ValueError:
+        return name

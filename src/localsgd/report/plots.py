@@ -1,411 +1,535 @@
-"""The report's figures, as PNG bytes: one panel per workload, legends outside the axes.
-
-Figures are built on ``matplotlib.figure.Figure`` with the Agg canvas, never through
-``pyplot``, so reporting changes no global matplotlib state and needs no display.
+"""The report's point figures: each configuration's final primary metric (mean ± std over
+seeds) against speedup, estimated speedup, communication volume or H·K, with error bars on
+both axes where both vary, and the Pareto fronts. Conventions in :mod:`~localsgd.report.graphics`.
 """
 
 from __future__ import annotations
 
-import io
 import math
-from collections.abc import Callable
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import pandas as pd
 from matplotlib.axes import Axes
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-from matplotlib.ticker import LogFormatter, ScalarFormatter
+from matplotlib.container import ErrorbarContainer
 
 from localsgd.records import Metric
-from localsgd.report.render import fmt_bytes
+from localsgd.report.graphics import (
+    CONTEXT,
+    Metrics,
+    Plot,
+    Style,
+    grid,
+    grid_size,
+    legend,
+    log_ticks,
+    look_families,
+    sentence,
+    single_size,
+    stack,
+    title_metric,
+    workloads,
+)
+from localsgd.report.labels import families, family_title
+from localsgd.report.rounding import fmt_pm
 from localsgd.report.tables import natural_key
 
-MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "h", "*", "p")
-DPI = 110
+OUTLIER_GAP = 2.0
+"""A value is an outlier when the gap to the rest exceeds this many times the rest's range."""
 
 
-def _palette(n: int) -> list[Any]:
-    from matplotlib import colormaps
-
-    if n <= 10:
-        return [colormaps["tab10"](i) for i in range(n)]
-    if n <= 20:
-        return [colormaps["tab20"](i) for i in range(n)]
-    return [colormaps["turbo"](x) for x in np.linspace(0.05, 0.95, n)]
+# -- robust limits ---------------------------------------------------------------------
 
 
-LINESTYLES = ("-", "--", ":", "-.")
+def outliers(values: Sequence[float], gap: float = OUTLIER_GAP) -> tuple[set[int], set[int]]:
+    """Indices of the values far below and far above the rest: the lowest (highest) k,
+    k at most a quarter of the values, when the gap between them and the others exceeds
+    ``gap`` × the range of the others. Four values at least; none when the rest is flat."""
+    n = len(values)
+    if n < 4:
+        return set(), set()
+    order = sorted(range(n), key=lambda i: values[i])
+    v = [values[i] for i in order]
+    most = max(1, n // 4)
+
+    def cut(low: bool, keep_from: int, keep_to: int) -> int:
+        best, ratio = 0, gap
+        for k in range(1, most + 1):
+            if low:
+                between, core = v[keep_from + k] - v[keep_from + k - 1], v[keep_to] - v[keep_from + k]
+            else:
+                between, core = v[keep_to - k + 1] - v[keep_to - k], v[keep_to - k] - v[keep_from]
+            if core > 0 and between / core > ratio:
+                best, ratio = k, between / core
+        return best
+
+    low = cut(True, 0, n - 1)
+    high = cut(False, low, n - 1) if n - low >= 4 else 0
+    return {order[i] for i in range(low)}, {order[n - 1 - i] for i in range(high)}
+
+
+@dataclass
+class _Point:
+    group: str
+    label: str
+    style: Style
+    x: float
+    xerr: float
+    y: float
+    yerr: float
+    dodge: float = 0.0
+    """Sideways shift in axis units (of log₁₀ or log₂ x on a log axis)."""
+    edge: int = 0
+    """-1: drawn at the bottom edge (an outlier below), 1: at the top, 0: in place."""
 
 
 @dataclass(frozen=True)
-class Style:
-    color: Any
-    marker: str
-    linestyle: str
+class XAxis:
+    """What a scatter shows along x, from the summary table."""
+
+    column: str
+    std: str | None
+    label: str
+    log: int | None = None
+    bytes: bool = False
+    reference: float | None = None
+    """A vertical reference line (speedup 1: the baseline)."""
+    higher_is_better: bool = True
+    """For the Pareto front: speedup up, time down."""
 
 
-def styles(summary: pd.DataFrame) -> dict[str, Style]:
-    """One look per group, shared by every figure: color per variant, marker and line style
-    per worker count K. When B, lr or another setting splits a (variant, K) pair into
-    several groups, each group gets its own color instead."""
-    groups = list(summary["group"])
-    workers = sorted(summary["workers"].unique())
-    marker = {k: MARKERS[i % len(MARKERS)] for i, k in enumerate(workers)}
-    line = {k: LINESTYLES[i % len(LINESTYLES)] for i, k in enumerate(workers)}
-    pairs = list(zip(summary["workload"], summary["variant"], summary["workers"]))
-    if len(set(pairs)) == len(pairs):
-        variants = list(dict.fromkeys(summary["variant"]))
-        colors = dict(zip(variants, _palette(len(variants))))
-        color = {g: colors[v] for g, v in zip(groups, summary["variant"])}
-    else:
-        color = dict(zip(groups, _palette(len(groups))))
-    return {g: Style(color[g], marker[k], line[k]) for g, k in zip(groups, summary["workers"])}
+def _forward(axis: XAxis, x: float) -> float:
+    return math.log(x, axis.log) if axis.log else x
 
 
-class _BytesLogFormatter(LogFormatter):
-    """Log-axis tick labels as ``400 kB``, ``1 MB``; which ticks get a label is
-    ``LogFormatter``'s choice (decades, plus some minor ticks on a short axis)."""
-
-    def __call__(self, x: float, pos: int | None = None) -> str:
-        return fmt_bytes(x) if super().__call__(x, pos) else ""
-
-
-def _bytes_axis(ax: Axes, part: pd.DataFrame) -> None:
-    ax.xaxis.set_major_formatter(_BytesLogFormatter())
-    ax.xaxis.set_minor_formatter(_BytesLogFormatter())
-
-
-def _workloads(frame: pd.DataFrame) -> list[str]:
-    return sorted({str(w) for w in frame["workload"]}, key=natural_key) if len(frame) else []
-
-
-# Up to this many legend entries sit right of a panel; more go below it, in columns.
-LEGEND_SIDE_MAX = 12
-LEGEND_BELOW_COLUMNS = 3
-
-
-def _figure(panels: int, entries: int = 0) -> tuple[Figure, list[Axes]]:
-    """``panels`` stacked panels; each grows to leave room for a legend of ``entries``
-    lines placed below it."""
-    panels = max(panels, 1)
-    legend_rows = math.ceil(entries / LEGEND_BELOW_COLUMNS) if entries > LEGEND_SIDE_MAX else 0
-    height = 4.6 + 0.24 * legend_rows
-    width = 10.0 if legend_rows else 11.0  # a legend at the side takes width
-    fig = Figure(figsize=(width, height * panels), layout="constrained")
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(panels, 1, squeeze=False)[:, 0]
-    return fig, list(axes)
-
-
-def _png(fig: Figure) -> bytes:
-    buf = io.BytesIO()
-    # Constrained layout already fits legends and labels; "tight" also rescues a title
-    # wider than its panel instead of clipping it.
-    fig.savefig(buf, format="png", dpi=DPI, bbox_inches="tight", facecolor="white")
-    return buf.getvalue()
-
-
-def _legend(ax: Axes, title: str | None = None) -> None:
-    handles = ax.get_legend_handles_labels()[0]
-    if not handles:
-        return
-    common: dict[str, Any] = {
-        "fontsize": "small",
-        "title": title,
-        "title_fontsize": "small",
-        "frameon": False,
-    }
-    if len(handles) <= LEGEND_SIDE_MAX:
-        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), **common)
-    else:
-        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.13), ncols=LEGEND_BELOW_COLUMNS, **common)
-
-
-def _no_data(ax: Axes, why: str) -> None:
-    ax.text(
-        0.5,
-        0.5,
-        why,
-        ha="center",
-        va="center",
-        transform=ax.transAxes,
-        wrap=True,
-        fontsize="medium",
-        color="0.35",
-    )
+def _inverse(axis: XAxis, t: float) -> float:
+    return float(axis.log**t) if axis.log else t
 
 
 def _std(value: Any) -> float:
-    return 0.0 if value is None or not math.isfinite(float(value)) else float(value)
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return 0.0
+    return number if math.isfinite(number) else 0.0
 
 
-Metrics = dict[str, Metric]
-"""Per workload, the metric a figure shows (its primary metric)."""
-
-
-def _scatter(
-    summary: pd.DataFrame,
-    x_of: Callable[[pd.DataFrame], pd.Series],
-    look: dict[str, Style],
-    metrics: Metrics,
-    *,
-    title: str,
-    xlabel: str,
-    why_empty: str,
-    log_x: int | None = None,
-    decorate: Callable[[Axes, pd.DataFrame], None] | None = None,
-) -> bytes:
-    """Each workload's final primary metric (mean ± std over seeds) against an x, one
-    point and one legend entry per group. ``title`` may hold ``{metric}``."""
-    workloads = _workloads(summary)
-    entries = max((int((summary["workload"] == w).sum()) for w in workloads), default=0)
-    fig, axes = _figure(len(workloads), entries)
-    if not workloads:
-        axes[0].set_title(title.format(metric="metric"))
-        _no_data(axes[0], why_empty)
-        return _png(fig)
-    for ax, workload in zip(axes, workloads):
-        metric = metrics.get(workload)
-        ax.set_title(f"{workload}: {title.format(metric=metric.title if metric else 'metric')}")
-        ax.set_xlabel(xlabel)
-        ax.grid(True, alpha=0.3)
-        if metric is None or f"final_{metric.name}_mean" not in summary.columns:
-            _no_data(ax, "no completed run declared a metric")
+def _points(part: pd.DataFrame, axis: XAxis, metric: Metric, look: dict[str, Style]) -> list[_Point]:
+    mean, std = f"final_{metric.name}_mean", f"final_{metric.name}_std"
+    out = []
+    for row in part.to_dict("records"):
+        x, y = float(row.get(axis.column, math.nan)), float(row.get(mean, math.nan))
+        if not (math.isfinite(x) and math.isfinite(y)) or (axis.log and x <= 0):
             continue
-        mean, std = f"final_{metric.name}_mean", f"final_{metric.name}_std"
-        ax.set_ylabel(f"final {metric.heading}")
-        part = summary[summary["workload"] == workload].copy()
-        part["x"] = x_of(part)
-        part = part[np.isfinite(part["x"].astype(float)) & np.isfinite(part[mean].astype(float))]
-        if part.empty:
-            _no_data(ax, why_empty)
-            continue
-        for row in part.to_dict("records"):
-            ax.errorbar(
-                float(row["x"]),
-                metric.scale * float(row[mean]),
-                yerr=metric.scale * _std(row[std]),
-                fmt=look[row["group"]].marker,
-                color=look[row["group"]].color,
-                markersize=8,
-                capsize=4,
-                label=f"{row['group']} (n={row['n_seeds']})",
+        group = str(row["group"])
+        out.append(
+            _Point(
+                group,
+                f"{group} (n={row['n_seeds']})",
+                look[group],
+                x,
+                _std(row.get(axis.std)) if axis.std else 0.0,
+                metric.scale * y,
+                metric.scale * _std(row.get(std)),
             )
-        ax.margins(x=0.08, y=0.12)  # keep points and error bars off the frame
-        if log_x:
-            ax.set_xscale("log", base=log_x)
-        if decorate:
-            decorate(ax, part)
-        _legend(ax, "variant, workers K (seeds)")
-    return _png(fig)
+        )
+    return out
 
 
-def _baseline_line(ax: Axes, part: pd.DataFrame) -> None:
-    ax.axvline(1.0, color="0.5", linestyle="--", linewidth=1)
-    ax.text(
-        1.0,
-        0.01,
-        " K=1 baseline",
-        transform=ax.get_xaxis_transform(),
-        va="bottom",
-        fontsize="small",
-        color="0.4",
+@dataclass
+class _Frame:
+    """Limits of one workload's scatter, in axis units (log units on a log x)."""
+
+    x: tuple[float, float]
+    y: tuple[float, float]
+
+
+def _limits(points: list[_Point], axis: XAxis) -> _Frame:
+    """x spans every point with its error bar; y spans the points that are not outliers,
+    with theirs. Outliers are marked on the points (``edge``)."""
+    low, high = outliers([p.y for p in points])
+    for i in low:
+        points[i].edge = -1
+    for i in high:
+        points[i].edge = 1
+    inside = [p for p in points if not p.edge]
+    ys = [v for p in inside for v in (p.y - p.yerr, p.y + p.yerr)]
+    xs = []
+    for p in points:
+        lo = p.x - p.xerr if not axis.log or p.x - p.xerr > 0 else p.x / 2
+        xs += [_forward(axis, lo), _forward(axis, p.x + p.xerr)]
+    if axis.reference is not None:
+        xs.append(_forward(axis, axis.reference))
+    x0, x1 = min(xs), max(xs)
+    y0, y1 = min(ys), max(ys)
+    xpad = 0.08 * (x1 - x0) if x1 > x0 else (0.5 if axis.log else 0.1 * abs(x0) or 0.5)
+    ypad = 0.12 * (y1 - y0) if y1 > y0 else 0.05 * abs(y0) or 0.5
+    if low:
+        y0 -= ypad  # room for the markers drawn at the edge
+    if high:
+        y1 += ypad
+    return _Frame((x0 - xpad, x1 + xpad), (y0 - ypad, y1 + ypad))
+
+
+DODGE = 0.032
+"""Sideways step between points at the same x, as a fraction of the x axis (more than
+``OVERLAP[0]``, so dodged points never count as overlapping)."""
+
+
+def _dodge(points: list[_Point], frame: _Frame, axis: XAxis) -> None:
+    """Spread points with the same x sideways, symmetrically, in family order."""
+    span = frame.x[1] - frame.x[0]
+    rank = {f: i for i, f in enumerate(families())}
+    ties: dict[float, list[_Point]] = {}
+    for p in points:
+        ties.setdefault(round(_forward(axis, p.x), 9), []).append(p)
+    for same in ties.values():
+        if len(same) < 2:
+            continue
+        same.sort(key=lambda p: (rank.get(p.style.family, len(rank)), natural_key(p.group)))
+        for i, p in enumerate(same):
+            p.dodge = (i - (len(same) - 1) / 2) * DODGE * span
+    # Room for the dodged points and the values written beside an outlier.
+    reach = max((abs(p.dodge) for p in points), default=0.0) + 0.04 * span
+    frame.x = (frame.x[0] - reach, frame.x[1] + reach)
+
+
+OVERLAP = (0.024, 0.04)
+"""Two markers overlap when closer than this along x and y (fractions of the axes)."""
+
+
+def _overlap(points: list[_Point], frame: _Frame, axis: XAxis) -> bool:
+    """Whether any two markers drawn in place would cover each other."""
+    (x0, x1), (y0, y1) = frame.x, frame.y
+    spots = [
+        ((_forward(axis, p.x) + p.dodge - x0) / (x1 - x0), (p.y - y0) / (y1 - y0))
+        for p in points
+        if not p.edge
+    ]
+    return any(
+        abs(a[0] - b[0]) < OVERLAP[0] and abs(a[1] - b[1]) < OVERLAP[1]
+        for i, a in enumerate(spots)
+        for b in spots[i + 1 :]
     )
 
 
-def metric_vs_speedup(summary: pd.DataFrame, look: dict[str, Style], metrics: Metrics) -> bytes:
+def _draw_point(ax: Axes, p: _Point, axis: XAxis, frame: _Frame, metric: Metric, *, context: bool) -> Any:
+    """One point with its error bars (shifted together by its dodge); an outlier as an
+    arrowhead at the edge, with its value. Returns the legend handle."""
+
+    def shift(v: float) -> float:
+        return _inverse(axis, _forward(axis, v) + p.dodge) if p.dodge else v
+
+    x = shift(p.x)
+    lo = p.x - p.xerr if not axis.log or p.x - p.xerr > 0 else p.x / 2
+    xerr = [[x - shift(lo)], [shift(p.x + p.xerr) - x]] if p.xerr else None
+    color = CONTEXT if context else p.style.color
+    if p.edge:
+        (y0, y1) = frame.y
+        y = y0 + 0.03 * (y1 - y0) if p.edge < 0 else y1 - 0.03 * (y1 - y0)
+        handle = ax.plot(
+            [x],
+            [y],
+            marker="v" if p.edge < 0 else "^",
+            color=color,
+            markersize=9,
+            linestyle="none",
+            zorder=2 if context else 4,
+        )[0]
+        if not context:
+            value = f"{fmt_pm(p.y, p.yerr)} {metric.unit}".strip()
+            note = ax.annotate(
+                f"{value} {'↓' if p.edge < 0 else '↑'}",
+                (x, y),
+                xytext=(0, 7 if p.edge < 0 else -14),
+                textcoords="offset points",
+                ha="center",
+                fontsize="x-small",
+                color=p.style.color,
+            )
+            note.set_in_layout(False)
+        return handle
+    if context:
+        return ax.plot(
+            [x], [p.y], marker=p.style.marker, color=CONTEXT, markersize=5, linestyle="none", zorder=1
+        )[0]
+    return ax.errorbar(
+        x,
+        p.y,
+        yerr=p.yerr or None,
+        xerr=xerr,
+        fmt=p.style.marker,
+        color=p.style.color,
+        markersize=7,
+        markeredgecolor="white",
+        markeredgewidth=0.7,
+        capsize=3,
+        elinewidth=1.1,
+        zorder=3,
+    )
+
+
+def _decorate(ax: Axes, axis: XAxis, frame: _Frame) -> None:
+    ax.grid(True, alpha=0.3)
+    if axis.log:
+        ax.set_xscale("log", base=axis.log)
+        span = (frame.x[1] - frame.x[0]) * (math.log10(axis.log))
+        log_ticks(ax.xaxis, axis.log, "bytes" if axis.bytes else "plain", span)
+    ax.set_xlim(_inverse(axis, frame.x[0]), _inverse(axis, frame.x[1]))
+    ax.set_ylim(*frame.y)
+    if axis.reference is not None:
+        ax.axvline(axis.reference, color="0.5", linestyle="--", linewidth=1, zorder=0)
+
+
+def _panels(
+    summary: pd.DataFrame,
+    look: dict[str, Style],
+    metrics: Metrics,
+    axis: XAxis,
+    why_empty: str,
+    left_out: dict[str, str],
+) -> list[tuple[str, Metric, list[_Point], _Frame]]:
+    """Per workload with something to draw: its metric, points (dodged) and limits; the
+    others go to ``left_out`` with the reason."""
+    out = []
+    for workload in workloads(summary):
+        metric = metrics.get(workload)
+        if metric is None:
+            left_out[workload] = "no completed run declared a metric"
+            continue
+        points = _points(summary[summary["workload"] == workload], axis, metric, look)
+        if not points:
+            left_out[workload] = why_empty
+            continue
+        frame = _limits(points, axis)
+        _dodge(points, frame, axis)
+        out.append((workload, metric, points, frame))
+    return out
+
+
+def scatter(
+    summary: pd.DataFrame,
+    look: dict[str, Style],
+    metrics: Metrics,
+    axis: XAxis,
+    *,
+    title: str,
+    why_empty: str,
+    front: bool = False,
+) -> Plot:
+    """Each workload's final primary metric (mean ± std over seeds) against ``axis``: one
+    panel, or one panel per family when markers would overlap. With ``front``, the Pareto
+    front of the means is drawn in every panel as a staircase and the points it leaves
+    behind are faded (and called dominated in the legend)."""
+    blocks: list[tuple[str, Metric, list[_Point], _Frame, bool, list[bool]]] = []
+    left_out: dict[str, str] = {}
+    for workload, metric, points, frame in _panels(summary, look, metrics, axis, why_empty, left_out):
+        multiples = len({p.style.family for p in points}) > 1 and _overlap(points, frame, axis)
+        best = (
+            pareto_front(
+                [p.x for p in points], [p.y for p in points], axis.higher_is_better, metric.higher_is_better
+            )
+            if front
+            else [True] * len(points)
+        )
+        blocks.append((workload, metric, points, frame, multiples, best))
+    if not blocks:
+        return Plot(None, left_out)
+    sizes = []
+    for _, _, points, _, multiples, _ in blocks:
+        n_families = len({p.style.family for p in points})
+        sizes.append(grid_size(n_families, len(points)) if multiples else single_size(len(points)))
+    fig, owners = stack(sizes, [b[0] for b in blocks], len(workloads(summary)) > 1)
+    order = look_families(look)
+    for owner, (_, metric, points, frame, multiples, best) in zip(owners, blocks):
+        dominated = {p.group for p, b in zip(points, best) if not b}
+        handles, labels = [], []
+        present = sorted(dict.fromkeys(p.style.family for p in points), key=order.index)
+        axes = grid(owner, len(present)) if multiples else [owner.subplots()]
+        for ax, family in zip(axes, present if multiples else [None]):
+            if family is not None:
+                ax.set_title(family_title(family), fontsize="medium")
+            for p in sorted(points, key=lambda p: list(look).index(p.group)):
+                if family is not None and p.style.family != family:
+                    _draw_point(ax, p, axis, frame, metric, context=True)
+                    continue
+                handle = _draw_point(ax, p, axis, frame, metric, context=False)
+                if p.group in dominated:
+                    _fade(handle)
+                handles.append(handle)
+                labels.append(p.label + (", dominated" if p.group in dominated else ""))
+            if front:
+                _staircase(ax, [p for p, b in zip(points, best) if b and not p.edge], axis, metric)
+            _decorate(ax, axis, frame)
+        if multiples:
+            owner.supxlabel(axis.label, fontsize="medium")
+            owner.supylabel(f"final {metric.heading}", fontsize="medium")
+        else:
+            axes[0].set_xlabel(axis.label)
+            axes[0].set_ylabel(f"final {metric.heading}")
+        line = axes[0].get_legend_handles_labels()
+        legend(owner, [*line[0], *handles], [*line[1], *labels], "variant, workers K (seeds)")
+    fig.suptitle(sentence(title.format(metric=title_metric(metrics))))
+    return Plot(fig, left_out)
+
+
+def _fade(handle: Any) -> None:
+    for artist in handle.get_children() if isinstance(handle, ErrorbarContainer) else [handle]:
+        artist.set_alpha(0.35)
+
+
+def _staircase(ax: Axes, best: list[_Point], axis: XAxis, metric: Metric) -> None:
+    """The edge of the region the front dominates: sorted by x, each step holds the next
+    point's value when both axes point the same way, the previous one's else."""
+    best = sorted(best, key=lambda p: p.x)
+    if len(best) < 2:
+        return
+    ax.step(
+        [p.x for p in best],
+        [p.y for p in best],
+        where="pre" if axis.higher_is_better == metric.higher_is_better else "post",
+        color="0.15",
+        linewidth=1.3,
+        linestyle="--",
+        zorder=2.5,  # above the error bars' context, below the markers
+        label="Pareto front",
+    )
+
+
+SPEEDUP = XAxis(
+    "speedup",
+    "speedup_std",
+    "speedup over one worker (×; K=1 mean wall time / mean wall time)",
+    reference=1.0,
+)
+
+
+def metric_vs_speedup(summary: pd.DataFrame, look: dict[str, Style], metrics: Metrics) -> Plot:
     """The headline: what each variant buys in time and costs in its primary metric."""
-    return _scatter(
+    return scatter(
         summary,
-        lambda part: part["speedup"].astype(float),
         look,
         metrics,
-        title="final {metric} against speedup (mean ± std over seeds)",
-        xlabel="speedup over one worker (K=1 mean wall time / mean wall time, ×)",
-        why_empty="no speedup to plot: the store has no completed K=1 run of this workload",
-        decorate=_baseline_line,
+        SPEEDUP,
+        title="Final {metric} against speedup over one worker (mean ± std over seeds)",
+        why_empty="no completed K=1 run to measure speedup against",
     )
 
 
 def metric_vs_est_speedup(
     summary: pd.DataFrame, look: dict[str, Style], metrics: Metrics, cluster: str
-) -> bytes:
-    """The headline again, with times estimated on ``cluster`` by the cost model."""
-    return _scatter(
+) -> Plot:
+    axis = XAxis(
+        "est_speedup",
+        "est_speedup_std",
+        f"estimated speedup over one worker on {cluster} (×)",
+        reference=1.0,
+    )
+    return scatter(
         summary,
-        lambda part: part["est_speedup"].astype(float),
         look,
         metrics,
-        title=f"final {{metric}} against estimated speedup on cluster {cluster}",
-        xlabel=f"estimated speedup over one worker on {cluster} (K=1 mean est. time / mean est. time, ×)",
-        why_empty="no estimated speedup: no completed K=1 run of this workload, or no compute time",
-        decorate=_baseline_line,
+        axis,
+        title=f"Final {{metric}} against estimated speedup on {cluster} (mean ± std over seeds)",
+        why_empty="no completed K=1 run, or no compute time, to estimate speedup against",
     )
 
 
-def metric_vs_bytes(summary: pd.DataFrame, look: dict[str, Style], metrics: Metrics) -> bytes:
+def metric_vs_bytes(summary: pd.DataFrame, look: dict[str, Style], metrics: Metrics) -> Plot:
     """The primary metric against communication volume; K=1 runs (0 bytes) have no place
     on a log axis and are left out."""
-    return _scatter(
+    axis = XAxis(
+        "bytes_mean",
+        "bytes_std",
+        "communication payload per worker over the run (log scale; kB = 1000 B)",
+        log=10,
+        bytes=True,
+    )
+    return scatter(
         summary[summary["bytes_mean"].astype(float) > 0],
-        lambda part: part["bytes_mean"].astype(float),
         look,
         metrics,
-        title="final {metric} against communication (K=1 runs, 0 bytes, omitted)",
-        xlabel="communication payload per worker over the run (bytes, log scale; kB = 1000 B)",
+        axis,
+        title="Final {metric} against communication volume (mean ± std over seeds)",
         why_empty="no run communicated (only K=1 runs)",
-        log_x=10,
-        decorate=_bytes_axis,
     )
 
 
-def metric_vs_period_workers(summary: pd.DataFrame, look: dict[str, Style], metrics: Metrics) -> bytes:
+def metric_vs_period_workers(summary: pd.DataFrame, look: dict[str, Style], metrics: Metrics) -> Plot:
     """The primary metric against H·K: local steps between averagings times workers."""
-    part = summary[summary["period"].notna()]
-    return _scatter(
+    part = summary[summary["period"].notna() & (summary["workers"].astype(int) > 1)].copy()
+    part["period_workers"] = part["period"].astype(float) * part["workers"].astype(float)
+    axis = XAxis("period_workers", None, "H·K (local steps between averagings × workers, log₂ scale)", log=2)
+    return scatter(
         part,
-        lambda p: p["period"].astype(float) * p["workers"].astype(float),
         look,
         metrics,
-        title="final {metric} against H·K (synchronous algorithms: H=1)",
-        xlabel="H·K (local steps between averagings × workers, log₂ scale)",
-        why_empty="no run of an algorithm with a period H",
-        log_x=2,
+        axis,
+        title="Final {metric} against H·K (mean ± std over seeds)",
+        why_empty="no run of K>1 workers with an algorithm that has a period H",
     )
 
 
-YSpec = Callable[[str], tuple[str, float, str] | None]
-"""Per workload: (column, scale, y label) of a curve, or None when there is nothing."""
+# -- Pareto fronts -----------------------------------------------------------------------
 
 
-def _metric_y(metrics: Metrics) -> YSpec:
-    def spec(workload: str) -> tuple[str, float, str] | None:
-        m = metrics.get(workload)
-        return (m.name, m.scale, m.heading) if m else None
+def pareto_front(xs: Sequence[float], ys: Sequence[float], x_higher: bool, y_higher: bool) -> list[bool]:
+    """Whether each point is on the Pareto front: no other point is at least as good on
+    both axes and better on one."""
+    sx = 1.0 if x_higher else -1.0
+    sy = 1.0 if y_higher else -1.0
+    out = []
+    for i, (x, y) in enumerate(zip(xs, ys)):
+        dominated = any(
+            sx * xj >= sx * x and sy * yj >= sy * y and (sx * xj > sx * x or sy * yj > sy * y)
+            for j, (xj, yj) in enumerate(zip(xs, ys))
+            if j != i
+        )
+        out.append(not dominated)
+    return out
 
-    return spec
 
-
-def _train_loss_y(workload: str) -> tuple[str, float, str]:
-    return ("train_loss", 1.0, "train loss (mean since the previous evaluation)")
-
-
-def _curves(
-    curves: pd.DataFrame,
+def pareto(
+    summary: pd.DataFrame,
     look: dict[str, Style],
-    x: str,
-    y_of: YSpec,
+    metrics: Metrics,
+    axis: XAxis,
     *,
     title: str,
-    xlabel: str,
-    log_y: bool = False,
-) -> bytes:
-    """One line per group (mean over its completed seeds at each evaluation step)."""
-    workloads = _workloads(curves)
-    entries = max((curves.loc[curves["workload"] == w, "group"].nunique() for w in workloads), default=0)
-    fig, axes = _figure(len(workloads), entries)
-    if not workloads:
-        axes[0].set_title(title.format(metric="metric"))
-        _no_data(axes[0], "no completed run with evaluation rows")
-        return _png(fig)
-    for ax, workload in zip(axes, workloads):
-        part = curves[curves["workload"] == workload]
-        spec = y_of(workload)
-        ax.set_xlabel(xlabel)
-        ax.grid(True, alpha=0.3)
-        if spec is None or spec[0] not in part.columns:
-            ax.set_title(f"{workload}: {title.format(metric='metric')}")
-            _no_data(ax, "no completed run declared a metric")
-            continue
-        y, scale, ylabel = spec
-        ax.set_title(f"{workload}: {title.format(metric=ylabel.split(' (')[0])}")
-        ax.set_ylabel(ylabel)
-        positive = True
-        for group in look:
-            line = part[part["group"] == group].sort_values("step")
-            values = line[y].astype(float) * scale
-            if line.empty or not np.isfinite(values).any():
-                continue
-            positive = positive and bool((values[np.isfinite(values)] > 0).all())
-            ax.plot(
-                line[x].astype(float),
-                values,
-                marker=look[group].marker,
-                markersize=4,
-                linewidth=1.5,
-                linestyle=look[group].linestyle,
-                color=look[group].color,
-                label=group,
-            )
-        if log_y and positive:
-            ax.set_yscale("log")
-            # Plain numbers (0.6, 2) rather than 6×10⁻¹ on a loss axis spanning < 2 decades.
-            ax.yaxis.set_major_formatter(ScalarFormatter())
-            ax.yaxis.set_minor_formatter(ScalarFormatter())
-            ax.set_ylabel(f"{ylabel}, log scale")
-        _legend(ax, "variant, workers K")
-    return _png(fig)
+    why_empty: str,
+) -> Plot:
+    """The final primary metric against ``axis`` with the Pareto front of the means."""
+    return scatter(summary, look, metrics, axis, title=title, why_empty=why_empty, front=True)
 
 
-EPOCHS = "epoch (passes over the training set)"
-WALL = "wall time (s, training only, evaluation excluded)"
-
-
-def metric_vs_epochs(curves: pd.DataFrame, look: dict[str, Style], metrics: Metrics) -> bytes:
-    return _curves(
-        curves,
+def pareto_speedup(summary: pd.DataFrame, look: dict[str, Style], metrics: Metrics) -> Plot:
+    return pareto(
+        summary,
         look,
-        "epoch",
-        _metric_y(metrics),
-        title="{metric} during training (mean over seeds)",
-        xlabel=EPOCHS,
+        metrics,
+        SPEEDUP,
+        title="Pareto front: final {metric} against speedup over one worker",
+        why_empty="no completed K=1 run to measure speedup against",
     )
 
 
-def metric_vs_wall_time(curves: pd.DataFrame, look: dict[str, Style], metrics: Metrics) -> bytes:
-    return _curves(
-        curves,
+def pareto_est_time(summary: pd.DataFrame, look: dict[str, Style], metrics: Metrics, cluster: str) -> Plot:
+    axis = XAxis(
+        "est_total_seconds_mean",
+        "est_total_seconds_std",
+        f"estimated training time on {cluster} (s, log scale; compute + communication)",
+        log=10,
+        higher_is_better=False,
+    )
+    return pareto(
+        summary,
         look,
-        "wall_seconds",
-        _metric_y(metrics),
-        title="{metric} against training time (mean over seeds)",
-        xlabel=WALL,
+        metrics,
+        axis,
+        title=f"Pareto front: final {{metric}} against estimated time on {cluster}",
+        why_empty="no run with an estimated time",
     )
 
 
-def metric_vs_est_time(curves: pd.DataFrame, look: dict[str, Style], metrics: Metrics, cluster: str) -> bytes:
-    return _curves(
-        curves,
-        look,
-        "est_total_seconds",
-        _metric_y(metrics),
-        title=f"{{metric}} against estimated training time on cluster {cluster} (mean over seeds)",
-        xlabel=f"estimated time on {cluster} (s, compute + communication, evaluation excluded)",
-    )
-
-
-def train_loss_vs_epochs(curves: pd.DataFrame, look: dict[str, Style]) -> bytes:
-    return _curves(
-        curves,
-        look,
-        "epoch",
-        _train_loss_y,
-        log_y=True,
-        title="train loss during training (mean over workers and seeds)",
-        xlabel=EPOCHS,
-    )
-
-
-def train_loss_vs_wall_time(curves: pd.DataFrame, look: dict[str, Style]) -> bytes:
-    return _curves(
-        curves,
-        look,
-        "wall_seconds",
-        _train_loss_y,
-        log_y=True,
-        title="train loss against training time (mean over workers and seeds)",
-        xlabel=WALL,
-    )
+# -- curves ------------------------------------------------------------------------------

@@ -1,21 +1,18 @@
-"""Writing the report: one document model rendered twice (Markdown, self-contained HTML),
-and the Excel workbook.
+"""Writing the report: one document model rendered twice, as Markdown and as one
+self-contained HTML file (CSS inline, figures as PNG ``data:`` URIs), with a table of
+contents and links to every figure file and the workbook beside it.
 """
 
 from __future__ import annotations
 
 import base64
 import html
-import math
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any
 
 import pandas as pd
-
-from localsgd.util.files import atomic_path
 
 # -- the document model ----------------------------------------------------------------
 
@@ -45,17 +42,57 @@ class Table:
 
 
 @dataclass
-class Image:
-    path: str
-    """Relative to the report folder."""
-    alt: str
+class Figure:
+    stem: str
+    """File name without extension, relative to the report folder."""
+    caption: str
+    formats: Sequence[str] = ("png",)
+    """The files written, ``stem.<format>`` each; the first one the Markdown shows."""
 
 
-Block = Heading | Paragraph | Bullets | Table | Image
+@dataclass
+class Links:
+    """A line of links to files beside the report: (text, relative path)."""
+
+    label: str
+    links: list[tuple[str, str]] = field(default_factory=list)
+
+
+@dataclass
+class Contents:
+    """The table of contents: every level-2 heading, with the figures under it."""
+
+
+Block = Heading | Paragraph | Bullets | Table | Figure | Links | Contents
+
+
+def slug(text: str) -> str:
+    """A heading's anchor, as GitHub makes it: lower case, punctuation dropped, spaces to
+    hyphens (``"Estimated on cluster 10gbe"`` -> ``estimated-on-cluster-10gbe``)."""
+    kept = re.sub(r"[^\w\- ]", "", text.lower(), flags=re.UNICODE)
+    return kept.strip().replace(" ", "-")
+
+
+def _outline(blocks: Sequence[Block]) -> list[tuple[Heading, list[Figure]]]:
+    out: list[tuple[Heading, list[Figure]]] = []
+    for block in blocks:
+        if isinstance(block, Heading) and block.level == 2:
+            out.append((block, []))
+        elif isinstance(block, Figure) and out:
+            out[-1][1].append(block)
+    return out
 
 
 def _md_cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", "<br>") or " "
+
+
+def _md_links(label: str, links: Sequence[tuple[str, str]]) -> str:
+    return f"{label}: " + " · ".join(f"[{text}]({path})" for text, path in links)
+
+
+def _figure_links(figure: Figure) -> list[tuple[str, str]]:
+    return [(f.upper(), f"{figure.stem}.{f}") for f in figure.formats]
 
 
 def to_markdown(blocks: Sequence[Block]) -> str:
@@ -74,8 +111,17 @@ def to_markdown(blocks: Sequence[Block]) -> str:
             ]
             lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in block.rows]
             out.append("\n".join(lines))
-        elif isinstance(block, Image):
-            out.append(f"![{block.alt}]({block.path})")
+        elif isinstance(block, Figure):
+            shown = next((f for f in block.formats if f in ("png", "svg")), None)
+            image = f"![{block.caption}]({block.stem}.{shown})\n\n" if shown else ""
+            out.append(image + _md_links(block.caption if not shown else "Files", _figure_links(block)))
+        elif isinstance(block, Links):
+            out.append(_md_links(block.label, block.links))
+        elif isinstance(block, Contents):
+            entries = []
+            for heading, _ in _outline(blocks):
+                entries.append(f"- [{heading.text}](#{slug(heading.text)})")
+            out.append("\n".join(entries))
     return "\n\n".join(out) + "\n"
 
 
@@ -85,15 +131,32 @@ body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; co
 h1 { border-bottom: 2px solid #ddd; padding-bottom: .3em; }
 h2 { margin-top: 2em; border-bottom: 1px solid #eee; padding-bottom: .2em; }
 code { background: #f3f3f5; padding: .1em .3em; border-radius: 3px; font-size: 90%; }
-.table-wrap { overflow-x: auto; margin: 1em 0; }
+nav.toc { background: #f7f7f9; border: 1px solid #e4e4e8; border-radius: 6px; padding: .6em 1.2em;
+          display: inline-block; }
+nav.toc ul { margin: .2em 0; padding-left: 1.2em; }
+nav.toc > ul > li { font-weight: 600; }
+nav.toc li li { font-weight: normal; font-size: 14px; }
+/* Tables may use the whole window, wider than the text column; past that they scroll. */
+.table-wrap { overflow-x: auto; margin: 1em 0; width: calc(100vw - 3em); max-width: 1800px;
+              position: relative; left: 50%; transform: translateX(-50%); }
+.table-wrap table { margin: 0 auto; }
+html { overflow-x: hidden; }
 table { border-collapse: collapse; font-size: 13px; }
-th, td { border: 1px solid #d8d8dc; padding: 4px 8px; text-align: right; vertical-align: top; }
+th, td { border: 1px solid #d8d8dc; padding: 4px 6px; text-align: right; vertical-align: top; }
 th { background: #f0f0f3; position: sticky; top: 0; }
-td:first-child, th:first-child, td.text { text-align: left; }
+td { white-space: nowrap; }
+td.text { text-align: left; white-space: normal; min-width: 8em; }
+td.text.label { white-space: nowrap; }
+td.text.long { min-width: 24em; }
+th.text { text-align: left; }
+td:first-child, th:first-child { text-align: left; position: sticky; left: 0; background: #fff;
+                                 box-shadow: 1px 0 0 #d8d8dc; }
+th:first-child { background: #f0f0f3; z-index: 1; }
 tr:nth-child(even) td { background: #fafafb; }
 figure { margin: 1.5em 0; }
 img { max-width: 100%; height: auto; border: 1px solid #eee; }
 figcaption { color: #555; font-size: 14px; }
+.files a, figcaption a { margin: 0 .15em; }
 """
 
 
@@ -101,42 +164,78 @@ def _html_inline(text: str) -> str:
     return re.sub(r"`([^`]+)`", r"<code>\1</code>", html.escape(text))
 
 
+_NUMBER = re.compile(r"[-+]?[\d.,]+(e[-+]?\d+)?( ± [\d.,e+-]+)?( [kMGTP]?B)?( \(baseline\))?|—|")
+
+
 def _is_number(text: str) -> bool:
-    return bool(re.fullmatch(r"[-+]?[\d.,]+(e[-+]?\d+)?( ± [\d.,e+-]+)?( [kMGTP]?B)?|", text))
+    return bool(_NUMBER.fullmatch(text))
+
+
+def _html_links(links: Sequence[tuple[str, str]]) -> str:
+    return " · ".join(f'<a href="{html.escape(path)}">{html.escape(text)}</a>' for text, path in links)
+
+
+def _cell_class(text: str, header: str) -> str:
+    if _is_number(text):
+        return "<td>"
+    if len(text) > 60 or "\n" in text:
+        return '<td class="text long">'
+    return '<td class="text label">' if len(text) <= 40 else '<td class="text">'
 
 
 def to_html(blocks: Sequence[Block], title: str, images: Mapping[str, bytes]) -> str:
-    """A single HTML file: CSS inline, every image a base64 ``data:`` URI."""
+    """A single HTML file: CSS inline, every figure a PNG ``data:`` URI (``images`` by
+    stem), with links to its files; number cells never wrap (a wide table scrolls)."""
     body: list[str] = []
     for block in blocks:
         if isinstance(block, Heading):
-            body.append(f"<h{block.level}>{_html_inline(block.text)}</h{block.level}>")
+            anchor = f' id="{slug(block.text)}"' if block.level == 2 else ""
+            body.append(f"<h{block.level}{anchor}>{_html_inline(block.text)}</h{block.level}>")
         elif isinstance(block, Paragraph):
             body.append(f"<p>{_html_inline(block.text)}</p>")
         elif isinstance(block, Bullets):
             items = "".join(f"<li>{_html_inline(item)}</li>" for item in block.items)
             body.append(f"<ul>{items}</ul>")
         elif isinstance(block, Table):
-            head = "".join(f"<th>{html.escape(h)}</th>" for h in block.headers)
+            # A column of text has its header on the left, like its cells.
+            texts = [all(not _is_number(row[i]) for row in block.rows) for i in range(len(block.headers))]
+            head = "".join(
+                ('<th class="text">' if text else "<th>") + f"{html.escape(h)}</th>"
+                for h, text in zip(block.headers, texts)
+            )
             rows = []
             for row in block.rows:
                 cells = "".join(
-                    ("<td>" if _is_number(c) else '<td class="text">')
-                    + html.escape(c).replace("\n", "<br>")
-                    + "</td>"
-                    for c in row
+                    _cell_class(c, h) + html.escape(c).replace("\n", "<br>") + "</td>"
+                    for c, h in zip(row, block.headers)
                 )
                 rows.append(f"<tr>{cells}</tr>")
             body.append(
                 f'<div class="table-wrap"><table><thead><tr>{head}</tr></thead>'
                 f"<tbody>{''.join(rows)}</tbody></table></div>"
             )
-        elif isinstance(block, Image):
-            data = base64.b64encode(images[block.path]).decode("ascii")
+        elif isinstance(block, Figure):
+            data = base64.b64encode(images[block.stem]).decode("ascii")
             body.append(
-                f'<figure><img alt="{html.escape(block.alt)}" src="data:image/png;base64,{data}">'
-                f"<figcaption>{html.escape(block.alt)}</figcaption></figure>"
+                f'<figure id="fig-{block.stem}"><img alt="{html.escape(block.caption)}" '
+                f'src="data:image/png;base64,{data}">'
+                f"<figcaption>{html.escape(block.caption)} "
+                f'<span class="files">({_html_links(_figure_links(block))})</span></figcaption></figure>'
             )
+        elif isinstance(block, Links):
+            body.append(f'<p class="files">{html.escape(block.label)}: {_html_links(block.links)}</p>')
+        elif isinstance(block, Contents):
+            toc = []
+            for heading, figures in _outline(blocks):
+                sub = "".join(
+                    f'<li><a href="#fig-{f.stem}">{html.escape(f.caption)}</a></li>' for f in figures
+                )
+                toc.append(
+                    f'<li><a href="#{slug(heading.text)}">{_html_inline(heading.text)}</a>'
+                    + (f"<ul>{sub}</ul>" if sub else "")
+                    + "</li>"
+                )
+            body.append(f'<nav class="toc"><strong>Contents</strong><ul>{"".join(toc)}</ul></nav>')
     return (
         '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
         f'<meta name="viewport" content="width=device-width, initial-scale=1">\n'
@@ -146,48 +245,7 @@ def to_html(blocks: Sequence[Block], title: str, images: Mapping[str, bytes]) ->
     )
 
 
-# -- cell formatting -------------------------------------------------------------------
-
-
-def _finite(value: Any) -> bool:
-    try:
-        return value is not None and math.isfinite(float(value))
-    except (TypeError, ValueError):
-        return False
-
-
-def fmt(value: Any, spec: str = ".4g", scale: float = 1.0) -> str:
-    """A number as text; NaN/None blank, ±inf spelled out."""
-    if value is None:
-        return ""
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return str(value)
-    if math.isnan(number):
-        return ""
-    if math.isinf(number):
-        return "inf" if number > 0 else "-inf"
-    return format(number * scale, spec)
-
-
-def fmt_pm(mean: Any, std: Any, spec: str, scale: float = 1.0) -> str:
-    """``mean ± std``; just the mean when the std is undefined (one seed)."""
-    text = fmt(mean, spec, scale)
-    if text and _finite(std):
-        text += f" ± {fmt(std, spec, scale)}"
-    return text
-
-
-def fmt_bytes(value: Any) -> str:
-    if not _finite(value):
-        return fmt(value)
-    number = float(value)
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if abs(number) < 1000 or unit == "TB":
-            return f"{number:.3g} {unit}" if unit != "B" else f"{number:.0f} B"
-        number /= 1000
-    raise AssertionError("unreachable")
+# -- cells ---------------------------------------------------------------------------
 
 
 def short_error(error: str, limit: int = 240) -> str:
@@ -201,36 +259,3 @@ def frame_rows(frame: pd.DataFrame, columns: Sequence[tuple[str, Callable[[Any],
     """A display table: (header, row -> text) per column."""
     rows = [[render(row) for _, render in columns] for row in frame.itertuples(index=False)]
     return Table([header for header, _ in columns], rows)
-
-
-# -- Excel -----------------------------------------------------------------------------
-
-_ILLEGAL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f]")
-_EXCEL_CELL_LIMIT = 32767
-
-
-def _excel_safe(value: Any) -> Any:
-    """openpyxl refuses control characters and Excel cells hold at most 32767 chars."""
-    if isinstance(value, str):
-        value = _ILLEGAL.sub("", value)
-        if len(value) > _EXCEL_CELL_LIMIT:
-            value = value[: _EXCEL_CELL_LIMIT - 1] + "…"
-    return value
-
-
-def write_xlsx(path: Path, sheets: Mapping[str, pd.DataFrame]) -> Path:
-    """One sheet per frame (names cut to Excel's 31 characters), written atomically."""
-    with atomic_path(path) as tmp:
-        with pd.ExcelWriter(tmp, engine="openpyxl") as writer:
-            for name, frame in sheets.items():
-                safe = frame.copy()
-                for column in safe.columns:
-                    if safe[column].dtype == object or pd.api.types.is_string_dtype(safe[column]):
-                        safe[column] = safe[column].map(_excel_safe)
-                safe.to_excel(writer, sheet_name=name[:31], index=False)
-                sheet = writer.sheets[name[:31]]
-                sheet.freeze_panes = "A2"
-                for i, column in enumerate(safe.columns, start=1):
-                    width = min(max(len(str(column)), 8) + 2, 40)
-                    sheet.column_dimensions[sheet.cell(1, i).column_letter].width = width
-    return path

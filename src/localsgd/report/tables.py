@@ -23,6 +23,7 @@ import pandas as pd
 
 from localsgd.records import Metric, MetricsRow, RecordError, RunRecord, Store
 from localsgd.report.labels import algorithm_name, period, variant_label
+from localsgd.report.rounding import ratio_std
 from localsgd.util.nest import flatten
 
 log = logging.getLogger(__name__)
@@ -32,12 +33,22 @@ GROUP_KEYS = ["workload", "variant", "workers", "batch_size", "lr"]
 # Config keys that are the group key, the seed, or only a label: never part of ``setting``.
 # The engine is a group key of its own when it varies, but not part of the speedup
 # baseline: one worker is one worker on every engine.
-_NOT_SETTINGS = ("name", "seed", "workload.name", "workers", "data.batch_size", "optimizer.lr", "engine")
+# ``fixed`` only says how the batch was derived (the batch is a group key already).
+_NOT_SETTINGS = (
+    "name",
+    "seed",
+    "workload.name",
+    "workers",
+    "data.batch_size",
+    "optimizer.lr",
+    "engine",
+    "fixed",
+)
 
 # Per-run quantities averaged over seeds (mean and std, ddof=1) in the summary table,
 # besides the final and best value of every declared metric.
-MEAN_STD = ["final_train_loss", "wall_seconds", "samples_per_second"]
-MEAN_ONLY = ["bytes", "syncs"]
+MEAN_STD = ["final_train_loss", "wall_seconds", "samples_per_second", "bytes"]
+MEAN_ONLY = ["syncs"]
 COUNTER_COLUMNS = ("bytes", "syncs", "collectives", "comm_seconds")
 
 
@@ -130,6 +141,9 @@ def _run_row(record: RunRecord, rows: list[MetricsRow]) -> dict[str, Any]:
     for key in COUNTER_COLUMNS:
         source = counters if counters is not None else last
         row[key] = _number(getattr(source, key)) if source is not None else math.nan
+    if row["workers"] == 1:
+        # One worker communicates nothing: the sync points its algorithm counted are steps.
+        row["syncs"] = math.nan
     for m in info.metrics:
         row[f"final_{m.name}"] = _number(last.metrics.get(m.name)) if last else math.nan
         row[f"best_{m.name}"] = m.best([_number(r.metrics.get(m.name)) for r in rows])
@@ -326,33 +340,46 @@ def baseline_table(study: Study) -> pd.DataFrame:
 
 
 def summary_table(study: Study) -> pd.DataFrame:
-    """Mean ± std over the completed runs (seeds) of each group, and speedup against K=1."""
+    """Mean ± std over the completed runs (seeds) of each group, and speedup against K=1.
+
+    ``speedup`` = the baseline's mean wall time T₁ / the group's mean wall time T;
+    ``speedup_std`` propagates both spreads, ``speedup · sqrt((σ₁/T₁)² + (σ/T)²)`` with σ
+    the std over seeds (:func:`~localsgd.report.rounding.ratio_std`), and is 0 for the
+    group whose runs are the baseline itself (its speedup is 1 by definition).
+    """
     runs = study.runs[study.runs["status"] == "completed"]
     keys = study.group_keys
-    columns = [*keys, "group", "n_seeds", "seeds"]
+    columns = [*keys, "group", "algorithm", "n_seeds", "seeds"]
     measured = [f"{p}_{m.name}" for m in study.metric_list() for p in ("final", "best")] + MEAN_STD
     for name in measured:
         columns += [f"{name}_mean", f"{name}_std"]
-    columns += ["speedup", *[f"{name}_mean" for name in MEAN_ONLY], "period"]
+    columns += ["speedup", "speedup_std", *[f"{name}_mean" for name in MEAN_ONLY], "period"]
     if runs.empty:
         return pd.DataFrame(columns=columns)
     base_keys = _baseline_keys(study)
     baseline = {
-        tuple(r[k] for k in base_keys): r["wall_seconds_mean"]
-        for r in baseline_table(study).to_dict("records")
+        tuple(r[k] for k in base_keys): r for r in baseline_table(study).to_dict("records") if r["runs"]
     }
     out = []
     for key, group in runs.groupby(keys, sort=False, dropna=False):
         assert isinstance(key, tuple), key
         row: dict[str, Any] = dict(zip(keys, key))
         row["group"] = group["group"].iloc[0]
+        row["algorithm"] = group["algorithm"].iloc[0]
         row["n_seeds"] = len(group)
         row["seeds"] = ", ".join(str(s) for s in sorted(group["seed"]))
         for name in measured:
             row[f"{name}_mean"] = group[name].mean()
             row[f"{name}_std"] = group[name].std(ddof=1)  # NaN with one seed
-        base = baseline.get(tuple(row[k] for k in base_keys), math.nan)
-        row["speedup"] = base / row["wall_seconds_mean"]
+        base = baseline.get(tuple(row[k] for k in base_keys))
+        if base is None:
+            row["speedup"] = row["speedup_std"] = math.nan
+        elif set(base["run_ids"].split(", ")) == set(group["run_id"]):
+            row["speedup"], row["speedup_std"] = 1.0, 0.0
+        else:
+            t1, s1 = base["wall_seconds_mean"], base["wall_seconds_std"]
+            row["speedup"] = t1 / row["wall_seconds_mean"]
+            row["speedup_std"] = ratio_std(t1, s1, row["wall_seconds_mean"], row["wall_seconds_std"])
         for name in MEAN_ONLY:
             row[f"{name}_mean"] = group[name].mean()
         row["period"] = group["period"].iloc[0]
@@ -389,18 +416,23 @@ ESTIMATE_CURVES = ["est_compute_seconds", "est_comm_seconds", "est_total_seconds
 
 
 def curves(study: Study) -> pd.DataFrame:
-    """Per group and evaluation step: mean over the completed seeds of epoch, wall time,
-    train loss and every declared metric (and the estimated times on a cluster, when the
-    metrics carry them)."""
+    """Per group and evaluation step: mean and std (``<name>_std``, ddof=1, NaN for one
+    seed) over the completed seeds of epoch, wall time, train loss and every declared
+    metric (and the estimated times on a cluster, when the metrics carry them); ``n`` is
+    the number of seeds with that step."""
     done = study.runs.loc[study.runs["status"] == "completed", ["run_id", "group", "workload"]]
     estimated = [c for c in ESTIMATE_CURVES if c in study.metrics.columns]
     names = [m.name for m in study.metric_list() if m.name in study.metrics.columns]
     values = ["epoch", "wall_seconds", "train_loss", *names, *estimated]
-    columns = ["workload", "group", "step", *values]
+    columns = ["workload", "group", "step", "n", *values, *[f"{v}_std" for v in values]]
     if done.empty or study.metrics.empty:
         return pd.DataFrame(columns=columns)
     rows = study.metrics.merge(done, on="run_id")
     for name in values:
         rows[name] = pd.to_numeric(rows[name], errors="coerce")
-    out = rows.groupby(["workload", "group", "step"], sort=False)[values].mean().reset_index()
+    grouped = rows.groupby(["workload", "group", "step"], sort=False)
+    mean = grouped[values].mean()
+    std = grouped[values].std(ddof=1).add_suffix("_std")
+    count = grouped["run_id"].nunique().rename("n")
+    out = pd.concat([count, mean, std], axis=1).reset_index()
     return out[columns]

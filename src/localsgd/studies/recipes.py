@@ -2,7 +2,9 @@
 
 The learning rate follows the large-batch recipes that local SGD is compared against: the
 linear scaling rule (lr = base lr × global batch / base batch) and gradual warmup from the
-base rate to the scaled one over W epochs (Goyal et al. 2017), then a decay schedule.
+base rate to the scaled one over W epochs (Goyal et al. 2017), then a decay schedule; or
+the fine-tuning recipe of transformers: AdamW, linear warmup from 0 over ``warmup_steps``
+(or ``warmup_ratio`` of training), then linear decay to 0 (``schedule.name = "linear"``).
 """
 
 from __future__ import annotations
@@ -70,5 +72,19 @@ def lr_at(
     warmup = round(schedule.warmup_epochs * steps_per_epoch)
     if step < warmup:
         return base_lr + (peak - base_lr) * step / warmup
+    ramp = warmup_from_zero(schedule, total_steps)
+    if step < ramp:
+        return peak * step / ramp
+    if schedule.name == "linear":
+        # transformers' get_linear_schedule_with_warmup: 1 at the end of the warmup, 0 at the end.
+        return peak * max(0.0, (total_steps - step) / max(total_steps - max(ramp, warmup), 1))
     progress = step / max(total_steps, 1)
     return peak * DECAYS[schedule.name](progress, schedule)
+
+
+def warmup_from_zero(schedule: ScheduleConfig, total_steps: int) -> int:
+    """Steps of the transformers-style warmup (``warmup_steps``, or ``warmup_ratio`` of the
+    training steps rounded up, as transformers does)."""
+    if schedule.warmup_steps:
+        return schedule.warmup_steps
+    return math.ceil(schedule.warmup_ratio * total_steps)

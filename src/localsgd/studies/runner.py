@@ -146,12 +146,15 @@ def execute_run(
     workload: workloads.Workload | None = None,
     session: engines.Session | None = None,
     resume: bool = False,
+    launch: Callable[[engines.Job], None] | None = None,
 ) -> str:
     """Run ``config`` to the end through its engine -- on processes of its own, or on
     ``session``'s -- and record it in ``store``; returns the final status. A failed run's
     status holds its root error (the first worker's own exception). A run cancelled from
     outside is left unfinished (the next attempt redoes it, from its last checkpoint when
-    it has one and ``resume``)."""
+    it has one and ``resume``). ``launch`` places a run of several worker processes
+    somewhere else than the engine would (an emulated multi-node cluster, say); a run of
+    one process stays here."""
     from localsgd.studies.trainer import train
 
     engine = engines.get(config.engine)
@@ -173,7 +176,9 @@ def execute_run(
     )
     error: ErrorInfo | None = None
     try:
-        if session is None:
+        if launch is not None and engine.processes(config.workers) > 1:
+            launch(job)
+        elif session is None:
             engine.execute(job)
         else:
             session.execute(job)
@@ -220,6 +225,7 @@ def run_study(
     executor: str = "local",
     executor_options: Mapping[str, Any] | None = None,
     adopt_store: bool = False,
+    launch: Callable[[engines.Job], None] | None = None,
 ) -> Counter[str]:
     """Run every run of ``study`` not already finished in the store at ``out``.
 
@@ -231,7 +237,8 @@ def run_study(
     pools on this machine) or ``slurm`` (a Slurm job per run through submitit;
     ``executor_options`` as for :class:`~localsgd.engines.slurm.SlurmSession`). Progress
     goes to ``output`` (default stdout): a line per finished run, or a bar in a terminal.
-    Returns how many runs ended in each status, skipped ones included.
+    ``launch``: as for :func:`execute_run`. Returns how many runs ended in each status,
+    skipped ones included.
 
     The study holds the store's lock while it runs (another study or a single run into
     the same store is refused, naming this process), and the store belongs to it: a store
@@ -265,6 +272,7 @@ def run_study(
             oversubscribe=oversubscribe,
             executor=executor,
             executor_options=executor_options,
+            launch=launch,
         )
     finally:
         lock.release()
@@ -377,6 +385,7 @@ def _run_study(
     oversubscribe: bool,
     executor: str,
     executor_options: Mapping[str, Any] | None,
+    launch: Callable[[engines.Job], None] | None,
 ) -> Counter[str]:
     counts, todo, resume = _plan_runs(study, existing, retry_failed)
     if parallel is None:
@@ -443,6 +452,7 @@ def _run_study(
                 workload=workload,
                 session=sessions.get(run.engine),
                 resume=run.run_id() in resume,
+                launch=launch,
             )
         seconds = time.monotonic() - started
         with lock:

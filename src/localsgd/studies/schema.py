@@ -21,7 +21,8 @@ from localsgd.util.checks import (
 from localsgd.util.lifetime import DEFAULT_TIMEOUT_SECONDS
 
 OPTIMIZERS = ("sgd", "adamw")
-SCHEDULES = ("constant", "step", "cosine", "half_cosine")
+SCHEDULES = ("constant", "step", "cosine", "half_cosine", "linear")
+PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 MAX_BATCH = 2**24
@@ -92,7 +93,9 @@ class ScheduleConfig:
 
     name: str = "constant"
     """``constant``; ``step`` (× ``gamma`` at each milestone); ``cosine`` (to 0 at the end);
-    ``half_cosine`` (constant for the first half, cosine to 0 over the second)."""
+    ``half_cosine`` (constant for the first half, cosine to 0 over the second); ``linear``
+    (linear decay to 0 at the end, from the end of the warmup: the fine-tuning recipe of
+    BERT and of transformers' ``get_linear_schedule_with_warmup``)."""
     milestones: tuple[float, ...] = (0.5, 0.75)
     """``step``: fractions of training at which the rate is multiplied by ``gamma``."""
     gamma: float = 0.1
@@ -100,6 +103,11 @@ class ScheduleConfig:
     warmup_epochs: float = 0.0
     """Gradual warmup: linear from the base rate to the scaled one over W epochs (Goyal et
     al. 2017). 0 disables it."""
+    warmup_steps: int = 0
+    """Warmup from 0 to the peak rate, linear over this many steps (the transformers
+    recipe). Not with ``warmup_epochs`` or ``warmup_ratio``."""
+    warmup_ratio: float = 0.0
+    """The same warmup, over this fraction of the training steps."""
     linear_scaling: bool = False
     """Linear scaling rule: lr = base lr × global batch / ``base_batch``."""
     base_batch: int = 128
@@ -113,6 +121,14 @@ class ScheduleConfig:
             raise ConfigError(f"schedule.milestones must be increasing, got {list(self.milestones)}")
         check_float("schedule.gamma", self.gamma, 0.0, 1.0, low_open=True, high_open=False)
         check_float("schedule.warmup_epochs", self.warmup_epochs, 0.0)
+        check_int("schedule.warmup_steps", self.warmup_steps, 0)
+        check_float("schedule.warmup_ratio", self.warmup_ratio, 0.0, 1.0)
+        given = [k for k in ("warmup_epochs", "warmup_steps", "warmup_ratio") if getattr(self, k) > 0]
+        if len(given) > 1:
+            raise ConfigError(
+                f"schedule: give one of warmup_epochs (from the base rate to the scaled one), "
+                f"warmup_steps or warmup_ratio (from 0), not {' and '.join(given)}"
+            )
         check_bool("schedule.linear_scaling", self.linear_scaling)
         check_int("schedule.base_batch", self.base_batch, 1)
 
@@ -130,6 +146,10 @@ class TrainConfig:
     """Evaluate the consensus model every this many steps (and at the end)."""
     max_steps: int | None = None
     """Stop after this many steps even if the epochs are not done (smoke tests)."""
+    precision: str = "fp32"
+    """``fp32``; ``bf16`` or ``fp16``: the forward pass under autocast in that type (on CPU
+    too), parameters, optimizer and averaging in fp32; ``fp16`` scales the loss with a
+    ``GradScaler`` whose overflow decision every worker shares."""
     timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS
     """How long a collective or the rendezvous may wait before the run fails; a worker
     silent for half of it (stopped, frozen) fails the run naming its rank. The default
@@ -144,6 +164,7 @@ class TrainConfig:
     own rather than a study's worker pool."""
 
     def __post_init__(self) -> None:
+        check_choice("train.precision", self.precision, PRECISIONS)
         check_float("train.epochs", self.epochs, 0.0, 1e6, low_open=True, high_open=False)
         check_int("train.eval_every", self.eval_every, 1)
         if self.max_steps is not None:
@@ -158,6 +179,37 @@ class TrainConfig:
         )
         check_int("train.checkpoint_every", self.checkpoint_every, 0)
         check_int("train.max_restarts", self.max_restarts, 0, MAX_RESTARTS)
+
+
+@dataclass(frozen=True)
+class CommConfig:
+    """``[comm]``: what the communication of the run is subjected to, beyond the network."""
+
+    delay: dict[str, float] = field(default_factory=dict)
+    """Seconds added to every collective of a scope: ``{world = 1.0}`` delays each global
+    average (the delayed global synchronisations of Lin et al. 2020, §4), ``block2`` each
+    average inside blocks of 2. The process engine waits them out after the collective (in
+    the run's communication time); the simulated engine does not wait, and the cost model
+    adds delay × collectives of the scope to its estimates. Keys: ``world`` or
+    ``block<G>`` (G dividing the workers); values: finite seconds >= 0."""
+
+    def __post_init__(self) -> None:
+        from localsgd.costmodel import check_delay
+
+        try:
+            # Block keys are checked against the workers by RunConfig; any G is a scope here.
+            object.__setattr__(self, "delay", check_delay(self.delay, None, "comm.delay"))
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+
+    def check_workers(self, workers: int) -> None:
+        """Every block key names a block size that divides ``workers``."""
+        from localsgd.costmodel import check_delay
+
+        try:
+            check_delay(self.delay, workers, "comm.delay")
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
 
 
 def _default_algorithm() -> dict[str, Any]:
@@ -198,6 +250,7 @@ class RunConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    comm: CommConfig = field(default_factory=CommConfig)
     fixed: str = "worker_batch"
     """What was held fixed when the worker count varied: ``worker_batch`` or
     ``global_batch`` (recorded in the run record)."""
@@ -221,6 +274,7 @@ class RunConfig:
                 "blocks are groups of consecutive workers"
             )
         workloads.check_spec(self.workload)
+        self.comm.check_workers(self.workers)
 
     @property
     def global_batch(self) -> int:
@@ -265,6 +319,10 @@ class RunConfig:
         data = self.to_dict()
         for key in TrainConfig.OPERATIONAL:
             data["train"].pop(key, None)
+        if self.comm == CommConfig():
+            # Sections added after stores were written are left out at their defaults, so a
+            # store's finished runs keep their ids (and a rerun skips them).
+            del data["comm"]
         blob = json.dumps(data, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
 

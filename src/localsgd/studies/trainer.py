@@ -37,6 +37,7 @@ from localsgd.records.record import (
 from localsgd.records.store import CHECKPOINTS
 from localsgd.studies import recipes
 from localsgd.studies.checkpoints import Checkpoints, rng_state, rows_from_state, rows_state, set_rng_state
+from localsgd.studies.precision import with_precision
 from localsgd.studies.schema import RunConfig
 
 log = logging.getLogger(__name__)
@@ -154,8 +155,16 @@ def _train(
     algorithm = config.algorithm_config(steps_per_epoch)
     torch.manual_seed(config.seed)
     model = workload.make_model(config.seed).to(device)
+    trained = with_precision(workload, device, config.train.precision)
+    scaler = getattr(trained, "scaler", None)
     replicas = engine.replicas(
-        workload, model, rank=rank, world_size=world_size, workers=workers, device=device
+        trained,
+        model,
+        rank=rank,
+        world_size=world_size,
+        workers=workers,
+        device=device,
+        delay=config.comm.delay,
     )
     optimizer = recipes.build_optimizer(replicas.module, config.optimizer, ndim=replicas.param_ndim)
     replicas.check_optimizer(optimizer)
@@ -175,6 +184,8 @@ def _train(
     state = saved.load()
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
     with localsgd.DataParallel(
         replicas.module, optimizer, algorithm, comm=replicas.comm, flat=replicas.flat
     ) as dp:
@@ -198,6 +209,7 @@ def _train(
                     "loss_count": loss_count,
                     "data_parallel": dp.state_dict(),
                     "optimizer": optimizer.state_dict(),
+                    "scaler": scaler.state_dict() if scaler is not None else None,
                     "rng": rng_state(),
                     "rows": rows_state(writer.rows),
                     "resumed": resumed,
@@ -259,9 +271,16 @@ def _train(
                 for group in optimizer.param_groups:
                     group["lr"] = lr(step)
                 optimizer.zero_grad()
-                loss_sum = loss_sum + replicas.forward_backward(data)
+                loss = replicas.forward_backward(data)
                 syncs = dp.stats["syncs"] if saved.wanted(step + 1) else None
-                optimizer.step()
+                if scaler is not None:
+                    loss = trained.unscaled(loss)
+                    replicas.unscale_(scaler, dp)  # every worker steps, or none does
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    optimizer.step()
+                loss_sum = loss_sum + loss
                 loss_count += 1
                 step += 1
                 done += 1

@@ -7,12 +7,14 @@
 ...     wl.loss(model, batch).backward()                    # batch = {"x": ..., "y": ...}
 >>> wl.evaluate(model, "cpu")   # {"accuracy": ..., "eval_loss": ...}; wl.primary == "accuracy"
 
-Registered: ``mnist1d_cnn`` (the default), ``mnist1d_mlp``, ``cifar10_resnet20``; any
+Registered: ``mnist1d_cnn`` (the default), ``mnist1d_mlp``, ``cifar10_resnet20``, and the
+text workloads ``mnli``, ``squad``, ``mlm`` (:mod:`localsgd.workloads.text`, with the
+``localsgd[text]`` extra); any
 ``package.module:function`` returning a :class:`Workload` works too. Studies, engines and
 examples use workloads; algorithms never do.
 """
 
-from localsgd.workloads import cifar10, mnist1d
+from localsgd.workloads import cifar10, mnist1d, text
 from localsgd.workloads.base import (
     ACCURACY,
     EVAL_LOSS,
@@ -56,4 +58,5 @@ __all__ = [
     "shard_indices",
     "shuffle_generator",
     "split_spec",
+    "text",
 ]

@@ -291,7 +291,7 @@ def shard_indices(num_samples: int, rank: int, world_size: int, epoch: int, seed
     and together cover that many times ``world_size`` samples.
     """
     check_int("num_samples", num_samples, 1)
-    _check_rank(rank, world_size)
+    check_rank(rank, world_size)
     check_int("epoch", epoch, 0)
     check_int("seed", seed, 0)
     per_rank = num_samples // world_size
@@ -299,7 +299,21 @@ def shard_indices(num_samples: int, rank: int, world_size: int, epoch: int, seed
     return perm[rank * per_rank : (rank + 1) * per_rank]
 
 
-def _check_rank(rank: int, world_size: int) -> None:
+def full_batches(name: str, train_size: int, world_size: int, batch_size: int) -> int:
+    """Full batches of ``batch_size`` each rank takes per epoch from its shard (see the
+    module docstring); ``ValueError`` when a shard is smaller than one batch."""
+    check_int("world_size", world_size, 1)
+    check_int("batch_size", batch_size, 1)
+    per_rank = train_size // world_size
+    if batch_size > per_rank:
+        raise ValueError(
+            f"batch_size must be <= {per_rank} (train_size {train_size} // world_size "
+            f"{world_size}) for {name}, got {batch_size}"
+        )
+    return per_rank // batch_size
+
+
+def check_rank(rank: int, world_size: int) -> None:
     check_int("world_size", world_size, 1)
     check_int("rank", rank, 0)
     if rank >= world_size:
@@ -383,20 +397,12 @@ class TensorWorkload:
         return F.cross_entropy(model(batch["x"]), batch["y"])
 
     def steps_per_epoch(self, world_size: int, batch_size: int) -> int:
-        check_int("world_size", world_size, 1)
-        check_int("batch_size", batch_size, 1)
-        per_rank = self.train_size // world_size
-        if batch_size > per_rank:
-            raise ValueError(
-                f"batch_size must be <= {per_rank} (train_size {self.train_size} // world_size "
-                f"{world_size}) for {self.name}, got {batch_size}"
-            )
-        return per_rank // batch_size
+        return full_batches(self.name, self.train_size, world_size, batch_size)
 
     def train_batches(
         self, rank: int, world_size: int, batch_size: int, epoch: int, seed: int, device: Device
     ) -> Iterator[Batch]:
-        _check_rank(rank, world_size)
+        check_rank(rank, world_size)
         steps = self.steps_per_epoch(world_size, batch_size)
         shard = shard_indices(self.train_size, rank, world_size, epoch, seed)
         x_all, y_all, _, _ = self._on(device)

@@ -12,6 +12,7 @@ The data set is generated locally with ``mnist1d.data.make_dataset`` (never
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import random
@@ -194,6 +195,23 @@ class Mnist1dConfig:
             check_directory("workload.data_path", self.data_path)
 
 
+@dataclass(frozen=True)
+class Mnist1dMlpConfig(Mnist1dConfig):
+    """``[workload]`` of ``mnist1d_mlp``: the data options and the MLP's width."""
+
+    width: int = 100
+    """Units in each of the two hidden layers: about width² + 52·width parameters (100:
+    the paper's 15,210; 2240: 5.1 M, a communication-heavy model for network studies)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_int("workload.width", self.width, 1, MAX_WIDTH)
+
+
+MAX_WIDTH = 16384
+"""About 270 M parameters: beyond it the MLP no longer fits a worker's memory comfortably."""
+
+
 def _mnist1d(
     name: str, model_factory: Callable[[], nn.Module], recipe: dict[str, Any], config: Mnist1dConfig
 ) -> TensorWorkload:
@@ -218,6 +236,6 @@ def mnist1d_cnn(config: Mnist1dConfig) -> TensorWorkload:
 
 
 @register("mnist1d_mlp")
-def mnist1d_mlp(config: Mnist1dConfig) -> TensorWorkload:
-    """MNIST-1D with :class:`MLP`; options in :class:`Mnist1dConfig`."""
-    return _mnist1d("mnist1d_mlp", MLP, MLP_RECIPE, config)
+def mnist1d_mlp(config: Mnist1dMlpConfig) -> TensorWorkload:
+    """MNIST-1D with :class:`MLP`; options in :class:`Mnist1dMlpConfig`."""
+    return _mnist1d("mnist1d_mlp", functools.partial(MLP, config.width), MLP_RECIPE, config)
