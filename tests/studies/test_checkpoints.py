@@ -150,3 +150,38 @@ def test_operational_settings_are_not_part_of_the_run_id():
     changed = run_config(config({"name": "minibatch_sgd"}, checkpoint_every=0, timeout_seconds=30, max_restarts=2))
     assert base.run_id() == changed.run_id()
     assert base.run_id() != run_config(config({"name": "minibatch_sgd"}, max_steps=23)).run_id()
+
+
+
+class LoudLoss:
+    """A workload whose loss is multiplied by 1000: its fp16 gradients overflow at the
+    initial loss scale until the scaler has halved it several times."""
+
+    def __init__(self, inner: workloads.Workload) -> None:
+        self.inner = inner
+
+    def __getattr__(self, name: str):
+        return getattr(self.inner, name)
+
+    def loss(self, model, batch):
+        return 1000.0 * self.inner.loss(model, batch)
+
+
+def test_an_fp16_run_resumes_with_its_loss_scale(tmp_path):
+    """train.precision = "fp16": the GradScaler's scale (halved at every overflow while it
+    settles) comes back with the checkpoint; a fresh scale would skip other steps."""
+    spec = config({"name": "local_sgd", "period": 2}, precision="fp16")
+    run = run_config({**spec, "optimizer": {"lr": 1e-4}})  # the loss is 1000 times larger
+    whole, resumed = Store(tmp_path / "whole"), Store(tmp_path / "resumed")
+    workload = LoudLoss(workloads.build(run.workload))
+    assert execute_run(run, whole, workload=workload) == "completed"
+    with pytest.raises(KeyboardInterrupt):
+        execute_run(run, resumed, workload=Interrupting(workload, epoch=1, batch=6))
+    partial = resumed.partial_dir(run.run_id())
+    (saved,) = (partial / "checkpoints").glob("*.pt")
+    scaler = torch.load(saved, weights_only=True)["scaler"]
+    assert scaler["scale"] < 2.0**16  # it overflowed: not the initial scale
+    assert execute_run(run, resumed, workload=workload, resume=True) == "completed"
+    expected, got = final_model(whole.run_dir(run.run_id())), final_model(resumed.run_dir(run.run_id()))
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+    assert rows(whole.run_dir(run.run_id())) == rows(resumed.run_dir(run.run_id()))
