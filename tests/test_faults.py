@@ -73,24 +73,32 @@ TRAINING = {
 PLAIN = {"name": "mnist1d_mlp", "num_samples": 1000}
 
 
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One data cache for the module: MNIST-1D is generated once, not in every test."""
+    return tmp_path_factory.mktemp("cache")
+
+
 @pytest.fixture
-def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cache: Path) -> Path:
     """tmp_path as the current directory, with the faulty workload importable there."""
     (tmp_path / "faulty.py").write_text(FAULTY)
     for var in LAUNCHER_VARS:
         monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(cache))
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.chdir(tmp_path)
     return tmp_path
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory, cache: Path) -> Path:
     """The run trained in one go (its own launcher), as every interrupted one must end."""
     store = Store(tmp_path_factory.mktemp("uninterrupted"))
     run = run_config({**TRAINING, "workload": PLAIN})
-    assert execute_run(run, store) == "completed"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("XDG_CACHE_HOME", str(cache))
+        assert execute_run(run, store) == "completed"
     return store.run_dir(run.run_id())
 
 
@@ -108,9 +116,10 @@ def assert_same_run(run_dir: Path, reference: Path) -> None:
     assert [r["step"] for r in rows(run_dir)] == list(range(5, 41, 5))
 
 
-def cli_env(cwd: Path) -> dict[str, str]:
+def cli_env() -> dict[str, str]:
+    """This process's environment (the project fixture's cache), without torchrun's variables."""
     env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
-    env.update(OMP_NUM_THREADS="1", XDG_CACHE_HOME=str(cwd / "cache"))
+    env.update(OMP_NUM_THREADS="1")
     return env
 
 
@@ -120,7 +129,7 @@ def cli(args: list[str], cwd: Path, **popen: object) -> subprocess.Popen[str]:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env=cli_env(cwd),
+        env=cli_env(),
         cwd=cwd,
         **popen,  # type: ignore[arg-type]
     )
