@@ -23,6 +23,7 @@ from torch import nn
 from localsgd.comm.base import Communicator
 from localsgd.records.record import EngineInfo, ErrorInfo
 from localsgd.util.checks import ConfigError
+from localsgd.util.lifetime import DEFAULT_TIMEOUT_SECONDS
 
 
 class WorkerFailure(Exception):
@@ -60,6 +61,12 @@ class Job:
     device: str = "auto"
     """The run's ``device`` setting: worker processes that outlive the run (a pool) pick
     their process group's backend from it (NCCL for CUDA, gloo otherwise)."""
+    comm_timeout: float = DEFAULT_TIMEOUT_SECONDS
+    """``train.timeout_seconds``: how long a collective or the rendezvous may wait, and (at
+    half of it) how long a worker may stay silent before the run fails naming its rank."""
+    max_restarts: int = 0
+    """``train.max_restarts``: restarts of the worker group torch's elastic launcher may
+    make after a worker dies; such a run gets a launch of its own (never a pool)."""
 
 
 class Session(Protocol):

@@ -1,8 +1,9 @@
 """The process engine: one worker process per worker, on torch.distributed.
 
-A run on its own (:meth:`ProcessesEngine.execute`) starts its K > 1 workers with ``python
--m torch.distributed.run --nproc-per-node K -m localsgd.worker CONFIG --run-dir DIR``; the
-same worker entry point serves a hand-run ``torchrun`` and multi-node runs. A study runs
+A run on its own (:meth:`ProcessesEngine.execute`) starts its K > 1 workers (or K = 1 with
+``train.max_restarts`` > 0) under torch's elastic launcher, ``-m localsgd.worker CONFIG
+--run-dir DIR`` (:func:`~localsgd.engines.launch.launch_run`); the same worker entry point
+serves a hand-run ``torchrun`` and multi-node runs. A study runs
 through a :meth:`~ProcessesEngine.session`, whose worker pools stay up from one run to the
 next (:mod:`localsgd.engines.pool`). One worker trains in the calling process. A worker
 that fails writes its own exception to ``DIR/errors/rank<r>.json``; the first one is the
@@ -12,7 +13,6 @@ launcher's summary.
 
 from __future__ import annotations
 
-import subprocess
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -20,12 +20,11 @@ import torch
 from torch import nn
 
 from localsgd.comm.base import Communicator
-from localsgd.engines.base import Job, Replicas, Session, WorkerFailure, register
-from localsgd.engines.launch import WORKER_MODULE, root_error, tail, torchrun_command, worker_env
+from localsgd.engines.base import Job, Replicas, Session, register
+from localsgd.engines.launch import launch_run, root_error
 from localsgd.engines.launch import write_worker_error as write_worker_error
 from localsgd.engines.pool import LocalSession
-from localsgd.records.record import EngineInfo, ErrorInfo
-from localsgd.util.files import write_json_atomic
+from localsgd.records.record import EngineInfo
 
 
 class ProcessesEngine:
@@ -41,32 +40,10 @@ class ProcessesEngine:
         return workers
 
     def execute(self, job: Job) -> None:
-        if job.workers == 1:
+        if job.workers == 1 and job.max_restarts == 0:
             job.train(0, 1)
             return
-        command = torchrun_command(
-            job.workers,
-            ["-m", WORKER_MODULE, str(job.run_dir / "config.json"), "--run-dir", str(job.run_dir)],
-        )
-        env = worker_env(job.threads, job.env)
-        write_json_atomic(job.run_dir / "launch.json", {"command": command})
-        log_path = job.run_dir / "workers.log"
-        try:
-            with log_path.open("w") as log:
-                proc = subprocess.run(
-                    command, stdout=log, stderr=subprocess.STDOUT, env=env, timeout=job.timeout
-                )
-        except subprocess.TimeoutExpired:
-            raise WorkerFailure(
-                ErrorInfo("TimeoutError", f"workers did not finish within {job.timeout} s", tail(log_path))
-            ) from None
-        if proc.returncode != 0:
-            error = root_error(job.run_dir) or ErrorInfo(
-                "WorkersExited",
-                f"workers exited with code {proc.returncode} without recording an error (see {log_path})",
-                tail(log_path),
-            )
-            raise WorkerFailure(error)
+        launch_run(job, job.workers)
 
     def session(self, *, in_process: bool = True) -> Session:
         return LocalSession(self, in_process=in_process)

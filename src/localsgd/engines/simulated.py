@@ -17,6 +17,7 @@ from torch import nn
 
 from localsgd.comm.base import Communicator
 from localsgd.engines.base import Job, Replicas, Session, register
+from localsgd.engines.launch import launch_run
 from localsgd.engines.pool import LocalSession
 from localsgd.engines.stacked import (
     ELEMENTWISE_OPTIMIZERS,
@@ -62,6 +63,9 @@ class SimulatedEngine:
         return 1
 
     def execute(self, job: Job) -> None:
+        if job.max_restarts:
+            launch_run(job, 1)  # torch's elastic launcher restarts the one process
+            return
         job.train(0, 1)
 
     def session(self, *, in_process: bool = True) -> Session:

@@ -34,7 +34,9 @@ from localsgd.records.record import (
     failed_status,
     now,
 )
+from localsgd.records.store import CHECKPOINTS
 from localsgd.studies import recipes
+from localsgd.studies.checkpoints import Checkpoints, rng_state, rows_from_state, rows_state, set_rng_state
 from localsgd.studies.precision import with_precision
 from localsgd.studies.schema import RunConfig
 
@@ -91,25 +93,35 @@ def train(
     backend: str | None = None,
     *,
     workload: workloads.Workload | None = None,
+    checkpoints: Path | None = None,
 ) -> Status:
     """Train ``config`` on this rank; ``run_dir`` is where rank 0 writes the record (other
     ranks pass None). ``workload`` is the built workload when the caller has it already.
+    ``checkpoints``: this run's checkpoint folder, which every rank must reach (default:
+    ``run_dir/checkpoints``); a checkpoint found there is resumed from
+    (:mod:`localsgd.studies.checkpoints`).
 
     Returns the status (also written as ``status.json``). Errors are recorded as failed
-    and re-raised; divergence is recorded as ``diverged`` and returned.
+    and re-raised; divergence is recorded as ``diverged`` and returned; an interruption
+    (KeyboardInterrupt) leaves the run unfinished, as it was at its last checkpoint.
     """
     engine = engines.get(config.engine)
     engines.check_world(engine, config.workers, world_size)
     device = resolve_device(config.device)
     torch.set_num_threads(config.threads)
+    if checkpoints is None and run_dir is not None:
+        checkpoints = run_dir / CHECKPOINTS
+    saved = Checkpoints(checkpoints, rank, world_size, config.train.checkpoint_every, config.run_id())
     writer = RunWriter(run_dir)
     status: Status
     try:
         writer.environment(environment(world_size, backend, device))
-        status = _train(config, engine, writer, rank, world_size, device, workload)
+        status = _train(config, engine, writer, rank, world_size, device, workload, saved)
     except Diverged as exc:
         status = failed_status(ErrorInfo("Diverged", str(exc), rank=rank), writer.rows)
         status = dataclasses.replace(status, status="diverged")
+    except KeyboardInterrupt:
+        raise
     except BaseException as exc:
         writer.status(failed_status(ErrorInfo.from_exception(exc, rank), writer.rows))
         raise
@@ -127,6 +139,7 @@ def _train(
     world_size: int,
     device: torch.device,
     workload: workloads.Workload | None,
+    saved: Checkpoints,
 ) -> Status:
     import localsgd
 
@@ -164,9 +177,43 @@ def _train(
     train_seconds = 0.0
     loss_sum: torch.Tensor | float = 0.0
     loss_count = 0
+    epoch, done = 0, 0  # done: batches of this epoch consumed
+    resumed: tuple[int, ...] = ()
+    state = saved.load()
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
     with localsgd.DataParallel(
         replicas.module, optimizer, algorithm, comm=replicas.comm, flat=replicas.flat
     ) as dp:
+        if state is not None:
+            # After entering: the broadcast on enter would overwrite a restored replica.
+            dp.load_state_dict(state["data_parallel"])
+            step, epoch, done = int(state["step"]), int(state["epoch"]), int(state["batch"])
+            train_seconds, loss_sum, loss_count = state["train_seconds"], state["loss_sum"], state["loss_count"]
+            resumed = (*state["resumed"], step)
+            writer.restore(rows_from_state(state["rows"], f"checkpoint of step {step}"))
+            log.info("rank %d: resumed from the checkpoint of step %d", rank, step)
+
+        def checkpoint() -> None:
+            saved.save(
+                {
+                    "step": step,
+                    "epoch": epoch,
+                    "batch": done,
+                    "train_seconds": train_seconds,
+                    "loss_sum": loss_sum,
+                    "loss_count": loss_count,
+                    "data_parallel": dp.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scaler": scaler.state_dict() if scaler is not None else None,
+                    "rng": rng_state(),
+                    "rows": rows_state(writer.rows),
+                    "resumed": resumed,
+                },
+                barrier=lambda: replicas.worker_mean(torch.ones(()), dp),
+            )
 
         def evaluate() -> MetricsRow:
             nonlocal loss_sum, loss_count
@@ -194,9 +241,13 @@ def _train(
                 raise Diverged(f"train loss is {train_loss} at step {step}")
             return row
 
-        epoch = 0
         while step < total_steps:
             batches = iter(replicas.batches(batch, epoch, config.seed))
+            for _ in range(done):  # resumed mid-epoch: the batches consumed before
+                next(batches, None)
+            if state is not None:
+                set_rng_state(state["rng"])  # as it was at the checkpoint, after those batches
+                state = None
             while True:
                 start = time.perf_counter()  # data loading and augmentation count as training
                 data = next(batches, None)
@@ -206,6 +257,7 @@ def _train(
                     group["lr"] = lr(step)
                 optimizer.zero_grad()
                 loss = replicas.forward_backward(data)
+                syncs = dp.stats["syncs"] if saved.wanted(step + 1) else None
                 if scaler is not None:
                     loss = trained.unscaled(loss)
                     replicas.unscale_(scaler, dp)  # every worker steps, or none does
@@ -216,6 +268,7 @@ def _train(
                 loss_sum = loss_sum + loss
                 loss_count += 1
                 step += 1
+                done += 1
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 train_seconds += time.perf_counter() - start
@@ -223,7 +276,9 @@ def _train(
                     evaluate()
                 if step >= total_steps:
                     break
-            epoch += 1
+                if syncs is not None and dp.stats["syncs"] > syncs:
+                    checkpoint()
+            epoch, done = epoch + 1, 0
         # Leaving the block puts the consensus model on every rank.
     if writer.run_dir is not None:
         save_checkpoint(writer.run_dir, replicas.final_model(), config, step)
@@ -237,6 +292,7 @@ def _train(
         algorithm=algorithm.to_dict(),
         engine=engine.info,
         details=replicas.details(),
+        resumed=resumed,
     )
 
 
@@ -319,8 +375,10 @@ def completed_status(
     algorithm: dict[str, Any],
     engine: Any,
     details: dict[str, Any],
+    resumed: tuple[int, ...] = (),
 ) -> Status:
-    """The status of a run that trained to the end; ``final``: its last counters."""
+    """The status of a run that trained to the end; ``final``: its last counters;
+    ``resumed``: the steps of the checkpoints it resumed from."""
     last = rows[-1] if rows else None
     return Status(
         version=RECORD_VERSION,
@@ -349,6 +407,7 @@ def completed_status(
         algorithm=algorithm,
         engine=engine,
         details=details,
+        resumed=resumed,
     )
 
 
