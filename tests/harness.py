@@ -115,3 +115,17 @@ def worker_command(nproc: int, config: str, *args: str) -> list[str]:
 
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc)]
     return [*launcher, "-m", "localsgd.worker", config, *args]
+
+
+def untimed_rows(run_dir: Path) -> list[dict[str, Any]]:
+    """A run's metrics rows without the fields that measure time (they differ between two
+    runs of the same config): what must be equal when two runs are."""
+    import json
+
+    out = []
+    for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        for timed in ("wall_seconds", "comm_seconds", "by_scope", "updates_per_second"):
+            row.pop(timed, None)
+        out.append(row)
+    return out

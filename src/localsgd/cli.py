@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
+import threading
+from collections.abc import Iterator
 from pathlib import Path
+from types import FrameType
 from typing import TYPE_CHECKING, Annotated
 
 import typer
@@ -14,6 +19,7 @@ from localsgd.records.store import DEFAULT_RUN_STORE
 
 if TYPE_CHECKING:
     from localsgd.emulation import EmulatedCluster
+    from localsgd.studies.schema import RunConfig
 
 app = typer.Typer(
     add_completion=False,
@@ -38,24 +44,111 @@ def _inside_torchrun() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ or ("RANK" in os.environ and "WORLD_SIZE" in os.environ)
 
 
+_STOPPED_BY: list[int] = []
+
+
+@contextlib.contextmanager
+def _stopping_in_order() -> Iterator[None]:
+    """For the block, SIGINT and SIGTERM raise KeyboardInterrupt in the main thread once, so
+    that a study or run stops in order (workers stopped, the run in progress left
+    unfinished, resumable); further signals are ignored while it stops (SIGKILL still ends
+    it, and its workers). The previous handlers come back after the block."""
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        _STOPPED_BY.append(signum)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread may handle signals
+        return
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    for sig in previous:
+        signal.signal(sig, handler)
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def _interrupted(what: str) -> typer.Exit:
+    signum = _STOPPED_BY[0] if _STOPPED_BY else signal.SIGINT
+    typer.secho(
+        f"{what} stopped by {signal.Signals(signum).name}: its workers are stopped and the run in "
+        "progress is left unfinished; run the same command again to resume it from its last checkpoint",
+        fg=typer.colors.RED,
+        err=True,
+    )
+    return typer.Exit(code=128 + signum)
+
+
+def _resumed_run(run_dir: Path, overrides: list[str]) -> tuple[RunConfig, Path]:
+    """The run config and store of ``localsgd train --resume RUN_DIR``."""
+    from localsgd.records.store import Store
+    from localsgd.studies.loading import load_run_config
+    from localsgd.util.checks import ConfigError
+
+    if not (run_dir / "config.json").is_file():
+        raise ConfigError(
+            f"--resume {str(run_dir)!r} is not a run folder (no config.json inside); give "
+            "STORE/runs/<id>.partial (a run left unfinished) or STORE/runs/<id> (a failed one)"
+        )
+    root = run_dir.absolute().parent.parent
+    run_id = run_dir.name.removesuffix(".partial")
+    if not (root / "index.sqlite").is_file():
+        raise ConfigError(f"--resume {str(run_dir)!r} is not inside a store (no {root / 'index.sqlite'})")
+    run = load_run_config(run_dir / "config.json", overrides)
+    if run.run_id() != run_id:
+        raise ConfigError(
+            f"--resume {str(run_dir)!r}: the run's config (with --set) has id {run.run_id()}, not {run_id}; "
+            "--resume continues a run as it was configured (only train.timeout_seconds, "
+            "train.checkpoint_every and train.max_restarts may change)"
+        )
+    status = Store(root, create=False).status(run_id)
+    if status in ("completed", "diverged") and not run_dir.name.endswith(".partial"):
+        raise ConfigError(f"--resume {str(run_dir)!r}: the run is {status}; there is nothing to resume")
+    return run, root
+
+
 @app.command()
 def train(
-    config: Annotated[Path, typer.Argument(help="Run config (TOML).")],
+    config: Annotated[Path | None, typer.Argument(help="Run config (TOML).", show_default=False)] = None,
     out: Annotated[Path, typer.Option(help="Store to record the run in.")] = Path(DEFAULT_RUN_STORE),
     overrides: SetOption = None,
+    resume: Annotated[
+        Path | None,
+        typer.Option(
+            help="Continue the run left unfinished (STORE/runs/ID.partial) or failed (STORE/runs/ID) in "
+            "this folder from its last checkpoint, instead of a config; the store is the folder's.",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Train one run and write its record (config, environment, metrics, checkpoint, status).
 
     Starts `workers` processes through torch's elastic launcher, unless already running
     under torchrun (then this process is one of the workers, and rank 0 records the run).
     Prints rank 0's evaluations as they come, then the final metric and the run folder.
-    Exit code: 0 completed, 1 failed or diverged, 2 a bad config.
+    A run of the same config starts again from step 0; --resume continues one.
+    Exit code: 0 completed, 1 failed or diverged, 2 a bad config, store or option,
+    130/143 stopped by SIGINT/SIGTERM (the run is left unfinished, resumable).
     """
     from localsgd.studies.loading import load_run_config
     from localsgd.util.checks import ConfigError
 
     try:
-        run = load_run_config(config, overrides or [])
+        if resume is not None:
+            if config is not None:
+                raise ConfigError("give a run config or --resume RUN_DIR, not both")
+            if _inside_torchrun():
+                raise ConfigError("--resume runs its own workers: start it without torchrun")
+            run, out = _resumed_run(resume, overrides or [])
+        elif config is None:
+            raise ConfigError("a run config is required (or --resume RUN_DIR)")
+        else:
+            run = load_run_config(config, overrides or [])
     except ConfigError as exc:
         raise _fail(str(exc)) from None
     if _inside_torchrun():
@@ -69,23 +162,35 @@ def train(
     # The evaluations are printed from the record, whichever process trains the run.
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
     from localsgd import workloads
-    from localsgd.records import Store
+    from localsgd.studies.checkpoints import verify
     from localsgd.studies.progress import follow_rows, primary_value, row_line, run_label
-    from localsgd.studies.runner import execute_run, preflight
+    from localsgd.studies.runner import execute_run, open_run_store, preflight
 
-    try:
-        workload = next(iter(preflight([run]).values()))
-        store = Store(out)
-    except ValueError as exc:
-        raise _fail(str(exc)) from None
-    metric = workloads.metric(workload)
     run_id = run.run_id()
-    typer.echo(f"run {run_id}: {run_label(run)} ({run.engine} engine)")
-    with follow_rows(
-        [store.partial_dir(run_id) / "metrics.jsonl", store.run_dir(run_id) / "metrics.jsonl"],
-        lambda row: typer.echo(row_line(row, metric)),
-    ):
-        status = execute_run(run, store, workload=workload)
+    try:
+        with _stopping_in_order(), contextlib.ExitStack() as held:
+            workload = next(iter(preflight([run]).values()))
+            store = open_run_store(out, run)
+            held.enter_context(store.run_lock(run_id))
+            if resume is not None:
+                folder = store.resumable(run_id)
+                step = verify(folder, run_id) if folder is not None else None
+                typer.echo(
+                    f"resuming from the checkpoint of step {step}"
+                    if step
+                    else "no checkpoint to resume from: the run starts again from step 0"
+                )
+            metric = workloads.metric(workload)
+            typer.echo(f"run {run_id}: {run_label(run)} ({run.engine} engine)")
+            with follow_rows(
+                [store.partial_dir(run_id) / "metrics.jsonl", store.run_dir(run_id) / "metrics.jsonl"],
+                lambda row: typer.echo(row_line(row, metric)),
+            ):
+                status = execute_run(run, store, workload=workload, resume=resume is not None)
+    except ConfigError as exc:
+        raise _fail(str(exc)) from None
+    except KeyboardInterrupt:
+        raise _interrupted(f"run {run_id}") from None
     info = store.final_status(run_id)
     steps = f" after {info.steps} steps ({info.wall_seconds:.1f} s of training)" if info else ""
     typer.echo(f"{status}: {primary_value(info, metric)}{steps}")
@@ -138,6 +243,14 @@ def study(
         str,
         typer.Option(help="Where runs go: local (worker pools on this machine) or slurm (a job per run)."),
     ] = "local",
+    batch_trials: Annotated[
+        int,
+        typer.Option(
+            help="Runs that differ only in optimizer lr/momentum/weight decay, schedule and seed "
+            "train together, this many at most, on an engine that can (the simulated one); "
+            "1 runs each alone.",
+        ),
+    ] = 64,
     slurm: Annotated[
         list[str] | None,
         typer.Option(
@@ -146,11 +259,21 @@ def study(
             "nodes=2, cluster=local (repeatable; see docs/slurm.md).",
         ),
     ] = None,
+    adopt_store: Annotated[
+        bool,
+        typer.Option(
+            help="Take over a store written by another study (or by localsgd train): it becomes this "
+            "study's, and the runs already finished in it stay there and in its reports."
+        ),
+    ] = False,
 ) -> None:
-    """Run every run of a study's grid; rerunning skips finished runs and restarts unfinished ones.
+    """Run every run of a study's grid; rerunning skips finished runs and resumes unfinished ones.
 
-    Prints a line per finished run (a progress bar in a terminal) and a summary. Exit code:
-    0 every run completed, 1 some failed or diverged, 2 a bad study file or option.
+    The study holds its store's lock while it runs (a second study or a localsgd train into
+    it is refused), and the store belongs to the study. Prints a line per finished run (a
+    progress bar in a terminal) and a summary. Exit code: 0 every run completed, 1 some
+    failed or diverged, 2 a bad study file, option or store, 130/143 stopped by
+    SIGINT/SIGTERM (the run in progress is left unfinished, resumable).
     """
     from localsgd.studies.grid import load_study
     from localsgd.studies.runner import EXECUTORS, run_study
@@ -175,18 +298,23 @@ def study(
         return
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
     try:
-        counts = run_study(
-            plan,
-            folder,
-            study_file=config,
-            retry_failed=retry_failed,
-            parallel=parallel,
-            oversubscribe=oversubscribe,
-            executor=executor,
-            executor_options=options,
-        )
+        with _stopping_in_order():
+            counts = run_study(
+                plan,
+                folder,
+                study_file=config,
+                retry_failed=retry_failed,
+                parallel=parallel,
+                oversubscribe=oversubscribe,
+                executor=executor,
+                executor_options=options,
+                adopt_store=adopt_store,
+                batch_trials=batch_trials,
+            )
     except ConfigError as exc:
         raise _fail(str(exc)) from None
+    except KeyboardInterrupt:
+        raise _interrupted(f"study {plan.section.name}") from None
     summary = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
     bad = sum(n for status, n in counts.items() if "failed" in status or "diverged" in status)
     typer.echo(f"study {plan.section.name}: {summary}; store: {folder}")
@@ -227,10 +355,17 @@ def report(
         int, typer.Option(help="Resolution of the PNG figures (dots per inch, 50 to 1200).")
     ] = 200,
 ) -> None:
-    """Tables (mean ± std over seeds), figures, report.md, report.html and results.xlsx from the store alone."""
+    """Tables (mean ± std over seeds), figures, report.md, report.html and results.xlsx from the store alone.
+
+    Reads the store without its lock (while a study writes it, the runs finished so far);
+    runs whose folders are missing or unreadable are listed as unreadable, not counted.
+    Exit code: 0 written, 2 not a store, a corrupt store or a bad option.
+    """
     from localsgd.report import make_report
+    from localsgd.util.checks import check_output_folder
 
     try:
+        check_output_folder("--out", out if out is not None else store_dir / "report")
         paths = make_report(store_dir, out, cluster=cluster, target=target, formats=formats, dpi=dpi)
     except ValueError as exc:
         raise _fail(str(exc)) from None
@@ -352,11 +487,10 @@ def emulate(
     inside its own network namespace, `-m localsgd.worker` on every run. Runs of one process
     (K = 1, the simulated engine) run here as usual; every other run must have K = N × G.
     Everything the emulation created is removed when it ends, also on failure or interrupt."""
-    from localsgd.records import Store
     from localsgd.studies.configs import load_toml
     from localsgd.studies.grid import load_study
     from localsgd.studies.loading import load_run_config
-    from localsgd.studies.runner import execute_run, preflight, run_study
+    from localsgd.studies.runner import execute_run, open_run_store, preflight, run_study
     from localsgd.util.checks import ConfigError
 
     cluster = _emulated_cluster(nodes, procs_per_node, rate, burst)
@@ -376,21 +510,25 @@ def emulate(
     except ConfigError as exc:
         raise _fail(str(exc)) from None
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
-    with cluster:
+    with cluster:  # it handles SIGINT/SIGTERM itself: it tears the emulation down
         typer.echo(f"emulated cluster: {cluster.describe()}")
         if calibrate is not None:
             _write_calibration(cluster, calibrate)
-        if plan is not None:
-            folder = out or plan.default_out()
-            counts = run_study(
-                plan, folder, study_file=job, retry_failed=retry_failed, launch=cluster.execute
-            )
-            summary = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
-            typer.echo(f"study {plan.section.name}: {summary}; store: {folder}")
-            return
-        run = runs[0]
-        store = Store(out or Path("runs"))
-        status = execute_run(run, store, workload=next(iter(built.values())), launch=cluster.execute)
+        try:
+            if plan is not None:
+                folder = out or plan.default_out()
+                counts = run_study(
+                    plan, folder, study_file=job, retry_failed=retry_failed, launch=cluster.execute
+                )
+                summary = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
+                typer.echo(f"study {plan.section.name}: {summary}; store: {folder}")
+                return
+            run = runs[0]
+            store = open_run_store(out or Path("runs"), run)
+            with store.run_lock(run.run_id()):
+                status = execute_run(run, store, workload=next(iter(built.values())), launch=cluster.execute)
+        except ConfigError as exc:  # the store: in use, another study's, corrupt
+            raise _fail(str(exc)) from None
     typer.echo(f"{status}: {store.run_dir(run.run_id())}")
     error = store.error(run.run_id())
     if error is not None:

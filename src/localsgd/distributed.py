@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import datetime
+import ipaddress
 import logging
 import os
+import socket
 from dataclasses import dataclass
 
 import torch
@@ -64,10 +66,49 @@ def init_distributed(backend: str | None = None, timeout: datetime.timedelta | f
     chosen = backend or ("nccl" if use_cuda else "gloo")
     if not isinstance(timeout, datetime.timedelta):
         timeout = datetime.timedelta(seconds=float(timeout))
-    dist.init_process_group(chosen, timeout=timeout)
+    store = _store(timeout)
+    if store is None:
+        dist.init_process_group(chosen, timeout=timeout)
+    else:
+        dist.init_process_group(
+            chosen, store=store, rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]), timeout=timeout
+        )
     info = DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device, chosen)
     log.info("rank %d/%d: joined the %s process group on %s", info.rank, info.world_size, chosen, device)
     return info
+
+
+def _store(timeout: datetime.timedelta) -> dist.Store | None:
+    """The process group's store where torch's own choice falls short (None: torch's):
+
+    - under torch's elastic agent, the agent's store with a prefix per attempt: the agent
+      keeps one store across restarts of the group, and a restarted group that reads the
+      addresses the previous one published fails or hangs in gloo's connections;
+    - with a loopback ``MASTER_ADDR``, rank 0's store server listening on that address
+      alone (torch's listens on every interface, whatever address it is given)."""
+    address, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    world_size = int(os.environ["WORLD_SIZE"])
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        agent = dist.TCPStore(address, port, world_size, False, timeout)
+        return dist.PrefixStore(f"localsgd/attempt{attempt}", agent)
+    if _loopback(address):
+        # Every rank passes the store itself: torch prefixes a store it made, not one given.
+        if os.environ["RANK"] != "0":
+            return dist.TCPStore(address, port, world_size, False, timeout)
+        family = socket.AF_INET6 if ":" in address else socket.AF_INET
+        listener = socket.create_server((address, port), family=family)
+        return dist.TCPStore(address, port, world_size, True, timeout, master_listen_fd=listener.detach())
+    return None
+
+
+def _loopback(address: str) -> bool:
+    if address == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False
 
 
 def destroy_distributed() -> None:

@@ -187,6 +187,8 @@ def test_options_fix_the_process_count_and_stay_out_of_old_run_ids():
     data = plain.to_dict()
     assert data.pop("engine_options") == {}
     del data["comm"]
+    for key in ("timeout_seconds", "checkpoint_every", "max_restarts"):
+        del data["train"][key]  # how a run is carried out is no part of its identity
     # The id a store written before engine options existed gave this run.
     assert plain.run_id() == hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
     assert plain.run_id() != config("hogwild", 2, {"procs_per_device": 2}).run_id()
@@ -210,3 +212,22 @@ def test_fp16_is_refused_where_workers_step_without_agreeing_on_overflows():
         config("hogwild", 2, {"procs_per_device": 2}, train={"epochs": 1, "precision": "bf16"}).workers == 2
     )
     assert config("processes", 2, {}, train={"epochs": 1, "precision": "fp16"}).train.precision == "fp16"
+
+
+def test_restarts_and_trials_are_refused_where_workers_step_alone():
+    """Restarts resume from a mid-run checkpoint, taken at a step every worker reached:
+    workers that never wait for one another have none. Trials batched together are worlds
+    of their own, which one parameter server's schedule or worker speeds are not."""
+    from localsgd.studies.trials import batch_key
+
+    message = r"train.max_restarts = 1: asynchronous algorithms and the hogwild engine take no mid-run"
+    with pytest.raises(ConfigError, match=message):
+        config("hogwild", 2, {"procs_per_device": 2}, train={"epochs": 1, "max_restarts": 1})
+    asynchronous = {"algorithm": {"name": "async_local_sgd"}, "train": {"epochs": 1}}
+    with pytest.raises(ConfigError, match=message):
+        config("processes", 2, {}, **{**asynchronous, "train": {"epochs": 1, "max_restarts": 1}})
+    assert config("processes", 2, {}, train={"epochs": 1, "max_restarts": 1}).train.max_restarts == 1
+    assert config("simulated", 2, {}, **asynchronous).steps_alone()
+    assert batch_key(config("simulated", 2, {}, **asynchronous)) is None
+    assert batch_key(config("simulated", 2, {"worker_speeds": [1.0, 2.0]}, train={"epochs": 1})) is None
+    assert batch_key(config("simulated", 2, {}, train={"epochs": 1})) is not None

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from harness import LAUNCHER_VARS
+from harness import LAUNCHER_VARS, untimed_rows
 from localsgd.engines.processes import PROCESSES
 from localsgd.records import Store
 from localsgd.studies.runner import execute_run
@@ -40,13 +40,7 @@ def clean_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def rows(run_dir: Path) -> list[dict]:
-    out = []
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        for timed in ("wall_seconds", "comm_seconds", "by_scope", "updates_per_second"):
-            row.pop(timed)
-        out.append(row)
-    return out
+    return untimed_rows(run_dir)
 
 
 def test_a_run_in_a_used_pool_equals_the_run_launched_alone(tmp_path, clean_env):
@@ -56,10 +50,10 @@ def test_a_run_in_a_used_pool_equals_the_run_launched_alone(tmp_path, clean_env)
     with PROCESSES.session() as session:
         assert execute_run(first, pooled, session=session) == "completed"
         (pool,) = session.pools
-        workers = tuple(pool._pids)
+        workers = pool.pids
         assert execute_run(second, pooled, session=session) == "completed"
         # The same two processes and process group served both runs.
-        assert session.pools == (pool,) and pool.runs == 2 and tuple(pool._pids) == workers
+        assert session.pools == (pool,) and pool.runs == 2 and pool.pids == workers and len(workers) == 2
     assert not pool.alive
     assert execute_run(second, alone) == "completed"  # its own launcher, as before pools
 

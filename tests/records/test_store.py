@@ -78,3 +78,57 @@ def test_a_corrupt_index_is_named(tmp_path):
     (tmp_path / "index.sqlite").write_bytes(b"this is not sqlite at all" * 100)
     with pytest.raises(ValueError, match=r"index\.sqlite is not a readable SQLite index"):
         Store(tmp_path)
+
+
+def _checkpoint(folder):
+    (folder / "checkpoints").mkdir()
+    (folder / "checkpoints" / "latest.json").write_text('{"step": 4, "world_size": 1}')
+
+
+def test_a_run_resumes_in_its_folder_without_what_the_interrupted_attempt_left(tmp_path):
+    store = Store(tmp_path)
+    folder = store.begin("abc", "x", {"a": 1})
+    (folder / "metrics.jsonl").write_text('{"step": 5}\n')
+    _checkpoint(folder)
+    (folder / "errors").mkdir()
+    (folder / "errors" / "rank1.json").write_text("{}")
+    write_json_atomic(folder / "status.json", to_json(Status(RECORD_VERSION, "failed")))
+    again = store.begin("abc", "x", {"a": 1}, resume=True)
+    assert again == folder and (folder / "checkpoints" / "latest.json").exists()
+    assert (folder / "metrics.jsonl").exists()  # the trainer cuts it back to the checkpoint
+    assert not (folder / "errors").exists() and not (folder / "status.json").exists()
+    # Without a checkpoint (or without resume) the run starts from a clean folder.
+    assert not (store.begin("abc", "x", {"a": 1}) / "checkpoints").exists()
+    assert list(folder.iterdir()) == [folder / "config.json"]
+
+
+def test_a_failed_run_with_a_checkpoint_can_resume_and_a_finished_one_drops_its_checkpoints(tmp_path):
+    store = Store(tmp_path)
+    folder = store.begin("bad", "x", {})
+    _checkpoint(folder)
+    store.finish("bad", error=ErrorInfo("E", "m"))
+    assert store.resumable("bad") == store.run_dir("bad")
+    assert store.begin("bad", "x", {}, resume=True) == store.partial_dir("bad")
+    assert not store.run_dir("bad").exists() and store.status("bad") == "running"
+
+    good = store.begin("good", "x", {})
+    _checkpoint(good)
+    write_json_atomic(good / "status.json", to_json(Status(RECORD_VERSION, "completed")))
+    assert store.finish("good") == "completed"
+    assert not (store.run_dir("good") / "checkpoints").exists()
+    assert store.resumable("good") is None
+
+
+def test_a_reader_opens_the_store_without_writing_it(tmp_path):
+    store = Store(tmp_path)
+    folder = store.begin("abc", "x", {})
+    write_json_atomic(folder / "status.json", to_json(Status(RECORD_VERSION, "completed")))
+    folder.rename(store.run_dir("abc"))  # renamed, not yet indexed
+    before = (tmp_path / "index.sqlite").read_bytes()
+    reader = Store(tmp_path, create=False)
+    assert reader.status("abc") == "completed"
+    assert [r.status for r in reader.records()] == ["completed"]
+    assert (tmp_path / "index.sqlite").read_bytes() == before
+    assert not (tmp_path / "elsewhere").exists()
+    with pytest.raises(ValueError, match="is a file; give a folder"):
+        Store(tmp_path / "index.sqlite")

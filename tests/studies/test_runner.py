@@ -121,3 +121,100 @@ def test_parallel_slots_each_take_runs_until_none_is_left(tmp_path):
     assert counts == {"completed": len(study.runs)}
     assert sorted(executed) == sorted(r.run_id() for r in study.runs)  # each once
     assert len(threads) > 1 and all(name.startswith("study-slot") for name in threads)
+
+
+def test_a_store_belongs_to_its_study_unless_another_adopts_it(tmp_path):
+    from localsgd.util.checks import ConfigError
+
+    study = load_study(write(tmp_path / "s.toml", STUDY))
+    out = tmp_path / "store"
+    run_study(study, out, execute=fake_execute(), progress=False)
+    plan = (out / "plan.json").read_text()
+    beta = load_study(write(tmp_path / "b.toml", STUDY.replace('name = "grid-test"', 'name = "beta"')))
+    with pytest.raises(ConfigError) as caught:
+        run_study(beta, out, execute=fake_execute(), progress=False)
+    assert str(caught.value).startswith(
+        f"store {out} belongs to study 'grid-test', not 'beta'; give another --out, or pass --adopt-store"
+    )
+    assert (out / "plan.json").read_text() == plan  # refused before anything was written
+    # Adopted: the plan is beta's, and the runs grid-test finished stay beside beta's (the
+    # runs' names are their study's, so none is shared).
+    counts = run_study(beta, out, execute=fake_execute(), progress=False, adopt_store=True)
+    assert counts == {"completed": len(beta.runs)}
+    assert Store(out).plan()["study"] == "beta"
+    assert len(Store(out).records()) == len(study.runs) + len(beta.runs)
+    assert run_study(beta, out, execute=fake_execute(), progress=False) == {
+        "skipped (completed)": len(beta.runs)
+    }
+
+
+def test_a_store_of_single_runs_is_not_taken_by_a_study_unasked(tmp_path):
+    from localsgd.util.checks import ConfigError
+
+    out = tmp_path / "store"
+    Store(out).begin("abc", "single", {})
+    study = load_study(write(tmp_path / "s.toml", STUDY))
+    with pytest.raises(ConfigError, match=r"holds 1 run\(s\) recorded by localsgd train, not by a study"):
+        run_study(study, out, execute=fake_execute(), progress=False)
+    assert not (out / "plan.json").exists()
+
+
+def test_a_second_study_on_a_locked_store_is_refused_before_reading_it(tmp_path):
+    import os
+
+    from localsgd.records.lock import StoreInUse
+
+    study = load_study(write(tmp_path / "s.toml", STUDY))
+    out = tmp_path / "store"
+    run_study(study, out, execute=fake_execute(), progress=False)
+    with Store.lock_for_study(out), pytest.raises(StoreInUse, match=f"^store {out} is in use by PID {os.getpid()}"):
+        run_study(study, out, execute=fake_execute(), progress=False)
+
+
+def test_corrupt_store_files_are_named_with_what_to_do(tmp_path):
+    import shutil
+
+    from localsgd.util.checks import ConfigError
+
+    study = load_study(write(tmp_path / "s.toml", STUDY))
+    out = tmp_path / "store"
+    run_study(study, out, execute=fake_execute(), progress=False)
+    first, second = (r.run_id() for r in study.runs[:2])
+    status = out / "runs" / first / "status.json"
+    status.write_text('{"version": 2, "status": "compl')
+    with pytest.raises(ConfigError, match=rf"{status} is unreadable .*; delete the run folder to redo the run"):
+        run_study(study, out, execute=fake_execute(), progress=False)
+    shutil.rmtree(out / "runs" / first)
+    # The study owns the store (its index says so): it writes a corrupt plan.json again.
+    (out / "plan.json").write_bytes(b"\xff\xfe garbage")
+    # A run whose folder is gone is done again; the others are not.
+    executed: list[str] = []
+    counts = run_study(study, out, execute=fake_execute(executed=executed), progress=False)
+    assert executed == [first] and counts["completed"] == 1
+    assert second not in executed
+    assert Store(out).plan()["study"] == "grid-test"
+    # A store whose index does not name its study (an older one) goes by plan.json.
+    import sqlite3
+
+    with sqlite3.connect(out / "index.sqlite") as db:
+        db.execute("DROP TABLE meta")
+    (out / "plan.json").write_text("[1, 2]")
+    with pytest.raises(ConfigError, match=r"plan\.json is malformed: expected a JSON object; delete it"):
+        run_study(study, out, execute=fake_execute(), progress=False)
+
+
+def test_the_store_path_is_checked_before_anything_is_written(tmp_path):
+    from localsgd.util.checks import ConfigError
+
+    study = load_study(write(tmp_path / "s.toml", STUDY))
+    afile = write(tmp_path / "afile", "x")
+    with pytest.raises(ConfigError, match=r"--out '.*afile' is a file; give a folder"):
+        run_study(study, afile, execute=fake_execute(), progress=False)
+    with pytest.raises(ConfigError, match=r"cannot be created: '.*afile' is a file"):
+        run_study(study, afile / "store", execute=fake_execute(), progress=False)
+    project = tmp_path / "project"
+    project.mkdir()
+    write(project / "notes.txt", "mine")
+    with pytest.raises(ConfigError, match=r"is a folder that is not a localsgd store \(it holds 'notes.txt'\)"):
+        run_study(study, project, execute=fake_execute(), progress=False)
+    assert sorted(p.name for p in project.iterdir()) == ["notes.txt"]

@@ -13,10 +13,10 @@ the worker entry point (``python -m localsgd.worker``). A study runs many jobs t
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -24,6 +24,7 @@ from torch import nn
 from localsgd.comm.base import Communicator
 from localsgd.records.record import EngineInfo, ErrorInfo
 from localsgd.util.checks import ConfigError
+from localsgd.util.lifetime import DEFAULT_TIMEOUT_SECONDS
 
 
 class WorkerFailure(Exception):
@@ -63,6 +64,12 @@ class Job:
     their process group's backend from it (NCCL for CUDA, gloo otherwise)."""
     engine_options: Mapping[str, Any] = field(default_factory=dict)
     """The run's ``engine_options`` (what :meth:`Engine.processes` may depend on)."""
+    comm_timeout: float = DEFAULT_TIMEOUT_SECONDS
+    """``train.timeout_seconds``: how long a collective or the rendezvous may wait, and (at
+    half of it) how long a worker may stay silent before the run fails naming its rank."""
+    max_restarts: int = 0
+    """``train.max_restarts``: restarts of the worker group torch's elastic launcher may
+    make after a worker dies; such a run gets a launch of its own (never a pool)."""
 
 
 class Session(Protocol):
@@ -226,6 +233,25 @@ class Engine(Protocol):
         every counted collective of a scope (a run's ``comm.delay``), which the engine
         either waits out or records for the cost model's estimates. ``options``: the run's
         ``engine_options``."""
+        ...
+
+
+@runtime_checkable
+class TrialBatching(Protocol):
+    """An engine that can train several runs of one model shape in one process, as
+    independent groups of replicas (the trials of a search): studies batch such runs."""
+
+    def trial_replicas(
+        self,
+        workload: Any,
+        models: Sequence[nn.Module],
+        *,
+        workers: int,
+        seeds: Sequence[int],
+        device: torch.device,
+        delay: Mapping[str, float] | None = None,
+    ) -> Any:
+        """R trials of ``workers`` replicas each: one per initial model and data seed."""
         ...
 
 

@@ -32,7 +32,7 @@ from torch import nn
 
 from localsgd.comm.base import Communicator
 from localsgd.engines.base import Job, Replicas, Session, register
-from localsgd.engines.launch import launch_workers
+from localsgd.engines.launch import launch_run
 from localsgd.engines.pool import LocalSession
 from localsgd.records.record import EngineInfo
 from localsgd.util.checks import ConfigError, check_int, from_dict
@@ -89,7 +89,11 @@ class HogwildEngine:
         return self.options(options).devices
 
     def execute(self, job: Job) -> None:
-        launch_workers(job, self.processes(job.workers, job.engine_options))
+        processes = self.processes(job.workers, job.engine_options)
+        if processes == 1 and job.max_restarts == 0:
+            job.train(0, 1)
+            return
+        launch_run(job, processes)
 
     def session(self, *, in_process: bool = True) -> Session:
         return LocalSession(self, in_process=in_process)

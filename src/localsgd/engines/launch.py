@@ -1,23 +1,39 @@
 """What every way of starting worker processes shares: the launcher command, the workers'
-environment, and the error files through which a worker reports its own exception.
+environment, a launch supervised to its end, and the error files through which a worker
+reports its own exception.
 
-A worker that fails writes its exception to ``RUN_DIR/errors/rank<r>.json``; the first one
-(by time) is the run's root cause, which the caller raises as
+Launchers run torch's elastic launcher through :mod:`localsgd.engines.elastic`: its stores
+listen on loopback alone (and gloo's sockets, through ``GLOO_SOCKET_IFNAME``), it runs in a
+session of its own (a terminal's Ctrl-C reaches the controller alone, which stops it in
+order), and it exits when the process that started it does, SIGKILL included; its workers
+die with it. A worker that fails writes its exception to ``RUN_DIR/errors/rank<r>.json``;
+the first one of the latest attempt (torch's elastic launcher may restart the workers) is
+the run's root cause, which the caller raises as
 :class:`~localsgd.engines.base.WorkerFailure` instead of the launcher's summary.
 """
 
 from __future__ import annotations
 
+import contextlib
+import math
 import os
+import shutil
+import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Mapping, Sequence
+import uuid
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from localsgd.engines.base import Job, WorkerFailure
+from localsgd.engines.heartbeat import HEARTBEATS, HeartbeatWatch
 from localsgd.records.record import ErrorInfo, RecordError, from_json, read_json
 from localsgd.util.files import write_json_atomic
+from localsgd.util.lifetime import DEFAULT_TIMEOUT_SECONDS, ParentTie
 
 if TYPE_CHECKING:
     from localsgd.engines.base import Job
@@ -25,30 +41,199 @@ if TYPE_CHECKING:
 ERRORS = "errors"
 WORKER_MODULE = "localsgd.worker"
 """The worker entry point every launch path starts (``python -m localsgd.worker``)."""
+LAUNCHER_MODULE = "localsgd.engines.elastic"
+"""torch's elastic launcher, bound to one address and tied to its parent (run, not imported)."""
+LOOPBACK = "127.0.0.1"
+STOP_GRACE = 15.0
+"""Seconds a launcher gets to stop its workers before they are killed."""
+POLL_SECONDS = 0.2
 
 
-def torchrun_command(processes: int, program: Sequence[str]) -> list[str]:
-    """``python -m torch.distributed.run --standalone --nproc-per-node P PROGRAM...``: one
-    machine, a rendezvous on a free loopback port."""
+def torchrun_command(
+    processes: int,
+    program: Sequence[str],
+    *,
+    max_restarts: int = 0,
+    timeout: float = DEFAULT_TIMEOUT_SECONDS,
+    watch_fd: int | None = None,
+    bind: str = LOOPBACK,
+) -> list[str]:
+    """One machine's launcher: torch's elastic launcher (:mod:`localsgd.engines.elastic`)
+    with ``processes`` workers running ``program``, a rendezvous on a free port of ``bind``,
+    ``max_restarts`` restarts of the group, ``timeout`` seconds for the rendezvous, and
+    (``watch_fd``) tied to this process."""
+    tie = ["--watch-fd", str(watch_fd)] if watch_fd is not None else []
     return [
         sys.executable,
         "-m",
-        "torch.distributed.run",
-        "--standalone",
+        LAUNCHER_MODULE,
+        "--bind",
+        bind,
+        *tie,
         "--nnodes",
         "1",
         "--nproc-per-node",
         str(processes),
+        "--rdzv-backend",
+        "c10d",
+        "--rdzv-endpoint",
+        f"{bind}:0",
+        "--rdzv-id",
+        uuid.uuid4().hex,
+        "--rdzv-conf",
+        f"join_timeout={max(1, math.ceil(timeout))}",
+        "--local-addr",
+        bind,
+        "--max-restarts",
+        str(max_restarts),
         *program,
     ]
 
 
-def worker_env(threads: int, extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    """This process's environment for workers: ``threads`` intra-op threads, and the
-    current directory on the import path (an import-path workload there must import in the
-    workers as it does here)."""
+def loopback_interface() -> str:
+    """The loopback interface's name (``lo`` on Linux, ``lo0`` on macOS)."""
+    with contextlib.suppress(OSError, AttributeError):
+        names = [name for _, name in socket.if_nameindex()]
+        for name in ("lo", "lo0"):
+            if name in names:
+                return name
+    return "lo"
+
+
+def worker_env(
+    threads: int, extra: Mapping[str, str] | None = None, *, heartbeats: Path | None = None
+) -> dict[str, str]:
+    """This process's environment for workers on this machine: ``threads`` intra-op
+    threads, gloo's and NCCL's sockets on the loopback interface, the heartbeat folder,
+    and the current directory on the import path (an import-path workload there must
+    import in the workers as it does here)."""
     path = os.pathsep.join(p for p in (os.getcwd(), os.environ.get("PYTHONPATH", "")) if p)
-    return dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=path, **(extra or {}))
+    loopback = loopback_interface()
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS=str(threads),
+        PYTHONPATH=path,
+        GLOO_SOCKET_IFNAME=loopback,
+        NCCL_SOCKET_IFNAME=loopback,
+    )
+    if heartbeats is not None:
+        env[HEARTBEATS] = str(heartbeats)
+    env.update(extra or {})
+    return env
+
+
+class Launched:
+    """A launcher process started by this one, in a session of its own and (``tie``) tied
+    to this process; ``command(fd)`` builds its command line from the tie's descriptor."""
+
+    def __init__(
+        self,
+        command: Callable[[int | None], list[str]],
+        env: Mapping[str, str],
+        log_path: Path,
+        *,
+        tie: bool = True,
+        append: bool = True,
+    ) -> None:
+        self._tie = ParentTie() if tie else None
+        fd = self._tie.fd if self._tie is not None else None
+        self.command = command(fd)
+        with log_path.open("ab" if append else "wb") as log:
+            self.proc = subprocess.Popen(
+                self.command,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=dict(env),
+                start_new_session=True,
+                pass_fds=() if fd is None else (fd,),
+            )
+        if self._tie is not None:
+            self._tie.started()
+
+    def poll(self) -> int | None:
+        code = self.proc.poll()
+        if code is not None and self._tie is not None:
+            self._tie.release()
+        return code
+
+    def stop(self, pids: Iterable[int] = (), *, hard: bool = False) -> None:
+        """Stop the launcher and its workers: ask it (SIGTERM: it stops its workers) and
+        wait :data:`STOP_GRACE` seconds, then kill it and ``pids``; ``hard``: kill at once
+        (a stopped worker never answers a SIGTERM)."""
+        pids = list(pids)
+        if self.proc.poll() is None and not hard:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.send_signal(signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(STOP_GRACE)
+        if self.proc.poll() is None or hard:
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+        if self._tie is not None:
+            self._tie.release()
+
+
+def launch_run(job: Job, processes: int) -> None:
+    """Run ``job`` on ``processes`` worker processes of its own under torch's elastic
+    launcher (``job.max_restarts`` restarts of the group) and wait for the end; raise
+    :class:`WorkerFailure` with the root error when it fails, ``job.timeout`` passes or a
+    worker stops answering (:class:`~localsgd.engines.heartbeat.HeartbeatWatch`). An
+    interruption (KeyboardInterrupt) stops the workers before it propagates."""
+    folder = job.run_dir
+    program = ["-m", WORKER_MODULE, str(folder / "config.json"), "--run-dir", str(folder)]
+    log_path = folder / "workers.log"
+    beats = Path(tempfile.mkdtemp(prefix="localsgd-beats-"))
+    try:
+        launched = Launched(
+            lambda fd: torchrun_command(
+                processes, program, max_restarts=job.max_restarts, timeout=job.comm_timeout, watch_fd=fd
+            ),
+            worker_env(job.threads, job.env, heartbeats=beats),
+            log_path,
+            append=False,
+        )
+        write_json_atomic(folder / "launch.json", {"command": launched.command})
+        watch = HeartbeatWatch(beats, processes, job.comm_timeout)
+        deadline = None if job.timeout is None else time.monotonic() + job.timeout
+        try:
+            while (code := launched.poll()) is None:
+                problem = watch.silent()
+                if problem is None and deadline is not None and time.monotonic() > deadline:
+                    problem = ErrorInfo("TimeoutError", f"workers did not finish within {job.timeout} s")
+                if problem is not None:
+                    launched.stop(watch.pids().values(), hard=True)
+                    raise WorkerFailure(_with_log(problem, log_path))
+                time.sleep(POLL_SECONDS)
+        except BaseException:
+            launched.stop(watch.pids().values())
+            raise
+    finally:
+        shutil.rmtree(beats, ignore_errors=True)
+    if code != 0:
+        error = root_error(folder) or ErrorInfo(
+            "WorkersExited",
+            f"workers exited with code {code} without recording an error (see {log_path})",
+            tail(log_path),
+        )
+        raise WorkerFailure(error)
+
+
+def _with_log(error: ErrorInfo, log_path: Path) -> ErrorInfo:
+    from dataclasses import replace
+
+    return replace(error, traceback=error.traceback or tail(log_path))
+
+
+def restart_attempt() -> int:
+    """Which attempt of its group this worker is (torch's elastic launcher counts its
+    restarts); 0 outside it."""
+    value = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return int(value) if value.isdigit() else 0
 
 
 def write_worker_error(run_dir: str | Path, rank: int, exc: BaseException) -> None:
@@ -56,53 +241,25 @@ def write_worker_error(run_dir: str | Path, rank: int, exc: BaseException) -> No
     folder = Path(run_dir) / ERRORS
     folder.mkdir(exist_ok=True)
     info = ErrorInfo.from_exception(exc, rank)
-    write_json_atomic(folder / f"rank{rank}.json", {"time": time.time(), **info.__dict__})
+    write_json_atomic(
+        folder / f"rank{rank}.json", {"time": time.time(), "attempt": restart_attempt(), **info.__dict__}
+    )
 
 
 def root_error(run_dir: Path) -> ErrorInfo | None:
-    """The first error a worker recorded (by time), or None."""
-    found: list[tuple[float, ErrorInfo]] = []
+    """The first error a worker recorded (by time) in the latest attempt, or None."""
+    found: list[tuple[int, float, ErrorInfo]] = []
     for path in sorted((run_dir / ERRORS).glob("rank*.json")):
         try:
             data = read_json(path)
             when = float(data.pop("time"))
-            found.append((when, from_json(ErrorInfo, data, str(path), versioned=False)))
+            attempt = int(data.pop("attempt", 0))
+            found.append((-attempt, when, from_json(ErrorInfo, data, str(path), versioned=False)))
         except (RecordError, KeyError, TypeError, ValueError, AttributeError):
             continue
-    return min(found, key=lambda f: f[0])[1] if found else None
+    return min(found, key=lambda f: (f[0], f[1]))[2] if found else None
 
 
 def tail(path: Path, lines: int = 30) -> str:
     """The last ``lines`` lines of a log file ('' when there is none)."""
     return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""
-
-
-def launch_workers(job: Job, processes: int) -> None:
-    """Run ``job`` on ``processes`` worker processes of its own, started by torch's elastic
-    launcher (one process: in this process); ``WorkerFailure`` with the root error when
-    they fail."""
-    from localsgd.engines.base import WorkerFailure
-
-    if processes == 1:
-        job.train(0, 1)
-        return
-    command = torchrun_command(
-        processes, ["-m", WORKER_MODULE, str(job.run_dir / "config.json"), "--run-dir", str(job.run_dir)]
-    )
-    env = worker_env(job.threads, job.env)
-    write_json_atomic(job.run_dir / "launch.json", {"command": command})
-    log_path = job.run_dir / "workers.log"
-    try:
-        with log_path.open("w") as log:
-            proc = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env, timeout=job.timeout)
-    except subprocess.TimeoutExpired:
-        raise WorkerFailure(
-            ErrorInfo("TimeoutError", f"workers did not finish within {job.timeout} s", tail(log_path))
-        ) from None
-    if proc.returncode != 0:
-        error = root_error(job.run_dir) or ErrorInfo(
-            "WorkersExited",
-            f"workers exited with code {proc.returncode} without recording an error (see {log_path})",
-            tail(log_path),
-        )
-        raise WorkerFailure(error)

@@ -29,7 +29,6 @@ import os
 import queue
 import selectors
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -38,17 +37,25 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, NoReturn
 
 from localsgd.engines.base import Cancelled, Engine, Job, WorkerFailure
-from localsgd.engines.launch import WORKER_MODULE, root_error, tail, torchrun_command, worker_env
+from localsgd.engines.heartbeat import HeartbeatWatch
+from localsgd.engines.launch import (
+    STOP_GRACE,
+    WORKER_MODULE,
+    Launched,
+    root_error,
+    tail,
+    torchrun_command,
+    worker_env,
+)
 from localsgd.records.record import ErrorInfo
+from localsgd.util.lifetime import DEFAULT_TIMEOUT_SECONDS, EXIT_ORPHANED
 
-STOP_GRACE = 15.0
-"""Seconds a pool's launcher gets to stop its workers before they are killed."""
-EXIT_ORPHANED = 3
-"""A worker's exit code when its controller went away."""
+__all__ = ["EXIT_ORPHANED", "STOP_GRACE", "LocalSession", "PoolConnection", "WorkerPool", "output_to"]
 
 
 class Channel:
@@ -89,7 +96,9 @@ class WorkerPool:
     """``processes`` worker processes serving runs one after another (module docstring).
 
     Started on its first run. ``threads``: intra-op threads per process (``OMP_NUM_THREADS``);
-    ``device``: the runs' device setting, which fixes the backend of the process group.
+    ``device``: the runs' device setting, which fixes the backend of the process group;
+    ``timeout``: the process group's timeout (``train.timeout_seconds``), also how long a
+    worker may stay silent (:mod:`~localsgd.engines.heartbeat`) before its run fails.
     """
 
     def __init__(
@@ -99,31 +108,53 @@ class WorkerPool:
         threads: int = 1,
         device: str = "auto",
         env: Mapping[str, str] | None = None,
+        timeout: float = DEFAULT_TIMEOUT_SECONDS,
     ) -> None:
         self.processes = processes
         self.threads = threads
         self.device = device
         self.env = dict(env or {})
+        self.timeout = timeout
         self.runs = 0
         """Runs this pool completed (a pool that served none was started for its run)."""
-        self._proc: subprocess.Popen[bytes] | None = None
+        self._launched: Launched | None = None
         self._channels: list[Channel] = []
-        self._pids: list[int] = []
+        self._pids: dict[int, int] = {}
         self._folder = Path(tempfile.mkdtemp(prefix="localsgd-pool-"))
+        self._beats = self._folder / "heartbeats"
+        self._beats.mkdir()
         self.log_path = self._folder / "pool.log"
         """The launcher's and the workers' output outside runs (start-up, rendezvous)."""
         self._busy = False
         self._closed = False
 
     @property
+    def _proc(self) -> subprocess.Popen[bytes] | None:
+        return self._launched.proc if self._launched is not None else None
+
+    @property
+    def pids(self) -> dict[int, int]:
+        """The workers' process ids by rank."""
+        return dict(self._pids)
+
+    @property
     def alive(self) -> bool:
         return self._proc is not None and self._proc.poll() is None and bool(self._channels)
 
-    def command(self, address: str) -> list[str]:
-        program = ["-m", WORKER_MODULE, "--serve", address, "--device", self.device]
+    def command(self, address: str, watch_fd: int | None = None) -> list[str]:
+        program = [
+            "-m",
+            WORKER_MODULE,
+            "--serve",
+            address,
+            "--device",
+            self.device,
+            "--timeout",
+            f"{self.timeout:g}",
+        ]
         if self.processes == 1:
             return [sys.executable, *program]  # a world of one: no launcher, no process group
-        return torchrun_command(self.processes, program)
+        return torchrun_command(self.processes, program, timeout=self.timeout, watch_fd=watch_fd)
 
     def start(self, deadline: float | None = None) -> None:
         """Start the processes and wait until every one has joined the process group and
@@ -134,23 +165,21 @@ class WorkerPool:
         with socket.create_server(("127.0.0.1", 0)) as listener:
             listener.settimeout(0.2)
             address = f"127.0.0.1:{listener.getsockname()[1]}"
-            with self.log_path.open("ab") as log:
-                # A session of its own: a terminal's Ctrl-C reaches the controller alone,
-                # which stops the pool in order.
-                self._proc = subprocess.Popen(
-                    self.command(address),
-                    stdin=subprocess.DEVNULL,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    env=worker_env(self.threads, self.env),
-                    start_new_session=True,
-                )
+            # A session of its own (a terminal's Ctrl-C reaches the controller alone, which
+            # stops the pool in order), tied to this process: a launcher exits with it. A
+            # world of one has no launcher; its worker leaves when the connection closes.
+            self._launched = launched = Launched(
+                lambda fd: self.command(address, fd),
+                worker_env(self.threads, self.env, heartbeats=self._beats),
+                self.log_path,
+                tie=self.processes > 1,
+            )
             channels: dict[int, Channel] = {}
             try:
                 while len(channels) < self.processes:
                     if self._closed:
                         raise Cancelled("the pool was closed while starting")
-                    code = self._proc.poll()
+                    code = launched.poll()
                     if code is not None:
                         raise WorkerFailure(
                             ErrorInfo(
@@ -177,7 +206,7 @@ class WorkerPool:
                         channel.close()
                         continue  # a worker that died before saying hello: the launcher exits
                     channels[int(hello["hello"])] = channel
-                    self._pids.append(int(hello["pid"]))
+                    self._pids[int(hello["hello"])] = int(hello["pid"])
             except BaseException:
                 self._channels = list(channels.values())
                 self.kill()
@@ -194,6 +223,11 @@ class WorkerPool:
         self._busy = True
         try:
             self._run(job, deadline)
+        except BaseException:
+            # Interrupted or failed mid-run: the workers may be inside the run (or stopped),
+            # so they are killed rather than asked to stop.
+            self.kill(hard=True)
+            raise
         finally:
             self._busy = False
         self.runs += 1
@@ -205,14 +239,19 @@ class WorkerPool:
         except OSError:
             self._failed(job)
         pending = set(range(self.processes))
+        watch = HeartbeatWatch(self._beats, self.processes, self.timeout)
         with selectors.DefaultSelector() as selector:
             for rank, channel in enumerate(self._channels):
                 selector.register(channel.sock, selectors.EVENT_READ, rank)
             while pending:
                 if self._closed:
                     raise Cancelled("the pool was closed during a run")
+                silent = watch.silent()
+                if silent is not None:
+                    self.kill(hard=True)
+                    raise WorkerFailure(replace(silent, traceback=tail(job.run_dir / "workers.log")))
                 if deadline is not None and time.monotonic() > deadline:
-                    self.kill()
+                    self.kill(hard=True)
                     raise WorkerFailure(
                         ErrorInfo(
                             "TimeoutError",
@@ -244,29 +283,16 @@ class WorkerPool:
         )
         raise WorkerFailure(error)
 
-    def kill(self) -> None:
+    def kill(self, *, hard: bool = False) -> None:
         """Stop the processes now: closed connections make the workers exit (even
-        mid-run), the launcher is asked to stop (SIGTERM), then killed."""
+        mid-run), the launcher is asked to stop (SIGTERM), then killed; ``hard``: killed at
+        once, workers too (a stopped worker answers nothing but SIGKILL)."""
         for channel in self._channels:
             channel.close()
         self._channels = []
-        proc = self._proc
-        if proc is None:
-            return
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(STOP_GRACE)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                # The launcher did not stop its workers (each in a session of its own).
-                for pid in self._pids:
-                    with contextlib.suppress(ProcessLookupError, PermissionError):
-                        os.kill(pid, signal.SIGKILL)
-                proc.wait()
-        self._pids = []
+        if self._launched is not None:
+            self._launched.stop(self._pids.values(), hard=hard)
+        self._pids = {}
 
     def close(self) -> None:
         """Stop the pool: in order when idle (the workers leave the process group), at once
@@ -314,7 +340,7 @@ class LocalSession:
     def pool(self, job: Job) -> WorkerPool:
         """The pool ``job`` runs on (made, not started, when there is none of its shape)."""
         processes = self.engine.processes(job.workers, job.engine_options)
-        key = (processes, job.threads, job.device, tuple(sorted(job.env.items())))
+        key = (processes, job.threads, job.device, job.comm_timeout, tuple(sorted(job.env.items())))
         with self._lock:
             if self._closed:
                 raise Cancelled("the session is closed")
@@ -325,14 +351,22 @@ class LocalSession:
                 ):
                     _, idle = self._pools.popitem(last=False)
                     idle.close()
-                pool = WorkerPool(processes, threads=job.threads, device=job.device, env=job.env)
+                pool = WorkerPool(
+                    processes, threads=job.threads, device=job.device, env=job.env, timeout=job.comm_timeout
+                )
             self._pools[key] = pool  # the most recently used last
         return pool
 
     def execute(self, job: Job) -> None:
+        if self._closed:
+            raise Cancelled("the session is closed")
+        if job.max_restarts > 0:
+            # torch's elastic launcher restarts the whole group of a failed run, which a
+            # pool's workers (and the runs after this one) cannot be part of: a launch of
+            # its own, which resumes from the run's last checkpoint after a restart.
+            self.engine.execute(job)
+            return
         if self.engine.processes(job.workers, job.engine_options) == 1 and self.in_process:
-            if self._closed:
-                raise Cancelled("the session is closed")
             job.train(0, 1)
             return
         pool = self.pool(job)

@@ -1,8 +1,9 @@
 """The process engine: one worker process per worker, on torch.distributed.
 
-A run on its own (:meth:`ProcessesEngine.execute`) starts its K > 1 workers with ``python
--m torch.distributed.run --nproc-per-node K -m localsgd.worker CONFIG --run-dir DIR``; the
-same worker entry point serves a hand-run ``torchrun`` and multi-node runs. A study runs
+A run on its own (:meth:`ProcessesEngine.execute`) starts its K > 1 workers (or K = 1 with
+``train.max_restarts`` > 0) under torch's elastic launcher, ``-m localsgd.worker CONFIG
+--run-dir DIR`` (:func:`~localsgd.engines.launch.launch_run`); the same worker entry point
+serves a hand-run ``torchrun`` and multi-node runs. A study runs
 through a :meth:`~ProcessesEngine.session`, whose worker pools stay up from one run to the
 next (:mod:`localsgd.engines.pool`). One worker trains in the calling process. A worker
 that fails writes its own exception to ``DIR/errors/rank<r>.json``; the first one is the
@@ -21,7 +22,7 @@ from torch import nn
 
 from localsgd.comm.base import Communicator
 from localsgd.engines.base import Job, Replicas, Session, no_options, register
-from localsgd.engines.launch import launch_workers, root_error
+from localsgd.engines.launch import launch_run, root_error
 from localsgd.engines.launch import write_worker_error as write_worker_error
 from localsgd.engines.pool import LocalSession
 from localsgd.records.record import EngineInfo
@@ -43,7 +44,10 @@ class ProcessesEngine:
         return workers
 
     def execute(self, job: Job) -> None:
-        launch_workers(job, job.workers)
+        if job.workers == 1 and job.max_restarts == 0:
+            job.train(0, 1)
+            return
+        launch_run(job, job.workers)
 
     def session(self, *, in_process: bool = True) -> Session:
         return LocalSession(self, in_process=in_process)

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from localsgd.engines.base import Cancelled, Engine, Job, WorkerFailure
-from localsgd.engines.launch import WORKER_MODULE, root_error
+from localsgd.engines.launch import WORKER_MODULE, loopback_interface, root_error
 from localsgd.records.record import ErrorInfo, read_json
 from localsgd.util.checks import ConfigError
 from localsgd.util.files import write_json_atomic
@@ -100,6 +100,12 @@ class SlurmSession:
             )
         for run in runs:
 
+            if run.train.max_restarts:
+                raise ConfigError(
+                    f"train.max_restarts = {run.train.max_restarts} needs --executor local (torch's "
+                    "elastic launcher restarts the workers there); under Slurm set it to 0 (a run "
+                    "left unfinished resumes from its last checkpoint when the study runs again)"
+                )
             processes = run.processes()
             if processes % nodes:
                 raise ConfigError(
@@ -178,6 +184,10 @@ def run_task(run_dir: str, env: Mapping[str, str]) -> int:
     os.environ.update(env)
     task = submitit.JobEnvironment()
     folder = Path(run_dir)
+    if task.num_nodes == 1:
+        # One node: gloo's sockets on loopback, as a local launch's (rank 0's store binds
+        # to the loopback address it publishes, in init_distributed).
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", loopback_interface())
     if task.num_tasks > 1:
         host, port = _rendezvous(folder, task)
         os.environ.update(

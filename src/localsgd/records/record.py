@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import IO, Any, TypeVar
 
 from localsgd.util.checks import ConfigError, from_dict
-from localsgd.util.files import write_json_atomic
+from localsgd.util.files import write_atomic, write_json_atomic
 
 RECORD_VERSION = 2
 """Version 2: declared metrics (``metrics`` per row), structured errors, engine info."""
@@ -253,6 +253,10 @@ class Status:
     engine: EngineInfo | None = None
     details: dict[str, Any] = field(default_factory=dict)
     """Engine-specific notes (the simulated engine: whether vmap was used, and why not)."""
+    resumed: tuple[int, ...] = ()
+    """The steps from which the run continued after an interruption (a mid-run checkpoint
+    each), in order; empty for a run trained in one go. Its rows and totals are those of
+    the uninterrupted run: the work lost after a checkpoint is redone and counted once."""
 
     def __post_init__(self) -> None:
         if self.status not in STATUSES:
@@ -342,6 +346,19 @@ class RunWriter:
         self._file: IO[str] | None = None
         if run_dir is not None:
             self._file = (run_dir / "metrics.jsonl").open("w")
+
+    def restore(self, rows: Sequence[MetricsRow]) -> None:
+        """Continue a run from a checkpoint: ``metrics.jsonl`` holds exactly ``rows`` (the
+        ones written before the checkpoint; any written after it are dropped), and a status
+        left by the interrupted attempt is removed."""
+        self.rows = list(rows)
+        if self.run_dir is None:
+            return
+        self.close()
+        path = self.run_dir / "metrics.jsonl"
+        write_atomic(path, "".join(json.dumps(to_json(row)) + "\n" for row in self.rows))
+        (self.run_dir / "status.json").unlink(missing_ok=True)
+        self._file = path.open("a")
 
     def environment(self, env: Environment) -> None:
         if self.run_dir is not None:

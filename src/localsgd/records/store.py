@@ -4,12 +4,16 @@ Layout::
 
     STORE/index.sqlite            one row per run: id, name, status, config, times, error
     STORE/plan.json               what the study that owns the store means to run
+    STORE/.lock                   who writes the store (see :mod:`localsgd.records.lock`)
     STORE/runs/<id>/              the run's record (see :mod:`localsgd.records.record`)
     STORE/runs/<id>/checkpoint.pt the consensus model at the end
+    STORE/runs/<id>.partial/checkpoints/   mid-run checkpoints, one file per rank
 
 A run is written under ``runs/<id>.partial/`` and renamed into place when it ends, then the
 index is updated: a run killed half-way leaves only a ``.partial`` folder, which the next
-attempt deletes, so the store never holds half a run or the same rows twice.
+attempt resumes from its last checkpoint (the rows after it are dropped) or, without one,
+deletes, so the store never holds half a run or the same rows twice. A store belongs to
+the study named in its ``plan.json``.
 """
 
 from __future__ import annotations
@@ -19,12 +23,14 @@ import json
 import os
 import shutil
 import sqlite3
+import threading
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from localsgd.records.lock import FileLock
 from localsgd.records.record import (
     RECORD_VERSION,
     ConfigSnapshot,
@@ -46,6 +52,11 @@ FINISHED = ("completed", "failed", "diverged")
 DEFAULT_RUN_STORE = "studies_out/train"
 """Where a single run (``localsgd train``, a hand-run torchrun) is recorded by default."""
 STATUSES = (*FINISHED, "running")
+CHECKPOINTS = "checkpoints"
+"""A run folder's mid-run checkpoints (written by the trainer, kept while the run can resume)."""
+LATEST = "latest.json"
+"""In ``checkpoints/``: the step of the last checkpoint every rank has written."""
+LOCK = ".lock"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -57,6 +68,10 @@ CREATE TABLE IF NOT EXISTS runs (
     finished  REAL,
     error     TEXT,
     attempts  INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS meta (
+    key       TEXT PRIMARY KEY,
+    value     TEXT NOT NULL
 )
 """
 
@@ -90,35 +105,118 @@ class RunRecord:
 
 
 class Store:
-    """A study directory (see the module docstring). Only one process writes to it."""
+    """A study directory (see the module docstring). Only one process writes to it; see
+    :meth:`study_lock` and :meth:`run_lock`. ``create=False`` opens an existing store to
+    read it (nothing is written, no lock is taken: a report may read a store a study is
+    writing)."""
 
     def __init__(self, root: str | Path, *, create: bool = True) -> None:
         self.root = Path(root)
+        self.readonly = not create
         if self.root.exists() and not self.root.is_dir():
             raise ValueError(f"store {str(self.root)!r} is a file; give a folder")
-        if not create and not (self.root / "index.sqlite").exists():
+        if not create and not (self.root / "index.sqlite").is_file():
             raise ValueError(
                 f"{str(self.root)!r} is not a localsgd store: no index.sqlite inside "
                 "(expected the folder a study or train command wrote)"
             )
-        (self.root / "runs").mkdir(parents=True, exist_ok=True)
         try:
+            if (self.root / "index.sqlite").exists():
+                with self._db() as db:  # a corrupt index is named before anything is written
+                    db.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
+            if create:
+                (self.root / "runs").mkdir(parents=True, exist_ok=True)
+                self._create_index()
             with self._db() as db:
-                db.execute(_SCHEMA)
+                if create:
+                    for statement in _SCHEMA.split(";"):
+                        db.execute(statement)
+                db.execute("SELECT COUNT(*) FROM runs").fetchone()
         except sqlite3.DatabaseError as exc:
             raise ValueError(
                 f"{self.root / 'index.sqlite'} is not a readable SQLite index ({exc}); "
                 "move it away to start the store afresh"
             ) from None
+        except (NotADirectoryError, FileExistsError, PermissionError) as exc:
+            raise ValueError(f"store {str(self.root)!r} cannot be written: {exc}") from None
+
+    def _create_index(self) -> None:
+        """Create ``index.sqlite`` with its tables in one step: built under another name and
+        linked into place, so that a reader never finds an index without tables (which it
+        would call corrupt). A store created at the same time by another process wins."""
+        index = self.root / "index.sqlite"
+        if index.exists():
+            return
+        tmp = self.root / f".index.sqlite.{os.getpid()}.{threading.get_ident()}.tmp"
+        try:
+            db = sqlite3.connect(tmp)
+            try:
+                with db:
+                    for statement in _SCHEMA.split(";"):
+                        db.execute(statement)
+            finally:
+                db.close()
+            try:
+                os.link(tmp, index)
+            except FileExistsError:
+                pass
+            except OSError:  # a filesystem without hard links
+                if not index.exists():
+                    os.replace(tmp, index)
+        finally:
+            tmp.unlink(missing_ok=True)
 
     @contextlib.contextmanager
     def _db(self) -> Iterator[sqlite3.Connection]:
-        db = sqlite3.connect(self.root / "index.sqlite", timeout=30)
+        path = self.root / "index.sqlite"
+        if self.readonly:
+            db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=30)
+        else:
+            db = sqlite3.connect(path, timeout=30)
         try:
             with db:  # one transaction: committed on success, rolled back on error
                 yield db
         finally:
             db.close()
+
+    @staticmethod
+    def lock_for_study(root: str | Path) -> FileLock:
+        """The lock of the store at ``root``, exclusive: held by a study for as long as it
+        runs (take it before reading the store, so that what is read stays true)."""
+        return FileLock(Path(root) / LOCK, f"store {root}")
+
+    @contextlib.contextmanager
+    def run_lock(self, run_id: str) -> Iterator[None]:
+        """The store's lock shared and run ``run_id``'s exclusive (in ``.lock.d/``), held
+        for the block by a single run while it trains; raises
+        :class:`~localsgd.records.lock.StoreInUse` when a study or the same run holds them."""
+        with FileLock(self.root / LOCK, f"store {self.root}", shared=True):
+            (self.root / f"{LOCK}.d").mkdir(exist_ok=True)
+            with FileLock(self.root / f"{LOCK}.d" / run_id, f"run {run_id} in store {self.root}"):
+                yield
+
+    def owner(self) -> str | None:
+        """The study the store belongs to (None: a store of single runs, or a store of a
+        version that did not record it, whose ``plan.json`` then names it)."""
+        try:
+            with self._db() as db:
+                row = db.execute("SELECT value FROM meta WHERE key = 'study'").fetchone()
+        except sqlite3.OperationalError:  # an index written before the table existed
+            row = None
+        if row is not None:
+            return str(row[0])
+        study = self.plan().get("study")
+        return str(study) if study else None
+
+    def set_owner(self, study: str) -> None:
+        """Make the store study ``study``'s."""
+        with self._db() as db:
+            db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('study', ?)", (study,))
+
+    def run_count(self) -> int:
+        """How many runs the index holds (finished or not)."""
+        with self._db() as db:
+            return int(db.execute("SELECT COUNT(*) FROM runs").fetchone()[0])
 
     def run_dir(self, run_id: str) -> Path:
         return self.root / "runs" / run_id
@@ -133,14 +231,35 @@ class Store:
         if row is None:
             return None
         if row[0] == "running" and (self.run_dir(run_id) / "status.json").exists():
+            if self.readonly:
+                path = self.run_dir(run_id) / "status.json"
+                return from_json(Status, read_json(path), str(path)).status
             return self._index_finished(run_id)
         return str(row[0])
 
-    def begin(self, run_id: str, name: str, config: Mapping[str, Any]) -> Path:
+    def resumable(self, run_id: str) -> Path | None:
+        """The folder of run ``run_id`` that holds a checkpoint to resume from: its
+        ``.partial`` folder (the run was interrupted), or its finished folder when the run
+        failed; None when there is none."""
+        partial = self.partial_dir(run_id)
+        if (partial / CHECKPOINTS / LATEST).is_file():
+            return partial
+        final = self.run_dir(run_id)
+        if (final / CHECKPOINTS / LATEST).is_file():
+            status = self.final_status(run_id)
+            if status is not None and status.status == "failed":
+                return final
+        return None
+
+    def begin(self, run_id: str, name: str, config: Mapping[str, Any], *, resume: bool = False) -> Path:
         """Start (or restart) a run: a clean ``.partial`` folder holding ``config.json``,
-        and an index row."""
+        and an index row. ``resume``: when the run has a checkpoint (:meth:`resumable`),
+        keep its folder instead -- the trainer continues from the checkpoint and rewrites
+        the metrics rows up to it -- and drop what the interrupted attempt left after it
+        (its status, its workers' error files)."""
         final = self.run_dir(run_id)
         partial = self.partial_dir(run_id)
+        keep = self.resumable(run_id) if resume else None
         # Index first: a crash after this leaves a 'running' row, which a rerun restarts.
         with self._db() as db:
             db.execute(
@@ -150,11 +269,21 @@ class Store:
                        finished = NULL, error = NULL, attempts = runs.attempts + 1""",
                 (run_id, name, json.dumps(dict(config), sort_keys=True), time.time()),
             )
-        if final.exists():
-            shutil.rmtree(final)  # a finished run being redone on purpose
-        if partial.exists():
-            shutil.rmtree(partial)
-        partial.mkdir(parents=True)
+        if keep is not None:
+            if keep == final:
+                os.replace(final, partial)  # a failed run resumed: unfinished again
+            for stale in ("status.json", "errors"):
+                path = partial / stale
+                if path.is_dir():
+                    shutil.rmtree(path)
+                elif path.exists():
+                    path.unlink()
+        else:
+            if final.exists():
+                shutil.rmtree(final)  # a finished run being redone on purpose
+            if partial.exists():
+                shutil.rmtree(partial)
+            partial.mkdir(parents=True)
         snapshot = ConfigSnapshot(RECORD_VERSION, run_id, dict(config))
         write_json_atomic(partial / "config.json", to_json(snapshot))
         return partial
@@ -172,10 +301,13 @@ class Store:
         if not status_path.exists():
             lost = ErrorInfo("RunLost", "the run ended without writing a status")
             write_json_atomic(status_path, to_json(failed_status(error or lost)))
-        elif error is not None:
+        else:
             status = from_json(Status, read_json(status_path), str(status_path))
-            if status.status == "failed":
+            if status.status == "failed" and error is not None:
                 write_json_atomic(status_path, to_json(_with_error(status, error)))
+            elif status.status != "failed":
+                # Finished for good: its checkpoints can resume nothing any more.
+                shutil.rmtree(partial / CHECKPOINTS, ignore_errors=True)
         os.replace(partial, self.run_dir(run_id))
         return self._index_finished(run_id)
 

@@ -39,7 +39,7 @@ from typing import Any
 
 from localsgd.studies.configs import apply_overrides, load_toml, parse_override
 from localsgd.studies.schema import RunConfig, normalize, run_config
-from localsgd.util.checks import ConfigError, from_dict
+from localsgd.util.checks import ConfigError, check_name, from_dict
 from localsgd.util.nest import deep_copy, flatten, set_dotted
 
 LIST_FIELDS = {"schedule.milestones"}
@@ -55,6 +55,11 @@ class StudySection:
     """The store folder; ``localsgd study --out`` overrides it."""
     description: str = ""
     """A sentence for the report header."""
+
+    def __post_init__(self) -> None:
+        check_name("study.name", self.name)
+        if self.out is not None and not self.out:
+            raise ConfigError("study.out must be a folder path, got ''")
 
 
 @dataclass

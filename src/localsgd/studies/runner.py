@@ -23,11 +23,13 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from localsgd import engines, workloads
-from localsgd.records.record import ErrorInfo
-from localsgd.records.store import FINISHED, Store
+from localsgd.records.lock import FileLock
+from localsgd.records.record import ErrorInfo, RecordError
+from localsgd.records.store import FINISHED, LOCK, Store
 from localsgd.studies.grid import Study
 from localsgd.studies.schema import RunConfig
-from localsgd.util.checks import ConfigError
+from localsgd.studies.trials import DEFAULT_BATCH, batches, execute_trials
+from localsgd.util.checks import ConfigError, check_output_folder
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +78,30 @@ def _check_cuda(run: RunConfig) -> None:
         )
 
 
+def open_run_store(out: str | Path, config: RunConfig) -> Store:
+    """The store a single run records into, checked: not another study's (unless that
+    study plans this very run), every file readable; ``ConfigError`` naming the file."""
+    check_output_folder("--out", out)
+    check_store_folder(Path(out))
+    try:
+        store = Store(out)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    try:
+        owner = store.owner()
+        plan = store.plan() if owner else {}
+    except RecordError as exc:
+        raise ConfigError(f"{exc}; delete it (its study writes it again) or record the run in another store") from None
+    runs = plan.get("runs")
+    planned = {r.get("run_id") for r in runs if isinstance(r, dict)} if isinstance(runs, list) else set()
+    if owner and config.run_id() not in planned:
+        raise ConfigError(
+            f"store {store.root} belongs to study {owner!r}, which does not plan this run; "
+            "record it in another store (--out), or add it to the study's grid"
+        )
+    return store
+
+
 def usable_cores() -> int:
     """The cores this process may run on."""
     try:
@@ -120,19 +146,21 @@ def execute_run(
     timeout: float | None = None,
     workload: workloads.Workload | None = None,
     session: engines.Session | None = None,
+    resume: bool = False,
     launch: Callable[[engines.Job], None] | None = None,
 ) -> str:
     """Run ``config`` to the end through its engine -- on processes of its own, or on
     ``session``'s -- and record it in ``store``; returns the final status. A failed run's
     status holds its root error (the first worker's own exception). A run cancelled from
-    outside is left unfinished (the next attempt redoes it). ``launch`` places a run of
-    several worker processes somewhere else than the engine would (an emulated multi-node
-    cluster, say); a run of one process stays here."""
+    outside is left unfinished (the next attempt redoes it, from its last checkpoint when
+    it has one and ``resume``). ``launch`` places a run of several worker processes
+    somewhere else than the engine would (an emulated multi-node cluster, say); a run of
+    one process stays here."""
     from localsgd.studies.trainer import train
 
     engine = engines.get(config.engine)
     run_id = config.run_id()
-    folder = store.begin(run_id, config.name, config.to_dict())
+    folder = store.begin(run_id, config.name, config.to_dict(), resume=resume)
 
     def train_here(rank: int, world_size: int) -> None:
         train(config, folder, rank, world_size, workload=workload)
@@ -145,6 +173,8 @@ def execute_run(
         timeout,
         device=config.device,
         engine_options=config.engine_options,
+        comm_timeout=config.train.timeout_seconds,
+        max_restarts=config.train.max_restarts,
     )
     error: ErrorInfo | None = None
     try:
@@ -196,36 +226,178 @@ def run_study(
     oversubscribe: bool = False,
     executor: str = "local",
     executor_options: Mapping[str, Any] | None = None,
+    adopt_store: bool = False,
     launch: Callable[[engines.Job], None] | None = None,
+    batch_trials: int = DEFAULT_BATCH,
 ) -> Counter[str]:
     """Run every run of ``study`` not already finished in the store at ``out``.
 
     Completed (and, unless ``retry_failed``, failed and diverged) runs are skipped; a run
-    left unfinished by an interrupted study starts again from scratch. ``parallel`` runs
+    left unfinished by an interrupted study resumes from its last checkpoint (or starts
+    again without one). ``parallel`` runs
     go at once (default: 1 on this machine, every run under Slurm), refused when they
     would oversubscribe this machine's cores (:func:`check_parallel`). ``executor``: ``local`` (worker
     pools on this machine) or ``slurm`` (a Slurm job per run through submitit;
     ``executor_options`` as for :class:`~localsgd.engines.slurm.SlurmSession`). Progress
     goes to ``output`` (default stdout): a line per finished run, or a bar in a terminal.
-    ``launch``: as for :func:`execute_run`. Returns how many runs ended in each status,
-    skipped ones included.
+    ``launch``: as for :func:`execute_run`. ``batch_trials``: at most that many runs that
+    differ only in optimizer metaparameters, schedule and seed train together in this
+    process on an engine that can (:mod:`localsgd.studies.trials`), one run at a time
+    (``parallel`` 1, this machine); 1 runs each alone. Returns how many runs ended in
+    each status, skipped ones included.
+
+    The study holds the store's lock while it runs (another study or a single run into
+    the same store is refused, naming this process), and the store belongs to it: a store
+    of another study, or one holding single runs, is refused unless ``adopt_store``
+    (their finished runs then stay in it, and in its reports). Everything is checked --
+    configs, data, devices, the store's files and checkpoints -- before anything is
+    written; ``ConfigError`` (naming the key or file) otherwise.
     """
     if executor not in EXECUTORS:
         raise ConfigError(f"executor must be one of {list(EXECUTORS)}, got {executor!r}")
+    if isinstance(batch_trials, bool) or not isinstance(batch_trials, int) or batch_trials < 1:
+        raise ConfigError(f"--batch-trials must be an integer >= 1, got {batch_trials!r}")
     # submitit's local executor (cluster = "local") runs the jobs on this machine's cores.
     here = executor == "local" or (executor_options or {}).get("cluster") == "local"
+    check_output_folder("--out", out)
     built = preflight(study.runs, local=here)
-    # Nothing is written until every check has passed: a new store is created after them.
-    existing = Store(out, create=False) if (out / "index.sqlite").exists() else None
+    lock = Store.lock_for_study(out)
+    try:
+        existing = _open_existing(out, study, adopt_store, lock) if out.is_dir() else None
+        return _run_study(
+            study,
+            out,
+            existing,
+            lock,
+            built,
+            here=here,
+            study_file=study_file,
+            retry_failed=retry_failed,
+            execute=execute,
+            progress=progress,
+            output=output,
+            parallel=parallel,
+            oversubscribe=oversubscribe,
+            executor=executor,
+            executor_options=executor_options,
+            launch=launch,
+            batch_trials=batch_trials,
+        )
+    finally:
+        lock.release()
+
+
+STORE_ENTRIES = {"runs", "index.sqlite", "plan.json", "study.toml", "report", "slurm", LOCK, f"{LOCK}.d"}
+"""What a store folder may hold (an existing folder holding anything else is no store)."""
+
+
+def check_store_folder(out: Path) -> bool:
+    """Refuse an existing folder that is neither a store nor empty (``--out`` pointing at
+    a project's folder, say); returns whether the folder holds anything."""
+    if not out.is_dir():
+        return False
+    entries = {p.name for p in out.iterdir()}
+    if not (out / "index.sqlite").is_file():
+        foreign = sorted(entries - STORE_ENTRIES)
+        if foreign:
+            raise ConfigError(
+                f"--out {str(out)!r} is a folder that is not a localsgd store (it holds {foreign[0]!r}); "
+                "give a new or empty folder, or a store"
+            )
+    return bool(entries)
+
+
+def _open_existing(out: Path, study: Study, adopt: bool, lock: FileLock) -> Store | None:
+    """An existing ``out`` folder, locked for this study and checked to be its store
+    (None: an empty folder, which becomes the store)."""
+    if not check_store_folder(out):
+        return None
+    lock.acquire()
+    if not (out / "index.sqlite").is_file():
+        return None
+    try:
+        store = Store(out)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    if adopt:
+        return store
+    try:
+        owner = store.owner()
+    except RecordError as exc:
+        raise ConfigError(f"{exc}; delete it (the study writes it again) or pass --adopt-store") from None
+    name = study.section.name
+    if owner is not None and owner != name:
+        raise ConfigError(
+            f"store {out} belongs to study {owner!r}, not {name!r}; give another --out, or pass "
+            f"--adopt-store to make it {name!r}'s (the runs {owner!r} finished stay in it, and in its reports)"
+        )
+    if owner is None and store.run_count():
+        raise ConfigError(
+            f"store {out} holds {store.run_count()} run(s) recorded by localsgd train, not by a study; give "
+            f"another --out, or pass --adopt-store to make it {name!r}'s (those runs stay in it, and in its reports)"
+        )
+    return store
+
+
+def _plan_runs(
+    study: Study, store: Store | None, retry_failed: bool
+) -> tuple[Counter[str], list[RunConfig], set[str]]:
+    """What is left to do: (counts of skipped runs, runs to do, ids of those that resume
+    from a checkpoint). A run the index calls finished whose folder is gone is done again;
+    an unreadable status or checkpoint is a ``ConfigError`` naming the file."""
     counts: Counter[str] = Counter()
-    todo = []
+    todo: list[RunConfig] = []
+    resume: set[str] = set()
+    if store is None:
+        return counts, list(study.runs), resume
+    from localsgd.studies.checkpoints import verify
+
     for run in study.runs:
-        status = existing.status(run.run_id()) if existing is not None else None
-        keep = status == "completed" or (status in FINISHED and not retry_failed)
-        if keep:
+        run_id = run.run_id()
+        try:
+            status = store.status(run_id)
+            if status in FINISHED and store.run_dir(run_id).is_dir():
+                store.final_status(run_id)  # readable, or the study stops here
+            elif status in FINISHED:
+                log.warning("run %s: the index says %s but its folder is gone; it is done again", run_id, status)
+                status = None
+        except RecordError as exc:
+            raise ConfigError(
+                f"{exc}; delete the folder {store.run_dir(run_id)} to run it again"
+                if "delete the run folder" not in str(exc)
+                else str(exc)
+            ) from None
+        if status == "completed" or (status in FINISHED and not retry_failed):
             counts[f"skipped ({status})"] += 1
-        else:
-            todo.append(run)
+            continue
+        todo.append(run)
+        folder = store.resumable(run_id) if status not in FINISHED else None
+        if folder is not None and verify(folder, run_id) is not None:
+            resume.add(run_id)
+    return counts, todo, resume
+
+
+def _run_study(
+    study: Study,
+    out: Path,
+    existing: Store | None,
+    store_lock: FileLock,
+    built: dict[str, workloads.Workload],
+    *,
+    here: bool,
+    study_file: Path | None,
+    retry_failed: bool,
+    execute: Callable[[Any, Store], str] | None,
+    progress: bool,
+    output: TextIO | None,
+    parallel: int | None,
+    oversubscribe: bool,
+    executor: str,
+    executor_options: Mapping[str, Any] | None,
+    launch: Callable[[engines.Job], None] | None,
+    batch_trials: int,
+) -> Counter[str]:
+    counts, todo, resume = _plan_runs(study, existing, retry_failed)
     if parallel is None:
         parallel = 1 if here else max(1, len(todo))
     check_parallel(todo, parallel, oversubscribe=oversubscribe or not here)
@@ -245,7 +417,16 @@ def run_study(
             # in threads would share its global state (RNG, thread count).
             return _Sessions(lambda engine: engine.session(in_process=parallel == 1))
 
-    store = existing or Store(out)
+    if existing is None:
+        # Nothing was written until every check passed: the new store is made (and locked) now.
+        out.mkdir(parents=True, exist_ok=True)
+        store_lock.acquire()
+        try:
+            existing = Store(out)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+    store = existing
+    store.set_owner(study.section.name)
     if study_file is not None and not (
         (out / "study.toml").exists() and os.path.samefile(study_file, out / "study.toml")
     ):
@@ -264,8 +445,27 @@ def run_study(
     reporter = StudyProgress(study.section.name, len(todo), parallel=parallel, output=output)
     skipped = sum(counts.values())
     lock = threading.Lock()
-    queue = iter(todo)
+    # Trials share this process's global state (RNG, threads): batched only when alone here.
+    batched = execute is None and executor == "local" and parallel == 1
+    # A run that resumes from its checkpoint trains alone: trials start from step 0.
+    fresh = [run for run in todo if run.run_id() not in resume]
+    alone = [[run] for run in todo if run.run_id() in resume]
+    queue = iter([*batches(fresh, batch_trials), *alone] if batched else [[run] for run in todo])
     stop = threading.Event()
+
+    def one_batch(runs: list[RunConfig], sessions: _Sessions) -> None:
+        if len(runs) == 1:
+            one(runs[0], sessions)
+            return
+        if progress:
+            for run in runs:
+                reporter.started(run)
+        started = time.monotonic()
+        workload = built[json.dumps(runs[0].workload, sort_keys=True)]
+        statuses = execute_trials(runs, store, workload=workload)
+        seconds = (time.monotonic() - started) / len(runs)  # what each trial cost
+        for run, status in zip(runs, statuses):
+            _finished(run, status, seconds, workload)
 
     def one(run: RunConfig, sessions: _Sessions) -> None:
         if progress:
@@ -276,9 +476,16 @@ def run_study(
             status = execute(run, store)
         else:
             status = execute_run(
-                run, store, workload=workload, session=sessions.get(run.engine), launch=launch
+                run,
+                store,
+                workload=workload,
+                session=sessions.get(run.engine),
+                resume=run.run_id() in resume,
+                launch=launch,
             )
-        seconds = time.monotonic() - started
+        _finished(run, status, time.monotonic() - started, workload)
+
+    def _finished(run: RunConfig, status: str, seconds: float, workload: workloads.Workload) -> None:
         with lock:
             counts[status] += 1
         if progress:
@@ -291,10 +498,10 @@ def run_study(
     def slot(sessions: _Sessions) -> None:
         while not stop.is_set():
             with lock:
-                run = next(queue, None)
-            if run is None:
+                runs = next(queue, None)
+            if runs is None:
                 return
-            one(run, sessions)
+            one_batch(runs, sessions)
 
     all_sessions = [slot_sessions() for _ in range(parallel)]
     with reporter if progress else contextlib.nullcontext():

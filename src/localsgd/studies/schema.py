@@ -18,6 +18,7 @@ from localsgd.util.checks import (
     from_dict,
     to_dict,
 )
+from localsgd.util.lifetime import DEFAULT_TIMEOUT_SECONDS
 
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("constant", "step", "cosine", "half_cosine", "linear")
@@ -27,6 +28,12 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 MAX_BATCH = 2**24
 """The largest per-worker batch a config may ask for."""
 MAX_WORKERS = 65536
+MAX_THREADS = 1024
+"""The most intra-op threads per worker a config may ask for."""
+MAX_TIMEOUT_SECONDS = 7 * 24 * 3600.0
+"""The longest ``train.timeout_seconds``: a week."""
+MAX_RESTARTS = 100
+"""The most ``train.max_restarts``."""
 
 
 @dataclass(frozen=True)
@@ -128,7 +135,10 @@ class ScheduleConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """``[train]``: how long, how often to evaluate."""
+    """``[train]``: how long, how often to evaluate, and how a run survives faults."""
+
+    OPERATIONAL: ClassVar[tuple[str, ...]] = ("timeout_seconds", "checkpoint_every", "max_restarts")
+    """Keys that change how a run is carried out, never its result: not part of its id."""
 
     epochs: float = 10.0
     """Passes over the training set (fractions allowed)."""
@@ -140,6 +150,18 @@ class TrainConfig:
     """``fp32``; ``bf16`` or ``fp16``: the forward pass under autocast in that type (on CPU
     too), parameters, optimizer and averaging in fp32; ``fp16`` scales the loss with a
     ``GradScaler`` whose overflow decision every worker shares."""
+    timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS
+    """How long a collective or the rendezvous may wait before the run fails; a worker
+    silent for half of it (stopped, frozen) fails the run naming its rank. The default
+    suits CPU runs; raise it for long evaluations between two collectives."""
+    checkpoint_every: int = 1000
+    """Write a checkpoint (every rank's model, optimizer, algorithm state, data position,
+    RNG states, the metrics so far) at the first sync at or after every this many steps;
+    an interrupted run resumes from its last one. 0 turns them off."""
+    max_restarts: int = 0
+    """Restarts of the worker group torch's elastic launcher makes after a worker dies;
+    each restart resumes from the last checkpoint. A run with restarts gets a launch of its
+    own rather than a study's worker pool."""
 
     def __post_init__(self) -> None:
         check_choice("train.precision", self.precision, PRECISIONS)
@@ -147,6 +169,16 @@ class TrainConfig:
         check_int("train.eval_every", self.eval_every, 1)
         if self.max_steps is not None:
             check_int("train.max_steps", self.max_steps, 1)
+        check_float(
+            "train.timeout_seconds",
+            self.timeout_seconds,
+            1.0,
+            MAX_TIMEOUT_SECONDS,
+            high_open=False,
+            unit="seconds",
+        )
+        check_int("train.checkpoint_every", self.checkpoint_every, 0)
+        check_int("train.max_restarts", self.max_restarts, 0, MAX_RESTARTS)
 
 
 @dataclass(frozen=True)
@@ -231,11 +263,13 @@ class RunConfig:
     def __post_init__(self) -> None:
         from localsgd import engines, workloads
 
+        if not 1 <= len(self.name) <= 200 or not self.name.isprintable():
+            raise ConfigError(f"name must be 1 to 200 printable characters, got {self.name[:80]!r}")
         check_int("workers", self.workers, 1, MAX_WORKERS)
         options = engines.get(self.engine).options(self.engine_options, self.workers)
         check_int("seed", self.seed, 0, 2**63 - 1)
         check_choice("device", self.device, ("auto", "cpu", "cuda"))
-        check_int("threads", self.threads, 1)
+        check_int("threads", self.threads, 1, MAX_THREADS)
         check_choice("fixed", self.fixed, ("worker_batch", "global_batch"))
         algorithm = self.algorithm_config(steps_per_epoch=1)  # validates the algorithm table
         if algorithm.asynchronous and getattr(options, "heterogeneous", False):
@@ -250,11 +284,18 @@ class RunConfig:
         # fp16 agrees on overflows with a collective before every step (Replicas.unscale_):
         # asynchronous workers take no collectives once training has started, and Hogwild's
         # helper processes step without a GradScaler.
-        alone = algorithm.asynchronous or getattr(options, "steps_without_agreement", False)
+        alone = self.steps_alone()
         if self.train.precision == "fp16" and alone:
             raise ConfigError(
                 "train.precision = 'fp16' needs every worker to agree on overflows before each step, "
                 "which asynchronous algorithms and the hogwild engine do not do; use 'bf16' or 'fp32'"
+            )
+        # Mid-run checkpoints are taken at a step every worker has reached (a barrier); workers
+        # that never wait for one another have none, so their runs restart instead of resuming.
+        if self.train.max_restarts and alone:
+            raise ConfigError(
+                f"train.max_restarts = {self.train.max_restarts}: asynchronous algorithms and the hogwild "
+                "engine take no mid-run checkpoints to restart from; set it to 0"
             )
         block = getattr(algorithm, "block_size", None)
         if block is not None and self.workers % block:
@@ -264,6 +305,15 @@ class RunConfig:
             )
         workloads.check_spec(self.workload)
         self.comm.check_workers(self.workers)
+
+    def steps_alone(self) -> bool:
+        """Whether workers step without waiting for one another (an asynchronous algorithm,
+        or an engine whose processes share one model, such as Hogwild)."""
+        from localsgd import engines
+
+        options = engines.get(self.engine).options(self.engine_options, self.workers)
+        asynchronous = self.algorithm_config(steps_per_epoch=1).asynchronous
+        return bool(asynchronous or getattr(options, "steps_without_agreement", False))
 
     def processes(self) -> int:
         """The worker processes (torch.distributed ranks) the run's engine starts."""
@@ -308,10 +358,14 @@ class RunConfig:
         return to_dict(self)
 
     def run_id(self) -> str:
-        """A stable identity: the same config always maps to the same id."""
+        """A stable identity: the same config always maps to the same id. How the run is
+        carried out (``TrainConfig.OPERATIONAL``: timeouts, checkpoints, restarts) is left
+        out, so changing it resumes a run instead of starting another."""
         data = self.to_dict()
         # Sections added after stores were written are left out at their defaults, so a
         # store's finished runs keep their ids (and a rerun skips them).
+        for key in TrainConfig.OPERATIONAL:
+            data["train"].pop(key, None)
         if self.comm == CommConfig():
             del data["comm"]
         if not self.engine_options:

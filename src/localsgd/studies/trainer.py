@@ -35,7 +35,9 @@ from localsgd.records.record import (
     failed_status,
     now,
 )
+from localsgd.records.store import CHECKPOINTS
 from localsgd.studies import recipes
+from localsgd.studies.checkpoints import Checkpoints, rng_state, rows_from_state, rows_state, set_rng_state
 from localsgd.studies.precision import with_precision
 from localsgd.studies.schema import RunConfig
 
@@ -92,25 +94,38 @@ def train(
     backend: str | None = None,
     *,
     workload: workloads.Workload | None = None,
+    checkpoints: Path | None = None,
 ) -> Status:
     """Train ``config`` on this rank; ``run_dir`` is where rank 0 writes the record (other
     ranks pass None). ``workload`` is the built workload when the caller has it already.
+    ``checkpoints``: this run's checkpoint folder, which every rank must reach (default:
+    ``run_dir/checkpoints``); a checkpoint found there is resumed from
+    (:mod:`localsgd.studies.checkpoints`).
 
     Returns the status (also written as ``status.json``). Errors are recorded as failed
-    and re-raised; divergence is recorded as ``diverged`` and returned.
+    and re-raised; divergence is recorded as ``diverged`` and returned; an interruption
+    (KeyboardInterrupt) leaves the run unfinished, as it was at its last checkpoint.
     """
     engine = engines.get(config.engine)
     engines.check_world(engine, config.workers, world_size, config.engine_options)
     device = resolve_device(config.device)
     torch.set_num_threads(config.threads)
+    if checkpoints is None and run_dir is not None:
+        checkpoints = run_dir / CHECKPOINTS
+    # Workers that step without waiting for one another have no step at which all of them
+    # could checkpoint together: such runs take no mid-run checkpoints (they restart).
+    every = 0 if config.steps_alone() else config.train.checkpoint_every
+    saved = Checkpoints(checkpoints, rank, world_size, every, config.run_id())
     writer = RunWriter(run_dir)
     status: Status
     try:
         writer.environment(environment(world_size, backend, device))
-        status = _train(config, engine, writer, rank, world_size, device, workload)
+        status = _train(config, engine, writer, rank, world_size, device, workload, saved)
     except Diverged as exc:
         status = failed_status(ErrorInfo("Diverged", str(exc), rank=rank), writer.rows)
         status = dataclasses.replace(status, status="diverged")
+    except KeyboardInterrupt:
+        raise
     except BaseException as exc:
         writer.status(failed_status(ErrorInfo.from_exception(exc, rank), writer.rows))
         raise
@@ -128,6 +143,7 @@ def _train(
     world_size: int,
     device: torch.device,
     workload: workloads.Workload | None,
+    saved: Checkpoints,
 ) -> Status:
     import localsgd
 
@@ -136,10 +152,8 @@ def _train(
     primary = workloads.metric(workload)
     workers = config.workers
     batch = config.data.batch_size
-    steps_per_epoch = workload.steps_per_epoch(workers, batch)
-    total_steps = math.ceil(config.train.epochs * steps_per_epoch)
-    if config.train.max_steps is not None:
-        total_steps = min(total_steps, config.train.max_steps)
+    run = plan(config, workload)
+    steps_per_epoch, total_steps = run.steps_per_epoch, run.total_steps
     algorithm = config.algorithm_config(steps_per_epoch)
     torch.manual_seed(config.seed)
     model = workload.make_model(config.seed).to(device)
@@ -173,16 +187,50 @@ def _train(
     train_seconds = 0.0
     loss_sum: torch.Tensor | float = 0.0
     loss_count = 0
+    epoch, done = 0, 0  # done: batches of this epoch consumed
+    resumed: tuple[int, ...] = ()
     # An asynchronous algorithm (a parameter server): workers never wait for one another,
     # so only rank 0 evaluates (the global model, without any collective), and the final
     # evaluation comes once, after every worker has finished.
     deferred = bool(getattr(algorithm, "asynchronous", False))
     evaluates = rank == 0 or not deferred
+    state = saved.load()
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
     with localsgd.DataParallel(
         replicas.module, optimizer, algorithm, comm=replicas.comm, flat=replicas.flat
     ) as dp:
+        if state is not None:
+            # After entering: the broadcast on enter would overwrite a restored replica.
+            dp.load_state_dict(state["data_parallel"])
+            step, epoch, done = int(state["step"]), int(state["epoch"]), int(state["batch"])
+            train_seconds, loss_sum, loss_count = state["train_seconds"], state["loss_sum"], state["loss_count"]
+            resumed = (*state["resumed"], step)
+            writer.restore(rows_from_state(state["rows"], f"checkpoint of step {step}"))
+            log.info("rank %d: resumed from the checkpoint of step %d", rank, step)
         replicas.begin(optimizer, lr, total_steps, batch, config.seed)
         iterations = replicas.iterations(total_steps)
+
+        def checkpoint() -> None:
+            saved.save(
+                {
+                    "step": step,
+                    "epoch": epoch,
+                    "batch": done,
+                    "train_seconds": train_seconds,
+                    "loss_sum": loss_sum,
+                    "loss_count": loss_count,
+                    "data_parallel": dp.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scaler": scaler.state_dict() if scaler is not None else None,
+                    "rng": rng_state(),
+                    "rows": rows_state(writer.rows),
+                    "resumed": resumed,
+                },
+                barrier=lambda: replicas.worker_mean(torch.ones(()), dp),
+            )
 
         def evaluate(*, final: bool = False) -> MetricsRow | None:
             nonlocal loss_sum, loss_count
@@ -203,47 +251,34 @@ def _train(
             else:
                 with replicas.evaluating(), dp.consensus():
                     scores = replicas.evaluate()
-            stats = dp.stats
-            updates = replicas.updates(dp)
-            done = replicas.worker_steps(step)
-            row = MetricsRow(
-                step=round(done),
-                epoch=done / steps_per_epoch,
-                samples=round(done * global_batch),
-                wall_seconds=train_seconds,
+            row = metrics_row(
+                workload,
+                dp.stats,
+                run,
+                step=step,
+                train_seconds=train_seconds,
                 lr=optimizer.param_groups[0]["lr"],
                 train_loss=train_loss if counted else None,
-                metrics={m.name: _float(scores.get(m.name)) for m in workload.metrics},
-                bytes=stats["bytes"],
-                syncs=stats["syncs"],
-                collectives=stats["collectives"],
-                comm_seconds=stats["comm_seconds"],
-                by_scope=stats["by_scope"],
-                updates=updates,
-                updates_per_second=updates / train_seconds
-                if updates is not None and train_seconds > 0
-                else None,
+                scores=scores,
+                worker_steps=replicas.worker_steps(step),
+                updates=replicas.updates(dp),
             )
             writer.row(row)
             if rank == 0:
-                shown = primary.show(row.metrics.get(primary.name))
-                log.info(
-                    "rank 0 step %d epoch %.2f: train loss %.4f, %s %s",
-                    step,
-                    row.epoch,
-                    train_loss,
-                    primary.title,
-                    shown,
-                )
+                log_row(row, primary, "rank 0")
             if not math.isfinite(train_loss):
                 # Every rank sees the same averaged loss, so all stop together.
                 raise Diverged(f"train loss is {train_loss} at step {step}")
             return row
 
         all_steps = replicas.worker_steps(iterations)
-        epoch = 0
         while step < iterations:
             batches = iter(replicas.batches(batch, epoch, config.seed))
+            for _ in range(done):  # resumed mid-epoch: the batches consumed before
+                next(batches, None)
+            if state is not None:
+                set_rng_state(state["rng"])  # as it was at the checkpoint, after those batches
+                state = None
             while True:
                 start = time.perf_counter()  # data loading and augmentation count as training
                 data = next(batches, None)
@@ -253,6 +288,7 @@ def _train(
                     group["lr"] = lr(step)
                 optimizer.zero_grad()
                 loss = replicas.forward_backward(data)
+                syncs = dp.stats["syncs"] if saved.wanted(step + 1) else None
                 if scaler is not None:
                     loss = trained.unscaled(loss)
                     replicas.unscale_(scaler, dp)  # every worker steps, or none does
@@ -263,6 +299,7 @@ def _train(
                 loss_sum = loss_sum + loss
                 loss_count += 1
                 step += 1
+                done += 1
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 train_seconds += time.perf_counter() - start
@@ -280,28 +317,133 @@ def _train(
                     evaluate()
                 if step >= iterations:
                     break
-            epoch += 1
+                if syncs is not None and dp.stats["syncs"] > syncs:
+                    checkpoint()
+            epoch, done = epoch + 1, 0
         finishing = time.perf_counter()
         # Leaving the block puts the consensus model on every rank (an asynchronous run's
         # once every worker has finished: that wait is training time).
     if deferred:
         train_seconds += time.perf_counter() - finishing
         evaluate(final=True)
-    final = dp.stats
     if writer.run_dir is not None:
-        tmp = writer.run_dir / ".checkpoint.pt.tmp"
-        torch.save(
-            {"model": replicas.final_model().state_dict(), "config": config.to_dict(), "step": step}, tmp
-        )
-        os.replace(tmp, writer.run_dir / "checkpoint.pt")
-    rows = writer.rows
+        save_checkpoint(writer.run_dir, replicas.final_model(), config, step)
+    return completed_status(
+        workload,
+        writer.rows,
+        dp.stats,
+        run,
+        step=step,
+        train_seconds=train_seconds,
+        algorithm=algorithm.to_dict(),
+        engine=engine.info,
+        details={**replicas.details(), **dp.details},
+        resumed=resumed,
+        worker_steps=replicas.worker_steps(step),
+    )
+
+
+# -- what every training loop shares (this one, and trials batched in one process) ---------
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """How long a run trains, in the units its record counts."""
+
+    steps_per_epoch: int
+    total_steps: int
+    global_batch: int
+    """K·B: samples per step over all workers."""
+
+
+def plan(config: RunConfig, workload: workloads.Workload) -> Plan:
+    """Steps per epoch, the run's total steps and its global batch."""
+    steps_per_epoch = workload.steps_per_epoch(config.workers, config.data.batch_size)
+    total_steps = math.ceil(config.train.epochs * steps_per_epoch)
+    if config.train.max_steps is not None:
+        total_steps = min(total_steps, config.train.max_steps)
+    return Plan(steps_per_epoch, total_steps, config.data.batch_size * config.workers)
+
+
+def metrics_row(
+    workload: workloads.Workload,
+    stats: dict[str, Any],
+    run: Plan,
+    *,
+    step: int,
+    train_seconds: float,
+    lr: float,
+    train_loss: float | None,
+    scores: dict[str, float],
+    worker_steps: float | None = None,
+    updates: int | None = None,
+) -> MetricsRow:
+    """One evaluation's row of the metrics stream. ``worker_steps``: the steps one worker
+    took by the loop's ``step`` when they differ (a simulated schedule of unequal speeds);
+    ``updates``: the model updates so far, where the engine counts them."""
+    done = float(step) if worker_steps is None else worker_steps
+    return MetricsRow(
+        step=round(done),
+        epoch=done / run.steps_per_epoch,
+        samples=round(done * run.global_batch),
+        wall_seconds=train_seconds,
+        lr=lr,
+        train_loss=train_loss,
+        metrics={m.name: _float(scores.get(m.name)) for m in workload.metrics},
+        bytes=stats["bytes"],
+        syncs=stats["syncs"],
+        collectives=stats["collectives"],
+        comm_seconds=stats["comm_seconds"],
+        by_scope=stats["by_scope"],
+        updates=updates,
+        updates_per_second=updates / train_seconds if updates is not None and train_seconds > 0 else None,
+    )
+
+
+def log_row(row: MetricsRow, primary: Any, who: str) -> None:
+    log.info(
+        "%s step %d epoch %.2f: train loss %.4f, %s %s",
+        who,
+        row.step,
+        row.epoch,
+        row.train_loss if row.train_loss is not None else math.nan,
+        primary.title,
+        primary.show(row.metrics.get(primary.name)),
+    )
+
+
+def save_checkpoint(run_dir: Path, model: torch.nn.Module, config: RunConfig, step: int) -> None:
+    tmp = run_dir / ".checkpoint.pt.tmp"
+    torch.save({"model": model.state_dict(), "config": config.to_dict(), "step": step}, tmp)
+    os.replace(tmp, run_dir / "checkpoint.pt")
+
+
+def completed_status(
+    workload: workloads.Workload,
+    rows: list[MetricsRow],
+    final: dict[str, Any],
+    run: Plan,
+    *,
+    step: int,
+    train_seconds: float,
+    algorithm: dict[str, Any],
+    engine: Any,
+    details: dict[str, Any],
+    resumed: tuple[int, ...] = (),
+    worker_steps: float | None = None,
+) -> Status:
+    """The status of a run that trained to the end; ``final``: its last counters;
+    ``resumed``: the steps of the checkpoints it resumed from; ``worker_steps``: the steps
+    one worker took by the loop's ``step`` when they differ (see :func:`metrics_row`)."""
     last = rows[-1] if rows else None
+    worker = round(step if worker_steps is None else worker_steps)
+    done = float(step) if worker_steps is None else worker_steps
     return Status(
         version=RECORD_VERSION,
         status="completed",
-        steps=round(replicas.worker_steps(step)),
-        epochs=replicas.worker_steps(step) / steps_per_epoch,
-        samples=round(replicas.worker_steps(step) * global_batch),
+        steps=worker,
+        epochs=done / run.steps_per_epoch,
+        samples=round(done * run.global_batch),
         wall_seconds=train_seconds,
         metrics=tuple(workload.metrics),
         primary=workload.primary,
@@ -312,19 +454,20 @@ def _train(
         counters=Counters(
             # Less the loop's steps that were no worker's step (a simulated schedule's held
             # steps): the steps one worker took, as a worker process counts them.
-            steps=final["steps"] - (step - round(replicas.worker_steps(step))),
+            steps=final["steps"] - (step - worker),
             syncs=final["syncs"],
             collectives=final["collectives"],
             bytes=final["bytes"],
             comm_seconds=final["comm_seconds"],
             by_scope=final["by_scope"],
         ),
-        steps_per_epoch=steps_per_epoch,
-        total_steps=total_steps,
-        global_batch=global_batch,
-        algorithm=algorithm.to_dict(),
-        engine=engine.info,
-        details={**replicas.details(), **dp.details},
+        steps_per_epoch=run.steps_per_epoch,
+        total_steps=run.total_steps,
+        global_batch=run.global_batch,
+        algorithm=algorithm,
+        engine=engine,
+        details=details,
+        resumed=resumed,
     )
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -66,6 +67,19 @@ def check_float(
 def check_choice(field: str, value: object, choices: Sequence[str]) -> None:
     if value not in choices:
         raise ConfigError(f"{field} must be one of {list(choices)}, got {value!r}")
+
+
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+
+def check_name(field: str, value: object) -> None:
+    """A name that is also a folder name: letters, digits, '.', '_', '-', at most 100
+    characters, not starting with a dot or dash (no path separators)."""
+    if not isinstance(value, str) or not NAME_PATTERN.fullmatch(value):
+        raise ConfigError(
+            f"{field} must be 1 to 100 letters, digits, '.', '_' or '-' (starting with a letter or "
+            f"digit), got {value!r}"
+        )
 
 
 def check_bool(field: str, value: object) -> None:
@@ -197,3 +211,26 @@ def check_directory(field: str, value: object) -> None:
     path = Path(value)
     if path.exists() and not path.is_dir():
         raise ConfigError(f"{field} '{value}' is a file; it must be a directory")
+
+
+def check_output_folder(key: str, value: object) -> None:
+    """A folder this process may write into: an existing folder, or a new one whose
+    nearest existing parent is a writable folder (nothing is created here)."""
+    from pathlib import Path
+
+    if not isinstance(value, (str, os.PathLike)) or not os.fspath(value):
+        raise ConfigError(f"{key} must be a folder path, got {value!r}")
+    path = Path(value)
+    if path.exists():
+        if not path.is_dir():
+            raise ConfigError(f"{key} {str(path)!r} is a file; give a folder (a new one, or an existing store)")
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise ConfigError(f"{key} {str(path)!r} is not writable")
+        return
+    for parent in path.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ConfigError(f"{key} {str(path)!r} cannot be created: {str(parent)!r} is a file")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise ConfigError(f"{key} {str(path)!r} cannot be created: {str(parent)!r} is not writable")
+            return

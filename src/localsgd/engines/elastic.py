@@ -1,0 +1,119 @@
+"""torch's elastic launcher (torchrun), listening on one address and tied to its parent.
+
+::
+
+    python -m localsgd.engines.elastic [--bind ADDR] [--watch-fd FD] TORCHRUN_ARGS...
+
+torchrun's TCP stores (the rendezvous store, and the store its workers share) listen on
+every interface of the machine, unauthenticated, whatever address they are given. This
+launcher runs torchrun in its own process with every store server created on a socket
+bound to ``ADDR`` alone (default ``127.0.0.1``: a single-node run is reachable from this
+machine only). A multi-node run passes the address of the interface its nodes share, e.g.
+``--bind 10.0.0.5 --nnodes 2 --rdzv-backend c10d --rdzv-endpoint 10.0.0.5:29400``; the
+workers' gloo sockets follow ``GLOO_SOCKET_IFNAME`` (see docs/reliability.md).
+
+``--watch-fd FD`` ties the launcher to the process that started it
+(:class:`~localsgd.util.lifetime.ParentTie`): when that process exits, however it exits,
+the launcher exits at once, and its workers die with it (each arms a parent-death signal
+in the worker entry point). ``LOCALSGD_LAUNCHER_PID`` tells the workers this process's pid.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+import sys
+from collections.abc import Sequence
+
+from localsgd.util.lifetime import EXIT_ORPHANED, LAUNCHER_PID, watch_parent
+
+LOOPBACK = "127.0.0.1"
+
+
+def bind_stores(address: str) -> None:
+    """Make every TCP store server this process creates listen on ``address`` only.
+
+    torch's store server binds all interfaces unless it is handed a listening socket
+    (``master_listen_fd``); the launcher's code creates its stores through
+    ``torch.distributed.TCPStore`` and the names it imported, which are replaced here by a
+    subclass that binds the socket first."""
+    import torch.distributed as dist
+    from torch.distributed.elastic.rendezvous import c10d_rendezvous_backend, static_tcp_rendezvous
+
+    original = dist.TCPStore
+    if getattr(original, "bound_to", None) is not None:
+        return
+
+    class BoundTCPStore(original):  # type: ignore[misc, valid-type]
+        bound_to = address
+
+        def __init__(
+            self,
+            host_name: str,
+            port: int,
+            world_size: int | None = None,
+            is_master: bool = False,
+            timeout: datetime.timedelta = datetime.timedelta(seconds=300),
+            wait_for_workers: bool = True,
+            multi_tenant: bool = False,
+            master_listen_fd: int | None = None,
+            use_libuv: bool = True,
+        ) -> None:
+            if is_master and master_listen_fd is None:
+                family = socket.AF_INET6 if ":" in address else socket.AF_INET
+                listener = socket.create_server((address, port), family=family)
+                port = listener.getsockname()[1]
+                master_listen_fd = listener.detach()  # the store owns it now
+            super().__init__(
+                host_name,
+                port,
+                world_size,
+                is_master,
+                timeout,
+                wait_for_workers,
+                multi_tenant,
+                master_listen_fd,
+                use_libuv,
+            )
+
+    dist.TCPStore = BoundTCPStore  # type: ignore[misc, assignment]
+    c10d_rendezvous_backend.TCPStore = BoundTCPStore  # type: ignore[misc, assignment]
+    static_tcp_rendezvous.TCPStore = BoundTCPStore  # type: ignore[misc, assignment]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    bind, watch_fd = LOOPBACK, None
+    # Our options come first; everything after them is torchrun's (and its program's).
+    while args and args[0] in ("--bind", "--watch-fd"):
+        if len(args) < 2:
+            print(f"error: {args[0]} needs a value", file=sys.stderr)
+            return 2
+        option, value = args.pop(0), args.pop(0)
+        if option == "--bind":
+            bind = value
+        elif value.isdigit():
+            watch_fd = int(value)
+        else:
+            print(f"error: --watch-fd takes a file descriptor number, got {value!r}", file=sys.stderr)
+            return 2
+    if watch_fd is not None:
+        # The parent is gone: leave now; the workers' parent-death signal takes them along.
+        watch_parent(watch_fd, lambda: os._exit(EXIT_ORPHANED))
+    os.environ[LAUNCHER_PID] = str(os.getpid())
+    bind_stores(bind)
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import main as torchrun
+
+    try:
+        torchrun(args)
+    except ChildFailedError as exc:
+        # The workers' own errors are in their error files; this is the launcher's summary.
+        print(exc.format_msg(), file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

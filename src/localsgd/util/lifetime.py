@@ -1,0 +1,121 @@
+"""Process lifetime: child processes that die with the process that started them, however
+it dies (SIGKILL included).
+
+Two mechanisms, for two kinds of parent:
+
+- :func:`die_with_parent` arms Linux's parent-death signal (``prctl(PR_SET_PDEATHSIG)``).
+  The kernel sends it when the *thread* that forked the child exits, so it suits children
+  of a process that forks from its main thread: torch's elastic agent starts its workers
+  that way, and each worker arms it for itself.
+- :class:`ParentTie` is a pipe whose write end only the parent holds. The child watches
+  the read end (:func:`watch_parent`) and reads end-of-file when the parent has exited,
+  from whichever thread it was started. A study starts launchers from worker threads, so
+  its launchers are tied this way.
+
+Nothing here imports torch: a worker arms its signal before the heavy imports where it can.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable
+
+DEFAULT_TIMEOUT_SECONDS = 120.0
+"""``train.timeout_seconds`` by default: how long a collective, the rendezvous or a silent
+worker may keep a run waiting. A CPU run of this package's workloads never waits that long
+between two collectives (an evaluation of ResNet-20 on CIFAR-10 takes well under a minute
+on one core); a GPU job with long evaluations or a slow filesystem may need more."""
+
+EXIT_ORPHANED = 3
+"""The exit code of a process that left because the process that started it went away."""
+
+LAUNCHER_PID = "LOCALSGD_LAUNCHER_PID"
+"""Set by the elastic launcher to its own pid: a worker compares its parent with it, to
+notice a launcher that died before the worker armed its parent-death signal."""
+
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(sig: int = signal.SIGKILL) -> bool:
+    """Have the kernel send ``sig`` to this process when its parent (the thread that
+    forked it) exits. Exits at once (:data:`EXIT_ORPHANED`) when the parent is already gone
+    (``LAUNCHER_PID`` names it and is no longer the parent). Returns whether the signal is
+    armed (False off Linux)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        armed = libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+    expected = os.environ.get(LAUNCHER_PID)
+    if armed and expected and expected.isdigit() and os.getppid() != int(expected):
+        os._exit(EXIT_ORPHANED)  # the launcher died before the signal was armed
+    return armed
+
+
+class ParentTie:
+    """The parent's side of a tie: create it, pass :attr:`fd` to the child (``pass_fds``)
+    and call :meth:`started` once the child runs. The child sees end-of-file on ``fd`` when
+    :meth:`release` is called or this process exits, however it exits."""
+
+    def __init__(self) -> None:
+        self.fd, self._write = os.pipe()
+
+    def started(self) -> None:
+        """Close this process's copy of the child's end (the child holds its own)."""
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
+
+    def release(self) -> None:
+        """Let the child go: it sees end-of-file as if this process had exited."""
+        for fd in (self.fd, self._write):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.fd = self._write = -1
+
+
+def watch_parent(fd: int, on_gone: Callable[[], object]) -> threading.Thread:
+    """Call ``on_gone`` (in a daemon thread) when the parent holding the other end of
+    ``fd`` exits or releases it."""
+
+    def watch() -> None:
+        while True:
+            try:
+                data = os.read(fd, 1)
+            except InterruptedError:
+                continue
+            except OSError:
+                data = b""
+            if not data:
+                on_gone()
+                return
+
+    thread = threading.Thread(target=watch, name="parent-watch", daemon=True)
+    thread.start()
+    return thread
+
+
+def process_alive(pid: int) -> bool:
+    """Whether ``pid`` is a live process (a zombie waiting to be reaped counts as dead)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            # The state follows the command name in parentheses, which may hold spaces.
+            state = f.read().rpartition(b")")[2].split()[0]
+        return state not in (b"Z", b"X")
+    except FileNotFoundError:
+        return False
+    except (OSError, IndexError):
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
