@@ -28,6 +28,7 @@ from localsgd.records.record import (
     Counters,
     Environment,
     ErrorInfo,
+    Metric,
     MetricsRow,
     RunWriter,
     Status,
@@ -37,6 +38,7 @@ from localsgd.records.record import (
 from localsgd.studies import recipes
 from localsgd.studies.precision import with_precision
 from localsgd.studies.schema import RunConfig
+from localsgd.util.checks import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +142,7 @@ def _train(
     if config.train.max_steps is not None:
         total_steps = min(total_steps, config.train.max_steps)
     algorithm = config.algorithm_config(steps_per_epoch)
+    stop = _stop_rule(workload, config)
     torch.manual_seed(config.seed)
     model = workload.make_model(config.seed).to(device)
     trained = with_precision(workload, device, config.train.precision)
@@ -163,6 +166,7 @@ def _train(
         )
 
     step = 0
+    stopped = False
     train_seconds = 0.0
     loss_sum: torch.Tensor | float = 0.0
     loss_count = 0
@@ -209,6 +213,11 @@ def _train(
                 raise Diverged(f"train loss is {train_loss} at step {step}")
             return row
 
+        def crossed(row: MetricsRow) -> bool:
+            # The consensus model's metrics are the same on every rank: all stop together.
+            value = row.metrics.get(stop[0].name) if stop is not None else None
+            return stop is not None and value is not None and stop[0].crossed(value, stop[1])
+
         epoch = 0
         while step < total_steps:
             batches = iter(replicas.batches(batch, epoch, config.seed))
@@ -235,9 +244,11 @@ def _train(
                     torch.cuda.synchronize(device)
                 train_seconds += time.perf_counter() - start
                 if step % config.train.eval_every == 0 or step == total_steps:
-                    evaluate()
-                if step >= total_steps:
+                    stopped = crossed(evaluate())
+                if step >= total_steps or stopped:
                     break
+            if stopped:
+                break
             epoch += 1
         # Leaving the block puts the consensus model on every rank.
     final = dp.stats
@@ -277,6 +288,18 @@ def _train(
         engine=engine.info,
         details=replicas.details(),
     )
+
+
+def _stop_rule(workload: workloads.Workload, config: RunConfig) -> tuple[Metric, float] | None:
+    """``train.stop_at`` as (declared metric, value); ``ConfigError`` for an undeclared one."""
+    stop = config.train.stop_metric()
+    if stop is None:
+        return None
+    for metric in workload.metrics:
+        if metric.name == stop[0]:
+            return metric, stop[1]
+    names = [m.name for m in workload.metrics]
+    raise ConfigError(f"train.stop_at = {config.train.stop_at!r}: {workload.name} has the metrics {names}")
 
 
 def _float(value: Any) -> float | None:
