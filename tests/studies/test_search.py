@@ -55,7 +55,9 @@ def test_each_trial_is_a_run_at_a_scrambled_quasi_random_point(tmp_path, method)
         "keys": ["optimizer.lr", "optimizer.momentum", "schedule.warmup_epochs"],
     }
     # The same points at every grid point (batch size), from scipy's scrambled sequence.
-    sampler = qmc.Sobol(3, scramble=True, seed=3) if method == "sobol" else qmc.Halton(3, scramble=True, seed=3)
+    sampler = (
+        qmc.Sobol(3, scramble=True, seed=3) if method == "sobol" else qmc.Halton(3, scramble=True, seed=3)
+    )
     unit = sampler.random_base2(3)[:5] if method == "sobol" else sampler.random(5)
     for batch, runs in ((16, trials[:5]), (64, trials[5:])):
         for run, u in zip(runs, unit):
@@ -89,8 +91,14 @@ def test_more_trials_keep_the_runs_already_done_and_a_search_resumes(tmp_path):
         ("trials = 0\nlr = { log = [0.1, 1] }", r"grid\[0\]\.search\.trials must be"),
         ("trials = 4", r"grid\[0\]\.search searches nothing"),
         ("trials = 4\nmethod = 'grid'\nlr = { log = [0.1, 1] }", r"grid\[0\]\.search\.method must be one of"),
-        ("trials = 4\nlr = { log = [0, 1] }", r"grid\[0\]\.search\.lr\.log = \[0, 1\]: a log space needs 0 < low"),
-        ("trials = 4\nlr = { log = [1, 0.1] }", r"grid\[0\]\.search\.lr\.log = \[1, 0\.1\]: low must be below"),
+        (
+            "trials = 4\nlr = { log = [0, 1] }",
+            r"grid\[0\]\.search\.lr\.log = \[0, 1\]: a log space needs 0 < low",
+        ),
+        (
+            "trials = 4\nlr = { log = [1, 0.1] }",
+            r"grid\[0\]\.search\.lr\.log = \[1, 0\.1\]: low must be below",
+        ),
         ("trials = 4\nlr = { log = [0.1] }", r"grid\[0\]\.search\.lr\.log must be \[low, high\]"),
         ("trials = 4\nlr = { cube = [0.1, 1] }", r"grid\[0\]\.search\.lr must be one space"),
         ("trials = 4\nlr = 0.1", r"grid\[0\]\.search\.lr must be one space"),
@@ -102,8 +110,14 @@ def test_more_trials_keep_the_runs_already_done_and_a_search_resumes(tmp_path):
             "trials = 4\nlr = { log = [0.1, 1] }\noptimizer.lr = { log = [0.1, 1] }",
             r"grid\[0\]\.search gives 'optimizer\.lr' twice",
         ),
-        ("trials = 4\noptimizer.lrr = { log = [0.1, 1] }", r"grid\[0\]\.search \(trial 0\): unknown key 'optimizer\.lrr'"),
-        ("trials = 4\nmomentum = { uniform = [0.5, 2] }", r"grid\[0\]\.search \(trial .\): optimizer\.momentum must be"),
+        (
+            "trials = 4\noptimizer.lrr = { log = [0.1, 1] }",
+            r"grid\[0\]\.search \(trial 0\): unknown key 'optimizer\.lrr'",
+        ),
+        (
+            "trials = 4\nmomentum = { uniform = [0.5, 2] }",
+            r"grid\[0\]\.search \(trial .\): optimizer\.momentum must be",
+        ),
     ],
 )
 def test_bad_search_tables_name_the_key(tmp_path, search, message):
@@ -114,13 +128,21 @@ def test_bad_search_tables_name_the_key(tmp_path, search, message):
 
 def test_a_searched_key_set_by_its_block_too_is_refused(tmp_path):
     text = '[base]\nworkload = "mnist1d_mlp"\n[[grid]]\noptimizer.lr = [0.1, 0.2]\n[grid.search]\ntrials = 2\nlr = { log = [0.1, 1] }\n'
-    with pytest.raises(ConfigError, match=r"grid\[0\]\.search\.optimizer\.lr is searched, but grid\[0\] also sets 'optimizer\.lr'"):
+    with pytest.raises(
+        ConfigError,
+        match=r"grid\[0\]\.search\.optimizer\.lr is searched, but grid\[0\] also sets 'optimizer\.lr'",
+    ):
         load_study(write(tmp_path / "s.toml", text))
 
 
 def test_spaces_map_the_unit_interval_onto_their_bounds():
     search = parse(
-        {"trials": 1, "lr": {"log": [0.01, 1]}, "momentum": {"one_minus_log": [0.01, 1]}, "x.y": {"uniform": [2, 4]}},
+        {
+            "trials": 1,
+            "lr": {"log": [0.01, 1]},
+            "momentum": {"one_minus_log": [0.01, 1]},
+            "x.y": {"uniform": [2, 4]},
+        },
         "grid[0]",
     )
     lr, momentum, uniform = search.dimensions

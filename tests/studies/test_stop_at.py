@@ -55,5 +55,8 @@ def test_stop_at_errors_name_the_key(tmp_path, monkeypatch):
     for bad in ("accuracy", "accuracy=high", "=0.5", "accuracy=nan"):
         with pytest.raises(ConfigError, match=r"train\.stop_at must be METRIC=VALUE"):
             run_config(tiny(stop_at=bad))
-    with pytest.raises(ConfigError, match=r"train\.stop_at = 'bleu=3': mnist1d_mlp has the metrics \['accuracy', 'eval_loss'\]"):
+    with pytest.raises(
+        ConfigError,
+        match=r"train\.stop_at = 'bleu=3': mnist1d_mlp has the metrics \['accuracy', 'eval_loss'\]",
+    ):
         preflight([run_config(tiny(stop_at="bleu=3"))])
