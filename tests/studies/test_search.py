@@ -150,3 +150,18 @@ def test_spaces_map_the_unit_interval_onto_their_bounds():
     assert [lr.value(u) for u in (0, 0.5, 1)] == pytest.approx([0.01, 0.1, 1])
     assert [momentum.value(u) for u in (0, 0.5, 1)] == pytest.approx([0.99, 0.9, 0.0])
     assert [uniform.value(u) for u in (0, 0.25, 1)] == pytest.approx([2, 2.5, 4])
+
+
+def test_the_batch_size_study_searches_every_batch_size():
+    from collections import Counter
+    from pathlib import Path
+
+    studies = Path(__file__).resolve().parents[2] / "studies"
+    study = load_study(studies / "batch_size.toml")
+    assert len(study.runs) == len(study.trials) == 2 * 2 * 9 * 16
+    cells = Counter((r.workload_name, r.data.batch_size, r.optimizer.momentum == 0) for r in study.runs)
+    assert set(cells.values()) == {16} and {b for _, b, _ in cells} == {2**i for i in range(4, 13)}
+    assert study.section.target == {"mnist1d_fc": "accuracy=0.5", "mnist1d_cnn": "accuracy=0.85"}
+    assert {r.train.stop_at for r in study.runs if r.workload_name == "mnist1d_fc"} == {"accuracy=0.5"}
+    small = load_study(studies / "batch_size_small.toml")
+    assert len(small.runs) == 8 * 2 * (5 + 4)
