@@ -337,3 +337,19 @@ def test_slurm_executor_through_submitits_local_executor_fills_the_same_store(tm
     assert len(logs) == 3  # a task per worker process: 1 + 2
     with sqlite3.connect(store / "index.sqlite") as db:
         assert db.execute("SELECT status FROM runs").fetchall() == [("completed",), ("completed",)]
+
+
+def test_dry_run_lists_each_run_with_the_reports_label_and_writes_nothing(tmp_path):
+    from typer.testing import CliRunner
+
+    from localsgd.cli import app
+
+    study = write_study(tmp_path / "s.toml", TINY_GRIDS)
+    out = tmp_path / "store"
+    shown = CliRunner().invoke(app, ["study", str(study), "--out", str(out), "--dry-run"])
+    assert shown.exit_code == 0, shown.output
+    lines = shown.output.splitlines()
+    assert re.fullmatch(r"[0-9a-f]{12}  minibatch_sgd  K=1  seed=0  B=\d+", lines[0]), lines[0]
+    assert lines[-1] == f"{len(lines) - 1} runs -> {out}"
+    assert "{" not in shown.output  # no raw config dicts
+    assert not out.exists()

@@ -167,10 +167,10 @@ def study(
         raise _fail(str(exc)) from None
     folder = out or plan.default_out()
     if dry_run:
+        from localsgd.studies.progress import run_label
+
         for run in plan.runs:
-            typer.echo(
-                f"{run.run_id()}  K={run.workers}  B={run.data.batch_size}  seed={run.seed}  {run.algorithm}"
-            )
+            typer.echo(f"{run.run_id()}  {run_label(run)}  B={run.data.batch_size}")
         typer.echo(f"{len(plan.runs)} runs -> {folder}")
         return
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
@@ -225,7 +225,9 @@ def report(
         str,
         typer.Option("--format", help="Figure files to write, comma-separated: png, pdf, svg."),
     ] = "png,pdf,svg",
-    dpi: Annotated[int, typer.Option(help="Resolution of the PNG figures (dots per inch, 50 to 1200).")] = 200,
+    dpi: Annotated[
+        int, typer.Option(help="Resolution of the PNG figures (dots per inch, 50 to 1200).")
+    ] = 200,
 ) -> None:
     """Tables (mean ± std over seeds), figures, report.md, report.html and results.xlsx from the store alone."""
     from localsgd.report import make_report

@@ -95,7 +95,7 @@ def test_measured_beside_estimated_with_the_delay(tmp_path: Path) -> None:
         expected = [wall - comm + network + 4 * delay.get("world", 0.0) for _, _, wall, comm in runs]
         ratios = [wall / e for (_, _, wall, _), e in zip(runs, expected)]
         mean = sum(expected) / 2
-        line = next(x for x in lines if ("comm.delay.world=0.25" in x) == bool(delay))
+        line = next(x for x in lines if ("delay.world=0.25" in x) == bool(delay))
         cells = [c.strip() for c in line.strip("|").split("|")]
         assert cells[2] == "2"
         # Rounded by the report's rule: to the last digit its std keeps.

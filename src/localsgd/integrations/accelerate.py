@@ -75,7 +75,9 @@ class LocalSGD:
 
         supported = {getattr(DistributedType, n) for n in SUPPORTED if hasattr(DistributedType, n)}
         if accelerator.distributed_type not in supported:
-            raise NotImplementedError("LocalSGD is supported only for CPUs and GPUs (no DeepSpeed or MegatronLM)")
+            raise NotImplementedError(
+                "LocalSGD is supported only for CPUs and GPUs (no DeepSpeed or MegatronLM)"
+            )
         if algorithm is None:
             if local_sgd_steps is None:
                 raise ValueError("LocalSGD needs local_sgd_steps (H) or an algorithm")

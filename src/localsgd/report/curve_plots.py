@@ -109,7 +109,9 @@ def _curves(
         grid_size(len(present), len(lines)) if multiples else single_size(len(lines))
         for _, _, lines, present, multiples in blocks
     ]
-    fig, owners = stack(sizes, [b[0] for b in blocks], len(workloads(curves)) > 1)
+    names = list(dict.fromkeys(spec[2].split(" (")[0] for _, spec, _, _, _ in blocks))
+    heading = sentence(title.format(metric=names[0] if len(names) == 1 else "primary metric"))
+    fig, owners = stack(sizes, [b[0] for b in blocks], len(workloads(curves)) > 1, heading)
     for owner, (_, (y, scale, ylabel), lines, present, multiples) in zip(owners, blocks):
         positive = log_y and all((ln[y].astype(float).dropna() > 0).all() for ln in lines.values())
         handles, labels = [], []
@@ -137,8 +139,6 @@ def _curves(
             axes[0].set_xlabel(xlabel)
             axes[0].set_ylabel(label)
         legend(owner, handles, labels, "variant, workers K")
-    names = list(dict.fromkeys(spec[2].split(" (")[0] for _, spec, _, _, _ in blocks))
-    fig.suptitle(sentence(title.format(metric=names[0] if len(names) == 1 else "primary metric")))
     return Plot(fig, left_out)
 
 

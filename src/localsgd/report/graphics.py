@@ -192,20 +192,32 @@ def legend(owner: Figure | SubFigure, handles: list[Any], labels: list[str], tit
 
 
 def stack(
-    blocks: list[tuple[float, float]], workloads: list[str], named: bool
+    blocks: list[tuple[float, float]], workloads: list[str], named: bool, title: str
 ) -> tuple[Figure, list[Figure | SubFigure]]:
-    """A figure of one block per workload, stacked, each ``(width, height)`` inches; each
-    block titled with its workload when ``named`` (the study has several) or stacked."""
+    """A figure titled ``title`` of one block per workload, stacked, each ``(width,
+    height)`` inches; each block titled with its workload when ``named`` (the study has
+    several) or stacked. Stacked blocks get a title row of their own above them: a
+    figure's suptitle is not part of the constrained layout of its subfigures and would
+    sit on the first block's title."""
     width = max(w for w, _ in blocks)
     heights = [h + (0.3 if named else 0) for _, h in blocks]
+    if len(blocks) == 1 and not named:
+        fig = Figure(figsize=(width, sum(heights)), layout="constrained")
+        FigureCanvasAgg(fig)
+        fig.suptitle(title)
+        return fig, [fig]
+    heights = [TITLE_ROW, *heights]
     fig = Figure(figsize=(width, sum(heights)), layout="constrained")
     FigureCanvasAgg(fig)
-    if len(blocks) == 1 and not named:
-        return fig, [fig]
-    subs = list(fig.subfigures(len(blocks), 1, height_ratios=heights, squeeze=False)[:, 0])
+    head, *subs = list(fig.subfigures(len(heights), 1, height_ratios=heights, squeeze=False)[:, 0])
+    head.text(0.5, 0.5, title, ha="center", va="center", fontsize="large")
     for sub, workload in zip(subs, workloads):
         sub.suptitle(f"Workload {workload}", fontsize="medium")
     return fig, subs
+
+
+TITLE_ROW = 0.45
+"""Inches above stacked blocks for the figure's title."""
 
 
 def grid(owner: Figure | SubFigure, panels: int) -> list[Axes]:

@@ -62,7 +62,8 @@ def plot(frame: pd.DataFrame, cluster: str, look: dict[str, graphics.Style]) -> 
     """Measured against estimated training time, one point per group (error bars: std
     over seeds, on both axes), log-log, with y = x and a ±15 % band; each group in its
     family's colour and marker, as in every figure of the report."""
-    fig, (owner,) = graphics.stack([graphics.single_size(len(frame))], [], False)
+    title = f"Measured against estimated training time on {cluster} (mean ± std over seeds)"
+    fig, (owner,) = graphics.stack([graphics.single_size(len(frame))], [], False, title)
     ax = owner.subplots()
     low = min(frame["est_total_mean"].min(), frame["measured_total_mean"].min()) / 1.5
     high = max(frame["est_total_mean"].max(), frame["measured_total_mean"].max()) * 1.5
@@ -97,7 +98,6 @@ def plot(frame: pd.DataFrame, cluster: str, look: dict[str, graphics.Style]) -> 
     ax.grid(True, which="both", alpha=0.3)
     handles, labels = ax.get_legend_handles_labels()
     graphics.legend(owner, handles, labels, "variant, workers K")
-    fig.suptitle(f"Measured against estimated training time on {cluster} (mean ± std over seeds)")
     return fig
 
 

@@ -369,7 +369,8 @@ def scatter(
     for _, _, points, _, multiples, _ in blocks:
         n_families = len({p.style.family for p in points})
         sizes.append(grid_size(n_families, len(points)) if multiples else single_size(len(points)))
-    fig, owners = stack(sizes, [b[0] for b in blocks], len(workloads(summary)) > 1)
+    heading = sentence(title.format(metric=title_metric(metrics)))
+    fig, owners = stack(sizes, [b[0] for b in blocks], len(workloads(summary)) > 1, heading)
     order = look_families(look)
     for owner, (_, metric, points, frame, multiples, best) in zip(owners, blocks):
         dominated = {p.group for p, b in zip(points, best) if not b}
@@ -403,7 +404,6 @@ def scatter(
             axes[0].set_ylabel(f"final {metric.heading}")
         line = axes[0].get_legend_handles_labels()
         legend(owner, [*line[0], *handles], [*line[1], *labels], "variant, workers K (seeds)")
-    fig.suptitle(sentence(title.format(metric=title_metric(metrics))))
     return Plot(fig, left_out)
 
 

@@ -59,9 +59,23 @@ def metric_vs_speedup_by_subset(
     table: pd.DataFrame, look: dict[str, graphics.Style], metrics: dict[str, Metric]
 ) -> graphics.Plot:
     """One panel per workload and subset (``table`` from :func:`by_subset`)."""
-    panels = table.assign(workload=table["panel"])
+    # The panel names the subset: the legend need not repeat it (one look per label).
+    groups = [_without_subset(str(g)) for g in table["group"]]
+    panel_look: dict[str, graphics.Style] = {}
+    for old in look:  # the report's order of the groups, which the legends follow
+        panel_look.setdefault(_without_subset(old), look[old])
+    panels = table.assign(workload=table["panel"], group=groups)
     per_panel = {p: metrics[w] for p, w in zip(table["panel"], table["workload"]) if w in metrics}
-    return plots.metric_vs_speedup(panels, look, per_panel)
+    return plots.metric_vs_speedup(panels, panel_look, per_panel)
+
+
+def _without_subset(label: str) -> str:
+    """``"local_sgd H=4, K=2 [data.train_subset=512, x=1]"`` -> ``"local_sgd H=4, K=2 [x=1]"``."""
+    head, bracket, rest = label.partition(" [")
+    if not bracket:
+        return label
+    kept = [part for part in rest.removesuffix("]").split(", ") if not part.startswith("data.train_subset=")]
+    return f"{head} [{', '.join(kept)}]" if kept else head
 
 
 def sheet(table: pd.DataFrame, metrics: dict[str, Metric]) -> pd.DataFrame:

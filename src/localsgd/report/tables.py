@@ -230,20 +230,16 @@ def load(store_dir: str | Path) -> Study:
                 primaries.setdefault(workload, info.primary)
     # Config keys that differ between runs but are not in the group key would otherwise
     # silently merge different experiments into one mean.
-    keys = sorted({k for c in configs for k in c})
-    varying = [
-        k
-        for k in keys
-        if not k.startswith("algorithm.")
-        and k not in _NOT_SETTINGS
-        and len({json.dumps(c.get(k, "<unset>"), sort_keys=True, default=str) for c in configs}) > 1
-    ]
+    # Only keys that vary among the runs of one workload: the options of different
+    # workloads (their data paths, say) differ, but each workload has its own panels.
+    varying = _varying_settings([str(r["workload"]) for r in run_rows], configs)
+    names = _short_names(varying)
     for row, config in zip(run_rows, configs):
-        row["setting"] = ", ".join(f"{k}={config.get(k)}" for k in varying)
+        row["setting"] = ", ".join(f"{names[k]}={config.get(k)}" for k in varying)
     group_keys = list(GROUP_KEYS)
     if len({r["engine"] for r in run_rows}) > 1:
         group_keys.append("engine")
-    if varying:
+    if any(row["setting"] for row in run_rows):
         group_keys.append("setting")
     order = sorted(range(len(run_rows)), key=lambda i: _sort_key(run_rows[i]))
     run_rows = [run_rows[i] for i in order]
@@ -265,6 +261,35 @@ def load(store_dir: str | Path) -> Study:
         log.warning("ignoring the plan: %s", exc)
         plan = {}
     return Study(Path(store.root), runs, metrics, group_keys, plan, counters, declared, primaries)
+
+
+def _varying_settings(workloads: list[str], configs: list[dict[str, Any]]) -> list[str]:
+    """Config keys (flattened) whose value differs between runs of the same workload,
+    besides the group key, the seed and the algorithm's own table."""
+    keys = sorted({k for c in configs for k in c})
+    by_workload: dict[str, list[dict[str, Any]]] = {}
+    for workload, config in zip(workloads, configs):
+        by_workload.setdefault(workload, []).append(config)
+
+    def varies(key: str, group: list[dict[str, Any]]) -> bool:
+        return len({json.dumps(c.get(key, "<unset>"), sort_keys=True, default=str) for c in group}) > 1
+
+    return [
+        k
+        for k in keys
+        if not k.startswith("algorithm.")
+        and k not in _NOT_SETTINGS
+        and any(varies(k, group) for group in by_workload.values())
+    ]
+
+
+def _short_names(keys: list[str]) -> dict[str, str]:
+    """Each dotted key without its top-level table where it has three parts or more
+    (``workload.data.train_subset`` -> ``data.train_subset``, ``comm.delay.world`` ->
+    ``delay.world``; ``train.epochs`` stays), unless two keys would then read the same."""
+    short = {k: k.split(".", 1)[1] if k.count(".") >= 2 else k for k in keys}
+    clashes = {v for v in short.values() if list(short.values()).count(v) > 1}
+    return {k: (k if v in clashes else v) for k, v in short.items()}
 
 
 def _sort_key(run: Mapping[str, Any]) -> tuple[Any, ...]:
