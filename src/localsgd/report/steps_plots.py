@@ -89,10 +89,10 @@ def _panels(
         [(width, 3.9 + 0.1 * max(0, legend_entries - 8))] * len(blocks),
         [b[0] for b in blocks],
         len(workloads(table)) > 1,
+        sentence(title),
     )
     for owner, (_, part) in zip(owners, blocks):
         _draw_block(owner, part, columns, look, reference=reference, regimes=regimes)
-    fig.suptitle(sentence(title))
     return Plot(fig, left_out)
 
 
