@@ -150,3 +150,14 @@ def test_the_steps_figures_and_section(tmp_path: Path) -> None:
         in text
     )
     assert not any(isinstance(b, Paragraph) for b in blocks)
+
+
+def test_the_evaluation_interval_is_not_a_setting(tmp_path: Path) -> None:
+    # K = 1 evaluated every 100 steps and K = 4 every 25 (the same epochs) share a baseline.
+    store = Store(tmp_path / "store")
+    for i, (workers, every) in enumerate(((1, 100), (4, 25))):
+        config = RunConfig(name="every", workers=workers).to_dict()
+        config["train"]["eval_every"] = every
+        write_run(store, f"run{i}", config, _rows([0.5, 0.9]), "completed")
+    study = load(store.root)
+    assert "setting" not in study.group_keys and set(study.runs["setting"]) == {""}
