@@ -51,7 +51,7 @@ def test_unknown_option_lists_allowed() -> None:
 
 def test_sizes_config_and_declared_metrics(cnn: workloads.Workload) -> None:
     assert (cnn.name, cnn.num_classes, cnn.train_size, cnn.test_size) == ("mnist1d_cnn", 10, N_TRAIN, N_TEST)
-    assert cnn.config == {"num_samples": NUM_SAMPLES, "seed": 42, "data_path": None}
+    assert cnn.config == {"num_samples": NUM_SAMPLES, "seed": 42, "data_path": None, "train_error": False}
     assert [m.name for m in cnn.metrics] == ["accuracy", "eval_loss"] and cnn.primary == "accuracy"
     accuracy = workloads.metric(cnn)
     assert (accuracy.higher_is_better, accuracy.unit, accuracy.scale) == (True, "%", 100.0)
