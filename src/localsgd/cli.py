@@ -138,6 +138,14 @@ def study(
         str,
         typer.Option(help="Where runs go: local (worker pools on this machine) or slurm (a job per run)."),
     ] = "local",
+    batch_trials: Annotated[
+        int,
+        typer.Option(
+            help="Runs that differ only in optimizer lr/momentum/weight decay, schedule and seed "
+            "train together, this many at most, on an engine that can (the simulated one); "
+            "1 runs each alone.",
+        ),
+    ] = 64,
     slurm: Annotated[
         list[str] | None,
         typer.Option(
@@ -184,6 +192,7 @@ def study(
             oversubscribe=oversubscribe,
             executor=executor,
             executor_options=options,
+            batch_trials=batch_trials,
         )
     except ConfigError as exc:
         raise _fail(str(exc)) from None

@@ -143,22 +143,27 @@ def test_stacked_layout_is_one_storage_per_dtype_and_averages_in_blocks():
         comm.average([torch.zeros(3)])
 
 
-def test_vmap_gradients_and_batchnorm_statistics_match_per_replica_autograd():
+@pytest.mark.parametrize("fused", [False, True])
+def test_gradients_and_batchnorm_statistics_match_per_replica_autograd(fused):
     stacked = StackedModel(tiny(), 3)
-    grads = ReplicaGradients(stacked, xent)
+    grads = ReplicaGradients(stacked, xent, fused=fused)
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(3, 8, 3, generator=g), torch.randint(0, 2, (3, 8), generator=g)
-    losses = grads({"x": x, "y": y})
-    assert grads.vectorized
+    losses = grads({"x": x, "y": y}).flatten()
+    assert grads.path == ("fused" if fused else "vmap")
+    ref_losses = []
     for k in range(3):
         ref = tiny()
         loss = nn.functional.cross_entropy(ref(x[k]), y[k])
         loss.backward()
-        assert float(losses[k]) == pytest.approx(loss.item(), rel=1e-6)
+        ref_losses.append(loss.item())
+        if not fused:  # the fused path returns the replicas' mean loss
+            assert float(losses[k]) == pytest.approx(loss.item(), rel=1e-6)
         for p, s in zip(ref.parameters(), stacked.parameters()):
             torch.testing.assert_close(s.grad[k], p.grad, rtol=1e-5, atol=1e-6)
         for b, s in zip(ref.buffers(), stacked.stacked_buffers()):
             torch.testing.assert_close(s[k], b, rtol=1e-5, atol=1e-6)
+    assert float(losses.mean()) == pytest.approx(sum(ref_losses) / 3, rel=1e-6)
 
 
 def test_models_vmap_cannot_handle_fall_back_to_a_loop_and_say_why(caplog):
@@ -177,10 +182,10 @@ def test_models_vmap_cannot_handle_fall_back_to_a_loop_and_say_why(caplog):
     ReplicaGradients(bn, xent)({"x": torch.randn(2, 4, 3), "y": torch.randint(0, 2, (2, 4))})
     counts = bn.stacked_buffers()[2]
     assert counts.tolist() == [1, 1], "a failed vmap attempt must not update BatchNorm statistics twice"
-    grads = ReplicaGradients(stacked, xent)
+    grads = ReplicaGradients(stacked, xent, fused=False)
     x, y = torch.randn(2, 4, 3), torch.randint(0, 2, (2, 4))
     with caplog.at_level("WARNING"):
-        losses = grads({"x": x, "y": y})
+        losses = grads({"x": x, "y": y}).flatten()
     assert not grads.vectorized and "item" in (grads.fallback_reason or "").lower()
     assert "looping over replicas" in caplog.text
     ref = DataDependent()

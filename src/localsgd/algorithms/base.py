@@ -102,6 +102,9 @@ class AlgorithmConfig:
     """Whether, on a ``DistributedDataParallel`` model, the algorithm lets DDP average the
     gradients of every backward pass (mini-batch SGD); otherwise every backward pass runs
     as under ``no_sync()`` and the algorithm communicates through the communicator."""
+    READS_INNER_LR: ClassVar[bool] = False
+    """Whether the synchronizer reads the inner optimizer's learning rate (SlowMo scales
+    its outer step by it): runs batched as trials must then share one rate schedule."""
 
     @property
     def sync_period(self) -> int | None:

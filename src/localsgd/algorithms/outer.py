@@ -99,6 +99,7 @@ class SlowMo(AlgorithmConfig):
     """
 
     SYMBOLS: ClassVar[dict[str, str]] = {"period": "H", "outer_momentum": "β", "outer_lr": "α"}
+    READS_INNER_LR: ClassVar[bool] = True
     RENAMED: ClassVar[dict[str, str]] = {"lr": "outer_lr", "momentum": "outer_momentum"}
 
     period: int = 8

@@ -12,10 +12,10 @@ the worker entry point (``python -m localsgd.worker``). A study runs many jobs t
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -171,6 +171,25 @@ class Engine(Protocol):
         """This process's view of the replicas of ``model``. ``delay``: seconds added to
         every counted collective of a scope (a run's ``comm.delay``), which the engine
         either waits out or records for the cost model's estimates."""
+        ...
+
+
+@runtime_checkable
+class TrialBatching(Protocol):
+    """An engine that can train several runs of one model shape in one process, as
+    independent groups of replicas (the trials of a search): studies batch such runs."""
+
+    def trial_replicas(
+        self,
+        workload: Any,
+        models: Sequence[nn.Module],
+        *,
+        workers: int,
+        seeds: Sequence[int],
+        device: torch.device,
+        delay: Mapping[str, float] | None = None,
+    ) -> Any:
+        """R trials of ``workers`` replicas each: one per initial model and data seed."""
         ...
 
 

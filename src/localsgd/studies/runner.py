@@ -27,6 +27,7 @@ from localsgd.records.record import ErrorInfo
 from localsgd.records.store import FINISHED, Store
 from localsgd.studies.grid import Study
 from localsgd.studies.schema import RunConfig
+from localsgd.studies.trials import DEFAULT_BATCH, batches, execute_trials
 from localsgd.util.checks import ConfigError
 
 log = logging.getLogger(__name__)
@@ -199,6 +200,7 @@ def run_study(
     executor: str = "local",
     executor_options: Mapping[str, Any] | None = None,
     launch: Callable[[engines.Job], None] | None = None,
+    batch_trials: int = DEFAULT_BATCH,
 ) -> Counter[str]:
     """Run every run of ``study`` not already finished in the store at ``out``.
 
@@ -209,11 +211,16 @@ def run_study(
     pools on this machine) or ``slurm`` (a Slurm job per run through submitit;
     ``executor_options`` as for :class:`~localsgd.engines.slurm.SlurmSession`). Progress
     goes to ``output`` (default stdout): a line per finished run, or a bar in a terminal.
-    ``launch``: as for :func:`execute_run`. Returns how many runs ended in each status,
-    skipped ones included.
+    ``launch``: as for :func:`execute_run`. ``batch_trials``: at most that many runs that
+    differ only in optimizer metaparameters, schedule and seed train together in this
+    process on an engine that can (:mod:`localsgd.studies.trials`), one run at a time
+    (``parallel`` 1, this machine); 1 runs each alone. Returns how many runs ended in
+    each status, skipped ones included.
     """
     if executor not in EXECUTORS:
         raise ConfigError(f"executor must be one of {list(EXECUTORS)}, got {executor!r}")
+    if isinstance(batch_trials, bool) or not isinstance(batch_trials, int) or batch_trials < 1:
+        raise ConfigError(f"--batch-trials must be an integer >= 1, got {batch_trials!r}")
     # submitit's local executor (cluster = "local") runs the jobs on this machine's cores.
     here = executor == "local" or (executor_options or {}).get("cluster") == "local"
     built = preflight(study.runs, local=here)
@@ -269,8 +276,24 @@ def run_study(
     reporter = StudyProgress(study.section.name, len(todo), parallel=parallel, output=output)
     skipped = sum(counts.values())
     lock = threading.Lock()
-    queue = iter(todo)
+    # Trials share this process's global state (RNG, threads): batched only when alone here.
+    batched = execute is None and executor == "local" and parallel == 1
+    queue = iter(batches(todo, batch_trials) if batched else [[run] for run in todo])
     stop = threading.Event()
+
+    def one_batch(runs: list[RunConfig], sessions: _Sessions) -> None:
+        if len(runs) == 1:
+            one(runs[0], sessions)
+            return
+        if progress:
+            for run in runs:
+                reporter.started(run)
+        started = time.monotonic()
+        workload = built[json.dumps(runs[0].workload, sort_keys=True)]
+        statuses = execute_trials(runs, store, workload=workload)
+        seconds = (time.monotonic() - started) / len(runs)  # what each trial cost
+        for run, status in zip(runs, statuses):
+            _finished(run, status, seconds, workload)
 
     def one(run: RunConfig, sessions: _Sessions) -> None:
         if progress:
@@ -283,7 +306,9 @@ def run_study(
             status = execute_run(
                 run, store, workload=workload, session=sessions.get(run.engine), launch=launch
             )
-        seconds = time.monotonic() - started
+        _finished(run, status, time.monotonic() - started, workload)
+
+    def _finished(run: RunConfig, status: str, seconds: float, workload: workloads.Workload) -> None:
         with lock:
             counts[status] += 1
         if progress:
@@ -296,10 +321,10 @@ def run_study(
     def slot(sessions: _Sessions) -> None:
         while not stop.is_set():
             with lock:
-                run = next(queue, None)
-            if run is None:
+                runs = next(queue, None)
+            if runs is None:
                 return
-            one(run, sessions)
+            one_batch(runs, sessions)
 
     all_sessions = [slot_sessions() for _ in range(parallel)]
     with reporter if progress else contextlib.nullcontext():

@@ -137,10 +137,8 @@ def _train(
     primary = workloads.metric(workload)
     workers = config.workers
     batch = config.data.batch_size
-    steps_per_epoch = workload.steps_per_epoch(workers, batch)
-    total_steps = math.ceil(config.train.epochs * steps_per_epoch)
-    if config.train.max_steps is not None:
-        total_steps = min(total_steps, config.train.max_steps)
+    run = plan(config, workload)
+    steps_per_epoch, total_steps = run.steps_per_epoch, run.total_steps
     algorithm = config.algorithm_config(steps_per_epoch)
     stop = _stop_rule(workload, config)
     torch.manual_seed(config.seed)
@@ -182,32 +180,19 @@ def _train(
             loss_sum, loss_count = 0.0, 0
             with dp.consensus():
                 scores = replicas.evaluate()
-            stats = dp.stats
-            row = MetricsRow(
+            row = metrics_row(
+                workload,
+                dp.stats,
+                run,
                 step=step,
-                epoch=step / steps_per_epoch,
-                samples=step * global_batch,
-                wall_seconds=train_seconds,
+                train_seconds=train_seconds,
                 lr=optimizer.param_groups[0]["lr"],
                 train_loss=train_loss if counted else None,
-                metrics={m.name: _float(scores.get(m.name)) for m in workload.metrics},
-                bytes=stats["bytes"],
-                syncs=stats["syncs"],
-                collectives=stats["collectives"],
-                comm_seconds=stats["comm_seconds"],
-                by_scope=stats["by_scope"],
+                scores=scores,
             )
             writer.row(row)
             if rank == 0:
-                shown = primary.show(row.metrics.get(primary.name))
-                log.info(
-                    "rank 0 step %d epoch %.2f: train loss %.4f, %s %s",
-                    step,
-                    row.epoch,
-                    train_loss,
-                    primary.title,
-                    shown,
-                )
+                log_row(row, primary, "rank 0")
             if not math.isfinite(train_loss):
                 # Every rank sees the same averaged loss, so all stop together.
                 raise Diverged(f"train loss is {train_loss} at step {step}")
@@ -251,21 +236,109 @@ def _train(
                 break
             epoch += 1
         # Leaving the block puts the consensus model on every rank.
-    final = dp.stats
     if writer.run_dir is not None:
-        tmp = writer.run_dir / ".checkpoint.pt.tmp"
-        torch.save(
-            {"model": replicas.final_model().state_dict(), "config": config.to_dict(), "step": step}, tmp
-        )
-        os.replace(tmp, writer.run_dir / "checkpoint.pt")
-    rows = writer.rows
+        save_checkpoint(writer.run_dir, replicas.final_model(), config, step)
+    return completed_status(
+        workload,
+        writer.rows,
+        dp.stats,
+        run,
+        step=step,
+        train_seconds=train_seconds,
+        algorithm=algorithm.to_dict(),
+        engine=engine.info,
+        details=replicas.details(),
+    )
+
+
+# -- what every training loop shares (this one, and trials batched in one process) ---------
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """How long a run trains, in the units its record counts."""
+
+    steps_per_epoch: int
+    total_steps: int
+    global_batch: int
+    """K·B: samples per step over all workers."""
+
+
+def plan(config: RunConfig, workload: workloads.Workload) -> Plan:
+    """Steps per epoch, the run's total steps and its global batch."""
+    steps_per_epoch = workload.steps_per_epoch(config.workers, config.data.batch_size)
+    total_steps = math.ceil(config.train.epochs * steps_per_epoch)
+    if config.train.max_steps is not None:
+        total_steps = min(total_steps, config.train.max_steps)
+    return Plan(steps_per_epoch, total_steps, config.data.batch_size * config.workers)
+
+
+def metrics_row(
+    workload: workloads.Workload,
+    stats: dict[str, Any],
+    run: Plan,
+    *,
+    step: int,
+    train_seconds: float,
+    lr: float,
+    train_loss: float | None,
+    scores: dict[str, float],
+) -> MetricsRow:
+    """One evaluation's row of the metrics stream."""
+    return MetricsRow(
+        step=step,
+        epoch=step / run.steps_per_epoch,
+        samples=step * run.global_batch,
+        wall_seconds=train_seconds,
+        lr=lr,
+        train_loss=train_loss,
+        metrics={m.name: _float(scores.get(m.name)) for m in workload.metrics},
+        bytes=stats["bytes"],
+        syncs=stats["syncs"],
+        collectives=stats["collectives"],
+        comm_seconds=stats["comm_seconds"],
+        by_scope=stats["by_scope"],
+    )
+
+
+def log_row(row: MetricsRow, primary: Any, who: str) -> None:
+    log.info(
+        "%s step %d epoch %.2f: train loss %.4f, %s %s",
+        who,
+        row.step,
+        row.epoch,
+        row.train_loss if row.train_loss is not None else math.nan,
+        primary.title,
+        primary.show(row.metrics.get(primary.name)),
+    )
+
+
+def save_checkpoint(run_dir: Path, model: torch.nn.Module, config: RunConfig, step: int) -> None:
+    tmp = run_dir / ".checkpoint.pt.tmp"
+    torch.save({"model": model.state_dict(), "config": config.to_dict(), "step": step}, tmp)
+    os.replace(tmp, run_dir / "checkpoint.pt")
+
+
+def completed_status(
+    workload: workloads.Workload,
+    rows: list[MetricsRow],
+    final: dict[str, Any],
+    run: Plan,
+    *,
+    step: int,
+    train_seconds: float,
+    algorithm: dict[str, Any],
+    engine: Any,
+    details: dict[str, Any],
+) -> Status:
+    """The status of a run that trained to the end; ``final``: its last counters."""
     last = rows[-1] if rows else None
     return Status(
         version=RECORD_VERSION,
         status="completed",
         steps=step,
-        epochs=step / steps_per_epoch,
-        samples=step * global_batch,
+        epochs=step / run.steps_per_epoch,
+        samples=step * run.global_batch,
         wall_seconds=train_seconds,
         metrics=tuple(workload.metrics),
         primary=workload.primary,
@@ -281,12 +354,12 @@ def _train(
             comm_seconds=final["comm_seconds"],
             by_scope=final["by_scope"],
         ),
-        steps_per_epoch=steps_per_epoch,
-        total_steps=total_steps,
-        global_batch=global_batch,
-        algorithm=algorithm.to_dict(),
-        engine=engine.info,
-        details=replicas.details(),
+        steps_per_epoch=run.steps_per_epoch,
+        total_steps=run.total_steps,
+        global_batch=run.global_batch,
+        algorithm=algorithm,
+        engine=engine,
+        details=details,
     )
 
 
