@@ -60,3 +60,41 @@ def test_stop_at_errors_name_the_key(tmp_path, monkeypatch):
         match=r"train\.stop_at = 'bleu=3': mnist1d_mlp has the metrics \['accuracy', 'eval_loss'\]",
     ):
         preflight([run_config(tiny(stop_at="bleu=3"))])
+
+
+def test_batched_trials_stop_each_at_its_own_crossing(tmp_path, monkeypatch):
+    import json
+
+    from localsgd.studies.trials import train_trials
+    from studies.test_trials import TRIALS
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+
+    def rows(configs, name):
+        folders = [tmp_path / f"{name}-{c.name}" for c in configs]
+        for folder in folders:
+            folder.mkdir()
+        statuses = train_trials(configs, folders)
+        return statuses, [
+            [json.loads(line) for line in (f / "metrics.jsonl").read_text().splitlines()] for f in folders
+        ]
+
+    _, full = rows(TRIALS, "full")
+    first = [r[0]["metrics"]["accuracy"] for r in full]
+    assert max(first) > min(first)
+    target = (max(first) + min(first)) / 2  # some trials cross at their first evaluation, some do not
+    stopping = [
+        c.replace(train=c.train.__class__(**{**c.train.__dict__, "stop_at": f"accuracy={target}"}))
+        for c in TRIALS
+    ]
+    statuses, stopped = rows(stopping, "stopped")
+    for status, ours, theirs in zip(statuses, stopped, full):
+        crossing = next(
+            (i for i, r in enumerate(theirs) if r["metrics"]["accuracy"] > target), len(theirs) - 1
+        )
+        assert [r["step"] for r in ours] == [r["step"] for r in theirs[: crossing + 1]]
+        assert [r["metrics"]["accuracy"] for r in ours] == [
+            r["metrics"]["accuracy"] for r in theirs[: crossing + 1]
+        ]
+        assert status.status == "completed" and status.steps == ours[-1]["step"]
+    assert {len(r) for r in stopped} == {1, 3}

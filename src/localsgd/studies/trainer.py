@@ -140,7 +140,7 @@ def _train(
     run = plan(config, workload)
     steps_per_epoch, total_steps = run.steps_per_epoch, run.total_steps
     algorithm = config.algorithm_config(steps_per_epoch)
-    stop = _stop_rule(workload, config)
+    stop = stop_rule(workload, config)
     torch.manual_seed(config.seed)
     model = workload.make_model(config.seed).to(device)
     trained = with_precision(workload, device, config.train.precision)
@@ -363,7 +363,7 @@ def completed_status(
     )
 
 
-def _stop_rule(workload: workloads.Workload, config: RunConfig) -> tuple[Metric, float] | None:
+def stop_rule(workload: workloads.Workload, config: RunConfig) -> tuple[Metric, float] | None:
     """``train.stop_at`` as (declared metric, value); ``ConfigError`` for an undeclared one."""
     stop = config.train.stop_metric()
     if stop is None:
