@@ -342,9 +342,11 @@ def report(
     target: Annotated[
         str | None,
         typer.Option(
-            help="With --cluster: the value of the primary metric to estimate the time to, as "
-            "METRIC=VALUE (accuracy=0.9: accuracies are fractions) or a bare VALUE (default: the "
-            "best mean final value of each workload, 5% short of it)."
+            help="A result to reach, as METRIC=VALUE (accuracy=0.9: accuracies are fractions) or a "
+            "bare VALUE of the primary metric: the report adds steps-to-result (minimum over trials "
+            "of the first step that strictly crosses it; default: the study's [study] target) and, "
+            "with --cluster, the estimated time to it (default there: the best mean final value of "
+            "each workload, 5% short of it)."
         ),
     ] = None,
     formats: Annotated[

@@ -227,6 +227,11 @@ def test_restarts_and_trials_are_refused_where_workers_step_alone():
     with pytest.raises(ConfigError, match=message):
         config("processes", 2, {}, **{**asynchronous, "train": {"epochs": 1, "max_restarts": 1}})
     assert config("processes", 2, {}, train={"epochs": 1, "max_restarts": 1}).train.max_restarts == 1
+    stop = r"train.stop_at = 'accuracy=0.9': asynchronous algorithms and the hogwild engine cannot stop"
+    with pytest.raises(ConfigError, match=stop):
+        config("hogwild", 2, {"procs_per_device": 2}, train={"epochs": 1, "stop_at": "accuracy=0.9"})
+    with pytest.raises(ConfigError, match=stop):
+        config("simulated", 2, {}, **{**asynchronous, "train": {"epochs": 1, "stop_at": "accuracy=0.9"}})
     assert config("simulated", 2, {}, **asynchronous).steps_alone()
     assert batch_key(config("simulated", 2, {}, **asynchronous)) is None
     assert batch_key(config("simulated", 2, {"worker_speeds": [1.0, 2.0]}, train={"epochs": 1})) is None

@@ -285,3 +285,25 @@ def test_pareto_figure_draws_its_front() -> None:
     assert isinstance(front, Line2D)
     title = fig.get_suptitle()
     assert title.startswith("Pareto front: final test accuracy") and "_" not in title
+
+
+def test_the_hk_view_joins_the_points_of_each_k_by_a_line() -> None:
+    rows = [
+        (f"local_sgd H={h}, K={k}", "local_sgd", k, 1.0, 0.1, 0.97 - 0.001 * h * k / 16, 0.002)
+        for k in (4, 16)
+        for h in (1, 4, 16)
+    ]
+    table = summary([*rows, ("slowmo H=16, K=16", "slowmo", 16, 1.0, 0.1, 0.9, 0.01)])
+    table["period"] = [1, 4, 16, 1, 4, 16, 16]
+    plot = plots.metric_vs_period_workers(table, graphics.styles(table), METRICS)
+    assert plot.figure is not None
+    lines = [ln for ax in visible_axes(plot.figure) for ln in ax.get_lines() if len(ln.get_xdata()) > 1]
+    # One line per K through its H·K points (dodged sideways where another K shares an
+    # H·K, as the markers are), in order of H·K; the lone SlowMo point gets none.
+    drawn = sorted((tuple(round(math.log2(x)) for x in ln.get_xdata()), list(ln.get_ydata())) for ln in lines)
+    assert [xs for xs, _ in drawn] == [(2, 4, 6), (4, 6, 8)]
+    assert drawn[0][1] == pytest.approx([96.975, 96.9, 96.6]) and drawn[1][1] == pytest.approx(
+        [96.9, 96.6, 95.4]
+    )
+    legend = [t.get_text() for t in plot.figure.legends[0].get_texts()]
+    assert "line: local_sgd, K=4" in legend and "line: local_sgd, K=16" in legend

@@ -461,7 +461,21 @@ def test_cluster_estimates_match_the_raw_rows_and_the_model(
     assert "| est. compute s | est. comm s | est. total s | est. speedup (×) |" in text
     html = paths["html"].read_text()
     # The runs are of worker processes: their measured times beside the estimates, one plot more.
-    assert html.count("data:image/png;base64,") == len(PLOTS) + len(EST_PLOTS) + 1
+    # With a target, steps-to-result too: its table, sheet and figures (no search: the
+    # seeds are the trials).
+    steps_figures = [
+        "steps_to_result",
+        "steps_to_result_normalised",
+        "best_metaparameters",
+        "local_sgd_steps_to_result",
+    ]
+    assert html.count("data:image/png;base64,") == len(PLOTS) + len(EST_PLOTS) + 1 + (
+        len(steps_figures) if target is not None else 0
+    )
+    assert ("## Steps to result" in text) == (target is not None)
+    if target is not None:
+        assert all(f"]({stem}.png)" in text for stem in steps_figures)
+        assert "steps_to_result" in openpyxl.load_workbook(paths["xlsx"], read_only=True).sheetnames
     assert f"## Measured against estimated on {cluster.name}" in text
     assert "cluster" in openpyxl.load_workbook(paths["xlsx"], read_only=True).sheetnames
     metrics = _sheet(paths, "metrics")
@@ -477,8 +491,10 @@ def test_cluster_errors(estimate_store: Path, tmp_path: Path) -> None:
         ValueError, match=r"--target f1=0\.9: time to target uses the primary metric of mnist1d_cnn"
     ):
         make_report(estimate_store, tmp_path, cluster="wan", target="f1=0.9")
-    with pytest.raises(ValueError, match="--target needs --cluster"):
-        make_report(estimate_store, tmp_path, target="0.9")
+    with pytest.raises(
+        ValueError, match=r"--target = 'f1=0\.9': mnist1d_cnn has the metrics \['accuracy', 'eval_loss'\]"
+    ):
+        make_report(estimate_store, tmp_path, target="f1=0.9")
 
     from typer.testing import CliRunner
 

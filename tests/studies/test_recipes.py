@@ -65,3 +65,25 @@ def test_optimizer_recipes():
     assert exempt["weight_decay"] == 0.0 and len(exempt["params"]) == 4  # 2 biases, BN weight and bias
     adamw = recipes.build_optimizer(model, run_config({"optimizer": {"name": "adamw", "lr": 1e-3}}).optimizer)
     assert isinstance(adamw, torch.optim.AdamW) and len(adamw.param_groups) == 1
+
+
+def test_constant_warmup_holds_the_base_rate_then_jumps_to_the_scaled_one():
+    # Goyal et al. (2017), Table 1: the small-batch rate for W epochs, then k times it.
+    def at(step: int, warmup: str) -> float:
+        schedule = ScheduleConfig(linear_scaling=True, base_batch=128, warmup_epochs=2.0, warmup=warmup)
+        return recipes.lr_at(step, 100, 10, 0.1, schedule, global_batch=512)
+
+    assert [at(s, "constant") for s in (0, 10, 19, 20, 99)] == pytest.approx([0.1, 0.1, 0.1, 0.4, 0.4])
+    assert [at(s, "gradual") for s in (0, 10, 19, 20)] == pytest.approx([0.1, 0.25, 0.385, 0.4])
+    with pytest.raises(ValueError, match=r"schedule\.warmup must be one of"):
+        ScheduleConfig(warmup="linear")
+    with pytest.raises(ValueError, match=r'schedule\.warmup = "constant"'):
+        ScheduleConfig(warmup="constant", warmup_steps=5)
+
+
+def test_the_default_warmup_leaves_run_ids_unchanged():
+    base = run_config({"workload": "mnist1d_cnn", "schedule": {"warmup_epochs": 1.0}})
+    gradual = run_config({"workload": "mnist1d_cnn", "schedule": {"warmup_epochs": 1.0, "warmup": "gradual"}})
+    constant = run_config({"workload": "mnist1d_cnn", "schedule": {"warmup_epochs": 1.0, "warmup": "constant"}})
+    assert base.run_id() == gradual.run_id() != constant.run_id()
+    assert base.to_dict()["schedule"]["warmup"] == "gradual"  # recorded with the run, not in its id

@@ -28,6 +28,7 @@ def test_names_and_options() -> None:
         "num_samples": 20000,
         "seed": 42,
         "data_path": None,
+        "train_error": False,
     }
 
 
@@ -35,7 +36,7 @@ def test_unknown_name_lists_allowed() -> None:
     with pytest.raises(
         ConfigError,
         match=r"workload = 'imagenet' is not a registered workload \['cifar10_resnet20', 'mlm', 'mnist1d_cnn', "
-        r"'mnist1d_mlp', 'mnli', 'squad'\] nor an import path",
+        r"'mnist1d_fc', 'mnist1d_mlp', 'mnli', 'squad'\] nor an import path",
     ):
         workloads.build("imagenet")
 
@@ -43,14 +44,14 @@ def test_unknown_name_lists_allowed() -> None:
 def test_unknown_option_lists_allowed() -> None:
     with pytest.raises(
         ConfigError,
-        match=r"unknown key 'workload\.batch_size'; allowed: \['data_path', 'num_samples', 'seed'\]",
+        match=r"unknown key 'workload\.batch_size'; allowed: \['data_path', 'num_samples', 'seed', 'train_error'\]",
     ):
         workloads.build("mnist1d_cnn", batch_size=64)
 
 
 def test_sizes_config_and_declared_metrics(cnn: workloads.Workload) -> None:
     assert (cnn.name, cnn.num_classes, cnn.train_size, cnn.test_size) == ("mnist1d_cnn", 10, N_TRAIN, N_TEST)
-    assert cnn.config == {"num_samples": NUM_SAMPLES, "seed": 42, "data_path": None}
+    assert cnn.config == {"num_samples": NUM_SAMPLES, "seed": 42, "data_path": None, "train_error": False}
     assert [m.name for m in cnn.metrics] == ["accuracy", "eval_loss"] and cnn.primary == "accuracy"
     accuracy = workloads.metric(cnn)
     assert (accuracy.higher_is_better, accuracy.unit, accuracy.scale) == (True, "%", 100.0)

@@ -158,3 +158,33 @@ def test_cnn_recipe_reaches_95_percent_on_20000_samples() -> None:
             opt.step()
             schedule.step()
     assert wl.evaluate(model, "cpu")["accuracy"] >= 0.95
+
+
+def test_shallues_fully_connected_nets(cache_home: Path) -> None:
+    fc = workloads.build("mnist1d_fc", num_samples=NUM_SAMPLES, model="fc-128-128-128")
+    net = fc.make_model(0)
+    assert isinstance(net, mnist1d.FullyConnected)
+    widths = [m.out_features for m in net.modules() if isinstance(m, torch.nn.Linear)]
+    assert widths == [128, 128, 128, 10]
+    assert sum(p.numel() for p in net.parameters()) == 40 * 128 + 128 + 2 * (128 * 128 + 128) + 1290
+    assert [m.out_features for m in mnist1d.FullyConnected((1024,)).modules() if isinstance(m, torch.nn.Linear)] == [
+        1024,
+        10,
+    ]
+    assert fc.config["model"] == "fc-128-128-128" and fc.recipe["momentum"] == 0.0  # plain SGD
+    assert mnist1d.fc_widths("fc-2048-2048-2048") == (2048, 2048, 2048)
+    for bad in ("fc", "fc-0", "mlp-128", "fc-128-x", "fc-99999"):
+        with pytest.raises(ValueError, match=r"workload\.model must name a fully connected net as fc-W1-W2"):
+            workloads.build("mnist1d_fc", num_samples=NUM_SAMPLES, model=bad)
+
+
+def test_train_error_is_the_error_on_the_training_split(cache_home: Path) -> None:
+    wl = workloads.build("mnist1d_mlp", num_samples=NUM_SAMPLES, train_error=True)
+    assert [m.name for m in wl.metrics] == ["accuracy", "eval_loss", "train_error"]
+    model = wl.make_model(0)
+    scores = wl.evaluate(model, "cpu")
+    x, y = wl._splits["cpu"][0], wl._splits["cpu"][1]  # type: ignore[attr-defined]
+    with torch.no_grad():
+        wrong = (model(x).argmax(1) != y).float().mean().item()
+    assert scores["train_error"] == pytest.approx(wrong)
+    assert "train_error" not in workloads.build("mnist1d_mlp", num_samples=NUM_SAMPLES).evaluate(model, "cpu")

@@ -98,6 +98,12 @@ class Metric:
         """Whether ``value`` is at or past ``target`` in the metric's direction."""
         return value >= target if self.higher_is_better else value <= target
 
+    def crossed(self, value: float, target: float) -> bool:
+        """Whether ``value`` is strictly past ``target`` in the metric's direction: the
+        crossing of Shallue et al.'s steps-to-result (google-research ``batch_science``,
+        ``measurement_utils``), which a value equal to the target does not make."""
+        return value > target if self.higher_is_better else value < target
+
 
 RESERVED_METRIC_NAMES = frozenset(
     {

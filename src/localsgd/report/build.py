@@ -15,7 +15,17 @@ import pandas as pd
 
 from localsgd.costmodel import GBIT, Cluster, load_cluster
 from localsgd.records import Metric
-from localsgd.report import asynchrony, curve_plots, graphics, measured, plots, subsets, workbook
+from localsgd.report import (
+    asynchrony,
+    curve_plots,
+    graphics,
+    measured,
+    plots,
+    steps,
+    steps_plots,
+    subsets,
+    workbook,
+)
 from localsgd.report.estimates import ClusterEstimates, estimate, parse_target
 from localsgd.report.render import (
     Block,
@@ -94,7 +104,9 @@ def make_report(
     TOML path), the report adds wall-clock estimates on that cluster: summary columns,
     time to ``target`` (``"METRIC=VALUE"`` or a value of the primary metric; default: the
     best mean final value of each workload's primary metric, 5 % short of it), and three
-    figures. Reads only the store. Each file is written to a temporary name and renamed
+    figures. With ``target``, or a ``[study] target`` table in the study's plan, the report
+    adds steps-to-result (:mod:`~localsgd.report.steps`): a table, its figures and a
+    workbook sheet. Reads only the store. Each file is written to a temporary name and renamed
     into place; the figures and the workbook come before the documents that refer to them.
     ``ValueError`` when ``store_dir`` is not a store or has no finished run, for an
     unknown cluster, a malformed target, format or dpi.
@@ -102,8 +114,6 @@ def make_report(
     chosen = check_formats(formats)
     dpi = check_dpi(dpi)
     goal = parse_target(target)
-    if goal is not None and cluster is None:
-        raise ValueError("--target needs --cluster: it sets the time-to-target of the estimates")
     resolved = cluster if isinstance(cluster, Cluster) or cluster is None else load_cluster(cluster)
     study = load(store_dir)
     out = Path(out_dir) if out_dir is not None else study.root / "report"
@@ -113,6 +123,9 @@ def make_report(
     if resolved is not None:
         estimates = estimate(study, summary, resolved, goal)
         study, summary = estimates.study, estimates.summary
+    # Steps-to-result at the target (--target, else the study's [study] target table).
+    goals = steps.goals(study, target)
+    step_table = steps.steps_table(study, goals) if goals else None
     out.mkdir(parents=True, exist_ok=True)
     status = status_table(study)
     baseline = baseline_table(study)
@@ -122,6 +135,7 @@ def make_report(
 
     split = subsets.by_subset(study, summary) if subsets.has_subsets(study) else None
     drawings = _drawings(summary, curve_frame, look, metrics, resolved.name if resolved else None)
+    drawings += _extra_drawings(study, curve_frame, look, step_table)
     if split is not None:  # right after the headline figure
         drawings.insert(
             [d.stem for d in drawings].index("metric_vs_speedup") + 1,
@@ -161,9 +175,16 @@ def make_report(
         sheets["by_subset"] = workbook.Sheet(subsets.sheet(split, metrics), "group")
     if estimates is not None:
         sheets["cluster"] = workbook.Sheet(_cluster_sheet(estimates), "item")
+    if step_table is not None:
+        sheets["steps_to_result"] = workbook.Sheet(step_table, "curve")
     paths["xlsx"] = workbook.write_workbook(out / "results.xlsx", sheets, study.metric_list())
     figures = {d.stem: (d, drawn[d.stem]) for d in drawings}
     blocks = _document(study, summary, status, baseline, figures, chosen, estimates)
+    sections = _training_error_blocks(figures, chosen)
+    if step_table is not None:
+        sections += _steps_section(goals, step_table, lambda stem: _figure_blocks(figures, stem, chosen))
+    at = next(i for i, b in enumerate(blocks) if isinstance(b, Heading) and b.text == "Run status")
+    blocks[at:at] = sections
     for extra in (measured_blocks, async_blocks):
         if not extra:
             continue
@@ -267,6 +288,107 @@ def _drawings(
             ),
         ]
     return out
+
+
+def _extra_drawings(
+    study: Study,
+    curve_frame: pd.DataFrame,
+    look: dict[str, graphics.Style],
+    step_table: pd.DataFrame | None,
+) -> list[Drawing]:
+    """Training error against epochs where a workload evaluates it (Goyal et al.'s Figure
+    2), and the steps-to-result figures when the report has a target."""
+    out = []
+    errors = {w: m for w, ms in study.declared.items() for m in ms if m.name == "train_error"}
+    if errors:
+        out.append(
+            Drawing(
+                "train_error_vs_epochs",
+                "Training error against epochs (mean, band ± std over seeds)",
+                lambda: curve_plots.metric_vs_epochs(curve_frame, look, errors),
+            )
+        )
+    if step_table is not None:
+        table = step_table
+        out += [
+            Drawing(
+                "steps_to_result",
+                "Steps to result against the global batch K·B (log-log; minimum over trials; "
+                "dash-dotted: perfect scaling from each curve's smallest batch; segment styles: the regimes)",
+                lambda: steps_plots.steps_to_result(table),
+            ),
+            Drawing(
+                "steps_to_result_normalised",
+                "Steps to result divided by each curve's steps at its smallest batch (log-log)",
+                lambda: steps_plots.steps_normalised(table),
+            ),
+            Drawing(
+                "best_metaparameters",
+                "The best trial's learning rate and momentum against the global batch K·B",
+                lambda: steps_plots.best_metaparameters(table),
+            ),
+            Drawing(
+                "local_sgd_steps_to_result",
+                "Local SGD: optimizer steps and communication rounds to result against the effective "
+                "batch K·B, one line per variant (H)",
+                lambda: steps_plots.local_sgd_steps(table),
+            ),
+        ]
+    return out
+
+
+def _training_error_blocks(figures: FigureMap, formats: Sequence[str]) -> list[Block]:
+    blocks = _figure_blocks(figures, "train_error_vs_epochs", formats)
+    return [Heading(2, "Training error"), *blocks] if blocks else []
+
+
+def _steps_section(
+    goals: dict[str, steps.Goal], table: pd.DataFrame, figure: Callable[[str], list[Block]]
+) -> list[Block]:
+    """Steps-to-result: the rule, the targets, the table and its figures."""
+    lines = [
+        f"Target for {w}: {g.metric.title} {'>' if g.metric.higher_is_better else '<'} "
+        f"{fmt(g.value, g.metric.scale)}{g.metric.unit} ({g.how})."
+        for w, g in goals.items()
+    ]
+    lines += [
+        "Steps to result of a cell (workload, variant, K, B, and the config keys that set it apart): "
+        "the minimum over its trials (completed or diverged runs that differ only in their searched "
+        "metaparameters, learning rate and seed) of the first evaluated step at which the metric "
+        "strictly crosses the target (google-research batch_science's measurement); reached = the "
+        "trials that crossed it; the best trial's metaparameters are those of the first to cross. "
+        "Resolution: the evaluation interval (train.eval_every).",
+        f"Regimes along a curve, from the local slope of log steps against log K·B between "
+        f"neighbouring batches (the first batch takes its first segment's): slope ≤ {steps.PERFECT:g} "
+        f"perfect scaling, ≥ {steps.MAXIMAL:g} maximal data parallelism, in between diminishing returns.",
+        "Communication rounds: the synchronisations counted up to the crossing evaluation (K>1).",
+    ]
+    rows = frame_rows(
+        table,
+        [
+            ("workload", lambda r: str(r.workload)),
+            ("curve", lambda r: str(r.curve)),
+            ("K", lambda r: str(r.workers)),
+            ("B", lambda r: str(r.batch_size)),
+            ("K·B", lambda r: str(r.global_batch)),
+            ("reached", lambda r: f"{r.reached}/{r.trials}"),
+            ("steps", lambda r: fmt(r.steps) if math.isfinite(r.steps) else "not reached"),
+            ("epochs", lambda r: fmt(r.epochs)),
+            ("rounds", lambda r: NOT_APPLICABLE if int(r.workers) == 1 else fmt(r.rounds)),
+            ("slope", lambda r: fmt(r.slope)),
+            ("regime", lambda r: str(r.regime)),
+            ("best trial", lambda r: str(r.best_metaparameters)),
+        ],
+    )
+    return [
+        Heading(2, "Steps to result"),
+        Bullets(lines),
+        rows,
+        *figure("steps_to_result"),
+        *figure("steps_to_result_normalised"),
+        *figure("best_metaparameters"),
+        *figure("local_sgd_steps_to_result"),
+    ]
 
 
 FigureMap = dict[str, tuple[Drawing, graphics.Plot]]
@@ -414,6 +536,7 @@ def _document(
             "Every run's config (the fields that apply to it), final metrics and evaluation rows are "
             "in the workbook: sheets summary, status, baseline, runs, metrics"
             + (", cluster" if estimates is not None else "")
+            + (", steps_to_result" if "steps_to_result" in figures else "")
             + " and units (the unit and meaning of every column)."
         ),
         Links("Tables", [("results.xlsx", "results.xlsx"), ("report.md", "report.md")]),

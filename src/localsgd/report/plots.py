@@ -17,6 +17,7 @@ from matplotlib.container import ErrorbarContainer
 from localsgd.records import Metric
 from localsgd.report.graphics import (
     CONTEXT,
+    LINESTYLES,
     Metrics,
     Plot,
     Style,
@@ -82,6 +83,8 @@ class _Point:
     """Sideways shift in axis units (of log₁₀ or log₂ x on a log axis)."""
     edge: int = 0
     """-1: drawn at the bottom edge (an outlier below), 1: at the top, 0: in place."""
+    line: str | None = None
+    """The line the point belongs to (``XAxis.connect``), if any."""
 
 
 @dataclass(frozen=True)
@@ -97,6 +100,9 @@ class XAxis:
     """A vertical reference line (speedup 1: the baseline)."""
     higher_is_better: bool = True
     """For the Pareto front: speedup up, time down."""
+    connect: str | None = None
+    """A summary column: points of one algorithm family with the same value of it are
+    joined by a line (one line per K in the H·K view)."""
 
 
 def _forward(axis: XAxis, x: float) -> float:
@@ -132,9 +138,32 @@ def _points(part: pd.DataFrame, axis: XAxis, metric: Metric, look: dict[str, Sty
                 _std(row.get(axis.std)) if axis.std else 0.0,
                 metric.scale * y,
                 metric.scale * _std(row.get(std)),
+                line=f"{row['algorithm']}, K={row[axis.connect]}" if axis.connect else None,
             )
         )
     return out
+
+
+def _lines(ax: Axes, points: list[_Point], axis: XAxis, family: str | None) -> tuple[list[Any], list[str]]:
+    """Join the in-place points of each line (sorted by x), one line style per line of a
+    family, in the family's colour; returns the legend handles and labels."""
+    handles, labels = [], []
+    keyed: dict[str, list[_Point]] = {}
+    for p in points:
+        if p.line is not None and not p.edge and (family is None or p.style.family == family):
+            keyed.setdefault(p.line, []).append(p)
+    for i, (key, members) in enumerate(sorted(keyed.items(), key=lambda kv: natural_key(kv[0]))):
+        if len(members) < 2:
+            continue
+        members.sort(key=lambda p: p.x)
+        xs = [_inverse(axis, _forward(axis, p.x) + p.dodge) for p in members]
+        color = members[len(members) // 2].style.color
+        style = LINESTYLES[i % len(LINESTYLES)]
+        handles.append(
+            ax.plot(xs, [p.y for p in members], color=color, linestyle=style, linewidth=1.1, zorder=2)[0]
+        )
+        labels.append(f"line: {key}")
+    return handles, labels
 
 
 @dataclass
@@ -362,6 +391,10 @@ def scatter(
                 labels.append(p.label + (", dominated" if p.group in dominated else ""))
             if front:
                 _staircase(ax, [p for p, b in zip(points, best) if b and not p.edge], axis, metric)
+            if axis.connect:
+                joined = _lines(ax, points, axis, family)
+                handles += joined[0]
+                labels += joined[1]
             _decorate(ax, axis, frame)
         if multiples:
             owner.supxlabel(axis.label, fontsize="medium")
@@ -457,10 +490,18 @@ def metric_vs_bytes(summary: pd.DataFrame, look: dict[str, Style], metrics: Metr
 
 
 def metric_vs_period_workers(summary: pd.DataFrame, look: dict[str, Style], metrics: Metrics) -> Plot:
-    """The primary metric against H·K: local steps between averagings times workers."""
+    """The primary metric against H·K: local steps between averagings times workers; the
+    points of one family and K joined by a line (Ortiz et al.'s view: do the lines of
+    different K fall on one curve of H·K?)."""
     part = summary[summary["period"].notna() & (summary["workers"].astype(int) > 1)].copy()
     part["period_workers"] = part["period"].astype(float) * part["workers"].astype(float)
-    axis = XAxis("period_workers", None, "H·K (local steps between averagings × workers, log₂ scale)", log=2)
+    axis = XAxis(
+        "period_workers",
+        None,
+        "H·K (local steps between averagings × workers, log₂ scale)",
+        log=2,
+        connect="workers",
+    )
     return scatter(
         part,
         look,

@@ -43,6 +43,9 @@ _NOT_SETTINGS = (
     "optimizer.lr",
     "engine",
     "fixed",
+    # How often a run is evaluated changes no training step: studies evaluate K=1 runs
+    # less often per step so that every K is evaluated at the same epochs.
+    "train.eval_every",
 )
 
 # Per-run quantities averaged over seeds (mean and std, ddof=1) in the summary table,

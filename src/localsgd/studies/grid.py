@@ -22,6 +22,9 @@
     [grid.optimizer]
     lr = [0.05, 0.1]
 
+A ``[grid.search]`` table makes each point of its block a metaparameter search of
+``trials`` runs at quasi-random points (:mod:`localsgd.studies.search`).
+
 Inside a grid, a list is an axis (a field that is itself a list, such as
 ``schedule.milestones``, takes a list of lists); anything else is a setting of that block.
 ``global_batch`` holds the global batch fixed across worker counts (the per-worker batch is
@@ -37,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from localsgd.studies import search
 from localsgd.studies.configs import apply_overrides, load_toml, parse_override
 from localsgd.studies.schema import RunConfig, normalize, run_config
 from localsgd.util.checks import ConfigError, check_name, from_dict
@@ -55,17 +59,27 @@ class StudySection:
     """The store folder; ``localsgd study --out`` overrides it."""
     description: str = ""
     """A sentence for the report header."""
+    target: dict[str, str] = field(default_factory=dict)
+    """Per workload, the result its steps-to-result are measured at, ``METRIC=VALUE`` (or a
+    bare value of the primary metric): ``{ mnist1d_cnn = "accuracy=0.95" }``. ``localsgd
+    report --target`` overrides it."""
 
     def __post_init__(self) -> None:
         check_name("study.name", self.name)
         if self.out is not None and not self.out:
             raise ConfigError("study.out must be a folder path, got ''")
+        for workload, text in self.target.items():
+            if not isinstance(text, str):
+                raise ConfigError(f"study.target.{workload} must be a string METRIC=VALUE, got {text!r}")
 
 
 @dataclass
 class Study:
     section: StudySection
     runs: list[RunConfig] = field(default_factory=list)
+    trials: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Per run id of a search's trial: ``{"block": "grid[i]", "trial": i, "keys": [...]}``
+    (the searched config keys), written to the study's plan for the report."""
 
     def default_out(self) -> Path:
         return Path(self.section.out or Path("studies_out") / self.section.name)
@@ -87,9 +101,12 @@ def load_study(path: str | Path, overrides: list[str] | None = None) -> Study:
     if not isinstance(grids, list) or not all(isinstance(g, Mapping) for g in grids):
         raise ConfigError("grid must be an array of tables ([[grid]] blocks)")
     runs: list[RunConfig] = []
+    trials: dict[str, dict[str, Any]] = {}
     seen: set[str] = set()
     overridden = [".".join(parse_override(text)[0]) for text in overrides or []]
     for i, grid in enumerate(grids):
+        grid = dict(grid)
+        space = search.parse(grid.pop("search"), f"grid[{i}]") if "search" in grid else None
         flat = _flatten(grid)
         for key in overridden:
             shadow = [p for p in flat if p == key or key.startswith(p + ".")]
@@ -98,11 +115,41 @@ def load_study(path: str | Path, overrides: list[str] | None = None) -> Study:
                     f"--set {key} changes [base], but grid[{i}] sets {shadow[0]!r} for its "
                     "runs, which wins; edit the grid instead"
                 )
-        for run in expand(base, grid, f"grid[{i}]", section.name):
+        for run, trial in _expand_search(base, grid, f"grid[{i}]", section.name, space):
             if run.run_id() not in seen:
                 seen.add(run.run_id())
                 runs.append(run)
-    return Study(section, runs)
+                if trial is not None:
+                    trials[run.run_id()] = trial
+    return Study(section, runs, trials)
+
+
+def _expand_search(
+    base: Mapping[str, Any], grid: Mapping[str, Any], where: str, study: str, space: search.Search | None
+) -> list[tuple[RunConfig, dict[str, Any] | None]]:
+    """The block's runs; with a search, each grid point's ``trials`` runs, the searched
+    keys set to the trial's point."""
+    if space is None:
+        return [(run, None) for run in expand(base, grid, where, study)]
+    flat = _flatten(grid)
+    for path in space.paths:
+        clash = [p for p in flat if p == path or path.startswith(p + ".") or p.startswith(path + ".")]
+        if clash:
+            raise ConfigError(
+                f"{where}.search.{path} is searched, but {where} also sets {clash[0]!r}; set it in one place"
+            )
+    out: list[tuple[RunConfig, dict[str, Any] | None]] = []
+    for run in expand(base, grid, where, study):
+        for i, point in enumerate(space.points()):
+            tree = run.to_dict()
+            for path, value in point.items():
+                set_dotted(tree, path, value)
+            try:
+                trial = run_config(tree)
+            except ConfigError as exc:
+                raise ConfigError(f"{where}.search (trial {i}): {exc}") from None
+            out.append((trial, {"block": where, "trial": i, "keys": space.paths}))
+    return out
 
 
 def _flatten(data: Mapping[str, Any]) -> dict[str, Any]:

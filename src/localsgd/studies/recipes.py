@@ -1,8 +1,9 @@
 """Training recipes: the inner optimizer and the learning rate over steps.
 
 The learning rate follows the large-batch recipes that local SGD is compared against: the
-linear scaling rule (lr = base lr × global batch / base batch) and gradual warmup from the
-base rate to the scaled one over W epochs (Goyal et al. 2017), then a decay schedule; or
+linear scaling rule (lr = base lr × global batch / base batch) and warmup over W epochs
+(Goyal et al. 2017: gradual, a linear rise from the base rate to the scaled one; or
+constant, the base rate for W epochs and then the scaled one), then a decay schedule; or
 the fine-tuning recipe of transformers: AdamW, linear warmup from 0 over ``warmup_steps``
 (or ``warmup_ratio`` of training), then linear decay to 0 (``schedule.name = "linear"``).
 """
@@ -71,6 +72,8 @@ def lr_at(
     peak = peak_lr(base_lr, schedule, global_batch)
     warmup = round(schedule.warmup_epochs * steps_per_epoch)
     if step < warmup:
+        if schedule.warmup == "constant":
+            return base_lr
         return base_lr + (peak - base_lr) * step / warmup
     ramp = warmup_from_zero(schedule, total_steps)
     if step < ramp:

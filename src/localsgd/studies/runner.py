@@ -37,6 +37,12 @@ log = logging.getLogger(__name__)
 EXECUTORS = ("local", "slurm")
 
 
+def _trial(study: Study, run_id: str) -> dict[str, Any]:
+    """A planned run's search entry (block, trial, searched keys), when it is a trial."""
+    trial = study.trials.get(run_id)
+    return {} if trial is None else {"search": trial}
+
+
 def preflight(runs: Iterable[RunConfig], *, local: bool = True) -> dict[str, workloads.Workload]:
     """Check what can be checked before any run record exists: every distinct workload is
     built once (its data paths read, an import-path factory called and its result checked),
@@ -57,6 +63,10 @@ def preflight(runs: Iterable[RunConfig], *, local: bool = True) -> dict[str, wor
                 raise ConfigError(
                     f"workload = {run.workload_name!r}: building it failed: {type(exc).__name__}: {exc}"
                 ) from None
+        stop = run.train.stop_metric()
+        names = [m.name for m in built[key].metrics]
+        if stop is not None and stop[0] not in names:
+            raise ConfigError(f"train.stop_at = {run.train.stop_at!r}: {run.workload_name} has the metrics {names}")
         try:
             built[key].steps_per_epoch(run.workers, run.data.batch_size)
         except ValueError as exc:
@@ -435,7 +445,10 @@ def _run_study(
         {
             "study": study.section.name,
             "description": study.section.description,
-            "runs": [{"run_id": r.run_id(), **r.to_dict()} for r in study.runs],
+            "target": dict(study.section.target),
+            "runs": [
+                {"run_id": r.run_id(), **r.to_dict(), **_trial(study, r.run_id())} for r in study.runs
+            ],
         },
     )
     if not todo:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -22,6 +23,7 @@ from localsgd.util.lifetime import DEFAULT_TIMEOUT_SECONDS
 
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("constant", "step", "cosine", "half_cosine", "linear")
+WARMUPS = ("gradual", "constant")
 PRECISIONS = ("fp32", "bf16", "fp16")
 
 
@@ -101,8 +103,12 @@ class ScheduleConfig:
     gamma: float = 0.1
     """``step``: the factor applied at each milestone."""
     warmup_epochs: float = 0.0
-    """Gradual warmup: linear from the base rate to the scaled one over W epochs (Goyal et
-    al. 2017). 0 disables it."""
+    """Warmup over W epochs from the base rate to the scaled one (Goyal et al. 2017), in the
+    way ``warmup`` names. 0 disables it."""
+    warmup: str = "gradual"
+    """How ``warmup_epochs`` warms up: ``gradual`` (the rate rises linearly from the base
+    rate ``optimizer.lr`` to the scaled one) or ``constant`` (the base rate for W epochs,
+    then the scaled rate at once: Goyal et al.'s constant warmup, Table 1)."""
     warmup_steps: int = 0
     """Warmup from 0 to the peak rate, linear over this many steps (the transformers
     recipe). Not with ``warmup_epochs`` or ``warmup_ratio``."""
@@ -121,6 +127,12 @@ class ScheduleConfig:
             raise ConfigError(f"schedule.milestones must be increasing, got {list(self.milestones)}")
         check_float("schedule.gamma", self.gamma, 0.0, 1.0, low_open=True, high_open=False)
         check_float("schedule.warmup_epochs", self.warmup_epochs, 0.0)
+        check_choice("schedule.warmup", self.warmup, WARMUPS)
+        if self.warmup == "constant" and (self.warmup_steps or self.warmup_ratio):
+            raise ConfigError(
+                'schedule.warmup = "constant" holds the base rate for warmup_epochs; '
+                "warmup_steps and warmup_ratio warm up from 0 and are always gradual"
+            )
         check_int("schedule.warmup_steps", self.warmup_steps, 0)
         check_float("schedule.warmup_ratio", self.warmup_ratio, 0.0, 1.0)
         given = [k for k in ("warmup_epochs", "warmup_steps", "warmup_ratio") if getattr(self, k) > 0]
@@ -146,6 +158,11 @@ class TrainConfig:
     """Evaluate the consensus model every this many steps (and at the end)."""
     max_steps: int | None = None
     """Stop after this many steps even if the epochs are not done (smoke tests)."""
+    stop_at: str | None = None
+    """``METRIC=VALUE``: stop at the first evaluation whose metric strictly crosses VALUE in
+    the metric's direction (``accuracy=0.9``: accuracies are fractions). A search measuring
+    steps-to-result needs nothing after the crossing; the learning-rate schedule keeps the
+    planned length, so the run is the start of the full run."""
     precision: str = "fp32"
     """``fp32``; ``bf16`` or ``fp16``: the forward pass under autocast in that type (on CPU
     too), parameters, optimizer and averaging in fp32; ``fp16`` scales the loss with a
@@ -179,6 +196,24 @@ class TrainConfig:
         )
         check_int("train.checkpoint_every", self.checkpoint_every, 0)
         check_int("train.max_restarts", self.max_restarts, 0, MAX_RESTARTS)
+        if self.stop_at is not None:
+            parse_stop_at(self.stop_at)
+
+    def stop_metric(self) -> tuple[str, float] | None:
+        """``stop_at`` as (metric name, value)."""
+        return None if self.stop_at is None else parse_stop_at(self.stop_at)
+
+
+def parse_stop_at(text: object, key: str = "train.stop_at") -> tuple[str, float]:
+    """``"accuracy=0.9"`` -> ("accuracy", 0.9); ``ConfigError`` naming ``key`` otherwise."""
+    name, _, raw = text.partition("=") if isinstance(text, str) else ("", "", "")
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not name.strip().isidentifier() or not math.isfinite(value):
+        raise ConfigError(f"{key} must be METRIC=VALUE with a finite VALUE (accuracy=0.9), got {text!r}")
+    return name.strip(), value
 
 
 @dataclass(frozen=True)
@@ -297,6 +332,13 @@ class RunConfig:
                 f"train.max_restarts = {self.train.max_restarts}: asynchronous algorithms and the hogwild "
                 "engine take no mid-run checkpoints to restart from; set it to 0"
             )
+        # Stopping at a crossing needs every worker to stop at the same step, after an
+        # evaluation they all see; asynchronous workers do not wait for one another.
+        if self.train.stop_at is not None and alone:
+            raise ConfigError(
+                f"train.stop_at = {self.train.stop_at!r}: asynchronous algorithms and the hogwild engine "
+                "cannot stop every worker at one evaluation; leave it unset"
+            )
         block = getattr(algorithm, "block_size", None)
         if block is not None and self.workers % block:
             raise ConfigError(
@@ -370,11 +412,18 @@ class RunConfig:
             del data["comm"]
         if not self.engine_options:
             del data["engine_options"]
+        for section, key in ADDED_LATER:
+            if getattr(getattr(self, section), key) == getattr(type(getattr(self, section)), key):
+                del data[section][key]
         blob = json.dumps(data, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
 
     def replace(self, **changes: Any) -> RunConfig:
         return dataclasses.replace(self, **changes)
+
+
+ADDED_LATER = (("schedule", "warmup"), ("train", "stop_at"))
+"""Fields added after stores were written: left out of the run id at their defaults."""
 
 
 def normalize(data: Mapping[str, Any]) -> dict[str, Any]:

@@ -29,6 +29,7 @@ from localsgd.records.record import (
     Counters,
     Environment,
     ErrorInfo,
+    Metric,
     MetricsRow,
     RunWriter,
     Status,
@@ -40,6 +41,7 @@ from localsgd.studies import recipes
 from localsgd.studies.checkpoints import Checkpoints, rng_state, rows_from_state, rows_state, set_rng_state
 from localsgd.studies.precision import with_precision
 from localsgd.studies.schema import RunConfig
+from localsgd.util.checks import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -155,6 +157,7 @@ def _train(
     run = plan(config, workload)
     steps_per_epoch, total_steps = run.steps_per_epoch, run.total_steps
     algorithm = config.algorithm_config(steps_per_epoch)
+    stop = stop_rule(workload, config)
     torch.manual_seed(config.seed)
     model = workload.make_model(config.seed).to(device)
     trained = with_precision(workload, device, config.train.precision)
@@ -184,6 +187,7 @@ def _train(
     )
 
     step = 0
+    stopped = False
     train_seconds = 0.0
     loss_sum: torch.Tensor | float = 0.0
     loss_count = 0
@@ -271,6 +275,11 @@ def _train(
                 raise Diverged(f"train loss is {train_loss} at step {step}")
             return row
 
+        def crossed(row: MetricsRow | None) -> bool:
+            # The consensus model's metrics are the same on every rank: all stop together.
+            value = row.metrics.get(stop[0].name) if stop is not None and row is not None else None
+            return stop is not None and value is not None and stop[0].crossed(value, stop[1])
+
         all_steps = replicas.worker_steps(iterations)
         while step < iterations:
             batches = iter(replicas.batches(batch, epoch, config.seed))
@@ -314,11 +323,13 @@ def _train(
                 # steps after this one, so no evaluation here either.
                 no_more = at_end or replicas.worker_steps(step) >= all_steps
                 if (step % config.train.eval_every == 0 or at_end) and not (deferred and no_more):
-                    evaluate()
-                if step >= iterations:
+                    stopped = crossed(evaluate())
+                if step >= iterations or stopped:
                     break
                 if syncs is not None and dp.stats["syncs"] > syncs:
                     checkpoint()
+            if stopped:
+                break
             epoch, done = epoch + 1, 0
         finishing = time.perf_counter()
         # Leaving the block puts the consensus model on every rank (an asynchronous run's
@@ -469,6 +480,18 @@ def completed_status(
         details=details,
         resumed=resumed,
     )
+
+
+def stop_rule(workload: workloads.Workload, config: RunConfig) -> tuple[Metric, float] | None:
+    """``train.stop_at`` as (declared metric, value); ``ConfigError`` for an undeclared one."""
+    stop = config.train.stop_metric()
+    if stop is None:
+        return None
+    for metric in workload.metrics:
+        if metric.name == stop[0]:
+            return metric, stop[1]
+    names = [m.name for m in workload.metrics]
+    raise ConfigError(f"train.stop_at = {config.train.stop_at!r}: {workload.name} has the metrics {names}")
 
 
 def _float(value: Any) -> float | None:

@@ -38,6 +38,7 @@ from localsgd.studies.trainer import (
     metrics_row,
     plan,
     save_checkpoint,
+    stop_rule,
 )
 
 TRIAL_FIELDS = ("name", "seed", "optimizer.lr", "optimizer.momentum", "optimizer.weight_decay", "schedule")
@@ -159,6 +160,7 @@ def _train(
     primary = workloads.metric(workload)
     run = plan(first, workload)
     algorithm = first.algorithm_config(run.steps_per_epoch)
+    stop = stop_rule(workload, first)  # train.stop_at: shared by the batch (its key)
     models = []
     for c in configs:
         torch.manual_seed(c.seed)  # as a run of its own: the model of its seed
@@ -183,6 +185,28 @@ def _train(
     loss_sum = torch.zeros(len(configs), device=device)
     loss_count = 0
     with localsgd.DataParallel(replicas.module, optimizer, algorithm, comm=replicas.comm, flat=False) as dp:
+
+        def finish(r: int) -> None:
+            # Each trial's wall time is its share of the batch's, as the simulated engine's
+            # is one replica's share (K·share) of a run's: the cost model divides by K, never
+            # by R.
+            details = {**replicas.details(), "batch_wall_seconds": train_seconds}
+            writer = writers[r]
+            if writer.run_dir is not None:
+                save_checkpoint(writer.run_dir, replicas.final_model(r), configs[r], step)
+            status = completed_status(
+                workload,
+                writer.rows,
+                dp.stats,
+                run,
+                step=step,
+                train_seconds=train_seconds / len(configs),
+                algorithm=algorithm.to_dict(),
+                engine=engine.info,
+                details=details,
+            )
+            writer.status(status)
+            statuses[r] = status
 
         def evaluate() -> None:
             nonlocal loss_sum, loss_count
@@ -210,6 +234,8 @@ def _train(
                         status = dataclasses.replace(failed_status(error, writer.rows), status="diverged")
                         writer.status(status)
                         statuses[r] = status
+                    elif stop is not None and _crossed(row.metrics, stop):
+                        finish(r)  # as a run of its own stops at its first crossing
 
         epoch = 0
         while step < run.total_steps and None in statuses:
@@ -221,7 +247,12 @@ def _train(
                     break
                 lrs = [
                     recipes.lr_at(
-                        step, run.total_steps, run.steps_per_epoch, c.optimizer.lr, c.schedule, run.global_batch
+                        step,
+                        run.total_steps,
+                        run.steps_per_epoch,
+                        c.optimizer.lr,
+                        c.schedule,
+                        run.global_batch,
                     )
                     for c in configs
                 ]
@@ -239,27 +270,14 @@ def _train(
                 if step >= run.total_steps or None not in statuses:
                     break
             epoch += 1
-    # Each trial's wall time is its share of the batch's, as the simulated engine's is one
-    # replica's share (K·share) of a run's: the cost model divides by K, never by R.
-    details = {**replicas.details(), "batch_wall_seconds": train_seconds}
-    for r, (c, writer) in enumerate(zip(configs, writers)):
-        if statuses[r] is not None:
-            continue
-        if writer.run_dir is not None:
-            save_checkpoint(writer.run_dir, replicas.final_model(r), c, step)
-        status = completed_status(
-            workload,
-            writer.rows,
-            dp.stats,
-            run,
-            step=step,
-            train_seconds=train_seconds / len(configs),
-            algorithm=algorithm.to_dict(),
-            engine=engine.info,
-            details=details,
-        )
-        writer.status(status)
-        statuses[r] = status
+    for r in range(len(configs)):
+        if statuses[r] is None:
+            finish(r)
+
+
+def _crossed(metrics: dict[str, float | None], stop: Any) -> bool:
+    value = metrics.get(stop[0].name)
+    return value is not None and bool(stop[0].crossed(value, stop[1]))
 
 
 def _param_groups(replicas: Any, configs: Sequence[RunConfig]) -> list[dict[str, Any]]:
@@ -271,6 +289,9 @@ def _param_groups(replicas: Any, configs: Sequence[RunConfig]) -> list[dict[str,
         return [{"params": params, "weight_decay": decay}]
     groups = [
         {"params": [p for p in params if replicas.param_ndim(p) > 1], "weight_decay": decay},
-        {"params": [p for p in params if replicas.param_ndim(p) <= 1], "weight_decay": torch.zeros_like(decay)},
+        {
+            "params": [p for p in params if replicas.param_ndim(p) <= 1],
+            "weight_decay": torch.zeros_like(decay),
+        },
     ]
     return [g for g in groups if g["params"]]

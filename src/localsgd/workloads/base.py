@@ -49,6 +49,7 @@ _AUGMENT_TAG = 0x4147
 
 ACCURACY = Metric("accuracy", "test accuracy", "%", True, 100.0)
 EVAL_LOSS = Metric("eval_loss", "eval loss", "", False)
+TRAIN_ERROR = Metric("train_error", "training error", "%", False, 100.0)
 
 
 @runtime_checkable
@@ -335,7 +336,8 @@ TestTransform = Callable[[torch.Tensor], torch.Tensor]
 class TensorWorkload:
     """A classification :class:`Workload` whose splits live in memory as tensors; batches
     are ``{"x": inputs, "y": labels}``, the loss is the mean cross-entropy, and the metrics
-    are test accuracy (primary) and eval loss.
+    are test accuracy (primary) and eval loss (and, with ``train_error``, the error on the
+    training split).
 
     ``train_transform(x, generator)`` turns a stored training batch into model input (CIFAR:
     uint8 -> augmented, normalized float); ``test_transform(x)`` does the same for
@@ -360,6 +362,7 @@ class TensorWorkload:
         recipe: dict[str, Any] | None = None,
         train_transform: TrainTransform | None = None,
         test_transform: TestTransform | None = None,
+        train_error: bool = False,
     ) -> None:
         assert len(x_train) == len(y_train), (x_train.shape, y_train.shape)
         assert len(x_test) == len(y_test), (x_test.shape, y_test.shape)
@@ -372,6 +375,8 @@ class TensorWorkload:
         self._model_factory = model_factory
         self._train_transform = train_transform
         self._test_transform = test_transform
+        if train_error:
+            self.metrics = (*self.metrics, TRAIN_ERROR)
 
     @property
     def train_size(self) -> int:
@@ -427,25 +432,34 @@ class TensorWorkload:
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, device: Device) -> dict[str, float]:
-        """Test accuracy and mean cross-entropy over the full test split."""
-        _, _, x_test, y_test = self._on(device)
+        """Test accuracy and mean cross-entropy over the full test split; with
+        ``train_error``, the error over the full training split too (without augmentation)."""
+        x_train, y_train, x_test, y_test = self._on(device)
         was_training = model.training
         model.eval()
         try:
-            loss_sum = torch.zeros((), dtype=torch.float64, device=x_test.device)
-            correct = torch.zeros((), dtype=torch.long, device=x_test.device)
-            for start in range(0, len(x_test), self.eval_batch_size):
-                x = x_test[start : start + self.eval_batch_size]
-                y = y_test[start : start + self.eval_batch_size]
-                if self._test_transform is not None:
-                    x = self._test_transform(x)
-                logits = model(x)
-                loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").double()
-                correct += (logits.argmax(1) == y).sum()
+            correct, loss_sum = self._score(model, x_test, y_test)
+            out = {"accuracy": correct / len(y_test), "eval_loss": loss_sum / len(y_test)}
+            if any(m.name == TRAIN_ERROR.name for m in self.metrics):
+                train_correct, _ = self._score(model, x_train, y_train)
+                out[TRAIN_ERROR.name] = 1.0 - train_correct / len(y_train)
         finally:
             model.train(was_training)
-        n = len(y_test)
-        return {"accuracy": correct.item() / n, "eval_loss": loss_sum.item() / n}
+        return out
+
+    def _score(self, model: nn.Module, x_all: torch.Tensor, y_all: torch.Tensor) -> tuple[int, float]:
+        """Correct predictions and summed cross-entropy over a split, in eval batches."""
+        loss_sum = torch.zeros((), dtype=torch.float64, device=x_all.device)
+        correct = torch.zeros((), dtype=torch.long, device=x_all.device)
+        for start in range(0, len(x_all), self.eval_batch_size):
+            x = x_all[start : start + self.eval_batch_size]
+            y = y_all[start : start + self.eval_batch_size]
+            if self._test_transform is not None:
+                x = self._test_transform(x)
+            logits = model(x)
+            loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").double()
+            correct += (logits.argmax(1) == y).sum()
+        return int(correct.item()), float(loss_sum.item())
 
     def _on(self, device: Device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """The four split tensors on ``device``, copied there once and kept."""

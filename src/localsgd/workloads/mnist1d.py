@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from localsgd.util.checks import check_directory, check_int
+from localsgd.util.checks import ConfigError, check_bool, check_directory, check_int
 from localsgd.util.files import atomic_path
 from localsgd.workloads.base import TensorWorkload, cache_dir, register
 
@@ -52,6 +52,13 @@ CNN_RECIPE: dict[str, Any] = {
     "lr_schedule": "cosine",
 }
 MLP_RECIPE: dict[str, Any] = {**CNN_RECIPE, "epochs": 10}
+FC_RECIPE: dict[str, Any] = {
+    **MLP_RECIPE,
+    "momentum": 0.0,
+    "nesterov": False,
+    "weight_decay": 0.0,
+    "lr_schedule": "constant",
+}
 
 
 # -- data ----------------------------------------------------------------------------------
@@ -170,6 +177,45 @@ class MLP(nn.Module):
         return self.net(x)
 
 
+class FullyConnected(nn.Module):
+    """ReLU hidden layers of the given widths and a linear classifier: the fully connected
+    nets of Shallue et al. (2019) on MNIST (FC-1024, FC-128-128-128 ... FC-2048-2048-2048),
+    here on the 40 inputs of MNIST-1D, without normalisation or dropout."""
+
+    def __init__(self, widths: tuple[int, ...], classes: int = NUM_CLASSES) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        fan_in = SEQUENCE_LENGTH
+        for width in widths:
+            layers += [nn.Linear(fan_in, width), nn.ReLU()]
+            fan_in = width
+        self.net = nn.Sequential(*layers, nn.Linear(fan_in, classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+MAX_FC_LAYERS = 16
+
+
+def fc_widths(model: str, key: str = "workload.model") -> tuple[int, ...]:
+    """``"fc-128-128-128"`` -> (128, 128, 128); ``ConfigError`` naming ``key`` otherwise."""
+    parts = model.split("-") if isinstance(model, str) else []
+    ok = (
+        len(parts) >= 2
+        and parts[0] == "fc"
+        and len(parts) - 1 <= MAX_FC_LAYERS
+        and all(p.isdigit() and 1 <= int(p) <= MAX_WIDTH for p in parts[1:])
+    )
+    if not ok:
+        raise ConfigError(
+            f"{key} must name a fully connected net as fc-W1-W2-... (hidden widths from 1 to "
+            f"{MAX_WIDTH}, 1 to {MAX_FC_LAYERS} layers; Shallue et al.: fc-1024, fc-128-128-128 ... "
+            f"fc-2048-2048-2048), got {model!r}"
+        )
+    return tuple(int(p) for p in parts[1:])
+
+
 # -- registered workloads ------------------------------------------------------------------
 
 MAX_NUM_SAMPLES = 10_000_000
@@ -187,12 +233,16 @@ class Mnist1dConfig:
     run's seed)."""
     data_path: str | None = None
     """The cache directory of generated data sets (default: ``~/.cache/localsgd``)."""
+    train_error: bool = False
+    """Also evaluate the error on the whole training split (metric ``train_error``; the
+    training-error curves of Goyal et al. 2017, Figure 2)."""
 
     def __post_init__(self) -> None:
         check_int("workload.num_samples", self.num_samples, 100, MAX_NUM_SAMPLES)
         check_int("workload.seed", self.seed, 0, 2**32 - 1)
         if self.data_path is not None:
             check_directory("workload.data_path", self.data_path)
+        check_bool("workload.train_error", self.train_error)
 
 
 @dataclass(frozen=True)
@@ -212,6 +262,20 @@ MAX_WIDTH = 16384
 """About 270 M parameters: beyond it the MLP no longer fits a worker's memory comfortably."""
 
 
+@dataclass(frozen=True)
+class Mnist1dFcConfig(Mnist1dConfig):
+    """``[workload]`` of ``mnist1d_fc``: the data options and the net's hidden widths."""
+
+    model: str = "fc-128-128-128"
+    """``fc-W1-W2-...``: one ReLU layer per width (Shallue et al. 2019: ``fc-1024``,
+    ``fc-128-128-128``, ``fc-256-256-256``, ``fc-512-512-512``, ``fc-1024-1024-1024``,
+    ``fc-2048-2048-2048``)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        fc_widths(self.model)
+
+
 def _mnist1d(
     name: str, model_factory: Callable[[], nn.Module], recipe: dict[str, Any], config: Mnist1dConfig
 ) -> TensorWorkload:
@@ -226,6 +290,7 @@ def _mnist1d(
         model_factory=model_factory,
         recipe=recipe,
         config=dataclasses.asdict(config),
+        train_error=config.train_error,
     )
 
 
@@ -239,3 +304,12 @@ def mnist1d_cnn(config: Mnist1dConfig) -> TensorWorkload:
 def mnist1d_mlp(config: Mnist1dMlpConfig) -> TensorWorkload:
     """MNIST-1D with :class:`MLP`; options in :class:`Mnist1dMlpConfig`."""
     return _mnist1d("mnist1d_mlp", functools.partial(MLP, config.width), MLP_RECIPE, config)
+
+
+@register("mnist1d_fc")
+def mnist1d_fc(config: Mnist1dFcConfig) -> TensorWorkload:
+    """MNIST-1D with :class:`FullyConnected` (Shallue et al.'s MNIST nets), trained with
+    plain SGD in their study (``optimizer.momentum = 0``, no Nesterov, no weight decay);
+    options in :class:`Mnist1dFcConfig`."""
+    widths = fc_widths(config.model)
+    return _mnist1d("mnist1d_fc", functools.partial(FullyConnected, widths), FC_RECIPE, config)
