@@ -1,5 +1,5 @@
-"""``localsgd fixtures DIR``: small text data in the real formats, a tokenizer trained on
-it and a tiny BERT config, written in seconds.
+"""``localsgd fixtures DIR``: small text data in the real formats, a WordPiece tokenizer
+for it and a tiny BERT config, written in seconds.
 
 The data is generated from a small grammar with a learnable signal, so that a tiny model
 fine-tuned for a minute clearly beats chance:
@@ -25,6 +25,7 @@ from localsgd.util.files import write_atomic, write_json_atomic
 
 SEED = 1234
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+VOCAB_SIZE = 600
 
 TINY_BERT: dict[str, Any] = {
     "model_type": "bert",
@@ -166,18 +167,25 @@ def corpus_lines(rng: random.Random, n: int) -> list[str]:
 
 
 def train_tokenizer(texts: list[str], folder: Path) -> int:
-    """A lower-cased WordPiece tokenizer trained on ``texts``, saved for ``AutoTokenizer``;
-    returns its vocabulary size."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    """A lower-cased WordPiece tokenizer for ``texts``, saved for ``AutoTokenizer``; returns
+    its vocabulary size. The vocabulary is built here rather than by tokenizers' trainer,
+    whose ties fall in hash order (a different vocabulary on every call): the special tokens,
+    every character alone and as a continuation piece, then the words by falling count (ties
+    alphabetical), up to 600 entries; a word left out is split into its characters."""
+    from collections import Counter
+
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
     from localsgd.workloads.text.hf import transformers_module
 
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.train_from_iterator(
-        texts, trainers.WordPieceTrainer(vocab_size=600, special_tokens=SPECIAL_TOKENS, show_progress=False)
-    )
+    normalizer, pre_tokenizer = normalizers.BertNormalizer(lowercase=True), pre_tokenizers.BertPreTokenizer()
+    counts = Counter(word for text in texts for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text)))
+    chars = sorted({c for word in counts for c in word})
+    words = sorted((w for w in counts if len(w) > 1), key=lambda w: (-counts[w], w))
+    pieces = SPECIAL_TOKENS + chars + ["##" + c for c in chars]
+    pieces += words[: max(0, VOCAB_SIZE - len(pieces))]
+    tok = Tokenizer(models.WordPiece({piece: i for i, piece in enumerate(pieces)}, unk_token="[UNK]"))
+    tok.normalizer, tok.pre_tokenizer = normalizer, pre_tokenizer
     cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]",
