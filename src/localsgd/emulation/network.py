@@ -32,6 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from localsgd.util.lifetime import process_alive
+
 log = logging.getLogger(__name__)
 
 PREFIX = "lsgd"
@@ -307,19 +309,11 @@ def kill_all(pids: Sequence[int], grace: float = 3.0) -> None:
 
 
 def _alive(pid: int) -> bool:
-    try:
-        # A child we started stays a zombie until reaped: reap it, or it looks alive.
-        done, _ = os.waitpid(pid, os.WNOHANG)
-        if done == pid:
+    # A child we started stays a zombie until reaped: reap it, or it looks alive.
+    with contextlib.suppress(ChildProcessError):
+        if os.waitpid(pid, os.WNOHANG)[0] == pid:
             return False
-    except ChildProcessError:
-        pass
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
+    return process_alive(pid)
     return True
 
 
