@@ -344,12 +344,15 @@ def test_dry_run_lists_each_run_with_the_reports_label_and_writes_nothing(tmp_pa
 
     from localsgd.cli import app
 
-    study = write_study(tmp_path / "s.toml", TINY_GRIDS)
+    grids = TINY_GRIDS + '\n[[grid]]\nworkers = [2]\nseed = [0]\noptimizer.lr = [0.05]\n'
+    study = write_study(tmp_path / "s.toml", grids)
     out = tmp_path / "store"
     shown = CliRunner().invoke(app, ["study", str(study), "--out", str(out), "--dry-run"])
     assert shown.exit_code == 0, shown.output
     lines = shown.output.splitlines()
-    assert re.fullmatch(r"[0-9a-f]{12}  minibatch_sgd  K=1  seed=0  B=\d+", lines[0]), lines[0]
+    # Settings beyond the label are shown where they differ between the runs.
+    assert re.fullmatch(r"[0-9a-f]{12}  minibatch_sgd  K=1  seed=0  B=\d+  optimizer.lr=0.1", lines[0]), lines[0]
+    assert lines[-2].endswith("K=2  seed=0  B=16  optimizer.lr=0.05"), lines[-2]
     assert lines[-1] == f"{len(lines) - 1} runs -> {out}"
     assert "{" not in shown.output  # no raw config dicts
     assert not out.exists()

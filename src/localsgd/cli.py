@@ -290,10 +290,10 @@ def study(
         raise _fail(str(exc)) from None
     folder = out or plan.default_out()
     if dry_run:
-        from localsgd.studies.progress import run_label
+        from localsgd.studies.progress import plan_lines
 
-        for run in plan.runs:
-            typer.echo(f"{run.run_id()}  {run_label(run)}  B={run.data.batch_size}")
+        for line in plan_lines(plan.runs):
+            typer.echo(line)
         typer.echo(f"{len(plan.runs)} runs -> {folder}")
         return
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")

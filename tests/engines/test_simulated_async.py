@@ -41,12 +41,16 @@ def config(asynchronous: dict[str, Any], speeds: list[float] | None = None, **ch
     return run_config(data)
 
 
-def reference(cfg: Any, speeds: list[float]) -> tuple[ParameterServer, list[float]]:
+def reference(
+    cfg: Any, speeds: list[float], totals: list[int] | None = None
+) -> tuple[ParameterServer, list[float]]:
     """K separate models, each with its own SGD, trained round by round in the order the
-    rounds end in virtual time, each pushed to the server as its round ends."""
+    rounds end in virtual time, each pushed to the server as its round ends; worker k takes
+    ``totals[k]`` steps (default: the run's steps each)."""
     workload = workloads.build(cfg.workload)
     algo = cfg.algorithm_config(1)
-    k_workers, period, total = cfg.workers, algo.period, cfg.train.max_steps
+    k_workers, period = cfg.workers, algo.period
+    totals = totals or [cfg.train.max_steps] * k_workers
     torch.manual_seed(cfg.seed)
     models = [workload.make_model(cfg.seed) for _ in range(k_workers)]
     for m in models[1:]:
@@ -68,12 +72,12 @@ def reference(cfg: Any, speeds: list[float]) -> tuple[ParameterServer, list[floa
     params = [[p for p in m.parameters()] for m in models]
     server = ParameterServer([p.detach() for p in params[0]], k_workers, algo.server_options())
     done = [0] * k_workers
-    events = [(min(period, total) / speeds[k], k) for k in range(k_workers)]
+    events = [(min(period, totals[k]) / speeds[k], k) for k in range(k_workers)]
     heapq.heapify(events)
     finished_at = [0.0] * k_workers
     while events:
         now, k = heapq.heappop(events)
-        steps = min(period, total - done[k])
+        steps = min(period, totals[k] - done[k])
         for _ in range(steps):
             opts[k].zero_grad()
             workload.loss(models[k], next(streams[k])).backward()
@@ -82,8 +86,8 @@ def reference(cfg: Any, speeds: list[float]) -> tuple[ParameterServer, list[floa
         server.push(k, params[k])
         assert server.ready(k), "no staleness bound here: every push applies at once"
         server.model(params[k], k)
-        if done[k] < total:
-            heapq.heappush(events, (now + min(period, total - done[k]) / speeds[k], k))
+        if done[k] < totals[k]:
+            heapq.heappush(events, (now + min(period, totals[k] - done[k]) / speeds[k], k))
         else:
             server.finish(k)
             finished_at[k] = now
@@ -120,12 +124,34 @@ def test_unequal_speeds_equal_separate_models_pushed_in_virtual_time_order(tmp_p
     assert status.counters.steps == 10
 
 
+def test_workers_stepping_by_speed_train_for_the_same_virtual_time(tmp_path):
+    # 40 steps in all shared 2 : 1 : 1 : 0.5 by largest remainders (17.8, 8.9, 8.9, 4.4).
+    options = SimulatedOptions(worker_speeds=tuple(SPEEDS), steps="by_speed")
+    assert options.totals(SPEEDS, 10) == [18, 9, 9, 4]
+    assert options.totals([1.0] * 4, 10) == [10] * 4
+    assert sum(options.totals([3.0, 1.0, 1.0], 7)) == 21
+    assert options.totals([100.0, 1.0], 1) == [1, 1]  # at least one step each
+    cfg = config({"period": 3}, SPEEDS, engine_options={"worker_speeds": SPEEDS, "steps": "by_speed"})
+    status = train(cfg, tmp_path, 0, 1)
+    server, finished_at = reference(cfg, SPEEDS, [18, 9, 9, 4])
+    model = torch.load(tmp_path / "checkpoint.pt")["model"]
+    ours = torch.cat([v.reshape(-1) for v in model.values()])
+    theirs = torch.cat([t.reshape(-1) for t in server.global_model])
+    assert float((ours - theirs).norm() / theirs.norm()) <= 1e-5
+    assert status.details["server"] == server.summary()
+    assert status.details["server"]["pushes_per_worker"] == [6, 3, 3, 2]
+    # Everyone is done by t = 9 (the slow worker at 8), against 20 with equal steps.
+    assert status.details["virtual_time"] == max(finished_at) == 9.0
+    assert sorted(finished_at) == [8.0, 9.0, 9.0, 9.0]
+    assert status.steps == 10  # the mean steps per worker: the run's
+
+
 def test_the_schedule_steps_only_the_workers_whose_rounds_are_due():
     server = ParameterServer([], 4, A.AsyncLocalSGD(period=3).server_options())
-    batches = plan(SPEEDS, 3, 10, server)
+    batches = plan(SPEEDS, 3, [10] * 4, server)
     assert [sorted(b.lengths) for b in batches[:3]] == [[0, 1, 2, 3], [0], [0, 1, 2]]
     assert sum(sum(b.lengths.values()) for b in batches) == 40
-    equal = plan([1.0] * 4, 3, 10, ParameterServer([], 4, A.AsyncLocalSGD(period=3).server_options()))
+    equal = plan([1.0] * 4, 3, [10] * 4, ParameterServer([], 4, A.AsyncLocalSGD(period=3).server_options()))
     assert [b.lengths for b in equal] == [{k: n for k in range(4)} for n in (3, 3, 3, 1)]
 
 
@@ -156,10 +182,25 @@ def test_speed_options_are_checked():
         ConfigError, match=r"engine_options.worker_speeds\[1\] must be a finite number > 0, got 0.0"
     ):
         config({}, [1.0, 0.0, 1.0, 1.0])
-    with pytest.raises(ConfigError, match=r"give engine_options.worker_speeds or engine_options.speed_spread"):
+    with pytest.raises(
+        ConfigError, match=r"give engine_options.worker_speeds or engine_options.speed_spread"
+    ):
         config({}, None, engine_options={"worker_speeds": [1.0] * 4, "speed_spread": 0.5})
     with pytest.raises(ConfigError, match=r"optimizer.name = 'sgd' and a constant schedule"):
         config({}, SPEEDS, schedule={"name": "cosine"})
+    with pytest.raises(ConfigError, match=r"engine_options.steps must be one of \['equal', 'by_speed'\]"):
+        config({}, SPEEDS, engine_options={"worker_speeds": SPEEDS, "steps": "fast"})
+    with pytest.raises(
+        ConfigError,
+        match=r"engine_options.steps = 'by_speed' needs an asynchronous algorithm \(a parameter server\); "
+        r"'local_sgd' steps every worker together",
+    ):
+        config(
+            {},
+            None,
+            engine_options={"speed_spread": 0.5, "steps": "by_speed"},
+            algorithm={"name": "local_sgd"},
+        )
     # Synchronous algorithms step together; the speeds give the virtual time only.
     config({}, SPEEDS, algorithm={"name": "local_sgd"}, schedule={"name": "cosine"})
 

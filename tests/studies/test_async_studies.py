@@ -39,10 +39,14 @@ def test_async_compares_every_way_at_small_scale():
 
 def test_async_scale_is_simulated_at_three_sizes_and_two_kinds_of_speeds():
     study = load_study(STUDIES / "async_scale.toml")
-    assert len(study.runs) == 31 and {r.engine for r in study.runs} == {"simulated"}
+    assert len(study.runs) == 43 and {r.engine for r in study.runs} == {"simulated"}
     many = [r for r in study.runs if r.workers > 1]
     assert {r.workers for r in many} == {4, 16, 64}
-    assert Counter(r.engine_options.get("speed_spread", 0.0) for r in many) == {0.0: 15, 0.5: 15}
+    kinds = Counter(
+        (r.engine_options.get("speed_spread", 0.0), r.engine_options.get("steps", "equal")) for r in many
+    )
+    assert kinds == {(0.0, "equal"): 15, (0.5, "equal"): 15, (0.5, "by_speed"): 12}
+    assert all(r.algorithm["name"] == "async_local_sgd" for r in many if r.engine_options.get("steps"))
     fixes = {
         (r.algorithm.get("staleness_lr", False), r.algorithm.get("outer_optimizer", "sgd")) for r in many
     }

@@ -164,7 +164,8 @@ class SimulatedReplicas:
             return  # no parameter server: replicas step together whatever their speeds
         server: Any = comm.server
         streams = [self._stream(k, batch_size, seed) for k in range(self.replicas)]
-        self.asynchrony = Asynchrony(server, speeds, server.options.period, total_steps, streams)
+        totals = self.options.totals(speeds, total_steps)
+        self.asynchrony = Asynchrony(server, speeds, server.options.period, totals, streams)
         comm.schedule = self.asynchrony
         if self.asynchrony.masking:
             self._loss_steps = torch.zeros(self.replicas, device=self.device)

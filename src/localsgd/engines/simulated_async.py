@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from localsgd.comm.base import Server
-from localsgd.util.checks import ConfigError, check_float, from_dict
+from localsgd.util.checks import ConfigError, check_choice, check_float, from_dict
 
 
 @dataclass(frozen=True)
@@ -45,12 +45,17 @@ class SimulatedOptions:
     speed_spread: float = 0.0
     """σ of log-normal worker speeds drawn from the run's seed (heterogeneous hardware),
     normalised to a mean of 1; 0: all 1. Not together with ``worker_speeds``."""
+    steps: str = "equal"
+    """How many steps each worker of an asynchronous run takes: ``equal`` (each the run's
+    steps, so the slowest finishes last), or ``by_speed`` (in proportion to its speed, the
+    same steps in all: every worker trains for the same virtual time, the fast ones more)."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "worker_speeds", tuple(self.worker_speeds))
         for i, speed in enumerate(self.worker_speeds):
             check_float(f"engine_options.worker_speeds[{i}]", speed, 0.0, None, low_open=True)
         check_float("engine_options.speed_spread", self.speed_spread, 0.0, 10.0)
+        check_choice("engine_options.steps", self.steps, ("equal", "by_speed"))
         if self.worker_speeds and self.speed_spread:
             raise ConfigError("give engine_options.worker_speeds or engine_options.speed_spread, not both")
 
@@ -67,6 +72,18 @@ class SimulatedOptions:
         g = torch.Generator().manual_seed(seed * 7919 + 104729)
         draws = torch.exp(torch.randn(workers, generator=g, dtype=torch.float64) * self.speed_spread)
         return [float(v) for v in draws / draws.mean()]
+
+    def totals(self, speeds: Sequence[float], total_steps: int) -> list[int]:
+        """Each worker's steps: ``total_steps`` each, or (``by_speed``) shares of K times
+        that in proportion to the speeds (largest remainders; at least one step each)."""
+        k = len(speeds)
+        if self.steps == "equal" or len(set(speeds)) == 1:
+            return [total_steps] * k
+        exact = [total_steps * k * s / sum(speeds) for s in speeds]
+        out = [max(1, math.floor(e)) for e in exact]
+        for i in sorted(range(k), key=lambda i: (out[i] - exact[i], i))[: max(0, total_steps * k - sum(out))]:
+            out[i] += 1
+        return out
 
 
 def simulated_options(raw: Mapping[str, Any] | None, workers: int | None = None) -> SimulatedOptions:
@@ -90,16 +107,16 @@ class EventLoop:
     of them could come first (``on_push(k)`` hands worker k's model to the server,
     ``on_pull(k)`` gives it the model the server returned)."""
 
-    def __init__(self, speeds: Sequence[float], period: int, total_steps: int, server: Server) -> None:
+    def __init__(self, speeds: Sequence[float], period: int, totals: Sequence[int], server: Server) -> None:
         self.speeds = list(speeds)
         self.period = period
-        self.total = total_steps
+        self.totals = list(totals)
         self.server = server
         k = len(self.speeds)
         self.time = 0.0
         self.steps = [0] * k
         self.start = [0.0] * k
-        self.lengths = [min(period, total_steps)] * k
+        self.lengths = [min(period, total) for total in self.totals]
         self.state = [COMPUTE] * k
         self.finish_at = [math.inf] * k
 
@@ -130,7 +147,7 @@ class EventLoop:
             for j, s in enumerate(self.state):
                 if s == PENDING and self.server.ready(j):
                     on_pull(j)
-                    left = self.total - self.steps[j]
+                    left = self.totals[j] - self.steps[j]
                     if left == 0:
                         self.state[j] = FINISHED
                         self.server.finish(j)
@@ -167,9 +184,9 @@ class NullServer:
         return getattr(self.inner, name)
 
 
-def plan(speeds: Sequence[float], period: int, total_steps: int, server: Any) -> list[Batch]:
-    """The batches a run of these speeds takes (see :class:`EventLoop`)."""
-    loop = EventLoop(speeds, period, total_steps, NullServer(server))
+def plan(speeds: Sequence[float], period: int, totals: Sequence[int], server: Any) -> list[Batch]:
+    """The batches a run of these speeds and per-worker steps takes (see :class:`EventLoop`)."""
+    loop = EventLoop(speeds, period, totals, NullServer(server))
     batches = []
     while not loop.finished:
         due = loop.due
@@ -191,13 +208,13 @@ class Asynchrony:
         server: Server,
         speeds: Sequence[float],
         period: int,
-        total_steps: int,
+        totals: Sequence[int],
         streams: list[Iterator[Any]],
     ) -> None:
         self.server = server
         self.period = period
-        self.batches = plan(speeds, period, total_steps, server)
-        self.loop = EventLoop(speeds, period, total_steps, server)
+        self.batches = plan(speeds, period, totals, server)
+        self.loop = EventLoop(speeds, period, totals, server)
         self.streams = streams
         self.filler: Any = None
         self.iteration = 0

@@ -13,6 +13,7 @@ a speed estimated over a short window, as progress bars do by default, knows not
 from __future__ import annotations
 
 import contextlib
+import json
 import sys
 import threading
 import time
@@ -35,6 +36,7 @@ from rich.text import Text
 from localsgd.records.record import Metric, MetricsRow, RecordError, Status, read_metrics
 from localsgd.report.labels import variant_label
 from localsgd.studies.schema import RunConfig
+from localsgd.util.nest import flatten
 
 
 def duration(seconds: float) -> str:
@@ -63,6 +65,20 @@ def primary_value(info: Status | None, metric: Metric | None = None) -> str:
 def run_label(run: RunConfig) -> str:
     """``"local_sgd H=4  K=4  seed=1"``."""
     return f"{variant_label(run.to_dict())}  K={run.workers}  seed={run.seed}"
+
+
+def plan_lines(runs: Sequence[RunConfig]) -> list[str]:
+    """One line per planned run: its id, label and batch, then every other setting that
+    differs between the runs (``engine_options.speed_spread=0.5``)."""
+    flat = [flatten(run.to_dict()) for run in runs]
+    shown = ("name", "algorithm.", "workers", "seed", "data.batch_size")
+    keys = sorted({k for f in flat for k in f if not k.startswith(shown)})
+    varying = [k for k in keys if len({json.dumps(f.get(k), sort_keys=True, default=str) for f in flat}) > 1]
+    lines = []
+    for run, f in zip(runs, flat):
+        extra = "".join(f"  {k}={f[k]}" for k in varying if k in f)
+        lines.append(f"{run.run_id()}  {run_label(run)}  B={run.data.batch_size}{extra}")
+    return lines
 
 
 class StudyProgress:

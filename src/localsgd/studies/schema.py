@@ -307,6 +307,11 @@ class RunConfig:
         check_int("threads", self.threads, 1, MAX_THREADS)
         check_choice("fixed", self.fixed, ("worker_batch", "global_batch"))
         algorithm = self.algorithm_config(steps_per_epoch=1)  # validates the algorithm table
+        if getattr(options, "steps", "equal") != "equal" and not algorithm.asynchronous:
+            raise ConfigError(
+                f"engine_options.steps = {options.steps!r} needs an asynchronous algorithm "  # type: ignore[attr-defined]
+                f"(a parameter server); {algorithm.name!r} steps every worker together"
+            )
         if algorithm.asynchronous and getattr(options, "heterogeneous", False):
             warm = self.schedule.warmup_epochs or self.schedule.warmup_steps or self.schedule.warmup_ratio
             constant = self.schedule.name == "constant" and not warm
