@@ -447,7 +447,7 @@ def _document(
         missing = sum(1 for r in planned if isinstance(r, dict) and r.get("run_id") not in done)
         if missing:
             pending.append(f"{missing} of the {len(planned)} planned runs have not finished yet.")
-    simulated = sorted(set(runs.loc[~runs["real_wall_time"].astype(bool), "engine"]))
+    simulated = sorted(set(runs.loc[~runs["real_wall_time"].astype(bool), "engine_name"]))
 
     def figure(stem: str) -> list[Block]:
         return _figure_blocks(figures, stem, formats)

@@ -116,6 +116,7 @@ def _run_row(record: RunRecord, rows: list[MetricsRow]) -> dict[str, Any]:
     wall = _number(last.wall_seconds if last else info.wall_seconds)
     samples = _number(last.samples if last else info.samples)
     counters = info.counters
+    engine = info.engine.name if info.engine else str(config.get("engine", "?"))
     row: dict[str, Any] = {
         "run_id": record.run_id,
         "name": record.name,
@@ -129,7 +130,8 @@ def _run_row(record: RunRecord, rows: list[MetricsRow]) -> dict[str, Any]:
         "lr": _number((config.get("optimizer") or {}).get("lr")),
         "seed": config.get("seed"),
         "period": period(config),
-        "engine": info.engine.name if info.engine else str(config.get("engine", "?")),
+        "engine": _engine_label(engine, config.get("engine_options")),
+        "engine_name": engine,
         "real_wall_time": info.engine.real_wall_time if info.engine else True,
         "evaluations": len(rows),
         "final_step": _number(last.step if last else info.steps),
@@ -266,6 +268,22 @@ def load(store_dir: str | Path) -> Study:
     return Study(Path(store.root), runs, metrics, group_keys, plan, counters, declared, primaries)
 
 
+def _engine_label(engine: str, options: Any) -> str:
+    """``"hogwild procs_per_device=2"``: the engine with its options, if any. Engine options
+    say how the same training is run (processes per device, simulated worker speeds), so
+    they go with the engine (a group key where it varies), not with the ``setting`` that a
+    speedup baseline must share."""
+    if not isinstance(options, Mapping) or not options:
+        return engine
+    return (
+        engine
+        + " "
+        + ", ".join(
+            f"{k}={json.dumps(v) if isinstance(v, (list, dict)) else v}" for k, v in sorted(options.items())
+        )
+    )
+
+
 def _varying_settings(workloads: list[str], configs: list[dict[str, Any]]) -> list[str]:
     """Config keys (flattened) whose value differs between runs of the same workload,
     besides the group key, the seed and the algorithm's own table."""
@@ -280,7 +298,7 @@ def _varying_settings(workloads: list[str], configs: list[dict[str, Any]]) -> li
     return [
         k
         for k in keys
-        if not k.startswith("algorithm.")
+        if not k.startswith(("algorithm.", "engine_options."))
         and k not in _NOT_SETTINGS
         and any(varies(k, group) for group in by_workload.values())
     ]
