@@ -55,6 +55,8 @@ def runs_frame(study: Study) -> pd.DataFrame:
                 "run_id": rid,
                 "workload": run.workload,
                 "group": run.group,
+                "variant": str(run.variant),
+                "engine": str(run.engine),
                 "workers": int(run.workers),
                 "steps": number(run.final_step),
                 "updates": number(last["updates"]) if last is not None else math.nan,
@@ -102,6 +104,8 @@ def groups(frame: pd.DataFrame) -> pd.DataFrame:
             {
                 "workload": workload,
                 "group": group,
+                "variant": part["variant"].iloc[0],
+                "engine": part["engine"].iloc[0],
                 "workers": int(part["workers"].iloc[0]),
                 "seeds": len(part),
                 "updates": part["updates"].mean(),
@@ -124,40 +128,50 @@ def groups(frame: pd.DataFrame) -> pd.DataFrame:
     return out.iloc[order].reset_index(drop=True)
 
 
-def staleness_plot(summary: pd.DataFrame, look: dict[str, graphics.Style]) -> MplFigure:
+def staleness_plot(summary: pd.DataFrame) -> MplFigure:
     """The cumulative distribution of the pushes' staleness (fraction of pushes with τ ≤ x),
-    one line per configuration with a server in its family's colour, marker and line style,
-    one panel per worker count K (staleness scales with K; each panel its own τ range)."""
+    one panel per worker count K (staleness scales with K; each panel its own τ range), one
+    line per configuration with a server: its line style and marker the variant's, its
+    colour the engine's (with the engine's options: worker speeds, say), which is what
+    shapes the distribution most; one legend for both, K left to the panel titles."""
+    from matplotlib.lines import Line2D
+
     part = summary[summary["histogram"].map(bool)]
     counts = sorted({int(k) for k in part["workers"]})
+    several = part["workload"].nunique() > 1
+    variants = sorted(
+        dict.fromkeys(
+            str(v) + (f" ({w})" if several else "") for v, w in zip(part["variant"], part["workload"])
+        ),
+        key=natural_key,
+    )
+    engines = sorted(dict.fromkeys(str(e) for e in part["engine"]), key=natural_key)
+    colors = dict(zip(engines, graphics.palette(len(engines))))
+    look: dict[str, tuple[Any, str]] = {
+        v: (graphics.LINESTYLES[i % len(graphics.LINESTYLES)], graphics.MARKERS[i % len(graphics.MARKERS)])
+        for i, v in enumerate(variants)
+    }
+    entries = len(variants) + (len(engines) if len(engines) > 1 else 0)
     title = "Staleness of the pushes to the parameter server (cumulative, pooled over seeds)"
-    fig, (owner,) = graphics.stack([graphics.grid_size(len(counts), len(part))], [], False, title)
+    fig, (owner,) = graphics.stack([graphics.grid_size(len(counts), entries)], [], False, title)
     ncols = min(3, len(counts))
     axes = owner.subplots(math.ceil(len(counts) / ncols), ncols, squeeze=False, sharey=True).flat
-    several = part["workload"].nunique() > 1
     for ax, k in zip(axes, counts):
         for row in part[part["workers"] == k].itertuples(index=False):
-            style = look[str(row.group)]
+            linestyle, marker = look[str(row.variant) + (f" ({row.workload})" if several else "")]
+            color = colors[str(row.engine)]
             total = sum(row.histogram.values())
             xs = sorted(row.histogram)
             ys = [sum(row.histogram[x] for x in xs[: i + 1]) / total for i in range(len(xs))]
-            ax.step(
-                [0, *xs],
-                [0.0, *ys],
-                where="post",
-                color=style.color,
-                linestyle=style.linestyle,
-                linewidth=1.4,
-                label=f"{row.group}" + (f" ({row.workload})" if several else ""),
-            )
+            ax.step([0, *xs], [0.0, *ys], where="post", color=color, linestyle=linestyle, linewidth=1.4)
             ax.plot(
                 xs,
                 ys,
                 linestyle="none",
-                marker=style.marker,
+                marker=marker,
                 markevery=max(1, len(xs) // 10),
                 markersize=3.5,
-                color=style.color,
+                color=color,
             )
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # staleness counts updates
         ax.set_title(f"K = {k}", fontsize="medium")
@@ -166,12 +180,18 @@ def staleness_plot(summary: pd.DataFrame, look: dict[str, graphics.Style]) -> Mp
     for ax in list(axes)[len(counts) :]:
         ax.set_visible(False)
     axes[0].set_ylabel("fraction of pushes with staleness ≤ τ")
-    handles, labels = [], []
-    for ax in list(axes)[: len(counts)]:
-        h, lab = ax.get_legend_handles_labels()
-        handles += h
-        labels += lab
-    graphics.legend(owner, handles, labels, "variant, workers K")
+    one = len(engines) == 1
+    ink = colors[engines[0]] if one else graphics.CONTEXT_DARK
+    handles: list[Any] = [
+        Line2D([], [], color=ink, linestyle=ls, marker=m, markersize=3.5, linewidth=1.4)
+        for ls, m in look.values()
+    ]
+    labels = list(look)
+    if not one:
+        handles += [Line2D([], [], color=colors[e], linewidth=2.5) for e in engines]
+        labels += engines
+    heading = "variant (line)" if one else "variant (line and marker), engine (colour)"
+    graphics.legend(owner, handles, labels, heading + (f"; engine {engines[0]}" if one else ""))
     return fig
 
 
@@ -283,7 +303,7 @@ def section(
             )
         )
     if has_server:
-        figures[STALENESS_PLOT] = staleness_plot(summary, look)
+        figures[STALENESS_PLOT] = staleness_plot(summary)
         blocks.append(
             Figure(
                 STALENESS_PLOT,

@@ -50,11 +50,13 @@ the edge of an axis."""
 LINESTYLES = ("-", "--", ":", "-.")
 CONTEXT = "0.80"
 """Other families' points and lines in a small multiple."""
+CONTEXT_DARK = "0.35"
+"""A legend's key for a line style or marker alone (its colour given elsewhere)."""
 SIDE_LEGEND_MAX = 12
 """Up to this many legend entries sit at the right; more go below, in columns."""
 
 
-def _palette(n: int) -> list[Any]:
+def palette(n: int) -> list[Any]:
     """``n`` distinct colours, none of them grey (grey is for context)."""
     from matplotlib import colormaps
 
@@ -89,7 +91,7 @@ def family_colors(names: Sequence[str]) -> dict[str, Any]:
     other name (an algorithm this installation does not register) sorted."""
     order = families()
     order += sorted({str(n) for n in names} - set(order))
-    return dict(zip(order, _palette(len(order))))
+    return dict(zip(order, palette(len(order))))
 
 
 def styles(summary: pd.DataFrame) -> dict[str, Style]:

@@ -309,7 +309,7 @@ class RunConfig:
         algorithm = self.algorithm_config(steps_per_epoch=1)  # validates the algorithm table
         if getattr(options, "steps", "equal") != "equal" and not algorithm.asynchronous:
             raise ConfigError(
-                f"engine_options.steps = {options.steps!r} needs an asynchronous algorithm "  # type: ignore[attr-defined]
+                f"engine_options.steps = {options.steps!r} needs an asynchronous algorithm "
                 f"(a parameter server); {algorithm.name!r} steps every worker together"
             )
         if algorithm.asynchronous and getattr(options, "heterogeneous", False):
