@@ -101,3 +101,28 @@ def test_quantiles_of_a_histogram() -> None:
     h = Counter({0: 5, 1: 3, 4: 2})
     assert [quantile(h, q) for q in (0.5, 0.8, 0.9, 1.0)] == [0.0, 1.0, 4.0, 4.0]
     assert quantile(Counter(), 0.5) != quantile(Counter(), 0.5)  # NaN: no pushes
+
+
+def test_figures_have_a_panel_per_worker_count_and_one_legend_for_both_encodings(study: Path) -> None:
+    from matplotlib.colors import to_hex
+
+    from localsgd.report.asynchrony import groups, runs_frame, staleness_plot, updates_plot
+
+    loaded = load(study)
+    summary = groups(runs_frame(loaded))
+    fig = updates_plot(loaded, list(summary["group"]))
+    assert fig is not None
+    shown = [ax for ax in fig.get_axes() if ax.get_visible()]
+    assert [ax.get_title() for ax in shown] == ["K = 4"]
+    # Both runs have K = 4 (no one-worker reference here): a colour each, named by variant.
+    assert len({to_hex(line.get_color()) for line in shown[0].get_lines()}) == 2
+    (legend,) = fig.legends
+    labels = [t.get_text() for t in legend.get_texts()]
+    speeds = "simulated worker_speeds=[2.0, 1.0, 1.0, 0.5]"
+    assert labels == ["async_local_sgd H=2 max_staleness=1", "minibatch_sgd", "simulated", speeds]
+    assert legend.get_title().get_text() == "variant (colour), engine (line style)"
+
+    fig = staleness_plot(summary)
+    (legend,) = fig.legends
+    assert [t.get_text() for t in legend.get_texts()] == ["async_local_sgd H=2 max_staleness=1"]
+    assert legend.get_title().get_text() == f"variant (line); engine {speeds}"  # one engine: in the title

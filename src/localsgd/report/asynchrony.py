@@ -195,9 +195,23 @@ def staleness_plot(summary: pd.DataFrame) -> MplFigure:
     return fig
 
 
-def updates_plot(study: Study, look: dict[str, graphics.Style], groups_shown: list[str]) -> MplFigure | None:
+def _encoding(
+    variants: list[str], engines: list[str]
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, str]]:
+    """Colours by variant, line styles by engine (with its options), markers by variant."""
+    colors = dict(zip(variants, graphics.palette(len(variants))))
+    lines = {e: graphics.LINESTYLES[i % len(graphics.LINESTYLES)] for i, e in enumerate(engines)}
+    markers = {v: graphics.MARKERS[i % len(graphics.MARKERS)] for i, v in enumerate(variants)}
+    return colors, lines, markers
+
+
+def updates_plot(study: Study, groups_shown: list[str]) -> MplFigure | None:
     """The primary metric against updates of the evaluated model (mean over seeds at each
-    evaluation), a block per workload, updates on a log axis; None when nothing to draw."""
+    evaluation), a block per workload, updates on a log axis; one panel per worker count K
+    (one worker drawn in every panel, in black, as the reference), colour and marker by
+    variant, line style by engine; None when nothing to draw."""
+    from matplotlib.lines import Line2D
+
     done = study.runs[study.runs["status"] == "completed"]
     panels = []
     for workload in graphics.workloads(done):
@@ -206,43 +220,79 @@ def updates_plot(study: Study, look: dict[str, graphics.Style], groups_shown: li
             continue
         mine = done[done["workload"] == workload]
         lines = {}
-        for group in [g for g in dict.fromkeys(mine["group"]) if g in groups_shown and g in look]:
-            ids = set(mine[mine["group"] == group]["run_id"])
-            rows = study.metrics[study.metrics["run_id"].isin(ids)].dropna(subset=["updates", metric.name])
+        for group in [g for g in dict.fromkeys(mine["group"]) if g in groups_shown]:
+            runs = mine[mine["group"] == group]
+            rows = study.metrics[study.metrics["run_id"].isin(set(runs["run_id"]))]
+            rows = rows.dropna(subset=["updates", metric.name])
             rows = rows[rows["updates"] > 0]
             if len(rows):
                 # Rows at the same evaluation index across seeds: mean updates, mean metric.
                 rows = rows.assign(index=rows.groupby("run_id").cumcount())
-                lines[str(group)] = rows.groupby("index")[["updates", metric.name]].mean()
+                first = runs.iloc[0]
+                key = (int(first["workers"]), str(first["variant"]), str(first["engine"]))
+                lines[key] = rows.groupby("index")[["updates", metric.name]].mean()
         if lines:
             panels.append((str(workload), metric, lines))
     if not panels:
         return None
-    sizes = [graphics.single_size(len(lines)) for _, _, lines in panels]
+    keys = [k for _, _, lines in panels for k in lines]
+    variants = sorted(dict.fromkeys(v for w, v, _ in keys if w > 1), key=natural_key)
+    engines = sorted(dict.fromkeys(e for w, _, e in keys if w > 1), key=natural_key)
+    colors, styles, markers = _encoding(variants, engines)
+    entries = len(variants) + (len(engines) if len(engines) > 1 else 0) + 1
+    sizes = []
+    for _, _, lines in panels:
+        counts = sorted({w for w, _, _ in lines if w > 1}) or [1]
+        sizes.append(graphics.grid_size(len(counts), entries))
     title = "Primary metric against updates of the evaluated model (mean over seeds)"
     fig, owners = graphics.stack(sizes, [p[0] for p in panels], len(panels) > 1, title)
     for owner, (_, metric, lines) in zip(owners, panels):
-        ax = owner.subplots()
-        low, high = math.inf, 0.0
-        for group, mean in lines.items():
-            style = look[group]
-            low, high = min(low, mean["updates"].min()), max(high, mean["updates"].max())
-            ax.plot(
-                mean["updates"],
-                mean[metric.name] * metric.scale,
-                color=style.color,
-                linestyle=style.linestyle,
-                marker=style.marker,
-                markersize=4,
-                label=group,
-            )
-        ax.set_xscale("log")
-        graphics.log_ticks(ax.xaxis, 10, "plain", math.log10(high / low) if high > low else 0.0)
-        ax.set_xlabel("updates of the evaluated model (log scale)")
-        ax.set_ylabel(metric.heading)
-        ax.grid(True, which="both", alpha=0.3)
-        handles, labels = ax.get_legend_handles_labels()
-        graphics.legend(owner, handles, labels, "variant, workers K")
+        counts = sorted({w for w, _, _ in lines if w > 1}) or [1]
+        ncols = min(3, len(counts))
+        axes = owner.subplots(math.ceil(len(counts) / ncols), ncols, squeeze=False, sharey=True).flat
+        for ax, k in zip(axes, counts):
+            low, high = math.inf, 0.0
+            for (workers, variant, engine), mean in lines.items():
+                if workers not in (1, k):
+                    continue
+                alone = workers == 1
+                low, high = min(low, mean["updates"].min()), max(high, mean["updates"].max())
+                ax.plot(
+                    mean["updates"],
+                    mean[metric.name] * metric.scale,
+                    color="black" if alone else colors[variant],
+                    linestyle="-" if alone else styles[engine],
+                    marker=None if alone else markers[variant],
+                    markevery=max(1, len(mean) // 8),
+                    markersize=3.5,
+                    linewidth=1.8 if alone else 1.3,
+                    zorder=3 if alone else 2,
+                )
+            ax.set_xscale("log")
+            graphics.log_ticks(ax.xaxis, 10, "plain", math.log10(high / low) if high > low else 0.0)
+            ax.set_title(f"K = {k}", fontsize="medium")
+            ax.set_xlabel("updates (log scale)")
+            ax.grid(True, which="both", alpha=0.3)
+        for ax in list(axes)[len(counts) :]:
+            ax.set_visible(False)
+        axes[0].set_ylabel(metric.heading)
+    handles: list[Any] = [Line2D([], [], color="black", linewidth=1.8)]
+    labels = [" / ".join(sorted({v for w, v, _ in keys if w == 1}, key=natural_key)) + ", K = 1"]
+    if not any(w == 1 for w, _, _ in keys):
+        handles, labels = [], []
+    handles += [
+        Line2D([], [], color=colors[v], marker=markers[v], markersize=3.5, linewidth=1.3) for v in variants
+    ]
+    labels += variants
+    if len(engines) > 1:
+        handles += [
+            Line2D([], [], color=graphics.CONTEXT_DARK, linestyle=styles[e], linewidth=1.3) for e in engines
+        ]
+        labels += engines
+    heading = "variant (colour)" + (
+        ", engine (line style)" if len(engines) > 1 else f"; engine {engines[0]}" if engines else ""
+    )
+    graphics.legend(owners[-1] if len(owners) > 1 else owners[0], handles, labels, heading)
     return fig
 
 
@@ -292,7 +342,7 @@ def section(
         Table(headers, rows),
     ]
     figures: dict[str, MplFigure] = {}
-    updates = updates_plot(study, look, list(summary["group"]))
+    updates = updates_plot(study, list(summary["group"]))
     if updates is not None:
         figures[UPDATES_PLOT] = updates
         blocks.append(
