@@ -28,7 +28,6 @@ is a measurement, not a test.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -38,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from shared import machine_at_end
+from shared import machine_at_end, write_results
 
 from localsgd import workloads
 from localsgd.algorithms.async_server import ParameterServer, ServerOptions
@@ -47,7 +46,6 @@ from localsgd.records.record import read_metrics
 from localsgd.studies.runner import execute_run
 from localsgd.studies.schema import RunConfig, run_config
 
-RESULTS = Path(__file__).resolve().parent / "results"
 LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 WORKLOAD = {"name": "mnist1d_mlp", "num_samples": 8000}
 WAYS: list[tuple[str, str, int, dict[str, Any], dict[str, Any]]] = [
@@ -203,10 +201,7 @@ def main() -> None:
         "server_table": server_table,
         "measured": measured,
     }
-    if not args.quick:
-        RESULTS.mkdir(exist_ok=True)
-        (RESULTS / "async.json").write_text(json.dumps(out, indent=2) + "\n")
-        print(f"written: {RESULTS.name}/async.json")
+    write_results("async", out, args.quick)
 
 
 if __name__ == "__main__":

@@ -1,15 +1,19 @@
-"""What the benchmarks that run studies' runs record about the machine they ran on."""
+"""What the benchmarks record about the machine they ran on, and where their results go."""
 
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import platform
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from localsgd.studies.runner import usable_cores
+
+RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def machine_at_end() -> dict[str, Any]:
@@ -24,3 +28,12 @@ def machine_at_end() -> dict[str, Any]:
         "cores": usable_cores(),
         "load_average_at_end": load,
     }
+
+
+def write_results(name: str, out: dict[str, Any], quick: bool) -> None:
+    """``benchmarks/results/<name>.json``, unless the run was ``--quick`` (a smoke test)."""
+    if quick:
+        return
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps(out, indent=2) + "\n")
+    print(f"written: {RESULTS.name}/{name}.json")

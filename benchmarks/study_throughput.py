@@ -23,7 +23,6 @@ Nothing here is asserted: this is a measurement, not a test.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -33,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from shared import machine_at_end
+from shared import machine_at_end, write_results
 
 from localsgd import workloads
 from localsgd.engines.processes import PROCESSES
@@ -42,7 +41,6 @@ from localsgd.records.record import read_metrics
 from localsgd.studies.runner import execute_run
 from localsgd.studies.schema import RunConfig, run_config
 
-RESULTS = Path(__file__).resolve().parent / "results"
 LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
@@ -164,10 +162,7 @@ def main() -> None:
         "table": table,
         "results": results,
     }
-    if not args.quick:
-        RESULTS.mkdir(exist_ok=True)
-        (RESULTS / "study_throughput.json").write_text(json.dumps(out, indent=2) + "\n")
-        print(f"written: {RESULTS.name}/study_throughput.json")
+    write_results("study_throughput", out, args.quick)
 
 
 if __name__ == "__main__":

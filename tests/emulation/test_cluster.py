@@ -183,13 +183,15 @@ def test_an_interrupted_emulation_leaves_nothing_behind(env: Path, sig: signal.S
     command = [sys.executable, "-m", "localsgd.cli", "cluster", "emulate", "run.toml", "--nodes", "2"]
     proc = subprocess.Popen([*command, "--procs-per-node", "1", "--out", str(env / "store")], cwd=env)
     try:
-        # Wait until every node's launcher runs inside its namespace.
+        # Wait until every node's launcher and worker run inside their namespaces (their
+        # command lines name the run's folder; the CLI's own names only the store), so that
+        # the signal comes while training, not while the launchers are being started.
         deadline = time.monotonic() + 240
         state = None
         while time.monotonic() < deadline and proc.poll() is None:
             mine = [p for p in STATE_DIR.glob("lsgd*.json") if json.loads(p.read_text())["pid"] == proc.pid]
             logs = list((env / "store").glob("runs/*.partial/nodes/node*.log"))
-            if mine and len(logs) == 2 and running(str(env / "store")):
+            if mine and len(logs) == 2 and len(running(str(env / "store" / "runs"))) >= 4:
                 state = json.loads(mine[0].read_text())
                 break
             time.sleep(0.2)
