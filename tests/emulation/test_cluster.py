@@ -176,12 +176,20 @@ def make():
 """
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_an_interrupted_emulation_leaves_nothing_behind(env: Path, sig: signal.Signals) -> None:
+@pytest.mark.parametrize(
+    ("sig", "ignored"),
+    [(signal.SIGINT, False), (signal.SIGINT, True), (signal.SIGTERM, False)],
+    ids=["SIGINT", "SIGINT-inherited-ignored", "SIGTERM"],
+)
+def test_an_interrupted_emulation_leaves_nothing_behind(env: Path, sig: signal.Signals, ignored: bool) -> None:
     (env / "slow.py").write_text(SLOW)
     (env / "run.toml").write_text('workers = 2\ndevice = "cpu"\n[workload]\nname = "slow:make"\n')
     command = [sys.executable, "-m", "localsgd.cli", "cluster", "emulate", "run.toml", "--nodes", "2"]
-    proc = subprocess.Popen([*command, "--procs-per-node", "1", "--out", str(env / "store")], cwd=env)
+    # A job a shell without job control puts in the background starts with SIGINT ignored.
+    start = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if ignored else None
+    proc = subprocess.Popen(
+        [*command, "--procs-per-node", "1", "--out", str(env / "store")], cwd=env, preexec_fn=start
+    )
     try:
         # Wait until every node's launcher and worker run inside their namespaces (their
         # command lines name the run's folder; the CLI's own names only the store), so that

@@ -368,9 +368,10 @@ def signals_ignored() -> Iterator[None]:
 
 @contextlib.contextmanager
 def signals_raise() -> Iterator[None]:
-    """Within the block, SIGTERM and SIGHUP raise ``SystemExit`` (SIGINT already raises
-    ``KeyboardInterrupt``), so ``finally`` clauses tear the emulation down. Only in the main
-    thread; elsewhere the block runs unchanged."""
+    """Within the block, SIGTERM and SIGHUP raise ``SystemExit`` and SIGINT raises
+    ``KeyboardInterrupt`` (also where it was inherited ignored, as in a job put in the
+    background by a shell without job control), so ``finally`` clauses tear
+    the emulation down. Only in the main thread; elsewhere the block runs unchanged."""
     import threading
 
     if threading.current_thread() is not threading.main_thread():
@@ -381,6 +382,7 @@ def signals_raise() -> Iterator[None]:
         raise SystemExit(128 + signum)
 
     previous = {sig: signal.signal(sig, raise_exit) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    previous[signal.SIGINT] = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         yield
     finally:
