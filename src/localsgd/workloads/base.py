@@ -45,6 +45,13 @@ Batch = Any
 # entropy with zeros, so [s, e] and [s, e, 0] would otherwise collide).
 _SHUFFLE_TAG = 0x5348
 _AUGMENT_TAG = 0x4147
+_VALIDATION_TAG = 0x5641
+
+SPLITS = ("validation", "test")
+"""The evaluation splits: ``validation``, held out of the training data (what searches,
+targets and early stops select on), and ``test`` (what is reported)."""
+VALIDATION_FRACTION = 0.1
+"""The default share of the training data a built-in workload holds out for validation."""
 
 
 ACCURACY = Metric("accuracy", "test accuracy", "%", True, 100.0)
@@ -87,8 +94,15 @@ class Workload(Protocol):
         epoch, rank) alone."""
         ...
 
-    def evaluate(self, model: nn.Module, device: Device) -> dict[str, float]:
-        """One value per declared metric, over the evaluation split."""
+    def evaluate(self, model: nn.Module, device: Device, split: str = "test") -> dict[str, float]:
+        """One value per declared metric, over ``split`` (one of :data:`SPLITS`): the
+        held-out ``validation`` split or the ``test`` split."""
+        ...
+
+    @property
+    def validation_size(self) -> int:
+        """Examples held out of the training data for validation (0: none; then searches,
+        targets and early stops can only select on test, and reports say so)."""
         ...
 
 
@@ -101,6 +115,7 @@ WORKLOAD_MEMBERS = (
     "train_batches",
     "evaluate",
 )
+"""What a workload must have; ``validation_size`` is optional (see :func:`validation_size`)."""
 
 
 def check_workload(obj: object, where: str) -> Workload:
@@ -124,6 +139,12 @@ def check_workload(obj: object, where: str) -> Workload:
             f"{where} returned a workload whose primary {workload.primary!r} is not one of {names}"
         )
     return workload
+
+
+def validation_size(workload: Workload) -> int:
+    """The workload's validation examples: 0 for a workload of the user's that declares no
+    ``validation_size`` (its ``evaluate`` is then only ever asked for ``test``)."""
+    return int(getattr(workload, "validation_size", 0) or 0)
 
 
 def metric(workload: Workload, name: str | None = None) -> Metric:
@@ -319,6 +340,37 @@ def check_rank(rank: int, world_size: int) -> None:
     check_int("rank", rank, 0)
     if rank >= world_size:
         raise ValueError(f"rank must be in [0, {world_size}) for world_size {world_size}, got {rank}")
+
+
+def check_split(split: object) -> str:
+    """``split`` if it is one of :data:`SPLITS`, else a ``ValueError`` naming the allowed ones."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {list(SPLITS)}, got {split!r}")
+    return str(split)
+
+
+def check_validation_fraction(key: str, fraction: object) -> float:
+    """``fraction`` as a float in [0, 0.5] (0: no validation split), else a ``ConfigError``
+    naming ``key``."""
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 <= fraction <= 0.5:
+        raise ConfigError(
+            f"{key} must be a number in [0, 0.5] (the share of the training data held out for "
+            f"validation; 0: none), got {fraction!r}"
+        )
+    return float(fraction)
+
+
+def validation_split(num_samples: int, fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(training indices, validation indices) of ``num_samples`` training examples, each
+    sorted: ``round(fraction * num_samples)`` of them held out for validation (at least one
+    when ``fraction`` > 0), drawn by a permutation seeded from ``num_samples`` alone. The
+    split never depends on a run's seed, so every run of a study, whatever its seed,
+    trains on the same examples and is selected on the same held-out ones."""
+    check_int("num_samples", num_samples, 1)
+    held = 0 if fraction <= 0 else min(num_samples - 1, max(1, round(fraction * num_samples)))
+    generator = torch.Generator().manual_seed(derive_seed(_VALIDATION_TAG, num_samples))
+    perm = torch.randperm(num_samples, generator=generator)
+    return perm[held:].sort().values, perm[:held].sort().values
 
 
 def cache_dir() -> Path:
