@@ -343,12 +343,20 @@ def report(
         str | None,
         typer.Option(
             help="A result to reach, as METRIC=VALUE (accuracy=0.9: accuracies are fractions) or a "
-            "bare VALUE of the primary metric: the report adds steps-to-result (minimum over trials "
-            "of the first step that strictly crosses it; default: the study's [study] target) and, "
+            "bare VALUE of the primary metric: the report adds steps-to-result (the best trial's mean "
+            "over seeds of the first step that strictly crosses it on the --select-on split; default: "
+            "the study's [study] target) and, "
             "with --cluster, the estimated time to it (default there: the best mean final value of "
             "each workload, 5% short of it)."
         ),
     ] = None,
+    select_on: Annotated[
+        str,
+        typer.Option(
+            help="The split targets and steps-to-result read: validation (held out of the training "
+            "data; the default) or test. Tables and figures show test either way."
+        ),
+    ] = "validation",
     formats: Annotated[
         str,
         typer.Option("--format", help="Figure files to write, comma-separated: png, pdf, svg."),
@@ -368,7 +376,9 @@ def report(
 
     try:
         check_output_folder("--out", out if out is not None else store_dir / "report")
-        paths = make_report(store_dir, out, cluster=cluster, target=target, formats=formats, dpi=dpi)
+        paths = make_report(
+            store_dir, out, cluster=cluster, target=target, formats=formats, dpi=dpi, select_on=select_on
+        )
     except ValueError as exc:
         raise _fail(str(exc)) from None
     figures = [p for kind, p in paths.items() if kind not in ("markdown", "html", "xlsx")]

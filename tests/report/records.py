@@ -20,7 +20,8 @@ PROCESSES = EngineInfo("processes", real_wall_time=True)
 
 
 def metrics_row(row: dict[str, Any]) -> MetricsRow:
-    """A test's plain row (``test_accuracy``, ``test_loss`` and counters) as a record row."""
+    """A test's plain row (``test_accuracy``, ``test_loss``, optionally
+    ``validation_accuracy`` and ``validation_loss``, and counters) as a record row."""
     return MetricsRow(
         step=row["step"],
         epoch=row["epoch"],
@@ -29,6 +30,11 @@ def metrics_row(row: dict[str, Any]) -> MetricsRow:
         lr=row.get("lr", 0.1),
         train_loss=row.get("train_loss"),
         metrics={"accuracy": row["test_accuracy"], "eval_loss": row["test_loss"]},
+        validation=(
+            {"accuracy": row["validation_accuracy"], "eval_loss": row.get("validation_loss", 0.0)}
+            if "validation_accuracy" in row
+            else {}
+        ),
         bytes=row.get("bytes", 0),
         syncs=row.get("syncs", 0),
         collectives=row.get("collectives", 0),

@@ -140,13 +140,16 @@ def test_the_steps_figures_and_section(tmp_path: Path) -> None:
     alone = steps_plots.local_sgd_steps(table[table["workers"] == 1])
     assert alone.figure is None and alone.left_out == {"mnist1d_cnn": "no run of K>1 workers with a period H"}
 
-    blocks = _steps_section(targets, table, lambda stem: [Figure(stem, stem)])
+    from localsgd.report.selection import selection
+
+    blocks = _steps_section(targets, table, selection(study), lambda stem: [Figure(stem, stem)])
     text = to_markdown(blocks)
     assert "Target for mnist1d_cnn: test accuracy > 80%" in text
-    assert "| mnist1d_cnn | minibatch_sgd [momentum searched] | 1 | 64 | 64 | 2/2 | 40 |" in text
-    assert "| mnist1d_cnn | minibatch_sgd [optimizer.momentum=0] | 1 | 256 | 256 | 1/2 | 80 |" in text
+    assert "selected on the test split, as its runs hold no validation split." in text
+    assert "| mnist1d_cnn | minibatch_sgd [momentum searched] | 1 | 64 | 64 | 2/2 | 1 | 40 |" in text
+    assert "| mnist1d_cnn | minibatch_sgd [optimizer.momentum=0] | 1 | 256 | 256 | 1/2 | 1 | 80 |" in text
     assert (
-        "| mnist1d_cnn | local_sgd H=4 [optimizer.momentum=0.9] | 16 | 16 | 256 | 1/1 | 20 | 0.2 | 5 |"
+        "| mnist1d_cnn | local_sgd H=4 [optimizer.momentum=0.9] | 16 | 16 | 256 | 1/1 | 1 | 20 | 0.2 | 5 |"
         in text
     )
     assert not any(isinstance(b, Paragraph) for b in blocks)
@@ -161,3 +164,66 @@ def test_the_evaluation_interval_is_not_a_setting(tmp_path: Path) -> None:
         write_run(store, f"run{i}", config, _rows([0.5, 0.9]), "completed")
     study = load(store.root)
     assert "setting" not in study.group_keys and set(study.runs["setting"]) == {""}
+
+
+def _seeded_store(root: Path) -> Store:
+    """Three trials (lr 0.1, 0.2, 0.4) x 3 seeds at one batch size. Validation crosses 0.8 at
+    steps (10, 20, 30) for lr 0.1 (mean 20), (20, 30, 40) for lr 0.2 (mean 30), and never on
+    lr 0.4's seed 2. Test crosses at step 40 on every run but lr 0.2's seed 0, which crosses
+    at step 10: the minimum over seeds, or a selection on test, would pick lr 0.2."""
+    crossings = {(0.1, 0): 10, (0.1, 1): 20, (0.1, 2): 30, (0.2, 0): 20, (0.2, 1): 30, (0.2, 2): 40}
+    crossings |= {(0.4, 0): 10, (0.4, 1): 10, (0.4, 2): 99}
+    store = Store(root)
+    planned = []
+    for (lr, seed), at in crossings.items():
+        config = RunConfig(name="seeded", seed=seed).to_dict()
+        config["data"]["batch_size"] = 16
+        config["optimizer"]["lr"] = lr
+        rows = []
+        for step in (10, 20, 30, 40):
+            test = 0.95 if (lr, seed) == (0.2, 0) or step >= 40 else 0.5
+            rows.append(
+                {
+                    "step": step,
+                    "epoch": step / 100,
+                    "samples": 16 * step,
+                    "wall_seconds": float(step),
+                    "test_accuracy": test,
+                    "test_loss": 1 - test,
+                    "validation_accuracy": 0.9 if step >= at else 0.5,
+                }
+            )
+        run_id = f"lr{lr}-s{seed}"
+        write_run(store, run_id, config, rows, "completed")
+        planned.append({"run_id": run_id, **config, "search": {"keys": ["optimizer.lr"]}})
+    store.write_plan({"study": "seeded", "target": {"mnist1d_cnn": "accuracy=0.8"}, "runs": planned})
+    return store
+
+
+def test_steps_to_result_selects_on_validation_and_takes_seeds_as_replicates(tmp_path: Path) -> None:
+    from localsgd.report.selection import selection
+
+    study = load(_seeded_store(tmp_path / "store").root)
+    assert selection(study).split("mnist1d_cnn") == "validation"
+    (row,) = steps_table(study, goals(study, None)).to_dict("records")
+    # Three trials of three seeds each, not nine trials; lr 0.4 misses on one seed.
+    assert (row["trials"], row["seeds"], row["reached"], row["split"]) == (3, 3, 2, "validation")
+    # The best trial by its mean over seeds, with the spread over seeds.
+    assert (row["best_lr"], row["steps"], row["steps_std"]) == (0.1, pytest.approx(20.0), pytest.approx(10.0))
+    # Its test accuracy beside it: at each seed's crossing (0.5: not yet on test), at the end.
+    assert (row["test_at_result"], row["final_test"]) == (pytest.approx(0.5), pytest.approx(0.95))
+    # On test, lr 0.2 has the best mean (10, 40, 40 -> 30); never the minimum over seeds (10).
+    on_test = steps_table(study, goals(study, None), selection(study, "test")).to_dict("records")[0]
+    assert (on_test["split"], on_test["best_lr"], on_test["steps"]) == ("test", 0.2, pytest.approx(30.0))
+    with pytest.raises(ValueError, match="--select-on must be one of validation, test"):
+        selection(study, "train")
+
+
+def test_selection_falls_back_to_test_without_validation_values(tmp_path: Path) -> None:
+    from localsgd.report.selection import selection
+
+    study = load(_store(tmp_path / "store").root)  # rows without validation values
+    chosen = selection(study)
+    assert chosen.split("mnist1d_cnn") == "test"
+    assert chosen.sentence("mnist1d_cnn").endswith("as its runs hold no validation split")
+    assert set(steps_table(study, goals(study, None), chosen)["split"]) == {"test"}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -33,6 +34,9 @@ def test_learning_rate_schedules():
     assert at(10, **scaled) == pytest.approx(0.25)
     assert at(20, **scaled) == pytest.approx(0.4)
     assert at(99, **scaled) == pytest.approx(0.4)
+    # After a warmup, cosine decays over the steps that follow it: the peak at its end.
+    assert at(20, name="cosine", **scaled) == pytest.approx(0.4)
+    assert at(60, name="cosine", **scaled) == pytest.approx(0.2)
 
 
 def test_linear_schedule_with_warmup_matches_transformers():
@@ -87,3 +91,112 @@ def test_the_default_warmup_leaves_run_ids_unchanged():
     constant = run_config({"workload": "mnist1d_cnn", "schedule": {"warmup_epochs": 1.0, "warmup": "constant"}})
     assert base.run_id() == gradual.run_id() != constant.run_id()
     assert base.to_dict()["schedule"]["warmup"] == "gradual"  # recorded with the run, not in its id
+
+
+def _expected_after_warmup(step: int, total: int, warm: int, peak: float, schedule: ScheduleConfig) -> float:
+    """The named schedule from the peak, written out independently of recipes.DECAYS."""
+    if schedule.name == "constant":
+        return peak
+    if schedule.name == "step":
+        return peak * schedule.gamma ** sum(1 for m in schedule.milestones if step / total >= m)
+    p = (step - warm) / (total - warm)
+    if schedule.name == "cosine":
+        return peak * 0.5 * (1 + math.cos(math.pi * p))
+    if schedule.name == "half_cosine":
+        return peak if p < 0.5 else peak * 0.5 * (1 + math.cos(math.pi * (2 * p - 1)))
+    assert schedule.name == "linear", schedule.name
+    return peak * (1 - p)
+
+
+def test_warmup_only_rises_to_the_peak_then_follows_the_named_schedule():
+    # A grid of (K, B, base_batch, lr, warmup kind, start, schedule): the recorded rate never
+    # exceeds the peak, rises (or holds) during the warmup, is the peak at its end, and is the
+    # named schedule after it. steps per epoch 10, 100 steps, warmup 2 epochs (step decays at
+    # 50 % and 75 %, after the warmup).
+    total, per_epoch = 100, 10
+    cases = 0
+    for workers, batch, base_batch, lr, kind, start, name in itertools.product(
+        (1, 4, 16),
+        (16, 128),
+        (32, 256),
+        (0.05, 0.2),
+        ("gradual", "constant"),
+        (None, "base", 0.0, 0.25),
+        ("constant", "step", "cosine", "half_cosine", "linear"),
+    ):
+        schedule = ScheduleConfig(
+            name=name,
+            linear_scaling=True,
+            base_batch=base_batch,
+            warmup_epochs=2.0,
+            warmup=kind,
+            warmup_start=start,
+        )
+        global_batch = workers * batch
+        peak = lr * global_batch / base_batch
+        warm = recipes.plan_warmup(schedule, total, per_epoch, lr, global_batch)
+        rates = [recipes.lr_at(s, total, per_epoch, lr, schedule, global_batch) for s in range(total)]
+        where = (workers, batch, base_batch, lr, kind, start, name)
+        assert warm.peak_lr == pytest.approx(peak), where
+        assert max(rates) <= peak * (1 + 1e-12), where
+        if start in (None, "base") and peak <= lr:
+            # k <= 1: a warmup from the base rate would fall; none is taken, and it is said.
+            assert warm.steps == 0 and warm.note.startswith("no warmup needed"), where
+        else:
+            assert warm.steps == 20 and warm.start_lr <= peak, where
+            during = rates[: warm.steps]
+            assert all(a <= b + 1e-15 for a, b in itertools.pairwise(during)), where
+            assert rates[warm.steps] == pytest.approx(peak), where
+            expected_start = lr if start in (None, "base") else float(start) * peak
+            assert rates[0] == pytest.approx(expected_start), where
+        for s in range(warm.steps, total):
+            expected = _expected_after_warmup(s, total, warm.steps, peak, schedule)
+            assert rates[s] == pytest.approx(expected, abs=1e-12), (where, s)
+        cases += 1
+    assert cases == 3 * 2 * 2 * 2 * 2 * 4 * 5
+
+
+def test_warmup_settings_are_checked():
+    with pytest.raises(ValueError, match=r'schedule\.warmup_start must be "base"'):
+        ScheduleConfig(warmup_epochs=1.0, warmup_start=1.5)
+    with pytest.raises(ValueError, match=r'schedule\.warmup_start must be "base"'):
+        ScheduleConfig(warmup_epochs=1.0, warmup_start="peak")
+    with pytest.raises(ValueError, match=r"schedule\.milestones\[0\] = 0.1 of 10 epochs falls inside the warmup"):
+        run_config({"schedule": {"name": "step", "milestones": [0.1, 0.5], "warmup_epochs": 2.0}})
+    # From zero: transformers' warmup, the default start of warmup_steps.
+    assert ScheduleConfig(warmup_steps=5).start_of_warmup() == 0.0
+    assert ScheduleConfig(warmup_epochs=1.0).start_of_warmup() == "base"
+
+
+def test_a_small_global_batch_takes_no_backwards_warmup_and_says_so(tmp_path, monkeypatch):
+    # K = 1, B = 16, base_batch 256: the scaled rate is 1/16 of optimizer.lr. The old recipe
+    # "warmed up" from lr down to it; now the recorded rate never exceeds the post-warmup rate.
+    from localsgd import engines
+    from localsgd.records import Store
+    from localsgd.studies.runner import execute_run
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    config = run_config(
+        {
+            "workload": {"name": "mnist1d_mlp", "num_samples": 1000},
+            "engine": "simulated",
+            "data": {"batch_size": 16},
+            "optimizer": {"lr": 0.2},
+            "schedule": {"linear_scaling": True, "base_batch": 256, "warmup_epochs": 0.5},
+            "train": {"epochs": 1, "eval_every": 1},
+        }
+    )
+    store = Store(tmp_path / "store")
+    assert execute_run(config, store, session=engines.get("simulated").session(in_process=True)) == "completed"
+    (record,) = store.records()
+    rates = [row.lr for row in record.metrics()]
+    assert len(rates) == 45 and max(rates) == pytest.approx(0.2 * 16 / 256)
+    schedule = record.status_info.schedule
+    assert (schedule["warmup_steps"], schedule["peak_lr"]) == (0, pytest.approx(0.0125))
+    assert schedule["note"].startswith("no warmup needed: the peak rate 0.0125 is not above the base rate 0.2")
+    # Every row holds the metrics on both splits, and the record says which is which.
+    assert all(set(row.validation) == set(row.metrics) == {"accuracy", "eval_loss"} for row in record.metrics())
+    assert record.status_info.splits == {
+        "metrics": "test split",
+        "validation": "validation split: 80 examples held out of the training data, never trained on",
+    }

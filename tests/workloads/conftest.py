@@ -13,8 +13,8 @@ from torch import nn
 from localsgd import workloads
 from localsgd.workloads import mnist1d
 
-NUM_SAMPLES = 1000  # -> 800 train / 200 test
-N_TRAIN, N_TEST = 800, 200
+NUM_SAMPLES = 1000  # -> 800 train (80 of them held out for validation) / 200 test
+N_TRAIN, N_VALIDATION, N_TEST = 720, 80, 200
 
 
 @pytest.fixture(scope="module")

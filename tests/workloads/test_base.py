@@ -15,7 +15,7 @@ from torch import nn
 from localsgd import workloads
 from localsgd.util.checks import ConfigError
 from localsgd.workloads.base import derive_seed
-from workloads.conftest import N_TEST, N_TRAIN, NUM_SAMPLES
+from workloads.conftest import N_TEST, N_TRAIN, N_VALIDATION, NUM_SAMPLES
 
 
 def test_names_and_options() -> None:
@@ -29,6 +29,7 @@ def test_names_and_options() -> None:
         "seed": 42,
         "data_path": None,
         "train_error": False,
+        "validation_fraction": 0.1,
     }
 
 
@@ -44,14 +45,22 @@ def test_unknown_name_lists_allowed() -> None:
 def test_unknown_option_lists_allowed() -> None:
     with pytest.raises(
         ConfigError,
-        match=r"unknown key 'workload\.batch_size'; allowed: \['data_path', 'num_samples', 'seed', 'train_error'\]",
+        match=r"unknown key 'workload\.batch_size'; allowed: \['data_path', 'num_samples', 'seed', 'train_error', "
+        r"'validation_fraction'\]",
     ):
         workloads.build("mnist1d_cnn", batch_size=64)
 
 
 def test_sizes_config_and_declared_metrics(cnn: workloads.Workload) -> None:
-    assert (cnn.name, cnn.num_classes, cnn.train_size, cnn.test_size) == ("mnist1d_cnn", 10, N_TRAIN, N_TEST)
-    assert cnn.config == {"num_samples": NUM_SAMPLES, "seed": 42, "data_path": None, "train_error": False}
+    sizes = (cnn.train_size, cnn.validation_size, cnn.test_size)
+    assert (cnn.name, cnn.num_classes, sizes) == ("mnist1d_cnn", 10, (N_TRAIN, N_VALIDATION, N_TEST))
+    assert cnn.config == {
+        "num_samples": NUM_SAMPLES,
+        "seed": 42,
+        "data_path": None,
+        "train_error": False,
+        "validation_fraction": 0.1,
+    }
     assert [m.name for m in cnn.metrics] == ["accuracy", "eval_loss"] and cnn.primary == "accuracy"
     accuracy = workloads.metric(cnn)
     assert (accuracy.higher_is_better, accuracy.unit, accuracy.scale) == (True, "%", 100.0)
@@ -174,9 +183,11 @@ def test_shuffle_and_augment_seeds_do_not_collide() -> None:
 def test_train_batches_follow_the_shards(cnn: workloads.Workload, arrays: dict[str, np.ndarray]) -> None:
     world_size, batch_size, epoch, seed = 3, 32, 1, 11
     steps = cnn.steps_per_epoch(world_size, batch_size)
-    assert steps == (N_TRAIN // world_size) // batch_size == 8
-    x_all = torch.as_tensor(arrays["x"], dtype=torch.float32)
-    y_all = torch.as_tensor(arrays["y"])
+    assert steps == (N_TRAIN // world_size) // batch_size == 7
+    # The examples trained on: the generated training split less the held-out validation.
+    kept, _ = workloads.validation_split(N_TRAIN + N_VALIDATION, 0.1)
+    x_all = torch.as_tensor(arrays["x"], dtype=torch.float32)[kept]
+    y_all = torch.as_tensor(arrays["y"])[kept]
     seen = []
     for rank in range(world_size):
         batches = list(cnn.train_batches(rank, world_size, batch_size, epoch, seed, "cpu"))
@@ -206,13 +217,13 @@ def test_train_batches_reshuffle_every_epoch(cnn: workloads.Workload) -> None:
 def test_train_batch_errors(cnn: workloads.Workload) -> None:
     with pytest.raises(ValueError, match=r"rank must be in \[0, 2\) for world_size 2, got 2"):
         cnn.train_batches(2, 2, 32, 0, 0, "cpu")  # raised on the call, not on first next()
-    with pytest.raises(ValueError, match=r"batch_size must be <= 200 \(train_size 800 // world_size 4\)"):
-        cnn.steps_per_epoch(4, 201)
+    with pytest.raises(ValueError, match=r"batch_size must be <= 180 \(train_size 720 // world_size 4\)"):
+        cnn.steps_per_epoch(4, 181)
     with pytest.raises(ValueError, match=r"batch_size must be an integer >= 1"):
         cnn.steps_per_epoch(1, 0)
     with pytest.raises(ValueError, match=r"epoch must be an integer >= 0"):
         cnn.train_batches(0, 1, 32, -1, 0, "cpu")
-    assert cnn.steps_per_epoch(4, 200) == 1
+    assert cnn.steps_per_epoch(4, 180) == 1
 
 
 def test_importing_workloads_does_not_import_generators() -> None:
@@ -267,3 +278,36 @@ def test_loss_is_mean_cross_entropy_of_the_models_logits(cnn: workloads.Workload
         return logits
 
     assert cnn.loss(model, batch).item() == pytest.approx((-math.log(3 / 4) + math.log(10)) / 2)
+
+
+def test_the_validation_split_is_held_out_of_training(tmp_path, monkeypatch):
+    import torch
+
+    from localsgd import workloads
+    from localsgd.util.checks import ConfigError
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    wl = workloads.build("mnist1d_mlp", num_samples=1000)
+    assert (wl.train_size, wl.validation_size, wl.test_size) == (720, 80, 200)
+    # The same examples for every run seed, disjoint from every rank's shard of every epoch.
+    kept, held = workloads.validation_split(800, 0.1)
+    assert len(set(kept.tolist()) | set(held.tolist())) == 800 and not set(kept.tolist()) & set(held.tolist())
+    assert torch.equal(held, workloads.validation_split(800, 0.1)[1])
+    x_train, _, x_val, *_ = wl._on("cpu")
+    train_rows = {tuple(r) for r in x_train.tolist()}
+    assert not train_rows & {tuple(r) for r in x_val.tolist()}
+    for epoch in (0, 1):
+        for rank in (0, 1):
+            for batch in wl.train_batches(rank, 2, 40, epoch, seed=3, device="cpu"):
+                assert {tuple(r) for r in batch["x"].tolist()} <= train_rows
+    model = wl.make_model(0)
+    val, test = wl.evaluate(model, "cpu", "validation"), wl.evaluate(model, "cpu")
+    assert val != test and val == wl.evaluate(model, "cpu", "validation")
+    with pytest.raises(ValueError, match=r"split must be one of \['validation', 'test'\], got 'train'"):
+        wl.evaluate(model, "cpu", "train")
+    none = workloads.build("mnist1d_mlp", num_samples=1000, validation_fraction=0.0)
+    assert (none.train_size, none.validation_size) == (800, 0)
+    with pytest.raises(ValueError, match="holds out no validation split"):
+        workloads.evaluate(none, model, "cpu", "validation")
+    with pytest.raises(ConfigError, match=r"workload\.validation_fraction must be a number in \[0, 0\.5\]"):
+        workloads.build("mnist1d_mlp", num_samples=1000, validation_fraction=0.9)

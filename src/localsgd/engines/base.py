@@ -107,7 +107,6 @@ class Replicas(Protocol):
         """Whether ``DataParallel`` should re-home the parameters into flat storage."""
         ...
 
-
     def param_ndim(self, p: torch.Tensor) -> int:
         """A parameter's own number of dimensions (without a replica dimension)."""
         ...
@@ -141,9 +140,10 @@ class Replicas(Protocol):
         ``count`` steps of the training loop."""
         ...
 
-    def evaluate(self) -> dict[str, float]:
+    def evaluate(self, split: str = "test") -> dict[str, float]:
         """The workload's metrics of the model in place (the consensus, under
-        ``dp.consensus()``); ``{}`` on ranks that do not evaluate."""
+        ``dp.consensus()``) on ``split`` (``validation`` or ``test``); ``{}`` on ranks that
+        do not evaluate."""
         ...
 
     def begin(

@@ -30,6 +30,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from localsgd import workloads
 from localsgd.comm.base import Communicator
 from localsgd.engines.base import Job, Replicas, Session, register
 from localsgd.engines.launch import launch_run
@@ -358,8 +359,8 @@ class HogwildReplicas:
                 message or f"hogwild helper {failed[0].name} exited with code {failed[0].exitcode}"
             )
 
-    def evaluate(self) -> dict[str, float]:
-        return self.workload.evaluate(self.module, self.device) if self.rank == 0 else {}
+    def evaluate(self, split: str = "test") -> dict[str, float]:
+        return workloads.evaluate(self.workload, self.module, self.device, split) if self.rank == 0 else {}
 
     def iterations(self, total_steps: int) -> int:
         return total_steps

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from localsgd import workloads
 from localsgd.comm.base import Communicator
 from localsgd.engines.base import Job, Replicas, Session, no_options, register
 from localsgd.engines.launch import launch_run, root_error
@@ -121,8 +122,8 @@ class ProcessReplica:
         dp.comm.average([mean], record=False)
         return float(mean.item())
 
-    def evaluate(self) -> dict[str, float]:
-        return self.workload.evaluate(self.module, self.device) if self.rank == 0 else {}
+    def evaluate(self, split: str = "test") -> dict[str, float]:
+        return workloads.evaluate(self.workload, self.module, self.device, split) if self.rank == 0 else {}
 
     def begin(
         self,

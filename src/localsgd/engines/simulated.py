@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from localsgd import workloads
 from localsgd.comm.base import Communicator
 from localsgd.engines.base import Job, Replicas, Session, register
 from localsgd.engines.launch import launch_run
@@ -175,7 +176,8 @@ class SimulatedReplicas:
                 f"speeds, or rounds of unequal length), which is exact for SGD only, not {type(optimizer).__name__}"
             )
         if self.asynchrony.mixed_steps and any(
-            lr(i) != lr(0) for i in range(0, self.asynchrony.iterations, max(1, self.asynchrony.iterations // 997))
+            lr(i) != lr(0)
+            for i in range(0, self.asynchrony.iterations, max(1, self.asynchrony.iterations // 997))
         ):
             raise ValueError(
                 "with unequal worker speeds the simulated engine steps replicas that are at different "
@@ -255,7 +257,11 @@ class SimulatedReplicas:
                 p[still] = rows
             for i, p in enumerate(params):
                 for name, value in optimizer.state.get(p, {}).items():
-                    if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == self.replicas:
+                    if (
+                        isinstance(value, torch.Tensor)
+                        and value.dim() > 0
+                        and value.shape[0] == self.replicas
+                    ):
                         # A momentum buffer born at this step is "none yet" for a held replica: 0
                         # (SGD's first step sets it to the gradient, as 0·β + gradient does).
                         rows = held["state"].get((i, name))
@@ -279,9 +285,10 @@ class SimulatedReplicas:
     def worker_mean(self, value: torch.Tensor, dp: Any) -> float:
         return float(value.double().mean().item())
 
-    def evaluate(self) -> dict[str, float]:
+    def evaluate(self, split: str = "test") -> dict[str, float]:
         # Called under consensus(): every replica holds the consensus model.
-        return self.workload.evaluate(self.module.load_replica_into_template(0), self.device)
+        model = self.module.load_replica_into_template(0)
+        return workloads.evaluate(self.workload, model, self.device, split)
 
     def evaluating(self) -> contextlib.AbstractContextManager[None]:
         return contextlib.nullcontext()
@@ -302,7 +309,9 @@ class SimulatedReplicas:
             # (asynchronous), or every step waiting for the slowest (synchronous).
             out["worker_speeds"] = self.speeds
             out["virtual_time"] = (
-                self.asynchrony.virtual_time() if self.asynchrony is not None else self.total_steps / min(self.speeds)
+                self.asynchrony.virtual_time()
+                if self.asynchrony is not None
+                else self.total_steps / min(self.speeds)
             )
         return out
 

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from localsgd import workloads
 from localsgd.engines.stacked import ReplicaGradients, SimulatedCommunicator, StackedModel, replica_details
 from localsgd.util.nest import zip_nests
 
@@ -43,7 +44,9 @@ class ReplicaSGD(torch.optim.Optimizer):
         self.lr = torch.zeros_like(momentum)
         # Fixed for the run: decided once, not by a device sync at every step.
         self._use_momentum = bool((momentum != 0).any())
-        self._decays = [g["weight_decay"] is not None and bool((g["weight_decay"] != 0).any()) for g in self.param_groups]
+        self._decays = [
+            g["weight_decay"] is not None and bool((g["weight_decay"] != 0).any()) for g in self.param_groups
+        ]
 
     def set_lr(self, lr: torch.Tensor) -> None:
         """η for every replica (``[R]``)."""
@@ -119,7 +122,9 @@ class TrialReplicas:
 
     def per_replica(self, values: Sequence[float]) -> torch.Tensor:
         """One value per trial -> ``[R·K]``, each repeated for the trial's K replicas."""
-        return torch.tensor(list(values), dtype=torch.float32, device=self.device).repeat_interleave(self.replicas)
+        return torch.tensor(list(values), dtype=torch.float32, device=self.device).repeat_interleave(
+            self.replicas
+        )
 
     def batches(self, batch_size: int, epoch: int) -> Iterator[Any]:
         streams = [
@@ -134,9 +139,9 @@ class TrialReplicas:
         """Set the gradients; return each trial's mean loss (``[R]``)."""
         return self.gradients(batch).mean(1)
 
-    def evaluate(self, trial: int) -> dict[str, float]:
+    def evaluate(self, trial: int, split: str = "test") -> dict[str, float]:
         # Called under consensus(): every replica of a trial holds its consensus model.
-        return self.workload.evaluate(self.final_model(trial), self.device)
+        return workloads.evaluate(self.workload, self.final_model(trial), self.device, split)
 
     def final_model(self, trial: int) -> nn.Module:
         return self.module.load_replica_into_template(trial * self.replicas)

@@ -28,8 +28,15 @@ from typing import IO, Any, TypeVar
 from localsgd.util.checks import ConfigError, from_dict
 from localsgd.util.files import write_atomic, write_json_atomic
 
-RECORD_VERSION = 2
-"""Version 2: declared metrics (``metrics`` per row), structured errors, engine info."""
+RECORD_VERSION = 3
+"""Version 3: a validation split held out of the training data (``validation`` per row, the
+splits named in the status) and warmups that only rise (``schedule`` in the status); runs of
+version 2 trained on every training example and may have warmed up downwards. Version 2:
+declared metrics (``metrics`` per row), structured errors, engine info."""
+
+SPLITS = ("validation", "test")
+"""What a selection (a target, an early stop, a search's best trial) may read: the
+held-out validation split (the default) or the test split."""
 
 STATUSES = ("completed", "failed", "diverged")
 
@@ -205,7 +212,10 @@ class MetricsRow:
     train_loss: float | None
     """Mean training loss over workers since the previous evaluation (None at step 0)."""
     metrics: dict[str, float | None]
-    """The workload's declared metrics of the consensus model."""
+    """The workload's declared metrics of the consensus model on the test split."""
+    validation: dict[str, float | None] = field(default_factory=dict)
+    """The same metrics on the validation split held out of the training data (empty when
+    the workload holds none out)."""
     bytes: int = 0
     syncs: int = 0
     collectives: int = 0
@@ -263,6 +273,17 @@ class Status:
     """The steps from which the run continued after an interruption (a mid-run checkpoint
     each), in order; empty for a run trained in one go. Its rows and totals are those of
     the uninterrupted run: the work lost after a checkpoint is redone and counted once."""
+    splits: dict[str, str] = field(default_factory=dict)
+    """Which data each metrics field of the rows was evaluated on: ``{"metrics": "test
+    split (4000 examples)", "validation": "validation split: 1600 examples held out of the
+    training data, never trained on"}`` (``validation`` says ``none`` when nothing was held
+    out)."""
+    best_validation: dict[str, float | None] = field(default_factory=dict)
+    """The best value of each metric on the validation split over the run's evaluations."""
+    schedule: dict[str, Any] = field(default_factory=dict)
+    """The learning rate the run took: its peak, the warmup's steps and start rate, and a
+    note saying what warmup was taken and why (none when the peak is not above the rate
+    a warmup would start from)."""
 
     def __post_init__(self) -> None:
         if self.status not in STATUSES:

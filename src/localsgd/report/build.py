@@ -42,6 +42,7 @@ from localsgd.report.render import (
     to_markdown,
 )
 from localsgd.report.rounding import fmt, fmt_bytes, fmt_pm
+from localsgd.report.selection import Selection, check_split, selection
 from localsgd.report.tables import (
     Study,
     baseline_table,
@@ -94,6 +95,7 @@ def make_report(
     target: str | None = None,
     formats: str | Sequence[str] = FORMATS,
     dpi: int = DPI,
+    select_on: str = "validation",
 ) -> dict[str, Path]:
     """Write the report of the store at ``store_dir`` into ``out_dir`` (default
     ``STORE/report``) and return the paths written: ``markdown``, ``html``, ``xlsx`` and
@@ -106,7 +108,10 @@ def make_report(
     best mean final value of each workload's primary metric, 5 % short of it), and three
     figures. With ``target``, or a ``[study] target`` table in the study's plan, the report
     adds steps-to-result (:mod:`~localsgd.report.steps`): a table, its figures and a
-    workbook sheet. Reads only the store. Each file is written to a temporary name and renamed
+    workbook sheet. Targets and steps-to-result read the split ``select_on`` names
+    (``validation``, held out of the training data, or ``test``; a workload whose runs hold
+    no validation split is selected on test, and the report says so); every other figure
+    and table shows the test split. Reads only the store. Each file is written to a temporary name and renamed
     into place; the figures and the workbook come before the documents that refer to them.
     ``ValueError`` when ``store_dir`` is not a store or has no finished run, for an
     unknown cluster, a malformed target, format or dpi.
@@ -114,18 +119,20 @@ def make_report(
     chosen = check_formats(formats)
     dpi = check_dpi(dpi)
     goal = parse_target(target)
+    check_split(select_on)
     resolved = cluster if isinstance(cluster, Cluster) or cluster is None else load_cluster(cluster)
     study = load(store_dir)
+    select = selection(study, select_on)
     out = Path(out_dir) if out_dir is not None else study.root / "report"
 
     summary = summary_table(study)
     estimates: ClusterEstimates | None = None
     if resolved is not None:
-        estimates = estimate(study, summary, resolved, goal)
+        estimates = estimate(study, summary, resolved, goal, select)
         study, summary = estimates.study, estimates.summary
     # Steps-to-result at the target (--target, else the study's [study] target table).
     goals = steps.goals(study, target)
-    step_table = steps.steps_table(study, goals) if goals else None
+    step_table = steps.steps_table(study, goals, select) if goals else None
     out.mkdir(parents=True, exist_ok=True)
     status = status_table(study)
     baseline = baseline_table(study)
@@ -182,7 +189,7 @@ def make_report(
     blocks = _document(study, summary, status, baseline, figures, chosen, estimates)
     sections = _training_error_blocks(figures, chosen)
     if step_table is not None:
-        sections += _steps_section(goals, step_table, lambda stem: _figure_blocks(figures, stem, chosen))
+        sections += _steps_section(goals, step_table, select, lambda stem: _figure_blocks(figures, stem, chosen))
     at = next(i for i, b in enumerate(blocks) if isinstance(b, Heading) and b.text == "Run status")
     blocks[at:at] = sections
     for extra in (measured_blocks, async_blocks):
@@ -343,24 +350,32 @@ def _training_error_blocks(figures: FigureMap, formats: Sequence[str]) -> list[B
 
 
 def _steps_section(
-    goals: dict[str, steps.Goal], table: pd.DataFrame, figure: Callable[[str], list[Block]]
+    goals: dict[str, steps.Goal],
+    table: pd.DataFrame,
+    select: Selection,
+    figure: Callable[[str], list[Block]],
 ) -> list[Block]:
     """Steps-to-result: the rule, the targets, the table and its figures."""
     lines = [
-        f"Target for {w}: {g.metric.title} {'>' if g.metric.higher_is_better else '<'} "
-        f"{fmt(g.value, g.metric.scale)}{g.metric.unit} ({g.how})."
+        f"Target for {w}: {select.split(w)} {g.metric.title.removeprefix('test ')} "
+        f"{'>' if g.metric.higher_is_better else '<'} {fmt(g.value, g.metric.scale)}{g.metric.unit} "
+        f"({g.how}); {select.sentence(w).split(': ', 1)[1]}."
         for w, g in goals.items()
     ]
     lines += [
         "Steps to result of a cell (workload, variant, K, B, and the config keys that set it apart): "
-        "the minimum over its trials (completed or diverged runs that differ only in their searched "
-        "metaparameters, learning rate and seed) of the first evaluated step at which the metric "
-        "strictly crosses the target (google-research batch_science's measurement); reached = the "
-        "trials that crossed it; the best trial's metaparameters are those of the first to cross. "
-        "Resolution: the evaluation interval (train.eval_every).",
+        "the smallest, over its trials (runs that differ only in their searched metaparameters and "
+        "learning rate), of the trial's mean over its seeds of the first evaluated step at which the "
+        "metric strictly crosses the target on the split named above (google-research batch_science's "
+        "measurement); seeds are replicates of a trial, never trials of their own, and a trial "
+        "reaches the target only when every seed does; ± is the std over seeds. reached = the trials "
+        "that reached it; the best trial's metaparameters are those of that trial, and its test "
+        "metric is given at the crossing and at the end of training. Resolution: the evaluation "
+        "interval (train.eval_every).",
         f"Regimes along a curve, from the local slope of log steps against log K·B between "
         f"neighbouring batches (the first batch takes its first segment's): slope ≤ {steps.PERFECT:g} "
-        f"perfect scaling, ≥ {steps.MAXIMAL:g} maximal data parallelism, in between diminishing returns.",
+        f"perfect scaling, ≥ {steps.MAXIMAL:g} maximal data parallelism, in between diminishing returns "
+        "(these thresholds are this project's heuristic, not Shallue et al.'s).",
         "Communication rounds: the synchronisations counted up to the crossing evaluation (K>1).",
     ]
     rows = frame_rows(
@@ -372,12 +387,15 @@ def _steps_section(
             ("B", lambda r: str(r.batch_size)),
             ("K·B", lambda r: str(r.global_batch)),
             ("reached", lambda r: f"{r.reached}/{r.trials}"),
-            ("steps", lambda r: fmt(r.steps) if math.isfinite(r.steps) else "not reached"),
+            ("seeds", lambda r: str(r.seeds)),
+            ("steps", lambda r: fmt_pm(r.steps, r.steps_std) if math.isfinite(r.steps) else "not reached"),
             ("epochs", lambda r: fmt(r.epochs)),
             ("rounds", lambda r: NOT_APPLICABLE if int(r.workers) == 1 else fmt(r.rounds)),
             ("slope", lambda r: fmt(r.slope)),
             ("regime", lambda r: str(r.regime)),
             ("best trial", lambda r: str(r.best_metaparameters)),
+            ("test at result", lambda r: _metric_value(goals, r, r.test_at_result)),
+            ("final test", lambda r: _metric_value(goals, r, r.final_test)),
         ],
     )
     return [
@@ -389,6 +407,12 @@ def _steps_section(
         *figure("best_metaparameters"),
         *figure("local_sgd_steps_to_result"),
     ]
+
+
+def _metric_value(goals: dict[str, steps.Goal], row: Any, value: float) -> str:
+    """A value of the row's target metric, as the report shows it (blank without one)."""
+    metric = goals[str(row.workload)].metric
+    return f"{fmt(value, metric.scale)}{metric.unit}" if math.isfinite(value) else ""
 
 
 FigureMap = dict[str, tuple[Drawing, graphics.Plot]]
@@ -642,7 +666,8 @@ def _cluster_lines(estimates: ClusterEstimates) -> list[str]:
         if target.metric is not None and math.isfinite(target.value):
             m = target.metric
             lines.append(
-                f"Target for {workload}: {m.title} {'≥' if m.higher_is_better else '≤'} "
+                f"Target for {workload}: {target.split} {m.title.removeprefix('test ')} "
+                f"{'≥' if m.higher_is_better else '≤'} "
                 f"{target.value * m.scale:.4g}{m.unit} ({target.how}); time to target = the estimate "
                 "at the first evaluation reaching it, blank unless every seed did."
             )

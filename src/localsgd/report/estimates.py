@@ -18,7 +18,8 @@ import pandas as pd
 from localsgd.costmodel import Cluster, estimate_run
 from localsgd.records import Metric
 from localsgd.report.rounding import ratio_std
-from localsgd.report.tables import Study, _baseline_keys, row_counters
+from localsgd.report.selection import Selection, selection
+from localsgd.report.tables import VALIDATION, Study, _baseline_keys, row_counters
 
 TARGET_MARGIN = 0.05
 """Default target: the best mean final value of the workload's primary metric, short of it
@@ -36,9 +37,17 @@ class Target:
     metric: Metric | None
     value: float
     how: str
+    split: str = "validation"
+    """The split whose values reach it (``validation`` or ``test``)."""
 
     def reached(self, value: float) -> bool:
         return self.metric is not None and math.isfinite(value) and self.metric.reached(value, self.value)
+
+    def column(self) -> str | None:
+        """The metrics frame's column the target is read from."""
+        if self.metric is None:
+            return None
+        return f"{VALIDATION}{self.metric.name}" if self.split == "validation" else self.metric.name
 
 
 @dataclass
@@ -123,8 +132,15 @@ def _estimate(
 
 
 def targets_for(
-    study: Study, summary: pd.DataFrame, workloads: list[str], target: tuple[str | None, float] | None
+    study: Study,
+    summary: pd.DataFrame,
+    workloads: list[str],
+    target: tuple[str | None, float] | None,
+    select: Selection | None = None,
 ) -> dict[str, Target]:
+    """Per workload, the target its time-to-target is measured at, on the split ``select``
+    names: ``target`` where given, else the best mean final value on that split, 5 % short."""
+    select = select or selection(study)
     out = {}
     for workload in workloads:
         metric = study.primary(workload)
@@ -136,30 +152,38 @@ def targets_for(
                     f"--target {name}={value:g}: time to target uses the primary metric of "
                     f"{workload} ({metric.name if metric else 'none'}); its metrics are {names}"
                 )
-            out[workload] = Target(metric, value, "given (--target)")
+            out[workload] = Target(metric, value, "given (--target)", select.split(workload))
             continue
-        column = f"final_{metric.name}_mean" if metric else None
+        column = f"{select.final_column(workload, metric)}_mean" if metric else None
         finals = [
             (float(r[column]), str(r["group"]))
             for r in summary[summary["workload"] == workload].to_dict("records")
             if column and math.isfinite(_float(r.get(column)))
         ]
         if metric is None or not finals:
-            out[workload] = Target(metric, math.nan, "no completed run: no target")
+            out[workload] = Target(metric, math.nan, "no completed run: no target", select.split(workload))
             continue
         best, group = max(finals, key=lambda f: f[0] if metric.higher_is_better else -f[0])
         sign = -1.0 if metric.higher_is_better else 1.0
         value = best + sign * TARGET_MARGIN * abs(best)
         shown = f"{best * metric.scale:.4g}{metric.unit}"
         factor = 1 + sign * TARGET_MARGIN
+        split = select.split(workload)
         out[workload] = Target(
-            metric, value, f"{factor:g} × the best mean final {metric.title} ({shown}, {group})"
+            metric,
+            value,
+            f"{factor:g} × the best mean final {split} {metric.title.removeprefix('test ')} ({shown}, {group})",
+            split,
         )
     return out
 
 
 def estimate(
-    study: Study, summary: pd.DataFrame, cluster: Cluster, target: tuple[str | None, float] | None = None
+    study: Study,
+    summary: pd.DataFrame,
+    cluster: Cluster,
+    target: tuple[str | None, float] | None = None,
+    select: Selection | None = None,
 ) -> ClusterEstimates:
     """Add the cluster estimates to ``study`` and ``summary``.
 
@@ -173,7 +197,7 @@ def estimate(
     runs = study.runs.copy()
     metrics = study.metrics.copy()
     workloads = sorted({str(w) for w in runs["workload"]})
-    targets = targets_for(study, summary, workloads, target)
+    targets = targets_for(study, summary, workloads, target, select)
 
     # Per run: identity, measured compute per step, the final estimate.
     who: dict[str, tuple[int, int, str]] = {}
@@ -232,7 +256,8 @@ def estimate(
         est = _estimate(row_counters(row), step, workers, batch, cluster, per_step[rid], delays[rid])
         rows_est.append(est)
         goal = targets[workload]
-        value = _float(row.get(goal.metric.name)) if goal.metric else math.nan
+        column = goal.column()
+        value = _float(row.get(column)) if column else math.nan
         if goal.reached(value) and (rid not in reached or step < reached[rid][0]):
             reached[rid] = (step, est)
     for i, column in enumerate(RUN_COLUMNS):

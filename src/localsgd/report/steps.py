@@ -1,22 +1,29 @@
 """Steps-to-result (Shallue et al. 2019): per batch size, the fewest training steps any trial
-of its metaparameter search needed to reach a target.
+of its metaparameter search needed to reach a target on the validation split.
 
-A *trial* is a run; the trials of one *cell* differ only in their searched metaparameters
-(the keys of the study's ``[grid.search]``, which the plan records per run, and always
-``optimizer.lr``), in their seed and in their step budget. A cell is (workload, algorithm
-variant, K, B, and every other config key that varies in the workload's runs). As in
-google-research ``batch_science`` (``measurement_utils``):
+A *trial* is one point of the search: runs that differ only in their seed are the same
+trial (seeds are replicates, never trials). The trials of one *cell* differ only in their
+searched metaparameters (the keys of the study's ``[grid.search]``, which the plan records
+per run, and always ``optimizer.lr``) and in their step budget. A cell is (workload,
+algorithm variant, K, B, and every other config key that varies in the workload's runs).
+As in google-research ``batch_science`` (``measurement_utils``):
 
-- a trial reaches the target at the first evaluated step whose metric strictly crosses it
-  (``>`` for a metric where higher is better, ``<`` otherwise; :meth:`Metric.crossed`);
-- a cell's steps-to-result is the minimum over its trials (completed or diverged; a
-  diverged trial counts up to its last evaluation), the best trial the one that reached it
-  first, and the cell has none when no trial reached the target.
+- a run reaches the target at the first evaluated step whose metric, on the split the
+  report selects on (:mod:`~localsgd.report.selection`: validation unless told otherwise),
+  strictly crosses it (``>`` for a metric where higher is better, ``<`` otherwise;
+  :meth:`Metric.crossed`); a diverged run counts up to its last evaluation;
+- a trial reaches it when every one of its seeds does; its steps are the mean over its
+  seeds, with their standard deviation;
+- a cell's steps-to-result is the smallest mean over its trials, the best trial the one
+  that has it, and the cell has none when no trial reached the target. The best trial's
+  test metric (at the crossing and at the end) is reported beside it.
 
 A *curve* is a cell's key without K and B: its steps-to-result against the global batch
 K·B. Regimes along a curve (:func:`regimes`): the local slope of log steps against log K·B
 between neighbouring batch sizes; ≤ ``PERFECT`` is perfect scaling (the ideal is −1),
-≥ ``MAXIMAL`` maximal data parallelism (flat), in between diminishing returns.
+≥ ``MAXIMAL`` maximal data parallelism (flat), in between diminishing returns. These
+thresholds are this project's heuristic for naming the regimes, not Shallue et al.'s
+(who describe the regimes from the curves' shapes).
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ import pandas as pd
 
 from localsgd.records import Metric
 from localsgd.report.estimates import parse_target
+from localsgd.report.selection import Selection, selection
 from localsgd.report.tables import Study, natural_key
 
 PERFECT = -0.8
@@ -56,11 +64,16 @@ COLUMNS = [
     "setting",
     "metric",
     "target",
+    "split",
     "trials",
+    "seeds",
     "reached",
     "steps",
+    "steps_std",
     "epochs",
     "rounds",
+    "test_at_result",
+    "final_test",
     "best_run_id",
     "best_lr",
     "best_momentum",
@@ -144,20 +157,67 @@ def _show(value: Any) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
-def first_crossing(metrics: pd.DataFrame, metric: Metric, target: float) -> dict[str, Any] | None:
-    """A run's first evaluation row (sorted by step) whose metric strictly crosses ``target``."""
-    if metric.name not in metrics.columns:
+def first_crossing(metrics: pd.DataFrame, column: str, metric: Metric, target: float) -> dict[str, Any] | None:
+    """A run's first evaluation row (sorted by step) whose ``column`` (``metric`` on one
+    split) strictly crosses ``target``."""
+    if column not in metrics.columns:
         return None
     for row in metrics.sort_values("step").to_dict("records"):
-        value = row.get(metric.name)
+        value = row.get(column)
         if value is not None and math.isfinite(float(value)) and metric.crossed(float(value), target):
             return row
     return None
 
 
-def steps_table(study: Study, targets: Mapping[str, Goal]) -> pd.DataFrame:
+@dataclass(frozen=True)
+class Trial:
+    """One trial of a cell that reached the target on every seed: the means over its seeds."""
+
+    steps: float
+    steps_std: float
+    epochs: float
+    rounds: float
+    test_at_result: float
+    final_test: float
+    seeds: int
+    run: dict[str, Any]
+    """A run of the trial (its config is the trial's)."""
+
+
+def _trial_key(run: Mapping[str, Any]) -> str:
+    """The run's config without its seed and name: the same for every seed of one trial."""
+    config = {k: v for k, v in run.items() if k.startswith("config.") and k not in ("config.seed", "config.name")}
+    return json.dumps(config, sort_keys=True, default=str)
+
+
+def _trial(runs: list[dict[str, Any]], by_run: Mapping[str, pd.DataFrame], goal: Goal, column: str) -> Trial | None:
+    """The trial of ``runs`` (its seeds), or None unless every seed crossed the target."""
+    hits = []
+    for run in runs:
+        rows = by_run.get(run["run_id"])
+        hit = first_crossing(rows, column, goal.metric, goal.value) if rows is not None else None
+        if hit is None:
+            return None
+        hits.append(hit)
+    steps = [float(h["step"]) for h in hits]
+    syncs = [float(h["syncs"]) if h.get("syncs") is not None else math.nan for h in hits]
+    return Trial(
+        steps=_mean(steps),
+        steps_std=_std(steps),
+        epochs=_mean([float(h.get("epoch", math.nan)) for h in hits]),
+        rounds=_mean(syncs),
+        test_at_result=_mean([_number(h.get(goal.metric.name)) for h in hits]),
+        final_test=_mean([_number(r.get(f"final_{goal.metric.name}")) for r in runs]),
+        seeds=len(runs),
+        run=runs[0],
+    )
+
+
+def steps_table(study: Study, targets: Mapping[str, Goal], select: Selection | None = None) -> pd.DataFrame:
     """One row per cell of a workload with a target (columns :data:`COLUMNS`), sorted by
-    workload, curve and K·B; each curve's rows carry the local slope and regime."""
+    workload, curve and K·B; each curve's rows carry the local slope and regime. Runs cross
+    the target on the split ``select`` names per workload (default: validation where the runs hold it)."""
+    select = select or selection(study)
     runs = study.runs[study.runs["status"].isin(["completed", "diverged"])]
     runs = runs[runs["workload"].astype(str).isin(list(targets))]
     if runs.empty:
@@ -167,52 +227,53 @@ def steps_table(study: Study, targets: Mapping[str, Goal]) -> pd.DataFrame:
     out = []
     for workload, part in runs.groupby("workload", sort=False):
         goal = targets[str(workload)]
+        column = select.column(str(workload), goal.metric)
         part = part.assign(cell=_cells(part, searched))
         keys = ["variant", "algorithm", "workers", "batch_size", "cell"]
         for key, cell in part.groupby(keys, sort=False, dropna=False):
             variant, algorithm, workers, batch, setting = key
-            best: tuple[float, dict[str, Any], dict[str, Any]] | None = None
-            reached = 0
+            trials: dict[str, list[dict[str, Any]]] = {}
             for run in cell.to_dict("records"):
-                rows = by_run.get(run["run_id"])
-                hit = first_crossing(rows, goal.metric, goal.value) if rows is not None else None
-                if hit is None:
-                    continue
-                reached += 1
-                if best is None or float(hit["step"]) < best[0]:
-                    best = (float(hit["step"]), hit, run)
-            period = cell["period"].iloc[0]
+                trials.setdefault(_trial_key(run), []).append(run)
+            reached = [t for t in (_trial(seeds, by_run, goal, column) for seeds in trials.values()) if t]
+            best = min(reached, key=lambda t: t.steps) if reached else None
             row: dict[str, Any] = {
                 "workload": workload,
                 "curve": variant + (f" [{setting}]" if setting else ""),
                 "variant": variant,
                 "algorithm": algorithm,
-                "period": period,
+                "period": cell["period"].iloc[0],
                 "workers": int(workers),
                 "batch_size": int(batch),
                 "global_batch": int(workers) * int(batch),
                 "setting": setting,
                 "metric": goal.metric.name,
                 "target": goal.value,
-                "trials": len(cell),
-                "reached": reached,
+                "split": select.split(str(workload)),
+                "trials": len(trials),
+                "seeds": max(len(seeds) for seeds in trials.values()),
+                "reached": len(reached),
                 "steps": math.nan,
+                "steps_std": math.nan,
                 "epochs": math.nan,
                 "rounds": math.nan,
+                "test_at_result": math.nan,
+                "final_test": math.nan,
                 "best_run_id": None,
                 "best_lr": math.nan,
                 "best_momentum": math.nan,
                 "best_metaparameters": "",
             }
             if best is not None:
-                step, hit, run = best
+                run = best.run
                 drawn = sorted(searched.get(str(run["run_id"]), set()) | {"optimizer.lr"})
                 row.update(
-                    steps=step,
-                    epochs=float(hit.get("epoch", math.nan)),
-                    rounds=float(hit["syncs"])
-                    if int(workers) > 1 and hit.get("syncs") is not None
-                    else math.nan,
+                    steps=best.steps,
+                    steps_std=best.steps_std,
+                    epochs=best.epochs,
+                    rounds=best.rounds if int(workers) > 1 else math.nan,
+                    test_at_result=best.test_at_result,
+                    final_test=best.final_test,
                     best_run_id=run["run_id"],
                     best_lr=float(run.get("config.optimizer.lr", math.nan)),
                     best_momentum=float(run.get("config.optimizer.momentum", math.nan)),
@@ -227,6 +288,26 @@ def steps_table(study: Study, targets: Mapping[str, Goal]) -> pd.DataFrame:
         table.loc[curve.index, "slope"] = slopes
         table.loc[curve.index, "regime"] = marks
     return table[COLUMNS]
+
+
+def _number(value: Any) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def _mean(values: Sequence[float]) -> float:
+    finite = [v for v in values if math.isfinite(v)]
+    return sum(finite) / len(finite) if finite else math.nan
+
+
+def _std(values: Sequence[float]) -> float:
+    """The sample standard deviation (ddof 1; NaN for one value)."""
+    if len(values) < 2:
+        return math.nan
+    mean = sum(values) / len(values)
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
 
 
 def regimes(batches: Sequence[float], steps: Sequence[float]) -> tuple[list[float], list[str]]:

@@ -30,6 +30,11 @@ log = logging.getLogger(__name__)
 
 GROUP_KEYS = ["workload", "variant", "workers", "batch_size", "lr"]
 
+VALIDATION = "validation_"
+"""The prefix of a metric's columns on the validation split: ``validation_accuracy`` in the
+metrics frame, ``final_validation_accuracy`` and ``best_validation_accuracy`` per run; the
+unprefixed columns are the test split's."""
+
 # Config keys that are the group key, the seed, or only a label: never part of ``setting``.
 # The engine is a group key of its own when it varies, but not part of the speedup
 # baseline: one worker is one worker on every engine.
@@ -152,6 +157,8 @@ def _run_row(record: RunRecord, rows: list[MetricsRow]) -> dict[str, Any]:
     for m in info.metrics:
         row[f"final_{m.name}"] = _number(last.metrics.get(m.name)) if last else math.nan
         row[f"best_{m.name}"] = m.best([_number(r.metrics.get(m.name)) for r in rows])
+        row[f"final_{VALIDATION}{m.name}"] = _number(last.validation.get(m.name)) if last else math.nan
+        row[f"best_{VALIDATION}{m.name}"] = m.best([_number(r.validation.get(m.name)) for r in rows])
     return row
 
 
@@ -195,8 +202,15 @@ def final_counters(record: RunRecord, rows: list[MetricsRow]) -> dict[str, Any]:
 def _metric_rows(record: RunRecord, rows: list[MetricsRow]) -> list[dict[str, Any]]:
     out = []
     for r in rows:
-        plain = {k: v for k, v in r.__dict__.items() if k != "metrics"}
-        out.append({"run_id": record.run_id, **plain, **{k: _number(v) for k, v in r.metrics.items()}})
+        plain = {k: v for k, v in r.__dict__.items() if k not in ("metrics", "validation")}
+        out.append(
+            {
+                "run_id": record.run_id,
+                **plain,
+                **{k: _number(v) for k, v in r.metrics.items()},
+                **{f"{VALIDATION}{k}": _number(v) for k, v in r.validation.items()},
+            }
+        )
     return out
 
 
@@ -251,7 +265,7 @@ def load(store_dir: str | Path) -> Study:
     configs = [configs[i] for i in order]
     runs = pd.DataFrame(run_rows)
     for m in {m.name: m for ms in declared.values() for m in ms}.values():
-        for prefix in ("final_", "best_"):
+        for prefix in ("final_", "best_", f"final_{VALIDATION}", f"best_{VALIDATION}"):
             if f"{prefix}{m.name}" not in runs.columns:
                 runs[f"{prefix}{m.name}"] = math.nan
     runs["group"] = _group_labels(run_rows, group_keys)
@@ -396,7 +410,9 @@ def summary_table(study: Study) -> pd.DataFrame:
     runs = study.runs[study.runs["status"] == "completed"]
     keys = study.group_keys
     columns = [*keys, "group", "algorithm", "n_seeds", "seeds"]
-    measured = [f"{p}_{m.name}" for m in study.metric_list() for p in ("final", "best")] + MEAN_STD
+    measured = [
+        f"{p}_{m.name}" for m in study.metric_list() for p in ("final", "best", f"final_{VALIDATION.rstrip('_')}")
+    ] + MEAN_STD
     for name in measured:
         columns += [f"{name}_mean", f"{name}_std"]
     columns += ["speedup", "speedup_std", *[f"{name}_mean" for name in MEAN_ONLY], "period"]

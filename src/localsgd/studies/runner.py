@@ -28,6 +28,7 @@ from localsgd.records.record import ErrorInfo, RecordError
 from localsgd.records.store import FINISHED, LOCK, Store
 from localsgd.studies.grid import Study
 from localsgd.studies.schema import RunConfig
+from localsgd.studies.trainer import stop_rule
 from localsgd.studies.trials import DEFAULT_BATCH, batches, execute_trials
 from localsgd.util.checks import ConfigError, check_output_folder
 
@@ -63,10 +64,7 @@ def preflight(runs: Iterable[RunConfig], *, local: bool = True) -> dict[str, wor
                 raise ConfigError(
                     f"workload = {run.workload_name!r}: building it failed: {type(exc).__name__}: {exc}"
                 ) from None
-        stop = run.train.stop_metric()
-        names = [m.name for m in built[key].metrics]
-        if stop is not None and stop[0] not in names:
-            raise ConfigError(f"train.stop_at = {run.train.stop_at!r}: {run.workload_name} has the metrics {names}")
+        stop_rule(built[key], run)
         try:
             built[key].steps_per_epoch(run.workers, run.data.batch_size)
         except ValueError as exc:
@@ -101,7 +99,9 @@ def open_run_store(out: str | Path, config: RunConfig) -> Store:
         owner = store.owner()
         plan = store.plan() if owner else {}
     except RecordError as exc:
-        raise ConfigError(f"{exc}; delete it (its study writes it again) or record the run in another store") from None
+        raise ConfigError(
+            f"{exc}; delete it (its study writes it again) or record the run in another store"
+        ) from None
     runs = plan.get("runs")
     planned = {r.get("run_id") for r in runs if isinstance(r, dict)} if isinstance(runs, list) else set()
     if owner and config.run_id() not in planned:
@@ -369,7 +369,9 @@ def _plan_runs(
             if status in FINISHED and store.run_dir(run_id).is_dir():
                 store.final_status(run_id)  # readable, or the study stops here
             elif status in FINISHED:
-                log.warning("run %s: the index says %s but its folder is gone; it is done again", run_id, status)
+                log.warning(
+                    "run %s: the index says %s but its folder is gone; it is done again", run_id, status
+                )
                 status = None
         except RecordError as exc:
             raise ConfigError(
@@ -446,9 +448,7 @@ def _run_study(
             "study": study.section.name,
             "description": study.section.description,
             "target": dict(study.section.target),
-            "runs": [
-                {"run_id": r.run_id(), **r.to_dict(), **_trial(study, r.run_id())} for r in study.runs
-            ],
+            "runs": [{"run_id": r.run_id(), **r.to_dict(), **_trial(study, r.run_id())} for r in study.runs],
         },
     )
     if not todo:

@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from localsgd.records.record import SPLITS
 from localsgd.util.checks import (
     ConfigError,
     check_bool,
@@ -103,17 +104,23 @@ class ScheduleConfig:
     gamma: float = 0.1
     """``step``: the factor applied at each milestone."""
     warmup_epochs: float = 0.0
-    """Warmup over W epochs from the base rate to the scaled one (Goyal et al. 2017), in the
-    way ``warmup`` names. 0 disables it."""
+    """Warmup over W epochs from ``warmup_start`` (by default the base rate) up to the peak
+    (Goyal et al. 2017), in the way ``warmup`` names. 0 disables it."""
     warmup: str = "gradual"
-    """How ``warmup_epochs`` warms up: ``gradual`` (the rate rises linearly from the base
-    rate ``optimizer.lr`` to the scaled one) or ``constant`` (the base rate for W epochs,
-    then the scaled rate at once: Goyal et al.'s constant warmup, Table 1)."""
+    """How ``warmup_epochs`` warms up: ``gradual`` (the rate rises linearly from the start
+    to the peak) or ``constant`` (the start rate for W epochs, then the peak at once:
+    Goyal et al.'s constant warmup, Table 1)."""
     warmup_steps: int = 0
-    """Warmup from 0 to the peak rate, linear over this many steps (the transformers
-    recipe). Not with ``warmup_epochs`` or ``warmup_ratio``."""
+    """Warmup from ``warmup_start`` (by default 0) to the peak rate, linear over this many
+    steps (the transformers recipe). Not with ``warmup_epochs`` or ``warmup_ratio``."""
     warmup_ratio: float = 0.0
     """The same warmup, over this fraction of the training steps."""
+    warmup_start: str | float | None = None
+    """Where the warmup starts: ``"base"``, the base rate ``optimizer.lr`` (Goyal et al.'s
+    η, rising to the scaled kη; when the peak is not above it, k ≤ 1, the run takes no
+    warmup and its record says so), or a fraction of the peak in [0, 1] (0: from zero).
+    Default: ``"base"`` for ``warmup_epochs``, 0 for ``warmup_steps`` and ``warmup_ratio``.
+    The rate never exceeds the peak during the warmup."""
     linear_scaling: bool = False
     """Linear scaling rule: lr = base lr × global batch / ``base_batch``."""
     base_batch: int = 128
@@ -143,6 +150,28 @@ class ScheduleConfig:
             )
         check_bool("schedule.linear_scaling", self.linear_scaling)
         check_int("schedule.base_batch", self.base_batch, 1)
+        start = self.warmup_start
+        if not (
+            start is None
+            or start == "base"
+            or (isinstance(start, (int, float)) and not isinstance(start, bool) and 0 <= start <= 1)
+        ):
+            raise ConfigError(
+                f'schedule.warmup_start must be "base" (the base rate optimizer.lr) or a fraction of '
+                f"the peak rate in [0, 1], got {start!r}"
+            )
+        if self.warmup_ratio and self.name == "step" and self.milestones[0] <= self.warmup_ratio:
+            raise ConfigError(
+                f"schedule.milestones[0] = {self.milestones[0]} falls inside the warmup "
+                f"(warmup_ratio = {self.warmup_ratio}): a step decay must come after the warmup"
+            )
+
+    def start_of_warmup(self) -> str | float:
+        """``warmup_start`` with its default filled in (``"base"`` for ``warmup_epochs``, 0
+        for ``warmup_steps`` and ``warmup_ratio``)."""
+        if self.warmup_start is not None:
+            return self.warmup_start
+        return "base" if self.warmup_epochs else 0.0
 
 
 @dataclass(frozen=True)
@@ -159,10 +188,14 @@ class TrainConfig:
     max_steps: int | None = None
     """Stop after this many steps even if the epochs are not done (smoke tests)."""
     stop_at: str | None = None
-    """``METRIC=VALUE``: stop at the first evaluation whose metric strictly crosses VALUE in
-    the metric's direction (``accuracy=0.9``: accuracies are fractions). A search measuring
+    """``METRIC=VALUE``: stop at the first evaluation whose metric (on ``stop_split``)
+    strictly crosses VALUE in the metric's direction (``accuracy=0.9``: accuracies are
+    fractions). A search measuring
     steps-to-result needs nothing after the crossing; the learning-rate schedule keeps the
     planned length, so the run is the start of the full run."""
+    stop_split: str = "validation"
+    """The split ``stop_at`` reads: ``validation`` (held out of the training data; a run
+    stopped on it can be reported on test without having looked at test) or ``test``."""
     precision: str = "fp32"
     """``fp32``; ``bf16`` or ``fp16``: the forward pass under autocast in that type (on CPU
     too), parameters, optimizer and averaging in fp32; ``fp16`` scales the loss with a
@@ -198,6 +231,7 @@ class TrainConfig:
         check_int("train.max_restarts", self.max_restarts, 0, MAX_RESTARTS)
         if self.stop_at is not None:
             parse_stop_at(self.stop_at)
+        check_choice("train.stop_split", self.stop_split, SPLITS)
 
     def stop_metric(self) -> tuple[str, float] | None:
         """``stop_at`` as (metric name, value)."""
@@ -344,6 +378,14 @@ class RunConfig:
                 f"train.stop_at = {self.train.stop_at!r}: asynchronous algorithms and the hogwild engine "
                 "cannot stop every worker at one evaluation; leave it unset"
             )
+        schedule = self.schedule
+        first_decay = schedule.milestones[0] * self.train.epochs if schedule.milestones else math.inf
+        if schedule.name == "step" and schedule.warmup_epochs and first_decay <= schedule.warmup_epochs:
+            raise ConfigError(
+                f"schedule.milestones[0] = {schedule.milestones[0]} of {self.train.epochs:g} epochs falls "
+                f"inside the warmup (warmup_epochs = {schedule.warmup_epochs:g}): a step decay must come "
+                "after the warmup"
+            )
         block = getattr(algorithm, "block_size", None)
         if block is not None and self.workers % block:
             raise ConfigError(
@@ -427,7 +469,12 @@ class RunConfig:
         return dataclasses.replace(self, **changes)
 
 
-ADDED_LATER = (("schedule", "warmup"), ("train", "stop_at"))
+ADDED_LATER = (
+    ("schedule", "warmup"),
+    ("schedule", "warmup_start"),
+    ("train", "stop_at"),
+    ("train", "stop_split"),
+)
 """Fields added after stores were written: left out of the run id at their defaults."""
 
 

@@ -158,6 +158,7 @@ def _train(
     steps_per_epoch, total_steps = run.steps_per_epoch, run.total_steps
     algorithm = config.algorithm_config(steps_per_epoch)
     stop = stop_rule(workload, config)
+    held = workloads.validation_size(workload)
     torch.manual_seed(config.seed)
     model = workload.make_model(config.seed).to(device)
     trained = with_precision(workload, device, config.train.precision)
@@ -175,6 +176,11 @@ def _train(
     optimizer = recipes.build_optimizer(replicas.module, config.optimizer, ndim=replicas.param_ndim)
     replicas.check_optimizer(optimizer)
     global_batch = batch * workers
+    if rank == 0:
+        warmup = recipes.plan_warmup(
+            config.schedule, total_steps, steps_per_epoch, config.optimizer.lr, global_batch
+        )
+        log.info("rank 0: learning rate: %s", warmup.note)
 
     # A partial of a module-level function: workers an engine starts itself get it pickled.
     lr = functools.partial(
@@ -210,7 +216,11 @@ def _train(
             # After entering: the broadcast on enter would overwrite a restored replica.
             dp.load_state_dict(state["data_parallel"])
             step, epoch, done = int(state["step"]), int(state["epoch"]), int(state["batch"])
-            train_seconds, loss_sum, loss_count = state["train_seconds"], state["loss_sum"], state["loss_count"]
+            train_seconds, loss_sum, loss_count = (
+                state["train_seconds"],
+                state["loss_sum"],
+                state["loss_count"],
+            )
             resumed = (*state["resumed"], step)
             writer.restore(rows_from_state(state["rows"], f"checkpoint of step {step}"))
             log.info("rank %d: resumed from the checkpoint of step %d", rank, step)
@@ -251,10 +261,10 @@ def _train(
             else:
                 train_loss = replicas.worker_mean(torch.as_tensor(mean, dtype=torch.float64), dp)
             if final:
-                scores = replicas.evaluate()  # the final global model is in place
+                scores, validation = evaluate_splits(replicas, held)  # the final global model is in place
             else:
                 with replicas.evaluating(), dp.consensus():
-                    scores = replicas.evaluate()
+                    scores, validation = evaluate_splits(replicas, held)
             row = metrics_row(
                 workload,
                 dp.stats,
@@ -264,6 +274,7 @@ def _train(
                 lr=optimizer.param_groups[0]["lr"],
                 train_loss=train_loss if counted else None,
                 scores=scores,
+                validation=validation,
                 worker_steps=replicas.worker_steps(step),
                 updates=replicas.updates(dp),
             )
@@ -277,8 +288,7 @@ def _train(
 
         def crossed(row: MetricsRow | None) -> bool:
             # The consensus model's metrics are the same on every rank: all stop together.
-            value = row.metrics.get(stop[0].name) if stop is not None and row is not None else None
-            return stop is not None and value is not None and stop[0].crossed(value, stop[1])
+            return stop is not None and row is not None and stop.crossed(row)
 
         all_steps = replicas.worker_steps(iterations)
         while step < iterations:
@@ -351,6 +361,9 @@ def _train(
         details={**replicas.details(), **dp.details},
         resumed=resumed,
         worker_steps=replicas.worker_steps(step),
+        schedule=recipes.plan_warmup(
+            config.schedule, total_steps, steps_per_epoch, config.optimizer.lr, global_batch
+        ).to_dict(),
     )
 
 
@@ -386,6 +399,7 @@ def metrics_row(
     lr: float,
     train_loss: float | None,
     scores: dict[str, float],
+    validation: dict[str, float] | None = None,
     worker_steps: float | None = None,
     updates: int | None = None,
 ) -> MetricsRow:
@@ -401,6 +415,7 @@ def metrics_row(
         lr=lr,
         train_loss=train_loss,
         metrics={m.name: _float(scores.get(m.name)) for m in workload.metrics},
+        validation={m.name: _float(validation.get(m.name)) for m in workload.metrics} if validation else {},
         bytes=stats["bytes"],
         syncs=stats["syncs"],
         collectives=stats["collectives"],
@@ -442,6 +457,7 @@ def completed_status(
     details: dict[str, Any],
     resumed: tuple[int, ...] = (),
     worker_steps: float | None = None,
+    schedule: dict[str, Any] | None = None,
 ) -> Status:
     """The status of a run that trained to the end; ``final``: its last counters;
     ``resumed``: the steps of the checkpoints it resumed from; ``worker_steps``: the steps
@@ -461,6 +477,13 @@ def completed_status(
         best={
             m.name: _finite_or_none(m.best([r.metrics.get(m.name) for r in rows])) for m in workload.metrics
         },
+        best_validation={
+            m.name: _finite_or_none(m.best([r.validation.get(m.name) for r in rows]))
+            for m in workload.metrics
+            if any(r.validation for r in rows)
+        },
+        splits=splits(workload),
+        schedule=schedule or {},
         final=last,
         counters=Counters(
             # Less the loop's steps that were no worker's step (a simulated schedule's held
@@ -482,16 +505,57 @@ def completed_status(
     )
 
 
-def stop_rule(workload: workloads.Workload, config: RunConfig) -> tuple[Metric, float] | None:
-    """``train.stop_at`` as (declared metric, value); ``ConfigError`` for an undeclared one."""
+@dataclasses.dataclass(frozen=True)
+class StopRule:
+    """``train.stop_at`` resolved: stop at the first row whose ``metric`` on ``split``
+    strictly crosses ``value``."""
+
+    metric: Metric
+    value: float
+    split: str
+
+    def crossed(self, row: MetricsRow) -> bool:
+        value = (row.validation if self.split == "validation" else row.metrics).get(self.metric.name)
+        return value is not None and self.metric.crossed(value, self.value)
+
+
+def stop_rule(workload: workloads.Workload, config: RunConfig) -> StopRule | None:
+    """``train.stop_at`` on ``train.stop_split``; ``ConfigError`` for an undeclared metric,
+    or for the validation split of a workload that holds none out."""
     stop = config.train.stop_metric()
     if stop is None:
         return None
-    for metric in workload.metrics:
-        if metric.name == stop[0]:
-            return metric, stop[1]
     names = [m.name for m in workload.metrics]
-    raise ConfigError(f"train.stop_at = {config.train.stop_at!r}: {workload.name} has the metrics {names}")
+    if stop[0] not in names:
+        raise ConfigError(
+            f"train.stop_at = {config.train.stop_at!r}: {workload.name} has the metrics {names}"
+        )
+    split = config.train.stop_split
+    if split == "validation" and not workloads.validation_size(workload):
+        raise ConfigError(
+            f"train.stop_at = {config.train.stop_at!r} reads the validation split, which {workload.name} "
+            "does not hold out: set workload.validation_fraction > 0, or train.stop_split = 'test'"
+        )
+    return StopRule(workloads.metric(workload, stop[0]), stop[1], split)
+
+
+def evaluate_splits(replicas: Any, held: int) -> tuple[dict[str, float], dict[str, float]]:
+    """The model in place evaluated on test and, when the workload holds ``held`` > 0
+    examples out, on validation."""
+    return replicas.evaluate("test"), replicas.evaluate("validation") if held else {}
+
+
+def splits(workload: workloads.Workload) -> dict[str, str]:
+    """What the rows' ``metrics`` and ``validation`` were evaluated on, for the record."""
+    held = workloads.validation_size(workload)
+    return {
+        "metrics": "test split",
+        "validation": (
+            f"validation split: {held} examples held out of the training data, never trained on"
+            if held
+            else "none: the workload holds no validation split out"
+        ),
+    }
 
 
 def _float(value: Any) -> float | None:

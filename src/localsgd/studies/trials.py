@@ -161,6 +161,7 @@ def _train(
     run = plan(first, workload)
     algorithm = first.algorithm_config(run.steps_per_epoch)
     stop = stop_rule(workload, first)  # train.stop_at: shared by the batch (its key)
+    held = workloads.validation_size(workload)
     models = []
     for c in configs:
         torch.manual_seed(c.seed)  # as a run of its own: the model of its seed
@@ -204,6 +205,13 @@ def _train(
                 algorithm=algorithm.to_dict(),
                 engine=engine.info,
                 details=details,
+                schedule=recipes.plan_warmup(
+                    configs[r].schedule,
+                    run.total_steps,
+                    run.steps_per_epoch,
+                    configs[r].optimizer.lr,
+                    run.global_batch,
+                ).to_dict(),
             )
             writer.status(status)
             statuses[r] = status
@@ -226,6 +234,7 @@ def _train(
                         lr=lrs[r],
                         train_loss=means[r] if counted else None,
                         scores=replicas.evaluate(r),
+                        validation=replicas.evaluate(r, "validation") if held else {},
                     )
                     writer.row(row)
                     log_row(row, primary, f"trial {r} ({configs[r].name})")
@@ -234,7 +243,7 @@ def _train(
                         status = dataclasses.replace(failed_status(error, writer.rows), status="diverged")
                         writer.status(status)
                         statuses[r] = status
-                    elif stop is not None and _crossed(row.metrics, stop):
+                    elif stop is not None and stop.crossed(row):
                         finish(r)  # as a run of its own stops at its first crossing
 
         epoch = 0
@@ -273,11 +282,6 @@ def _train(
     for r in range(len(configs)):
         if statuses[r] is None:
             finish(r)
-
-
-def _crossed(metrics: dict[str, float | None], stop: Any) -> bool:
-    value = metrics.get(stop[0].name)
-    return value is not None and bool(stop[0].crossed(value, stop[1]))
 
 
 def _param_groups(replicas: Any, configs: Sequence[RunConfig]) -> list[dict[str, Any]]:

@@ -6,6 +6,7 @@
 >>> for batch in wl.train_batches(rank, world_size, batch_size=64, epoch=0, seed=0, device="cpu"):
 ...     wl.loss(model, batch).backward()                    # batch = {"x": ..., "y": ...}
 >>> wl.evaluate(model, "cpu")   # {"accuracy": ..., "eval_loss": ...}; wl.primary == "accuracy"
+>>> wl.evaluate(model, "cpu", "validation")   # the same on the held-out validation split
 
 Registered: ``mnist1d_cnn`` (the default), ``mnist1d_mlp``, ``cifar10_resnet20``, and the
 text workloads ``mnli``, ``squad``, ``mlm`` (:mod:`localsgd.workloads.text`, with the
@@ -18,6 +19,8 @@ from localsgd.workloads import cifar10, mnist1d, text
 from localsgd.workloads.base import (
     ACCURACY,
     EVAL_LOSS,
+    SPLITS,
+    VALIDATION_FRACTION,
     Batch,
     Metric,
     TensorWorkload,
@@ -26,6 +29,7 @@ from localsgd.workloads.base import (
     build,
     cache_dir,
     check_spec,
+    evaluate,
     metric,
     names,
     register,
@@ -33,6 +37,8 @@ from localsgd.workloads.base import (
     shard_indices,
     shuffle_generator,
     split_spec,
+    validation_size,
+    validation_split,
 )
 
 DEFAULT = "mnist1d_cnn"
@@ -41,6 +47,8 @@ __all__ = [
     "ACCURACY",
     "DEFAULT",
     "EVAL_LOSS",
+    "SPLITS",
+    "VALIDATION_FRACTION",
     "Batch",
     "Metric",
     "TensorWorkload",
@@ -50,6 +58,7 @@ __all__ = [
     "cache_dir",
     "check_spec",
     "cifar10",
+    "evaluate",
     "metric",
     "mnist1d",
     "names",
@@ -59,4 +68,6 @@ __all__ = [
     "shuffle_generator",
     "split_spec",
     "text",
+    "validation_size",
+    "validation_split",
 ]

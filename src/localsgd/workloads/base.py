@@ -147,6 +147,17 @@ def validation_size(workload: Workload) -> int:
     return int(getattr(workload, "validation_size", 0) or 0)
 
 
+def evaluate(workload: Workload, model: nn.Module, device: Device, split: str = "test") -> dict[str, float]:
+    """``workload.evaluate`` on ``split``; a workload of the user's that holds no validation
+    split out is only ever asked for test, the way its ``evaluate(model, device)`` was
+    written."""
+    if check_split(split) == "test":
+        return workload.evaluate(model, device)
+    if not validation_size(workload):
+        raise ValueError(f"workload {workload.name!r} holds out no validation split (validation_size 0)")
+    return workload.evaluate(model, device, split)
+
+
 def metric(workload: Workload, name: str | None = None) -> Metric:
     """The declared metric ``name`` (default: the primary one)."""
     wanted = workload.primary if name is None else name
@@ -388,8 +399,12 @@ TestTransform = Callable[[torch.Tensor], torch.Tensor]
 class TensorWorkload:
     """A classification :class:`Workload` whose splits live in memory as tensors; batches
     are ``{"x": inputs, "y": labels}``, the loss is the mean cross-entropy, and the metrics
-    are test accuracy (primary) and eval loss (and, with ``train_error``, the error on the
-    training split).
+    are accuracy (primary) and eval loss (and, with ``train_error``, the error on the
+    training split), on the held-out validation split or on the test split.
+
+    ``validation_fraction`` of the given training examples are held out for validation
+    (:func:`validation_split`: the same examples for every run of a data set) and never
+    trained on.
 
     ``train_transform(x, generator)`` turns a stored training batch into model input (CIFAR:
     uint8 -> augmented, normalized float); ``test_transform(x)`` does the same for
@@ -415,6 +430,7 @@ class TensorWorkload:
         train_transform: TrainTransform | None = None,
         test_transform: TestTransform | None = None,
         train_error: bool = False,
+        validation_fraction: float = VALIDATION_FRACTION,
     ) -> None:
         assert len(x_train) == len(y_train), (x_train.shape, y_train.shape)
         assert len(x_test) == len(y_test), (x_test.shape, y_test.shape)
@@ -423,7 +439,13 @@ class TensorWorkload:
         self.num_classes = num_classes
         self.config = dict(config)
         self.recipe = copy.deepcopy(recipe or {})
-        self._splits = {"cpu": (x_train, y_train, x_test, y_test)}
+        kept, held = validation_split(len(x_train), validation_fraction)
+        if len(held) == 0:
+            # No split: nothing is copied (a large training set stays one tensor).
+            splits = (x_train, y_train, x_train[:0], y_train[:0], x_test, y_test)
+        else:
+            splits = (x_train[kept], y_train[kept], x_train[held], y_train[held], x_test, y_test)
+        self._splits = {"cpu": splits}
         self._model_factory = model_factory
         self._train_transform = train_transform
         self._test_transform = test_transform
@@ -435,12 +457,19 @@ class TensorWorkload:
         return len(self._splits["cpu"][0])
 
     @property
-    def test_size(self) -> int:
+    def validation_size(self) -> int:
         return len(self._splits["cpu"][2])
+
+    @property
+    def test_size(self) -> int:
+        return len(self._splits["cpu"][4])
 
     def __repr__(self) -> str:
         opts = ", ".join(f"{k}={v!r}" for k, v in self.config.items())
-        return f"<workload {self.name}({opts}): {self.train_size} train / {self.test_size} test>"
+        return (
+            f"<workload {self.name}({opts}): {self.train_size} train / {self.validation_size} validation / "
+            f"{self.test_size} test>"
+        )
 
     def make_model(self, seed: int) -> nn.Module:
         check_int("seed", seed, 0)
@@ -462,7 +491,7 @@ class TensorWorkload:
         check_rank(rank, world_size)
         steps = self.steps_per_epoch(world_size, batch_size)
         shard = shard_indices(self.train_size, rank, world_size, epoch, seed)
-        x_all, y_all, _, _ = self._on(device)
+        x_all, y_all = self._on(device)[:2]
         order = shard[: steps * batch_size].to(x_all.device)
         generator = augment_generator(seed, epoch, rank) if self._train_transform else None
         # Validation above runs now; the batches are produced lazily.
@@ -483,15 +512,21 @@ class TensorWorkload:
             yield {"x": x, "y": y_all[idx]}
 
     @torch.no_grad()
-    def evaluate(self, model: nn.Module, device: Device) -> dict[str, float]:
-        """Test accuracy and mean cross-entropy over the full test split; with
-        ``train_error``, the error over the full training split too (without augmentation)."""
-        x_train, y_train, x_test, y_test = self._on(device)
+    def evaluate(self, model: nn.Module, device: Device, split: str = "test") -> dict[str, float]:
+        """Accuracy and mean cross-entropy over the whole ``split`` (``validation`` or
+        ``test``); with ``train_error``, the error over the whole training split too
+        (without augmentation). ``ValueError`` for the validation split of a workload that
+        holds none out."""
+        check_split(split)
+        x_train, y_train, x_val, y_val, x_test, y_test = self._on(device)
+        x_eval, y_eval = (x_val, y_val) if split == "validation" else (x_test, y_test)
+        if len(y_eval) == 0:
+            raise ValueError(f"{self.name} holds out no validation split (validation_fraction = 0)")
         was_training = model.training
         model.eval()
         try:
-            correct, loss_sum = self._score(model, x_test, y_test)
-            out = {"accuracy": correct / len(y_test), "eval_loss": loss_sum / len(y_test)}
+            correct, loss_sum = self._score(model, x_eval, y_eval)
+            out = {"accuracy": correct / len(y_eval), "eval_loss": loss_sum / len(y_eval)}
             if any(m.name == TRAIN_ERROR.name for m in self.metrics):
                 train_correct, _ = self._score(model, x_train, y_train)
                 out[TRAIN_ERROR.name] = 1.0 - train_correct / len(y_train)
@@ -513,8 +548,9 @@ class TensorWorkload:
             correct += (logits.argmax(1) == y).sum()
         return int(correct.item()), float(loss_sum.item())
 
-    def _on(self, device: Device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The four split tensors on ``device``, copied there once and kept."""
+    def _on(self, device: Device) -> tuple[torch.Tensor, ...]:
+        """The six split tensors (x and y of train, validation, test) on ``device``, copied
+        there once and kept."""
         dev = torch.device(device)
         key = "cpu" if dev.type == "cpu" else str(dev)
         if key not in self._splits:

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from localsgd.util.checks import ConfigError, check_int
-from localsgd.workloads.base import TensorWorkload, register
+from localsgd.workloads.base import VALIDATION_FRACTION, TensorWorkload, check_validation_fraction, register
 
 NAME = "cifar10_resnet20"
 NUM_CLASSES = 10
@@ -282,6 +282,9 @@ class Cifar10Config:
     num_samples: int | None = None
     """Train on the first N training images only (None: all 50000); the test split is
     always the full 10000."""
+    validation_fraction: float = VALIDATION_FRACTION
+    """The share of the (first N) training images held out for validation (never trained
+    on; what searches, targets and early stops select on); 0 holds none out."""
 
     def __post_init__(self) -> None:
         if not self.data_path:
@@ -292,6 +295,7 @@ class Cifar10Config:
             raise ConfigError(f"workload.data_path '{self.data_path}' does not exist; {_EXPECTED}")
         if self.num_samples is not None:
             check_int("workload.num_samples", self.num_samples, 1, 50_000)
+        check_validation_fraction("workload.validation_fraction", self.validation_fraction)
 
 
 @register(NAME)
@@ -316,7 +320,12 @@ def cifar10_resnet20(config: Cifar10Config) -> TensorWorkload:
         y_test=torch.from_numpy(arrays["y_test"]),
         model_factory=model_factory,
         recipe=RECIPE,
-        config={"data_path": str(data_path), "num_samples": num_samples},
+        config={
+            "data_path": str(data_path),
+            "num_samples": num_samples,
+            "validation_fraction": config.validation_fraction,
+        },
         train_transform=train_transform,
         test_transform=normalize,
+        validation_fraction=config.validation_fraction,
     )

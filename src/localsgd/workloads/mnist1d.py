@@ -28,7 +28,13 @@ from torch import nn
 
 from localsgd.util.checks import ConfigError, check_bool, check_directory, check_int
 from localsgd.util.files import atomic_path
-from localsgd.workloads.base import TensorWorkload, cache_dir, register
+from localsgd.workloads.base import (
+    VALIDATION_FRACTION,
+    TensorWorkload,
+    cache_dir,
+    check_validation_fraction,
+    register,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -227,7 +233,8 @@ class Mnist1dConfig:
     """``[workload]`` of ``mnist1d_cnn`` and ``mnist1d_mlp``."""
 
     num_samples: int = DEFAULT_NUM_SAMPLES
-    """Train + test samples generated (80 % train, 20 % test)."""
+    """Train + test samples generated (80 % train, 20 % test; ``validation_fraction`` of
+    the training samples are then held out for validation)."""
     seed: int = DEFAULT_SEED
     """The generation seed of the data set itself (training order and model init take the
     run's seed)."""
@@ -236,9 +243,13 @@ class Mnist1dConfig:
     train_error: bool = False
     """Also evaluate the error on the whole training split (metric ``train_error``; the
     training-error curves of Goyal et al. 2017, Figure 2)."""
+    validation_fraction: float = VALIDATION_FRACTION
+    """The share of the training samples held out for validation (never trained on; what
+    searches, targets and early stops select on); 0 holds none out."""
 
     def __post_init__(self) -> None:
         check_int("workload.num_samples", self.num_samples, 100, MAX_NUM_SAMPLES)
+        check_validation_fraction("workload.validation_fraction", self.validation_fraction)
         check_int("workload.seed", self.seed, 0, 2**32 - 1)
         if self.data_path is not None:
             check_directory("workload.data_path", self.data_path)
@@ -291,6 +302,7 @@ def _mnist1d(
         recipe=recipe,
         config=dataclasses.asdict(config),
         train_error=config.train_error,
+        validation_fraction=config.validation_fraction,
     )
 
 
