@@ -164,6 +164,18 @@ def test_ssp_applies_every_push_and_holds_every_worker_within_s_clocks_of_the_sl
             assert server.summary()["staleness"] == {"0": 6, "1": 6, "2": 6, "3": 6}
 
 
+def test_ssp_in_round_robin_order_keeps_the_cycle():
+    # The worker whose turn it is has the fewest pushes, so it is never held: no deadlock.
+    for bound in (0, 1, 3):
+        for seed in range(10):
+            server = ParameterServer(
+                one(0.0), 4, ServerOptions(max_staleness=bound, staleness_mode="ssp", order="round_robin")
+            )
+            drive(server, 7, seed, 4)
+            assert [a.worker for a in server.log] == [0, 1, 2, 3] * 7
+            assert max(a.gap for a in server.log) <= min(bound, 1)
+
+
 def test_ssp_blocks_the_fast_worker_until_the_slowest_catches_up_and_a_loss_frees_it():
     server = ParameterServer(one(0.0), 3, ServerOptions(max_staleness=1, staleness_mode="ssp"))
     server.push(0, one(1.0))  # clock 1, slowest 0: goes on
