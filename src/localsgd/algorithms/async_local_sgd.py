@@ -27,7 +27,8 @@ OUTER_OPTIMIZERS = ("sgd", "nesterov")
 class AsyncLocalSGD(AlgorithmConfig):
     """A server holds the global model x. Each worker takes H = ``period`` local steps from
     the model it last received, pushes its model x_k and receives the global model right
-    after the server applied it, without waiting for the other workers. The server applies
+    after the server applied it, without waiting for the other workers (unless a staleness
+    bound holds it). The server applies
     x ← x − α·d from the pseudo-gradient g = c(τ)·(b_k − x_k) (b_k: the model k started
     from; τ the push's staleness; c(τ) by ``staleness_lr``), d from the outer optimizer
     (plain: d = g; ``nesterov``: Nesterov momentum β, applied every N-th update as in Liu et
