@@ -1,6 +1,7 @@
 """Simulated asynchrony: replicas of unequal speeds reach the parameter server in the order of
 their virtual finish times, which equals K separate models trained and pushed one event at a
-time in that order; the staleness bound holds; speeds and their errors."""
+time in that order (also when SSP holds the fast ones back); both staleness bounds hold;
+speeds and their errors."""
 
 from __future__ import annotations
 
@@ -13,8 +14,8 @@ import torch
 
 from localsgd import algorithms as A
 from localsgd import workloads
-from localsgd.algorithms.async_server import ParameterServer
-from localsgd.engines.simulated_async import SimulatedOptions, plan
+from localsgd.algorithms.async_server import ParameterServer, ServerOptions
+from localsgd.engines.simulated_async import COMPUTE, READY, EventLoop, SimulatedOptions, plan
 from localsgd.studies.schema import run_config
 from localsgd.studies.trainer import train
 from localsgd.util.checks import ConfigError
@@ -45,7 +46,8 @@ def reference(
     cfg: Any, speeds: list[float], totals: list[int] | None = None
 ) -> tuple[ParameterServer, list[float]]:
     """K separate models, each with its own SGD, trained round by round in the order the
-    rounds end in virtual time, each pushed to the server as its round ends; worker k takes
+    rounds end in virtual time, each pushed to the server as its round ends; a worker the
+    server holds starts its next round when the server lets it go on; worker k takes
     ``totals[k]`` steps (default: the run's steps each)."""
     workload = workloads.build(cfg.workload)
     algo = cfg.algorithm_config(1)
@@ -75,6 +77,7 @@ def reference(
     events = [(min(period, totals[k]) / speeds[k], k) for k in range(k_workers)]
     heapq.heapify(events)
     finished_at = [0.0] * k_workers
+    waiting: set[int] = set()
     while events:
         now, k = heapq.heappop(events)
         steps = min(period, totals[k] - done[k])
@@ -84,13 +87,22 @@ def reference(
             opts[k].step()
         done[k] += steps
         server.push(k, params[k])
-        assert server.ready(k), "no staleness bound here: every push applies at once"
-        server.model(params[k], k)
-        if done[k] < totals[k]:
-            heapq.heappush(events, (now + min(period, totals[k] - done[k]) / speeds[k], k))
-        else:
-            server.finish(k)
-            finished_at[k] = now
+        waiting.add(k)
+        released = True
+        while released:  # a finish may let others go on
+            released = False
+            for j in sorted(waiting):
+                if not server.ready(j):
+                    continue
+                released = True
+                waiting.discard(j)
+                server.model(params[j], j)
+                if done[j] < totals[j]:
+                    heapq.heappush(events, (now + min(period, totals[j] - done[j]) / speeds[j], j))
+                else:
+                    server.finish(j)
+                    finished_at[j] = now
+    assert not waiting
     return server, finished_at
 
 
@@ -155,21 +167,89 @@ def test_the_schedule_steps_only_the_workers_whose_rounds_are_due():
     assert [b.lengths for b in equal] == [{k: n for k in range(4)} for n in (3, 3, 3, 1)]
 
 
-@pytest.mark.parametrize("bound", [0, 1])
-def test_the_staleness_bound_holds_for_unequal_speeds(tmp_path, bound):
+@pytest.mark.parametrize("mode,bound", [("push_staleness", 0), ("push_staleness", 1), ("ssp", 0), ("ssp", 1)])
+def test_the_staleness_bound_holds_for_unequal_speeds(tmp_path, mode, bound):
     status = train(
-        config({"period": 1, "max_staleness": bound}, None, engine_options={"speed_spread": 0.8}),
+        config(
+            {"period": 1, "max_staleness": bound, "staleness_mode": mode},
+            None,
+            engine_options={"speed_spread": 0.8},
+        ),
         tmp_path,
         0,
         1,
     )
     server = status.details["server"]
-    assert server["max_staleness_seen"] <= bound and server["pushes"] == 40
-    if bound == 0:
-        assert server["staleness"] == {"0": 40} and server["updates"] == 10
+    assert server["pushes"] == 40
+    if mode == "push_staleness":
+        assert server["max_staleness_seen"] <= bound
+        if bound == 0:
+            assert server["staleness"] == {"0": 40} and server["updates"] == 10
+    else:
+        # Every push applied by itself; the clock gap, not τ, is what is bounded.
+        assert server["updates"] == 40 and server["max_clock_gap_seen"] <= bound
+        if bound == 0:
+            assert server["staleness"] == {"0": 10, "1": 10, "2": 10, "3": 10}
     speeds = status.details["worker_speeds"]
     assert len(set(speeds)) == 4 and sum(speeds) == pytest.approx(4.0)
     assert speeds == SimulatedOptions(speed_spread=0.8).speeds(4, 5)
+
+
+def test_ssp_holds_the_fast_worker_within_s_clocks_of_the_slowest_at_every_event():
+    """Speeds 4, 1, 1, 1, H = 1, 6 steps each, s = 1: worker 0 pushes at 0.25 (clock 1) and
+    0.5 (clock 2, two ahead: held); the slow ones reach clock 1 at t = 1, which lets it go
+    on; from then on it is held after every push until the next tick of the slow ones."""
+
+    def schedule(options: ServerOptions) -> tuple[dict[int, list[float]], list[int], ParameterServer]:
+        server = ParameterServer([], 4, options)
+        loop = EventLoop([4.0, 1.0, 1.0, 1.0], 1, [6] * 4, server)
+        pushes: dict[int, list[float]] = {k: [] for k in range(4)}
+
+        def push(k: int) -> None:
+            pushes[k].append(loop.time)
+            # The workers computing a round until now: k's ends with this push.
+            running = [j for j, state in enumerate(loop.state) if state in (COMPUTE, READY) or j == k]
+            slowest = min(server.clock[j] for j in range(4) if j not in server.done)
+            leads.append(max(server.clock[j] for j in running) - slowest)
+            server.push(k, [])
+
+        leads: list[int] = []
+        while not loop.finished:
+            loop.computed()
+            loop.advance(push, lambda k: None)
+        return pushes, leads, server
+
+    pushes, leads, server = schedule(ServerOptions(max_staleness=1, staleness_mode="ssp"))
+    # At every event, every worker computing a round is at most 1 clock ahead of the slowest.
+    assert len(leads) == 24 and max(leads) == 1
+
+    assert pushes[0] == [0.25, 0.5, 1.25, 2.25, 3.25, 4.25]
+    assert pushes[1] == pushes[2] == pushes[3] == [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
+    assert len(server.log) == 24 and server.version == 24
+    assert max(a.gap for a in server.log) == 1
+    # The fast worker's pushes: at its push at clock c the slowest had clock >= c - 1.
+    assert [a.gap for a in server.log if a.worker == 0] == [0, 1, 1, 1, 1, 1]
+    unbounded, unbounded_leads, _ = schedule(ServerOptions())
+    assert unbounded[0] == [0.25, 0.5, 0.75, 1.0, 1.25, 1.5] and max(unbounded_leads) == 4
+
+
+def test_ssp_runs_equal_separate_models_that_wait_for_the_slowest(tmp_path):
+    cfg = config(
+        {"period": 2, "max_staleness": 1, "staleness_mode": "ssp", "staleness_lr": "inverse"}, SPEEDS
+    )
+    status = train(cfg, tmp_path, 0, 1)
+    server, finished_at = reference(cfg, SPEEDS)
+    model = torch.load(tmp_path / "checkpoint.pt")["model"]
+    ours = torch.cat([v.reshape(-1) for v in model.values()])
+    theirs = torch.cat([t.reshape(-1) for t in server.global_model])
+    assert float((ours - theirs).norm() / theirs.norm()) <= 1e-5
+    summary = status.details["server"]
+    assert summary == server.summary()
+    assert summary["pushes"] == summary["updates"] == 20 and summary["max_clock_gap_seen"] == 1
+    # The fast worker (speed 2) cannot finish before the slow one (speed 0.5) has pushed
+    # three of its five rounds (t = 12): it would be done at t = 5 unheld.
+    assert status.details["virtual_time"] == max(finished_at) == 20.0
+    assert finished_at[0] >= 12.0
 
 
 def test_speed_options_are_checked():

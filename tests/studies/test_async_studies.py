@@ -48,9 +48,14 @@ def test_async_scale_is_simulated_at_three_sizes_and_two_kinds_of_speeds():
     assert kinds == {(0.0, "equal"): 15, (0.5, "equal"): 15, (0.5, "by_speed"): 12}
     assert all(r.algorithm["name"] == "async_local_sgd" for r in many if r.engine_options.get("steps"))
     fixes = {
-        (r.algorithm.get("staleness_lr", False), r.algorithm.get("outer_optimizer", "sgd")) for r in many
+        (getattr(r.algorithm_config(1), "staleness_lr", "none"), r.algorithm.get("outer_optimizer", "sgd"))
+        for r in many
     }
-    assert fixes == {(False, "sgd"), (True, "sgd"), (False, "nesterov")}
+    assert fixes == {("none", "sgd"), ("inverse_plus_one", "sgd"), ("none", "nesterov")}
+    # SGD with Nesterov momentum inside every worker (the optimizer's default).
+    assert {(r.optimizer.name, r.optimizer.momentum, r.optimizer.nesterov) for r in study.runs} == {
+        ("sgd", 0.9, True)
+    }
 
 
 def test_async_mlm_tiny_runs_on_the_fixtures(tmp_path, monkeypatch, text_fixtures):

@@ -9,9 +9,15 @@ from typing import Any, ClassVar
 
 import torch
 
-from localsgd.algorithms.async_server import ORDERS, ParameterServer, ServerOptions
+from localsgd.algorithms.async_server import (
+    ORDERS,
+    STALENESS_LR,
+    STALENESS_MODES,
+    ParameterServer,
+    ServerOptions,
+)
 from localsgd.algorithms.base import AlgorithmConfig, SyncContext, register
-from localsgd.util.checks import ConfigError, check_bool, check_choice, check_float, check_int
+from localsgd.util.checks import ConfigError, check_choice, check_float, check_int
 
 OUTER_OPTIMIZERS = ("sgd", "nesterov")
 
@@ -21,20 +27,21 @@ OUTER_OPTIMIZERS = ("sgd", "nesterov")
 class AsyncLocalSGD(AlgorithmConfig):
     """A server holds the global model x. Each worker takes H = ``period`` local steps from
     the model it last received, pushes its model x_k and receives the global model right
-    after the server applied it, without waiting for the other workers. The server applies
-    x ← x − α·d from the pseudo-gradient g = c·(b_k − x_k) (b_k: the model k started from;
-    c = 1/(1 + τ) with ``staleness_lr``, Zhang et al. 2016, else 1), d from the outer
-    optimizer (plain: d = g; ``nesterov``: Nesterov momentum β, applied every N-th update
-    as in Liu et al.'s delayed Nesterov). H = 1 with plain SGD inside is classic
-    asynchronous SGD; one worker with α = 1 is plain SGD, bit for bit.
+    after the server applied it, without waiting for the other workers (unless a staleness
+    bound holds it). The server applies
+    x ← x − α·d from the pseudo-gradient g = c(τ)·(b_k − x_k) (b_k: the model k started
+    from; τ the push's staleness; c(τ) by ``staleness_lr``), d from the outer optimizer
+    (plain: d = g; ``nesterov``: Nesterov momentum β, applied every N-th update as in Liu et
+    al.'s delayed Nesterov). H = 1 with plain SGD inside is classic asynchronous SGD; one
+    worker with α = 1 is plain SGD, bit for bit.
 
     Consistency: no two workers need to hold the same model at any time; the global model
     (the consensus, what evaluation sees) lives on the server, which is a thread of rank 0
     (the process engine) or the engine itself (simulated). ``max_staleness`` = s bounds
-    the staleness τ of every push (stale-synchronous parallel, Ho et al. 2013): pushes
-    that would let the global model run more than s updates ahead of a worker wait, and
-    s = 0 is synchronous local SGD (each round one update: the mean of the K models).
-    See :mod:`localsgd.algorithms.async_server`.
+    staleness as ``staleness_mode`` says: ``push_staleness`` bounds the staleness τ of
+    every applied push (s = 0 is synchronous local SGD); ``ssp`` is stale synchronous
+    parallel (Ho et al. 2013), which applies every push and bounds the clock gap between
+    the fastest and the slowest worker. See :mod:`localsgd.algorithms.async_server`.
     """
 
     SYMBOLS: ClassVar[dict[str, str]] = {"period": "H"}
@@ -43,10 +50,22 @@ class AsyncLocalSGD(AlgorithmConfig):
     period: int = 1
     """H: local steps between two pushes. 1 is asynchronous SGD."""
     max_staleness: int | None = None
-    """s: the most updates a push may not have seen (None: unbounded, fully asynchronous;
-    0: synchronous)."""
-    staleness_lr: bool = False
-    """Scale each push's change by 1/(1 + τ), τ its staleness (Zhang et al. 2016)."""
+    """s: the staleness bound, of the kind ``staleness_mode`` names (None: unbounded, fully
+    asynchronous)."""
+    staleness_mode: str = "push_staleness"
+    """What s bounds. ``push_staleness``: the staleness τ of every applied push; a push
+    that would exceed s waits, and the laggards' pushes (the oldest base) are applied
+    together as one update, their mean (s = 0: synchronous local SGD). ``ssp``: stale
+    synchronous parallel (Ho et al. 2013, "More Effective Distributed ML via a Stale
+    Synchronous Parallel Parameter Server"): every push is applied as it arrives, and a
+    worker at clock c (its pushes so far) starts its next round only when the slowest
+    worker that may still push has clock ≥ c − s; it waits, blocked, until then."""
+    staleness_lr: str | bool = "none"
+    """c(τ), the factor of a push of staleness τ. ``none``: 1. ``inverse``: 1/τ for τ ≥ 1,
+    1 at τ = 0: the staleness-dependent learning rate η/τ of Zhang et al. 2016
+    ("Staleness-aware Async-SGD for Distributed Deep Learning"). ``inverse_plus_one``:
+    1/(1 + τ). ``true`` and ``false`` (from configs written before the rules had names)
+    mean ``inverse_plus_one`` and ``none``."""
     outer_optimizer: str = "sgd"
     """The server's update: ``sgd`` (plain) or ``nesterov`` (momentum ``outer_momentum``,
     delayed by ``nesterov_delay``)."""
@@ -66,7 +85,19 @@ class AsyncLocalSGD(AlgorithmConfig):
         check_int("async_local_sgd.period", self.period, 1)
         if self.max_staleness is not None:
             check_int("async_local_sgd.max_staleness", self.max_staleness, 0)
-        check_bool("async_local_sgd.staleness_lr", self.staleness_lr)
+        check_choice("async_local_sgd.staleness_mode", self.staleness_mode, STALENESS_MODES)
+        if self.staleness_mode == "ssp" and self.max_staleness is None:
+            raise ConfigError(
+                "async_local_sgd.staleness_mode = 'ssp' needs async_local_sgd.max_staleness (the bound s)"
+            )
+        if isinstance(self.staleness_lr, bool):
+            # Stores written when this was a switch for 1/(1 + τ) keep their runs' meaning.
+            object.__setattr__(self, "staleness_lr", "inverse_plus_one" if self.staleness_lr else "none")
+        if self.staleness_lr not in STALENESS_LR:
+            raise ConfigError(
+                f"async_local_sgd.staleness_lr must be one of {list(STALENESS_LR)} (true and false: "
+                f"the old spellings of 'inverse_plus_one' and 'none'), got {self.staleness_lr!r}"
+            )
         check_choice("async_local_sgd.outer_optimizer", self.outer_optimizer, OUTER_OPTIMIZERS)
         check_float("async_local_sgd.outer_lr", self.outer_lr, 0.0, None, low_open=True)
         check_float("async_local_sgd.outer_momentum", self.outer_momentum, 0.0, 1.0)
@@ -83,14 +114,16 @@ class AsyncLocalSGD(AlgorithmConfig):
 
     def server_options(self) -> ServerOptions:
         momentum = self.outer_momentum if self.outer_optimizer == "nesterov" else 0.0
+        assert isinstance(self.staleness_lr, str)  # normalised in __post_init__
         return ServerOptions(
-            self.max_staleness,
-            self.staleness_lr,
-            self.outer_lr,
-            momentum,
-            self.nesterov_delay,
-            self.order,
-            self.period,
+            max_staleness=self.max_staleness,
+            staleness_mode=self.staleness_mode,
+            staleness_lr=self.staleness_lr,
+            outer_lr=self.outer_lr,
+            outer_momentum=momentum,
+            nesterov_delay=self.nesterov_delay,
+            order=self.order,
+            period=self.period,
         )
 
     def bind(self, ctx: SyncContext) -> AsyncLocalSGDSync:

@@ -6,15 +6,33 @@ Pure tensor math and bookkeeping, no transport and no locking: a communicator ho
 engine drives it from its event loop). Every engine applies pushes through this one class,
 so equal push orders give bit-identical models.
 
-Versions and staleness (Zhang et al. 2016): the global model's version V counts the
-updates applied so far. A worker's base b is the version of the model it last received;
-a push applied at version V has staleness τ = V − b (updates it did not see).
+Versions and staleness: the global model's version V counts the updates applied so far. A
+worker's base b is the version of the model it last received; a push applied at version V
+has staleness τ = V − b (updates it did not see). A worker's clock c counts its applied
+pushes (its completed rounds of H local steps).
 
-Bounded staleness (stale-synchronous parallel, Ho et al. 2013) with bound s: V never runs
-more than s updates ahead of the base of a worker that may still push, so every push has
-τ ≤ s. A push that would break this waits; when the laggards (the workers of the oldest
-base) have all pushed, their pushes are applied together as one update (their mean). With
-s = 0 every round is one update of all K pushes, each with τ = 0: synchronous local SGD.
+Staleness-scaled pushes (``staleness_lr``) multiply a push's change by c(τ): ``inverse`` is
+Zhang et al. 2016 ("Staleness-aware Async-SGD for Distributed Deep Learning"): the learning
+rate of a gradient of staleness τ is η/τ for τ ≥ 1 and η for τ = 0; ``inverse_plus_one``
+is the smoother 1/(1 + τ), which also halves a push of staleness 1.
+
+Two bounds s on staleness (``staleness_mode``), both deadlock-free (the slowest worker never
+waits, and finished and lost workers stop bounding the others):
+
+- ``ssp``, stale synchronous parallel (Ho et al. 2013, "More Effective Distributed ML via a
+  Stale Synchronous Parallel Parameter Server"): every push is applied when it arrives; a
+  worker whose clock, after its push, is more than s ahead of the slowest worker's waits
+  (it is not handed a model) until the slowest catches up: a worker at clock c starts its
+  next round only when min_j c_j ≥ c − s over the workers that may still push. The bound
+  is on clocks, not on τ: during one round of a worker at clock c, each other worker may
+  push its rounds c − s to c + s, so τ ≤ (2s + 1)(K − 1). The model a worker receives when
+  it goes on is the global model then, holding every push of every worker's rounds before
+  c − s (Ho et al.'s read guarantee) and whatever newer ones were applied.
+- ``push_staleness``: τ ≤ s for every applied push. A push that would break this is held
+  (its worker waits); when the laggards (the workers of the oldest base) have all pushed,
+  their pushes are applied together as one update (their mean). With s = 0 every round is
+  one update of all K pushes, each with τ = 0: synchronous local SGD. Not SSP: SSP applies
+  every push by itself and bounds clocks; this bounds the versions a push missed.
 """
 
 from __future__ import annotations
@@ -27,6 +45,13 @@ from typing import Any
 import torch
 
 ORDERS = ("arrival", "round_robin")
+STALENESS_MODES = ("push_staleness", "ssp")
+STALENESS_LR = {
+    "none": lambda tau: 1.0,
+    "inverse": lambda tau: 1.0 / tau if tau >= 1 else 1.0,
+    "inverse_plus_one": lambda tau: 1.0 / (1 + tau),
+}
+"""c(τ), the factor of a push of staleness τ, by ``staleness_lr`` (module docstring)."""
 
 
 @dataclass(frozen=True)
@@ -34,7 +59,8 @@ class ServerOptions:
     """The server's share of :class:`~localsgd.algorithms.AsyncLocalSGD`'s fields."""
 
     max_staleness: int | None = None
-    staleness_lr: bool = False
+    staleness_mode: str = "push_staleness"
+    staleness_lr: str = "none"
     outer_lr: float = 1.0
     outer_momentum: float = 0.0
     nesterov_delay: int = 1
@@ -42,17 +68,34 @@ class ServerOptions:
     period: int = 1
     """H: the workers' local steps between pushes (for engines that schedule the pushes)."""
 
+    def __post_init__(self) -> None:
+        # The user-facing checks are AsyncLocalSGD's; these guard direct construction.
+        if self.staleness_mode not in STALENESS_MODES:
+            raise ValueError(
+                f"staleness_mode must be one of {list(STALENESS_MODES)}, got {self.staleness_mode!r}"
+            )
+        if self.staleness_lr not in STALENESS_LR:
+            raise ValueError(f"staleness_lr must be one of {list(STALENESS_LR)}, got {self.staleness_lr!r}")
+
+    @property
+    def ssp(self) -> bool:
+        return self.max_staleness is not None and self.staleness_mode == "ssp"
+
 
 @dataclass(frozen=True)
 class Applied:
     """One push as applied: who, from which base, at which version, with which staleness,
-    in a group of how many pushes (one update)."""
+    in a group of how many pushes (one update); the worker's clock c (its pushes before
+    this one: the push ends its round c) and its gap c − min_j c_j to the slowest worker
+    that may still push (SSP bounds it by s)."""
 
     worker: int
     base: int
     version: int
     staleness: int
     group: int
+    clock: int
+    gap: int
 
 
 class OuterStep:
@@ -127,8 +170,9 @@ class ParameterServer:
 
     ``push(k, x)`` hands over worker k's model after its local steps; the push waits in
     ``pending`` until it is admissible, then is applied (alone, or with the laggards'
-    group). ``ready(k)`` tells whether k's last push (or finish) has been processed;
-    ``model(out, k)`` copies the model k's last push produced (what k continues from).
+    group); under SSP k then waits in ``blocked`` while it is too far ahead. ``ready(k)``
+    tells whether k may go on after its last push (or finish); ``model(out, k)`` copies
+    the model k continues from.
     ``order = "round_robin"`` admits pushes strictly in the cyclic order of the workers,
     whatever order they arrive in: a deterministic schedule for tests.
     """
@@ -149,6 +193,10 @@ class ParameterServer:
         self.pending: dict[int, tuple[int, list[torch.Tensor] | None]] = {}
         """Worker -> (arrival number, its pushed model; None for a finish)."""
         self.processed = [True] * workers
+        self.clock = [0] * workers
+        """c_k: worker k's applied pushes."""
+        self.blocked: set[int] = set()
+        """SSP: workers whose push was applied and that wait for the slowest to catch up."""
         self.arrivals = 0
         self.turn = 0
         self.log: list[Applied] = []
@@ -173,6 +221,7 @@ class ParameterServer:
             self.active.discard(worker)
             self.lost[worker] = self.version
             self.pending.pop(worker, None)
+            self.blocked.discard(worker)
             self.processed[worker] = True
             self._forget_unused()
             if self.options.order == "round_robin" and self.turn == worker:
@@ -208,6 +257,7 @@ class ParameterServer:
             "staleness": {str(k): histogram[k] for k in sorted(histogram)},
             "max_staleness_seen": max(staleness, default=0),
             "mean_staleness": sum(staleness) / len(staleness) if staleness else 0.0,
+            "max_clock_gap_seen": max((a.gap for a in self.log), default=0),
             "pushes_per_worker": [sum(1 for a in self.log if a.worker == k) for k in range(self.workers)],
             "lost_workers": {str(k): v for k, v in sorted(self.lost.items())},
         }
@@ -243,6 +293,7 @@ class ParameterServer:
                     self._apply(group)
                     progressed = True
                     break
+        self._release()
 
     def _bounding(self) -> list[int]:
         """Workers that may still push (active, no finish waiting)."""
@@ -252,9 +303,11 @@ class ParameterServer:
         """The pushes to apply with k's now (k alone, or the laggards' group), or None if
         k must wait."""
         s = self.options.max_staleness
+        if s is None or self.options.ssp:
+            return [k]
         bounding = self._bounding()
         others = [self.base[j] for j in bounding if j != k]
-        if s is None or not others or self.version + 1 - min(others) <= s:
+        if not others or self.version + 1 - min(others) <= s:
             return [k]
         oldest = min(self.base[j] for j in bounding)
         if self.base[k] != oldest:
@@ -271,8 +324,14 @@ class ParameterServer:
         assert all(self.base[k] == base_version for k in group), group
         staleness = self.version - base_version
         bound = self.options.max_staleness
-        assert bound is None or staleness <= bound, (staleness, bound)
-        scale = 1.0 / (1 + staleness) if self.options.staleness_lr else 1.0
+        ssp = self.options.ssp
+        assert bound is None or ssp or staleness <= bound, (staleness, bound)
+        slowest = min(self.clock[j] for j in self._bounding())
+        gaps = {k: self.clock[k] - slowest for k in group}
+        # Each of these rounds began with its worker at most s clocks ahead, and the slowest
+        # clock only grows.
+        assert bound is None or not ssp or max(gaps.values()) <= bound, (gaps, bound)
+        scale = STALENESS_LR[self.options.staleness_lr](staleness)
         pushed = []
         for k in group:
             model = self.pending.pop(k)[1]
@@ -282,12 +341,34 @@ class ParameterServer:
         self.version += 1
         self.snapshots[self.version] = [t.clone() for t in self.global_model]
         for k in group:
-            self.log.append(Applied(k, base_version, self.version - 1, staleness, len(group)))
+            self.log.append(
+                Applied(k, base_version, self.version - 1, staleness, len(group), self.clock[k], gaps[k])
+            )
+            self.clock[k] += 1
             self.base[k] = self.version
-            self.processed[k] = True
+            if ssp:
+                self.blocked.add(k)  # _release decides whether it goes on
+            else:
+                self.processed[k] = True
         self._forget_unused()
         if self.options.order == "round_robin":
             self._advance(set(group))
+
+    def _release(self) -> None:
+        """SSP: let every blocked worker at most s clocks ahead of the slowest go on, from
+        the global model as it is now."""
+        if not self.blocked:
+            return
+        s = self.options.max_staleness
+        assert s is not None
+        # Blocked workers may still push, so the minimum is over a non-empty set, and the
+        # slowest worker itself is never held: no set of waiting workers can deadlock.
+        slowest = min(self.clock[j] for j in self._bounding())
+        for k in sorted(self.blocked):
+            if self.clock[k] - slowest <= s:
+                self.blocked.discard(k)
+                self.base[k] = self.version
+                self.processed[k] = True
 
     def _retire(self, k: int) -> None:
         self.pending.pop(k)

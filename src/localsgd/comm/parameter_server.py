@@ -39,8 +39,10 @@ JOIN_TIMEOUT = 60.0
 
 
 class ServerHost:
-    """A server's state behind a lock, with calls that wait: a push returns once it has
-    been applied (bounded staleness may hold it), a finish once every worker is done."""
+    """A server's state behind a lock, with calls that wait: a push returns once its worker
+    may go on (a staleness bound may hold it before it is applied or, under SSP, after), a
+    finish once every worker is done. Every change wakes every waiting thread, a lost
+    worker's included, so a worker waiting for one that died goes on once it is lost."""
 
     def __init__(self, server: Server) -> None:
         self.server = server

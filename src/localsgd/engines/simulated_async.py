@@ -6,8 +6,9 @@ from the run's seed). A worker's round (H = ``period`` steps, fewer for its last
 the moment the server returned a model to it; its push happens when the round ends. Events
 are processed in time order (ties by worker index: equal speeds give round robin), through
 the algorithm's own :class:`~localsgd.algorithms.async_server.ParameterServer`, staleness
-bound included: a push that has to wait is applied when the server admits it, and its
-worker starts its next round then.
+bound included: a worker whose push waits (``push_staleness``: until the server admits it;
+``ssp``: applied at once, its worker too far ahead of the slowest) starts its next round
+when the server lets it go on, at the virtual time of the push that did.
 
 What a round computes depends only on the model the worker received and its own data, so
 rounds can be computed any time between that pull and the push. The engine computes them
@@ -144,8 +145,20 @@ class EventLoop:
             self.time, k = heapq.heappop(ready)
             self.state[k] = PENDING
             on_push(k)
+            self._release(on_pull)
+        if not self.due and any(s == PENDING for s in self.state):
+            waiting = [k for k, s in enumerate(self.state) if s == PENDING]
+            raise RuntimeError(f"simulated engine: workers {waiting} wait for the server and nobody can push")
+
+    def _release(self, on_pull: Callable[[int], object]) -> None:
+        """Every waiting worker the server lets go on pulls now and starts its next round
+        (or finishes); repeated, since a finish can let workers of any index go on."""
+        released = True
+        while released:
+            released = False
             for j, s in enumerate(self.state):
                 if s == PENDING and self.server.ready(j):
+                    released = True
                     on_pull(j)
                     left = self.totals[j] - self.steps[j]
                     if left == 0:
@@ -155,9 +168,6 @@ class EventLoop:
                         self.state[j] = COMPUTE
                         self.start[j] = self.time
                         self.lengths[j] = min(self.period, left)
-        if not self.due and any(s == PENDING for s in self.state):
-            waiting = [k for k, s in enumerate(self.state) if s == PENDING]
-            raise RuntimeError(f"simulated engine: workers {waiting} wait for the server and nobody can push")
 
     @property
     def finished(self) -> bool:
