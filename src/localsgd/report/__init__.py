@@ -29,8 +29,9 @@ def make_report(
     target: str | None = None,
     formats: str | Sequence[str] = ("png", "pdf", "svg"),
     dpi: int = 200,
+    select_on: str = "validation",
 ) -> dict[str, Path]:
     """See :func:`localsgd.report.build.make_report` (imported on first call)."""
     from localsgd.report.build import make_report as _make_report
 
-    return _make_report(store_dir, out_dir, cluster, target, formats, dpi)
+    return _make_report(store_dir, out_dir, cluster, target, formats, dpi, select_on)
