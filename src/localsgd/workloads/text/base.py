@@ -85,6 +85,8 @@ class TextWorkload:
     """The ``transformers`` auto class of the task's model."""
     kind: ClassVar[str] = ""
     """The cache file prefix."""
+    held_out: dict[str, Any]
+    """What evaluating the validation split needs (set by :meth:`hold_out`)."""
 
     def __init__(self, name: str, options: Any) -> None:
         assert isinstance(options, TextConfig)
@@ -136,7 +138,7 @@ class TextWorkload:
         Here an example is a row of the training tensors."""
         train: Tensors = self.data["train"]
         keep, held = validation_split(len(train["input_ids"]), fraction)
-        self.held_out: dict[str, Any] = {k: v[held] for k, v in train.items()}
+        self.held_out = {k: v[held] for k, v in train.items()}
         return {k: v[keep] for k, v in train.items()}, len(held)
 
     def score(self, model: nn.Module, device: Device, split: str) -> dict[str, float]:
