@@ -44,7 +44,11 @@ def test_the_fixture_has_six_labels_in_sorted_order(tsv):
     assert tsv.model_config.label2id == {name: i for i, name in enumerate(sorted(NOUN_VERBS))}
     assert tsv.config["data"]["labels"] == tsv.labels  # what the run trained with
     assert tsv.train_size + tsv.validation_size == 1200 and len(tsv.data["test"]["labels"]) == 400
-    assert [m.name for m in tsv.metrics] == ["accuracy", "macro_f1", "eval_loss"] and tsv.primary == "accuracy"
+    assert [m.name for m in tsv.metrics] == [
+        "accuracy",
+        "macro_f1",
+        "eval_loss",
+    ] and tsv.primary == "accuracy"
     counts = torch.bincount(tsv.data["train"]["labels"].long())
     assert len(counts) == 6 and int(counts.min()) > 150  # balanced enough: chance is about 1/6
 
@@ -60,7 +64,9 @@ def test_csv_and_json_lines_read_like_the_tsv(tmp_path, text_fixtures, tsv):
         with (tmp_path / f"{split}.jsonl").open("w") as f:
             for text, label in rows(text_fixtures, f"{split}.tsv"):
                 f.write(json.dumps({"sentence": text, "y": names.index(label)}) + "\n")
-    as_csv = workloads.build(spec(text_fixtures, path=str(tmp_path), train_file="train.csv", test_file="test.csv"))
+    as_csv = workloads.build(
+        spec(text_fixtures, path=str(tmp_path), train_file="train.csv", test_file="test.csv")
+    )
     assert as_csv.labels == names
     assert torch.equal(as_csv.data["train"]["labels"], tsv.data["train"]["labels"])
     assert len(as_csv.data["train"]["input_ids"]) == 1200
@@ -118,7 +124,11 @@ def write(path: Path, text: str) -> str:
             r"workload\.data\.train_file '.*train\.txt': the format of a '\.txt' file is unknown; .*"
             r"set workload\.data\.format to csv or jsonl or tsv",
         ),
-        ({}, {"format": "xml"}, r"workload\.data\.format must be one of \['csv', 'jsonl', 'tsv'\], got 'xml'"),
+        (
+            {},
+            {"format": "xml"},
+            r"workload\.data\.format must be one of \['csv', 'jsonl', 'tsv'\], got 'xml'",
+        ),
         (
             {"train.tsv": "words\tlabel\na b\tx\n"},
             {},
@@ -133,7 +143,11 @@ def write(path: Path, text: str) -> str:
         ({"train.tsv": ""}, {}, r"workload\.data\.train_file '.*train\.tsv' holds no example"),
         ({"train.tsv": "text\tlabel\n"}, {}, r"workload\.data\.train_file '.*train\.tsv' holds no example"),
         ({"train.tsv": "text\tlabel\na\t\n"}, {}, r"line 2 has an empty label"),
-        ({"train.jsonl": '{"text": "a", "label": 1}\n[1]\n'}, {"train_file": "train.jsonl"}, r"line 2 is not a JSON object"),
+        (
+            {"train.jsonl": '{"text": "a", "label": 1}\n[1]\n'},
+            {"train_file": "train.jsonl"},
+            r"line 2 is not a JSON object",
+        ),
         ({"train.tsv": "text\tlabel\na\tx\nb\tx\n"}, {}, r"has a single label \['x'\]: nothing to classify"),
         (
             {"train.tsv": "text\tlabel\na\tx\nb\ty\n", "test.tsv": "text\tlabel\na\tz\n"},

@@ -171,21 +171,35 @@ class Classification(TextWorkload):
         test_texts, test_labels = sets["test_file"]
         return {
             "labels": names,
-            "train": self._encode(texts, labels, names, "train_file", subset(len(texts), d.train_subset, d.subset_seed)),
-            "test": self._encode(test_texts, test_labels, names, "test_file", list(range(len(test_texts)))[: d.eval_subset]),
+            "train": self._encode(
+                texts, labels, names, "train_file", subset(len(texts), d.train_subset, d.subset_seed)
+            ),
+            "test": self._encode(
+                test_texts, test_labels, names, "test_file", list(range(len(test_texts)))[: d.eval_subset]
+            ),
         }
 
-    def _encode(self, texts: list[str], labels: list[str], names: list[str], key: str, keep: list[int]) -> Tensors:
+    def _encode(
+        self, texts: list[str], labels: list[str], names: list[str], key: str, keep: list[int]
+    ) -> Tensors:
         ids = {name: i for i, name in enumerate(names)}
         for i, label in enumerate(labels):
             if label not in ids:
                 file = self.classification_data.file_of(key)
                 raise ConfigError(
                     f"workload.data.{key} '{file}': example {i + 1} has the label {label!r}, not one of "
-                    f"{names}" + ("" if self.classification_data.labels else "; list every label in workload.data.labels")
+                    f"{names}"
+                    + (
+                        ""
+                        if self.classification_data.labels
+                        else "; list every label in workload.data.labels"
+                    )
                 )
         encoded = self.tokenizer(
-            [texts[i] for i in keep], truncation=True, max_length=self.data_options.max_length, padding="longest"
+            [texts[i] for i in keep],
+            truncation=True,
+            max_length=self.data_options.max_length,
+            padding="longest",
         )
         out = compact(encoded, list(self.tokenizer.model_input_names))
         out["labels"] = torch.tensor([ids[labels[i]] for i in keep], dtype=torch.int32)
