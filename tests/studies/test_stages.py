@@ -81,6 +81,8 @@ def test_a_later_stage_is_planned_from_templates(tmp_path, text_fixtures):
     )
     assert sum("per run" in line and "<model of a run of pretrain>" in line for line in lines) == 2
     assert stages.total_runs(study) == 4 + 8 + 2
+    with pytest.raises(ConfigError, match=r"a study in stages runs stage by stage"):
+        run_study(study, tmp_path / "store")  # its first stage alone would look like all of it
 
 
 def test_dry_run_shows_every_stage(tmp_path, text_fixtures):

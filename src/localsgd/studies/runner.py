@@ -267,6 +267,8 @@ def run_study(
     """
     if executor not in EXECUTORS:
         raise ConfigError(f"executor must be one of {list(EXECUTORS)}, got {executor!r}")
+    if study.stages:  # its later stages' runs exist only once the earlier ones have finished
+        raise ConfigError("a study in stages runs stage by stage: localsgd.studies.stages.run_stages")
     if isinstance(batch_trials, bool) or not isinstance(batch_trials, int) or batch_trials < 1:
         raise ConfigError(f"--batch-trials must be an integer >= 1, got {batch_trials!r}")
     # submitit's local executor (cluster = "local") runs the jobs on this machine's cores.
