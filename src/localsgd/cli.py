@@ -391,8 +391,9 @@ def fixtures(
     folder: Annotated[Path, typer.Argument(help="Folder to write into (created if missing).")],
     scale: Annotated[int, typer.Option(min=1, help="Multiply the number of examples.")] = 1,
 ) -> None:
-    """Write tiny text fixtures in the real formats: a tokenizer, a tiny BERT config, MNLI,
-    SQuAD v1.1 and a text corpus (for tests, the tiny studies and a first cluster check)."""
+    """Write tiny text fixtures in the real formats: a tokenizer, a tiny BERT (config and
+    checkpoint), MNLI, SQuAD v1.1, a text corpus and a single-text classification set (for
+    tests, the tiny studies and a first cluster check)."""
     from localsgd.util.checks import ConfigError
 
     if folder.exists() and not folder.is_dir():
