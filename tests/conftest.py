@@ -9,8 +9,8 @@ import pytest
 
 @pytest.fixture(scope="session")
 def text_fixtures(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """``localsgd fixtures``' files (a tokenizer, a tiny BERT config, MNLI, SQuAD, text)
-    and a private tokenisation cache (``cache``)."""
+    """``localsgd fixtures``' files (a tokenizer, a tiny BERT config and checkpoint, MNLI,
+    SQuAD, text, single-text classification) and a private tokenisation cache (``cache``)."""
     pytest.importorskip("transformers")
     from localsgd.workloads.text.fixtures import write_fixtures
 

@@ -7,7 +7,12 @@ from pathlib import Path
 
 def text_spec(fx: dict[str, Path], name: str, **data: object) -> dict[str, object]:
     """A ``[workload]`` table of ``name`` on the fixtures, the tiny BERT initialised at random."""
-    path = {"mnli": fx["mnli"], "squad": fx["squad"], "mlm": fx["corpus"] / "train.txt"}[name]
+    path = {
+        "mnli": fx["mnli"],
+        "squad": fx["squad"],
+        "mlm": fx["corpus"] / "train.txt",
+        "classification": fx["classification"],
+    }[name]
     options: dict[str, object] = {"path": str(path), "max_length": 64, "cache": str(fx["cache"]), **data}
     if name == "mlm":
         options.setdefault("eval_path", str(fx["corpus"] / "valid.txt"))

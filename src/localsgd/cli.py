@@ -10,7 +10,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -290,16 +290,24 @@ def study(
         raise _fail(str(exc)) from None
     folder = out or plan.default_out()
     if dry_run:
+        from localsgd.studies import stages
         from localsgd.studies.progress import plan_lines
 
-        for line in plan_lines(plan.runs):
+        for line in stages.plan_lines(plan) if plan.stages else plan_lines(plan.runs):
             typer.echo(line)
-        typer.echo(f"{len(plan.runs)} runs -> {folder}")
+        typer.echo(f"{stages.total_runs(plan) if plan.stages else len(plan.runs)} runs -> {folder}")
         return
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
+    runner: Any = run_study
+    if plan.stages:  # each stage through run_study, once the stage before it has finished
+        from functools import partial
+
+        from localsgd.studies.stages import run_stages
+
+        runner = partial(run_stages, run=run_study)
     try:
         with _stopping_in_order():
-            counts = run_study(
+            counts = runner(
                 plan,
                 folder,
                 study_file=config,
@@ -393,8 +401,9 @@ def fixtures(
     folder: Annotated[Path, typer.Argument(help="Folder to write into (created if missing).")],
     scale: Annotated[int, typer.Option(min=1, help="Multiply the number of examples.")] = 1,
 ) -> None:
-    """Write tiny text fixtures in the real formats: a tokenizer, a tiny BERT config, MNLI,
-    SQuAD v1.1 and a text corpus (for tests, the tiny studies and a first cluster check)."""
+    """Write tiny text fixtures in the real formats: a tokenizer, a tiny BERT (config and
+    checkpoint), MNLI, SQuAD v1.1, a text corpus and a single-text classification set (for
+    tests, the tiny studies and a first cluster check)."""
     from localsgd.util.checks import ConfigError
 
     if folder.exists() and not folder.is_dir():

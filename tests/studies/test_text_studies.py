@@ -74,3 +74,32 @@ def test_tiny_studies_run_on_the_fixtures(tmp_path, monkeypatch, text_fixtures, 
             "minibatch_sgd",
             "local_sgd",
         }
+
+
+def test_stilt_tiny_is_seed_001s_design(tmp_path, monkeypatch, text_fixtures):
+    """Continued pretraining with every way of training of seed 001, then each model (and
+    the starting one) fine-tuned downstream, 3 seeds each."""
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(
+        text_fixtures["tokenizer"].parent, "studies_out/fixtures", ignore=shutil.ignore_patterns("cache")
+    )
+    study = load_study(STUDIES / "stilt_tiny.toml")
+    pretrain, finetune = study.stages
+    ways = Counter(
+        (r.algorithm["name"], r.workers, r.engine, r.engine_options.get("procs_per_device"))
+        for r in pretrain.runs
+    )
+    assert ways == {
+        ("minibatch_sgd", 1, "processes", None): 1,
+        ("minibatch_sgd", 2, "processes", None): 1,
+        ("minibatch_sgd", 4, "processes", None): 1,
+        ("minibatch_sgd", 2, "hogwild", 2): 1,
+        ("minibatch_sgd", 4, "hogwild", 4): 1,
+        ("async_local_sgd", 2, "processes", None): 1,
+        ("async_local_sgd", 4, "processes", None): 1,
+    }
+    assert {r.workload_name for r in pretrain.runs} == {"mlm"}
+    assert finetune.source == "pretrain"
+    assert sorted(r.seed for r in finetune.templates) == sorted(r.seed for r in finetune.runs) == [0, 1, 2]
+    assert {r.workload_name for r in finetune.templates + finetune.runs} == {"classification"}
+    assert {r.workload["model"]["path"] for r in finetune.runs} == {"studies_out/fixtures/bert_tiny"}

@@ -19,10 +19,12 @@ from textdata import text_spec
 
 pytest.importorskip("transformers")
 
+TEXT_WORKLOADS = ("mnli", "squad", "mlm", "classification")
+
 
 @pytest.fixture(scope="module")
 def built(text_fixtures: dict[str, Path]) -> dict[str, Any]:
-    return {name: workloads.build(text_spec(text_fixtures, name)) for name in ("mnli", "squad", "mlm")}
+    return {name: workloads.build(text_spec(text_fixtures, name)) for name in TEXT_WORKLOADS}
 
 
 def finetune(wl: Any, steps: int, lr: float, batch: int = 32) -> torch.nn.Module:
@@ -48,20 +50,20 @@ def test_import_localsgd_imports_no_text_stack():
         "import sys, localsgd, localsgd.workloads, localsgd.studies.schema\n"
         "heavy = [m for m in sys.modules if m.split('.')[0] in ('transformers', 'accelerate', 'tokenizers', 'datasets')]\n"
         "assert not heavy, heavy\n"
-        "assert {'mnli', 'squad', 'mlm'} <= set(localsgd.workloads.names())\n"
+        "assert {'mnli', 'squad', 'mlm', 'classification'} <= set(localsgd.workloads.names())\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
 def test_batches_are_dicts_the_model_takes_and_shards_are_disjoint(built):
     wl = built["mnli"]
-    assert wl.train_size == 3000 and wl.primary == "accuracy_matched"
+    assert wl.train_size == 2700 and wl.validation_size == 300 and wl.primary == "accuracy_matched"
     assert [m.name for m in wl.metrics] == ["accuracy_matched", "accuracy_mismatched", "eval_loss"]
     batches = [list(wl.train_batches(r, 2, 16, epoch=0, seed=3, device="cpu")) for r in range(2)]
     first = batches[0][0]
     assert set(first) == {"input_ids", "attention_mask", "token_type_ids", "labels"}
     assert first["input_ids"].dtype == torch.long and first["input_ids"].shape[0] == 16
-    assert len(batches[0]) == len(batches[1]) == wl.steps_per_epoch(2, 16) == 93
+    assert len(batches[0]) == len(batches[1]) == wl.steps_per_epoch(2, 16) == 84
     assert not torch.equal(batches[0][0]["input_ids"], batches[1][0]["input_ids"])  # shards differ
     again = next(iter(wl.train_batches(0, 2, 16, epoch=0, seed=3, device="cpu")))
     assert all(torch.equal(first[k], again[k]) for k in first)
@@ -77,7 +79,8 @@ def test_tokenised_data_is_cached_and_keyed_by_options(text_fixtures, built, cap
         shorter = workloads.build(text_spec(text_fixtures, "mnli", max_length=16, train_subset=100))
         assert "tokenised once" in caplog.text
     assert torch.equal(again.train["input_ids"], built["mnli"].train["input_ids"])
-    assert shorter.train_size == 100 and shorter.train["input_ids"].shape[1] == 16
+    assert shorter.train_size + shorter.validation_size == 100 and shorter.validation_size == 10
+    assert shorter.train["input_ids"].shape[1] == 16
     assert again.cache_path() != shorter.cache_path()
 
 
@@ -85,8 +88,9 @@ def test_train_subset_is_the_first_n_after_a_seeded_shuffle(text_fixtures, built
     a = workloads.build(text_spec(text_fixtures, "mnli", train_subset=40))
     b = workloads.build(text_spec(text_fixtures, "mnli", train_subset=80))
     c = workloads.build(text_spec(text_fixtures, "mnli", train_subset=40, subset_seed=1))
-    assert torch.equal(a.train["input_ids"][:40], b.train["input_ids"][:40, : a.train["input_ids"].shape[1]])
-    assert not torch.equal(a.train["labels"], c.train["labels"])
+    first, second = a.data["train"]["input_ids"], b.data["train"]["input_ids"]  # before the split
+    assert torch.equal(first[:40], second[:40, : first.shape[1]])
+    assert not torch.equal(a.data["train"]["labels"], c.data["train"]["labels"])
 
 
 def test_mlm_masks_15_percent_with_the_80_10_10_rule(built):
@@ -137,7 +141,7 @@ def test_squad_windows_hold_the_answer_positions(built):
 
 @pytest.mark.parametrize(
     ("name", "steps", "lr"),
-    [("mnli", 150, 3e-3), ("squad", 300, 3e-3), ("mlm", 60, 3e-3)],
+    [("mnli", 250, 3e-3), ("squad", 300, 3e-3), ("mlm", 60, 3e-3), ("classification", 200, 3e-3)],
 )
 def test_a_fine_tuned_tiny_bert_beats_chance_clearly(built, name, steps, lr):
     wl = built[name]
@@ -149,6 +153,10 @@ def test_a_fine_tuned_tiny_bert_beats_chance_clearly(built, name, steps, lr):
         assert after["eval_loss"] < before["eval_loss"] - 0.2
     elif name == "squad":
         assert after["f1"] > before["f1"] + 0.2 and after["exact_match"] > before["exact_match"] + 0.15
+    elif name == "classification":  # six balanced labels: chance is 1/6
+        assert before["accuracy"] < 0.3
+        assert after["accuracy"] > 0.6 and after["macro_f1"] > 0.5
+        assert after["eval_loss"] < before["eval_loss"] - 0.5
     else:  # the untrained model is near uniform over the vocabulary
         assert before["eval_loss"] > 0.9 * math.log(len(wl.tokenizer))
         assert after["eval_loss"] < before["eval_loss"] - 2.0

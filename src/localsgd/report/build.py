@@ -21,6 +21,7 @@ from localsgd.report import (
     graphics,
     measured,
     plots,
+    stages,
     steps,
     steps_plots,
     subsets,
@@ -192,7 +193,7 @@ def make_report(
         sections += _steps_section(goals, step_table, select, lambda stem: _figure_blocks(figures, stem, chosen))
     at = next(i for i, b in enumerate(blocks) if isinstance(b, Heading) and b.text == "Run status")
     blocks[at:at] = sections
-    for extra in (measured_blocks, async_blocks):
+    for extra in (stages.section(study), measured_blocks, async_blocks):
         if not extra:
             continue
         at = next(i for i, b in enumerate(blocks) if isinstance(b, Heading) and b.text == "Run status")

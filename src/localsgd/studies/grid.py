@@ -38,13 +38,16 @@ import itertools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from localsgd.studies import search
 from localsgd.studies.configs import apply_overrides, load_toml, parse_override
 from localsgd.studies.schema import RunConfig, normalize, run_config
 from localsgd.util.checks import ConfigError, check_name, from_dict
 from localsgd.util.nest import deep_copy, flatten, set_dotted
+
+if TYPE_CHECKING:
+    from localsgd.studies.stages import Stage
 
 LIST_FIELDS = {"schedule.milestones"}
 
@@ -77,51 +80,74 @@ class StudySection:
 class Study:
     section: StudySection
     runs: list[RunConfig] = field(default_factory=list)
+    """Every run (of a study in stages: the runs of its first stage)."""
     trials: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Per run id of a search's trial: ``{"block": "grid[i]", "trial": i, "keys": [...]}``
     (the searched config keys), written to the study's plan for the report."""
+    stages: list[Stage] = field(default_factory=list)
+    """A study in stages: its stages in order (empty otherwise); a later stage's runs are
+    built once the stage it starts from has finished (:mod:`localsgd.studies.stages`)."""
 
     def default_out(self) -> Path:
         return Path(self.section.out or Path("studies_out") / self.section.name)
 
 
 def load_study(path: str | Path, overrides: list[str] | None = None) -> Study:
-    """Parse a study file; ``overrides`` (``key=value``) apply to ``[base]``."""
+    """Parse a study file; ``overrides`` (``key=value``) apply to ``[base]`` (to every
+    stage's base in a study of ``[[stage]]`` tables, :mod:`localsgd.studies.stages`)."""
     data = load_toml(path)
+    if "stage" in data:
+        from localsgd.studies.stages import load_stages
+
+        return load_stages(data, overrides or [])
     unknown = set(data) - {"study", "base", "grid"}
     if unknown:
-        raise ConfigError(f"unknown top-level key(s) {sorted(unknown)}; allowed: ['base', 'grid', 'study']")
+        raise ConfigError(
+            f"unknown top-level key(s) {sorted(unknown)}; allowed: ['base', 'grid', 'stage', 'study']"
+        )
     section = from_dict(StudySection, data.get("study", {}), "study")
-    base = data.get("base", {})
+    runs, trials = expand_blocks(data.get("base", {}), data.get("grid", [{}]), section.name, overrides or [])
+    return Study(section, runs, trials)
+
+
+def expand_blocks(
+    base: Any, grids: Any, study: str, overrides: list[str], where: str = ""
+) -> tuple[list[RunConfig], dict[str, dict[str, Any]]]:
+    """The runs of a ``[base]`` and its ``[[grid]]`` blocks (each run once, in order) and
+    the search entries of those that are trials; ``where`` prefixes the keys errors name
+    (``stage[1].``)."""
     if not isinstance(base, Mapping):
-        raise ConfigError(f"base must be a table of run settings, got {type(base).__name__}")
-    base = apply_overrides(normalize(base), overrides or [])
-    run_config(base)  # the base alone must be a valid run
-    grids = data.get("grid", [{}])
+        raise ConfigError(f"{where}base must be a table of run settings, got {type(base).__name__}")
+    base = apply_overrides(normalize(base), overrides)
+    try:
+        run_config(base)  # the base alone must be a valid run
+    except ConfigError as exc:
+        raise ConfigError(f"{where}base: {exc}" if where else str(exc)) from None
     if not isinstance(grids, list) or not all(isinstance(g, Mapping) for g in grids):
-        raise ConfigError("grid must be an array of tables ([[grid]] blocks)")
+        raise ConfigError(f"{where}grid must be an array of tables ([[{where}grid]] blocks)")
     runs: list[RunConfig] = []
     trials: dict[str, dict[str, Any]] = {}
     seen: set[str] = set()
-    overridden = [".".join(parse_override(text)[0]) for text in overrides or []]
+    overridden = [".".join(parse_override(text)[0]) for text in overrides]
     for i, grid in enumerate(grids):
         grid = dict(grid)
-        space = search.parse(grid.pop("search"), f"grid[{i}]") if "search" in grid else None
+        block = f"{where}grid[{i}]"
+        space = search.parse(grid.pop("search"), block) if "search" in grid else None
         flat = _flatten(grid)
         for key in overridden:
             shadow = [p for p in flat if p == key or key.startswith(p + ".")]
             if shadow:
                 raise ConfigError(
-                    f"--set {key} changes [base], but grid[{i}] sets {shadow[0]!r} for its "
+                    f"--set {key} changes [{where}base], but {block} sets {shadow[0]!r} for its "
                     "runs, which wins; edit the grid instead"
                 )
-        for run, trial in _expand_search(base, grid, f"grid[{i}]", section.name, space):
+        for run, trial in _expand_search(base, grid, block, study, space):
             if run.run_id() not in seen:
                 seen.add(run.run_id())
                 runs.append(run)
                 if trial is not None:
                     trials[run.run_id()] = trial
-    return Study(section, runs, trials)
+    return runs, trials
 
 
 def _expand_search(

@@ -239,6 +239,7 @@ def run_study(
     adopt_store: bool = False,
     launch: Callable[[engines.Job], None] | None = None,
     batch_trials: int = DEFAULT_BATCH,
+    plan: Mapping[str, Any] | None = None,
 ) -> Counter[str]:
     """Run every run of ``study`` not already finished in the store at ``out``.
 
@@ -253,8 +254,9 @@ def run_study(
     ``launch``: as for :func:`execute_run`. ``batch_trials``: at most that many runs that
     differ only in optimizer metaparameters, schedule and seed train together in this
     process on an engine that can (:mod:`localsgd.studies.trials`), one run at a time
-    (``parallel`` 1, this machine); 1 runs each alone. Returns how many runs ended in
-    each status, skipped ones included.
+    (``parallel`` 1, this machine); 1 runs each alone. ``plan``: the store's plan to
+    write (default: the study's runs; a study in stages plans more than one stage's runs).
+    Returns how many runs ended in each status, skipped ones included.
 
     The study holds the store's lock while it runs (another study or a single run into
     the same store is refused, naming this process), and the store belongs to it: a store
@@ -265,6 +267,8 @@ def run_study(
     """
     if executor not in EXECUTORS:
         raise ConfigError(f"executor must be one of {list(EXECUTORS)}, got {executor!r}")
+    if study.stages:  # its later stages' runs exist only once the earlier ones have finished
+        raise ConfigError("a study in stages runs stage by stage: localsgd.studies.stages.run_stages")
     if isinstance(batch_trials, bool) or not isinstance(batch_trials, int) or batch_trials < 1:
         raise ConfigError(f"--batch-trials must be an integer >= 1, got {batch_trials!r}")
     # submitit's local executor (cluster = "local") runs the jobs on this machine's cores.
@@ -292,6 +296,7 @@ def run_study(
             executor_options=executor_options,
             launch=launch,
             batch_trials=batch_trials,
+            plan=plan,
         )
     finally:
         lock.release()
@@ -408,6 +413,7 @@ def _run_study(
     executor_options: Mapping[str, Any] | None,
     launch: Callable[[engines.Job], None] | None,
     batch_trials: int,
+    plan: Mapping[str, Any] | None = None,
 ) -> Counter[str]:
     counts, todo, resume = _plan_runs(study, existing, retry_failed)
     if parallel is None:
@@ -444,7 +450,9 @@ def _run_study(
     ):
         shutil.copyfile(study_file, out / "study.toml")
     store.write_plan(
-        {
+        plan
+        if plan is not None
+        else {
             "study": study.section.name,
             "description": study.section.description,
             "target": dict(study.section.target),

@@ -328,6 +328,10 @@ class RunConfig:
     fixed: str = "worker_batch"
     """What was held fixed when the worker count varied: ``worker_batch`` or
     ``global_batch`` (recorded in the run record)."""
+    from_run: dict[str, str] = field(default_factory=dict)
+    """A run of a study's later stage: the earlier stage's run whose exported model it
+    starts from, ``{stage = "pretrain", run_id = "..."}`` (``localsgd.studies.stages``);
+    empty otherwise."""
 
     def __post_init__(self) -> None:
         from localsgd import engines, workloads
@@ -394,6 +398,14 @@ class RunConfig:
             )
         workloads.check_spec(self.workload)
         self.comm.check_workers(self.workers)
+        if self.from_run and (
+            set(self.from_run) != {"stage", "run_id"}
+            or not all(isinstance(v, str) and v for v in self.from_run.values())
+        ):
+            raise ConfigError(
+                "from_run must be a table {stage = NAME, run_id = ID} (the earlier stage's run), "
+                f"got {self.from_run!r}"
+            )
 
     def steps_alone(self) -> bool:
         """Whether workers step without waiting for one another (an asynchronous algorithm,
@@ -459,6 +471,8 @@ class RunConfig:
             del data["comm"]
         if not self.engine_options:
             del data["engine_options"]
+        if not self.from_run:
+            del data["from_run"]
         for section, key in ADDED_LATER:
             if getattr(getattr(self, section), key) == getattr(type(getattr(self, section)), key):
                 del data[section][key]

@@ -349,6 +349,7 @@ def _train(
         evaluate(final=True)
     if writer.run_dir is not None:
         save_checkpoint(writer.run_dir, replicas.final_model(), config, step)
+        workloads.export_model(workload, replicas.final_model(), writer.run_dir)  # a later stage loads it
     return completed_status(
         workload,
         writer.rows,

@@ -9,10 +9,11 @@
 >>> wl.evaluate(model, "cpu", "validation")   # the same on the held-out validation split
 
 Registered: ``mnist1d_cnn`` (the default), ``mnist1d_mlp``, ``cifar10_resnet20``, and the
-text workloads ``mnli``, ``squad``, ``mlm`` (:mod:`localsgd.workloads.text`, with the
-``localsgd[text]`` extra); any
+text workloads ``mnli``, ``squad``, ``mlm``, ``classification`` (:mod:`localsgd.workloads.text`,
+with the ``localsgd[text]`` extra); any
 ``package.module:function`` returning a :class:`Workload` works too. Studies, engines and
-examples use workloads; algorithms never do.
+examples use workloads; algorithms never do. A workload with ``export(model, folder)`` (the
+text ones) leaves a run's final model where a later run loads it (:func:`export_model`).
 """
 
 from localsgd.workloads import cifar10, mnist1d, text
@@ -40,6 +41,7 @@ from localsgd.workloads.base import (
     validation_size,
     validation_split,
 )
+from localsgd.workloads.text.export import export_model
 
 DEFAULT = "mnist1d_cnn"
 
@@ -59,6 +61,7 @@ __all__ = [
     "check_spec",
     "cifar10",
     "evaluate",
+    "export_model",
     "metric",
     "mnist1d",
     "names",

@@ -34,15 +34,17 @@ from localsgd.workloads.base import (
     augment_generator,
     cache_dir,
     check_rank,
+    check_split,
     full_batches,
     shard_indices,
+    validation_split,
 )
 from localsgd.workloads.text import hf
 from localsgd.workloads.text.config import DataOptions, ModelConfig, TextConfig
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 """Bumped whenever tokenisation changes what it writes: old cache entries are not read."""
 
 Tensors = dict[str, torch.Tensor]
@@ -72,7 +74,10 @@ def compact(encoded: Any, names: list[str]) -> Tensors:
 
 
 class TextWorkload:
-    """Base of ``mnli``, ``squad`` and ``mlm``; subclasses tokenise and evaluate."""
+    """Base of the text workloads; subclasses tokenise and score.
+
+    The validation split is held out of the cached training tensors when the workload is
+    built (:meth:`hold_out`), so the tokenised cache does not depend on it."""
 
     metrics: tuple[Metric, ...] = ()
     primary: str = ""
@@ -80,6 +85,8 @@ class TextWorkload:
     """The ``transformers`` auto class of the task's model."""
     kind: ClassVar[str] = ""
     """The cache file prefix."""
+    held_out: dict[str, Any]
+    """What evaluating the validation split needs (set by :meth:`hold_out`)."""
 
     def __init__(self, name: str, options: Any) -> None:
         assert isinstance(options, TextConfig)
@@ -89,17 +96,19 @@ class TextWorkload:
         model: ModelConfig = options.model  # type: ignore[attr-defined]
         self.data_options: DataOptions = options.data  # type: ignore[attr-defined]
         self.tokenizer = hf.load_tokenizer(model)
-        self.model_config = hf.model_config(model, self.tokenizer, **self.task_fields())
-        positions = hf.max_positions(self.model_config)
+        config = hf.model_config(model, self.tokenizer)
+        positions = hf.max_positions(config)
         if positions is not None and self.data_options.max_length > positions:
             raise ConfigError(
                 f"workload.data.max_length = {self.data_options.max_length} exceeds the model's "
                 f"max_position_embeddings = {positions}"
             )
         self.data = self._cached()
-        self.train: Tensors = self.data["train"]
-        if self.train_size == 0:
+        # The task's fields (a classifier's labels) may come from the data.
+        self.model_config = hf.with_task(config, **self.task_fields())
+        if len(self.data["train"]["input_ids"]) == 0:
             raise ConfigError(f"workload.data.path '{self.data_options.path}' gives no training example")
+        self.train, self._validation_size = self.hold_out(options.validation_fraction)
 
     # -- what subclasses provide -----------------------------------------------------------
 
@@ -122,7 +131,18 @@ class TextWorkload:
     uses_generator: ClassVar[bool] = False
     """Whether :meth:`prepare` draws random numbers (from the rank's augmentation stream)."""
 
-    def evaluate(self, model: nn.Module, device: Device) -> dict[str, float]:
+    def hold_out(self, fraction: float) -> tuple[Tensors, int]:
+        """Hold ``fraction`` of the training examples out for validation (see
+        :func:`~localsgd.workloads.base.validation_split`): the training tensors left and
+        how many examples were held out. Keeps what :meth:`score` needs to evaluate them.
+        Here an example is a row of the training tensors."""
+        train: Tensors = self.data["train"]
+        keep, held = validation_split(len(train["input_ids"]), fraction)
+        self.held_out = {k: v[held] for k, v in train.items()}
+        return {k: v[keep] for k, v in train.items()}, len(held)
+
+    def score(self, model: nn.Module, device: Device, split: str) -> dict[str, float]:
+        """The metrics of ``model`` (in eval mode, without gradients) over ``split``."""
         raise NotImplementedError
 
     # -- the cache -------------------------------------------------------------------------
@@ -130,7 +150,7 @@ class TextWorkload:
     def cache_key(self) -> str:
         model: ModelConfig = self.options.model  # type: ignore[attr-defined]
         options = {
-            k: v for k, v in dataclasses.asdict(self.data_options).items() if k not in ("cache", "path")
+            k: v for k, v in dataclasses.asdict(self.data_options).items() if k not in self.data_options.LOCATIONS
         }
         import tokenizers
 
@@ -168,7 +188,31 @@ class TextWorkload:
 
     @property
     def train_size(self) -> int:
+        """Training examples left after the validation split was held out."""
         return len(self.train["input_ids"])
+
+    @property
+    def validation_size(self) -> int:
+        """Training examples held out as the validation split."""
+        return self._validation_size
+
+    def evaluate(self, model: nn.Module, device: Device, split: str = "test") -> dict[str, float]:
+        """One value per declared metric over ``split``: ``validation`` (the examples held
+        out of training) or ``test`` (the evaluation data)."""
+        split = check_split(split)
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                return self.score(model, device, split)
+        finally:
+            model.train(was_training)
+
+    def export(self, model: nn.Module, folder: Path) -> Path:
+        """``model`` as a ``save_pretrained`` folder with the tokenizer beside it: what
+        ``[workload.model] path`` loads (a later stage's starting point). Written under a
+        temporary name and renamed into place."""
+        return hf.save_pretrained(model, self.tokenizer, Path(folder))
 
     def __repr__(self) -> str:
         return f"<workload {self.name}: {self.train_size} training sequences>"

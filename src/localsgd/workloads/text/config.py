@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from localsgd.util.checks import ConfigError, check_choice, check_float, check_int
+from localsgd.workloads.base import VALIDATION_FRACTION, check_validation_fraction
 
 MAX_LENGTH_CAP = 1 << 16
 """No sequence length above this (positions embeddings of real models stop far below)."""
@@ -92,6 +93,9 @@ class DataOptions:
 
     FILES: ClassVar[tuple[tuple[str, ...], ...]] = ()
     """Per required file, the names it may have inside ``path`` (the first found is read)."""
+    LOCATIONS: ClassVar[tuple[str, ...]] = ("cache", "path")
+    """Fields that say where files are, not what they hold: left out of the cache key (the
+    files' contents key it)."""
 
     path: str
     """The data folder (or file, where the workload says so)."""
@@ -205,6 +209,86 @@ class MlmData(DataOptions):
                 raise ConfigError(f"{key} '{value}' {why}")
 
 
+CLASSIFICATION_FORMATS = {".tsv": "tsv", ".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
+"""File name endings and the format each is read in (``format`` overrides them)."""
+TEXT_FIELDS = ("text", "sentence")
+"""The text column looked for, in order, when ``text_field`` is not given."""
+
+
+@dataclass(frozen=True)
+class ClassificationData(DataOptions):
+    """``[workload.data]`` of ``classification``: a training and a test file of single
+    texts with a label each, as TSV or CSV with a header row, or JSON lines (one object a
+    line). GLUE's SST-2 folder reads as ``path = "data/SST-2"``, ``test_file = "dev.tsv"``."""
+
+    LOCATIONS: ClassVar[tuple[str, ...]] = ("cache", "path", "train_file", "test_file")
+
+    path: str | None = None  # type: ignore[assignment]
+    """A folder the file names are relative to; None: they are paths themselves (relative
+    to the current directory)."""
+    train_file: str = "train.tsv"
+    """The training examples (the validation split is held out of them)."""
+    test_file: str = "test.tsv"
+    """The examples evaluated as the test split."""
+    format: str | None = None
+    """``tsv``, ``csv`` or ``jsonl``; None: from each file's ending (``.tsv``, ``.csv``,
+    ``.jsonl`` or ``.ndjson``)."""
+    text_field: str | None = None
+    """The column (field) holding the text; None: the first of ``text``, ``sentence``."""
+    label_field: str = "label"
+    """The column (field) holding the label: a name or an integer."""
+    labels: tuple[str, ...] | None = None
+    """The label names in the order of their ids; None: the distinct labels of the training
+    file, sorted (numerically when every one is an integer)."""
+
+    def __post_init__(self) -> None:
+        if self.format is not None:
+            check_choice("workload.data.format", self.format, tuple(sorted(set(CLASSIFICATION_FORMATS.values()))))
+        for key in ("text_field", "label_field"):
+            value = getattr(self, key)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ConfigError(f"workload.data.{key} must be a non-empty column name, got {value!r}")
+        if self.labels is not None:
+            if len(self.labels) < 2 or any(not name for name in self.labels):
+                raise ConfigError(
+                    f"workload.data.labels must list at least two non-empty label names, got {list(self.labels)}"
+                )
+            if len(set(self.labels)) != len(self.labels):
+                raise ConfigError(f"workload.data.labels names a label twice: {list(self.labels)}")
+        super().__post_init__()
+
+    def check_files(self) -> None:
+        if self.path is not None:
+            _check_dir("workload.data.path", self.path)
+        for key in ("train_file", "test_file"):
+            file = self.file_of(key)
+            if not file.is_file():
+                why = "is a folder" if file.is_dir() else "does not exist"
+                raise ConfigError(f"workload.data.{key} '{file}' {why}")
+            self.format_of(key)
+
+    def file_of(self, key: str) -> Path:
+        """The path of ``train_file`` or ``test_file``."""
+        name = getattr(self, key)
+        if not isinstance(name, str) or not name:
+            raise ConfigError(f"workload.data.{key} must be a file path, got {name!r}")
+        return Path(self.path) / name if self.path is not None else Path(name)
+
+    def format_of(self, key: str) -> str:
+        """The format ``train_file`` or ``test_file`` is read in."""
+        if self.format is not None:
+            return self.format
+        file = self.file_of(key)
+        fmt = CLASSIFICATION_FORMATS.get(file.suffix.lower())
+        if fmt is None:
+            raise ConfigError(
+                f"workload.data.{key} '{file}': the format of a '{file.suffix}' file is unknown; name "
+                f"the file {', '.join(CLASSIFICATION_FORMATS)} or set workload.data.format to "
+                f"{' or '.join(sorted(set(CLASSIFICATION_FORMATS.values())))}"
+            )
+        return fmt
+
+
 def text_files(path: str) -> list[Path]:
     """``path`` itself if it is a file, else the ``.txt`` files under it, sorted."""
     p = Path(path)
@@ -215,13 +299,19 @@ def text_files(path: str) -> list[Path]:
 
 @dataclass(frozen=True)
 class TextConfig:
-    """What the three text workloads share at the top of their section."""
+    """What the text workloads share at the top of their section."""
 
     eval_batch_size: int = 64
     """Sequences per forward pass in evaluation."""
+    validation_fraction: float = VALIDATION_FRACTION
+    """The share of the training examples held out as the validation split (never trained
+    on; drawn from the number of examples alone, the same for every run of a study); 0:
+    none. SQuAD holds out questions, with all of their context windows."""
 
     def __post_init__(self) -> None:
         check_int("workload.eval_batch_size", self.eval_batch_size, 1)
+        fraction = check_validation_fraction("workload.validation_fraction", self.validation_fraction)
+        object.__setattr__(self, "validation_fraction", fraction)
 
 
 @dataclass(frozen=True)
@@ -249,6 +339,15 @@ class MlmConfig(TextConfig):
 
     model: ModelConfig = field(default_factory=lambda: _required("model"))
     data: MlmData = field(default_factory=lambda: _required("data"))
+
+
+@dataclass(frozen=True)
+class ClassificationConfig(TextConfig):
+    """``[workload]`` of ``classification``: single-text classification (sentiment, topic,
+    acceptability: GLUE's SST-2 and CoLA, say)."""
+
+    model: ModelConfig = field(default_factory=lambda: _required("model"))
+    data: ClassificationData = field(default_factory=lambda: _required("data"))
 
 
 def _required(key: str) -> Any:

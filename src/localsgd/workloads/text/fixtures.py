@@ -11,12 +11,21 @@ fine-tuned for a minute clearly beats chance:
   attributes of several things; the question asks for one attribute of one thing.
 - Text (``corpus/train.txt``, ``corpus/valid.txt``): one document per line, sentences whose
   words depend on each other (nouns choose their verbs and places).
+- Single-text classification (``classification/train.tsv``, ``classification/test.tsv``,
+  columns ``sentence`` and ``label``): a sentence of the corpus' grammar without its noun
+  (``the old one plants the wheat in the field .``), labelled with the noun (six labels);
+  one of its verb, object and place may belong to another noun. Which words go with which
+  noun is what masked-LM pretraining on the corpus teaches (the STILT recipe).
+- ``bert_tiny/``: the tiny BERT (``bert_tiny.json``) initialised from a fixed seed, saved
+  with the tokenizer as a checkpoint folder (``[workload.model] path``): the starting point
+  of continued pretraining.
 
 Tests, the tiny studies and a first check of a cluster use them; nothing is downloaded.
 """
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 from typing import Any
@@ -166,6 +175,27 @@ def corpus_lines(rng: random.Random, n: int) -> list[str]:
     return docs
 
 
+def classification_rows(rng: random.Random, n: int) -> list[tuple[str, str]]:
+    """``(sentence, label)``: a sentence of the corpus' grammar with its noun left out
+    (``the old one plants the wheat in the field .``), labelled with that noun. Of its
+    verb, object and place, one may belong to another noun: the label is what the other
+    two say."""
+    nouns = list(NOUN_VERBS)
+    rows = []
+    for _ in range(n):
+        noun = rng.choice(nouns)
+        other = rng.choice([m for m in nouns if m != noun])
+        odd = rng.randrange(4)  # 3: every slot is the noun's own
+        slots = []
+        for slot in range(3):
+            owner = other if slot == odd else noun
+            verbs, places = NOUN_VERBS[owner]
+            slots.append(rng.choice((verbs, OBJECTS[owner], places)[slot]))
+        verb, obj, place = slots
+        rows.append((f"the {rng.choice(ADJECTIVES)} one {verb} the {obj} in the {place} .", noun))
+    return rows
+
+
 def train_tokenizer(texts: list[str], folder: Path) -> int:
     """A lower-cased WordPiece tokenizer for ``texts``, saved for ``AutoTokenizer``; returns
     its vocabulary size. The vocabulary is built here rather than by tokenizers' trainer,
@@ -208,6 +238,30 @@ def train_tokenizer(texts: list[str], folder: Path) -> int:
     return int(tok.get_vocab_size())
 
 
+def write_classification_tsv(path: Path, rows: list[tuple[str, str]]) -> None:
+    write_atomic(path, "sentence\tlabel\n" + "".join(f"{text}\t{label}\n" for text, label in rows))
+
+
+def save_tiny_bert(folder: Path, config_file: Path, tokenizer: Path) -> None:
+    """The tiny BERT with a masked-LM head, initialised from :data:`SEED`, saved with the
+    tokenizer (the same bytes on every call)."""
+    import shutil
+
+    import torch
+
+    from localsgd.workloads.text.hf import transformers_module
+
+    transformers = transformers_module()
+    config = transformers.AutoConfig.for_model(**json.loads(config_file.read_text()))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(SEED)
+        model = transformers.AutoModelForMaskedLM.from_config(config)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(folder))
+    for file in sorted(tokenizer.iterdir()):
+        shutil.copyfile(file, folder / file.name)
+
+
 def write_fixtures(root: str | Path, *, scale: int = 1) -> dict[str, Path]:
     """Write every fixture under ``root`` (``scale`` multiplies the number of examples);
     returns the paths by kind. The same call always writes the same files."""
@@ -217,10 +271,12 @@ def write_fixtures(root: str | Path, *, scale: int = 1) -> dict[str, Path]:
         "mnli": root / "mnli",
         "squad": root / "squad",
         "corpus": root / "corpus",
+        "classification": root / "classification",
         "tokenizer": root / "tokenizer",
         "model_config": root / "bert_tiny.json",
+        "model": root / "bert_tiny",
     }
-    for key in ("mnli", "squad", "corpus", "tokenizer"):
+    for key in ("mnli", "squad", "corpus", "classification", "tokenizer"):
         paths[key].mkdir(parents=True, exist_ok=True)
     train = mnli_rows(rng, GENRES_MATCHED, 3000 * scale)
     matched = mnli_rows(rng, GENRES_MATCHED, 300 * scale)
@@ -241,6 +297,12 @@ def write_fixtures(root: str | Path, *, scale: int = 1) -> dict[str, Path]:
     texts += corpus_train
     vocab = train_tokenizer(texts, paths["tokenizer"])
     write_json_atomic(paths["model_config"], {**TINY_BERT, "vocab_size": vocab})
+    # Its own stream, after the others: the files above stay what they were. Its words are
+    # the corpus' (the tokenizer knows them all).
+    labelled = random.Random(SEED + 1)
+    write_classification_tsv(paths["classification"] / "train.tsv", classification_rows(labelled, 1200 * scale))
+    write_classification_tsv(paths["classification"] / "test.tsv", classification_rows(labelled, 400 * scale))
+    save_tiny_bert(paths["model"], paths["model_config"], paths["tokenizer"])
     return paths
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ def transformers_module() -> Any:
     except ImportError:
         raise ConfigError("the text workloads need transformers: pip install 'localsgd[text]'") from None
     transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()  # saving a model draws one per shard
     return transformers
 
 
@@ -85,6 +87,34 @@ def model_config(model: ModelConfig, tokenizer: Any, **task: Any) -> Any:
         )
     config.use_cache = False
     return config
+
+
+def with_task(config: Any, **task: Any) -> Any:
+    """``config`` with the task's fields set (``num_labels`` first: setting it resets the
+    label names, which ``id2label`` and ``label2id`` then give)."""
+    if "num_labels" in task:
+        config.num_labels = task["num_labels"]
+    for key, value in task.items():
+        if key != "num_labels":
+            setattr(config, key, value)
+    return config
+
+
+def save_pretrained(model: nn.Module, tokenizer: Any, folder: Path) -> Path:
+    """``model`` and ``tokenizer`` written by ``save_pretrained`` into ``folder`` (a
+    temporary folder beside it, renamed into place: a reader never sees half a model)."""
+    plain: Any = model if hasattr(model, "save_pretrained") else getattr(model, "module", model)
+    if not hasattr(plain, "save_pretrained"):
+        raise TypeError(f"a {type(model).__name__} is not a transformers model: it cannot be exported")
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    plain.save_pretrained(str(tmp))
+    tokenizer.save_pretrained(str(tmp))
+    if folder.exists():
+        shutil.rmtree(folder)
+    os.replace(tmp, folder)
+    return folder
 
 
 def build_model(model: ModelConfig, config: Any, auto_class: str) -> nn.Module:

@@ -5,8 +5,9 @@ Documents are tokenised with their special tokens, concatenated and cut into blo
 ``max_length`` tokens (the tail is dropped), as HF's ``run_mlm`` does. Each training batch
 draws its masks from the rank's augmentation stream (seeded from seed, epoch, rank): 15 %
 of the non-special tokens are chosen; of those 80 % become ``[MASK]``, 10 % a random token,
-10 % stay. The evaluation blocks are masked once, with a fixed seed, so every evaluation
-of every run scores the same positions.
+10 % stay. The evaluation blocks (the held-out text, and the validation blocks held out of
+the training ones) are masked once, with a fixed seed, so every evaluation of every run
+scores the same positions.
 """
 
 from __future__ import annotations
@@ -80,17 +81,22 @@ class MaskedLM(TextWorkload):
             raise ConfigError(f"workload.model.tokenizer '{options.model.tokenizer_path}' has no mask token")
         self._special = torch.tensor(sorted(set(self.tokenizer.all_special_ids)), dtype=torch.long)
         self._vocab = len(self.tokenizer)
-        eval_ids = self.data["eval"]["input_ids"].long()
-        generator = torch.Generator().manual_seed(EVAL_MASK_SEED)
-        ids, labels = mask_tokens(
-            eval_ids,
-            torch.isin(eval_ids, self._special),
+        self._eval = self._fixed_masks(self.data["eval"]["input_ids"])
+        self._validation = self._fixed_masks(self.held_out["input_ids"])
+
+    def _fixed_masks(self, blocks: torch.Tensor) -> Tensors:
+        """Evaluation blocks masked once, from a fixed seed: every evaluation of every run
+        scores the same positions."""
+        ids = blocks.long()
+        masked, labels = mask_tokens(
+            ids,
+            torch.isin(ids, self._special),
             self.mlm_data.mlm_probability,
             self.tokenizer.mask_token_id,
             self._vocab,
-            generator,
+            torch.Generator().manual_seed(EVAL_MASK_SEED),
         )
-        self._eval: Tensors = {"input_ids": ids, "labels": labels}
+        return {"input_ids": masked, "labels": labels}
 
     @property
     def mlm_data(self) -> MlmData:
@@ -143,23 +149,21 @@ class MaskedLM(TextWorkload):
         )
         return {"input_ids": masked, "labels": labels}
 
-    @torch.no_grad()
-    def evaluate(self, model: nn.Module, device: Device) -> dict[str, float]:
-        """Cross-entropy per masked token over the fixed evaluation masks; its exponential."""
+    def score(self, model: nn.Module, device: Device, split: str) -> dict[str, float]:
+        """Cross-entropy per masked token over the fixed masks of the split's blocks (the
+        held-out text for test, the held-out training blocks for validation); its
+        exponential. NaN for a split without blocks."""
         loss_sum, tokens = 0.0, 0
-        was_training = model.training
-        model.eval()
-        try:
-            for batch in self.eval_batches(self._eval, device):
-                logits = model(input_ids=batch["input_ids"]).logits.float()
-                labels = batch["labels"]
-                loss_sum += float(
-                    nn.functional.cross_entropy(
-                        logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE, reduction="sum"
-                    )
+        for batch in self.eval_batches(self._validation if split == "validation" else self._eval, device):
+            logits = model(input_ids=batch["input_ids"]).logits.float()
+            labels = batch["labels"]
+            loss_sum += float(
+                nn.functional.cross_entropy(
+                    logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE, reduction="sum"
                 )
-                tokens += int((labels != IGNORE).sum())
-        finally:
-            model.train(was_training)
-        loss = loss_sum / max(tokens, 1)
+            )
+            tokens += int((labels != IGNORE).sum())
+        if tokens == 0:
+            return {"eval_loss": math.nan, "perplexity": math.nan}
+        loss = loss_sum / tokens
         return {"eval_loss": loss, "perplexity": math.exp(min(loss, 700.0))}

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -132,19 +133,20 @@ class Mnli(TextWorkload):
         out["labels"] = torch.tensor([labels[i] for i in keep], dtype=torch.int32)
         return out
 
-    @torch.no_grad()
-    def evaluate(self, model: nn.Module, device: Device) -> dict[str, float]:
-        """Accuracy on dev matched and mismatched; mean cross-entropy on dev matched."""
-        was_training = model.training
-        model.eval()
-        try:
-            accuracy, loss = self._classify(model, self.data["matched"], device)
-            accuracy_mm, _ = self._classify(model, self.data["mismatched"], device)
-        finally:
-            model.train(was_training)
+    def score(self, model: nn.Module, device: Device, split: str) -> dict[str, float]:
+        """Test: accuracy on dev matched and mismatched, mean cross-entropy on dev matched.
+        Validation: the held-out training pairs, whose genres are the matched ones: their
+        accuracy as ``accuracy_matched`` (``accuracy_mismatched`` NaN) and their
+        cross-entropy."""
+        if split == "validation":
+            accuracy, loss = self._classify(model, self.held_out, device)
+            return {"accuracy_matched": accuracy, "accuracy_mismatched": math.nan, "eval_loss": loss}
+        accuracy, loss = self._classify(model, self.data["matched"], device)
+        accuracy_mm, _ = self._classify(model, self.data["mismatched"], device)
         return {"accuracy_matched": accuracy, "accuracy_mismatched": accuracy_mm, "eval_loss": loss}
 
     def _classify(self, model: nn.Module, tensors: Tensors, device: Device) -> tuple[float, float]:
+        """Accuracy and mean cross-entropy over ``tensors`` (NaN for none)."""
         n = len(tensors["labels"])
         if n == 0:
             return float("nan"), float("nan")

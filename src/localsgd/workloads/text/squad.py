@@ -11,6 +11,7 @@ the context) over all of its features.
 from __future__ import annotations
 
 import json
+import math
 import re
 import string
 from collections import Counter
@@ -22,7 +23,7 @@ from torch import nn
 
 from localsgd.records.record import Metric
 from localsgd.util.checks import ConfigError
-from localsgd.workloads.base import EVAL_LOSS, Device
+from localsgd.workloads.base import EVAL_LOSS, Device, validation_split
 from localsgd.workloads.text.base import Tensors, TextWorkload, compact, subset
 from localsgd.workloads.text.config import SQUAD_DEV, SQUAD_TRAIN, SquadConfig, SquadData
 
@@ -121,10 +122,14 @@ class Squad(TextWorkload):
         train = read_examples(train_file)
         train = [train[i] for i in subset(len(train), d.train_subset, d.subset_seed)]
         dev = read_examples(dev_file)[: d.eval_subset]
-        features, _, _ = self._features(train)
+        features, _, train_example = self._features(train)
         eval_features, offsets, example_of = self._features(dev)
         return {
             "train": features,
+            "train_example": train_example,
+            # The questions themselves: the validation split tokenises those it holds out
+            # again, with the offsets and answers its evaluation needs.
+            "train_examples": train,
             "eval": eval_features,
             "eval_offsets": offsets,
             "eval_example": example_of,
@@ -173,40 +178,53 @@ class Squad(TextWorkload):
         features["end_positions"] = torch.tensor(ends, dtype=torch.int32)
         return features, torch.tensor(offsets, dtype=torch.int32), torch.tensor(example_of, dtype=torch.int32)
 
-    @torch.no_grad()
-    def evaluate(self, model: nn.Module, device: Device) -> dict[str, float]:
-        """F1 and exact match of the best span per question; the eval loss of the features."""
+    def hold_out(self, fraction: float) -> tuple[Tensors, int]:
+        """Hold out questions, each with all of its context windows (a window of a held-out
+        question in training would leak its answer), and keep their windows' offsets,
+        contexts and answers for :meth:`score`."""
+        examples: list[Example] = self.data["train_examples"]
+        _, held = validation_split(len(examples), fraction)
+        in_held = torch.isin(self.data["train_example"].long(), held)
+        train = {k: v[~in_held] for k, v in self.data["train"].items()}
+        chosen = [examples[i] for i in held.tolist()]
+        self.held_out = {"contexts": [e["context"] for e in chosen], "answers": [e["answers"] for e in chosen]}
+        if chosen:
+            features, offsets, example_of = self._features(chosen)
+            self.held_out.update(eval=features, eval_offsets=offsets, eval_example=example_of)
+        return train, len(chosen)
+
+    def score(self, model: nn.Module, device: Device, split: str) -> dict[str, float]:
+        """F1 and exact match of the best span per question; the eval loss of the features.
+        Test: the dev set; validation: the held-out training questions (NaN for none)."""
+        data = self.held_out if split == "validation" else self.data
+        if not data["answers"]:
+            return {"f1": math.nan, "exact_match": math.nan, "eval_loss": math.nan}
         max_answer = self.squad_data.max_answer_length
-        offsets = self.data["eval_offsets"]
-        example_of = self.data["eval_example"]
-        n_examples = len(self.data["answers"])
+        offsets = data["eval_offsets"]
+        example_of = data["eval_example"]
+        n_examples = len(data["answers"])
         best_score = torch.full((n_examples,), -torch.inf, dtype=torch.float64)
         best_span = torch.zeros(n_examples, 2, dtype=torch.long)
         best_feature = torch.full((n_examples,), -1, dtype=torch.long)
         loss_sum, count, start = 0.0, 0, 0
-        was_training = model.training
-        model.eval()
-        try:
-            for batch in self.eval_batches(self.data["eval"], device):
-                out = model(**batch)
-                n = len(batch["input_ids"])
-                loss_sum += float(out.loss) * n
-                count += n
-                scores, spans = best_spans(
-                    out.start_logits.float().cpu(),
-                    out.end_logits.float().cpu(),
-                    offsets[start : start + n, :, 0] >= 0,
-                    max_answer,
-                )
-                for j in range(n):
-                    e = int(example_of[start + j])
-                    if scores[j] > best_score[e]:
-                        best_score[e] = scores[j]
-                        best_span[e] = spans[j]
-                        best_feature[e] = start + j
-                start += n
-        finally:
-            model.train(was_training)
+        for batch in self.eval_batches(data["eval"], device):
+            out = model(**batch)
+            n = len(batch["input_ids"])
+            loss_sum += float(out.loss) * n
+            count += n
+            scores, spans = best_spans(
+                out.start_logits.float().cpu(),
+                out.end_logits.float().cpu(),
+                offsets[start : start + n, :, 0] >= 0,
+                max_answer,
+            )
+            for j in range(n):
+                e = int(example_of[start + j])
+                if scores[j] > best_score[e]:
+                    best_score[e] = scores[j]
+                    best_span[e] = spans[j]
+                    best_feature[e] = start + j
+            start += n
         predictions = []
         for e in range(n_examples):
             f = int(best_feature[e])
@@ -214,8 +232,8 @@ class Squad(TextWorkload):
                 predictions.append("")
                 continue
             s, t = (int(x) for x in best_span[e])
-            predictions.append(self.data["contexts"][e][int(offsets[f, s, 0]) : int(offsets[f, t, 1])])
-        return {**score(predictions, self.data["answers"]), "eval_loss": loss_sum / max(count, 1)}
+            predictions.append(data["contexts"][e][int(offsets[f, s, 0]) : int(offsets[f, t, 1])])
+        return {**score(predictions, data["answers"]), "eval_loss": loss_sum / max(count, 1)}
 
 
 def best_spans(
