@@ -256,8 +256,8 @@ def estimate(
         est = _estimate(row_counters(row), step, workers, batch, cluster, per_step[rid], delays[rid])
         rows_est.append(est)
         goal = targets[workload]
-        column = goal.column()
-        value = _float(row.get(column)) if column else math.nan
+        target_column = goal.column()
+        value = _float(row.get(target_column)) if target_column else math.nan
         if goal.reached(value) and (rid not in reached or step < reached[rid][0]):
             reached[rid] = (step, est)
     for i, column in enumerate(RUN_COLUMNS):
