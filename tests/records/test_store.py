@@ -56,7 +56,7 @@ def test_records_of_another_version_are_refused_naming_the_file(tmp_path):
     folder = store.begin("abc", "x", {})
     write_json_atomic(folder / "status.json", {"version": 1, "status": "completed"})
     folder.rename(store.run_dir("abc"))
-    with pytest.raises(RecordError, match=r"status\.json: record version 1 is not supported .*version 2"):
+    with pytest.raises(RecordError, match=r"status\.json: record version 1 is not supported .*version 3"):
         store.records()
 
 

@@ -114,7 +114,7 @@ def test_checkpoints_are_taken_at_a_sync_and_only_the_last_is_kept(tmp_path):
     store = Store(tmp_path / "store")
     workload = workloads.build(run.workload)
     with pytest.raises(KeyboardInterrupt):
-        execute_run(run, store, workload=Interrupting(workload, epoch=2, batch=3))  # step 27
+        execute_run(run, store, workload=Interrupting(workload, epoch=2, batch=3))  # step 25
     folder = store.partial_dir(run.run_id()) / "checkpoints"
     # checkpoint_every = 5: the first sync (every 4th step) at or after 5 (8), at or
     # after 13 (16), at or after 21 (24).
@@ -122,7 +122,8 @@ def test_checkpoints_are_taken_at_a_sync_and_only_the_last_is_kept(tmp_path):
     assert latest == {"step": 24, "world_size": 1, "run_id": run.run_id()}
     assert sorted(p.name for p in folder.glob("*.pt")) == ["step24-rank0.pt"]
     state = torch.load(folder / "step24-rank0.pt", weights_only=True)
-    assert (state["step"], state["epoch"], state["batch"]) == (24, 1, 12)  # the end of epoch 1
+    # 11 steps an epoch (the training data less its validation split): step 24 is batch 2 of epoch 2.
+    assert (state["step"], state["epoch"], state["batch"]) == (24, 2, 2)
     assert [r["step"] for r in state["rows"]] == [5, 10, 15, 20]
     # The rows written after the checkpoint (step 25) are dropped when it resumes.
     assert [r["step"] for r in rows(store.partial_dir(run.run_id()))] == [5, 10, 15, 20, 25]

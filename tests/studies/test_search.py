@@ -164,4 +164,4 @@ def test_the_batch_size_study_searches_every_batch_size():
     assert study.section.target == {"mnist1d_fc": "accuracy=0.5", "mnist1d_cnn": "accuracy=0.85"}
     assert {r.train.stop_at for r in study.runs if r.workload_name == "mnist1d_fc"} == {"accuracy=0.5"}
     small = load_study(studies / "batch_size_small.toml")
-    assert len(small.runs) == 8 * 2 * (5 + 4 + 1)
+    assert len(small.runs) == 8 * 2 * (5 + 4 + 1) * 3  # 3 seeds of every trial

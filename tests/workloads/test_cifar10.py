@@ -140,15 +140,16 @@ def test_cifar_archive_and_folder_forms_agree(cifar_tar: Path, tmp_path: Path) -
 
 
 def test_cifar_workload_sizes(cifar: workloads.Workload, cifar_tar: Path) -> None:
-    assert (cifar.name, cifar.num_classes, cifar.train_size, cifar.test_size) == (
+    assert (cifar.name, cifar.num_classes, cifar.train_size, cifar.validation_size, cifar.test_size) == (
         "cifar10_resnet20",
         10,
-        100,
+        90,
+        10,
         20,
     )
-    assert cifar.config == {"data_path": str(cifar_tar), "num_samples": None}
+    assert cifar.config == {"data_path": str(cifar_tar), "num_samples": None, "validation_fraction": 0.1}
     subset = workloads.build("cifar10_resnet20", data_path=cifar_tar, num_samples=30)
-    assert subset.train_size == 30 and subset.test_size == 20
+    assert (subset.train_size, subset.validation_size, subset.test_size) == (27, 3, 20)
     with pytest.raises(ValueError, match=r"workload\.num_samples must be <= 100"):
         workloads.build("cifar10_resnet20", data_path=cifar_tar, num_samples=101)
 
@@ -213,17 +214,18 @@ def test_augment_is_a_padded_crop_and_flip() -> None:
 
 def test_cifar_train_batches_are_augmented_shards(cifar: workloads.Workload, cifar_tar: Path) -> None:
     arrays = cifar10.load_arrays(cifar_tar)
-    x_all, y_all = torch.from_numpy(arrays["x"]), torch.from_numpy(arrays["y"])
+    kept, _ = workloads.validation_split(100, 0.1)  # what is trained on: 90 of the 100
+    x_all, y_all = torch.from_numpy(arrays["x"])[kept], torch.from_numpy(arrays["y"])[kept]
     mean = torch.tensor(cifar10.MEAN).view(3, 1, 1)
     std = torch.tensor(cifar10.STD).view(3, 1, 1)
     batches = list(cifar.train_batches(1, 2, 16, epoch=0, seed=3, device="cpu"))
-    assert len(batches) == cifar.steps_per_epoch(2, 16) == 3
-    idx = workloads.shard_indices(100, 1, 2, epoch=0, seed=3)[:48]
+    assert len(batches) == cifar.steps_per_epoch(2, 16) == 2
+    idx = workloads.shard_indices(90, 1, 2, epoch=0, seed=3)[:32]
     x = torch.cat([b["x"] for b in batches])
-    assert x.dtype == torch.float32 and x.shape == (48, 3, 32, 32)
+    assert x.dtype == torch.float32 and x.shape == (32, 3, 32, 32)
     assert torch.equal(torch.cat([b["y"] for b in batches]), y_all[idx])
     pixels = ((x * std + mean) * 255).round().to(torch.uint8)  # undo the normalization
-    assert all(_find_crop(pixels[i], x_all[idx[i]]) is not None for i in range(48))
+    assert all(_find_crop(pixels[i], x_all[idx[i]]) is not None for i in range(32))
     again = torch.cat([b["x"] for b in cifar.train_batches(1, 2, 16, epoch=0, seed=3, device="cpu")])
     assert torch.equal(x, again)  # augmentation seeded by (seed, epoch, rank)
 

@@ -22,6 +22,7 @@ import pandas as pd
 
 from localsgd.records import Metric
 from localsgd.report.rounding import decimals, excel_format, number
+from localsgd.report.tables import VALIDATION
 from localsgd.util.files import atomic_path
 
 # The run config holds every field of its tables, whichever of them the run uses; these
@@ -127,11 +128,17 @@ class Column:
     integer: bool = False
 
 
-def _metric(name: str, metrics: Mapping[str, Metric]) -> tuple[Metric, str] | None:
-    """The metric a column is about and the column's prefix (``final_``, ``best_``, ``"")."""
+def _metric(name: str, metrics: Mapping[str, Metric]) -> tuple[Metric, str, str] | None:
+    """The metric a column is about, the column's prefix (``final_``, ``best_``, ``""``) and
+    its split (``test``, or ``validation`` for a ``validation_`` column)."""
     for prefix in ("final_", "best_", ""):
-        if name.startswith(prefix) and name[len(prefix) :] in metrics:
-            return metrics[name[len(prefix) :]], prefix
+        if not name.startswith(prefix):
+            continue
+        rest = name[len(prefix) :]
+        if rest in metrics:
+            return metrics[rest], prefix, "test"
+        if rest.startswith(VALIDATION) and rest[len(VALIDATION) :] in metrics:
+            return metrics[rest[len(VALIDATION) :]], prefix, "validation"
     return None
 
 
@@ -144,13 +151,14 @@ def describe(column: str, metrics: Mapping[str, Metric]) -> Column | None:
             base, stat = column[: -len(suffix)], text
     found = _metric(base, metrics)
     if found is not None:
-        metric, prefix = found
+        metric, prefix, split = found
         when = {"final_": "at the last evaluation", "best_": "best over the evaluations", "": ""}[prefix]
         percent = metric.unit == "%" and metric.scale == 100
         unit = "% (stored as a fraction)" if percent else metric.unit
         if metric.scale != 1 and not percent:
             unit = f"{metric.unit} ÷ {metric.scale:g}"
-        meaning = ", ".join(t for t in (metric.title, when, stat) if t)
+        title = metric.title if split == "test" else f"{metric.title.removeprefix('test ')} on the validation split"
+        meaning = ", ".join(t for t in (title, when, stat) if t)
         return Column(unit, meaning, percent=percent)
     if base.startswith("config."):
         return Column("", f"run config {base[len('config.') :]} (blank where it does not apply)")
