@@ -145,7 +145,7 @@ workers = [2]
 seed = [0, 1, 2]
 algorithm = [{name = "local_sgd", period = 2}]
 [grid.train]
-epochs = 8
+epochs = 10
 """
     study = write_study(tmp_path / "kill.toml", grids, max_steps=200)
     out = tmp_path / "store"

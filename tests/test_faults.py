@@ -60,9 +60,9 @@ def make(*, gate: str = "", die: str = "", at_epoch: int = 1, at_batch: int = 0)
     return base
 '''
 
-# 800 training samples, K = 2, B = 16: 25 steps an epoch; local SGD syncs every 2nd step,
-# so with checkpoint_every = 4 the checkpoints fall at steps 4, 8, ..., 24 before a fault at
-# the first batch of epoch 1 (step 26).
+# 720 training samples (800 less the validation split), K = 2, B = 16: 22 steps an epoch;
+# local SGD syncs every 2nd step, so with checkpoint_every = 4 the checkpoints fall at steps
+# 4, 8, ..., 20 before a fault at the first batch of epoch 1 (step 23).
 TRAINING = {
     "workers": 2,
     "device": "cpu",
@@ -232,7 +232,7 @@ def test_a_study_stopped_by_sigterm_on_a_busy_store_resumes_where_it_was(project
     study = study_file(project / "faults.toml", gate)
     first = cli(["study", str(study), "--out", "store"], project)
     try:
-        wait_for(gate.with_name("gate.waiting"), first)  # mid-run, after the checkpoint of step 24
+        wait_for(gate.with_name("gate.waiting"), first)  # mid-run, after the checkpoint of step 20
         tree = descendants(first.pid)
         # The pool's launcher (2 stores) and its 2 workers (gloo): loopback only.
         assert_loopback_only({first.pid, *tree}, at_least=4)
@@ -251,7 +251,7 @@ def test_a_study_stopped_by_sigterm_on_a_busy_store_resumes_where_it_was(project
     assert "study faults stopped by SIGTERM: its workers are stopped" in err and "Traceback" not in err
     assert_all_gone(tree)
     (run,) = (project / "store" / "runs").glob("*.partial")
-    assert json.loads((run / "checkpoints" / "latest.json").read_text())["step"] == 24
+    assert json.loads((run / "checkpoints" / "latest.json").read_text())["step"] == 20
 
     gate.with_name("gate.open").touch()
     again = cli(["study", str(study), "--out", "store"], project)
@@ -260,7 +260,7 @@ def test_a_study_stopped_by_sigterm_on_a_busy_store_resumes_where_it_was(project
     assert "study faults: 1 completed" in out
     done = project / "store" / "runs" / run.name.removesuffix(".partial")
     status = json.loads((done / "status.json").read_text())
-    assert status["status"] == "completed" and status["resumed"] == [24]
+    assert status["status"] == "completed" and status["resumed"] == [20]
     assert_same_run(done, uninterrupted)
 
 
@@ -287,9 +287,9 @@ def test_a_killed_train_takes_its_workers_along_and_resumes_with_its_flag(projec
     resumed = cli(["train", "--resume", str(partial.relative_to(project))], project)
     out, err = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, err
-    assert out.splitlines()[0] == "resuming from the checkpoint of step 24"
+    assert out.splitlines()[0] == "resuming from the checkpoint of step 20"
     done = partial.with_name(partial.name.removesuffix(".partial"))
-    assert json.loads((done / "status.json").read_text())["resumed"] == [24]
+    assert json.loads((done / "status.json").read_text())["resumed"] == [20]
     assert_same_run(done, uninterrupted)
     again = cli(["train", "--resume", str(done)], project)
     _, err = again.communicate(timeout=120)
@@ -355,10 +355,10 @@ def test_a_worker_killed_mid_run_restarts_the_group_which_resumes_exactly(projec
     assert not alive({killed})
     done = store.run_dir(run.run_id())
     status = json.loads((done / "status.json").read_text())
-    assert status["status"] == "completed" and status["resumed"] == [28]  # killed at step 29
+    assert status["status"] == "completed" and status["resumed"] == [24]  # killed at step 26
     assert_same_run(done, uninterrupted)
     log = (done / "workers.log").read_text()
-    assert "resumed from the checkpoint of step 28" in log
+    assert "resumed from the checkpoint of step 24" in log
 
 
 def own_listeners(rank: int, world_size: int) -> list[tuple[int, str, int]]:
