@@ -13,6 +13,7 @@ import pytest
 
 from localsgd.records import Metric, Store
 from localsgd.report import graphics, make_report, plots
+from localsgd.report.labels import line_variant, variant_label, without_switch
 from localsgd.report.switch_plots import STEM, metric_vs_switch_point, section, switch_frame
 from localsgd.report.tables import load, summary_table
 from report.records import write_run
@@ -156,9 +157,7 @@ def test_the_hk_view_marks_minibatch_sgd_at_each_k_and_keeps_switch_points_apart
     plot = plots.metric_vs_period_workers(summary, graphics.styles(summary), {"mnist1d_cnn": ACCURACY})
     assert plot.figure is not None
     axes = [ax for ax in plot.figure.axes if ax.get_visible()]
-    dashed = [
-        ln for ax in axes for ln in ax.get_lines() if ln.get_gid() == "baseline"
-    ]
+    dashed = [ln for ax in axes for ln in ax.get_lines() if ln.get_gid() == "baseline"]
     # Per K: from mini-batch SGD's point (H = 1) across that K's local SGD points, at its mean.
     spans = sorted(
         (round(math.log2(min(ln.get_xdata()))), round(math.log2(max(ln.get_xdata()))), ln.get_ydata()[0])
@@ -171,3 +170,41 @@ def test_the_hk_view_marks_minibatch_sgd_at_each_k_and_keeps_switch_points_apart
     # Post-local SGD at three switch points shares H·K = 64: three points, no line through them.
     assert "line: local_sgd, K=8" in legend
     assert not any(label.startswith("line: post_local_sgd") for label in legend)
+
+
+@pytest.mark.parametrize(
+    "algorithm,label,line,plain",
+    [
+        (SLOWMO, "slowmo H=4 β=0.5 α=1", "slowmo β=0.5 α=1", "slowmo H=4 β=0.5 α=1"),
+        (
+            {**SLOWMO, "switch_step": 200},
+            "slowmo H=4 β=0.5 α=1 t'=200",
+            "slowmo β=0.5 α=1 t'=200",
+            "slowmo H=4 β=0.5 α=1",
+        ),
+        (
+            {**SLOWMO, "switch_epoch": 2.5},
+            "slowmo H=4 β=0.5 α=1 t'=2.5ep",
+            "slowmo β=0.5 α=1 t'=2.5ep",
+            "slowmo H=4 β=0.5 α=1",
+        ),
+        (
+            {"name": "diloco", "switch_epoch": 1},
+            "diloco H=500 η=0.7 μ=0.9 t'=1ep",
+            "diloco η=0.7 μ=0.9 t'=1ep",
+            "diloco H=500 η=0.7 μ=0.9",
+        ),
+        (
+            {**POST_LOCAL, "switch_epoch": 2.5},
+            "post_local_sgd t'=2.5ep H=4",
+            "post_local_sgd t'=2.5ep",
+            "post_local_sgd H=4",
+        ),
+        ({"name": "minibatch_sgd"}, "minibatch_sgd", "minibatch_sgd", "minibatch_sgd"),
+    ],
+)
+def test_labels_name_the_switch_point_only_where_one_is_set(algorithm, label, line, plain) -> None:
+    config = {"algorithm": algorithm}
+    assert variant_label(config) == label
+    assert line_variant(config) == line  # the H·K view's line: the variant without H
+    assert without_switch(config) == plain  # the switch-point view's line
