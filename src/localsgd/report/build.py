@@ -268,7 +268,7 @@ def _drawings(
         ),
         Drawing(
             "metric_vs_period_workers",
-            "Final primary metric against H·K (mean ± std over seeds; dashed: mini-batch SGD at each K)",
+            "Final primary metric against H·K (mean ± std over seeds; long dashes: mini-batch SGD at each K)",
             lambda: plots.metric_vs_period_workers(summary, look, metrics),
         ),
     ]

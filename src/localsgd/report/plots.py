@@ -552,7 +552,7 @@ def metric_vs_period_workers(summary: pd.DataFrame, look: dict[str, Style], metr
     """The primary metric against H·K: local steps between averagings times workers; the
     points of one variant and K joined by a line (Ortiz et al.'s view: do the lines of
     different K fall on one curve of H·K?), and the synchronous baseline of each K (mini-
-    batch SGD, H = 1) marked by a dashed line at its value across that K's points."""
+    batch SGD, H = 1) marked by a long-dashed line at its value across that K's points."""
     part = summary[summary["period"].notna() & (summary["workers"].astype(int) > 1)].copy()
     part["period_workers"] = part["period"].astype(float) * part["workers"].astype(float)
     axis = XAxis(

@@ -2,7 +2,7 @@
 point t' (in epochs), one line per variant without t' (post-local SGD, SlowMo or DiLoCo
 after a switch) and K, one panel per setting (the learning-rate schedule, when the study
 varies it), with the synchronous baseline of the same K (mini-batch SGD, which never
-switches) as a dashed line in a ± std band. Mean ± std over seeds as error bars
+switches) as a long-dashed line in a ± std band. Mean ± std over seeds as error bars
 (Ortiz et al. 2021: "the switching point poses another trade-off"; "SlowMo consistently
 improves accuracy, especially for early switch points").
 
@@ -42,7 +42,7 @@ from localsgd.report.tables import Study, natural_key
 STEM = "metric_vs_switch_point"
 CAPTION = (
     "Final primary metric against the switch point t' of post-local SGD, with and without an "
-    "outer optimizer (mean ± std over seeds; dashed: mini-batch SGD at the same K, band ± std)"
+    "outer optimizer (mean ± std over seeds; long dashes: mini-batch SGD at the same K, band ± std)"
 )
 DODGE = 0.012
 """Sideways step between lines in a panel, as a fraction of its switch-point range, so
@@ -223,7 +223,7 @@ def section(
             "same and start their outer momentum at t' from the model there. Each line is one variant "
             "and K across its switch points (mean ± std over seeds, lines dodged sideways so that their "
             "error bars stay apart); one panel per setting when the study varies one (the learning-rate "
-            "schedule, say). The dashed line is the synchronous baseline at the same K and setting, "
+            "schedule, say). The long-dashed line is the synchronous baseline at the same K and setting, "
             "which never switches, with its ± std band."
         ),
         Figure(STEM, CAPTION, formats),
