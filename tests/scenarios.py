@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -127,6 +128,27 @@ def equivalences(rank: int, world: int) -> dict[str, torch.Tensor]:
     )
     out["minibatch_momentum_at_switch"] = flat(train(A.MiniBatchSGD(), rank, range(switch), momentum=0.9)[0])
 
+    # SlowMo and DiLoCo after a switch: mini-batch SGD until t', then outer steps from the
+    # model at t' with zero momentum; the same rounds as post-local SGD.
+    out["minibatch_momentum"] = flat(train(A.MiniBatchSGD(), rank, steps, momentum=0.9)[0])
+    out["post_local_syncs"] = torch.tensor(
+        train(A.PostLocalSGD(switch_step=switch, period=period), rank, steps, momentum=0.9)[1]["syncs"]
+    )
+    switched: dict[str, A.AlgorithmConfig] = {
+        "slowmo": A.SlowMo(period=period, outer_momentum=0.5, switch_step=switch),
+        "diloco": A.DiLoCo(period=period, outer_lr=0.7, outer_momentum=0.9, switch_step=switch),
+    }
+    for name, outer in switched.items():
+        model, stats = train(outer, rank, steps, momentum=0.9)
+        out[f"{name}_switched"] = flat(model)
+        out[f"{name}_switched_syncs"] = torch.tensor(stats["syncs"])
+        out[f"{name}_at_switch"] = flat(train(outer, rank, range(switch), momentum=0.9)[0])
+        m = make_model()
+        o = sgd(m, 0.9)
+        train(A.MiniBatchSGD(), rank, range(switch), model=m, opt=o)
+        train(dataclasses.replace(outer, switch_step=0), rank, range(switch, 20), model=m, opt=o)
+        out[f"{name}_from_the_switched_model"] = flat(m)
+
     out["local_h4"] = flat(train(A.LocalSGD(period=4), rank, steps, momentum=0.9)[0])
     out["slowmo_plain"] = flat(
         train(A.SlowMo(period=4, outer_momentum=0.0, outer_lr=1.0), rank, steps, momentum=0.9)[0]
@@ -193,6 +215,8 @@ def consistency_configs(world: int) -> dict[str, A.AlgorithmConfig]:
         "slowmo": A.SlowMo(period=4, outer_momentum=0.5),
         "diloco": A.DiLoCo(period=4),
         "sma": A.SMA(),
+        "slowmo_switched": A.SlowMo(period=3, outer_momentum=0.5, switch_step=4),
+        "diloco_switched": A.DiLoCo(period=3, switch_step=4),
     }
 
 
@@ -285,6 +309,10 @@ def resume_configs(world: int) -> dict[str, A.AlgorithmConfig]:
     configs["local_sgd_avg_state"] = A.LocalSGD(period=4, optimizer_state="average")
     configs["local_sgd_reset_state"] = A.LocalSGD(period=4, optimizer_state="reset")
     configs["diloco_adamw"] = A.DiLoCo(period=4)
+    # Switched before the checkpoint, one outer step taken: anchor and momentum are the
+    # switch's, not the initial model's.
+    configs["slowmo_switched_early"] = A.SlowMo(period=4, outer_momentum=0.5, switch_step=2)
+    configs["diloco_switched_early"] = A.DiLoCo(period=4, switch_step=2)
     return configs
 
 

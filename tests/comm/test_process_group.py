@@ -56,6 +56,21 @@ def test_outer_optimizers_without_momentum_equal_local_sgd(equivalences):
         assert rel_err(r["diloco_plain"], r["local_h4"]) <= 1e-6
 
 
+@pytest.mark.parametrize("name", ["slowmo", "diloco"])
+def test_outer_optimizers_after_a_switch_are_minibatch_then_outer_steps_from_that_model(equivalences, name):
+    _, ranks = equivalences
+    for r in ranks:
+        # Before t': exactly the parameters of mini-batch SGD.
+        assert torch.equal(r[f"{name}_at_switch"], r["minibatch_momentum_at_switch"])
+        # After: outer steps from the model at t' with zero momentum, not mini-batch SGD.
+        assert rel_err(r[f"{name}_switched"], r[f"{name}_from_the_switched_model"]) <= 1e-6
+        assert rel_err(r[f"{name}_switched"], r["minibatch_momentum"]) > 1e-4
+        assert rel_err(r[f"{name}_switched"], r["post_local"]) > 1e-4  # the outer step acts
+        # t' = 6 gradient rounds, then 14 local steps with H = 4: 3 syncs (counted inside
+        # the with block, before the one on exit).
+        assert int(r[f"{name}_switched_syncs"]) == int(r["post_local_syncs"]) == 6 + 3
+
+
 def test_hierarchical_with_one_block_equals_local_sgd(equivalences):
     _, ranks = equivalences
     for r in ranks:
@@ -83,6 +98,8 @@ def expected_identical(name: str, step: int) -> bool:
         "slowmo": step % 4 == 0,
         "diloco": step % 4 == 0,
         "sma": False,
+        "slowmo_switched": step <= 4 or (step - 4) % 3 == 0,
+        "diloco_switched": step <= 4 or (step - 4) % 3 == 0,
     }[name]
 
 
@@ -110,7 +127,7 @@ def expected_sync_scopes(name: str, step: int, world: int) -> list[str]:
         return ["world"]
     if name == "gradient_accumulation":
         return ["world"] if step % 3 == 0 else []
-    if name == "post_local_sgd":
+    if name in ("post_local_sgd", "slowmo_switched", "diloco_switched"):
         return ["world"] if step <= 4 or (step - 4) % 3 == 0 else []
     if name == "hierarchical_local_sgd":
         if step % 4 == 0:

@@ -112,6 +112,18 @@ def test_post_local_switch_in_epochs_becomes_steps():
         run_config({"algorithm": {"name": "post_local_sgd", "switch_epoch": 1, "switch_step": 3}})
 
 
+@pytest.mark.parametrize("name", ["slowmo", "diloco"])
+def test_outer_optimizers_take_the_switch_in_epochs_and_keep_their_run_ids_without(name):
+    config = run_config({"algorithm": {"name": name, "switch_epoch": 2.5, "period": 4}})
+    assert config.algorithm_config(steps_per_epoch=40).switch_step == 100
+    with pytest.raises(ConfigError, match=rf"algorithm: {name}\.switch_step must be an integer >= 0, got -1"):
+        run_config({"algorithm": {"name": name, "switch_step": -1}})
+    # The algorithm table is kept as written: a config without a switch hashes as before.
+    plain = run_config({"algorithm": {"name": name, "period": 4}})
+    assert plain.to_dict()["algorithm"] == {"name": name, "period": 4}
+    assert plain.algorithm_config(steps_per_epoch=40).switch_step == 0
+
+
 def test_workload_and_block_size_are_checked_when_the_config_loads():
     with pytest.raises(
         ConfigError, match=r"workload = 'mnist1d' is not a registered workload \['cifar10_resnet20'"

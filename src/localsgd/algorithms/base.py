@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol, TypeVar
 
@@ -92,11 +92,14 @@ class AlgorithmConfig:
 
     Subclasses are frozen dataclasses registered with :func:`register`. ``SYMBOLS`` maps
     the headline fields to their paper symbols, in the order a label prints them;
-    ``RENAMED`` maps old field names to new ones (the old name gets an error naming the new).
+    ``OPTIONAL_SYMBOLS`` the fields a label prints by symbol after them only where they
+    differ from the default (SlowMo's t'); ``RENAMED`` maps old field names to new ones
+    (the old name gets an error naming the new).
     """
 
     name: ClassVar[str]
     SYMBOLS: ClassVar[dict[str, str]] = {}
+    OPTIONAL_SYMBOLS: ClassVar[dict[str, str]] = {}
     RENAMED: ClassVar[dict[str, str]] = {}
     asynchronous: ClassVar[bool] = False
     """Workers never wait for one another: the consensus model lives on a server that one
@@ -106,6 +109,9 @@ class AlgorithmConfig:
     """Whether, on a ``DistributedDataParallel`` model, the algorithm lets DDP average the
     gradients of every backward pass (mini-batch SGD); otherwise every backward pass runs
     as under ``no_sync()`` and the algorithm communicates through the communicator."""
+    SYNCHRONOUS_BASELINE: ClassVar[bool] = False
+    """Whether this is the synchronous data-parallel baseline (gradients averaged before every
+    step): the reference a report marks beside the local algorithms at each K."""
     READS_INNER_LR: ClassVar[bool] = False
     """Whether the synchronizer reads the inner optimizer's learning rate (SlowMo scales
     its outer step by it): runs batched as trials must then share one rate schedule."""
@@ -123,18 +129,34 @@ class AlgorithmConfig:
         assert dataclasses.is_dataclass(self)
         return {"name": self.name, **dataclasses.asdict(self)}
 
-    def label(self) -> str:
-        """``"local_sgd H=4"``: the name, the headline fields by symbol, then every other
-        field that differs from its default as ``field=value``."""
+    def label(self, shown: Mapping[str, str] | None = None, omit: Collection[str] = ()) -> str:
+        """``"local_sgd H=4"``: the name, the headline fields by symbol, the optional ones
+        that differ from their defaults by symbol, then every other field that differs from
+        its default as ``field=value``. ``shown`` gives a field's text in place of its value
+        (``{"switch_step": "2.5ep"}``; always printed), ``omit`` leaves fields out."""
         assert dataclasses.is_dataclass(self)
+        shown = dict(shown or {})
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         defaults = defaults_of(type(self))
+
+        def text(key: str) -> str:
+            return shown[key] if key in shown else format_value(values[key])
+
+        def differs(key: str) -> bool:
+            return key in shown or key not in defaults or values[key] != defaults[key]
+
         parts = [self.name]
-        parts += [f"{symbol}={format_value(values[key])}" for key, symbol in self.SYMBOLS.items()]
+        parts += [f"{symbol}={text(key)}" for key, symbol in self.SYMBOLS.items() if key not in omit]
         parts += [
-            f"{key}={format_value(value)}"
-            for key, value in sorted(values.items())
-            if key not in self.SYMBOLS and (key not in defaults or value != defaults[key])
+            f"{symbol}={text(key)}"
+            for key, symbol in self.OPTIONAL_SYMBOLS.items()
+            if key not in omit and differs(key)
+        ]
+        symbols = {**self.SYMBOLS, **self.OPTIONAL_SYMBOLS}
+        parts += [
+            f"{key}={text(key)}"
+            for key in sorted(values)
+            if key not in symbols and key not in omit and differs(key)
         ]
         return " ".join(parts)
 

@@ -54,6 +54,9 @@ class AfterAverage(Protocol):
 
     def apply(self, *, commit: bool = True) -> None: ...
 
+    def restart(self) -> None:
+        """Start afresh from the current (identical) parameters: local SGD begins here."""
+
     def state_dict(self) -> dict[str, Any]: ...
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None: ...
@@ -79,6 +82,12 @@ class LocalSGDSync:
 
     def before_step(self) -> None:
         pass
+
+    def restart(self) -> None:
+        """Local steps begin from the current parameters, identical on every replica (the
+        model at post-local SGD's switch): the outer optimizer anchors there."""
+        if self.outer is not None:
+            self.outer.restart()
 
     def after_step(self) -> None:
         self.since_sync += 1

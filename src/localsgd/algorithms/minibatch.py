@@ -22,6 +22,7 @@ class MiniBatchSGD(AlgorithmConfig):
     """
 
     USES_DDP_GRADIENTS: ClassVar[bool] = True
+    SYNCHRONOUS_BASELINE: ClassVar[bool] = True
 
     @property
     def sync_period(self) -> int:

@@ -8,6 +8,10 @@ replicas are averaged into x̄, take one momentum step on the pseudo-gradient:
 
 SlowMo scales by the inner learning rate, s = γ_t (Wang et al. 2020, Algorithm 1); DiLoCo
 uses s = 1 (Douillard et al. 2023). With β = 0 and α = 1 either reduces to local SGD.
+
+With a switch step t' > 0 either runs as post-local SGD does (Lin et al. 2020): mini-batch
+SGD for the steps t < t', then outer steps from x_0 = the model at t' with u = 0 (Ortiz
+et al. 2021 apply slow momentum after post-local SGD's switch).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from localsgd.algorithms._common import (
 )
 from localsgd.algorithms.base import AlgorithmConfig, SyncContext, register
 from localsgd.algorithms.local_sgd import LocalSGDSync, check_local_options
+from localsgd.algorithms.post_local_sgd import SwitchedSync
 from localsgd.util.checks import check_bool, check_float, check_int
 
 
@@ -78,6 +83,13 @@ class OuterMomentum:
             torch._foreach_add_(x0, d, alpha=-self.lr * s)
             torch._foreach_copy_([params[i] for i in idx], x0)
 
+    @torch.no_grad()
+    def restart(self) -> None:
+        """x_0 ← the current parameters, u ← 0 (outer steps begin here)."""
+        torch._foreach_copy_(self.anchor, self.ctx.params)
+        for u in self.buffer:
+            u.zero_()
+
     def state_dict(self) -> dict[str, Any]:
         return {"anchor": clone_all(self.anchor), "momentum_buffer": clone_all(self.buffer)}
 
@@ -95,10 +107,15 @@ class SlowMo(AlgorithmConfig):
     ``outer_lr``, β = ``outer_momentum``, the names DiLoCo's fields use too), γ being
     the inner optimizer's current learning rate (Wang et al. 2020, "SlowMo").
 
-    Consistency: parameters identical on every replica right after each sync.
+    With ``switch_step`` t' > 0, mini-batch SGD comes first and slow momentum starts at t'
+    from that model (post-local SGD with SlowMo, Ortiz et al. 2021).
+
+    Consistency: parameters identical on every replica after every step before t', and
+    right after each sync from then on.
     """
 
     SYMBOLS: ClassVar[dict[str, str]] = {"period": "H", "outer_momentum": "β", "outer_lr": "α"}
+    OPTIONAL_SYMBOLS: ClassVar[dict[str, str]] = {"switch_step": "t'"}
     READS_INNER_LR: ClassVar[bool] = True
     RENAMED: ClassVar[dict[str, str]] = {"lr": "outer_lr", "momentum": "outer_momentum"}
 
@@ -114,9 +131,13 @@ class SlowMo(AlgorithmConfig):
     """Average floating-point buffers (BatchNorm statistics) at each sync too."""
     optimizer_state: str = "local"
     """Inner optimizer state at a sync: ``local``, ``average`` or ``reset``."""
+    switch_step: int = 0
+    """t': steps t < t' average gradients (mini-batch SGD); outer steps start from the model
+    at t' (0-based), with the slow momentum at zero. 0 is SlowMo from the start."""
 
     def __post_init__(self) -> None:
         check_int("slowmo.period", self.period, 1)
+        check_int("slowmo.switch_step", self.switch_step, 0)
         check_float("slowmo.outer_momentum", self.outer_momentum, 0.0, 1.0)
         check_float("slowmo.outer_lr", self.outer_lr, 0.0, None, low_open=True)
         check_bool("slowmo.nesterov", self.nesterov)
@@ -126,10 +147,9 @@ class SlowMo(AlgorithmConfig):
     def sync_period(self) -> int:
         return self.period
 
-    def bind(self, ctx: SyncContext) -> LocalSGDSync:
+    def bind(self, ctx: SyncContext) -> LocalSGDSync | SwitchedSync:
         outer = OuterMomentum(ctx, self.outer_lr, self.outer_momentum, self.nesterov, scale_by_lr=True)
-        averager = ModelAverager(ctx, self.average_buffers, self.optimizer_state)
-        return LocalSGDSync(ctx, self.period, averager, outer)
+        return after_switch(self, ctx, outer)
 
 
 @register("diloco")
@@ -139,10 +159,15 @@ class DiLoCo(AlgorithmConfig):
     anchor x_0 (Douillard et al. 2023, "DiLoCo"); the inner optimizer is whatever the
     loop uses (AdamW in the paper).
 
-    Consistency: parameters identical on every replica right after each outer step.
+    With ``switch_step`` t' > 0, mini-batch SGD comes first and the outer steps start at t'
+    from that model.
+
+    Consistency: parameters identical on every replica after every step before t', and
+    right after each outer step from then on.
     """
 
     SYMBOLS: ClassVar[dict[str, str]] = {"period": "H", "outer_lr": "η", "outer_momentum": "μ"}
+    OPTIONAL_SYMBOLS: ClassVar[dict[str, str]] = {"switch_step": "t'"}
 
     period: int = 500
     """H: inner steps between two outer steps."""
@@ -156,9 +181,13 @@ class DiLoCo(AlgorithmConfig):
     """Average floating-point buffers (BatchNorm statistics) at each sync too."""
     optimizer_state: str = "local"
     """Inner optimizer state at a sync: ``local`` (the paper), ``average`` or ``reset``."""
+    switch_step: int = 0
+    """t': steps t < t' average gradients (mini-batch SGD); outer steps start from the model
+    at t' (0-based), with the outer momentum at zero. 0 is DiLoCo from the start."""
 
     def __post_init__(self) -> None:
         check_int("diloco.period", self.period, 1)
+        check_int("diloco.switch_step", self.switch_step, 0)
         check_float("diloco.outer_lr", self.outer_lr, 0.0, None, low_open=True)
         check_float("diloco.outer_momentum", self.outer_momentum, 0.0, 1.0)
         check_bool("diloco.nesterov", self.nesterov)
@@ -168,7 +197,16 @@ class DiLoCo(AlgorithmConfig):
     def sync_period(self) -> int:
         return self.period
 
-    def bind(self, ctx: SyncContext) -> LocalSGDSync:
+    def bind(self, ctx: SyncContext) -> LocalSGDSync | SwitchedSync:
         outer = OuterMomentum(ctx, self.outer_lr, self.outer_momentum, self.nesterov, scale_by_lr=False)
-        averager = ModelAverager(ctx, self.average_buffers, self.optimizer_state)
-        return LocalSGDSync(ctx, self.period, averager, outer)
+        return after_switch(self, ctx, outer)
+
+
+def after_switch(
+    config: SlowMo | DiLoCo, ctx: SyncContext, outer: OuterMomentum
+) -> LocalSGDSync | SwitchedSync:
+    """Outer steps every H local steps; after mini-batch SGD up to t' when t' > 0 (at t' = 0
+    the synchronizer, its state included, is exactly the one without a switch)."""
+    averager = ModelAverager(ctx, config.average_buffers, config.optimizer_state)
+    local = LocalSGDSync(ctx, config.period, averager, outer)
+    return SwitchedSync(ctx, config.switch_step, local, config.name) if config.switch_step else local

@@ -43,18 +43,22 @@ class PostLocalSGD(AlgorithmConfig):
     def sync_period(self) -> int:
         return self.period
 
-    def bind(self, ctx: SyncContext) -> PostLocalSync:
-        return PostLocalSync(self, ctx)
+    def bind(self, ctx: SyncContext) -> SwitchedSync:
+        averager = ModelAverager(ctx, self.average_buffers, self.optimizer_state)
+        return SwitchedSync(ctx, self.switch_step, LocalSGDSync(ctx, self.period, averager), self.name)
 
 
-class PostLocalSync:
-    def __init__(self, config: PostLocalSGD, ctx: SyncContext) -> None:
-        self.config = config
+class SwitchedSync:
+    """Mini-batch SGD (gradients averaged every step) for the steps t < t', then ``local``
+    from t' on, restarted at the switch (an outer optimizer anchors at the model there).
+    Post-local SGD's schedule; SlowMo and DiLoCo after a switch use it too."""
+
+    def __init__(self, ctx: SyncContext, switch_step: int, local: LocalSGDSync, name: str) -> None:
+        self.switch_step = switch_step
+        self.name = name
         self.step = 0
         self.minibatch = MiniBatchSync(ctx)
-        self.local = LocalSGDSync(
-            ctx, config.period, ModelAverager(ctx, config.average_buffers, config.optimizer_state)
-        )
+        self.local = local
 
     @property
     def syncs(self) -> int:
@@ -62,7 +66,7 @@ class PostLocalSync:
 
     @property
     def switched(self) -> bool:
-        return self.step >= self.config.switch_step
+        return self.step >= self.switch_step
 
     def before_step(self) -> None:
         if not self.switched:
@@ -72,16 +76,18 @@ class PostLocalSync:
         if self.switched:
             self.local.after_step()
         self.step += 1
+        if self.step == self.switch_step:
+            self.local.restart()
 
     def write_consensus(self, *, record: bool) -> None:
-        if self.step > self.config.switch_step:
+        if self.step > self.switch_step:
             self.local.write_consensus(record=record)
         else:
             self.minibatch.write_consensus(record=record)
 
     def finalize(self) -> None:
         # Buffers were never averaged before the switch, so finish through the local path.
-        self.local.buffers_in_sync = self.local.buffers_in_sync and self.step > self.config.switch_step
+        self.local.buffers_in_sync = self.local.buffers_in_sync and self.step > self.switch_step
         self.local.finalize()
 
     def state_dict(self) -> dict[str, Any]:
@@ -92,7 +98,7 @@ class PostLocalSync:
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        require_keys(state, ["step", "minibatch", "local"], "post_local_sgd")
+        require_keys(state, ["step", "minibatch", "local"], self.name)
         self.step = int(state["step"])
         self.minibatch.load_state_dict(state["minibatch"])
         self.local.load_state_dict(state["local"])

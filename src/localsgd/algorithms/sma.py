@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -41,8 +41,8 @@ class SMA(AlgorithmConfig):
             check_float("sma.alpha", self.alpha, 0.0, 1.0, low_open=True, high_open=False)
         check_float("sma.momentum", self.momentum, 0.0, 1.0)
 
-    def label(self) -> str:
-        return super().label().replace("α=None", "α=1/K")
+    def label(self, shown: Mapping[str, str] | None = None, omit: Collection[str] = ()) -> str:
+        return super().label(shown, omit).replace("α=None", "α=1/K")
 
     def bind(self, ctx: SyncContext) -> SMASync:
         return SMASync(self, ctx)

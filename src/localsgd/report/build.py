@@ -25,6 +25,7 @@ from localsgd.report import (
     steps,
     steps_plots,
     subsets,
+    switch_plots,
     workbook,
 )
 from localsgd.report.estimates import ClusterEstimates, estimate, parse_target
@@ -171,6 +172,10 @@ def make_report(
     async_blocks, async_figures = asynchrony.section(study, look, chosen)
     for stem, figure in async_figures.items():
         _write_figure(out, stem, figure, chosen, dpi, images, paths)
+    # Post-local SGD's switch point, with and without an outer optimizer (report/switch_plots.py).
+    switch_blocks, switch_figures = switch_plots.section(study, metrics, chosen)
+    for stem, figure in switch_figures.items():
+        _write_figure(out, stem, figure, chosen, dpi, images, paths)
 
     sheets = {
         "summary": workbook.Sheet(summary, "variant"),
@@ -193,7 +198,7 @@ def make_report(
         sections += _steps_section(goals, step_table, select, lambda stem: _figure_blocks(figures, stem, chosen))
     at = next(i for i, b in enumerate(blocks) if isinstance(b, Heading) and b.text == "Run status")
     blocks[at:at] = sections
-    for extra in (stages.section(study), measured_blocks, async_blocks):
+    for extra in (stages.section(study), measured_blocks, async_blocks, switch_blocks):
         if not extra:
             continue
         at = next(i for i, b in enumerate(blocks) if isinstance(b, Heading) and b.text == "Run status")
@@ -271,7 +276,7 @@ def _drawings(
         ),
         Drawing(
             "metric_vs_period_workers",
-            "Final primary metric against H·K (mean ± std over seeds)",
+            "Final primary metric against H·K (mean ± std over seeds; long dashes: mini-batch SGD at each K)",
             lambda: plots.metric_vs_period_workers(summary, look, metrics),
         ),
     ]

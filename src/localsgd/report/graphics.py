@@ -48,6 +48,9 @@ MARKERS = ("o", "s", "D", "P", "X", "h", "*", "p", "<", ">")
 """Markers of a family's members; the up and down triangles are kept for outliers drawn at
 the edge of an axis."""
 LINESTYLES = ("-", "--", ":", "-.")
+BASELINE_LINE: dict[str, Any] = {"linestyle": (0, (7, 2.5)), "linewidth": 1.0, "gid": "baseline"}
+"""A synchronous baseline's value drawn across a figure: long dashes, apart from the dashes
+of ``LINESTYLES``."""
 CONTEXT = "0.80"
 """Other families' points and lines in a small multiple."""
 CONTEXT_DARK = "0.35"

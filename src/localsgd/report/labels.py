@@ -8,7 +8,8 @@ about any particular algorithm.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import dataclasses
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from localsgd import algorithms
@@ -28,20 +29,65 @@ def _config(spec: Mapping[str, Any]) -> AlgorithmConfig | None:
         return None
 
 
-def variant_label(config: Mapping[str, Any]) -> str:
+def _epoch_texts(spec: Mapping[str, Any]) -> dict[str, str]:
+    """``{"switch_step": "2.5ep"}`` for each ``<x>_epoch`` key of an algorithm table."""
+    return {
+        key.removesuffix("_epoch") + "_step": f"{format_value(value)}ep"
+        for key, value in spec.items()
+        if key.endswith("_epoch")
+    }
+
+
+def variant_label(config: Mapping[str, Any], omit: Sequence[str] = ()) -> str:
     """``"local_sgd H=4"``, ``"slowmo H=8 β=0.5 α=1"``, ``"sma α=1/K μ=0.9"``, ... for a
-    run config dict (``RunConfig.to_dict()``)."""
+    run config dict (``RunConfig.to_dict()``), without the fields in ``omit``."""
     spec = dict(config.get("algorithm") or {})
     built = _config(spec)
     if built is None:
         return str(spec.get("name", "unknown"))
-    label = built.label()
-    for key, value in spec.items():
-        if key.endswith("_epoch"):
-            step_key = key.removesuffix("_epoch") + "_step"
-            symbol = built.SYMBOLS.get(step_key, step_key)
-            label = label.replace(f"{symbol}=0", f"{symbol}={format_value(value)}ep", 1)
-    return label
+    return built.label(shown=_epoch_texts(spec), omit=omit)
+
+
+def period_fields(built: AlgorithmConfig) -> list[str]:
+    """The whole-number fields the algorithm's H (``sync_period``) follows: those whose
+    change changes it (``period``; none for mini-batch SGD, whose H is always 1)."""
+    out = []
+    for f in dataclasses.fields(built):  # type: ignore[arg-type]
+        value = getattr(built, f.name)
+        if isinstance(value, bool) or not isinstance(value, int):
+            continue
+        try:
+            moved = dataclasses.replace(built, **{f.name: value + 1})  # type: ignore[type-var]
+        except ValueError:
+            continue
+        if moved.sync_period != built.sync_period:
+            out.append(f.name)
+    return out
+
+
+def line_variant(config: Mapping[str, Any]) -> str:
+    """The variant label without H: what the points of one line of the H·K view share."""
+    built = _config(dict(config.get("algorithm") or {}))
+    return variant_label(config, omit=period_fields(built) if built is not None else ())
+
+
+def switch_epochs(config: Mapping[str, Any], steps_per_epoch: float) -> float | None:
+    """Post-local SGD's switch point t' in epochs (``switch_epoch``, or ``switch_step`` over
+    the run's steps per epoch), for an algorithm with a ``switch_step``; None otherwise."""
+    spec = dict(config.get("algorithm") or {})
+    built = _config(spec)
+    if built is None or not hasattr(built, "switch_step"):
+        return None
+    if "switch_epoch" in spec:
+        return float(spec["switch_epoch"])
+    step = float(built.switch_step)
+    return step / steps_per_epoch if steps_per_epoch > 0 else None
+
+
+def without_switch(config: Mapping[str, Any]) -> str:
+    """The variant label without its switch point: what the points of one line of the
+    switch-point view share."""
+    return variant_label(config, omit=("switch_step",))
 
 
 def period(config: Mapping[str, Any]) -> int | None:
@@ -53,6 +99,14 @@ def period(config: Mapping[str, Any]) -> int | None:
 
 def algorithm_name(config: Mapping[str, Any]) -> str:
     return str((config.get("algorithm") or {}).get("name", "unknown"))
+
+
+def synchronous_baseline(name: str) -> bool:
+    """Whether the algorithm family ``name`` is the synchronous baseline (mini-batch SGD)."""
+    try:
+        return algorithms.get(name).SYNCHRONOUS_BASELINE
+    except ValueError:
+        return False
 
 
 def families() -> list[str]:

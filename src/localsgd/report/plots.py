@@ -16,6 +16,7 @@ from matplotlib.container import ErrorbarContainer
 
 from localsgd.records import Metric
 from localsgd.report.graphics import (
+    BASELINE_LINE,
     CONTEXT,
     LINESTYLES,
     Metrics,
@@ -32,7 +33,7 @@ from localsgd.report.graphics import (
     title_metric,
     workloads,
 )
-from localsgd.report.labels import families, family_title
+from localsgd.report.labels import families, family_title, synchronous_baseline
 from localsgd.report.rounding import fmt_pm
 from localsgd.report.tables import natural_key
 
@@ -85,6 +86,10 @@ class _Point:
     """-1: drawn at the bottom edge (an outlier below), 1: at the top, 0: in place."""
     line: str | None = None
     """The line the point belongs to (``XAxis.connect``), if any."""
+    connected: Any = None
+    """The point's value of ``XAxis.connect`` (its K)."""
+    baseline: bool = False
+    """The synchronous baseline (``XAxis.baselines``)."""
 
 
 @dataclass(frozen=True)
@@ -101,8 +106,12 @@ class XAxis:
     higher_is_better: bool = True
     """For the Pareto front: speedup up, time down."""
     connect: str | None = None
-    """A summary column: points of one algorithm family with the same value of it are
-    joined by a line (one line per K in the H·K view)."""
+    """A summary column: points of one variant (``line_variant``: the variant without H;
+    else the family) with the same value of it are joined by a line (one line per K in the
+    H·K view)."""
+    baselines: bool = False
+    """Mark each synchronous-baseline point (mini-batch SGD) by a long-dashed line at its value,
+    across the points with the same ``connect`` value (its K)."""
 
 
 def _forward(axis: XAxis, x: float) -> float:
@@ -121,8 +130,24 @@ def _std(value: Any) -> float:
     return number if math.isfinite(number) else 0.0
 
 
+def _line_key(row: dict[str, Any], axis: XAxis, several_batches: bool) -> str | None:
+    """``"local_sgd, K=4"``: the variant without H and the ``connect`` value, plus the
+    per-worker batch and the setting where they tell lines apart."""
+    if not axis.connect:
+        return None
+    variant = row.get("line_variant")
+    key = f"{variant if isinstance(variant, str) and variant else row['algorithm']}, K={row[axis.connect]}"
+    if several_batches:
+        key += f", B={row['batch_size']}"
+    setting = row.get("setting")
+    if isinstance(setting, str) and setting:
+        key += f" [{setting}]"
+    return key
+
+
 def _points(part: pd.DataFrame, axis: XAxis, metric: Metric, look: dict[str, Style]) -> list[_Point]:
     mean, std = f"final_{metric.name}_mean", f"final_{metric.name}_std"
+    several_batches = "batch_size" in part.columns and part["batch_size"].nunique() > 1
     out = []
     for row in part.to_dict("records"):
         x, y = float(row.get(axis.column, math.nan)), float(row.get(mean, math.nan))
@@ -138,7 +163,9 @@ def _points(part: pd.DataFrame, axis: XAxis, metric: Metric, look: dict[str, Sty
                 _std(row.get(axis.std)) if axis.std else 0.0,
                 metric.scale * y,
                 metric.scale * _std(row.get(std)),
-                line=f"{row['algorithm']}, K={row[axis.connect]}" if axis.connect else None,
+                line=_line_key(row, axis, several_batches),
+                connected=row[axis.connect] if axis.connect else None,
+                baseline=axis.baselines and synchronous_baseline(str(row["algorithm"])),
             )
         )
     return out
@@ -150,7 +177,8 @@ def _lines(ax: Axes, points: list[_Point], axis: XAxis, family: str | None) -> t
     handles, labels = [], []
     keyed: dict[str, list[_Point]] = {}
     for p in points:
-        if p.line is not None and not p.edge and (family is None or p.style.family == family):
+        mine = family is None or p.style.family == family
+        if p.line is not None and not p.edge and not p.baseline and mine:
             keyed.setdefault(p.line, []).append(p)
     for i, (key, members) in enumerate(sorted(keyed.items(), key=lambda kv: natural_key(kv[0]))):
         if len(members) < 2:
@@ -163,6 +191,33 @@ def _lines(ax: Axes, points: list[_Point], axis: XAxis, family: str | None) -> t
             ax.plot(xs, [p.y for p in members], color=color, linestyle=style, linewidth=1.1, zorder=2)[0]
         )
         labels.append(f"line: {key}")
+    return handles, labels
+
+
+def _baselines(ax: Axes, points: list[_Point], axis: XAxis) -> tuple[list[Any], list[str]]:
+    """A long-dashed line at each synchronous baseline's value, in its colour, from its point
+    across the other points of its K; returns the legend handles and labels."""
+    handles, labels = [], []
+    for base in points:
+        if not base.baseline or base.edge:
+            continue
+        xs = [
+            _inverse(axis, _forward(axis, p.x) + p.dodge)
+            for p in points
+            if p.connected == base.connected and not p.edge
+        ]
+        if len(xs) < 2:
+            continue
+        handles.append(
+            ax.plot(
+                [min(xs), max(xs)],
+                [base.y, base.y],
+                color=base.style.color,
+                zorder=1.5,
+                **BASELINE_LINE,
+            )[0]
+        )
+        labels.append(f"baseline: {base.group}")
     return handles, labels
 
 
@@ -395,6 +450,10 @@ def scatter(
                 joined = _lines(ax, points, axis, family)
                 handles += joined[0]
                 labels += joined[1]
+            if axis.baselines:
+                marked = _baselines(ax, points, axis)
+                handles += marked[0]
+                labels += marked[1]
             _decorate(ax, axis, frame)
         if multiples:
             owner.supxlabel(axis.label, fontsize="medium")
@@ -491,8 +550,9 @@ def metric_vs_bytes(summary: pd.DataFrame, look: dict[str, Style], metrics: Metr
 
 def metric_vs_period_workers(summary: pd.DataFrame, look: dict[str, Style], metrics: Metrics) -> Plot:
     """The primary metric against H·K: local steps between averagings times workers; the
-    points of one family and K joined by a line (Ortiz et al.'s view: do the lines of
-    different K fall on one curve of H·K?)."""
+    points of one variant and K joined by a line (Ortiz et al.'s view: do the lines of
+    different K fall on one curve of H·K?), and the synchronous baseline of each K (mini-
+    batch SGD, H = 1) marked by a long-dashed line at its value across that K's points."""
     part = summary[summary["period"].notna() & (summary["workers"].astype(int) > 1)].copy()
     part["period_workers"] = part["period"].astype(float) * part["workers"].astype(float)
     axis = XAxis(
@@ -501,6 +561,7 @@ def metric_vs_period_workers(summary: pd.DataFrame, look: dict[str, Style], metr
         "H·K (local steps between averagings × workers, log₂ scale)",
         log=2,
         connect="workers",
+        baselines=True,
     )
     return scatter(
         part,

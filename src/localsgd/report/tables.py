@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from localsgd.records import Metric, MetricsRow, RecordError, RunRecord, Store
-from localsgd.report.labels import algorithm_name, period, variant_label
+from localsgd.report.labels import algorithm_name, line_variant, period, variant_label
 from localsgd.report.rounding import ratio_std
 from localsgd.util.nest import flatten
 
@@ -129,6 +129,7 @@ def _run_row(record: RunRecord, rows: list[MetricsRow]) -> dict[str, Any]:
         "error": record.problem or (info.error.line() if info.error else None),
         "workload": workload_of(config),
         "variant": variant_label(config),
+        "line_variant": line_variant(config),
         "algorithm": algorithm_name(config),
         "workers": int(config.get("workers", 1)),
         "batch_size": int((config.get("data") or {}).get("batch_size", 0)),
@@ -415,7 +416,7 @@ def summary_table(study: Study) -> pd.DataFrame:
     ] + MEAN_STD
     for name in measured:
         columns += [f"{name}_mean", f"{name}_std"]
-    columns += ["speedup", "speedup_std", *[f"{name}_mean" for name in MEAN_ONLY], "period"]
+    columns += ["speedup", "speedup_std", *[f"{name}_mean" for name in MEAN_ONLY], "period", "line_variant"]
     if runs.empty:
         return pd.DataFrame(columns=columns)
     base_keys = _baseline_keys(study)
@@ -445,6 +446,7 @@ def summary_table(study: Study) -> pd.DataFrame:
         for name in MEAN_ONLY:
             row[f"{name}_mean"] = group[name].mean()
         row["period"] = group["period"].iloc[0]
+        row["line_variant"] = group["line_variant"].iloc[0]
         out.append(row)
     return pd.DataFrame(out, columns=columns)
 

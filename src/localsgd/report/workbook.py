@@ -44,6 +44,7 @@ APPLIES_WHEN: dict[str, tuple[str, tuple[Any, ...]]] = {
 COLUMNS: dict[str, tuple[str, str]] = {
     "workload": ("", "workload: a registered name or an import path"),
     "variant": ("", "algorithm and the hyperparameters that set it apart"),
+    "line_variant": ("", "the variant without its period H: what one line of the H·K figure joins"),
     "algorithm": ("", "algorithm family (registry name); one colour per family in the figures"),
     "workers": ("workers", "K, the number of workers"),
     "batch_size": ("samples", "per-worker batch B"),
