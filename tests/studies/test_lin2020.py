@@ -94,11 +94,11 @@ def test_the_mnist1d_twin_has_the_same_grid_shape(cifar_study: Study) -> None:
 
 
 def shrunk(run: RunConfig) -> RunConfig:
-    """The run at K = 2 (blocks of one for hierarchical local SGD), B / 32, one epoch of at
+    """The run at K = 2 (blocks of one for hierarchical local SGD), B / 64, one epoch of at
     most 3 steps, evaluated every 2; switch points keep their fraction of training."""
     data = run.to_dict()
     data["workers"] = min(run.workers, 2)
-    data["data"]["batch_size"] = run.data.batch_size // 32
+    data["data"]["batch_size"] = run.data.batch_size // 64
     algorithm = data["algorithm"]
     if "block_size" in algorithm:
         algorithm["block_size"] = 1
