@@ -65,7 +65,7 @@ def test_tiny_studies_run_on_the_fixtures(tmp_path, monkeypatch, text_fixtures, 
     study = load_study(STUDIES / f"{name}.toml")
     workers = sorted({r.workers for r in study.runs})
     if name == "glue_tiny":
-        assert workers == [1, 2, 4] and len(study.runs) == 20
+        assert workers == [1, 2, 4] and len(study.runs) == 20 * 3  # 3 seeds
         assert {(r.workload_name, r.workload["data"]["train_subset"]) for r in study.runs} == {
             (t, s) for t in ("mnli", "squad") for s in (512, 2048)
         }
