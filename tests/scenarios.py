@@ -13,6 +13,8 @@ from torch import nn
 
 import localsgd
 from localsgd import algorithms as A
+from localsgd.workloads import mnist1d
+from localsgd.workloads.base import TensorWorkload
 
 IN, OUT = 6, 3
 
@@ -378,3 +380,33 @@ def amp_overflow_agreement(rank: int, world: int) -> dict[str, Any]:
             steps_taken.append(dp.stats["steps"] - before)
         stats = dict(dp.stats)
     return {"steps_taken": steps_taken, "scale": scaler.get_scale(), "params": flat(model), "stats": stats}
+
+
+# -- a workload in float64 ----------------------------------------------------------------------
+
+
+def _cnn_float64() -> nn.Module:
+    return mnist1d.ConvNet1D().double()
+
+
+def mnist1d_cnn_float64(config: mnist1d.Mnist1dConfig) -> TensorWorkload:
+    """``mnist1d_cnn`` in float64, data and model (the same initial values), as the import
+    path ``scenarios:mnist1d_cnn_float64``: for whole runs compared across engines. In
+    float32 the engines' kernels round differently (~1e-7), which is harmless until some
+    pre-ReLU activation lies within that rounding of 0: its sign then differs between the
+    engines, that replica's gradient by ~1e-2, and the runs part for good. In float64 such
+    an activation would have to lie within ~1e-16 of 0."""
+    arrays = mnist1d.load_arrays(config.num_samples, config.seed, config.data_path)
+    return TensorWorkload(
+        name="mnist1d_cnn_float64",
+        num_classes=mnist1d.NUM_CLASSES,
+        x_train=torch.as_tensor(arrays["x"], dtype=torch.float64),
+        y_train=torch.as_tensor(arrays["y"], dtype=torch.long),
+        x_test=torch.as_tensor(arrays["x_test"], dtype=torch.float64),
+        y_test=torch.as_tensor(arrays["y_test"], dtype=torch.long),
+        model_factory=_cnn_float64,
+        recipe=mnist1d.CNN_RECIPE,
+        config=dataclasses.asdict(config),
+        train_error=config.train_error,
+        validation_fraction=config.validation_fraction,
+    )

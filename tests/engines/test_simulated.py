@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -21,21 +22,35 @@ from localsgd.engines.simulated import (
     replica_span,
 )
 from localsgd.studies.schema import run_config
-from scenarios import fast_spec
+from scenarios import FAST, fast_spec
 
 pytestmark = pytest.mark.timeout(600)
 
 ALGORITHMS = {name: fast_spec(name) for name in A.names()}
+
+# Whole runs are compared in float64: in float32 the engines' kernels round differently
+# (~1e-7), and a pre-ReLU activation within that of 0 parts the runs for good (see
+# scenarios.mnist1d_cnn_float64). In float64 they agree to ~1e-15, so the tolerance is tight.
+FLOAT64 = "scenarios:mnist1d_cnn_float64"
+TOLERANCE = 1e-10
+
+EPOCHS = {
+    # id: (K, [workload] options, steps per epoch at batch 16). 1000 samples hold 800 training
+    # samples, 720 after the default validation split; fast_spec's periods are 4, 2 and 3.
+    "K2": (2, {"num_samples": 1000}, 22),  # epochs end halfway through a period
+    "K4-aligned": (4, {"num_samples": 1000, "validation_fraction": 0.0}, 12),  # at syncs
+    "K4": (4, {"num_samples": 1000}, 11),  # inside every period
+}
 
 
 def xent(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return nn.functional.cross_entropy(model(batch["x"]), batch["y"])
 
 
-def config(name: str, workers: int, engine: str, workload: str = "mnist1d_cnn") -> Any:
+def config(name: str, workers: int, engine: str, data: Mapping[str, Any]) -> Any:
     return run_config(
         {
-            "workload": {"name": workload, "num_samples": 1000},
+            "workload": {"name": FLOAT64, **data},
             "workers": workers,
             "engine": engine,
             "seed": 3,
@@ -47,7 +62,7 @@ def config(name: str, workers: int, engine: str, workload: str = "mnist1d_cnn") 
     )
 
 
-def run_processes(rank: int, world: int, folder: str, cache: str) -> dict[str, Any]:
+def run_processes(rank: int, world: int, folder: str, cache: str, data: dict[str, Any]) -> dict[str, Any]:
     os.environ["XDG_CACHE_HOME"] = cache
     from localsgd.studies.trainer import train
 
@@ -56,21 +71,21 @@ def run_processes(rank: int, world: int, folder: str, cache: str) -> dict[str, A
         run_dir = Path(folder) / f"{name}-{world}" if rank == 0 else None
         if run_dir is not None:
             run_dir.mkdir()
-        status = train(config(name, world, "processes"), run_dir, rank, world, "gloo")
+        status = train(config(name, world, "processes", data), run_dir, rank, world, "gloo")
         if rank == 0:
             assert run_dir is not None
             out[name] = {"status": status, "model": torch.load(run_dir / "checkpoint.pt")["model"]}
     return out
 
 
-def run_simulated(tmp_path: Path, world: int) -> dict[str, Any]:
+def run_simulated(tmp_path: Path, world: int, data: dict[str, Any]) -> dict[str, Any]:
     from localsgd.studies.trainer import train
 
     out = {}
     for name in ALGORITHMS:
         run_dir = tmp_path / f"sim-{name}-{world}"
         run_dir.mkdir()
-        status = train(config(name, world, "simulated"), run_dir, 0, 1)
+        status = train(config(name, world, "simulated", data), run_dir, 0, 1)
         out[name] = {"status": status, "model": torch.load(run_dir / "checkpoint.pt")["model"]}
     return out
 
@@ -80,14 +95,19 @@ def cache(tmp_path_factory: pytest.TempPathFactory) -> str:
     return str(tmp_path_factory.mktemp("cache"))
 
 
-@pytest.mark.parametrize("world", [2, 4], ids=lambda k: f"K{k}")
-def test_simulated_equals_processes_for_every_algorithm(world, tmp_path, cache, monkeypatch):
+@pytest.mark.parametrize("case", list(EPOCHS))
+def test_simulated_equals_processes_for_every_algorithm(case, tmp_path, cache, monkeypatch):
+    """Every algorithm, 30 steps: with epochs that end at syncs, and with epochs that end
+    inside a period (the default validation split), where each engine starts its next
+    epoch's batches mid-period."""
+    world, data, steps_per_epoch = EPOCHS[case]
     monkeypatch.setenv("XDG_CACHE_HOME", cache)
-    processes = run_world(run_processes, world, str(tmp_path), cache)[0]
-    simulated = run_simulated(tmp_path, world)
+    processes = run_world(run_processes, world, str(tmp_path), cache, data)[0]
+    simulated = run_simulated(tmp_path, world, data)
     for name in ALGORITHMS:
         p, s = processes[name], simulated[name]
         assert p["status"].status == s["status"].status == "completed", name
+        assert p["status"].steps_per_epoch == s["status"].steps_per_epoch == steps_per_epoch
         assert s["status"].details["vectorized"], s["status"].details["fallback_reason"]
         assert p["status"].engine.real_wall_time and not s["status"].engine.real_wall_time
         assert p["status"].steps == s["status"].steps == 30
@@ -103,13 +123,15 @@ def test_simulated_equals_processes_for_every_algorithm(world, tmp_path, cache, 
         for key, tensor in p["model"].items():
             other = s["model"][key]
             if tensor.is_floating_point():
-                err = float((tensor - other).norm() / tensor.norm().clamp_min(1e-12))
-                assert err <= 1e-5, f"{name} {key}: relative error {err:.2e}"
+                assert tensor.dtype == other.dtype == torch.float64, key
+                err = float((tensor - other).norm() / tensor.norm().clamp_min(1e-30))
+                assert err <= TOLERANCE, f"{name} {key}: relative error {err:.2e}"
             else:
                 assert torch.equal(tensor, other), f"{name} {key}"
         rows_p, rows_s = p["status"].final, s["status"].final
-        assert rows_p.train_loss == pytest.approx(rows_s.train_loss, rel=1e-5), name
-        assert rows_p.metrics["accuracy"] == pytest.approx(rows_s.metrics["accuracy"], abs=2e-3)
+        assert rows_p.train_loss == pytest.approx(rows_s.train_loss, rel=TOLERANCE), name
+        assert rows_p.metrics == pytest.approx(rows_s.metrics, rel=TOLERANCE), name
+    assert (steps_per_epoch % FAST["period"] == 0) == (case == "K4-aligned")
 
 
 # -- units -------------------------------------------------------------------------------------
@@ -253,8 +275,8 @@ def test_one_simulated_replica_is_one_process(tmp_path, monkeypatch):
     for engine in ("processes", "simulated"):
         run_dir = tmp_path / engine
         run_dir.mkdir()
-        status = train(config("local_sgd", 1, engine), run_dir, 0, 1)
+        status = train(config("local_sgd", 1, engine, {"num_samples": 1000}), run_dir, 0, 1)
         assert status.status == "completed" and status.counters.collectives == 0
         models[engine] = torch.load(run_dir / "checkpoint.pt")["model"]
     for key, tensor in models["processes"].items():
-        torch.testing.assert_close(models["simulated"][key], tensor, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(models["simulated"][key], tensor, rtol=TOLERANCE, atol=0.0)
