@@ -19,6 +19,7 @@ from localsgd.report import (
     asynchrony,
     curve_plots,
     graphics,
+    hk_plots,
     measured,
     plots,
     stages,
@@ -176,6 +177,10 @@ def make_report(
     switch_blocks, switch_figures = switch_plots.section(study, metrics, chosen)
     for stem, figure in switch_figures.items():
         _write_figure(out, stem, figure, chosen, dpi, images, paths)
+    # Local SGD's H·K trade-off, one line per K (report/hk_plots.py).
+    hk_blocks, hk_figures = hk_plots.section(summary, metrics, chosen)
+    for stem, figure in hk_figures.items():
+        _write_figure(out, stem, figure, chosen, dpi, images, paths)
 
     sheets = {
         "summary": workbook.Sheet(summary, "variant"),
@@ -198,7 +203,7 @@ def make_report(
         sections += _steps_section(goals, step_table, select, lambda stem: _figure_blocks(figures, stem, chosen))
     at = next(i for i, b in enumerate(blocks) if isinstance(b, Heading) and b.text == "Run status")
     blocks[at:at] = sections
-    for extra in (stages.section(study), measured_blocks, async_blocks, switch_blocks):
+    for extra in (stages.section(study), measured_blocks, async_blocks, hk_blocks, switch_blocks):
         if not extra:
             continue
         at = next(i for i, b in enumerate(blocks) if isinstance(b, Heading) and b.text == "Run status")
