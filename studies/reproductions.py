@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ from localsgd.costmodel import load_cluster
 from localsgd.report.estimates import estimate
 from localsgd.report.selection import selection
 from localsgd.report.steps import goals, steps_table
-from localsgd.report.tables import Study, load, summary_table
+from localsgd.report.tables import Study, load, natural_key, summary_table
 
 COMMANDS = {
     "warmup": "localsgd study studies/warmup.toml",
@@ -38,6 +39,12 @@ COMMANDS = {
     "glue_tiny": "localsgd fixtures studies_out/fixtures && localsgd study studies/glue_tiny.toml",
     "stilt_tiny": "localsgd fixtures studies_out/fixtures && localsgd study studies/stilt_tiny.toml",
 }
+
+
+def by_switch(variant: str) -> tuple[float, str]:
+    """Variants in the order of their switch point t' (``post_local_sgd t'=0.8ep H=16``)."""
+    match = re.search(r"t'=([0-9.]+)ep", variant)
+    return (float(match.group(1)) if match else -1.0, variant)
 
 
 def pm(mean: float, std: float, scale: float = 100.0, digits: int = 1) -> str:
@@ -143,7 +150,8 @@ def scaling_rows(g: Groups, cluster: str) -> Iterable[str]:
     for schedule in ("step", "half_cosine"):
         for family in ("post_local_sgd", "slowmo"):
             rows = g.find(workers=16, setting=f"schedule.name={schedule}")
-            rows = rows[rows["algorithm"] == family].sort_values("variant")
+            rows = rows[rows["algorithm"] == family]
+            rows = rows.loc[sorted(rows.index, key=lambda i: by_switch(str(rows.at[i, "variant"])))]
             points = "; ".join(
                 f"{r['variant']}: {pm(r['final_accuracy_mean'], r['final_accuracy_std'])}" for _, r in rows.iterrows()
             )
@@ -161,7 +169,9 @@ def _short_term(g: Groups) -> Iterable[str]:
     runs = runs[runs["config.schedule.name"] == "step"]
     metrics = study.metrics
     base = runs[runs["algorithm"] == "minibatch_sgd"]["run_id"]
-    for variant, part in runs[runs["algorithm"] == "post_local_sgd"].groupby("variant"):
+    post = runs[runs["algorithm"] == "post_local_sgd"]
+    for variant in sorted(set(post["variant"]), key=by_switch):
+        part = post[post["variant"] == variant]
         switch = float(part["config.algorithm.switch_epoch"].iloc[0])
         if switch == 0:
             continue
@@ -201,7 +211,8 @@ def _estimates(g: Groups, cluster: str) -> Iterable[str]:
             f"estimated on {cluster}, speedup over one worker, K={k}: mini-batch SGD {speedup('minibatch_sgd', k)}, "
             f"local SGD H=4 {speedup('local_sgd H=4', k)}, H=16 {speedup('local_sgd H=16', k)}"
         )
-    rows = table[step & (table["algorithm"] == "post_local_sgd") & (table["workers"] == 16)].sort_values("variant")
+    rows = table[step & (table["algorithm"] == "post_local_sgd") & (table["workers"] == 16)]
+    rows = rows.loc[sorted(rows.index, key=lambda i: by_switch(str(rows.at[i, "variant"])))]
     yield f"estimated on {cluster}, post-local SGD K=16: " + "; ".join(
         f"{r['variant']}: {r['est_total_seconds_mean']:.3g} s ({r['est_speedup']:.2f}×)" for _, r in rows.iterrows()
     )
@@ -223,9 +234,9 @@ def lin_rows(g: Groups, cluster: str) -> Iterable[str]:
     for name, value in a.items():
         yield f"{name}: {value}"
     est = estimate(g.study, g.table, load_cluster(cluster)).summary
-    hier = est[est["algorithm"] == "hierarchical_local_sgd"].copy()
-    hier["delay"] = hier["setting"].astype(str)
-    for _, row in hier.sort_values(["delay", "variant"]).iterrows():
+    hier = est[est["algorithm"] == "hierarchical_local_sgd"]
+    order = sorted(hier.index, key=lambda i: (natural_key(str(hier.at[i, "setting"])), natural_key(str(hier.at[i, "variant"]))))
+    for _, row in hier.loc[order].iterrows():
         yield (
             f"{row['variant']} K=4 [{row['setting']}]: {pm(row['final_accuracy_mean'], row['final_accuracy_std'])}; "
             f"estimated on {cluster} {row['est_total_seconds_mean']:.4g} s"
