@@ -469,7 +469,9 @@ def test_cluster_estimates_match_the_raw_rows_and_the_model(
         "best_metaparameters",
         "local_sgd_steps_to_result",
     ]
-    assert html.count("data:image/png;base64,") == len(PLOTS) + len(EST_PLOTS) + 1 + (
+    # Local SGD at two periods: the H·K section's figure, one line per K, one more.
+    assert "## H·K" in text
+    assert html.count("data:image/png;base64,") == len(PLOTS) + len(EST_PLOTS) + 1 + 1 + (
         len(steps_figures) if target is not None else 0
     )
     assert ("## Steps to result" in text) == (target is not None)

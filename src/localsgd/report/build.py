@@ -163,24 +163,18 @@ def make_report(
         drawn[drawing.stem] = plot
         if plot.figure is not None:
             _write_figure(out, drawing.stem, plot.figure, chosen, dpi, images, paths)
-    # Runs of real K-worker time beside their estimates (report/measured.py).
-    measured_blocks: list[Block] = []
-    if estimates is not None:
-        measured_blocks, measured_figures = measured.section(estimates, look, chosen)
-        for stem, figure in measured_figures.items():
-            _write_figure(out, stem, figure, chosen, dpi, images, paths)
-    # Asynchronous runs: updates, staleness, lost workers (report/asynchrony.py).
+    # Sections that are a module each, returning their blocks and figures: runs of real
+    # K-worker time beside their estimates (measured.py), asynchronous runs (asynchrony.py),
+    # local SGD's H·K trade-off (hk_plots.py), post-local SGD's switch point (switch_plots.py).
+    measured_blocks, measured_figures = (
+        measured.section(estimates, look, chosen) if estimates is not None else ([], {})
+    )
     async_blocks, async_figures = asynchrony.section(study, look, chosen)
-    for stem, figure in async_figures.items():
-        _write_figure(out, stem, figure, chosen, dpi, images, paths)
-    # Post-local SGD's switch point, with and without an outer optimizer (report/switch_plots.py).
-    switch_blocks, switch_figures = switch_plots.section(study, metrics, chosen)
-    for stem, figure in switch_figures.items():
-        _write_figure(out, stem, figure, chosen, dpi, images, paths)
-    # Local SGD's H·K trade-off, one line per K (report/hk_plots.py).
     hk_blocks, hk_figures = hk_plots.section(summary, metrics, chosen)
-    for stem, figure in hk_figures.items():
-        _write_figure(out, stem, figure, chosen, dpi, images, paths)
+    switch_blocks, switch_figures = switch_plots.section(study, metrics, chosen)
+    for figures_of_section in (measured_figures, async_figures, hk_figures, switch_figures):
+        for stem, figure in figures_of_section.items():
+            _write_figure(out, stem, figure, chosen, dpi, images, paths)
 
     sheets = {
         "summary": workbook.Sheet(summary, "variant"),

@@ -196,6 +196,14 @@ def legend(owner: Figure | SubFigure, handles: list[Any], labels: list[str], tit
         owner.legend(handles, labels, loc="outside lower center", ncols=3, **common)
 
 
+def add_entries(handles: list[Any], labels: list[str], drawn: tuple[list[Any], list[str]]) -> None:
+    """A panel's legend entries added to a figure's, each label once."""
+    for handle, label in zip(*drawn):
+        if label not in labels:
+            handles.append(handle)
+            labels.append(label)
+
+
 def stack(
     blocks: list[tuple[float, float]], workloads: list[str], named: bool, title: str
 ) -> tuple[Figure, list[Figure | SubFigure]]:

@@ -25,6 +25,7 @@ from localsgd.records import Metric
 from localsgd.report.graphics import (
     BASELINE_LINE,
     MARKERS,
+    add_entries,
     grid,
     grid_size,
     legend,
@@ -153,10 +154,7 @@ def metric_vs_hk(summary: pd.DataFrame, metrics: dict[str, Metric]) -> MplFigure
             ]
             base = mine[mine["algorithm"].astype(str).map(synchronous_baseline) & (mine["workers"] > 1)]
             drawn = _panel(ax, lines, base, f"final_{metric.name}", metric.scale, colors)
-            for handle, label in zip(*drawn):
-                if label not in labels:
-                    handles.append(handle)
-                    labels.append(label)
+            add_entries(handles, labels, drawn)
         owner.supxlabel("H·K (local steps between averagings × workers, log₂ scale)")
         owner.supylabel(f"final {metric.heading}")
         legend(owner, handles, labels, "workers K (seeds); dashed: the synchronous baseline")

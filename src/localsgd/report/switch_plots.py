@@ -26,6 +26,7 @@ from localsgd.report.graphics import (
     BASELINE_LINE,
     LINESTYLES,
     MARKERS,
+    add_entries,
     family_colors,
     grid,
     grid_size,
@@ -197,10 +198,7 @@ def metric_vs_switch_point(frame: pd.DataFrame, metrics: dict[str, Metric]) -> M
             part = sweeps[(sweeps["workload"] == workload) & (sweeps["setting"] == setting)]
             base = mine[mine["switch"].isna() & (mine["setting"] == setting)]
             drawn = _panel(ax, part, base, several_batches, colors)
-            for handle, label in zip(*drawn):
-                if label not in labels:
-                    handles.append(handle)
-                    labels.append(label)
+            add_entries(handles, labels, drawn)
         owner.supxlabel("switch point t' (epochs of synchronous mini-batch SGD before local steps)")
         owner.supylabel(f"final {metrics[workload].heading}")
         legend(owner, handles, labels, "variant, workers K (seeds)")
