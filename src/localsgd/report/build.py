@@ -325,7 +325,7 @@ def _extra_drawings(
         out += [
             Drawing(
                 "steps_to_result",
-                "Steps to result against the global batch K·B (log-log; minimum over trials; "
+                "Steps to result against the global batch K·B (log-log; the best trial's mean ± std over its seeds; "
                 "dash-dotted: perfect scaling from each curve's smallest batch; segment styles: the regimes)",
                 lambda: steps_plots.steps_to_result(table),
             ),

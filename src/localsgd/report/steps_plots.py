@@ -44,12 +44,17 @@ def _log_axes(ax: Axes, xs: list[float], ys: list[float], ybase: int = 10) -> No
 
 def _curve(ax: Axes, curve: pd.DataFrame, y: pd.Series, style: Style, *, regimes: bool) -> Any:
     """Markers at the batches that reached the target; segments between neighbours in the
-    regime's line style (or the curve's own, without regimes)."""
+    regime's line style (or the curve's own, without regimes); on the steps themselves,
+    error bars of ± the std over the best trial's seeds."""
     ok = curve.assign(y=y)[y.notna() & (y > 0)]
     xs, ys = list(ok["global_batch"].astype(float)), list(ok["y"].astype(float))
     for i in range(1, len(xs)):
         linestyle = REGIME_LINES.get(str(ok["regime"].iloc[i]), "-") if regimes else style.linestyle
         ax.plot(xs[i - 1 : i + 1], ys[i - 1 : i + 1], color=style.color, linestyle=linestyle, linewidth=1.5)
+    if "steps_std" in ok.columns and ok["y"].equals(ok["steps"].astype(float)):
+        spread = ok["steps_std"].astype(float).fillna(0.0)
+        if (spread > 0).any():
+            ax.errorbar(xs, ys, yerr=list(spread), color=style.color, linestyle="none", capsize=3, zorder=1)
     return ax.plot(
         xs,
         ys,
@@ -175,7 +180,7 @@ def steps_to_result(table: pd.DataFrame) -> Plot:
         table,
         _steps,
         "steps to result (log scale)",
-        "Steps to reach the target against the global batch (minimum over trials)",
+        "Steps to reach the target against the global batch (the best trial's mean ± std over its seeds)",
     )
 
 
