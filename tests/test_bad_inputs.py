@@ -418,7 +418,7 @@ def store_cases() -> list[Case]:
         return d / "store"
 
     def corrupt_status(d: Path) -> list[str]:
-        from localsgd.studies.grid import load_study
+        from localsgd.studies.loading import load_study
 
         study = load_study(write(d / "s.toml", STUDY))
         store = Store(d / "store")
@@ -431,7 +431,7 @@ def store_cases() -> list[Case]:
         return ["study", str(d / "s.toml"), "--out", "store"]
 
     def corrupt_checkpoint(d: Path) -> list[str]:
-        from localsgd.studies.grid import load_study
+        from localsgd.studies.loading import load_study
 
         study = load_study(write(d / "s.toml", STUDY))
         store = Store(d / "store")

@@ -275,7 +275,7 @@ def study(
     failed or diverged, 2 a bad study file, option or store, 130/143 stopped by
     SIGINT/SIGTERM (the run in progress is left unfinished, resumable).
     """
-    from localsgd.studies.grid import load_study
+    from localsgd.studies.loading import load_study
     from localsgd.studies.runner import EXECUTORS, run_study
     from localsgd.util.checks import ConfigError
 
@@ -509,8 +509,7 @@ def emulate(
     (K = 1, the simulated engine) run here as usual; every other run must have K = N × G.
     Everything the emulation created is removed when it ends, also on failure or interrupt."""
     from localsgd.studies.configs import load_toml
-    from localsgd.studies.grid import load_study
-    from localsgd.studies.loading import load_run_config
+    from localsgd.studies.loading import load_run_config, load_study
     from localsgd.studies.runner import execute_run, open_run_store, preflight, run_study
     from localsgd.util.checks import ConfigError
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from localsgd.studies.configs import ConfigError
-from localsgd.studies.grid import load_study
+from localsgd.studies.loading import load_study
 from studies.grids import STUDY, write
 
 

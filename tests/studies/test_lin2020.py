@@ -12,7 +12,8 @@ from typing import Any
 import pytest
 
 from localsgd.records import Store
-from localsgd.studies.grid import Study, load_study
+from localsgd.studies.grid import Study
+from localsgd.studies.loading import load_study
 from localsgd.studies.runner import run_study
 from localsgd.studies.schema import RunConfig, run_config
 from workloads.test_cifar10 import _files, _folder

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from localsgd.records import RECORD_VERSION, MetricsRow, RunWriter, Status, Store
-from localsgd.studies.grid import load_study
+from localsgd.studies.loading import load_study
 from localsgd.studies.runner import run_study
 from localsgd.studies.schema import RunConfig
 from studies.grids import STUDY, write

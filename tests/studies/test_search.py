@@ -8,7 +8,7 @@ import pytest
 from scipy.stats import qmc
 
 from localsgd.studies.configs import ConfigError
-from localsgd.studies.grid import load_study
+from localsgd.studies.loading import load_study
 from localsgd.studies.runner import run_study
 from localsgd.studies.search import parse
 from studies.grids import write

@@ -14,7 +14,7 @@ import pytest
 from localsgd.records.record import ErrorInfo
 from localsgd.records.store import Store
 from localsgd.studies import stages
-from localsgd.studies.grid import load_study
+from localsgd.studies.loading import load_study
 from localsgd.studies.runner import execute_run, run_study
 from localsgd.util.checks import ConfigError
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from localsgd.studies.grid import load_study
+from localsgd.studies.loading import load_study
 from localsgd.util.checks import ConfigError
 
 pytest.importorskip("transformers")

@@ -38,16 +38,13 @@ import itertools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from localsgd.studies import search
-from localsgd.studies.configs import apply_overrides, load_toml, parse_override
+from localsgd.studies.configs import apply_overrides, parse_override
 from localsgd.studies.schema import RunConfig, normalize, run_config
 from localsgd.util.checks import ConfigError, check_name, from_dict
 from localsgd.util.nest import deep_copy, flatten, set_dotted
-
-if TYPE_CHECKING:
-    from localsgd.studies.stages import Stage
 
 LIST_FIELDS = {"schedule.milestones"}
 
@@ -77,6 +74,24 @@ class StudySection:
 
 
 @dataclass
+class Stage:
+    """One stage of a study: its runs, or the templates its runs are made from."""
+
+    name: str
+    runs: list[RunConfig] = field(default_factory=list)
+    """The runs that do not depend on an earlier stage (made once)."""
+    source: str | None = None
+    """The earlier stage whose exported models the templates start from."""
+    templates: list[RunConfig] = field(default_factory=list)
+    """Runs made once per completed run of ``source``: the stand-in (:attr:`standin`) in
+    place of that run's exported model."""
+    standin: str = ""
+    """The placeholder path the templates hold where the exported model goes."""
+    trials: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Search entries by run id (of a template: by the template's id)."""
+
+
+@dataclass
 class Study:
     section: StudySection
     runs: list[RunConfig] = field(default_factory=list)
@@ -92,14 +107,11 @@ class Study:
         return Path(self.section.out or Path("studies_out") / self.section.name)
 
 
-def load_study(path: str | Path, overrides: list[str] | None = None) -> Study:
-    """Parse a study file; ``overrides`` (``key=value``) apply to ``[base]`` (to every
-    stage's base in a study of ``[[stage]]`` tables, :mod:`localsgd.studies.stages`)."""
-    data = load_toml(path)
-    if "stage" in data:
-        from localsgd.studies.stages import load_stages
-
-        return load_stages(data, overrides or [])
+def load_grid(data: dict[str, Any], overrides: list[str] | None = None) -> Study:
+    """A parsed study file of ``[study]``, ``[base]`` and ``[[grid]]`` tables (a study in
+    stages is read by :func:`localsgd.studies.stages.load_stages`; either through
+    :func:`localsgd.studies.loading.load_study`); ``overrides`` (``key=value``) apply to
+    ``[base]``."""
     unknown = set(data) - {"study", "base", "grid"}
     if unknown:
         raise ConfigError(

@@ -1,4 +1,4 @@
-"""Reading run configs from files (TOML, or a run record's ``config.json``) plus overrides."""
+"""Reading run configs and study files (TOML, or a run record's ``config.json``) plus overrides."""
 
 from __future__ import annotations
 
@@ -7,8 +7,20 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from localsgd.studies.configs import apply_overrides, load_toml
+from localsgd.studies.grid import Study, load_grid
 from localsgd.studies.schema import RunConfig, run_config
+from localsgd.studies.stages import load_stages
 from localsgd.util.checks import ConfigError
+
+
+def load_study(path: str | Path, overrides: Sequence[str] | None = None) -> Study:
+    """Parse a study file: ``[[grid]]`` blocks (:func:`localsgd.studies.grid.load_grid`) or
+    ``[[stage]]`` tables (:func:`localsgd.studies.stages.load_stages`); ``overrides``
+    (``key=value``) apply to ``[base]`` (to every stage's base in a study in stages)."""
+    data = load_toml(path)
+    if "stage" in data:
+        return load_stages(data, list(overrides or []))
+    return load_grid(data, list(overrides or []))
 
 
 def load_run_config(path: str | Path, overrides: Sequence[str] = ()) -> RunConfig:

@@ -44,12 +44,12 @@ import shutil
 import tempfile
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
 from localsgd.records.store import Store
-from localsgd.studies.grid import Study, StudySection, expand_blocks
+from localsgd.studies.grid import Stage, Study, StudySection, expand_blocks
 from localsgd.studies.schema import RunConfig, run_config
 from localsgd.util.checks import ConfigError, check_name, from_dict
 from localsgd.workloads.text.export import exported_model
@@ -57,24 +57,6 @@ from localsgd.workloads.text.export import exported_model
 REFERENCE = "from_stage"
 """The key of a reference to an earlier stage's exported models."""
 STAGE_KEYS = ("name", "base", "grid")
-
-
-@dataclass
-class Stage:
-    """One stage of a study: its runs, or the templates its runs are made from."""
-
-    name: str
-    runs: list[RunConfig] = field(default_factory=list)
-    """The runs that do not depend on an earlier stage (made once)."""
-    source: str | None = None
-    """The earlier stage whose exported models the templates start from."""
-    templates: list[RunConfig] = field(default_factory=list)
-    """Runs made once per completed run of ``source``: the stand-in (:attr:`standin`) in
-    place of that run's exported model."""
-    standin: str = ""
-    """The placeholder path the templates hold where the exported model goes."""
-    trials: dict[str, dict[str, Any]] = field(default_factory=dict)
-    """Search entries by run id (of a template: by the template's id)."""
 
 
 @dataclass(frozen=True)
