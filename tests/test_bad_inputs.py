@@ -367,6 +367,11 @@ def option_cases() -> list[Case]:
             lambda d: ["report", str(finished_store(d)), "--cluster", "10gbe", "--target", "accuracy=high"],
             r"--target must be METRIC=VALUE or a number for the primary metric, got 'accuracy=high'",
         ),
+        Case(
+            "report-select-on",
+            lambda d: ["report", str(finished_store(d)), "--select-on", "train"],
+            r"--select-on must be one of validation, test, got 'train'",
+        ),
     ]
 
 
