@@ -34,7 +34,7 @@ from localsgd.report.graphics import (
     title_metric,
 )
 from localsgd.report.labels import synchronous_baseline
-from localsgd.report.render import Block, Figure, Heading, Paragraph
+from localsgd.report.render import Block, figure_section
 from localsgd.report.tables import natural_key
 
 STEM = "metric_vs_hk_by_workers"
@@ -161,19 +161,18 @@ def metric_vs_hk(summary: pd.DataFrame, metrics: dict[str, Metric]) -> MplFigure
     return fig
 
 
-def section(summary: pd.DataFrame, metrics: dict[str, Metric], formats: Sequence[str]) -> tuple[list[Block], dict[str, MplFigure]]:
+def section(
+    summary: pd.DataFrame, metrics: dict[str, Metric], formats: Sequence[str]
+) -> tuple[list[Block], dict[str, MplFigure]]:
     """The report's "H·K" section and its figure; nothing when no variant sweeps H."""
-    figure = metric_vs_hk(summary, metrics) if has_sweep(summary) else None
-    if figure is None:
-        return [], {}
-    blocks: list[Block] = [
-        Heading(2, "H·K"),
-        Paragraph(
-            "Local steps between averagings (H) times workers (K): one line per K across its periods, "
-            "mean ± std over seeds, with that K's synchronous baseline (mini-batch SGD, which averages "
-            "gradients every step) long-dashed in the same colour with its ± std band. If the trade-off "
-            "were a function of H·K alone, the lines of different K would fall on one curve."
-        ),
-        Figure(STEM, CAPTION, formats),
-    ]
-    return blocks, {STEM: figure}
+    return figure_section(
+        "H·K",
+        "Local steps between averagings (H) times workers (K): one line per K across its periods, "
+        "mean ± std over seeds, with that K's synchronous baseline (mini-batch SGD, which averages "
+        "gradients every step) long-dashed in the same colour with its ± std band. If the trade-off "
+        "were a function of H·K alone, the lines of different K would fall on one curve.",
+        STEM,
+        CAPTION,
+        metric_vs_hk(summary, metrics) if has_sweep(summary) else None,
+        formats,
+    )

@@ -37,7 +37,7 @@ from localsgd.report.graphics import (
     workloads,
 )
 from localsgd.report.labels import switch_epochs, synchronous_baseline, without_switch
-from localsgd.report.render import Block, Figure, Heading, Paragraph
+from localsgd.report.render import Block, figure_section
 from localsgd.report.tables import Study, natural_key
 
 STEM = "metric_vs_switch_point"
@@ -210,20 +210,17 @@ def section(
 ) -> tuple[list[Block], dict[str, MplFigure]]:
     """The report's "switch point" section and its figure; nothing when no variant sweeps t'."""
     frame = switch_frame(study)
-    figure = metric_vs_switch_point(frame, metrics) if has_sweep(frame) else None
-    if figure is None:
-        return [], {}
-    blocks: list[Block] = [
-        Heading(2, "Switch point"),
-        Paragraph(
-            "Post-local SGD averages gradients every step (mini-batch SGD) until its switch point t', "
-            "then takes H local steps between averagings; SlowMo and DiLoCo with a switch point do the "
-            "same and start their outer momentum at t' from the model there. Each line is one variant "
-            "and K across its switch points (mean ± std over seeds, lines dodged sideways so that their "
-            "error bars stay apart); one panel per setting when the study varies one (the learning-rate "
-            "schedule, say). The long-dashed line is the synchronous baseline at the same K and setting, "
-            "which never switches, with its ± std band."
-        ),
-        Figure(STEM, CAPTION, formats),
-    ]
-    return blocks, {STEM: figure}
+    return figure_section(
+        "Switch point",
+        "Post-local SGD averages gradients every step (mini-batch SGD) until its switch point t', "
+        "then takes H local steps between averagings; SlowMo and DiLoCo with a switch point do the "
+        "same and start their outer momentum at t' from the model there. Each line is one variant "
+        "and K across its switch points (mean ± std over seeds, lines dodged sideways so that their "
+        "error bars stay apart); one panel per setting when the study varies one (the learning-rate "
+        "schedule, say). The long-dashed line is the synchronous baseline at the same K and setting, "
+        "which never switches, with its ± std band.",
+        STEM,
+        CAPTION,
+        metric_vs_switch_point(frame, metrics) if has_sweep(frame) else None,
+        formats,
+    )
