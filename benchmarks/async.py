@@ -43,8 +43,8 @@ from localsgd import workloads
 from localsgd.algorithms.async_server import ParameterServer, ServerOptions
 from localsgd.records import Store
 from localsgd.records.record import read_metrics
-from localsgd.studies.runner import execute_run
-from localsgd.studies.schema import RunConfig, run_config
+from localsgd.run.config import RunConfig, run_config
+from localsgd.run.execute import execute_run
 
 LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 WORKLOAD = {"name": "mnist1d_mlp", "num_samples": 8000}

@@ -116,8 +116,8 @@ def worker(plan_file: str) -> int:
     import torch.distributed as dist
 
     import localsgd
-    from localsgd.studies.schema import run_config
-    from localsgd.studies.trainer import train
+    from localsgd.run.config import run_config
+    from localsgd.run.training import train
 
     info = localsgd.init_distributed(backend="gloo")
     try:
@@ -142,8 +142,8 @@ def worker(plan_file: str) -> int:
 
 def compute_alone(tables: dict[str, dict[str, Any]], work: Path) -> dict[str, float]:
     """Seconds per step of one worker alone, per workload (the same batch and steps)."""
-    from localsgd.studies.schema import run_config
-    from localsgd.studies.trainer import train
+    from localsgd.run.config import run_config
+    from localsgd.run.training import train
 
     out = {}
     for workload, table in tables.items():

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from localsgd.studies.runner import usable_cores
+from localsgd.studies.executors.local import usable_cores
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

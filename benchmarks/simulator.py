@@ -5,7 +5,7 @@ Throughput: for the MNIST-1D MLP and CNN at K = 4, 16, 64 replicas of per-replic
 one process, the same thread count for all, each timed over the same number of steps,
 interleaved:
 
-- ``fused``: :class:`~localsgd.engines.simulated.StackedModel` with the fused stacked
+- ``fused``: :class:`~localsgd.engines.simulated.engine.StackedModel` with the fused stacked
   layers (batched matmuls, grouped convolutions, per-replica BatchNorm in one kernel) + one
   optimizer over the stacked tensors, inside ``DataParallel`` with ``LocalSGD(H=8)`` and
   the simulated communicator (what ``engine = "simulated"`` runs);
@@ -17,8 +17,8 @@ interleaved:
 
 Search: R trials of a metaparameter search (K = 1 worker each, learning rate, momentum and
 seed varied), trained end to end with their records (evaluation, metrics, checkpoints):
-batched as trials in one process (:func:`localsgd.studies.trials.train_trials`) against
-the R runs one after another (:func:`localsgd.studies.trainer.train`), interleaved.
+batched as trials in one process (:func:`localsgd.run.trials.train_trials`) against
+the R runs one after another (:func:`localsgd.run.training.train`), interleaved.
 
 Throughput is samples per second (K·B per step). Ratios are of medians over repetitions.
 Nothing is asserted: this is a measurement.
@@ -45,8 +45,8 @@ from torch import nn
 
 import localsgd
 from localsgd import algorithms, workloads
-from localsgd.engines.simulated import ReplicaGradients, SimulatedCommunicator, StackedModel
-from localsgd.studies.schema import RunConfig, run_config
+from localsgd.engines.simulated.engine import ReplicaGradients, SimulatedCommunicator, StackedModel
+from localsgd.run.config import RunConfig, run_config
 
 PERIOD = 8
 LENGTH = 40  # MNIST-1D signal length
@@ -148,8 +148,8 @@ def _folders(root: Path, kind: str, rep: int, count: int) -> list[Path]:
 
 def time_search(kind: str, configs: list[RunConfig], workload: object, root: Path, rep: int) -> float:
     """Seconds to train every trial, ``batched`` in one process or ``sequential``ly."""
-    from localsgd.studies.trainer import train
-    from localsgd.studies.trials import train_trials
+    from localsgd.run.training import train
+    from localsgd.run.trials import train_trials
 
     folders = _folders(root, kind, rep, len(configs))
     start = time.perf_counter()

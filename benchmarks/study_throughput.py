@@ -7,7 +7,7 @@ hits both alike:
 - ``fresh``: each run on processes of its own, as every run was before worker pools
   (``torchrun`` starts K processes that import torch, rendezvous, load the data, train,
   tear down): :meth:`ProcessesEngine.execute`;
-- ``pool``: each run on a :class:`~localsgd.engines.pool.LocalSession`, whose K processes
+- ``pool``: each run on a :class:`~localsgd.engines.launching.pool.LocalSession`, whose K processes
   and process group stay up from one run to the next, with the data already loaded.
 
 A run's overhead is its wall time (from the study's side: recording, launching, waiting)
@@ -35,11 +35,11 @@ import torch
 from shared import machine_at_end, write_results
 
 from localsgd import workloads
-from localsgd.engines.processes import PROCESSES
+from localsgd.engines.processes.engine import PROCESSES
 from localsgd.records import Store
 from localsgd.records.record import read_metrics
-from localsgd.studies.runner import execute_run
-from localsgd.studies.schema import RunConfig, run_config
+from localsgd.run.config import RunConfig, run_config
+from localsgd.run.execute import execute_run
 
 LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 

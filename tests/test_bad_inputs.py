@@ -318,7 +318,7 @@ def option_cases() -> list[Case]:
 
     def run_folder(d: Path) -> Path:
         """A store holding one run left unfinished, with a checkpoint that is garbage."""
-        from localsgd.studies.loading import load_run_config
+        from localsgd.run.loading import load_run_config
 
         run = load_run_config(write(d / "run.toml", RUN))
         store = Store(d / "store")

@@ -20,10 +20,10 @@ import pytest
 import torch
 
 from harness import LAUNCHER_VARS, untimed_rows
-from localsgd.engines.processes import PROCESSES
+from localsgd.engines.processes.engine import PROCESSES
 from localsgd.records import Store
-from localsgd.studies.runner import execute_run
-from localsgd.studies.schema import run_config
+from localsgd.run.config import run_config
+from localsgd.run.execute import execute_run
 
 pytestmark = [
     pytest.mark.timeout(600),

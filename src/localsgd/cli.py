@@ -19,7 +19,7 @@ from localsgd.records.store import DEFAULT_RUN_STORE
 
 if TYPE_CHECKING:
     from localsgd.emulation import EmulatedCluster
-    from localsgd.studies.schema import RunConfig
+    from localsgd.run.config import RunConfig
 
 app = typer.Typer(
     add_completion=False,
@@ -87,7 +87,7 @@ def _interrupted(what: str) -> typer.Exit:
 def _resumed_run(run_dir: Path, overrides: list[str]) -> tuple[RunConfig, Path]:
     """The run config and store of ``localsgd train --resume RUN_DIR``."""
     from localsgd.records.store import Store
-    from localsgd.studies.loading import load_run_config
+    from localsgd.run.loading import load_run_config
     from localsgd.util.checks import ConfigError
 
     if not (run_dir / "config.json").is_file():
@@ -135,7 +135,7 @@ def train(
     Exit code: 0 completed, 1 failed or diverged, 2 a bad config, store or option,
     130/143 stopped by SIGINT/SIGTERM (the run is left unfinished, resumable).
     """
-    from localsgd.studies.loading import load_run_config
+    from localsgd.run.loading import load_run_config
     from localsgd.util.checks import ConfigError
 
     try:
@@ -152,7 +152,7 @@ def train(
     except ConfigError as exc:
         raise _fail(str(exc)) from None
     if _inside_torchrun():
-        from localsgd import worker
+        from localsgd.run import worker
 
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
         argv = [str(config), "--out", str(out)]
@@ -162,9 +162,9 @@ def train(
     # The evaluations are printed from the record, whichever process trains the run.
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
     from localsgd import workloads
-    from localsgd.studies.checkpoints import verify
+    from localsgd.run.checkpoints import verify
+    from localsgd.run.execute import execute_run, open_run_store, preflight
     from localsgd.studies.progress import follow_rows, primary_value, row_line, run_label
-    from localsgd.studies.runner import execute_run, open_run_store, preflight
 
     run_id = run.run_id()
     try:
@@ -508,9 +508,10 @@ def emulate(
     inside its own network namespace, `-m localsgd.worker` on every run. Runs of one process
     (K = 1, the simulated engine) run here as usual; every other run must have K = N × G.
     Everything the emulation created is removed when it ends, also on failure or interrupt."""
-    from localsgd.studies.configs import load_toml
-    from localsgd.studies.loading import load_run_config, load_study
-    from localsgd.studies.runner import execute_run, open_run_store, preflight, run_study
+    from localsgd.run.execute import execute_run, open_run_store, preflight
+    from localsgd.run.loading import load_run_config, load_toml
+    from localsgd.studies.loading import load_study
+    from localsgd.studies.runner import run_study
     from localsgd.util.checks import ConfigError
 
     cluster = _emulated_cluster(nodes, procs_per_node, rate, burst)

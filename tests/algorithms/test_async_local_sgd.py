@@ -20,7 +20,7 @@ import localsgd
 from harness import run_world
 from localsgd import algorithms as A
 from localsgd.algorithms.async_server import STALENESS_LR, ParameterServer, ServerOptions
-from localsgd.studies.schema import run_config
+from localsgd.run.config import run_config
 from localsgd.util.checks import ConfigError
 from scenarios import batch, flat, loss_step, make_model
 
@@ -336,7 +336,7 @@ def run_config_for(workers: int, engine: str, **algorithm: Any) -> Any:
 
 def train_ranks(rank: int, world: int, folder: str, cache: str, algorithm: dict[str, Any]) -> Any:
     os.environ["XDG_CACHE_HOME"] = cache
-    from localsgd.studies.trainer import train
+    from localsgd.run.training import train
 
     run_dir = Path(folder) if rank == 0 else None
     if run_dir is not None:
@@ -348,7 +348,7 @@ def train_ranks(rank: int, world: int, folder: str, cache: str, algorithm: dict[
 
 
 def train_simulated(folder: Path, world: int, algorithm: dict[str, Any]) -> Any:
-    from localsgd.studies.trainer import train
+    from localsgd.run.training import train
 
     folder.mkdir()
     status = train(run_config_for(world, "simulated", **algorithm), folder, 0, 1)

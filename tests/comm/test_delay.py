@@ -15,7 +15,7 @@ import torch
 from harness import run_world
 from localsgd.comm.base import WORLD, Block
 from localsgd.costmodel import Cluster, Link, estimate_run
-from localsgd.studies.schema import run_config
+from localsgd.run.config import run_config
 from localsgd.util.checks import ConfigError
 
 pytestmark = pytest.mark.timeout(300)
@@ -74,7 +74,7 @@ def tiny_run(engine: str, workers: int, delay: dict[str, Any]) -> Any:
 
 def train_delayed(rank: int, world: int, folder: str, cache: str) -> Any:
     os.environ["XDG_CACHE_HOME"] = cache
-    from localsgd.studies.trainer import train
+    from localsgd.run.training import train
 
     run_dir = Path(folder) if rank == 0 else None
     return train(tiny_run("processes", world, {"world": 0.2}), run_dir, rank, world, "gloo")
@@ -83,7 +83,7 @@ def train_delayed(rank: int, world: int, folder: str, cache: str) -> Any:
 def test_a_runs_delay_reaches_the_process_engine_and_the_simulated_engine_records_it(tmp_path, monkeypatch):
     cache = str(tmp_path / "cache")
     monkeypatch.setenv("XDG_CACHE_HOME", cache)
-    from localsgd.studies.trainer import train
+    from localsgd.run.training import train
 
     (tmp_path / "s").mkdir()
     simulated = train(tiny_run("simulated", 4, {"world": 5.0}), tmp_path / "s", 0, 1)

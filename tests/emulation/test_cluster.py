@@ -29,8 +29,8 @@ from localsgd.costmodel import load_cluster
 from localsgd.emulation import EmulatedCluster, EmulatedNetwork, NetworkSpec, cleanup_stale, unavailable
 from localsgd.emulation.network import STATE_DIR, namespaces
 from localsgd.records import Store
-from localsgd.studies.runner import execute_run
-from localsgd.studies.schema import run_config
+from localsgd.run.config import run_config
+from localsgd.run.execute import execute_run
 
 WHY = unavailable()
 pytestmark = [pytest.mark.skipif(WHY is not None, reason=WHY or ""), pytest.mark.timeout(600)]

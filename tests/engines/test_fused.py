@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from localsgd.engines.fused import FusedGradients, unsupported
-from localsgd.engines.simulated import ReplicaGradients, StackedModel
+from localsgd.engines.simulated.engine import ReplicaGradients, StackedModel
+from localsgd.engines.simulated.fused import FusedGradients, unsupported
 from localsgd.workloads.mnist1d import ConvNet1D
 
 

@@ -14,8 +14,8 @@ import torch
 
 from harness import run_world
 from localsgd import workloads
-from localsgd.studies.schema import run_config
-from localsgd.studies.trainer import train
+from localsgd.run.config import run_config
+from localsgd.run.training import train
 from localsgd.util.checks import ConfigError
 
 pytestmark = pytest.mark.timeout(600)
@@ -224,7 +224,7 @@ def test_restarts_and_trials_are_refused_where_workers_step_alone():
     """Restarts resume from a mid-run checkpoint, taken at a step every worker reached:
     workers that never wait for one another have none. Trials batched together are worlds
     of their own, which one parameter server's schedule or worker speeds are not."""
-    from localsgd.studies.trials import batch_key
+    from localsgd.run.trials import batch_key
 
     message = r"train.max_restarts = 1: asynchronous algorithms and the hogwild engine take no mid-run"
     with pytest.raises(ConfigError, match=message):

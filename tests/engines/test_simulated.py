@@ -14,14 +14,14 @@ from torch import nn
 import localsgd
 from harness import run_world
 from localsgd import algorithms as A
-from localsgd.engines.simulated import (
+from localsgd.engines.simulated.engine import (
     ReplicaGradients,
     SimulatedCommunicator,
     StackedModel,
     check_elementwise,
     replica_span,
 )
-from localsgd.studies.schema import run_config
+from localsgd.run.config import run_config
 from scenarios import FAST, fast_spec
 
 pytestmark = pytest.mark.timeout(600)
@@ -64,7 +64,7 @@ def config(name: str, workers: int, engine: str, data: Mapping[str, Any]) -> Any
 
 def run_processes(rank: int, world: int, folder: str, cache: str, data: dict[str, Any]) -> dict[str, Any]:
     os.environ["XDG_CACHE_HOME"] = cache
-    from localsgd.studies.trainer import train
+    from localsgd.run.training import train
 
     out = {}
     for name in ALGORITHMS:
@@ -79,7 +79,7 @@ def run_processes(rank: int, world: int, folder: str, cache: str, data: dict[str
 
 
 def run_simulated(tmp_path: Path, world: int, data: dict[str, Any]) -> dict[str, Any]:
-    from localsgd.studies.trainer import train
+    from localsgd.run.training import train
 
     out = {}
     for name in ALGORITHMS:
@@ -229,7 +229,7 @@ def test_non_elementwise_optimizers_are_refused():
 
 def test_k256_cnn_trains_in_one_process(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    from localsgd.studies.trainer import train
+    from localsgd.run.training import train
 
     cfg = run_config(
         {
@@ -269,7 +269,7 @@ def test_simulated_algorithm_api_unchanged():
 
 def test_one_simulated_replica_is_one_process(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    from localsgd.studies.trainer import train
+    from localsgd.run.training import train
 
     models = {}
     for engine in ("processes", "simulated"):

@@ -15,9 +15,9 @@ import torch
 from localsgd import algorithms as A
 from localsgd import workloads
 from localsgd.algorithms.async_server import ParameterServer, ServerOptions
-from localsgd.engines.simulated_async import COMPUTE, READY, EventLoop, SimulatedOptions, plan
-from localsgd.studies.schema import run_config
-from localsgd.studies.trainer import train
+from localsgd.engines.simulated.asynchrony import COMPUTE, READY, EventLoop, SimulatedOptions, plan
+from localsgd.run.config import run_config
+from localsgd.run.training import train
 from localsgd.util.checks import ConfigError
 
 pytestmark = pytest.mark.timeout(600)

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from localsgd.records import Store
-from localsgd.studies.schema import RunConfig
+from localsgd.run.config import RunConfig
 from report.records import write_run
 
 STEPS = (0, 50, 100, 150, 200)

@@ -17,9 +17,9 @@ from localsgd.report import make_report
 from localsgd.report.asynchrony import quantile
 from localsgd.report.estimates import estimate
 from localsgd.report.tables import load, summary_table
+from localsgd.run.config import run_config
 from localsgd.studies.grid import Study, StudySection
 from localsgd.studies.runner import run_study
-from localsgd.studies.schema import run_config
 
 pytestmark = pytest.mark.timeout(600)
 

@@ -7,7 +7,7 @@ from pathlib import Path
 from localsgd.records import Store
 from localsgd.report import hk_plots
 from localsgd.report.tables import load, summary_table
-from localsgd.studies.schema import RunConfig
+from localsgd.run.config import RunConfig
 from localsgd.workloads import ACCURACY
 from report.records import write_run
 

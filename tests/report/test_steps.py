@@ -11,7 +11,7 @@ import pytest
 from localsgd.records import Store
 from localsgd.report.steps import goals, regimes, steps_table
 from localsgd.report.tables import load
-from localsgd.studies.schema import RunConfig
+from localsgd.run.config import RunConfig
 from report.records import write_run
 
 TARGET = 0.8

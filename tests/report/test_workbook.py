@@ -11,7 +11,7 @@ import pytest
 from localsgd.records import Store
 from localsgd.report import workbook
 from localsgd.report.tables import load
-from localsgd.studies.schema import OPTIMIZERS, SCHEDULES, RunConfig
+from localsgd.run.config import OPTIMIZERS, SCHEDULES, RunConfig
 from localsgd.util.nest import flatten
 from report.records import write_run
 from report.stores import build_estimate_store, config_of, rows_of, run_id_of

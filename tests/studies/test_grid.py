@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from localsgd.studies.configs import ConfigError
+from localsgd.run.loading import ConfigError
 from localsgd.studies.loading import load_study
 from studies.grids import STUDY, write
 

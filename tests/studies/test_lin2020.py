@@ -12,10 +12,10 @@ from typing import Any
 import pytest
 
 from localsgd.records import Store
+from localsgd.run.config import RunConfig, run_config
 from localsgd.studies.grid import Study
 from localsgd.studies.loading import load_study
 from localsgd.studies.runner import run_study
-from localsgd.studies.schema import RunConfig, run_config
 from workloads.test_cifar10 import _files, _folder
 
 pytestmark = pytest.mark.timeout(600)

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 
 from localsgd.records import RECORD_VERSION, ErrorInfo, MetricsRow, RunWriter, Status, Store
+from localsgd.run.config import RunConfig, run_config
 from localsgd.studies.loading import load_study
 from localsgd.studies.progress import StudyProgress, duration, follow_rows, row_line
 from localsgd.studies.runner import run_study
-from localsgd.studies.schema import RunConfig, run_config
 from localsgd.workloads.base import ACCURACY
 from studies.grids import write
 

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from localsgd.records import Store
-from localsgd.studies.schema import RunConfig
+from localsgd.run.config import RunConfig
 from report.records import write_run
 
 SCRIPT = Path(__file__).resolve().parents[2] / "studies" / "reproductions.py"

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from localsgd.records import RECORD_VERSION, MetricsRow, RunWriter, Status, Store
+from localsgd.run.config import RunConfig
 from localsgd.studies.loading import load_study
 from localsgd.studies.runner import run_study
-from localsgd.studies.schema import RunConfig
 from studies.grids import STUDY, write
 
 
@@ -66,8 +66,8 @@ def test_rerunning_from_the_stores_own_study_copy(tmp_path):
 
 
 def test_parallel_runs_that_would_oversubscribe_the_cores_are_refused():
-    from localsgd.studies.runner import check_parallel
-    from localsgd.studies.schema import run_config
+    from localsgd.run.config import run_config
+    from localsgd.studies.executors.local import check_parallel
     from localsgd.util.checks import ConfigError
 
     runs = [run_config({"workers": 1}), run_config({"workers": 4, "threads": 2}), run_config({"workers": 2})]
@@ -91,8 +91,8 @@ def test_parallel_runs_that_would_oversubscribe_the_cores_are_refused():
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has a CUDA device")
 def test_cuda_without_a_device_is_refused_before_any_record(tmp_path):
-    from localsgd.studies.runner import preflight
-    from localsgd.studies.schema import run_config
+    from localsgd.run.config import run_config
+    from localsgd.run.execute import preflight
     from localsgd.util.checks import ConfigError
 
     run = run_config(

@@ -7,7 +7,7 @@ import math
 import pytest
 from scipy.stats import qmc
 
-from localsgd.studies.configs import ConfigError
+from localsgd.run.loading import ConfigError
 from localsgd.studies.loading import load_study
 from localsgd.studies.runner import run_study
 from localsgd.studies.search import parse

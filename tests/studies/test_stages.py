@@ -13,9 +13,10 @@ import pytest
 
 from localsgd.records.record import ErrorInfo
 from localsgd.records.store import Store
+from localsgd.run.execute import execute_run
 from localsgd.studies import stages
 from localsgd.studies.loading import load_study
-from localsgd.studies.runner import execute_run, run_study
+from localsgd.studies.runner import run_study
 from localsgd.util.checks import ConfigError
 
 pytest.importorskip("transformers")

@@ -40,7 +40,7 @@ def recipe_config(recipe: dict) -> dict:
 def test_recipes_are_valid_run_configs_and_private_copies(
     cnn: workloads.Workload, cifar: workloads.Workload
 ) -> None:
-    from localsgd.studies.schema import run_config
+    from localsgd.run.config import run_config
 
     for wl in (cnn, cifar):
         config = run_config(recipe_config(wl.recipe))

@@ -47,7 +47,7 @@ def finetune(wl: Any, steps: int, lr: float, batch: int = 32) -> torch.nn.Module
 
 def test_import_localsgd_imports_no_text_stack():
     code = (
-        "import sys, localsgd, localsgd.workloads, localsgd.studies.schema\n"
+        "import sys, localsgd, localsgd.workloads, localsgd.run.config\n"
         "heavy = [m for m in sys.modules if m.split('.')[0] in ('transformers', 'accelerate', 'tokenizers', 'datasets')]\n"
         "assert not heavy, heavy\n"
         "assert {'mnli', 'squad', 'mlm', 'classification'} <= set(localsgd.workloads.names())\n"

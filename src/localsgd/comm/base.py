@@ -4,7 +4,7 @@ Algorithms only ever call :meth:`Communicator.average` and :meth:`Communicator.b
 and asynchronous ones :meth:`~Communicator.serve`, :meth:`~Communicator.push` and
 :meth:`~Communicator.pull` (a parameter server). An engine supplies the implementation:
 real process groups (:class:`~localsgd.comm.process_group.ProcessGroupCommunicator`) or the
-simulated engine's (:class:`~localsgd.engines.simulated.SimulatedCommunicator`), which holds
+simulated engine's (:class:`~localsgd.engines.simulated.engine.SimulatedCommunicator`), which holds
 every replica stacked in one process. Both count the same things.
 """
 

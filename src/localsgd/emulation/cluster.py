@@ -31,7 +31,7 @@ from types import TracebackType
 
 from localsgd.emulation.network import EmulatedNetwork, NetworkSpec, kill_all, signals_ignored, signals_raise
 from localsgd.engines.base import Job, WorkerFailure
-from localsgd.engines.launch import root_error, tail
+from localsgd.engines.launching.launch import root_error, tail
 from localsgd.records.record import ErrorInfo
 from localsgd.util.files import write_json_atomic
 

@@ -74,7 +74,7 @@ class Job:
 
 class Session(Protocol):
     """Runs jobs one after another, keeping what it can between them (worker processes
-    with their process group and data: see :mod:`localsgd.engines.pool`). A study opens
+    with their process group and data: see :mod:`localsgd.engines.launching.pool`). A study opens
     one per engine (and per parallel slot) and closes it at the end; closing it stops
     every process it started."""
 

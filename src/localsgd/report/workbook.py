@@ -26,7 +26,7 @@ from localsgd.report.tables import VALIDATION
 from localsgd.util.files import atomic_path
 
 # The run config holds every field of its tables, whichever of them the run uses; these
-# apply only when another key has one of the given values (studies/schema.py; a test
+# apply only when another key has one of the given values (run/config.py; a test
 # keeps the two in step).
 APPLIES_WHEN: dict[str, tuple[str, tuple[Any, ...]]] = {
     "optimizer.momentum": ("optimizer.name", ("sgd",)),

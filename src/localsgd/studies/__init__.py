@@ -1,1 +1,1 @@
-"""Studies: run configs, the training loop, sweeps over grids, and the results store."""
+"""Studies: grids of runs, searches, studies in stages, running a study and its progress."""

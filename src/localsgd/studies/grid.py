@@ -40,9 +40,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from localsgd.run.config import RunConfig, normalize, run_config
+from localsgd.run.loading import apply_overrides, parse_override
 from localsgd.studies import search
-from localsgd.studies.configs import apply_overrides, parse_override
-from localsgd.studies.schema import RunConfig, normalize, run_config
 from localsgd.util.checks import ConfigError, check_name, from_dict
 from localsgd.util.nest import deep_copy, flatten, set_dotted
 

@@ -35,7 +35,7 @@ from rich.text import Text
 
 from localsgd.records.record import Metric, MetricsRow, RecordError, Status, read_metrics
 from localsgd.report.labels import variant_label
-from localsgd.studies.schema import RunConfig
+from localsgd.run.config import RunConfig
 from localsgd.util.nest import flatten
 
 

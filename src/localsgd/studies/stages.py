@@ -49,8 +49,8 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from localsgd.records.store import Store
+from localsgd.run.config import RunConfig, run_config
 from localsgd.studies.grid import Stage, Study, StudySection, expand_blocks
-from localsgd.studies.schema import RunConfig, run_config
 from localsgd.util.checks import ConfigError, check_name, from_dict
 from localsgd.workloads.text.export import exported_model
 

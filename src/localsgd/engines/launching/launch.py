@@ -2,7 +2,7 @@
 environment, a launch supervised to its end, and the error files through which a worker
 reports its own exception.
 
-Launchers run torch's elastic launcher through :mod:`localsgd.engines.elastic`: its stores
+Launchers run torch's elastic launcher through :mod:`localsgd.engines.launching.elastic`: its stores
 listen on loopback alone (and gloo's sockets, through ``GLOO_SOCKET_IFNAME``), it runs in a
 session of its own (a terminal's Ctrl-C reaches the controller alone, which stops it in
 order), and it exits when the process that started it does, SIGKILL included; its workers
@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from localsgd.engines.base import Job, WorkerFailure
-from localsgd.engines.heartbeat import HEARTBEATS, HeartbeatWatch
+from localsgd.engines.launching.heartbeat import HEARTBEATS, HeartbeatWatch
 from localsgd.records.record import ErrorInfo, RecordError, from_json, read_json
 from localsgd.util.files import write_json_atomic
 from localsgd.util.lifetime import DEFAULT_TIMEOUT_SECONDS, ParentTie
@@ -41,7 +41,7 @@ if TYPE_CHECKING:
 ERRORS = "errors"
 WORKER_MODULE = "localsgd.worker"
 """The worker entry point every launch path starts (``python -m localsgd.worker``)."""
-LAUNCHER_MODULE = "localsgd.engines.elastic"
+LAUNCHER_MODULE = "localsgd.engines.launching.elastic"
 """torch's elastic launcher, bound to one address and tied to its parent (run, not imported)."""
 LOOPBACK = "127.0.0.1"
 STOP_GRACE = 15.0
@@ -58,7 +58,7 @@ def torchrun_command(
     watch_fd: int | None = None,
     bind: str = LOOPBACK,
 ) -> list[str]:
-    """One machine's launcher: torch's elastic launcher (:mod:`localsgd.engines.elastic`)
+    """One machine's launcher: torch's elastic launcher (:mod:`localsgd.engines.launching.elastic`)
     with ``processes`` workers running ``program``, a rendezvous on a free port of ``bind``,
     ``max_restarts`` restarts of the group, ``timeout`` seconds for the rendezvous, and
     (``watch_fd``) tied to this process."""
@@ -182,7 +182,7 @@ def launch_run(job: Job, processes: int) -> None:
     """Run ``job`` on ``processes`` worker processes of its own under torch's elastic
     launcher (``job.max_restarts`` restarts of the group) and wait for the end; raise
     :class:`WorkerFailure` with the root error when it fails, ``job.timeout`` passes or a
-    worker stops answering (:class:`~localsgd.engines.heartbeat.HeartbeatWatch`). An
+    worker stops answering (:class:`~localsgd.engines.launching.heartbeat.HeartbeatWatch`). An
     interruption (KeyboardInterrupt) stops the workers before it propagates."""
     folder = job.run_dir
     program = ["-m", WORKER_MODULE, str(folder / "config.json"), "--run-dir", str(folder)]

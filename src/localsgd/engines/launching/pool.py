@@ -42,8 +42,8 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from localsgd.engines.base import Cancelled, Engine, Job, WorkerFailure
-from localsgd.engines.heartbeat import HeartbeatWatch
-from localsgd.engines.launch import (
+from localsgd.engines.launching.heartbeat import HeartbeatWatch
+from localsgd.engines.launching.launch import (
     STOP_GRACE,
     WORKER_MODULE,
     Launched,
@@ -98,7 +98,7 @@ class WorkerPool:
     Started on its first run. ``threads``: intra-op threads per process (``OMP_NUM_THREADS``);
     ``device``: the runs' device setting, which fixes the backend of the process group;
     ``timeout``: the process group's timeout (``train.timeout_seconds``), also how long a
-    worker may stay silent (:mod:`~localsgd.engines.heartbeat`) before its run fails.
+    worker may stay silent (:mod:`~localsgd.engines.launching.heartbeat`) before its run fails.
     """
 
     def __init__(

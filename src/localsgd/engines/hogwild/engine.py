@@ -2,7 +2,7 @@
 (Niu et al. 2011, "Hogwild!"; PyTorch's ``mnist_hogwild`` example).
 
 Each device has a *leader*, a torch.distributed rank that runs the shared training loop
-(``localsgd.studies.trainer``) and the run's algorithm across devices (over the D leaders;
+(``localsgd.run.training``) and the run's algorithm across devices (over the D leaders;
 a world of one on one device). When training starts the leader puts its model in shared
 memory (``share_memory()``; on CUDA the model stays on the device and reaches the other
 processes through CUDA IPC, which ``torch.multiprocessing`` uses for CUDA tensors) and
@@ -33,8 +33,8 @@ from torch import nn
 from localsgd import workloads
 from localsgd.comm.base import Communicator
 from localsgd.engines.base import Job, Replicas, Session, register
-from localsgd.engines.launch import launch_run
-from localsgd.engines.pool import LocalSession
+from localsgd.engines.launching.launch import launch_run
+from localsgd.engines.launching.pool import LocalSession
 from localsgd.records.record import EngineInfo
 from localsgd.util.checks import ConfigError, check_int, from_dict
 

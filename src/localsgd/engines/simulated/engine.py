@@ -1,10 +1,10 @@
 """The simulated engine: K replicas batched in one process, with the semantics of K processes.
 
-The replicas are stacked (:mod:`localsgd.engines.stacked`): every parameter and buffer
+The replicas are stacked (:mod:`localsgd.engines.simulated.stacked`): every parameter and buffer
 along a leading replica dimension, gradients of all replicas at once (fused stacked layers
 or ``vmap``), one optimizer over the stacked tensors, and a communicator whose ``average``
 is a mean over the replica dimension. Runs that differ only in optimizer settings train
-together as trials (:mod:`localsgd.engines.trials`).
+together as trials (:mod:`localsgd.engines.simulated.trials`).
 """
 
 from __future__ import annotations
@@ -19,21 +19,18 @@ from torch import nn
 from localsgd import workloads
 from localsgd.comm.base import Communicator
 from localsgd.engines.base import Job, Replicas, Session, register
-from localsgd.engines.launch import launch_run
-from localsgd.engines.pool import LocalSession
-from localsgd.engines.simulated_async import Asynchrony, SimulatedOptions, simulated_options
-from localsgd.engines.stacked import (
+from localsgd.engines.launching.launch import launch_run
+from localsgd.engines.launching.pool import LocalSession
+from localsgd.engines.simulated.asynchrony import Asynchrony, SimulatedOptions, simulated_options
+from localsgd.engines.simulated.communicator import (
     ELEMENTWISE_OPTIMIZERS,
-    LossFn,
-    ReplicaGradients,
     SimulatedCommunicator,
-    StackedModel,
     check_elementwise,
-    explicit_batchnorm,
-    replica_details,
     replica_span,
 )
-from localsgd.engines.trials import TrialReplicas
+from localsgd.engines.simulated.gradients import ReplicaGradients, replica_details
+from localsgd.engines.simulated.stacked import LossFn, StackedModel, explicit_batchnorm
+from localsgd.engines.simulated.trials import TrialReplicas
 from localsgd.records.record import EngineInfo
 from localsgd.util.nest import zip_nests
 
@@ -102,7 +99,7 @@ class SimulatedEngine:
         delay: Mapping[str, float] | None = None,
     ) -> Any:
         """R trials of ``workers`` replicas each in this process, one per model and seed
-        (:class:`~localsgd.engines.trials.TrialReplicas`)."""
+        (:class:`~localsgd.engines.simulated.trials.TrialReplicas`)."""
         return TrialReplicas(workload, models, workers, seeds, device, delay)
 
 

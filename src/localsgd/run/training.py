@@ -37,10 +37,10 @@ from localsgd.records.record import (
     now,
 )
 from localsgd.records.store import CHECKPOINTS
-from localsgd.studies import recipes
-from localsgd.studies.checkpoints import Checkpoints, rng_state, rows_from_state, rows_state, set_rng_state
-from localsgd.studies.precision import with_precision
-from localsgd.studies.schema import RunConfig
+from localsgd.run import recipes
+from localsgd.run.checkpoints import Checkpoints, rng_state, rows_from_state, rows_state, set_rng_state
+from localsgd.run.config import RunConfig
+from localsgd.run.precision import with_precision
 from localsgd.util.checks import ConfigError
 
 log = logging.getLogger(__name__)
@@ -102,7 +102,7 @@ def train(
     ranks pass None). ``workload`` is the built workload when the caller has it already.
     ``checkpoints``: this run's checkpoint folder, which every rank must reach (default:
     ``run_dir/checkpoints``); a checkpoint found there is resumed from
-    (:mod:`localsgd.studies.checkpoints`).
+    (:mod:`localsgd.run.checkpoints`).
 
     Returns the status (also written as ``status.json``). Errors are recorded as failed
     and re-raised; divergence is recorded as ``diverged`` and returned; an interruption

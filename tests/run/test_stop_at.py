@@ -6,8 +6,8 @@ import pytest
 
 from localsgd import engines
 from localsgd.records import Store
-from localsgd.studies.runner import execute_run, preflight
-from localsgd.studies.schema import run_config
+from localsgd.run.config import run_config
+from localsgd.run.execute import execute_run, preflight
 from localsgd.util.checks import ConfigError
 
 
@@ -83,8 +83,8 @@ def test_stop_at_errors_name_the_key(tmp_path, monkeypatch):
 def test_batched_trials_stop_each_at_its_own_crossing(tmp_path, monkeypatch):
     import json
 
-    from localsgd.studies.trials import train_trials
-    from studies.test_trials import TRIALS
+    from localsgd.run.trials import train_trials
+    from run.test_trials import TRIALS
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
 

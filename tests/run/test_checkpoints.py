@@ -12,9 +12,9 @@ import torch
 from harness import untimed_rows
 from localsgd import algorithms, workloads
 from localsgd.records import Store
-from localsgd.studies.checkpoints import CheckpointError, verify
-from localsgd.studies.runner import execute_run
-from localsgd.studies.schema import run_config
+from localsgd.run.checkpoints import CheckpointError, verify
+from localsgd.run.config import run_config
+from localsgd.run.execute import execute_run
 from scenarios import fast_spec
 
 

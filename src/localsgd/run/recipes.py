@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from localsgd.studies.schema import OptimizerConfig, ScheduleConfig
+from localsgd.run.config import OptimizerConfig, ScheduleConfig
 
 
 def build_optimizer(

@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from localsgd.studies import recipes
-from localsgd.studies.schema import ScheduleConfig, run_config
+from localsgd.run import recipes
+from localsgd.run.config import ScheduleConfig, run_config
 
 
 def test_learning_rate_schedules():
@@ -173,7 +173,7 @@ def test_a_small_global_batch_takes_no_backwards_warmup_and_says_so(tmp_path, mo
     # "warmed up" from lr down to it; now the recorded rate never exceeds the post-warmup rate.
     from localsgd import engines
     from localsgd.records import Store
-    from localsgd.studies.runner import execute_run
+    from localsgd.run.execute import execute_run
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     config = run_config(

@@ -17,7 +17,9 @@ import torch
 from torch import nn
 
 from localsgd import workloads
-from localsgd.engines.stacked import ReplicaGradients, SimulatedCommunicator, StackedModel, replica_details
+from localsgd.engines.simulated.communicator import SimulatedCommunicator
+from localsgd.engines.simulated.gradients import ReplicaGradients, replica_details
+from localsgd.engines.simulated.stacked import StackedModel
 from localsgd.util.nest import zip_nests
 
 

@@ -2,10 +2,10 @@
 
 A run on its own (:meth:`ProcessesEngine.execute`) starts its K > 1 workers (or K = 1 with
 ``train.max_restarts`` > 0) under torch's elastic launcher, ``-m localsgd.worker CONFIG
---run-dir DIR`` (:func:`~localsgd.engines.launch.launch_run`); the same worker entry point
+--run-dir DIR`` (:func:`~localsgd.engines.launching.launch.launch_run`); the same worker entry point
 serves a hand-run ``torchrun`` and multi-node runs. A study runs
 through a :meth:`~ProcessesEngine.session`, whose worker pools stay up from one run to the
-next (:mod:`localsgd.engines.pool`). One worker trains in the calling process. A worker
+next (:mod:`localsgd.engines.launching.pool`). One worker trains in the calling process. A worker
 that fails writes its own exception to ``DIR/errors/rank<r>.json``; the first one is the
 run's root cause, raised as :class:`~localsgd.engines.base.WorkerFailure` instead of the
 launcher's summary.
@@ -23,9 +23,9 @@ from torch import nn
 from localsgd import workloads
 from localsgd.comm.base import Communicator
 from localsgd.engines.base import Job, Replicas, Session, no_options, register
-from localsgd.engines.launch import launch_run, root_error
-from localsgd.engines.launch import write_worker_error as write_worker_error
-from localsgd.engines.pool import LocalSession
+from localsgd.engines.launching.launch import launch_run, root_error
+from localsgd.engines.launching.launch import write_worker_error as write_worker_error
+from localsgd.engines.launching.pool import LocalSession
 from localsgd.records.record import EngineInfo
 
 

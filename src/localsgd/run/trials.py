@@ -29,9 +29,9 @@ from localsgd import algorithms, engines, workloads
 from localsgd.distributed import resolve_device
 from localsgd.records.record import ErrorInfo, RunWriter, Status, failed_status
 from localsgd.records.store import Store
-from localsgd.studies import recipes
-from localsgd.studies.schema import RunConfig
-from localsgd.studies.trainer import (
+from localsgd.run import recipes
+from localsgd.run.config import RunConfig
+from localsgd.run.training import (
     completed_status,
     environment,
     log_row,
@@ -112,7 +112,7 @@ def train_trials(
     workload: workloads.Workload | None = None,
 ) -> list[Status]:
     """Train ``configs`` together, writing each one's record into its ``run_dirs`` entry,
-    as :func:`~localsgd.studies.trainer.train` writes one run's. A trial whose loss
+    as :func:`~localsgd.run.training.train` writes one run's. A trial whose loss
     diverges is recorded as ``diverged`` and the others go on."""
     if not configs or len(configs) != len(run_dirs):
         raise ValueError(f"one run folder per config: {len(configs)} configs, {len(run_dirs)} folders")
@@ -150,7 +150,7 @@ def _train(
     statuses: list[Status | None],
 ) -> None:
     import localsgd
-    from localsgd.engines.trials import ReplicaSGD
+    from localsgd.engines.simulated.trials import ReplicaSGD
 
     first = configs[0]
     engine = engines.get(first.engine)

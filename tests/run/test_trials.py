@@ -8,13 +8,13 @@ from typing import Any
 import pytest
 import torch
 
-from localsgd.engines.trials import ReplicaSGD
+from localsgd.engines.simulated.trials import ReplicaSGD
 from localsgd.records.store import Store
+from localsgd.run.config import run_config
+from localsgd.run.training import train
+from localsgd.run.trials import batch_key, batches, train_trials
 from localsgd.studies.grid import Study, StudySection
 from localsgd.studies.runner import run_study
-from localsgd.studies.schema import run_config
-from localsgd.studies.trainer import train
-from localsgd.studies.trials import batch_key, batches, train_trials
 from localsgd.util.checks import ConfigError
 
 pytestmark = pytest.mark.timeout(600)

@@ -6,9 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from localsgd.studies.configs import apply_overrides
-from localsgd.studies.loading import load_run_config
-from localsgd.studies.schema import run_config
+from localsgd.run.config import run_config
+from localsgd.run.loading import apply_overrides, load_run_config
 from localsgd.util.checks import ConfigError
 
 

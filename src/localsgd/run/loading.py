@@ -7,12 +7,14 @@ field's type.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import tomllib
 
+from localsgd.run.config import RunConfig, run_config
 from localsgd.util.checks import ConfigError
 from localsgd.util.nest import deep_copy
 
@@ -70,3 +72,23 @@ def apply_overrides(data: Mapping[str, Any], overrides: Sequence[str]) -> dict[s
             node = child
         node[path[-1]] = value
     return out
+
+
+def load_run_config(path: str | Path, overrides: Sequence[str] = ()) -> RunConfig:
+    """A run config from ``path`` (``.toml``, or ``.json``: a run record's ``config.json``
+    or a plain config) with ``--set`` overrides."""
+    p = Path(path)
+    if p.suffix == ".json":
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} does not exist")
+        try:
+            data = json.loads(p.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"config file {str(p)!r} is not valid JSON: {exc}") from None
+        if isinstance(data, dict) and {"version", "run_id", "config"} <= set(data):
+            data = data["config"]  # a run record's snapshot
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {str(p)!r} must hold a JSON object, got {type(data).__name__}")
+    else:
+        data = load_toml(p)
+    return run_config(apply_overrides(data, overrides))

@@ -22,7 +22,6 @@ run's ``threads``).
 from __future__ import annotations
 
 import contextlib
-import importlib
 import math
 import os
 import shutil
@@ -35,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from localsgd.engines.base import Cancelled, Engine, Job, WorkerFailure
-from localsgd.engines.launch import WORKER_MODULE, loopback_interface, root_error
+from localsgd.engines.launching.launch import loopback_interface, root_error
 from localsgd.records.record import ErrorInfo, read_json
 from localsgd.util.checks import ConfigError
 from localsgd.util.files import write_json_atomic
@@ -199,7 +198,8 @@ def run_task(run_dir: str, env: Mapping[str, str]) -> int:
             LOCAL_WORLD_SIZE=str(task.num_tasks // task.num_nodes),
             GROUP_RANK=str(task.node),
         )
-    worker = importlib.import_module(WORKER_MODULE)
+    from localsgd.run import worker  # here: the submitting process never needs it
+
     code = int(worker.main([str(folder / "config.json"), "--run-dir", str(folder)]))
     if code != 0:
         raise RuntimeError(f"the worker of rank {task.global_rank} exited with code {code}")

@@ -2,7 +2,7 @@
 
 ::
 
-    python -m localsgd.engines.elastic [--bind ADDR] [--watch-fd FD] TORCHRUN_ARGS...
+    python -m localsgd.engines.launching.elastic [--bind ADDR] [--watch-fd FD] TORCHRUN_ARGS...
 
 torchrun's TCP stores (the rendezvous store, and the store its workers share) listen on
 every interface of the machine, unauthenticated, whatever address they are given. This

@@ -9,8 +9,8 @@ import math
 
 import pytest
 
-from localsgd.studies.schema import run_config
-from localsgd.studies.trainer import train
+from localsgd.run.config import run_config
+from localsgd.run.training import train
 from textdata import text_spec
 
 pytest.importorskip("transformers")
