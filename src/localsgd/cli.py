@@ -135,20 +135,10 @@ def train(
     Exit code: 0 completed, 1 failed or diverged, 2 a bad config, store or option,
     130/143 stopped by SIGINT/SIGTERM (the run is left unfinished, resumable).
     """
-    from localsgd.run.loading import load_run_config
     from localsgd.util.checks import ConfigError
 
     try:
-        if resume is not None:
-            if config is not None:
-                raise ConfigError("give a run config or --resume RUN_DIR, not both")
-            if _inside_torchrun():
-                raise ConfigError("--resume runs its own workers: start it without torchrun")
-            run, out = _resumed_run(resume, overrides or [])
-        elif config is None:
-            raise ConfigError("a run config is required (or --resume RUN_DIR)")
-        else:
-            run = load_run_config(config, overrides or [])
+        run, out = _train_config(config, out, overrides or [], resume)
     except ConfigError as exc:
         raise _fail(str(exc)) from None
     if _inside_torchrun():
@@ -191,6 +181,30 @@ def train(
         raise _fail(str(exc)) from None
     except KeyboardInterrupt:
         raise _interrupted(f"run {run_id}") from None
+    _print_result(store, run_id, status, primary_value, metric)
+
+
+def _train_config(
+    config: Path | None, out: Path, overrides: list[str], resume: Path | None
+) -> tuple[Any, Path]:
+    """``localsgd train``'s run and store: from ``config`` with ``--set`` overrides, or the
+    run left in the folder ``--resume`` names (with its store); ``ConfigError`` otherwise."""
+    from localsgd.run.loading import load_run_config
+    from localsgd.util.checks import ConfigError
+
+    if resume is not None:
+        if config is not None:
+            raise ConfigError("give a run config or --resume RUN_DIR, not both")
+        if _inside_torchrun():
+            raise ConfigError("--resume runs its own workers: start it without torchrun")
+        return _resumed_run(resume, overrides)
+    if config is None:
+        raise ConfigError("a run config is required (or --resume RUN_DIR)")
+    return load_run_config(config, overrides), out
+
+
+def _print_result(store: Any, run_id: str, status: str, primary_value: Any, metric: Any) -> None:
+    """The run's outcome as ``localsgd train`` prints it; exit code 1 unless it completed."""
     info = store.final_status(run_id)
     steps = f" after {info.steps} steps ({info.wall_seconds:.1f} s of training)" if info else ""
     typer.echo(f"{status}: {primary_value(info, metric)}{steps}")

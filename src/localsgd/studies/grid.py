@@ -227,23 +227,31 @@ def expand(base: Mapping[str, Any], grid: Mapping[str, Any], where: str, study: 
         tree = deep_copy(base)
         tree.setdefault("name", study)
         for path, value in [*settings.items(), *zip(axes, point)]:
-            if path == "algorithm" and not isinstance(value, Mapping):
-                raise ConfigError(
-                    f'{where}.algorithm values must be tables like {{name = "local_sgd", period = 8}}, got {value!r}'
-                )
-            if path == "workload" and isinstance(value, str):
-                path = "workload.name"  # a name keeps the workload options of [base]
-            set_dotted(tree, path, deep_copy(value) if isinstance(value, Mapping) else value)
+            _set_point(tree, path, value, where)
         if global_batch is not None:
-            workers = tree.get("workers", 1)
-            if not isinstance(workers, int) or global_batch % workers:
-                raise ConfigError(
-                    f"{where}.global_batch = {global_batch} is not divisible by workers = {workers!r}"
-                )
-            set_dotted(tree, "data.batch_size", global_batch // workers)
-            tree["fixed"] = "global_batch"
+            _fix_global_batch(tree, global_batch, where)
         try:
             runs.append(run_config(tree))
         except ConfigError as exc:
             raise ConfigError(f"{where}: {exc}") from None
     return runs
+
+
+def _set_point(tree: dict[str, Any], path: str, value: Any, where: str) -> None:
+    """One key of a grid point set into a run's config tree."""
+    if path == "algorithm" and not isinstance(value, Mapping):
+        raise ConfigError(
+            f'{where}.algorithm values must be tables like {{name = "local_sgd", period = 8}}, got {value!r}'
+        )
+    if path == "workload" and isinstance(value, str):
+        path = "workload.name"  # a name keeps the workload options of [base]
+    set_dotted(tree, path, deep_copy(value) if isinstance(value, Mapping) else value)
+
+
+def _fix_global_batch(tree: dict[str, Any], global_batch: int, where: str) -> None:
+    """``global_batch`` held fixed: each worker's batch is its share of it."""
+    workers = tree.get("workers", 1)
+    if not isinstance(workers, int) or global_batch % workers:
+        raise ConfigError(f"{where}.global_batch = {global_batch} is not divisible by workers = {workers!r}")
+    set_dotted(tree, "data.batch_size", global_batch // workers)
+    tree["fixed"] = "global_batch"

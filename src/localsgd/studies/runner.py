@@ -18,7 +18,6 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -29,7 +28,7 @@ from localsgd.records.store import FINISHED, Store
 from localsgd.run.config import RunConfig
 from localsgd.run.execute import check_store_folder, execute_run, preflight
 from localsgd.run.trials import DEFAULT_BATCH, batches, execute_trials
-from localsgd.studies.executors.local import Sessions, check_parallel
+from localsgd.studies.executors.local import Sessions, check_parallel, run_slots
 from localsgd.studies.grid import Study
 from localsgd.util.checks import ConfigError, check_output_folder
 
@@ -221,31 +220,45 @@ def _run_study(
     if parallel is None:
         parallel = 1 if here else max(1, len(todo))
     check_parallel(todo, parallel, oversubscribe=oversubscribe or not here)
+    options = dict(executor_options or {})
     if executor == "slurm":
         from localsgd.studies.executors.slurm import SlurmSession
 
-        options = dict(executor_options or {})
         SlurmSession.check_options(options, todo)
-        shared = Sessions(lambda engine: SlurmSession(engine, store.root / "slurm", options))
+    # Nothing was written until every check passed: the store is made (and locked) now.
+    store = _open_store(out, existing, store_lock)
+    _write_plan(store, study, study_file, plan)
+    if not todo:
+        return counts
+    from localsgd.studies.progress import StudyProgress
 
-        def slot_sessions() -> Sessions:
-            return shared
-    else:
+    reporter = StudyProgress(study.section.name, len(todo), parallel=parallel, output=output)
+    work = _StudyWork(store, built, resume, counts, execute, launch, reporter if progress else None)
+    # Trials share this process's global state (RNG, threads): batched only when alone here.
+    batched = execute is None and executor == "local" and parallel == 1
+    slots = _slot_sessions(executor, options, store, parallel)
+    with reporter if progress else contextlib.nullcontext():
+        if progress:
+            reporter.say(_opening_line(study, len(todo), sum(counts.values()), parallel, executor, here, out))
+        run_slots(work.queue(todo, batch_trials if batched else 0), slots, work.one_batch)
+    return counts
 
-        def slot_sessions() -> Sessions:
-            # A run of one process may train in this process only when it is alone: runs
-            # in threads would share its global state (RNG, thread count).
-            return Sessions(lambda engine: engine.session(in_process=parallel == 1))
 
-    if existing is None:
-        # Nothing was written until every check passed: the new store is made (and locked) now.
-        out.mkdir(parents=True, exist_ok=True)
-        store_lock.acquire()
-        try:
-            existing = Store(out)
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from None
-    store = existing
+def _open_store(out: Path, existing: Store | None, lock: FileLock) -> Store:
+    """The study's store: the existing one, or a new one made and locked now."""
+    if existing is not None:
+        return existing
+    out.mkdir(parents=True, exist_ok=True)
+    lock.acquire()
+    try:
+        return Store(out)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def _write_plan(store: Store, study: Study, study_file: Path | None, plan: Mapping[str, Any] | None) -> None:
+    """The store becomes the study's: its owner, a copy of the study file and the plan."""
+    out = store.root
     store.set_owner(study.section.name)
     if study_file is not None and not (
         (out / "study.toml").exists() and os.path.samefile(study_file, out / "study.toml")
@@ -261,100 +274,104 @@ def _run_study(
             "runs": [{"run_id": r.run_id(), **r.to_dict(), **_trial(study, r.run_id())} for r in study.runs],
         },
     )
-    if not todo:
-        return counts
-    from localsgd.studies.progress import StudyProgress
 
-    reporter = StudyProgress(study.section.name, len(todo), parallel=parallel, output=output)
-    skipped = sum(counts.values())
-    lock = threading.Lock()
-    # Trials share this process's global state (RNG, threads): batched only when alone here.
-    batched = execute is None and executor == "local" and parallel == 1
-    # A run that resumes from its checkpoint trains alone: trials start from step 0.
-    fresh = [run for run in todo if run.run_id() not in resume]
-    alone = [[run] for run in todo if run.run_id() in resume]
-    queue = iter([*batches(fresh, batch_trials), *alone] if batched else [[run] for run in todo])
-    stop = threading.Event()
 
-    def one_batch(runs: list[RunConfig], sessions: Sessions) -> None:
+def _slot_sessions(executor: str, options: dict[str, Any], store: Store, parallel: int) -> list[Sessions]:
+    """Each slot's sessions: one Slurm session per engine shared by every slot, or a
+    slot's own sessions on this machine."""
+    if executor == "slurm":
+        from localsgd.studies.executors.slurm import SlurmSession
+
+        shared = Sessions(lambda engine: SlurmSession(engine, store.root / "slurm", options))
+        return [shared] * parallel
+    # A run of one process may train in this process only when it is alone: runs in
+    # threads would share its global state (RNG, thread count).
+    return [Sessions(lambda engine: engine.session(in_process=parallel == 1)) for _ in range(parallel)]
+
+
+def _opening_line(study: Study, todo: int, skipped: int, parallel: int, executor: str, here: bool, out: Path) -> str:
+    where = "on this machine" if executor == "local" else "as Slurm jobs"
+    if executor == "slurm" and here:
+        where += " (submitit's local executor)"
+    return (
+        f"study {study.section.name}: {todo} run(s) to do ({skipped} finished before), "
+        f"{parallel} at a time {where}; store {out}"
+    )
+
+
+class _StudyWork:
+    """What a slot does with the runs it takes: one run through its session, or a batch of
+    trials in this process; counts and progress as each finishes."""
+
+    def __init__(
+        self,
+        store: Store,
+        built: dict[str, workloads.Workload],
+        resume: set[str],
+        counts: Counter[str],
+        execute: Callable[[Any, Store], str] | None,
+        launch: Callable[[engines.Job], None] | None,
+        reporter: Any,
+    ) -> None:
+        self.store = store
+        self.built = built
+        self.resume = resume
+        self.counts = counts
+        self.execute = execute
+        self.launch = launch
+        self.reporter = reporter
+        self.lock = threading.Lock()
+
+    def queue(self, todo: list[RunConfig], batch_trials: int) -> list[list[RunConfig]]:
+        """The runs in the order they go, in batches of trials when ``batch_trials`` > 0. A
+        run that resumes from its checkpoint trains alone: trials start from step 0."""
+        if batch_trials <= 0:
+            return [[run] for run in todo]
+        fresh = [run for run in todo if run.run_id() not in self.resume]
+        alone = [[run] for run in todo if run.run_id() in self.resume]
+        return [*batches(fresh, batch_trials), *alone]
+
+    def workload(self, run: RunConfig) -> workloads.Workload:
+        return self.built[json.dumps(run.workload, sort_keys=True)]
+
+    def one_batch(self, runs: list[RunConfig], sessions: Sessions) -> None:
         if len(runs) == 1:
-            one(runs[0], sessions)
+            self.one(runs[0], sessions)
             return
-        if progress:
+        if self.reporter is not None:
             for run in runs:
-                reporter.started(run)
+                self.reporter.started(run)
         started = time.monotonic()
-        workload = built[json.dumps(runs[0].workload, sort_keys=True)]
-        statuses = execute_trials(runs, store, workload=workload)
+        workload = self.workload(runs[0])
+        statuses = execute_trials(runs, self.store, workload=workload)
         seconds = (time.monotonic() - started) / len(runs)  # what each trial cost
         for run, status in zip(runs, statuses):
-            _finished(run, status, seconds, workload)
+            self.finished(run, status, seconds, workload)
 
-    def one(run: RunConfig, sessions: Sessions) -> None:
-        if progress:
-            reporter.started(run)
+    def one(self, run: RunConfig, sessions: Sessions) -> None:
+        if self.reporter is not None:
+            self.reporter.started(run)
         started = time.monotonic()
-        workload = built[json.dumps(run.workload, sort_keys=True)]
-        if execute is not None:
-            status = execute(run, store)
+        workload = self.workload(run)
+        if self.execute is not None:
+            status = self.execute(run, self.store)
         else:
             status = execute_run(
                 run,
-                store,
+                self.store,
                 workload=workload,
                 session=sessions.get(run.engine),
-                resume=run.run_id() in resume,
-                launch=launch,
+                resume=run.run_id() in self.resume,
+                launch=self.launch,
             )
-        _finished(run, status, time.monotonic() - started, workload)
+        self.finished(run, status, time.monotonic() - started, workload)
 
-    def _finished(run: RunConfig, status: str, seconds: float, workload: workloads.Workload) -> None:
-        with lock:
-            counts[status] += 1
-        if progress:
-            info = store.final_status(run.run_id())
-            reporter.finished(run, status, info, seconds, workloads.metric(workload))
+    def finished(self, run: RunConfig, status: str, seconds: float, workload: workloads.Workload) -> None:
+        with self.lock:
+            self.counts[status] += 1
+        if self.reporter is not None:
+            info = self.store.final_status(run.run_id())
+            self.reporter.finished(run, status, info, seconds, workloads.metric(workload))
         elif status != "completed":
-            error = store.error(run.run_id())
+            error = self.store.error(run.run_id())
             log.warning("run %s (%s) %s: %s", run.run_id(), run.name, status, error.line() if error else "")
-
-    def slot(sessions: Sessions) -> None:
-        while not stop.is_set():
-            with lock:
-                runs = next(queue, None)
-            if runs is None:
-                return
-            one_batch(runs, sessions)
-
-    all_sessions = [slot_sessions() for _ in range(parallel)]
-    with reporter if progress else contextlib.nullcontext():
-        if progress:
-            where = "on this machine" if executor == "local" else "as Slurm jobs"
-            if executor == "slurm" and here:
-                where += " (submitit's local executor)"
-            reporter.say(
-                f"study {study.section.name}: {len(todo)} run(s) to do ({skipped} finished before), "
-                f"{parallel} at a time {where}; store {out}"
-            )
-        try:
-            if parallel == 1:
-                slot(all_sessions[0])
-            else:
-                with ThreadPoolExecutor(parallel, thread_name_prefix="study-slot") as pool:
-                    futures = [pool.submit(slot, sessions) for sessions in all_sessions]
-                    try:
-                        done, _ = wait(futures, return_when=FIRST_EXCEPTION)
-                        for future in done:
-                            future.result()
-                    except BaseException:
-                        # Stop the other slots: no new runs, and the runs in progress are
-                        # cancelled (left unfinished, redone by the next attempt).
-                        stop.set()
-                        for sessions in all_sessions:
-                            sessions.close()
-                        raise
-        finally:
-            stop.set()
-            for sessions in all_sessions:
-                sessions.close()
-    return counts

@@ -134,20 +134,7 @@ def coerce(dotted: str, value: Any, annotation: Any) -> Any:
     ``annotation``."""
     origin = typing.get_origin(annotation)
     if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(annotation)
-        if value is None and type(None) in options:
-            return None
-        errors = []
-        for option in options:
-            if option is type(None):
-                continue
-            try:
-                return coerce(dotted, value, option)
-            except ConfigError as exc:
-                errors.append(str(exc))
-        if len(errors) == 1:
-            raise ConfigError(errors[0])
-        raise ConfigError(f"{dotted}: {'; or '.join(errors)}")
+        return _coerce_union(dotted, value, typing.get_args(annotation))
     if dataclasses.is_dataclass(annotation):
         return from_dict(annotation, value, dotted)  # type: ignore[arg-type]
     if origin is tuple:
@@ -164,23 +151,50 @@ def coerce(dotted: str, value: Any, annotation: Any) -> Any:
         return dict(value)
     if annotation is Any:
         return value
+    return _coerce_scalar(dotted, value, annotation)
+
+
+def _coerce_union(dotted: str, value: Any, options: tuple[Any, ...]) -> Any:
+    """The first of ``options`` that ``value`` fits; the reasons for each otherwise."""
+    if value is None and type(None) in options:
+        return None
+    errors = []
+    for option in options:
+        if option is type(None):
+            continue
+        try:
+            return coerce(dotted, value, option)
+        except ConfigError as exc:
+            errors.append(str(exc))
+    if len(errors) == 1:
+        raise ConfigError(errors[0])
+    raise ConfigError(f"{dotted}: {'; or '.join(errors)}")
+
+
+def _scalar(annotation: Any, value: Any) -> tuple[bool, Any]:
+    """Whether ``value`` is a ``bool``/``int``/``float``/``str`` as a config means it (a
+    bool is no number; an int is a float; a path is a string), and the value converted."""
     if annotation is bool:
-        if isinstance(value, bool):
-            return value
-    elif annotation is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif annotation is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    elif annotation is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, os.PathLike):  # a Path from Python code, where a path is wanted
-            return os.fspath(value)
-    else:
+        return isinstance(value, bool), value
+    if isinstance(value, bool):
+        return False, value
+    if annotation is int:
+        return isinstance(value, int), value
+    if annotation is float:
+        fits = isinstance(value, (int, float))
+        return fits, float(value) if fits else value
+    if isinstance(value, os.PathLike):  # a Path from Python code, where a path is wanted
+        return True, os.fspath(value)
+    return isinstance(value, str), value
+
+
+def _coerce_scalar(dotted: str, value: Any, annotation: Any) -> Any:
+    if annotation not in (bool, int, float, str):
         raise TypeError(f"{dotted}: unsupported annotation {annotation!r}")
-    raise ConfigError(f"{dotted} must be {_type_name(annotation)}, got {type(value).__name__} {value!r}")
+    fits, converted = _scalar(annotation, value)
+    if not fits:
+        raise ConfigError(f"{dotted} must be {_type_name(annotation)}, got {type(value).__name__} {value!r}")
+    return converted
 
 
 def _type_name(annotation: Any) -> str:

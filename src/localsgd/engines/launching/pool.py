@@ -244,21 +244,7 @@ class WorkerPool:
             for rank, channel in enumerate(self._channels):
                 selector.register(channel.sock, selectors.EVENT_READ, rank)
             while pending:
-                if self._closed:
-                    raise Cancelled("the pool was closed during a run")
-                silent = watch.silent()
-                if silent is not None:
-                    self.kill(hard=True)
-                    raise WorkerFailure(replace(silent, traceback=tail(job.run_dir / "workers.log")))
-                if deadline is not None and time.monotonic() > deadline:
-                    self.kill(hard=True)
-                    raise WorkerFailure(
-                        ErrorInfo(
-                            "TimeoutError",
-                            f"workers did not finish within {job.timeout} s",
-                            tail(job.run_dir / "workers.log"),
-                        )
-                    )
+                self._check_alive(job, watch, deadline)
                 for key, _ in selector.select(0.2):
                     rank = int(key.data)
                     try:
@@ -269,6 +255,25 @@ class WorkerPool:
                         pending.discard(rank)
                 if pending and self._proc is not None and self._proc.poll() is not None:
                     self._failed(job)
+
+    def _check_alive(self, job: Job, watch: HeartbeatWatch, deadline: float | None) -> None:
+        """Raise when the run cannot go on: the pool closed, a worker silent too long, or
+        the run's deadline passed (the workers are killed first)."""
+        if self._closed:
+            raise Cancelled("the pool was closed during a run")
+        silent = watch.silent()
+        if silent is not None:
+            self.kill(hard=True)
+            raise WorkerFailure(replace(silent, traceback=tail(job.run_dir / "workers.log")))
+        if deadline is not None and time.monotonic() > deadline:
+            self.kill(hard=True)
+            raise WorkerFailure(
+                ErrorInfo(
+                    "TimeoutError",
+                    f"workers did not finish within {job.timeout} s",
+                    tail(job.run_dir / "workers.log"),
+                )
+            )
 
     def _failed(self, job: Job) -> NoReturn:
         if self._closed:

@@ -7,10 +7,14 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from typing import TypeVar
 
 from localsgd import engines
 from localsgd.run.config import RunConfig
 from localsgd.util.checks import ConfigError
+
+T = TypeVar("T")
 
 
 def usable_cores() -> int:
@@ -72,3 +76,41 @@ class Sessions:
             session.close()
 
 
+def run_slots(
+    queue: Sequence[T], slots: Sequence[Sessions], work: Callable[[T, Sessions], None]
+) -> None:
+    """``work`` every item of ``queue``, ``len(slots)`` at a time, each slot on its own
+    sessions (closed at the end). The first failure stops the other slots: no new items,
+    and the runs in progress are cancelled (left unfinished, redone by the next attempt)."""
+    items = iter(queue)
+    lock = threading.Lock()
+    stop = threading.Event()
+
+    def slot(sessions: Sessions) -> None:
+        while not stop.is_set():
+            with lock:
+                item = next(items, None)
+            if item is None:
+                return
+            work(item, sessions)
+
+    distinct = list({id(s): s for s in slots}.values())
+    try:
+        if len(slots) == 1:
+            slot(slots[0])
+            return
+        with ThreadPoolExecutor(len(slots), thread_name_prefix="study-slot") as pool:
+            futures = [pool.submit(slot, sessions) for sessions in slots]
+            try:
+                done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+                for future in done:
+                    future.result()
+            except BaseException:
+                stop.set()
+                for sessions in distinct:
+                    sessions.close()
+                raise
+    finally:
+        stop.set()
+        for sessions in distinct:
+            sessions.close()

@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import sys
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -44,59 +45,70 @@ def read_examples(path: Path, fmt: str, key: str, text_field: str | None, label_
     texts: list[str] = []
     labels: list[str] = []
     where = f"workload.data.{key} '{path}'"
-
-    def add(row: dict[str, Any], line: int) -> None:
-        text_key = text_field if text_field is not None else next((f for f in TEXT_FIELDS if f in row), None)
-        if text_key is None or text_key not in row:
-            wanted = repr(text_field) if text_field is not None else " or ".join(repr(f) for f in TEXT_FIELDS)
-            raise ConfigError(
-                f"{where} line {line} has no text column {wanted} (its columns: {sorted(row)}); "
-                "name it in workload.data.text_field"
-            )
-        if label_field not in row:
-            raise ConfigError(
-                f"{where} line {line} has no label column {label_field!r} (its columns: {sorted(row)}); "
-                "name it in workload.data.label_field"
-            )
-        text, label = row[text_key], row[label_field]
-        if isinstance(label, bool) or not isinstance(label, (str, int)):
-            raise ConfigError(f"{where} line {line}: a label is a name or an integer, got {label!r}")
-        label = str(label).strip()
-        if not label:
-            raise ConfigError(f"{where} line {line} has an empty label")
-        if not isinstance(text, str):
-            raise ConfigError(f"{where} line {line}: the text must be a string, got {text!r}")
-        texts.append(text)
-        labels.append(label)
-
     with path.open(encoding="utf-8", newline="") as f:
-        if fmt == "jsonl":
-            for number, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise ConfigError(f"{where} line {number} is not JSON ({exc.msg})") from None
-                if not isinstance(row, dict):
-                    raise ConfigError(f"{where} line {number} is not a JSON object")
-                add(row, number)
-        else:
-            csv.field_size_limit(sys.maxsize)
-            # GLUE's TSV files quote nothing: a quote character is part of the text.
-            if fmt == "tsv":
-                reader = csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
-            else:
-                reader = csv.DictReader(f)
-            for row in reader:
-                if None in row:  # more cells than the header names
-                    raise ConfigError(f"{where} line {reader.line_num} has more cells than its header")
-                if not any((v or "").strip() for v in row.values()):
-                    continue
-                add({k: v for k, v in row.items() if v is not None}, reader.line_num)
+        rows = _json_rows(f, where) if fmt == "jsonl" else _table_rows(f, fmt, where)
+        for row, line in rows:
+            text, label = _example(row, line, where, text_field, label_field)
+            texts.append(text)
+            labels.append(label)
     if not texts:
         raise ConfigError(f"{where} holds no example")
     return texts, labels
+
+
+def _json_rows(f: Iterable[str], where: str) -> Iterator[tuple[dict[str, Any], int]]:
+    """A JSON-lines file's objects with their line numbers (blank lines skipped)."""
+    for number, line in enumerate(f, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{where} line {number} is not JSON ({exc.msg})") from None
+        if not isinstance(row, dict):
+            raise ConfigError(f"{where} line {number} is not a JSON object")
+        yield row, number
+
+
+def _table_rows(f: Iterable[str], fmt: str, where: str) -> Iterator[tuple[dict[str, Any], int]]:
+    """A CSV or TSV file's rows (keyed by its header) with their line numbers."""
+    csv.field_size_limit(sys.maxsize)
+    # GLUE's TSV files quote nothing: a quote character is part of the text.
+    dialect: dict[str, Any] = {"delimiter": "\t", "quoting": csv.QUOTE_NONE} if fmt == "tsv" else {}
+    reader = csv.DictReader(f, **dialect)
+    for row in reader:
+        if None in row:  # more cells than the header names
+            raise ConfigError(f"{where} line {reader.line_num} has more cells than its header")
+        if not any((v or "").strip() for v in row.values()):
+            continue
+        yield {k: v for k, v in row.items() if v is not None}, reader.line_num
+
+
+def _example(
+    row: dict[str, Any], line: int, where: str, text_field: str | None, label_field: str
+) -> tuple[str, str]:
+    """One row's text and label, checked."""
+    text_key = text_field if text_field is not None else next((f for f in TEXT_FIELDS if f in row), None)
+    if text_key is None or text_key not in row:
+        wanted = repr(text_field) if text_field is not None else " or ".join(repr(f) for f in TEXT_FIELDS)
+        raise ConfigError(
+            f"{where} line {line} has no text column {wanted} (its columns: {sorted(row)}); "
+            "name it in workload.data.text_field"
+        )
+    if label_field not in row:
+        raise ConfigError(
+            f"{where} line {line} has no label column {label_field!r} (its columns: {sorted(row)}); "
+            "name it in workload.data.label_field"
+        )
+    text, label = row[text_key], row[label_field]
+    if isinstance(label, bool) or not isinstance(label, (str, int)):
+        raise ConfigError(f"{where} line {line}: a label is a name or an integer, got {label!r}")
+    label = str(label).strip()
+    if not label:
+        raise ConfigError(f"{where} line {line} has an empty label")
+    if not isinstance(text, str):
+        raise ConfigError(f"{where} line {line}: the text must be a string, got {text!r}")
+    return text, label
 
 
 def label_names(labels: list[str]) -> list[str]:
