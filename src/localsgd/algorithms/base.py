@@ -221,7 +221,7 @@ def register(name: str) -> Callable[[C], C]:
     def deco(cls: C) -> C:
         if name in _REGISTRY:
             raise ValueError(f"algorithm name {name!r} is already registered")
-        fields: set[str] = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
+        fields = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set[str]()
         missing = [key for key in cls.BLOCK_FIELDS if key not in fields]
         if missing:
             raise ValueError(f"algorithm {name!r} declares BLOCK_FIELDS {missing} it has no field for")
