@@ -439,7 +439,7 @@ cluster_app = typer.Typer(
 app.add_typer(cluster_app, name="cluster")
 
 NodesOption = Annotated[int, typer.Option(help="N: emulated nodes (network namespaces).")]
-ProcsOption = Annotated[int, typer.Option(help="G: worker processes per node.")]
+ProcsOption = Annotated[int, typer.Option(help="M: worker processes per node.")]
 RateOption = Annotated[
     str | None,
     typer.Option(help="Each node's link rate, as tc writes it (100mbit, 1gbit); default: unshaped."),
@@ -504,9 +504,9 @@ def emulate(
         bool, typer.Option(help="Run failed and diverged runs of a study again.")
     ] = False,
 ) -> None:
-    """Run a study or a single run on N emulated nodes × G processes: one torchrun per node,
+    """Run a study or a single run on N emulated nodes × M processes: one torchrun per node,
     inside its own network namespace, `-m localsgd.worker` on every run. Runs of one process
-    (K = 1, the simulated engine) run here as usual; every other run must have K = N × G.
+    (K = 1, the simulated engine) run here as usual; every other run must have K = N × M.
     Everything the emulation created is removed when it ends, also on failure or interrupt."""
     from localsgd.run.execute import execute_run, open_run_store, preflight
     from localsgd.run.loading import load_run_config, load_toml
