@@ -247,7 +247,8 @@ def study(
         int,
         typer.Option(
             help="Runs that differ only in optimizer lr/momentum/weight decay, schedule and seed "
-            "train together, this many at most, on an engine that can (the simulated one); "
+            "train together, this many at most, on an engine that declares trial_batching "
+            "(see localsgd engines); "
             "1 runs each alone.",
         ),
     ] = 64,
@@ -429,6 +430,26 @@ def algorithms() -> None:
         cls = registry.get(name)
         fields = ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(cls))  # type: ignore[arg-type]
         typer.echo(f"{name}: {cls.__name__}({fields})")
+
+
+@app.command()
+def engines() -> None:
+    """List the registered engines and the capabilities each declares."""
+    from localsgd import engines as registry
+
+    for name in registry.names():
+        engine = registry.get(name)
+        declared = [c.key for c in registry.Capability if c in engine.capabilities]
+        typer.echo(f"{name}: {', '.join(declared) or '-'} -- {engine.info.description}")
+
+
+@app.command()
+def workloads() -> None:
+    """List the registered workloads (any package.module:function works too)."""
+    from localsgd import workloads as registry
+
+    for name in registry.names():
+        typer.echo(f"{name}{' (default)' if name == registry.DEFAULT else ''}")
 
 
 cluster_app = typer.Typer(

@@ -290,7 +290,9 @@ def _default_algorithm() -> dict[str, Any]:
 
 
 def _default_workload() -> dict[str, Any]:
-    return {"name": "mnist1d_cnn"}
+    from localsgd.workloads import DEFAULT
+
+    return {"name": DEFAULT}
 
 
 @dataclass(frozen=True)
@@ -300,20 +302,19 @@ class RunConfig:
     name: str = "run"
     """A label for humans; the run's identity is the hash of the whole config."""
     workload: dict[str, Any] = field(default_factory=_default_workload)
-    """The workload's section: ``name`` (registered: ``mnist1d_cnn``, ``mnist1d_mlp``,
-    ``cifar10_resnet20``; or an import path ``package.module:function``) and the workload's
-    own options. ``workload = "name"`` is short for ``[workload] name = "name"``."""
+    """The workload's section: ``name`` (a registered workload: ``localsgd workloads`` lists
+    them, ``localsgd.workloads.DEFAULT`` the default; or an import path
+    ``package.module:function``) and the workload's own options. ``workload = "name"`` is
+    short for ``[workload] name = "name"``."""
     workers: int = 1
     """K: workers."""
     engine: str = "processes"
-    """How the K workers run (see ``localsgd.engines``): ``processes`` (torch.distributed,
-    one process each), ``simulated`` (all K replicas batched in one process, the same
-    semantics) or ``hogwild`` (P processes per device on one shared model, lock-free)."""
+    """How the K workers run: a registered engine (``localsgd engines`` lists them with the
+    capabilities each declares; docs/engines.md describes them)."""
     engine_options: dict[str, Any] = field(default_factory=dict)
-    """The engine's own options, checked by the engine: ``hogwild`` takes
-    ``procs_per_device`` (P) and ``devices`` (D), with workers = D × P; ``simulated`` takes
-    ``worker_speeds`` (one per worker) or ``speed_spread`` (σ of seeded log-normal speeds),
-    which order a parameter server's pushes; ``processes`` takes none."""
+    """The engine's own options, checked by the engine (its options dataclass names and
+    documents each key: docs/engines.md); what they ask of the engine (worker speeds, say)
+    must be among the capabilities it declares."""
     seed: int = 0
     """Model init (identical on every worker) and data order (shards per worker)."""
     device: str = "auto"
@@ -322,8 +323,9 @@ class RunConfig:
     """Intra-op CPU threads per worker (``torch.set_num_threads``). One per worker keeps K
     processes from oversubscribing the cores; small models gain nothing from more."""
     algorithm: dict[str, Any] = field(default_factory=_default_algorithm)
-    """The algorithm table, as for ``localsgd.algorithms.build``; post-local SGD also takes
-    ``switch_epoch`` (converted to ``switch_step`` from the steps per epoch)."""
+    """The algorithm table, as for ``localsgd.algorithms.build`` (``localsgd algorithms``
+    lists the registered ones); every ``<x>_step`` field may be given as ``<x>_epoch``
+    instead (``switch_epoch``, converted from the steps per epoch)."""
     data: DataConfig = field(default_factory=DataConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
