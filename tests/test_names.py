@@ -30,7 +30,7 @@ from localsgd.costmodel.model import Cluster, Link
 from localsgd.run.config import RunConfig
 
 ROOT = Path(__file__).resolve().parent.parent
-DOCS = sorted((ROOT / "docs").glob("*.md")) + [ROOT / "README.md"]
+DOCS = [*sorted((ROOT / "docs").glob("*.md")), ROOT / "README.md"]
 REGISTRIES = {"algorithms": algorithms.names, "engines": engines.names, "workloads": workloads.names}
 MARKER = re.compile(r"<!-- registered: (\w+) -->\n((?:\|.*\n)+)")
 
@@ -70,9 +70,9 @@ def mentioned(text: str) -> dict[str, set[str]]:
     out["engines"] |= set(re.findall(r'\bengine\s*=\s*"?([A-Za-z_]\w*)"?', text))
     for name in re.findall(r'\bworkload\s*=\s*"([^"]+)"', text):
         out["workloads"].add(name)
-    for section, body in re.findall(r"^\[([\w.]*workload)\]\n((?:[^\[\n].*\n)*)", text, flags=re.M):
+    for _section, body in re.findall(r"^\[([\w.]*workload)\]\n((?:[^\[\n].*\n)*)", text, flags=re.M):
         out["workloads"] |= set(re.findall(r'^name\s*=\s*"([^"]+)"', body, flags=re.M))
-    for section, body in re.findall(r"^\[([\w.]*algorithm)\]\n((?:[^\[\n].*\n)*)", text, flags=re.M):
+    for _section, body in re.findall(r"^\[([\w.]*algorithm)\]\n((?:[^\[\n].*\n)*)", text, flags=re.M):
         out["algorithms"] |= set(re.findall(r'^name\s*=\s*"([^"]+)"', body, flags=re.M))
     for line in re.findall(r"algorithm.*", text):
         out["algorithms"] |= set(re.findall(r'\{\s*"?name"?\s*[=:]\s*"(\w+)"', line))
