@@ -296,7 +296,7 @@ def test_every_commands_help_shows_its_words(tmp_path):
     from localsgd.cli import app
 
     commands = get_command(app).commands  # type: ignore[attr-defined]
-    assert sorted(commands) == ["algorithms", "cluster", "fixtures", "report", "study", "train"]
+    assert sorted(commands) == ["algorithms", "cluster", "engines", "fixtures", "report", "study", "train", "workloads"]
     runner = CliRunner()
     for name, command in commands.items():
         shown = " ".join(runner.invoke(app, [name, "--help"], terminal_width=200).output.split())

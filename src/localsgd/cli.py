@@ -261,7 +261,8 @@ def study(
         int,
         typer.Option(
             help="Runs that differ only in optimizer lr/momentum/weight decay, schedule and seed "
-            "train together, this many at most, on an engine that can (the simulated one); "
+            "train together, this many at most, on an engine that declares trial_batching "
+            "(see localsgd engines); "
             "1 runs each alone.",
         ),
     ] = 64,
@@ -445,6 +446,26 @@ def algorithms() -> None:
         typer.echo(f"{name}: {cls.__name__}({fields})")
 
 
+@app.command()
+def engines() -> None:
+    """List the registered engines and the capabilities each declares."""
+    from localsgd import engines as registry
+
+    for name in registry.names():
+        engine = registry.get(name)
+        declared = [c.key for c in registry.Capability if c in engine.capabilities]
+        typer.echo(f"{name}: {', '.join(declared) or '-'} -- {engine.info.description}")
+
+
+@app.command()
+def workloads() -> None:
+    """List the registered workloads (any package.module:function works too)."""
+    from localsgd import workloads as registry
+
+    for name in registry.names():
+        typer.echo(f"{name}{' (default)' if name == registry.DEFAULT else ''}")
+
+
 cluster_app = typer.Typer(
     no_args_is_help=True,
     help="Emulated multi-node clusters on this machine (network namespaces, links shaped with tc; "
@@ -453,7 +474,7 @@ cluster_app = typer.Typer(
 app.add_typer(cluster_app, name="cluster")
 
 NodesOption = Annotated[int, typer.Option(help="N: emulated nodes (network namespaces).")]
-ProcsOption = Annotated[int, typer.Option(help="G: worker processes per node.")]
+ProcsOption = Annotated[int, typer.Option(help="M: worker processes per node.")]
 RateOption = Annotated[
     str | None,
     typer.Option(help="Each node's link rate, as tc writes it (100mbit, 1gbit); default: unshaped."),
@@ -518,9 +539,9 @@ def emulate(
         bool, typer.Option(help="Run failed and diverged runs of a study again.")
     ] = False,
 ) -> None:
-    """Run a study or a single run on N emulated nodes × G processes: one torchrun per node,
+    """Run a study or a single run on N emulated nodes × M processes: one torchrun per node,
     inside its own network namespace, `-m localsgd.worker` on every run. Runs of one process
-    (K = 1, the simulated engine) run here as usual; every other run must have K = N × G.
+    (K = 1, the simulated engine) run here as usual; every other run must have K = N × M.
     Everything the emulation created is removed when it ends, also on failure or interrupt."""
     from localsgd.run.execute import execute_run, open_run_store, preflight
     from localsgd.run.loading import load_run_config, load_toml

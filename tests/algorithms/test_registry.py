@@ -111,9 +111,9 @@ LABELS = [
         "hierarchical_local_sgd H=2 Hb=4 G=2",
         2,
     ),
-    (A.SlowMo(period=8, outer_momentum=0.5, outer_lr=1.0), "slowmo H=8 β=0.5 α=1", 8),
+    (A.SlowMo(period=8, outer_momentum=0.5, outer_lr=1.0), "slowmo H=8 μ=0.5 η=1", 8),
     (A.DiLoCo(period=16), "diloco H=16 η=0.7 μ=0.9", 16),
-    (A.SMA(), "sma α=1/K μ=0.9", None),
+    (A.SMA(), "sma λ=1/K μ=0.9", None),
 ]
 
 

@@ -70,10 +70,10 @@ def test_hierarchical_two_nvlink_nodes_of_eight_by_hand() -> None:
     a_e, b_e = 5e-6, 100e9 / 8  # IB EDR: α = 5 µs, β = 100 Gb/s = 12.5e9 B/s
     assert cluster.intra == Link(a_i, b_i) and cluster.inter == Link(a_e, b_e)
     n, g, nodes = MB100, 8, 2
-    # Intra-node reduce-scatter: (G−1)(α_i + n/(G β_i)) = 7·(2e-6 + 1e8/1.88e12).
+    # Intra-node reduce-scatter: (M−1)(α_i + n/(M β_i)) = 7·(2e-6 + 1e8/1.88e12).
     reduce_scatter = 7 * (2e-6 + 1e8 / (8 * 235e9))
-    # Inter-node ring over N = 2 nodes on the n/G = 12.5 MB shards:
-    # 2(N−1)·α_e + 2(N−1)/N · (n/G)/β_e = 2·5e-6 + 1 · 12.5e6/12.5e9 = 1e-5 + 1e-3.
+    # Inter-node ring over N = 2 nodes on the n/M = 12.5 MB shards:
+    # 2(N−1)·α_e + 2(N−1)/N · (n/M)/β_e = 2·5e-6 + 1 · 12.5e6/12.5e9 = 1e-5 + 1e-3.
     across = 2 * (nodes - 1) * a_e + 2 * (nodes - 1) / nodes * (n / g) / b_e
     assert across == pytest.approx(1.01e-3, rel=1e-12)
     all_gather = reduce_scatter
@@ -81,7 +81,7 @@ def test_hierarchical_two_nvlink_nodes_of_eight_by_hand() -> None:
     assert expected == pytest.approx(2 * 7 * (2e-6 + 1e8 / 1.88e12) + 1.01e-3, rel=1e-12)
     assert allreduce_seconds(n, 16, cluster) == pytest.approx(expected, rel=1e-12)
     assert scope_cost("world", 16, cluster).seconds(n) == pytest.approx(expected, rel=1e-12)
-    # One node (N = 1): a ring on NVLink; fewer workers than G: one node of K devices.
+    # One node (N = 1): a ring on NVLink; fewer workers than M: one node of K devices.
     assert allreduce_seconds(n, 8, cluster) == pytest.approx(2 * 7 * a_i + 2 * 7 / 8 * n / b_i, rel=1e-12)
     assert allreduce_seconds(n, 4, cluster) == pytest.approx(2 * 3 * a_i + 2 * 3 / 4 * n / b_i, rel=1e-12)
     # A partly filled last node (12 = 8 + 4): one flat ring at the inter-node link's pace.
@@ -156,7 +156,7 @@ def test_estimate_is_linear_in_the_counters(name: str) -> None:
 
 def test_a_flat_ring_across_nodes_by_hand() -> None:
     # gloo runs every all-reduce as one ring over all p ranks in rank order. On 2 nodes of
-    # G = 2 the ring 0 -> 1 -> 2 -> 3 -> 0 crosses nodes twice, each hop in its own
+    # M = 2 the ring 0 -> 1 -> 2 -> 3 -> 0 crosses nodes twice, each hop in its own
     # direction, so every step runs at the inter-node link's pace:
     # T = 2(p−1)·α_e + 2(p−1)/p · n/β_e = 6·α_e + 1.5·n/β_e.
     inter, intra = Link(1e-4, 100e6 / 8), Link(1e-5, 2e9)
@@ -239,7 +239,7 @@ def test_compute_from_the_cluster_takes_precedence_over_the_measurement() -> Non
 
 def test_presets_and_their_sources_are_documented() -> None:
     assert presets() == ["10gbe", "25gbe", "100g-ib", "nvlink-node", "wan"]
-    expected = {  # name: (G, inter α, inter β in Gb/s)
+    expected = {  # name: (M, inter α, inter β in Gb/s)
         "10gbe": (1, 50e-6, 10),
         "25gbe": (1, 50e-6, 25),
         "100g-ib": (1, 5e-6, 100),

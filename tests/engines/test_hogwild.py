@@ -172,7 +172,13 @@ def test_a_helpers_failure_is_the_runs_error(tmp_path):
             {"threads": 2},
             r"unknown key 'engine_options.threads'; allowed: \['devices', 'procs_per_device'\]",
         ),
-        ("processes", 2, {"devices": 2}, r"engine_options.devices: engine 'processes' takes no options"),
+        (
+            "processes",
+            2,
+            {"devices": 2},
+            r"^engine_options.devices: engine 'processes' takes no options; engine_options are for "
+            r"engine = one of \['hogwild', 'simulated'\]$",
+        ),
     ],
 )
 def test_bad_options_name_the_key(engine, workers, options, message):
@@ -226,17 +232,24 @@ def test_restarts_and_trials_are_refused_where_workers_step_alone():
     of their own, which one parameter server's schedule or worker speeds are not."""
     from localsgd.run.trials import batch_key
 
-    message = r"train.max_restarts = 1: asynchronous algorithms and the hogwild engine take no mid-run"
-    with pytest.raises(ConfigError, match=message):
+    with pytest.raises(
+        ConfigError,
+        match=r"^train.max_restarts = 1: engine 'hogwild' does not declare restarts \(it restarts a failed "
+        r"worker group from its last mid-run checkpoint .*\); engines that do: \['processes', 'simulated'\]$",
+    ):
         config("hogwild", 2, {"procs_per_device": 2}, train={"epochs": 1, "max_restarts": 1})
     asynchronous = {"algorithm": {"name": "async_local_sgd"}, "train": {"epochs": 1}}
-    with pytest.raises(ConfigError, match=message):
+    with pytest.raises(
+        ConfigError,
+        match=r"train.max_restarts = 1: an asynchronous algorithm \('async_local_sgd'\) takes no mid-run "
+        r"checkpoints to restart from",
+    ):
         config("processes", 2, {}, **{**asynchronous, "train": {"epochs": 1, "max_restarts": 1}})
     assert config("processes", 2, {}, train={"epochs": 1, "max_restarts": 1}).train.max_restarts == 1
-    stop = r"train.stop_at = 'accuracy=0.9': asynchronous algorithms and the hogwild engine cannot stop"
-    with pytest.raises(ConfigError, match=stop):
+    stop = r"train.stop_at = 'accuracy=0.9': {} cannot stop every worker at one evaluation"
+    with pytest.raises(ConfigError, match=stop.format(r"engine 'hogwild' \(its workers step without agreement\)")):
         config("hogwild", 2, {"procs_per_device": 2}, train={"epochs": 1, "stop_at": "accuracy=0.9"})
-    with pytest.raises(ConfigError, match=stop):
+    with pytest.raises(ConfigError, match=stop.format(r"an asynchronous algorithm \('async_local_sgd'\)")):
         config("simulated", 2, {}, **{**asynchronous, "train": {"epochs": 1, "stop_at": "accuracy=0.9"}})
     assert config("simulated", 2, {}, **asynchronous).steps_alone()
     assert batch_key(config("simulated", 2, {}, **asynchronous)) is None

@@ -160,7 +160,7 @@ def test_html_has_contents_links_and_embedded_figures(report: tuple[Path, dict[s
         assert f'href="#fig-{stem}"' in text
     assert 'href="results.xlsx"' in text and '<nav class="toc">' in text
     assert "<link" not in text and "<script" not in text and "@import" not in text
-    assert "<table>" in text and "slowmo H=8 β=0.5 α=1" in text
+    assert "<table>" in text and "slowmo H=8 μ=0.5 η=1" in text
 
 
 def test_workbook_sheets(report: tuple[Path, dict[str, Path]]) -> None:
@@ -205,7 +205,7 @@ def test_summary_matches_the_raw_rows(report: tuple[Path, dict[str, Path]]) -> N
     # The diverged seed 3 (final accuracy 0.1) and the failed seed 2 are not in the means.
     assert by_variant.loc["local_sgd H=4", "n_seeds"] == 3
     assert by_variant.loc["local_sgd H=4", "seeds"] == "0, 1, 2"
-    assert by_variant.loc["slowmo H=8 β=0.5 α=1", "n_seeds"] == 2
+    assert by_variant.loc["slowmo H=8 μ=0.5 η=1", "n_seeds"] == 2
 
 
 def test_status_table_counts_failed_and_diverged(report: tuple[Path, dict[str, Path]]) -> None:
@@ -213,8 +213,8 @@ def test_status_table_counts_failed_and_diverged(report: tuple[Path, dict[str, P
     status = _sheet(paths, "status").set_index("variant")
     assert status.loc["minibatch_sgd", ["completed", "failed", "diverged"]].tolist() == [3, 0, 0]
     assert status.loc["local_sgd H=4", ["completed", "failed", "diverged"]].tolist() == [3, 0, 1]
-    assert status.loc["slowmo H=8 β=0.5 α=1", ["completed", "failed", "diverged"]].tolist() == [2, 1, 0]
-    assert "RuntimeError: worker 1 lost" in status.loc["slowmo H=8 β=0.5 α=1", "errors"]
+    assert status.loc["slowmo H=8 μ=0.5 η=1", ["completed", "failed", "diverged"]].tolist() == [2, 1, 0]
+    assert "RuntimeError: worker 1 lost" in status.loc["slowmo H=8 μ=0.5 η=1", "errors"]
     assert "train loss is inf" in status.loc["local_sgd H=4", "errors"]
     text = paths["markdown"].read_text()
     assert "seed 2 (failed): RuntimeError: worker 1 lost" in text
@@ -257,10 +257,10 @@ def test_empty_store_and_non_store_raise(tmp_path: Path) -> None:
             {"name": "hierarchical_local_sgd", "period": 2, "block_period": 4, "block_size": 2},
             "hierarchical_local_sgd H=2 Hb=4 G=2",
         ),
-        ({"name": "slowmo", "period": 8, "outer_momentum": 0.5, "outer_lr": 1.0}, "slowmo H=8 β=0.5 α=1"),
+        ({"name": "slowmo", "period": 8, "outer_momentum": 0.5, "outer_lr": 1.0}, "slowmo H=8 μ=0.5 η=1"),
         ({"name": "diloco", "period": 8}, "diloco H=8 η=0.7 μ=0.9"),
-        ({"name": "sma"}, "sma α=1/K μ=0.9"),
-        ({"name": "sma", "alpha": 0.25}, "sma α=0.25 μ=0.9"),
+        ({"name": "sma"}, "sma λ=1/K μ=0.9"),
+        ({"name": "sma", "alpha": 0.25}, "sma λ=0.25 μ=0.9"),
         ({"name": "gradient_accumulation", "steps": 4}, "gradient_accumulation k=4"),
         (
             {"name": "local_sgd", "period": 4, "optimizer_state": "average"},

@@ -109,7 +109,7 @@ def test_one_panel_per_schedule_one_line_per_variant_with_mean_and_std(tmp_path:
     labels = [t.get_text() for t in fig.legends[0].get_texts()]
     assert labels == [
         "post_local_sgd H=4, K=4 (n=2)",
-        "slowmo H=4 β=0.5 α=1, K=4 (n=2)",
+        "slowmo H=4 μ=0.5 η=1, K=4 (n=2)",
         "baseline: minibatch_sgd, K=4, never switches (n=2)",
     ]
     assert fig.get_suptitle() == "Final test accuracy against the switch point t'"
@@ -175,18 +175,18 @@ def test_the_hk_view_marks_minibatch_sgd_at_each_k_and_keeps_switch_points_apart
 @pytest.mark.parametrize(
     "algorithm,label,line,plain",
     [
-        (SLOWMO, "slowmo H=4 β=0.5 α=1", "slowmo β=0.5 α=1", "slowmo H=4 β=0.5 α=1"),
+        (SLOWMO, "slowmo H=4 μ=0.5 η=1", "slowmo μ=0.5 η=1", "slowmo H=4 μ=0.5 η=1"),
         (
             {**SLOWMO, "switch_step": 200},
-            "slowmo H=4 β=0.5 α=1 t'=200",
-            "slowmo β=0.5 α=1 t'=200",
-            "slowmo H=4 β=0.5 α=1",
+            "slowmo H=4 μ=0.5 η=1 t'=200",
+            "slowmo μ=0.5 η=1 t'=200",
+            "slowmo H=4 μ=0.5 η=1",
         ),
         (
             {**SLOWMO, "switch_epoch": 2.5},
-            "slowmo H=4 β=0.5 α=1 t'=2.5ep",
-            "slowmo β=0.5 α=1 t'=2.5ep",
-            "slowmo H=4 β=0.5 α=1",
+            "slowmo H=4 μ=0.5 η=1 t'=2.5ep",
+            "slowmo μ=0.5 η=1 t'=2.5ep",
+            "slowmo H=4 μ=0.5 η=1",
         ),
         (
             {"name": "diloco", "switch_epoch": 1},

@@ -82,7 +82,7 @@ def test_a_plain_line_per_finished_run_names_variant_workers_seed_status_metric_
     # The variant as the report labels it, never the raw algorithm table.
     assert fields[0][1:6] == ("completed", "minibatch_sgd", "1", "0", "test accuracy 97.46%")
     assert fields[1][1:6] == ("completed", "local_sgd H=16", "4", "0", "test accuracy 97.46%")
-    assert fields[2][1:6] == ("failed", "slowmo H=8 β=0.5 α=1", "4", "0", "test accuracy 97.46%")
+    assert fields[2][1:6] == ("failed", "slowmo H=8 μ=0.5 η=1", "4", "0", "test accuracy 97.46%")
     assert fields[2][8] == "KeyError: 'shard 3 is missing' (rank 3)"
     assert fields[3][1:6] == ("completed", "local_sgd H=16", "4", "1", "test accuracy 90%")
     assert fields[4][1] == "failed" and fields[4][7] == "0.0 s"  # nothing left

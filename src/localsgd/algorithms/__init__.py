@@ -7,6 +7,7 @@ LocalSGD(period=8, average_buffers=True, optimizer_state='local')
 
 from localsgd.algorithms.async_local_sgd import AsyncLocalSGD
 from localsgd.algorithms.base import (
+    AlgorithmCapabilities,
     AlgorithmConfig,
     SyncContext,
     Synchronizer,
@@ -14,6 +15,7 @@ from localsgd.algorithms.base import (
     get,
     names,
     register,
+    unregister,
 )
 from localsgd.algorithms.gradient_accumulation import GradientAccumulation
 from localsgd.algorithms.hierarchical import HierarchicalLocalSGD
@@ -25,6 +27,7 @@ from localsgd.algorithms.sma import SMA
 
 __all__ = [
     "SMA",
+    "AlgorithmCapabilities",
     "AlgorithmConfig",
     "AsyncLocalSGD",
     "DiLoCo",
@@ -40,4 +43,5 @@ __all__ = [
     "get",
     "names",
     "register",
+    "unregister",
 ]

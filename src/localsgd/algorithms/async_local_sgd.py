@@ -29,11 +29,11 @@ class AsyncLocalSGD(AlgorithmConfig):
     the model it last received, pushes its model x_k and receives the global model right
     after the server applied it, without waiting for the other workers (unless a staleness
     bound holds it). The server applies
-    x ← x − α·d from the pseudo-gradient g = c(τ)·(b_k − x_k) (b_k: the model k started
+    x ← x − η·d from the pseudo-gradient g = c(τ)·(b_k − x_k) (b_k: the model k started
     from; τ the push's staleness; c(τ) by ``staleness_lr``), d from the outer optimizer
-    (plain: d = g; ``nesterov``: Nesterov momentum β, applied every N-th update as in Liu et
+    (plain: d = g; ``nesterov``: Nesterov momentum μ, applied every N-th update as in Liu et
     al.'s delayed Nesterov). H = 1 with plain SGD inside is classic asynchronous SGD; one
-    worker with α = 1 is plain SGD, bit for bit.
+    worker with η = 1 is plain SGD, bit for bit.
 
     Consistency: no two workers need to hold the same model at any time; the global model
     (the consensus, what evaluation sees) lives on the server, which is a thread of rank 0
@@ -70,9 +70,9 @@ class AsyncLocalSGD(AlgorithmConfig):
     """The server's update: ``sgd`` (plain) or ``nesterov`` (momentum ``outer_momentum``,
     delayed by ``nesterov_delay``)."""
     outer_lr: float = 1.0
-    """α: the server's learning rate on the pseudo-gradient."""
+    """η: the server's learning rate on the pseudo-gradient."""
     outer_momentum: float = 0.9
-    """β: the server's Nesterov momentum (``outer_optimizer = "nesterov"`` only)."""
+    """μ: the server's Nesterov momentum (``outer_optimizer = "nesterov"`` only)."""
     nesterov_delay: int = 1
     """N: momentum is updated and applied every N-th update, plain steps of g/N in between
     (Liu et al. 2024, delayed Nesterov); 1 is Nesterov on every update."""

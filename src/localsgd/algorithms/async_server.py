@@ -99,14 +99,14 @@ class Applied:
 
 
 class OuterStep:
-    """The server's update θ ← θ − α·d from the pseudo-gradient g = base − x of an update.
+    """The server's update θ ← θ − η·d from the pseudo-gradient g = base − x of an update.
 
-    β = 0: d = g (plain; for α = 1 and unscaled pushes the worker's model is taken as is,
-    plus what others changed since its base). β > 0 with delay N (Liu et al. 2024,
+    μ = 0: d = g (plain; for η = 1 and unscaled pushes the worker's model is taken as is,
+    plus what others changed since its base). μ > 0 with delay N (Liu et al. 2024,
     "Asynchronous Local-SGD Training for Language Modeling", Algorithm 3, delayed
-    Nesterov): g is accumulated; every N-th update m ← β·m + ḡ (ḡ the mean of the N
-    accumulated) and d = g/N + β·m; in between d = g/N (no momentum). N = 1 is Nesterov
-    momentum on every update: m ← β·m + g, d = g + β·m.
+    Nesterov): g is accumulated; every N-th update m ← μ·m + ḡ (ḡ the mean of the N
+    accumulated) and d = g/N + μ·m; in between d = g/N (no momentum). N = 1 is Nesterov
+    momentum on every update: m ← μ·m + g, d = g + μ·m.
     """
 
     def __init__(self, model: Sequence[torch.Tensor], lr: float, momentum: float, delay: int) -> None:

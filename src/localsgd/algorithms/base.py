@@ -87,6 +87,27 @@ class Synchronizer(Protocol):
     def load_state_dict(self, state: Mapping[str, Any]) -> None: ...
 
 
+@dataclass(frozen=True)
+class AlgorithmCapabilities:
+    """What an algorithm config declares about itself, as the run config, studies and
+    reports need to know it (:attr:`AlgorithmConfig.capabilities`); nothing outside the
+    registry asks an algorithm's name."""
+
+    asynchronous: bool = False
+    """Workers never wait for one another (a parameter server): see
+    :attr:`AlgorithmConfig.asynchronous`."""
+    reads_inner_lr: bool = False
+    """The synchronizer reads the inner optimizer's learning rate: runs batched as trials
+    must share one rate schedule."""
+    uses_ddp_gradients: bool = False
+    """On a ``DistributedDataParallel`` model, DDP averages the gradients of every backward."""
+    synchronous_baseline: bool = False
+    """The synchronous data-parallel baseline a report marks beside the local algorithms."""
+    blocks: tuple[tuple[str, int], ...] = ()
+    """Each block scope the algorithm averages over, as (its config field, G): blocks of G
+    consecutive workers, so G must divide the workers."""
+
+
 class AlgorithmConfig:
     """Base of the algorithm configs: name, paper symbols, period, dict round trip, bind.
 
@@ -94,7 +115,8 @@ class AlgorithmConfig:
     the headline fields to their paper symbols, in the order a label prints them;
     ``OPTIONAL_SYMBOLS`` the fields a label prints by symbol after them only where they
     differ from the default (SlowMo's t'); ``RENAMED`` maps old field names to new ones
-    (the old name gets an error naming the new).
+    (the old name gets an error naming the new). The class variables below declare what
+    the algorithm needs of a run; :attr:`capabilities` gathers them.
     """
 
     name: ClassVar[str]
@@ -115,6 +137,20 @@ class AlgorithmConfig:
     READS_INNER_LR: ClassVar[bool] = False
     """Whether the synchronizer reads the inner optimizer's learning rate (SlowMo scales
     its outer step by it): runs batched as trials must then share one rate schedule."""
+    BLOCK_FIELDS: ClassVar[tuple[str, ...]] = ()
+    """Fields holding a block size G (blocks of G consecutive workers average among
+    themselves): the run config checks that each divides the workers."""
+
+    @property
+    def capabilities(self) -> AlgorithmCapabilities:
+        """What this config declares (its class variables, its block sizes)."""
+        return AlgorithmCapabilities(
+            asynchronous=self.asynchronous,
+            reads_inner_lr=self.READS_INNER_LR,
+            uses_ddp_gradients=self.USES_DDP_GRADIENTS,
+            synchronous_baseline=self.SYNCHRONOUS_BASELINE,
+            blocks=tuple((key, int(getattr(self, key))) for key in self.BLOCK_FIELDS),
+        )
 
     @property
     def sync_period(self) -> int | None:
@@ -185,6 +221,10 @@ def register(name: str) -> Callable[[C], C]:
     def deco(cls: C) -> C:
         if name in _REGISTRY:
             raise ValueError(f"algorithm name {name!r} is already registered")
+        fields = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set[str]()
+        missing = [key for key in cls.BLOCK_FIELDS if key not in fields]
+        if missing:
+            raise ValueError(f"algorithm {name!r} declares BLOCK_FIELDS {missing} it has no field for")
         cls.name = name
         if cls.RENAMED:
             _refuse_renamed_keywords(cls)
@@ -206,6 +246,11 @@ def _refuse_renamed_keywords(cls: type[AlgorithmConfig]) -> None:
         init(self, *args, **kwargs)
 
     cls.__init__ = checked  # type: ignore[method-assign]
+
+
+def unregister(name: str) -> None:
+    """Forget the algorithm registered as ``name`` (one a test defined)."""
+    _REGISTRY.pop(name, None)
 
 
 def names() -> list[str]:

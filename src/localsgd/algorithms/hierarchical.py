@@ -25,6 +25,7 @@ class HierarchicalLocalSGD(AlgorithmConfig):
     """
 
     SYMBOLS: ClassVar[dict[str, str]] = {"period": "H", "block_period": "Hb", "block_size": "G"}
+    BLOCK_FIELDS: ClassVar[tuple[str, ...]] = ("block_size",)
 
     period: int = 4
     """H: local steps between two block averagings."""

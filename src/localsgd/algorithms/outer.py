@@ -3,11 +3,14 @@
 Both keep an anchor x_0 (the model at the last sync, identical everywhere) and, after the
 replicas are averaged into x̄, take one momentum step on the pseudo-gradient:
 
-    g = (x_0 - x̄) / s          u ← β·u + g          d = g + β·u (Nesterov) or u
-    x_0 ← x_0 - α·s·d           every replica ← x_0
+    g = (x_0 - x̄) / s          u ← μ·u + g          d = g + μ·u (Nesterov) or u
+    x_0 ← x_0 - η·s·d           every replica ← x_0
+
+with η = ``outer_lr`` and μ = ``outer_momentum`` (the symbols of docs/algorithms.md's
+table; SlowMo's paper writes α and β).
 
 SlowMo scales by the inner learning rate, s = γ_t (Wang et al. 2020, Algorithm 1); DiLoCo
-uses s = 1 (Douillard et al. 2023). With β = 0 and α = 1 either reduces to local SGD.
+uses s = 1 (Douillard et al. 2023). With μ = 0 and η = 1 either reduces to local SGD.
 
 With a switch step t' > 0 either runs as post-local SGD does (Lin et al. 2020): mini-batch
 SGD for the steps t < t', then outer steps from x_0 = the model at t' with u = 0 (Ortiz
@@ -65,7 +68,7 @@ class OuterMomentum:
         params = self.ctx.params
         for s, idx in self._scales().items():
             if s == 0:
-                # A zero inner learning rate moved nothing; the outer step α·γ·u is 0 too.
+                # A zero inner learning rate moved nothing; the outer step η·γ·u is 0 too.
                 torch._foreach_copy_([params[i] for i in idx], [self.anchor[i] for i in idx])
                 continue
             x0 = [self.anchor[i] if commit else self.anchor[i].clone() for i in idx]
@@ -103,8 +106,8 @@ class OuterMomentum:
 @dataclass(frozen=True)
 class SlowMo(AlgorithmConfig):
     """Local SGD with slow momentum: every H steps the averaged update (x_0 - x̄)/γ feeds a
-    momentum buffer u ← βu + (x_0 - x̄)/γ and the model moves x_0 ← x_0 - αγu (α =
-    ``outer_lr``, β = ``outer_momentum``, the names DiLoCo's fields use too), γ being
+    momentum buffer u ← μu + (x_0 - x̄)/γ and the model moves x_0 ← x_0 - ηγu (η =
+    ``outer_lr``, μ = ``outer_momentum``, as for DiLoCo; the paper's α and β), γ being
     the inner optimizer's current learning rate (Wang et al. 2020, "SlowMo").
 
     With ``switch_step`` t' > 0, mini-batch SGD comes first and slow momentum starts at t'
@@ -114,7 +117,7 @@ class SlowMo(AlgorithmConfig):
     right after each sync from then on.
     """
 
-    SYMBOLS: ClassVar[dict[str, str]] = {"period": "H", "outer_momentum": "β", "outer_lr": "α"}
+    SYMBOLS: ClassVar[dict[str, str]] = {"period": "H", "outer_momentum": "μ", "outer_lr": "η"}
     OPTIONAL_SYMBOLS: ClassVar[dict[str, str]] = {"switch_step": "t'"}
     READS_INNER_LR: ClassVar[bool] = True
     RENAMED: ClassVar[dict[str, str]] = {"lr": "outer_lr", "momentum": "outer_momentum"}
@@ -122,9 +125,9 @@ class SlowMo(AlgorithmConfig):
     period: int = 8
     """H (τ in the paper): local steps between two outer steps."""
     outer_momentum: float = 0.5
-    """β: slow momentum, in [0, 1)."""
+    """μ (the paper's β): slow momentum, in [0, 1)."""
     outer_lr: float = 1.0
-    """α: slow learning rate, > 0."""
+    """η (the paper's α): slow learning rate, > 0."""
     nesterov: bool = False
     """Use Nesterov's form of the slow momentum step."""
     average_buffers: bool = True

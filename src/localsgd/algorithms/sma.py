@@ -20,19 +20,21 @@ class SMA(AlgorithmConfig):
     """Every step each learner is pulled toward a central model z, and z follows the
     learners with momentum (Koliousis et al. 2019, "Crossbow", Algorithm 1):
 
-        c_j = α·(w_j - z)                  (w_j before this step's update)
+        c_j = λ·(w_j - z)                  (w_j before this step's update)
         w_j ← w_j - γ∇f_j(w_j) - c_j       (the gradient part is the user's optimizer)
         z   ← z + Σ_j c_j + μ·(z - z_prev)
+
+    λ = ``alpha`` is the paper's α (docs/algorithms.md keeps α for link latency).
 
     Consistency: learners stay different; z is identical everywhere and is the consensus
     model (what evaluation sees and what ``DataParallel`` leaves on exit). One collective
     per dtype per step.
     """
 
-    SYMBOLS: ClassVar[dict[str, str]] = {"alpha": "α", "momentum": "μ"}
+    SYMBOLS: ClassVar[dict[str, str]] = {"alpha": "λ", "momentum": "μ"}
 
     alpha: float | None = None
-    """α: strength of the correction toward z, in (0, 1]; None means 1/K for K workers."""
+    """λ (the paper's α): strength of the correction toward z, in (0, 1]; None means 1/K for K workers."""
     momentum: float = 0.9
     """μ: momentum of the central model, in [0, 1)."""
 
@@ -42,7 +44,7 @@ class SMA(AlgorithmConfig):
         check_float("sma.momentum", self.momentum, 0.0, 1.0)
 
     def label(self, shown: Mapping[str, str] | None = None, omit: Collection[str] = ()) -> str:
-        return super().label(shown, omit).replace("α=None", "α=1/K")
+        return super().label(shown, omit).replace("λ=None", "λ=1/K")
 
     def bind(self, ctx: SyncContext) -> SMASync:
         return SMASync(self, ctx)
@@ -70,7 +72,7 @@ class SMASync:
         self.correction = None
         torch._foreach_add_(self.ctx.params, d, alpha=-self.alpha)
         self.ctx.comm.average(d, WORLD)  # now mean_j(w_j - z)
-        # z_new = z + K·α·mean(d) + μ·(z - z_prev)
+        # z_new = z + K·λ·mean(d) + μ·(z - z_prev)
         k = self.ctx.comm.world_size
         step = torch._foreach_sub(self.central, self.central_prev)
         torch._foreach_mul_(step, self.momentum)

@@ -5,7 +5,7 @@ on any particular machine); ``docs/costmodel.md`` gives the source of every numb
 file describes your own cluster::
 
     name = "lab"
-    devices_per_node = 4          # G; 1 for one worker per machine
+    devices_per_node = 4          # M; 1 for one worker per machine
     seconds_per_sample = 2.0e-5   # optional: compute per sample on one device
     allreduce = "hierarchical"    # optional: or "ring" (one flat ring across nodes, as gloo)
 
@@ -118,11 +118,11 @@ class ClusterFile:
     name: str
     """What reports call the cluster."""
     devices_per_node: int
-    """G: workers per node; 1 for one worker per machine."""
+    """M: workers per node; 1 for one worker per machine."""
     inter: LinkFile
     """The link between nodes."""
     intra: LinkFile | None = None
-    """The link inside a node; required when G > 1."""
+    """The link inside a node; required when M > 1."""
     seconds_per_sample: float | None = None
     """Compute per sample on one device (default: measured in each run)."""
     description: str = ""

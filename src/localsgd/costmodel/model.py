@@ -52,21 +52,21 @@ ALLREDUCE_ALGORITHMS = ("hierarchical", "ring")
 
 @dataclass(frozen=True)
 class Cluster:
-    """Nodes of ``devices_per_node`` devices (G): devices of one node talk over ``intra``,
-    nodes over ``inter``. A flat cluster (one worker per machine) has G = 1 and no intra link.
+    """Nodes of ``devices_per_node`` devices (M): devices of one node talk over ``intra``,
+    nodes over ``inter``. A flat cluster (one worker per machine) has M = 1 and no intra link.
 
-    K workers fill nodes in rank order: ranks [0, G) on the first node, [G, 2G) on the
-    next, ..., so they occupy ceil(K/G) nodes (one node of K devices when K < G).
+    K workers fill nodes in rank order: ranks [0, M) on the first node, [M, 2M) on the
+    next, ..., so they occupy ceil(K/M) nodes (one node of K devices when K < M).
     """
 
     name: str
     """Short name, shown in reports."""
     devices_per_node: int
-    """G: devices (workers) per node, ≥ 1."""
+    """M: devices (workers) per node, ≥ 1."""
     inter: Link
     """The link between nodes (per device: see ``docs/costmodel.md`` on rail-optimised NICs)."""
     intra: Link | None = None
-    """The link between the devices of one node; required when G > 1, unused when G = 1."""
+    """The link between the devices of one node; required when M > 1, unused when M = 1."""
     seconds_per_sample: float | None = None
     """Compute seconds per training sample on one target device (forward + backward +
     optimizer step); a step of per-worker batch B costs B × this. None: use the compute
@@ -74,11 +74,11 @@ class Cluster:
     description: str = ""
     """One line on what the cluster is and where its numbers come from."""
     allreduce: str = "hierarchical"
-    """How an all-reduce spanning several nodes of G > 1 devices runs: ``hierarchical``
-    (intra-node reduce-scatter, G concurrent inter-node rings on the n/G shards, intra-node
+    """How an all-reduce spanning several nodes of M > 1 devices runs: ``hierarchical``
+    (intra-node reduce-scatter, M concurrent inter-node rings on the n/M shards, intra-node
     all-gather: NCCL on rail-optimised nodes) or ``ring`` (one flat ring over all p ranks in
     rank order, as gloo runs every all-reduce: the hop that crosses nodes sets the pace of
-    every step). Irrelevant when G = 1."""
+    every step). Irrelevant when M = 1."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name.strip():
@@ -101,18 +101,18 @@ class Cluster:
             raise ValueError(f"allreduce must be one of {list(ALLREDUCE_ALGORITHMS)}, got {self.allreduce!r}")
 
     def placement(self, workers: int) -> tuple[int, int]:
-        """(nodes, devices used per node) for K = ``workers``: (ceil(K/G), min(K, G))."""
+        """(nodes, devices used per node) for K = ``workers``: (ceil(K/M), min(K, M))."""
         _check_workers(workers)
         return math.ceil(workers / self.devices_per_node), min(workers, self.devices_per_node)
 
     def _flat(self, p: int) -> bool:
-        """Whether an all-reduce over ranks [0, p), p > G, is one flat ring at the
+        """Whether an all-reduce over ranks [0, p), p > M, is one flat ring at the
         inter-node link's pace (rather than hierarchical)."""
         g = self.devices_per_node
         return g == 1 or p % g != 0 or self.allreduce == "ring"
 
     def _intra(self) -> Link:
-        assert self.intra is not None, f"cluster {self.name!r}: G = {self.devices_per_node} needs intra"
+        assert self.intra is not None, f"cluster {self.name!r}: M = {self.devices_per_node} needs intra"
         return self.intra
 
 
@@ -166,12 +166,12 @@ def allreduce_seconds(nbytes: float, p: int, cluster: Cluster) -> float:
     """One all-reduce of ``nbytes`` over ranks [0, p) of ``cluster`` (placed in rank order).
 
     - p = 1: 0.
-    - p ≤ G (one node): a ring on the intra-node link.
-    - G = 1 (one device per node): a ring on the inter-node link.
-    - p a multiple of G, N = p/G > 1 nodes, ``cluster.allreduce == "hierarchical"``: an
-      intra-node reduce-scatter, (G−1)(α_i + n/(G·β_i)); G concurrent inter-node ring
-      all-reduces of the n/G-byte shards over N nodes, one per local rank; an intra-node
-      all-gather, (G−1)(α_i + n/(G·β_i)).
+    - p ≤ M (one node): a ring on the intra-node link.
+    - M = 1 (one device per node): a ring on the inter-node link.
+    - p a multiple of M, N = p/M > 1 nodes, ``cluster.allreduce == "hierarchical"``: an
+      intra-node reduce-scatter, (M−1)(α_i + n/(M·β_i)); M concurrent inter-node ring
+      all-reduces of the n/M-byte shards over N nodes, one per local rank; an intra-node
+      all-gather, (M−1)(α_i + n/(M·β_i)).
     - otherwise (a partly filled last node, or ``allreduce == "ring"``): one flat ring over
       all p ranks at the pace of the inter-node link, since a ring advances in lock-step
       and its slowest hop sets each step.
@@ -203,7 +203,7 @@ def allreduce_cost(p: int, cluster: Cluster) -> CollectiveCost:
     if cluster._flat(p):
         return ring_cost(p, cluster.inter)
     across = ring_cost(p // g, cluster.inter)
-    # The inter-node rings carry shards of n/G bytes: their per-byte term scales by 1/G.
+    # The inter-node rings carry shards of n/M bytes: their per-byte term scales by 1/M.
     return ring_cost(g, cluster._intra()) + CollectiveCost(across.latency, across.per_byte / g)
 
 
@@ -242,11 +242,11 @@ def server_cost(workers: int, cluster: Cluster) -> CollectiveCost:
     """One push or pull of a worker to or from a parameter server on rank 0's node, when
     every worker moves as much (the affine terms per byte of *one* worker's transfers).
 
-    The server's links carry every worker's transfers one after another: the G − 1 other
-    workers of its node over the intra-node link, the K − G workers of other nodes over
+    The server's links carry every worker's transfers one after another: the M − 1 other
+    workers of its node over the intra-node link, the K − M workers of other nodes over
     its inter-node link (its own worker's transfers stay in its memory). Per byte of one
     worker's transfer the server's busiest link is therefore busy
-    max((K − G')/β_e, (G' − 1)/β_i) seconds, G' = min(K, G): the time a worker waits when the
+    max((K − M')/β_e, (M' − 1)/β_i) seconds, M' = min(K, M): the time a worker waits when the
     server is the bottleneck, which this model charges to every transfer (a push and a pull
     per round: 2 transfers of the model). Latency: α of the link the farthest worker uses.
     One worker: 0 (the server is in its process)."""
@@ -267,9 +267,9 @@ def scope_cost(scope: str, workers: int, cluster: Cluster) -> CollectiveCost:
 
     World: :func:`allreduce_cost` over all K workers. A block of b consecutive ranks
     (all blocks run at once, each on its own links): a ring on the intra-node link when
-    every block lies inside one node (b ≤ G and b divides G, or all K workers share one
-    node); when b < G does not divide G some blocks straddle two nodes, and their ring runs
-    at the inter-node link's pace; b > G is costed like a world all-reduce over b ranks.
+    every block lies inside one node (b ≤ M and b divides M, or all K workers share one
+    node); when b < M does not divide M some blocks straddle two nodes, and their ring runs
+    at the inter-node link's pace; b > M is costed like a world all-reduce over b ranks.
     """
     size = scope_size(scope, workers)
     if scope in SERVER_SCOPES:

@@ -1,7 +1,7 @@
-"""An emulated multi-node cluster: N network namespaces × G worker processes each, started
+"""An emulated multi-node cluster: N network namespaces × M worker processes each, started
 the way a real multi-node job is, one ``torchrun`` per node::
 
-    ip netns exec NODE_i python -m torch.distributed.run --nnodes N --nproc-per-node G \\
+    ip netns exec NODE_i python -m torch.distributed.run --nnodes N --nproc-per-node M \\
         --rdzv-backend c10d --rdzv-endpoint ADDR_0:PORT --local-addr ADDR_i \\
         -m localsgd.worker CONFIG --run-dir DIR
 
@@ -58,7 +58,7 @@ class Placement:
 
 
 class EmulatedCluster:
-    """``nodes`` emulated nodes of ``procs_per_node`` worker processes (G), their links
+    """``nodes`` emulated nodes of ``procs_per_node`` worker processes (M), their links
     shaped to ``rate`` with a ``burst``-byte bucket (see
     :class:`~localsgd.emulation.network.NetworkSpec`).
 
@@ -130,7 +130,7 @@ class EmulatedCluster:
     # -- launching ---------------------------------------------------------------------------
 
     def placement(self, nodes: int | None = None, procs_per_node: int | None = None) -> Placement:
-        """The first ``nodes`` nodes (default: all) × ``procs_per_node`` (default: G)."""
+        """The first ``nodes`` nodes (default: all) × ``procs_per_node`` (default: M)."""
         n = self.nodes if nodes is None else nodes
         g = self.procs_per_node if procs_per_node is None else procs_per_node
         if not 1 <= n <= self.nodes or g < 1:
@@ -194,7 +194,7 @@ class EmulatedCluster:
         timeout: float | None = None,
     ) -> list[int]:
         """Run ``program`` (:meth:`commands`) under torchrun on the nodes of ``where``
-        (default: all × G) and wait; returns each node's exit code. Logs go to
+        (default: all × M) and wait; returns each node's exit code. Logs go to
         ``log_dir/node<i>.log``. A node that fails gets the others stopped after
         :data:`FAILURE_GRACE` seconds; past ``timeout`` every node is stopped (``TimeoutError``)."""
         if self._signals is None:
@@ -236,7 +236,7 @@ class EmulatedCluster:
 
     def execute(self, job: Job) -> None:
         """Run a process engine ``job`` (one run: ``localsgd.worker`` on its
-        ``config.json``) on all N × G workers; ``WorkerFailure`` with the first worker's
+        ``config.json``) on all N × M workers; ``WorkerFailure`` with the first worker's
         own error when it fails."""
         if job.workers != self.world_size:
             raise ValueError(

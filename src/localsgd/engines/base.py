@@ -13,6 +13,7 @@ the worker entry point (``python -m localsgd.worker``). A study runs many jobs t
 from __future__ import annotations
 
 import contextlib
+import enum
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,62 @@ from localsgd.comm.base import Communicator
 from localsgd.records.record import EngineInfo, ErrorInfo
 from localsgd.util.checks import ConfigError
 from localsgd.util.lifetime import DEFAULT_TIMEOUT_SECONDS
+
+
+class Capability(enum.Flag):
+    """What an engine can do, or how its workers behave, as the run config, studies and
+    reports need to know it: an engine declares the set (``Engine.capabilities``), and
+    nothing outside this registry asks an engine's name (see :data:`MEANING`)."""
+
+    TRIAL_BATCHING = enum.auto()
+    WORKER_SPEEDS = enum.auto()
+    STEPS_BY_SPEED = enum.auto()
+    SPEEDS_BY_HOLDING_STILL = enum.auto()
+    RESTARTS = enum.auto()
+    OPTIONS = enum.auto()
+    STEPS_WITHOUT_AGREEMENT = enum.auto()
+
+    @property
+    def key(self) -> str:
+        """The capability as messages and ``localsgd engines`` write it."""
+        return (self.name or "").lower()
+
+
+MEANING: dict[Capability, str] = {
+    Capability.TRIAL_BATCHING: (
+        "trains several runs of one model shape in one process, as independent groups of "
+        "replicas: the trials of a search"
+    ),
+    Capability.WORKER_SPEEDS: "gives its workers unequal speeds (engine_options), which order a parameter server's pushes",
+    Capability.STEPS_BY_SPEED: "lets the workers of an asynchronous run take steps in proportion to their speeds",
+    Capability.SPEEDS_BY_HOLDING_STILL: (
+        "steps workers of unequal speeds by holding the others still, each at a step of its own: "
+        "exact for SGD at a constant learning rate only"
+    ),
+    Capability.RESTARTS: "restarts a failed worker group from its last mid-run checkpoint (train.max_restarts)",
+    Capability.OPTIONS: "takes engine_options of its own",
+    Capability.STEPS_WITHOUT_AGREEMENT: (
+        "lets its workers step without agreeing with one another (no fp16 overflow agreement, "
+        "no step that every worker reaches together)"
+    ),
+}
+"""What each capability means, in the words error messages and docs use."""
+
+
+class EngineOptions(Protocol):
+    """An engine's checked options (what :meth:`Engine.options` returns; None when the
+    engine takes none)."""
+
+    def requests(self) -> Mapping[Capability, str]:
+        """The capabilities these options ask of their engine, each with the setting that
+        asks for it (``"engine_options.worker_speeds = [1.0, 2.0]"``): the run config
+        refuses a request the engine does not declare, and checks what a request implies."""
+        ...
+
+
+def requests(options: EngineOptions | None) -> Mapping[Capability, str]:
+    """What ``options`` (an engine's checked options, None for none) ask of the engine."""
+    return {} if options is None else options.requests()
 
 
 class WorkerFailure(Exception):
@@ -195,10 +252,13 @@ class Engine(Protocol):
     """How the K workers of a run execute; see the module docstring."""
 
     info: EngineInfo
+    capabilities: Capability
+    """What the engine can do (:class:`Capability`); what its figures mean is ``info``."""
 
-    def options(self, raw: Mapping[str, Any] | None, workers: int | None = None) -> Any:
+    def options(self, raw: Mapping[str, Any] | None, workers: int | None = None) -> EngineOptions | None:
         """The run's ``engine_options`` table checked (against ``workers`` when given) and
-        made this engine's own options; ``ConfigError`` naming ``engine_options.<key>``."""
+        made this engine's own options (None for an engine that takes none);
+        ``ConfigError`` naming ``engine_options.<key>``."""
         ...
 
     def processes(self, workers: int, options: Mapping[str, Any] | None = None) -> int:
@@ -238,8 +298,9 @@ class Engine(Protocol):
 
 @runtime_checkable
 class TrialBatching(Protocol):
-    """An engine that can train several runs of one model shape in one process, as
-    independent groups of replicas (the trials of a search): studies batch such runs."""
+    """What an engine that declares :attr:`Capability.TRIAL_BATCHING` has: it trains several
+    runs of one model shape in one process, as independent groups of replicas (the trials of
+    a search)."""
 
     def trial_replicas(
         self,
@@ -263,8 +324,31 @@ def register(engine: Engine) -> Engine:
     name = engine.info.name
     if name in _REGISTRY:
         raise ValueError(f"engine name {name!r} is already registered")
+    if not isinstance(engine.capabilities, Capability):
+        raise ValueError(f"engine {name!r} must declare its capabilities as a Capability set")
+    if Capability.TRIAL_BATCHING in engine.capabilities and not isinstance(engine, TrialBatching):
+        raise ValueError(f"engine {name!r} declares trial_batching but has no trial_replicas")
     _REGISTRY[name] = engine
     return engine
+
+
+def unregister(name: str) -> None:
+    """Forget the engine registered as ``name`` (an engine a test defined)."""
+    _REGISTRY.pop(name, None)
+
+
+def having(capability: Capability) -> list[str]:
+    """The registered engines that declare ``capability``, sorted."""
+    return [name for name in names() if capability in _REGISTRY[name].capabilities]
+
+
+def require(engine: Engine, capability: Capability, setting: str) -> None:
+    """``ConfigError`` naming ``setting`` unless ``engine`` declares ``capability``."""
+    if capability not in engine.capabilities:
+        raise ConfigError(
+            f"{setting}: engine {engine.info.name!r} does not declare {capability.key} (it "
+            f"{MEANING[capability]}); engines that do: {having(capability)}"
+        )
 
 
 def names() -> list[str]:
@@ -284,7 +368,7 @@ def no_options(engine: str, raw: Mapping[str, Any] | None) -> None:
     if raw:
         raise ConfigError(
             f"engine_options.{sorted(raw)[0]}: engine {engine!r} takes no options; "
-            "engine_options are for engine = 'hogwild' or 'simulated'"
+            f"engine_options are for engine = one of {having(Capability.OPTIONS)}"
         )
 
 

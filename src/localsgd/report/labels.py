@@ -39,7 +39,7 @@ def _epoch_texts(spec: Mapping[str, Any]) -> dict[str, str]:
 
 
 def variant_label(config: Mapping[str, Any], omit: Sequence[str] = ()) -> str:
-    """``"local_sgd H=4"``, ``"slowmo H=8 β=0.5 α=1"``, ``"sma α=1/K μ=0.9"``, ... for a
+    """``"local_sgd H=4"``, ``"slowmo H=8 μ=0.5 η=1"``, ``"sma λ=1/K μ=0.9"``, ... for a
     run config dict (``RunConfig.to_dict()``), without the fields in ``omit``."""
     spec = dict(config.get("algorithm") or {})
     built = _config(spec)

@@ -8,7 +8,7 @@ import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from localsgd.records.record import SPLITS
 from localsgd.util.checks import (
@@ -21,6 +21,10 @@ from localsgd.util.checks import (
     to_dict,
 )
 from localsgd.util.lifetime import DEFAULT_TIMEOUT_SECONDS
+
+if TYPE_CHECKING:
+    from localsgd.algorithms import AlgorithmCapabilities
+    from localsgd.engines import Capability, Engine
 
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("constant", "step", "cosine", "half_cosine", "linear")
@@ -286,7 +290,9 @@ def _default_algorithm() -> dict[str, Any]:
 
 
 def _default_workload() -> dict[str, Any]:
-    return {"name": "mnist1d_cnn"}
+    from localsgd.workloads import DEFAULT
+
+    return {"name": DEFAULT}
 
 
 @dataclass(frozen=True)
@@ -296,20 +302,19 @@ class RunConfig:
     name: str = "run"
     """A label for humans; the run's identity is the hash of the whole config."""
     workload: dict[str, Any] = field(default_factory=_default_workload)
-    """The workload's section: ``name`` (registered: ``mnist1d_cnn``, ``mnist1d_mlp``,
-    ``cifar10_resnet20``; or an import path ``package.module:function``) and the workload's
-    own options. ``workload = "name"`` is short for ``[workload] name = "name"``."""
+    """The workload's section: ``name`` (a registered workload: ``localsgd workloads`` lists
+    them, ``localsgd.workloads.DEFAULT`` the default; or an import path
+    ``package.module:function``) and the workload's own options. ``workload = "name"`` is
+    short for ``[workload] name = "name"``."""
     workers: int = 1
     """K: workers."""
     engine: str = "processes"
-    """How the K workers run (see ``localsgd.engines``): ``processes`` (torch.distributed,
-    one process each), ``simulated`` (all K replicas batched in one process, the same
-    semantics) or ``hogwild`` (P processes per device on one shared model, lock-free)."""
+    """How the K workers run: a registered engine (``localsgd engines`` lists them with the
+    capabilities each declares; docs/engines.md describes them)."""
     engine_options: dict[str, Any] = field(default_factory=dict)
-    """The engine's own options, checked by the engine: ``hogwild`` takes
-    ``procs_per_device`` (P) and ``devices`` (D), with workers = D × P; ``simulated`` takes
-    ``worker_speeds`` (one per worker) or ``speed_spread`` (σ of seeded log-normal speeds),
-    which order a parameter server's pushes; ``processes`` takes none."""
+    """The engine's own options, checked by the engine (its options dataclass names and
+    documents each key: docs/engines.md); what they ask of the engine (worker speeds, say)
+    must be among the capabilities it declares."""
     seed: int = 0
     """Model init (identical on every worker) and data order (shards per worker)."""
     device: str = "auto"
@@ -318,8 +323,9 @@ class RunConfig:
     """Intra-op CPU threads per worker (``torch.set_num_threads``). One per worker keeps K
     processes from oversubscribing the cores; small models gain nothing from more."""
     algorithm: dict[str, Any] = field(default_factory=_default_algorithm)
-    """The algorithm table, as for ``localsgd.algorithms.build``; post-local SGD also takes
-    ``switch_epoch`` (converted to ``switch_step`` from the steps per epoch)."""
+    """The algorithm table, as for ``localsgd.algorithms.build`` (``localsgd algorithms``
+    lists the registered ones); every ``<x>_step`` field may be given as ``<x>_epoch``
+    instead (``switch_epoch``, converted from the steps per epoch)."""
     data: DataConfig = field(default_factory=DataConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
@@ -339,49 +345,14 @@ class RunConfig:
         if not 1 <= len(self.name) <= 200 or not self.name.isprintable():
             raise ConfigError(f"name must be 1 to 200 printable characters, got {self.name[:80]!r}")
         check_int("workers", self.workers, 1, MAX_WORKERS)
-        options = engines.get(self.engine).options(self.engine_options, self.workers)
+        engine = engines.get(self.engine)
+        options = engine.options(self.engine_options, self.workers)
         check_int("seed", self.seed, 0, 2**63 - 1)
         check_choice("device", self.device, ("auto", "cpu", "cuda"))
         check_int("threads", self.threads, 1, MAX_THREADS)
         check_choice("fixed", self.fixed, ("worker_batch", "global_batch"))
         algorithm = self.algorithm_config(steps_per_epoch=1)  # validates the algorithm table
-        if getattr(options, "steps", "equal") != "equal" and not algorithm.asynchronous:
-            raise ConfigError(
-                f"engine_options.steps = {options.steps!r} needs an asynchronous algorithm "
-                f"(a parameter server); {algorithm.name!r} steps every worker together"
-            )
-        if algorithm.asynchronous and getattr(options, "heterogeneous", False):
-            warm = self.schedule.warmup_epochs or self.schedule.warmup_steps or self.schedule.warmup_ratio
-            constant = self.schedule.name == "constant" and not warm
-            if self.optimizer.name != "sgd" or not constant:
-                raise ConfigError(
-                    "engine_options: simulated workers of unequal speeds under an asynchronous algorithm "
-                    "are stepped while others are held still, each at a step of its own, which needs "
-                    "optimizer.name = 'sgd' and a constant schedule (schedule.name = 'constant', no warmup)"
-                )
-        # fp16 agrees on overflows with a collective before every step (Replicas.unscale_):
-        # asynchronous workers take no collectives once training has started, and Hogwild's
-        # helper processes step without a GradScaler.
-        alone = self.steps_alone()
-        if self.train.precision == "fp16" and alone:
-            raise ConfigError(
-                "train.precision = 'fp16' needs every worker to agree on overflows before each step, "
-                "which asynchronous algorithms and the hogwild engine do not do; use 'bf16' or 'fp32'"
-            )
-        # Mid-run checkpoints are taken at a step every worker has reached (a barrier); workers
-        # that never wait for one another have none, so their runs restart instead of resuming.
-        if self.train.max_restarts and alone:
-            raise ConfigError(
-                f"train.max_restarts = {self.train.max_restarts}: asynchronous algorithms and the hogwild "
-                "engine take no mid-run checkpoints to restart from; set it to 0"
-            )
-        # Stopping at a crossing needs every worker to stop at the same step, after an
-        # evaluation they all see; asynchronous workers do not wait for one another.
-        if self.train.stop_at is not None and alone:
-            raise ConfigError(
-                f"train.stop_at = {self.train.stop_at!r}: asynchronous algorithms and the hogwild engine "
-                "cannot stop every worker at one evaluation; leave it unset"
-            )
+        self._check_capabilities(engine, engines.requests(options), algorithm.capabilities)
         schedule = self.schedule
         first_decay = schedule.milestones[0] * self.train.epochs if schedule.milestones else math.inf
         if schedule.name == "step" and schedule.warmup_epochs and first_decay <= schedule.warmup_epochs:
@@ -389,12 +360,6 @@ class RunConfig:
                 f"schedule.milestones[0] = {schedule.milestones[0]} of {self.train.epochs:g} epochs falls "
                 f"inside the warmup (warmup_epochs = {schedule.warmup_epochs:g}): a step decay must come "
                 "after the warmup"
-            )
-        block = getattr(algorithm, "block_size", None)
-        if block is not None and self.workers % block:
-            raise ConfigError(
-                f"algorithm.block_size = {block} does not divide workers = {self.workers}; "
-                "blocks are groups of consecutive workers"
             )
         workloads.check_spec(self.workload)
         self.comm.check_workers(self.workers)
@@ -407,14 +372,81 @@ class RunConfig:
                 f"got {self.from_run!r}"
             )
 
+    def _check_capabilities(
+        self, engine: Engine, asked: Mapping[Capability, str], algorithm: AlgorithmCapabilities
+    ) -> None:
+        """What this run needs of its engine and algorithm against what they declare."""
+        from localsgd.engines import Capability, require
+
+        name = self.algorithm.get("name")
+        for capability, setting in asked.items():
+            require(engine, capability, setting)
+        if Capability.STEPS_BY_SPEED in asked and not algorithm.asynchronous:
+            raise ConfigError(
+                f"{asked[Capability.STEPS_BY_SPEED]} needs an asynchronous algorithm (a parameter server); "
+                f"{name!r} steps every worker together"
+            )
+        held = Capability.WORKER_SPEEDS in asked and Capability.SPEEDS_BY_HOLDING_STILL in engine.capabilities
+        if held and algorithm.asynchronous:
+            warm = self.schedule.warmup_epochs or self.schedule.warmup_steps or self.schedule.warmup_ratio
+            constant = self.schedule.name == "constant" and not warm
+            if self.optimizer.name != "sgd" or not constant:
+                raise ConfigError(
+                    f"{asked[Capability.WORKER_SPEEDS]}: engine {self.engine!r} steps workers of unequal "
+                    "speeds under an asynchronous algorithm while others are held still, each at a step of "
+                    "its own, which needs optimizer.name = 'sgd' and a constant schedule "
+                    "(schedule.name = 'constant', no warmup)"
+                )
+        if self.train.max_restarts:
+            require(engine, Capability.RESTARTS, f"train.max_restarts = {self.train.max_restarts}")
+        # fp16 agrees on overflows with a collective before every step (Replicas.unscale_):
+        # asynchronous workers take no collectives once training has started, and workers of
+        # an engine that steps without agreement (Hogwild's helpers) step without a GradScaler.
+        alone = self._alone(engine, algorithm)
+        if self.train.precision == "fp16" and alone:
+            raise ConfigError(
+                f"train.precision = 'fp16' needs every worker to agree on overflows before each step, "
+                f"which {alone} does not do; use 'bf16' or 'fp32'"
+            )
+        # Mid-run checkpoints are taken at a step every worker has reached (a barrier); workers
+        # that never wait for one another have none, so their runs restart instead of resuming.
+        if self.train.max_restarts and alone:
+            raise ConfigError(
+                f"train.max_restarts = {self.train.max_restarts}: {alone} takes no mid-run checkpoints to "
+                "restart from; set it to 0"
+            )
+        # Stopping at a crossing needs every worker to stop at the same step, after an
+        # evaluation they all see; such workers do not wait for one another.
+        if self.train.stop_at is not None and alone:
+            raise ConfigError(
+                f"train.stop_at = {self.train.stop_at!r}: {alone} cannot stop every worker at one "
+                "evaluation; leave it unset"
+            )
+        for key, size in algorithm.blocks:
+            if self.workers % size:
+                raise ConfigError(
+                    f"algorithm.{key} = {size} does not divide workers = {self.workers}; "
+                    "blocks are groups of consecutive workers"
+                )
+
+    def _alone(self, engine: Engine, algorithm: AlgorithmCapabilities) -> str:
+        """What makes the workers step without waiting for one another, in words ('' if nothing)."""
+        from localsgd.engines import Capability
+
+        if algorithm.asynchronous:
+            return f"an asynchronous algorithm ({self.algorithm.get('name')!r})"
+        if Capability.STEPS_WITHOUT_AGREEMENT in engine.capabilities:
+            return f"engine {self.engine!r} (its workers step without agreement)"
+        return ""
+
     def steps_alone(self) -> bool:
-        """Whether workers step without waiting for one another (an asynchronous algorithm,
-        or an engine whose processes share one model, such as Hogwild)."""
+        """Whether workers step without waiting for one another: an asynchronous algorithm,
+        or an engine that declares ``STEPS_WITHOUT_AGREEMENT`` (processes sharing one model,
+        such as Hogwild's)."""
         from localsgd import engines
 
-        options = engines.get(self.engine).options(self.engine_options, self.workers)
-        asynchronous = self.algorithm_config(steps_per_epoch=1).asynchronous
-        return bool(asynchronous or getattr(options, "steps_without_agreement", False))
+        algorithm = self.algorithm_config(steps_per_epoch=1).capabilities
+        return bool(self._alone(engines.get(self.engine), algorithm))
 
     def processes(self) -> int:
         """The worker processes (torch.distributed ranks) the run's engine starts."""

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from localsgd import algorithms, engines, workloads
+from localsgd import engines, workloads
 from localsgd.distributed import resolve_device
 from localsgd.records.record import ErrorInfo, RunWriter, Status, failed_status
 from localsgd.records.store import Store
@@ -51,23 +51,23 @@ DEFAULT_BATCH = 64
 
 def batch_key(config: RunConfig) -> str | None:
     """What a run must share with the others of its batch (its config without
-    :data:`TRIAL_FIELDS`), or None when it cannot be batched: its engine cannot
-    (not :class:`~localsgd.engines.TrialBatching`), its optimizer is not SGD, it trains
-    in reduced precision, it has engine options (worker speeds) or its algorithm is
-    asynchronous. An algorithm that reads the inner learning rate
-    (``READS_INNER_LR``) keeps ``optimizer.lr`` and ``schedule`` in the key."""
-    if not isinstance(engines.get(config.engine), engines.TrialBatching):
+    :data:`TRIAL_FIELDS`), or None when it cannot be batched: its engine does not declare
+    ``TRIAL_BATCHING``, its optimizer is not SGD, it trains in reduced precision, it has
+    engine options (worker speeds) or its algorithm declares itself asynchronous. An
+    algorithm that declares it reads the inner learning rate (``reads_inner_lr``) keeps
+    ``optimizer.lr`` and ``schedule`` in the key."""
+    if engines.Capability.TRIAL_BATCHING not in engines.get(config.engine).capabilities:
         return None
     if config.optimizer.name != "sgd" or config.train.precision != "fp32":
         return None
-    if config.engine_options or config.algorithm_config(steps_per_epoch=1).asynchronous:
+    declared = config.algorithm_config(steps_per_epoch=1).capabilities
+    if config.engine_options or declared.asynchronous:
         # Worker speeds and a parameter server's schedule belong to one world of replicas;
         # trials are several worlds stepped together.
         return None
     data = config.to_dict()
-    shared_rate = algorithms.get(config.algorithm.get("name")).READS_INNER_LR
     for dotted in TRIAL_FIELDS:
-        if shared_rate and dotted in ("optimizer.lr", "schedule"):
+        if declared.reads_inner_lr and dotted in ("optimizer.lr", "schedule"):
             continue
         section, _, key = dotted.rpartition(".")
         (data[section] if section else data).pop(key)

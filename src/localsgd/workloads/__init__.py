@@ -8,10 +8,11 @@
 >>> wl.evaluate(model, "cpu")   # {"accuracy": ..., "eval_loss": ...}; wl.primary == "accuracy"
 >>> wl.evaluate(model, "cpu", "validation")   # the same on the held-out validation split
 
-Registered: ``mnist1d_cnn`` (the default), ``mnist1d_mlp``, ``cifar10_resnet20``, and the
-text workloads ``mnli``, ``squad``, ``mlm``, ``classification`` (:mod:`localsgd.workloads.text`,
-with the ``localsgd[text]`` extra); any
-``package.module:function`` returning a :class:`Workload` works too. Studies, engines and
+Registered workloads: ``cifar10_resnet20``, ``classification``, ``mlm``, ``mnist1d_cnn``,
+``mnist1d_fc``, ``mnist1d_mlp``, ``mnli``, ``squad``. :data:`DEFAULT` is the default; the
+text ones (:mod:`localsgd.workloads.text`) need the ``localsgd[text]`` extra; :func:`names`
+and ``localsgd workloads`` list them; any ``package.module:function`` returning a
+:class:`Workload` works too. Studies, engines and
 examples use workloads; algorithms never do. A workload with ``export(model, folder)`` (the
 text ones) leaves a run's final model where a later run loads it (:func:`export_model`).
 """

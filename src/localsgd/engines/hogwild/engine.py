@@ -25,14 +25,14 @@ import logging
 import traceback
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import nn
 
 from localsgd import workloads
 from localsgd.comm.base import Communicator
-from localsgd.engines.base import Job, Replicas, Session, register
+from localsgd.engines.base import Capability, Job, Replicas, Session, register
 from localsgd.engines.launching.launch import launch_run
 from localsgd.engines.launching.pool import LocalSession
 from localsgd.records.record import EngineInfo
@@ -54,13 +54,12 @@ class HogwildOptions:
     """D: devices (one leader process each); their models are combined by the run's
     algorithm over the D leaders. On CPU each "device" is a model in shared memory."""
 
-    steps_without_agreement: ClassVar[bool] = True
-    """The helpers step on their own, without the workers' agreement on fp16 overflows
-    (``Replicas.unscale_``): the run config refuses ``train.precision = "fp16"``."""
-
     def __post_init__(self) -> None:
         check_int("engine_options.procs_per_device", self.procs_per_device, 1, 1024)
         check_int("engine_options.devices", self.devices, 1, 1024)
+
+    def requests(self) -> dict[Capability, str]:
+        return {}
 
 
 class HogwildEngine:
@@ -75,6 +74,10 @@ class HogwildEngine:
             "process's steps"
         ),
     )
+    # The helpers step on their own, without the workers' agreement on fp16 overflows
+    # (Replicas.unscale_) and without a step every process reaches together: no mid-run
+    # checkpoint to restart from.
+    capabilities = Capability.OPTIONS | Capability.STEPS_WITHOUT_AGREEMENT
 
     def options(self, raw: Mapping[str, Any] | None, workers: int | None = None) -> HogwildOptions:
         options = from_dict(HogwildOptions, dict(raw or {}), "engine_options")
@@ -320,7 +323,7 @@ class HogwildReplicas:
         return loss.detach()
 
     def unscale_(self, scaler: Any, dp: Any) -> None:
-        # Unreachable from a checked run config (HogwildOptions.steps_without_agreement).
+        # Unreachable from a checked run config (Capability.STEPS_WITHOUT_AGREEMENT).
         raise RuntimeError("the hogwild engine does not train in fp16: its helpers step without a GradScaler")
 
     def mean_loss(

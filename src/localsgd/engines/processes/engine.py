@@ -22,7 +22,7 @@ from torch import nn
 
 from localsgd import workloads
 from localsgd.comm.base import Communicator
-from localsgd.engines.base import Job, Replicas, Session, no_options, register
+from localsgd.engines.base import Capability, Job, Replicas, Session, no_options, register
 from localsgd.engines.launching.launch import launch_run, root_error
 from localsgd.engines.launching.launch import write_worker_error as write_worker_error
 from localsgd.engines.launching.pool import LocalSession
@@ -37,6 +37,7 @@ class ProcessesEngine:
         real_wall_time=True,
         description="K worker processes on torch.distributed, one replica each",
     )
+    capabilities = Capability.RESTARTS
 
     def options(self, raw: Mapping[str, Any] | None, workers: int | None = None) -> None:
         no_options(self.info.name, raw)

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from localsgd.comm.base import Server
+from localsgd.engines.base import Capability
 from localsgd.util.checks import ConfigError, check_choice, check_float, from_dict
 
 
@@ -63,6 +64,17 @@ class SimulatedOptions:
     @property
     def heterogeneous(self) -> bool:
         return self.speed_spread > 0 or len(set(self.worker_speeds)) > 1
+
+    def requests(self) -> dict[Capability, str]:
+        """Unequal speeds ask for worker speeds; ``steps = "by_speed"`` for steps by speed."""
+        out: dict[Capability, str] = {}
+        if self.worker_speeds and self.heterogeneous:
+            out[Capability.WORKER_SPEEDS] = f"engine_options.worker_speeds = {list(self.worker_speeds)}"
+        elif self.speed_spread:
+            out[Capability.WORKER_SPEEDS] = f"engine_options.speed_spread = {self.speed_spread:g}"
+        if self.steps != "equal":
+            out[Capability.STEPS_BY_SPEED] = f"engine_options.steps = {self.steps!r}"
+        return out
 
     def speeds(self, workers: int, seed: int) -> list[float]:
         """The K workers' speeds."""

@@ -18,7 +18,7 @@ from torch import nn
 
 from localsgd import workloads
 from localsgd.comm.base import Communicator
-from localsgd.engines.base import Job, Replicas, Session, register
+from localsgd.engines.base import Capability, Job, Replicas, Session, register
 from localsgd.engines.launching.launch import launch_run
 from localsgd.engines.launching.pool import LocalSession
 from localsgd.engines.simulated.asynchrony import Asynchrony, SimulatedOptions, simulated_options
@@ -57,6 +57,14 @@ class SimulatedEngine:
         "simulated",
         real_wall_time=False,
         description="K replicas batched in one process (fused stacked layers, or vmap), the semantics of K worker processes",
+    )
+    capabilities = (
+        Capability.TRIAL_BATCHING
+        | Capability.WORKER_SPEEDS
+        | Capability.STEPS_BY_SPEED
+        | Capability.SPEEDS_BY_HOLDING_STILL
+        | Capability.RESTARTS
+        | Capability.OPTIONS
     )
 
     def options(self, raw: Mapping[str, Any] | None, workers: int | None = None) -> SimulatedOptions:
