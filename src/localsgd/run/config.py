@@ -378,9 +378,26 @@ class RunConfig:
         """What this run needs of its engine and algorithm against what they declare."""
         from localsgd.engines import Capability, require
 
-        name = self.algorithm.get("name")
         for capability, setting in asked.items():
             require(engine, capability, setting)
+        if self.train.max_restarts:
+            require(engine, Capability.RESTARTS, f"train.max_restarts = {self.train.max_restarts}")
+        self._check_speeds(engine, asked, algorithm)
+        self._check_alone(self._alone(engine, algorithm))
+        for key, size in algorithm.blocks:
+            if self.workers % size:
+                raise ConfigError(
+                    f"algorithm.{key} = {size} does not divide workers = {self.workers}; "
+                    "blocks are groups of consecutive workers"
+                )
+
+    def _check_speeds(
+        self, engine: Engine, asked: Mapping[Capability, str], algorithm: AlgorithmCapabilities
+    ) -> None:
+        """Workers of unequal speeds: what an asynchronous schedule of them needs."""
+        from localsgd.engines import Capability
+
+        name = self.algorithm.get("name")
         if Capability.STEPS_BY_SPEED in asked and not algorithm.asynchronous:
             raise ConfigError(
                 f"{asked[Capability.STEPS_BY_SPEED]} needs an asynchronous algorithm (a parameter server); "
@@ -397,12 +414,13 @@ class RunConfig:
                     "its own, which needs optimizer.name = 'sgd' and a constant schedule "
                     "(schedule.name = 'constant', no warmup)"
                 )
-        if self.train.max_restarts:
-            require(engine, Capability.RESTARTS, f"train.max_restarts = {self.train.max_restarts}")
+
+    def _check_alone(self, alone: str) -> None:
+        """What workers that step without waiting for one another (``alone`` says why, ''
+        when they wait) cannot do."""
         # fp16 agrees on overflows with a collective before every step (Replicas.unscale_):
         # asynchronous workers take no collectives once training has started, and workers of
         # an engine that steps without agreement (Hogwild's helpers) step without a GradScaler.
-        alone = self._alone(engine, algorithm)
         if self.train.precision == "fp16" and alone:
             raise ConfigError(
                 f"train.precision = 'fp16' needs every worker to agree on overflows before each step, "
@@ -422,12 +440,6 @@ class RunConfig:
                 f"train.stop_at = {self.train.stop_at!r}: {alone} cannot stop every worker at one "
                 "evaluation; leave it unset"
             )
-        for key, size in algorithm.blocks:
-            if self.workers % size:
-                raise ConfigError(
-                    f"algorithm.{key} = {size} does not divide workers = {self.workers}; "
-                    "blocks are groups of consecutive workers"
-                )
 
     def _alone(self, engine: Engine, algorithm: AlgorithmCapabilities) -> str:
         """What makes the workers step without waiting for one another, in words ('' if nothing)."""
