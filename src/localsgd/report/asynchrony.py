@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Sequence
 from typing import Any
 
 import pandas as pd
@@ -23,12 +22,8 @@ from matplotlib.ticker import MaxNLocator
 
 from localsgd.records import Store
 from localsgd.report import graphics
-from localsgd.report.render import Block, Figure, Heading, Paragraph, Table
-from localsgd.report.rounding import fmt, fmt_pm, number
+from localsgd.report.rounding import number
 from localsgd.report.tables import Study, natural_key
-
-STALENESS_PLOT = "staleness_distribution"
-UPDATES_PLOT = "metric_vs_updates"
 
 
 def run_details(study: Study) -> dict[str, dict[str, Any]]:
@@ -295,70 +290,3 @@ def updates_plot(study: Study, groups_shown: list[str]) -> MplFigure | None:
     graphics.legend(owners[-1] if len(owners) > 1 else owners[0], handles, labels, heading)
     return fig
 
-
-def section(
-    study: Study, look: dict[str, graphics.Style], formats: Sequence[str]
-) -> tuple[list[Block], dict[str, MplFigure]]:
-    """The report's "asynchronous training" section and its figures, by file stem; nothing
-    when no run was asynchronous."""
-    frame = runs_frame(study)
-    if not asynchronous(frame):
-        return [], {}
-    summary = groups(frame)
-    has_server = bool(summary["histogram"].map(bool).any())
-    has_time = bool(summary["virtual_time"].notna().any())
-    headers = ["workload", "configuration", "seeds", "updates", "updates/s"]
-    if has_server:
-        headers += ["pushes", "staleness mean", "p50", "p90", "max", "lost workers"]
-    if has_time:
-        headers.append("virtual time")
-    rows = []
-    for r in summary.itertuples(index=False):
-        cells = [str(r.workload), str(r.group), str(r.seeds), fmt(r.updates), fmt_pm(r.ups_mean, r.ups_std)]
-        if has_server:
-            cells += [
-                fmt(r.pushes),
-                fmt(r.staleness_mean),
-                fmt(r.staleness_p50),
-                fmt(r.staleness_p90),
-                fmt(r.staleness_max),
-                str(r.lost) if r.histogram else "",
-            ]
-        if has_time:
-            cells.append(fmt(r.virtual_time))
-        rows.append(cells)
-    blocks: list[Block] = [
-        Heading(2, "Asynchronous training"),
-        Paragraph(
-            "Updates: the updates the evaluated model received by the last evaluation (one per step "
-            "for synchronous algorithms, every process's step under Hogwild, the server's updates under "
-            "a parameter server), and per second of training (mean ± std over seeds). A push's staleness τ "
-            "is the number of updates applied between the model its worker started from and the push "
-            "(pooled over seeds; p50 and p90 are quantiles); lost workers died during the run, which went "
-            "on without them. Virtual time: simulated runs with worker speeds, in steps of a worker of "
-            "speed 1 (asynchronous: when the last worker finished; synchronous: every step waiting for "
-            "the slowest)."
-        ),
-        Table(headers, rows),
-    ]
-    figures: dict[str, MplFigure] = {}
-    updates = updates_plot(study, list(summary["group"]))
-    if updates is not None:
-        figures[UPDATES_PLOT] = updates
-        blocks.append(
-            Figure(
-                UPDATES_PLOT,
-                "Primary metric against updates of the evaluated model (mean over seeds)",
-                formats,
-            )
-        )
-    if has_server:
-        figures[STALENESS_PLOT] = staleness_plot(summary)
-        blocks.append(
-            Figure(
-                STALENESS_PLOT,
-                "Staleness distribution of the pushes (cumulative, pooled over seeds)",
-                formats,
-            )
-        )
-    return blocks, figures

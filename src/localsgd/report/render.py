@@ -66,16 +66,6 @@ class Contents:
 Block = Heading | Paragraph | Bullets | Table | Figure | Links | Contents
 
 
-def figure_section(
-    heading: str, text: str, stem: str, caption: str, figure: Any, formats: Sequence[str]
-) -> tuple[list[Block], dict[str, Any]]:
-    """A report section of one figure: its heading, a paragraph and the figure (written as
-    ``stem``); nothing when ``figure`` is None."""
-    if figure is None:
-        return [], {}
-    return [Heading(2, heading), Paragraph(text), Figure(stem, caption, formats)], {stem: figure}
-
-
 def slug(text: str) -> str:
     """A heading's anchor, as GitHub makes it: lower case, punctuation dropped, spaces to
     hyphens (``"Estimated on cluster 10gbe"`` -> ``estimated-on-cluster-10gbe``)."""
