@@ -13,8 +13,8 @@ import pytest
 
 from localsgd.records import Metric, Store
 from localsgd.report import graphics, make_report, plots
-from localsgd.report.labels import line_variant, variant_label, without_switch
 from localsgd.report.build import context
+from localsgd.report.labels import line_variant, variant_label, without_switch
 from localsgd.report.section import Parts
 from localsgd.report.sections import switch_point
 from localsgd.report.sections.switch_point import STEM
