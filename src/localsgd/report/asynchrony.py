@@ -20,7 +20,7 @@ import pandas as pd
 from matplotlib.figure import Figure as MplFigure
 from matplotlib.ticker import MaxNLocator
 
-from localsgd.records import Store
+from localsgd.records import Metric, Store
 from localsgd.report import graphics
 from localsgd.report.rounding import number
 from localsgd.report.tables import Study, natural_key
@@ -190,9 +190,11 @@ def staleness_plot(summary: pd.DataFrame) -> MplFigure:
     return fig
 
 
-def _encoding(
-    variants: list[str], engines: list[str]
-) -> tuple[dict[str, Any], dict[str, Any], dict[str, str]]:
+Encoding = tuple[dict[str, Any], dict[str, Any], dict[str, str]]
+"""Colours by variant, line styles by engine, markers by variant."""
+
+
+def _encoding(variants: list[str], engines: list[str]) -> Encoding:
     """Colours by variant, line styles by engine (with its options), markers by variant."""
     colors = dict(zip(variants, graphics.palette(len(variants))))
     lines = {e: graphics.LINESTYLES[i % len(graphics.LINESTYLES)] for i, e in enumerate(engines)}
@@ -200,13 +202,25 @@ def _encoding(
     return colors, lines, markers
 
 
-def updates_plot(study: Study, groups_shown: list[str]) -> MplFigure | None:
-    """The primary metric against updates of the evaluated model (mean over seeds at each
-    evaluation), a block per workload, updates on a log axis; one panel per worker count K
-    (one worker drawn in every panel, in black, as the reference), colour and marker by
-    variant, line style by engine; None when nothing to draw."""
-    from matplotlib.lines import Line2D
+UpdateLines = dict[tuple[int, str, str], pd.DataFrame]
+"""Per (K, variant, engine): mean updates and mean metric at each evaluation index."""
 
+
+def _update_lines(study: Study, runs: pd.DataFrame, metric: Metric) -> pd.DataFrame | None:
+    """The mean over seeds, at each evaluation index, of ``runs``' updates and metric; None
+    without an evaluation after an update."""
+    rows = study.metrics[study.metrics["run_id"].isin(set(runs["run_id"]))]
+    rows = rows.dropna(subset=["updates", metric.name])
+    rows = rows[rows["updates"] > 0]
+    if not len(rows):
+        return None
+    # Rows at the same evaluation index across seeds: mean updates, mean metric.
+    rows = rows.assign(index=rows.groupby("run_id").cumcount())
+    return rows.groupby("index")[["updates", metric.name]].mean()
+
+
+def _update_panels(study: Study, groups_shown: list[str]) -> list[tuple[str, Metric, UpdateLines]]:
+    """Per workload with a primary metric and updates: its metric and lines."""
     done = study.runs[study.runs["status"] == "completed"]
     panels = []
     for workload in graphics.workloads(done):
@@ -214,63 +228,63 @@ def updates_plot(study: Study, groups_shown: list[str]) -> MplFigure | None:
         if metric is None or "updates" not in study.metrics.columns:
             continue
         mine = done[done["workload"] == workload]
-        lines = {}
+        lines: UpdateLines = {}
         for group in [g for g in dict.fromkeys(mine["group"]) if g in groups_shown]:
             runs = mine[mine["group"] == group]
-            rows = study.metrics[study.metrics["run_id"].isin(set(runs["run_id"]))]
-            rows = rows.dropna(subset=["updates", metric.name])
-            rows = rows[rows["updates"] > 0]
-            if len(rows):
-                # Rows at the same evaluation index across seeds: mean updates, mean metric.
-                rows = rows.assign(index=rows.groupby("run_id").cumcount())
+            mean = _update_lines(study, runs, metric)
+            if mean is not None:
                 first = runs.iloc[0]
-                key = (int(first["workers"]), str(first["variant"]), str(first["engine"]))
-                lines[key] = rows.groupby("index")[["updates", metric.name]].mean()
+                lines[(int(first["workers"]), str(first["variant"]), str(first["engine"]))] = mean
         if lines:
             panels.append((str(workload), metric, lines))
-    if not panels:
-        return None
-    keys = [k for _, _, lines in panels for k in lines]
-    variants = sorted(dict.fromkeys(v for w, v, _ in keys if w > 1), key=natural_key)
-    engines = sorted(dict.fromkeys(e for w, _, e in keys if w > 1), key=natural_key)
-    colors, styles, markers = _encoding(variants, engines)
-    entries = len(variants) + (len(engines) if len(engines) > 1 else 0) + 1
-    sizes = []
-    for _, _, lines in panels:
-        counts = sorted({w for w, _, _ in lines if w > 1}) or [1]
-        sizes.append(graphics.grid_size(len(counts), entries))
-    title = "Primary metric against updates of the evaluated model (mean over seeds)"
-    fig, owners = graphics.stack(sizes, [p[0] for p in panels], len(panels) > 1, title)
-    for owner, (_, metric, lines) in zip(owners, panels):
-        counts = sorted({w for w, _, _ in lines if w > 1}) or [1]
-        ncols = min(3, len(counts))
-        axes = owner.subplots(math.ceil(len(counts) / ncols), ncols, squeeze=False, sharey=True).flat
-        for ax, k in zip(axes, counts):
-            low, high = math.inf, 0.0
-            for (workers, variant, engine), mean in lines.items():
-                if workers not in (1, k):
-                    continue
-                alone = workers == 1
-                low, high = min(low, mean["updates"].min()), max(high, mean["updates"].max())
-                ax.plot(
-                    mean["updates"],
-                    mean[metric.name] * metric.scale,
-                    color="black" if alone else colors[variant],
-                    linestyle="-" if alone else styles[engine],
-                    marker=None if alone else markers[variant],
-                    markevery=max(1, len(mean) // 8),
-                    markersize=3.5,
-                    linewidth=1.8 if alone else 1.3,
-                    zorder=3 if alone else 2,
-                )
-            ax.set_xscale("log")
-            graphics.log_ticks(ax.xaxis, 10, "plain", math.log10(high / low) if high > low else 0.0)
-            ax.set_title(f"K = {k}", fontsize="medium")
-            ax.set_xlabel("updates (log scale)")
-            ax.grid(True, which="both", alpha=0.3)
-        for ax in list(axes)[len(counts) :]:
-            ax.set_visible(False)
-        axes[0].set_ylabel(metric.heading)
+    return panels
+
+
+def _updates_block(owner: Any, metric: Metric, lines: UpdateLines, encoding: Encoding) -> None:
+    """One workload's panels, one per K > 1 (one worker, in black, in each)."""
+    colors, styles, markers = encoding
+    counts = sorted({w for w, _, _ in lines if w > 1}) or [1]
+    ncols = min(3, len(counts))
+    axes = owner.subplots(math.ceil(len(counts) / ncols), ncols, squeeze=False, sharey=True).flat
+    for ax, k in zip(axes, counts):
+        low, high = math.inf, 0.0
+        for (workers, variant, engine), mean in lines.items():
+            if workers not in (1, k):
+                continue
+            alone = workers == 1
+            low, high = min(low, mean["updates"].min()), max(high, mean["updates"].max())
+            ax.plot(
+                mean["updates"],
+                mean[metric.name] * metric.scale,
+                color="black" if alone else colors[variant],
+                linestyle="-" if alone else styles[engine],
+                marker=None if alone else markers[variant],
+                markevery=max(1, len(mean) // 8),
+                markersize=3.5,
+                linewidth=1.8 if alone else 1.3,
+                zorder=3 if alone else 2,
+            )
+        ax.set_xscale("log")
+        graphics.log_ticks(ax.xaxis, 10, "plain", math.log10(high / low) if high > low else 0.0)
+        ax.set_title(f"K = {k}", fontsize="medium")
+        ax.set_xlabel("updates (log scale)")
+        ax.grid(True, which="both", alpha=0.3)
+    for ax in list(axes)[len(counts) :]:
+        ax.set_visible(False)
+    axes[0].set_ylabel(metric.heading)
+
+
+def _updates_legend(
+    keys: list[tuple[int, str, str]],
+    variants: list[str],
+    engines: list[str],
+    encoding: Encoding,
+) -> tuple[list[Any], list[str], str]:
+    """Handles, labels and title: one worker in black, colours by variant, line styles by
+    engine (when several)."""
+    from matplotlib.lines import Line2D
+
+    colors, styles, markers = encoding
     handles: list[Any] = [Line2D([], [], color="black", linewidth=1.8)]
     labels = [" / ".join(sorted({v for w, v, _ in keys if w == 1}, key=natural_key)) + ", K = 1"]
     if not any(w == 1 for w, _, _ in keys):
@@ -287,6 +301,30 @@ def updates_plot(study: Study, groups_shown: list[str]) -> MplFigure | None:
     heading = "variant (colour)" + (
         ", engine (line style)" if len(engines) > 1 else f"; engine {engines[0]}" if engines else ""
     )
+    return handles, labels, heading
+
+
+def updates_plot(study: Study, groups_shown: list[str]) -> MplFigure | None:
+    """The primary metric against updates of the evaluated model (mean over seeds at each
+    evaluation), a block per workload, updates on a log axis; one panel per worker count K
+    (one worker drawn in every panel, in black, as the reference), colour and marker by
+    variant, line style by engine; None when nothing to draw."""
+    panels = _update_panels(study, groups_shown)
+    if not panels:
+        return None
+    keys = [k for _, _, lines in panels for k in lines]
+    variants = sorted(dict.fromkeys(v for w, v, _ in keys if w > 1), key=natural_key)
+    engines = sorted(dict.fromkeys(e for w, _, e in keys if w > 1), key=natural_key)
+    encoding = _encoding(variants, engines)
+    entries = len(variants) + (len(engines) if len(engines) > 1 else 0) + 1
+    sizes = []
+    for _, _, lines in panels:
+        counts = sorted({w for w, _, _ in lines if w > 1}) or [1]
+        sizes.append(graphics.grid_size(len(counts), entries))
+    title = "Primary metric against updates of the evaluated model (mean over seeds)"
+    fig, owners = graphics.stack(sizes, [p[0] for p in panels], len(panels) > 1, title)
+    for owner, (_, metric, lines) in zip(owners, panels):
+        _updates_block(owner, metric, lines, encoding)
+    handles, labels, heading = _updates_legend(keys, variants, engines, encoding)
     graphics.legend(owners[-1] if len(owners) > 1 else owners[0], handles, labels, heading)
     return fig
-
