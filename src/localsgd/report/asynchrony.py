@@ -6,8 +6,8 @@ Read from the runs' records: every metrics row's ``updates`` (and updates per se
 and a parameter server's summary in the run's status (``details["server"]``: staleness
 histogram, pushes, lost workers); a simulated run with worker speeds adds its virtual time.
 Figures follow :mod:`~localsgd.report.graphics` (each group in its family's colour and marker).
-The section appears when some run was asynchronous (a server, or more updates than steps:
-several Hogwild processes on one model).
+The section (:mod:`~localsgd.report.sections.asynchrony`) appears when some run was
+asynchronous (a server, or more updates than steps: several Hogwild processes on one model).
 """
 
 from __future__ import annotations

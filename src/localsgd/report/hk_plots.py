@@ -6,8 +6,9 @@ long-dashed line in the same colour, in a ± std band. Mean ± std over seeds as
 
 One panel per workload, setting (the learning-rate schedule, when the study varies it) and
 variant without H (local SGD; hierarchical local SGD at one block size; ...). The section
-appears when some variant sweeps H (two periods or more at one K); variants with a switch
-point have their own figure (:mod:`~localsgd.report.switch_plots`).
+(:mod:`~localsgd.report.sections.hk`) appears when some variant sweeps H (two periods or
+more at one K); variants with a switch point have their own figure
+(:mod:`~localsgd.report.switch_plots`).
 """
 
 from __future__ import annotations

@@ -6,7 +6,8 @@ switches) as a long-dashed line in a ± std band. Mean ± std over seeds as erro
 (Ortiz et al. 2021: "the switching point poses another trade-off"; "SlowMo consistently
 improves accuracy, especially for early switch points").
 
-The section appears when some line has two switch points or more (a sweep of t').
+The section (:mod:`~localsgd.report.sections.switch_point`) appears when some line has two
+switch points or more (a sweep of t').
 Conventions in :mod:`~localsgd.report.graphics`: one colour per algorithm family, no empty
 panel, the figure in every format.
 """
