@@ -125,8 +125,7 @@ def test_regimes_follow_the_local_slope() -> None:
 def test_the_steps_figures_and_section(tmp_path: Path) -> None:
     # make_report with a target is exercised in test_report.py (the cluster case).
     from localsgd.report import steps_plots
-    from localsgd.report.build import _steps_section
-    from localsgd.report.render import Figure, Paragraph, to_markdown
+    from localsgd.report.render import Paragraph, to_markdown
 
     study = load(_store(tmp_path / "store").root)
     targets = goals(study, None)
@@ -140,10 +139,20 @@ def test_the_steps_figures_and_section(tmp_path: Path) -> None:
     alone = steps_plots.local_sgd_steps(table[table["workers"] == 1])
     assert alone.figure is None and alone.left_out == {"mnist1d_cnn": "no run of K>1 workers with a period H"}
 
-    from localsgd.report.selection import selection
+    from localsgd.report.build import context
+    from localsgd.report.section import Shown
+    from localsgd.report.sections import steps_to_result
 
-    blocks = _steps_section(targets, table, selection(study), lambda stem: [Figure(stem, stem)])
-    text = to_markdown(blocks)
+    parts = steps_to_result.parts(context(tmp_path / "store"))
+    assert [d.stem for d in parts.figures] == [
+        "steps_to_result",
+        "steps_to_result_normalised",
+        "best_metaparameters",
+        "local_sgd_steps_to_result",
+    ]
+    assert list(parts.sheets) == ["steps_to_result"]
+    blocks = list(parts.blocks)
+    text = to_markdown([b for b in blocks if not isinstance(b, Shown)])
     assert "Target for mnist1d_cnn: test accuracy > 80%" in text
     assert "selected on the test split, as its runs hold no validation split." in text
     assert "| mnist1d_cnn | minibatch_sgd [momentum searched] | 1 | 64 | 64 | 2/2 | 1 | 40 |" in text

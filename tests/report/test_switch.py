@@ -13,8 +13,12 @@ import pytest
 
 from localsgd.records import Metric, Store
 from localsgd.report import graphics, make_report, plots
+from localsgd.report.build import context
 from localsgd.report.labels import line_variant, variant_label, without_switch
-from localsgd.report.switch_plots import STEM, metric_vs_switch_point, section, switch_frame
+from localsgd.report.section import Parts
+from localsgd.report.sections import switch_point
+from localsgd.report.sections.switch_point import STEM
+from localsgd.report.switch_plots import metric_vs_switch_point, switch_frame
 from localsgd.report.tables import load, summary_table
 from report.records import write_run
 from report.stores import config_of, rows_of, run_id_of
@@ -135,7 +139,7 @@ def test_no_figure_without_a_sweep_of_switch_points(
     build_switch_store(tmp_path / "one", switches=(1.0,))
     frame = switch_frame(load(tmp_path / "one"))
     assert len(frame) == 12 and metric_vs_switch_point(frame, {"mnist1d_cnn": ACCURACY}) is None
-    assert section(load(tmp_path / "one"), {"mnist1d_cnn": ACCURACY}, ("png",)) == ([], {})
+    assert switch_point.parts(context(tmp_path / "one")) == Parts()
 
 
 # -- the H·K figure's synchronous baseline -------------------------------------------------

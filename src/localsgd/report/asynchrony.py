@@ -6,29 +6,24 @@ Read from the runs' records: every metrics row's ``updates`` (and updates per se
 and a parameter server's summary in the run's status (``details["server"]``: staleness
 histogram, pushes, lost workers); a simulated run with worker speeds adds its virtual time.
 Figures follow :mod:`~localsgd.report.graphics` (each group in its family's colour and marker).
-The section appears when some run was asynchronous (a server, or more updates than steps:
-several Hogwild processes on one model).
+The section (:mod:`~localsgd.report.sections.asynchrony`) appears when some run was
+asynchronous (a server, or more updates than steps: several Hogwild processes on one model).
 """
 
 from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Sequence
 from typing import Any
 
 import pandas as pd
 from matplotlib.figure import Figure as MplFigure
 from matplotlib.ticker import MaxNLocator
 
-from localsgd.records import Store
+from localsgd.records import Metric, Store
 from localsgd.report import graphics
-from localsgd.report.render import Block, Figure, Heading, Paragraph, Table
-from localsgd.report.rounding import fmt, fmt_pm, number
+from localsgd.report.rounding import number
 from localsgd.report.tables import Study, natural_key
-
-STALENESS_PLOT = "staleness_distribution"
-UPDATES_PLOT = "metric_vs_updates"
 
 
 def run_details(study: Study) -> dict[str, dict[str, Any]]:
@@ -195,9 +190,11 @@ def staleness_plot(summary: pd.DataFrame) -> MplFigure:
     return fig
 
 
-def _encoding(
-    variants: list[str], engines: list[str]
-) -> tuple[dict[str, Any], dict[str, Any], dict[str, str]]:
+Encoding = tuple[dict[str, Any], dict[str, Any], dict[str, str]]
+"""Colours by variant, line styles by engine, markers by variant."""
+
+
+def _encoding(variants: list[str], engines: list[str]) -> Encoding:
     """Colours by variant, line styles by engine (with its options), markers by variant."""
     colors = dict(zip(variants, graphics.palette(len(variants))))
     lines = {e: graphics.LINESTYLES[i % len(graphics.LINESTYLES)] for i, e in enumerate(engines)}
@@ -205,13 +202,25 @@ def _encoding(
     return colors, lines, markers
 
 
-def updates_plot(study: Study, groups_shown: list[str]) -> MplFigure | None:
-    """The primary metric against updates of the evaluated model (mean over seeds at each
-    evaluation), a block per workload, updates on a log axis; one panel per worker count K
-    (one worker drawn in every panel, in black, as the reference), colour and marker by
-    variant, line style by engine; None when nothing to draw."""
-    from matplotlib.lines import Line2D
+UpdateLines = dict[tuple[int, str, str], pd.DataFrame]
+"""Per (K, variant, engine): mean updates and mean metric at each evaluation index."""
 
+
+def _update_lines(study: Study, runs: pd.DataFrame, metric: Metric) -> pd.DataFrame | None:
+    """The mean over seeds, at each evaluation index, of ``runs``' updates and metric; None
+    without an evaluation after an update."""
+    rows = study.metrics[study.metrics["run_id"].isin(set(runs["run_id"]))]
+    rows = rows.dropna(subset=["updates", metric.name])
+    rows = rows[rows["updates"] > 0]
+    if not len(rows):
+        return None
+    # Rows at the same evaluation index across seeds: mean updates, mean metric.
+    rows = rows.assign(index=rows.groupby("run_id").cumcount())
+    return rows.groupby("index")[["updates", metric.name]].mean()
+
+
+def _update_panels(study: Study, groups_shown: list[str]) -> list[tuple[str, Metric, UpdateLines]]:
+    """Per workload with a primary metric and updates: its metric and lines."""
     done = study.runs[study.runs["status"] == "completed"]
     panels = []
     for workload in graphics.workloads(done):
@@ -219,63 +228,63 @@ def updates_plot(study: Study, groups_shown: list[str]) -> MplFigure | None:
         if metric is None or "updates" not in study.metrics.columns:
             continue
         mine = done[done["workload"] == workload]
-        lines = {}
+        lines: UpdateLines = {}
         for group in [g for g in dict.fromkeys(mine["group"]) if g in groups_shown]:
             runs = mine[mine["group"] == group]
-            rows = study.metrics[study.metrics["run_id"].isin(set(runs["run_id"]))]
-            rows = rows.dropna(subset=["updates", metric.name])
-            rows = rows[rows["updates"] > 0]
-            if len(rows):
-                # Rows at the same evaluation index across seeds: mean updates, mean metric.
-                rows = rows.assign(index=rows.groupby("run_id").cumcount())
+            mean = _update_lines(study, runs, metric)
+            if mean is not None:
                 first = runs.iloc[0]
-                key = (int(first["workers"]), str(first["variant"]), str(first["engine"]))
-                lines[key] = rows.groupby("index")[["updates", metric.name]].mean()
+                lines[(int(first["workers"]), str(first["variant"]), str(first["engine"]))] = mean
         if lines:
             panels.append((str(workload), metric, lines))
-    if not panels:
-        return None
-    keys = [k for _, _, lines in panels for k in lines]
-    variants = sorted(dict.fromkeys(v for w, v, _ in keys if w > 1), key=natural_key)
-    engines = sorted(dict.fromkeys(e for w, _, e in keys if w > 1), key=natural_key)
-    colors, styles, markers = _encoding(variants, engines)
-    entries = len(variants) + (len(engines) if len(engines) > 1 else 0) + 1
-    sizes = []
-    for _, _, lines in panels:
-        counts = sorted({w for w, _, _ in lines if w > 1}) or [1]
-        sizes.append(graphics.grid_size(len(counts), entries))
-    title = "Primary metric against updates of the evaluated model (mean over seeds)"
-    fig, owners = graphics.stack(sizes, [p[0] for p in panels], len(panels) > 1, title)
-    for owner, (_, metric, lines) in zip(owners, panels):
-        counts = sorted({w for w, _, _ in lines if w > 1}) or [1]
-        ncols = min(3, len(counts))
-        axes = owner.subplots(math.ceil(len(counts) / ncols), ncols, squeeze=False, sharey=True).flat
-        for ax, k in zip(axes, counts):
-            low, high = math.inf, 0.0
-            for (workers, variant, engine), mean in lines.items():
-                if workers not in (1, k):
-                    continue
-                alone = workers == 1
-                low, high = min(low, mean["updates"].min()), max(high, mean["updates"].max())
-                ax.plot(
-                    mean["updates"],
-                    mean[metric.name] * metric.scale,
-                    color="black" if alone else colors[variant],
-                    linestyle="-" if alone else styles[engine],
-                    marker=None if alone else markers[variant],
-                    markevery=max(1, len(mean) // 8),
-                    markersize=3.5,
-                    linewidth=1.8 if alone else 1.3,
-                    zorder=3 if alone else 2,
-                )
-            ax.set_xscale("log")
-            graphics.log_ticks(ax.xaxis, 10, "plain", math.log10(high / low) if high > low else 0.0)
-            ax.set_title(f"K = {k}", fontsize="medium")
-            ax.set_xlabel("updates (log scale)")
-            ax.grid(True, which="both", alpha=0.3)
-        for ax in list(axes)[len(counts) :]:
-            ax.set_visible(False)
-        axes[0].set_ylabel(metric.heading)
+    return panels
+
+
+def _updates_block(owner: Any, metric: Metric, lines: UpdateLines, encoding: Encoding) -> None:
+    """One workload's panels, one per K > 1 (one worker, in black, in each)."""
+    colors, styles, markers = encoding
+    counts = sorted({w for w, _, _ in lines if w > 1}) or [1]
+    ncols = min(3, len(counts))
+    axes = owner.subplots(math.ceil(len(counts) / ncols), ncols, squeeze=False, sharey=True).flat
+    for ax, k in zip(axes, counts):
+        low, high = math.inf, 0.0
+        for (workers, variant, engine), mean in lines.items():
+            if workers not in (1, k):
+                continue
+            alone = workers == 1
+            low, high = min(low, mean["updates"].min()), max(high, mean["updates"].max())
+            ax.plot(
+                mean["updates"],
+                mean[metric.name] * metric.scale,
+                color="black" if alone else colors[variant],
+                linestyle="-" if alone else styles[engine],
+                marker=None if alone else markers[variant],
+                markevery=max(1, len(mean) // 8),
+                markersize=3.5,
+                linewidth=1.8 if alone else 1.3,
+                zorder=3 if alone else 2,
+            )
+        ax.set_xscale("log")
+        graphics.log_ticks(ax.xaxis, 10, "plain", math.log10(high / low) if high > low else 0.0)
+        ax.set_title(f"K = {k}", fontsize="medium")
+        ax.set_xlabel("updates (log scale)")
+        ax.grid(True, which="both", alpha=0.3)
+    for ax in list(axes)[len(counts) :]:
+        ax.set_visible(False)
+    axes[0].set_ylabel(metric.heading)
+
+
+def _updates_legend(
+    keys: list[tuple[int, str, str]],
+    variants: list[str],
+    engines: list[str],
+    encoding: Encoding,
+) -> tuple[list[Any], list[str], str]:
+    """Handles, labels and title: one worker in black, colours by variant, line styles by
+    engine (when several)."""
+    from matplotlib.lines import Line2D
+
+    colors, styles, markers = encoding
     handles: list[Any] = [Line2D([], [], color="black", linewidth=1.8)]
     labels = [" / ".join(sorted({v for w, v, _ in keys if w == 1}, key=natural_key)) + ", K = 1"]
     if not any(w == 1 for w, _, _ in keys):
@@ -292,73 +301,30 @@ def updates_plot(study: Study, groups_shown: list[str]) -> MplFigure | None:
     heading = "variant (colour)" + (
         ", engine (line style)" if len(engines) > 1 else f"; engine {engines[0]}" if engines else ""
     )
+    return handles, labels, heading
+
+
+def updates_plot(study: Study, groups_shown: list[str]) -> MplFigure | None:
+    """The primary metric against updates of the evaluated model (mean over seeds at each
+    evaluation), a block per workload, updates on a log axis; one panel per worker count K
+    (one worker drawn in every panel, in black, as the reference), colour and marker by
+    variant, line style by engine; None when nothing to draw."""
+    panels = _update_panels(study, groups_shown)
+    if not panels:
+        return None
+    keys = [k for _, _, lines in panels for k in lines]
+    variants = sorted(dict.fromkeys(v for w, v, _ in keys if w > 1), key=natural_key)
+    engines = sorted(dict.fromkeys(e for w, _, e in keys if w > 1), key=natural_key)
+    encoding = _encoding(variants, engines)
+    entries = len(variants) + (len(engines) if len(engines) > 1 else 0) + 1
+    sizes = []
+    for _, _, lines in panels:
+        counts = sorted({w for w, _, _ in lines if w > 1}) or [1]
+        sizes.append(graphics.grid_size(len(counts), entries))
+    title = "Primary metric against updates of the evaluated model (mean over seeds)"
+    fig, owners = graphics.stack(sizes, [p[0] for p in panels], len(panels) > 1, title)
+    for owner, (_, metric, lines) in zip(owners, panels):
+        _updates_block(owner, metric, lines, encoding)
+    handles, labels, heading = _updates_legend(keys, variants, engines, encoding)
     graphics.legend(owners[-1] if len(owners) > 1 else owners[0], handles, labels, heading)
     return fig
-
-
-def section(
-    study: Study, look: dict[str, graphics.Style], formats: Sequence[str]
-) -> tuple[list[Block], dict[str, MplFigure]]:
-    """The report's "asynchronous training" section and its figures, by file stem; nothing
-    when no run was asynchronous."""
-    frame = runs_frame(study)
-    if not asynchronous(frame):
-        return [], {}
-    summary = groups(frame)
-    has_server = bool(summary["histogram"].map(bool).any())
-    has_time = bool(summary["virtual_time"].notna().any())
-    headers = ["workload", "configuration", "seeds", "updates", "updates/s"]
-    if has_server:
-        headers += ["pushes", "staleness mean", "p50", "p90", "max", "lost workers"]
-    if has_time:
-        headers.append("virtual time")
-    rows = []
-    for r in summary.itertuples(index=False):
-        cells = [str(r.workload), str(r.group), str(r.seeds), fmt(r.updates), fmt_pm(r.ups_mean, r.ups_std)]
-        if has_server:
-            cells += [
-                fmt(r.pushes),
-                fmt(r.staleness_mean),
-                fmt(r.staleness_p50),
-                fmt(r.staleness_p90),
-                fmt(r.staleness_max),
-                str(r.lost) if r.histogram else "",
-            ]
-        if has_time:
-            cells.append(fmt(r.virtual_time))
-        rows.append(cells)
-    blocks: list[Block] = [
-        Heading(2, "Asynchronous training"),
-        Paragraph(
-            "Updates: the updates the evaluated model received by the last evaluation (one per step "
-            "for synchronous algorithms, every process's step under Hogwild, the server's updates under "
-            "a parameter server), and per second of training (mean ± std over seeds). A push's staleness τ "
-            "is the number of updates applied between the model its worker started from and the push "
-            "(pooled over seeds; p50 and p90 are quantiles); lost workers died during the run, which went "
-            "on without them. Virtual time: simulated runs with worker speeds, in steps of a worker of "
-            "speed 1 (asynchronous: when the last worker finished; synchronous: every step waiting for "
-            "the slowest)."
-        ),
-        Table(headers, rows),
-    ]
-    figures: dict[str, MplFigure] = {}
-    updates = updates_plot(study, list(summary["group"]))
-    if updates is not None:
-        figures[UPDATES_PLOT] = updates
-        blocks.append(
-            Figure(
-                UPDATES_PLOT,
-                "Primary metric against updates of the evaluated model (mean over seeds)",
-                formats,
-            )
-        )
-    if has_server:
-        figures[STALENESS_PLOT] = staleness_plot(summary)
-        blocks.append(
-            Figure(
-                STALENESS_PLOT,
-                "Staleness distribution of the pushes (cumulative, pooled over seeds)",
-                formats,
-            )
-        )
-    return blocks, figures

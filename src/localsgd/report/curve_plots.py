@@ -74,20 +74,17 @@ def _line(
     )[0]
 
 
-def _curves(
-    curves: pd.DataFrame,
-    look: dict[str, Style],
-    x: str,
-    y_of: YSpec,
-    *,
-    title: str,
-    xlabel: str,
-    log_y: bool = False,
-) -> Plot:
-    """A line per group (mean over its completed seeds at each evaluation step) in a band
-    of ± one std; one panel, or one per family (the others in grey) for many groups."""
+CurveBlock = tuple[str, tuple[str, float, str], dict[str, pd.DataFrame], list[str], bool]
+"""A workload's block: (workload, (y column, scale, y label), lines by group, families
+present, one panel per family or not)."""
+
+
+def _curve_blocks(
+    curves: pd.DataFrame, look: dict[str, Style], x: str, y_of: YSpec
+) -> tuple[list[CurveBlock], dict[str, str]]:
+    """Per workload with something to draw its block; per workload left out, why."""
     left_out: dict[str, str] = {}
-    blocks = []
+    blocks: list[CurveBlock] = []
     for workload in workloads(curves):
         part = curves[curves["workload"] == workload]
         spec = y_of(workload)
@@ -103,6 +100,73 @@ def _curves(
         present = list(dict.fromkeys(look[g].family for g in lines))
         multiples = len(lines) > SINGLE_CURVES_MAX and len(present) > 1
         blocks.append((workload, spec, lines, present, multiples))
+    return blocks, left_out
+
+
+def _curve_panel(
+    ax: Axes,
+    family: str | None,
+    lines: dict[str, pd.DataFrame],
+    look: dict[str, Style],
+    xy: tuple[str, str, float],
+    log_y: bool,
+) -> tuple[list[Any], list[str]]:
+    """The lines of ``family`` (every line when None; the others in grey behind them)."""
+    x, y, scale = xy
+    handles, labels = [], []
+    if family is not None:
+        ax.set_title(family_title(family), fontsize="medium")
+        for g, ln in lines.items():
+            if look[g].family != family:
+                _line(ax, ln, x, y, scale, look[g], context=True, log_y=log_y)
+    for g, ln in lines.items():
+        if family is None or look[g].family == family:
+            handles.append(_line(ax, ln, x, y, scale, look[g], context=False, log_y=log_y))
+            labels.append(g)
+    ax.grid(True, alpha=0.3)
+    if log_y:
+        ax.set_yscale("log")
+        low, high = ax.get_ylim()
+        log_ticks(ax.yaxis, 10, "plain", math.log10(high / low))
+    return handles, labels
+
+
+def _curve_block(
+    owner: Any, block: CurveBlock, look: dict[str, Style], x: str, xlabel: str, log_y: bool
+) -> None:
+    """One workload's panel, or one panel per family, with its labels and legend."""
+    _, (y, scale, ylabel), lines, present, multiples = block
+    positive = log_y and all((ln[y].astype(float).dropna() > 0).all() for ln in lines.values())
+    handles: list[Any] = []
+    labels: list[str] = []
+    axes = grid(owner, len(present)) if multiples else [owner.subplots()]
+    for ax, family in zip(axes, present if multiples else [None]):
+        drawn = _curve_panel(ax, family, lines, look, (x, y, scale), positive)
+        handles += drawn[0]
+        labels += drawn[1]
+    label = f"{ylabel}, log scale" if positive else ylabel
+    if multiples:
+        owner.supxlabel(xlabel, fontsize="medium")
+        owner.supylabel(label, fontsize="medium")
+    else:
+        axes[0].set_xlabel(xlabel)
+        axes[0].set_ylabel(label)
+    legend(owner, handles, labels, "variant, workers K")
+
+
+def _curves(
+    curves: pd.DataFrame,
+    look: dict[str, Style],
+    x: str,
+    y_of: YSpec,
+    *,
+    title: str,
+    xlabel: str,
+    log_y: bool = False,
+) -> Plot:
+    """A line per group (mean over its completed seeds at each evaluation step) in a band
+    of ± one std; one panel, or one per family (the others in grey) for many groups."""
+    blocks, left_out = _curve_blocks(curves, look, x, y_of)
     if not blocks:
         return Plot(None, left_out)
     sizes = [
@@ -112,33 +176,8 @@ def _curves(
     names = list(dict.fromkeys(spec[2].split(" (")[0] for _, spec, _, _, _ in blocks))
     heading = sentence(title.format(metric=names[0] if len(names) == 1 else "primary metric"))
     fig, owners = stack(sizes, [b[0] for b in blocks], len(workloads(curves)) > 1, heading)
-    for owner, (_, (y, scale, ylabel), lines, present, multiples) in zip(owners, blocks):
-        positive = log_y and all((ln[y].astype(float).dropna() > 0).all() for ln in lines.values())
-        handles, labels = [], []
-        axes = grid(owner, len(present)) if multiples else [owner.subplots()]
-        for ax, family in zip(axes, present if multiples else [None]):
-            if family is not None:
-                ax.set_title(family_title(family), fontsize="medium")
-                for g, ln in lines.items():
-                    if look[g].family != family:
-                        _line(ax, ln, x, y, scale, look[g], context=True, log_y=positive)
-            for g, ln in lines.items():
-                if family is None or look[g].family == family:
-                    handles.append(_line(ax, ln, x, y, scale, look[g], context=False, log_y=positive))
-                    labels.append(g)
-            ax.grid(True, alpha=0.3)
-            if positive:
-                ax.set_yscale("log")
-                low, high = ax.get_ylim()
-                log_ticks(ax.yaxis, 10, "plain", math.log10(high / low))
-        label = f"{ylabel}, log scale" if positive else ylabel
-        if multiples:
-            owner.supxlabel(xlabel, fontsize="medium")
-            owner.supylabel(label, fontsize="medium")
-        else:
-            axes[0].set_xlabel(xlabel)
-            axes[0].set_ylabel(label)
-        legend(owner, handles, labels, "variant, workers K")
+    for owner, block in zip(owners, blocks):
+        _curve_block(owner, block, look, x, xlabel, log_y)
     return Plot(fig, left_out)
 
 

@@ -178,6 +178,87 @@ def targets_for(
     return out
 
 
+Estimate = tuple[float, float, float]
+"""Estimated (compute, communication, total) seconds."""
+
+
+@dataclass(frozen=True)
+class _RunInputs:
+    """Per run: (K, B, workload), injected delay per scope, compute seconds per step."""
+
+    who: dict[str, tuple[int, int, str]]
+    delays: dict[str, dict[str, float]]
+    per_step: dict[str, float]
+
+    @classmethod
+    def of(cls, runs: pd.DataFrame) -> _RunInputs:
+        who: dict[str, tuple[int, int, str]] = {}
+        delays: dict[str, dict[str, float]] = {}
+        per_step: dict[str, float] = {}
+        for run in runs.to_dict("records"):
+            rid, workers, batch = str(run["run_id"]), int(run["workers"]), int(run["batch_size"])
+            who[rid] = (workers, batch, str(run["workload"]))
+            delays[rid] = injected_delay(run)
+            per_step[rid] = measured_compute_per_step(
+                float(run["wall_seconds"]),
+                float(run["comm_seconds"]),
+                float(run["final_step"]),
+                workers,
+                bool(run["real_wall_time"]),
+            )
+        # Where one process computed all K replicas, a worker's step is one replica's step: when
+        # the study has single-worker runs of the same workload and batch, their measured step
+        # time is the better figure (K batched replicas run faster per replica than one model).
+        single: dict[tuple[str, int], list[float]] = {}
+        for rid, (workers, batch, workload) in who.items():
+            if workers == 1 and math.isfinite(per_step[rid]):
+                single.setdefault((workload, batch), []).append(per_step[rid])
+        for run in runs.to_dict("records"):
+            rid = str(run["run_id"])
+            workers, batch, workload = who[rid]
+            if not run["real_wall_time"] and workers > 1 and (workload, batch) in single:
+                times = single[(workload, batch)]
+                per_step[rid] = sum(times) / len(times)
+        return cls(who, delays, per_step)
+
+
+def _run_estimate(study: Study, rid: str, runs: _RunInputs, cluster: Cluster) -> Estimate:
+    """The whole run, from its final counters."""
+    workers, batch, _ = runs.who[rid]
+    counters = study.final_counters.get(rid, {})
+    steps = float(counters.get("steps", math.nan))
+    return _estimate(
+        counters.get("by_scope"), steps, workers, batch, cluster, runs.per_step[rid], runs.delays[rid]
+    )
+
+
+def _row_estimates(
+    metrics: pd.DataFrame, runs: _RunInputs, cluster: Cluster, targets: dict[str, Target]
+) -> tuple[list[Estimate], dict[str, tuple[float, Estimate]]]:
+    """Per evaluation row: the run up to that row; and each run's first row at or past its
+    workload's target (its step and estimate)."""
+    rows_est: list[Estimate] = []
+    reached: dict[str, tuple[float, Estimate]] = {}
+    for record in metrics.to_dict("records"):
+        row = {str(k): v for k, v in record.items()}
+        rid = str(row["run_id"])
+        if rid not in runs.who:
+            rows_est.append((math.nan, math.nan, math.nan))
+            continue
+        workers, batch, workload = runs.who[rid]
+        step = _float(row.get("step"))
+        est = _estimate(
+            row_counters(row), step, workers, batch, cluster, runs.per_step[rid], runs.delays[rid]
+        )
+        rows_est.append(est)
+        goal = targets[workload]
+        target_column = goal.column()
+        value = _float(row.get(target_column)) if target_column else math.nan
+        if goal.reached(value) and (rid not in reached or step < reached[rid][0]):
+            reached[rid] = (step, est)
+    return rows_est, reached
+
+
 def estimate(
     study: Study,
     summary: pd.DataFrame,
@@ -198,71 +279,21 @@ def estimate(
     metrics = study.metrics.copy()
     workloads = sorted({str(w) for w in runs["workload"]})
     targets = targets_for(study, summary, workloads, target, select)
-
-    # Per run: identity, measured compute per step, the final estimate.
-    who: dict[str, tuple[int, int, str]] = {}
-    delays: dict[str, dict[str, float]] = {}
-    per_step: dict[str, float] = {}
-    final: dict[str, tuple[float, float, float]] = {}
-    for run in runs.to_dict("records"):
-        rid, workers, batch = str(run["run_id"]), int(run["workers"]), int(run["batch_size"])
-        who[rid] = (workers, batch, str(run["workload"]))
-        delays[rid] = injected_delay(run)
-        per_step[rid] = measured_compute_per_step(
-            float(run["wall_seconds"]),
-            float(run["comm_seconds"]),
-            float(run["final_step"]),
-            workers,
-            bool(run["real_wall_time"]),
-        )
-    # Where one process computed all K replicas, a worker's step is one replica's step: when
-    # the study has single-worker runs of the same workload and batch, their measured step
-    # time is the better figure (K batched replicas run faster per replica than one model).
-    single: dict[tuple[str, int], list[float]] = {}
-    for rid, (workers, batch, workload) in who.items():
-        if workers == 1 and math.isfinite(per_step[rid]):
-            single.setdefault((workload, batch), []).append(per_step[rid])
-    for run in runs.to_dict("records"):
-        rid = str(run["run_id"])
-        workers, batch, workload = who[rid]
-        if not run["real_wall_time"] and workers > 1 and (workload, batch) in single:
-            times = single[(workload, batch)]
-            per_step[rid] = sum(times) / len(times)
-        counters = study.final_counters.get(rid, {})
-        steps = float(counters.get("steps", math.nan))
-        final[rid] = _estimate(
-            counters.get("by_scope"), steps, workers, batch, cluster, per_step[rid], delays[rid]
-        )
+    runs_in = _RunInputs.of(runs)
+    final = {rid: _run_estimate(study, rid, runs_in, cluster) for rid in runs_in.who}
     ids = [str(r) for r in runs["run_id"]]
     runs["est_compute_per_step"] = [
-        cluster.seconds_per_sample * who[r][1] if cluster.seconds_per_sample is not None else per_step[r]
+        cluster.seconds_per_sample * runs_in.who[r][1]
+        if cluster.seconds_per_sample is not None
+        else runs_in.per_step[r]
         for r in ids
     ]
     for i, column in enumerate(RUN_COLUMNS):
         runs[column] = [final[r][i] for r in ids]
-
-    # Per evaluation row: the run up to that row; and each run's first row at or past its
-    # workload's target.
-    rows_est: list[tuple[float, float, float]] = []
-    reached: dict[str, tuple[float, tuple[float, float, float]]] = {}
-    for record in metrics.to_dict("records"):
-        row = {str(k): v for k, v in record.items()}
-        rid = str(row["run_id"])
-        if rid not in who:
-            rows_est.append((math.nan, math.nan, math.nan))
-            continue
-        workers, batch, workload = who[rid]
-        step = _float(row.get("step"))
-        est = _estimate(row_counters(row), step, workers, batch, cluster, per_step[rid], delays[rid])
-        rows_est.append(est)
-        goal = targets[workload]
-        target_column = goal.column()
-        value = _float(row.get(target_column)) if target_column else math.nan
-        if goal.reached(value) and (rid not in reached or step < reached[rid][0]):
-            reached[rid] = (step, est)
+    rows_est, reached = _row_estimates(metrics, runs_in, cluster, targets)
     for i, column in enumerate(RUN_COLUMNS):
         metrics[column] = [e[i] for e in rows_est] if rows_est else pd.Series(dtype=float)
-    runs["target_value"] = [targets[who[r][2]].value for r in ids]
+    runs["target_value"] = [targets[runs_in.who[r][2]].value for r in ids]
     runs["est_target_step"] = [reached[r][0] if r in reached else math.nan for r in ids]
     for i, column in enumerate(TARGET_COLUMNS):
         runs[column] = [reached[r][1][i] if r in reached else math.nan for r in ids]

@@ -6,8 +6,9 @@ long-dashed line in the same colour, in a ± std band. Mean ± std over seeds as
 
 One panel per workload, setting (the learning-rate schedule, when the study varies it) and
 variant without H (local SGD; hierarchical local SGD at one block size; ...). The section
-appears when some variant sweeps H (two periods or more at one K); variants with a switch
-point have their own figure (:mod:`~localsgd.report.switch_plots`).
+(:mod:`~localsgd.report.sections.hk`) appears when some variant sweeps H (two periods or
+more at one K); variants with a switch point have their own figure
+(:mod:`~localsgd.report.switch_plots`).
 """
 
 from __future__ import annotations
@@ -34,14 +35,8 @@ from localsgd.report.graphics import (
     title_metric,
 )
 from localsgd.report.labels import synchronous_baseline
-from localsgd.report.render import Block, figure_section
 from localsgd.report.tables import natural_key
 
-STEM = "metric_vs_hk_by_workers"
-CAPTION = (
-    "Final primary metric against H·K, one line per worker count K across its periods H "
-    "(mean ± std over seeds; long dashes in the same colour: mini-batch SGD at that K, band ± std)"
-)
 PANEL = ["workload", "setting", "line_variant"]
 
 
@@ -160,19 +155,3 @@ def metric_vs_hk(summary: pd.DataFrame, metrics: dict[str, Metric]) -> MplFigure
         legend(owner, handles, labels, "workers K (seeds); dashed: the synchronous baseline")
     return fig
 
-
-def section(
-    summary: pd.DataFrame, metrics: dict[str, Metric], formats: Sequence[str]
-) -> tuple[list[Block], dict[str, MplFigure]]:
-    """The report's "H·K" section and its figure; nothing when no variant sweeps H."""
-    return figure_section(
-        "H·K",
-        "Local steps between averagings (H) times workers (K): one line per K across its periods, "
-        "mean ± std over seeds, with that K's synchronous baseline (mini-batch SGD, which averages "
-        "gradients every step) long-dashed in the same colour with its ± std band. If the trade-off "
-        "were a function of H·K alone, the lines of different K would fall on one curve.",
-        STEM,
-        CAPTION,
-        metric_vs_hk(summary, metrics) if has_sweep(summary) else None,
-        formats,
-    )

@@ -9,7 +9,6 @@ communication part: the network model plus any injected delay (``comm.delay``).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -18,8 +17,6 @@ from matplotlib.figure import Figure as MplFigure
 
 from localsgd.report import graphics
 from localsgd.report.estimates import ClusterEstimates
-from localsgd.report.render import Block, Figure, Heading, Paragraph, Table
-from localsgd.report.rounding import fmt, fmt_pm
 from localsgd.report.tables import natural_key
 
 PLOT = "measured_vs_estimated"
@@ -104,53 +101,3 @@ def plot(frame: pd.DataFrame, cluster: str, look: dict[str, graphics.Style]) -> 
 def _std(value: float) -> float:
     return float(value) if np.isfinite(value) else 0.0
 
-
-def section(
-    estimates: ClusterEstimates, look: dict[str, graphics.Style], formats: Sequence[str]
-) -> tuple[list[Block], dict[str, MplFigure]]:
-    """The report's "measured against estimated" section and its figure, by file stem;
-    nothing when the study has no completed multi-worker run with a real wall time."""
-    frame = groups(estimates)
-    if frame.empty:
-        return [], {}
-    name = estimates.cluster.name
-    table = Table(
-        [
-            "workload",
-            "configuration",
-            "seeds",
-            "measured s",
-            "estimated s",
-            "measured / estimated",
-            "measured comm s",
-            "estimated comm s",
-            "comm: measured / estimated",
-        ],
-        [
-            [
-                str(r.workload),
-                str(r.group),
-                str(r.seeds),
-                fmt_pm(r.measured_total_mean, r.measured_total_std),
-                fmt_pm(r.est_total_mean, r.est_total_std),
-                fmt_pm(r.ratio_mean, r.ratio_std),
-                fmt_pm(r.measured_comm_mean, r.measured_comm_std),
-                fmt(r.est_comm_mean),
-                fmt_pm(r.comm_ratio_mean, r.comm_ratio_std),
-            ]
-            for r in frame.itertuples(index=False)
-        ],
-    )
-    blocks: list[Block] = [
-        Heading(2, f"Measured against estimated on {name}"),
-        Paragraph(
-            "Training wall time of the runs of worker processes (mean ± std over seeds) beside the cost "
-            f"model's estimate on `{name}`: compute as measured in each run, communication from the run's "
-            "per-scope counters (collectives, payload bytes) on the cluster's links, plus any injected "
-            "delay (`comm.delay`, seconds per collective of its scope). Measured communication is the time "
-            "spent inside collectives, waiting for slower peers included."
-        ),
-        Figure(PLOT, f"Measured against estimated training time on {name}", formats),
-        table,
-    ]
-    return blocks, {PLOT: plot(frame, name, look)}

@@ -392,6 +392,11 @@ def _panels(
     return out
 
 
+_Block = tuple[str, Metric, list[_Point], _Frame, bool, list[bool]]
+"""A workload's block: (workload, metric, points, axes' frame, one panel per family or
+not, per point whether it is on the Pareto front)."""
+
+
 def scatter(
     summary: pd.DataFrame,
     look: dict[str, Style],
@@ -406,7 +411,7 @@ def scatter(
     panel, or one panel per family when markers would overlap. With ``front``, the Pareto
     front of the means is drawn in every panel as a staircase and the points it leaves
     behind are faded (and called dominated in the legend)."""
-    blocks: list[tuple[str, Metric, list[_Point], _Frame, bool, list[bool]]] = []
+    blocks: list[_Block] = []
     left_out: dict[str, str] = {}
     for workload, metric, points, frame in _panels(summary, look, metrics, axis, why_empty, left_out):
         multiples = len({p.style.family for p in points}) > 1 and _overlap(points, frame, axis)
@@ -426,44 +431,65 @@ def scatter(
         sizes.append(grid_size(n_families, len(points)) if multiples else single_size(len(points)))
     heading = sentence(title.format(metric=title_metric(metrics)))
     fig, owners = stack(sizes, [b[0] for b in blocks], len(workloads(summary)) > 1, heading)
-    order = look_families(look)
-    for owner, (_, metric, points, frame, multiples, best) in zip(owners, blocks):
-        dominated = {p.group for p, b in zip(points, best) if not b}
-        handles, labels = [], []
-        present = sorted(dict.fromkeys(p.style.family for p in points), key=order.index)
-        axes = grid(owner, len(present)) if multiples else [owner.subplots()]
-        for ax, family in zip(axes, present if multiples else [None]):
-            if family is not None:
-                ax.set_title(family_title(family), fontsize="medium")
-            for p in sorted(points, key=lambda p: list(look).index(p.group)):
-                if family is not None and p.style.family != family:
-                    _draw_point(ax, p, axis, frame, metric, context=True)
-                    continue
-                handle = _draw_point(ax, p, axis, frame, metric, context=False)
-                if p.group in dominated:
-                    _fade(handle)
-                handles.append(handle)
-                labels.append(p.label + (", dominated" if p.group in dominated else ""))
-            if front:
-                _staircase(ax, [p for p, b in zip(points, best) if b and not p.edge], axis, metric)
-            if axis.connect:
-                joined = _lines(ax, points, axis, family)
-                handles += joined[0]
-                labels += joined[1]
-            if axis.baselines:
-                marked = _baselines(ax, points, axis)
-                handles += marked[0]
-                labels += marked[1]
-            _decorate(ax, axis, frame)
-        if multiples:
-            owner.supxlabel(axis.label, fontsize="medium")
-            owner.supylabel(f"final {metric.heading}", fontsize="medium")
-        else:
-            axes[0].set_xlabel(axis.label)
-            axes[0].set_ylabel(f"final {metric.heading}")
-        line = axes[0].get_legend_handles_labels()
-        legend(owner, [*line[0], *handles], [*line[1], *labels], "variant, workers K (seeds)")
+    for owner, block in zip(owners, blocks):
+        _scatter_block(owner, block, look, axis, front)
     return Plot(fig, left_out)
+
+
+def _scatter_block(owner: Any, block: _Block, look: dict[str, Style], axis: XAxis, front: bool) -> None:
+    """One workload's panel, or one panel per family, with its labels and legend."""
+    _, metric, points, frame, multiples, best = block
+    order = look_families(look)
+    handles: list[Any] = []
+    labels: list[str] = []
+    present = sorted(dict.fromkeys(p.style.family for p in points), key=order.index)
+    axes = grid(owner, len(present)) if multiples else [owner.subplots()]
+    for ax, family in zip(axes, present if multiples else [None]):
+        drawn = _scatter_panel(ax, family, block, look, axis)
+        handles += drawn[0]
+        labels += drawn[1]
+        if front:
+            _staircase(ax, [p for p, b in zip(points, best) if b and not p.edge], axis, metric)
+        if axis.connect:
+            joined = _lines(ax, points, axis, family)
+            handles += joined[0]
+            labels += joined[1]
+        if axis.baselines:
+            marked = _baselines(ax, points, axis)
+            handles += marked[0]
+            labels += marked[1]
+        _decorate(ax, axis, frame)
+    if multiples:
+        owner.supxlabel(axis.label, fontsize="medium")
+        owner.supylabel(f"final {metric.heading}", fontsize="medium")
+    else:
+        axes[0].set_xlabel(axis.label)
+        axes[0].set_ylabel(f"final {metric.heading}")
+    line = axes[0].get_legend_handles_labels()
+    legend(owner, [*line[0], *handles], [*line[1], *labels], "variant, workers K (seeds)")
+
+
+def _scatter_panel(
+    ax: Axes, family: str | None, block: _Block, look: dict[str, Style], axis: XAxis
+) -> tuple[list[Any], list[str]]:
+    """The points of ``family`` (every point when None; the others in grey), the ones off
+    the Pareto front faded."""
+    _, metric, points, frame, _, best = block
+    dominated = {p.group for p, b in zip(points, best) if not b}
+    handles: list[Any] = []
+    labels: list[str] = []
+    if family is not None:
+        ax.set_title(family_title(family), fontsize="medium")
+    for p in sorted(points, key=lambda p: list(look).index(p.group)):
+        if family is not None and p.style.family != family:
+            _draw_point(ax, p, axis, frame, metric, context=True)
+            continue
+        handle = _draw_point(ax, p, axis, frame, metric, context=False)
+        if p.group in dominated:
+            _fade(handle)
+        handles.append(handle)
+        labels.append(p.label + (", dominated" if p.group in dominated else ""))
+    return handles, labels
 
 
 def _fade(handle: Any) -> None:

@@ -66,16 +66,6 @@ class Contents:
 Block = Heading | Paragraph | Bullets | Table | Figure | Links | Contents
 
 
-def figure_section(
-    heading: str, text: str, stem: str, caption: str, figure: Any, formats: Sequence[str]
-) -> tuple[list[Block], dict[str, Any]]:
-    """A report section of one figure: its heading, a paragraph and the figure (written as
-    ``stem``); nothing when ``figure`` is None."""
-    if figure is None:
-        return [], {}
-    return [Heading(2, heading), Paragraph(text), Figure(stem, caption, formats)], {stem: figure}
-
-
 def slug(text: str) -> str:
     """A heading's anchor, as GitHub makes it: lower case, punctuation dropped, spaces to
     hyphens (``"Estimated on cluster 10gbe"`` -> ``estimated-on-cluster-10gbe``)."""
@@ -193,6 +183,38 @@ def _cell_class(text: str, header: str) -> str:
     return '<td class="text label">' if len(text) <= 40 else '<td class="text">'
 
 
+def _html_table(block: Table) -> str:
+    # A column of text has its header on the left, like its cells.
+    texts = [all(not _is_number(row[i]) for row in block.rows) for i in range(len(block.headers))]
+    head = "".join(
+        ('<th class="text">' if text else "<th>") + f"{html.escape(h)}</th>"
+        for h, text in zip(block.headers, texts)
+    )
+    rows = []
+    for row in block.rows:
+        cells = "".join(
+            _cell_class(c, h) + html.escape(c).replace("\n", "<br>") + "</td>"
+            for c, h in zip(row, block.headers)
+        )
+        rows.append(f"<tr>{cells}</tr>")
+    return (
+        f'<div class="table-wrap"><table><thead><tr>{head}</tr></thead>'
+        f"<tbody>{''.join(rows)}</tbody></table></div>"
+    )
+
+
+def _html_contents(blocks: Sequence[Block]) -> str:
+    toc = []
+    for heading, figures in _outline(blocks):
+        sub = "".join(f'<li><a href="#fig-{f.stem}">{html.escape(f.caption)}</a></li>' for f in figures)
+        toc.append(
+            f'<li><a href="#{slug(heading.text)}">{_html_inline(heading.text)}</a>'
+            + (f"<ul>{sub}</ul>" if sub else "")
+            + "</li>"
+        )
+    return f'<nav class="toc"><strong>Contents</strong><ul>{"".join(toc)}</ul></nav>'
+
+
 def to_html(blocks: Sequence[Block], title: str, images: Mapping[str, bytes]) -> str:
     """A single HTML file: CSS inline, every figure a PNG ``data:`` URI (``images`` by
     stem), with links to its files; number cells never wrap (a wide table scrolls)."""
@@ -207,23 +229,7 @@ def to_html(blocks: Sequence[Block], title: str, images: Mapping[str, bytes]) ->
             items = "".join(f"<li>{_html_inline(item)}</li>" for item in block.items)
             body.append(f"<ul>{items}</ul>")
         elif isinstance(block, Table):
-            # A column of text has its header on the left, like its cells.
-            texts = [all(not _is_number(row[i]) for row in block.rows) for i in range(len(block.headers))]
-            head = "".join(
-                ('<th class="text">' if text else "<th>") + f"{html.escape(h)}</th>"
-                for h, text in zip(block.headers, texts)
-            )
-            rows = []
-            for row in block.rows:
-                cells = "".join(
-                    _cell_class(c, h) + html.escape(c).replace("\n", "<br>") + "</td>"
-                    for c, h in zip(row, block.headers)
-                )
-                rows.append(f"<tr>{cells}</tr>")
-            body.append(
-                f'<div class="table-wrap"><table><thead><tr>{head}</tr></thead>'
-                f"<tbody>{''.join(rows)}</tbody></table></div>"
-            )
+            body.append(_html_table(block))
         elif isinstance(block, Figure):
             data = base64.b64encode(images[block.stem]).decode("ascii")
             body.append(
@@ -235,17 +241,7 @@ def to_html(blocks: Sequence[Block], title: str, images: Mapping[str, bytes]) ->
         elif isinstance(block, Links):
             body.append(f'<p class="files">{html.escape(block.label)}: {_html_links(block.links)}</p>')
         elif isinstance(block, Contents):
-            toc = []
-            for heading, figures in _outline(blocks):
-                sub = "".join(
-                    f'<li><a href="#fig-{f.stem}">{html.escape(f.caption)}</a></li>' for f in figures
-                )
-                toc.append(
-                    f'<li><a href="#{slug(heading.text)}">{_html_inline(heading.text)}</a>'
-                    + (f"<ul>{sub}</ul>" if sub else "")
-                    + "</li>"
-                )
-            body.append(f'<nav class="toc"><strong>Contents</strong><ul>{"".join(toc)}</ul></nav>')
+            body.append(_html_contents(blocks))
     return (
         '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
         f'<meta name="viewport" content="width=device-width, initial-scale=1">\n'

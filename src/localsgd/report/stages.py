@@ -21,7 +21,7 @@ from typing import Any
 import pandas as pd
 
 from localsgd.records import Metric
-from localsgd.report.render import Block, Heading, Paragraph, Table, short_error
+from localsgd.report.render import Table, short_error
 from localsgd.report.rounding import fmt_pm
 from localsgd.report.tables import Study
 
@@ -180,27 +180,3 @@ def _stage_metrics(study: Study, frame: pd.DataFrame) -> list[Metric]:
     workloads = list(dict.fromkeys(frame["workload"])) if len(frame) else []
     return list(study.declared.get(workloads[0], ())) if len(workloads) == 1 else []
 
-
-def section(study: Study) -> list[Block]:
-    """The report's "Stages" section: a table per later stage; nothing for a study
-    without stages."""
-    blocks: list[Block] = []
-    for stage in later_stages(study.plan):
-        made = stage_table(study, stage)
-        if made is None:
-            continue
-        table, notes = made
-        source = stage["from_stage"]
-        blocks += [
-            Heading(3, f"Stage {stage['name']}, from the models of stage {source}"),
-            Paragraph(
-                f"One row per configuration of stage {source} (its runs: completed/planned): the final value "
-                f"of its primary metric (test split) and its training wall time, then the final metrics of the "
-                f"{stage['name']} runs started from its runs' exported models (completed/made; mean ± std "
-                f"over all of them: their seeds, and the seeds of stage {source} if several). A run of stage "
-                f"{source} that failed, diverged or exported no model has no {stage['name']} runs."
-            ),
-            table,
-            *[Paragraph(n) for n in notes],
-        ]
-    return [Heading(2, "Stages"), *blocks] if blocks else []

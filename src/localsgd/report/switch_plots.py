@@ -6,7 +6,8 @@ switches) as a long-dashed line in a ± std band. Mean ± std over seeds as erro
 (Ortiz et al. 2021: "the switching point poses another trade-off"; "SlowMo consistently
 improves accuracy, especially for early switch points").
 
-The section appears when some line has two switch points or more (a sweep of t').
+The section (:mod:`~localsgd.report.sections.switch_point`) appears when some line has two
+switch points or more (a sweep of t').
 Conventions in :mod:`~localsgd.report.graphics`: one colour per algorithm family, no empty
 panel, the figure in every format.
 """
@@ -37,14 +38,8 @@ from localsgd.report.graphics import (
     workloads,
 )
 from localsgd.report.labels import switch_epochs, synchronous_baseline, without_switch
-from localsgd.report.render import Block, figure_section
 from localsgd.report.tables import Study, natural_key
 
-STEM = "metric_vs_switch_point"
-CAPTION = (
-    "Final primary metric against the switch point t' of post-local SGD, with and without an "
-    "outer optimizer (mean ± std over seeds; long dashes: mini-batch SGD at the same K, band ± std)"
-)
 DODGE = 0.012
 """Sideways step between lines in a panel, as a fraction of its switch-point range, so
 that error bars at the same t' stay apart."""
@@ -204,23 +199,3 @@ def metric_vs_switch_point(frame: pd.DataFrame, metrics: dict[str, Metric]) -> M
         legend(owner, handles, labels, "variant, workers K (seeds)")
     return fig
 
-
-def section(
-    study: Study, metrics: dict[str, Metric], formats: Sequence[str]
-) -> tuple[list[Block], dict[str, MplFigure]]:
-    """The report's "switch point" section and its figure; nothing when no variant sweeps t'."""
-    frame = switch_frame(study)
-    return figure_section(
-        "Switch point",
-        "Post-local SGD averages gradients every step (mini-batch SGD) until its switch point t', "
-        "then takes H local steps between averagings; SlowMo and DiLoCo with a switch point do the "
-        "same and start their outer momentum at t' from the model there. Each line is one variant "
-        "and K across its switch points (mean ± std over seeds, lines dodged sideways so that their "
-        "error bars stay apart); one panel per setting when the study varies one (the learning-rate "
-        "schedule, say). The long-dashed line is the synchronous baseline at the same K and setting, "
-        "which never switches, with its ± std band.",
-        STEM,
-        CAPTION,
-        metric_vs_switch_point(frame, metrics) if has_sweep(frame) else None,
-        formats,
-    )

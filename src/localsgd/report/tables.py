@@ -239,15 +239,31 @@ def load(store_dir: str | Path) -> Study:
         counters[record.run_id] = final_counters(record, rows)
         metric_rows += _metric_rows(record, rows)
         configs.append(flatten(record.config))
-        info = record.status_info
-        if info.metrics and not record.problem:
-            workload = workload_of(record.config)
-            known = {m.name for m in declared.get(workload, ())}
-            declared[workload] = declared.get(workload, ()) + tuple(
-                m for m in info.metrics if m.name not in known
-            )
-            if info.primary:
-                primaries.setdefault(workload, info.primary)
+        _declare(record, declared, primaries)
+    group_keys = _settings(run_rows, configs)
+    runs = _runs_frame(run_rows, configs, declared, group_keys)
+    metrics = pd.DataFrame(metric_rows)
+    if metrics.empty:
+        metrics = pd.DataFrame(columns=["run_id", "step", "epoch", "wall_seconds", "train_loss"])
+    return Study(Path(store.root), runs, metrics, group_keys, _plan(store), counters, declared, primaries)
+
+
+def _declare(record: RunRecord, declared: dict[str, tuple[Metric, ...]], primaries: dict[str, str]) -> None:
+    """Add the metrics ``record``'s workload declared (each name once) and its primary one
+    (the first run's)."""
+    info = record.status_info
+    if not info.metrics or record.problem:
+        return
+    workload = workload_of(record.config)
+    known = {m.name for m in declared.get(workload, ())}
+    declared[workload] = declared.get(workload, ()) + tuple(m for m in info.metrics if m.name not in known)
+    if info.primary:
+        primaries.setdefault(workload, info.primary)
+
+
+def _settings(run_rows: list[dict[str, Any]], configs: list[dict[str, Any]]) -> list[str]:
+    """Fill each run row's ``setting`` and return the group keys: :data:`GROUP_KEYS`, and
+    the engine and setting where they vary."""
     # Config keys that differ between runs but are not in the group key would otherwise
     # silently merge different experiments into one mean.
     # Only keys that vary among the runs of one workload: the options of different
@@ -261,6 +277,17 @@ def load(store_dir: str | Path) -> Study:
         group_keys.append("engine")
     if any(row["setting"] for row in run_rows):
         group_keys.append("setting")
+    return group_keys
+
+
+def _runs_frame(
+    run_rows: list[dict[str, Any]],
+    configs: list[dict[str, Any]],
+    declared: dict[str, tuple[Metric, ...]],
+    group_keys: list[str],
+) -> pd.DataFrame:
+    """The runs in order, a column for every declared metric (NaN where a run has none),
+    their group labels and their flattened configs (``config.KEY``)."""
     order = sorted(range(len(run_rows)), key=lambda i: _sort_key(run_rows[i]))
     run_rows = [run_rows[i] for i in order]
     configs = [configs[i] for i in order]
@@ -271,16 +298,15 @@ def load(store_dir: str | Path) -> Study:
                 runs[f"{prefix}{m.name}"] = math.nan
     runs["group"] = _group_labels(run_rows, group_keys)
     config_frame = pd.DataFrame([{f"config.{k}": v for k, v in c.items()} for c in configs])
-    runs = pd.concat([runs, config_frame], axis=1)
-    metrics = pd.DataFrame(metric_rows)
-    if metrics.empty:
-        metrics = pd.DataFrame(columns=["run_id", "step", "epoch", "wall_seconds", "train_loss"])
+    return pd.concat([runs, config_frame], axis=1)
+
+
+def _plan(store: Store) -> dict[str, Any]:
     try:
-        plan = store.plan()
+        return store.plan()
     except RecordError as exc:
         log.warning("ignoring the plan: %s", exc)
-        plan = {}
-    return Study(Path(store.root), runs, metrics, group_keys, plan, counters, declared, primaries)
+        return {}
 
 
 def _engine_label(engine: str, options: Any) -> str:
