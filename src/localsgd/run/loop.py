@@ -333,7 +333,11 @@ class TrainingLoop:
 
     def restore(self, position: dict[str, Any]) -> None:
         """Continue from a checkpoint's :meth:`position`."""
-        self.step, self.epoch, self.batch = int(position["step"]), int(position["epoch"]), int(position["batch"])
+        self.step, self.epoch, self.batch = (
+            int(position["step"]),
+            int(position["epoch"]),
+            int(position["batch"]),
+        )
         self.train_seconds = position["train_seconds"]
         self.loss_sum, self.loss_count = position["loss_sum"], position["loss_count"]
         self.resumed = (*position["resumed"], self.step)

@@ -91,7 +91,6 @@ def train(
     return status
 
 
-
 def _train(
     config: RunConfig,
     engine: engines.Engine,
@@ -150,7 +149,9 @@ class SingleRun:
             delay=config.comm.delay,
             options=config.engine_options,
         )
-        self.optimizer = recipes.build_optimizer(self.replicas.module, config.optimizer, ndim=self.replicas.param_ndim)
+        self.optimizer = recipes.build_optimizer(
+            self.replicas.module, config.optimizer, ndim=self.replicas.param_ndim
+        )
         self.replicas.check_optimizer(self.optimizer)
         if rank == 0:
             log.info("rank 0: learning rate: %s", self.warmup().note)

@@ -201,7 +201,9 @@ class BatchedTrials:
     def set_lr(self, step: int) -> None:
         run = self.plan
         self.lrs = [
-            recipes.lr_at(step, run.total_steps, run.steps_per_epoch, c.optimizer.lr, c.schedule, run.global_batch)
+            recipes.lr_at(
+                step, run.total_steps, run.steps_per_epoch, c.optimizer.lr, c.schedule, run.global_batch
+            )
             for c in self.configs
         ]
         self.optimizer.set_lr(self.replicas.per_replica(self.lrs))
