@@ -7,7 +7,6 @@ status of a completed run and its final model.
 from __future__ import annotations
 
 import dataclasses
-import logging
 import math
 import os
 import platform
@@ -31,8 +30,6 @@ from localsgd.records.record import (
 )
 from localsgd.run.config import RunConfig
 from localsgd.util.checks import ConfigError
-
-log = logging.getLogger(__name__)
 
 
 def git_sha() -> str | None:
@@ -126,18 +123,6 @@ def metrics_row(
         by_scope=stats["by_scope"],
         updates=updates,
         updates_per_second=updates / train_seconds if updates is not None and train_seconds > 0 else None,
-    )
-
-
-def log_row(row: MetricsRow, primary: Any, who: str) -> None:
-    log.info(
-        "%s step %d epoch %.2f: train loss %.4f, %s %s",
-        who,
-        row.step,
-        row.epoch,
-        row.train_loss if row.train_loss is not None else math.nan,
-        primary.title,
-        primary.show(row.metrics.get(primary.name)),
     )
 
 

@@ -20,6 +20,7 @@ training seconds, the loss summed since the last evaluation) and names its stage
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import time
 from collections.abc import Iterator
@@ -31,6 +32,8 @@ from localsgd.data_parallel import DataParallel
 from localsgd.records.record import MetricsRow, Status
 from localsgd.run.bookkeeping import StopRule
 from localsgd.run.config import RunConfig
+
+log = logging.getLogger(__name__)
 
 
 class Diverged(Exception):
@@ -173,8 +176,9 @@ class Asynchronous:
         self.evaluates = rank == 0
 
     def due(self, loop: TrainingLoop) -> bool:
-        # A simulated schedule's last steps may hold every replica still: no worker steps
-        # after this one, so the final evaluation will say it.
+        # None once no worker has a step left (after the last step, or in a simulated
+        # schedule's last steps, which hold every replica still): the final evaluation,
+        # once every worker has finished, says what the model became.
         replicas = loop.runs.replicas
         steps_left = replicas.worker_steps(loop.step) < replicas.worker_steps(loop.iterations)
         return loop.step % loop.eval_every == 0 and steps_left
@@ -341,3 +345,16 @@ class TrainingLoop:
         self.train_seconds = position["train_seconds"]
         self.loss_sum, self.loss_count = position["loss_sum"], position["loss_count"]
         self.resumed = (*position["resumed"], self.step)
+
+
+def log_row(row: MetricsRow, primary: Any, who: str) -> None:
+    """A metrics row in the log: its train loss and ``primary`` metric, ``who`` wrote it."""
+    log.info(
+        "%s step %d epoch %.2f: train loss %.4f, %s %s",
+        who,
+        row.step,
+        row.epoch,
+        row.train_loss if row.train_loss is not None else math.nan,
+        primary.title,
+        primary.show(row.metrics.get(primary.name)),
+    )

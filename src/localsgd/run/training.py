@@ -28,7 +28,6 @@ from localsgd.run.bookkeeping import (
     completed_status,
     environment,
     evaluate_splits,
-    log_row,
     metrics_row,
     plan,
     save_checkpoint,
@@ -36,7 +35,7 @@ from localsgd.run.bookkeeping import (
 )
 from localsgd.run.checkpoints import Checkpoints, rng_state, rows_from_state, rows_state, set_rng_state
 from localsgd.run.config import RunConfig
-from localsgd.run.loop import Asynchronous, Diverged, Evaluation, Synchronous, TrainingLoop
+from localsgd.run.loop import Asynchronous, Diverged, Evaluation, Synchronous, TrainingLoop, log_row
 from localsgd.run.precision import with_precision
 
 log = logging.getLogger(__name__)

@@ -32,14 +32,13 @@ from localsgd.run import recipes
 from localsgd.run.bookkeeping import (
     completed_status,
     environment,
-    log_row,
     metrics_row,
     plan,
     save_checkpoint,
     stop_rule,
 )
 from localsgd.run.config import RunConfig
-from localsgd.run.loop import Synchronous, TrainingLoop
+from localsgd.run.loop import Synchronous, TrainingLoop, log_row
 
 TRIAL_FIELDS = ("name", "seed", "optimizer.lr", "optimizer.momentum", "optimizer.weight_decay", "schedule")
 """What runs batched together may differ in (``schedule``: the whole section, so a new
