@@ -10,8 +10,8 @@ from pathlib import Path
 from localsgd import engines, workloads
 from localsgd.records.record import ErrorInfo, RecordError
 from localsgd.records.store import LOCK, Store
+from localsgd.run.bookkeeping import stop_rule
 from localsgd.run.config import RunConfig
-from localsgd.run.training import stop_rule
 from localsgd.util.checks import ConfigError, check_output_folder
 
 

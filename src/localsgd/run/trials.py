@@ -15,11 +15,10 @@ trials shared it and the batch's time (``details.trials_batched``,
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
-import math
-import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,19 +26,19 @@ import torch
 
 from localsgd import engines, workloads
 from localsgd.distributed import resolve_device
-from localsgd.records.record import ErrorInfo, RunWriter, Status, failed_status
+from localsgd.records.record import ErrorInfo, MetricsRow, RunWriter, Status, failed_status
 from localsgd.records.store import Store
 from localsgd.run import recipes
-from localsgd.run.config import RunConfig
-from localsgd.run.training import (
+from localsgd.run.bookkeeping import (
     completed_status,
     environment,
-    log_row,
     metrics_row,
     plan,
     save_checkpoint,
     stop_rule,
 )
+from localsgd.run.config import RunConfig
+from localsgd.run.loop import Synchronous, TrainingLoop, log_row
 
 TRIAL_FIELDS = ("name", "seed", "optimizer.lr", "optimizer.momentum", "optimizer.weight_decay", "schedule")
 """What runs batched together may differ in (``schedule``: the whole section, so a new
@@ -128,7 +127,7 @@ def train_trials(
         env = environment(1, None, device)
         for writer in writers:
             writer.environment(env)
-        _train(configs, writers, device, workload, statuses)
+        TrainingLoop(BatchedTrials(configs, writers, device, workload, statuses), Synchronous()).run()
     except BaseException as exc:
         for writer, status in zip(writers, statuses):
             if status is None:
@@ -142,146 +141,150 @@ def train_trials(
     return done
 
 
-def _train(
-    configs: Sequence[RunConfig],
-    writers: Sequence[RunWriter],
-    device: torch.device,
-    workload: workloads.Workload | None,
-    statuses: list[Status | None],
-) -> None:
-    import localsgd
-    from localsgd.engines.simulated.trials import ReplicaSGD
+class BatchedTrials:
+    """R trials trained together, for :class:`~localsgd.run.loop.TrainingLoop`: R records,
+    each trial's own learning rate, momentum and weight decay (:class:`ReplicaSGD`); a
+    trial whose loss diverges is recorded as ``diverged`` and one that crosses
+    ``train.stop_at`` finishes there, as a run of its own would, while the others go on.
+    No checkpoints: a batch that is interrupted is trained again. ``statuses``: each
+    trial's, filled in as it finishes."""
 
-    first = configs[0]
-    engine = engines.get(first.engine)
-    assert isinstance(engine, engines.TrialBatching)
-    if workload is None:
-        workload = workloads.build(first.workload)
-    primary = workloads.metric(workload)
-    run = plan(first, workload)
-    algorithm = first.algorithm_config(run.steps_per_epoch)
-    stop = stop_rule(workload, first)  # train.stop_at: shared by the batch (its key)
-    held = workloads.validation_size(workload)
-    models = []
-    for c in configs:
-        torch.manual_seed(c.seed)  # as a run of its own: the model of its seed
-        models.append(workload.make_model(c.seed).to(device))
-    replicas = engine.trial_replicas(
-        workload,
-        models,
-        workers=first.workers,
-        seeds=[c.seed for c in configs],
-        device=device,
-        delay=first.comm.delay,
-    )
-    optimizer = ReplicaSGD(
-        _param_groups(replicas, configs),
-        momentum=replicas.per_replica([c.optimizer.momentum for c in configs]),
-        nesterov=first.optimizer.nesterov,
-    )
-    batch = first.data.batch_size
-    lrs = [0.0] * len(configs)
-    step = 0
-    train_seconds = 0.0
-    loss_sum = torch.zeros(len(configs), device=device)
-    loss_count = 0
-    with localsgd.DataParallel(replicas.module, optimizer, algorithm, comm=replicas.comm, flat=False) as dp:
+    def __init__(
+        self,
+        configs: Sequence[RunConfig],
+        writers: Sequence[RunWriter],
+        device: torch.device,
+        workload: workloads.Workload | None,
+        statuses: list[Status | None],
+    ) -> None:
+        from localsgd.engines.simulated.trials import ReplicaSGD
 
-        def finish(r: int) -> None:
-            # Each trial's wall time is its share of the batch's, as the simulated engine's
-            # is one replica's share (K·share) of a run's: the cost model divides by K, never
-            # by R.
-            details = {**replicas.details(), "batch_wall_seconds": train_seconds}
-            writer = writers[r]
-            if writer.run_dir is not None:
-                save_checkpoint(writer.run_dir, replicas.final_model(r), configs[r], step)
-            status = completed_status(
-                workload,
-                writer.rows,
-                dp.stats,
-                run,
-                step=step,
-                train_seconds=train_seconds / len(configs),
-                algorithm=algorithm.to_dict(),
-                engine=engine.info,
-                details=details,
-                schedule=recipes.plan_warmup(
-                    configs[r].schedule,
-                    run.total_steps,
-                    run.steps_per_epoch,
-                    configs[r].optimizer.lr,
-                    run.global_batch,
-                ).to_dict(),
+        self.configs, self.writers, self.device, self.statuses = configs, writers, device, statuses
+        self.config = first = configs[0]
+        engine = engines.get(first.engine)
+        self.engine_info = engine.info
+        assert isinstance(engine, engines.TrialBatching)
+        self.workload = workloads.build(first.workload) if workload is None else workload
+        self.plan = plan(first, self.workload)
+        self.algorithm = first.algorithm_config(self.plan.steps_per_epoch)
+        self.stop = stop_rule(self.workload, first)  # train.stop_at: shared by the batch (its key)
+        self.held = workloads.validation_size(self.workload)
+        models = []
+        for c in configs:
+            torch.manual_seed(c.seed)  # as a run of its own: the model of its seed
+            models.append(self.workload.make_model(c.seed).to(device))
+        self.replicas = engine.trial_replicas(
+            self.workload,
+            models,
+            workers=first.workers,
+            seeds=[c.seed for c in configs],
+            device=device,
+            delay=first.comm.delay,
+        )
+        self.optimizer = ReplicaSGD(
+            _param_groups(self.replicas, configs),
+            momentum=self.replicas.per_replica([c.optimizer.momentum for c in configs]),
+            nesterov=first.optimizer.nesterov,
+        )
+        self.lrs = [0.0] * len(configs)
+
+    def begin(self, loop: TrainingLoop) -> None:
+        pass
+
+    def iterations(self) -> int:
+        return self.plan.total_steps
+
+    def batches(self, loop: TrainingLoop) -> Iterator[Any]:
+        return iter(self.replicas.batches(self.config.data.batch_size, loop.epoch))
+
+    def set_lr(self, step: int) -> None:
+        run = self.plan
+        self.lrs = [
+            recipes.lr_at(
+                step, run.total_steps, run.steps_per_epoch, c.optimizer.lr, c.schedule, run.global_batch
             )
-            writer.status(status)
-            statuses[r] = status
+            for c in self.configs
+        ]
+        self.optimizer.set_lr(self.replicas.per_replica(self.lrs))
 
-        def evaluate() -> None:
-            nonlocal loss_sum, loss_count
-            means = (loss_sum / max(loss_count, 1)).double().tolist()
-            counted = loss_count
-            loss_sum, loss_count = torch.zeros_like(loss_sum), 0
-            with dp.consensus():
-                for r, writer in enumerate(writers):
-                    if statuses[r] is not None:
-                        continue
-                    row = metrics_row(
-                        workload,
-                        dp.stats,
-                        run,
-                        step=step,
-                        train_seconds=train_seconds / len(configs),
-                        lr=lrs[r],
-                        train_loss=means[r] if counted else None,
-                        scores=replicas.evaluate(r),
-                        validation=replicas.evaluate(r, "validation") if held else {},
-                    )
-                    writer.row(row)
-                    log_row(row, primary, f"trial {r} ({configs[r].name})")
-                    if not math.isfinite(means[r]):
-                        error = ErrorInfo("Diverged", f"train loss is {means[r]} at step {step}", rank=0)
-                        status = dataclasses.replace(failed_status(error, writer.rows), status="diverged")
-                        writer.status(status)
-                        statuses[r] = status
-                    elif stop is not None and stop.crossed(row):
-                        finish(r)  # as a run of its own stops at its first crossing
+    def optimizer_step(self, loss: torch.Tensor, dp: Any) -> torch.Tensor:
+        self.optimizer.step()
+        return loss
 
-        epoch = 0
-        while step < run.total_steps and None in statuses:
-            stream = iter(replicas.batches(batch, epoch))
-            while True:
-                start = time.perf_counter()
-                data = next(stream, None)
-                if data is None:
-                    break
-                lrs = [
-                    recipes.lr_at(
-                        step,
-                        run.total_steps,
-                        run.steps_per_epoch,
-                        c.optimizer.lr,
-                        c.schedule,
-                        run.global_batch,
-                    )
-                    for c in configs
-                ]
-                optimizer.set_lr(replicas.per_replica(lrs))
-                optimizer.zero_grad()
-                loss_sum = loss_sum + replicas.forward_backward(data)
-                optimizer.step()
-                loss_count += 1
-                step += 1
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                train_seconds += time.perf_counter() - start
-                if step % first.train.eval_every == 0 or step == run.total_steps:
-                    evaluate()
-                if step >= run.total_steps or None not in statuses:
-                    break
-            epoch += 1
-    for r in range(len(configs)):
-        if statuses[r] is None:
-            finish(r)
+    def end_training(self) -> None:
+        pass
+
+    def train_losses(self, loop: TrainingLoop) -> dict[int, tuple[float, int]]:
+        # Each trial's loss is its workers' mean already (forward_backward): trials batch
+        # only runs whose workers step together (batch_key).
+        total = torch.zeros(len(self.configs), device=self.device) + loop.loss_sum
+        means = (total / max(loop.loss_count, 1)).double().tolist()
+        return {r: (means[r], loop.loss_count) for r, s in enumerate(self.statuses) if s is None}
+
+    def evaluating(self) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()
+
+    def evaluate(self, loop: TrainingLoop, index: int, train_loss: float | None) -> MetricsRow:
+        row = metrics_row(
+            self.workload,
+            loop.dp.stats,
+            self.plan,
+            step=loop.step,
+            train_seconds=loop.train_seconds / len(self.configs),
+            lr=self.lrs[index],
+            train_loss=train_loss,
+            scores=self.replicas.evaluate(index),
+            validation=self.replicas.evaluate(index, "validation") if self.held else {},
+            updates=loop.dp.updates,
+        )
+        self.writers[index].row(row)
+        log_row(row, workloads.metric(self.workload), f"trial {index} ({self.configs[index].name})")
+        return row
+
+    def diverged(self, loop: TrainingLoop, index: int, message: str) -> None:
+        writer = self.writers[index]
+        status = failed_status(ErrorInfo("Diverged", message, rank=0), writer.rows)
+        self.statuses[index] = dataclasses.replace(status, status="diverged")
+        writer.status(self.statuses[index])  # type: ignore[arg-type]
+
+    def stopped(self, loop: TrainingLoop, index: int) -> None:
+        self.complete(loop, index)  # as a run of its own stops at its first crossing
+
+    def done(self) -> bool:
+        return None not in self.statuses
+
+    def checkpoint(self, loop: TrainingLoop) -> None:
+        pass
+
+    def finish(self, loop: TrainingLoop) -> list[Status]:
+        for r, status in enumerate(self.statuses):
+            if status is None:
+                self.complete(loop, r)
+        return [s for s in self.statuses if s is not None]
+
+    def complete(self, loop: TrainingLoop, r: int) -> None:
+        """Trial ``r`` trained to its end (or its stop): its final model and status."""
+        # Each trial's wall time is its share of the batch's, as the simulated engine's is
+        # one replica's share (K·share) of a run's: the cost model divides by K, never by R.
+        writer, config, run = self.writers[r], self.configs[r], self.plan
+        if writer.run_dir is not None:
+            save_checkpoint(writer.run_dir, self.replicas.final_model(r), config, loop.step)
+        status = completed_status(
+            self.workload,
+            writer.rows,
+            loop.dp.stats,
+            run,
+            step=loop.step,
+            train_seconds=loop.train_seconds / len(self.configs),
+            algorithm=self.algorithm.to_dict(),
+            engine=self.engine_info,
+            details={**self.replicas.details(), "batch_wall_seconds": loop.train_seconds},
+            schedule=recipes.plan_warmup(
+                config.schedule, run.total_steps, run.steps_per_epoch, config.optimizer.lr, run.global_batch
+            ).to_dict(),
+        )
+        writer.status(status)
+        self.statuses[r] = status
 
 
 def _param_groups(replicas: Any, configs: Sequence[RunConfig]) -> list[dict[str, Any]]:
