@@ -305,12 +305,7 @@ def study(
         raise _fail(str(exc)) from None
     folder = out or plan.default_out()
     if dry_run:
-        from localsgd.studies import stages
-        from localsgd.studies.progress import plan_lines
-
-        for line in stages.plan_lines(plan) if plan.stages else plan_lines(plan.runs):
-            typer.echo(line)
-        typer.echo(f"{stages.total_runs(plan) if plan.stages else len(plan.runs)} runs -> {folder}")
+        _print_plan(plan, folder)
         return
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
     runner: Any = run_study
@@ -349,6 +344,27 @@ def study(
             err=True,
         )
         raise typer.Exit(code=1)
+
+
+def _print_plan(plan: Any, folder: Path) -> None:
+    """``--dry-run``: a line per planned run, with its estimate when the study has
+    ``[study.estimate]``, and the total."""
+    from localsgd.studies import stages
+    from localsgd.studies.progress import plan_lines
+    from localsgd.util.checks import ConfigError
+
+    lines = stages.plan_lines(plan) if plan.stages else plan_lines(plan.runs)
+    if plan.section.estimate is not None and not plan.stages:
+        from localsgd.studies.estimate import estimate_lines
+
+        try:
+            estimates = estimate_lines(plan.runs, plan.section.estimate)
+        except ConfigError as exc:
+            raise _fail(str(exc)) from None
+        lines = [f"{line}  {estimate}" for line, estimate in zip(lines, estimates)]
+    for line in lines:
+        typer.echo(line)
+    typer.echo(f"{stages.total_runs(plan) if plan.stages else len(plan.runs)} runs -> {folder}")
 
 
 @app.command()

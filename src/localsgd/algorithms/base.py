@@ -87,6 +87,13 @@ class Synchronizer(Protocol):
     def load_state_dict(self, state: Mapping[str, Any]) -> None: ...
 
 
+def switched_syncs(steps: int, switch_step: int, period: int) -> dict[str, int]:
+    """Mini-batch SGD (a sync every step) before ``switch_step``, then a sync every
+    ``period`` steps counted from the switch (post-local SGD, SlowMo and DiLoCo with t')."""
+    before = min(steps, switch_step)
+    return {"world": before + max(0, steps - switch_step) // period}
+
+
 @dataclass(frozen=True)
 class AlgorithmCapabilities:
     """What an algorithm config declares about itself, as the run config, studies and
@@ -157,6 +164,17 @@ class AlgorithmConfig:
         """H for the H·K view: local steps between two averagings of the whole model; 1 for
         algorithms that synchronise every step; None where no comparable period exists."""
         return None
+
+    def planned_syncs(self, steps: int) -> dict[str, int] | None:
+        """Synchronisations per scope in a run of ``steps`` optimizer steps, labelled as a
+        run's counters label them (``{"world": n}``; ``{"block2": m, "world": n}``): what
+        the cost model needs to estimate a run before it runs. None where the schedule is
+        not fixed in advance (a parameter server's pushes). The consensus taken on leaving
+        ``DataParallel`` (at most one more) is not counted. Exact for every registered
+        algorithm (``tests/algorithms/test_planned_syncs.py`` counts them in runs)."""
+        if self.asynchronous or self.sync_period is None:
+            return None
+        return {"world": steps // self.sync_period}
 
     def bind(self, ctx: SyncContext) -> Synchronizer:
         raise NotImplementedError

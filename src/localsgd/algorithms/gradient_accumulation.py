@@ -39,6 +39,9 @@ class GradientAccumulation(AlgorithmConfig):
     def __post_init__(self) -> None:
         check_int("gradient_accumulation.steps", self.steps, 1)
 
+    def planned_syncs(self, steps: int) -> dict[str, int]:
+        return {"world": steps // self.steps}
+
     def bind(self, ctx: SyncContext) -> AccumulationSync:
         return AccumulationSync(self, ctx)
 

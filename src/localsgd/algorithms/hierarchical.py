@@ -49,6 +49,10 @@ class HierarchicalLocalSGD(AlgorithmConfig):
         """H: the steps between block averagings (the H of Lin et al.'s H·K comparisons)."""
         return self.period
 
+    def planned_syncs(self, steps: int) -> dict[str, int]:
+        world = steps // (self.period * self.block_period)
+        return {f"block{self.block_size}": steps // self.period - world, "world": world}
+
     def bind(self, ctx: SyncContext) -> HierarchicalSync:
         return HierarchicalSync(self, ctx)
 

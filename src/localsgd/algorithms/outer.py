@@ -32,7 +32,7 @@ from localsgd.algorithms._common import (
     lr_of,
     require_keys,
 )
-from localsgd.algorithms.base import AlgorithmConfig, SyncContext, register
+from localsgd.algorithms.base import AlgorithmConfig, SyncContext, register, switched_syncs
 from localsgd.algorithms.local_sgd import LocalSGDSync, check_local_options
 from localsgd.algorithms.post_local_sgd import SwitchedSync
 from localsgd.util.checks import check_bool, check_float, check_int
@@ -150,6 +150,9 @@ class SlowMo(AlgorithmConfig):
     def sync_period(self) -> int:
         return self.period
 
+    def planned_syncs(self, steps: int) -> dict[str, int]:
+        return switched_syncs(steps, self.switch_step, self.period)
+
     def bind(self, ctx: SyncContext) -> LocalSGDSync | SwitchedSync:
         outer = OuterMomentum(ctx, self.outer_lr, self.outer_momentum, self.nesterov, scale_by_lr=True)
         return after_switch(self, ctx, outer)
@@ -199,6 +202,9 @@ class DiLoCo(AlgorithmConfig):
     @property
     def sync_period(self) -> int:
         return self.period
+
+    def planned_syncs(self, steps: int) -> dict[str, int]:
+        return switched_syncs(steps, self.switch_step, self.period)
 
     def bind(self, ctx: SyncContext) -> LocalSGDSync | SwitchedSync:
         outer = OuterMomentum(ctx, self.outer_lr, self.outer_momentum, self.nesterov, scale_by_lr=False)

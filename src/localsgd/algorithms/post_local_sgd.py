@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from localsgd.algorithms._common import ModelAverager, require_keys
-from localsgd.algorithms.base import AlgorithmConfig, SyncContext, register
+from localsgd.algorithms.base import AlgorithmConfig, SyncContext, register, switched_syncs
 from localsgd.algorithms.local_sgd import LocalSGDSync, check_local_options
 from localsgd.algorithms.minibatch import MiniBatchSync
 from localsgd.util.checks import check_int
@@ -42,6 +42,9 @@ class PostLocalSGD(AlgorithmConfig):
     @property
     def sync_period(self) -> int:
         return self.period
+
+    def planned_syncs(self, steps: int) -> dict[str, int]:
+        return switched_syncs(steps, self.switch_step, self.period)
 
     def bind(self, ctx: SyncContext) -> SwitchedSync:
         averager = ModelAverager(ctx, self.average_buffers, self.optimizer_state)

@@ -46,6 +46,9 @@ class SMA(AlgorithmConfig):
     def label(self, shown: Mapping[str, str] | None = None, omit: Collection[str] = ()) -> str:
         return super().label(shown, omit).replace("λ=None", "λ=1/K")
 
+    def planned_syncs(self, steps: int) -> dict[str, int]:
+        return {"world": steps}
+
     def bind(self, ctx: SyncContext) -> SMASync:
         return SMASync(self, ctx)
 

@@ -43,6 +43,7 @@ from typing import Any
 from localsgd.run.config import RunConfig, normalize, run_config
 from localsgd.run.loading import apply_overrides, parse_override
 from localsgd.studies import search
+from localsgd.studies.estimate import EstimateSection
 from localsgd.util.checks import ConfigError, check_name, from_dict
 from localsgd.util.nest import deep_copy, flatten, set_dotted
 
@@ -63,6 +64,9 @@ class StudySection:
     """Per workload, the result its steps-to-result are measured at, ``METRIC=VALUE`` (or a
     bare value of the primary metric): ``{ mnist1d_cnn = "accuracy=0.95" }``. ``localsgd
     report --target`` overrides it."""
+    estimate: EstimateSection | None = None
+    """``[study.estimate]``: wall-clock estimates of the runs before they run, on a named
+    cluster (:mod:`localsgd.studies.estimate`; shown by ``--dry-run``)."""
 
     def __post_init__(self) -> None:
         check_name("study.name", self.name)
