@@ -41,7 +41,10 @@ def problem() -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(0)
     a = torch.randn(12, 6, generator=gen, dtype=torch.float64)
     b = torch.randn(12, generator=gen, dtype=torch.float64)
-    params = [torch.randn(6, generator=gen, dtype=torch.float64), torch.randn(1, dtype=torch.float64, generator=gen)]
+    params = [
+        torch.randn(6, generator=gen, dtype=torch.float64),
+        torch.randn(1, dtype=torch.float64, generator=gen),
+    ]
     return params, a, b
 
 
@@ -54,7 +57,9 @@ def groups(params: list[torch.Tensor]) -> list[dict[str, Any]]:
     return [{"params": [params[0]], "weight_decay": 1e-2}, {"params": [params[1]], "weight_decay": 0.0}]
 
 
-def step(opt: torch.optim.Optimizer, params: list[torch.Tensor], a: torch.Tensor, b: torch.Tensor, lr: float) -> None:
+def step(
+    opt: torch.optim.Optimizer, params: list[torch.Tensor], a: torch.Tensor, b: torch.Tensor, lr: float
+) -> None:
     for group in opt.param_groups:
         group["lr"] = lr
     opt.zero_grad()
@@ -165,16 +170,22 @@ def test_the_simulated_engine_takes_an_optimizer_that_declares_itself_elementwis
     class Declared(VelocitySGD):
         elementwise = False  # type: ignore[assignment]
 
-    with pytest.raises(ValueError, match="Declared is not one of .* does not declare elementwise = True"):
+    with pytest.raises(ValueError, match=r"Declared is not one of .* does not declare elementwise = True"):
         check_elementwise(Declared(stacked.parameters(), lr=0.1))
 
 
 @pytest.mark.parametrize(
     ("changes", "message"),
     [
-        ({"momentum_form": "inside"}, r"optimizer.momentum_form must be one of \['lr_outside', 'lr_inside'\], got 'inside'"),
+        (
+            {"momentum_form": "inside"},
+            r"optimizer.momentum_form must be one of \['lr_outside', 'lr_inside'\], got 'inside'",
+        ),
         ({"momentum_correction": "yes"}, r"optimizer.momentum_correction"),
-        ({"name": "adamw", "momentum_form": "lr_inside"}, r"optimizer.momentum_form = 'lr_inside' is for optimizer.name = 'sgd'"),
+        (
+            {"name": "adamw", "momentum_form": "lr_inside"},
+            r"optimizer.momentum_form = 'lr_inside' is for optimizer.name = 'sgd'",
+        ),
     ],
 )
 def test_bad_momentum_options_are_refused(changes, message):
@@ -192,13 +203,22 @@ def spec(**optimizer: Any) -> dict[str, Any]:
         "algorithm": {"name": "local_sgd", "period": 2},
         "data": {"batch_size": 32},
         "optimizer": {"lr": 0.05, "momentum": 0.9, "nesterov": True, **optimizer},
-        "schedule": {"name": "step", "milestones": [0.5, 0.75], "warmup_epochs": 1, "linear_scaling": True, "base_batch": 16},
+        "schedule": {
+            "name": "step",
+            "milestones": [0.5, 0.75],
+            "warmup_epochs": 1,
+            "linear_scaling": True,
+            "base_batch": 16,
+        },
         "train": {"epochs": 3, "max_steps": 24, "eval_every": 6, "checkpoint_every": 5},
     }
 
 
 def test_defaults_keep_run_ids_and_lr_inside_is_a_run_of_its_own():
-    assert run_config(spec()).run_id() == run_config(spec(momentum_form="lr_outside", momentum_correction=True)).run_id()
+    assert (
+        run_config(spec()).run_id()
+        == run_config(spec(momentum_form="lr_outside", momentum_correction=True)).run_id()
+    )
     assert run_config(spec()).run_id() != run_config(spec(momentum_form="lr_inside")).run_id()
 
 
@@ -242,4 +262,3 @@ def test_an_lr_inside_run_resumed_mid_warmup_ends_as_the_uninterrupted_one(tmp_p
     expected, got = final_model(a), final_model(b)
     assert all(torch.equal(expected[k], got[k]) for k in expected)
     assert rows(a) == rows(b)
-
