@@ -28,8 +28,11 @@ class VelocitySGD(torch.optim.Optimizer):
     trace of its gradient in v (and scales v to 0), so after one this form parts from
     ``torch.optim.SGD``, whose buffer keeps that gradient: no correction can restore it.
 
-    The previous rate is kept in each param group (``last_lr``), so :meth:`state_dict`
-    carries it and a resumed run corrects its first step as an uninterrupted one would.
+    The rate v was last updated with is kept beside v (state ``velocity_lr``), per
+    parameter: a parameter without a gradient at some step (its v untouched, as torch's
+    buffer is) is still corrected by the whole change when it next steps, and
+    :meth:`state_dict` carries it, so a resumed run corrects its first step as an
+    uninterrupted one would.
     """
 
     elementwise: ClassVar[bool] = True
@@ -59,7 +62,6 @@ class VelocitySGD(torch.optim.Optimizer):
             "weight_decay": weight_decay,
             "nesterov": nesterov,
             "correction": correction,
-            "last_lr": None,
         }
         super().__init__(params, defaults)
 
@@ -74,12 +76,10 @@ class VelocitySGD(torch.optim.Optimizer):
         return loss
 
     @staticmethod
-    def correction_factor(group: dict[str, Any], lr: float) -> float:
-        """η_new/η_old when the group's rate changed since its last step and the correction
-        is on; 1 otherwise (first step, no change, or a previous rate of 0, whose velocity
-        is 0 already)."""
-        last = group["last_lr"]
-        if not group["correction"] or last is None or last == lr or last == 0:
+    def correction_factor(last: float, lr: float, correction: bool) -> float:
+        """η_new/η_old when the rate changed since v was last updated and the correction is
+        on; 1 otherwise (no change, or a previous rate of 0, whose velocity is 0 already)."""
+        if not correction or last == lr or last == 0:
             return 1.0
         return lr / last
 
@@ -87,9 +87,6 @@ class VelocitySGD(torch.optim.Optimizer):
         lr = float(group["lr"])
         mu = group["momentum"]
         decay = group["weight_decay"]
-        # μ·(η_new/η_old)·v in one multiply: the correction costs no pass of its own.
-        carry = mu * self.correction_factor(group, lr)
-        group["last_lr"] = lr
         for p in group["params"]:
             if p.grad is None:
                 continue
@@ -102,7 +99,10 @@ class VelocitySGD(torch.optim.Optimizer):
             if v is None:
                 v = state["velocity"] = torch.mul(d, lr)
             else:
+                # μ·(η_new/η_old)·v in one multiply: the correction costs no pass of its own.
+                carry = mu * self.correction_factor(state["velocity_lr"], lr, group["correction"])
                 v.mul_(carry).add_(d, alpha=lr)
+            state["velocity_lr"] = lr
             if group["nesterov"]:
                 p.sub_(torch.mul(d, lr).add_(v, alpha=mu))
             else:
