@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("constant", "step", "cosine", "half_cosine", "linear")
 WARMUPS = ("gradual", "constant")
+MOMENTUM_FORMS = ("lr_outside", "lr_inside")
 PRECISIONS = ("fp32", "bf16", "fp16")
 
 
@@ -69,6 +70,16 @@ class OptimizerConfig:
     """SGD momentum."""
     nesterov: bool = True
     """SGD with Nesterov momentum."""
+    momentum_form: str = "lr_outside"
+    """Where SGD's rate η sits (Goyal et al. 2017, §2.1): ``lr_outside``, u ← μu + g,
+    θ ← θ − ηu (``torch.optim.SGD``); ``lr_inside``, v ← μv + ηg, θ ← θ − v
+    (:class:`~localsgd.run.optimizers.VelocitySGD`; Nesterov: θ ← θ − (μv + ηg)). The two
+    are one update while η is fixed; they part when η changes, unless
+    ``momentum_correction``."""
+    momentum_correction: bool = True
+    """``lr_inside``: scale v by η_{t+1}/η_t when the rate changes, which makes it follow
+    ``lr_outside`` exactly. ``lr_outside`` needs none (the correction is implicit in its
+    form), so the key changes nothing there."""
     weight_decay: float = 5e-4
     """L2 weight decay (decoupled for AdamW)."""
     decay_norm_and_bias: bool = True
@@ -85,6 +96,8 @@ class OptimizerConfig:
         check_float("optimizer.lr", self.lr, 0.0, None, low_open=True)
         check_float("optimizer.momentum", self.momentum, 0.0, 1.0)
         check_bool("optimizer.nesterov", self.nesterov)
+        check_choice("optimizer.momentum_form", self.momentum_form, MOMENTUM_FORMS)
+        check_bool("optimizer.momentum_correction", self.momentum_correction)
         check_float("optimizer.weight_decay", self.weight_decay, 0.0)
         check_bool("optimizer.decay_norm_and_bias", self.decay_norm_and_bias)
         check_float("optimizer.beta1", self.beta1, 0.0, 1.0)
@@ -92,6 +105,17 @@ class OptimizerConfig:
         check_float("optimizer.eps", self.eps, 0.0, None, low_open=True)
         if self.nesterov and self.name == "sgd" and self.momentum == 0:
             raise ConfigError("optimizer.nesterov needs optimizer.momentum > 0")
+        if self.momentum_form != "lr_outside" and self.name != "sgd":
+            raise ConfigError(
+                f"optimizer.momentum_form = {self.momentum_form!r} is for optimizer.name = 'sgd'; "
+                f"{self.name} allows only 'lr_outside'"
+            )
+
+    @property
+    def batchable(self) -> bool:
+        """Whether trials of this optimizer can be stepped together by the simulated
+        engine's per-trial SGD, which is the ``lr_outside`` form."""
+        return self.name == "sgd" and self.momentum_form == "lr_outside"
 
 
 @dataclass(frozen=True)
@@ -532,6 +556,8 @@ ADDED_LATER = (
     ("schedule", "warmup_start"),
     ("train", "stop_at"),
     ("train", "stop_split"),
+    ("optimizer", "momentum_form"),
+    ("optimizer", "momentum_correction"),
 )
 """Fields added after stores were written: left out of the run id at their defaults."""
 

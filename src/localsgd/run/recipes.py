@@ -23,12 +23,14 @@ import torch
 from torch import nn
 
 from localsgd.run.config import OptimizerConfig, ScheduleConfig
+from localsgd.run.optimizers import VelocitySGD
 
 
 def build_optimizer(
     model: nn.Module, config: OptimizerConfig, ndim: Callable[[torch.Tensor], int] | None = None
 ) -> torch.optim.Optimizer:
-    """SGD or AdamW over the model's trainable parameters; with ``decay_norm_and_bias``
+    """SGD (``torch.optim.SGD``, or :class:`VelocitySGD` for ``momentum_form =
+    "lr_inside"``) or AdamW over the model's trainable parameters; with ``decay_norm_and_bias``
     false, parameters of at most one dimension (biases, norm scales) get no weight decay.
     ``ndim`` gives a parameter's own dimensions when it is stacked over replicas."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -41,6 +43,14 @@ def build_optimizer(
             {"params": [p for p in params if dims(p) <= 1], "weight_decay": 0.0},
         ]
         groups = [g for g in groups if g["params"]]
+    if config.name == "sgd" and config.momentum_form == "lr_inside":
+        return VelocitySGD(
+            groups,
+            lr=config.lr,
+            momentum=config.momentum,
+            nesterov=config.nesterov,
+            correction=config.momentum_correction,
+        )
     if config.name == "sgd":
         return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, nesterov=config.nesterov)
     return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2), eps=config.eps)

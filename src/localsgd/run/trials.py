@@ -51,13 +51,14 @@ DEFAULT_BATCH = 64
 def batch_key(config: RunConfig) -> str | None:
     """What a run must share with the others of its batch (its config without
     :data:`TRIAL_FIELDS`), or None when it cannot be batched: its engine does not declare
-    ``TRIAL_BATCHING``, its optimizer is not SGD, it trains in reduced precision, it has
+    ``TRIAL_BATCHING``, its optimizer is not the SGD that :class:`ReplicaSGD` steps
+    (``OptimizerConfig.batchable``: not ``lr_inside``), it trains in reduced precision, it has
     engine options (worker speeds) or its algorithm declares itself asynchronous. An
     algorithm that declares it reads the inner learning rate (``reads_inner_lr``) keeps
     ``optimizer.lr`` and ``schedule`` in the key."""
     if engines.Capability.TRIAL_BATCHING not in engines.get(config.engine).capabilities:
         return None
-    if config.optimizer.name != "sgd" or config.train.precision != "fp32":
+    if not config.optimizer.batchable or config.train.precision != "fp32":
         return None
     declared = config.algorithm_config(steps_per_epoch=1).capabilities
     if config.engine_options or declared.asynchronous:

@@ -35,12 +35,18 @@ ELEMENTWISE_OPTIMIZERS: tuple[type[torch.optim.Optimizer], ...] = (
 
 
 def check_elementwise(optimizer: torch.optim.Optimizer) -> None:
-    """Refuse optimizers whose step mixes elements (the stacked step would mix replicas)."""
-    if not isinstance(optimizer, ELEMENTWISE_OPTIMIZERS):
+    """Refuse optimizers whose step mixes elements (the stacked step would mix replicas).
+    Besides torch's, an optimizer class may declare itself elementwise with the class
+    attribute ``elementwise = True`` (the engine cannot see inside its step)."""
+    if (
+        not isinstance(optimizer, ELEMENTWISE_OPTIMIZERS)
+        and getattr(type(optimizer), "elementwise", False) is not True
+    ):
         allowed = sorted(c.__name__ for c in ELEMENTWISE_OPTIMIZERS)
         raise ValueError(
             f"the simulated engine steps all replicas as one stacked tensor, which is exact only "
-            f"for elementwise optimizers; {type(optimizer).__name__} is not one of {allowed}"
+            f"for elementwise optimizers; {type(optimizer).__name__} is not one of {allowed} "
+            "and does not declare elementwise = True"
         )
 
 
