@@ -166,6 +166,21 @@ def test_train_batches_are_augmented_reproducible_and_worker_independent(folder:
     assert same_batches(batches, two_workers)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_batches_are_the_cpu_batches_pinned_and_copied(folder: Path) -> None:
+    wl = build(folder, loader_workers=1)
+    cpu = list(wl.train_batches(0, 2, 5, epoch=0, seed=1, device="cpu"))
+    cuda = list(wl.train_batches(0, 2, 5, epoch=0, seed=1, device="cuda"))
+    assert all(b["x"].is_cuda and b["y"].is_cuda for b in cuda)
+    for a, b in zip(cpu, cuda, strict=True):
+        torch.testing.assert_close(a["x"], b["x"].cpu())
+        assert torch.equal(a["y"], b["y"].cpu())
+    model = tiny(folder).make_model(0)
+    on_cpu = wl.evaluate(model, "cpu")
+    assert wl.evaluate(model.cuda(), "cuda") == pytest.approx(on_cpu, rel=1e-4)
+
+
 def test_crop_box_stays_inside_with_allowed_scale_and_ratio() -> None:
     generator = torch.Generator().manual_seed(0)
     for _ in range(200):
@@ -323,8 +338,9 @@ class Float64(torch.nn.Module):
         return self.net(x.double())
 
 
-def tiny64(folder: str) -> ImageNetWorkload:
-    return ImageNetWorkload("imagenet_resnet50", ImageNetConfig(folder, **SMALL), Float64)
+def tiny64(folder: str, loader_workers: int = 0) -> ImageNetWorkload:
+    options = {**SMALL, "loader_workers": loader_workers}
+    return ImageNetWorkload("imagenet_resnet50", ImageNetConfig(folder, **options), Float64)
 
 
 def run_spec(folder: str, engine: str) -> Any:
@@ -348,13 +364,17 @@ def run_processes(rank: int, world: int, folder: str, out: str) -> dict[str, Any
     run_dir = Path(out) / "processes" if rank == 0 else None
     if run_dir is not None:
         run_dir.mkdir()
-    status = train(run_spec(folder, "processes"), run_dir, rank, world, "gloo", workload=tiny64(folder))
+    status = train(
+        run_spec(folder, "processes"), run_dir, rank, world, "gloo", workload=tiny64(folder, loader_workers=1)
+    )
     if run_dir is None:
         return None
     return {"status": status, "model": torch.load(run_dir / "checkpoint.pt")["model"]}
 
 
 def test_processes_and_simulated_replicas_train_the_same_model(folder: Path, tmp_path: Path) -> None:
+    """The process ranks decode in a loader process each, the simulated run in its own
+    process: the batches, and so the models, are the same."""
     from localsgd.run.training import train
 
     processes = run_world(run_processes, 2, str(folder), str(tmp_path))[0]
@@ -378,3 +398,24 @@ def test_processes_and_simulated_replicas_train_the_same_model(folder: Path, tmp
         assert final.metrics["top5_accuracy"] == 1.0
     assert p.final.metrics == pytest.approx(s.final.metrics, rel=1e-10)
     assert os.path.isfile(tmp_path / "processes" / "metrics.jsonl")
+
+
+def test_a_run_of_the_registered_resnet50_records_top1_and_top5(folder: Path, tmp_path: Path) -> None:
+    """The workload built from its name alone, ResNet-50 itself, two steps of one worker."""
+    from localsgd.run.training import train
+
+    config = run_config(
+        {
+            "workload": {"name": "imagenet_resnet50", "data_path": str(folder), **SMALL},
+            "data": {"batch_size": 4},
+            "train": {"epochs": 1, "max_steps": 2, "eval_every": 2},
+        }
+    )
+    status = train(config, tmp_path, 0, 1)
+    assert status.status == "completed" and status.steps == 2
+    assert set(status.final.metrics) == {"accuracy", "top5_accuracy", "eval_loss"}
+    assert status.final.metrics["top5_accuracy"] == 1.0
+    model = torch.load(tmp_path / "checkpoint.pt")["model"]
+    assert sum(t.numel() for k, t in model.items() if "running" not in k and "tracked" not in k) == params(
+        resnet50(3)
+    )
