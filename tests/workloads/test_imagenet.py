@@ -288,6 +288,14 @@ def test_bad_folders_name_the_key(folder: Path, tmp_path: Path) -> None:
     (differ / "val" / WNIDS[2]).mkdir()
     with pytest.raises(ConfigError, match=r"workload.data_path: class folder '.*n01484850' holds no images"):
         build(differ)
+    (differ / "val" / WNIDS[2] / "x.JPEG").write_bytes(
+        (folder / "val" / WNIDS[2]).joinpath(f"{WNIDS[2]}_val_0.JPEG").read_bytes()
+    )
+    (differ / "train" / ".ipynb_checkpoints").mkdir()  # hidden folders are no classes
+    assert build(differ).num_classes == 3
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ConfigError, match=r"workload.cache: cannot write the cache under '.*file/imagenet-"):
+        build(folder, cache=str(tmp_path / "file"))
     with pytest.raises(ConfigError, match=r"workload.eval_resize must be an integer in \[32, 2048\], got 16"):
         build(folder, eval_resize=16)
     with pytest.raises(

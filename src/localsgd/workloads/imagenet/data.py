@@ -52,7 +52,8 @@ def _class_folders(folder: Path, key: str) -> dict[str, list[Path]]:
     """``{wnid: sorted images}`` of a per-class folder; ``ConfigError`` for a class
     folder without images."""
     out = {}
-    for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
+    # Hidden folders (.ipynb_checkpoints, a sync tool's) are no classes.
+    for sub in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
         files = _images(sub)
         if not files:
             raise ConfigError(f"{key}: class folder '{sub}' holds no images (*.JPEG, *.jpg, *.png)")
@@ -306,7 +307,12 @@ def cached(cache: str, splits: dict[str, Split], cache_size: int) -> dict[str, C
     out = {}
     for name, split in splits.items():
         if not (folder / f"{name}.npz").is_file():
-            build_cache(folder, name, split, cache_size)
+            try:
+                build_cache(folder, name, split, cache_size)
+            except OSError as exc:
+                raise ConfigError(
+                    f"workload.cache: cannot write the cache under '{folder}' ({exc})"
+                ) from None
         with np.load(folder / f"{name}.npz") as index:
             if not np.array_equal(index["labels"], np.asarray(split.labels)):
                 raise ConfigError(f"workload.cache: '{folder / name}.npz' does not match the data folder")
