@@ -8,16 +8,16 @@
 >>> wl.evaluate(model, "cpu")   # {"accuracy": ..., "eval_loss": ...}; wl.primary == "accuracy"
 >>> wl.evaluate(model, "cpu", "validation")   # the same on the held-out validation split
 
-Registered workloads: ``cifar10_resnet20``, ``classification``, ``mlm``, ``mnist1d_cnn``,
-``mnist1d_fc``, ``mnist1d_mlp``, ``mnli``, ``squad``. :data:`DEFAULT` is the default; the
-text ones (:mod:`localsgd.workloads.text`) need the ``localsgd[text]`` extra; :func:`names`
-and ``localsgd workloads`` list them; any ``package.module:function`` returning a
-:class:`Workload` works too. Studies, engines and
-examples use workloads; algorithms never do. A workload with ``export(model, folder)`` (the
+Registered workloads: ``cifar10_resnet20``, ``classification``, ``imagenet_resnet101``,
+``imagenet_resnet50``, ``mlm``, ``mnist1d_cnn``, ``mnist1d_fc``, ``mnist1d_mlp``, ``mnli``,
+``squad``. :data:`DEFAULT` is the default; the text ones (:mod:`localsgd.workloads.text`)
+need the ``localsgd[text]`` extra; :func:`names` and ``localsgd workloads`` list them;
+any ``package.module:function`` returning a :class:`Workload` works too. Studies, engines
+and examples use workloads; algorithms never do. A workload with ``export(model, folder)`` (the
 text ones) leaves a run's final model where a later run loads it (:func:`export_model`).
 """
 
-from localsgd.workloads import cifar10, mnist1d, text
+from localsgd.workloads import cifar10, imagenet, mnist1d, text
 from localsgd.workloads.base import (
     ACCURACY,
     EVAL_LOSS,
@@ -63,6 +63,7 @@ __all__ = [
     "cifar10",
     "evaluate",
     "export_model",
+    "imagenet",
     "metric",
     "mnist1d",
     "names",
