@@ -85,7 +85,7 @@ class ImageNetConfig:
     cache: str | None = None
     """A folder for a pre-resized, memory-mapped copy of the data (built on first use)."""
     cache_size: int = 160
-    """The shorter side of cached images, in [32, 1024] and >= ``image_size``."""
+    """The shorter side of cached images, in [32, 1024] (below ``image_size``, crops are upsampled)."""
     zero_init_residual: bool = True
     """Start each residual block's last BatchNorm γ at 0 (Goyal et al. 2017)."""
     validation_fraction: float = VALIDATION_FRACTION
@@ -94,15 +94,13 @@ class ImageNetConfig:
     def __post_init__(self) -> None:
         if not self.data_path:
             raise ConfigError("workload.data_path is required: a folder holding train/<wnid>/ and val/")
-        if not Path(self.data_path).is_dir():
-            raise ConfigError(f"workload.data_path '{self.data_path}' is not a folder")
         if self.val_labels is not None and not Path(self.val_labels).is_file():
             raise ConfigError(f"workload.val_labels '{self.val_labels}' is not a file")
         check_int("workload.image_size", self.image_size, 8, 1024)
         check_int("workload.eval_resize", self.eval_resize, self.image_size, 2048)
         if self.loader_workers is not None:
             check_int("workload.loader_workers", self.loader_workers, 0, 256)
-        check_int("workload.cache_size", self.cache_size, max(32, self.image_size), 1024)
+        check_int("workload.cache_size", self.cache_size, 32, 1024)
         if not isinstance(self.zero_init_residual, bool):
             raise ConfigError(
                 f"workload.zero_init_residual must be true or false, got {self.zero_init_residual!r}"
@@ -280,6 +278,14 @@ class ImageNetWorkload:
         return {"accuracy": top1 / count, "top5_accuracy": top5 / count, "eval_loss": loss_sum / count}
 
 
+def _existing(config: ImageNetConfig) -> ImageNetConfig:
+    """The data folder is looked for when the workload is built, not when its options are
+    checked: a study's dry run plans ImageNet runs on a machine without ImageNet."""
+    if not Path(config.data_path).is_dir():
+        raise ConfigError(f"workload.data_path '{config.data_path}' is not a folder")
+    return config
+
+
 def _resnet(arch: Callable[..., nn.Module], zero_init_residual: bool, num_classes: int) -> nn.Module:
     return arch(num_classes, zero_init_residual=zero_init_residual)
 
@@ -288,11 +294,11 @@ def _resnet(arch: Callable[..., nn.Module], zero_init_residual: bool, num_classe
 def imagenet_resnet50(config: ImageNetConfig) -> ImageNetWorkload:
     """ImageNet with ResNet-50 v1.5; options in :class:`ImageNetConfig`."""
     factory = functools.partial(_resnet, resnet50, config.zero_init_residual)
-    return ImageNetWorkload("imagenet_resnet50", config, factory)
+    return ImageNetWorkload("imagenet_resnet50", _existing(config), factory)
 
 
 @register("imagenet_resnet101")
 def imagenet_resnet101(config: ImageNetConfig) -> ImageNetWorkload:
     """ImageNet with ResNet-101 v1.5; options in :class:`ImageNetConfig`."""
     factory = functools.partial(_resnet, resnet101, config.zero_init_residual)
-    return ImageNetWorkload("imagenet_resnet101", config, factory)
+    return ImageNetWorkload("imagenet_resnet101", _existing(config), factory)
