@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -427,3 +430,52 @@ def test_a_run_of_the_registered_resnet50_records_top1_and_top5(folder: Path, tm
     assert sum(t.numel() for k, t in model.items() if "running" not in k and "tracked" not in k) == params(
         resnet50(3)
     )
+
+
+def test_a_study_on_both_engines_reports_top1_and_top5(folder: Path, tmp_path: Path) -> None:
+    """``localsgd study`` then ``localsgd report`` on the generated folder, as a user runs
+    them: ResNet-50 on the process engine (2 worker processes) and the simulated engine."""
+    study = tmp_path / "imagenet_tiny.toml"
+    study.write_text(
+        f"""
+[study]
+name = "imagenet_tiny"
+
+[base]
+workers = 2
+algorithm = {{ name = "local_sgd", period = 2 }}
+
+[base.workload]
+name = "imagenet_resnet50"
+data_path = "{folder}"
+image_size = {SMALL["image_size"]}
+eval_resize = {SMALL["eval_resize"]}
+loader_workers = 0
+
+[base.data]
+batch_size = 4
+
+[base.train]
+epochs = 1
+max_steps = 2
+eval_every = 2
+
+[[grid]]
+engine = ["processes", "simulated"]
+"""
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "store"
+    for args in (["study", str(study), "--out", str(out)], ["report", str(out)]):
+        done = subprocess.run(
+            [sys.executable, "-m", "localsgd.cli", *args], capture_output=True, text=True, env=env, timeout=600
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+    report = (out / "report" / "report.md").read_text()
+    assert "top-5" in report.lower() or "top5" in report.lower()
+    runs = json.loads((out / "plan.json").read_text())["runs"]
+    assert {r["engine"] for r in runs} == {"processes", "simulated"}
+    for run in runs:
+        status = json.loads((out / "runs" / run["run_id"] / "status.json").read_text())
+        assert status["status"] == "completed"
+        assert set(status["final"]["metrics"]) == {"accuracy", "top5_accuracy", "eval_loss"}
