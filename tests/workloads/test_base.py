@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import subprocess
 import sys
 
@@ -36,8 +37,7 @@ def test_names_and_options() -> None:
 def test_unknown_name_lists_allowed() -> None:
     with pytest.raises(
         ConfigError,
-        match=r"workload = 'imagenet' is not a registered workload \['cifar10_resnet20', 'classification', "
-        r"'mlm', 'mnist1d_cnn', 'mnist1d_fc', 'mnist1d_mlp', 'mnli', 'squad'\] nor an import path",
+        match=re.escape(f"workload = 'imagenet' is not a registered workload {workloads.names()} nor an import path"),
     ):
         workloads.build("imagenet")
 
