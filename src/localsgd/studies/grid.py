@@ -126,6 +126,16 @@ def load_grid(data: dict[str, Any], overrides: list[str] | None = None) -> Study
     return Study(section, runs, trials)
 
 
+def _check_grids(grids: Any, where: str) -> None:
+    if not isinstance(grids, list) or not all(isinstance(g, Mapping) for g in grids):
+        raise ConfigError(f"{where}grid must be an array of tables ([[{where}grid]] blocks)")
+    if not grids:
+        raise ConfigError(
+            f"{where}grid is an empty array: give at least one [[{where}grid]] block "
+            f"(or leave it out for [{where}base] alone)"
+        )
+
+
 def expand_blocks(
     base: Any, grids: Any, study: str, overrides: list[str], where: str = ""
 ) -> tuple[list[RunConfig], dict[str, dict[str, Any]]]:
@@ -139,8 +149,7 @@ def expand_blocks(
         run_config(base)  # the base alone must be a valid run
     except ConfigError as exc:
         raise ConfigError(f"{where}base: {exc}" if where else str(exc)) from None
-    if not isinstance(grids, list) or not all(isinstance(g, Mapping) for g in grids):
-        raise ConfigError(f"{where}grid must be an array of tables ([[{where}grid]] blocks)")
+    _check_grids(grids, where)
     runs: list[RunConfig] = []
     trials: dict[str, dict[str, Any]] = {}
     seen: set[str] = set()

@@ -21,7 +21,13 @@ T = TypeVar("T")
 
 
 class ConfigError(ValueError):
-    """A config value that does not fit its schema; the message names the dotted key."""
+    """A config value that does not fit its schema; the message names the dotted key. It is
+    one line whatever the input held: a line break inside a key or value that the message
+    quotes is written as ``\\n``."""
+
+    def __init__(self, message: object = "") -> None:
+        text = str(message)
+        super().__init__(text.replace("\r", "\\r").replace("\n", "\\n") if "\n" in text or "\r" in text else text)
 
 
 # -- range checks --------------------------------------------------------------------------
