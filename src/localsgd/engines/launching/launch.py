@@ -257,7 +257,11 @@ def exited_after_completion(folder: Path, log_path: Path) -> bool:
     for rank, code in sorted(codes.items()):
         log.warning(
             "run %s %s, but rank %d then exited with %s; the run is reported %s",
-            folder.name, status, rank, _signal_name(-code), status,
+            folder.name,
+            status,
+            rank,
+            _signal_name(-code),
+            status,
         )
     return True
 
