@@ -91,3 +91,23 @@ def test_a_recorded_worker_error_or_an_exit_code_still_fails(tmp_path, monkeypat
     launch.write_worker_error(tmp_path, 0, OSError("disk full"))
     with pytest.raises(WorkerFailure, match="disk full"):
         launch.launch_run(_job(tmp_path), 2)
+
+
+def test_the_worker_entry_keeps_its_exit_codes(tmp_path):
+    """Leaving by ``os._exit`` keeps what ``sys.exit`` meant: a usage error 2, a bad config
+    2 with its one-line message, both written out before the process ends."""
+    import subprocess
+
+    usage = subprocess.run(
+        [sys.executable, "-m", "localsgd.worker"], capture_output=True, text=True, timeout=120
+    )
+    assert usage.returncode == 2 and "a run config is required" in usage.stderr
+    (tmp_path / "bad.toml").write_text("workers = 0\n")
+    bad = subprocess.run(
+        [sys.executable, "-m", "localsgd.worker", "bad.toml", "--run-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
+    assert bad.returncode == 2 and bad.stderr.startswith("error: ") and "workers" in bad.stderr
