@@ -1,8 +1,6 @@
 """``python -m localsgd.worker``: the worker process's entry point (:mod:`localsgd.run.worker`)."""
 
-import sys
-
-from localsgd.run.worker import main
+from localsgd.run.worker import entry
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -16,6 +16,8 @@ keeps the stores there), gloo to ``GLOO_SOCKET_IFNAME`` (see docs/reliability.md
 
 Exit codes: 0 the run completed or diverged (a diverged run is a result, not a crash to
 restart), 1 it failed, 2 a bad config or store, 3 the controller or launcher went away.
+A worker ends through :func:`exit_process`: once its record, logs and process group are
+closed, it leaves without the interpreter's teardown (see there).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import sys
 import traceback
 from collections import OrderedDict
 from pathlib import Path
+from typing import NoReturn
 
 import localsgd
 from localsgd import workloads
@@ -204,5 +207,41 @@ def _workload(built: OrderedDict[str, workloads.Workload], config: RunConfig) ->
     return built[key]
 
 
+def exit_process(code: int | str | None) -> NoReturn:
+    """End this worker with ``code`` (``sys.exit``'s meaning) once its output is flushed,
+    skipping the interpreter's teardown.
+
+    A worker's work is over when :func:`main` returns: the record is written, the process
+    group destroyed. What the teardown adds is a hazard: daemon threads (the heartbeat,
+    torch's own) are stopped mid-call with ``pthread_exit`` and C++ static destructors run
+    while other threads still use them, which aborts a finished worker ("terminate called
+    without an active exception", SIGABRT) in a few launches in a hundred, and its
+    launcher then reports the whole launch failed."""
+    if code is None:
+        status = 0
+    elif isinstance(code, int):
+        status = code
+    else:
+        print(code, file=sys.stderr)
+        status = 1
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(status)
+
+
+def entry(argv: list[str] | None = None) -> NoReturn:
+    """``python -m localsgd.worker``: :func:`main`, ended by :func:`exit_process`."""
+    try:
+        code: int | str | None = main(argv)
+    except SystemExit as exc:
+        code = exc.code
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    exit_process(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

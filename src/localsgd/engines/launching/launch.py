@@ -15,8 +15,10 @@ the run's root cause, which the caller raises as
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
+import re
 import shutil
 import signal
 import socket
@@ -37,6 +39,8 @@ from localsgd.util.lifetime import DEFAULT_TIMEOUT_SECONDS, ParentTie
 
 if TYPE_CHECKING:
     from localsgd.engines.base import Job
+
+log = logging.getLogger(__name__)
 
 ERRORS = "errors"
 WORKER_MODULE = "localsgd.worker"
@@ -214,13 +218,59 @@ def launch_run(job: Job, processes: int) -> None:
             raise
     finally:
         shutil.rmtree(beats, ignore_errors=True)
-    if code != 0:
+    if code != 0 and not exited_after_completion(folder, log_path):
         error = root_error(folder) or ErrorInfo(
             "WorkersExited",
             f"workers exited with code {code} without recording an error (see {log_path})",
             tail(log_path),
         )
         raise WorkerFailure(error)
+
+
+ENDED_STATUSES = ("completed", "diverged")
+_EXIT_LINE = re.compile(r"failed \(exitcode: (-?\d+)\) local_rank: (\d+)")
+
+
+def exit_signals(log_path: Path) -> dict[int, int]:
+    """The exit codes torch's elastic launcher logged for the workers that failed, by local
+    rank (a negative code: killed by that signal)."""
+    if not log_path.exists():
+        return {}
+    text = log_path.read_text(errors="replace")
+    return {int(rank): int(code) for code, rank in _EXIT_LINE.findall(text)}
+
+
+def exited_after_completion(folder: Path, log_path: Path) -> bool:
+    """Whether a launch the launcher calls failed is a finished run that a worker's exit
+    spoiled: rank 0 wrote a completed (or diverged) ``status.json``, no worker recorded an
+    error, and every failure the launcher logged is a signal. The run's record is whole,
+    so it is reported as it ended; a warning names the rank and the signal."""
+    try:
+        status = read_json(folder / "status.json").get("status")
+    except (RecordError, OSError, AttributeError):
+        return False
+    codes = exit_signals(log_path)
+    if status not in ENDED_STATUSES or root_error(folder) is not None or not codes:
+        return False
+    if any(code >= 0 for code in codes.values()):
+        return False
+    for rank, code in sorted(codes.items()):
+        log.warning(
+            "run %s %s, but rank %d then exited with %s; the run is reported %s",
+            folder.name,
+            status,
+            rank,
+            _signal_name(-code),
+            status,
+        )
+    return True
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
 
 
 def _with_log(error: ErrorInfo, log_path: Path) -> ErrorInfo:
