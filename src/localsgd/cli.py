@@ -35,6 +35,10 @@ SetOption = Annotated[
 ]
 
 
+INCOMPLETE = 3
+"""``localsgd report``'s exit code when the report is written without some runs or rows."""
+
+
 def _fail(message: str) -> typer.Exit:
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     return typer.Exit(code=2)
@@ -407,8 +411,11 @@ def report(
     """Tables (mean ± std over seeds), figures, report.md, report.html and results.xlsx from the store alone.
 
     Reads the store without its lock (while a study writes it, the runs finished so far);
-    runs whose folders are missing or unreadable are listed as unreadable, not counted.
-    Exit code: 0 written, 2 not a store, a corrupt store or a bad option.
+    runs whose folders are missing or unreadable are listed as unreadable, not counted, and
+    each is named in a warning line on stderr, as is a metrics stream whose last line was
+    cut off mid-write (its last evaluation is left out).
+    Exit code: 0 written, 2 not a store, a corrupt store or a bad option,
+    3 written but incomplete (a warning line per run or file left out).
     """
     from localsgd.report import make_report
     from localsgd.util.checks import check_output_folder
@@ -425,6 +432,10 @@ def report(
     typer.echo(f"figures: {len(figures)} files ({', '.join(kinds)}) in {paths['html'].parent}")
     for kind in ("xlsx", "markdown", "html"):
         typer.echo(f"{kind}: {paths[kind]}")
+    for problem in paths.problems:
+        typer.secho(f"warning: {problem.line()}", fg=typer.colors.YELLOW, err=True)
+    if paths.problems:
+        raise typer.Exit(code=INCOMPLETE)
 
 
 @app.command()
