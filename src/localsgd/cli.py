@@ -135,7 +135,8 @@ def train(
     Starts `workers` processes through torch's elastic launcher, unless already running
     under torchrun (then this process is one of the workers, and rank 0 records the run).
     Prints rank 0's evaluations as they come, then the final metric and the run folder.
-    A run of the same config starts again from step 0; --resume continues one.
+    A run of the same config starts again from step 0 (a warning line says what of it the
+    store held: a checkpoint, a finished record); --resume continues one.
     Exit code: 0 completed, 1 failed or diverged, 2 a bad config, store or option,
     130/143 stopped by SIGINT/SIGTERM (the run is left unfinished, resumable).
     """
@@ -166,7 +167,9 @@ def train(
             workload = next(iter(preflight([run]).values()))
             store = open_run_store(out, run)
             held.enter_context(store.run_lock(run_id))
-            if resume is not None:
+            if resume is None:
+                _say_what_is_redone(store, run_id)
+            else:
                 folder = store.resumable(run_id)
                 step = verify(folder, run_id) if folder is not None else None
                 typer.echo(
@@ -186,6 +189,28 @@ def train(
     except KeyboardInterrupt:
         raise _interrupted(f"run {run_id}") from None
     _print_result(store, run_id, status, primary_value, metric)
+
+
+def _say_what_is_redone(store: Any, run_id: str) -> None:
+    """A warning line (stderr) for what of run ``run_id`` the store holds that a run started
+    afresh drops: a checkpoint ``--resume`` could continue from, or a finished record."""
+    from localsgd.records import RecordError
+
+    try:
+        folder = store.resumable(run_id)
+    except RecordError:
+        folder = None  # an unreadable status: said below as a finished record
+    final = store.run_dir(run_id)
+    if folder is not None:
+        what = f"its checkpoint is dropped and the run starts again from step 0 (--resume {folder} continues it)"
+    elif store.partial_dir(run_id).is_dir():
+        folder = store.partial_dir(run_id)
+        what = "left unfinished without a checkpoint; the run starts again from step 0"
+    elif final.is_dir():
+        what = "the run's finished record is replaced by this run"
+    else:
+        return
+    typer.secho(f"warning: run {run_id}: {folder or final}: {what}", fg=typer.colors.YELLOW, err=True)
 
 
 def _train_config(
