@@ -584,7 +584,9 @@ def test_report_flags_runs_whose_folders_are_missing_or_unreadable(tmp_path):
     # A report reads the store while a study holds it, and writes nothing into its index.
     with Store.lock_for_study(tmp_path / "store"):
         result = CliRunner().invoke(app, ["report", str(tmp_path / "store")])
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == 3, result.output  # written, but incomplete
+    warned = [line for line in result.stderr.splitlines() if line.startswith("warning: ")]
+    assert sorted(line.split(": ")[1] for line in warned) == ["run bad", "run gone", "run rows"]
     assert (tmp_path / "store" / "index.sqlite").read_bytes() == index
     text = (tmp_path / "store" / "report" / "report.md").read_text()
     assert text.count("unreadable") >= 3

@@ -35,6 +35,10 @@ SetOption = Annotated[
 ]
 
 
+INCOMPLETE = 3
+"""``localsgd report``'s exit code when the report is written without some runs or rows."""
+
+
 def _fail(message: str) -> typer.Exit:
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     return typer.Exit(code=2)
@@ -131,7 +135,8 @@ def train(
     Starts `workers` processes through torch's elastic launcher, unless already running
     under torchrun (then this process is one of the workers, and rank 0 records the run).
     Prints rank 0's evaluations as they come, then the final metric and the run folder.
-    A run of the same config starts again from step 0; --resume continues one.
+    A run of the same config starts again from step 0 (a warning line says what of it the
+    store held: a checkpoint, a finished record); --resume continues one.
     Exit code: 0 completed, 1 failed or diverged, 2 a bad config, store or option,
     130/143 stopped by SIGINT/SIGTERM (the run is left unfinished, resumable).
     """
@@ -162,7 +167,9 @@ def train(
             workload = next(iter(preflight([run]).values()))
             store = open_run_store(out, run)
             held.enter_context(store.run_lock(run_id))
-            if resume is not None:
+            if resume is None:
+                _say_what_is_redone(store, run_id)
+            else:
                 folder = store.resumable(run_id)
                 step = verify(folder, run_id) if folder is not None else None
                 typer.echo(
@@ -182,6 +189,28 @@ def train(
     except KeyboardInterrupt:
         raise _interrupted(f"run {run_id}") from None
     _print_result(store, run_id, status, primary_value, metric)
+
+
+def _say_what_is_redone(store: Any, run_id: str) -> None:
+    """A warning line (stderr) for what of run ``run_id`` the store holds that a run started
+    afresh drops: a checkpoint ``--resume`` could continue from, or a finished record."""
+    from localsgd.records import RecordError
+
+    try:
+        folder = store.resumable(run_id)
+    except RecordError:
+        folder = None  # an unreadable status: said below as a finished record
+    final = store.run_dir(run_id)
+    if folder is not None:
+        what = f"its checkpoint is dropped and the run starts again from step 0 (--resume {folder} continues it)"
+    elif store.partial_dir(run_id).is_dir():
+        folder = store.partial_dir(run_id)
+        what = "left unfinished without a checkpoint; the run starts again from step 0"
+    elif final.is_dir():
+        what = "the run's finished record is replaced by this run"
+    else:
+        return
+    typer.secho(f"warning: run {run_id}: {folder or final}: {what}", fg=typer.colors.YELLOW, err=True)
 
 
 def _train_config(
@@ -407,8 +436,11 @@ def report(
     """Tables (mean ± std over seeds), figures, report.md, report.html and results.xlsx from the store alone.
 
     Reads the store without its lock (while a study writes it, the runs finished so far);
-    runs whose folders are missing or unreadable are listed as unreadable, not counted.
-    Exit code: 0 written, 2 not a store, a corrupt store or a bad option.
+    runs whose folders are missing or unreadable are listed as unreadable, not counted, and
+    each is named in a warning line on stderr, as is a metrics stream whose last line was
+    cut off mid-write (its last evaluation is left out).
+    Exit code: 0 written, 2 not a store, a corrupt store or a bad option,
+    3 written but incomplete (a warning line per run or file left out).
     """
     from localsgd.report import make_report
     from localsgd.util.checks import check_output_folder
@@ -425,6 +457,10 @@ def report(
     typer.echo(f"figures: {len(figures)} files ({', '.join(kinds)}) in {paths['html'].parent}")
     for kind in ("xlsx", "markdown", "html"):
         typer.echo(f"{kind}: {paths[kind]}")
+    for problem in paths.problems:
+        typer.secho(f"warning: {problem.line()}", fg=typer.colors.YELLOW, err=True)
+    if paths.problems:
+        raise typer.Exit(code=INCOMPLETE)
 
 
 @app.command()

@@ -346,10 +346,17 @@ def read_json(path: Path) -> Any:
 def read_metrics(path: Path) -> list[MetricsRow]:
     """``metrics.jsonl``; a truncated last line (a run killed while writing) is ignored,
     any other bad line is a ``RecordError`` naming the file and line."""
+    return read_metrics_stream(path)[0]
+
+
+def read_metrics_stream(path: Path) -> tuple[list[MetricsRow], int | None]:
+    """``metrics.jsonl``'s rows and the number of its last line when that line was cut off
+    mid-write (not JSON; it is dropped), else None. Any other bad line is a
+    ``RecordError`` naming the file and line."""
     if not path.exists():
-        return []
+        return [], None
     lines = path.read_text(errors="replace").splitlines()
-    rows = []
+    rows: list[MetricsRow] = []
     for i, line in enumerate(lines, start=1):
         if not line.strip():
             continue
@@ -357,10 +364,10 @@ def read_metrics(path: Path) -> list[MetricsRow]:
             data = json.loads(line)
         except json.JSONDecodeError as exc:
             if i == len(lines):
-                break  # cut off mid-write
+                return rows, i  # cut off mid-write
             raise RecordError(f"{path}, line {i}: not JSON ({exc})") from None
         rows.append(from_json(MetricsRow, data, f"{path}, line {i}", versioned=False))
-    return rows
+    return rows, None
 
 
 class RunWriter:

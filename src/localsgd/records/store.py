@@ -44,6 +44,7 @@ from localsgd.records.record import (
     from_json,
     read_json,
     read_metrics,
+    read_metrics_stream,
     to_json,
 )
 from localsgd.util.files import write_json_atomic
@@ -98,6 +99,11 @@ class RunRecord:
     def metrics(self) -> list[MetricsRow]:
         """The evaluation rows, in order."""
         return read_metrics(self.path / "metrics.jsonl")
+
+    def metrics_stream(self) -> tuple[list[MetricsRow], int | None]:
+        """The evaluation rows, and the number of the last line of ``metrics.jsonl`` when
+        it was cut off mid-write (dropped from the rows), else None."""
+        return read_metrics_stream(self.path / "metrics.jsonl")
 
     def env(self) -> Environment | None:
         path = self.path / "env.json"

@@ -18,6 +18,7 @@ from localsgd.report.labels import variant_label
 
 if TYPE_CHECKING:
     from localsgd.costmodel import Cluster
+    from localsgd.report.build import Written
 
 __all__ = ["make_report", "variant_label"]
 
@@ -30,8 +31,9 @@ def make_report(
     formats: str | Sequence[str] = ("png", "pdf", "svg"),
     dpi: int = 200,
     select_on: str = "validation",
-) -> dict[str, Path]:
-    """See :func:`localsgd.report.build.make_report` (imported on first call)."""
+) -> Written:
+    """See :func:`localsgd.report.build.make_report` (imported on first call): the paths
+    written, by kind, and ``.problems``, what of the store could not be read."""
     from localsgd.report.build import make_report as _make_report
 
     return _make_report(store_dir, out_dir, cluster, target, formats, dpi, select_on)

@@ -20,7 +20,7 @@ from localsgd.report.render import Block, to_html, to_markdown
 from localsgd.report.section import Context, Drawing, Drawn, Parts, Section, resolve
 from localsgd.report.sections.overview import TITLE
 from localsgd.report.selection import check_split, selection
-from localsgd.report.tables import baseline_table, curves, load, status_table, summary_table
+from localsgd.report.tables import Problem, baseline_table, curves, load, status_table, summary_table
 from localsgd.util.files import write_atomic
 
 log = logging.getLogger(__name__)
@@ -46,6 +46,15 @@ def check_dpi(dpi: int) -> int:
     return dpi
 
 
+class Written(dict[str, Path]):
+    """The paths :func:`make_report` wrote, by kind, and the ``problems`` of the store that
+    the report could not read (empty when the report is complete)."""
+
+    def __init__(self, paths: dict[str, Path], problems: Sequence[Problem] = ()) -> None:
+        super().__init__(paths)
+        self.problems: tuple[Problem, ...] = tuple(problems)
+
+
 def make_report(
     store_dir: str | Path,
     out_dir: str | Path | None = None,
@@ -54,11 +63,13 @@ def make_report(
     formats: str | Sequence[str] = FORMATS,
     dpi: int = DPI,
     select_on: str = "validation",
-) -> dict[str, Path]:
+) -> Written:
     """Write the report of the store at ``store_dir`` into ``out_dir`` (default
     ``STORE/report``) and return the paths written: ``markdown``, ``html``, ``xlsx`` and
     ``<figure>.<format>`` for every figure drawn in every one of ``formats`` (PNG, PDF,
-    SVG; PNG at ``dpi``).
+    SVG; PNG at ``dpi``), with ``problems``: one per run that could not be read (a missing
+    folder, an unreadable status or metrics file) and per metrics stream cut off mid-line
+    (see :class:`Written`); the report is written without what they name.
 
     With ``cluster`` (a :class:`~localsgd.costmodel.Cluster`, a preset name or a cluster
     TOML path), the report adds wall-clock estimates on that cluster: summary columns,
@@ -92,7 +103,7 @@ def make_report(
     paths["markdown"] = write_atomic(ctx.out / "report.md", to_markdown(blocks))
     paths["html"] = write_atomic(ctx.out / "report.html", to_html(blocks, TITLE, images))
     log.info("report of %s written to %s", ctx.study.root, ctx.out)
-    return paths
+    return Written(paths, ctx.study.problems)
 
 
 def context(

@@ -60,6 +60,26 @@ MEAN_ONLY = ["syncs"]
 COUNTER_COLUMNS = ("bytes", "syncs", "collectives", "comm_seconds")
 
 
+@dataclass(frozen=True)
+class Problem:
+    """Something of a run the report could not read as the run left it."""
+
+    run_id: str
+    file: Path
+    """The run folder, or the file in it."""
+    what: str
+
+    def line(self) -> str:
+        """``run ID: FILE: what``."""
+        return f"run {self.run_id}: {self.file}: {self.what}"
+
+
+def _problem(run_id: str, file: Path, message: str) -> Problem:
+    """A :class:`Problem` from a ``RecordError`` message that starts with the file it names."""
+    what = message.removeprefix(str(file)).lstrip(" ,:")
+    return Problem(run_id, file, what or message)
+
+
 @dataclass
 class Study:
     """Everything the report shows, read from one store."""
@@ -82,6 +102,9 @@ class Study:
     """Per workload, the metrics its runs declared (in their order)."""
     primaries: dict[str, str] = field(default_factory=dict)
     """Per workload, the name of its primary metric."""
+    problems: list[Problem] = field(default_factory=list)
+    """What could not be read, one per unreadable or missing run and per metrics stream cut
+    off mid-line, in the order of the runs: the report is incomplete by these."""
 
     def metric_list(self) -> list[Metric]:
         """Every declared metric of the study, each name once."""
@@ -229,12 +252,9 @@ def load(store_dir: str | Path) -> Study:
     counters: dict[str, dict[str, Any]] = {}
     declared: dict[str, tuple[Metric, ...]] = {}
     primaries: dict[str, str] = {}
+    problems: list[Problem] = []
     for record in records:
-        try:
-            rows = [] if record.problem else record.metrics()
-        except RecordError as exc:
-            record.problem = str(exc)
-            rows = []
+        rows = _read_rows(record, problems)
         run_rows.append(_run_row(record, rows))
         counters[record.run_id] = final_counters(record, rows)
         metric_rows += _metric_rows(record, rows)
@@ -245,7 +265,40 @@ def load(store_dir: str | Path) -> Study:
     metrics = pd.DataFrame(metric_rows)
     if metrics.empty:
         metrics = pd.DataFrame(columns=["run_id", "step", "epoch", "wall_seconds", "train_loss"])
-    return Study(Path(store.root), runs, metrics, group_keys, _plan(store), counters, declared, primaries)
+    return Study(
+        Path(store.root), runs, metrics, group_keys, _plan(store), counters, declared, primaries, problems
+    )
+
+
+def _read_rows(record: RunRecord, problems: list[Problem]) -> list[MetricsRow]:
+    """The run's metrics rows; what cannot be read is added to ``problems`` (and, when it
+    makes the run unreadable, to ``record.problem``)."""
+    if record.problem:
+        missing = not record.path.is_dir()
+        file = record.path if missing else record.path / "status.json"
+        problems.append(
+            Problem(record.run_id, file, "the run folder is missing")
+            if missing
+            else _problem(record.run_id, file, record.problem)
+        )
+        return []
+    path = record.path / "metrics.jsonl"
+    try:
+        rows, cut = record.metrics_stream()
+    except RecordError as exc:
+        record.problem = str(exc)
+        problems.append(_problem(record.run_id, path, str(exc)))
+        return []
+    if cut is not None:
+        problems.append(
+            Problem(
+                record.run_id,
+                path,
+                f"line {cut} is cut off mid-line (dropped; {len(rows)} evaluation rows read): "
+                "the run's curves end early",
+            )
+        )
+    return rows
 
 
 def _declare(record: RunRecord, declared: dict[str, tuple[Metric, ...]], primaries: dict[str, str]) -> None:

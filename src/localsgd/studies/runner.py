@@ -166,8 +166,6 @@ def _plan_runs(
     resume: set[str] = set()
     if store is None:
         return counts, list(study.runs), resume
-    from localsgd.run.checkpoints import verify
-
     for run in study.runs:
         run_id = run.run_id()
         try:
@@ -189,10 +187,28 @@ def _plan_runs(
             counts[f"skipped ({status})"] += 1
             continue
         todo.append(run)
-        folder = store.resumable(run_id) if status not in FINISHED else None
-        if folder is not None and verify(folder, run_id) is not None:
+        if _resumes(store, run_id, status):
             resume.add(run_id)
     return counts, todo, resume
+
+
+def _resumes(store: Store, run_id: str, status: str | None) -> bool:
+    """Whether run ``run_id`` (to do) resumes from a checkpoint (one that cannot is a
+    ``CheckpointError``); a warning says so, and says when the work an interrupted attempt
+    left is dropped for want of one."""
+    from localsgd.run.checkpoints import verify
+
+    folder = store.resumable(run_id) if status not in FINISHED else None
+    step = verify(folder, run_id) if folder is not None else None
+    if folder is not None and step is not None:
+        log.warning("run %s: %s: resumes from its checkpoint of step %d", run_id, folder, step)
+        return True
+    partial = store.partial_dir(run_id)
+    if partial.is_dir():
+        log.warning(
+            "run %s: %s: left unfinished without a checkpoint; it starts again from step 0", run_id, partial
+        )
+    return False
 
 
 def _run_study(
