@@ -234,9 +234,12 @@ def _train_config(
 
 def _print_result(store: Any, run_id: str, status: str, primary_value: Any, metric: Any) -> None:
     """The run's outcome as ``localsgd train`` prints it; exit code 1 unless it completed."""
+    from localsgd.records.record import lost_line
+
     info = store.final_status(run_id)
     steps = f" after {info.steps} steps ({info.wall_seconds:.1f} s of training)" if info else ""
-    typer.echo(f"{status}: {primary_value(info, metric)}{steps}")
+    lost = lost_line(info)
+    typer.echo(f"{status}{', ' + lost if lost else ''}: {primary_value(info, metric)}{steps}")
     typer.echo(f"run folder: {store.run_dir(run_id)}")
     error = info.error if info is not None else None
     if error is not None:

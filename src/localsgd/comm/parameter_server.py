@@ -31,6 +31,10 @@ from localsgd.comm.base import PULL, PUSH, CommStats, Server
 
 log = logging.getLogger(__name__)
 
+LOST: dict[int, int | None] = {}
+"""Workers this process's server lost, by rank, with the version at which it lost each
+(None: unknown): what rank 0 names when it is stopped from outside after a loss."""
+
 KIND_PUSH, KIND_PULL, KIND_FINISH = 1, 2, 3
 PAIR_TIMEOUT = datetime.timedelta(days=7)
 """A pair's operations may wait as long as a worker's slowest round or the end of the run:
@@ -138,6 +142,7 @@ class PairChannels:
         except Exception as exc:  # the worker's process died (its connection closed)
             log.warning("parameter server: lost worker %d: %s", k, exc)
             self.host.lose(k)
+            LOST[k] = getattr(self.host, "lost", {}).get(k)
 
     def join(self) -> None:
         for thread in self.threads:

@@ -127,6 +127,12 @@ class Job:
     max_restarts: int = 0
     """``train.max_restarts``: restarts of the worker group torch's elastic launcher may
     make after a worker dies; such a run gets a launch of its own (never a pool)."""
+    tolerates_lost_workers: bool = False
+    """A worker other than rank 0 may die and the run goes on without it (an asynchronous
+    algorithm: rank 0's parameter server loses the worker, the others keep pushing). Such a
+    run gets a launch of its own that does not stop the group when one worker dies
+    (:mod:`localsgd.engines.launching.tolerant`; never a pool, never torch's elastic
+    launcher)."""
 
 
 class Session(Protocol):

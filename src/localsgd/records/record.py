@@ -429,5 +429,31 @@ def failed_status(error: ErrorInfo, rows: list[MetricsRow] | None = None) -> Sta
     )
 
 
+def lost_workers(status: Status) -> dict[int, str]:
+    """The workers an asynchronous run went on without, by rank, each with what is known of
+    the loss: the server's version when it saw the worker's connection close
+    (``details.server.lost_workers``) and how its process ended (``details.lost_ranks``,
+    written by the launcher that kept the others running)."""
+    details = status.details or {}
+    server = details.get("server") if isinstance(details.get("server"), dict) else {}
+    versions = server.get("lost_workers") or {}
+    ended = details.get("lost_ranks") or {}
+    out: dict[int, str] = {}
+    for key in sorted({*versions, *ended}, key=lambda k: int(k)):
+        what = [f"at version {versions[key]}"] if key in versions else []
+        what += [f"({ended[key]})"] if key in ended else []
+        out[int(key)] = " ".join(what)
+    return out
+
+
+def lost_line(status: Status | None) -> str:
+    """``"1 worker lost: rank 2 at version 812 (SIGKILL)"``, or '' when none was lost."""
+    lost = lost_workers(status) if status is not None else {}
+    if not lost:
+        return ""
+    each = ", ".join(f"rank {rank} {what}".rstrip() for rank, what in lost.items())
+    return f"{len(lost)} worker{'s' if len(lost) > 1 else ''} lost: {each}"
+
+
 def now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")

@@ -304,9 +304,17 @@ class Store:
         if not partial.exists():
             raise ValueError(f"run {run_id} has no .partial folder to finish")
         status_path = partial / "status.json"
+        if error is not None:
+            # The error names files where the workers wrote them; they are read after the move.
+            error = _moved(error, partial, self.run_dir(run_id))
         if not status_path.exists():
             lost = ErrorInfo("RunLost", "the run ended without writing a status")
-            write_json_atomic(status_path, to_json(failed_status(error or lost)))
+            # What the run got done is in the rows rank 0 logged before the workers died.
+            try:
+                rows = read_metrics(partial / "metrics.jsonl")
+            except RecordError:
+                rows = []
+            write_json_atomic(status_path, to_json(failed_status(error or lost, rows)))
         else:
             status = from_json(Status, read_json(status_path), str(status_path))
             if status.status == "failed" and error is not None:
@@ -387,6 +395,16 @@ class Store:
                     problem = str(exc)
             out.append(RunRecord(run_id, name, status, json.loads(config), path, info, problem))
         return out
+
+
+def _moved(error: ErrorInfo, partial: Path, final: Path) -> ErrorInfo:
+    """``error`` with the paths into the run's ``.partial`` folder pointing into its final one."""
+    from dataclasses import replace
+
+    old, new = str(partial), str(final)
+    return replace(
+        error, message=error.message.replace(old, new), traceback=error.traceback.replace(old, new)
+    )
 
 
 def _with_error(status: Status, error: ErrorInfo) -> Status:

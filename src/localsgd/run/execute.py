@@ -139,6 +139,7 @@ def execute_run(
         engine_options=config.engine_options,
         comm_timeout=config.train.timeout_seconds,
         max_restarts=config.train.max_restarts,
+        tolerates_lost_workers=config.algorithm_config(steps_per_epoch=1).capabilities.asynchronous,
     )
     error: ErrorInfo | None = None
     try:

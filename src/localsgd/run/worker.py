@@ -27,6 +27,7 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import sys
 import traceback
 from collections import OrderedDict
@@ -45,7 +46,13 @@ from localsgd.run.execute import open_run_store, preflight
 from localsgd.run.loading import load_run_config
 from localsgd.run.training import train
 from localsgd.util.checks import ConfigError
-from localsgd.util.lifetime import DEFAULT_TIMEOUT_SECONDS, die_with_parent
+from localsgd.util.lifetime import (
+    DEFAULT_TIMEOUT_SECONDS,
+    EXIT_ORPHANED,
+    WATCH_FD,
+    die_with_parent,
+    watch_parent,
+)
 
 log = logging.getLogger("localsgd.worker")
 
@@ -73,6 +80,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if "TORCHELASTIC_RUN_ID" in os.environ:
         die_with_parent()  # torch's elastic agent starts its workers from its main thread
+    watched = os.environ.get(WATCH_FD, "")
+    if watched.isdigit():
+        # Started by a launch that may run in any thread of its process: a pipe, not a signal.
+        watch_parent(int(watched), lambda: os._exit(EXIT_ORPHANED))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     rank = int(os.environ.get("RANK", "0") or 0)
     start_beating(rank)
@@ -109,6 +120,12 @@ def run(config: RunConfig, info: localsgd.DistInfo, run_dir: str | None, out: st
     # This node checks its own devices when it resolves the device (one of several nodes
     # cannot tell how many processes the others run).
     workload = next(iter(preflight([config], local=False).values()))
+    asynchronous = config.algorithm_config(steps_per_epoch=1).capabilities.asynchronous
+    if info.rank == 0 and info.world_size > 1 and asynchronous and under_torchrun():
+        # torch's elastic agent stops the group when a worker dies: say so at the start, and
+        # record which worker was lost when the agent stops rank 0 (SIGTERM).
+        print(TORCHRUN_NOTE, file=sys.stderr, flush=True)
+        signal.signal(signal.SIGTERM, _stopped_after_loss)
     with contextlib.ExitStack() as held:
         store = None
         if run_dir is not None:
@@ -131,6 +148,35 @@ def run(config: RunConfig, info: localsgd.DistInfo, run_dir: str | None, out: st
                 final = store.finish(config.run_id())
                 log.info("run %s %s: %s", config.run_id(), final, store.run_dir(config.run_id()))
     return 0 if status.status in ("completed", "diverged") else 1
+
+
+TORCHRUN_NOTE = (
+    "note: under torchrun a lost worker ends this asynchronous run (torch's elastic agent stops "
+    "every worker when one dies); `localsgd train` goes on without it"
+)
+
+
+def under_torchrun() -> bool:
+    """Whether torch's elastic agent started this worker (by hand, or a launcher built on it)."""
+    return "TORCHELASTIC_RUN_ID" in os.environ
+
+
+class StoppedAfterLoss(RuntimeError):
+    """torch's elastic agent stopped rank 0 (SIGTERM), after a worker died if one was lost."""
+
+
+def _stopped_after_loss(signum: int, frame: object) -> None:
+    from localsgd.comm.parameter_server import LOST
+
+    if LOST:
+        lost = ", ".join(
+            f"rank {k}" + (f" at version {v}" if v is not None else "") for k, v in sorted(LOST.items())
+        )
+        raise StoppedAfterLoss(
+            f"torch's elastic agent stopped the run after a worker was lost ({lost}): under torchrun "
+            "a lost worker ends an asynchronous run; `localsgd train` goes on without it"
+        )
+    raise StoppedAfterLoss("torch's elastic agent stopped the run (SIGTERM)")
 
 
 def _open_run(

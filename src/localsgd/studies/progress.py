@@ -33,7 +33,7 @@ from rich.progress import (
 )
 from rich.text import Text
 
-from localsgd.records.record import Metric, MetricsRow, RecordError, Status, read_metrics
+from localsgd.records.record import Metric, MetricsRow, RecordError, Status, lost_line, read_metrics
 from localsgd.report.labels import variant_label
 from localsgd.run.config import RunConfig
 from localsgd.util.nest import flatten
@@ -177,6 +177,8 @@ class StudyProgress:
             ]
             if info is not None and info.error is not None and status != "completed":
                 parts.append(f"error: {info.error.line()}")
+            if lost_line(info):
+                parts.append(lost_line(info))
             self.say("  ".join(parts))
             if self._bar is not None:
                 self._bar.update(self._task, advance=1, running="")

@@ -38,6 +38,10 @@ LAUNCHER_PID = "LOCALSGD_LAUNCHER_PID"
 """Set by the elastic launcher to its own pid: a worker compares its parent with it, to
 notice a launcher that died before the worker armed its parent-death signal."""
 
+WATCH_FD = "LOCALSGD_WATCH_FD"
+"""Set by a launch that starts its workers itself (from any thread): the descriptor of the
+read end of its :class:`ParentTie`; the worker leaves when it reads end-of-file there."""
+
 _PR_SET_PDEATHSIG = 1
 
 

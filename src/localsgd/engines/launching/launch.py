@@ -187,7 +187,15 @@ def launch_run(job: Job, processes: int) -> None:
     launcher (``job.max_restarts`` restarts of the group) and wait for the end; raise
     :class:`WorkerFailure` with the root error when it fails, ``job.timeout`` passes or a
     worker stops answering (:class:`~localsgd.engines.launching.heartbeat.HeartbeatWatch`). An
-    interruption (KeyboardInterrupt) stops the workers before it propagates."""
+    interruption (KeyboardInterrupt) stops the workers before it propagates.
+
+    A job whose workers may be lost (``job.tolerates_lost_workers``) gets a launch that
+    goes on without them (:mod:`~localsgd.engines.launching.tolerant`) instead."""
+    if job.tolerates_lost_workers and job.max_restarts == 0 and processes > 1:
+        from localsgd.engines.launching.tolerant import launch_tolerant
+
+        launch_tolerant(job, processes)
+        return
     folder = job.run_dir
     program = ["-m", WORKER_MODULE, str(folder / "config.json"), "--run-dir", str(folder)]
     log_path = folder / "workers.log"

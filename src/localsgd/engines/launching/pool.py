@@ -371,6 +371,11 @@ class LocalSession:
             # its own, which resumes from the run's last checkpoint after a restart.
             self.engine.execute(job)
             return
+        if job.tolerates_lost_workers and self.engine.processes(job.workers, job.engine_options) > 1:
+            # A pool is one process group under torch's elastic launcher, which stops every
+            # worker when one dies: a launch of its own goes on without a lost worker.
+            self.engine.execute(job)
+            return
         if self.engine.processes(job.workers, job.engine_options) == 1 and self.in_process:
             job.train(0, 1)
             return
