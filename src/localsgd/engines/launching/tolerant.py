@@ -155,7 +155,7 @@ def _supervise(
             lost[rank] = ended(code)
             log.warning(
                 "run %s: rank %d was lost (%s); the others go on without it",
-                job.run_dir.name,
+                job.run_dir.name.removesuffix(".partial"),
                 rank,
                 lost[rank],
             )
