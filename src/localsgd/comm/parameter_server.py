@@ -142,7 +142,7 @@ class PairChannels:
         except Exception as exc:  # the worker's process died (its connection closed)
             log.warning("parameter server: lost worker %d: %s", k, exc)
             self.host.lose(k)
-            LOST[k] = getattr(self.host, "lost", {}).get(k)
+            LOST[k] = getattr(self.host.server, "lost", {}).get(k)
 
     def join(self) -> None:
         for thread in self.threads:
