@@ -223,7 +223,7 @@ def test_killing_the_server_fails_the_run_naming_rank_0_with_what_it_got_done(pr
     named = cwd / error["message"].rsplit("(see ", 1)[1].rstrip(")")
     assert named == final / "workers.log" and named.exists()
     assert out.splitlines()[-2].startswith("failed: test accuracy ") and " after 4 steps (" in out
-    assert f"error: ServerLost: rank 0, which hosts the parameter server, ended with SIGKILL" in err
+    assert "error: ServerLost: rank 0, which hosts the parameter server, ended with SIGKILL" in err
     assert "(rank 0)" in err.splitlines()[-1]
 
 
@@ -260,7 +260,7 @@ def test_under_a_hand_run_torchrun_a_lost_worker_ends_the_run_naming_it(project)
     try:
         wait_until(lambda: all((cwd / f"gate.rank{r}").exists() for r in range(3)), proc, "the gate")
         os.kill(int((cwd / "gate.rank2").read_text()), signal.SIGKILL)
-        out, err = proc.communicate(timeout=200)
+        _, err = proc.communicate(timeout=200)
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -435,7 +435,9 @@ def lost_workers(status: Status) -> dict[int, str]:
     (``details.server.lost_workers``) and how its process ended (``details.lost_ranks``,
     written by the launcher that kept the others running)."""
     details = status.details or {}
-    server = details.get("server") if isinstance(details.get("server"), dict) else {}
+    server = details.get("server")
+    if not isinstance(server, dict):
+        server = {}
     versions = server.get("lost_workers") or {}
     ended = details.get("lost_ranks") or {}
     out: dict[int, str] = {}
