@@ -231,7 +231,9 @@ def test_a_failed_record_takes_its_steps_from_the_rows_and_its_paths_from_the_fi
     store = Store(tmp_path / "store")
     partial = store.begin("r1", "r1", {"workers": 2})
     rows = [
-        MetricsRow(step=s, epoch=s / 10, samples=32 * s, wall_seconds=0.5 * s, lr=0.1, train_loss=1.0, metrics={})
+        MetricsRow(
+            step=s, epoch=s / 10, samples=32 * s, wall_seconds=0.5 * s, lr=0.1, train_loss=1.0, metrics={}
+        )
         for s in (10, 20)
     ]
     (partial / "metrics.jsonl").write_text("".join(json.dumps(to_json(r)) + "\n" for r in rows))
