@@ -161,13 +161,24 @@ def under_torchrun() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ
 
 
+LOSS_GRACE = 2.0
+"""Seconds rank 0, stopped by torch's elastic agent, waits for its server to see a loss."""
+
+
 class StoppedAfterLoss(RuntimeError):
-    """torch's elastic agent stopped rank 0 (SIGTERM), after a worker died if one was lost."""
+    """torch's elastic agent stopped rank 0 (SIGTERM) after this rank's server lost a worker."""
 
 
 def _stopped_after_loss(signum: int, frame: object) -> None:
+    import time
+
     from localsgd.comm.parameter_server import LOST
 
+    # The agent may stop this rank before the server's thread has seen the dead worker's
+    # connection close: a moment for it (the agent waits far longer before SIGKILL).
+    deadline = time.monotonic() + LOSS_GRACE
+    while not LOST and time.monotonic() < deadline:
+        time.sleep(0.05)
     if LOST:
         lost = ", ".join(
             f"rank {k}" + (f" at version {v}" if v is not None else "") for k, v in sorted(LOST.items())
@@ -176,7 +187,10 @@ def _stopped_after_loss(signum: int, frame: object) -> None:
             f"torch's elastic agent stopped the run after a worker was lost ({lost}): under torchrun "
             "a lost worker ends an asynchronous run; `localsgd train` goes on without it"
         )
-    raise StoppedAfterLoss("torch's elastic agent stopped the run (SIGTERM)")
+    # Stopped with no worker lost (the agent stopping the group for another reason): end as
+    # SIGTERM always ended a worker.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _open_run(
