@@ -40,6 +40,7 @@ class Capability(enum.Flag):
     RESTARTS = enum.auto()
     OPTIONS = enum.auto()
     STEPS_WITHOUT_AGREEMENT = enum.auto()
+    LOST_WORKERS = enum.auto()
 
     @property
     def key(self) -> str:
@@ -63,6 +64,10 @@ MEANING: dict[Capability, str] = {
     Capability.STEPS_WITHOUT_AGREEMENT: (
         "lets its workers step without agreeing with one another (no fp16 overflow agreement, "
         "no step that every worker reaches together)"
+    ),
+    Capability.LOST_WORKERS: (
+        "goes on without a lost worker process (rank > 0) of an asynchronous algorithm: such runs get "
+        "a launch that does not stop the group when one worker dies"
     ),
 }
 """What each capability means, in the words error messages and docs use."""

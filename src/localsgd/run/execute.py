@@ -139,7 +139,10 @@ def execute_run(
         engine_options=config.engine_options,
         comm_timeout=config.train.timeout_seconds,
         max_restarts=config.train.max_restarts,
-        tolerates_lost_workers=config.algorithm_config(steps_per_epoch=1).capabilities.asynchronous,
+        # A parameter server (rank 0) goes on without a lost worker, where the engine's
+        # processes are its workers.
+        tolerates_lost_workers=config.algorithm_config(steps_per_epoch=1).capabilities.asynchronous
+        and engines.Capability.LOST_WORKERS in engine.capabilities,
     )
     error: ErrorInfo | None = None
     try:

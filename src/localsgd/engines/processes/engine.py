@@ -37,7 +37,7 @@ class ProcessesEngine:
         real_wall_time=True,
         description="K worker processes on torch.distributed, one replica each",
     )
-    capabilities = Capability.RESTARTS
+    capabilities = Capability.RESTARTS | Capability.LOST_WORKERS
 
     def options(self, raw: Mapping[str, Any] | None, workers: int | None = None) -> None:
         no_options(self.info.name, raw)
