@@ -3,7 +3,9 @@
 A run on its own (:meth:`ProcessesEngine.execute`) starts its K > 1 workers (or K = 1 with
 ``train.max_restarts`` > 0) under torch's elastic launcher, ``-m localsgd.worker CONFIG
 --run-dir DIR`` (:func:`~localsgd.engines.launching.launch.launch_run`); the same worker entry point
-serves a hand-run ``torchrun`` and multi-node runs. A study runs
+serves a hand-run ``torchrun`` and multi-node runs. An asynchronous run (the engine declares
+``LOST_WORKERS``) is started by :mod:`~localsgd.engines.launching.tolerant` instead, in a
+study too, and goes on without a lost worker other than rank 0. A study runs
 through a :meth:`~ProcessesEngine.session`, whose worker pools stay up from one run to the
 next (:mod:`localsgd.engines.launching.pool`). One worker trains in the calling process. A worker
 that fails writes its own exception to ``DIR/errors/rank<r>.json``; the first one is the
