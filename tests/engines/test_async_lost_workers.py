@@ -274,3 +274,14 @@ def test_under_a_hand_run_torchrun_a_lost_worker_ends_the_run_naming_it(project)
     assert status["error"]["type"] == "StoppedAfterLoss" and status["error"]["rank"] == 0
     # Ranks the agent stopped may be lost too, after rank 2.
     assert f"a worker was lost (rank 2 at version {AT_GATE}" in status["error"]["message"]
+
+
+def test_a_rank_that_exits_badly_after_finishing_its_part_is_not_lost(tmp_path, caplog):
+    from localsgd.engines.launching.tolerant import _note_lost
+
+    status = {"version": 1, "status": "completed", "details": {"server": {"lost_workers": {"2": 6}}}}
+    (tmp_path / "status.json").write_text(json.dumps(status))
+    _note_lost(tmp_path, {1: "SIGABRT", 2: "SIGKILL"})
+    details = json.loads((tmp_path / "status.json").read_text())["details"]
+    assert details["lost_ranks"] == {"2": "SIGKILL"}
+    assert "rank 1 had finished its part, then exited with SIGABRT" in caplog.text

@@ -208,15 +208,27 @@ def _stop(procs: Iterable[subprocess.Popen[bytes]], *, hard: bool = False) -> No
 
 def _note_lost(folder: Path, lost: dict[int, str]) -> None:
     """Add the lost ranks to the run's ``status.json`` (``details.lost_ranks``), if rank 0
-    wrote one."""
+    wrote one. A rank the server did not lose had finished its part (its exit spoiled
+    nothing of the record, as in :func:`~localsgd.engines.launching.launch.exited_after_completion`):
+    a warning, not a loss."""
     path = folder / "status.json"
     try:
         status = read_json(path)
     except (RecordError, OSError):
         return
-    if not isinstance(status, dict):
+    details = status.get("details") if isinstance(status, dict) else None
+    if not isinstance(details, dict):
         return
-    details = status.setdefault("details", {})
-    if isinstance(details, dict):
+    server = details.get("server")
+    seen = server.get("lost_workers") if isinstance(server, dict) else None
+    if isinstance(seen, dict):
+        for rank in [r for r in lost if str(r) not in seen]:
+            log.warning(
+                "run %s: rank %d had finished its part, then exited with %s",
+                folder.name.removesuffix(".partial"),
+                rank,
+                lost.pop(rank),
+            )
+    if lost:
         details["lost_ranks"] = {str(rank): how for rank, how in sorted(lost.items())}
         write_json_atomic(path, status)
