@@ -7,7 +7,7 @@ import logging
 import os
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Annotated, Any
@@ -37,6 +37,29 @@ SetOption = Annotated[
 
 INCOMPLETE = 3
 """``localsgd report``'s exit code when the report is written without some runs or rows."""
+
+
+DISK_FULL = 4
+"""``localsgd train`` and ``study``'s exit code when a file could not be written for want of
+space: the run in progress is left unfinished, resumable once space is freed."""
+
+
+@contextlib.contextmanager
+def _full_disk_stops(advice: Callable[[], str]) -> Iterator[None]:
+    """A full disk in the block (here or in a worker) ends the command with one line naming
+    the file, ``advice`` after it, and exit code :data:`DISK_FULL`."""
+    from localsgd.util.files import DiskFull, no_space
+
+    try:
+        yield
+    except (DiskFull, OSError) as exc:
+        if not no_space(exc):
+            raise
+        path = exc.path if isinstance(exc, DiskFull) else getattr(exc, "filename", None) or "?"
+        typer.secho(
+            f"error: no space left on device (ENOSPC) writing {path}: {advice()}", fg=typer.colors.RED, err=True
+        )
+        raise typer.Exit(code=DISK_FULL) from None
 
 
 def _fail(message: str) -> typer.Exit:
@@ -163,7 +186,11 @@ def train(
 
     run_id = run.run_id()
     try:
-        with _stopping_in_order(), contextlib.ExitStack() as held:
+        with (
+            _stopping_in_order(),
+            _full_disk_stops(lambda: _train_advice(out, run_id)),
+            contextlib.ExitStack() as held,
+        ):
             workload = next(iter(preflight([run]).values()))
             store = open_run_store(out, run)
             held.enter_context(store.run_lock(run_id))
@@ -189,6 +216,18 @@ def train(
     except KeyboardInterrupt:
         raise _interrupted(f"run {run_id}") from None
     _print_result(store, run_id, status, primary_value, metric)
+
+
+def _train_advice(out: Path, run_id: str) -> str:
+    """What to do after a full disk stopped ``localsgd train``: continue the run from its
+    checkpoint when it has one, else run it again."""
+    from localsgd.records import Store
+
+    with contextlib.suppress(Exception):
+        folder = Store(out, create=False).resumable(run_id)
+        if folder is not None:
+            return f"free space and rerun with --resume {folder} to continue from its last checkpoint"
+    return "free space and rerun the same command"
 
 
 def _say_what_is_redone(store: Any, run_id: str) -> None:
@@ -345,7 +384,7 @@ def study(
 
         runner = partial(run_stages, run=run_study)
     try:
-        with _stopping_in_order():
+        with _stopping_in_order(), _full_disk_stops(lambda: "free space and rerun the same command to resume"):
             counts = runner(
                 plan,
                 folder,

@@ -45,6 +45,7 @@ from localsgd.run.execute import open_run_store, preflight
 from localsgd.run.loading import load_run_config
 from localsgd.run.training import train
 from localsgd.util.checks import ConfigError
+from localsgd.util.files import DiskFull
 from localsgd.util.lifetime import DEFAULT_TIMEOUT_SECONDS, die_with_parent
 
 log = logging.getLogger("localsgd.worker")
@@ -95,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     except BaseException as exc:
         if args.run_dir is not None and not isinstance(exc, (SystemExit, KeyboardInterrupt)):
             # On another node the folder may not exist: that node's launcher reports the error.
-            with contextlib.suppress(OSError):
+            with contextlib.suppress(OSError, DiskFull):
                 write_worker_error(args.run_dir, rank, exc)
         if isinstance(exc, ConfigError):
             print(f"error: {exc}", file=sys.stderr)
@@ -183,8 +184,9 @@ def serve(address: str, device_name: str, timeout: float = DEFAULT_TIMEOUT_SECON
                         checkpoints=run_dir / CHECKPOINTS,
                     )
                 except BaseException as exc:
-                    traceback.print_exc()
-                    with contextlib.suppress(OSError):
+                    with contextlib.suppress(OSError):  # the log's disk may be full
+                        traceback.print_exc()
+                    with contextlib.suppress(OSError, DiskFull):
                         write_worker_error(run_dir, info.rank, exc)
                     raise
             connection.done(status.status)
