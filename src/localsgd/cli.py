@@ -16,6 +16,7 @@ import typer
 
 from localsgd.costmodel import presets as cluster_presets
 from localsgd.records.store import DEFAULT_RUN_STORE
+from localsgd.util.files import EXIT_DISK_FULL
 
 if TYPE_CHECKING:
     from localsgd.emulation import EmulatedCluster
@@ -39,7 +40,7 @@ INCOMPLETE = 3
 """``localsgd report``'s exit code when the report is written without some runs or rows."""
 
 
-DISK_FULL = 4
+DISK_FULL = EXIT_DISK_FULL
 """``localsgd train`` and ``study``'s exit code when a file could not be written for want of
 space: the run in progress is left unfinished, resumable once space is freed."""
 
@@ -161,7 +162,8 @@ def train(
     A run of the same config starts again from step 0 (a warning line says what of it the
     store held: a checkpoint, a finished record); --resume continues one.
     Exit code: 0 completed, 1 failed or diverged, 2 a bad config, store or option,
-    130/143 stopped by SIGINT/SIGTERM (the run is left unfinished, resumable).
+    4 the disk filled up (one line names the file; the run is left unfinished, --resume
+    continues it), 130/143 stopped by SIGINT/SIGTERM (the run is left unfinished, resumable).
     """
     from localsgd.util.checks import ConfigError
 
@@ -355,8 +357,10 @@ def study(
     The study holds its store's lock while it runs (a second study or a localsgd train into
     it is refused), and the store belongs to the study. Prints a line per finished run (a
     progress bar in a terminal) and a summary. Exit code: 0 every run completed, 1 some
-    failed or diverged, 2 a bad study file, option or store, 130/143 stopped by
-    SIGINT/SIGTERM (the run in progress is left unfinished, resumable).
+    failed or diverged, 2 a bad study file, option or store, 4 the disk filled up (one line
+    names the file; the run in progress is left unfinished, and rerunning the command once
+    there is space resumes it), 130/143 stopped by SIGINT/SIGTERM (the run in progress is
+    left unfinished, resumable).
     """
     from localsgd.studies.loading import load_study
     from localsgd.studies.runner import EXECUTORS, run_study

@@ -15,7 +15,8 @@ rendezvous to ``--rdzv-endpoint`` (and ``python -m localsgd.engines.launching.el
 keeps the stores there), gloo to ``GLOO_SOCKET_IFNAME`` (see docs/reliability.md).
 
 Exit codes: 0 the run completed or diverged (a diverged run is a result, not a crash to
-restart), 1 it failed, 2 a bad config or store, 3 the controller or launcher went away.
+restart), 1 it failed, 2 a bad config or store, 3 the controller or launcher went away,
+4 a file could not be written for want of space (the run is left unfinished).
 A worker ends through :func:`exit_process`: once its record, logs and process group are
 closed, it leaves without the interpreter's teardown (see there).
 """
@@ -45,7 +46,7 @@ from localsgd.run.execute import open_run_store, preflight
 from localsgd.run.loading import load_run_config
 from localsgd.run.training import train
 from localsgd.util.checks import ConfigError
-from localsgd.util.files import DiskFull
+from localsgd.util.files import EXIT_DISK_FULL, DiskFull
 from localsgd.util.lifetime import DEFAULT_TIMEOUT_SECONDS, die_with_parent
 
 log = logging.getLogger("localsgd.worker")
@@ -101,6 +102,9 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(exc, ConfigError):
             print(f"error: {exc}", file=sys.stderr)
             return 2
+        if isinstance(exc, DiskFull):
+            print(f"error: {exc}: free space and rerun the same command", file=sys.stderr)
+            return EXIT_DISK_FULL
         raise
 
 
@@ -127,6 +131,9 @@ def run(config: RunConfig, info: localsgd.DistInfo, run_dir: str | None, out: st
                 # On another node the folder may be out of reach: no checkpoints there.
                 checkpoints=folder / CHECKPOINTS if folder.is_dir() else None,
             )
+        except DiskFull:
+            store = None  # not the run's failure: left unfinished, to be rerun once there is space
+            raise
         finally:
             if store is not None:
                 final = store.finish(config.run_id())

@@ -17,6 +17,9 @@ from pathlib import Path
 from typing import Any
 
 NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})
+EXIT_DISK_FULL = 4
+"""The exit code of a command (``localsgd train``, ``study``, ``python -m localsgd.worker``)
+that stopped because a file could not be written for want of space."""
 
 
 class DiskFull(Exception):
