@@ -7,7 +7,7 @@ Layout::
     STORE/.lock                   who writes the store (see :mod:`localsgd.records.lock`)
     STORE/runs/<id>/              the run's record (see :mod:`localsgd.records.record`)
     STORE/runs/<id>/checkpoint.pt the consensus model at the end
-    STORE/runs/<id>.partial/checkpoints/   mid-run checkpoints, one file per rank
+    STORE/runs/<id>.partial/checkpoints/   mid-run checkpoints: the last two, a file per rank each
 
 A run is written under ``runs/<id>.partial/`` and renamed into place when it ends, then the
 index is updated: a run killed half-way leaves only a ``.partial`` folder, which the next
