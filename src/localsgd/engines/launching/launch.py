@@ -201,10 +201,11 @@ def launch_run(job: Job, processes: int) -> None:
             log_path,
             append=False,
         )
-        write_json_atomic(folder / "launch.json", {"command": launched.command})
         watch = HeartbeatWatch(beats, processes, job.comm_timeout)
         deadline = None if job.timeout is None else time.monotonic() + job.timeout
         try:
+            # Inside: a full disk here stops the launcher it has just started.
+            write_json_atomic(folder / "launch.json", {"command": launched.command})
             while (code := launched.poll()) is None:
                 problem = watch.silent()
                 if problem is None and deadline is not None and time.monotonic() > deadline:
