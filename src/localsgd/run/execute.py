@@ -118,10 +118,10 @@ def execute_run(
     ``session``'s -- and record it in ``store``; returns the final status. A failed run's
     status holds its root error (the first worker's own exception). A run cancelled from
     outside is left unfinished (the next attempt redoes it, from its last checkpoint when
-    it has one and ``resume``), and so is a run whose disk filled up: :class:`DiskFull`
-    naming the file is raised, here or in a worker. ``launch`` places a run of several worker processes
-    somewhere else than the engine would (an emulated multi-node cluster, say); a run of
-    one process stays here."""
+    it has one and ``resume``), and so is a run whose disk filled up, here or in a worker:
+    :class:`~localsgd.util.files.DiskFull` naming the file is raised. ``launch`` places a
+    run of several worker processes somewhere else than the engine would (an emulated
+    multi-node cluster, say); a run of one process stays here."""
     from localsgd.run.training import train
 
     engine = engines.get(config.engine)
