@@ -208,6 +208,26 @@ def test_a_study_whose_disk_fills_stops_with_one_line_and_the_same_command_finis
     assert untimed_rows(done) == untimed_rows(uninterrupted)
 
 
+def test_out_of_inodes_the_workers_error_reaches_the_user_through_the_heartbeat_folder(project, disk):
+    """No file can be created (the filesystem's inodes are spent, ENOSPC too): a worker
+    cannot write its error into the run folder, and the line still names the file."""
+    subprocess.run(["mount", "-o", "remount,nr_inodes=18", str(disk)], check=True)
+    (project / "run.toml").write_text(toml(TRAINING))
+    run_id = run_config(TRAINING).run_id()
+    partial = f"disk/store/runs/{run_id}.partial"
+    result = cli(["train", "run.toml", "--out", "disk/store"], project)
+    assert result.returncode == 4, result.stderr
+    line = one_error_line(result.stderr)
+    assert re.fullmatch(
+        rf"error: no space left on device \(ENOSPC\) writing {re.escape(partial)}/checkpoints/step\d+-rank\d\.pt: "
+        rf"free space and rerun with --resume {re.escape(partial)} to continue from its last checkpoint",
+        line,
+    ), line
+    assert not (project / partial / "errors").exists()  # it came through the heartbeat folder
+    assert_nothing_half_written(disk / "store", run_id)
+    assert verify(project / partial, run_id) == 4
+
+
 def test_a_store_that_cannot_even_be_created_is_named(project, disk):
     subprocess.run(["mount", "-o", "remount,size=12k", str(disk)], check=True)
     (project / "run.toml").write_text(toml(TRAINING))
