@@ -312,20 +312,27 @@ def study_cases() -> list[Case]:
     ]
 
 
+def foreign_checkpoint(folder: Path, world_size: int) -> None:
+    """A whole checkpoint of step 2 in ``folder`` that another run ('other') wrote."""
+    (folder / "checkpoints").mkdir()
+    write(folder / "checkpoints" / "latest.json", json.dumps({"step": 2, "world_size": world_size}))
+    for rank in range(world_size):
+        torch.save({"format": 1, "run_id": "other", "rank": rank, "step": 2}, folder / "checkpoints" / f"step2-rank{rank}.pt")
+
+
 def option_cases() -> list[Case]:
     def study_with(*extra: str) -> Callable[[Path], list[str]]:
         return lambda d: ["study", str(write(d / "s.toml", STUDY)), "--out", "store", *extra]
 
     def run_folder(d: Path) -> Path:
-        """A store holding one run left unfinished, with a checkpoint that is garbage."""
+        """A store holding one run left unfinished, with a checkpoint of another run (a
+        damaged checkpoint is no bad input: resuming falls back, see test_checkpoints.py)."""
         from localsgd.run.loading import load_run_config
 
         run = load_run_config(write(d / "run.toml", RUN))
         store = Store(d / "store")
         folder = store.begin(run.run_id(), run.name, run.to_dict())
-        (folder / "checkpoints").mkdir()
-        write(folder / "checkpoints" / "latest.json", json.dumps({"step": 2, "world_size": 2}))
-        write(folder / "checkpoints" / "step2-rank0.pt", b"garbage")
+        foreign_checkpoint(folder, world_size=2)
         return folder
 
     return [
@@ -348,9 +355,9 @@ def option_cases() -> list[Case]:
             r"--resume '.*\.partial': the run's config \(with --set\) has id \w+, not \w+",
         ),
         Case(
-            "resume-corrupt-checkpoint",
+            "resume-foreign-checkpoint",
             lambda d: ["train", "--resume", str(run_folder(d))],
-            r"checkpoint .*step2-rank0\.pt is unreadable .*; delete .*checkpoints to start the run again",
+            r"checkpoint .*step2-rank0\.pt belongs to run 'other' .*; delete .*checkpoints to start the run again",
         ),
         Case(
             "resume-outside-store",
@@ -443,8 +450,7 @@ def store_cases() -> list[Case]:
         store.set_owner("bad")
         run = study.runs[1]
         folder = store.begin(run.run_id(), run.name, run.to_dict())
-        (folder / "checkpoints").mkdir()
-        write(folder / "checkpoints" / "latest.json", "{\"step\": 2")
+        foreign_checkpoint(folder, world_size=1)
         return ["study", str(d / "s.toml"), "--out", "store"]
 
     def other_version(d: Path) -> list[str]:
@@ -463,7 +469,7 @@ def store_cases() -> list[Case]:
         Case("index-study", lambda d: ["study", str(write(d / "s.toml", STUDY)), "--out", str(corrupt_index(d))], r"index\.sqlite is not a readable SQLite index"),
         Case("index-report", lambda d: ["report", str(corrupt_index(d))], r"index\.sqlite is not a readable SQLite index"),
         Case("status-study", corrupt_status, r"status\.json is unreadable .*; delete the run folder to redo the run"),
-        Case("checkpoint-study", corrupt_checkpoint, r"latest\.json is unreadable .*; delete .*checkpoints to start the run again from step 0"),
+        Case("checkpoint-study", corrupt_checkpoint, r"checkpoint .*step2-rank0\.pt belongs to run 'other' .*; delete .*checkpoints to start the run again from step 0"),
         Case("version-report", other_version, r"status\.json: record version 1 is not supported"),
         Case("owner-train", lambda d: ["train", str(write(d / "run.toml", RUN)), "--out", str(owned(d))], r"store .* belongs to study 'alpha', which does not plan this run"),
         Case("owner-study", lambda d: ["study", str(write(d / "s.toml", STUDY)), "--out", str(owned(d))], r"store .* belongs to study 'alpha', not 'bad'; give another --out, or pass --adopt-store"),

@@ -7,7 +7,7 @@ import logging
 import os
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Annotated, Any
@@ -16,6 +16,7 @@ import typer
 
 from localsgd.costmodel import presets as cluster_presets
 from localsgd.records.store import DEFAULT_RUN_STORE
+from localsgd.util.files import EXIT_DISK_FULL
 
 if TYPE_CHECKING:
     from localsgd.emulation import EmulatedCluster
@@ -37,6 +38,29 @@ SetOption = Annotated[
 
 INCOMPLETE = 3
 """``localsgd report``'s exit code when the report is written without some runs or rows."""
+
+
+DISK_FULL = EXIT_DISK_FULL
+"""``localsgd train`` and ``study``'s exit code when a file could not be written for want of
+space: the run in progress is left unfinished, resumable once space is freed."""
+
+
+@contextlib.contextmanager
+def _full_disk_stops(advice: Callable[[], str]) -> Iterator[None]:
+    """A full disk in the block (here or in a worker) ends the command with one line naming
+    the file, ``advice`` after it, and exit code :data:`DISK_FULL`."""
+    from localsgd.util.files import DiskFull, no_space
+
+    try:
+        yield
+    except (DiskFull, OSError) as exc:
+        if not no_space(exc):
+            raise
+        path = exc.path if isinstance(exc, DiskFull) else getattr(exc, "filename", None) or "?"
+        typer.secho(
+            f"error: no space left on device (ENOSPC) writing {path}: {advice()}", fg=typer.colors.RED, err=True
+        )
+        raise typer.Exit(code=DISK_FULL) from None
 
 
 def _fail(message: str) -> typer.Exit:
@@ -138,7 +162,8 @@ def train(
     A run of the same config starts again from step 0 (a warning line says what of it the
     store held: a checkpoint, a finished record); --resume continues one.
     Exit code: 0 completed, 1 failed or diverged, 2 a bad config, store or option,
-    130/143 stopped by SIGINT/SIGTERM (the run is left unfinished, resumable).
+    4 the disk filled up (one line names the file; the run is left unfinished, --resume
+    continues it), 130/143 stopped by SIGINT/SIGTERM (the run is left unfinished, resumable).
     """
     from localsgd.util.checks import ConfigError
 
@@ -163,7 +188,11 @@ def train(
 
     run_id = run.run_id()
     try:
-        with _stopping_in_order(), contextlib.ExitStack() as held:
+        with (
+            _stopping_in_order(),
+            _full_disk_stops(lambda: _train_advice(out, run_id)),
+            contextlib.ExitStack() as held,
+        ):
             workload = next(iter(preflight([run]).values()))
             store = open_run_store(out, run)
             held.enter_context(store.run_lock(run_id))
@@ -189,6 +218,18 @@ def train(
     except KeyboardInterrupt:
         raise _interrupted(f"run {run_id}") from None
     _print_result(store, run_id, status, primary_value, metric)
+
+
+def _train_advice(out: Path, run_id: str) -> str:
+    """What to do after a full disk stopped ``localsgd train``: continue the run from its
+    checkpoint when it has one, else run it again."""
+    from localsgd.records import Store
+
+    with contextlib.suppress(Exception):
+        folder = Store(out, create=False).resumable(run_id)
+        if folder is not None:
+            return f"free space and rerun with --resume {folder} to continue from its last checkpoint"
+    return "free space and rerun the same command"
 
 
 def _say_what_is_redone(store: Any, run_id: str) -> None:
@@ -319,8 +360,10 @@ def study(
     The study holds its store's lock while it runs (a second study or a localsgd train into
     it is refused), and the store belongs to the study. Prints a line per finished run (a
     progress bar in a terminal) and a summary. Exit code: 0 every run completed, 1 some
-    failed or diverged, 2 a bad study file, option or store, 130/143 stopped by
-    SIGINT/SIGTERM (the run in progress is left unfinished, resumable).
+    failed or diverged, 2 a bad study file, option or store, 4 the disk filled up (one line
+    names the file; the run in progress is left unfinished, and rerunning the command once
+    there is space resumes it), 130/143 stopped by SIGINT/SIGTERM (the run in progress is
+    left unfinished, resumable).
     """
     from localsgd.studies.loading import load_study
     from localsgd.studies.runner import EXECUTORS, run_study
@@ -348,7 +391,7 @@ def study(
 
         runner = partial(run_stages, run=run_study)
     try:
-        with _stopping_in_order():
+        with _stopping_in_order(), _full_disk_stops(lambda: "free space and rerun the same command to resume"):
             counts = runner(
                 plan,
                 folder,

@@ -3,7 +3,10 @@ exactly the parameters and metrics rows of the uninterrupted run, for every algo
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
+import re
 from pathlib import Path
 
 import pytest
@@ -12,7 +15,7 @@ import torch
 from harness import untimed_rows
 from localsgd import algorithms, workloads
 from localsgd.records import Store
-from localsgd.run.checkpoints import CheckpointError, verify
+from localsgd.run.checkpoints import CheckpointError, Checkpoints, verify
 from localsgd.run.config import run_config
 from localsgd.run.execute import execute_run
 from scenarios import fast_spec
@@ -109,7 +112,7 @@ def test_a_resumed_run_ends_exactly_as_the_uninterrupted_one(tmp_path, name):
     assert not (b / "checkpoints").exists()  # a finished run keeps no checkpoints
 
 
-def test_checkpoints_are_taken_at_a_sync_and_only_the_last_is_kept(tmp_path):
+def test_checkpoints_are_taken_at_a_sync_and_the_last_two_are_kept(tmp_path):
     run = run_config(config({"name": "local_sgd", "period": 4}, max_steps=30))
     store = Store(tmp_path / "store")
     workload = workloads.build(run.workload)
@@ -119,8 +122,18 @@ def test_checkpoints_are_taken_at_a_sync_and_only_the_last_is_kept(tmp_path):
     # checkpoint_every = 5: the first sync (every 4th step) at or after 5 (8), at or
     # after 13 (16), at or after 21 (24).
     latest = json.loads((folder / "latest.json").read_text())
+    digest = latest.pop("files")["step24-rank0.pt"]
     assert latest == {"step": 24, "world_size": 1, "run_id": run.run_id()}
-    assert sorted(p.name for p in folder.glob("*.pt")) == ["step24-rank0.pt"]
+    assert digest["bytes"] == (folder / "step24-rank0.pt").stat().st_size
+    assert digest["sha256"] == hashlib.sha256((folder / "step24-rank0.pt").read_bytes()).hexdigest()
+    assert json.loads((folder / "previous.json").read_text())["step"] == 16
+    # Two generations, no more: step 8's file went when step 24's was written.
+    assert sorted(p.name for p in folder.glob("*")) == [
+        "latest.json",
+        "previous.json",
+        "step16-rank0.pt",
+        "step24-rank0.pt",
+    ]
     state = torch.load(folder / "step24-rank0.pt", weights_only=True)
     # 11 steps an epoch (the training data less its validation split): step 24 is batch 2 of epoch 2.
     assert (state["step"], state["epoch"], state["batch"]) == (24, 2, 2)
@@ -141,30 +154,171 @@ def test_a_one_process_run_resumes_in_this_process(tmp_path):
     assert rows(whole.run_dir(run.run_id())) == rows(resumed.run_dir(run.run_id()))
 
 
-def test_a_corrupt_checkpoint_is_named_with_what_to_do(tmp_path):
+def test_a_checkpoint_of_another_run_is_named_with_what_to_do(tmp_path):
     run = run_config(config({"name": "minibatch_sgd"}))
     store = Store(tmp_path / "store")
     with pytest.raises(KeyboardInterrupt):
         execute_run(run, store, workload=Interrupting(workloads.build(run.workload), 1, 0))
     partial = store.partial_dir(run.run_id())
-    (pt,) = (partial / "checkpoints").glob("*.pt")
-    pt.write_bytes(b"not a checkpoint")
-    with pytest.raises(CheckpointError, match=rf"checkpoint {pt} is unreadable .*; delete .*checkpoints to start"):
-        verify(partial, run.run_id())
-    (partial / "checkpoints" / "latest.json").write_text("{")
-    with pytest.raises(CheckpointError, match=r"latest\.json is unreadable"):
-        verify(partial, run.run_id())
     other = run_config(config({"name": "minibatch_sgd"}, max_steps=23))
+    step = json.loads((partial / "checkpoints" / "latest.json").read_text())["step"]
+    pt = partial / "checkpoints" / f"step{step}-rank0.pt"
+    with pytest.raises(
+        CheckpointError, match=rf"checkpoint {pt} belongs to run .*; delete .*checkpoints to start"
+    ):
+        verify(partial, other.run_id())
     (partial / "checkpoints" / "latest.json").unlink()
     assert verify(partial, other.run_id()) is None  # no checkpoint: nothing to verify
 
 
+# -- a bad latest checkpoint: the previous one is resumed from --------------------------
+
+
+def spoil(folder: Path, how: str) -> Path:
+    """Spoil the latest checkpoint in ``folder`` (step 24) as a crash or a bad disk would;
+    returns the file spoiled."""
+    pt = folder / "step24-rank0.pt"
+    if how == "truncated":
+        pt.write_bytes(pt.read_bytes()[: pt.stat().st_size // 2])
+        return pt
+    if how == "garbage":  # the same size: only the checksum tells
+        pt.write_bytes(bytes(reversed(pt.read_bytes())))
+        return pt
+    if how == "not a checkpoint":  # unchecked by latest.json (an older layout): torch.load tells
+        latest = json.loads((folder / "latest.json").read_text())
+        del latest["files"]
+        (folder / "latest.json").write_text(json.dumps(latest))
+        pt.write_bytes(b"not a checkpoint")
+        return pt
+    assert how == "latest.json"
+    (folder / "latest.json").write_text('{"step": 24, "world_')
+    return folder / "latest.json"
+
+
+@pytest.fixture(scope="module")
+def whole_run(tmp_path_factory) -> Path:
+    run = run_config(config({"name": "local_sgd", "period": 4}, max_steps=30))
+    store = Store(tmp_path_factory.mktemp("whole"))
+    assert execute_run(run, store) == "completed"
+    return store.run_dir(run.run_id())
+
+
+@pytest.mark.parametrize("how", ["truncated", "garbage", "not a checkpoint", "latest.json"])
+def test_a_bad_latest_checkpoint_falls_back_to_the_previous_one_exactly(tmp_path, caplog, whole_run, how):
+    run = run_config(config({"name": "local_sgd", "period": 4}, max_steps=30))
+    store = Store(tmp_path / "store")
+    workload = workloads.build(run.workload)
+    with pytest.raises(KeyboardInterrupt):
+        execute_run(run, store, workload=Interrupting(workload, epoch=2, batch=3))  # step 25
+    partial = store.partial_dir(run.run_id())
+    bad = spoil(partial / "checkpoints", how)
+    with caplog.at_level(logging.WARNING, logger="localsgd.run.checkpoints"):
+        assert verify(partial, run.run_id()) == 16
+        assert execute_run(run, store, workload=workload, resume=True) == "completed"
+    said = [r.getMessage() for r in caplog.records if r.name == "localsgd.run.checkpoints"]
+    assert len(said) == 1, said  # one line, though the run was checked, then resumed
+    reason = {
+        "truncated": r"is truncated \(\d+ of \d+ bytes\)",
+        "garbage": r"is corrupt \(its SHA-256 is not the one latest\.json recorded\)",
+        "not a checkpoint": r"is unreadable \(",
+        "latest.json": r"is unreadable \(",
+    }[how]
+    assert re.fullmatch(
+        rf"(checkpoint )?{re.escape(str(bad))} {reason}.*; resuming from the previous checkpoint, of step 16",
+        said[0],
+    )
+    done = store.run_dir(run.run_id())
+    assert json.loads((done / "status.json").read_text())["resumed"] == [16]
+    expected, got = final_model(whole_run), final_model(done)
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+    assert rows(done) == rows(whole_run)
+
+
+def test_with_no_good_checkpoint_left_the_run_starts_over(tmp_path, caplog, whole_run):
+    run = run_config(config({"name": "local_sgd", "period": 4}, max_steps=30))
+    store = Store(tmp_path / "store")
+    workload = workloads.build(run.workload)
+    with pytest.raises(KeyboardInterrupt):
+        execute_run(run, store, workload=Interrupting(workload, epoch=2, batch=3))
+    partial = store.partial_dir(run.run_id())
+    spoil(partial / "checkpoints", "truncated")
+    (partial / "checkpoints" / "step16-rank0.pt").write_bytes(b"")
+    with caplog.at_level(logging.WARNING, logger="localsgd.run.checkpoints"):
+        assert verify(partial, run.run_id()) is None
+        assert execute_run(run, store, workload=workload, resume=True) == "completed"
+    said = [r.getMessage() for r in caplog.records if r.name == "localsgd.run.checkpoints"]
+    assert len(said) == 1 and said[0].endswith("no good checkpoint is left: the run starts again from step 0")
+    assert "step24-rank0.pt is truncated" in said[0] and "step16-rank0.pt is truncated (0 of" in said[0]
+    done = store.run_dir(run.run_id())
+    assert json.loads((done / "status.json").read_text())["resumed"] == []
+    expected, got = final_model(whole_run), final_model(done)
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+    assert rows(done) == rows(whole_run)
+
+
+def two_ranks_saved(folder: Path, steps: tuple[int, ...]) -> list[Checkpoints]:
+    """Checkpoints of a run of two processes taken at ``steps``, as its ranks take them
+    (rank 1 reaches the barrier first: rank 0 describes both files after it)."""
+    ranks = [Checkpoints(folder, rank, 2, 1, "run") for rank in (0, 1)]
+    for step in steps:
+        for saved in reversed(ranks):
+            saved.save(
+                {"step": step, "weights": torch.full((3,), float(step + saved.rank))}, barrier=lambda: None
+            )
+    return ranks
+
+
+def test_a_missing_rank_file_makes_every_rank_fall_back_to_the_same_step(tmp_path, caplog):
+    folder = tmp_path / "checkpoints"
+    two_ranks_saved(folder, (3, 6, 9))
+    assert sorted(p.name for p in folder.glob("*.pt")) == [
+        "step6-rank0.pt",
+        "step6-rank1.pt",
+        "step9-rank0.pt",
+        "step9-rank1.pt",
+    ]
+    (folder / "step9-rank1.pt").unlink()
+    with caplog.at_level(logging.WARNING, logger="localsgd.run.checkpoints"):
+        states = [Checkpoints(folder, rank, 2, 1, "run").load() for rank in (0, 1)]
+    assert [s["step"] for s in states] == [6, 6]
+    assert torch.equal(states[1]["weights"], torch.full((3,), 7.0))
+    said = [r.getMessage() for r in caplog.records if r.name == "localsgd.run.checkpoints"]
+    assert said == [
+        f"checkpoint {folder / 'step9-rank1.pt'} is missing; resuming from the previous checkpoint, of step 6"
+    ]
+    # Resumed from step 6, the next checkpoint drops step 9's remains and keeps step 6 as the previous one.
+    ranks = [Checkpoints(folder, rank, 2, 1, "run") for rank in (0, 1)]
+    for saved in ranks:
+        saved.load()
+    for saved in reversed(ranks):
+        saved.save({"step": 8}, barrier=lambda: None)
+    assert sorted(p.name for p in folder.glob("*.pt")) == [
+        "step6-rank0.pt",
+        "step6-rank1.pt",
+        "step8-rank0.pt",
+        "step8-rank1.pt",
+    ]
+    assert json.loads((folder / "previous.json").read_text())["step"] == 6
+    assert json.loads((folder / "latest.json").read_text())["step"] == 8
+
+
+def test_a_checkpoint_of_another_world_size_is_refused_not_skipped(tmp_path):
+    folder = tmp_path / "checkpoints"
+    two_ranks_saved(folder, (3,))
+    with pytest.raises(
+        CheckpointError,
+        match=r"latest\.json was written by 2 worker process\(es\), and this run has 1; delete",
+    ):
+        Checkpoints(folder, 0, 1, 1, "run").load()
+
+
 def test_operational_settings_are_not_part_of_the_run_id():
     base = run_config(config({"name": "minibatch_sgd"}))
-    changed = run_config(config({"name": "minibatch_sgd"}, checkpoint_every=0, timeout_seconds=30, max_restarts=2))
+    changed = run_config(
+        config({"name": "minibatch_sgd"}, checkpoint_every=0, timeout_seconds=30, max_restarts=2)
+    )
     assert base.run_id() == changed.run_id()
     assert base.run_id() != run_config(config({"name": "minibatch_sgd"}, max_steps=23)).run_id()
-
 
 
 class LoudLoss:
@@ -192,7 +346,8 @@ def test_an_fp16_run_resumes_with_its_loss_scale(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         execute_run(run, resumed, workload=Interrupting(workload, epoch=1, batch=6))
     partial = resumed.partial_dir(run.run_id())
-    (saved,) = (partial / "checkpoints").glob("*.pt")
+    step = json.loads((partial / "checkpoints" / "latest.json").read_text())["step"]
+    saved = partial / "checkpoints" / f"step{step}-rank0.pt"
     scaler = torch.load(saved, weights_only=True)["scaler"]
     assert scaler["scale"] < 2.0**16  # it overflowed: not the initial scale
     assert execute_run(run, resumed, workload=workload, resume=True) == "completed"

@@ -15,6 +15,7 @@ Every file carries :data:`RECORD_VERSION`; a reader refuses any other version wi
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -26,7 +27,7 @@ from pathlib import Path
 from typing import IO, Any, TypeVar
 
 from localsgd.util.checks import ConfigError, from_dict
-from localsgd.util.files import write_atomic, write_json_atomic
+from localsgd.util.files import DiskFull, no_space, write_atomic, write_json_atomic
 
 RECORD_VERSION = 3
 """Version 3: a validation split held out of the training data (``validation`` per row, the
@@ -372,14 +373,27 @@ def read_metrics_stream(path: Path) -> tuple[list[MetricsRow], int | None]:
 
 class RunWriter:
     """Writes one run's record files into ``run_dir`` (rank 0 only; with ``run_dir`` None
-    every call is a no-op, so other ranks can hold one too)."""
+    every call is a no-op, so other ranks can hold one too). A row that a full disk cuts
+    off is taken back (the file is cut to the rows before it) and raises
+    :class:`~localsgd.util.files.DiskFull`: ``metrics.jsonl`` holds whole rows only."""
 
     def __init__(self, run_dir: Path | None) -> None:
         self.run_dir = run_dir
         self.rows: list[MetricsRow] = []
-        self._file: IO[str] | None = None
+        self._file: IO[bytes] | None = None
         if run_dir is not None:
-            self._file = (run_dir / "metrics.jsonl").open("w")
+            self._open("wb")
+
+    def _open(self, mode: str) -> None:
+        assert self.run_dir is not None
+        path = self.run_dir / "metrics.jsonl"
+        try:
+            # Unbuffered: a failed write leaves nothing pending that closing would retry.
+            self._file = path.open(mode, buffering=0)
+        except OSError as exc:
+            if no_space(exc):
+                raise DiskFull(path) from exc
+            raise
 
     def restore(self, rows: Sequence[MetricsRow]) -> None:
         """Continue a run from a checkpoint: ``metrics.jsonl`` holds exactly ``rows`` (the
@@ -392,17 +406,27 @@ class RunWriter:
         path = self.run_dir / "metrics.jsonl"
         write_atomic(path, "".join(json.dumps(to_json(row)) + "\n" for row in self.rows))
         (self.run_dir / "status.json").unlink(missing_ok=True)
-        self._file = path.open("a")
+        self._open("ab")
 
     def environment(self, env: Environment) -> None:
         if self.run_dir is not None:
             write_json_atomic(self.run_dir / "env.json", to_json(env))
 
     def row(self, row: MetricsRow) -> None:
-        self.rows.append(row)
         if self._file is not None:
-            self._file.write(json.dumps(to_json(row)) + "\n")
-            self._file.flush()
+            data = (json.dumps(to_json(row)) + "\n").encode()
+            start = self._file.seek(0, 2)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[self._file.write(view) or 0 :]
+            except OSError as exc:
+                with contextlib.suppress(OSError):
+                    self._file.truncate(start)
+                if no_space(exc):
+                    raise DiskFull(self._file.name) from exc
+                raise
+        self.rows.append(row)
 
     def status(self, status: Status) -> None:
         if self.run_dir is not None:

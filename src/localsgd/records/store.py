@@ -7,7 +7,7 @@ Layout::
     STORE/.lock                   who writes the store (see :mod:`localsgd.records.lock`)
     STORE/runs/<id>/              the run's record (see :mod:`localsgd.records.record`)
     STORE/runs/<id>/checkpoint.pt the consensus model at the end
-    STORE/runs/<id>.partial/checkpoints/   mid-run checkpoints, one file per rank
+    STORE/runs/<id>.partial/checkpoints/   mid-run checkpoints: the last two, a file per rank each
 
 A run is written under ``runs/<id>.partial/`` and renamed into place when it ends, then the
 index is updated: a run killed half-way leaves only a ``.partial`` folder, which the next
@@ -47,7 +47,7 @@ from localsgd.records.record import (
     read_metrics_stream,
     to_json,
 )
-from localsgd.util.files import write_json_atomic
+from localsgd.util.files import DiskFull, no_space, write_json_atomic
 
 FINISHED = ("completed", "failed", "diverged")
 DEFAULT_RUN_STORE = "studies_out/train"
@@ -139,6 +139,8 @@ class Store:
                         db.execute(statement)
                 db.execute("SELECT COUNT(*) FROM runs").fetchone()
         except sqlite3.DatabaseError as exc:
+            if no_space(exc):
+                raise DiskFull(self.root / "index.sqlite") from exc
             raise ValueError(
                 f"{self.root / 'index.sqlite'} is not a readable SQLite index ({exc}); "
                 "move it away to start the store afresh"
@@ -182,6 +184,10 @@ class Store:
         try:
             with db:  # one transaction: committed on success, rolled back on error
                 yield db
+        except sqlite3.OperationalError as exc:
+            if no_space(exc):
+                raise DiskFull(path) from exc
+            raise
         finally:
             db.close()
 

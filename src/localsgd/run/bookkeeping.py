@@ -30,6 +30,7 @@ from localsgd.records.record import (
 )
 from localsgd.run.config import RunConfig
 from localsgd.util.checks import ConfigError
+from localsgd.util.files import save_torch
 
 
 def git_sha() -> str | None:
@@ -127,9 +128,7 @@ def metrics_row(
 
 
 def save_checkpoint(run_dir: Path, model: torch.nn.Module, config: RunConfig, step: int) -> None:
-    tmp = run_dir / ".checkpoint.pt.tmp"
-    torch.save({"model": model.state_dict(), "config": config.to_dict(), "step": step}, tmp)
-    os.replace(tmp, run_dir / "checkpoint.pt")
+    save_torch({"model": model.state_dict(), "config": config.to_dict(), "step": step}, run_dir / "checkpoint.pt")
 
 
 def completed_status(

@@ -3,11 +3,22 @@
 ::
 
     RUN_DIR/checkpoints/step<S>-rank<R>.pt   one file per rank, written atomically
-    RUN_DIR/checkpoints/latest.json          {"step": S, "world_size": W, "run_id": ...}
+    RUN_DIR/checkpoints/latest.json          the last complete checkpoint: its step, world
+                                             size, run and every rank file's size and SHA-256
+    RUN_DIR/checkpoints/previous.json        the same for the checkpoint before it
 
-At a checkpoint step every rank writes its file; after a barrier (every file is complete)
-rank 0 names the step in ``latest.json``, atomically, and deletes the older files. A run
-killed at any moment therefore finds one complete checkpoint per rank, all of one step.
+Two generations are kept. At a checkpoint step every rank first deletes its files older
+than the last checkpoint, then writes its file; after a barrier (every file is complete)
+rank 0 moves the last checkpoint's description to ``previous.json`` and names the new step
+in ``latest.json``, each atomically. So a run killed at any moment finds a complete
+checkpoint, all of one step, and disk use stays at two files per rank.
+
+Resuming checks the latest checkpoint before trusting it: ``latest.json`` must parse, every
+rank's file must exist with the size and SHA-256 it names, and this rank's file must load.
+When it fails (a truncated or corrupt file, a missing rank, a garbled ``latest.json``) the
+previous checkpoint is taken instead, and a warning line names the bad file and the step
+resumed from; when neither is good the run starts again from step 0, also with a warning.
+Every rank reads the same files and so makes the same choice.
 
 A rank's file holds its ``DataParallel`` state (this replica's parameters and buffers, the
 algorithm's state, the step and communication counters), the optimizer's state, where
@@ -26,7 +37,9 @@ run folder must be one every rank can reach (one machine, or a shared filesystem
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
+import logging
 import os
 import random
 from collections.abc import Callable, Mapping
@@ -39,75 +52,177 @@ import torch
 from localsgd.records.record import MetricsRow, from_json, to_json
 from localsgd.records.store import CHECKPOINTS, LATEST
 from localsgd.util.checks import ConfigError
-from localsgd.util.files import atomic_path, write_json_atomic
+from localsgd.util.files import save_torch, write_json_atomic
+
+log = logging.getLogger(__name__)
 
 FORMAT = 1
 """The layout of a checkpoint file; another one is refused."""
+PREVIOUS = "previous.json"
+"""In ``checkpoints/``: the checkpoint before the latest, resumed from when that is bad."""
 
 
 class CheckpointError(ConfigError):
     """A checkpoint that cannot be used: the message names the file and what to do."""
 
 
+class _Bad(Exception):
+    """A checkpoint generation that is not whole (the message names the file): fall back."""
+
+
 def _advice(folder: Path) -> str:
     return f"delete {folder} to start the run again from step 0"
 
 
-def read_latest(folder: Path) -> dict[str, Any] | None:
-    """``latest.json`` of a run's checkpoint folder (None when there is no checkpoint)."""
-    path = folder / LATEST
-    if not path.is_file():
-        return None
+_WARNED: set[str] = set()
+
+
+def _warn(message: str) -> None:
+    """A warning line, once per process (a run trained here is checked before it starts,
+    then resumed: one line, not two)."""
+    if message not in _WARNED:
+        _WARNED.add(message)
+        log.warning("%s", message)
+
+
+def _manifest(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text())
+        if not isinstance(data, dict):
+            raise ValueError("expected a JSON object")
         step = data["step"]
         if not isinstance(step, int) or isinstance(step, bool) or step < 1:
             raise ValueError(f"step must be a positive integer, got {step!r}")
         if not isinstance(data.get("world_size"), int):
             raise ValueError("world_size is missing")
+        if not isinstance(data.get("files", {}), dict):
+            raise ValueError("files must be an object")
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"{path} is unreadable ({exc}); {_advice(folder)}") from None
+        raise _Bad(f"{path} is unreadable ({exc})") from None
     return dict(data)
+
+
+def read_latest(folder: Path) -> dict[str, Any] | None:
+    """``latest.json`` of a run's checkpoint folder (None when there is no checkpoint);
+    :class:`CheckpointError` when it is unreadable."""
+    path = folder / LATEST
+    if not path.is_file():
+        return None
+    try:
+        return _manifest(path)
+    except _Bad as bad:
+        raise CheckpointError(f"{bad}; {_advice(folder)}") from None
 
 
 def rank_file(folder: Path, step: int, rank: int) -> Path:
     return folder / f"step{step}-rank{rank}.pt"
 
 
-def load_file(path: Path, folder: Path) -> dict[str, Any]:
-    """One rank's checkpoint, read with ``weights_only=True``."""
+def _digest(path: Path) -> dict[str, Any]:
+    sha = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            sha.update(block)
+    return {"bytes": path.stat().st_size, "sha256": sha.hexdigest()}
+
+
+def _read(path: Path) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
-        raise CheckpointError(f"checkpoint {path} is missing; {_advice(folder)}") from None
+        raise _Bad(f"checkpoint {path} is missing") from None
     except Exception as exc:
-        raise CheckpointError(
-            f"checkpoint {path} is unreadable ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
-            f"{_advice(folder)}"
-        ) from None
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        raise _Bad(f"checkpoint {path} is unreadable ({type(exc).__name__}: {first})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise CheckpointError(f"checkpoint {path} is not a localsgd checkpoint of format {FORMAT}; {_advice(folder)}")
+        raise _Bad(f"checkpoint {path} is not a localsgd checkpoint of format {FORMAT}")
     return state
 
 
-def verify(run_dir: Path, run_id: str) -> int | None:
-    """Check that ``run_dir``'s last checkpoint can be resumed (every rank's file reads
-    back and belongs to this run); returns its step (None: no checkpoint). Raises
-    :class:`CheckpointError` naming the file otherwise."""
-    folder = Path(run_dir) / CHECKPOINTS
-    latest = read_latest(folder)
-    if latest is None:
-        return None
-    step, world = int(latest["step"]), int(latest["world_size"])
-    for rank in range(world):
-        path = rank_file(folder, step, rank)
-        state = load_file(path, folder)
-        if state.get("run_id") != run_id or state.get("rank") != rank or state.get("step") != step:
+def load_file(path: Path, folder: Path) -> dict[str, Any]:
+    """One rank's checkpoint, read with ``weights_only=True``."""
+    try:
+        return _read(path)
+    except _Bad as bad:
+        raise CheckpointError(f"{bad}; {_advice(folder)}") from None
+
+
+def _check(folder: Path, manifest: Mapping[str, Any], run_id: str, rank: int | None) -> dict[str, Any] | None:
+    """Check a generation: every rank's file present with the size and SHA-256 the
+    manifest names; then this ``rank``'s file loaded (returned), or every rank's (None).
+    ``_Bad`` naming the file when it is not whole; :class:`CheckpointError` when it is
+    another run's."""
+    step, world = int(manifest["step"]), int(manifest["world_size"])
+    files = manifest.get("files", {})
+    for r in range(world):
+        path = rank_file(folder, step, r)
+        if not path.is_file():
+            raise _Bad(f"checkpoint {path} is missing")
+        expected = files.get(path.name)
+        if isinstance(expected, dict):
+            got = _digest(path)
+            if got["bytes"] != expected.get("bytes"):
+                raise _Bad(
+                    f"checkpoint {path} is truncated ({got['bytes']} of {expected.get('bytes')} bytes)"
+                )
+            if got["sha256"] != expected.get("sha256"):
+                raise _Bad(f"checkpoint {path} is corrupt (its SHA-256 is not the one {LATEST} recorded)")
+    state = None
+    for r in range(world) if rank is None else (rank,):
+        path = rank_file(folder, step, r)
+        state = _read(path)
+        if state.get("run_id") != run_id or state.get("rank") != r or state.get("step") != step:
             raise CheckpointError(
                 f"checkpoint {path} belongs to run {state.get('run_id')!r} (rank {state.get('rank')}, "
                 f"step {state.get('step')}), not to run {run_id!r}; {_advice(folder)}"
             )
-    return step
+    return state if rank is not None else None
+
+
+def choose(
+    folder: Path, run_id: str, world_size: int | None = None, rank: int | None = None
+) -> tuple[dict[str, Any] | None, dict[str, Any] | None, list[str]]:
+    """The checkpoint to resume from: (its manifest, ``rank``'s state when a rank is given,
+    warnings). The latest when it is whole, else the previous one; (None, None, warnings)
+    when neither is (or there is no checkpoint). :class:`CheckpointError` for a checkpoint
+    of another run or of another number of worker processes (``world_size``)."""
+    if not (folder / LATEST).is_file():
+        return None, None, []
+    problems: list[str] = []
+    for name in (LATEST, PREVIOUS):
+        path = folder / name
+        if name == PREVIOUS and not path.is_file():
+            break
+        try:
+            manifest = _manifest(path)
+            if world_size is not None and manifest["world_size"] != world_size:
+                raise CheckpointError(
+                    f"{path} was written by {manifest['world_size']} worker process(es), "
+                    f"and this run has {world_size}; {_advice(folder)}"
+                )
+            state = _check(folder, manifest, run_id, rank)
+        except _Bad as bad:
+            problems.append(str(bad))
+            continue
+        warnings = []
+        if problems:
+            warnings.append(
+                f"{problems[0]}; resuming from the previous checkpoint, of step {manifest['step']}"
+            )
+        return manifest, state, warnings
+    again = "no good checkpoint is left: the run starts again from step 0"
+    return None, None, [f"{'; '.join(problems)}; {again}"]
+
+
+def verify(run_dir: Path, run_id: str) -> int | None:
+    """The step ``run_dir``'s run resumes from (None: from step 0): its latest checkpoint
+    when every rank's file is whole and belongs to this run, else the previous one (a
+    warning line says which file is bad and where the run resumes). Raises
+    :class:`CheckpointError` naming the file for a checkpoint of another run."""
+    manifest, _, warnings = choose(Path(run_dir) / CHECKPOINTS, run_id)
+    for warning in warnings:
+        _warn(warning)
+    return None if manifest is None else int(manifest["step"])
 
 
 def rng_state() -> dict[str, Any]:
@@ -144,26 +259,20 @@ class Checkpoints:
         self.run_id = run_id
         self.last = 0
         """The step of the latest checkpoint taken or resumed from."""
+        self.manifest: dict[str, Any] | None = None
+        """That checkpoint's description (``latest.json``), which becomes ``previous.json``."""
 
     def load(self) -> dict[str, Any] | None:
-        """This rank's state at the last checkpoint (None when there is none)."""
+        """This rank's state at the last good checkpoint (None when there is none)."""
         if self.folder is None:
             return None
-        latest = read_latest(self.folder)
-        if latest is None:
+        manifest, state, warnings = choose(self.folder, self.run_id, self.world_size, self.rank)
+        if self.rank == 0:
+            for warning in warnings:
+                _warn(warning)
+        if manifest is None or state is None:
             return None
-        if latest["world_size"] != self.world_size:
-            raise CheckpointError(
-                f"{self.folder / LATEST} was written by {latest['world_size']} worker process(es), "
-                f"and this run has {self.world_size}; {_advice(self.folder)}"
-            )
-        path = rank_file(self.folder, int(latest["step"]), self.rank)
-        state = load_file(path, self.folder)
-        if state.get("run_id") != self.run_id or state.get("rank") != self.rank:
-            raise CheckpointError(
-                f"checkpoint {path} belongs to run {state.get('run_id')!r}, rank {state.get('rank')}; "
-                f"{_advice(self.folder)}"
-            )
+        self.manifest = manifest
         self.last = int(state["step"])
         return state
 
@@ -177,18 +286,27 @@ class Checkpoints:
         assert self.folder is not None
         step = int(state["step"])
         self.folder.mkdir(parents=True, exist_ok=True)
+        # Two generations at most: the one before the last goes before this one is written.
+        keep = rank_file(self.folder, self.last, self.rank).name
+        for old in self.folder.glob(f"step*-rank{self.rank}.pt"):
+            if old.name != keep:
+                with contextlib.suppress(OSError):
+                    old.unlink()
         payload = {"format": FORMAT, "run_id": self.run_id, "rank": self.rank, **state}
-        with atomic_path(rank_file(self.folder, step, self.rank)) as tmp:
-            torch.save(payload, tmp)
+        save_torch(payload, rank_file(self.folder, step, self.rank))
         barrier()  # every rank's file is complete before latest.json names the step
         if self.rank == 0:
-            write_json_atomic(
-                self.folder / LATEST, {"step": step, "world_size": self.world_size, "run_id": self.run_id}
-            )
-            for old in self.folder.glob("step*-rank*.pt"):
-                if not old.name.startswith(f"step{step}-"):
-                    with contextlib.suppress(OSError):
-                        old.unlink()
+            files = {
+                rank_file(self.folder, step, r).name: _digest(rank_file(self.folder, step, r))
+                for r in range(self.world_size)
+            }
+            manifest = {"step": step, "world_size": self.world_size, "run_id": self.run_id, "files": files}
+            if self.manifest is not None:
+                write_json_atomic(self.folder / PREVIOUS, self.manifest)
+            else:
+                (self.folder / PREVIOUS).unlink(missing_ok=True)
+            write_json_atomic(self.folder / LATEST, manifest)
+            self.manifest = manifest
         self.last = step
 
 

@@ -13,6 +13,7 @@ from localsgd.records.store import LOCK, Store
 from localsgd.run.bookkeeping import stop_rule
 from localsgd.run.config import RunConfig
 from localsgd.util.checks import ConfigError, check_output_folder
+from localsgd.util.files import DiskFull, disk_full, no_space
 
 
 def preflight(runs: Iterable[RunConfig], *, local: bool = True) -> dict[str, workloads.Workload]:
@@ -117,9 +118,10 @@ def execute_run(
     ``session``'s -- and record it in ``store``; returns the final status. A failed run's
     status holds its root error (the first worker's own exception). A run cancelled from
     outside is left unfinished (the next attempt redoes it, from its last checkpoint when
-    it has one and ``resume``). ``launch`` places a run of several worker processes
-    somewhere else than the engine would (an emulated multi-node cluster, say); a run of
-    one process stays here."""
+    it has one and ``resume``), and so is a run whose disk filled up, here or in a worker:
+    :class:`~localsgd.util.files.DiskFull` naming the file is raised. ``launch`` places a
+    run of several worker processes somewhere else than the engine would (an emulated
+    multi-node cluster, say); a run of one process stays here."""
     from localsgd.run.training import train
 
     engine = engines.get(config.engine)
@@ -154,8 +156,16 @@ def execute_run(
             session.execute(job)
     except engines.WorkerFailure as exc:
         error = exc.error
+    except DiskFull:
+        raise
     except Exception as exc:  # a run trained in this process: recorded as failed, the study goes on
+        if no_space(exc):
+            raise disk_full(exc, getattr(exc, "filename", None) or folder) from None
         error = ErrorInfo.from_exception(exc)
+    if error is not None and error.type == DiskFull.__name__:
+        # A worker's disk filled up: not the run's failure. It stays unfinished (its
+        # checkpoints kept), and the command stops, to be rerun once there is space.
+        raise DiskFull.from_message(error.message)
     return store.finish(run_id, error=error)
 
 

@@ -37,6 +37,7 @@ from localsgd.run.checkpoints import Checkpoints, rng_state, rows_from_state, ro
 from localsgd.run.config import RunConfig
 from localsgd.run.loop import Asynchronous, Diverged, Evaluation, Synchronous, TrainingLoop, log_row
 from localsgd.run.precision import with_precision
+from localsgd.util.files import disk_full, no_space
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +83,9 @@ def train(
     except KeyboardInterrupt:
         raise
     except BaseException as exc:
+        if no_space(exc):
+            # Not the run's failure: it stays unfinished, resumable once there is space.
+            raise disk_full(exc, getattr(exc, "filename", None) or run_dir or checkpoints or ".") from None
         writer.status(failed_status(ErrorInfo.from_exception(exc, rank), writer.rows))
         raise
     finally:

@@ -15,7 +15,8 @@ rendezvous to ``--rdzv-endpoint`` (and ``python -m localsgd.engines.launching.el
 keeps the stores there), gloo to ``GLOO_SOCKET_IFNAME`` (see docs/reliability.md).
 
 Exit codes: 0 the run completed or diverged (a diverged run is a result, not a crash to
-restart), 1 it failed, 2 a bad config or store, 3 the controller or launcher went away.
+restart), 1 it failed, 2 a bad config or store, 3 the controller or launcher went away,
+4 a file could not be written for want of space (the run is left unfinished).
 A worker ends through :func:`exit_process`: once its record, logs and process group are
 closed, it leaves without the interpreter's teardown (see there).
 """
@@ -46,6 +47,7 @@ from localsgd.run.execute import open_run_store, preflight
 from localsgd.run.loading import load_run_config
 from localsgd.run.training import train
 from localsgd.util.checks import ConfigError
+from localsgd.util.files import EXIT_DISK_FULL, DiskFull
 from localsgd.util.lifetime import (
     DEFAULT_TIMEOUT_SECONDS,
     EXIT_ORPHANED,
@@ -106,11 +108,14 @@ def main(argv: list[str] | None = None) -> int:
     except BaseException as exc:
         if args.run_dir is not None and not isinstance(exc, (SystemExit, KeyboardInterrupt)):
             # On another node the folder may not exist: that node's launcher reports the error.
-            with contextlib.suppress(OSError):
+            with contextlib.suppress(OSError, DiskFull):
                 write_worker_error(args.run_dir, rank, exc)
         if isinstance(exc, ConfigError):
             print(f"error: {exc}", file=sys.stderr)
             return 2
+        if isinstance(exc, DiskFull):
+            print(f"error: {exc}: free space and rerun the same command", file=sys.stderr)
+            return EXIT_DISK_FULL
         raise
 
 
@@ -143,6 +148,9 @@ def run(config: RunConfig, info: localsgd.DistInfo, run_dir: str | None, out: st
                 # On another node the folder may be out of reach: no checkpoints there.
                 checkpoints=folder / CHECKPOINTS if folder.is_dir() else None,
             )
+        except DiskFull:
+            store = None  # not the run's failure: left unfinished, to be rerun once there is space
+            raise
         finally:
             if store is not None:
                 final = store.finish(config.run_id())
@@ -243,8 +251,9 @@ def serve(address: str, device_name: str, timeout: float = DEFAULT_TIMEOUT_SECON
                         checkpoints=run_dir / CHECKPOINTS,
                     )
                 except BaseException as exc:
-                    traceback.print_exc()
-                    with contextlib.suppress(OSError):
+                    with contextlib.suppress(OSError):  # the log's disk may be full
+                        traceback.print_exc()
+                    with contextlib.suppress(OSError, DiskFull):
                         write_worker_error(run_dir, info.rank, exc)
                     raise
             connection.done(status.status)

@@ -204,7 +204,7 @@ def _resumes(store: Store, run_id: str, status: str | None) -> bool:
         log.warning("run %s: %s: resumes from its checkpoint of step %d", run_id, folder, step)
         return True
     partial = store.partial_dir(run_id)
-    if partial.is_dir():
+    if partial.is_dir() and folder is None:  # a checkpoint none of which is whole: said by verify
         log.warning(
             "run %s: %s: left unfinished without a checkpoint; it starts again from step 0", run_id, partial
         )

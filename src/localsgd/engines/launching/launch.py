@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING
 from localsgd.engines.base import Job, WorkerFailure
 from localsgd.engines.launching.heartbeat import HEARTBEATS, HeartbeatWatch
 from localsgd.records.record import ErrorInfo, RecordError, from_json, read_json
-from localsgd.util.files import write_json_atomic
+from localsgd.util.files import DiskFull, write_json_atomic
 from localsgd.util.lifetime import DEFAULT_TIMEOUT_SECONDS, ParentTie
 
 if TYPE_CHECKING:
@@ -209,10 +209,11 @@ def launch_run(job: Job, processes: int) -> None:
             log_path,
             append=False,
         )
-        write_json_atomic(folder / "launch.json", {"command": launched.command})
         watch = HeartbeatWatch(beats, processes, job.comm_timeout)
         deadline = None if job.timeout is None else time.monotonic() + job.timeout
         try:
+            # Inside: a full disk here stops the launcher it has just started.
+            write_json_atomic(folder / "launch.json", {"command": launched.command})
             while (code := launched.poll()) is None:
                 problem = watch.silent()
                 if problem is None and deadline is not None and time.monotonic() > deadline:
@@ -224,15 +225,15 @@ def launch_run(job: Job, processes: int) -> None:
         except BaseException:
             launched.stop(watch.pids().values())
             raise
+        if code != 0 and not exited_after_completion(folder, log_path):
+            error = root_error(folder, beats) or ErrorInfo(
+                "WorkersExited",
+                f"workers exited with code {code} without recording an error (see {log_path})",
+                tail(log_path),
+            )
+            raise WorkerFailure(error)
     finally:
         shutil.rmtree(beats, ignore_errors=True)
-    if code != 0 and not exited_after_completion(folder, log_path):
-        error = root_error(folder) or ErrorInfo(
-            "WorkersExited",
-            f"workers exited with code {code} without recording an error (see {log_path})",
-            tail(log_path),
-        )
-        raise WorkerFailure(error)
 
 
 ENDED_STATUSES = ("completed", "diverged")
@@ -295,23 +296,38 @@ def restart_attempt() -> int:
 
 
 def write_worker_error(run_dir: str | Path, rank: int, exc: BaseException) -> None:
-    """Record worker ``rank``'s exception in the run folder (every rank may do this)."""
-    folder = Path(run_dir) / ERRORS
-    folder.mkdir(exist_ok=True)
+    """Record worker ``rank``'s exception in the run folder (every rank may do this). When
+    the run folder cannot take it (its disk is full), it goes to the heartbeat folder of
+    the launch (on the temporary filesystem), which :func:`root_error` reads too."""
     info = ErrorInfo.from_exception(exc, rank)
-    write_json_atomic(
-        folder / f"rank{rank}.json", {"time": time.time(), "attempt": restart_attempt(), **info.__dict__}
-    )
+    data = {"time": time.time(), "attempt": restart_attempt(), **info.__dict__}
+    folder = Path(run_dir) / ERRORS
+    try:
+        folder.mkdir(exist_ok=True)
+        write_json_atomic(folder / f"rank{rank}.json", data)
+    except (OSError, DiskFull):
+        spare = os.environ.get(HEARTBEATS)
+        if not spare:
+            raise
+        data["run_dir"] = str(Path(run_dir).resolve())
+        write_json_atomic(Path(spare) / f"error-rank{rank}.json", data)
 
 
-def root_error(run_dir: Path) -> ErrorInfo | None:
-    """The first error a worker recorded (by time) in the latest attempt, or None."""
+def root_error(run_dir: Path, spare: Path | None = None) -> ErrorInfo | None:
+    """The first error a worker recorded (by time) in the latest attempt, or None; in the
+    run folder, or (``spare``: the launch's heartbeat folder) there, for this run."""
+    paths = sorted((run_dir / ERRORS).glob("rank*.json"))
+    if spare is not None:
+        paths += sorted(Path(spare).glob("error-rank*.json"))
     found: list[tuple[int, float, ErrorInfo]] = []
-    for path in sorted((run_dir / ERRORS).glob("rank*.json")):
+    for path in paths:
         try:
             data = read_json(path)
             when = float(data.pop("time"))
             attempt = int(data.pop("attempt", 0))
+            where = data.pop("run_dir", None)
+            if where is not None and Path(where) != Path(run_dir).resolve():
+                continue
             found.append((-attempt, when, from_json(ErrorInfo, data, str(path), versioned=False)))
         except (RecordError, KeyError, TypeError, ValueError, AttributeError):
             continue

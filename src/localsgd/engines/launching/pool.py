@@ -280,7 +280,7 @@ class WorkerPool:
             raise Cancelled("the pool was closed during a run")
         code = self._proc.poll() if self._proc is not None else None
         self.kill()
-        error = root_error(job.run_dir) or ErrorInfo(
+        error = root_error(job.run_dir, self._beats) or ErrorInfo(
             "WorkersExited",
             f"the pool's workers exited (launcher code {code}) without recording an error "
             f"(see {job.run_dir / 'workers.log'})",
@@ -457,8 +457,9 @@ def output_to(path: Path) -> Iterator[None]:
         os.dup2(fd, 2)
         yield
     finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(OSError):  # the file's disk may be full
+                stream.flush()
         os.dup2(saved[0], 1)
         os.dup2(saved[1], 2)
         for f in (fd, *saved):
