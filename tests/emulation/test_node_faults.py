@@ -26,6 +26,7 @@ import torch
 
 from harness import LAUNCHER_VARS, untimed_rows
 from localsgd.emulation import EmulatedCluster, cleanup_stale, unavailable
+from localsgd.emulation import cluster as emulated
 from localsgd.emulation.cluster import RDZV_PORT
 from localsgd.emulation.network import namespace_pids
 from localsgd.records import Store
@@ -62,6 +63,9 @@ def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cache: Path) -> Iterato
     monkeypatch.setenv("XDG_CACHE_HOME", str(cache))
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.chdir(tmp_path)
+    # The survivors of a failed node are stopped sooner than a real job's would be: what
+    # they do in the meantime is no part of what these tests check.
+    monkeypatch.setattr(emulated, "FAILURE_GRACE", 2.0)
     yield tmp_path
     cleanup_stale()
 
