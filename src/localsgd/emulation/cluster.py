@@ -1,14 +1,16 @@
 """An emulated multi-node cluster: N network namespaces × M worker processes each, started
 the way a real multi-node job is, one ``torchrun`` per node::
 
-    ip netns exec NODE_i python -m torch.distributed.run --nnodes N --nproc-per-node M \\
-        --rdzv-backend c10d --rdzv-endpoint ADDR_0:PORT --local-addr ADDR_i \\
-        -m localsgd.worker CONFIG --run-dir DIR
+    ip netns exec NODE_i python -m localsgd.engines.launching.elastic --bind ADDR_i \\
+        --nnodes N --nproc-per-node M --rdzv-backend c10d --rdzv-endpoint ADDR_0:PORT \\
+        --local-addr ADDR_i --max-restarts R -m localsgd.worker CONFIG --run-dir DIR
 
-Node 0 hosts the rendezvous; gloo binds to each node's own link (``GLOO_SOCKET_IFNAME``), so
-traffic between nodes crosses the shaped links and traffic inside a node its loopback.
+(torchrun, its stores bound to the node's own address). Node 0 hosts the rendezvous; gloo
+binds to each node's own link (``GLOO_SOCKET_IFNAME``), so traffic between nodes crosses the shaped links and traffic inside a node its loopback.
 :meth:`EmulatedCluster.execute` runs a process engine :class:`~localsgd.engines.Job` this
 way, so ``localsgd cluster emulate`` can run a single run or a whole study on it.
+:meth:`EmulatedCluster.kill_node`, :meth:`~EmulatedCluster.link_down` and
+:meth:`~EmulatedCluster.link_up` inject the faults of whole nodes and links while a job runs.
 
 Leaving the ``with`` block, for whatever reason (a failed job, an exception, SIGINT,
 SIGTERM or SIGHUP), stops every process the cluster started and deletes its namespaces;
@@ -174,6 +176,13 @@ class EmulatedCluster:
         out = _ip(["-n", self.network.nodes[node], "-o", "link", "show", self.network.interfaces[node]])
         flags = out.split("<", 1)[1].split(">", 1)[0].split(",") if "<" in out else []
         return "UP" in flags
+
+    def _link_known_up(self, node: int) -> bool:
+        # A link whose state cannot be read is not blamed: the workers' own errors speak.
+        try:
+            return self.link_is_up(node)
+        except EmulationError:
+            return True
 
     @contextlib.contextmanager
     def link_outage(self, node: int) -> Iterator[None]:
@@ -369,7 +378,7 @@ class EmulatedCluster:
         for node in where.nodes:
             where_text = f"node {node} (namespace {self.network.nodes[node]})"
             ranks = _node_ranks(log_dir / f"node{node}.log", node, where)
-            if not self.link_is_up(node):
+            if not self._link_known_up(node):
                 return ErrorInfo(
                     "NodeUnreachable",
                     f"{where_text} is unreachable: its link {self.network.interfaces[node]} is down "
