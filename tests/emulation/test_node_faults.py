@@ -30,6 +30,7 @@ from localsgd.emulation import cluster as emulated
 from localsgd.emulation.cluster import RDZV_PORT
 from localsgd.emulation.network import namespace_pids
 from localsgd.records import Store
+from localsgd.records.store import CHECKPOINTS, LATEST
 from localsgd.run.config import RunConfig, run_config
 from localsgd.run.execute import execute_run
 
@@ -117,9 +118,11 @@ def when(ready: Callable[[], bool], then: Callable[[], None], done: threading.Ev
 
 
 def checkpointed(store: Store) -> Callable[[], bool]:
+    """The run's first checkpoint is complete (rank 0 named it in ``latest.json``)."""
+
     def ready() -> bool:
         folder = partial(store)
-        return folder is not None and any((folder / "checkpoints").glob("*"))
+        return folder is not None and (folder / CHECKPOINTS / LATEST).exists()
 
     return ready
 
