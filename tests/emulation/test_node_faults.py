@@ -39,7 +39,6 @@ pytestmark = [pytest.mark.skipif(WHY is not None, reason=WHY or ""), pytest.mark
 
 # 720 training samples, K = 2, B = 16: 22 steps an epoch; local SGD averages every 2nd step.
 TRAINING = {
-    "workload": {"name": "mnist1d_mlp", "num_samples": 1000},
     "workers": 2,
     "device": "cpu",
     "algorithm": {"name": "local_sgd", "period": 2},
@@ -47,9 +46,12 @@ TRAINING = {
 }
 
 
-def training(max_steps: int = 40, **train: object) -> RunConfig:
+def training(max_steps: int = 40, workload: str = "mnist1d_mlp", **train: object) -> RunConfig:
     steps = {"epochs": 3, "max_steps": max_steps, "eval_every": 5, "checkpoint_every": 4}
-    return run_config({**TRAINING, "train": {**steps, **train}})
+    workload_table = (
+        {"name": workload, "num_samples": 1000} if workload == "mnist1d_mlp" else {"name": workload}
+    )
+    return run_config({**TRAINING, "workload": workload_table, "train": {**steps, **train}})
 
 
 @pytest.fixture(scope="module")
@@ -153,20 +155,58 @@ def run_with_fault(
     return status, thread
 
 
-def test_a_node_whose_workers_are_killed_restarts_the_group_which_resumes_exactly(
+GATED = '''
+import json, os, time
+from pathlib import Path
+from localsgd import workloads
+
+
+def make():
+    """mnist1d_mlp; each worker process notes its rank and attempt counters in starts.jsonl,
+    and rank 0 stops at batch 12 of epoch 0 (step 13) the first time,
+    saying so in the file gate, until its agent stops it."""
+    start = {k: os.environ.get(k) for k in ("RANK", "TORCHELASTIC_RESTART_COUNT", "LOCALSGD_RDZV_ROUND")}
+    with open("starts.jsonl", "a") as f:
+        f.write(json.dumps(start) + "\\n")
+    base = workloads.build("mnist1d_mlp", num_samples=1000)
+    original = base.train_batches
+
+    def train_batches(rank, world_size, batch_size, epoch, seed, device):
+        for i, data in enumerate(original(rank, world_size, batch_size, epoch, seed, device)):
+            if (rank, epoch, i) == (0, 0, 12) and not Path("gate").exists():
+                Path("gate").write_text(str(os.getpid()))
+                while True:
+                    time.sleep(0.05)
+            yield data
+
+    base.train_batches = train_batches
+    return base
+'''
+
+
+def test_a_node_whose_workers_are_killed_restarts_the_group_on_every_node_which_resumes_exactly(
     env: Path, uninterrupted: Path
 ) -> None:
-    config, store = training(max_restarts=1), Store(env / "store")
+    """Node 1's workers are killed while node 0's are busy (not in a collective): node 1's
+    agent counts a restart, node 0's only follows it into the next rendezvous round, so
+    torch's restart counts differ between the nodes; the group still forms (keyed by the
+    round) and resumes from its last checkpoint."""
+    (env / "gated.py").write_text(GATED)
+    config = training(workload="gated:make", max_restarts=1)
+    store = Store(env / "store")
     killed: list[int] = []
     with EmulatedCluster(2, 1) as cluster:
         fault = lambda: killed.extend(cluster.kill_node(1))  # noqa: E731
-        status, _ = run_with_fault(config, store, cluster, checkpointed(store), fault)
+        ready = lambda: (env / "gate").exists() and checkpointed(store)()  # noqa: E731
+        status, _ = run_with_fault(config, store, cluster, ready, fault)
     assert status == "completed", store.error(config.run_id())
     assert killed, "the fault was never injected"
     done = store.run_dir(config.run_id())
-    resumed = json.loads((done / "status.json").read_text())["resumed"]
-    assert len(resumed) == 1 and resumed[0] > 0
+    assert json.loads((done / "status.json").read_text())["resumed"] == [12]  # the last checkpoint before step 13
     assert_same_run(done, uninterrupted)
+    starts = [json.loads(line) for line in (env / "starts.jsonl").read_text().splitlines()]
+    counts = sorted((s["RANK"], s["TORCHELASTIC_RESTART_COUNT"], s["LOCALSGD_RDZV_ROUND"]) for s in starts)
+    assert counts == [("0", "0", "0"), ("0", "0", "1"), ("1", "0", "0"), ("1", "1", "1")]
 
 
 def test_without_restarts_a_killed_node_fails_naming_the_node_and_rank(env: Path) -> None:
