@@ -202,7 +202,8 @@ def test_a_node_whose_workers_are_killed_restarts_the_group_on_every_node_which_
     assert status == "completed", store.error(config.run_id())
     assert killed, "the fault was never injected"
     done = store.run_dir(config.run_id())
-    assert json.loads((done / "status.json").read_text())["resumed"] == [12]  # the last checkpoint before step 13
+    # The last checkpoint before step 13, where rank 0 stopped.
+    assert json.loads((done / "status.json").read_text())["resumed"] == [12]
     assert_same_run(done, uninterrupted)
     starts = [json.loads(line) for line in (env / "starts.jsonl").read_text().splitlines()]
     counts = sorted((s["RANK"], s["TORCHELASTIC_RESTART_COUNT"], s["LOCALSGD_RDZV_ROUND"]) for s in starts)
@@ -218,6 +219,9 @@ def test_without_restarts_a_killed_node_fails_naming_the_node_and_rank(env: Path
     error = store.error(config.run_id())
     assert error is not None and (error.type, error.rank) == ("WorkerKilled", 1)
     assert error.message == f"node 1 (namespace {namespace}): rank 1 (local rank 0) was killed by SIGKILL"
+    # The rank comes from what node 1's launcher said after its rendezvous.
+    node1 = (store.run_dir(config.run_id()) / "nodes" / "node1.log").read_text()
+    assert "localsgd: rendezvous round 0: this node is group rank 1 of 2" in node1
 
 
 def test_an_outage_longer_than_the_timeout_fails_naming_the_unreachable_node(env: Path) -> None:

@@ -414,17 +414,19 @@ class EmulatedCluster:
 
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 """Signals with which launchers stop their workers: a worker ended by one was not the fault."""
-_GLOBAL_RANKS = re.compile(r"global_ranks=\[([\d, ]*)\]")
+_ROUND_LINE = re.compile(r"localsgd: rendezvous round \d+: this node is group rank (\d+) of \d+")
+"""ROUND_LINE, as the launcher prints it."""
 
 
 def _node_ranks(log_path: Path, node: int, where: Placement) -> list[int]:
-    """The global ranks node ``node``'s workers had in their latest group: as its launcher
-    logged them, else by placement (torch's rendezvous may order the nodes otherwise)."""
-    with contextlib.suppress(OSError):
-        found = _GLOBAL_RANKS.findall(log_path.read_text(errors="replace"))
-        if found and found[-1].strip():
-            return [int(r) for r in found[-1].split(",")]
+    """The global ranks node ``node``'s workers had in their latest group: from the group
+    rank its launcher printed (:data:`~localsgd.engines.launching.elastic.ROUND_LINE`), else
+    by placement (the rendezvous orders the nodes as it likes)."""
     k = where.nodes.index(node)
+    with contextlib.suppress(OSError):
+        found = _ROUND_LINE.findall(log_path.read_text(errors="replace"))
+        if found:
+            k = int(found[-1])
     return list(range(k * where.procs_per_node, (k + 1) * where.procs_per_node))
 
 

@@ -90,22 +90,34 @@ def bind_stores(address: str) -> None:
     static_tcp_rendezvous.TCPStore = BoundTCPStore  # type: ignore[misc, assignment]
 
 
+ROUND_LINE = "localsgd: rendezvous round {round}: this node is group rank {rank} of {nodes}"
+"""What the launcher prints to stderr after each rendezvous (a node's log then says which
+ranks its workers had: group rank g of a node with M workers runs ranks g·M to g·M + M − 1)."""
+
+
 def export_round() -> None:
     """After every rendezvous of this agent, put its round into this process's environment,
-    which the workers it then starts inherit."""
+    which the workers it then starts inherit, and print :data:`ROUND_LINE`."""
+    from torch.distributed.elastic.rendezvous.api import RendezvousInfo
     from torch.distributed.elastic.rendezvous.dynamic_rendezvous import DynamicRendezvousHandler
 
     original = DynamicRendezvousHandler.next_rendezvous
     if getattr(original, "exports_round", False):
         return
 
-    def next_rendezvous(self: DynamicRendezvousHandler) -> object:
+    def next_rendezvous(self: DynamicRendezvousHandler) -> RendezvousInfo:
         info = original(self)
-        os.environ[RDZV_ROUND] = str(self._state_holder.state.round)
+        round_ = self._state_holder.state.round
+        os.environ[RDZV_ROUND] = str(round_)
+        print(
+            ROUND_LINE.format(round=round_, rank=info.rank, nodes=info.world_size),
+            file=sys.stderr,
+            flush=True,
+        )
         return info
 
     next_rendezvous.exports_round = True  # type: ignore[attr-defined]
-    DynamicRendezvousHandler.next_rendezvous = next_rendezvous  # type: ignore[assignment, method-assign]
+    DynamicRendezvousHandler.next_rendezvous = next_rendezvous  # type: ignore[method-assign]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
