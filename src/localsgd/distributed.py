@@ -81,15 +81,18 @@ def init_distributed(backend: str | None = None, timeout: datetime.timedelta | f
 def _store(timeout: datetime.timedelta) -> dist.Store | None:
     """The process group's store where torch's own choice falls short (None: torch's):
 
-    - under torch's elastic agent, the agent's store with a prefix per attempt: the agent
-      keeps one store across restarts of the group, and a restarted group that reads the
-      addresses the previous one published fails or hangs in gloo's connections;
+    - under torch's elastic agent, the agent's store with a prefix per attempt (the
+      rendezvous round, the same on every node): the agent keeps one store across restarts
+      of the group, and a restarted group that reads the addresses the previous one
+      published fails or hangs in gloo's connections;
     - with a loopback ``MASTER_ADDR``, rank 0's store server listening on that address
       alone (torch's listens on every interface, whatever address it is given)."""
     address, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
     world_size = int(os.environ["WORLD_SIZE"])
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
-        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        from localsgd.engines.launching.launch import restart_attempt
+
+        attempt = restart_attempt()
         agent = dist.TCPStore(address, port, world_size, False, timeout)
         return dist.PrefixStore(f"localsgd/attempt{attempt}", agent)
     if _loopback(address):

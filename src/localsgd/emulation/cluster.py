@@ -1,14 +1,16 @@
 """An emulated multi-node cluster: N network namespaces × M worker processes each, started
 the way a real multi-node job is, one ``torchrun`` per node::
 
-    ip netns exec NODE_i python -m torch.distributed.run --nnodes N --nproc-per-node M \\
-        --rdzv-backend c10d --rdzv-endpoint ADDR_0:PORT --local-addr ADDR_i \\
-        -m localsgd.worker CONFIG --run-dir DIR
+    ip netns exec NODE_i python -m localsgd.engines.launching.elastic --bind ADDR_i \\
+        --nnodes N --nproc-per-node M --rdzv-backend c10d --rdzv-endpoint ADDR_0:PORT \\
+        --local-addr ADDR_i --max-restarts R -m localsgd.worker CONFIG --run-dir DIR
 
-Node 0 hosts the rendezvous; gloo binds to each node's own link (``GLOO_SOCKET_IFNAME``), so
-traffic between nodes crosses the shaped links and traffic inside a node its loopback.
+(torchrun, its stores bound to the node's own address). Node 0 hosts the rendezvous; gloo
+binds to each node's own link (``GLOO_SOCKET_IFNAME``), so traffic between nodes crosses the shaped links and traffic inside a node its loopback.
 :meth:`EmulatedCluster.execute` runs a process engine :class:`~localsgd.engines.Job` this
 way, so ``localsgd cluster emulate`` can run a single run or a whole study on it.
+:meth:`EmulatedCluster.kill_node`, :meth:`~EmulatedCluster.link_down` and
+:meth:`~EmulatedCluster.link_up` inject the faults of whole nodes and links while a job runs.
 
 Leaving the ``with`` block, for whatever reason (a failed job, an exception, SIGINT,
 SIGTERM or SIGHUP), stops every process the cluster started and deletes its namespaces;
@@ -19,19 +21,30 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
+import re
 import secrets
+import signal
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
-from localsgd.emulation.network import EmulatedNetwork, NetworkSpec, kill_all, signals_ignored, signals_raise
+from localsgd.emulation.network import (
+    EmulatedNetwork,
+    EmulationError,
+    NetworkSpec,
+    kill_all,
+    namespace_pids,
+    signals_ignored,
+    signals_raise,
+)
 from localsgd.engines.base import Job, WorkerFailure
-from localsgd.engines.launching.launch import root_error, tail
+from localsgd.engines.launching.launch import LAUNCHER_MODULE, exit_signals, root_error, tail
 from localsgd.records.record import ErrorInfo
 from localsgd.util.files import write_json_atomic
 
@@ -79,6 +92,7 @@ class EmulatedCluster:
         self.procs_per_node = procs_per_node
         self.network = EmulatedNetwork(self.spec)
         self._procs: list[subprocess.Popen[bytes]] = []
+        self._launchers: dict[int, subprocess.Popen[bytes]] = {}
         self._signals: contextlib.ExitStack | None = None
 
     @property
@@ -125,7 +139,66 @@ class EmulatedCluster:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=5)
         self._procs = []
+        self._launchers = {}
         kill_all(self.network.pids())
+
+    # -- faults --------------------------------------------------------------------------------
+
+    def kill_node(self, node: int, *, launcher: bool = False) -> list[int]:
+        """SIGKILL every worker process running in node ``node`` (a machine whose workers
+        crashed at once); ``launcher``: its torchrun agent too (the whole node lost). Returns
+        the pids killed. With ``max_restarts`` the agent of a node whose workers died
+        restarts the group on every node; a node whose agent died cannot rejoin (nothing
+        restarts it), and the run fails naming the node."""
+        agent = self._launchers.get(node)
+        if agent is None or agent.poll() is not None:
+            raise RuntimeError(f"node {node} runs no launcher of this cluster")
+        victims = [pid for pid in namespace_pids(self.network.nodes[node]) if pid != agent.pid]
+        if launcher:
+            victims.append(agent.pid)
+        for pid in victims:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        log.info("node %d: killed %s", node, victims)
+        return victims
+
+    def link_down(self, node: int) -> None:
+        """Take node ``node``'s link down (its end of the veth pair): nothing reaches the
+        node or leaves it, its processes stay alive and its address stays configured."""
+        self._link(node, "down")
+
+    def link_up(self, node: int) -> None:
+        """Bring node ``node``'s link back up (the kernel restores its route)."""
+        self._link(node, "up")
+
+    def link_is_up(self, node: int) -> bool:
+        """Whether node ``node``'s link is administratively up."""
+        out = _ip(["-n", self.network.nodes[node], "-o", "link", "show", self.network.interfaces[node]])
+        flags = out.split("<", 1)[1].split(">", 1)[0].split(",") if "<" in out else []
+        return "UP" in flags
+
+    def _link_known_up(self, node: int) -> bool:
+        # A link whose state cannot be read is not blamed: the workers' own errors speak.
+        try:
+            return self.link_is_up(node)
+        except EmulationError:
+            return True
+
+    @contextlib.contextmanager
+    def link_outage(self, node: int) -> Iterator[None]:
+        """Node ``node``'s link is down within the block and up again after it, whatever
+        ended the block."""
+        self.link_down(node)
+        try:
+            yield
+        finally:
+            self.link_up(node)
+
+    def _link(self, node: int, state: str) -> None:
+        if not 0 <= node < self.nodes:
+            raise ValueError(f"node must be in [0, {self.nodes - 1}], got {node}")
+        _ip(["-n", self.network.nodes[node], "link", "set", self.network.interfaces[node], state])
+        log.info("node %d: link %s %s", node, self.network.interfaces[node], state)
 
     # -- launching ---------------------------------------------------------------------------
 
@@ -138,13 +211,24 @@ class EmulatedCluster:
         return Placement(tuple(range(n)), g)
 
     def commands(
-        self, program: Sequence[str], where: Placement, run_id: str | None = None
+        self,
+        program: Sequence[str],
+        where: Placement,
+        run_id: str | None = None,
+        *,
+        max_restarts: int = 0,
+        join_timeout: float | None = None,
     ) -> list[list[str]]:
         """One ``torchrun ... PROGRAM`` command per node of ``where``, each run inside its
         namespace; ``program`` is what torchrun runs: ``["-m", "localsgd.worker", ...]`` or
-        ``["script.py", ...]``."""
+        ``["script.py", ...]``. Each node's launcher
+        (:mod:`~localsgd.engines.launching.elastic`) binds its stores to the node's own
+        address: node 0's rendezvous store listens on ``ADDR_0:RDZV_PORT`` alone.
+        ``max_restarts``: restarts of the whole group across nodes after a worker fails;
+        ``join_timeout``: seconds the nodes wait for one another at each rendezvous."""
         run_id = run_id or secrets.token_hex(4)
         host = self.network.addresses[where.nodes[0]]
+        conf = "" if join_timeout is None else f",join_timeout={max(1, math.ceil(join_timeout))}"
         out = []
         for k, node in enumerate(where.nodes):
             out.append(
@@ -152,7 +236,9 @@ class EmulatedCluster:
                     *self.network.exec_prefix(node),
                     sys.executable,
                     "-m",
-                    "torch.distributed.run",
+                    LAUNCHER_MODULE,
+                    "--bind",
+                    self.network.addresses[node],
                     "--nnodes",
                     str(len(where.nodes)),
                     "--nproc-per-node",
@@ -166,11 +252,11 @@ class EmulatedCluster:
                     # Node 0 hosts the rendezvous store; said explicitly, since every node
                     # shares the machine's hostname.
                     "--rdzv-conf",
-                    f"is_host={1 if k == 0 else 0}",
+                    f"is_host={1 if k == 0 else 0}{conf}",
                     "--local-addr",
                     self.network.addresses[node],
                     "--max-restarts",
-                    "0",
+                    str(max_restarts),
                     *program,
                 ]
             )
@@ -192,6 +278,8 @@ class EmulatedCluster:
         env: Mapping[str, str] | None = None,
         log_dir: Path,
         timeout: float | None = None,
+        max_restarts: int = 0,
+        join_timeout: float | None = None,
     ) -> list[int]:
         """Run ``program`` (:meth:`commands`) under torchrun on the nodes of ``where``
         (default: all × M) and wait; returns each node's exit code. Logs go to
@@ -206,13 +294,15 @@ class EmulatedCluster:
         log_dir.mkdir(parents=True, exist_ok=True)
         procs = []
         with contextlib.ExitStack() as logs:
-            for command, node in zip(self.commands(program, where), where.nodes):
+            commands = self.commands(program, where, max_restarts=max_restarts, join_timeout=join_timeout)
+            for command, node in zip(commands, where.nodes):
                 out = logs.enter_context((log_dir / f"node{node}.log").open("wb"))
                 proc = subprocess.Popen(
                     command, stdout=out, stderr=subprocess.STDOUT, env=self.node_env(node, base),
                     start_new_session=True,
                 )  # fmt: skip
                 self._procs.append(proc)
+                self._launchers[node] = proc
                 procs.append(proc)
             try:
                 return self._wait(procs, timeout)
@@ -245,23 +335,117 @@ class EmulatedCluster:
             )
         args = ["-m", "localsgd.worker", str(job.run_dir / "config.json"), "--run-dir", str(job.run_dir)]
         where = self.placement()
-        write_json_atomic(
-            job.run_dir / "launch.json",
-            {"cluster": self.describe(), "commands": self.commands(args, where, "<rdzv-id>")},
-        )
+        restarts, join = job.max_restarts, job.comm_timeout
+        commands = self.commands(args, where, "<rdzv-id>", max_restarts=restarts, join_timeout=join)
+        write_json_atomic(job.run_dir / "launch.json", {"cluster": self.describe(), "commands": commands})
         env = dict(os.environ, OMP_NUM_THREADS=str(job.threads), **job.env)
         log_dir = job.run_dir / "nodes"
         try:
-            codes = self.run(args, where=where, env=env, log_dir=log_dir, timeout=job.timeout)
+            codes = self.run(
+                args,
+                where=where,
+                env=env,
+                log_dir=log_dir,
+                timeout=job.timeout,
+                max_restarts=restarts,
+                join_timeout=join,
+            )
         except TimeoutError as exc:
-            raise WorkerFailure(ErrorInfo("TimeoutError", str(exc), _tails(log_dir, where))) from None
+            error = self.node_fault(log_dir, where, {})
+            message = str(exc) if error is None else f"{exc}: {error.message}"
+            rank = None if error is None else error.rank
+            raise WorkerFailure(ErrorInfo("TimeoutError", message, _tails(log_dir, where), rank)) from None
         if any(codes):
-            error = root_error(job.run_dir) or ErrorInfo(
-                "WorkersExited",
-                f"nodes exited with codes {codes} without recording an error (see {log_dir})",
-                _tails(log_dir, where),
+            error = (
+                self.node_fault(log_dir, where, dict(zip(where.nodes, codes)))
+                or root_error(job.run_dir)
+                or ErrorInfo(
+                    "WorkersExited",
+                    f"nodes exited with codes {codes} without recording an error (see {log_dir})",
+                    _tails(log_dir, where),
+                )
             )
             raise WorkerFailure(error)
+
+    def node_fault(self, log_dir: Path, where: Placement, codes: Mapping[int, int]) -> ErrorInfo | None:
+        """What a failed job's nodes say went wrong with a whole node, before the errors its
+        workers recorded (a peer's lost connection names the survivor, not the node at
+        fault): a node whose link is down (``NodeUnreachable``), a node whose launcher was
+        killed by a signal (``NodeLost``), or workers killed by a signal (``WorkerKilled``),
+        each naming the node, its namespace and the ranks. ``codes``: the launchers' exit
+        codes by node. None when no node is at fault."""
+        first: ErrorInfo | None = None
+        for node in where.nodes:
+            where_text = f"node {node} (namespace {self.network.nodes[node]})"
+            ranks = _node_ranks(log_dir / f"node{node}.log", node, where)
+            if not self._link_known_up(node):
+                return ErrorInfo(
+                    "NodeUnreachable",
+                    f"{where_text} is unreachable: its link {self.network.interfaces[node]} is down "
+                    f"(ranks {_list(ranks)} ran there)",
+                    _tails(log_dir, where),
+                    ranks[0],
+                )
+            code = codes.get(node)
+            if code is not None and code < 0 and first is None:
+                first = ErrorInfo(
+                    "NodeLost",
+                    f"{where_text}: its launcher was killed by {_signal_name(-code)}, and ranks "
+                    f"{_list(ranks)} with it",
+                    _tails(log_dir, where),
+                    ranks[0],
+                )
+            killed = {
+                local: code
+                for local, code in exit_signals(log_dir / f"node{node}.log").items()
+                if code < 0 and -code not in _STOP_SIGNALS
+            }
+            if killed and first is None:
+                local, sig = min(killed.items())
+                rank = ranks[local] if local < len(ranks) else None
+                first = ErrorInfo(
+                    "WorkerKilled",
+                    f"{where_text}: rank {rank} (local rank {local}) was killed by {_signal_name(-sig)}",
+                    _tails(log_dir, where),
+                    rank,
+                )
+        return first
+
+
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+"""Signals with which launchers stop their workers: a worker ended by one was not the fault."""
+_ROUND_LINE = re.compile(r"localsgd: rendezvous round \d+: this node is group rank (\d+) of \d+")
+"""ROUND_LINE, as the launcher prints it."""
+
+
+def _node_ranks(log_path: Path, node: int, where: Placement) -> list[int]:
+    """The global ranks node ``node``'s workers had in their latest group: from the group
+    rank its launcher printed (:data:`~localsgd.engines.launching.elastic.ROUND_LINE`), else
+    by placement (the rendezvous orders the nodes as it likes)."""
+    k = where.nodes.index(node)
+    with contextlib.suppress(OSError):
+        found = _ROUND_LINE.findall(log_path.read_text(errors="replace"))
+        if found:
+            k = int(found[-1])
+    return list(range(k * where.procs_per_node, (k + 1) * where.procs_per_node))
+
+
+def _list(ranks: Sequence[int]) -> str:
+    return ", ".join(str(r) for r in ranks)
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
+def _ip(args: Sequence[str]) -> str:
+    done = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30)
+    if done.returncode != 0:
+        raise EmulationError(f"ip {' '.join(args)} failed ({done.returncode}): {done.stderr.strip()}")
+    return done.stdout
 
 
 def _tails(log_dir: Path, where: Placement) -> str:

@@ -16,6 +16,12 @@ workers' gloo sockets follow ``GLOO_SOCKET_IFNAME`` (see docs/reliability.md).
 (:class:`~localsgd.util.lifetime.ParentTie`): when that process exits, however it exits,
 the launcher exits at once, and its workers die with it (each arms a parent-death signal
 in the worker entry point). ``LOCALSGD_LAUNCHER_PID`` tells the workers this process's pid.
+
+Every group of workers it starts learns the rendezvous round it belongs to
+(:data:`RDZV_ROUND`). torch's own attempt counter (``TORCHELASTIC_RESTART_COUNT``) counts the
+restarts of one agent: when one node's workers fail, that node's agent counts a restart and
+the healthy nodes' agents, which only follow it into the next round, do not; the round is
+the same number on every node.
 """
 
 from __future__ import annotations
@@ -29,6 +35,8 @@ from collections.abc import Sequence
 from localsgd.util.lifetime import EXIT_ORPHANED, LAUNCHER_PID, watch_parent
 
 LOOPBACK = "127.0.0.1"
+RDZV_ROUND = "LOCALSGD_RDZV_ROUND"
+"""The rendezvous round of a worker group, the same on every node (see the module docstring)."""
 
 
 def bind_stores(address: str) -> None:
@@ -82,6 +90,36 @@ def bind_stores(address: str) -> None:
     static_tcp_rendezvous.TCPStore = BoundTCPStore  # type: ignore[misc, assignment]
 
 
+ROUND_LINE = "localsgd: rendezvous round {round}: this node is group rank {rank} of {nodes}"
+"""What the launcher prints to stderr after each rendezvous (a node's log then says which
+ranks its workers had: group rank g of a node with M workers runs ranks g·M to g·M + M − 1)."""
+
+
+def export_round() -> None:
+    """After every rendezvous of this agent, put its round into this process's environment,
+    which the workers it then starts inherit, and print :data:`ROUND_LINE`."""
+    from torch.distributed.elastic.rendezvous.api import RendezvousInfo
+    from torch.distributed.elastic.rendezvous.dynamic_rendezvous import DynamicRendezvousHandler
+
+    original = DynamicRendezvousHandler.next_rendezvous
+    if getattr(original, "exports_round", False):
+        return
+
+    def next_rendezvous(self: DynamicRendezvousHandler) -> RendezvousInfo:
+        info = original(self)
+        round_ = self._state_holder.state.round
+        os.environ[RDZV_ROUND] = str(round_)
+        print(
+            ROUND_LINE.format(round=round_, rank=info.rank, nodes=info.world_size),
+            file=sys.stderr,
+            flush=True,
+        )
+        return info
+
+    next_rendezvous.exports_round = True  # type: ignore[attr-defined]
+    DynamicRendezvousHandler.next_rendezvous = next_rendezvous  # type: ignore[method-assign]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     bind, watch_fd = LOOPBACK, None
@@ -103,6 +141,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         watch_parent(watch_fd, lambda: os._exit(EXIT_ORPHANED))
     os.environ[LAUNCHER_PID] = str(os.getpid())
     bind_stores(bind)
+    export_round()
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun
 
