@@ -27,6 +27,7 @@ import argparse
 import json
 import os
 import random
+import re
 import signal
 import sqlite3
 import subprocess
@@ -73,11 +74,16 @@ def toml_value(value: Any) -> str:
     return json.dumps(value)
 
 
-def study_text(runs: int, steps: int, checkpoint_every: int) -> tuple[str, int]:
-    """The study file: the grids above, with as many seeds as it takes to reach ``runs``
-    runs (cycling through the grids), and the number of runs it plans."""
-    per_seed = sum(len(algorithms) for _, _, algorithms in GRIDS)
-    seeds = max(1, -(-runs // per_seed))
+def study_text(runs: int, steps: int, checkpoint_every: int) -> str:
+    """The study file: ``runs`` runs, going through every (engine, algorithm) of the grids
+    above for seed 0, then for seed 1, and so on."""
+    # The engines take turns, so that a small study has runs of each.
+    combos = [
+        (engine, workers, algorithms[i])
+        for i in range(max(len(algorithms) for _, _, algorithms in GRIDS))
+        for engine, workers, algorithms in GRIDS
+        if i < len(algorithms)
+    ]
     lines = [
         "[study]",
         'name = "soak"',
@@ -98,17 +104,19 @@ def study_text(runs: int, steps: int, checkpoint_every: int) -> tuple[str, int]:
         f"eval_every = {max(1, steps // 4)}",
         f"checkpoint_every = {checkpoint_every}",
     ]
-    planned = 0
-    for engine, workers, algorithms in GRIDS:
+    blocks: dict[tuple[int, str, int], list[dict[str, Any]]] = {}
+    for i in range(runs):
+        engine, workers, algorithm = combos[i % len(combos)]
+        blocks.setdefault((i // len(combos), engine, workers), []).append(algorithm)
+    for (seed, engine, workers), algorithms in blocks.items():
         lines += [
             "[[grid]]",
             f"engine = [{json.dumps(engine)}]",
             f"workers = [{workers}]",
-            f"seed = {toml_value(list(range(seeds)))}",
+            f"seed = [{seed}]",
             f"algorithm = {toml_value(algorithms)}",
         ]
-        planned += seeds * len(algorithms)
-    return "\n".join(lines) + "\n", planned
+    return "\n".join(lines) + "\n"
 
 
 # -- processes ---------------------------------------------------------------------------
@@ -145,6 +153,27 @@ def left_running(pids: set[int], timeout: float) -> set[int]:
         time.sleep(0.05)
 
 
+TAG = f"LOCALSGD_SOAK={os.getpid()}-{time.time_ns()}"
+"""In the environment of every process a study of this soak starts (children inherit it):
+how processes that left the killed tree (a launcher in a session of its own, reparented
+once its parent died) are found."""
+
+
+def tagged() -> set[int]:
+    """This soak's processes still running, wherever they are in the process tree."""
+    found = set()
+    marker = TAG.encode()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/environ", "rb") as f:
+                    if marker in f.read().split(b"\0") and process_alive(int(entry)):
+                        found.add(int(entry))
+            except OSError:  # gone, or another user's
+                continue
+    return found
+
+
 def study_command(study: Path, store: Path) -> list[str]:
     return [sys.executable, "-m", "localsgd.cli", "study", str(study), "--out", str(store)]
 
@@ -152,6 +181,8 @@ def study_command(study: Path, store: Path) -> list[str]:
 def environment() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
     env["OMP_NUM_THREADS"] = "1"
+    name, value = TAG.split("=")
+    env[name] = value
     return env
 
 
@@ -165,10 +196,12 @@ def partials(store: Path) -> set[str]:
         return set()
 
 
-def unnamed_checkpoint(store: Path) -> bool:
-    """Whether a run is writing a checkpoint: a rank's file (or its temporary file) of a
-    step that ``latest.json`` does not name yet."""
-    for run in partials(store):
+def unnamed_checkpoint(store: Path, since: float, runs: set[str] | None = None) -> bool:
+    """Whether a run (of ``runs``, default: any unfinished one) is writing a checkpoint: a
+    rank's file (or its temporary file), written at or after ``since``, of a step that
+    ``latest.json`` does not name yet. (A run killed during its first checkpoint by an
+    earlier start keeps such files, older than ``since``.)"""
+    for run in partials(store) if runs is None else runs:
         folder = store / "runs" / f"{run}.partial" / "checkpoints"
         try:
             names = os.listdir(folder)
@@ -184,7 +217,11 @@ def unnamed_checkpoint(store: Path) -> bool:
                 step = stem[4 : stem.index("-rank")]
                 # Older steps' files linger a moment after latest.json moves on.
                 if step.isdigit() and (latest is None or int(step) > latest):
-                    return True
+                    try:
+                        if (folder / name).stat().st_mtime >= since:
+                            return True
+                    except FileNotFoundError:  # a temporary file renamed, an old one deleted
+                        continue
     return False
 
 
@@ -223,10 +260,16 @@ class Watch:
 def kill_moment(rng: random.Random, mean_gap: float) -> dict[str, Any]:
     """Where the next kill lands: after ``after`` more runs have started, then ``mode``:
     ``random`` sleeps up to a run's length, ``run_start`` at most 0.2 s, ``checkpoint``
-    waits for a checkpoint being written."""
-    mode = rng.choice(["random", "random", "run_start", "checkpoint"])
-    after = rng.randint(1, max(1, round(2 * mean_gap) - 1))
-    delay = {"random": rng.uniform(0.0, 2.0), "run_start": rng.uniform(0.0, 0.2), "checkpoint": 0.0}[mode]
+    waits for a checkpoint being written; ``startup`` kills at most 15 s after the command
+    starts (its workers starting, or its first runs)."""
+    mode = rng.choice(["random", "random", "run_start", "checkpoint", "startup"])
+    after = 0 if mode == "startup" else rng.randint(1, max(1, round(2 * mean_gap) - 1))
+    delay = {
+        "random": rng.uniform(0.0, 2.0),
+        "run_start": rng.uniform(0.0, 0.2),
+        "checkpoint": 0.0,
+        "startup": rng.uniform(0.0, 15.0),
+    }[mode]
     return {"mode": mode, "after": after, "delay": delay}
 
 
@@ -248,7 +291,7 @@ def run_killed(
             watch.poll()
             if watch.started >= moment["after"]:
                 if moment["mode"] == "checkpoint":
-                    if unnamed_checkpoint(store):
+                    if unnamed_checkpoint(store, began):
                         break
                     # A run too short for another checkpoint: give up waiting after a while.
                     armed_at = armed_at or time.monotonic()
@@ -262,16 +305,23 @@ def run_killed(
         if proc.poll() is not None:
             return proc.returncode, {}
         tree = descendants(proc.pid)
+        seen = tagged()  # the same processes, found by their environment: the check sees them
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         # The state the kill froze (the study's processes are gone; its launchers and
         # workers follow within moments).
         orphans = left_running(tree, timeout=30.0)
+        deadline = time.monotonic() + 10.0
+        while tagged() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        orphans |= tagged()
         mid_run = in_progress(store, began)
-        writing = unnamed_checkpoint(store)
+        writing = unnamed_checkpoint(store, began, set(mid_run))
         for pid in orphans:  # so that the next start is not refused; counted as a failure
             os.kill(pid, signal.SIGKILL)
-        err.write(f"--- killed: mid-run {mid_run}, writing a checkpoint {writing}, orphans {sorted(orphans)}\n")
+        err.write(
+            f"--- killed: mid-run {mid_run}, writing a checkpoint {writing}, orphans {sorted(orphans)}\n"
+        )
     return None, {
         **moment,
         "mid_run": bool(mid_run),
@@ -279,11 +329,23 @@ def run_killed(
         "unfinished_runs": sorted(partials(store)),
         "during_checkpoint_write": writing,
         "processes_in_tree": len(tree),
+        "processes_tagged": len(seen),
         "orphans": sorted(orphans),
     }
 
 
 # -- checks --------------------------------------------------------------------------------
+
+
+def resumes(store: Path) -> list[int]:
+    """Per run of the store that resumed from a checkpoint, how many times it did
+    (``status.json``'s ``resumed``: the steps it resumed from)."""
+    found = []
+    for status in sorted((store / "runs").glob("*/status.json")):
+        steps = json.loads(status.read_text()).get("resumed") or []
+        if steps:
+            found.append(len(steps))
+    return found
 
 
 def untimed(row: dict[str, Any]) -> dict[str, Any]:
@@ -360,8 +422,12 @@ def main() -> int:
     parser.add_argument("--kills", type=int, default=20, help="SIGKILLs of the study, at least (default 20)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the kill moments (default 0)")
     parser.add_argument("--steps", type=int, default=300, help="training steps per run (default 300)")
-    parser.add_argument("--checkpoint-every", type=int, default=10, help="train.checkpoint_every (default 10)")
-    parser.add_argument("--out", type=Path, default=RESULTS / "soak.json", help="the JSON (default results/soak.json)")
+    parser.add_argument(
+        "--checkpoint-every", type=int, default=10, help="train.checkpoint_every (default 10)"
+    )
+    parser.add_argument(
+        "--out", type=Path, default=RESULTS / "soak.json", help="the JSON (default results/soak.json)"
+    )
     parser.add_argument("--keep", type=Path, help="keep the stores and logs in this folder")
     args = parser.parse_args()
     if args.runs < 1 or args.kills < 0 or args.steps < 1 or args.checkpoint_every < 1:
@@ -372,7 +438,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         work = args.keep or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
-        text, planned_count = study_text(args.runs, args.steps, args.checkpoint_every)
+        text = study_text(args.runs, args.steps, args.checkpoint_every)
+        planned_count = args.runs
         study = work / "soak.toml"
         study.write_text(text)
         a, b = work / "A", work / "B"
@@ -383,7 +450,9 @@ def main() -> int:
             done = subprocess.run(study_command(study, a), stdout=log, stderr=log, env=environment())
         seconds_a = time.perf_counter() - start
         if done.returncode != 0:
-            failures.append(f"store A: the uninterrupted study exited {done.returncode} (see {work / 'A.log'})")
+            failures.append(
+                f"store A: the uninterrupted study exited {done.returncode} (see {work / 'A.log'})"
+            )
         print(f"A: {planned_count} runs uninterrupted in {seconds_a:.0f} s", file=sys.stderr, flush=True)
 
         start = time.perf_counter()
@@ -399,12 +468,18 @@ def main() -> int:
                 with open(work / "B.log", "a") as log:
                     log.write("--- start, no kill planned\n")
                     log.flush()
-                    code = subprocess.run(study_command(study, b), stdout=log, stderr=log, env=environment()).returncode
+                    code = subprocess.run(
+                        study_command(study, b), stdout=log, stderr=log, env=environment()
+                    ).returncode
             else:
                 code, kill = run_killed(study_command(study, b), b, moment, work / "B.log")
                 if code is None:
                     kills.append(kill)
-                    print(f"kill {len(kills)}: {kill['mode']}, mid-run {kill['mid_run']}", file=sys.stderr, flush=True)
+                    print(
+                        f"kill {len(kills)}: {kill['mode']}, mid-run {kill['mid_run']}",
+                        file=sys.stderr,
+                        flush=True,
+                    )
                     if kill["orphans"]:
                         failures.append(f"kill {len(kills)}: processes left running: {kill['orphans']}")
                     continue
@@ -413,8 +488,10 @@ def main() -> int:
                 break
         seconds_b = time.perf_counter() - start
         log_b = (work / "B.log").read_text()
-        resumed = log_b.count("resumes from its checkpoint of step")
-        restarted = log_b.count("without a checkpoint; it starts again from step 0")
+        # Runs that lost an unfinished attempt for want of a checkpoint: killed before their
+        # first one, or trials batched together (they take none).
+        restarted = len(set(re.findall(r"run (\w+): \S+: left unfinished without a checkpoint", log_b)))
+        resumed = resumes(b)
 
         planned = {p.name for p in (a / "runs").iterdir()} if (a / "runs").is_dir() else set()
         if len(planned) != planned_count:
@@ -431,8 +508,9 @@ def main() -> int:
         "kills_between_runs": len(kills) - mid,
         "kills_during_checkpoint_write": sum(k["during_checkpoint_write"] for k in kills),
         "starts_of_B": starts,
-        "resumes_from_checkpoint": resumed,
-        "restarts_from_step_0": restarted,
+        "resumes_from_checkpoint": sum(resumed),
+        "runs_resumed_from_checkpoint": len(resumed),
+        "runs_restarted_from_step_0": restarted,
         "attempts_in_B_index": attempts,
         "seconds_A": round(seconds_a, 1),
         "seconds_B": round(seconds_b, 1),
@@ -443,10 +521,10 @@ def main() -> int:
         "completed_once": not failures,
     }
     table = [
-        "| runs | kills | mid-run / between runs | during a checkpoint write | resumes from a checkpoint | time A + B (s) | rows compared | mismatches |",
-        "|---|---|---|---|---|---|---|---|",
+        "| runs | kills | mid-run / between runs | during a checkpoint write | resumes from a checkpoint | runs restarted from step 0 | time A + B (s) | rows compared | mismatches |",
+        "|---|---|---|---|---|---|---|---|---|",
         f"| {planned_count} | {len(kills)} | {mid} / {len(kills) - mid} | {summary['kills_during_checkpoint_write']} | "
-        f"{resumed} | {seconds_a:.0f} + {seconds_b:.0f} | {compared} | {len(mismatches)} |",
+        f"{sum(resumed)} ({len(resumed)} runs) | {restarted} | {seconds_a:.0f} + {seconds_b:.0f} | {compared} | {len(mismatches)} |",
     ]
     print("\n".join(table))
     for line in failures + mismatches[:20]:
