@@ -1,7 +1,8 @@
 """A soak study: a study killed with SIGKILL again and again ends as if it had run in one go.
 
 A study of many short MNIST-1D MLP runs (a mix of algorithms on the process engine and on
-the simulated one, mid-run checkpoints every few steps) is run twice:
+the simulated one, mid-run checkpoints every few steps; ``--batch-trials 1`` by default, so
+that the simulated engine's runs train alone and take checkpoints too) is run twice:
 
 - into store A, uninterrupted (``localsgd study``, once);
 - into store B by the same command, whose whole process group is sent SIGKILL at seeded
@@ -174,8 +175,12 @@ def tagged() -> set[int]:
     return found
 
 
-def study_command(study: Path, store: Path) -> list[str]:
-    return [sys.executable, "-m", "localsgd.cli", "study", str(study), "--out", str(store)]
+def study_command(study: Path, store: Path, batch_trials: int) -> list[str]:
+    return [
+        sys.executable,
+        *("-m", "localsgd.cli", "study", str(study), "--out", str(store)),
+        *("--batch-trials", str(batch_trials)),
+    ]
 
 
 def environment() -> dict[str, str]:
@@ -428,10 +433,19 @@ def main() -> int:
     parser.add_argument(
         "--out", type=Path, default=RESULTS / "soak.json", help="the JSON (default results/soak.json)"
     )
+    parser.add_argument(
+        "--batch-trials",
+        type=int,
+        default=1,
+        help="localsgd study --batch-trials (default 1: every run trains alone and takes mid-run "
+        "checkpoints; the simulated engine's batched trials take none and restart from step 0)",
+    )
     parser.add_argument("--keep", type=Path, help="keep the stores and logs in this folder")
     args = parser.parse_args()
-    if args.runs < 1 or args.kills < 0 or args.steps < 1 or args.checkpoint_every < 1:
-        parser.error("--runs, --steps and --checkpoint-every must be at least 1, --kills at least 0")
+    if min(args.runs, args.steps, args.checkpoint_every, args.batch_trials) < 1 or args.kills < 0:
+        parser.error(
+            "--runs, --steps, --checkpoint-every and --batch-trials must be at least 1, --kills at least 0"
+        )
     rng = random.Random(args.seed)
     began = time.perf_counter()
 
@@ -447,7 +461,9 @@ def main() -> int:
 
         start = time.perf_counter()
         with open(work / "A.log", "w") as log:
-            done = subprocess.run(study_command(study, a), stdout=log, stderr=log, env=environment())
+            done = subprocess.run(
+                study_command(study, a, args.batch_trials), stdout=log, stderr=log, env=environment()
+            )
         seconds_a = time.perf_counter() - start
         if done.returncode != 0:
             failures.append(
@@ -469,10 +485,10 @@ def main() -> int:
                     log.write("--- start, no kill planned\n")
                     log.flush()
                     code = subprocess.run(
-                        study_command(study, b), stdout=log, stderr=log, env=environment()
+                        study_command(study, b, args.batch_trials), stdout=log, stderr=log, env=environment()
                     ).returncode
             else:
-                code, kill = run_killed(study_command(study, b), b, moment, work / "B.log")
+                code, kill = run_killed(study_command(study, b, args.batch_trials), b, moment, work / "B.log")
                 if code is None:
                     kills.append(kill)
                     print(
@@ -534,6 +550,7 @@ def main() -> int:
         "seed": args.seed,
         "steps": args.steps,
         "checkpoint_every": args.checkpoint_every,
+        "batch_trials": args.batch_trials,
         "timed_fields_excluded": list(TIMED),
         "machine": machine_at_end(),
         "summary": summary,
