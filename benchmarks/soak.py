@@ -7,10 +7,12 @@ that the simulated engine's runs train alone and take checkpoints too) is run tw
 - into store A, uninterrupted (``localsgd study``, once);
 - into store B by the same command, whose whole process group is sent SIGKILL at seeded
   random moments -- some at a random time into a run, some right after a run starts, some
-  while a run is writing a checkpoint (a rank's file written, ``latest.json`` not yet) --
-  and which is started again after each kill until it exits 0.
+  while a run is writing a checkpoint (a rank's file written, ``latest.json`` not yet),
+  some while the command starts up -- and which is started again after each kill until it
+  exits 0.
 
-After each kill every process of the killed tree must be gone (else: an orphan). At the
+After each kill every process of the killed tree, and every process that inherited the
+soak's environment marker (:data:`TAG`), must be gone (else: an orphan). At the
 end, store B must hold every planned run once, completed (index row, one run folder, no
 ``.partial`` folder, no checkpoints left), and every run's metrics rows must equal A's
 field by field, but for the fields that measure time (:data:`TIMED`).
