@@ -6,7 +6,9 @@
   node, its namespace and the killed rank;
 - a node's link taken down and brought back: a short outage is ridden through; one longer
   than ``train.timeout_seconds`` fails the run naming the unreachable node;
-- the rendezvous listens on node 0's address alone, and node 1 reaches it there.
+- the rendezvous listens on node 0's address alone, and node 1 reaches it there;
+- an asynchronous run goes on without a node other than rank 0's that lost its workers,
+  naming them; rank 0 says at the start that a loss on its own node would end the run.
 
 Faults are injected once the run has written its first checkpoint or metrics row (files
 awaited, never timed).
@@ -30,9 +32,11 @@ from localsgd.emulation import cluster as emulated
 from localsgd.emulation.cluster import RDZV_PORT
 from localsgd.emulation.network import namespace_pids
 from localsgd.records import Store
+from localsgd.records.record import lost_line
 from localsgd.records.store import CHECKPOINTS, LATEST
 from localsgd.run.config import RunConfig, run_config
 from localsgd.run.execute import execute_run
+from localsgd.run.worker import TORCHRUN_NOTE
 
 WHY = unavailable()
 pytestmark = [pytest.mark.skipif(WHY is not None, reason=WHY or ""), pytest.mark.timeout(600)]
@@ -308,3 +312,60 @@ def test_a_node_whose_launcher_is_killed_fails_the_run_naming_the_node(env: Path
         error.message
         == f"node 1 (namespace {namespace}): its launcher was killed by SIGKILL, and ranks 1 with it"
     )
+
+
+HELD = '''
+import os, time
+from pathlib import Path
+from localsgd import workloads
+
+
+def make():
+    """mnist1d_mlp whose rank 1 writes its pid to the file held at batch 4 and waits there."""
+    base = workloads.build("mnist1d_mlp", num_samples=1000)
+    original = base.train_batches
+
+    def train_batches(rank, world_size, batch_size, epoch, seed, device):
+        for i, data in enumerate(original(rank, world_size, batch_size, epoch, seed, device)):
+            if (rank, epoch, i) == (1, 0, 4):
+                Path("held").write_text(str(os.getpid()))
+                while True:
+                    time.sleep(0.05)
+            yield data
+
+    base.train_batches = train_batches
+    return base
+'''
+
+
+def test_an_asynchronous_run_completes_without_a_lost_node_and_names_its_rank(env: Path) -> None:
+    """Node 1's agent stops its workers and gives up when one dies (restarts are refused for
+    asynchronous runs); rank 0's server loses the worker and the others train to the end.
+    Node 0's launcher waits for the agent that gave up at torch's exit barrier for
+    ``train.timeout_seconds``, not torch's 300 s."""
+    (env / "held.py").write_text(HELD)
+    config = run_config(
+        {
+            **TRAINING,
+            "algorithm": {"name": "async_local_sgd", "period": 2},
+            "workload": {"name": "held:make"},
+            "train": {"epochs": 1, "eval_every": 5, "timeout_seconds": 10},
+        }
+    )
+    store = Store(env / "store")
+    with EmulatedCluster(2, 1) as cluster:
+        ready = lambda: (env / "held").exists()  # noqa: E731
+        status, _ = run_with_fault(config, store, cluster, ready, lambda: cluster.kill_node(1))
+    assert status == "completed", store.error(config.run_id())
+    done = store.run_dir(config.run_id())
+    record = json.loads((done / "status.json").read_text())
+    server = record["details"]["server"]
+    # Rank 1 pushed twice (steps 2 and 4) before it was held at batch 4; rank 0 trained on.
+    assert list(server["lost_workers"]) == ["1"]
+    assert server["pushes_per_worker"][1] == 2 and server["pushes_per_worker"][0] > 2
+    assert record["steps"] == 22  # rank 0's 22 steps of its epoch: 720 samples, K = 2, B = 16
+    version = server["lost_workers"]["1"]
+    assert lost_line(store.final_status(config.run_id())) == f"1 worker lost: rank 1 at version {version}"
+    node0 = (done / "nodes" / "node0.log").read_text()
+    assert node0.count(TORCHRUN_NOTE) == 1
+    assert "wait timeout after 10000ms" in node0  # torch's exit barrier, bounded by the timeout

@@ -117,3 +117,22 @@ def test_it_refuses_to_delete_a_namespace_it_did_not_create() -> None:
     assert net.owns("lsgd00beef-node0") and not other.owns("lsgd00beef-node0")
     with pytest.raises(ValueError, match="ident must look like lsgd"):
         EmulatedNetwork(NetworkSpec(1), ident="eth0")
+
+
+def test_the_launchers_own_options_come_off_the_front_and_bad_ones_are_one_line(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from localsgd.engines.launching import elastic
+
+    args = ["--bind", "10.77.0.1", "--exit-barrier", "10", "--watch-fd", "7", "--nnodes", "2", "-m", "x"]
+    assert elastic.own_options(args) == ("10.77.0.1", 7, 10.0)
+    assert args == ["--nnodes", "2", "-m", "x"]  # torchrun's, untouched
+    assert elastic.own_options(["--nnodes", "2"]) == (elastic.LOOPBACK, None, None)
+    for bad, message in [
+        (["--exit-barrier", "soon"], "error: --exit-barrier takes seconds > 0, got 'soon'"),
+        (["--exit-barrier", "0"], "error: --exit-barrier takes seconds > 0, got '0'"),
+        (["--watch-fd", "x"], "error: --watch-fd takes a file descriptor number, got 'x'"),
+        (["--bind"], "error: --bind needs a value"),
+    ]:
+        assert elastic.main(bad) == 2
+        assert capsys.readouterr().err.strip() == message

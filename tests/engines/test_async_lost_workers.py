@@ -24,6 +24,7 @@ import pytest
 from harness import LAUNCHER_VARS, worker_command
 from localsgd.records.record import ErrorInfo, MetricsRow, read_json, to_json
 from localsgd.records.store import Store
+from localsgd.run.worker import TORCHRUN_NOTE
 
 pytestmark = [
     pytest.mark.timeout(300),
@@ -267,7 +268,7 @@ def test_under_a_hand_run_torchrun_a_lost_worker_ends_the_run_naming_it(project)
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode != 0
-    assert err.count("note: under torchrun a lost worker ends this asynchronous run") == 1
+    assert err.count(TORCHRUN_NOTE) == 1
     (record,) = (cwd / "store" / "runs").iterdir()
     status = json.loads((record / "status.json").read_text())
     assert status["status"] == "failed" and status["steps"] == 4

@@ -225,7 +225,8 @@ class EmulatedCluster:
         (:mod:`~localsgd.engines.launching.elastic`) binds its stores to the node's own
         address: node 0's rendezvous store listens on ``ADDR_0:RDZV_PORT`` alone.
         ``max_restarts``: restarts of the whole group across nodes after a worker fails;
-        ``join_timeout``: seconds the nodes wait for one another at each rendezvous."""
+        ``join_timeout``: seconds the nodes wait for one another at each rendezvous, and
+        at the end (torch's exit barrier, which a failed node's agent never reaches)."""
         run_id = run_id or secrets.token_hex(4)
         host = self.network.addresses[where.nodes[0]]
         conf = "" if join_timeout is None else f",join_timeout={max(1, math.ceil(join_timeout))}"
@@ -239,6 +240,7 @@ class EmulatedCluster:
                     LAUNCHER_MODULE,
                     "--bind",
                     self.network.addresses[node],
+                    *([] if join_timeout is None else ["--exit-barrier", str(max(1, math.ceil(join_timeout)))]),
                     "--nnodes",
                     str(len(where.nodes)),
                     "--nproc-per-node",

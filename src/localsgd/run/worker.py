@@ -159,8 +159,8 @@ def run(config: RunConfig, info: localsgd.DistInfo, run_dir: str | None, out: st
 
 
 TORCHRUN_NOTE = (
-    "note: under torchrun a lost worker ends this asynchronous run (torch's elastic agent stops "
-    "every worker when one dies); `localsgd train` goes on without it"
+    "note: under torchrun a worker lost on rank 0's node ends this asynchronous run (torch's "
+    "elastic agent stops every worker of its node when one dies); `localsgd train` goes on without it"
 )
 
 

@@ -2,7 +2,7 @@
 
 ::
 
-    python -m localsgd.engines.launching.elastic [--bind ADDR] [--watch-fd FD] TORCHRUN_ARGS...
+    python -m localsgd.engines.launching.elastic [--bind ADDR] [--watch-fd FD] [--exit-barrier S] TORCHRUN_ARGS...
 
 torchrun's TCP stores (the rendezvous store, and the store its workers share) listen on
 every interface of the machine, unauthenticated, whatever address they are given. This
@@ -16,6 +16,11 @@ workers' gloo sockets follow ``GLOO_SOCKET_IFNAME`` (see docs/reliability.md).
 (:class:`~localsgd.util.lifetime.ParentTie`): when that process exits, however it exits,
 the launcher exits at once, and its workers die with it (each arms a parent-death signal
 in the worker entry point). ``LOCALSGD_LAUNCHER_PID`` tells the workers this process's pid.
+
+``--exit-barrier S`` bounds how long a node whose workers have finished waits at torch's exit
+barrier for the other nodes' agents (torch's default: 300 s). An agent that has failed never
+arrives there: a node that outlived a lost node (an asynchronous run goes on without one)
+waits that long before it exits.
 
 Every group of workers it starts learns the rendezvous round it belongs to
 (:data:`RDZV_ROUND`). torch's own attempt counter (``TORCHELASTIC_RESTART_COUNT``) counts the
@@ -120,28 +125,67 @@ def export_round() -> None:
     DynamicRendezvousHandler.next_rendezvous = next_rendezvous  # type: ignore[method-assign]
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = list(sys.argv[1:] if argv is None else argv)
-    bind, watch_fd = LOOPBACK, None
-    # Our options come first; everything after them is torchrun's (and its program's).
-    while args and args[0] in ("--bind", "--watch-fd"):
+def bound_exit_barrier(seconds: float) -> None:
+    """Make the agents this process creates wait ``seconds`` at torch's exit barrier."""
+    from torch.distributed.elastic.agent.server.api import SimpleElasticAgent
+
+    original = SimpleElasticAgent.__init__
+
+    def __init__(
+        self: SimpleElasticAgent,
+        spec: object,
+        exit_barrier_timeout: float = 300,
+        *args: object,
+        **kwargs: object,
+    ) -> None:
+        original(self, spec, seconds, *args, **kwargs)  # type: ignore[arg-type]
+
+    SimpleElasticAgent.__init__ = __init__  # type: ignore[method-assign]
+
+
+class UsageError(ValueError):
+    """A bad option of this launcher (its own, before torchrun's)."""
+
+
+def own_options(args: list[str]) -> tuple[str, int | None, float | None]:
+    """Take this launcher's options off the front of ``args`` (everything after them is
+    torchrun's, and its program's): the bind address, the parent's pipe, the exit barrier."""
+    bind, watch_fd, exit_barrier = LOOPBACK, None, None
+    while args and args[0] in ("--bind", "--watch-fd", "--exit-barrier"):
         if len(args) < 2:
-            print(f"error: {args[0]} needs a value", file=sys.stderr)
-            return 2
+            raise UsageError(f"{args[0]} needs a value")
         option, value = args.pop(0), args.pop(0)
         if option == "--bind":
             bind = value
+        elif option == "--exit-barrier":
+            try:
+                exit_barrier = float(value)
+            except ValueError:
+                exit_barrier = -1.0
+            if not exit_barrier > 0:
+                raise UsageError(f"--exit-barrier takes seconds > 0, got {value!r}")
         elif value.isdigit():
             watch_fd = int(value)
         else:
-            print(f"error: --watch-fd takes a file descriptor number, got {value!r}", file=sys.stderr)
-            return 2
+            raise UsageError(f"--watch-fd takes a file descriptor number, got {value!r}")
+    return bind, watch_fd, exit_barrier
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        bind, watch_fd, exit_barrier = own_options(args)
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     if watch_fd is not None:
         # The parent is gone: leave now; the workers' parent-death signal takes them along.
         watch_parent(watch_fd, lambda: os._exit(EXIT_ORPHANED))
     os.environ[LAUNCHER_PID] = str(os.getpid())
     bind_stores(bind)
     export_round()
+    if exit_barrier is not None:
+        bound_exit_barrier(exit_barrier)
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun
 
