@@ -322,16 +322,13 @@ def test_every_commands_help_shows_its_words(tmp_path):
     assert "[study].out" in study_help
 
 
-def test_slurm_executor_through_submitits_local_executor_fills_the_same_store(tmp_path, env):
+def test_slurm_executor_through_submitits_local_executor_fills_the_same_store(tmp_path, env, monkeypatch):
     pytest.importorskip("submitit")
+    monkeypatch.chdir(tmp_path)
     grids = '[[grid]]\nworkers = [1, 2]\nseed = [0]\nalgorithm = [{name = "local_sgd", period = 4}]\n'
     study = write_study(tmp_path / "s.toml", grids, name="cluster")
-    bad = cli(
-        ["study", str(study), "--executor", "slurm", "--slurm", "cluster=local", "--slurm", "bogus=1"],
-        env,
-        tmp_path,
-    )
-    assert bad.returncode == 2 and "error: --slurm: " in bad.stderr and "bogus" in bad.stderr
+    bad = invoke(["study", str(study), "--executor", "slurm", "--slurm", "cluster=local", "--slurm", "bogus=1"])
+    assert bad.exit_code == 2 and "error: --slurm: " in bad.stderr and "bogus" in bad.stderr
     args = ["study", str(study), "--out", "store", "--executor", "slurm", "--slurm", "cluster=local"]
     done = cli([*args, "--parallel", "2", "--oversubscribe"], env, tmp_path)
     assert done.returncode == 0, done.stderr
