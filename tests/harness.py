@@ -1,7 +1,8 @@
 """A small harness for real multi-process tests: spawned ranks, a free port, a timeout.
 
 ``run_world(fn, world_size, *args)`` starts ``world_size`` fresh Python processes, each with
-torchrun's environment variables set (loopback, a free port), calls
+the caller's environment and working directory and torchrun's variables set (loopback, a
+free port), calls
 ``localsgd.init_distributed()`` (gloo on CPU) and then ``fn(rank, world_size, *args)``.
 Each rank's return value comes back through a file. A rank that raises fails the test with
 its traceback; a world that does not finish within ``timeout`` seconds is killed and fails
@@ -39,7 +40,36 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _entry(fn: Callable[..., Any], rank: int, world_size: int, port: int, out: str, args: tuple) -> None:
+# Ranks are forked from one server process that has imported torch and localsgd once for the
+# whole session: a spawned rank spends seconds importing torch, and the suite starts dozens
+# of worlds. The server runs nothing of torch (no thread pools exist to be lost by a fork),
+# and each rank still is its own process with its own process group.
+PRELOAD = ["torch", "torch.distributed", "localsgd", "localsgd.run.training"]
+
+
+def _context() -> Any:
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(PRELOAD)
+    return ctx
+
+
+def _entry(
+    fn: Callable[..., Any],
+    rank: int,
+    world_size: int,
+    port: int,
+    out: str,
+    args: tuple,
+    environ: dict[str, str] | None = None,
+    cwd: str | None = None,
+) -> None:
+    # The server's environment and directory are those of the test that started it: a
+    # rank takes its caller's instead, as a spawned process would.
+    if environ is not None:
+        os.environ.clear()
+        os.environ.update(environ)
+    if cwd is not None:
+        os.chdir(cwd)
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
@@ -75,12 +105,13 @@ def run_world(
 ) -> list[Any]:
     """Run ``fn(rank, world_size, *args)`` on ``world_size`` gloo ranks; results by rank.
     Ranks in ``may_die`` may end without a result (a test that kills them): theirs is None."""
-    ctx = mp.get_context("spawn")
+    ctx = _context()
     port = free_port()
+    environ, cwd = dict(os.environ), os.getcwd()
     with tempfile.TemporaryDirectory() as tmp:
         outs = [str(Path(tmp) / f"rank{r}.pkl") for r in range(world_size)]
         procs = [
-            ctx.Process(target=_entry, args=(fn, r, world_size, port, outs[r], args))
+            ctx.Process(target=_entry, args=(fn, r, world_size, port, outs[r], args, environ, cwd))
             for r in range(world_size)
         ]
         for p in procs:

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -219,16 +220,27 @@ def test_huge_learning_rate_is_recorded_as_diverged(tmp_path, env):
     assert all(r["train_loss"] is None or math.isfinite(r["train_loss"]) for r in rows)
 
 
-def test_cli_rejects_bad_configs_naming_the_key(tmp_path, env):
+def invoke(args: list[str]) -> Any:
+    """The command in this process (its exit code and stderr, as a shell sees them): for
+    refusals, which come before any worker starts, a fresh interpreter proves nothing more."""
+    from typer.testing import CliRunner
+
+    from localsgd.cli import app
+
+    return CliRunner().invoke(app, args)
+
+
+def test_cli_rejects_bad_configs_naming_the_key(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     run = tmp_path / "run.toml"
     run.write_text("workers = 2\n[optimizer]\nlr = 0.1\n")
-    bad = cli(["train", str(run), "--set", "optimizer.lr=fast"], env, tmp_path)
-    assert bad.returncode == 2 and "optimizer.lr must be a number, got str 'fast'" in bad.stderr
+    bad = invoke(["train", str(run), "--set", "optimizer.lr=fast"])
+    assert bad.exit_code == 2 and "optimizer.lr must be a number, got str 'fast'" in bad.stderr
     study = write_study(tmp_path / "s.toml", "[[grid]]\nworkers = [3]\nglobal_batch = 64\n")
-    bad = cli(["study", str(study)], env, tmp_path)
-    assert bad.returncode == 2 and "global_batch = 64 is not divisible by workers = 3" in bad.stderr
-    bad = cli(["report", str(tmp_path / "nowhere")], env, tmp_path)
-    assert bad.returncode == 2 and "is not a localsgd store" in bad.stderr
+    bad = invoke(["study", str(study)])
+    assert bad.exit_code == 2 and "global_batch = 64 is not divisible by workers = 3" in bad.stderr
+    bad = invoke(["report", str(tmp_path / "nowhere")])
+    assert bad.exit_code == 2 and "is not a localsgd store" in bad.stderr
     assert not (tmp_path / "studies_out").exists()  # nothing written for a rejected study
 
 
@@ -279,11 +291,12 @@ def test_a_failed_run_makes_exit_code_1_and_the_next_run_completes_on_a_fresh_po
     assert statuses[7]["status"] == "completed" and statuses[7]["steps"] == 6
 
 
-def test_parallel_runs_beyond_the_cores_are_a_usage_error(tmp_path, env):
+def test_parallel_runs_beyond_the_cores_are_a_usage_error(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     study = write_study(tmp_path / "s.toml", TINY_GRIDS)
     cores = len(os.sched_getaffinity(0))
-    done = cli(["study", str(study), "--out", "store", "--parallel", str(cores)], env, tmp_path)
-    assert done.returncode == 2
+    done = invoke(["study", str(study), "--out", "store", "--parallel", str(cores)])
+    assert done.exit_code == 2
     assert f"error: --parallel {cores} runs up to {cores} x 2 worker process(es) x 1 thread(s)" in done.stderr
     assert "--oversubscribe" in done.stderr
     assert not (tmp_path / "store").exists()  # refused before anything was written
@@ -309,16 +322,13 @@ def test_every_commands_help_shows_its_words(tmp_path):
     assert "[study].out" in study_help
 
 
-def test_slurm_executor_through_submitits_local_executor_fills_the_same_store(tmp_path, env):
+def test_slurm_executor_through_submitits_local_executor_fills_the_same_store(tmp_path, env, monkeypatch):
     pytest.importorskip("submitit")
+    monkeypatch.chdir(tmp_path)
     grids = '[[grid]]\nworkers = [1, 2]\nseed = [0]\nalgorithm = [{name = "local_sgd", period = 4}]\n'
     study = write_study(tmp_path / "s.toml", grids, name="cluster")
-    bad = cli(
-        ["study", str(study), "--executor", "slurm", "--slurm", "cluster=local", "--slurm", "bogus=1"],
-        env,
-        tmp_path,
-    )
-    assert bad.returncode == 2 and "error: --slurm: " in bad.stderr and "bogus" in bad.stderr
+    bad = invoke(["study", str(study), "--executor", "slurm", "--slurm", "cluster=local", "--slurm", "bogus=1"])
+    assert bad.exit_code == 2 and "error: --slurm: " in bad.stderr and "bogus" in bad.stderr
     args = ["study", str(study), "--out", "store", "--executor", "slurm", "--slurm", "cluster=local"]
     done = cli([*args, "--parallel", "2", "--oversubscribe"], env, tmp_path)
     assert done.returncode == 0, done.stderr

@@ -192,30 +192,21 @@ def test_own_workload_runs_in_both_engines_and_its_metric_reaches_the_report(tmp
         ("study", "os:getcwd", "unknown key 'workload.num_samples'; allowed: []"),
     ],
 )
-def test_a_bad_import_path_is_a_one_line_error_before_any_record(tmp_path, command, workload, message):
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
+def test_a_bad_import_path_is_a_one_line_error_before_any_record(tmp_path, monkeypatch, command, workload, message):
+    # Through the app in this process: the refusal comes before any worker starts, so a
+    # fresh interpreter would prove nothing more than the exit code and stderr seen here.
+    from typer.testing import CliRunner
+
+    from localsgd.cli import app
+
+    for var in LAUNCHER_VARS:
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.chdir(ROOT)
     (tmp_path / "run.toml").write_text("workers = 2\n")
     config = "examples/own_run.toml" if command == "study" else str(tmp_path / "run.toml")
     out = tmp_path / "out"
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "localsgd.cli",
-            command,
-            config,
-            "--out",
-            str(out),
-            "--set",
-            f"workload.name={workload}",
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=ROOT,
-        timeout=120,
-    )
-    assert done.returncode == 2, done.stderr
+    done = CliRunner().invoke(app, [command, config, "--out", str(out), "--set", f"workload.name={workload}"])
+    assert done.exit_code == 2, (done.stderr, done.exception)
     assert done.stderr.strip() == f"error: {message}" or (
         done.stderr.count("\n") == 1 and done.stderr.startswith("error: ") and message in done.stderr
     ), done.stderr
