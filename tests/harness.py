@@ -1,6 +1,7 @@
-"""A small harness for real multi-process tests: spawned ranks, a free port, a timeout.
+"""A small harness for real multi-process tests: ranks forked from a preloaded server, a
+free port, a timeout.
 
-``run_world(fn, world_size, *args)`` starts ``world_size`` fresh Python processes, each with
+``run_world(fn, world_size, *args)`` starts ``world_size`` processes, each with
 the caller's environment and working directory and torchrun's variables set (loopback, a
 free port), calls
 ``localsgd.init_distributed()`` (gloo on CPU) and then ``fn(rank, world_size, *args)``.
