@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from localsgd.util.lifetime import restart_attempt
+
 log = logging.getLogger(__name__)
 
 _TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -90,8 +92,6 @@ def _store(timeout: datetime.timedelta) -> dist.Store | None:
     address, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
     world_size = int(os.environ["WORLD_SIZE"])
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
-        from localsgd.engines.launching.launch import restart_attempt
-
         attempt = restart_attempt()
         agent = dist.TCPStore(address, port, world_size, False, timeout)
         return dist.PrefixStore(f"localsgd/attempt{attempt}", agent)

@@ -39,7 +39,7 @@ import localsgd
 from localsgd import workloads
 from localsgd.distributed import resolve_device
 from localsgd.engines.launching.heartbeat import start_beating
-from localsgd.engines.launching.launch import restart_attempt, write_worker_error
+from localsgd.engines.launching.launch import write_worker_error
 from localsgd.engines.launching.pool import PoolConnection, output_to
 from localsgd.records.store import CHECKPOINTS, DEFAULT_RUN_STORE, Store
 from localsgd.run.config import RunConfig
@@ -53,6 +53,7 @@ from localsgd.util.lifetime import (
     EXIT_ORPHANED,
     WATCH_FD,
     die_with_parent,
+    restart_attempt,
     watch_parent,
 )
 

@@ -123,3 +123,19 @@ def process_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+RDZV_ROUND = "LOCALSGD_RDZV_ROUND"
+"""The rendezvous round of a worker group, the same on every node, which
+:mod:`localsgd.engines.launching.elastic` exports to the workers it starts."""
+
+
+def restart_attempt() -> int:
+    """Which attempt of its group this worker is, 0 outside torch's elastic launcher: the
+    rendezvous round that :mod:`~localsgd.engines.launching.elastic` exports (the same on
+    every node), else torch's count of this node's restarts."""
+    for var in (RDZV_ROUND, "TORCHELASTIC_RESTART_COUNT"):
+        value = os.environ.get(var, "")
+        if value.isdigit():
+            return int(value)
+    return 0

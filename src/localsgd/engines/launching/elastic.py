@@ -37,11 +37,9 @@ import socket
 import sys
 from collections.abc import Sequence
 
-from localsgd.util.lifetime import EXIT_ORPHANED, LAUNCHER_PID, watch_parent
+from localsgd.util.lifetime import EXIT_ORPHANED, LAUNCHER_PID, RDZV_ROUND, watch_parent
 
 LOOPBACK = "127.0.0.1"
-RDZV_ROUND = "LOCALSGD_RDZV_ROUND"
-"""The rendezvous round of a worker group, the same on every node (see the module docstring)."""
 
 
 def bind_stores(address: str) -> None:

@@ -32,11 +32,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from localsgd.engines.base import Job, WorkerFailure
-from localsgd.engines.launching.elastic import RDZV_ROUND
 from localsgd.engines.launching.heartbeat import HEARTBEATS, HeartbeatWatch
 from localsgd.records.record import ErrorInfo, RecordError, from_json, read_json
 from localsgd.util.files import DiskFull, write_json_atomic
-from localsgd.util.lifetime import DEFAULT_TIMEOUT_SECONDS, ParentTie
+from localsgd.util.lifetime import DEFAULT_TIMEOUT_SECONDS, ParentTie, restart_attempt
 
 if TYPE_CHECKING:
     from localsgd.engines.base import Job
@@ -287,17 +286,6 @@ def _with_log(error: ErrorInfo, log_path: Path) -> ErrorInfo:
     from dataclasses import replace
 
     return replace(error, traceback=error.traceback or tail(log_path))
-
-
-def restart_attempt() -> int:
-    """Which attempt of its group this worker is, 0 outside torch's elastic launcher: the
-    rendezvous round that :mod:`~localsgd.engines.launching.elastic` exports (the same on
-    every node), else torch's count of this node's restarts."""
-    for var in (RDZV_ROUND, "TORCHELASTIC_RESTART_COUNT"):
-        value = os.environ.get(var, "")
-        if value.isdigit():
-            return int(value)
-    return 0
 
 
 def write_worker_error(run_dir: str | Path, rank: int, exc: BaseException) -> None:
