@@ -189,13 +189,9 @@ def launch_run(job: Job, processes: int) -> None:
     worker stops answering (:class:`~localsgd.engines.launching.heartbeat.HeartbeatWatch`). An
     interruption (KeyboardInterrupt) stops the workers before it propagates.
 
-    A job whose workers may be lost (``job.tolerates_lost_workers``) gets a launch that
-    goes on without them (:mod:`~localsgd.engines.launching.tolerant`) instead."""
-    if job.tolerates_lost_workers and job.max_restarts == 0 and processes > 1:
-        from localsgd.engines.launching.tolerant import launch_tolerant
-
-        launch_tolerant(job, processes)
-        return
+    A job whose workers may be lost (``job.tolerates_lost_workers``) is for
+    :func:`~localsgd.engines.launching.tolerant.launch_tolerant` instead: torch's elastic
+    launcher stops the group when one worker dies."""
     folder = job.run_dir
     program = ["-m", WORKER_MODULE, str(folder / "config.json"), "--run-dir", str(folder)]
     log_path = folder / "workers.log"

@@ -28,6 +28,7 @@ from localsgd.engines.base import Capability, Job, Replicas, Session, no_options
 from localsgd.engines.launching.launch import launch_run, root_error
 from localsgd.engines.launching.launch import write_worker_error as write_worker_error
 from localsgd.engines.launching.pool import LocalSession
+from localsgd.engines.launching.tolerant import launch_tolerant
 from localsgd.records.record import EngineInfo
 
 
@@ -50,6 +51,10 @@ class ProcessesEngine:
     def execute(self, job: Job) -> None:
         if job.workers == 1 and job.max_restarts == 0:
             job.train(0, 1)
+            return
+        if job.tolerates_lost_workers and job.max_restarts == 0:
+            # A parameter server goes on without a lost worker: a launch that does too.
+            launch_tolerant(job, job.workers)
             return
         launch_run(job, job.workers)
 
