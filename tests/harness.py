@@ -161,3 +161,17 @@ def untimed_rows(run_dir: Path) -> list[dict[str, Any]]:
             row.pop(timed, None)
         out.append(row)
     return out
+
+
+def assert_same_run(run_dir: Path, reference: Path, steps: list[int]) -> None:
+    """Two runs ended alike: the same final parameters, bit for bit, and the same untimed
+    metrics rows, logged at ``steps``."""
+    import torch
+
+    got = torch.load(Path(run_dir) / "checkpoint.pt", weights_only=True)["model"]
+    expected = torch.load(Path(reference) / "checkpoint.pt", weights_only=True)["model"]
+    assert got.keys() == expected.keys()
+    for key in expected:
+        assert torch.equal(got[key], expected[key]), key
+    assert untimed_rows(run_dir) == untimed_rows(reference)
+    assert [r["step"] for r in untimed_rows(run_dir)] == steps

@@ -17,8 +17,8 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
+import harness
 from harness import LAUNCHER_VARS, untimed_rows
 from localsgd.engines.processes.engine import PROCESSES
 from localsgd.records import Store
@@ -107,13 +107,7 @@ def rows(run_dir: Path) -> list[dict]:
 
 
 def assert_same_run(run_dir: Path, reference: Path) -> None:
-    got = torch.load(run_dir / "checkpoint.pt", weights_only=True)["model"]
-    expected = torch.load(reference / "checkpoint.pt", weights_only=True)["model"]
-    assert got.keys() == expected.keys()
-    for key in expected:
-        assert torch.equal(got[key], expected[key]), key
-    assert rows(run_dir) == rows(reference)
-    assert [r["step"] for r in rows(run_dir)] == list(range(5, 41, 5))
+    harness.assert_same_run(run_dir, reference, list(range(5, 41, 5)))
 
 
 def cli_env() -> dict[str, str]:

@@ -24,9 +24,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-import torch
 
-from harness import LAUNCHER_VARS, untimed_rows
+import harness
+from harness import LAUNCHER_VARS
 from localsgd.emulation import EmulatedCluster, cleanup_stale, unavailable
 from localsgd.emulation import cluster as emulated
 from localsgd.emulation.cluster import RDZV_PORT
@@ -93,13 +93,7 @@ def uninterrupted(tmp_path_factory: pytest.TempPathFactory, cache: Path) -> Path
 
 
 def assert_same_run(run_dir: Path, reference: Path) -> None:
-    got = torch.load(run_dir / "checkpoint.pt", weights_only=True)["model"]
-    expected = torch.load(reference / "checkpoint.pt", weights_only=True)["model"]
-    assert got.keys() == expected.keys()
-    for key in expected:
-        assert torch.equal(got[key], expected[key]), key
-    assert untimed_rows(run_dir) == untimed_rows(reference)
-    assert [r["step"] for r in untimed_rows(run_dir)] == list(range(5, 41, 5))
+    harness.assert_same_run(run_dir, reference, list(range(5, 41, 5)))
 
 
 def partial(store: Store) -> Path | None:
