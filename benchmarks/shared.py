@@ -6,6 +6,8 @@ import datetime
 import json
 import os
 import platform
+import statistics
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,3 +39,91 @@ def write_results(name: str, out: dict[str, Any], quick: bool) -> None:
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps(out, indent=2) + "\n")
     print(f"written: {RESULTS.name}/{name}.json")
+
+
+# -- repetitions and ratios ---------------------------------------------------------------------
+#
+# Every benchmark measures its variants interleaved (each repetition runs every variant once,
+# in an order that rotates, so drift and a neighbour's load fall on all of them alike) and
+# repeats >= 5 times. A ratio is taken per repetition (numerator and denominator from the same
+# repetition) and reported as its median and range; the range says whether a target is met
+# reliably, met in the median only, or straddled.
+
+MIN_REPS = 5
+
+
+def interleaved(
+    variants: dict[str, Callable[[], float]], reps: int = MIN_REPS, *, warmup: int = 0
+) -> dict[str, list[float]]:
+    """``{variant: [value per repetition]}``: each callable returns one measurement (seconds,
+    or a rate); repetition r runs the variants rotated by r. ``warmup`` repetitions run first
+    and are dropped."""
+    names = list(variants)
+    out: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(warmup + reps):
+        shift = r % len(names)
+        for name in names[shift:] + names[:shift]:
+            value = variants[name]()
+            if r >= warmup:
+                out[name].append(float(value))
+    return out
+
+
+def ratio(
+    name: str,
+    numerator: list[float],
+    denominator: list[float],
+    *,
+    target: float | None = None,
+    at_most: bool = False,
+    **labels: Any,
+) -> dict[str, Any]:
+    """The per-repetition ratios ``numerator[i] / denominator[i]``, summarised.
+
+    ``target`` with ``at_most`` False means "ratio >= target" is wanted, True "<= target".
+    ``verdict`` is ``meets`` (the whole range on the good side), ``meets in median`` (the
+    median is, the range straddles), ``misses in median`` (the range straddles, the median
+    does not), ``misses`` (the whole range on the wrong side), or None without a target.
+    ``labels`` (workload, K, ...) are kept in the record for the tables.
+    """
+    if len(numerator) != len(denominator) or not numerator:
+        raise ValueError(f"{name}: {len(numerator)} numerators against {len(denominator)} denominators")
+    values = [n / d for n, d in zip(numerator, denominator)]
+    med = statistics.median(values)
+    low, high = min(values), max(values)
+    verdict = None
+    if target is not None:
+
+        def good(v: float) -> bool:
+            return v <= target if at_most else v >= target
+
+        if good(low) and good(high):
+            verdict = "meets"
+        elif not good(low) and not good(high):
+            verdict = "misses"
+        else:
+            verdict = "meets in median" if good(med) else "misses in median"
+    return {
+        "name": name,
+        **labels,
+        "median": med,
+        "min": low,
+        "max": high,
+        "reps": len(values),
+        "values": values,
+        "target": target,
+        "target_is": None if target is None else ("<=" if at_most else ">="),
+        "verdict": verdict,
+    }
+
+
+def ratio_line(r: dict[str, Any]) -> str:
+    """``name  median [min, max]  (target >= 3: meets)`` for a benchmark's printed table."""
+    labels = " ".join(f"{k}={v}" for k, v in r.items() if k not in RATIO_FIELDS)
+    text = f"{r['name']:<34} {labels:<22} {r['median']:8.3f}  [{r['min']:.3f}, {r['max']:.3f}]  n={r['reps']}"
+    if r["target"] is not None:
+        text += f"  (target {r['target_is']} {r['target']:g}: {r['verdict']})"
+    return text
+
+
+RATIO_FIELDS = {"name", "median", "min", "max", "reps", "values", "target", "target_is", "verdict"}
