@@ -13,21 +13,23 @@ folder, then times, on one thread of one process (so the figure is per core):
   shorter side ``S`` (read memory-mapped; the page cache is warm after the first pass);
 - ``cache<S>_build``: writing the cache, per image (paid once).
 
-Each figure is the best of ``--repeats`` passes over all images (the machine is shared).
+The variants are timed interleaved (each repetition runs every pipeline once over all
+images, in an order that rotates; one warm-up repetition dropped) and repeated ``--reps``
+times (>= 5); each pipeline's images per second and its ratio to the JPEG pipeline of the
+same kind are reported as median and range over the repetitions.
 The cores one GPU needs = ``--images-per-second`` / the per-core rate; the default 2500
 images/s is an assumption (about a ResNet-50's training throughput on one A100/H100 at
 bf16 with channels-last), not a measurement of this program.
 
-    python benchmarks/imagenet_pipeline.py     # writes benchmarks/results/imagenet_pipeline.json
+    python benchmarks/imagenet_pipeline.py          # writes benchmarks/results/imagenet_pipeline.json
+    python benchmarks/imagenet_pipeline.py --quick  # smoke run: 20 images, 2 repetitions
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import os
-import platform
+import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -37,10 +39,10 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
+from shared import MIN_REPS, interleaved, machine_at_end, ratio, ratio_line, write_results
 
 from localsgd.workloads.imagenet import data
 
-RESULTS = Path(__file__).resolve().parent / "results" / "imagenet_pipeline.json"
 WIDTH, HEIGHT = 500, 375
 IMAGE_SIZE, EVAL_RESIZE = 224, 256
 
@@ -61,15 +63,16 @@ def write_images(folder: Path, count: int) -> data.Split:
     return data.Split(tuple(paths), tuple(0 for _ in paths))
 
 
-def rate(fn: Callable[[int], Any], count: int, repeats: int) -> float:
-    """Images per second of ``fn`` over ``count`` images, best of ``repeats`` passes."""
-    best = float("inf")
-    for _ in range(repeats):
+def one_pass(fn: Callable[[int], Any], count: int) -> Callable[[], float]:
+    """One measurement: images per second of ``fn`` over ``count`` images, one pass."""
+
+    def measure() -> float:
         start = time.perf_counter()
         for i in range(count):
             fn(i)
-        best = min(best, time.perf_counter() - start)
-    return count / best
+        return count / (time.perf_counter() - start)
+
+    return measure
 
 
 def transforms(source: data.Source) -> dict[str, Callable[[int], Any]]:
@@ -82,86 +85,117 @@ def transforms(source: data.Source) -> dict[str, Callable[[int], Any]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="smoke run: 20 images, 2 repetitions, no JSON")
     parser.add_argument("--images", type=int, default=200)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--reps", type=int, default=MIN_REPS, help=f"repetitions (default {MIN_REPS})")
     parser.add_argument("--cache-sizes", type=int, nargs="+", default=[160, 256])
     parser.add_argument("--images-per-second", type=float, default=2500.0)
-    parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
+    if args.quick:
+        args.images, args.reps = 20, 2
+    elif args.reps < MIN_REPS:
+        parser.error(f"--reps must be at least {MIN_REPS} (fewer only with --quick)")
     torch.set_num_threads(1)
-    rates: dict[str, float] = {}
+    built: dict[int, dict[str, float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         split = write_images(Path(tmp) / "jpeg", args.images)
         mean_kb = sum(p.stat().st_size for p in split.paths) / len(split) / 1024
         jpeg = data.JpegSource(split)
-        rates["jpeg_decode"] = rate(jpeg.image, len(split), args.repeats)
-        for kind, fn in transforms(jpeg).items():
-            rates[f"jpeg_{kind}"] = rate(fn, len(split), args.repeats)
+        variants = {"jpeg_decode": one_pass(jpeg.image, len(split))}
+        variants |= {f"jpeg_{kind}": one_pass(fn, len(split)) for kind, fn in transforms(jpeg).items()}
         for size in args.cache_sizes:
             folder = Path(tmp) / f"cache{size}"
             start = time.perf_counter()
             data.build_cache(folder, "train", split, size)
-            rates[f"cache{size}_build"] = len(split) / (time.perf_counter() - start)
+            built[size] = {
+                "images_per_second": len(split) / (time.perf_counter() - start),
+                "bytes_per_image": (folder / "train.u8").stat().st_size / len(split),
+            }
             with np.load(folder / "train.npz") as index:
                 cached = data.CacheSource(folder / "train.u8", index["offsets"], index["shapes"])
-            for kind, fn in transforms(cached).items():
-                rates[f"cache{size}_{kind}"] = rate(fn, len(split), args.repeats)
-            rates[f"cache{size}_bytes_per_image"] = (folder / "train.u8").stat().st_size / len(split)
-    report(args, rates, mean_kb)
+            variants |= {f"cache{size}_{kind}": one_pass(fn, len(split)) for kind, fn in transforms(cached).items()}
+        rates = interleaved(variants, args.reps, warmup=1)
+    report(args, rates, built, mean_kb)
 
 
-def report(args: argparse.Namespace, rates: dict[str, float], mean_kb: float) -> None:
+def report(
+    args: argparse.Namespace, rates: dict[str, list[float]], built: dict[int, dict[str, float]], mean_kb: float
+) -> None:
     need = args.images_per_second
+    ratios = []
     rows = []
     for key in sorted(k for k in rates if k.endswith(("_train", "_eval"))):
         kind = key.rpartition("_")[2]
-        base = rates[f"jpeg_{kind}"]
-        rows.append(
-            {
-                "pipeline": key,
-                "images_per_second_per_core": round(rates[key], 1),
-                "ratio_to_jpeg": round(rates[key] / base, 2),
-                "cores_per_gpu": round(need / rates[key], 1),
-            }
-        )
-    print(
-        f"{args.images} JPEGs of {WIDTH}x{HEIGHT} (mean {mean_kb:.0f} KiB), one thread, best of {args.repeats}"
+        med = statistics.median(rates[key])
+        row: list[Any] = [key, f"{med:.0f} [{min(rates[key]):.0f}, {max(rates[key]):.0f}]"]
+        if not key.startswith("jpeg_"):
+            r = ratio("images/s per core / JPEG of the same kind", rates[key], rates[f"jpeg_{kind}"], pipeline=key)
+            ratios.append(r)
+            row.append(f"{r['median']:.2f} [{r['min']:.2f}, {r['max']:.2f}]")
+        else:
+            row.append("1 (baseline)")
+        row.append(f"{need / med:.1f}")
+        rows.append(row)
+    decode = statistics.median(rates["jpeg_decode"])
+    cache_rows = [
+        [
+            f"cache{size}",
+            f"{b['images_per_second']:.0f}",
+            f"{b['bytes_per_image'] / 1024:.0f}",
+            f"{b['bytes_per_image'] * 1.281e6 / 2**30:.0f}",
+        ]
+        for size, b in built.items()
+    ]
+    setup = (
+        f"{args.images} JPEGs of {WIDTH}x{HEIGHT} (mean {mean_kb:.0f} KiB), one thread, "
+        f"{args.reps} interleaved repetitions after one warm-up"
     )
-    print(f"assumed GPU step rate: {need:.0f} images/s (ResNet-50, one A100/H100, bf16; not measured)")
-    print(f"{'pipeline':<16} {'img/s/core':>10} {'vs JPEG':>8} {'cores/GPU':>10}")
-    for row in rows:
-        print(
-            f"{row['pipeline']:<16} {row['images_per_second_per_core']:>10.1f} "
-            f"{row['ratio_to_jpeg']:>8.2f} {row['cores_per_gpu']:>10.1f}"
-        )
-    print(f"jpeg decode alone: {rates['jpeg_decode']:.1f} img/s/core")
-    for size in args.cache_sizes:
-        print(
-            f"cache{size}: built at {rates[f'cache{size}_build']:.1f} img/s (once), "
-            f"{rates[f'cache{size}_bytes_per_image'] / 1024:.0f} KiB per image "
-            f"(x1.28M = {rates[f'cache{size}_bytes_per_image'] * 1.281e6 / 2**30:.0f} GiB for ImageNet's train split)"
-        )
+    tables = [
+        {
+            "title": "Images per second per core, and the cores one GPU needs",
+            "columns": ["pipeline", "images/s per core, median [min, max]", "/ JPEG of the same kind", "cores per GPU"],
+            "rows": rows,
+            "note": (
+                f"{setup}. JPEG decoding alone: {decode:.0f} images/s per core (median). Cores per GPU "
+                f"= {need:.0f} images/s / the median per-core rate; {need:.0f} images/s is an assumption "
+                "(ResNet-50 training on one A100/H100 at bf16), not a measurement of this program."
+            ),
+        },
+        {
+            "title": "The pre-resized cache, built once",
+            "columns": ["cache", "built at images/s", "KiB per image", "GiB for ImageNet's 1.28 M training images"],
+            "rows": cache_rows,
+            "note": "One timing each: the cache is written once per data set.",
+        },
+    ]
+    print(setup)
+    for t in tables:
+        print(f"\n{t['title']}")
+        for row in t["rows"]:
+            print("  " + " | ".join(str(c) for c in row))
+    for r in ratios:
+        print(ratio_line(r))
     out = {
-        "benchmark": "imagenet_pipeline",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__},
+        "command": ["python", "benchmarks/imagenet_pipeline.py", *sys.argv[1:]],
+        "quick": args.quick,
         "setup": {
             "images": args.images,
             "size": [WIDTH, HEIGHT],
             "mean_jpeg_kib": round(mean_kb, 1),
-            "repeats": args.repeats,
+            "reps": args.reps,
             "threads": 1,
             "image_size": IMAGE_SIZE,
             "eval_resize": EVAL_RESIZE,
             "assumed_gpu_images_per_second": need,
             "assumption": "ResNet-50 training on one A100/H100 at bf16; not measured here",
         },
-        "rates": {k: round(v, 1) for k, v in rates.items()},
-        "rows": rows,
+        "machine": machine_at_end(),
+        "rates": rates,
+        "cache": {str(size): b for size, b in built.items()},
+        "ratios": ratios,
+        "tables": tables,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_results("imagenet_pipeline", out, args.quick)
 
 
 if __name__ == "__main__":
