@@ -1,8 +1,9 @@
 """What a study pays per run besides training: a fresh launcher per run against worker pools.
 
 The same short MNIST-1D runs (the demo's workload and recipe, cut to a few steps) go through
-the process engine two ways, interleaved run by run so that drift in the machine's load
-hits both alike:
+the process engine two ways, interleaved (each repetition runs both once, in an order
+that alternates; ``--runs`` >= 5 repetitions) so that drift in the machine's load hits both
+alike:
 
 - ``fresh``: each run on processes of its own, as every run was before worker pools
   (``torchrun`` starts K processes that import torch, rendezvous, load the data, train,
@@ -13,7 +14,9 @@ hits both alike:
 A run's overhead is its wall time (from the study's side: recording, launching, waiting)
 minus its training time (the record's ``wall_seconds``) minus its evaluations (their
 count times one evaluation of the consensus model timed in this process, on the same
-threads). The first pooled run of each K also starts the pool; it is reported apart.
+threads). The first pooled run of each K also starts the pool; it runs before the
+repetitions and is reported apart. The ratio fresh / pool is taken within a repetition and
+reported as median and range.
 Nothing here is asserted: this is a measurement, not a test.
 
     python benchmarks/study_throughput.py            # K = 2 and 4, 5 runs each
@@ -32,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from shared import machine_at_end, write_results
+from shared import MIN_REPS, interleaved, machine_at_end, ratio, ratio_line, write_results
 
 from localsgd import workloads
 from localsgd.engines.processes.engine import PROCESSES
@@ -96,71 +99,85 @@ def measure(run: RunConfig, store: Store, session: Any, evaluation: float) -> di
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="K = 2 only, 2 runs, 20 steps")
-    parser.add_argument("--runs", type=int, default=5, help="runs per K and way (default 5)")
+    parser.add_argument("--quick", action="store_true", help="K = 2 only, 2 repetitions, 20 steps, no JSON")
+    parser.add_argument("--runs", type=int, default=MIN_REPS, help=f"repetitions per K (default {MIN_REPS})")
     parser.add_argument("--steps", type=int, default=50, help="training steps per run (default 50)")
     args = parser.parse_args()
+    if not args.quick and args.runs < MIN_REPS:
+        parser.error(f"--runs must be at least {MIN_REPS} (fewer only with --quick)")
     worker_counts = (2,) if args.quick else (2, 4)
-    runs_per_k = 2 if args.quick else args.runs
+    reps = 2 if args.quick else args.runs
     steps = 20 if args.quick else args.steps
     for var in LAUNCHER_VARS:
         os.environ.pop(var, None)
     os.environ["OMP_NUM_THREADS"] = "1"
 
     results: dict[str, Any] = {}
+    ratios = []
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for workers in worker_counts:
-            runs = [config(workers, seed, steps) for seed in range(runs_per_k)]
+            runs = [config(workers, seed, steps) for seed in range(reps + 1)]
             evaluation = evaluation_seconds(runs[0])
-            fresh, pooled = Store(Path(tmp) / f"fresh{workers}"), Store(Path(tmp) / f"pool{workers}")
-            rows: dict[str, list[dict[str, float]]] = {"fresh": [], "pool": []}
+            stores = {"fresh": Store(Path(tmp) / f"fresh{workers}"), "pool": Store(Path(tmp) / f"pool{workers}")}
+            measured: dict[str, list[dict[str, float]]] = {"fresh": [], "pool": []}
             with PROCESSES.session() as session:
-                for i, run in enumerate(runs):
-                    # Alternate which way goes first, so neither always follows the other.
-                    order = ("fresh", "pool") if i % 2 == 0 else ("pool", "fresh")
-                    for way in order:
-                        if way == "fresh":
-                            rows["fresh"].append(measure(run, fresh, None, evaluation))
-                        else:
-                            rows["pool"].append(measure(run, pooled, session, evaluation))
-                        print(f"K={workers} run {i} {way}: {rows[way][-1]}", file=sys.stderr, flush=True)
-            results[f"K={workers}"] = {"evaluation_seconds": evaluation, "runs": rows}
+                # The pool's first run starts it: measured before the repetitions, apart.
+                first = measure(runs[0], stores["pool"], session, evaluation)
+                print(f"K={workers} pool, first run: {first}", file=sys.stderr, flush=True)
 
-    table = [
-        "| K | fresh launcher: overhead per run (s) | pool: first run, starting it (s) | pool: later runs (s) | fresh / pool (later runs) | training per run (s) |",
-        "|---|---|---|---|---|---|",
-    ]
-    summary: dict[str, Any] = {}
-    for key, result in results.items():
-        fresh = [r["overhead"] for r in result["runs"]["fresh"]]
-        pool = [r["overhead"] for r in result["runs"]["pool"]]
-        train = statistics.mean(r["train"] for r in result["runs"]["fresh"] + result["runs"]["pool"])
-        later = pool[1:]
-        summary[key] = {
-            "fresh_mean": statistics.mean(fresh),
-            "fresh_median": statistics.median(fresh),
-            "pool_first": pool[0],
-            "pool_later_mean": statistics.mean(later),
-            "pool_later_median": statistics.median(later),
-            "ratio_mean": statistics.mean(fresh) / statistics.mean(later),
-            "train_mean": train,
+                def way(name: str, session: Any) -> Any:
+                    def one() -> float:
+                        run = runs[1 + len(measured[name])]
+                        measured[name].append(measure(run, stores[name], session, evaluation))
+                        print(f"K={workers} {name}: {measured[name][-1]}", file=sys.stderr, flush=True)
+                        return measured[name][-1]["overhead"]
+
+                    return one
+
+                overhead = interleaved({"fresh": way("fresh", None), "pool": way("pool", session)}, reps)
+            r = ratio("run overhead, fresh launcher / pool", overhead["fresh"], overhead["pool"], K=workers)
+            ratios.append(r)
+            train = statistics.mean(m["train"] for m in measured["fresh"] + measured["pool"])
+            rows.append(
+                [
+                    workers,
+                    f"{statistics.median(overhead['fresh']):.2f} [{min(overhead['fresh']):.2f}, {max(overhead['fresh']):.2f}]",
+                    f"{first['overhead']:.2f}",
+                    f"{statistics.median(overhead['pool']):.3f} [{min(overhead['pool']):.3f}, {max(overhead['pool']):.3f}]",
+                    f"{r['median']:.0f} [{r['min']:.0f}, {r['max']:.0f}]",
+                    f"{train:.2f}",
+                ]
+            )
+            results[f"K={workers}"] = {"evaluation_seconds": evaluation, "pool_first": first, "runs": measured}
+
+    tables = [
+        {
+            "title": "Overhead per run (wall time less training and evaluations), median [min, max]",
+            "columns": [
+                "K", "fresh launcher (s)", "pool: first run, starting it (s)", "pool: later runs (s)",
+                "fresh / pool", "training per run (s, mean)",
+            ],
+            "rows": rows,
+            "note": (
+                f"The demo's MNIST-1D CNN run cut to {steps} steps with one evaluation, process engine, "
+                f"{reps} interleaved repetitions per K."
+            ),
         }
-        s = summary[key]
-        table.append(
-            f"| {key[2:]} | {s['fresh_mean']:.2f} (median {s['fresh_median']:.2f}) | {s['pool_first']:.2f} | "
-            f"{s['pool_later_mean']:.3f} (median {s['pool_later_median']:.3f}) | {s['ratio_mean']:.0f}x | {train:.2f} |"
-        )
-    print("\n".join(table))
-    machine = machine_at_end()
+    ]  # fmt: skip
+    for row in rows:
+        print(" | ".join(str(c) for c in row))
+    for r in ratios:
+        print(ratio_line(r))
     out = {
         "command": ["python", "benchmarks/study_throughput.py", *sys.argv[1:]],
         "quick": args.quick,
-        "runs_per_k": runs_per_k,
+        "reps": reps,
         "steps": steps,
-        "machine": machine,
-        "summary": summary,
-        "table": table,
+        "machine": machine_at_end(),
         "results": results,
+        "ratios": ratios,
+        "tables": tables,
     }
     write_results("study_throughput", out, args.quick)
 
