@@ -31,6 +31,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -97,6 +98,20 @@ def measure(run: RunConfig, store: Store, session: Any, evaluation: float) -> di
     }
 
 
+def way(
+    runs: list[RunConfig], store: Store, session: Any, evaluation: float, measured: list[dict[str, float]]
+) -> Callable[[], float]:
+    """One measurement per call: the next run of ``runs``, its overhead in seconds (the whole
+    record appended to ``measured``)."""
+
+    def one() -> float:
+        measured.append(measure(runs[len(measured)], store, session, evaluation))
+        print(f"K={runs[0].workers} {'pool' if session else 'fresh'}: {measured[-1]}", file=sys.stderr, flush=True)
+        return measured[-1]["overhead"]
+
+    return one
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="K = 2 only, 2 repetitions, 20 steps, no JSON")
@@ -125,17 +140,11 @@ def main() -> None:
                 # The pool's first run starts it: measured before the repetitions, apart.
                 first = measure(runs[0], stores["pool"], session, evaluation)
                 print(f"K={workers} pool, first run: {first}", file=sys.stderr, flush=True)
-
-                def way(name: str, session: Any) -> Any:
-                    def one() -> float:
-                        run = runs[1 + len(measured[name])]
-                        measured[name].append(measure(run, stores[name], session, evaluation))
-                        print(f"K={workers} {name}: {measured[name][-1]}", file=sys.stderr, flush=True)
-                        return measured[name][-1]["overhead"]
-
-                    return one
-
-                overhead = interleaved({"fresh": way("fresh", None), "pool": way("pool", session)}, reps)
+                ways = {
+                    name: way(runs[1:], stores[name], way_session, evaluation, measured[name])
+                    for name, way_session in (("fresh", None), ("pool", session))
+                }
+                overhead = interleaved(ways, reps)
             r = ratio("run overhead, fresh launcher / pool", overhead["fresh"], overhead["pool"], K=workers)
             ratios.append(r)
             train = statistics.mean(m["train"] for m in measured["fresh"] + measured["pool"])

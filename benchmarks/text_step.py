@@ -1,7 +1,9 @@
 """What localsgd costs around a transformers training step, at K = 2 on gloo, against the
 references a user of accelerate would otherwise run. For a BERT-base-sized encoder (110 M
 parameters, 12 layers) and the fixtures' tiny BERT, the same two processes time,
-interleaved (blocks whose order rotates, medians after warm-up, the slowest rank's median):
+interleaved (each repetition runs every variant once, in an order that rotates, after
+warm-up; >= 5 repetitions; a repetition's time is its slowest rank's, and every ratio is
+taken within a repetition and reported as median and range):
 
 - ``dp_step``: a training step (AdamW) of the plain model inside ``DataParallel`` with
   ``LocalSGD(period=10**9)`` (no sync ever due), against ``bare_step``, the same step of a
@@ -19,18 +21,16 @@ batch (2 sequences of 32 tokens) and few repetitions; the tiny model uses 8 of 3
 is asserted: this is a measurement.
 
     python benchmarks/text_step.py            # writes benchmarks/results/text_step.json
-    python benchmarks/text_step.py --quick    # tiny model only, few repetitions
+    python benchmarks/text_step.py --quick    # tiny model only, 3 repetitions, no JSON
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import datetime
 import json
 import multiprocessing as mp
 import os
-import platform
 import socket
 import statistics
 import sys
@@ -41,8 +41,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
-RESULTS = Path(__file__).resolve().parent / "results"
+from shared import interleaved as rotated
+from shared import machine_at_end, ratio, ratio_line, write_results
 
 MODELS: dict[str, dict[str, Any]] = {
     "bert_base": {
@@ -94,7 +94,7 @@ def rank_main(rank: int, world: int, port: int, names: list[str], quick: bool, o
     for name in names:
         spec = dict(MODELS[name])
         if quick:
-            spec.update(reps=min(spec["reps"], 8), warmup=1)
+            spec.update(reps=3, warmup=1)
         g = torch.Generator().manual_seed(rank)
         batch = {
             "input_ids": torch.randint(
@@ -152,7 +152,7 @@ def rank_main(rank: int, world: int, port: int, names: list[str], quick: bool, o
             "batch": spec["batch"],
             "length": spec["length"],
             "reps": spec["reps"],
-            "median_seconds": {k: statistics.median(v) for k, v in times.items()},
+            "seconds": times,
         }
     with open(out, "w") as f:
         json.dump(results, f)
@@ -160,20 +160,19 @@ def rank_main(rank: int, world: int, port: int, names: list[str], quick: bool, o
 
 
 def interleaved(methods: dict[str, Callable[[], Any]], spec: dict[str, Any]) -> dict[str, list[float]]:
-    """Each method's times, in blocks whose order rotates (the same order on every rank);
-    a barrier before each call, so a collective's time is its own."""
-    times: dict[str, list[float]] = {k: [] for k in methods}
-    order = list(methods)
-    for rep in range(spec["warmup"] + spec["reps"]):
-        shift = rep % len(order)
-        for key in order[shift:] + order[:shift]:
+    """Each method's seconds per repetition, interleaved (the same rotating order on every
+    rank); a barrier before each call, so a collective's time is its own."""
+
+    def timed(fn: Callable[[], Any]) -> Callable[[], float]:
+        def one() -> float:
             torch.distributed.barrier()
             start = time.perf_counter()
-            methods[key]()
-            elapsed = time.perf_counter() - start
-            if rep >= spec["warmup"]:
-                times[key].append(elapsed)
-    return times
+            fn()
+            return time.perf_counter() - start
+
+        return one
+
+    return rotated({k: timed(fn) for k, fn in methods.items()}, spec["reps"], warmup=spec["warmup"])
 
 
 def free_port() -> int:
@@ -185,7 +184,6 @@ def free_port() -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="the tiny model only, few repetitions")
-    parser.add_argument("--out", type=Path, help="JSON path (default benchmarks/results/text_step.json)")
     args = parser.parse_args()
     names = ["bert_tiny"] if args.quick else ["bert_base", "bert_tiny"]
     ctx = mp.get_context("spawn")
@@ -203,37 +201,62 @@ def main() -> None:
             if p.exitcode != 0:
                 sys.exit(f"a rank failed (exit code {p.exitcode})")
         ranks = [json.loads(Path(o).read_text()) for o in outs]
-    summary: dict[str, Any] = {
-        "benchmark": "text_step",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count()},
+    ratios: list[dict[str, Any]] = []
+    rows: list[list[Any]] = []
+    seconds_rows: list[list[Any]] = []
+    models: dict[str, Any] = {}
+    for name in names:
+        # A repetition's time is its slowest rank's.
+        keys = ranks[0][name]["seconds"]
+        slowest = {k: [max(vals) for vals in zip(*(r[name]["seconds"][k] for r in ranks))] for k in keys}
+        info = {k: v for k, v in ranks[0][name].items() if k != "seconds"}
+        models[name] = {**info, "seconds": slowest}
+        label = f"{MODEL_LABELS[name]} ({info['parameters'] / 1e6:.2f} M, {info['tensors']} tensors)"
+        row: list[Any] = [label, f"{info['batch']} x {info['length']}", info["reps"]]
+        for title, (a, b, target) in PAIRS.items():
+            r = ratio(title, slowest[a], slowest[b], target=target, at_most=True, model=name)
+            ratios.append(r)
+            row.append(f"{r['median']:.3f} [{r['min']:.3f}, {r['max']:.3f}]")
+        rows.append(row)
+        seconds_rows.append(
+            [label] + [f"{statistics.median(slowest[k]) * 1e3:.1f}" for k in SECONDS_COLUMNS]
+        )
+        print(f"{name}: {info['parameters'] / 1e6:.2f} M parameters in {info['tensors']} tensors")
+    for r in ratios:
+        print(ratio_line(r))
+    tables = [
+        {
+            "title": "Ratios of the slowest rank's times, median [min, max] over the repetitions",
+            "columns": ["model", "batch (sequences x tokens)", "repetitions", *PAIRS],
+            "rows": rows,
+            "note": (
+                "K = 2 on gloo, one thread per rank, AdamW. The A/A column (a bare step against its "
+                "bare twin) is the noise floor: a step ratio no farther from 1 than it is noise."
+            ),
+        },
+        {
+            "title": "Median seconds of the slowest rank (ms)",
+            "columns": ["model", *SECONDS_COLUMNS],
+            "rows": seconds_rows,
+            "note": "",
+        },
+    ]
+    out = {
+        "command": ["python", "benchmarks/text_step.py", *sys.argv[1:]],
+        "quick": args.quick,
         "world_size": world,
         "backend": "gloo",
         "threads_per_rank": 1,
-        "models": {},
+        "machine": machine_at_end(),
+        "models": models,
+        "ratios": ratios,
+        "tables": tables,
     }
-    for name in names:
-        slowest = {
-            k: max(r[name]["median_seconds"][k] for r in ranks) for k in ranks[0][name]["median_seconds"]
-        }
-        ratios = {
-            label: {"ratio": slowest[a] / slowest[b], "target": target, "numerator": a, "denominator": b}
-            for label, (a, b, target) in PAIRS.items()
-        }
-        info = {k: v for k, v in ranks[0][name].items() if k != "median_seconds"}
-        summary["models"][name] = {**info, "median_seconds": slowest, "ratios": ratios}
-        print(
-            f"{name}: {info['parameters'] / 1e6:.2f} M parameters in {info['tensors']} tensors, batch {info['batch']}x{info['length']}"
-        )
-        for label, r in ratios.items():
-            target = f" (target <= {r['target']})" if r["target"] else ""
-            print(f"  {label}: {r['ratio']:.3f}{target}")
-        for key, seconds in slowest.items():
-            print(f"    {key}: {seconds * 1e3:.1f} ms")
-    path = args.out or RESULTS / ("text_step.quick.json" if args.quick else "text_step.json")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(summary, indent=2) + "\n")
-    print(f"written: {path}")
+    write_results("text_step", out, args.quick)
+
+
+MODEL_LABELS = {"bert_base": "BERT-base", "bert_tiny": "tiny BERT"}
+SECONDS_COLUMNS = ["bare_step", "bare2_step", "dp_step", "ours_sync", "accelerate_sync", "ddp_step", "ours_ddp_step"]
 
 
 if __name__ == "__main__":
