@@ -115,7 +115,9 @@ def server_seconds(params: list[torch.Tensor], workers: int, reps: int) -> float
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="2 repetitions of 30 steps, no warm-up, no JSON")
-    parser.add_argument("--reps", type=int, default=MIN_REPS, help=f"repetitions of every way (default {MIN_REPS})")
+    parser.add_argument(
+        "--reps", type=int, default=MIN_REPS, help=f"repetitions of every way (default {MIN_REPS})"
+    )
     parser.add_argument("--steps", type=int, default=150, help="training steps per worker (default 150)")
     args = parser.parse_args()
     if not args.quick and args.reps < MIN_REPS:
@@ -177,7 +179,11 @@ def main() -> None:
     for name, params in sizes.items():
         count = sum(p.numel() for p in params)
         t = server_seconds(params, 4, 20 if args.quick else 200)
-        servers[name] = {"parameters": count, "server_seconds_per_update": t, "server_updates_per_second": 1 / t}
+        servers[name] = {
+            "parameters": count,
+            "server_seconds_per_update": t,
+            "server_updates_per_second": 1 / t,
+        }
         row: list[Any] = [name, count, f"{t:.2e}", f"{1 / t:.0f}", "", ""]
         if name == "MNIST-1D MLP":  # K* needs the step time of the same model
             servers[name].update(k_star_h1=step / t, k_star_h4=4 * step / t)

@@ -8,14 +8,17 @@ node's loopback, from gloo all-reduces), and every case runs on it through the t
 every engine shares: two workloads (a communication-heavy MNIST-1D MLP of 5.1 M parameters
 and the MNIST-1D CNN of 8 k) × mini-batch SGD, local SGD H ∈ {4, 16}, hierarchical local SGD
 with blocks = nodes, H = 4, H_b ∈ {1, 4}. One torchrun launch runs all cases of a cluster
-in turn (it saves a start-up per case); each case is a run with its own record.
+in turn (it saves a start-up per case), interleaved: ``--repetitions`` (>= 5) repetitions,
+each running every case once in an order that rotates, after a 2-step warm-up run; each
+case's repetition is a run with its own record.
 
 Per case, from its record: measured seconds per step (training wall time / steps), split
 into communication (the communicator's seconds, every scope) and the rest ("compute");
 predicted communication per step from the run's own per-scope counters and the calibrated
 cluster (``costmodel.comm_seconds``); predicted step = the run's measured compute +
 predicted communication (what ``localsgd report --cluster`` does). Ratios: measured /
-predicted step, and measured / predicted communication. A case is communication-bound when
+predicted step, and measured / predicted communication, each taken within a repetition
+and reported as median and range. A case is communication-bound when
 the predicted communication is at least 75 % of the predicted step. Measured communication
 includes the time a rank waits for slower peers inside a collective; every rank's counters
 are gathered, and the rank that waited least (smallest total) bounds the transfer time
@@ -25,7 +28,8 @@ worker's compute is slower than that.
 
 Nothing here is asserted: this is a measurement. Needs root (network namespaces).
 
-    python benchmarks/emulated_cluster.py            # the full table (tens of minutes on 2 cores)
+    python benchmarks/emulated_cluster.py            # the full table (about an hour on 2 cores)
+    python benchmarks/emulated_cluster.py --topologies 2x2   # the 2 × 2 clusters only
     python benchmarks/emulated_cluster.py --quick    # smoke run: one cluster, two cases
 """
 
@@ -33,19 +37,19 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import json
 import logging
 import math
 import os
-import platform
+import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from shared import MIN_REPS, machine_at_end, ratio, ratio_line, write_results
+
 COMM_BOUND = 0.75
 """A case is communication-bound when predicted communication ≥ this share of its step."""
 
@@ -61,6 +65,9 @@ class Plan:
     mlp_width: int = 2240
     batch: int = 8
     reps: int = 7
+    """Calibration repetitions per message size."""
+    repetitions: int = MIN_REPS
+    """Repetitions of every case (interleaved)."""
     steps_scale: int = 1
     """Multiplies every case's steps (more syncs per case)."""
 
@@ -72,6 +79,7 @@ QUICK = Plan(
     algorithms=("minibatch", "hier_hb4"),
     mlp_width=1024,
     reps=3,
+    repetitions=2,
 )
 
 # name: (algorithm table, steps); steps give each case at least two global averages.
@@ -164,13 +172,22 @@ def measure_cluster(nodes: int, g: int, rate: str, plan: Plan, work: Path) -> di
     from localsgd.costmodel import cluster_to_dict, comm_seconds
     from localsgd.emulation import EmulatedCluster, calibrate
 
-    cases = []
-    for workload in plan.workloads:
-        for algorithm in plan.algorithms:
-            config = run_table(workload, algorithm, nodes * g, g, plan)
-            cases.append({"run_dir": str(work / f"{nodes}x{g}-{rate}" / config["name"]), "config": config})
+    configs = [
+        run_table(workload, algorithm, nodes * g, g, plan)
+        for workload in plan.workloads
+        for algorithm in plan.algorithms
+    ]
+    where = work / f"{nodes}x{g}-{rate}"
+    # A 2-step run first (first touches, allocations; left out), then the repetitions, each
+    # running every case once in an order that rotates (as shared.interleaved does).
+    warmup = {**configs[0], "train": {"epochs": 100, "max_steps": 2, "eval_every": 2}}
+    runs = [{"run_dir": str(where / "warmup"), "config": warmup}]
+    for r in range(plan.repetitions):
+        shift = r % len(configs)
+        for config in configs[shift:] + configs[:shift]:
+            runs.append({"run_dir": str(where / config["name"] / f"rep{r}"), "config": config, "rep": r})
     plan_file = work / f"plan-{nodes}x{g}-{rate}.json"
-    plan_file.write_text(json.dumps(cases))
+    plan_file.write_text(json.dumps(runs))
     started = time.perf_counter()
     with EmulatedCluster(nodes, g, rate) as cluster:
         calibration = calibrate(cluster, reps=plan.reps)
@@ -186,7 +203,7 @@ def measure_cluster(nodes: int, g: int, rate: str, plan: Plan, work: Path) -> di
         raise RuntimeError(f"the cases on {nodes}x{g} {rate} failed ({codes}):\n{tail}")
     model = calibration.cluster
     rows = []
-    for case in cases:
+    for case in sorted(runs[1:], key=lambda c: (configs.index(c["config"]), c["rep"])):
         status = json.loads((Path(case["run_dir"]) / "status.json").read_text())
         counters = status["counters"]
         steps = status["steps"]
@@ -205,6 +222,7 @@ def measure_cluster(nodes: int, g: int, rate: str, plan: Plan, work: Path) -> di
                 "rate": rate,
                 "workload": name.split("-")[0],
                 "algorithm": name.split("-", 1)[1],
+                "rep": case["rep"],
                 "steps": steps,
                 "payload_bytes": counters["bytes"] / max(counters["collectives"], 1),
                 "collectives": {s: c["collectives"] for s, c in counters["by_scope"].items()},
@@ -231,23 +249,70 @@ def measure_cluster(nodes: int, g: int, rate: str, plan: Plan, work: Path) -> di
     }
 
 
-def table(results: list[dict[str, Any]], alone: dict[str, float]) -> str:
-    head = (
-        f"{'cluster':>14} {'model':>4} {'algorithm':>10} {'step s':>8} {'comp s':>8} {'comm s':>8} "
-        f"{'pred comm':>9} {'pred step':>9} {'step m/p':>8} {'comm m/p':>8} {'least m/p':>9}  bound"
-    )
-    lines = [head]
+CLUSTER_LABEL = {"1gbit": "1 Gbit/s", "100mbit": "100 Mbit/s"}
+
+
+def summarise(results: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[list[Any]]]:
+    """Per case, its ratios over the repetitions and its row of the table."""
+    ratios: list[dict[str, Any]] = []
+    rows: list[list[Any]] = []
     for result in results:
+        cases: dict[tuple[str, str], list[dict[str, Any]]] = {}
         for r in result["cases"]:
-            where = f"{r['nodes']}x{r['procs_per_node']} {r['rate']}"
-            lines.append(
-                f"{where:>14} {r['workload']:>4} {r['algorithm']:>10} {r['measured_step_s']:8.4f} "
-                f"{r['measured_compute_step_s']:8.4f} {r['measured_comm_step_s']:8.4f} "
-                f"{r['predicted_comm_step_s']:9.4f} {r['predicted_step_s']:9.4f} {r['ratio_step']:8.3f} "
-                f"{r['ratio_comm']:8.3f} {r['ratio_comm_least_waiting']:9.3f}  {r['bound']}"
+            cases.setdefault((r["workload"], r["algorithm"]), []).append(r)
+        for (workload, algorithm), reps in cases.items():
+            first = reps[0]
+            where = f"{first['nodes']}x{first['procs_per_node']} {CLUSTER_LABEL.get(first['rate'], first['rate'])}"
+            labels = {"cluster": where, "workload": workload, "algorithm": algorithm}
+            measured = [r["measured_step_s"] for r in reps]
+            predicted = [r["predicted_step_s"] for r in reps]
+            step = ratio("measured / predicted seconds per step", measured, predicted, **labels)
+            ratios.append(step)
+            bound = (
+                "communication"
+                if sum(r["bound"] == "communication" for r in reps) * 2 > len(reps)
+                else "compute"
             )
-    lines.append("one worker alone, s/step: " + ", ".join(f"{k} {v:.4f}" for k, v in alone.items()))
-    return "\n".join(lines)
+            cells = [f"{step['median']:.3f} [{step['min']:.3f}, {step['max']:.3f}]"]
+            if all(r["predicted_comm_step_s"] > 0 for r in reps):
+                comm = ratio(
+                    "measured / predicted communication",
+                    [r["measured_comm_step_s"] for r in reps],
+                    [r["predicted_comm_step_s"] for r in reps],
+                    **labels,
+                )
+                least = ratio(
+                    "least-waiting rank's / predicted communication",
+                    [r["measured_comm_least_waiting_rank_step_s"] for r in reps],
+                    [r["predicted_comm_step_s"] for r in reps],
+                    **labels,
+                )
+                if bound == "communication":
+                    ratios += [comm, least]
+                cells += [
+                    f"{comm['median']:.2f}",
+                    f"{least['median']:.2f} [{least['min']:.2f}, {least['max']:.2f}]",
+                ]
+            else:
+                cells += ["", ""]
+            med = statistics.median
+            rows.append(
+                [
+                    where, workload.upper(), algorithm, len(reps),
+                    f"{med(measured):.4f}", f"{med(r['measured_compute_step_s'] for r in reps):.4f}",
+                    f"{med(r['measured_comm_step_s'] for r in reps):.4f}",
+                    f"{med(r['predicted_comm_step_s'] for r in reps):.4f}", f"{med(predicted):.4f}",
+                    *cells, bound,
+                ]
+            )  # fmt: skip
+    return ratios, rows
+
+
+COLUMNS = [
+    "cluster", "model", "algorithm", "repetitions", "measured s/step", "compute", "comm",
+    "predicted comm", "predicted s/step", "measured / predicted", "comm: measured / predicted",
+    "least", "bound",
+]  # fmt: skip
 
 
 def main() -> int:
@@ -255,7 +320,12 @@ def main() -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--quick", action="store_true", help="smoke run: one cluster, two cases")
-    parser.add_argument("--out", type=Path, default=None, help="JSON results (default: benchmarks/results/)")
+    parser.add_argument("--topologies", nargs="+", metavar="NxG", help="e.g. 2x2 4x1 (default: both)")
+    parser.add_argument("--rates", nargs="+", help="link rates, e.g. 1gbit 100mbit (default: both)")
+    parser.add_argument("--workloads", nargs="+", choices=["mlp", "cnn"], help="default: both")
+    parser.add_argument(
+        "--repetitions", type=int, default=MIN_REPS, help=f"repetitions of every case (default {MIN_REPS})"
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -271,7 +341,22 @@ def main() -> int:
 
     torch.set_num_threads(1)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    plan = QUICK if args.quick else Plan()
+    if args.quick:
+        plan = QUICK
+    else:
+        if args.repetitions < MIN_REPS:
+            parser.error(f"--repetitions must be at least {MIN_REPS} (fewer only with --quick)")
+        changes: dict[str, Any] = {"repetitions": args.repetitions}
+        if args.topologies:
+            try:
+                changes["topologies"] = tuple(tuple(int(n) for n in t.split("x")) for t in args.topologies)
+            except ValueError:
+                parser.error(f"--topologies: {args.topologies} are not all NxG (nodes x processes per node)")
+        if args.rates:
+            changes["rates"] = tuple(args.rates)
+        if args.workloads:
+            changes["workloads"] = tuple(args.workloads)
+        plan = dataclasses.replace(Plan(), **changes)
     started = time.perf_counter()
     results = []
     with tempfile.TemporaryDirectory(prefix="emulated-cluster-") as tmp:
@@ -281,27 +366,48 @@ def main() -> int:
         for nodes, g in plan.topologies:
             for rate in plan.rates:
                 results.append(measure_cluster(nodes, g, rate, plan, work))
-                print(table(results[-1:], alone), flush=True)
-    out = args.out or RESULTS / ("emulated_cluster_quick.json" if args.quick else "emulated_cluster.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
+                for r in summarise(results[-1:])[0]:
+                    print(ratio_line(r), flush=True)
+    ratios, rows = summarise(results)
+    full = Plan()
+    reduced = [
+        f"{field.name} {getattr(plan, field.name)}"
+        for field in dataclasses.fields(Plan)
+        if field.name != "repetitions" and getattr(plan, field.name) != getattr(full, field.name)
+    ]
+    note = (
+        "Seconds per step, medians over the repetitions; measured / predicted and least: median "
+        "[min, max]. least: the communication of the rank that waited least, over the prediction. "
+        "Compute of one worker alone (s/step): "
+        + ", ".join(f"{k.upper()} {v:.4f}" for k, v in alone.items())
+        + ". A case is communication-bound when the predicted communication is at least "
+        f"{COMM_BOUND:.0%} of its predicted step; measured and predicted compute are the same by "
+        "construction, so compute-bound cases test the model little."
+    )
+    if reduced and not args.quick:
+        note += (
+            " A reduced run (the full plan has every topology, rate and workload): "
+            + "; ".join(reduced)
+            + "."
+        )
+    tables = [
+        {"title": "Measured against predicted, per case", "columns": COLUMNS, "rows": rows, "note": note}
+    ]
+    for row in rows:
+        print(" | ".join(str(c) for c in row))
     payload = {
-        "benchmark": "emulated_cluster",
+        "command": ["python", "benchmarks/emulated_cluster.py", *sys.argv[1:]],
         "quick": args.quick,
         "plan": dataclasses.asdict(plan),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": {
-            "cpus": os.cpu_count(),
-            "platform": platform.platform(),
-            "python": platform.python_version(),
-        },
-        "torch": torch.__version__,
+        "machine": machine_at_end(),
         "seconds": time.perf_counter() - started,
         "compute_alone_step_s": alone,
         "clusters": results,
+        "ratios": ratios,
+        "tables": tables,
     }
-    out.write_text(json.dumps(payload, indent=1) + "\n")
-    print(table(results, alone))
-    print(f"{time.perf_counter() - started:.0f} s; results: {out}")
+    write_results("emulated_cluster", payload, args.quick)
+    print(f"{time.perf_counter() - started:.0f} s")
     return 0
 
 

@@ -113,13 +113,18 @@ def main() -> None:
             }
             with np.load(folder / "train.npz") as index:
                 cached = data.CacheSource(folder / "train.u8", index["offsets"], index["shapes"])
-            variants |= {f"cache{size}_{kind}": one_pass(fn, len(split)) for kind, fn in transforms(cached).items()}
+            variants |= {
+                f"cache{size}_{kind}": one_pass(fn, len(split)) for kind, fn in transforms(cached).items()
+            }
         rates = interleaved(variants, args.reps, warmup=1)
     report(args, rates, built, mean_kb)
 
 
 def report(
-    args: argparse.Namespace, rates: dict[str, list[float]], built: dict[int, dict[str, float]], mean_kb: float
+    args: argparse.Namespace,
+    rates: dict[str, list[float]],
+    built: dict[int, dict[str, float]],
+    mean_kb: float,
 ) -> None:
     need = args.images_per_second
     ratios = []
@@ -129,7 +134,9 @@ def report(
         med = statistics.median(rates[key])
         row: list[Any] = [key, f"{med:.0f} [{min(rates[key]):.0f}, {max(rates[key]):.0f}]"]
         if not key.startswith("jpeg_"):
-            r = ratio("images/s per core / JPEG of the same kind", rates[key], rates[f"jpeg_{kind}"], pipeline=key)
+            r = ratio(
+                "images/s per core / JPEG of the same kind", rates[key], rates[f"jpeg_{kind}"], pipeline=key
+            )
             ratios.append(r)
             row.append(f"{r['median']:.2f} [{r['min']:.2f}, {r['max']:.2f}]")
         else:
@@ -153,7 +160,12 @@ def report(
     tables = [
         {
             "title": "Images per second per core, and the cores one GPU needs",
-            "columns": ["pipeline", "images/s per core, median [min, max]", "/ JPEG of the same kind", "cores per GPU"],
+            "columns": [
+                "pipeline",
+                "images/s per core, median [min, max]",
+                "/ JPEG of the same kind",
+                "cores per GPU",
+            ],
             "rows": rows,
             "note": (
                 f"{setup}. JPEG decoding alone: {decode:.0f} images/s per core (median). Cores per GPU "
@@ -163,7 +175,12 @@ def report(
         },
         {
             "title": "The pre-resized cache, built once",
-            "columns": ["cache", "built at images/s", "KiB per image", "GiB for ImageNet's 1.28 M training images"],
+            "columns": [
+                "cache",
+                "built at images/s",
+                "KiB per image",
+                "GiB for ImageNet's 1.28 M training images",
+            ],
             "rows": cache_rows,
             "note": "One timing each: the cache is written once per data set.",
         },

@@ -106,7 +106,11 @@ def way(
 
     def one() -> float:
         measured.append(measure(runs[len(measured)], store, session, evaluation))
-        print(f"K={runs[0].workers} {'pool' if session else 'fresh'}: {measured[-1]}", file=sys.stderr, flush=True)
+        print(
+            f"K={runs[0].workers} {'pool' if session else 'fresh'}: {measured[-1]}",
+            file=sys.stderr,
+            flush=True,
+        )
         return measured[-1]["overhead"]
 
     return one
@@ -134,7 +138,10 @@ def main() -> None:
         for workers in worker_counts:
             runs = [config(workers, seed, steps) for seed in range(reps + 1)]
             evaluation = evaluation_seconds(runs[0])
-            stores = {"fresh": Store(Path(tmp) / f"fresh{workers}"), "pool": Store(Path(tmp) / f"pool{workers}")}
+            stores = {
+                "fresh": Store(Path(tmp) / f"fresh{workers}"),
+                "pool": Store(Path(tmp) / f"pool{workers}"),
+            }
             measured: dict[str, list[dict[str, float]]] = {"fresh": [], "pool": []}
             with PROCESSES.session() as session:
                 # The pool's first run starts it: measured before the repetitions, apart.
@@ -158,7 +165,11 @@ def main() -> None:
                     f"{train:.2f}",
                 ]
             )
-            results[f"K={workers}"] = {"evaluation_seconds": evaluation, "pool_first": first, "runs": measured}
+            results[f"K={workers}"] = {
+                "evaluation_seconds": evaluation,
+                "pool_first": first,
+                "runs": measured,
+            }
 
     tables = [
         {

@@ -218,9 +218,7 @@ def main() -> None:
             ratios.append(r)
             row.append(f"{r['median']:.3f} [{r['min']:.3f}, {r['max']:.3f}]")
         rows.append(row)
-        seconds_rows.append(
-            [label] + [f"{statistics.median(slowest[k]) * 1e3:.1f}" for k in SECONDS_COLUMNS]
-        )
+        seconds_rows.append([label] + [f"{statistics.median(slowest[k]) * 1e3:.1f}" for k in SECONDS_COLUMNS])
         print(f"{name}: {info['parameters'] / 1e6:.2f} M parameters in {info['tensors']} tensors")
     for r in ratios:
         print(ratio_line(r))
@@ -256,7 +254,15 @@ def main() -> None:
 
 
 MODEL_LABELS = {"bert_base": "BERT-base", "bert_tiny": "tiny BERT"}
-SECONDS_COLUMNS = ["bare_step", "bare2_step", "dp_step", "ours_sync", "accelerate_sync", "ddp_step", "ours_ddp_step"]
+SECONDS_COLUMNS = [
+    "bare_step",
+    "bare2_step",
+    "dp_step",
+    "ours_sync",
+    "accelerate_sync",
+    "ddp_step",
+    "ours_ddp_step",
+]
 
 
 if __name__ == "__main__":
