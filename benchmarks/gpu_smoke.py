@@ -5,11 +5,14 @@ Runs, each as a real run recorded in a temporary store, and prints what it measu
 1. the process engine on CUDA with NCCL: K = the GPUs there are (at most 4; one GPU: a
    world of one, which still starts NCCL), local SGD, mnist1d_cnn;
 2. the simulated engine with K = 8 replicas stacked on one GPU, fp32, bf16 and fp16
-   (autocast; fp16 with a loss scaler), steps per second of each;
+   (autocast; fp16 with a loss scaler), steps per second of each: the precisions
+   interleaved (each repetition runs each once, in an order that rotates), 5 repetitions,
+   bf16 and fp16 against fp32 as median and range;
 3. ImageNet-format data (generated JPEGs) through the DataLoader pipeline (worker
    processes, pinned memory, non-blocking copies) into ResNet-50 in bf16: images per second.
 
-``--cpu`` is the reduced mode the test suite runs: gloo, the CPU, fp32 and bf16, tiny sizes.
+``--cpu`` is the reduced mode the test suite runs: gloo, the CPU, fp32 and bf16, tiny sizes,
+one repetition.
 Ready to run as ``python benchmarks/gpu_smoke.py`` on a GPU machine (about 2 to 4 minutes);
 writes ``benchmarks/results/gpu_smoke.json`` (``--out`` elsewhere; ``--cpu`` writes only where
 ``--out`` says).
@@ -22,10 +25,12 @@ import json
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+from shared import MIN_REPS, interleaved, machine_at_end, ratio, ratio_line
 
 from localsgd.records.store import Store
 from localsgd.run.config import run_config
@@ -107,12 +112,31 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="gpu-smoke-") as tmp:
         store = Store(Path(tmp) / "store")
         workers = max(1, min(gpus, 4)) if cuda else 2
-        rows = [run(store, base(f"processes K={workers}", device, steps, workers=workers, engine="processes"))]
+        rows = [
+            run(store, base(f"processes K={workers}", device, steps, workers=workers, engine="processes"))
+        ]
         precisions = ("fp32", "bf16", "fp16") if cuda else ("fp32", "bf16")
-        for precision in precisions:
-            spec = base(f"simulated K=8 {precision}", device, steps, workers=8, engine="simulated")
-            spec["train"]["precision"] = precision
-            rows.append(run(store, spec))
+        done: dict[str, int] = dict.fromkeys(precisions, 0)
+
+        def simulated(precision: str) -> Callable[[], float]:
+            def one() -> float:
+                # A seed per repetition: each is a run of its own in the store.
+                spec = base(
+                    f"simulated K=8 {precision}",
+                    device,
+                    steps,
+                    workers=8,
+                    engine="simulated",
+                    seed=done[precision],
+                )
+                spec["train"]["precision"] = precision
+                done[precision] += 1
+                rows.append(run(store, spec))
+                return float(rows[-1]["steps_per_second"])
+
+            return one
+
+        rates = interleaved({p: simulated(p) for p in precisions}, MIN_REPS if cuda else 1)
         data = Path(tmp) / "imagenet"
         write_jpegs(data, classes=4, per_class=64 if cuda else 6, size=(320, 240) if cuda else (64, 48))
         imagenet = {
@@ -141,18 +165,66 @@ def main(argv: list[str] | None = None) -> int:
     found["runs"] = rows
     print(f"\n{'run':28} {'steps':>6} {'train s':>8} {'steps/s':>8}  final")
     for r in rows:
-        final = {k: v for k, v in r.items() if k not in ("name", "status", "steps", "train_seconds", "steps_per_second")}
-        print(f"{r['name']:28} {r['steps']:>6} {r['train_seconds']:>8.2f} {r['steps_per_second'] or 0:>8.1f}  {final}")
-    fp32 = next(r for r in rows if r["name"].endswith("fp32") and "simulated" in r["name"])
-    for r in rows:
-        if "simulated" in r["name"] and r is not fp32:
-            print(f"{r['name']}: {r['steps_per_second'] / fp32['steps_per_second']:.2f} x the fp32 steps per second")
+        final = {
+            k: v
+            for k, v in r.items()
+            if k not in ("name", "status", "steps", "train_seconds", "steps_per_second")
+        }
+        print(
+            f"{r['name']:28} {r['steps']:>6} {r['train_seconds']:>8.2f} {r['steps_per_second'] or 0:>8.1f}  {final}"
+        )
+    ratios = [
+        ratio("simulated K=8 steps per second / fp32's", rates[p], rates["fp32"], precision=p)
+        for p in precisions
+        if p != "fp32"
+    ]
+    for r in ratios:
+        print(f"{r['precision']}: {r['median']:.2f} x the fp32 steps per second ({ratio_line(r)})")
+    found["command"] = ["python", "benchmarks/gpu_smoke.py", *(argv if argv is not None else sys.argv[1:])]
+    found["machine"] = machine_at_end()
+    found["ratios"] = ratios
+    found["tables"] = [
+        {
+            "title": "The runs",
+            "columns": ["run", "steps", "training s", "steps/s", "final metric", "images/s"],
+            "rows": [
+                [
+                    r["name"],
+                    r["steps"],
+                    f"{r['train_seconds']:.2f}",
+                    f"{r['steps_per_second'] or 0:.1f}",
+                    next(
+                        (
+                            f"{k} {v:.4f}"
+                            for k, v in r.items()
+                            if k not in RUN_FIELDS and isinstance(v, float)
+                        ),
+                        "",
+                    ),
+                    f"{r['images_per_second']:.0f}" if "images_per_second" in r else "",
+                ]
+                for r in rows
+            ],
+            "note": f"{found['device']}, {gpus} GPU(s), NCCL {found['nccl']}, CUDA {found['cuda']}.",
+        }
+    ]
     out = args.out if args.out is not None else (None if args.cpu else RESULTS / "gpu_smoke.json")
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(found, indent=2) + "\n")
         print(f"written: {out}")
     return 0
+
+
+RUN_FIELDS = {
+    "name",
+    "status",
+    "steps",
+    "train_seconds",
+    "steps_per_second",
+    "images_per_second",
+    "seconds_with_setup",
+}
 
 
 if __name__ == "__main__":

@@ -30,6 +30,12 @@ def test_the_gpu_smoke_script_runs_in_its_cpu_mode(tmp_path):
     assert imagenet["steps"] == 3 and imagenet["images_per_second"] > 0
     assert 0.0 <= imagenet["accuracy"] <= 1.0
     assert "x the fp32 steps per second" in done.stdout
+    # The structure benchmarks/render.py reads: one ratio per precision against fp32, a table
+    # row per run.
+    [bf16] = found["ratios"]
+    assert bf16["precision"] == "bf16" and bf16["reps"] == 1 and bf16["median"] > 0
+    assert [row[0] for row in found["tables"][0]["rows"]] == names
+    assert found["machine"]["cores"] >= 1 and found["command"][1] == "benchmarks/gpu_smoke.py"
 
 
 def test_without_a_gpu_the_full_mode_says_how_to_run(tmp_path):
