@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # The CPU wheel, pinned: an unpinned torch makes pip fetch a multi-GB CUDA build.
 TORCH_PIN := torch==2.13.0
 
-.PHONY: setup test demo quickstart bench lint clean
+.PHONY: setup test demo quickstart bench bench-docs lint clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,10 @@ quickstart: setup
 
 bench: setup
 	$(PY) benchmarks/sync_cost.py
+
+# docs/benchmarks.md is generated from benchmarks/results/*.json (each benchmark writes its own).
+bench-docs: setup
+	$(PY) benchmarks/render.py
 
 lint: setup
 	$(PY) -m pip install -q mypy ruff

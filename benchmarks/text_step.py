@@ -1,6 +1,7 @@
 """What localsgd costs around a transformers training step, at K = 2 on gloo, against the
-references a user of accelerate would otherwise run. For a BERT-base-sized encoder (110 M
-parameters, 12 layers) and the fixtures' tiny BERT, the same two processes time,
+references a user of accelerate would otherwise run.
+
+For a BERT-base-sized encoder (110 M parameters, 12 layers) and the fixtures' tiny BERT, the same two processes time,
 interleaved (each repetition runs every variant once, in an order that rotates, after
 warm-up; >= 5 repetitions; a repetition's time is its slowest rank's, and every ratio is
 taken within a repetition and reported as median and range):
