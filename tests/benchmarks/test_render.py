@@ -36,7 +36,9 @@ MACHINE = {
 }
 
 
-def fixtures(tmp_path: Path, results: dict[str, dict[str, Any]], scripts: dict[str, str]) -> tuple[Path, Path]:
+def fixtures(
+    tmp_path: Path, results: dict[str, dict[str, Any]], scripts: dict[str, str]
+) -> tuple[Path, Path]:
     bench, out = tmp_path / "benchmarks", tmp_path / "results"
     bench.mkdir()
     out.mkdir()
@@ -52,8 +54,12 @@ def fixtures(tmp_path: Path, results: dict[str, dict[str, Any]], scripts: dict[s
 @pytest.fixture
 def page(tmp_path: Path) -> str:
     meets = ratio("fused / loop", [3.5, 4.0, 3.2, 3.6, 3.3], [1.0] * 5, target=3, workload="CNN", K=16)
-    straddles = ratio("batched / sequential", [9.0, 11.0, 10.5, 12.0, 8.0], [1.0] * 5, target=10, workload="MLP")
-    at_most = ratio("sync / all-reduce", [1.2, 1.3, 1.25, 1.4, 1.22], [1.0] * 5, target=1.05, at_most=True, K=2)
+    straddles = ratio(
+        "batched / sequential", [9.0, 11.0, 10.5, 12.0, 8.0], [1.0] * 5, target=10, workload="MLP"
+    )
+    at_most = ratio(
+        "sync / all-reduce", [1.2, 1.3, 1.25, 1.4, 1.22], [1.0] * 5, target=1.05, at_most=True, K=2
+    )
     plain = ratio("A/A", [1.0, 1.01, 0.99, 1.02, 0.98], [1.0] * 5)
     alpha = {
         "command": ["/some/venv/bin/python", "benchmarks/alpha.py"],
@@ -117,7 +123,10 @@ def test_a_section_gives_what_how_the_machine_its_tables_and_every_ratio(page: s
     assert "| MLP \\| wide | 4 | 0.123 |" in alpha  # a cell's bar escaped, a float rounded
     assert "One thread; the machine was shared." in alpha
     assert "| A/A | 1.000 [0.980, 1.020] (5) |  |  |" in alpha
-    assert "| batched / sequential (workload MLP) | 10.5 [8.000, 12.0] (5) | >= 10 | straddles: meets in median only |" in alpha
+    assert (
+        "| batched / sequential (workload MLP) | 10.5 [8.000, 12.0] (5) | >= 10 | straddles: meets in median only |"
+        in alpha
+    )
 
 
 def test_a_missing_json_is_not_run_and_an_old_one_says_to_rerun(page: str) -> None:
@@ -133,7 +142,9 @@ def test_a_missing_json_is_not_run_and_an_old_one_says_to_rerun(page: str) -> No
 def test_a_results_file_that_is_not_an_object_is_refused(tmp_path: Path) -> None:
     bench, out = fixtures(tmp_path, {}, {"alpha": "Alpha."})
     (out / "alpha.json").write_text("[1, 2]")
-    with pytest.raises(ValueError, match=r"alpha\.json: a benchmark's results must be a JSON object, not list"):
+    with pytest.raises(
+        ValueError, match=r"alpha\.json: a benchmark's results must be a JSON object, not list"
+    ):
         render.render(bench, out)
 
 
