@@ -16,6 +16,9 @@ one repetition.
 Ready to run as ``python benchmarks/gpu_smoke.py`` on a GPU machine (about 2 to 4 minutes);
 writes ``benchmarks/results/gpu_smoke.json`` (``--out`` elsewhere; ``--cpu`` writes only where
 ``--out`` says).
+
+    python benchmarks/gpu_smoke.py                        # on a machine with CUDA
+    python benchmarks/gpu_smoke.py --cpu --out FILE.json  # the reduced mode, on the CPU
 """
 
 from __future__ import annotations

@@ -308,7 +308,7 @@ def section(name: str, script: Path, data: dict[str, Any] | None) -> list[str]:
                 ["figure", "median [min, max] (n)"], [[figure(r), spread(r)] for r in ratios]
             )
     elif status(data) == "run":
-        out += ["", "No ratios recorded."]
+        out += ["", "It records no ratios."]
     return out
 
 
