@@ -28,8 +28,8 @@ worker's compute is slower than that.
 
 Nothing here is asserted: this is a measurement. Needs root (network namespaces).
 
-    python benchmarks/emulated_cluster.py            # the full table (about an hour on 2 cores)
-    python benchmarks/emulated_cluster.py --topologies 2x2   # the 2 × 2 clusters only
+    python benchmarks/emulated_cluster.py            # the full table (about 30 min on 2 cores)
+    python benchmarks/emulated_cluster.py --topologies 2x2   # the 2 × 2 clusters only (about 15 min)
     python benchmarks/emulated_cluster.py --quick    # smoke run: one cluster, two cases
 """
 
