@@ -276,7 +276,9 @@ class SeededModels(Sequence[nn.Module]):
 
         def replay(seed: int) -> nn.Module:
             with torch.random.fork_rng(devices=[]), torch.no_grad():
-                torch.manual_seed(seed)
+                # The CPU generator is the one a model built on the CPU draws from; seeding
+                # it alone skips torch.manual_seed's queueing of every other device's seed.
+                torch.default_generator.manual_seed(seed)
                 for m in resets:
                     m.reset_parameters()
             return scratch
