@@ -69,8 +69,11 @@ def test_trials_batched_equal_the_runs_one_by_one(tmp_path, monkeypatch):
         alone = train(config, alone_dir, 0, 1)
         assert batched.status == alone.status == "completed"
         assert batched.details["trials_batched"] == 3 and batched.details["path"] == "fused"
-        ours = torch.load(folder / "checkpoint.pt")["model"]
-        theirs = torch.load(alone_dir / "checkpoint.pt")["model"]
+        ours_file, theirs_file = torch.load(folder / "checkpoint.pt"), torch.load(alone_dir / "checkpoint.pt")
+        # The group-committed final model is the file a run of its own saves.
+        assert ours_file.keys() == theirs_file.keys() == {"model", "config", "step"}
+        assert ours_file["config"] == theirs_file["config"] == config.to_dict() and ours_file["step"] == 8
+        ours, theirs = ours_file["model"], theirs_file["model"]
         for key, tensor in theirs.items():
             if tensor.is_floating_point():
                 err = float((ours[key] - tensor).norm() / tensor.norm().clamp_min(1e-12))
@@ -91,6 +94,8 @@ def test_trials_batched_equal_the_runs_one_by_one(tmp_path, monkeypatch):
 def test_what_batches_with_what():
     base = trial("a")
     assert batch_key(base) == batch_key(TRIALS[1]) == batch_key(TRIALS[2])
+    data = TRIALS[1].to_dict()
+    assert batch_key(TRIALS[1], data) == batch_key(base) and data == TRIALS[1].to_dict()  # left as it was
     assert batch_key(trial("k", workers=4)) != batch_key(base)
     assert batch_key(trial("h", algorithm={"name": "local_sgd", "period": 4})) != batch_key(base)
     assert batch_key(trial("p", engine="processes")) is None

@@ -49,14 +49,15 @@ DEFAULT_BATCH = 64
 """Trials per batch unless a study says otherwise (``--batch-trials``)."""
 
 
-def batch_key(config: RunConfig) -> str | None:
+def batch_key(config: RunConfig, data: dict[str, Any] | None = None) -> str | None:
     """What a run must share with the others of its batch (its config without
     :data:`TRIAL_FIELDS`), or None when it cannot be batched: its engine does not declare
     ``TRIAL_BATCHING``, its optimizer is not the SGD that :class:`ReplicaSGD` steps
     (``OptimizerConfig.batchable``: not ``lr_inside``), it trains in reduced precision, it has
     engine options (worker speeds) or its algorithm declares itself asynchronous. An
     algorithm that declares it reads the inner learning rate (``reads_inner_lr``) keeps
-    ``optimizer.lr`` and ``schedule`` in the key."""
+    ``optimizer.lr`` and ``schedule`` in the key. ``data``: ``config.to_dict()`` when the
+    caller has it already (it is left as it is)."""
     if engines.Capability.TRIAL_BATCHING not in engines.get(config.engine).capabilities:
         return None
     if not config.optimizer.batchable or config.train.precision != "fp32":
@@ -66,7 +67,7 @@ def batch_key(config: RunConfig) -> str | None:
         # Worker speeds and a parameter server's schedule belong to one world of replicas;
         # trials are several worlds stepped together.
         return None
-    data = config.to_dict()
+    data = config.to_dict() if data is None else {**data, "optimizer": dict(data["optimizer"])}
     for dotted in TRIAL_FIELDS:
         if declared.reads_inner_lr and dotted in ("optimizer.lr", "schedule"):
             continue
@@ -134,7 +135,8 @@ def train_trials(
     indices (their records are complete on disk by then)."""
     if not configs or len(configs) != len(run_dirs):
         raise ValueError(f"one run folder per config: {len(configs)} configs, {len(run_dirs)} folders")
-    keys = {batch_key(c) for c in configs}
+    dicts = [c.to_dict() for c in configs]
+    keys = {batch_key(c, d) for c, d in zip(configs, dicts)}
     if None in keys or len(keys) != 1:
         raise ValueError("trials batched together must share everything but " + ", ".join(TRIAL_FIELDS))
     first = configs[0]
@@ -148,7 +150,7 @@ def train_trials(
         for writer in writers:
             writer.environment(env, group)
         group.commit()
-        runs = BatchedTrials(configs, writers, device, workload, statuses, finished=finished)
+        runs = BatchedTrials(configs, writers, device, workload, statuses, finished=finished, dicts=dicts)
         TrainingLoop(runs, Synchronous()).run()
     except BaseException as exc:
         group = GroupWrite()
@@ -186,11 +188,14 @@ class BatchedTrials:
         statuses: list[Status | None],
         *,
         finished: Callable[[list[int]], None] | None = None,
+        dicts: Sequence[dict[str, Any]] | None = None,
     ) -> None:
         from localsgd.engines.simulated.trials import ReplicaSGD, SeededModels
 
         self.configs, self.writers, self.device, self.statuses = configs, writers, device, statuses
         self.on_finished = finished
+        self.dicts = list(dicts) if dicts is not None else [c.to_dict() for c in configs]
+        """Each trial's ``config.to_dict()``, for its final model's checkpoint."""
         self.group = GroupWrite()
         self.ending: list[int] = []
         """Trials that ended at this evaluation, their records in ``group``."""
@@ -335,7 +340,7 @@ class BatchedTrials:
         if writer.run_dir is not None:
             self.group.add(
                 writer.run_dir / "checkpoint.pt",
-                checkpoint_bytes(self.replicas.final_model(r), config, loop.step),
+                checkpoint_bytes(self.replicas.final_model(r), self.dicts[r], loop.step),
             )
         status = completed_status(
             self.workload,
@@ -356,11 +361,11 @@ class BatchedTrials:
         self.ending.append(r)
 
 
-def checkpoint_bytes(model: torch.nn.Module, config: RunConfig, step: int) -> bytes:
-    """``checkpoint.pt`` as :func:`~localsgd.run.bookkeeping.save_checkpoint` writes it,
-    for a group commit."""
+def checkpoint_bytes(model: torch.nn.Module, config: dict[str, Any], step: int) -> bytes:
+    """``checkpoint.pt`` as :func:`~localsgd.run.bookkeeping.save_checkpoint` writes it
+    (``config``: the run's ``RunConfig.to_dict()``), for a group commit."""
     buffer = io.BytesIO()
-    torch.save({"model": model.state_dict(), "config": config.to_dict(), "step": step}, buffer)
+    torch.save({"model": model.state_dict(), "config": config, "step": step}, buffer)
     return buffer.getvalue()
 
 
