@@ -226,7 +226,13 @@ def test_stacked_evaluation_equals_each_trial_alone(tmp_path, monkeypatch):
         with torch.no_grad():
             for p in replicas.module.stacked:
                 p.sub_(0.1 * p.grad)
-    for split in ("test", "validation"):
+    from localsgd.engines.simulated import trials as simulated_trials
+
+    x_test = workload._splits["cpu"][4]
+
+    for split, chunk in (("test", 4), ("validation", 4), ("test", 3), ("test", 1)):
+        # Inputs of at most `chunk` trials at once: in chunks of trials (here 4 + 0, 3 + 1, 1 x 4).
+        monkeypatch.setattr(simulated_trials, "STACKED_EVALUATION_ELEMENTS", chunk * x_test.numel())
         stacked = replicas.evaluate_trials([0, 2, 3], split)
         assert replicas.stacked_evaluation is True
         assert list(stacked) == [0, 2, 3]
@@ -234,9 +240,9 @@ def test_stacked_evaluation_equals_each_trial_alone(tmp_path, monkeypatch):
             assert scores == pytest.approx(replicas.evaluate(t, split), rel=1e-5)
         assert len({s["eval_loss"] for s in stacked.values()}) == 3  # each trial its own
     assert replicas.details()["stacked_evaluation"] is True
+    assert sorted(replicas._evaluators) == [(0, 1), (0, 3), (0, 4), (1, 2), (2, 3), (3, 4)]
 
     # Inputs sliced afresh (equal values, other tensors) are still served from the stack.
-    x_test = workload._splits["cpu"][4]
 
     def copied(model: Any, device: Any, split: str = "test") -> dict[str, float]:
         model.eval()

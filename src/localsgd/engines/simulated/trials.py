@@ -27,6 +27,11 @@ from localsgd.util.nest import zip_nests
 
 log = logging.getLogger(__name__)
 
+STACKED_EVALUATION_ELEMENTS = 2**24
+"""The most input elements (64 MiB in fp32) one stacked forward of an evaluation feeds all
+its trials together: an evaluation batch times the trials it runs at once. Larger inputs
+(images) are evaluated in chunks of trials, so memory stays bounded."""
+
 
 class ReplicaSGD(torch.optim.Optimizer):
     """SGD over stacked replicas with a learning rate, momentum and weight decay per replica
@@ -120,7 +125,7 @@ class TrialReplicas:
                     _copy_into(self.module, r, replicas, model)
         self.gradients = ReplicaGradients(self.module, workload.loss, fused=fused, groups=self.trials)
         self.comm = SimulatedCommunicator(replicas, groups=self.trials)
-        self._evaluator: tuple[nn.Module, Any] | None = None
+        self._evaluators: dict[tuple[int, int], tuple[nn.Module, Any]] = {}
         self.stacked_evaluation: bool | None = None
         """Whether trials are evaluated in one stacked forward (None: not tried yet)."""
         self.stacked_evaluation_reason: str | None = None
@@ -162,8 +167,7 @@ class TrialReplicas:
             return {}
         if len(trials) == 1 or self.stacked_evaluation is False or self.gradients.path != "fused":
             return {t: self.evaluate(t, split) for t in trials}
-        model, layout = self._stacked_evaluator()
-        recorder = _StackedForward(model, layout, self.trials, trials[0])
+        recorder = _StackedForward(self._forward_trials, trials[0])
         try:
             out = {trials[0]: workloads.evaluate(self.workload, recorder, self.device, split)}
         except _NotStackable as exc:
@@ -185,20 +189,35 @@ class TrialReplicas:
                 out[t] = self.evaluate(t, split)  # this evaluation asked for other inputs
         return out
 
-    def _stacked_evaluator(self) -> tuple[nn.Module, Any]:
-        """The fused model of every trial's first replica (which holds the trial's
-        consensus model during an evaluation), in evaluation mode; it reads the stacked
-        tensors in place, so it is built once."""
-        if self._evaluator is None:
+    def _stacked_evaluator(self, start: int, stop: int) -> tuple[nn.Module, Any]:
+        """The fused model of trials ``start ... stop - 1``, each by its first replica
+        (which holds the trial's consensus model during an evaluation), in evaluation mode;
+        it reads the stacked tensors in place, so it is built once."""
+        if (start, stop) not in self._evaluators:
             from localsgd.engines.simulated.fused import fused_model
 
-            k = self.replicas
-            module = self.module
-            params = {n: p.detach()[::k] for n, p in zip(module.param_names, module.stacked)}
-            buffers = {n: b[::k] for n, b in zip(module.buffer_names, module.stacked_buffers())}
-            model, layout = fused_model(module.module, self.trials, params, buffers)
-            self._evaluator = (model.eval(), layout)
-        return self._evaluator
+            k, module = self.replicas, self.module
+            rows = slice(start * k, stop * k, k)
+            params = {n: p.detach()[rows] for n, p in zip(module.param_names, module.stacked)}
+            buffers = {n: b[rows] for n, b in zip(module.buffer_names, module.stacked_buffers())}
+            model, layout = fused_model(module.module, stop - start, params, buffers)
+            self._evaluators[(start, stop)] = (model.eval(), layout)
+        return self._evaluators[(start, stop)]
+
+    @torch.no_grad()
+    def _forward_trials(self, x: torch.Tensor) -> torch.Tensor:
+        """Every trial's model on the input ``x``: ``[R, *output]``, in chunks of trials
+        whose inputs together hold at most :data:`STACKED_EVALUATION_ELEMENTS` elements."""
+        chunk = max(1, min(self.trials, STACKED_EVALUATION_ELEMENTS // max(x.numel(), 1)))
+        outputs = []
+        for start in range(0, self.trials, chunk):
+            stop = min(start + chunk, self.trials)
+            model, layout = self._stacked_evaluator(start, stop)
+            out = model(layout.concat(x.unsqueeze(0).expand(stop - start, *x.shape)))
+            if not isinstance(out, torch.Tensor):
+                raise _NotStackable(f"the model returns {type(out).__name__}, not a tensor")
+            outputs.append(layout.split(out))
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
 
     def _no_stacked_evaluation(self, reason: str) -> None:
         self.stacked_evaluation = False
@@ -309,29 +328,21 @@ class _NotStackable(Exception):
 
 class _StackedForward(nn.Module):
     """A stand-in for trial ``row``'s model during the workload's evaluation: each call
-    runs every trial's model (``fused``, over the trial dimension) on the same input and
+    runs every trial's model on the same input (``forward``: ``x -> [R, *output]``) and
     returns trial ``row``'s output; the calls are kept for :class:`_Replayed`. A call
-    with anything but one tensor, or an output that is not one tensor, raises
-    :class:`_NotStackable`."""
+    with anything but one tensor raises :class:`_NotStackable`."""
 
-    def __init__(self, fused: nn.Module, layout: Any, trials: int, row: int) -> None:
+    def __init__(self, forward: Callable[[torch.Tensor], torch.Tensor], row: int) -> None:
         super().__init__()
-        self.fused = [fused]  # a list: not a submodule, so eval()/train() leave it alone
-        self.layout = layout
-        self.trials = trials
+        self.forward_trials = forward
         self.row = row
         self.calls: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         if kwargs or len(args) != 1 or not isinstance(args[0], torch.Tensor):
             raise _NotStackable("the evaluation calls its model with other than one tensor")
-        x = args[0]
-        with torch.no_grad():
-            out = self.fused[0](self.layout.concat(x.unsqueeze(0).expand(self.trials, *x.shape)))
-        if not isinstance(out, torch.Tensor):
-            raise _NotStackable(f"the model returns {type(out).__name__}, not a tensor")
-        outputs = self.layout.split(out)
-        self.calls.append((x, outputs))
+        outputs = self.forward_trials(args[0])
+        self.calls.append((args[0], outputs))
         return outputs[self.row]
 
 
