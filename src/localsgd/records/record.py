@@ -307,7 +307,7 @@ def to_json(record: Any) -> dict[str, Any]:
     """A record dataclass as JSON-ready data (non-finite floats become None)."""
     if not dataclasses.is_dataclass(record) or isinstance(record, type):
         raise TypeError(f"to_json() takes a record dataclass instance, got {type(record).__name__}")
-    return _plain(record)  # type: ignore[no-any-return]
+    return _plain(record)
 
 
 def _plain(v: Any) -> Any:
