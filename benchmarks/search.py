@@ -181,12 +181,19 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="steps of each trial (default 60)")
     parser.add_argument("--reps", type=int, default=None, help=f"repetitions (default {MIN_REPS})")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--workloads", default=",".join(WORKLOADS), help=f"comma-separated, of {', '.join(WORKLOADS)}"
+    )
     parser.add_argument("--out", type=Path, default=None, help="also write the JSON here (even --quick)")
     args = parser.parse_args()
     trials = args.trials or (8 if args.quick else 64)
     steps = args.steps or (10 if args.quick else 60)
     reps = args.reps or (2 if args.quick else MIN_REPS)
     warmup = 0 if args.quick else 1
+    chosen = [w for w in args.workloads.split(",") if w]
+    unknown = sorted(set(chosen) - set(WORKLOADS))
+    if unknown or not chosen:
+        parser.error(f"--workloads must name some of {', '.join(WORKLOADS)}, got {args.workloads!r}")
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
 
@@ -196,7 +203,7 @@ def main() -> None:
     print(
         f"{trials} trials x {steps} steps, {reps} repetitions (+{warmup} warm-up), {args.threads} thread(s)"
     )
-    for name in WORKLOADS:
+    for name in chosen:
         configs = search_configs(name, trials, steps)
         with tempfile.TemporaryDirectory() as tmp:
             search = Search(name, configs, Path(tmp))
