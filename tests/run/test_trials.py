@@ -230,17 +230,20 @@ def test_stacked_evaluation_equals_each_trial_alone(tmp_path, monkeypatch):
 
     x_test = workload._splits["cpu"][4]
 
-    for split, chunk in (("test", 4), ("validation", 4), ("test", 3), ("test", 1)):
-        # Inputs of at most `chunk` trials at once: in chunks of trials (here 4 + 0, 3 + 1, 1 x 4).
+    cases = [("test", 4, [0, 2, 3]), ("validation", 4, [0, 2, 3]), ("test", 3, [0, 2, 3])]
+    cases += [("test", 1, [0, 2, 3]), ("test", 4, [1, 2])]
+    for split, chunk, trials in cases:
+        # Inputs of at most `chunk` trials at once, over the span of the trials asked for:
+        # trials 0-3 in one, in 3 + 1, in 1 x 4; trials 1-2 in one.
         monkeypatch.setattr(simulated_trials, "STACKED_EVALUATION_ELEMENTS", chunk * x_test.numel())
-        stacked = replicas.evaluate_trials([0, 2, 3], split)
+        stacked = replicas.evaluate_trials(trials, split)
         assert replicas.stacked_evaluation is True
-        assert list(stacked) == [0, 2, 3]
+        assert list(stacked) == trials
         for t, scores in stacked.items():
             assert scores == pytest.approx(replicas.evaluate(t, split), rel=1e-5)
-        assert len({s["eval_loss"] for s in stacked.values()}) == 3  # each trial its own
+        assert len({s["eval_loss"] for s in stacked.values()}) == len(trials)  # each trial its own
     assert replicas.details()["stacked_evaluation"] is True
-    assert sorted(replicas._evaluators) == [(0, 1), (0, 3), (0, 4), (1, 2), (2, 3), (3, 4)]
+    assert sorted(replicas._evaluators) == [(0, 1), (0, 3), (0, 4), (1, 2), (1, 3), (2, 3), (3, 4)]
 
     # Inputs sliced afresh (equal values, other tensors) are still served from the stack.
 

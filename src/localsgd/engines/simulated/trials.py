@@ -167,7 +167,9 @@ class TrialReplicas:
             return {}
         if len(trials) == 1 or self.stacked_evaluation is False or self.gradients.path != "fused":
             return {t: self.evaluate(t, split) for t in trials}
-        recorder = _StackedForward(self._forward_trials, trials[0])
+        # Only the span of trials asked for is computed (trials that ended are left out).
+        low, high = min(trials), max(trials) + 1
+        recorder = _StackedForward(lambda x: self._forward_trials(x, low, high), trials[0] - low)
         try:
             out = {trials[0]: workloads.evaluate(self.workload, recorder, self.device, split)}
         except _NotStackable as exc:
@@ -181,7 +183,7 @@ class TrialReplicas:
                 return {trials[0]: alone, **{t: self.evaluate(t, split) for t in trials[1:]}}
             self.stacked_evaluation = True
         for t in trials[1:]:
-            replay = _Replayed(recorder.calls, t)
+            replay = _Replayed(recorder.calls, t - low)
             try:
                 out[t] = workloads.evaluate(self.workload, replay, self.device, split)
                 replay.check_done()
@@ -205,13 +207,14 @@ class TrialReplicas:
         return self._evaluators[(start, stop)]
 
     @torch.no_grad()
-    def _forward_trials(self, x: torch.Tensor) -> torch.Tensor:
-        """Every trial's model on the input ``x``: ``[R, *output]``, in chunks of trials
-        whose inputs together hold at most :data:`STACKED_EVALUATION_ELEMENTS` elements."""
-        chunk = max(1, min(self.trials, STACKED_EVALUATION_ELEMENTS // max(x.numel(), 1)))
+    def _forward_trials(self, x: torch.Tensor, low: int, high: int) -> torch.Tensor:
+        """The models of trials ``low ... high - 1`` on the input ``x``: ``[high - low,
+        *output]``, in chunks of trials whose inputs together hold at most
+        :data:`STACKED_EVALUATION_ELEMENTS` elements."""
+        chunk = max(1, min(high - low, STACKED_EVALUATION_ELEMENTS // max(x.numel(), 1)))
         outputs = []
-        for start in range(0, self.trials, chunk):
-            stop = min(start + chunk, self.trials)
+        for start in range(low, high, chunk):
+            stop = min(start + chunk, high)
             model, layout = self._stacked_evaluator(start, stop)
             out = model(layout.concat(x.unsqueeze(0).expand(stop - start, *x.shape)))
             if not isinstance(out, torch.Tensor):
