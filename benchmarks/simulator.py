@@ -1,5 +1,4 @@
-"""How fast the simulated engine trains K replicas, and a search of R trials, against
-their reference points.
+"""How fast the simulated engine trains K replicas against its reference points.
 
 Throughput: for the MNIST-1D MLP and CNN at K = 4, 16, 64 replicas of per-replica batch B,
 one process, the same thread count for all, each timed over the same number of steps,
@@ -14,11 +13,6 @@ interleaved:
   steps (how simulations are usually written);
 - ``single``: one model trained at batch K·B. The replicas do the same arithmetic, so this
   is the physical limit of any batched simulation.
-
-Search: R trials of a metaparameter search (K = 1 worker each, learning rate, momentum and
-seed varied), trained end to end with their records (evaluation, metrics, checkpoints):
-batched as trials in one process (:func:`localsgd.run.trials.train_trials`) against
-the R runs one after another (:func:`localsgd.run.training.train`), interleaved.
 
 Throughput is samples per second (K·B per step). Ratios are of medians over repetitions.
 Nothing is asserted: this is a measurement.
@@ -35,7 +29,6 @@ import json
 import os
 import platform
 import statistics
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -46,7 +39,6 @@ from torch import nn
 import localsgd
 from localsgd import algorithms, workloads
 from localsgd.engines.simulated.engine import ReplicaGradients, SimulatedCommunicator, StackedModel
-from localsgd.run.config import RunConfig, run_config
 
 PERIOD = 8
 LENGTH = 40  # MNIST-1D signal length
@@ -113,89 +105,6 @@ def single_runner(template: nn.Module, loss: Callable) -> Step:
     return step
 
 
-def search_configs(workload: str, trials: int, steps: int) -> list[RunConfig]:
-    """R trials of one K = 1 run: learning rate log-spaced over [1e-3, 1], momentum 0 or
-    0.9, and a seed each, as a search of ``localsgd study`` would produce."""
-    return [
-        run_config(
-            {
-                "name": f"trial-{i}",
-                "workload": {"name": workload, "num_samples": 1000},
-                "workers": 1,
-                "engine": "simulated",
-                "seed": i,
-                "algorithm": {"name": "minibatch_sgd"},
-                "data": {"batch_size": 32},
-                "optimizer": {
-                    "lr": 10 ** (-3 + 3 * i / max(trials - 1, 1)),
-                    "momentum": 0.9 * (i % 2),
-                    "nesterov": False,
-                },
-                "schedule": {"name": "cosine"},
-                "train": {"epochs": 100, "max_steps": steps, "eval_every": steps // 2},
-            }
-        )
-        for i in range(trials)
-    ]
-
-
-def _folders(root: Path, kind: str, rep: int, count: int) -> list[Path]:
-    out = [root / f"{kind}-{rep}-{i}" for i in range(count)]
-    for folder in out:
-        folder.mkdir()
-    return out
-
-
-def time_search(kind: str, configs: list[RunConfig], workload: object, root: Path, rep: int) -> float:
-    """Seconds to train every trial, ``batched`` in one process or ``sequential``ly."""
-    from localsgd.run.training import train
-    from localsgd.run.trials import train_trials
-
-    folders = _folders(root, kind, rep, len(configs))
-    start = time.perf_counter()
-    if kind == "batched":
-        train_trials(configs, folders, workload=workload)  # type: ignore[arg-type]
-    else:
-        for config, folder in zip(configs, folders):
-            train(config, folder, 0, 1, workload=workload)  # type: ignore[arg-type]
-    return time.perf_counter() - start
-
-
-def search_table(args: argparse.Namespace, reps: int) -> list[dict]:
-    trials = 8 if args.quick else args.trials
-    steps = 10 if args.quick else args.search_steps
-    print(
-        f"\n{'workload':12} {'trials':>6} {'steps':>5} {'batched s':>9} {'sequential s':>12} "
-        f"{'sequential/batched':>18}"
-    )
-    rows = []
-    for name in ("mnist1d_mlp", "mnist1d_cnn"):
-        workload = workloads.build(name, num_samples=1000)
-        configs = search_configs(name, trials, steps)
-        times: dict[str, list[float]] = {"batched": [], "sequential": []}
-        with tempfile.TemporaryDirectory() as tmp:
-            for rep in range(reps):
-                order = ["batched", "sequential"] if rep % 2 == 0 else ["sequential", "batched"]
-                for kind in order:
-                    times[kind].append(time_search(kind, configs, workload, Path(tmp), rep))
-        t = {kind: statistics.median(v) for kind, v in times.items()}
-        row = {
-            "workload": name,
-            "trials": trials,
-            "steps": steps,
-            "seconds": t,
-            "sequential_over_batched": t["sequential"] / t["batched"],
-        }
-        rows.append(row)
-        print(
-            f"{name:12} {trials:>6} {steps:>5} {t['batched']:>9.1f} {t['sequential']:>12.1f} "
-            f"{row['sequential_over_batched']:>18.1f}",
-            flush=True,
-        )
-    print("target: sequential/batched >= 10 for 64 trials")
-    return rows
-
-
 def measure(step: Callable, batches: list, steps: int) -> float:
     start = time.perf_counter()
     for i in range(steps):
@@ -209,9 +118,6 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32, help="B: per-replica batch")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=None)
-    parser.add_argument("--trials", type=int, default=64, help="R: trials of the search")
-    parser.add_argument("--search-steps", type=int, default=60, help="steps of each trial")
-    parser.add_argument("--no-search", action="store_true", help="skip the search table")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     reps, budget = (2, 0.5) if args.quick else (5, 2.0)
@@ -269,7 +175,6 @@ def main() -> None:
                 flush=True,
             )
     print("targets: fused/loop >= 3 at K = 16; fused/single >= 0.8 at K >= 16")
-    search = [] if args.no_search else search_table(args, reps=1 if args.quick else 2)
     out.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "benchmark": "simulator",
@@ -279,7 +184,6 @@ def main() -> None:
         "cpu_count": os.cpu_count(),
         "machine": platform.machine(),
         "results": results,
-        "search": search,
     }
     tmp = out.with_suffix(".tmp")
     tmp.write_text(json.dumps(payload, indent=2))

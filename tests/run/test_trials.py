@@ -40,8 +40,20 @@ def trial(name: str, **changes: Any) -> Any:
 
 TRIALS = [
     trial("a", optimizer__weight_decay=5e-4, schedule={"name": "cosine"}),
-    trial("b", optimizer__lr=0.2, optimizer__momentum=0.0, seed=2, schedule={"name": "step", "warmup_epochs": 0.1}),
-    trial("c", optimizer__lr=0.01, optimizer__momentum=0.5, optimizer__nesterov=False, optimizer__weight_decay=1e-3),
+    trial(
+        "b",
+        optimizer__lr=0.2,
+        optimizer__momentum=0.0,
+        seed=2,
+        schedule={"name": "step", "warmup_epochs": 0.1},
+    ),
+    trial(
+        "c",
+        optimizer__lr=0.01,
+        optimizer__momentum=0.5,
+        optimizer__nesterov=False,
+        optimizer__weight_decay=1e-3,
+    ),
 ]
 
 
@@ -57,8 +69,11 @@ def test_trials_batched_equal_the_runs_one_by_one(tmp_path, monkeypatch):
         alone = train(config, alone_dir, 0, 1)
         assert batched.status == alone.status == "completed"
         assert batched.details["trials_batched"] == 3 and batched.details["path"] == "fused"
-        ours = torch.load(folder / "checkpoint.pt")["model"]
-        theirs = torch.load(alone_dir / "checkpoint.pt")["model"]
+        ours_file, theirs_file = torch.load(folder / "checkpoint.pt"), torch.load(alone_dir / "checkpoint.pt")
+        # The group-committed final model is the file a run of its own saves.
+        assert ours_file.keys() == theirs_file.keys() == {"model", "config", "step"}
+        assert ours_file["config"] == theirs_file["config"] == config.to_dict() and ours_file["step"] == 8
+        ours, theirs = ours_file["model"], theirs_file["model"]
         for key, tensor in theirs.items():
             if tensor.is_floating_point():
                 err = float((ours[key] - tensor).norm() / tensor.norm().clamp_min(1e-12))
@@ -79,6 +94,8 @@ def test_trials_batched_equal_the_runs_one_by_one(tmp_path, monkeypatch):
 def test_what_batches_with_what():
     base = trial("a")
     assert batch_key(base) == batch_key(TRIALS[1]) == batch_key(TRIALS[2])
+    data = TRIALS[1].to_dict()
+    assert batch_key(TRIALS[1], data) == batch_key(base) and data == TRIALS[1].to_dict()  # left as it was
     assert batch_key(trial("k", workers=4)) != batch_key(base)
     assert batch_key(trial("h", algorithm={"name": "local_sgd", "period": 4})) != batch_key(base)
     assert batch_key(trial("p", engine="processes")) is None
@@ -86,7 +103,9 @@ def test_what_batches_with_what():
     # SlowMo scales its outer step by the inner rate: its trials must share the rate.
     slowmo = {"name": "slowmo", "period": 2}
     assert batch_key(trial("s", algorithm=slowmo)) == batch_key(trial("t", algorithm=slowmo, seed=5))
-    assert batch_key(trial("s", algorithm=slowmo)) != batch_key(trial("t", algorithm=slowmo, optimizer__lr=0.3))
+    assert batch_key(trial("s", algorithm=slowmo)) != batch_key(
+        trial("t", algorithm=slowmo, optimizer__lr=0.3)
+    )
     runs = [trial(f"r{i}", optimizer__lr=0.01 * (i + 1)) for i in range(5)] + [trial("k", workers=4)]
     assert [[r.name for r in b] for b in batches(runs, 2)] == [["r0", "r1"], ["r2", "r3"], ["r4"], ["k"]]
     assert [len(b) for b in batches(runs, 1)] == [1] * 6
@@ -126,7 +145,10 @@ def study(runs: list[Any]) -> Study:
 
 def test_study_batches_trials_records_each_and_resumes(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    runs = [*TRIALS, trial("diverges", optimizer__lr=1e8, optimizer__momentum=0.0, optimizer__weight_decay=1.0)]
+    runs = [
+        *TRIALS,
+        trial("diverges", optimizer__lr=1e8, optimizer__momentum=0.0, optimizer__weight_decay=1.0),
+    ]
     counts = run_study(study(runs), tmp_path / "batched", progress=False)
     assert counts == {"completed": 3, "diverged": 1}
     store = Store(tmp_path / "batched", create=False)
@@ -147,3 +169,103 @@ def test_study_batches_trials_records_each_and_resumes(tmp_path, monkeypatch):
     assert again == {"skipped (completed)": 3, "skipped (diverged)": 1}
     with pytest.raises(ConfigError, match="--batch-trials must be an integer >= 1, got 0"):
         run_study(study(runs), tmp_path / "batched", progress=False, batch_trials=0)
+
+
+class _Drawn(torch.nn.Module):
+    """A model that draws random numbers outside its layers' ``reset_parameters``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Linear(40, 8), torch.nn.ReLU(), torch.nn.Linear(8, 10))
+        self.register_buffer("mask", torch.rand(40))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x * self.mask)
+
+
+@pytest.mark.parametrize("name", ["mnist1d_mlp", "mnist1d_cnn", "drawn"])
+def test_stacked_initialisation_equals_the_models_built_one_by_one(name, tmp_path, monkeypatch):
+    from localsgd import workloads
+    from localsgd.engines.simulated.trials import SeededModels, TrialReplicas
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    workload = workloads.build("mnist1d_mlp" if name == "drawn" else name, num_samples=200)
+    if name == "drawn":
+        monkeypatch.setattr(workload, "_model_factory", _Drawn)
+    seeds = [5, 0, 17, 5, 3]
+    models = SeededModels(workload.make_model, seeds, torch.device("cpu"))
+    replicas = TrialReplicas(workload, models, 2, seeds, torch.device("cpu"))
+    # Replaying each layer's initialisation is exact for models built of common layers; a
+    # model that draws otherwise is built one by one, with the same result.
+    assert models.stacked_init is (name != "drawn")
+    stacked = dict(zip(replicas.module.param_names, replicas.module.stacked))
+    buffers = dict(zip(replicas.module.buffer_names, replicas.module.stacked_buffers()))
+    for r, seed in enumerate(seeds):
+        torch.manual_seed(seed)  # as BatchedTrials built each trial's model before
+        alone = workload.make_model(seed)
+        for key, tensor in [*alone.named_parameters(), *alone.named_buffers()]:
+            for k in range(2):
+                ours = (stacked[key] if key in stacked else buffers[key])[r * 2 + k]
+                assert torch.equal(ours, tensor.detach()), f"trial {r} replica {k}: {key}"
+    first = stacked[replicas.module.param_names[0]].detach()
+    assert len({float(first[2 * r].sum()) for r in range(len(seeds))}) == 4  # 4 seeds, 4 models
+
+
+def test_stacked_evaluation_equals_each_trial_alone(tmp_path, monkeypatch):
+    from localsgd import workloads
+    from localsgd.engines.simulated.trials import SeededModels, TrialReplicas
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    workload = workloads.build("mnist1d_cnn", num_samples=500)
+    seeds = [1, 2, 3, 4]
+    replicas = TrialReplicas(
+        workload, SeededModels(workload.make_model, seeds, torch.device("cpu")), 1, seeds, torch.device("cpu")
+    )
+    for batch, _ in zip(replicas.batches(16, 0), range(3)):  # BatchNorm's running statistics move
+        replicas.forward_backward(batch)
+        with torch.no_grad():
+            for p in replicas.module.stacked:
+                p.sub_(0.1 * p.grad)
+    from localsgd.engines.simulated import trials as simulated_trials
+
+    x_test = workload._splits["cpu"][4]
+
+    cases = [("test", 4, [0, 2, 3]), ("validation", 4, [0, 2, 3]), ("test", 3, [0, 2, 3])]
+    cases += [("test", 1, [0, 2, 3]), ("test", 4, [1, 2])]
+    for split, chunk, trials in cases:
+        # Inputs of at most `chunk` trials at once, over the span of the trials asked for:
+        # trials 0-3 in one, in 3 + 1, in 1 x 4; trials 1-2 in one.
+        monkeypatch.setattr(simulated_trials, "STACKED_EVALUATION_ELEMENTS", chunk * x_test.numel())
+        stacked = replicas.evaluate_trials(trials, split)
+        assert replicas.stacked_evaluation is True
+        assert list(stacked) == trials
+        for t, scores in stacked.items():
+            assert scores == pytest.approx(replicas.evaluate(t, split), rel=1e-5)
+        assert len({s["eval_loss"] for s in stacked.values()}) == len(trials)  # each trial its own
+    assert replicas.details()["stacked_evaluation"] is True
+    assert sorted(replicas._evaluators) == [(0, 1), (0, 3), (0, 4), (1, 2), (1, 3), (2, 3), (3, 4)]
+
+    # Inputs sliced afresh (equal values, other tensors) are still served from the stack.
+
+    def copied(model: Any, device: Any, split: str = "test") -> dict[str, float]:
+        model.eval()
+        return {"accuracy": float(model(x_test.clone()).detach().sum()), "eval_loss": 0.0}
+
+    monkeypatch.setattr(workload, "evaluate", copied)
+    ours = replicas.evaluate_trials([0, 1, 2])
+    for t in (0, 1, 2):
+        assert ours[t] == pytest.approx(replicas.evaluate(t), rel=1e-5)
+    assert replicas.stacked_evaluation is True
+
+    # An evaluation that calls its model otherwise than on one tensor (by keyword) cannot be stacked:
+    # every trial is evaluated alone from then on, with the same results.
+    def keyword(model: Any, device: Any, split: str = "test") -> dict[str, float]:
+        model.eval()
+        return {"accuracy": float(model(x=x_test).detach().sum()), "eval_loss": 0.0}
+
+    monkeypatch.setattr(workload, "evaluate", keyword)
+    ours = replicas.evaluate_trials([0, 1, 2])
+    for t in (0, 1, 2):
+        assert ours[t] == pytest.approx(replicas.evaluate(t), rel=1e-5)
+    assert replicas.stacked_evaluation is False
+    assert "other than one tensor" in replicas.details()["stacked_evaluation_reason"]

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
+from localsgd.records.group import GroupWrite
 from localsgd.util.checks import ConfigError, from_dict
 from localsgd.util.files import DiskFull, no_space, write_atomic, write_json_atomic
 
@@ -304,17 +305,29 @@ class Status:
 
 def to_json(record: Any) -> dict[str, Any]:
     """A record dataclass as JSON-ready data (non-finite floats become None)."""
+    if not dataclasses.is_dataclass(record) or isinstance(record, type):
+        raise TypeError(f"to_json() takes a record dataclass instance, got {type(record).__name__}")
+    return _plain(record)
 
-    def plain(v: Any) -> Any:
-        if isinstance(v, float) and not math.isfinite(v):
-            return None
-        if isinstance(v, (list, tuple)):
-            return [plain(x) for x in v]
-        if isinstance(v, dict):
-            return {str(k): plain(x) for k, x in v.items()}
-        return v
 
-    return plain(dataclasses.asdict(record))
+def _plain(v: Any) -> Any:
+    # What dataclasses.asdict gives, without its deep copy of every leaf (the same data:
+    # a search writes thousands of rows and statuses).
+    if isinstance(v, float):
+        return v if math.isfinite(v) else None
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    if isinstance(v, dict):
+        return {str(k): _plain(x) for k, x in v.items()}
+    names = _FIELDS.get(type(v))
+    if names is None and dataclasses.is_dataclass(v) and not isinstance(v, type):
+        names = _FIELDS[type(v)] = tuple(f.name for f in dataclasses.fields(v))
+    if names is not None:
+        return {name: _plain(getattr(v, name)) for name in names}
+    return v
+
+
+_FIELDS: dict[type, tuple[str, ...]] = {}
 
 
 def from_json(cls: type[T], data: Any, where: str, *, versioned: bool = True) -> T:
@@ -408,9 +421,10 @@ class RunWriter:
         (self.run_dir / "status.json").unlink(missing_ok=True)
         self._open("ab")
 
-    def environment(self, env: Environment) -> None:
+    def environment(self, env: Environment, group: GroupWrite | None = None) -> None:
+        """``env.json``; with ``group``, added to it (written when the group commits)."""
         if self.run_dir is not None:
-            write_json_atomic(self.run_dir / "env.json", to_json(env))
+            self._json("env.json", to_json(env), group)
 
     def row(self, row: MetricsRow) -> None:
         if self._file is not None:
@@ -428,9 +442,17 @@ class RunWriter:
                 raise
         self.rows.append(row)
 
-    def status(self, status: Status) -> None:
+    def status(self, status: Status, group: GroupWrite | None = None) -> None:
+        """``status.json``; with ``group``, added to it (written when the group commits)."""
         if self.run_dir is not None:
-            write_json_atomic(self.run_dir / "status.json", to_json(status))
+            self._json("status.json", to_json(status), group)
+
+    def _json(self, name: str, data: Any, group: GroupWrite | None) -> None:
+        assert self.run_dir is not None
+        if group is None:
+            write_json_atomic(self.run_dir / name, data)
+        else:
+            group.add_json(self.run_dir / name, data)
 
     def close(self) -> None:
         if self._file is not None:

@@ -25,11 +25,12 @@ import shutil
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from localsgd.records.group import GroupWrite
 from localsgd.records.lock import FileLock
 from localsgd.records.record import (
     RECORD_VERSION,
@@ -300,6 +301,38 @@ class Store:
         write_json_atomic(partial / "config.json", to_json(snapshot))
         return partial
 
+    def begin_many(self, runs: Sequence[tuple[str, str, Mapping[str, Any]]]) -> list[Path]:
+        """:meth:`begin` (without ``resume``) for each ``(run_id, name, config)`` of a batch
+        of trials that start together: one index transaction and one group commit of
+        their ``config.json`` files. Returns their ``.partial`` folders, in order."""
+        started = time.time()
+        with self._db() as db:
+            db.executemany(
+                """INSERT INTO runs (run_id, name, status, config, started, attempts)
+                   VALUES (?, ?, 'running', ?, ?, 1)
+                   ON CONFLICT(run_id) DO UPDATE SET status = 'running', started = excluded.started,
+                       finished = NULL, error = NULL, attempts = runs.attempts + 1""",
+                [
+                    (run_id, name, json.dumps(dict(config), sort_keys=True), started)
+                    for run_id, name, config in runs
+                ],
+            )
+        group = GroupWrite()
+        folders = []
+        for run_id, _, config in runs:
+            final, partial = self.run_dir(run_id), self.partial_dir(run_id)
+            if final.exists():
+                shutil.rmtree(final)  # a finished run being redone on purpose
+            if partial.exists():
+                shutil.rmtree(partial)
+            partial.mkdir(parents=True)
+            group.add_json(
+                partial / "config.json", to_json(ConfigSnapshot(RECORD_VERSION, run_id, dict(config)))
+            )
+            folders.append(partial)
+        group.commit()
+        return folders
+
     def finish(self, run_id: str, *, error: ErrorInfo | None = None) -> str:
         """Move the ``.partial`` folder into place and index its status.
 
@@ -330,6 +363,37 @@ class Store:
                 shutil.rmtree(partial / CHECKPOINTS, ignore_errors=True)
         os.replace(partial, self.run_dir(run_id))
         return self._index_finished(run_id)
+
+    def finish_many(self, run_ids: Sequence[str], *, error: ErrorInfo | None = None) -> list[str]:
+        """:meth:`finish` for runs that ended at one moment (trials of a batch): each folder
+        moved into place as :meth:`finish` moves it, then one index transaction for all.
+        A run whose folder has a status of its own is finished by it; a run killed before
+        its index row was updated is reconciled by :meth:`status`. Returns the statuses."""
+        finished: list[tuple[str, Status]] = []
+        for run_id in run_ids:
+            partial = self.partial_dir(run_id)
+            status_path = partial / "status.json"
+            if error is not None or not status_path.exists():
+                self.finish(run_id, error=error)  # rare: a failure, rewritten with its root error
+                finished.append((run_id, self._read_status(self.run_dir(run_id) / "status.json")))
+                continue
+            status = self._read_status(status_path)
+            if status.status != "failed":
+                shutil.rmtree(partial / CHECKPOINTS, ignore_errors=True)
+            os.replace(partial, self.run_dir(run_id))
+            finished.append((run_id, status))
+        if finished:
+            now = time.time()
+            with self._db() as db:
+                db.executemany(
+                    "UPDATE runs SET status = ?, finished = ?, error = ? WHERE run_id = ?",
+                    [(s.status, now, s.error.line() if s.error else None, run_id) for run_id, s in finished],
+                )
+        return [s.status for _, s in finished]
+
+    @staticmethod
+    def _read_status(path: Path) -> Status:
+        return from_json(Status, read_json(path), str(path))
 
     def _index_finished(self, run_id: str) -> str:
         path = self.run_dir(run_id) / "status.json"
