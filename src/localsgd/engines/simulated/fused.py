@@ -327,7 +327,29 @@ def fused_model(
             fused = FusedBatchNorm(layout, module, tensor("weight"), tensor("bias"), stats)
         fused.train(module.training)
         _replace(model, name, fused)
+    if layout.length_first:
+        for module in model.modules():
+            if isinstance(module, PER_SAMPLE):
+                module.register_forward_hook(_gradient_in_output_layout)
     return model, layout
+
+
+def _gradient_in_output_layout(module: nn.Module, args: Any, output: Any) -> None:
+    """Have the gradient of a per-sample layer's output arrive in that output's memory
+    layout. In the ``length_first`` layout the model's own code may reshape (a flatten
+    before the classifier copies ``[L, B, K, C]`` memory into ``[B·K, C·L]``), and the
+    gradient comes back in the copy's layout; an elementwise backward (ReLU's) over two
+    layouts is several times slower than one copy, and every kernel before it (batch
+    norm, convolution) would then leave the channels-last path too."""
+    if isinstance(output, torch.Tensor) and output.requires_grad:
+        output.register_hook(functools.partial(_as_strided_like, strides=output.stride()))
+
+
+def _as_strided_like(grad: torch.Tensor, strides: tuple[int, ...]) -> torch.Tensor | None:
+    if grad.stride() == strides:
+        return None
+    out = torch.empty_strided(grad.shape, strides, dtype=grad.dtype, device=grad.device)
+    return out.copy_(grad)
 
 
 def _required(t: torch.Tensor | None, name: str) -> torch.Tensor:
