@@ -226,8 +226,8 @@ def calibrate(quick: bool = False) -> dict[str, float]:
     """This CPU at the benchmark's thread count: GFLOP/s of a large fp32 GEMM and of the
     CNN's middle convolution (32 -> 32 channels, kernel 3, stride 2, length 19) forward and
     backward at a large batch, the faster of its two forms (``conv1d`` channels-first, and
-    the channels-last 2-D form over ``(L, B)`` the fused path uses), and GB/s of a large add
-    (``c = a + b``, 3 arrays of 32 MiB: two read, one written)."""
+    the channels-last 2-D form over ``(L, B)`` the fused path uses), and the
+    :func:`bandwidth` of main memory (an add over 3 arrays of 32 MiB)."""
     n = 512 if quick else 1024
     a, b = torch.randn(n, n), torch.randn(n, n)
     gemm = 2 * n**3 / _best_seconds(lambda: torch.mm(a, b)) / 1e9
@@ -247,16 +247,22 @@ def calibrate(quick: bool = False) -> dict[str, float]:
     conv_rates = {
         form: conv_flops / _best_seconds(fn) / 1e9 for form, fn in (("conv1d", conv1d), ("planar", planar))
     }
-    elements = (1 << 20) if quick else (8 << 20)
-    u, v, w = torch.randn(elements), torch.randn(elements), torch.empty(elements)
-    bandwidth = 3 * 4 * elements / _best_seconds(lambda: torch.add(u, v, out=w)) / 1e9
     return {
         "gemm_gflops": gemm,
         "conv_gflops": max(conv_rates.values()),
         "conv1d_gflops": conv_rates["conv1d"],
         "conv_planar_gflops": conv_rates["planar"],
-        "bandwidth_gbs": bandwidth,
+        "bandwidth_gbs": bandwidth(96 << 20),
     }
+
+
+def bandwidth(nbytes: float) -> float:
+    """GB/s of ``c = a + b`` over three fp32 arrays that together hold ``nbytes`` (two
+    read, one written): from main memory for a large size, from the caches for a working
+    set that fits them."""
+    elements = max(int(nbytes) // 12, 1024)
+    u, v, w = torch.randn(elements), torch.randn(elements), torch.empty(elements)
+    return 3 * 4 * elements / _best_seconds(lambda: torch.add(u, v, out=w), min_seconds=0.1) / 1e9
 
 
 def step_cost(workload: object, k: int, b: int) -> dict[str, float]:
@@ -272,6 +278,9 @@ def step_cost(workload: object, k: int, b: int) -> dict[str, float]:
     - activations (A per sample: the outputs of the model's leaf modules): written and read
       once in the forward, read again by the backward, their gradients written and read
       (5·K·B·A), plus the input read once.
+
+    ``working_set``: the distinct bytes the step touches (parameters, gradients, momentum,
+    activations and their gradients), the size at which its bandwidth is measured.
     """
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -305,17 +314,19 @@ def step_cost(workload: object, k: int, b: int) -> dict[str, float]:
         "param_bytes": param_bytes,
         "activation_bytes": activation_bytes,
         "bytes": param_bytes + activation_bytes,
+        "working_set": 4 * (3 * k * params + 2 * outputs[0]),
     }
 
 
-def roofline_seconds(cost: dict[str, float], cpu: dict[str, float]) -> float:
+def roofline_seconds(cost: dict[str, float], cpu: dict[str, float], gbs: float) -> float:
     """The step's time at the calibrated rates: its matmuls at the GEMM's rate, its
-    convolutions at the convolution's, its bytes at the add's bandwidth, one after another
-    (one thread runs the compute-bound kernels and the memory-bound ones in turn)."""
+    convolutions at the convolution's, its bytes at ``gbs`` (the bandwidth at its working
+    set), one after another (one thread runs the compute-bound kernels and the
+    memory-bound ones in turn)."""
     return (
         cost["matmul_flops"] / (cpu["gemm_gflops"] * 1e9)
         + cost["conv_flops"] / (cpu["conv_gflops"] * 1e9)
-        + cost["bytes"] / (cpu["bandwidth_gbs"] * 1e9)
+        + cost["bytes"] / (gbs * 1e9)
     )
 
 
@@ -380,7 +391,8 @@ def throughput(args: argparse.Namespace, cpu: dict[str, float]) -> tuple[list[di
                 ratio("vmap/single", t["single"], t["vmap"], **labels),
             ]
             cost = step_cost(workload, k, args.batch)
-            estimate = roofline_seconds(cost, cpu)
+            gbs = bandwidth(cost["working_set"])
+            estimate = roofline_seconds(cost, cpu, gbs)
             ratios.append(
                 ratio(
                     "fused time / roofline",
@@ -401,6 +413,8 @@ def throughput(args: argparse.Namespace, cpu: dict[str, float]) -> tuple[list[di
                     round(cost["matmul_flops"] / 1e6, 1),
                     round(cost["conv_flops"] / 1e6, 1),
                     round(cost["bytes"] / 1e6, 2),
+                    round(cost["working_set"] / 1e6, 2),
+                    round(gbs, 1),
                     round(estimate * 1e3, 3),
                     round(med["fused"] * 1e3, 3),
                     round(med["fused"] / estimate, 2),
@@ -409,6 +423,12 @@ def throughput(args: argparse.Namespace, cpu: dict[str, float]) -> tuple[list[di
             )
             for r in ratios[-5:]:
                 print(ratio_line(r), flush=True)
+            print(
+                f"  per step: {cost['matmul_flops'] / 1e6:.1f} matmul + {cost['conv_flops'] / 1e6:.1f} conv MFLOP, "
+                f"{cost['bytes'] / 1e6:.1f} MB at {gbs:.1f} GB/s -> roofline {estimate * 1e3:.2f} ms; "
+                f"fused {med['fused'] * 1e3:.2f} ms, single {med['single'] * 1e3:.2f} ms",
+                flush=True,
+            )
     return ratios, rates, roof
 
 
@@ -450,6 +470,8 @@ def main() -> None:
                 "matmul MFLOP",
                 "conv MFLOP",
                 "MB moved",
+                "working set MB",
+                "GB/s there",
                 "roofline ms",
                 "fused ms",
                 "fused / roofline",
@@ -457,8 +479,9 @@ def main() -> None:
             ],
             "rows": roof,
             "note": f"Per step. Calibration: GEMM {cpu['gemm_gflops']:.1f} GFLOP/s, convolution "
-            f"{cpu['conv_gflops']:.1f} GFLOP/s, add {cpu['bandwidth_gbs']:.1f} GB/s; roofline = matmul FLOPs / GEMM "
-            "rate + conv FLOPs / conv rate + bytes / bandwidth (docs/simulator.md).",
+            f"{cpu['conv_gflops']:.1f} GFLOP/s, main memory {cpu['bandwidth_gbs']:.1f} GB/s; roofline = matmul FLOPs / "
+            "GEMM rate + conv FLOPs / conv rate + bytes / the bandwidth of an add over the step's working set "
+            "(docs/simulator.md).",
         },
     ]
     out = {
