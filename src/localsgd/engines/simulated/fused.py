@@ -220,7 +220,9 @@ class FusedConv(nn.Module):
         assert weight is not None
         w = weight.reshape(-1, *weight.shape[2:])  # [K·C_out, C_in / groups, ...]
         if self.planar:
-            w = w.unsqueeze(-1)  # the kernel (k, 1) over (L, B)
+            # The kernel (k, 1) over (L, B), converted once to the input's channels-last
+            # layout: oneDNN would otherwise convert it in the forward and again in the backward.
+            w = w.unsqueeze(-1).contiguous(memory_format=torch.channels_last)
         b = None if bias is None else bias.reshape(-1)
         out = self.conv(self.layout.to_channels(x), w, b, **self.options)
         return self.layout.from_channels(out)
