@@ -333,19 +333,21 @@ def roofline_seconds(cost: dict[str, float], cpu: dict[str, float], gbs: float) 
 # -- throughput ---------------------------------------------------------------------------------
 
 
-def timed(step: Step, batches: list, budget: float) -> Callable[[], float]:
+def timed(step: Step, batches: list, budget: float, cpu_clock: bool = False) -> Callable[[], float]:
     """One measurement of ``step``: seconds per step over whole periods of H steps (so the
-    averaging is counted at its share), for at least ``budget`` seconds."""
+    averaging is counted at its share), for at least ``budget`` seconds of wall time.
+    ``cpu_clock``: the seconds are this process's CPU time, not the wall clock's (on a
+    machine shared with other jobs, the time spent waiting for a core is left out)."""
 
     def run() -> float:
-        steps, start = 0, time.perf_counter()
+        steps, start, cpu_start = 0, time.perf_counter(), time.process_time()
         while True:
             for _ in range(PERIOD):
                 step(batches[steps % len(batches)])
                 steps += 1
             elapsed = time.perf_counter() - start
             if elapsed >= budget:
-                return elapsed / steps
+                return ((time.process_time() - cpu_start) if cpu_clock else elapsed) / steps
 
     return run
 
@@ -369,7 +371,9 @@ def throughput(args: argparse.Namespace, cpu: dict[str, float]) -> tuple[list[di
                 "single": single_runner(workload.make_model(0), workload.loss),
             }
             t = interleaved(
-                {kind: timed(run, batches, budget) for kind, run in runners.items()}, reps, warmup=1
+                {kind: timed(run, batches, budget, args.clock == "cpu") for kind, run in runners.items()},
+                reps,
+                warmup=1,
             )
             labels = {"workload": name, "K": k}
             ratios += [
@@ -439,6 +443,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--reps", type=int, default=MIN_REPS, help="repetitions (after one warm-up)")
     parser.add_argument("--budget", type=float, default=1.0, help="seconds of each measurement, at least")
+    parser.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="time steps by the wall clock, or by this process's CPU time (a machine shared with other jobs)",
+    )
     parser.add_argument("--trials", type=int, default=64, help="R: trials of the search")
     parser.add_argument("--search-steps", type=int, default=60, help="steps of each trial")
     parser.add_argument("--no-search", action="store_true", help="skip the search table")
@@ -460,7 +470,8 @@ def main() -> None:
             "columns": ["workload", "K", "fused", "vmap", "loop", "single (batch K·B)"],
             "rows": rates,
             "note": f"One thread, per-replica batch {args.batch}, LocalSGD H = {PERIOD}; each figure the median of "
-            f"{args.reps if not args.quick else 2} interleaved measurements of >= {args.budget} s.",
+            f"{args.reps if not args.quick else 2} interleaved measurements of >= {args.budget} s"
+            + (" (steps timed in CPU seconds of the process)." if args.clock == "cpu" else "."),
         },
         {
             "title": "Simulated engine: the fused step against this CPU's roofline",
@@ -489,6 +500,7 @@ def main() -> None:
         "command": "python benchmarks/simulator.py " + " ".join(sys.argv[1:]),
         "threads": args.threads,
         "batch": args.batch,
+        "clock": args.clock,
         "calibration": cpu,
         "ratios": ratios,
         "tables": tables,

@@ -343,8 +343,18 @@ def _gradient_in_output_layout(module: nn.Module, args: Any, output: Any) -> Non
     gradient comes back in the copy's layout; an elementwise backward (ReLU's) over two
     layouts is several times slower than one copy, and every kernel before it (batch
     norm, convolution) would then leave the channels-last path too."""
-    if isinstance(output, torch.Tensor) and output.requires_grad:
+    if isinstance(output, torch.Tensor) and output.requires_grad and _dense(output):
         output.register_hook(functools.partial(_as_strided_like, strides=output.stride()))
+
+
+def _dense(t: torch.Tensor) -> bool:
+    """Whether ``t``'s elements fill its memory once each (some permutation of contiguous)."""
+    expected = 1
+    for size, stride in sorted(((n, s) for n, s in zip(t.shape, t.stride()) if n != 1), key=lambda p: p[1]):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
 
 
 def _as_strided_like(grad: torch.Tensor, strides: tuple[int, ...]) -> torch.Tensor | None:
