@@ -16,7 +16,10 @@ once on it, with each layer that holds parameters replaced by its stacked form:
 The order of samples in the concatenated batch is chosen once per model: replica-major
 (``k·B + b``) when it has only linear layers, so that a batched matmul reads and writes
 it in place, or sample-major (``b·K + k``) when it has convolutions or batch norm, so that
-``[B·K, C, ...]`` *is* ``[B, K·C, ...]`` and those kernels need no copy.
+``[B·K, C, ...]`` *is* ``[B, K·C, ...]`` and those kernels need no copy. When every
+channel layer is 1-D, they run *length-first* instead (:class:`Layout`): as 2-D
+channels-last kernels on ``[1, K·C, L, B]``, whose memory ``[L, B, K, C]`` is a view of the
+``[B·K, C, L]`` the model's own code sees; on a CPU this is about twice as fast.
 
 The loss is the workload's, called once on the concatenated batch. For a loss that is a
 mean over samples (cross-entropy, MSE with ``reduction="mean"``) it is the mean of the K
