@@ -441,6 +441,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer steps and repetitions")
     parser.add_argument("--batch", type=int, default=32, help="B: per-replica batch")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--trials", type=int, default=64, help="R: trials of the search")
+    parser.add_argument("--search-steps", type=int, default=60, help="steps of each trial")
+    parser.add_argument("--no-search", action="store_true", help="skip the search table")
     parser.add_argument("--reps", type=int, default=MIN_REPS, help="repetitions (after one warm-up)")
     parser.add_argument("--budget", type=float, default=1.0, help="seconds of each measurement, at least")
     parser.add_argument(
@@ -449,9 +452,6 @@ def main() -> None:
         default="wall",
         help="time steps by the wall clock, or by this process's CPU time (a machine shared with other jobs)",
     )
-    parser.add_argument("--trials", type=int, default=64, help="R: trials of the search")
-    parser.add_argument("--search-steps", type=int, default=60, help="steps of each trial")
-    parser.add_argument("--no-search", action="store_true", help="skip the search table")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
