@@ -15,6 +15,8 @@ repetition runs every variant once, in a rotating order; >= 5 repetitions after 
 - ``single``: one model trained at batch K·B. The replicas do the same arithmetic, so this
   is the physical limit of any batched simulation but for the K-fold parameter traffic.
 
+The process keeps freed memory mapped as the simulated engine's does
+(:func:`~localsgd.engines.simulated.stacked.retain_freed_memory`), for every variant.
 One measurement of a variant is its seconds per step over whole periods of H = 8 steps,
 for at least ``--budget`` seconds. Ratios are taken per repetition (throughput of the
 first over the second) and reported as median and range.
@@ -53,7 +55,12 @@ from torch import nn
 
 import localsgd
 from localsgd import algorithms, workloads
-from localsgd.engines.simulated.engine import ReplicaGradients, SimulatedCommunicator, StackedModel
+from localsgd.engines.simulated.engine import (
+    ReplicaGradients,
+    SimulatedCommunicator,
+    StackedModel,
+    retain_freed_memory,
+)
 from localsgd.run.config import RunConfig, run_config
 
 PERIOD = 8
@@ -454,6 +461,9 @@ def main() -> None:
     )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    # What the simulated engine sets up for its process; one process here, so every variant
+    # runs with it.
+    retain_freed_memory()
     started = time.perf_counter()
 
     cpu = calibrate(args.quick)
