@@ -38,11 +38,31 @@ def mlp() -> nn.Module:
     return nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3, bias=False))
 
 
+def signal_net() -> nn.Module:
+    """1-D channel layers only (run in the length-first layout): "same" padding with
+    dilation, grouped convolution, pooling, and batch norm on ``[N, C]`` after a flatten."""
+    return nn.Sequential(
+        nn.Unflatten(1, (2, 6)),
+        nn.Conv1d(2, 4, 3, padding="same", dilation=2),
+        nn.BatchNorm1d(4),
+        nn.ReLU(),
+        nn.MaxPool1d(2),
+        nn.Conv1d(4, 4, 2, groups=2),
+        nn.Flatten(),
+        nn.Linear(8, 5),
+        nn.BatchNorm1d(5, momentum=None),
+        nn.ReLU(),
+        nn.Linear(5, 3),
+    )
+
+
 MODELS = {
     "conv2d": (image_net, (2, 6, 6)),
     "conv1d": (lambda: ConvNet1D(channels=4), (40,)),
+    "conv1d-mixed": (signal_net, (12,)),
     "mlp": (mlp, (5,)),
 }
+LENGTH_FIRST = {"conv1d", "conv1d-mixed"}
 
 
 def perturbed(make, replicas: int, seed: int) -> tuple[list[nn.Module], StackedModel]:
@@ -81,6 +101,7 @@ def test_fused_equals_separate_models_and_vmap(name):
             loss.backward()
             losses.append(loss.item())
         assert fused.path == "fused", fused.fused_reason
+        assert fused._fused is not None and fused._fused.layout.length_first == (name in LENGTH_FIRST)
         assert loss_f.shape == (1, 1) and float(loss_f) == pytest.approx(sum(losses) / k, rel=1e-5)
         torch.testing.assert_close(loss_v.flatten(), torch.tensor(losses), rtol=1e-5, atol=1e-6)
         for i, m in enumerate(models):

@@ -29,7 +29,7 @@ from localsgd.engines.simulated.communicator import (
     replica_span,
 )
 from localsgd.engines.simulated.gradients import ReplicaGradients, replica_details
-from localsgd.engines.simulated.stacked import LossFn, StackedModel, explicit_batchnorm
+from localsgd.engines.simulated.stacked import LossFn, StackedModel, explicit_batchnorm, retain_freed_memory
 from localsgd.engines.simulated.trials import TrialReplicas
 from localsgd.records.record import EngineInfo
 from localsgd.util.nest import zip_nests
@@ -47,6 +47,7 @@ __all__ = [
     "explicit_batchnorm",
     "replica_details",
     "replica_span",
+    "retain_freed_memory",
 ]
 
 
@@ -133,6 +134,7 @@ class SimulatedReplicas:
         self.replicas = replicas
         self.device = device
         self.options = options or SimulatedOptions()
+        retain_freed_memory()
         self.module = StackedModel(model, replicas)
         self.gradients = ReplicaGradients(self.module, workload.loss)
         self.comm: Communicator | None = SimulatedCommunicator(replicas)
