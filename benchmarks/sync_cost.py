@@ -88,6 +88,7 @@ class BenchConfig:
     """
 
     world_sizes: tuple[int, ...] = (2, 4)
+    models: tuple[str, ...] = tuple(MODELS)
     reps: int = 7
     warmup: int = 1
     resnet_calls: int = 60
@@ -335,11 +336,13 @@ def rank_main(rank: int, world: int, port: int, cfg_dict: dict[str, Any], out: s
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     # One thread per rank: the ranks share the machine's cores, as they would on one node.
     torch.set_num_threads(1)
-    cfg = BenchConfig(**{**cfg_dict, "world_sizes": tuple(cfg_dict["world_sizes"])})
+    cfg = BenchConfig(
+        **{**cfg_dict, "world_sizes": tuple(cfg_dict["world_sizes"]), "models": tuple(cfg_dict["models"])}
+    )
     try:
         localsgd.init_distributed(backend="gloo", timeout=120)
         result = {
-            "sync": {name: sync_costs(name, cfg, rank, world) for name in MODELS},
+            "sync": {name: sync_costs(name, cfg, rank, world) for name in cfg.models},
             "step": step_overhead(cfg, rank, world),
         }
     finally:
@@ -442,7 +445,7 @@ def tables(results: list[dict[str, Any]], ratios: list[dict[str, Any]]) -> list[
                     span(find(f"A/A bare twin/bare ({clock})", "resnet20", k)),
                 ]
             )
-    reps = len(results[0]["sync"]["resnet20"]["slowest_s"]["ours"])
+    reps = len(ratios[0]["values"])
     return [
         {
             "title": "One local-SGD sync against one all-reduce of the same bytes (gloo, loopback)",
@@ -485,6 +488,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--world-sizes", type=int, nargs="+", default=None, help="world sizes to run (default 2 4)"
     )
     parser.add_argument(
+        "--models", nargs="+", choices=list(MODELS), default=None, help="models to sync (default: both)"
+    )
+    parser.add_argument(
         "--reps",
         type=int,
         default=None,
@@ -499,6 +505,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if any(k < 2 for k in args.world_sizes):
             raise ValueError(f"--world-sizes must all be >= 2, got {args.world_sizes}")
         cfg = dataclasses.replace(cfg, world_sizes=tuple(args.world_sizes))
+    if args.models:
+        cfg = dataclasses.replace(cfg, models=tuple(args.models))
     if args.reps is not None:
         if args.reps < MIN_REPS and not args.quick:
             raise ValueError(f"--reps must be >= {MIN_REPS}, got {args.reps}")
