@@ -1,28 +1,42 @@
-"""What one local-SGD parameter sync costs on real gloo process groups, against its limits.
+"""What one local-SGD parameter sync costs on real gloo process groups, against its limit.
 
 For a ResNet-20 (0.27 M parameters in 65 tensors: latency-bound) and a 25 M-parameter MLP
-(bandwidth-bound), at each world size, the same processes time, interleaved:
+(bandwidth-bound), at each world size K, the same K processes time these, interleaved
+(:func:`shared.interleaved`: every repetition runs each variant once, in an order that
+rotates; a variant's value in a repetition is the median of many calls, each after a
+barrier, and a sync's time is the slowest rank's, since a sync is done when every rank is):
 
-- ``ours``: ``LocalSGD(period=1)``'s sync through :class:`localsgd.DataParallel`;
-- ``raw``: one ``all_reduce`` of a flat float32 buffer of the same size (the limit);
-- ``raw_scaled``: ``raw`` plus the ``mul_(1/K)`` that gloo forces (it has no AVG);
-- ``scale``: that ``mul_`` alone, to see its share;
-- ``bookkeeping``: the per-tensor Python work a sync does before its collective (checking
-  that the cached flat span still covers every parameter), alone;
+- ``ours``: ``LocalSGD(period=1)``'s sync through :class:`localsgd.DataParallel`, the whole
+  Python path (synchronizer, averager, span check, communicator, counters);
+- ``raw``: one ``torch.distributed.all_reduce`` (SUM) of the same bytes, **on the same
+  buffer**: the flat storage ``DataParallel`` made of the parameters. The limit is thus
+  the collective itself with nothing else changed: same allocation and alignment, same
+  cache state (the variants touch the same memory in turn), same values, the same public
+  call ``ours`` makes. The parameters are zeros, identical on every rank, so repeated SUMs
+  stay finite and no denormal ever slows the arithmetic (a collective's speed does not
+  depend on the values otherwise);
+- ``raw_scaled``: ``raw`` plus the ``mul_(1/K)`` an average needs on gloo, which has no
+  averaging reduction that is faster (its ``AVG`` measured slower than SUM then one pass);
 - ``per_tensor``: one ``all_reduce`` and one divide per parameter tensor (HF accelerate's
-  LocalSGD; accelerate also clones each tensor, so it is slower still);
+  LocalSGD; accelerate also clones each tensor, so it is slower still), on a plain copy;
 - ``torch_averager``: ``PeriodicModelAverager(period=1).average_parameters`` on a plain
   (not flattened) copy of the model.
 
+The ratios (``shared.ratio``: per repetition, then median and range) are ours/raw (the
+target: <= 1.05 for the ResNet-20 at K = 2 and 4), ours/raw_scaled, per_tensor/ours and
+torch_averager/ours.
+
 And the training-step overhead of being wrapped: a ResNet-20 step on 32 CIFAR-sized images
-inside ``DataParallel`` with ``LocalSGD(period=10**9)`` (no sync ever due) against the same
-bare step, and against a second bare twin whose ratio to the first (A/A) shows the noise
-floor; the three run in short blocks whose order rotates, to cancel drift.
+inside ``DataParallel`` with ``LocalSGD(period=10**9)`` (no sync ever due) against the
+same bare step, and a second bare twin against the first (A/A: the noise floor), the three
+interleaved the same way; a repetition's value is a rank's median step, in this thread's
+CPU time (with one intra-op thread the whole step runs on it, so that is the work the
+wrapper adds; wall time, reported too, mostly measures the scheduler on a shared box), and
+a ratio's value is the worst rank's.
 
-Times are medians after warm-up; a sync's time is the slowest rank's median (a sync is done
-when every rank is done). Nothing here is asserted: this is a measurement, not a test.
+Nothing here is asserted: this is a measurement, not a test.
 
-    python benchmarks/sync_cost.py            # full run, a few minutes on 2 cores
+    python benchmarks/sync_cost.py            # full run, about 3 minutes on 2 cores
     python benchmarks/sync_cost.py --quick    # smoke run
 """
 
@@ -31,15 +45,12 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import datetime
 import json
 import logging
 import multiprocessing as mp
 import os
-import platform
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -51,6 +62,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from shared import MIN_REPS, interleaved, machine_at_end, ratio, ratio_line, write_results
 from torch import nn
 from torch.distributed.algorithms.model_averaging.averagers import PeriodicModelAverager
 
@@ -60,46 +72,51 @@ from localsgd.comm.flat import contiguous_span
 
 log = logging.getLogger("sync_cost")
 
-RESULTS = Path(__file__).resolve().parent / "results"
-SYNC_METHODS = ("ours", "raw", "raw_scaled", "scale", "bookkeeping", "per_tensor", "torch_averager")
+SYNC_VARIANTS = ("ours", "raw", "raw_scaled", "per_tensor", "torch_averager")
+STEP_ARMS = ("bare", "wrapped", "bare_twin")
+TARGET = 1.05  # ours / raw, ResNet-20, K = 2 and 4
+MODELS = {"resnet20": "ResNet-20", "mlp": "MLP"}
 
 
 @dataclass(frozen=True)
 class BenchConfig:
-    """Repetition counts and model sizes; ``--quick`` swaps in :data:`QUICK`.
+    """Repetitions, calls per repetition and model sizes; ``--quick`` swaps in :data:`QUICK`.
 
     ``*_oversubscribed`` apply when there are more ranks than cores: every collective then
-    waits on the scheduler, a per-tensor sync of the ResNet costs ~0.5 s, and the full
+    waits on the scheduler (a per-tensor sync of the ResNet costs ~0.4 s), and the full
     counts would blow the few-minute budget.
     """
 
     world_sizes: tuple[int, ...] = (2, 4)
-    resnet_reps: int = 200
-    resnet_reps_oversubscribed: int = 40
-    resnet_warmup: int = 10
-    mlp_reps: int = 20
-    mlp_reps_oversubscribed: int = 12
-    mlp_warmup: int = 2
+    models: tuple[str, ...] = tuple(MODELS)
+    reps: int = 7
+    warmup: int = 1
+    resnet_calls: int = 60
+    resnet_calls_oversubscribed: int = 15
+    resnet_per_tensor_calls: int = 5
+    resnet_per_tensor_calls_oversubscribed: int = 3
+    mlp_calls: int = 5
+    mlp_calls_oversubscribed: int = 3
     mlp_width: int = 1440
     mlp_depth: int = 12
     step_batch: int = 32
-    step_warmup: int = 3
-    step_blocks: int = 18
-    step_blocks_oversubscribed: int = 9
-    steps_per_block: int = 2
+    step_warmup: int = 2
+    steps_per_rep: int = 4
 
 
 QUICK = BenchConfig(
-    resnet_reps=20,
-    resnet_reps_oversubscribed=5,
-    resnet_warmup=2,
-    mlp_reps=3,
-    mlp_reps_oversubscribed=2,
-    mlp_warmup=1,
+    world_sizes=(2,),
+    reps=2,
+    resnet_calls=5,
+    resnet_calls_oversubscribed=3,
+    resnet_per_tensor_calls=1,
+    resnet_per_tensor_calls_oversubscribed=1,
+    mlp_calls=1,
+    mlp_calls_oversubscribed=1,
+    mlp_width=256,
+    mlp_depth=4,
     step_warmup=1,
-    step_blocks=3,
-    step_blocks_oversubscribed=3,
-    steps_per_block=1,
+    steps_per_rep=1,
 )
 
 
@@ -160,25 +177,30 @@ def build_model(name: str, cfg: BenchConfig) -> nn.Module:
 # -- what each rank runs ----------------------------------------------------------------------
 
 
-def time_interleaved(methods: dict[str, Callable[[], Any]], reps: int, warmup: int) -> dict[str, list[float]]:
-    """Seconds per call of each method; the order rotates every repetition so no method
-    always follows the same neighbour, and a barrier lines the ranks up before each call."""
-    names = list(methods)
-    times: dict[str, list[float]] = {n: [] for n in names}
-    for rep in range(warmup + reps):
-        shift = rep % len(names)
-        for name in names[shift:] + names[:shift]:
-            dist.barrier()
-            start = time.perf_counter()
-            methods[name]()
-            elapsed = time.perf_counter() - start
-            if rep >= warmup:
-                times[name].append(elapsed)
-    return times
+def median_call(fn: Callable[[], Any], calls: int) -> float:
+    """This rank's median seconds per call; a barrier lines the ranks up before each call, so
+    a call's time is the operation's, not the wait for a late peer."""
+    times = []
+    for _ in range(calls):
+        dist.barrier()
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def slowest(values: dict[str, list[float]], world: int) -> dict[str, list[float]]:
+    """Per variant and repetition, the largest value over the ranks."""
+    gathered: list[Any] = [None] * world
+    dist.all_gather_object(gathered, values)
+    return {v: [max(g[v][i] for g in gathered) for i in range(len(values[v]))] for v in values}
 
 
 def sync_costs(name: str, cfg: BenchConfig, rank: int, world: int) -> dict[str, Any]:
     model = build_model(name, cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()  # see the module docstring: SUMs of zeros stay zeros
     params = [p for p in model.parameters() if p.requires_grad]
     n_params = sum(p.numel() for p in params)
     # Plain copies, taken before DataParallel flattens `model`: the baselines see the
@@ -192,8 +214,6 @@ def sync_costs(name: str, cfg: BenchConfig, rank: int, world: int) -> dict[str, 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # it warns that period=1 is what DDP is for
         averager = PeriodicModelAverager(period=1, warmup_steps=0)
-    # Zeros: repeated SUMs without the scale would otherwise grow to inf.
-    raw = torch.zeros(n_params)
     inv = 1.0 / world
 
     def per_tensor() -> None:
@@ -207,47 +227,50 @@ def sync_costs(name: str, cfg: BenchConfig, rank: int, world: int) -> dict[str, 
         # period=1, warmup 0: (step - 0) % 1 == 0 always holds, so every call averages.
         assert averager.step == before + 1, (before, averager.step)
 
+    oversubscribed = world > usable_cores()
+    if name == "resnet20":
+        calls = cfg.resnet_calls_oversubscribed if oversubscribed else cfg.resnet_calls
+        slow_calls = (
+            cfg.resnet_per_tensor_calls_oversubscribed if oversubscribed else cfg.resnet_per_tensor_calls
+        )
+    else:
+        calls = slow_calls = cfg.mlp_calls_oversubscribed if oversubscribed else cfg.mlp_calls
+
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     algorithm = localsgd.algorithms.LocalSGD(period=1, average_buffers=False)
     with localsgd.DataParallel(model, opt, algorithm) as dp:
         sync = dp._sync
         assert isinstance(sync, LocalSGDSync), type(sync)
-        span = contiguous_span(params)
-        assert span is not None and span.numel() == n_params, "params are not one buffer"
-        methods: dict[str, Callable[[], Any]] = {
-            "ours": sync.sync,
-            "raw": lambda: dist.all_reduce(raw),
-            "raw_scaled": lambda: (dist.all_reduce(raw), raw.mul_(inv)),
-            "scale": lambda: raw.mul_(inv),
-            # What the library does per sync now: check the cached span is still valid.
-            "bookkeeping": lambda: sync.ctx.model_tensors(params=True, buffers=False),
-            "per_tensor": per_tensor,
-            "torch_averager": torch_average,
+        flat = contiguous_span(params)
+        assert flat is not None and flat.numel() == n_params, "params are not one buffer"
+        ops: dict[str, tuple[Callable[[], Any], int]] = {
+            "ours": (sync.sync, calls),
+            "raw": (lambda: dist.all_reduce(flat), calls),
+            "raw_scaled": (lambda: (dist.all_reduce(flat), flat.mul_(inv)), calls),
+            "per_tensor": (per_tensor, slow_calls),
+            "torch_averager": (torch_average, slow_calls),
         }
-        oversubscribed = world > usable_cores()
-        if name == "resnet20":
-            reps = cfg.resnet_reps_oversubscribed if oversubscribed else cfg.resnet_reps
-            warmup = cfg.resnet_warmup
-        else:
-            reps = cfg.mlp_reps_oversubscribed if oversubscribed else cfg.mlp_reps
-            warmup = cfg.mlp_warmup
         start = time.perf_counter()
-        times = time_interleaved(methods, reps, warmup)
+        values = interleaved(
+            {v: (lambda fn=fn, n=n: median_call(fn, n)) for v, (fn, n) in ops.items()},
+            reps=cfg.reps,
+            warmup=cfg.warmup,
+        )
         if rank == 0:
-            log.info("rank 0: world %d %s: %d reps in %.1f s", world, name, reps, time.perf_counter() - start)
+            log.info(
+                "world %d %s: %d repetitions in %.1f s", world, name, cfg.reps, time.perf_counter() - start
+            )
         syncs = dp.stats["syncs"]
-    assert syncs == reps + warmup, (syncs, reps, warmup)
-    # The library's own figure: the seconds it records around its collective (and scale).
-    comm_seconds = dp.stats["comm_seconds"] / syncs
+        comm_seconds = dp.stats["comm_seconds"]
+    assert syncs == (cfg.reps + cfg.warmup) * calls, (syncs, cfg, calls)
     return {
         "params": n_params,
         "param_tensors": len(params),
-        "reps": reps,
+        "calls_per_rep": {v: n for v, (_, n) in ops.items()},
         "oversubscribed": oversubscribed,
-        "median_s": {m: statistics.median(t) for m, t in times.items()},
-        # A low quantile is what the operation costs when the scheduler leaves it alone.
-        "p20_s": {m: statistics.quantiles(t, n=5)[0] for m, t in times.items()},
-        "comm_seconds_per_sync": comm_seconds,
+        "slowest_s": slowest(values, world),
+        # The library's own figure: the seconds it records around its collective (and scale).
+        "comm_seconds_per_sync": comm_seconds / syncs,
     }
 
 
@@ -255,7 +278,7 @@ def step_overhead(cfg: BenchConfig, rank: int, world: int) -> dict[str, Any]:
     """Per-step time of three identical ResNet-20s on the same batch: one wrapped, one bare,
     and a second bare one whose ratio to the first (A/A) is the noise floor."""
     arms: dict[str, tuple[nn.Module, torch.optim.Optimizer]] = {}
-    for arm in ("bare", "wrapped", "bare_twin"):
+    for arm in STEP_ARMS:
         model = build_model("resnet20", cfg)
         arms[arm] = (model, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9))
     g = torch.Generator().manual_seed(1000 + rank)
@@ -269,35 +292,33 @@ def step_overhead(cfg: BenchConfig, rank: int, world: int) -> dict[str, Any]:
         opt.step()
         return time.perf_counter() - wall, time.thread_time() - cpu
 
-    names = list(arms)
-    times: dict[str, list[tuple[float, float]]] = {arm: [] for arm in names}
-    blocks = cfg.step_blocks_oversubscribed if world > usable_cores() else cfg.step_blocks
+    wall: dict[str, list[float]] = {arm: [] for arm in STEP_ARMS}
+
+    def arm_median(arm: str) -> float:
+        # Ranks share the cores: lined up, every arm sees the same contention.
+        dist.barrier()
+        times = [step(*arms[arm]) for _ in range(cfg.steps_per_rep)]
+        wall[arm].append(statistics.median(t[0] for t in times))
+        return statistics.median(t[1] for t in times)
+
     algorithm = localsgd.algorithms.LocalSGD(period=10**9)
     with localsgd.DataParallel(*arms["wrapped"], algorithm) as dp:
         for _ in range(cfg.step_warmup):
-            for arm in names:
+            for arm in STEP_ARMS:
                 step(*arms[arm])
-        for block in range(blocks):
-            # Rotating the order gives every arm every slot equally often: slow drift and
-            # "first after the barrier" effects land on all three alike.
-            shift = block % len(names)
-            for arm in names[shift:] + names[:shift]:
-                # Ranks share the cores: lined up, every block sees the same contention.
-                dist.barrier()
-                for _ in range(cfg.steps_per_block):
-                    times[arm].append(step(*arms[arm]))
+        cpu = interleaved({arm: (lambda arm=arm: arm_median(arm)) for arm in STEP_ARMS}, reps=cfg.reps)
         syncs = dp.stats["syncs"]
     assert syncs == 0, f"a sync fired during the step benchmark: {syncs}"
-    # Wall time is what a user waits for, but on a shared or oversubscribed box it mostly
-    # measures the scheduler. With one intra-op thread the whole step (autograd included,
-    # for CPU tensors) runs on this thread, so its CPU time is the work the wrapper adds.
-    out: dict[str, Any] = {"steps_each": len(times["bare"])}
-    for i, clock in enumerate(("wall", "cpu")):
-        median = {arm: statistics.median(t[i] for t in times[arm]) for arm in names}
+    clocks = {"cpu": cpu, "wall": wall}
+    out: dict[str, Any] = {"steps_per_rep": cfg.steps_per_rep}
+    for clock, values in clocks.items():
+        gathered: list[Any] = [None] * world
+        dist.all_gather_object(gathered, values)
         out[clock] = {
-            **{f"{arm}_s": median[arm] for arm in names},
-            "ratio": median["wrapped"] / median["bare"],
-            "a_a_ratio": median["bare_twin"] / median["bare"],
+            "by_rank": gathered,
+            # Per repetition, the worst rank's ratio.
+            "ratio": [max(g["wrapped"][i] / g["bare"][i] for g in gathered) for i in range(cfg.reps)],
+            "a_a_ratio": [max(g["bare_twin"][i] / g["bare"][i] for g in gathered) for i in range(cfg.reps)],
         }
     return out
 
@@ -315,17 +336,20 @@ def rank_main(rank: int, world: int, port: int, cfg_dict: dict[str, Any], out: s
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     # One thread per rank: the ranks share the machine's cores, as they would on one node.
     torch.set_num_threads(1)
-    cfg = BenchConfig(**{**cfg_dict, "world_sizes": tuple(cfg_dict["world_sizes"])})
+    cfg = BenchConfig(
+        **{**cfg_dict, "world_sizes": tuple(cfg_dict["world_sizes"]), "models": tuple(cfg_dict["models"])}
+    )
     try:
         localsgd.init_distributed(backend="gloo", timeout=120)
         result = {
-            "sync": {name: sync_costs(name, cfg, rank, world) for name in ("resnet20", "mlp")},
+            "sync": {name: sync_costs(name, cfg, rank, world) for name in cfg.models},
             "step": step_overhead(cfg, rank, world),
         }
     finally:
         localsgd.destroy_distributed()
-    with open(out, "w") as f:
-        json.dump(result, f)
+    if rank == 0:
+        with open(out, "w") as f:
+            json.dump(result, f)
 
 
 # -- the launcher -----------------------------------------------------------------------------
@@ -337,14 +361,15 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def run_world(world: int, cfg: BenchConfig, timeout: float = 900.0) -> list[dict[str, Any]]:
-    """Every rank's result; a rank that fails or hangs fails the run (no partial tables)."""
+def run_world(world: int, cfg: BenchConfig, timeout: float = 900.0) -> dict[str, Any]:
+    """Rank 0's result (it holds every rank's figures); a rank that fails or hangs fails
+    the run (no partial tables)."""
     ctx = mp.get_context("spawn")
     port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
-        outs = [str(Path(tmp) / f"rank{r}.json") for r in range(world)]
+        out = str(Path(tmp) / "rank0.json")
         procs = [
-            ctx.Process(target=rank_main, args=(r, world, port, dataclasses.asdict(cfg), outs[r]))
+            ctx.Process(target=rank_main, args=(r, world, port, dataclasses.asdict(cfg), out))
             for r in range(world)
         ]
         for p in procs:
@@ -359,130 +384,99 @@ def run_world(world: int, cfg: BenchConfig, timeout: float = 900.0) -> list[dict
                 p.join()
         if hung:
             raise TimeoutError(f"world {world}: ranks {hung} still running after {timeout}s")
-        failed = [r for r, p in enumerate(procs) if p.exitcode != 0 or not Path(outs[r]).exists()]
-        if failed:
+        failed = [r for r, p in enumerate(procs) if p.exitcode != 0]
+        if failed or not Path(out).exists():
             raise RuntimeError(f"world {world}: ranks {failed} failed (see their tracebacks)")
-        results = []
-        for path in outs:
-            with open(path) as f:
-                results.append(json.load(f))
-        return results
+        with open(out) as f:
+            result: dict[str, Any] = json.load(f)
+        return result
 
 
-def summarize(world: int, ranks: list[dict[str, Any]]) -> dict[str, Any]:
-    models = {}
-    for name in ranks[0]["sync"]:
-        per_rank = [r["sync"][name] for r in ranks]
-        slowest = {m: max(r["median_s"][m] for r in per_rank) for m in SYNC_METHODS}
-        slowest_p20 = {m: max(r["p20_s"][m] for r in per_rank) for m in SYNC_METHODS}
-        models[name] = {
-            "params": per_rank[0]["params"],
-            "param_tensors": per_rank[0]["param_tensors"],
-            "reps": per_rank[0]["reps"],
-            "oversubscribed": per_rank[0]["oversubscribed"],
-            "median_s": slowest,
-            "median_s_by_rank": [r["median_s"] for r in per_rank],
-            "p20_s": slowest_p20,
-            "p20_s_by_rank": [r["p20_s"] for r in per_rank],
-            "comm_seconds_per_sync_by_rank": [r["comm_seconds_per_sync"] for r in per_rank],
-            "ours_over_raw": slowest["ours"] / slowest["raw"],
-            "ours_over_raw_p20": slowest_p20["ours"] / slowest_p20["raw"],
-            "ours_over_raw_scaled": slowest["ours"] / slowest["raw_scaled"],
-            "scale_share_of_ours": slowest["scale"] / slowest["ours"],
-            "bookkeeping_share_of_ours": slowest["bookkeeping"] / slowest["ours"],
-            "per_tensor_over_ours": slowest["per_tensor"] / slowest["ours"],
-            "torch_averager_over_ours": slowest["torch_averager"] / slowest["ours"],
-        }
-    steps = [r["step"] for r in ranks]
-    step: dict[str, Any] = {"steps_each": steps[0]["steps_each"]}
-    for clock in ("wall", "cpu"):
-        step[clock] = {
-            "bare_s_by_rank": [s[clock]["bare_s"] for s in steps],
-            "wrapped_s_by_rank": [s[clock]["wrapped_s"] for s in steps],
-            "bare_twin_s_by_rank": [s[clock]["bare_twin_s"] for s in steps],
-            "ratio_by_rank": [s[clock]["ratio"] for s in steps],
-            "ratio_max": max(s[clock]["ratio"] for s in steps),
-            "a_a_ratio_by_rank": [s[clock]["a_a_ratio"] for s in steps],
-        }
-    return {"world_size": world, "sync": models, "step": step}
+def world_ratios(world: int, result: dict[str, Any]) -> list[dict[str, Any]]:
+    out = []
+    for name, m in result["sync"].items():
+        t = m["slowest_s"]
+        target = {"target": TARGET, "at_most": True} if name == "resnet20" else {}
+        out.append(ratio("ours/raw", t["ours"], t["raw"], **target, model=name, K=world))
+        out.append(ratio("ours/raw_scaled", t["ours"], t["raw_scaled"], model=name, K=world))
+        out.append(ratio("per_tensor/ours", t["per_tensor"], t["ours"], model=name, K=world))
+        out.append(ratio("torch_averager/ours", t["torch_averager"], t["ours"], model=name, K=world))
+    for clock in ("cpu", "wall"):
+        st = result["step"][clock]
+        ones = [1.0] * len(st["ratio"])
+        out.append(ratio(f"wrapped/bare step ({clock})", st["ratio"], ones, model="resnet20", K=world))
+        out.append(ratio(f"A/A bare twin/bare ({clock})", st["a_a_ratio"], ones, model="resnet20", K=world))
+    return out
 
 
-def table(summaries: list[dict[str, Any]]) -> str:
-    head = (
-        f"{'K':>2} {'model':<9} {'params':>11} {'ours ms':>9} {'raw ms':>9} "
-        f"{'ours/raw':>8} {'(p20)':>6} {'ours/raw+scale':>14} {'scale%':>6} {'bookkeep%':>9} "
-        f"{'per_tensor/ours':>15} {'torch_avg/ours':>14}"
-    )
-    lines = [head, "-" * len(head)]
-    for s in summaries:
-        for name, m in s["sync"].items():
-            t = m["median_s"]
-            lines.append(
-                f"{s['world_size']:>2} {name:<9} {m['params']:>7,}/{m['param_tensors']:<3} "
-                f"{1e3 * t['ours']:>9.3f} {1e3 * t['raw']:>9.3f} {m['ours_over_raw']:>8.3f} "
-                f"{m['ours_over_raw_p20']:>6.3f} "
-                f"{m['ours_over_raw_scaled']:>14.3f} {100 * m['scale_share_of_ours']:>5.1f}% "
-                f"{100 * m['bookkeeping_share_of_ours']:>8.1f}% "
-                f"{m['per_tensor_over_ours']:>15.2f} {m['torch_averager_over_ours']:>14.2f}"
+def span(r: dict[str, Any]) -> str:
+    return f"{r['median']:.3f} [{r['min']:.3f}, {r['max']:.3f}]"
+
+
+def tables(results: list[dict[str, Any]], ratios: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def find(name: str, model: str, k: int) -> dict[str, Any]:
+        return next(r for r in ratios if r["name"] == name and r["model"] == model and r["K"] == k)
+
+    sync_rows = []
+    step_rows = []
+    for res in results:
+        k = res["world_size"]
+        for name, m in res["sync"].items():
+            t = m["slowest_s"]
+            ours_raw = find("ours/raw", name, k)
+            sync_rows.append(
+                [
+                    k,
+                    f"{MODELS[name]} ({m['params'] / 1e6:.2f} M, {m['param_tensors']} tensors)",
+                    round(1e3 * statistics.median(t["ours"]), 3),
+                    round(1e3 * statistics.median(t["raw"]), 3),
+                    span(ours_raw) + (f" ({ours_raw['verdict']})" if ours_raw["verdict"] else ""),
+                    span(find("ours/raw_scaled", name, k)),
+                    span(find("per_tensor/ours", name, k)),
+                    span(find("torch_averager/ours", name, k)),
+                ]
             )
-    lines.append("")
-    lines.append(
-        f"{'K':>2} {'clock':<5} {'step: bare ms by rank':<24} {'wrapped ms by rank':<24} "
-        f"{'wrapped/bare by rank':<24} {'max':>6}  {'A/A (twin/bare) by rank':<24}"
-    )
-    for s in summaries:
         for clock in ("cpu", "wall"):
-            st = s["step"][clock]
-            bare = " ".join(f"{1e3 * v:.1f}" for v in st["bare_s_by_rank"])
-            wrapped = " ".join(f"{1e3 * v:.1f}" for v in st["wrapped_s_by_rank"])
-            ratios = " ".join(f"{v:.3f}" for v in st["ratio_by_rank"])
-            a_a = " ".join(f"{v:.3f}" for v in st["a_a_ratio_by_rank"])
-            lines.append(
-                f"{s['world_size']:>2} {clock:<5} {bare:<24} {wrapped:<24} {ratios:<24} "
-                f"{st['ratio_max']:>6.3f}  {a_a:<24}"
+            step_rows.append(
+                [
+                    k,
+                    clock,
+                    span(find(f"wrapped/bare step ({clock})", "resnet20", k)),
+                    span(find(f"A/A bare twin/bare ({clock})", "resnet20", k)),
+                ]
             )
-    lines.append("")
-    lines.append(
-        "targets: ours/raw <= 1.15, wrapped/bare <= 1.03. Sync times: the slowest "
-        "rank's median; step: each rank's median, this thread's CPU time and wall time"
-    )
-    return "\n".join(lines)
-
-
-def machine() -> dict[str, Any]:
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    try:
-        root = Path(__file__).resolve().parent.parent
-        sha = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = bool(
-            subprocess.run(
-                ["git", "status", "--porcelain", "--untracked-files=no"],
-                cwd=root,
-                capture_output=True,
-                text=True,
-            ).stdout.strip()
-        )
-    except (OSError, subprocess.CalledProcessError):
-        sha, dirty = None, None
-    return {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "cores_usable": usable_cores(),
-        "threads_per_rank": 1,
-        "git_sha": sha,
-        "git_dirty": dirty,
-    }
+    reps = len(ratios[0]["values"])
+    return [
+        {
+            "title": "One local-SGD sync against one all-reduce of the same bytes (gloo, loopback)",
+            "columns": [
+                "K",
+                "model",
+                "ours ms",
+                "raw ms",
+                f"ours / raw (target <= {TARGET:g} for ResNet-20)",
+                "ours / (raw + 1/K scale)",
+                "per-tensor / ours",
+                "PeriodicModelAverager / ours",
+            ],
+            "rows": sync_rows,
+            "note": (
+                f"Median [range] over {reps} interleaved repetitions, each the median of many "
+                "calls after a barrier, the slowest rank's. raw is the same all-reduce on the "
+                "parameters' own flat storage: same buffer, same caches, same call. ms columns: "
+                "medians of the repetitions."
+            ),
+        },
+        {
+            "title": "A ResNet-20 training step inside DataParallel (no sync due) against the bare step",
+            "columns": ["K", "clock", "wrapped / bare (worst rank)", "A/A: bare twin / bare (worst rank)"],
+            "rows": step_rows,
+            "note": (
+                "Median [range] over the repetitions of the worst rank's ratio of median steps; "
+                "the A/A ratio of two identical bare models is the noise floor."
+            ),
+        },
+    ]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -491,13 +485,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--quick", action="store_true", help="few repetitions: a smoke run, not numbers to quote"
     )
     parser.add_argument(
-        "--out",
-        type=Path,
-        default=None,
-        help="JSON path (default benchmarks/results/sync_cost.json, or sync_cost.quick.json with --quick)",
+        "--world-sizes", type=int, nargs="+", default=None, help="world sizes to run (default 2 4)"
     )
     parser.add_argument(
-        "--world-sizes", type=int, nargs="+", default=None, help="world sizes to run (default 2 4)"
+        "--models", nargs="+", choices=list(MODELS), default=None, help="models to sync (default: both)"
+    )
+    parser.add_argument(
+        "--reps",
+        type=int,
+        default=None,
+        help=f"repetitions (default {BenchConfig.reps}; at least {MIN_REPS})",
     )
     return parser.parse_args(argv)
 
@@ -508,36 +505,44 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if any(k < 2 for k in args.world_sizes):
             raise ValueError(f"--world-sizes must all be >= 2, got {args.world_sizes}")
         cfg = dataclasses.replace(cfg, world_sizes=tuple(args.world_sizes))
+    if args.models:
+        cfg = dataclasses.replace(cfg, models=tuple(args.models))
+    if args.reps is not None:
+        if args.reps < MIN_REPS and not args.quick:
+            raise ValueError(f"--reps must be >= {MIN_REPS}, got {args.reps}")
+        cfg = dataclasses.replace(cfg, reps=args.reps)
     start = time.perf_counter()
-    summaries = []
+    results = []
+    ratios: list[dict[str, Any]] = []
     for world in cfg.world_sizes:
         log.info("world size %d: starting %d ranks", world, world)
         load_before = os.getloadavg()
-        summary = summarize(world, run_world(world, cfg))
+        result = run_world(world, cfg)
         # Other jobs on a shared box skew every number; the load average says if they ran.
-        summary["loadavg_before_after"] = [list(load_before), list(os.getloadavg())]
-        summaries.append(summary)
+        result["world_size"] = world
+        result["loadavg_before_after"] = [list(load_before), list(os.getloadavg())]
+        results.append(result)
+        ratios += world_ratios(world, result)
     wall = time.perf_counter() - start
-    print(table(summaries))
+    for r in ratios:
+        print(ratio_line(r))
     print(f"\nwall time {wall:.0f} s")
     return {
         "command": [sys.executable, *sys.argv],
         "quick": args.quick,
         "config": dataclasses.asdict(cfg),
-        "machine": machine(),
         "wall_s": wall,
-        "results": summaries,
+        "ratios": ratios,
+        "tables": tables(results, ratios),
+        "results": results,
+        "machine": machine_at_end(),
     }
 
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    args = parse_args()
-    out = args.out or RESULTS / ("sync_cost.quick.json" if args.quick else "sync_cost.json")
-    record = run(args)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=2) + "\n")
-    log.info("wrote %s", out)
+    record = run(parse_args())
+    write_results("sync_cost", record, record["quick"])
 
 
 if __name__ == "__main__":

@@ -55,11 +55,13 @@ class SyncContext:
         when they lie back to back (as ``DataParallel`` lays them out), else the tensors."""
         if not self.flat:
             return (self.params if params else []) + (self.buffers if buffers else [])
-        key = (params, buffers)
-        if key not in self._spans:
+        # Called at every sync: the spans are found once per selection and only checked
+        # (one data pointer per tensor) afterwards.
+        spans = self._spans.get((params, buffers))
+        if spans is None:
             chosen = (self.params if params else []) + (self.buffers if buffers else [])
-            self._spans[key] = Spans(chosen)
-        return self._spans[key].get()
+            spans = self._spans[(params, buffers)] = Spans(chosen)
+        return spans.get()
 
 
 class Synchronizer(Protocol):

@@ -71,7 +71,9 @@ class CommStats:
         self.collectives += 1
         self.bytes += nbytes
         self.seconds += seconds
-        entry = self.by_scope.setdefault(scope_label, {"collectives": 0, "bytes": 0, "seconds": 0.0})
+        entry = self.by_scope.get(scope_label)
+        if entry is None:  # not setdefault: no throwaway dict on every collective
+            entry = self.by_scope[scope_label] = {"collectives": 0, "bytes": 0, "seconds": 0.0}
         entry["collectives"] += 1
         entry["bytes"] += nbytes
         entry["seconds"] += seconds

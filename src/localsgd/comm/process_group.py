@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -20,6 +20,32 @@ from localsgd.comm.parameter_server import (
     record_exchange,
     record_pull,
 )
+
+
+class _Route(NamedTuple):
+    """A scope's process group, size, counter label, 1/size where the backend cannot
+    average (None where it can) and injected delay."""
+
+    group: Any
+    size: int
+    label: str
+    scale: float | None
+    pause: float
+
+
+def _flats(tensors: Sequence[torch.Tensor]) -> Iterator[tuple[torch.Tensor, list[torch.Tensor] | None]]:
+    """One flat buffer per dtype, with the tensors to copy its result back into (None when
+    the buffer is their own storage: a collective on it works in place)."""
+    for members in group_by_dtype(tensors).values():
+        single = members[0]
+        if len(members) == 1 and single.dim() == 1 and single.is_contiguous():
+            yield single.detach(), None
+            continue
+        span = contiguous_span(members)
+        if span is not None:
+            yield span, None
+        else:
+            yield pack(members), members
 
 
 class ProcessGroupCommunicator:
@@ -50,6 +76,7 @@ class ProcessGroupCommunicator:
         self._rank = dist.get_rank(group)
         self._world_size = dist.get_world_size(group)
         self._blocks: dict[int, Any] = {}
+        self._routes: dict[Scope, _Route] = {}
         self._stats = CommStats()
         self._delay = {str(k): float(v) for k, v in (delay or {}).items()}
         bad = {k: v for k, v in self._delay.items() if not v >= 0 or v == float("inf")}
@@ -102,72 +129,76 @@ class ProcessGroupCommunicator:
         self._blocks[scope.size] = mine
         return mine
 
-    def _resolve(self, scope: Scope) -> tuple[Any, int]:
-        if isinstance(scope, Block):
-            return self._block_group(scope), scope.size
-        return self._group, self._world_size
+    def _route(self, scope: Scope) -> _Route:
+        """What an average over ``scope`` needs that no step changes, resolved once."""
+        route = self._routes.get(scope)
+        if route is None:
+            if isinstance(scope, Block):
+                group, size = self._block_group(scope), scope.size
+            else:
+                group, size = self._group, self._world_size
+            label = scope.label()
+            # NCCL averages inside the collective; gloo has no AVG that is not slower than
+            # SUM then one scaling pass (measured in benchmarks/sync_cost.py).
+            scale = None if self._avg or size == 1 else 1.0 / size
+            route = _Route(group, size, label, scale, self._delay.get(label, 0.0))
+            self._routes[scope] = route
+        return route
 
     def average(self, tensors: Sequence[torch.Tensor], scope: Scope = WORLD, *, record: bool = True) -> None:
-        group, size = self._resolve(scope)
-        if size == 1 or not tensors:
+        route = self._route(scope)
+        if route.size == 1 or not tensors:
             return
+        if len(tensors) == 1:
+            flat = tensors[0]
+            if flat.dim() == 1 and flat.is_contiguous() and not flat.requires_grad:
+                # The sync path: one flat span per dtype, prepared by the caller (see
+                # SyncContext.model_tensors). Nothing to group, pack or validate here.
+                self._all_reduce_mean(flat, route, record)
+                return
+        for flat, members in _flats(tensors):
+            self._all_reduce_mean(flat, route, record)
+            if members is not None:
+                unpack(flat, members)
 
-        def all_reduce_mean(flat: torch.Tensor) -> None:
-            if self._avg:
-                dist.all_reduce(flat, op=dist.ReduceOp.AVG, group=group)
-            else:
-                # SUM then scale: gloo has no AVG. Identical bits on every rank either way.
-                dist.all_reduce(flat, group=group)
-                flat.mul_(1.0 / size)
-
-        self._per_dtype(tensors, all_reduce_mean, scope.label(), record)
+    def _all_reduce_mean(self, flat: torch.Tensor, route: _Route, record: bool) -> None:
+        cuda = flat.is_cuda
+        if cuda:
+            torch.cuda.synchronize(flat.device)
+        start = time.perf_counter()
+        if route.scale is None:
+            dist.all_reduce(flat, op=dist.ReduceOp.AVG, group=route.group)
+        else:
+            # SUM then scale: identical bits on every rank.
+            dist.all_reduce(flat, group=route.group)
+            flat.mul_(route.scale)
+        if cuda:
+            torch.cuda.synchronize(flat.device)
+        if record:
+            if route.pause:
+                time.sleep(route.pause)
+            self._stats.record(route.label, flat.nbytes, time.perf_counter() - start)
 
     def broadcast(self, tensors: Sequence[torch.Tensor], src: int = 0, *, record: bool = True) -> None:
         if self._world_size == 1 or not tensors:
             return
         global_src = src if self._group is None else dist.get_global_rank(self._group, src)
-
-        def from_src(flat: torch.Tensor) -> None:
+        pause = self._delay.get("world", 0.0) if record else 0.0
+        for flat, members in _flats(tensors):
+            cuda = flat.is_cuda
+            if cuda:
+                torch.cuda.synchronize(flat.device)
+            start = time.perf_counter()
             dist.broadcast(flat, src=global_src, group=self._group)
-
-        self._per_dtype(tensors, from_src, "world", record)
-
-    def _per_dtype(
-        self,
-        tensors: Sequence[torch.Tensor],
-        collective: Callable[[torch.Tensor], None],
-        label: str,
-        record: bool,
-    ) -> None:
-        """Run ``collective`` once per dtype on a flat buffer: in place when the tensors
-        already lie back to back in one storage, else on a packed copy written back."""
-        for members in group_by_dtype(tensors).values():
-            single = members[0]
-            one_flat = len(members) == 1 and single.dim() == 1 and single.is_contiguous()
-            flat = single if one_flat else contiguous_span(members)
-            packed = flat is None
-            if flat is None:
-                flat = pack(members)
-            pause = self._delay.get(label, 0.0) if record else 0.0
-            seconds = self._timed(collective, flat, pause)
-            if packed:
+            if cuda:
+                torch.cuda.synchronize(flat.device)
+            if pause:
+                time.sleep(pause)
+            seconds = time.perf_counter() - start
+            if members is not None:
                 unpack(flat, members)
             if record:
-                self._stats.record(label, flat.numel() * flat.element_size(), seconds)
-
-    @staticmethod
-    def _timed(collective: Callable[[torch.Tensor], None], flat: torch.Tensor, pause: float = 0.0) -> float:
-        cuda = flat.is_cuda
-        if cuda:
-            torch.cuda.synchronize(flat.device)
-        start = time.perf_counter()
-        with torch.no_grad():
-            collective(flat)
-        if cuda:
-            torch.cuda.synchronize(flat.device)
-        if pause:
-            time.sleep(pause)
-        return time.perf_counter() - start
+                self._stats.record("world", flat.numel() * flat.element_size(), seconds)
 
     # -- a parameter server (see localsgd.comm.parameter_server) ---------------------------------
 
