@@ -22,7 +22,7 @@ from torch import nn
 from localsgd import workloads
 from localsgd.engines.simulated.communicator import SimulatedCommunicator
 from localsgd.engines.simulated.gradients import ReplicaGradients, replica_details
-from localsgd.engines.simulated.stacked import StackedModel
+from localsgd.engines.simulated.stacked import StackedModel, retain_freed_memory
 from localsgd.util.nest import zip_nests
 
 log = logging.getLogger(__name__)
@@ -116,6 +116,8 @@ class TrialReplicas:
         self.replicas = replicas
         self.seeds = list(seeds)
         self.device = device
+        # As a simulated run's replicas do: the stacked step's buffers stay mapped between steps.
+        retain_freed_memory()
         self.module = StackedModel(models[0], self.trials * replicas)
         if isinstance(models, SeededModels):
             models.fill(self.module, replicas)
