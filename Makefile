@@ -16,8 +16,10 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
+# Two workers (pytest-xdist): most tests wait on worker processes, sockets and launches, so
+# two run side by side on two cores; `pytest -q` alone runs the same suite serially.
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadgroup
 
 # The main job: the demo study (30 runs, MNIST-1D) and its report.
 demo: setup

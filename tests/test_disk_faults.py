@@ -62,8 +62,8 @@ def toml(values: dict, prefix: str = "") -> str:
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("cache")
+def cache(data_cache: str) -> Path:
+    return Path(data_cache)
 
 
 @pytest.fixture

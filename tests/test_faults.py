@@ -74,9 +74,9 @@ PLAIN = {"name": "mnist1d_mlp", "num_samples": 1000}
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One data cache for the module: MNIST-1D is generated once, not in every test."""
-    return tmp_path_factory.mktemp("cache")
+def cache(data_cache: str) -> Path:
+    """The session's data cache: MNIST-1D is generated once, not in every test."""
+    return Path(data_cache)
 
 
 @pytest.fixture

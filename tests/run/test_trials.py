@@ -45,8 +45,8 @@ TRIALS = [
 ]
 
 
-def test_trials_batched_equal_the_runs_one_by_one(tmp_path, monkeypatch):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+def test_trials_batched_equal_the_runs_one_by_one(tmp_path, monkeypatch, data_cache):
+    monkeypatch.setenv("XDG_CACHE_HOME", data_cache)
     folders = [tmp_path / f"batched-{c.name}" for c in TRIALS]
     for folder in folders:
         folder.mkdir()
@@ -124,8 +124,8 @@ def study(runs: list[Any]) -> Study:
     return Study(section=StudySection(name="search"), runs=list(runs))
 
 
-def test_study_batches_trials_records_each_and_resumes(tmp_path, monkeypatch):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+def test_study_batches_trials_records_each_and_resumes(tmp_path, monkeypatch, data_cache):
+    monkeypatch.setenv("XDG_CACHE_HOME", data_cache)
     runs = [*TRIALS, trial("diverges", optimizer__lr=1e8, optimizer__momentum=0.0, optimizer__weight_decay=1.0)]
     counts = run_study(study(runs), tmp_path / "batched", progress=False)
     assert counts == {"completed": 3, "diverged": 1}
