@@ -36,6 +36,24 @@ def data_cache(tmp_path_factory: pytest.TempPathFactory) -> str:
     return str(folder)
 
 
+
+@pytest.fixture(scope="session")
+def uninterrupted_run(tmp_path_factory: pytest.TempPathFactory, data_cache: str) -> Path:
+    """``harness.FAULT_TRAINING`` on ``FAULT_WORKLOAD``, trained in one go by its own
+    launcher: the run folder every interrupted and resumed copy of it must end as, trained
+    once for the fault tests of every module."""
+    from harness import FAULT_TRAINING, FAULT_WORKLOAD
+    from localsgd.records import Store
+    from localsgd.run.config import run_config
+    from localsgd.run.execute import execute_run
+
+    store = Store(tmp_path_factory.mktemp("uninterrupted"))
+    run = run_config({**FAULT_TRAINING, "workload": FAULT_WORKLOAD})
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("XDG_CACHE_HOME", data_cache)
+        assert execute_run(run, store) == "completed"
+    return store.run_dir(run.run_id())
+
 # Tests that hold what only one test on the machine may hold at a time: the network
 # namespaces, veth pairs and routes of emulated clusters, and the clean-up of stale
 # emulations, which must not meet another test's half-built one. Each folder here is one
