@@ -16,8 +16,12 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
+# Two workers (pytest-xdist): most tests wait on worker processes, sockets and launches, so
+# two run side by side on two cores; `make test WORKERS=0` (or `pytest -q` alone) runs the
+# same suite serially.
+WORKERS ?= 2
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(WORKERS) --dist loadgroup
 
 # The main job: the demo study (30 runs, MNIST-1D) and its report.
 demo: setup

@@ -35,6 +35,20 @@ LAUNCHER_VARS = (
 )
 
 
+# The run the fault tests interrupt in every way (a killed launch, a full disk, a killed
+# worker...): each resumed copy must end as this run trained in one go (the session's
+# ``uninterrupted_run`` fixture, trained once for all of them). Its workload is a table of
+# its own, which the fault tests replace by workloads that fail on cue.
+FAULT_TRAINING: dict[str, Any] = {
+    "workers": 2,
+    "device": "cpu",
+    "algorithm": {"name": "local_sgd", "period": 2},
+    "data": {"batch_size": 16},
+    "train": {"epochs": 2, "max_steps": 40, "eval_every": 5, "checkpoint_every": 4},
+}
+FAULT_WORKLOAD: dict[str, Any] = {"name": "mnist1d_mlp", "num_samples": 1000}
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))

@@ -511,8 +511,8 @@ def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("cache")
+def cache(data_cache: str) -> Path:
+    return Path(data_cache)
 
 
 def test_the_battery_is_large_and_its_inputs_distinct():

@@ -35,9 +35,9 @@ eval_every = 5
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+def env(data_cache: str) -> dict[str, str]:
     out = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
-    out["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("cache"))
+    out["XDG_CACHE_HOME"] = data_cache
     out["OMP_NUM_THREADS"] = "1"
     return out
 

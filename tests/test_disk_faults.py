@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from harness import LAUNCHER_VARS, untimed_rows
+from harness import FAULT_TRAINING, FAULT_WORKLOAD, LAUNCHER_VARS, untimed_rows
 from localsgd import workloads
 from localsgd.engines.base import WorkerFailure
 from localsgd.engines.launching.heartbeat import HEARTBEATS
@@ -41,14 +41,7 @@ pytestmark = pytest.mark.timeout(600)
 # 720 training samples, K = 2, B = 16: local SGD syncs every 2nd step, checkpoints at steps
 # 4, 8, ... A rank's checkpoint file is about 140 kB: 400 kB hold the store and the
 # checkpoint of step 4, not the one of step 8.
-TRAINING = {
-    "workers": 2,
-    "device": "cpu",
-    "workload": {"name": "mnist1d_mlp", "num_samples": 1000},
-    "algorithm": {"name": "local_sgd", "period": 2},
-    "data": {"batch_size": 16},
-    "train": {"epochs": 2, "max_steps": 40, "eval_every": 5, "checkpoint_every": 4},
-}
+TRAINING = {**FAULT_TRAINING, "workload": FAULT_WORKLOAD}
 SMALL = 400 * 1024
 
 
@@ -62,8 +55,8 @@ def toml(values: dict, prefix: str = "") -> str:
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("cache")
+def cache(data_cache: str) -> Path:
+    return Path(data_cache)
 
 
 @pytest.fixture
@@ -94,15 +87,10 @@ def disk(project: Path) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(folder)], check=False)
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory: pytest.TempPathFactory, cache: Path) -> Path:
+@pytest.fixture
+def uninterrupted(uninterrupted_run: Path) -> Path:
     """The run trained in one go, as every run resumed after a full disk must end."""
-    store = Store(tmp_path_factory.mktemp("uninterrupted"))
-    run = run_config(TRAINING)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("XDG_CACHE_HOME", str(cache))
-        assert execute_run(run, store) == "completed"
-    return store.run_dir(run.run_id())
+    return uninterrupted_run
 
 
 def cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:

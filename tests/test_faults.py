@@ -63,20 +63,14 @@ def make(*, gate: str = "", die: str = "", at_epoch: int = 1, at_batch: int = 0)
 # 720 training samples (800 less the validation split), K = 2, B = 16: 22 steps an epoch;
 # local SGD syncs every 2nd step, so with checkpoint_every = 4 the checkpoints fall at steps
 # 4, 8, ..., 20 before a fault at the first batch of epoch 1 (step 23).
-TRAINING = {
-    "workers": 2,
-    "device": "cpu",
-    "algorithm": {"name": "local_sgd", "period": 2},
-    "data": {"batch_size": 16},
-    "train": {"epochs": 2, "max_steps": 40, "eval_every": 5, "checkpoint_every": 4},
-}
-PLAIN = {"name": "mnist1d_mlp", "num_samples": 1000}
+TRAINING = harness.FAULT_TRAINING
+PLAIN = harness.FAULT_WORKLOAD
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One data cache for the module: MNIST-1D is generated once, not in every test."""
-    return tmp_path_factory.mktemp("cache")
+def cache(data_cache: str) -> Path:
+    """The session's data cache: MNIST-1D is generated once, not in every test."""
+    return Path(data_cache)
 
 
 @pytest.fixture
@@ -91,15 +85,10 @@ def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cache: Path) -> Pat
     return tmp_path
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory: pytest.TempPathFactory, cache: Path) -> Path:
+@pytest.fixture
+def uninterrupted(uninterrupted_run: Path) -> Path:
     """The run trained in one go (its own launcher), as every interrupted one must end."""
-    store = Store(tmp_path_factory.mktemp("uninterrupted"))
-    run = run_config({**TRAINING, "workload": PLAIN})
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("XDG_CACHE_HOME", str(cache))
-        assert execute_run(run, store) == "completed"
-    return store.run_dir(run.run_id())
+    return uninterrupted_run
 
 
 def rows(run_dir: Path) -> list[dict]:

@@ -67,10 +67,10 @@ def test_a_dropped_checkpoint_is_said_with_the_flag_that_would_keep_it(tmp_path,
     ]
 
 
-def test_training_the_same_run_twice_says_that_the_finished_record_is_replaced(tmp_path):
+def test_training_the_same_run_twice_says_that_the_finished_record_is_replaced(tmp_path, data_cache):
     env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
     env["OMP_NUM_THREADS"] = "1"
-    env["XDG_CACHE_HOME"] = str(tmp_path / "cache")
+    env["XDG_CACHE_HOME"] = data_cache
     # The package under test, wherever the command runs (a relative PYTHONPATH would not follow).
     source = str(Path(localsgd.__file__).resolve().parents[1])
     env["PYTHONPATH"] = os.pathsep.join([source, *filter(None, [env.get("PYTHONPATH")])])

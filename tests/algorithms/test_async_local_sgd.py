@@ -356,8 +356,8 @@ def train_simulated(folder: Path, world: int, algorithm: dict[str, Any]) -> Any:
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory: pytest.TempPathFactory) -> str:
-    return str(tmp_path_factory.mktemp("cache"))
+def cache(data_cache: str) -> str:
+    return data_cache
 
 
 @pytest.mark.parametrize("world", [2, 4], ids=lambda k: f"K{k}")

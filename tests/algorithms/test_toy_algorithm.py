@@ -119,10 +119,10 @@ def test_the_run_config_honours_the_declared_block_size(registered) -> None:
     assert config("simulated", 4, group=2).workers == 4
 
 
-def test_it_trains_with_block_averages_only(registered, tmp_path: Path, monkeypatch) -> None:
+def test_it_trains_with_block_averages_only(registered, tmp_path: Path, monkeypatch, data_cache: str) -> None:
     """8 steps, H = 2: 4 averagings inside blocks of 2, and the world average only when
     the consensus is taken (the exit)."""
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("XDG_CACHE_HOME", data_cache)
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     status = train(config("simulated", 4, period=2, group=2), run_dir, 0, 1)

@@ -80,8 +80,10 @@ def train_delayed(rank: int, world: int, folder: str, cache: str) -> Any:
     return train(tiny_run("processes", world, {"world": 0.2}), run_dir, rank, world, "gloo")
 
 
-def test_a_runs_delay_reaches_the_process_engine_and_the_simulated_engine_records_it(tmp_path, monkeypatch):
-    cache = str(tmp_path / "cache")
+def test_a_runs_delay_reaches_the_process_engine_and_the_simulated_engine_records_it(
+    tmp_path, monkeypatch, data_cache
+):
+    cache = data_cache
     monkeypatch.setenv("XDG_CACHE_HOME", cache)
     from localsgd.run.training import train
 

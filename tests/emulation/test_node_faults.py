@@ -59,8 +59,8 @@ def training(max_steps: int = 40, workload: str = "mnist1d_mlp", **train: object
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("cache")
+def cache(data_cache: str) -> Path:
+    return Path(data_cache)
 
 
 @pytest.fixture(autouse=True)

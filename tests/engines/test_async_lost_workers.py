@@ -78,8 +78,8 @@ LOST_LINE = f"1 worker lost: rank 2 at version {AT_GATE} (SIGKILL)"
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("cache")
+def cache(data_cache: str) -> Path:
+    return Path(data_cache)
 
 
 @pytest.fixture

@@ -26,10 +26,10 @@ LAUNCHES = 6
 ABORTED = "failed (exitcode: -6) local_rank: 1 (pid: 4242) of binary: python"
 
 
-def test_many_launches_end_completed_with_no_abort(tmp_path, monkeypatch):
+def test_many_launches_end_completed_with_no_abort(tmp_path, monkeypatch, data_cache):
     for var in LAUNCHER_VARS:
         monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("XDG_CACHE_HOME", data_cache)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     store = Store(tmp_path / "store")
     for seed in range(LAUNCHES):

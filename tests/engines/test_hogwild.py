@@ -45,10 +45,9 @@ def run(folder: Path, cfg: Any) -> Any:
 
 
 @pytest.fixture(autouse=True)
-def cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> str:
-    folder = str(tmp_path_factory.getbasetemp() / "cache")
-    monkeypatch.setenv("XDG_CACHE_HOME", folder)
-    return folder
+def cache(data_cache: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    monkeypatch.setenv("XDG_CACHE_HOME", data_cache)
+    return data_cache
 
 
 def test_one_process_is_plain_sgd_exactly(tmp_path):

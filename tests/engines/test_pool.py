@@ -32,10 +32,10 @@ def config(seed: int, algorithm: dict) -> dict:
 
 
 @pytest.fixture
-def clean_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def clean_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, data_cache: str) -> None:
     for var in LAUNCHER_VARS:
         monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("XDG_CACHE_HOME", data_cache)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
 
 

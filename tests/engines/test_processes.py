@@ -47,11 +47,11 @@ eval_every = 3
 
 
 @pytest.fixture
-def project(tmp_path: Path) -> tuple[Path, dict[str, str]]:
+def project(tmp_path: Path, data_cache: str) -> tuple[Path, dict[str, str]]:
     (tmp_path / "flaky.py").write_text(FLAKY)
     (tmp_path / "run.toml").write_text(RUN)
     env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
-    env.update(OMP_NUM_THREADS="1", XDG_CACHE_HOME=str(tmp_path / "cache"))
+    env.update(OMP_NUM_THREADS="1", XDG_CACHE_HOME=data_cache)
     return tmp_path, env
 
 

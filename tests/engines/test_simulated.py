@@ -91,8 +91,8 @@ def run_simulated(tmp_path: Path, world: int, data: dict[str, Any]) -> dict[str,
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory: pytest.TempPathFactory) -> str:
-    return str(tmp_path_factory.mktemp("cache"))
+def cache(data_cache: str) -> str:
+    return data_cache
 
 
 @pytest.mark.parametrize("case", list(EPOCHS))
@@ -227,8 +227,8 @@ def test_non_elementwise_optimizers_are_refused():
         check_elementwise(torch.optim.LBFGS(stacked.parameters()))
 
 
-def test_k256_cnn_trains_in_one_process(tmp_path, monkeypatch):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+def test_k256_cnn_trains_in_one_process(tmp_path, monkeypatch, data_cache):
+    monkeypatch.setenv("XDG_CACHE_HOME", data_cache)
     from localsgd.run.training import train
 
     cfg = run_config(
@@ -267,8 +267,8 @@ def test_simulated_algorithm_api_unchanged():
     assert dp.stats["syncs"] == 2
 
 
-def test_one_simulated_replica_is_one_process(tmp_path, monkeypatch):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+def test_one_simulated_replica_is_one_process(tmp_path, monkeypatch, data_cache):
+    monkeypatch.setenv("XDG_CACHE_HOME", data_cache)
     from localsgd.run.training import train
 
     models = {}

@@ -43,8 +43,8 @@ def rows(folder: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_a_run_and_a_batch_of_one_trial_write_the_same_rows_through_one_loop(tmp_path, monkeypatch):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+def test_a_run_and_a_batch_of_one_trial_write_the_same_rows_through_one_loop(tmp_path, monkeypatch, data_cache):
+    monkeypatch.setenv("XDG_CACHE_HOME", data_cache)
     seen: list[tuple[str, str]] = []
     run_loop = TrainingLoop.run
 
@@ -124,11 +124,11 @@ def single_run(c: RunConfig, folder: Path) -> tuple[SingleRun, RunWriter]:
     return SingleRun(c, engines.get(c.engine), writer, 0, 1, device, None, saved), writer
 
 
-def test_strategies_of_a_tests_own_plug_into_the_loop(tmp_path, monkeypatch):
+def test_strategies_of_a_tests_own_plug_into_the_loop(tmp_path, monkeypatch, data_cache):
     """Neither strategy is in loop.py: an evaluation at chosen steps and a run that lists
     its stages. The rows at those steps hold the model a run evaluating every step has
     there, and the train loss over the steps since the last evaluation."""
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("XDG_CACHE_HOME", data_cache)
     every = tmp_path / "every"
     every.mkdir()
     train(config(eval_every=1), every, 0, 1)
@@ -161,10 +161,10 @@ def test_strategies_of_a_tests_own_plug_into_the_loop(tmp_path, monkeypatch):
     assert traced.calls == [*expected, "finish"]
 
 
-def test_a_loop_ends_when_every_trial_has_stopped(tmp_path, monkeypatch):
+def test_a_loop_ends_when_every_trial_has_stopped(tmp_path, monkeypatch, data_cache):
     """A trial that crosses train.stop_at finishes there; when all have, the loop ends
     before its last step."""
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("XDG_CACHE_HOME", data_cache)
     c = config(stop_at="eval_loss=100", stop_split="test")  # crossed at the first evaluation
     folders = [tmp_path / "a", tmp_path / "b"]
     for folder in folders:

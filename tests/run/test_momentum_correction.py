@@ -248,10 +248,10 @@ def test_lr_inside_runs_are_not_batched_as_trials():
     assert batch_key(run_config(spec(momentum_form="lr_inside"))) is None
 
 
-def test_a_simulated_run_with_lr_inside_equals_the_lr_outside_run(tmp_path, monkeypatch):
+def test_a_simulated_run_with_lr_inside_equals_the_lr_outside_run(tmp_path, monkeypatch, data_cache):
     # Two replicas of local SGD through a warmup (k = 4) and two decays: the corrected
     # lr_inside run is the lr_outside run to float32 rounding; the uncorrected one is not.
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("XDG_CACHE_HOME", data_cache)
     models = {}
     for name, options in {
         "outside": {},

@@ -168,14 +168,14 @@ def test_warmup_settings_are_checked():
     assert ScheduleConfig(warmup_epochs=1.0).start_of_warmup() == "base"
 
 
-def test_a_small_global_batch_takes_no_backwards_warmup_and_says_so(tmp_path, monkeypatch):
+def test_a_small_global_batch_takes_no_backwards_warmup_and_says_so(tmp_path, monkeypatch, data_cache):
     # K = 1, B = 16, base_batch 256: the scaled rate is 1/16 of optimizer.lr. The old recipe
     # "warmed up" from lr down to it; now the recorded rate never exceeds the post-warmup rate.
     from localsgd import engines
     from localsgd.records import Store
     from localsgd.run.execute import execute_run
 
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("XDG_CACHE_HOME", data_cache)
     config = run_config(
         {
             "workload": {"name": "mnist1d_mlp", "num_samples": 1000},

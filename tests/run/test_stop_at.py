@@ -25,8 +25,8 @@ def tiny(**train) -> dict:
     }
 
 
-def test_a_run_stops_at_its_first_strict_crossing(tmp_path, monkeypatch):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+def test_a_run_stops_at_its_first_strict_crossing(tmp_path, monkeypatch, data_cache):
+    monkeypatch.setenv("XDG_CACHE_HOME", data_cache)
     store = Store(tmp_path / "store")
     session = engines.get("simulated").session(in_process=True)  # no worker process to start
     full = run_config(tiny())
@@ -59,8 +59,8 @@ def test_a_run_stops_at_its_first_strict_crossing(tmp_path, monkeypatch):
     assert record(store, on_test.run_id()).status_info.steps == rows[first_test].step
 
 
-def test_stop_at_errors_name_the_key(tmp_path, monkeypatch):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+def test_stop_at_errors_name_the_key(tmp_path, monkeypatch, data_cache):
+    monkeypatch.setenv("XDG_CACHE_HOME", data_cache)
     for bad in ("accuracy", "accuracy=high", "=0.5", "accuracy=nan"):
         with pytest.raises(ConfigError, match=r"train\.stop_at must be METRIC=VALUE"):
             run_config(tiny(stop_at=bad))
@@ -80,13 +80,13 @@ def test_stop_at_errors_name_the_key(tmp_path, monkeypatch):
         preflight([unheld])
 
 
-def test_batched_trials_stop_each_at_its_own_crossing(tmp_path, monkeypatch):
+def test_batched_trials_stop_each_at_its_own_crossing(tmp_path, monkeypatch, data_cache):
     import json
 
     from localsgd.run.trials import train_trials
     from run.test_trials import TRIALS
 
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("XDG_CACHE_HOME", data_cache)
 
     def rows(configs, name):
         folders = [tmp_path / f"{name}-{c.name}" for c in configs]

@@ -57,8 +57,8 @@ TRIALS = [
 ]
 
 
-def test_trials_batched_equal_the_runs_one_by_one(tmp_path, monkeypatch):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+def test_trials_batched_equal_the_runs_one_by_one(tmp_path, monkeypatch, data_cache):
+    monkeypatch.setenv("XDG_CACHE_HOME", data_cache)
     folders = [tmp_path / f"batched-{c.name}" for c in TRIALS]
     for folder in folders:
         folder.mkdir()
@@ -143,12 +143,9 @@ def study(runs: list[Any]) -> Study:
     return Study(section=StudySection(name="search"), runs=list(runs))
 
 
-def test_study_batches_trials_records_each_and_resumes(tmp_path, monkeypatch):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    runs = [
-        *TRIALS,
-        trial("diverges", optimizer__lr=1e8, optimizer__momentum=0.0, optimizer__weight_decay=1.0),
-    ]
+def test_study_batches_trials_records_each_and_resumes(tmp_path, monkeypatch, data_cache):
+    monkeypatch.setenv("XDG_CACHE_HOME", data_cache)
+    runs = [*TRIALS, trial("diverges", optimizer__lr=1e8, optimizer__momentum=0.0, optimizer__weight_decay=1.0)]
     counts = run_study(study(runs), tmp_path / "batched", progress=False)
     assert counts == {"completed": 3, "diverged": 1}
     store = Store(tmp_path / "batched", create=False)
@@ -184,11 +181,11 @@ class _Drawn(torch.nn.Module):
 
 
 @pytest.mark.parametrize("name", ["mnist1d_mlp", "mnist1d_cnn", "drawn"])
-def test_stacked_initialisation_equals_the_models_built_one_by_one(name, tmp_path, monkeypatch):
+def test_stacked_initialisation_equals_the_models_built_one_by_one(name, monkeypatch, data_cache):
     from localsgd import workloads
     from localsgd.engines.simulated.trials import SeededModels, TrialReplicas
 
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("XDG_CACHE_HOME", data_cache)
     workload = workloads.build("mnist1d_mlp" if name == "drawn" else name, num_samples=200)
     if name == "drawn":
         monkeypatch.setattr(workload, "_model_factory", _Drawn)
@@ -211,11 +208,11 @@ def test_stacked_initialisation_equals_the_models_built_one_by_one(name, tmp_pat
     assert len({float(first[2 * r].sum()) for r in range(len(seeds))}) == 4  # 4 seeds, 4 models
 
 
-def test_stacked_evaluation_equals_each_trial_alone(tmp_path, monkeypatch):
+def test_stacked_evaluation_equals_each_trial_alone(monkeypatch, data_cache):
     from localsgd import workloads
     from localsgd.engines.simulated.trials import SeededModels, TrialReplicas
 
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("XDG_CACHE_HOME", data_cache)
     workload = workloads.build("mnist1d_cnn", num_samples=500)
     seeds = [1, 2, 3, 4]
     replicas = TrialReplicas(

@@ -89,11 +89,11 @@ DIVERGING = (1, 3)
 
 
 @pytest.fixture
-def project(tmp_path: Path) -> tuple[Path, dict[str, str]]:
+def project(tmp_path: Path, data_cache: str) -> tuple[Path, dict[str, str]]:
     (tmp_path / "gated.py").write_text(GATED)
     (tmp_path / "study.toml").write_text(STUDY.format(gate=tmp_path / "gate"))
     env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
-    env.update(OMP_NUM_THREADS="1", XDG_CACHE_HOME=str(tmp_path / "cache"))
+    env.update(OMP_NUM_THREADS="1", XDG_CACHE_HOME=data_cache)
     # The study runs the localsgd under test, wherever the test's working directory is.
     env["PYTHONPATH"] = os.pathsep.join([str(Path(localsgd.__file__).parents[1]), env.get("PYTHONPATH", "")])
     return tmp_path, env

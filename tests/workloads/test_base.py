@@ -280,13 +280,13 @@ def test_loss_is_mean_cross_entropy_of_the_models_logits(cnn: workloads.Workload
     assert cnn.loss(model, batch).item() == pytest.approx((-math.log(3 / 4) + math.log(10)) / 2)
 
 
-def test_the_validation_split_is_held_out_of_training(tmp_path, monkeypatch):
+def test_the_validation_split_is_held_out_of_training(tmp_path, monkeypatch, data_cache):
     import torch
 
     from localsgd import workloads
     from localsgd.util.checks import ConfigError
 
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("XDG_CACHE_HOME", data_cache)
     wl = workloads.build("mnist1d_mlp", num_samples=1000)
     assert (wl.train_size, wl.validation_size, wl.test_size) == (720, 80, 200)
     # The same examples for every run seed, disjoint from every rank's shard of every epoch.
