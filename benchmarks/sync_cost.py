@@ -69,6 +69,7 @@ from torch.distributed.algorithms.model_averaging.averagers import PeriodicModel
 import localsgd
 from localsgd.algorithms.local_sgd import LocalSGDSync
 from localsgd.comm.flat import contiguous_span
+from localsgd.run.worker import exit_process
 
 log = logging.getLogger("sync_cost")
 
@@ -350,6 +351,9 @@ def rank_main(rank: int, world: int, port: int, cfg_dict: dict[str, Any], out: s
     if rank == 0:
         with open(out, "w") as f:
             json.dump(result, f)
+    # Done: skip the interpreter's teardown, which can abort a finished gloo process
+    # ("terminate called without an active exception", SIGABRT) and fail the whole world.
+    exit_process(0)
 
 
 # -- the launcher -----------------------------------------------------------------------------

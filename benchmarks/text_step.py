@@ -45,6 +45,8 @@ import torch
 from shared import interleaved as rotated
 from shared import machine_at_end, ratio, ratio_line, write_results
 
+from localsgd.run.worker import exit_process
+
 MODELS: dict[str, dict[str, Any]] = {
     "bert_base": {
         "config": {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072, "vocab_size": 30522},
@@ -158,6 +160,9 @@ def rank_main(rank: int, world: int, port: int, names: list[str], quick: bool, o
     with open(out, "w") as f:
         json.dump(results, f)
     accelerator.end_training()
+    # Done: skip the interpreter's teardown, which can abort a finished gloo process
+    # ("terminate called without an active exception", SIGABRT).
+    exit_process(0)
 
 
 def interleaved(methods: dict[str, Callable[[], Any]], spec: dict[str, Any]) -> dict[str, list[float]]:
