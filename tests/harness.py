@@ -16,11 +16,15 @@ import multiprocessing as mp
 import os
 import pickle
 import socket
+import subprocess
 import tempfile
+import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 # torchrun's variables: a subprocess test clears them so an outer launcher cannot leak in.
 LAUNCHER_VARS = (
@@ -189,3 +193,16 @@ def assert_same_run(run_dir: Path, reference: Path, steps: list[int]) -> None:
         assert torch.equal(got[key], expected[key]), key
     assert untimed_rows(run_dir) == untimed_rows(reference)
     assert [r["step"] for r in untimed_rows(run_dir)] == steps
+
+
+def wait_until(done: Callable[[], bool], proc: subprocess.Popen[str], what: str, timeout: float = 200) -> None:
+    """Wait for an event (``done()`` true); fail at once if ``proc`` ends first."""
+    deadline = time.monotonic() + timeout
+    while not done():
+        if proc.poll() is not None:
+            out, err = proc.communicate()
+            pytest.fail(f"ended (code {proc.returncode}) before {what}:\n{out}\n{err[-3000:]}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"no {what} within {timeout} s")
+        time.sleep(0.05)

@@ -16,12 +16,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from harness import LAUNCHER_VARS, worker_command
+from harness import LAUNCHER_VARS, wait_until, worker_command
 from localsgd.records.record import ErrorInfo, MetricsRow, read_json, to_json
 from localsgd.records.store import Store
 from localsgd.run.worker import TORCHRUN_NOTE
@@ -100,19 +99,6 @@ def cli(args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.Popen[str
         env=env,
         cwd=cwd,
     )
-
-
-def wait_until(done, proc: subprocess.Popen[str], what: str, timeout: float = 200) -> None:
-    """Wait for an event (``done()`` true); fail at once if ``proc`` ends first."""
-    deadline = time.monotonic() + timeout
-    while not done():
-        if proc.poll() is not None:
-            out, err = proc.communicate()
-            pytest.fail(f"ended (code {proc.returncode}) before {what}:\n{out}\n{err[-3000:]}")
-        if time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"no {what} within {timeout} s")
-        time.sleep(0.05)
 
 
 def at_gate(cwd: Path, proc: subprocess.Popen[str]) -> Path:

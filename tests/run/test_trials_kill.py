@@ -15,14 +15,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 import localsgd
-from harness import LAUNCHER_VARS
+from harness import LAUNCHER_VARS, wait_until
 from localsgd.records.record import ConfigSnapshot, Environment, Status, from_json, read_json, read_metrics
 from localsgd.records.store import Store
 
@@ -120,19 +119,6 @@ def study(cwd: Path, env: dict[str, str]) -> subprocess.Popen[str]:
     )
 
 
-def wait_for(path: Path, proc: subprocess.Popen[str], timeout: float = 200) -> None:
-    """Wait until ``path`` exists; fail at once if ``proc`` ends first."""
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        if proc.poll() is not None:
-            out, err = proc.communicate()
-            pytest.fail(f"ended (code {proc.returncode}) before {path.name}:\n{out}\n{err[-3000:]}")
-        if time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"no {path.name} within {timeout} s")
-        time.sleep(0.05)
-
-
 def runs_by_lr(store: Store) -> list[tuple[str, dict[str, Any]]]:
     """(run id, config) of the 4 trials in grid order (by their learning rates)."""
     with store._db() as db:
@@ -147,7 +133,7 @@ def test_a_kill_mid_batch_keeps_the_trials_that_had_finished(project):
     cwd, env = project
     proc = study(cwd, env)
     try:
-        wait_for(cwd / "gate.reached", proc)
+        wait_until((cwd / "gate.reached").exists, proc, "gate.reached")
         assert int((cwd / "gate.reached").read_text()) == proc.pid  # the batch trains in the study's process
         os.kill(proc.pid, signal.SIGKILL)
         proc.communicate(timeout=60)
