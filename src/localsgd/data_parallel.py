@@ -57,6 +57,17 @@ class DataParallel:
     every other algorithm runs the backward passes as under ``no_sync()`` and communicates
     itself. An optimizer wrapper that steps an inner ``optimizer`` (accelerate's
     ``AcceleratedOptimizer``) is unwrapped: the hooks go where the update happens.
+
+    fp16 with a ``torch.amp.GradScaler``: a step the scaler skips (gradients overflowed)
+    never calls ``optimizer.step()``, so the hooks cannot see it. It still counts: the
+    algorithm's schedule advances as if the step had been taken with no update, and an
+    averaging due at that step happens at it (not deferred), so syncs fall at the same step
+    counts as in an fp32 run. Either step through :meth:`step` (``dp.step(scaler)`` in place
+    of ``scaler.step(optimizer)``), or hand the scaler over (``scaler=``; taken from an
+    ``AcceleratedOptimizer``'s ``scaler`` by itself) when other code calls ``scaler.step``
+    and ``scaler.update`` (accelerate, a trainer): for the ``with`` block the scaler's
+    ``unscale_`` then makes every rank agree on the overflow (as :meth:`unscale_` does) and
+    its ``update`` reports a skipped step.
     """
 
     def __init__(
@@ -67,11 +78,14 @@ class DataParallel:
         *,
         comm: Communicator | None = None,
         flat: bool = True,
+        scaler: Any = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         inner = getattr(optimizer, "optimizer", None)
         if isinstance(inner, torch.optim.Optimizer):
+            if scaler is None:
+                scaler = getattr(optimizer, "scaler", None)  # accelerate's wrapper drives one
             optimizer = inner  # a wrapper calls inner.step() only when it really steps
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise ValueError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
@@ -90,6 +104,10 @@ class DataParallel:
         self._hooks: list[Any] = []
         self._steps = 0
         self._pending: Mapping[str, Any] | None = None
+        if scaler is not None and not isinstance(scaler, torch.amp.GradScaler):
+            raise ValueError(f"scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")
+        self._scaler: torch.amp.GradScaler | None = scaler
+        self._steps_at_update = 0
 
     # -- the with block ---------------------------------------------------------------------
 
@@ -117,6 +135,8 @@ class DataParallel:
             self.optimizer.register_step_pre_hook(self._before_step),
             self.optimizer.register_step_post_hook(self._after_step),
         ]
+        if self._scaler is not None and self._scaler.is_enabled():
+            self._watch(self._scaler)
         log.debug("rank %d: entered %s over %d ranks", comm.rank, self.algorithm, comm.world_size)
         return self
 
@@ -129,6 +149,9 @@ class DataParallel:
         for handle in self._hooks:
             handle.remove()
         self._hooks = []
+        if self._scaler is not None:
+            for name in ("unscale_", "update"):
+                self._scaler.__dict__.pop(name, None)
         if self._ddp is not None and self._ddp_sync is not None:
             self._ddp.require_backward_grad_sync = self._ddp_sync
         if exc_type is None and self._sync is not None:
@@ -163,6 +186,38 @@ class DataParallel:
         assert self._sync is not None
         self._steps += 1
         self._sync.after_step()
+
+    def _skipped_step(self) -> None:
+        """A step the scaler skipped: counted, and the algorithm's schedule advances with no
+        update (its ``skipped_step``, or ``after_step``: a sync due now happens now)."""
+        assert self._sync is not None
+        self._steps += 1
+        getattr(self._sync, "skipped_step", self._sync.after_step)()
+
+    def _watch(self, scaler: torch.amp.GradScaler) -> None:
+        """Make ``scaler``'s own ``unscale_`` agree across ranks and its ``update`` report a
+        skipped step of this optimizer, for the ``with`` block (instance attributes, removed
+        on exit)."""
+        from torch.amp.grad_scaler import OptState
+
+        unscale, update = scaler.unscale_, scaler.update
+
+        def unscale_(optimizer: torch.optim.Optimizer) -> None:
+            unscale(optimizer)
+            if optimizer is self.optimizer:
+                self._agree_on_overflow(scaler)
+
+        def update_(new_scale: Any = None) -> None:
+            state = scaler._per_optimizer_states.get(id(self.optimizer))
+            stepped = state is not None and state["stage"] is OptState.STEPPED
+            if stepped and self._steps == self._steps_at_update:
+                self._skipped_step()  # scaler.step ran for this optimizer, the hooks did not
+            self._steps_at_update = self._steps
+            update(new_scale)
+
+        scaler.unscale_ = unscale_  # type: ignore[method-assign]
+        scaler.update = update_  # type: ignore[method-assign]
+        self._steps_at_update = self._steps
 
     # -- what users read --------------------------------------------------------------------
 
@@ -228,6 +283,10 @@ class DataParallel:
         SGD) or out of step (local SGD). Call it between ``scaler.scale(loss).backward()``
         and ``scaler.step(optimizer)``. Collective; not counted in :attr:`stats`."""
         scaler.unscale_(self.optimizer)
+        if scaler is not self._scaler or not self._hooks:
+            self._agree_on_overflow(scaler)  # a watched scaler's unscale_ agreed already
+
+    def _agree_on_overflow(self, scaler: Any) -> None:
         state = getattr(scaler, "_per_optimizer_states", {}).get(id(self.optimizer))
         if not state or "found_inf_per_device" not in state:
             raise RuntimeError(
@@ -238,6 +297,18 @@ class DataParallel:
         self.comm.average([local], record=False)  # > 0 when any rank overflowed
         for flag in found.values():
             flag.fill_(1.0 if local.item() > 0 else 0.0)
+
+    def step(self, scaler: Any) -> bool:
+        """``scaler.step(optimizer)`` that keeps the algorithm's schedule when the scaler
+        skips the step (gradients overflowed): the step is counted and a sync due at it
+        happens. Returns whether the update was applied. Call :meth:`unscale_` first (so
+        every rank skips together) and ``scaler.update()`` after, as usual."""
+        before = self._steps
+        scaler.step(self.optimizer)
+        applied = self._steps > before
+        if not applied and scaler.is_enabled() and not (scaler is self._scaler and self._hooks):
+            self._skipped_step()  # a watched scaler reports it from update()
+        return applied
 
     # -- checkpoints ------------------------------------------------------------------------
 

@@ -65,7 +65,14 @@ class SyncContext:
 
 
 class Synchronizer(Protocol):
-    """The runtime half of an algorithm; see the module docstring."""
+    """The runtime half of an algorithm; see the module docstring.
+
+    A step a ``GradScaler`` skipped (gradients overflowed on some rank; every rank skips
+    it) never reaches ``optimizer.step()``; ``DataParallel`` then calls the synchronizer's
+    ``skipped_step()`` if it has one, else ``after_step()``: the schedule counts the step,
+    taken with no update, and a sync due at it happens at it. A synchronizer whose
+    ``before_step`` reads the gradients (they are not finite) defines ``skipped_step``.
+    """
 
     @property
     def syncs(self) -> int:

@@ -76,6 +76,15 @@ class AccumulationSync(ParametersAlwaysInSync):
         self.micro = 0
         self.syncs += 1
 
+    def skipped_step(self) -> None:
+        """An overflowed micro-batch counts as one with its gradient left out; when it is
+        the k-th, the update it would have applied is dropped with what was accumulated
+        (every rank skipped it, so no rank averages)."""
+        self.micro += 1
+        if self.micro == self.config.steps:
+            self.accumulated = None
+            self.micro = 0
+
     def state_dict(self) -> dict[str, Any]:
         return {
             "syncs": self.syncs,

@@ -44,6 +44,13 @@ class MiniBatchSync(ParametersAlwaysInSync):
             average_gradients(self.ctx)
         self.syncs += 1
 
+    def skipped_step(self) -> None:
+        """Every replica skipped the update: nothing to average. Under DDP the backward
+        pass's all-reduce ran all the same, and is counted."""
+        if self.ctx.gradients_averaged is not None:
+            self.ctx.gradients_averaged()
+            self.syncs += 1
+
     def state_dict(self) -> dict[str, Any]:
         return {"syncs": self.syncs}
 

@@ -75,6 +75,11 @@ class SwitchedSync:
         if not self.switched:
             self.minibatch.before_step()
 
+    def skipped_step(self) -> None:
+        if not self.switched:
+            self.minibatch.skipped_step()
+        self.after_step()
+
     def after_step(self) -> None:
         if self.switched:
             self.local.after_step()

@@ -68,6 +68,11 @@ class SMASync:
         # d_j = w_j - z, taken before the optimizer moves w_j.
         self.correction = list(torch._foreach_sub(self.ctx.params, self.central))
 
+    def skipped_step(self) -> None:
+        """No update from the optimizer; the elastic step and its averaging still happen."""
+        self.before_step()
+        self.after_step()
+
     @torch.no_grad()
     def after_step(self) -> None:
         assert self.correction is not None, "SMA.after_step ran without before_step"

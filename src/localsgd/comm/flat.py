@@ -78,6 +78,18 @@ def flatten_into_views(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     return flats
 
 
+REDUCED_IN_FP32 = (torch.bfloat16, torch.float16)
+"""Dtypes whose averages are taken in fp32: summed in bf16, K values are rounded after every
+addition (8 bits of mantissa) and fp16 sums overflow past 65504; upcast, reduced and
+rounded back once, the average is the fp32 mean rounded to the dtype. The collective then
+carries fp32, twice the tensors' own bytes, and is counted as such."""
+
+
+def reduction_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype an average of ``dtype`` tensors is reduced (and sent) in."""
+    return torch.float32 if dtype in REDUCED_IN_FP32 else dtype
+
+
 _DATA_PTR = torch.Tensor.data_ptr
 
 

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 
 from localsgd.comm.base import WORLD, Block, CommStats, Scope, ServerFactory, check_block
-from localsgd.comm.flat import contiguous_span, group_by_dtype, pack, unpack
+from localsgd.comm.flat import contiguous_span, group_by_dtype, pack, reduction_dtype, unpack
 from localsgd.comm.parameter_server import (
     KIND_FINISH,
     KIND_PULL,
@@ -166,18 +166,23 @@ class ProcessGroupCommunicator:
         if cuda:
             torch.cuda.synchronize(flat.device)
         start = time.perf_counter()
+        wide = reduction_dtype(flat.dtype)
+        # bf16/fp16: reduced in fp32 and rounded back once (see flat.REDUCED_IN_FP32).
+        reduced = flat if wide == flat.dtype else flat.to(wide)
         if route.scale is None:
-            dist.all_reduce(flat, op=dist.ReduceOp.AVG, group=route.group)
+            dist.all_reduce(reduced, op=dist.ReduceOp.AVG, group=route.group)
         else:
             # SUM then scale: identical bits on every rank.
-            dist.all_reduce(flat, group=route.group)
-            flat.mul_(route.scale)
+            dist.all_reduce(reduced, group=route.group)
+            reduced.mul_(route.scale)
+        if reduced is not flat:
+            flat.copy_(reduced)
         if cuda:
             torch.cuda.synchronize(flat.device)
         if record:
             if route.pause:
                 time.sleep(route.pause)
-            self._stats.record(route.label, flat.nbytes, time.perf_counter() - start)
+            self._stats.record(route.label, reduced.nbytes, time.perf_counter() - start)
 
     def broadcast(self, tensors: Sequence[torch.Tensor], src: int = 0, *, record: bool = True) -> None:
         if self._world_size == 1 or not tensors:

@@ -4,7 +4,9 @@ The forward pass runs under ``torch.autocast`` in bf16 or fp16 (CUDA, and CPU: b
 autocast works there too); parameters, gradients, the optimizer and every averaging stay in
 fp32. fp16 multiplies the loss by a ``torch.amp.GradScaler``'s scale before the backward
 pass; before the step the gradients are unscaled and every worker learns whether any
-worker's overflowed (``Replicas.unscale_``), so a skipped step is skipped everywhere.
+worker's overflowed (``Replicas.unscale_``), so a skipped step is skipped everywhere. A
+skipped step is still a step of the run and of the algorithm's schedule
+(``DataParallel.step``): syncs fall at the same steps as in an fp32 run.
 """
 
 from __future__ import annotations

@@ -217,7 +217,7 @@ class SingleRun:
             return loss
         loss = self.trained.unscaled(loss)
         self.replicas.unscale_(self.scaler, dp)  # every worker steps, or none does
-        self.scaler.step(self.optimizer)
+        dp.step(self.scaler)  # a skipped step still counts toward the algorithm's schedule
         self.scaler.update()
         return loss
 

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from localsgd.comm.base import WORLD, Block, CommStats, Scope, Server, ServerFactory, check_block
-from localsgd.comm.flat import group_by_dtype
+from localsgd.comm.flat import group_by_dtype, reduction_dtype
 from localsgd.comm.parameter_server import record_exchange, record_pull
 
 if TYPE_CHECKING:
@@ -83,7 +83,8 @@ class SimulatedCommunicator:
     stays inside its world, and ``world_size`` is K.
 
     Counters match the process engine's per-rank counters: one collective per dtype per
-    call, ``bytes`` = one replica's payload. ``seconds`` is the time the mean took here,
+    call, ``bytes`` = one replica's payload (an average of bf16/fp16 tensors in fp32, the
+    dtype it is reduced in, as there). ``seconds`` is the time the mean took here,
     not a network time (the cost model estimates that).
     """
 
@@ -117,7 +118,11 @@ class SimulatedCommunicator:
         if isinstance(scope, Block):
             check_block(scope, self._k)
 
-    def _groups(self, tensors: Sequence[torch.Tensor]) -> Iterator[tuple[list[torch.Tensor], int]]:
+    def _groups(
+        self, tensors: Sequence[torch.Tensor], wire: bool = False
+    ) -> Iterator[tuple[list[torch.Tensor], int]]:
+        """Tensors grouped by dtype, with one replica's bytes; ``wire``: in the dtype an
+        average sends them in (fp32 for bf16/fp16, as the process engine)."""
         for members in group_by_dtype(tensors).values():
             for t in members:
                 if t.dim() == 0 or t.shape[0] != self._stacked:
@@ -125,7 +130,8 @@ class SimulatedCommunicator:
                         f"simulated engine: expected tensors stacked along a leading replica "
                         f"dimension of {self._stacked}, got shape {tuple(t.shape)}"
                     )
-            yield members, sum(t[0].numel() * t.element_size() for t in members)
+            size = reduction_dtype(members[0].dtype).itemsize if wire else members[0].element_size()
+            yield members, sum(t[0].numel() * size for t in members)
 
     @torch.no_grad()
     def average(self, tensors: Sequence[torch.Tensor], scope: Scope = WORLD, *, record: bool = True) -> None:
@@ -134,12 +140,14 @@ class SimulatedCommunicator:
             check_block(scope, self._k)
         if size == 1 or not tensors:
             return  # as the process engine: a group of one exchanges and counts nothing
-        for members, nbytes in self._groups(tensors):
+        for members, nbytes in self._groups(tensors, wire=True):
             start = time.perf_counter()
             span = replica_span(members, self._stacked)
+            wide = reduction_dtype(members[0].dtype)
             for view in [span] if span is not None else members:
                 blocks = view.unflatten(0, (self._stacked // size, size))
-                blocks.copy_(blocks.mean(1, keepdim=True).expand_as(blocks))
+                mean = blocks.mean(1, keepdim=True, dtype=wide)  # bf16/fp16: in fp32, rounded once
+                blocks.copy_(mean.expand_as(blocks))
             if record:
                 self._stats.record(scope.label(), nbytes, time.perf_counter() - start)
 
