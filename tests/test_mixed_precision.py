@@ -57,7 +57,9 @@ def _train(rank: int, name: str, path: str) -> dict[str, Any]:
     data = torch.Generator().manual_seed(100 + rank)
     syncs, steps, trace = [], [], []
     handed = {"scaler": scaler} if path == "watched" else {}
-    with localsgd.DataParallel(model, wrapper if path == "wrapper" else opt, ALGORITHMS[name], **handed) as dp:
+    with localsgd.DataParallel(
+        model, wrapper if path == "wrapper" else opt, ALGORITHMS[name], **handed
+    ) as dp:
         for step in range(STEPS):
             opt.zero_grad()
             x = torch.randn(5, 4, generator=data)
@@ -267,9 +269,15 @@ def test_a_bf16_model_trains_as_the_fp32_one_within_bf16_rounding(ranks):
         # 6 SGD steps from the same start: bf16's 8-bit mantissa (relative 2^-8) bounds it.
         torch.testing.assert_close(bf16, fp32, rtol=2e-2, atol=2e-2)
         # Both carried fp32 on the wire: the same bytes for the same syncs.
-        assert runs[f"{torch.bfloat16} bytes"] == runs[f"{torch.float32} bytes"] == 3 * 4 * runs[f"{torch.float32} numel"]
+        assert (
+            runs[f"{torch.bfloat16} bytes"]
+            == runs[f"{torch.float32} bytes"]
+            == 3 * 4 * runs[f"{torch.float32} numel"]
+        )
     for r in ranks[1:]:
-        assert torch.equal(r["bf16"]["runs"][str(torch.bfloat16)], ranks[0]["bf16"]["runs"][str(torch.bfloat16)])
+        assert torch.equal(
+            r["bf16"]["runs"][str(torch.bfloat16)], ranks[0]["bf16"]["runs"][str(torch.bfloat16)]
+        )
 
 
 def test_the_simulated_engine_averages_bf16_as_the_process_engine(ranks):
@@ -295,3 +303,33 @@ def test_the_run_loop_counts_a_skipped_fp16_step(ranks):
     assert rows["fp16"][2]["train_loss"] > 1000  # step 3 was loud on rank 1 ...
     assert rows["fp16"][3]["train_loss"] < 10  # ... and its overflowing update was skipped
 
+
+def test_accelerates_optimizer_drives_the_scaler_and_the_schedule_holds():
+    """accelerate's ``AcceleratedOptimizer`` (a world of one: accelerate gives no scaler to
+    fp16 on the CPU, so one is handed to it) calls ``scaler.step`` and ``scaler.update``
+    itself; ``DataParallel`` takes the scaler from it and counts the step it skips."""
+    pytest.importorskip("accelerate")
+    from accelerate import Accelerator
+    from accelerate.optimizer import AcceleratedOptimizer
+    from accelerate.state import AcceleratorState, GradientState
+
+    Accelerator(cpu=True)
+    try:
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 2)
+        scaler = torch.amp.GradScaler("cpu", init_scale=1.0)
+        opt = AcceleratedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), False, scaler)
+        seen = []
+        with localsgd.DataParallel(model, opt, ALGORITHMS["diloco"]) as dp:
+            for step in range(6):
+                opt.zero_grad()
+                scaler.scale(model(torch.randn(5, 4)).pow(2).mean()).backward()
+                if step == SKIPPED:
+                    model.weight.grad[0, 0] = float("inf")
+                opt.step()
+                seen.append((opt.step_was_skipped, dp.stats["steps"], dp.stats["syncs"]))
+        assert seen == [(s == SKIPPED, s + 1, EXPECTED_SYNCS["diloco"][s]) for s in range(6)]
+        assert "update" not in scaler.__dict__ and "unscale_" not in scaler.__dict__
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
