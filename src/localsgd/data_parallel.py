@@ -84,8 +84,9 @@ class DataParallel:
             raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         inner = getattr(optimizer, "optimizer", None)
         if isinstance(inner, torch.optim.Optimizer):
-            if scaler is None:
-                scaler = getattr(optimizer, "scaler", None)  # accelerate's wrapper drives one
+            driven = getattr(optimizer, "scaler", None)  # accelerate's wrapper drives one
+            if scaler is None and isinstance(driven, torch.amp.GradScaler):
+                scaler = driven
             optimizer = inner  # a wrapper calls inner.step() only when it really steps
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise ValueError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
@@ -107,7 +108,9 @@ class DataParallel:
         if scaler is not None and not isinstance(scaler, torch.amp.GradScaler):
             raise ValueError(f"scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")
         self._scaler: torch.amp.GradScaler | None = scaler
-        self._steps_at_update = 0
+        self._unwatch: dict[str, Any] = {}
+        self._stepped = False
+        """Whether the step hooks ran since the watched scaler's last ``update``."""
 
     # -- the with block ---------------------------------------------------------------------
 
@@ -149,9 +152,13 @@ class DataParallel:
         for handle in self._hooks:
             handle.remove()
         self._hooks = []
-        if self._scaler is not None:
-            for name in ("unscale_", "update"):
-                self._scaler.__dict__.pop(name, None)
+        if self._scaler is not None and self._unwatch:
+            for name, previous in self._unwatch.items():
+                if previous is None:
+                    del self._scaler.__dict__[name]
+                else:
+                    self._scaler.__dict__[name] = previous
+            self._unwatch = {}
         if self._ddp is not None and self._ddp_sync is not None:
             self._ddp.require_backward_grad_sync = self._ddp_sync
         if exc_type is None and self._sync is not None:
@@ -185,6 +192,7 @@ class DataParallel:
     def _after_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         assert self._sync is not None
         self._steps += 1
+        self._stepped = True
         self._sync.after_step()
 
     def _skipped_step(self) -> None:
@@ -209,15 +217,15 @@ class DataParallel:
 
         def update_(new_scale: Any = None) -> None:
             state = scaler._per_optimizer_states.get(id(self.optimizer))
-            stepped = state is not None and state["stage"] is OptState.STEPPED
-            if stepped and self._steps == self._steps_at_update:
+            if state is not None and state["stage"] is OptState.STEPPED and not self._stepped:
                 self._skipped_step()  # scaler.step ran for this optimizer, the hooks did not
-            self._steps_at_update = self._steps
+            self._stepped = False
             update(new_scale)
 
+        self._unwatch = {name: scaler.__dict__.get(name) for name in ("unscale_", "update")}
         scaler.unscale_ = unscale_  # type: ignore[method-assign]
         scaler.update = update_  # type: ignore[method-assign]
-        self._steps_at_update = self._steps
+        self._stepped = False
 
     # -- what users read --------------------------------------------------------------------
 
@@ -283,7 +291,7 @@ class DataParallel:
         SGD) or out of step (local SGD). Call it between ``scaler.scale(loss).backward()``
         and ``scaler.step(optimizer)``. Collective; not counted in :attr:`stats`."""
         scaler.unscale_(self.optimizer)
-        if scaler is not self._scaler or not self._hooks:
+        if not self._watching(scaler):
             self._agree_on_overflow(scaler)  # a watched scaler's unscale_ agreed already
 
     def _agree_on_overflow(self, scaler: Any) -> None:
@@ -301,14 +309,27 @@ class DataParallel:
     def step(self, scaler: Any) -> bool:
         """``scaler.step(optimizer)`` that keeps the algorithm's schedule when the scaler
         skips the step (gradients overflowed): the step is counted and a sync due at it
-        happens. Returns whether the update was applied. Call :meth:`unscale_` first (so
-        every rank skips together) and ``scaler.update()`` after, as usual."""
+        happens. Unscales first, as :meth:`unscale_` (every rank skips together), unless
+        that was done already (to clip gradients, say). Returns whether the update was
+        applied. Call ``scaler.update()`` after, as usual."""
+        from torch.amp.grad_scaler import OptState
+
+        if not self._hooks:
+            raise RuntimeError("step() needs an entered DataParallel (inside the with block)")
+        if scaler.is_enabled():
+            state = scaler._per_optimizer_states.get(id(self.optimizer))
+            if state is None or state["stage"] is OptState.READY:
+                self.unscale_(scaler)
         before = self._steps
         scaler.step(self.optimizer)
         applied = self._steps > before
-        if not applied and scaler.is_enabled() and not (scaler is self._scaler and self._hooks):
+        if not applied and scaler.is_enabled() and not self._watching(scaler):
             self._skipped_step()  # a watched scaler reports it from update()
         return applied
+
+    def _watching(self, scaler: Any) -> bool:
+        """Whether ``scaler`` is the one handed over, watched for this ``with`` block."""
+        return scaler is self._scaler and bool(self._unwatch)
 
     # -- checkpoints ------------------------------------------------------------------------
 
