@@ -350,3 +350,40 @@ def test_a_scaler_that_is_not_a_gradscaler_and_a_step_outside_the_block_are_refu
     dp = localsgd.DataParallel(model, opt, ALGORITHMS["local_sgd"])
     with pytest.raises(RuntimeError, match=r"step\(\) needs an entered DataParallel"):
         dp.step(torch.amp.GradScaler("cpu"))
+
+
+def _skip_second_of_four(
+    algorithm: Any,
+) -> tuple[list[tuple[int, int]], list[torch.Tensor], list[torch.Tensor]]:
+    """Four steps of a linear model in a world of one, the 2nd skipped by the scaler: each
+    step's (steps, syncs), parameters and gradients (as unscaled before the step)."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1, bias=False)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1.0)
+    seen, params, grads = [], [], []
+    with localsgd.DataParallel(model, opt, algorithm) as dp:
+        for step in range(4):
+            opt.zero_grad()
+            scaler.scale(model(torch.randn(4, 3)).pow(2).mean()).backward()
+            if step == 1:
+                model.weight.grad[0, 0] = float("nan")
+            grads.append(model.weight.grad / scaler.get_scale())
+            dp.step(scaler)
+            scaler.update()
+            seen.append((dp.stats["steps"], dp.stats["syncs"]))
+            params.append(model.weight.detach().clone())
+    return seen, params, grads
+
+
+def test_gradient_accumulation_drops_the_update_a_skipped_kth_micro_batch_held():
+    seen, params, grads = _skip_second_of_four(algorithms.GradientAccumulation(steps=2))
+    # Micro-batches 1-2 (the 2nd skipped) apply nothing; 3-4 apply their mean, one sync.
+    assert seen == [(1, 0), (2, 0), (3, 0), (4, 1)]
+    assert torch.equal(params[1], params[0]) and torch.equal(params[2], params[0])
+    torch.testing.assert_close(params[3], params[0] - 0.1 * (grads[2] + grads[3]) / 2)
+
+
+def test_sma_takes_its_elastic_step_at_a_skipped_step():
+    seen, _, _ = _skip_second_of_four(algorithms.SMA())
+    assert seen == [(1, 1), (2, 2), (3, 3), (4, 4)]  # an averaging at every step, skipped or not
