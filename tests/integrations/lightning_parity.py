@@ -5,6 +5,7 @@ bare loop; each rank saves what the test compares (``OUT/rank<r>.pt``)."""
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import warnings
 from pathlib import Path
@@ -171,6 +172,16 @@ def main(out: Path) -> None:
     results["resumed"] = fit(
         LocalSGDStrategy(LOCAL), out, validate=True, ckpt_path=str(out / "ckpt" / "epoch=0.ckpt")
     )
+    # The same checkpoint without the per-rank files: a warned resume from the consensus.
+    alone = out / "alone" / f"rank{os.environ['RANK']}"
+    alone.mkdir(parents=True)
+    shutil.copy(out / "ckpt" / "epoch=0.ckpt", alone / "epoch=0.ckpt")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        results["resumed_without_state"] = fit(
+            LocalSGDStrategy(LOCAL), out, validate=True, ckpt_path=str(alone / "epoch=0.ckpt")
+        )
+    results["resumed_without_state"]["warnings"] = [str(w.message) for w in caught if "localsgd-rank" in str(w.message)]
     accumulation = {"name": "gradient_accumulation", "steps": 2}
     results["grad_accumulation_algorithm"] = fit(LocalSGDStrategy(accumulation), out, epochs=1)
     results["grad_accumulation_algorithm_bare"] = bare(accumulation, epochs=1)
