@@ -1,10 +1,12 @@
 """Run under ``torchrun --nproc-per-node 2`` (CPU, gloo): the same tiny MLP and data trained
 by Lightning (``DDPStrategy``, ``LocalSGDStrategy``) and by ``localsgd.DataParallel`` in a
-bare loop; each rank saves what the test compares (``OUT/rank<r>.pt``)."""
+bare loop, then ``examples/lightning.py``; each rank saves what the test compares
+(``OUT/rank<r>.pt``); the example prints its results."""
 
 from __future__ import annotations
 
 import os
+import runpy
 import shutil
 import sys
 import warnings
@@ -25,6 +27,7 @@ from localsgd.run.worker import exit_process
 
 N, FEATURES, BATCH, LR = 48, 6, 4, 0.1  # 24 samples a rank: 6 updates an epoch
 LOCAL = {"name": "local_sgd", "period": 4}
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "lightning.py"
 
 
 def data() -> tuple[TensorDataset, TensorDataset]:
@@ -158,7 +161,18 @@ def bare(algorithm: Any, *, epochs: int = 2, micro: int = 1) -> dict[str, Any]:
     return {"trace": trace, "final": flat(model), "consensus": consensus, "stats": dp.stats}
 
 
-def main(out: Path) -> None:
+def refusals() -> list[str]:
+    """What the strategy says to arguments it cannot honour."""
+    said = []
+    for algorithm, kwargs in [(LOCAL, {"model_averaging_period": 4}), ({"name": "local_sgd", "period": 0}, {})]:
+        try:
+            LocalSGDStrategy(algorithm, **kwargs)
+        except ValueError as e:
+            said.append(str(e))
+    return said
+
+
+def main(out: Path, example_args: list[str]) -> None:
     warnings.filterwarnings("ignore")  # Lightning's advice on num_workers and the like
     results: dict[str, Any] = {
         "ddp": fit(DDPStrategy(), out),
@@ -191,8 +205,13 @@ def main(out: Path) -> None:
     from localsgd.integrations.lightning import PLLocalSGDStrategy
 
     results["pytorch_lightning"] = fit(PLLocalSGDStrategy(LOCAL), out, epochs=1, trainer_module=PL)
+    results["refusals"] = refusals()
     results["world_size"] = dist.get_world_size()
     rank = dist.get_rank()
+    # The example as a user runs it under torchrun (in this launch, as starting Lightning
+    # takes far longer than these runs); last, because it ends the process group.
+    sys.argv = [str(EXAMPLE), *example_args, "--checkpoint-dir", str(out / "example")]
+    runpy.run_path(str(EXAMPLE), run_name="__main__")
     torch.save(results, out / f"rank{rank}.pt.tmp")
     (out / f"rank{rank}.pt.tmp").rename(out / f"rank{rank}.pt")
     # Done: skip the interpreter's teardown, which can abort a finished gloo process.
@@ -200,4 +219,4 @@ def main(out: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    main(Path(sys.argv[1]), sys.argv[2:])

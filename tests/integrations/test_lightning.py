@@ -2,7 +2,7 @@
 it trains as Lightning's own DDP does, local SGD as ``DataParallel`` in a bare loop on the
 same per-rank data, bit for bit; H counts optimizer updates under gradient accumulation;
 validation and checkpoints see the consensus model; a resumed run ends as the uninterrupted
-one. And ``examples/lightning.py`` trains under ``torchrun``.
+one. And ``examples/lightning.py`` trains under ``torchrun`` (in the same launch).
 
 Bitwise equality is the right bar: each pair runs the same float operations in the same
 order on the same data (DDP's all-reduce of one bucket, or no communication between syncs,
@@ -11,6 +11,8 @@ and the same flat all-reduce at a sync).
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import math
 import os
 import re
@@ -25,8 +27,9 @@ import torch
 
 from harness import LAUNCHER_VARS
 
-pytest.importorskip("lightning")
-pytest.importorskip("pytorch_lightning")
+# Looked up, not imported: only the launched processes need Lightning (seconds to import).
+if importlib.util.find_spec("lightning") is None or importlib.util.find_spec("pytorch_lightning") is None:
+    pytest.skip("lightning and pytorch_lightning are not installed", allow_module_level=True)
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
@@ -34,6 +37,7 @@ TIMEOUT = 400  # seconds; a launch takes ~35 s on 2 busy cores
 TORCHRUN = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
 # Updates per epoch in the parity script: 48 samples, 24 a rank, batches of 4.
 EPOCH = 6
+EXAMPLE = {"--period": 4, "--epochs": 2, "--samples": 512, "--batch-size": 32}
 
 
 def launch(args: list[str]) -> subprocess.CompletedProcess[str]:
@@ -59,12 +63,13 @@ def launch(args: list[str]) -> subprocess.CompletedProcess[str]:
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     out = tmp_path_factory.mktemp("lightning")
-    proc = launch([str(HERE / "lightning_parity.py"), str(out)])
+    example = [str(a) for kv in EXAMPLE.items() for a in kv]
+    proc = launch([str(HERE / "lightning_parity.py"), str(out), *example])
     # Each rank writes its file (by rename, so it is complete) before ending.
     files = [out / f"rank{r}.pt" for r in range(2)]
     assert all(f.exists() for f in files), proc.stdout[-3000:] + proc.stderr[-5000:]
     results = [torch.load(f) for f in files]
-    results[0]["dir"] = out
+    results[0].update(dir=out, stdout=proc.stdout)
     return results
 
 
@@ -156,34 +161,23 @@ def test_pytorch_lightning_namespace_trains_the_same(ranks):
         assert same(r["pytorch_lightning"]["trace"], r["local_bare"]["trace"][:EPOCH])
 
 
-def test_strategy_refuses_model_averaging_period_and_bad_algorithms():
-    from localsgd.algorithms.base import ConfigError
-    from localsgd.integrations.lightning import LocalSGDStrategy
-
-    with pytest.raises(ValueError, match="instead of model_averaging_period"):
-        LocalSGDStrategy({"name": "local_sgd", "period": 4}, model_averaging_period=4)
-    with pytest.raises(ConfigError, match="period"):
-        LocalSGDStrategy({"name": "local_sgd", "period": 0})
+def test_strategy_refuses_model_averaging_period_and_bad_algorithms(ranks):
+    averaging, period = ranks[0]["refusals"]
+    assert "pass algorithm={'name': 'local_sgd', 'period': H} instead of model_averaging_period" in averaging
+    assert re.search(r"local_sgd\.period must be an integer >= 1", period)
 
 
-def test_example_trains_under_torchrun(tmp_path):
-    samples, epochs, batch, period = 512, 2, 32, 4
-    proc = launch([
-        str(ROOT / "examples" / "lightning.py"), "--period", str(period), "--epochs", str(epochs),
-        "--samples", str(samples), "--batch-size", str(batch), "--checkpoint-dir", str(tmp_path),
-    ])  # fmt: skip
-    out = proc.stdout
+def test_example_trains_under_torchrun(ranks):
+    args = EXAMPLE
+    out = ranks[0]["stdout"]
     stats = re.search(r"^stats=(\{.*\})$", out, re.M)
     accuracy = re.search(r"^val_accuracy=([0-9.]+)$", out, re.M)
-    assert stats and accuracy, out[-3000:] + proc.stderr[-5000:]
-    # A gloo process may abort in the interpreter's teardown after its work is done.
-    assert proc.returncode == 0 or "terminate called without an active exception" in proc.stderr, proc.stderr[-5000:]
-    import json
-
+    assert stats and accuracy, out[-3000:]
     counted = json.loads(stats.group(1))
-    per_rank = math.ceil(samples * 4 // 5 / 2)  # DistributedSampler pads to equal shares
-    steps = epochs * math.ceil(per_rank / batch)
+    per_rank = math.ceil(args["--samples"] * 4 // 5 / 2)  # DistributedSampler pads to equal shares
+    steps = args["--epochs"] * math.ceil(per_rank / args["--batch-size"])
+    period = args["--period"]
     assert counted["steps"] == steps and counted["syncs"] == steps // period + (steps % period > 0)
-    assert 0.0 < float(accuracy.group(1)) <= 1.0
+    assert 0.25 < float(accuracy.group(1)) <= 1.0  # above chance (4 classes)
     for rank in range(2):
-        assert (tmp_path / f"epoch=1-step={steps}.ckpt.localsgd-rank{rank}.pt").exists()
+        assert (ranks[0]["dir"] / "example" / f"epoch=1-step={steps}.ckpt.localsgd-rank{rank}.pt").exists()
