@@ -164,7 +164,10 @@ def bare(algorithm: Any, *, epochs: int = 2, micro: int = 1) -> dict[str, Any]:
 def refusals() -> list[str]:
     """What the strategy says to arguments it cannot honour."""
     said = []
-    for algorithm, kwargs in [(LOCAL, {"model_averaging_period": 4}), ({"name": "local_sgd", "period": 0}, {})]:
+    for algorithm, kwargs in [
+        (LOCAL, {"model_averaging_period": 4}),
+        ({"name": "local_sgd", "period": 0}, {}),
+    ]:
         try:
             LocalSGDStrategy(algorithm, **kwargs)
         except ValueError as e:
@@ -179,7 +182,9 @@ def main(out: Path, example_args: list[str]) -> None:
         "minibatch": fit(LocalSGDStrategy({"name": "minibatch_sgd"}), out),
         "local": fit(LocalSGDStrategy(LOCAL), out, validate=True, checkpoints=out / "ckpt"),
         "local_bare": bare(LOCAL),
-        "accumulate": fit(LocalSGDStrategy(LOCAL), out, epochs=1, batch=BATCH // 2, accumulate_grad_batches=2),
+        "accumulate": fit(
+            LocalSGDStrategy(LOCAL), out, epochs=1, batch=BATCH // 2, accumulate_grad_batches=2
+        ),
         "accumulate_bare": bare(LOCAL, epochs=1, micro=2),
     }
     # Mid-period (6 updates, H = 4): the replicas differ; the per-rank files carry them.
@@ -195,7 +200,9 @@ def main(out: Path, example_args: list[str]) -> None:
         results["resumed_without_state"] = fit(
             LocalSGDStrategy(LOCAL), out, validate=True, ckpt_path=str(alone / "epoch=0.ckpt")
         )
-    results["resumed_without_state"]["warnings"] = [str(w.message) for w in caught if "localsgd-rank" in str(w.message)]
+    results["resumed_without_state"]["warnings"] = [
+        str(w.message) for w in caught if "localsgd-rank" in str(w.message)
+    ]
     accumulation = {"name": "gradient_accumulation", "steps": 2}
     results["grad_accumulation_algorithm"] = fit(LocalSGDStrategy(accumulation), out, epochs=1)
     results["grad_accumulation_algorithm_bare"] = bare(accumulation, epochs=1)

@@ -49,7 +49,13 @@ def launch(args: list[str]) -> subprocess.CompletedProcess[str]:
     cmd = [sys.executable, *TORCHRUN, *args]
     # A session of its own, so a timeout kills torchrun *and* its workers.
     proc = subprocess.Popen(
-        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+        cmd,
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
     )
     try:
         out, err = proc.communicate(timeout=TIMEOUT)
@@ -178,6 +184,6 @@ def test_example_trains_under_torchrun(ranks):
     steps = args["--epochs"] * math.ceil(per_rank / args["--batch-size"])
     period = args["--period"]
     assert counted["steps"] == steps and counted["syncs"] == steps // period + (steps % period > 0)
-    assert 0.25 < float(accuracy.group(1)) <= 1.0  # above chance (4 classes)
+    assert float(accuracy.group(1)) > 0.45  # the most common class is 39% of the validation set
     for rank in range(2):
         assert (ranks[0]["dir"] / "example" / f"epoch=1-step={steps}.ckpt.localsgd-rank{rank}.pt").exists()
