@@ -16,7 +16,6 @@ import json
 import math
 import os
 import re
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -25,7 +24,7 @@ from typing import Any
 import pytest
 import torch
 
-from harness import LAUNCHER_VARS
+from harness import LAUNCHER_VARS, run_in_session
 
 # Looked up, not imported: only the launched processes need Lightning (seconds to import).
 if importlib.util.find_spec("lightning") is None or importlib.util.find_spec("pytorch_lightning") is None:
@@ -47,23 +46,8 @@ def launch(args: list[str]) -> subprocess.CompletedProcess[str]:
         PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT / "src"), env.get("PYTHONPATH")])),
     )
     cmd = [sys.executable, *TORCHRUN, *args]
-    # A session of its own, so a timeout kills torchrun *and* its workers.
-    proc = subprocess.Popen(
-        cmd,
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        out, err = proc.communicate(timeout=TIMEOUT)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        pytest.fail(f"{cmd} still running after {TIMEOUT}s; killed\n{out[-3000:]}\n{err[-3000:]}")
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+    returncode, out, err = run_in_session(cmd, env, ROOT, TIMEOUT)
+    return subprocess.CompletedProcess(cmd, returncode, out, err)
 
 
 @pytest.fixture(scope="module")
