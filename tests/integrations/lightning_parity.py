@@ -203,6 +203,13 @@ def main(out: Path, example_args: list[str]) -> None:
     results["resumed_without_state"]["warnings"] = [
         str(w.message) for w in caught if "localsgd-rank" in str(w.message)
     ]
+    # An algorithm with state of its own (outer momentum, the anchor model) resumes exactly.
+    diloco = {"name": "diloco", "period": 4}
+    results["diloco"] = fit(LocalSGDStrategy(diloco), out, checkpoints=out / "diloco")
+    results["diloco_resumed"] = fit(
+        LocalSGDStrategy(diloco), out, ckpt_path=str(out / "diloco" / "epoch=0.ckpt")
+    )
+    results["async"] = fit(LocalSGDStrategy({"name": "async_local_sgd", "period": 4}), out, validate=True)
     accumulation = {"name": "gradient_accumulation", "steps": 2}
     results["grad_accumulation_algorithm"] = fit(LocalSGDStrategy(accumulation), out, epochs=1)
     results["grad_accumulation_algorithm_bare"] = bare(accumulation, epochs=1)

@@ -146,6 +146,23 @@ def test_checkpoint_holds_the_consensus_and_resume_is_exact(ranks):
             assert re.search(r"localsgd-rank0\.pt is missing: the replicas resume", alone["warnings"][0])
 
 
+def test_algorithm_state_resumes_exactly(ranks):
+    # DiLoCo's outer momentum and anchor model come back from the per-rank files too.
+    for r in ranks:
+        assert same(r["diloco_resumed"]["trace"], r["diloco"]["trace"][EPOCH:])
+        assert torch.equal(r["diloco_resumed"]["final"], r["diloco"]["final"])
+        assert not torch.equal(r["diloco"]["final"], r["local"]["final"])
+
+
+def test_asynchronous_algorithm_runs_and_ends_on_the_servers_model(ranks):
+    for r in ranks:
+        stats = r["async"]["stats"]
+        # 12 updates, a push every 4th; the server's model is pulled for validation too.
+        assert stats["steps"] == 12 and stats["by_scope"]["push"]["collectives"] == 3
+        assert len(r["async"]["validated"]) == 2
+    assert torch.equal(ranks[0]["async"]["final"], ranks[1]["async"]["final"])
+
+
 def test_pytorch_lightning_namespace_trains_the_same(ranks):
     for r in ranks:
         assert same(r["pytorch_lightning"]["trace"], r["local_bare"]["trace"][:EPOCH])
