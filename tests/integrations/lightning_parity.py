@@ -62,16 +62,24 @@ def net_class(base: type) -> type:
     """The LightningModule, over ``lightning.LightningModule`` or ``pytorch_lightning``'s."""
 
     class Net(base):  # type: ignore[misc, valid-type]
-        def __init__(self) -> None:
+        def __init__(self, manual: bool) -> None:
             super().__init__()
+            self.automatic_optimization = not manual
             self.net = mlp()
             self.trace: list[torch.Tensor] = []
             self.validated: list[torch.Tensor] = []
             self.grad_sync: list[bool] = []
 
-        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
             x, y = batch
-            return nn.functional.mse_loss(self.net(x), y)
+            loss = nn.functional.mse_loss(self.net(x), y)
+            if self.automatic_optimization:
+                return loss
+            opt = self.optimizers()
+            opt.zero_grad()
+            self.manual_backward(loss)
+            opt.step()
+            return None
 
         def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
             self.trace.append(flat(self.net))
@@ -98,10 +106,11 @@ def fit(
     checkpoints: Path | None = None,
     ckpt_path: str | None = None,
     trainer_module: Any = L,
+    manual: bool = False,
     **trainer_kwargs: Any,
 ) -> dict[str, Any]:
     train, val = data()
-    model = net_class(trainer_module.LightningModule)()
+    model = net_class(trainer_module.LightningModule)(manual)
     callbacks = []
     if checkpoints is not None:
         callbacks.append(ModelCheckpoint(dirpath=checkpoints, filename="{epoch}", save_top_k=-1))
@@ -209,6 +218,7 @@ def main(out: Path, example_args: list[str]) -> None:
     results["diloco_resumed"] = fit(
         LocalSGDStrategy(diloco), out, ckpt_path=str(out / "diloco" / "epoch=0.ckpt")
     )
+    results["manual"] = fit(LocalSGDStrategy(LOCAL), out, manual=True)
     results["async"] = fit(LocalSGDStrategy({"name": "async_local_sgd", "period": 4}), out, validate=True)
     accumulation = {"name": "gradient_accumulation", "steps": 2}
     results["grad_accumulation_algorithm"] = fit(LocalSGDStrategy(accumulation), out, epochs=1)

@@ -95,6 +95,14 @@ def test_local_sgd_through_the_strategy_equals_data_parallel_in_a_bare_loop(rank
     assert torch.equal(ranks[0]["local"]["final"], ranks[1]["local"]["final"])
 
 
+def test_manual_optimization_trains_the_same(ranks):
+    # Lightning turns DDP's sync back on after each manual-optimization forward pass; the
+    # strategy turns it off again, or the next manual_backward would average the gradients.
+    for r in ranks:
+        assert same(r["manual"]["trace"], r["local_bare"]["trace"])
+        assert r["manual"]["stats"]["syncs"] == 3 and not any(r["manual"]["grad_sync"])
+
+
 def test_validation_during_fit_sees_the_consensus_model(ranks):
     for r in ranks:
         # After each epoch (6 updates, mid-period): the average the bare loop's consensus()
