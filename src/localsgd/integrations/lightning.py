@@ -281,13 +281,10 @@ class _LocalSGDMixin(_Base):
         self.data_parallel.load_state_dict(side["data_parallel"])
 
 
-def _strategy_class(namespace: str) -> type:
+def _strategy_class(namespace: str, name: str) -> type:
+    # Each Lightning package's Trainer accepts only its own Strategy subclasses.
     ddp = importlib.import_module(f"{namespace}.strategies").DDPStrategy
-    return type(
-        "LocalSGDStrategy",
-        (_LocalSGDMixin, ddp),
-        {"__module__": __name__, "__doc__": LocalSGDStrategy.__doc__, "__qualname__": "LocalSGDStrategy"},
-    )
+    return type(name, (_LocalSGDMixin, ddp), {"__module__": __name__, "__doc__": LocalSGDStrategy.__doc__})
 
 
 class LocalSGDStrategy(_LocalSGDMixin, DDPStrategy):
@@ -306,7 +303,7 @@ class LocalSGDStrategy(_LocalSGDMixin, DDPStrategy):
 
 def __getattr__(name: str) -> Any:
     if name == "PLLocalSGDStrategy":
-        cls = _strategy_class("pytorch_lightning")
+        cls = _strategy_class("pytorch_lightning", name)
         globals()[name] = cls
         return cls
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
