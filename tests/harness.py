@@ -15,6 +15,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import pickle
+import signal
 import socket
 import subprocess
 import tempfile
@@ -157,6 +158,27 @@ def run_world(
                 raise RuntimeError(f"rank {r} failed:\n{payload['error']}")
             results.append(payload["result"])
         return results
+
+
+def run_in_session(cmd: list[str], env: dict[str, str], cwd: Path, timeout: float) -> tuple[int, str, str]:
+    """Run ``cmd`` in a session of its own, so that a timeout kills a launcher *and* its
+    workers (and fails the test); return its exit status, stdout and stderr."""
+    proc = subprocess.Popen(
+        cmd,
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"{cmd} still running after {timeout}s; killed\n{out[-4000:]}\n{err[-4000:]}")
+    return proc.returncode, out, err
 
 
 def worker_command(nproc: int, config: str, *args: str) -> list[str]:

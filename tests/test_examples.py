@@ -11,7 +11,6 @@ import json
 import math
 import os
 import re
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from harness import LAUNCHER_VARS
+from harness import LAUNCHER_VARS, run_in_session
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "quickstart.py"
@@ -66,23 +65,8 @@ def run_example(launcher: list[str], flags: list[str], cache: Path) -> tuple[flo
         "--batch-size",
         str(BATCH),
     ]
-    # A session of its own, so a timeout kills torchrun *and* its workers.
-    proc = subprocess.Popen(
-        cmd,
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        out, err = proc.communicate(timeout=TIMEOUT)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        pytest.fail(f"{cmd} still running after {TIMEOUT}s; killed\n{out}\n{err[-4000:]}")
-    assert proc.returncode == 0, f"{cmd} exited {proc.returncode}\n{out}\n{err[-4000:]}"
+    returncode, out, err = run_in_session(cmd, env, ROOT, TIMEOUT)
+    assert returncode == 0, f"{cmd} exited {returncode}\n{out}\n{err[-4000:]}"
     accuracy = re.search(r"^test_accuracy=([0-9.]+)$", out, re.M)
     stats = re.search(r"^stats=(\{.*\})$", out, re.M)
     assert accuracy and stats, f"no test_accuracy/stats line in the output:\n{out}"
@@ -192,7 +176,9 @@ def test_own_workload_runs_in_both_engines_and_its_metric_reaches_the_report(tmp
         ("study", "os:getcwd", "unknown key 'workload.num_samples'; allowed: []"),
     ],
 )
-def test_a_bad_import_path_is_a_one_line_error_before_any_record(tmp_path, monkeypatch, command, workload, message):
+def test_a_bad_import_path_is_a_one_line_error_before_any_record(
+    tmp_path, monkeypatch, command, workload, message
+):
     # Through the app in this process: the refusal comes before any worker starts, so a
     # fresh interpreter would prove nothing more than the exit code and stderr seen here.
     from typer.testing import CliRunner
