@@ -10,6 +10,7 @@ average over two ranks, (a + b) / 2, rounds the same whichever rank computes it.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -40,7 +41,7 @@ def torchrun_env(tmp: Path) -> dict[str, str]:
     return env
 
 
-def torchrun(tmp: Path) -> list[str]:
+def torchrun() -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
             "--master-addr", "127.0.0.1", "--master-port", str(free_port())]  # fmt: skip
 
@@ -49,7 +50,7 @@ def torchrun(tmp: Path) -> list[str]:
 def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     out = tmp_path_factory.mktemp("trainer")
     proc = subprocess.run(
-        [*torchrun(out), str(SCRIPT), str(out)], env=torchrun_env(out), capture_output=True, text=True, timeout=400
+        [*torchrun(), str(SCRIPT), str(out)], env=torchrun_env(out), capture_output=True, text=True, timeout=400
     )
     files = [out / f"rank{r}.pt" for r in range(2)]
     # A rank writes its results atomically before it leaves; a gloo process aborting in
@@ -156,3 +157,27 @@ def test_refusals_in_one_process(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r"checkpoint-2/localsgd-rank0\.pt is missing"):
         trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
     assert not trainer.localsgd.active  # the failed train() removed the hooks
+
+
+def test_example_trains_mnli_under_torchrun_with_local_sgd(tmp_path, text_fixtures):
+    fx = text_fixtures
+    command = [
+        *torchrun(), str(ROOT / "examples" / "text" / "trainer.py"), "--task", "mnli",
+        "--data_dir", str(fx["mnli"]), "--config_name", str(fx["model_config"]),
+        "--tokenizer_name", str(fx["tokenizer"]), "--max_length", "64", "--train_subset", "512",
+        "--eval_subset", "64", "--per_device_train_batch_size", "8", "--learning_rate", "3e-3",
+        "--max_steps", "12", "--save_steps", "6", "--report_to", "none", "--disable_tqdm", "true",
+        "--output_dir", str(tmp_path / "model"), "--algorithm", '{"name": "local_sgd", "period": 4}',
+    ]  # fmt: skip
+    proc = subprocess.run(command, env=torchrun_env(tmp_path), capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith('{"')]
+    assert len(lines) == 1, proc.stdout[-3000:]  # the main process prints the results once
+    out = json.loads(lines[0])
+    assert out["processes"] == 2 and out["updates"] == 12
+    assert out["stats"]["steps"] == 12 and out["stats"]["syncs"] == 3 and out["stats"]["collectives"] == 3
+    assert set(out["metrics"]) == {"accuracy_matched", "accuracy_mismatched", "eval_loss"}
+    assert (tmp_path / "model" / "model.safetensors").is_file()
+    for step in (6, 12):
+        for rank in (0, 1):
+            assert (tmp_path / "model" / f"checkpoint-{step}" / f"localsgd-rank{rank}.pt").is_file()

@@ -173,6 +173,14 @@ class LocalSGDMixin:
                 "args: LocalSGDTrainer runs on DDP (torchrun, accelerate launch), not under "
                 "DeepSpeed or FSDP; drop args.deepspeed / args.fsdp"
             )
+        launched = int(os.environ.get("WORLD_SIZE", "1"))
+        if launched > 1 and trainer.args.world_size == 1:
+            # Without CUDA and without args.use_cpu, the Trainer sets up no process group and
+            # every launched process would train its own model.
+            raise ValueError(
+                f"args: {launched} processes were launched (WORLD_SIZE) but the Trainer runs "
+                "without a process group; on a machine without CUDA set args.use_cpu = True"
+            )
         if trainer.args.load_best_model_at_end:
             raise ValueError(
                 "args.load_best_model_at_end is not supported by LocalSGDTrainer: the best "
