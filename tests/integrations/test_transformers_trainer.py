@@ -50,7 +50,11 @@ def torchrun() -> list[str]:
 def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     out = tmp_path_factory.mktemp("trainer")
     proc = subprocess.run(
-        [*torchrun(), str(SCRIPT), str(out)], env=torchrun_env(out), capture_output=True, text=True, timeout=400
+        [*torchrun(), str(SCRIPT), str(out)],
+        env=torchrun_env(out),
+        capture_output=True,
+        text=True,
+        timeout=400,
     )
     files = [out / f"rank{r}.pt" for r in range(2)]
     # A rank writes its results atomically before it leaves; a gloo process aborting in
@@ -143,14 +147,18 @@ def test_refusals_in_one_process(tmp_path, monkeypatch):
         )  # fmt: skip
 
     model = tiny_bert()
-    with pytest.raises(ValueError, match="args.load_best_model_at_end is not supported"):
+    with pytest.raises(ValueError, match=r"args\.load_best_model_at_end is not supported"):
         LocalSGDTrainer(
             model=model, args=args(load_best_model_at_end=True, eval_strategy="steps", eval_steps=2),
             eval_dataset=Rows(8, 1), algorithm={"name": "local_sgd", "period": 2},
         )  # fmt: skip
-    with pytest.raises(ValueError, match="resume_from_checkpoint: no checkpoint in args.output_dir"):
-        LocalSGDTrainer(model=model, args=args(), train_dataset=Rows(8, 0), algorithm={"name": "local_sgd", "period": 2}).train(True)
-    trainer = LocalSGDTrainer(model=model, args=args(), train_dataset=Rows(16, 0), algorithm={"name": "local_sgd", "period": 2})
+    with pytest.raises(ValueError, match=r"resume_from_checkpoint: no checkpoint in args\.output_dir"):
+        LocalSGDTrainer(
+            model=model, args=args(), train_dataset=Rows(8, 0), algorithm={"name": "local_sgd", "period": 2}
+        ).train(True)
+    trainer = LocalSGDTrainer(
+        model=model, args=args(), train_dataset=Rows(16, 0), algorithm={"name": "local_sgd", "period": 2}
+    )
     trainer.train()
     assert trainer.localsgd.stats["steps"] == 2 and trainer.localsgd.stats["syncs"] == 1  # a world of one
     (tmp_path / "checkpoint-2" / "localsgd-rank0.pt").unlink()

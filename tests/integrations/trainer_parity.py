@@ -14,11 +14,17 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
 from torch.utils.data import Dataset
-from transformers import AutoConfig, AutoModelForSequenceClassification, Trainer, TrainerCallback, TrainingArguments
+from transformers import (
+    AutoConfig,
+    AutoModelForSequenceClassification,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+)
 from transformers.trainer_utils import set_seed
 
 import localsgd
-from localsgd.integrations.transformers import LocalSGDMixin, LocalSGDTrainer
+from localsgd.integrations.transformers import LocalSGDMixin
 from localsgd.run.worker import exit_process
 
 BATCH, LENGTH, VOCAB, LR = 4, 12, 50, 1e-2
@@ -89,7 +95,9 @@ def arguments(out: Path, steps: int, **kwargs: Any) -> TrainingArguments:
     return TrainingArguments(**options)
 
 
-def train(cls: Any, args: TrainingArguments, data: Dataset, resume: str | None = None, **kwargs: Any) -> dict[str, Any]:
+def train(
+    cls: Any, args: TrainingArguments, data: Dataset, resume: str | None = None, **kwargs: Any
+) -> dict[str, Any]:
     model = tiny_bert()
     recorder = Recorder()
     trainer = cls(
@@ -110,7 +118,9 @@ def train(cls: Any, args: TrainingArguments, data: Dataset, resume: str | None =
     }
 
 
-def bare_loop(batches: list[dict[str, torch.Tensor]], micro: int, steps: int, period: int, bf16: bool = False) -> dict[str, Any]:
+def bare_loop(
+    batches: list[dict[str, torch.Tensor]], micro: int, steps: int, period: int, bf16: bool = False
+) -> dict[str, Any]:
     """What the Trainer does per update, written out: the loss over the update's labels
     (the model accepts ``num_items_in_batch``), clipping, AdamW, the linear schedule."""
     from transformers import get_linear_schedule_with_warmup
@@ -183,7 +193,12 @@ def main(out_root: str) -> None:
     results["accumulated"]["bare"] = bare_loop(accumulated["batches"], 2, 8, 4)
 
     # bf16 autocast on the CPU, H = 2 over 4 updates.
-    bf16 = train(RecordingLocalSGDTrainer, arguments(out / "bf16", 4, bf16=True), data, algorithm={"name": "local_sgd", "period": 2})
+    bf16 = train(
+        RecordingLocalSGDTrainer,
+        arguments(out / "bf16", 4, bf16=True),
+        data,
+        algorithm={"name": "local_sgd", "period": 2},
+    )
     results["bf16"] = {k: bf16[k] for k in ("final", "stats")}
     results["bf16"]["bare"] = bare_loop(bf16["batches"], 1, 4, 2, bf16=True)
 
@@ -208,7 +223,10 @@ def eval_loss(folder: Path, data: Rows) -> float:
     """The loss of a saved model on the whole of ``data``, in this process alone."""
     model = AutoModelForSequenceClassification.from_pretrained(str(folder)).eval()
     with torch.no_grad():
-        losses = [model(input_ids=data.ids[i : i + 8], labels=data.labels[i : i + 8]).loss for i in range(0, len(data), 8)]
+        losses = [
+            model(input_ids=data.ids[i : i + 8], labels=data.labels[i : i + 8]).loss
+            for i in range(0, len(data), 8)
+        ]
     return float(torch.stack(losses).mean())
 
 

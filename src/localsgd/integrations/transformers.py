@@ -64,7 +64,9 @@ class LocalSGDCallback(TrainerCallback):
     the DDP-wrapped model) and the checkpoint to resume from.
     """
 
-    def __init__(self, trainer: Trainer, algorithm: AlgorithmConfig | Mapping[str, Any], *, flat: bool = True):
+    def __init__(
+        self, trainer: Trainer, algorithm: AlgorithmConfig | Mapping[str, Any], *, flat: bool = True
+    ):
         self.trainer = trainer
         self.algorithm = build(algorithm)
         self.flat = flat
@@ -81,17 +83,22 @@ class LocalSGDCallback(TrainerCallback):
         # By now the Trainer has wrapped the model (model_wrapped: DDP with several
         # processes), prepared the optimizer, and loaded a resumed checkpoint's model,
         # optimizer and scheduler (rank 0's, which this rank's own state replaces below).
+        assert trainer.optimizer is not None, "the Trainer creates its optimizer before on_train_begin"
         self.dp = DataParallel(trainer.model_wrapped, trainer.optimizer, self.algorithm, flat=self.flat)
         self.dp.__enter__()
         self.active = True
         if self.resume_from is not None:
             self._load(self.resume_from)
-        log.info("rank %d: step %d: training with %s", self.dp.rank, state.global_step, self.algorithm.label())
+        log.info(
+            "rank %d: step %d: training with %s", self.dp.rank, state.global_step, self.algorithm.label()
+        )
 
-    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+    def on_save(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
         if not self.active:
             return
-        folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        folder = os.path.join(str(args.output_dir), f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
         self._save(folder)
 
     def on_train_end(
@@ -165,7 +172,9 @@ class LocalSGDMixin:
 
     localsgd: LocalSGDCallback
 
-    def __init__(self, *args: Any, algorithm: AlgorithmConfig | Mapping[str, Any], flat: bool = True, **kwargs: Any):
+    def __init__(
+        self, *args: Any, algorithm: AlgorithmConfig | Mapping[str, Any], flat: bool = True, **kwargs: Any
+    ):
         super().__init__(*args, **kwargs)
         trainer: Trainer = self  # type: ignore[assignment]
         if trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled:
@@ -201,10 +210,14 @@ class LocalSGDMixin:
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> Any:
         trainer: Trainer = self  # type: ignore[assignment]
         if resume_from_checkpoint is True:
-            resume_from_checkpoint = get_last_checkpoint(trainer.args.output_dir)
+            resume_from_checkpoint = get_last_checkpoint(str(trainer.args.output_dir))
             if resume_from_checkpoint is None:
-                raise ValueError(f"resume_from_checkpoint: no checkpoint in args.output_dir ({trainer.args.output_dir})")
-        self.localsgd.resume_from = resume_from_checkpoint or None
+                raise ValueError(
+                    f"resume_from_checkpoint: no checkpoint in args.output_dir ({trainer.args.output_dir})"
+                )
+        self.localsgd.resume_from = (
+            resume_from_checkpoint if isinstance(resume_from_checkpoint, str) else None
+        )
         try:
             return super().train(resume_from_checkpoint, *args, **kwargs)  # type: ignore[misc]
         except BaseException as exc:
@@ -228,8 +241,8 @@ class LocalSGDMixin:
         dp = self.localsgd.dp
         if self.localsgd.active and dp is not None:
             with dp.consensus():
-                return super().evaluate(*args, **kwargs)  # type: ignore[misc,no-any-return]
-        return super().evaluate(*args, **kwargs)  # type: ignore[misc,no-any-return]
+                return super().evaluate(*args, **kwargs)  # type: ignore[misc]
+        return super().evaluate(*args, **kwargs)  # type: ignore[misc]
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         if self.localsgd.dp is not None:
