@@ -132,6 +132,19 @@ def test_resume_from_a_mid_period_checkpoint_continues_exactly(ranks):
         assert resumed["stats"]["bytes"] == local["stats"]["bytes"]
 
 
+def test_diloco_through_the_trainer_equals_the_bare_loop_and_resumes_exactly(ranks):
+    for r in ranks:
+        run = r["diloco"]
+        for a, b in zip(run["trace"], run["bare"]["trace"], strict=True):
+            assert torch.equal(a, b)
+        # Resumed after update 3, between two outer steps: the anchor and the outer momentum
+        # came back with the replica.
+        for a, b in zip(run["resumed"]["trace"], run["trace"][3:], strict=True):
+            assert torch.equal(a, b)
+        assert run["stats"]["syncs"] == run["resumed"]["stats"]["syncs"] == 3
+    assert torch.equal(ranks[0]["diloco"]["final"], ranks[1]["diloco"]["final"])
+
+
 def test_refusals_in_one_process(tmp_path, monkeypatch):
     from transformers import TrainingArguments
 

@@ -119,7 +119,7 @@ def train(
 
 
 def bare_loop(
-    batches: list[dict[str, torch.Tensor]], micro: int, steps: int, period: int, bf16: bool = False
+    batches: list[dict[str, torch.Tensor]], micro: int, steps: int, algorithm: Any, bf16: bool = False
 ) -> dict[str, Any]:
     """What the Trainer does per update, written out: the loss over the update's labels
     (the model accepts ``num_items_in_batch``), clipping, AdamW, the linear schedule."""
@@ -130,7 +130,7 @@ def bare_loop(
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0)
     schedule = get_linear_schedule_with_warmup(optimizer, 0, steps)
     trace = []
-    with localsgd.DataParallel(model, optimizer, localsgd.algorithms.LocalSGD(period=period)) as dp:
+    with localsgd.DataParallel(model, optimizer, algorithm) as dp:
         for update in range(steps):
             group = batches[update * micro : (update + 1) * micro]
             count = sum(b["labels"].ne(-100).sum() for b in group)
@@ -168,7 +168,7 @@ def main(out_root: str) -> None:
     local["trainer"].save_model(str(out / "saved"))
     dist.barrier()
     results["local"] = {k: local[k] for k in ("final", "trace", "stats")}
-    results["local"]["bare"] = bare_loop(local["batches"], 1, 6, 4)
+    results["local"]["bare"] = bare_loop(local["batches"], 1, 6, {"name": "local_sgd", "period": 4})
     results["local"]["evals"] = [e["eval_loss"] for e in local["log"] if "eval_loss" in e]
     results["local"]["logged"] = [e for e in local["log"] if "localsgd/syncs" in e]
     results["local"]["checkpoint3"] = flat_file(run_dir / "checkpoint-3" / "model.safetensors")
@@ -190,7 +190,9 @@ def main(out_root: str) -> None:
         data, algorithm={"name": "local_sgd", "period": 4},
     )  # fmt: skip
     results["accumulated"] = {k: accumulated[k] for k in ("final", "stats")}
-    results["accumulated"]["bare"] = bare_loop(accumulated["batches"], 2, 8, 4)
+    results["accumulated"]["bare"] = bare_loop(
+        accumulated["batches"], 2, 8, {"name": "local_sgd", "period": 4}
+    )
 
     # bf16 autocast on the CPU, H = 2 over 4 updates.
     bf16 = train(
@@ -200,7 +202,27 @@ def main(out_root: str) -> None:
         algorithm={"name": "local_sgd", "period": 2},
     )
     results["bf16"] = {k: bf16[k] for k in ("final", "stats")}
-    results["bf16"]["bare"] = bare_loop(bf16["batches"], 1, 4, 2, bf16=True)
+    results["bf16"]["bare"] = bare_loop(bf16["batches"], 1, 4, {"name": "local_sgd", "period": 2}, bf16=True)
+
+    # Another algorithm, with state of its own (the anchor and outer momentum): DiLoCo with
+    # H = 2 over 6 updates, against the bare loop, and resumed from a mid-period checkpoint.
+    diloco = {"name": "diloco", "period": 2, "outer_lr": 0.7, "outer_momentum": 0.9}
+    first = train(
+        RecordingLocalSGDTrainer,
+        arguments(out / "diloco", 6, save_strategy="steps", save_steps=3),
+        data,
+        algorithm=diloco,
+    )
+    again = train(
+        RecordingLocalSGDTrainer,
+        arguments(out / "diloco-resumed", 6),
+        data,
+        resume=str(out / "diloco" / "checkpoint-3"),
+        algorithm=diloco,
+    )
+    results["diloco"] = {k: first[k] for k in ("final", "trace", "stats")}
+    results["diloco"]["bare"] = bare_loop(first["batches"], 1, 6, diloco)
+    results["diloco"]["resumed"] = {k: again[k] for k in ("final", "trace", "stats")}
 
     results["world_size"] = dist.get_world_size()
     rank = dist.get_rank()
