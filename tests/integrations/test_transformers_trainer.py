@@ -105,6 +105,12 @@ def test_gradient_accumulation_counts_updates_and_keeps_ddp_quiet(ranks):
         # Equal to the bare loop, whose gradients are this rank's alone: DDP did not average
         # on the last micro-batch of an update, where the Trainer leaves no_sync().
         assert torch.equal(acc["final"], acc["bare"]["final"])
+        # Mini-batch SGD: 8 micro-batches, 4 updates, one DDP all-reduce each, as the plain Trainer.
+        assert torch.equal(acc["minibatch"]["final"], acc["plain_minibatch"])
+        assert (
+            acc["minibatch"]["stats"]["syncs"] == 4
+            and acc["minibatch"]["stats"]["bytes"] == 4 * N_PARAMS_BYTES
+        )
 
 
 def test_bf16_autocast_equals_the_bare_loop(ranks):

@@ -190,6 +190,17 @@ def main(out_root: str) -> None:
         data, algorithm={"name": "local_sgd", "period": 4},
     )  # fmt: skip
     results["accumulated"] = {k: accumulated[k] for k in ("final", "stats")}
+    # Mini-batch SGD under accumulation: DDP averages on each update's last micro-batch only.
+    half = {"per_device_train_batch_size": BATCH // 2, "gradient_accumulation_steps": 2}
+    plain_acc = train(RecordingTrainer, arguments(out / "plain-acc", 4, **half), data)
+    mb_acc = train(
+        RecordingLocalSGDTrainer,
+        arguments(out / "mb-acc", 4, **half),
+        data,
+        algorithm={"name": "minibatch_sgd"},
+    )
+    results["accumulated"]["plain_minibatch"] = plain_acc["final"]
+    results["accumulated"]["minibatch"] = {k: mb_acc[k] for k in ("final", "stats")}
     results["accumulated"]["bare"] = bare_loop(
         accumulated["batches"], 2, 8, {"name": "local_sgd", "period": 4}
     )
