@@ -155,6 +155,14 @@ def test_diloco_through_the_trainer_equals_the_bare_loop_and_resumes_exactly(ran
     assert torch.equal(ranks[0]["diloco"]["final"], ranks[1]["diloco"]["final"])
 
 
+def test_a_compiled_model_still_runs_its_local_steps_without_ddp(ranks):
+    for r in ranks:
+        run = r["compiled"]
+        assert run["wrapped"] == "OptimizedModule"  # torch.compile around the DDP model
+        assert torch.equal(run["final"], run["bare"]["final"])
+        assert run["stats"]["steps"] == 4 and run["stats"]["syncs"] == 1
+
+
 def test_refusals_in_one_process(tmp_path, monkeypatch):
     from transformers import TrainingArguments
 

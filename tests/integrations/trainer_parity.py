@@ -235,6 +235,16 @@ def main(out_root: str) -> None:
     results["diloco"]["bare"] = bare_loop(first["batches"], 1, 6, diloco)
     results["diloco"]["resumed"] = {k: again[k] for k in ("final", "trace", "stats")}
 
+    # torch.compile wraps the DDP model (the "eager" backend: dynamo without code generation).
+    compiled = train(
+        RecordingLocalSGDTrainer,
+        arguments(out / "compiled", 4, torch_compile=True, torch_compile_backend="eager"),
+        data,
+        algorithm={"name": "local_sgd", "period": 4},
+    )
+    results["compiled"] = {k: compiled[k] for k in ("final", "stats", "wrapped")}
+    results["compiled"]["bare"] = bare_loop(compiled["batches"], 1, 4, {"name": "local_sgd", "period": 4})
+
     results["world_size"] = dist.get_world_size()
     rank = dist.get_rank()
     torch.save(results, out / f"rank{rank}.pt.tmp")

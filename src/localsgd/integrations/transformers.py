@@ -84,7 +84,10 @@ class LocalSGDCallback(TrainerCallback):
         # processes), prepared the optimizer, and loaded a resumed checkpoint's model,
         # optimizer and scheduler (rank 0's, which this rank's own state replaces below).
         assert trainer.optimizer is not None, "the Trainer creates its optimizer before on_train_begin"
-        self.dp = DataParallel(trainer.model_wrapped, trainer.optimizer, self.algorithm, flat=self.flat)
+        # torch.compile (args.torch_compile) wraps the DDP model; DataParallel must see the
+        # DDP model itself to turn its gradient sync off for local steps.
+        model = getattr(trainer.model_wrapped, "_orig_mod", trainer.model_wrapped)
+        self.dp = DataParallel(model, trainer.optimizer, self.algorithm, flat=self.flat)
         self.dp.__enter__()
         self.active = True
         if self.resume_from is not None:
