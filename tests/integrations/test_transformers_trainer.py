@@ -25,6 +25,9 @@ from harness import LAUNCHER_VARS, free_port
 pytest.importorskip("accelerate")
 pytest.importorskip("transformers")
 
+# One worker runs the module, so that the launch behind ``ranks`` runs once per session.
+pytestmark = pytest.mark.xdist_group("transformers_trainer")
+
 SCRIPT = Path(__file__).with_name("trainer_parity.py")
 ROOT = Path(__file__).resolve().parents[2]
 N_PARAMS_BYTES = 14412  # the tiny BERT's 3603 float32 parameters
