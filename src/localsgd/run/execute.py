@@ -7,11 +7,12 @@ import json
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from localsgd import engines, workloads
+from localsgd import engines, trackers, workloads
 from localsgd.records.record import ErrorInfo, RecordError
 from localsgd.records.store import LOCK, Store
 from localsgd.run.bookkeeping import stop_rule
 from localsgd.run.config import RunConfig
+from localsgd.trackers.writer import TRACKERS_FOLDER
 from localsgd.util.checks import ConfigError, check_output_folder
 from localsgd.util.files import DiskFull, disk_full, no_space
 
@@ -19,7 +20,7 @@ from localsgd.util.files import DiskFull, disk_full, no_space
 def preflight(runs: Iterable[RunConfig], *, local: bool = True) -> dict[str, workloads.Workload]:
     """Check what can be checked before any run record exists: every distinct workload is
     built once (its data paths read, an import-path factory called and its result checked),
-    every run's batch fits its workload's shards, and, for runs on this machine
+    every run's batch fits its workload's shards, its trackers' libraries are installed, and, for runs on this machine
     (``local``), that ``device = "cuda"`` finds a CUDA device per worker process. Returns
     the built workloads by spec; ``ConfigError`` naming the key otherwise."""
     built: dict[str, workloads.Workload] = {}
@@ -37,6 +38,7 @@ def preflight(runs: Iterable[RunConfig], *, local: bool = True) -> dict[str, wor
                     f"workload = {run.workload_name!r}: building it failed: {type(exc).__name__}: {exc}"
                 ) from None
         stop_rule(built[key], run)
+        trackers.check_available(run.train.log_to)
         try:
             built[key].steps_per_epoch(run.workers, run.data.batch_size)
         except ValueError as exc:
@@ -84,7 +86,7 @@ def open_run_store(out: str | Path, config: RunConfig) -> Store:
     return store
 
 
-STORE_ENTRIES = {"runs", "index.sqlite", "plan.json", "study.toml", "report", "slurm", LOCK, f"{LOCK}.d"}
+STORE_ENTRIES = {"runs", "index.sqlite", "plan.json", "study.toml", "report", "slurm", TRACKERS_FOLDER, LOCK, f"{LOCK}.d"}
 """What a store folder may hold (an existing folder holding anything else is no store)."""
 
 
