@@ -23,6 +23,11 @@ class WandbRun:
     def __init__(self, where: Destination, config: Mapping[str, Any], resumed_at: int | None) -> None:
         if "WANDB_DIR" not in os.environ:
             where.root.mkdir(parents=True, exist_ok=True)
+        # The run's own logs hold its output, and a study's progress owns the terminal;
+        # several runs may share one process.
+        settings = wandb.Settings(console="off", x_disable_stats=True)
+        if "WANDB_SILENT" not in os.environ:
+            settings.silent = True
         run_id = re.sub(r"[^A-Za-z0-9_-]", "_", f"{where.group}-{where.run_id}")
         self.run = wandb.init(
             # None: wandb reads its own environment variable.
@@ -35,8 +40,7 @@ class WandbRun:
             id=run_id,
             resume="allow" if resumed_at is not None else None,
             config=dict(config),
-            # The run's own logs hold its output; several runs may share one process.
-            settings=wandb.Settings(console="off", x_disable_stats=True),
+            settings=settings,
             reinit="create_new",
         )
 

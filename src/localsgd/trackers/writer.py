@@ -50,7 +50,9 @@ def destination(config: RunConfig, run_dir: Path) -> Destination:
     else:
         root = run_dir / TRACKERS_FOLDER
     run_id = config.run_id()
-    name = f"{variant_label(config.to_dict())} K={config.workers} seed={config.seed}"
+    name = (
+        f"{variant_label(config.to_dict())} K={config.workers} lr={config.optimizer.lr:g} seed={config.seed}"
+    )
     return Destination(
         root=root,
         run_id=run_id,
