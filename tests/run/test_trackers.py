@@ -83,7 +83,14 @@ def test_every_row_of_every_run_goes_out_with_metrics_lr_and_counters(study_stor
     for _, rows in runs_by_algorithm(study_store).values():
         assert [r.step for r in rows] == [4, 8]
         keys = set(expected(rows))
-        assert {"test/accuracy", "validation/accuracy", "train/loss", "lr", "comm/bytes", "comm/syncs"} <= keys
+        assert {
+            "test/accuracy",
+            "validation/accuracy",
+            "train/loss",
+            "lr",
+            "comm/bytes",
+            "comm/syncs",
+        } <= keys
         assert rows[-1].bytes > 0 and rows[-1].syncs > 0
 
 
@@ -191,7 +198,9 @@ def test_wandb_offline_folder_holds_each_run_grouped_by_study_with_rows_and_conf
         series: dict[str, list[tuple[int, float]]] = {}
         for record in records:
             if record.WhichOneof("record_type") == "history":
-                items = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item}
+                items = {
+                    i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item
+                }
                 for key, value in items.items():
                     if not key.startswith("_"):
                         series.setdefault(key, []).append((record.history.step.num, value))
@@ -225,7 +234,10 @@ def test_log_to_leaves_the_run_id_alone() -> None:
 @pytest.mark.parametrize(
     ("log_to", "message"),
     [
-        (["neptune"], r"^train\.log_to must list trackers among \['tensorboard', 'wandb', 'mlflow'\], got 'neptune'$"),
+        (
+            ["neptune"],
+            r"^train\.log_to must list trackers among \['tensorboard', 'wandb', 'mlflow'\], got 'neptune'$",
+        ),
         (["wandb", "wandb"], r"^train\.log_to names a tracker twice: \['wandb', 'wandb'\]$"),
         ("wandb", r"^train\.log_to must be a list"),
     ],
@@ -235,10 +247,15 @@ def test_log_to_errors_name_the_key_and_what_is_allowed(log_to: object, message:
         run_config({**RUN, "train": {**RUN["train"], "log_to": log_to}})
 
 
-def test_a_missing_tracker_library_names_the_pip_extra(monkeypatch: pytest.MonkeyPatch, data_cache: str) -> None:
+def test_a_missing_tracker_library_names_the_pip_extra(
+    monkeypatch: pytest.MonkeyPatch, data_cache: str
+) -> None:
     monkeypatch.setenv("XDG_CACHE_HOME", data_cache)
     monkeypatch.setitem(sys.modules, "wandb", None)  # as if not installed
-    with pytest.raises(ConfigError, match=r"^train\.log_to = \['wandb'\]: wandb needs the wandb package; pip install 'localsgd\[trackers\]'$"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^train\.log_to = \['wandb'\]: wandb needs the wandb package; pip install 'localsgd\[trackers\]'$",
+    ):
         preflight([with_trackers("wandb")])
 
 
@@ -294,7 +311,9 @@ def test_batched_trials_each_log_their_own_run(
         series = expected(record.metrics())
         assert series["lr"][0] == (4, lr)
         name = f"local_sgd H=2 K=2 lr={lr:g} seed=0"
-        folder = tmp_path / "store" / "trackers" / "tensorboard" / f"{name.replace(' ', '_')}-{config.run_id()}"
+        folder = (
+            tmp_path / "store" / "trackers" / "tensorboard" / f"{name.replace(' ', '_')}-{config.run_id()}"
+        )
         got = tensorboard_series(folder, "test/accuracy")
         assert [s for s, _ in got] == [s for s, _ in series["test/accuracy"]]
         assert [v for _, v in got] == pytest.approx([v for _, v in series["test/accuracy"]], rel=1e-6)
@@ -304,7 +323,9 @@ def test_batched_trials_each_log_their_own_run(
         assert sorted((m.step, m.value) for m in history) == series["test/accuracy"]
 
 
-def test_a_processes_run_logs_once_from_rank_0(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, data_cache: str) -> None:
+def test_a_processes_run_logs_once_from_rank_0(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, data_cache: str
+) -> None:
     pytest.importorskip("tensorboard")
     pytest.importorskip("mlflow")
     monkeypatch.setenv("XDG_CACHE_HOME", data_cache)
@@ -323,3 +344,68 @@ def test_a_processes_run_logs_once_from_rank_0(tmp_path: Path, monkeypatch: pyte
     (run,) = client.search_runs([experiment.experiment_id])
     history = client.get_metric_history(run.info.run_id, "comm/syncs")
     assert sorted((m.step, m.value) for m in history) == [(r.step, float(r.syncs)) for r in rows]
+
+
+def test_a_resumed_run_continues_its_trackers_from_the_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("tensorboard")
+    pytest.importorskip("mlflow")
+    from localsgd.records import RECORD_VERSION, Status
+    from localsgd.trackers.writer import run_writer
+
+    for name in TRACKER_ENV:
+        monkeypatch.delenv(name, raising=False)
+    store = Store(tmp_path / "store")
+    store.set_owner("resumed")
+    config = with_trackers("tensorboard", "mlflow")
+    folder = store.begin(config.run_id(), config.name, config.to_dict())
+
+    def row(step: int, accuracy: float) -> MetricsRow:
+        return MetricsRow(
+            step,
+            step / 10,
+            32 * step,
+            0.1 * step,
+            0.1,
+            1.0,
+            {"accuracy": accuracy},
+            bytes=8 * step,
+            syncs=step,
+        )
+
+    first = run_writer(config, folder)
+    first.row(row(4, 0.25))
+    first.row(row(8, 0.5))  # after the checkpoint of step 4: trained again on resume
+    first.close()  # interrupted: no status
+    second = run_writer(config, folder)
+    second.restore([row(4, 0.25)])
+    second.row(row(8, 0.625))
+    second.row(row(12, 0.75))
+    second.close()
+    second.status(Status(RECORD_VERSION, "completed"))
+
+    (board,) = (tmp_path / "store" / "trackers" / "tensorboard").iterdir()
+    assert tensorboard_series(board, "test/accuracy") == [(4, 0.25), (8, 0.625), (12, 0.75)]
+    client = mlflow_client(tmp_path / "store", monkeypatch)
+    (run,) = client.search_runs([client.get_experiment_by_name("resumed").experiment_id])
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics["test/accuracy"] == 0.75
+    assert {m.step for m in client.get_metric_history(run.info.run_id, "test/accuracy")} == {4, 8, 12}
+
+
+@pytest.mark.parametrize(
+    "algorithm",
+    [
+        {"name": "minibatch_sgd"},
+        {"name": "local_sgd", "period": 4},
+        {"name": "post_local_sgd", "period": 4, "switch_epoch": 2.5},
+        {"name": "slowmo", "period": 8, "outer_momentum": 0.5},
+    ],
+)
+def test_run_names_use_the_reports_variant_label(algorithm: dict[str, Any]) -> None:
+    from localsgd.report.labels import variant_label
+    from localsgd.run.tracking import variant
+
+    config = run_config({**RUN, "algorithm": algorithm})
+    assert variant(config) == variant_label(config.to_dict())

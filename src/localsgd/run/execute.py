@@ -12,7 +12,6 @@ from localsgd.records.record import ErrorInfo, RecordError
 from localsgd.records.store import LOCK, Store
 from localsgd.run.bookkeeping import stop_rule
 from localsgd.run.config import RunConfig
-from localsgd.trackers.writer import TRACKERS_FOLDER
 from localsgd.util.checks import ConfigError, check_output_folder
 from localsgd.util.files import DiskFull, disk_full, no_space
 
@@ -86,7 +85,7 @@ def open_run_store(out: str | Path, config: RunConfig) -> Store:
     return store
 
 
-STORE_ENTRIES = {"runs", "index.sqlite", "plan.json", "study.toml", "report", "slurm", TRACKERS_FOLDER, LOCK, f"{LOCK}.d"}
+STORE_ENTRIES = {"runs", "index.sqlite", "plan.json", "study.toml", "report", "slurm", trackers.FOLDER, LOCK, f"{LOCK}.d"}
 """What a store folder may hold (an existing folder holding anything else is no store)."""
 
 

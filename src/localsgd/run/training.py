@@ -37,7 +37,7 @@ from localsgd.run.checkpoints import Checkpoints, rng_state, rows_from_state, ro
 from localsgd.run.config import RunConfig
 from localsgd.run.loop import Asynchronous, Diverged, Evaluation, Synchronous, TrainingLoop, log_row
 from localsgd.run.precision import with_precision
-from localsgd.trackers.writer import run_writer
+from localsgd.run.tracking import run_writer
 from localsgd.util.files import disk_full, no_space
 
 log = logging.getLogger(__name__)

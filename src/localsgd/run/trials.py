@@ -40,7 +40,7 @@ from localsgd.run.bookkeeping import (
 )
 from localsgd.run.config import RunConfig
 from localsgd.run.loop import Synchronous, TrainingLoop, log_row
-from localsgd.trackers.writer import run_writer
+from localsgd.run.tracking import run_writer
 
 TRIAL_FIELDS = ("name", "seed", "optimizer.lr", "optimizer.momentum", "optimizer.weight_decay", "schedule")
 """What runs batched together may differ in (``schedule``: the whole section, so a new

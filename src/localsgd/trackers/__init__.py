@@ -7,7 +7,8 @@ extra ``localsgd[trackers]`` installs all three), and each writes locally unless
 user's environment points it elsewhere, the usual way of that library (``WANDB_MODE``,
 ``WANDB_DIR``, ``WANDB_PROJECT``; ``MLFLOW_TRACKING_URI``, ``MLFLOW_EXPERIMENT_NAME``).
 One process per run logs: the one that writes the run record
-(:class:`~localsgd.trackers.writer.TrackedWriter`).
+(:class:`~localsgd.trackers.writer.TrackedWriter`, made by
+:func:`localsgd.run.tracking.run_writer`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from localsgd.util.checks import ConfigError
 
 EXTRA = "localsgd[trackers]"
 """The pip extra that installs every tracker's library."""
+FOLDER = "trackers"
+"""The folder of a store (or of a run outside one) the trackers write into by default."""
 
 
 @dataclass(frozen=True)
