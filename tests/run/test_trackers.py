@@ -352,7 +352,7 @@ def test_a_resumed_run_continues_its_trackers_from_the_checkpoint(
     pytest.importorskip("tensorboard")
     pytest.importorskip("mlflow")
     from localsgd.records import RECORD_VERSION, Status
-    from localsgd.trackers.writer import run_writer
+    from localsgd.run.tracking import run_writer
 
     for name in TRACKER_ENV:
         monkeypatch.delenv(name, raising=False)
