@@ -79,6 +79,12 @@ def expected(rows: list[MetricsRow]) -> dict[str, list[tuple[int, float]]]:
     return series
 
 
+def assert_float32_series(got: list[tuple[int, float]], want: list[tuple[int, float]]) -> None:
+    """The same steps, and values equal as event files store them (float32)."""
+    assert [s for s, _ in got] == [s for s, _ in want]
+    assert [v for _, v in got] == pytest.approx([v for _, v in want], rel=1e-6)
+
+
 def test_every_row_of_every_run_goes_out_with_metrics_lr_and_counters(study_store: Path) -> None:
     for _, rows in runs_by_algorithm(study_store).values():
         assert [r.step for r in rows] == [4, 8]
@@ -109,10 +115,7 @@ def test_tensorboard_holds_one_folder_per_run_with_the_rows_and_the_config(study
         events = EventAccumulator(str(folder))
         events.Reload()
         for key, series in expected(rows).items():
-            got = [(e.step, e.value) for e in events.Scalars(key)]
-            assert [s for s, _ in got] == [s for s, _ in series]
-            # Event files store scalars as float32.
-            assert [v for _, v in got] == pytest.approx([v for _, v in series], rel=1e-6)
+            assert_float32_series([(e.step, e.value) for e in events.Scalars(key)], series)
         content = events.PluginTagToContent("hparams")
         data = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"])
         params = data.session_start_info.hparams
@@ -288,16 +291,21 @@ def test_a_failing_tracker_is_dropped_and_the_run_keeps_its_record(
     assert f"tracker tensorboard: stopped logging run {config.run_id()}: OSError" in caplog.text
 
 
-def test_batched_trials_each_log_their_own_run(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, data_cache: str
-) -> None:
+@pytest.fixture
+def local_trackers(monkeypatch: pytest.MonkeyPatch, data_cache: str) -> None:
+    """TensorBoard and MLflow at their defaults (local files), the session's data cache."""
     pytest.importorskip("tensorboard")
     pytest.importorskip("mlflow")
-    from localsgd.run.trials import execute_trials
-
     monkeypatch.setenv("XDG_CACHE_HOME", data_cache)
     for name in TRACKER_ENV:
         monkeypatch.delenv(name, raising=False)
+
+
+def test_batched_trials_each_log_their_own_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, local_trackers: None
+) -> None:
+    from localsgd.run.trials import execute_trials
+
     store = Store(tmp_path / "store")
     store.set_owner("trials")
     configs = [with_trackers("tensorboard", "mlflow", optimizer={"lr": lr}) for lr in (0.05, 0.1)]
@@ -314,9 +322,7 @@ def test_batched_trials_each_log_their_own_run(
         folder = (
             tmp_path / "store" / "trackers" / "tensorboard" / f"{name.replace(' ', '_')}-{config.run_id()}"
         )
-        got = tensorboard_series(folder, "test/accuracy")
-        assert [s for s, _ in got] == [s for s, _ in series["test/accuracy"]]
-        assert [v for _, v in got] == pytest.approx([v for _, v in series["test/accuracy"]], rel=1e-6)
+        assert_float32_series(tensorboard_series(folder, "test/accuracy"), series["test/accuracy"])
         run = found[config.run_id()]
         assert run.info.run_name == name
         history = client.get_metric_history(run.info.run_id, "test/accuracy")
@@ -324,14 +330,9 @@ def test_batched_trials_each_log_their_own_run(
 
 
 def test_a_processes_run_logs_once_from_rank_0(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, data_cache: str
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, local_trackers: None
 ) -> None:
-    pytest.importorskip("tensorboard")
-    pytest.importorskip("mlflow")
-    monkeypatch.setenv("XDG_CACHE_HOME", data_cache)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    for name in TRACKER_ENV:
-        monkeypatch.delenv(name, raising=False)
     store = Store(tmp_path / "store")
     config = with_trackers("tensorboard", "mlflow", engine="processes")
     assert execute_run(config, store) == "completed"
@@ -347,15 +348,11 @@ def test_a_processes_run_logs_once_from_rank_0(
 
 
 def test_a_resumed_run_continues_its_trackers_from_the_checkpoint(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, local_trackers: None
 ) -> None:
-    pytest.importorskip("tensorboard")
-    pytest.importorskip("mlflow")
     from localsgd.records import RECORD_VERSION, Status
     from localsgd.run.tracking import run_writer
 
-    for name in TRACKER_ENV:
-        monkeypatch.delenv(name, raising=False)
     store = Store(tmp_path / "store")
     store.set_owner("resumed")
     config = with_trackers("tensorboard", "mlflow")
