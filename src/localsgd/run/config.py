@@ -535,7 +535,7 @@ class RunConfig:
 
     def run_id(self) -> str:
         """A stable identity: the same config always maps to the same id. How the run is
-        carried out (``TrainConfig.OPERATIONAL``: timeouts, checkpoints, restarts) is left
+        carried out (``TrainConfig.OPERATIONAL``: timeouts, checkpoints, restarts, trackers) is left
         out, so changing it resumes a run instead of starting another."""
         data = self.to_dict()
         # Sections added after stores were written are left out at their defaults, so a
