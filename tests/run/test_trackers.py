@@ -117,6 +117,8 @@ def test_tensorboard_holds_one_folder_per_run_with_the_rows_and_the_config(study
         for key, series in expected(rows).items():
             assert_float32_series([(e.step, e.value) for e in events.Scalars(key)], series)
         content = events.PluginTagToContent("hparams")
+        # No experiment summary: the dashboard builds it from all the runs' sessions.
+        assert set(content) == {"_hparams_/session_start_info"}
         data = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"])
         params = data.session_start_info.hparams
         assert params["algorithm.name"].string_value == algorithm

@@ -26,11 +26,12 @@ class TensorBoardRun:
         purge = None if resumed_at is None else resumed_at + 1
         self.writer = SummaryWriter(log_dir=str(self.logdir), purge_step=purge)
         if resumed_at is None:
-            self.params = hparam_values(config)
-            experiment, start, _ = hparams(self.params, {})
+            # The session's hparams alone: without an experiment summary, TensorBoard's
+            # HParams dashboard builds one from every run's session and scalar tags, so a
+            # study's runs show side by side with their metrics as columns.
+            _, start, _ = hparams(hparam_values(config), {})
             events = self.writer.file_writer
             assert events is not None, "SummaryWriter opens its event file on creation"
-            events.add_summary(experiment)
             events.add_summary(start)
             self.writer.add_text("config", "```\n" + json.dumps(dict(config), indent=2) + "\n```")
             self.writer.flush()
