@@ -42,6 +42,13 @@ class TrackedWriter(RunWriter):
                     self.trackers[name] = opener(name)(self.where, self.params, resumed_at)
                 except Exception as exc:
                     log.warning("tracker %s: not logging run %s: %s", name, self.where.run_id, _line(exc))
+            if self.trackers:
+                log.info(
+                    "run %s: logging to %s (local files: %s)",
+                    self.where.run_id,
+                    ", ".join(self.trackers),
+                    self.where.root,
+                )
         return self.trackers
 
     def restore(self, rows: Sequence[MetricsRow]) -> None:
