@@ -44,7 +44,7 @@ class TrackedWriter(RunWriter):
                     log.warning("tracker %s: not logging run %s: %s", name, self.where.run_id, _line(exc))
             if self.trackers:
                 log.info(
-                    "run %s: logging to %s (local files: %s)",
+                    "run %s: logging to %s (where the environment names no other place: %s)",
                     self.where.run_id,
                     ", ".join(self.trackers),
                     self.where.root,
