@@ -60,6 +60,7 @@ def study_store(tmp_path_factory: pytest.TempPathFactory, data_cache: str) -> Pa
         mp.setenv("XDG_CACHE_HOME", data_cache)
         for name in TRACKER_ENV:
             mp.delenv(name, raising=False)  # each library's defaults: offline, local
+        mp.setenv("WANDB_PROJECT", "trk-project")  # but the project, the usual way
         counts = run_study(load_study(root / "s.toml"), root / "out", progress=False)
     assert counts == {"completed": 2}
     return root / "out"
@@ -197,7 +198,7 @@ def test_wandb_offline_folder_holds_each_run_grouped_by_study_with_rows_and_conf
         run_id, rows = runs[algorithm]
         seen.add(algorithm)
         assert run.display_name == NAMES[algorithm]
-        assert (run.run_group, list(run.tags), run.project) == ("trk-test", ["trk-test"], "localsgd")
+        assert (run.run_group, list(run.tags), run.project) == ("trk-test", ["trk-test"], "trk-project")
         assert run.run_id == f"trk-test-{run_id}"
         assert config["optimizer"]["lr"] == 0.1 and config["run_id"] == run_id
         series: dict[str, list[tuple[int, float]]] = {}
@@ -303,16 +304,22 @@ def local_trackers(monkeypatch: pytest.MonkeyPatch, data_cache: str) -> None:
         monkeypatch.delenv(name, raising=False)
 
 
-def test_batched_trials_each_log_their_own_run(
+def test_batched_trials_each_log_their_own_run_into_the_users_mlflow_store(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, local_trackers: None
 ) -> None:
+    from mlflow.tracking import MlflowClient
+
     from localsgd.run.trials import execute_trials
 
+    elsewhere = (tmp_path / "elsewhere").as_uri()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", elsewhere)  # the user's own store, as given
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
     store = Store(tmp_path / "store")
     store.set_owner("trials")
     configs = [with_trackers("tensorboard", "mlflow", optimizer={"lr": lr}) for lr in (0.05, 0.1)]
     assert execute_trials(configs, store) == ["completed", "completed"]
-    client = mlflow_client(tmp_path / "store", monkeypatch)
+    assert not (tmp_path / "store" / "trackers" / "mlruns").exists()
+    client = MlflowClient(tracking_uri=elsewhere)
     experiment = client.get_experiment_by_name("trials")
     found = {r.data.tags["localsgd.run_id"]: r for r in client.search_runs([experiment.experiment_id])}
     for config, lr in zip(configs, (0.05, 0.1)):
