@@ -49,23 +49,6 @@ TRACKER_ENV = ("WANDB_MODE", "WANDB_DIR", "WANDB_PROJECT", "WANDB_SILENT", "MLFL
 TRACKER_ENV += ("MLFLOW_EXPERIMENT_NAME", "MLFLOW_ALLOW_FILE_STORE")
 
 
-@pytest.fixture(scope="module")
-def study_store(tmp_path_factory: pytest.TempPathFactory, data_cache: str) -> Path:
-    """The study trained once with every tracker (one W&B service start for the module)."""
-    for library in ("tensorboard", "wandb", "mlflow"):
-        pytest.importorskip(library)
-    root = tmp_path_factory.mktemp("trackers")
-    (root / "s.toml").write_text(STUDY)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("XDG_CACHE_HOME", data_cache)
-        for name in TRACKER_ENV:
-            mp.delenv(name, raising=False)  # each library's defaults: offline, local
-        mp.setenv("WANDB_PROJECT", "trk-project")  # but the project, the usual way
-        counts = run_study(load_study(root / "s.toml"), root / "out", progress=False)
-    assert counts == {"completed": 2}
-    return root / "out"
-
-
 def runs_by_algorithm(out: Path) -> dict[str, tuple[str, list[MetricsRow]]]:
     """Each run's id and metrics rows, by its algorithm's name."""
     return {r.config["algorithm"]["name"]: (r.run_id, r.metrics()) for r in Store(out).records()}
@@ -86,8 +69,30 @@ def assert_float32_series(got: list[tuple[int, float]], want: list[tuple[int, fl
     assert [v for _, v in got] == pytest.approx([v for _, v in want], rel=1e-6)
 
 
-def test_every_row_of_every_run_goes_out_with_metrics_lr_and_counters(study_store: Path) -> None:
-    for _, rows in runs_by_algorithm(study_store).values():
+def test_a_study_logs_its_rows_and_configs_to_tensorboard_mlflow_and_wandb(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, data_cache: str
+) -> None:
+    """One test for the three trackers: pytest-xdist would otherwise train the study (and
+    start W&B's service) once per worker that reads it."""
+    for library in ("tensorboard", "wandb", "mlflow"):
+        pytest.importorskip(library)
+    (tmp_path / "s.toml").write_text(STUDY)
+    with monkeypatch.context() as mp:
+        mp.setenv("XDG_CACHE_HOME", data_cache)
+        for name in TRACKER_ENV:
+            mp.delenv(name, raising=False)  # each library's defaults: offline, local
+        mp.setenv("WANDB_PROJECT", "trk-project")  # but the project, the usual way
+        counts = run_study(load_study(tmp_path / "s.toml"), tmp_path / "out", progress=False)
+    assert counts == {"completed": 2}
+    check_rows(tmp_path / "out")
+    check_tensorboard(tmp_path / "out")
+    check_mlflow(tmp_path / "out", monkeypatch)
+    check_wandb(tmp_path / "out")
+
+
+def check_rows(out: Path) -> None:
+    """Every row carries the metrics per split, the learning rate and the counters."""
+    for _, rows in runs_by_algorithm(out).values():
         assert [r.step for r in rows] == [4, 8]
         keys = set(expected(rows))
         assert {
@@ -101,12 +106,13 @@ def test_every_row_of_every_run_goes_out_with_metrics_lr_and_counters(study_stor
         assert rows[-1].bytes > 0 and rows[-1].syncs > 0
 
 
-def test_tensorboard_holds_one_folder_per_run_with_the_rows_and_the_config(study_store: Path) -> None:
+def check_tensorboard(out: Path) -> None:
+    """One folder per run under the study's, holding the rows and the config."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from tensorboard.plugins.hparams import plugin_data_pb2
 
-    board = study_store / "trackers" / "tensorboard"
-    runs = runs_by_algorithm(study_store)
+    board = out / "trackers" / "tensorboard"
+    runs = runs_by_algorithm(out)
     assert sorted(p.name for p in board.iterdir()) == sorted(
         f"{NAMES[a].replace(' ', '_')}-{run_id}" for a, (run_id, _) in runs.items()
     )
@@ -135,14 +141,13 @@ def mlflow_client(out: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
     return MlflowClient(tracking_uri=(out / "trackers" / "mlruns").as_uri())
 
 
-def test_mlflow_experiment_is_the_study_runs_named_by_variant_with_rows_and_params(
-    study_store: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    client = mlflow_client(study_store, monkeypatch)
+def check_mlflow(out: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The study's experiment, runs named by variant with the rows and the params."""
+    client = mlflow_client(out, monkeypatch)
     experiment = client.get_experiment_by_name("trk-test")
     assert experiment.tags["localsgd.study"] == "trk-test"
     found = {r.data.tags["localsgd.run_id"]: r for r in client.search_runs([experiment.experiment_id])}
-    runs = runs_by_algorithm(study_store)
+    runs = runs_by_algorithm(out)
     assert sorted(found) == sorted(run_id for run_id, _ in runs.values())
     for algorithm, (run_id, rows) in runs.items():
         run = found[run_id]
@@ -184,9 +189,10 @@ def wandb_records(path: Path) -> Iterator[Any]:
             parts = b""
 
 
-def test_wandb_offline_folder_holds_each_run_grouped_by_study_with_rows_and_config(study_store: Path) -> None:
-    folders = sorted((study_store / "trackers" / "wandb").glob("offline-run-*"))
-    runs = runs_by_algorithm(study_store)
+def check_wandb(out: Path) -> None:
+    """An offline folder per run, grouped and tagged by the study, with rows and config."""
+    folders = sorted((out / "trackers" / "wandb").glob("offline-run-*"))
+    runs = runs_by_algorithm(out)
     assert len(folders) == len(runs)
     seen = set()
     for folder in folders:
@@ -253,10 +259,9 @@ def test_log_to_errors_name_the_key_and_what_is_allowed(log_to: object, message:
         run_config({**RUN, "train": {**RUN["train"], "log_to": log_to}})
 
 
-def test_a_missing_tracker_library_names_the_pip_extra(
-    monkeypatch: pytest.MonkeyPatch, data_cache: str
+def test_a_missing_tracker_library_is_refused_before_the_data_is_built(
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setenv("XDG_CACHE_HOME", data_cache)
     monkeypatch.setitem(sys.modules, "wandb", None)  # as if not installed
     with pytest.raises(
         ConfigError,

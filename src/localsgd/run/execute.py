@@ -24,6 +24,7 @@ def preflight(runs: Iterable[RunConfig], *, local: bool = True) -> dict[str, wor
     the built workloads by spec; ``ConfigError`` naming the key otherwise."""
     built: dict[str, workloads.Workload] = {}
     for run in runs:
+        trackers.check_available(run.train.log_to)
         if local and run.device == "cuda":
             _check_cuda(run)
         key = json.dumps(run.workload, sort_keys=True)
@@ -37,7 +38,6 @@ def preflight(runs: Iterable[RunConfig], *, local: bool = True) -> dict[str, wor
                     f"workload = {run.workload_name!r}: building it failed: {type(exc).__name__}: {exc}"
                 ) from None
         stop_rule(built[key], run)
-        trackers.check_available(run.train.log_to)
         try:
             built[key].steps_per_epoch(run.workers, run.data.batch_size)
         except ValueError as exc:
