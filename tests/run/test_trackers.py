@@ -361,6 +361,21 @@ def test_a_processes_run_logs_once_from_rank_0(
     assert sorted((m.step, m.value) for m in history) == [(r.step, float(r.syncs)) for r in rows]
 
 
+def row(step: int, accuracy: float) -> MetricsRow:
+    """A metrics row at ``step`` with the test accuracy ``accuracy``."""
+    return MetricsRow(
+        step,
+        step / 10,
+        32 * step,
+        0.1 * step,
+        0.1,
+        1.0,
+        {"accuracy": accuracy},
+        bytes=8 * step,
+        syncs=step,
+    )
+
+
 def test_a_resumed_run_continues_its_trackers_from_the_checkpoint(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, local_trackers: None
 ) -> None:
@@ -371,19 +386,6 @@ def test_a_resumed_run_continues_its_trackers_from_the_checkpoint(
     store.set_owner("resumed")
     config = with_trackers("tensorboard", "mlflow")
     folder = store.begin(config.run_id(), config.name, config.to_dict())
-
-    def row(step: int, accuracy: float) -> MetricsRow:
-        return MetricsRow(
-            step,
-            step / 10,
-            32 * step,
-            0.1 * step,
-            0.1,
-            1.0,
-            {"accuracy": accuracy},
-            bytes=8 * step,
-            syncs=step,
-        )
 
     first = run_writer(config, folder)
     first.row(row(4, 0.25))
@@ -420,3 +422,22 @@ def test_run_names_use_the_reports_variant_label(algorithm: dict[str, Any]) -> N
 
     config = run_config({**RUN, "algorithm": algorithm})
     assert variant(config) == variant_label(config.to_dict())
+
+
+@pytest.mark.parametrize(("status", "mlflow_status"), [("diverged", "FAILED"), ("failed", "FAILED")])
+def test_a_run_that_did_not_complete_ends_so_in_mlflow(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, local_trackers: None, status: str, mlflow_status: str
+) -> None:
+    from localsgd.records import RECORD_VERSION, Status
+    from localsgd.run.tracking import run_writer
+
+    store = Store(tmp_path / "store")
+    config = with_trackers("mlflow")
+    writer = run_writer(config, store.begin(config.run_id(), config.name, config.to_dict()))
+    writer.row(row(4, 0.25))
+    writer.close()
+    writer.status(Status(RECORD_VERSION, status))
+    client = mlflow_client(tmp_path / "store", monkeypatch)
+    (run,) = client.search_runs([client.get_experiment_by_name(config.name).experiment_id])
+    assert run.info.status == mlflow_status
+    assert run.data.metrics["test/accuracy"] == 0.25

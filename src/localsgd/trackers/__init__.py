@@ -49,12 +49,12 @@ class Destination:
 
 class Tracker(Protocol):
     """One tracker's run: opened with the resolved config, then one call per evaluation
-    row, then closed with the run's status (``completed``, ``failed``, ``diverged``) or
-    None when the run stops unfinished (interrupted: it resumes later)."""
+    row, then closed with the run's final status (``completed``, ``failed``,
+    ``diverged``). A run interrupted is left open, as its record is: it resumes later."""
 
     def log(self, step: int, values: Mapping[str, float]) -> None: ...
 
-    def close(self, status: str | None) -> None: ...
+    def close(self, status: str) -> None: ...
 
 
 class Opener(Protocol):

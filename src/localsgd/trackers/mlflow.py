@@ -79,7 +79,7 @@ class MlflowRun:
         stamp = int(time.time() * 1000)
         self.client.log_batch(self.run_id, metrics=[Metric(k, v, stamp, step) for k, v in values.items()])
 
-    def close(self, status: str | None) -> None:
+    def close(self, status: str) -> None:
         self.client.set_terminated(self.run_id, status="FINISHED" if status == "completed" else "FAILED")
 
 

@@ -42,7 +42,7 @@ class TensorBoardRun:
         # Evaluations are minutes apart: a reader sees each as soon as it is made.
         self.writer.flush()
 
-    def close(self, status: str | None) -> None:
+    def close(self, status: str) -> None:
         self.writer.close()
 
 

@@ -47,8 +47,8 @@ class WandbRun:
     def log(self, step: int, values: Mapping[str, float]) -> None:
         self.run.log(dict(values), step=step)
 
-    def close(self, status: str | None) -> None:
-        self.run.finish(exit_code=0 if status in ("completed", None) else 1)
+    def close(self, status: str) -> None:
+        self.run.finish(exit_code=0 if status == "completed" else 1)
 
 
 def open_run(where: Destination, config: Mapping[str, Any], resumed_at: int | None) -> WandbRun:
