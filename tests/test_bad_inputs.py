@@ -158,6 +158,8 @@ VALUES = [
     ("train.max_restarts", "-1", r"train\.max_restarts must be an integer in \[0, 100\], got -1"),
     ("train.max_restarts", "1000", r"train\.max_restarts must be an integer in \[0, 100\], got 1000"),
     ("train.bogus", "1", r"unknown key 'train\.bogus'; allowed: \['checkpoint_every', 'epochs'"),
+    ("train.log_to", "['neptune']", r"train\.log_to must list trackers among \['tensorboard', 'wandb', 'mlflow'\]"),
+    ("train.log_to", "'wandb'", r"train\.log_to must be a list, got str 'wandb'"),
     ("schedule.name", "'exponential'", r"schedule\.name must be one of \['constant', 'step'"),
     ("schedule.warmup_steps", "-1", r"schedule\.warmup_steps must be an integer >= 0, got -1"),
     ("schedule.warmup_ratio", "2", r"schedule\.warmup_ratio must be a finite number >= 0 and < 1"),

@@ -26,6 +26,7 @@ LAYERS = {
     "records": 1,
     "distributed": 1,
     "algorithms": 2,
+    "trackers": 2,
     "data_parallel": 3,
     "workloads": 3,
     "engines": 4,  # engines/base: the protocol, capabilities and the registry

@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from localsgd import trackers
 from localsgd.records.record import SPLITS
 from localsgd.util.checks import (
     ConfigError,
@@ -206,7 +207,7 @@ class ScheduleConfig:
 class TrainConfig:
     """``[train]``: how long, how often to evaluate, and how a run survives faults."""
 
-    OPERATIONAL: ClassVar[tuple[str, ...]] = ("timeout_seconds", "checkpoint_every", "max_restarts")
+    OPERATIONAL: ClassVar[tuple[str, ...]] = ("timeout_seconds", "checkpoint_every", "max_restarts", "log_to")
     """Keys that change how a run is carried out, never its result: not part of its id."""
 
     epochs: float = 10.0
@@ -240,6 +241,11 @@ class TrainConfig:
     """Restarts of the worker group torch's elastic launcher makes after a worker dies;
     each restart resumes from the last checkpoint. A run with restarts gets a launch of its
     own rather than a study's worker pool."""
+    log_to: tuple[str, ...] = ()
+    """Experiment trackers that receive each evaluation's metrics, learning rate and
+    communication counters, and the resolved config, besides the run record:
+    ``tensorboard``, ``wandb``, ``mlflow`` (:mod:`localsgd.trackers`; offline by default,
+    the pip extra ``localsgd[trackers]``)."""
 
     def __post_init__(self) -> None:
         check_choice("train.precision", self.precision, PRECISIONS)
@@ -260,6 +266,7 @@ class TrainConfig:
         if self.stop_at is not None:
             parse_stop_at(self.stop_at)
         check_choice("train.stop_split", self.stop_split, SPLITS)
+        trackers.check_names(self.log_to)
 
     def stop_metric(self) -> tuple[str, float] | None:
         """``stop_at`` as (metric name, value)."""
@@ -528,7 +535,7 @@ class RunConfig:
 
     def run_id(self) -> str:
         """A stable identity: the same config always maps to the same id. How the run is
-        carried out (``TrainConfig.OPERATIONAL``: timeouts, checkpoints, restarts) is left
+        carried out (``TrainConfig.OPERATIONAL``: timeouts, checkpoints, restarts, trackers) is left
         out, so changing it resumes a run instead of starting another."""
         data = self.to_dict()
         # Sections added after stores were written are left out at their defaults, so a

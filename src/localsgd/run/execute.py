@@ -7,7 +7,7 @@ import json
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from localsgd import engines, workloads
+from localsgd import engines, trackers, workloads
 from localsgd.records.record import ErrorInfo, RecordError
 from localsgd.records.store import LOCK, Store
 from localsgd.run.bookkeeping import stop_rule
@@ -19,11 +19,12 @@ from localsgd.util.files import DiskFull, disk_full, no_space
 def preflight(runs: Iterable[RunConfig], *, local: bool = True) -> dict[str, workloads.Workload]:
     """Check what can be checked before any run record exists: every distinct workload is
     built once (its data paths read, an import-path factory called and its result checked),
-    every run's batch fits its workload's shards, and, for runs on this machine
+    every run's batch fits its workload's shards, its trackers' libraries are installed, and, for runs on this machine
     (``local``), that ``device = "cuda"`` finds a CUDA device per worker process. Returns
     the built workloads by spec; ``ConfigError`` naming the key otherwise."""
     built: dict[str, workloads.Workload] = {}
     for run in runs:
+        trackers.check_available(run.train.log_to)
         if local and run.device == "cuda":
             _check_cuda(run)
         key = json.dumps(run.workload, sort_keys=True)
@@ -84,7 +85,7 @@ def open_run_store(out: str | Path, config: RunConfig) -> Store:
     return store
 
 
-STORE_ENTRIES = {"runs", "index.sqlite", "plan.json", "study.toml", "report", "slurm", LOCK, f"{LOCK}.d"}
+STORE_ENTRIES = {"runs", "index.sqlite", "plan.json", "study.toml", "report", "slurm", trackers.FOLDER, LOCK, f"{LOCK}.d"}
 """What a store folder may hold (an existing folder holding anything else is no store)."""
 
 

@@ -37,6 +37,7 @@ from localsgd.run.checkpoints import Checkpoints, rng_state, rows_from_state, ro
 from localsgd.run.config import RunConfig
 from localsgd.run.loop import Asynchronous, Diverged, Evaluation, Synchronous, TrainingLoop, log_row
 from localsgd.run.precision import with_precision
+from localsgd.run.tracking import run_writer
 from localsgd.util.files import disk_full, no_space
 
 log = logging.getLogger(__name__)
@@ -72,7 +73,7 @@ def train(
     # could checkpoint together: such runs take no mid-run checkpoints (they restart).
     every = 0 if config.steps_alone() else config.train.checkpoint_every
     saved = Checkpoints(checkpoints, rank, world_size, every, config.run_id())
-    writer = RunWriter(run_dir)
+    writer = run_writer(config, run_dir)
     status: Status
     try:
         writer.environment(environment(world_size, backend, device))

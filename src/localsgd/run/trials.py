@@ -40,6 +40,7 @@ from localsgd.run.bookkeeping import (
 )
 from localsgd.run.config import RunConfig
 from localsgd.run.loop import Synchronous, TrainingLoop, log_row
+from localsgd.run.tracking import run_writer
 
 TRIAL_FIELDS = ("name", "seed", "optimizer.lr", "optimizer.momentum", "optimizer.weight_decay", "schedule")
 """What runs batched together may differ in (``schedule``: the whole section, so a new
@@ -142,7 +143,7 @@ def train_trials(
     first = configs[0]
     device = resolve_device(first.device)
     torch.set_num_threads(first.threads)
-    writers = [RunWriter(d) for d in run_dirs]
+    writers = [run_writer(c, d) for c, d in zip(configs, run_dirs)]
     statuses: list[Status | None] = [None] * len(configs)
     try:
         env = environment(1, None, device)
