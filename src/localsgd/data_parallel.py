@@ -11,7 +11,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from localsgd.algorithms.base import AlgorithmConfig, SyncContext, Synchronizer, build
+from localsgd import sharding
+from localsgd.algorithms.base import AlgorithmConfig, SyncContext, Synchronizer, build, local_tensor
 from localsgd.comm.base import CommStats, Communicator
 from localsgd.comm.flat import flatten_into_views
 from localsgd.comm.solo import SoloCommunicator
@@ -67,6 +68,7 @@ class DataParallel:
         *,
         comm: Communicator | None = None,
         flat: bool = True,
+        mesh: Any = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -83,7 +85,10 @@ class DataParallel:
         self._ddp_buckets: list[int] | None = None
         self.optimizer = optimizer
         self.algorithm = build(algorithm)
+        if mesh is not None and comm is not None:
+            raise ValueError("give mesh= or comm=, not both: mesh= averages over its 'replicate' dimension")
         self._comm = comm
+        self._mesh = mesh
         self._flat = flat
         self._sync: Synchronizer | None = None
         self._ctx: SyncContext | None = None
@@ -96,16 +101,22 @@ class DataParallel:
     def __enter__(self) -> DataParallel:
         if self._hooks:
             raise RuntimeError("this DataParallel is already entered; it is not reentrant")
-        comm = self._comm if self._comm is not None else default_communicator()
-        self._comm = comm
+        if self._comm is None:
+            self._comm = default_communicator() if self._mesh is None else sharding.replicate_communicator(self._mesh)
+        comm = self._comm
         params: list[torch.Tensor] = [p for p in self.model.parameters() if p.requires_grad]
         self._check_optimizer()
         buffers = [b for b in self.model.buffers() if b.is_floating_point()]
-        if self._flat:
+        owners = None
+        if sharding.is_sharded(params):
+            params, owners = self._local_shards(params)
+        elif self._flat:
             flatten_into_views(params + buffers)
-        everything = list(self.model.parameters()) + list(self.model.buffers())
+        everything = [local_tensor(p) for p in self.model.parameters()] + list(self.model.buffers())
         comm.broadcast(everything, src=0, record=False)
-        self._ctx = SyncContext(comm, params, buffers, self.optimizer, flat=self._flat)
+        self._ctx = SyncContext(
+            comm, params, buffers, self.optimizer, flat=self._flat and owners is None, owners=owners
+        )
         if self._ddp is not None:
             self._ddp_sync = self._ddp.require_backward_grad_sync
             if self.algorithm.USES_DDP_GRADIENTS:
@@ -144,6 +155,16 @@ class DataParallel:
             self._ddp_buckets = [int(b) for b in sizes.split(",") if b.strip()]
         for nbytes in self._ddp_buckets:
             self.comm.stats.record("world", nbytes, 0.0)
+
+    def _local_shards(self, params: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The local shards of a sharded model's parameters, and the parameters (see
+        :mod:`localsgd.sharding`)."""
+        if not self.algorithm.capabilities.sharded_parameters:
+            raise ValueError(f"algorithm {self.algorithm.name!r} does not run on a sharded (FSDP2) model")
+        sharding.check_shard_mesh(params, getattr(self._comm, "group", None))
+        sharding.settle(self.model)
+        owners = [p for p in self.model.parameters() if p.requires_grad]
+        return [local_tensor(p) for p in owners], owners
 
     def _check_optimizer(self) -> None:
         known = {id(p) for p in self.model.parameters()}
@@ -305,6 +326,4 @@ class DataParallel:
         comm_stats.by_scope = {k: dict(v) for k, v in saved_comm["by_scope"].items()}
 
     def _replica(self) -> dict[str, torch.Tensor]:
-        named: dict[str, torch.Tensor] = dict(self.model.named_parameters())
-        named.update(dict(self.model.named_buffers()))
-        return named
+        return sharding.shard_names(self.model)

@@ -1,0 +1,92 @@
+"""Sharded models (FSDP2's ``fully_shard``) under :class:`~localsgd.DataParallel`.
+
+On a 2-D device mesh (replicate × shard) the model is sharded over the ``shard`` dimension:
+the S ranks of a shard group hold one replica between them, each rank a slice of every
+parameter (a ``DTensor``), and FSDP averages their gradients within the group. The
+algorithm runs across the ``replicate`` dimension: each rank averages its local shards with
+the same shards of the other R - 1 replicas, over the replicate process group, so a sync
+moves each rank's shard bytes once, one collective per dtype.
+
+FSDP2 keeps each parameter's shard in a storage of its own (padded, what its all-gather
+reads), so the shards are not re-laid out into one flat buffer (``flat=`` does not apply):
+a sync packs them into one buffer per dtype and copies the result back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from localsgd.algorithms.base import local_tensor
+from localsgd.comm.process_group import ProcessGroupCommunicator
+
+REPLICATE = "replicate"
+"""The mesh dimension the algorithm averages over; every other dimension shards."""
+
+
+def replicate_communicator(mesh: Any) -> ProcessGroupCommunicator:
+    """A communicator over ``mesh``'s ``replicate`` dimension (this rank's replica group)."""
+    names = tuple(getattr(mesh, "mesh_dim_names", None) or ())
+    if REPLICATE not in names:
+        raise ValueError(
+            f"mesh must be a DeviceMesh with a {REPLICATE!r} dimension "
+            f"(init_device_mesh(..., mesh_dim_names=('replicate', 'shard'))), got dimensions {names}"
+        )
+    return ProcessGroupCommunicator(mesh.get_group(REPLICATE))
+
+
+def is_sharded(tensors: Sequence[torch.Tensor]) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(t, DTensor) for t in tensors)
+
+
+def settle(model: nn.Module) -> None:
+    """Let FSDP finish its lazy initialisation now, before the local shards are taken.
+
+    FSDP2 does it on the first forward pass, and there pads an unevenly split parameter's
+    shard into a new storage, replacing the ``DTensor``'s local tensor: views taken earlier
+    would no longer be the model's. The root's state object has no public way to run it, so
+    this calls what its forward pre-hook calls (idempotent)."""
+    get_state = getattr(model, "_get_fsdp_state", None)
+    if get_state is None:
+        return
+    lazy_init = getattr(get_state(), "_lazy_init", None)
+    if lazy_init is not None:
+        lazy_init()
+
+
+def check_shard_mesh(params: Sequence[torch.Tensor], comm_group: Any) -> None:
+    """Refuse parameters sharded or replicated over the replicate group itself.
+
+    A model passed to ``fully_shard`` with the whole 2-D mesh (HSDP) has FSDP all-reduce its
+    gradients over the replicate dimension at every step, which is mini-batch SGD whatever
+    the algorithm; it must be sharded over ``mesh["shard"]`` only."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+
+    if comm_group is None:
+        return
+    replicas = set(dist.get_process_group_ranks(comm_group))
+    for p in params:
+        if not isinstance(p, DTensor):
+            continue
+        mesh = p.device_mesh
+        for dim in range(mesh.ndim):
+            members = set(dist.get_process_group_ranks(mesh.get_group(dim)))
+            if len(members & replicas) > 1:
+                raise ValueError(
+                    f"a parameter of shape {tuple(p.shape)} is placed over a mesh dimension that "
+                    "spans the replicate group, so FSDP would average it every step; call "
+                    'fully_shard(module, mesh=mesh["shard"]) on the shard dimension only'
+                )
+
+
+def shard_names(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's parameters and buffers by name, as this rank holds them (local shards)."""
+    named: dict[str, torch.Tensor] = {n: local_tensor(p) for n, p in model.named_parameters()}
+    named.update(dict(model.named_buffers()))
+    return named

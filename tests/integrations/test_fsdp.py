@@ -1,0 +1,133 @@
+"""FSDP2-sharded models on a 2 × 2 mesh (replicate × shard), 4 gloo processes under torchrun:
+each algorithm averages the local shards over the replicate group and ends where the same
+algorithm ends on the unsharded model with 2 replicas on the same data; one collective per
+sync of the local shard's bytes; a saved state resumes to the same bits.
+
+One launch runs every scenario (``fsdp_parity.py``); the tests read its per-rank results.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from harness import LAUNCHER_VARS, free_port
+
+pytest.importorskip("torch.distributed.fsdp")
+
+SCRIPT = Path(__file__).with_name("fsdp_parity.py")
+ROOT = Path(__file__).resolve().parents[2]
+WORLD = 4
+TIMEOUT = 400
+# The shard group's gradient is the mean of two half-batch means (FSDP's reduce-scatter),
+# the reference's the whole batch's mean: float32 sums in another order.
+ATOL = 1e-6
+SCENARIOS = ["local_sgd", "local_sgd_avg_state", "diloco", "slowmo", "minibatch"]
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    out = tmp_path_factory.mktemp("fsdp")
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
+    env.update(
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT / "src"), env.get("PYTHONPATH")])),
+    )
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(WORLD),
+        "--master-addr", "127.0.0.1", "--master-port", str(free_port()), str(SCRIPT), str(out),
+    ]  # fmt: skip
+    # A session of its own, so a timeout kills torchrun and its workers.
+    proc = subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        stdout, stderr = proc.communicate(timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"still running after {TIMEOUT}s; killed\n{stdout[-3000:]}\n{stderr[-3000:]}")
+    files = [out / f"rank{r}.pt" for r in range(WORLD)]
+    complete = all(f.exists() for f in files)  # each written whole, then renamed
+    # A finished gloo rank may still abort in the interpreter's teardown (SIGABRT), which
+    # torchrun reports as a failure; the results are what count then.
+    aborted_after_work = complete and "Signal 6 (SIGABRT)" in stderr
+    assert proc.returncode == 0 or aborted_after_work, stdout[-3000:] + stderr[-3000:]
+    return [torch.load(f, weights_only=False) for f in files]
+
+
+def test_mesh_layout(ranks):
+    assert [(r["replica"], r["half"]) for r in ranks] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+
+
+@pytest.mark.parametrize("name", SCENARIOS)
+def test_sharded_run_equals_the_unsharded_run(ranks, name):
+    for r in ranks:
+        got, expected = r[name]["params"], r[name]["reference"]["params"]
+        assert [t.shape for t in got] == [t.shape for t in expected]
+        for a, b in zip(got, expected):
+            torch.testing.assert_close(a, b, rtol=0, atol=ATOL)
+    # Every rank ends on the consensus model, whichever replica and shard it holds.
+    for r in ranks[1:]:
+        for a, b in zip(r[name]["params"], ranks[0][name]["params"]):
+            assert torch.equal(a, b)
+
+
+def test_the_algorithms_end_apart(ranks):
+    """The tolerance is far below what tells the algorithms apart."""
+    finals = {name: ranks[0][name]["params"] for name in SCENARIOS}
+    for name in ("local_sgd", "diloco", "slowmo"):
+        gap = max((a - b).abs().max().item() for a, b in zip(finals[name], finals["minibatch"]))
+        assert gap > 1000 * ATOL, name
+
+
+@pytest.mark.parametrize(
+    "name, syncs, per_sync",
+    [
+        # H = 2 over 5 steps: syncs after steps 2 and 4, and on leaving.
+        ("local_sgd", 3, 1),
+        ("diloco", 3, 1),
+        ("slowmo", 3, 1),
+        ("local_sgd_avg_state", 3, 2),  # SGD's momentum buffers travel with the parameters
+        ("minibatch", 5, 1),
+    ],
+)
+def test_one_collective_per_sync_of_the_local_shard(ranks, name, syncs, per_sync):
+    for r in ranks:
+        stats, shard_bytes = r[name]["stats"], r[name]["shard_bytes"]
+        assert stats["steps"] == 5 and stats["syncs"] == syncs
+        assert stats["collectives"] == syncs  # one dtype: one collective per sync
+        assert stats["bytes"] == syncs * per_sync * shard_bytes
+        assert stats["by_scope"].keys() == {"world"}
+        # The unsharded replica sends the whole model: the two shards' bytes together.
+        ref = r[name]["reference"]["stats"]
+        assert (ref["syncs"], ref["collectives"]) == (syncs, syncs)
+    # The last weight (3 × 8) splits 2 + 1 rows: the shard ranks send unequal payloads.
+    model_bytes = ranks[0]["local_sgd"]["reference"]["stats"]["bytes"] // 3
+    assert ranks[0]["local_sgd"]["shard_bytes"] + ranks[1]["local_sgd"]["shard_bytes"] == model_bytes
+    assert ranks[0]["local_sgd"]["shard_bytes"] != ranks[1]["local_sgd"]["shard_bytes"]
+
+
+def test_state_dict_resumes_to_the_same_bits(ranks):
+    for r in ranks:
+        resume = r["resume"]
+        for a, b in zip(resume["straight"], resume["resumed"]):
+            assert torch.equal(a, b)
+        for a, b in zip(resume["ended"], resume["resumed_ended"]):
+            assert torch.equal(a, b)
+
+
+def test_refusals_name_the_fix(ranks):
+    said = ranks[0]["refusals"]
+    assert 'fully_shard(module, mesh=mesh["shard"])' in said["hsdp"]
+    assert "spans the replicate group" in said["hsdp"]
+    assert said["gradient_accumulation"] == (
+        "algorithm 'gradient_accumulation' does not run on a sharded (FSDP2) model"
+    )
