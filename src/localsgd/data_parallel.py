@@ -58,6 +58,12 @@ class DataParallel:
     every other algorithm runs the backward passes as under ``no_sync()`` and communicates
     itself. An optimizer wrapper that steps an inner ``optimizer`` (accelerate's
     ``AcceleratedOptimizer``) is unwrapped: the hooks go where the update happens.
+
+    A model sharded with FSDP2's ``fully_shard`` over ``mesh["shard"]`` of a 2-D mesh
+    (``mesh_dim_names=("replicate", "shard")``) runs with ``mesh=mesh``: the algorithm
+    averages each rank's local shards with the same shards of the other replicas over the
+    ``replicate`` dimension, and its state dict holds this rank's shards (see
+    :mod:`localsgd.sharding`).
     """
 
     def __init__(
@@ -102,7 +108,9 @@ class DataParallel:
         if self._hooks:
             raise RuntimeError("this DataParallel is already entered; it is not reentrant")
         if self._comm is None:
-            self._comm = default_communicator() if self._mesh is None else sharding.replicate_communicator(self._mesh)
+            self._comm = (
+                default_communicator() if self._mesh is None else sharding.replicate_communicator(self._mesh)
+            )
         comm = self._comm
         params: list[torch.Tensor] = [p for p in self.model.parameters() if p.requires_grad]
         self._check_optimizer()
@@ -163,7 +171,7 @@ class DataParallel:
             raise ValueError(f"algorithm {self.algorithm.name!r} does not run on a sharded (FSDP2) model")
         sharding.check_shard_mesh(params, getattr(self._comm, "group", None))
         sharding.settle(self.model)
-        owners = [p for p in self.model.parameters() if p.requires_grad]
+        owners: list[torch.Tensor] = [p for p in self.model.parameters() if p.requires_grad]
         return [local_tensor(p) for p in owners], owners
 
     def _check_optimizer(self) -> None:
@@ -265,7 +273,8 @@ class DataParallel:
     def state_dict(self) -> dict[str, Any]:
         """This rank's state: the algorithm's (counters, outer momentum, central model),
         this replica's parameters and buffers (they differ between syncs), step and
-        communication counters. Save one per rank, with the optimizer's own state dict."""
+        communication counters. Save one per rank, with the optimizer's own state dict.
+        For a sharded model these are this rank's local shards, with where they sit."""
         if self._sync is None:
             raise RuntimeError("state_dict() needs an entered DataParallel")
         comm_stats = self.comm.stats
@@ -274,6 +283,7 @@ class DataParallel:
             "algorithm_config": self.algorithm.to_dict(),
             "algorithm": self._sync.state_dict(),
             "replica": {k: v.detach().clone() for k, v in self._replica().items()},
+            "shards": sharding.layout(self.model),
             "steps": self._steps,
             "comm": {
                 "collectives": comm_stats.collectives,
@@ -301,6 +311,7 @@ class DataParallel:
                 f"state was saved by algorithm {saved_algo.get('name')!r}, "
                 f"this DataParallel runs {self.algorithm.name!r}"
             )
+        sharding.check_layout(state.get("shards"), sharding.layout(self.model))
         replica = self._replica()
         saved = state["replica"]
         if set(saved) != set(replica):

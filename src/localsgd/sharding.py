@@ -39,6 +39,11 @@ def replicate_communicator(mesh: Any) -> ProcessGroupCommunicator:
 
 
 def is_sharded(tensors: Sequence[torch.Tensor]) -> bool:
+    """Whether any of ``tensors`` is a ``DTensor`` (FSDP2 made it a shard)."""
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        return False
     from torch.distributed.tensor import DTensor
 
     return any(isinstance(t, DTensor) for t in tensors)
@@ -90,3 +95,34 @@ def shard_names(model: nn.Module) -> dict[str, torch.Tensor]:
     named: dict[str, torch.Tensor] = {n: local_tensor(p) for n, p in model.named_parameters()}
     named.update(dict(model.named_buffers()))
     return named
+
+
+def layout(model: nn.Module) -> dict[str, list[Any]]:
+    """Where each sharded parameter's local shard sits: its global shape, placements and
+    this rank's coordinate on the parameter's mesh. Empty for a model with no shards."""
+    found: dict[str, list[Any]] = {}
+    if not is_sharded(list(model.parameters())):
+        return found
+    from torch.distributed.tensor import DTensor
+
+    for name, p in model.named_parameters():
+        if isinstance(p, DTensor):
+            found[name] = [
+                list(p.shape),
+                [str(x) for x in p.placements],
+                list(p.device_mesh.get_coordinate() or []),
+            ]
+    return found
+
+
+def check_layout(saved: Any, current: dict[str, list[Any]]) -> None:
+    """Refuse a state saved by another shard (another rank's file, another mesh or split):
+    its tensors could have this rank's shapes and still hold other slices of the model."""
+    saved = saved or {}
+    for name in sorted(set(saved) | set(current)):
+        if saved.get(name) != current.get(name):
+            raise ValueError(
+                f"state replica {name!r} was saved as shard {saved.get(name)} (global shape, "
+                f"placements, mesh coordinate); this rank holds {current.get(name)}: load each "
+                "rank's own state, on the same mesh and sharding"
+            )

@@ -53,9 +53,7 @@ def batch(replica: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(BATCH, 6, generator=g), torch.randn(BATCH, 3, generator=g)
 
 
-def train(
-    model: nn.Module, opt: torch.optim.Optimizer, replica: int, half: int | None, steps: range
-) -> None:
+def train(model: nn.Module, opt: torch.optim.Optimizer, replica: int, half: int | None, steps: range) -> None:
     for step in steps:
         x, y = batch(replica, step)
         if half is not None:
@@ -123,6 +121,14 @@ def resume(mesh: Any, replica: int, half: int) -> dict[str, Any]:
         saved = io.BytesIO()
         torch.save(dp.state_dict(), saved)
         saved_opt = copy.deepcopy(opt.state_dict())
+        # The other shard rank's state, as if the files were mixed up: its shapes may match.
+        states: list[Any] = [None, None]
+        dist.all_gather_object(states, dp.state_dict(), group=mesh.get_group("shard"))
+        try:
+            dp.load_state_dict(states[1 - half])
+            mixed_up = ""
+        except ValueError as e:
+            mixed_up = str(e)
         train(model, opt, replica, half, range(3, 6))
         straight = [p.to_local().detach().clone() for p in model.parameters()]
     ended = full(model)
@@ -135,7 +141,13 @@ def resume(mesh: Any, replica: int, half: int) -> dict[str, Any]:
         opt.load_state_dict(saved_opt)
         train(model, opt, replica, half, range(3, 6))
         resumed = [p.to_local().detach().clone() for p in model.parameters()]
-    return {"straight": straight, "resumed": resumed, "ended": ended, "resumed_ended": full(model)}
+    return {
+        "straight": straight,
+        "resumed": resumed,
+        "ended": ended,
+        "resumed_ended": full(model),
+        "mixed_up": mixed_up,
+    }
 
 
 def refusals(mesh: Any) -> dict[str, str]:

@@ -131,3 +131,15 @@ def test_refusals_name_the_fix(ranks):
     assert said["gradient_accumulation"] == (
         "algorithm 'gradient_accumulation' does not run on a sharded (FSDP2) model"
     )
+
+
+def test_another_ranks_state_is_refused(ranks):
+    """The other shard rank's state has the same shapes for the first layer's tensors: only
+    the recorded layout tells the slices apart."""
+    for r in ranks:
+        mine, other = r["half"], 1 - r["half"]
+        assert r["resume"]["mixed_up"] == (
+            f"state replica '0.bias' was saved as shard [[8], ['S(0)'], [{other}]] (global shape, "
+            f"placements, mesh coordinate); this rank holds [[8], ['S(0)'], [{mine}]]: load each "
+            "rank's own state, on the same mesh and sharding"
+        )

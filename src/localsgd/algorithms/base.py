@@ -88,10 +88,11 @@ class SyncContext:
 def local_tensor(t: torch.Tensor) -> torch.Tensor:
     """This rank's shard of a ``DTensor``, sharing its storage (writes reach the
     ``DTensor``); any other tensor as it is, detached."""
-    from torch.distributed.tensor import DTensor
-
-    with torch.no_grad():
-        local = t.to_local() if isinstance(t, DTensor) else t
+    to_local = getattr(t, "to_local", None)  # DTensor's; no import where distributed is absent
+    if to_local is None:
+        return t.detach()
+    with torch.no_grad():  # under no_grad it is the DTensor's own local tensor, not a copy
+        local: torch.Tensor = to_local()
     return local.detach()
 
 
