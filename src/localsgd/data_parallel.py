@@ -169,7 +169,7 @@ class DataParallel:
         :mod:`localsgd.sharding`)."""
         if not self.algorithm.capabilities.sharded_parameters:
             raise ValueError(f"algorithm {self.algorithm.name!r} does not run on a sharded (FSDP2) model")
-        sharding.check_shard_mesh(params, getattr(self._comm, "group", None))
+        sharding.check_shard_mesh(params, self._comm)
         sharding.settle(self.model)
         owners: list[torch.Tensor] = [p for p in self.model.parameters() if p.requires_grad]
         return [local_tensor(p) for p in owners], owners

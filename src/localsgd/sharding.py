@@ -28,12 +28,16 @@ REPLICATE = "replicate"
 
 
 def replicate_communicator(mesh: Any) -> ProcessGroupCommunicator:
-    """A communicator over ``mesh``'s ``replicate`` dimension (this rank's replica group)."""
+    """A communicator over the replicas: ``mesh``'s ``replicate`` dimension, or ``mesh``
+    itself when it is 1-D (a replicate submesh such as accelerate's ``mesh["dp_replicate"]``)."""
     names = tuple(getattr(mesh, "mesh_dim_names", None) or ())
+    if getattr(mesh, "ndim", None) == 1:
+        return ProcessGroupCommunicator(mesh.get_group())
     if REPLICATE not in names:
         raise ValueError(
             f"mesh must be a DeviceMesh with a {REPLICATE!r} dimension "
-            f"(init_device_mesh(..., mesh_dim_names=('replicate', 'shard'))), got dimensions {names}"
+            f"(init_device_mesh(..., mesh_dim_names=('replicate', 'shard'))) or a 1-D replicate "
+            f"mesh, got dimensions {names}"
         )
     return ProcessGroupCommunicator(mesh.get_group(REPLICATE))
 
@@ -64,18 +68,22 @@ def settle(model: nn.Module) -> None:
         lazy_init()
 
 
-def check_shard_mesh(params: Sequence[torch.Tensor], comm_group: Any) -> None:
-    """Refuse parameters sharded or replicated over the replicate group itself.
+def check_shard_mesh(params: Sequence[torch.Tensor], comm: Any) -> None:
+    """Refuse parameters placed over ranks that the algorithm averages among.
 
-    A model passed to ``fully_shard`` with the whole 2-D mesh (HSDP) has FSDP all-reduce its
+    Two mistakes end here. A communicator over ranks that hold different shards of one
+    replica (the world's, when ``mesh=`` was left out) would average unrelated slices. A
+    model passed to ``fully_shard`` with the whole 2-D mesh (HSDP) has FSDP all-reduce its
     gradients over the replicate dimension at every step, which is mini-batch SGD whatever
-    the algorithm; it must be sharded over ``mesh["shard"]`` only."""
+    the algorithm. Either way the model must be sharded over ``mesh["shard"]`` only and the
+    algorithm run over ``mesh["replicate"]``."""
     import torch.distributed as dist
     from torch.distributed.tensor import DTensor
 
-    if comm_group is None:
-        return
-    replicas = set(dist.get_process_group_ranks(comm_group))
+    if comm.world_size == 1 or not hasattr(comm, "group"):
+        return  # nothing to average with, or a communicator without process groups
+    group = comm.group
+    replicas = set(dist.get_process_group_ranks(group) if group is not None else range(dist.get_world_size()))
     for p in params:
         if not isinstance(p, DTensor):
             continue
@@ -84,9 +92,11 @@ def check_shard_mesh(params: Sequence[torch.Tensor], comm_group: Any) -> None:
             members = set(dist.get_process_group_ranks(mesh.get_group(dim)))
             if len(members & replicas) > 1:
                 raise ValueError(
-                    f"a parameter of shape {tuple(p.shape)} is placed over a mesh dimension that "
-                    "spans the replicate group, so FSDP would average it every step; call "
-                    'fully_shard(module, mesh=mesh["shard"]) on the shard dimension only'
+                    f"a parameter of shape {tuple(p.shape)} is placed over ranks {sorted(members)}, "
+                    f"of which {sorted(members & replicas)} are in the group the algorithm averages "
+                    f"over {sorted(replicas)}: an average would mix different shards, or FSDP would "
+                    'average it every step (HSDP); shard with fully_shard(module, mesh=mesh["shard"]) '
+                    "and pass DataParallel(..., mesh=mesh)"
                 )
 
 

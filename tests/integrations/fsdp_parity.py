@@ -17,6 +17,7 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -157,6 +158,9 @@ def refusals(mesh: Any) -> dict[str, str]:
         "hsdp": lambda: localsgd.DataParallel(
             (m := fully_shard(mlp(0), mesh=mesh)), sgd(m), algorithms.LocalSGD(period=2), mesh=mesh
         ),
+        "world": lambda: localsgd.DataParallel(
+            (m := shard(mlp(0), mesh)), sgd(m), algorithms.LocalSGD(period=2)
+        ),
         "gradient_accumulation": lambda: localsgd.DataParallel(
             (m := shard(mlp(0), mesh)), sgd(m), algorithms.GradientAccumulation(steps=2), mesh=mesh
         ),
@@ -170,6 +174,46 @@ def refusals(mesh: Any) -> dict[str, str]:
     return said
 
 
+def accelerate_drop_in(replica: int, half: int) -> dict[str, Any] | None:
+    """localsgd's accelerate ``LocalSGD`` on a model sharded over accelerate's ``dp_shard``."""
+    try:
+        from accelerate import DistributedType
+    except ImportError:
+        return None
+    from localsgd.integrations.accelerate import LocalSGD as DropIn
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp_replicate", "dp_shard"))
+    model = mlp(seed=replica)
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer, mesh=mesh["dp_shard"])
+    fully_shard(model, mesh=mesh["dp_shard"])
+    opt = sgd(model)
+
+    def accelerator(**fields: Any) -> SimpleNamespace:
+        # accelerate sets DistributedType.FSDP on accelerator devices only (CUDA, XPU, ...),
+        # never on the CPU: an object holding what the drop-in reads of an FSDP2
+        # Accelerator (ParallelismConfig(dp_replicate_size=2, dp_shard_size=2)) stands in.
+        base = {"distributed_type": DistributedType.FSDP, "is_fsdp2": True, "torch_device_mesh": mesh}
+        return SimpleNamespace(**{**base, "_optimizers": [opt], **fields})
+
+    with DropIn(accelerator=accelerator(), model=model, local_sgd_steps=2) as local_sgd:
+        for step in range(STEPS):
+            x, y = batch(replica, step)
+            opt.zero_grad()
+            nn.functional.mse_loss(model(x.chunk(2)[half]), y.chunk(2)[half]).backward()
+            opt.step()
+            local_sgd.step()
+    said = {}
+    for key, fields in {"fsdp1": {"is_fsdp2": False}, "no_replicas": {"torch_device_mesh": None}}.items():
+        try:
+            with DropIn(accelerator=accelerator(**fields), model=model, local_sgd_steps=2):
+                pass
+        except (NotImplementedError, ValueError) as e:
+            said[key] = str(e)
+    return {"params": full(model), "stats": local_sgd.stats, "refusals": said}
+
+
 def main(out: Path) -> None:
     dist.init_process_group("gloo")
     rank = dist.get_rank()
@@ -180,6 +224,7 @@ def main(out: Path) -> None:
         result[name] = scenario(name, mesh, replica, half)
     result["resume"] = resume(mesh, replica, half)
     result["refusals"] = refusals(mesh)
+    result["accelerate"] = accelerate_drop_in(replica, half)
     torch.save(result, out / f"rank{rank}.tmp")
     os.replace(out / f"rank{rank}.tmp", out / f"rank{rank}.pt")  # complete or absent
     dist.barrier()

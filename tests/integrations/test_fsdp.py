@@ -126,8 +126,16 @@ def test_state_dict_resumes_to_the_same_bits(ranks):
 
 def test_refusals_name_the_fix(ranks):
     said = ranks[0]["refusals"]
-    assert 'fully_shard(module, mesh=mesh["shard"])' in said["hsdp"]
-    assert "spans the replicate group" in said["hsdp"]
+    fix = 'shard with fully_shard(module, mesh=mesh["shard"]) and pass DataParallel(..., mesh=mesh)'
+    # fully_shard over the whole mesh: the first layer's weight spans all four ranks.
+    assert said["hsdp"].startswith("a parameter of shape (8, 6) is placed over ranks [0, 2], of which [0, 2]")
+    assert said["hsdp"].endswith(fix)
+    # mesh= left out: the world's group holds both shards of a replica.
+    assert said["world"] == (
+        "a parameter of shape (8, 6) is placed over ranks [0, 1], of which [0, 1] are in the group "
+        "the algorithm averages over [0, 1, 2, 3]: an average would mix different shards, or FSDP "
+        "would average it every step (HSDP); " + fix
+    )
     assert said["gradient_accumulation"] == (
         "algorithm 'gradient_accumulation' does not run on a sharded (FSDP2) model"
     )
@@ -143,3 +151,21 @@ def test_another_ranks_state_is_refused(ranks):
             f"placements, mesh coordinate); this rank holds [[8], ['S(0)'], [{mine}]]: load each "
             "rank's own state, on the same mesh and sharding"
         )
+
+
+def test_accelerate_drop_in_runs_a_model_sharded_within_replicas(ranks):
+    pytest.importorskip("accelerate")
+    for r in ranks:
+        ours = r["accelerate"]
+        # The same algorithm, data and sharding as the local_sgd scenario: the same bits.
+        for a, b in zip(ours["params"], r["local_sgd"]["params"]):
+            assert torch.equal(a, b)
+        assert ours["stats"]["syncs"] == 3 and ours["stats"]["collectives"] == 3
+        assert ours["stats"]["bytes"] == 3 * r["local_sgd"]["shard_bytes"]
+        said = ours["refusals"]
+        assert said["fsdp1"] == (
+            "LocalSGD is supported for CPUs and GPUs and for FSDP2 (fsdp_version=2) models "
+            "sharded within replicas; not for DeepSpeed, MegatronLM or FSDP1"
+        )
+        assert said["no_replicas"].startswith("a sharded (FSDP2) model needs replicas to average: ")
+        assert said["no_replicas"].endswith("before accelerator.prepare (the mesh has dimensions ())")
