@@ -11,10 +11,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from localsgd import sharding
-from localsgd.algorithms.base import AlgorithmConfig, SyncContext, Synchronizer, build, local_tensor
+from localsgd.algorithms.base import AlgorithmConfig, SyncContext, Synchronizer, build
+from localsgd.comm import sharding
 from localsgd.comm.base import CommStats, Communicator
 from localsgd.comm.flat import flatten_into_views
+from localsgd.comm.sharding import local_tensor
 from localsgd.comm.solo import SoloCommunicator
 
 log = logging.getLogger(__name__)
@@ -63,7 +64,7 @@ class DataParallel:
     (``mesh_dim_names=("replicate", "shard")``) runs with ``mesh=mesh``: the algorithm
     averages each rank's local shards with the same shards of the other replicas over the
     ``replicate`` dimension, and its state dict holds this rank's shards (see
-    :mod:`localsgd.sharding`).
+    :mod:`localsgd.comm.sharding`).
     """
 
     def __init__(
@@ -166,7 +167,7 @@ class DataParallel:
 
     def _local_shards(self, params: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """The local shards of a sharded model's parameters, and the parameters (see
-        :mod:`localsgd.sharding`)."""
+        :mod:`localsgd.comm.sharding`)."""
         if not self.algorithm.capabilities.sharded_parameters:
             raise ValueError(f"algorithm {self.algorithm.name!r} does not run on a sharded (FSDP2) model")
         sharding.check_shard_mesh(params, self._comm)

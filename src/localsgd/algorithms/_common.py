@@ -7,8 +7,9 @@ from typing import Any
 
 import torch
 
-from localsgd.algorithms.base import SyncContext, local_tensor
+from localsgd.algorithms.base import SyncContext
 from localsgd.comm.base import WORLD, Scope
+from localsgd.comm.sharding import local_tensor
 
 
 def average_gradients(ctx: SyncContext) -> None:

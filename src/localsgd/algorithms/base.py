@@ -23,6 +23,7 @@ import torch
 
 from localsgd.comm.base import Communicator
 from localsgd.comm.flat import Spans
+from localsgd.comm.sharding import local_tensor
 from localsgd.util.checks import ConfigError, from_dict
 
 OPTIMIZER_STATE_CHOICES = ("local", "average", "reset")
@@ -83,17 +84,6 @@ class SyncContext:
             chosen = (self.params if params else []) + (self.buffers if buffers else [])
             spans = self._spans[(params, buffers)] = Spans(chosen)
         return spans.get()
-
-
-def local_tensor(t: torch.Tensor) -> torch.Tensor:
-    """This rank's shard of a ``DTensor``, sharing its storage (writes reach the
-    ``DTensor``); any other tensor as it is, detached."""
-    to_local = getattr(t, "to_local", None)  # DTensor's; no import where distributed is absent
-    if to_local is None:
-        return t.detach()
-    with torch.no_grad():  # under no_grad it is the DTensor's own local tensor, not a copy
-        local: torch.Tensor = to_local()
-    return local.detach()
 
 
 class Synchronizer(Protocol):

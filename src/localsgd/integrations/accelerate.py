@@ -43,8 +43,8 @@ from torch import nn
 
 from localsgd.algorithms import LocalSGD as LocalSGDConfig
 from localsgd.algorithms.base import AlgorithmConfig, build
+from localsgd.comm.sharding import is_sharded
 from localsgd.data_parallel import DataParallel
-from localsgd.sharding import is_sharded
 from localsgd.util.checks import check_int
 
 SUPPORTED = (

@@ -15,13 +15,25 @@ a sync packs them into one buffer per dtype and copies the result back.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from localsgd.algorithms.base import local_tensor
-from localsgd.comm.process_group import ProcessGroupCommunicator
+if TYPE_CHECKING:
+    from localsgd.comm.process_group import ProcessGroupCommunicator
+
+
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a ``DTensor``, sharing its storage (writes reach the
+    ``DTensor``); any other tensor as it is, detached."""
+    to_local = getattr(t, "to_local", None)  # DTensor's; no import where distributed is absent
+    if to_local is None:
+        return t.detach()
+    with torch.no_grad():  # under no_grad it is the DTensor's own local tensor, not a copy
+        local: torch.Tensor = to_local()
+    return local.detach()
+
 
 REPLICATE = "replicate"
 """The mesh dimension the algorithm averages over; every other dimension shards."""
@@ -30,6 +42,8 @@ REPLICATE = "replicate"
 def replicate_communicator(mesh: Any) -> ProcessGroupCommunicator:
     """A communicator over the replicas: ``mesh``'s ``replicate`` dimension, or ``mesh``
     itself when it is 1-D (a replicate submesh such as accelerate's ``mesh["dp_replicate"]``)."""
+    from localsgd.comm.process_group import ProcessGroupCommunicator
+
     names = tuple(getattr(mesh, "mesh_dim_names", None) or ())
     if getattr(mesh, "ndim", None) == 1:
         return ProcessGroupCommunicator(mesh.get_group())
