@@ -8,22 +8,17 @@ One launch runs every scenario (``fsdp_parity.py``); the tests read its per-rank
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
-from harness import LAUNCHER_VARS, free_port
+from harness import free_port, launch
 
 pytest.importorskip("torch.distributed.fsdp")
 
 SCRIPT = Path(__file__).with_name("fsdp_parity.py")
-ROOT = Path(__file__).resolve().parents[2]
 WORLD = 4
 TIMEOUT = 400
 # The shard group's gradient is the mean of two half-batch means (FSDP's reduce-scatter),
@@ -35,31 +30,15 @@ SCENARIOS = ["local_sgd", "local_sgd_avg_state", "diloco", "slowmo", "minibatch"
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     out = tmp_path_factory.mktemp("fsdp")
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
-    env.update(
-        OMP_NUM_THREADS="1",
-        PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT / "src"), env.get("PYTHONPATH")])),
-    )
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(WORLD),
-        "--master-addr", "127.0.0.1", "--master-port", str(free_port()), str(SCRIPT), str(out),
-    ]  # fmt: skip
-    # A session of its own, so a timeout kills torchrun and its workers.
-    proc = subprocess.Popen(
-        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
-    )
-    try:
-        stdout, stderr = proc.communicate(timeout=TIMEOUT)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        stdout, stderr = proc.communicate()
-        pytest.fail(f"still running after {TIMEOUT}s; killed\n{stdout[-3000:]}\n{stderr[-3000:]}")
+    torchrun = ["-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(WORLD)]
+    loopback = ["--master-addr", "127.0.0.1", "--master-port", str(free_port())]
+    proc = launch([*torchrun, *loopback, str(SCRIPT), str(out)], TIMEOUT)
     files = [out / f"rank{r}.pt" for r in range(WORLD)]
     complete = all(f.exists() for f in files)  # each written whole, then renamed
     # A finished gloo rank may still abort in the interpreter's teardown (SIGABRT), which
     # torchrun reports as a failure; the results are what count then.
-    aborted_after_work = complete and "Signal 6 (SIGABRT)" in stderr
-    assert proc.returncode == 0 or aborted_after_work, stdout[-3000:] + stderr[-3000:]
+    aborted_after_work = complete and "Signal 6 (SIGABRT)" in proc.stderr
+    assert proc.returncode == 0 or aborted_after_work, proc.stdout[-3000:] + proc.stderr[-3000:]
     return [torch.load(f, weights_only=False) for f in files]
 
 

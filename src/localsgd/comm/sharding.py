@@ -70,10 +70,12 @@ def is_sharded(tensors: Sequence[torch.Tensor]) -> bool:
 def settle(model: nn.Module) -> None:
     """Let FSDP finish its lazy initialisation now, before the local shards are taken.
 
-    FSDP2 does it on the first forward pass, and there pads an unevenly split parameter's
-    shard into a new storage, replacing the ``DTensor``'s local tensor: views taken earlier
-    would no longer be the model's. The root's state object has no public way to run it, so
-    this calls what its forward pre-hook calls (idempotent)."""
+    FSDP2 runs it on the first forward pass, and there re-pads the shard of any parameter
+    whose local tensor was replaced since ``fully_shard`` (``load_state_dict(assign=True)``,
+    a conversion through ``nn.Module._apply``) into a new storage: views taken earlier
+    would no longer be the model's. The root's state object has no public way to run it,
+    so this calls what its forward pre-hook calls (idempotent, and a no-op for parameters
+    left as ``fully_shard`` made them)."""
     get_state = getattr(model, "_get_fsdp_state", None)
     if get_state is None:
         return
