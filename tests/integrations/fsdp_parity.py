@@ -41,6 +41,17 @@ def mlp(seed: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 3))
 
 
+class ToDouble(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.double()
+
+
+def two_dtypes(seed: int) -> nn.Sequential:
+    """float32 then float64 layers (FSDP shards each layer in its own dtype)."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), ToDouble(), nn.Linear(8, 3).double())
+
+
 def shard(model: nn.Sequential, mesh: Any) -> nn.Sequential:
     for layer in model:
         if isinstance(layer, nn.Linear):
@@ -60,7 +71,8 @@ def train(model: nn.Module, opt: torch.optim.Optimizer, replica: int, half: int 
         if half is not None:
             x, y = x.chunk(2)[half], y.chunk(2)[half]
         opt.zero_grad()
-        nn.functional.mse_loss(model(x), y).backward()
+        out = model(x)
+        nn.functional.mse_loss(out, y.to(out.dtype)).backward()
         opt.step()
 
 
@@ -81,35 +93,45 @@ def adamw(model: nn.Module) -> torch.optim.Optimizer:
     return torch.optim.AdamW(model.parameters(), lr=0.01, weight_decay=0.1)
 
 
-SCENARIOS: dict[str, tuple[algorithms.AlgorithmConfig, Callable[[nn.Module], torch.optim.Optimizer]]] = {
-    "local_sgd": (algorithms.LocalSGD(period=2), sgd),
-    "local_sgd_avg_state": (algorithms.LocalSGD(period=2, optimizer_state="average"), sgd),
-    "diloco": (algorithms.DiLoCo(period=2, outer_lr=0.7, outer_momentum=0.9), adamw),
-    "slowmo": (algorithms.SlowMo(period=2, outer_lr=1.0, outer_momentum=0.5), sgd),
-    "minibatch": (algorithms.MiniBatchSGD(), sgd),
+Optimizer = Callable[[nn.Module], torch.optim.Optimizer]
+SCENARIOS: dict[str, tuple[algorithms.AlgorithmConfig, Optimizer, Callable[[int], nn.Sequential]]] = {
+    "local_sgd": (algorithms.LocalSGD(period=2), sgd, mlp),
+    "local_sgd_avg_state": (algorithms.LocalSGD(period=2, optimizer_state="average"), sgd, mlp),
+    "diloco": (algorithms.DiLoCo(period=2, outer_lr=0.7, outer_momentum=0.9), adamw, mlp),
+    "slowmo": (algorithms.SlowMo(period=2, outer_lr=1.0, outer_momentum=0.5), sgd, mlp),
+    "minibatch": (algorithms.MiniBatchSGD(), sgd, mlp),
+    "two_dtypes": (algorithms.LocalSGD(period=2), sgd, two_dtypes),
 }
+MIDWAY = 3  # between two syncs of H = 2: the replicas differ
 
 
 def scenario(name: str, mesh: Any, replica: int, half: int) -> dict[str, Any]:
-    algorithm, make_opt = SCENARIOS[name]
+    algorithm, make_opt, make_model = SCENARIOS[name]
     # Replicas start different: entering broadcasts replica 0's shards.
-    model = shard(mlp(seed=replica), mesh)
+    model = shard(make_model(replica), mesh)
     opt = make_opt(model)
     with localsgd.DataParallel(model, opt, algorithm, mesh=mesh) as dp:
-        train(model, opt, replica, half, range(STEPS))
-    sharded = {"stats": dp.stats, "params": full(model)}
+        train(model, opt, replica, half, range(MIDWAY))
+        with dp.consensus():
+            consensus = full(model)
+        train(model, opt, replica, half, range(MIDWAY, STEPS))
+    sharded = {"stats": dp.stats, "params": full(model), "consensus": consensus}
     shard_bytes = sum(p.to_local().numel() * p.to_local().element_size() for p in model.parameters())
 
-    ref = mlp(seed=replica)
+    ref = make_model(replica)
     ref_opt = make_opt(ref)
     comm = ProcessGroupCommunicator(mesh.get_group("replicate"))
     with localsgd.DataParallel(ref, ref_opt, algorithm, comm=comm) as ref_dp:
-        train(ref, ref_opt, replica, None, range(STEPS))
-    return {
-        **sharded,
-        "shard_bytes": shard_bytes,
-        "reference": {"stats": ref_dp.stats, "params": [p.detach().clone() for p in ref.parameters()]},
+        train(ref, ref_opt, replica, None, range(MIDWAY))
+        with ref_dp.consensus():
+            ref_consensus = [p.detach().clone() for p in ref.parameters()]
+        train(ref, ref_opt, replica, None, range(MIDWAY, STEPS))
+    reference = {
+        "stats": ref_dp.stats,
+        "params": [p.detach().clone() for p in ref.parameters()],
+        "consensus": ref_consensus,
     }
+    return {**sharded, "shard_bytes": shard_bytes, "reference": reference}
 
 
 def resume(mesh: Any, replica: int, half: int) -> dict[str, Any]:

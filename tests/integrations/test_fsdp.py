@@ -24,7 +24,7 @@ TIMEOUT = 400
 # The shard group's gradient is the mean of two half-batch means (FSDP's reduce-scatter),
 # the reference's the whole batch's mean: float32 sums in another order.
 ATOL = 1e-6
-SCENARIOS = ["local_sgd", "local_sgd_avg_state", "diloco", "slowmo", "minibatch"]
+SCENARIOS = ["local_sgd", "local_sgd_avg_state", "diloco", "slowmo", "minibatch", "two_dtypes"]
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +52,9 @@ def test_sharded_run_equals_the_unsharded_run(ranks, name):
         got, expected = r[name]["params"], r[name]["reference"]["params"]
         assert [t.shape for t in got] == [t.shape for t in expected]
         for a, b in zip(got, expected):
+            torch.testing.assert_close(a, b, rtol=0, atol=ATOL)
+        # The consensus model between two syncs (evaluation) too.
+        for a, b in zip(r[name]["consensus"], r[name]["reference"]["consensus"]):
             torch.testing.assert_close(a, b, rtol=0, atol=ATOL)
     # Every rank ends on the consensus model, whichever replica and shard it holds.
     for r in ranks[1:]:
@@ -101,6 +104,16 @@ def test_state_dict_resumes_to_the_same_bits(ranks):
             assert torch.equal(a, b)
         for a, b in zip(resume["ended"], resume["resumed_ended"]):
             assert torch.equal(a, b)
+
+
+def test_one_collective_per_dtype(ranks):
+    """float32 and float64 layers: two collectives per sync, each of that dtype's shards."""
+    for r in ranks:
+        stats = r["two_dtypes"]["stats"]
+        assert stats["syncs"] == 3 and stats["collectives"] == 6
+        assert stats["bytes"] == 3 * r["two_dtypes"]["shard_bytes"]
+        assert r["two_dtypes"]["reference"]["stats"]["collectives"] == 6
+        assert [t.dtype for t in r["two_dtypes"]["params"]] == [torch.float32] * 2 + [torch.float64] * 2
 
 
 def test_refusals_name_the_fix(ranks):
