@@ -100,6 +100,8 @@ SCENARIOS: dict[str, tuple[algorithms.AlgorithmConfig, Optimizer, Callable[[int]
     "diloco": (algorithms.DiLoCo(period=2, outer_lr=0.7, outer_momentum=0.9), adamw, mlp),
     "slowmo": (algorithms.SlowMo(period=2, outer_lr=1.0, outer_momentum=0.5), sgd, mlp),
     "minibatch": (algorithms.MiniBatchSGD(), sgd, mlp),
+    "post_local_sgd": (algorithms.PostLocalSGD(switch_step=2, period=2), sgd, mlp),
+    "sma": (algorithms.SMA(), sgd, mlp),
     "two_dtypes": (algorithms.LocalSGD(period=2), sgd, two_dtypes),
 }
 MIDWAY = 3  # between two syncs of H = 2: the replicas differ

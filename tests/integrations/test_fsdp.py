@@ -24,7 +24,9 @@ TIMEOUT = 400
 # The shard group's gradient is the mean of two half-batch means (FSDP's reduce-scatter),
 # the reference's the whole batch's mean: float32 sums in another order.
 ATOL = 1e-6
-SCENARIOS = ["local_sgd", "local_sgd_avg_state", "diloco", "slowmo", "minibatch", "two_dtypes"]
+SCENARIOS = [
+    "local_sgd", "local_sgd_avg_state", "diloco", "slowmo", "minibatch", "post_local_sgd", "sma", "two_dtypes",
+]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +67,7 @@ def test_sharded_run_equals_the_unsharded_run(ranks, name):
 def test_the_algorithms_end_apart(ranks):
     """The tolerance is far below what tells the algorithms apart."""
     finals = {name: ranks[0][name]["params"] for name in SCENARIOS}
-    for name in ("local_sgd", "diloco", "slowmo"):
+    for name in ("local_sgd", "diloco", "slowmo", "post_local_sgd", "sma"):
         gap = max((a - b).abs().max().item() for a, b in zip(finals[name], finals["minibatch"]))
         assert gap > 1000 * ATOL, name
 
@@ -79,6 +81,8 @@ def test_the_algorithms_end_apart(ranks):
         ("slowmo", 3, 1),
         ("local_sgd_avg_state", 3, 2),  # SGD's momentum buffers travel with the parameters
         ("minibatch", 5, 1),
+        ("post_local_sgd", 4, 1),  # gradients at steps 1 and 2, models after 4, and on leaving
+        ("sma", 5, 1),  # the corrections, every step
     ],
 )
 def test_one_collective_per_sync_of_the_local_shard(ranks, name, syncs, per_sync):
