@@ -6,7 +6,7 @@ import contextlib
 import logging
 from collections.abc import Iterator, Mapping
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -17,6 +17,9 @@ from localsgd.comm.base import CommStats, Communicator
 from localsgd.comm.flat import flatten_into_views
 from localsgd.comm.sharding import local_tensor
 from localsgd.comm.solo import SoloCommunicator
+
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +78,7 @@ class DataParallel:
         *,
         comm: Communicator | None = None,
         flat: bool = True,
-        mesh: Any = None,
+        mesh: DeviceMesh | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")

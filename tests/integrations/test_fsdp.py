@@ -9,12 +9,18 @@ One launch runs every scenario (``fsdp_parity.py``); the tests read its per-rank
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 import torch
+from torch import nn
 
+import localsgd
 from harness import free_port, launch
+from localsgd import algorithms
+from localsgd.comm.sharding import replicate_communicator
+from localsgd.comm.solo import SoloCommunicator
 
 pytest.importorskip("torch.distributed.fsdp")
 
@@ -165,3 +171,33 @@ def test_accelerate_drop_in_runs_a_model_sharded_within_replicas(ranks):
         )
         assert said["no_replicas"].startswith("a sharded (FSDP2) model needs replicas to average: ")
         assert said["no_replicas"].endswith("before accelerator.prepare (the mesh has dimensions ())")
+
+
+def test_mesh_and_comm_are_exclusive():
+    model = nn.Linear(2, 2)
+    with pytest.raises(
+        ValueError, match=r"^give mesh= or comm=, not both: mesh= averages over its 'replicate'"
+    ):
+        localsgd.DataParallel(
+            model,
+            torch.optim.SGD(model.parameters(), lr=0.1),
+            algorithms.LocalSGD(),
+            mesh=object(),
+            comm=SoloCommunicator(),
+        )
+
+
+def test_a_mesh_needs_a_replicate_dimension():
+    mesh = SimpleNamespace(ndim=2, mesh_dim_names=("dp", "tp"))  # what the check reads of a DeviceMesh
+    with pytest.raises(
+        ValueError,
+        match=r"^mesh must be a DeviceMesh with a 'replicate' dimension .*got dimensions \('dp', 'tp'\)$",
+    ):
+        replicate_communicator(mesh)
+
+
+def test_sharded_parameters_is_a_declared_capability():
+    assert algorithms.LocalSGD().capabilities.sharded_parameters
+    assert algorithms.DiLoCo().capabilities.sharded_parameters
+    assert not algorithms.GradientAccumulation().capabilities.sharded_parameters
+    assert not algorithms.AsyncLocalSGD().capabilities.sharded_parameters
