@@ -228,3 +228,31 @@ def wait_until(done: Callable[[], bool], proc: subprocess.Popen[str], what: str,
             proc.kill()
             pytest.fail(f"no {what} within {timeout} s")
         time.sleep(0.05)
+
+
+def launch(command: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
+    """Run a launcher (torchrun, ``accelerate launch``) to its end: the launcher variables
+    scrubbed, ``OMP_NUM_THREADS=1``, this tree's ``src/`` first on ``PYTHONPATH``, in a
+    session of its own so that a timeout kills the launcher *and* its workers (and fails
+    the test)."""
+    import signal
+    import sys
+
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(filter(None, [src, env.get("PYTHONPATH")])))
+    proc = subprocess.Popen(
+        [sys.executable, *command],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"{command} still running after {timeout} s; killed\n{out[-3000:]}\n{err[-3000:]}")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)

@@ -6,15 +6,20 @@ import contextlib
 import logging
 from collections.abc import Iterator, Mapping
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from localsgd.algorithms.base import AlgorithmConfig, SyncContext, Synchronizer, build
+from localsgd.comm import sharding
 from localsgd.comm.base import CommStats, Communicator
 from localsgd.comm.flat import flatten_into_views
+from localsgd.comm.sharding import local_tensor
 from localsgd.comm.solo import SoloCommunicator
+
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +73,12 @@ class DataParallel:
     and ``scaler.update`` (accelerate, a trainer): for the ``with`` block the scaler's
     ``unscale_`` then makes every rank agree on the overflow (as :meth:`unscale_` does) and
     its ``update`` reports a skipped step.
+
+    A model sharded with FSDP2's ``fully_shard`` over ``mesh["shard"]`` of a 2-D mesh
+    (``mesh_dim_names=("replicate", "shard")``) runs with ``mesh=mesh``: the algorithm
+    averages each rank's local shards with the same shards of the other replicas over the
+    ``replicate`` dimension, and its state dict holds this rank's shards (see
+    :mod:`localsgd.comm.sharding`).
     """
 
     def __init__(
@@ -79,6 +90,7 @@ class DataParallel:
         comm: Communicator | None = None,
         flat: bool = True,
         scaler: Any = None,
+        mesh: DeviceMesh | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -98,7 +110,10 @@ class DataParallel:
         self._ddp_buckets: list[int] | None = None
         self.optimizer = optimizer
         self.algorithm = build(algorithm)
+        if mesh is not None and comm is not None:
+            raise ValueError("give mesh= or comm=, not both: mesh= averages over its 'replicate' dimension")
         self._comm = comm
+        self._mesh = mesh
         self._flat = flat
         self._sync: Synchronizer | None = None
         self._ctx: SyncContext | None = None
@@ -117,16 +132,24 @@ class DataParallel:
     def __enter__(self) -> DataParallel:
         if self._hooks:
             raise RuntimeError("this DataParallel is already entered; it is not reentrant")
-        comm = self._comm if self._comm is not None else default_communicator()
-        self._comm = comm
+        if self._comm is None:
+            self._comm = (
+                default_communicator() if self._mesh is None else sharding.replicate_communicator(self._mesh)
+            )
+        comm = self._comm
         params: list[torch.Tensor] = [p for p in self.model.parameters() if p.requires_grad]
         self._check_optimizer()
         buffers = [b for b in self.model.buffers() if b.is_floating_point()]
-        if self._flat:
+        owners = None
+        if sharding.is_sharded(params):
+            params, owners = self._local_shards(params)
+        elif self._flat:
             flatten_into_views(params + buffers)
-        everything = list(self.model.parameters()) + list(self.model.buffers())
+        everything = [local_tensor(p) for p in self.model.parameters()] + list(self.model.buffers())
         comm.broadcast(everything, src=0, record=False)
-        self._ctx = SyncContext(comm, params, buffers, self.optimizer, flat=self._flat)
+        self._ctx = SyncContext(
+            comm, params, buffers, self.optimizer, flat=self._flat and owners is None, owners=owners
+        )
         if self._ddp is not None:
             self._ddp_sync = self._ddp.require_backward_grad_sync
             if self.algorithm.USES_DDP_GRADIENTS:
@@ -174,6 +197,16 @@ class DataParallel:
             self._ddp_buckets = [int(b) for b in sizes.split(",") if b.strip()]
         for nbytes in self._ddp_buckets:
             self.comm.stats.record("world", nbytes, 0.0)
+
+    def _local_shards(self, params: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The local shards of a sharded model's parameters, and the parameters (see
+        :mod:`localsgd.comm.sharding`)."""
+        if not self.algorithm.capabilities.sharded_parameters:
+            raise ValueError(f"algorithm {self.algorithm.name!r} does not run on a sharded (FSDP2) model")
+        sharding.check_shard_mesh(params, self._comm)
+        sharding.settle(self.model)
+        owners: list[torch.Tensor] = [p for p in self.model.parameters() if p.requires_grad]
+        return [local_tensor(p) for p in owners], owners
 
     def _check_optimizer(self) -> None:
         known = {id(p) for p in self.model.parameters()}
@@ -336,7 +369,8 @@ class DataParallel:
     def state_dict(self) -> dict[str, Any]:
         """This rank's state: the algorithm's (counters, outer momentum, central model),
         this replica's parameters and buffers (they differ between syncs), step and
-        communication counters. Save one per rank, with the optimizer's own state dict."""
+        communication counters. Save one per rank, with the optimizer's own state dict.
+        For a sharded model these are this rank's local shards, with where they sit."""
         if self._sync is None:
             raise RuntimeError("state_dict() needs an entered DataParallel")
         comm_stats = self.comm.stats
@@ -345,6 +379,7 @@ class DataParallel:
             "algorithm_config": self.algorithm.to_dict(),
             "algorithm": self._sync.state_dict(),
             "replica": {k: v.detach().clone() for k, v in self._replica().items()},
+            "shards": sharding.layout(self.model),
             "steps": self._steps,
             "comm": {
                 "collectives": comm_stats.collectives,
@@ -372,6 +407,7 @@ class DataParallel:
                 f"state was saved by algorithm {saved_algo.get('name')!r}, "
                 f"this DataParallel runs {self.algorithm.name!r}"
             )
+        sharding.check_layout(state.get("shards"), sharding.layout(self.model))
         replica = self._replica()
         saved = state["replica"]
         if set(saved) != set(replica):
@@ -397,6 +433,4 @@ class DataParallel:
         comm_stats.by_scope = {k: dict(v) for k, v in saved_comm["by_scope"].items()}
 
     def _replica(self) -> dict[str, torch.Tensor]:
-        named: dict[str, torch.Tensor] = dict(self.model.named_parameters())
-        named.update(dict(self.model.named_buffers()))
-        return named
+        return sharding.shard_names(self.model)

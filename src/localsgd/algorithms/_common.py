@@ -9,6 +9,7 @@ import torch
 
 from localsgd.algorithms.base import SyncContext
 from localsgd.comm.base import WORLD, Scope
+from localsgd.comm.sharding import local_tensor
 
 
 def average_gradients(ctx: SyncContext) -> None:
@@ -17,19 +18,15 @@ def average_gradients(ctx: SyncContext) -> None:
     A missing gradient counts as zeros and every parameter receives the average, so the
     replicas' optimizers see the same gradients and stay identical.
     """
-    grads = []
-    for p in ctx.params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-        grads.append(p.grad)
-    ctx.comm.average(grads, WORLD)
+    ctx.comm.average(ctx.grads(), WORLD)
 
 
 def optimizer_state_tensors(ctx: SyncContext) -> list[torch.Tensor]:
     """The optimizer's per-parameter floating-point state (momentum, Adam moments)."""
     found = []
-    with_state = sum(1 for p in ctx.params if ctx.optimizer.state.get(p))
-    if 0 < with_state < len(ctx.params):
+    owners = ctx.optimizer_params()
+    with_state = sum(1 for p in owners if ctx.optimizer.state.get(p))
+    if 0 < with_state < len(owners):
         # Ranks could disagree on the payload (state exists only where a gradient arrived),
         # and a collective of mismatched sizes hangs; refuse instead.
         raise ValueError(
@@ -37,10 +34,10 @@ def optimizer_state_tensors(ctx: SyncContext) -> list[torch.Tensor]:
             f"but only {with_state} of {len(ctx.params)} have it (parameters without gradients?); "
             "use optimizer_state='local' or 'reset'"
         )
-    for p in ctx.params:
+    for p in owners:
         for value in ctx.optimizer.state.get(p, {}).values():
             if isinstance(value, torch.Tensor) and value.is_floating_point() and value.shape == p.shape:
-                found.append(value)
+                found.append(local_tensor(value))
     return found
 
 
@@ -64,7 +61,7 @@ class ModelAverager:
             tensors += optimizer_state_tensors(ctx)
         ctx.comm.average(tensors, scope)
         if self.optimizer_state == "reset":
-            for p in ctx.params:
+            for p in ctx.optimizer_params():
                 ctx.optimizer.state.pop(p, None)
 
 
@@ -115,11 +112,14 @@ def require_keys(state: Mapping[str, Any], keys: Sequence[str], algorithm: str) 
 
 
 def lr_of(ctx: SyncContext) -> dict[int, float]:
-    """The current learning rate of each trainable parameter, by ``id``."""
+    """The current learning rate of each trainable parameter, by the ``id`` of its entry in
+    ``ctx.params`` (a sharded parameter's local shard takes its parameter's)."""
     lrs = {}
     for group in ctx.optimizer.param_groups:
         lr = group.get("lr", 1.0)
         lr = float(lr.item() if isinstance(lr, torch.Tensor) else lr)
         for p in group["params"]:
             lrs[id(p)] = lr
+    if ctx.owners is not None:
+        return {id(local): lrs[id(p)] for local, p in zip(ctx.params, ctx.owners) if id(p) in lrs}
     return lrs

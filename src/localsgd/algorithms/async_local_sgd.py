@@ -46,6 +46,7 @@ class AsyncLocalSGD(AlgorithmConfig):
 
     SYMBOLS: ClassVar[dict[str, str]] = {"period": "H"}
     asynchronous: ClassVar[bool] = True
+    SHARDED_PARAMETERS: ClassVar[bool] = False  # its server lives on world rank 0
 
     period: int = 1
     """H: local steps between two pushes. 1 is asynchronous SGD."""

@@ -23,6 +23,7 @@ import torch
 
 from localsgd.comm.base import Communicator
 from localsgd.comm.flat import Spans
+from localsgd.comm.sharding import local_tensor
 from localsgd.util.checks import ConfigError, from_dict
 
 OPTIMIZER_STATE_CHOICES = ("local", "average", "reset")
@@ -48,7 +49,28 @@ class SyncContext:
     ``DistributedDataParallel``, whose bucketed all-reduce overlaps the backward pass): an
     algorithm that averages gradients every step calls it, to count that traffic, instead
     of averaging again (see ``AlgorithmConfig.USES_DDP_GRADIENTS``)."""
+    owners: list[torch.Tensor] | None = None
+    """Where ``params`` are the local shards of sharded parameters (FSDP2's ``DTensor``):
+    the parameters themselves, in the same order. The optimizer holds these, keys its state
+    and learning rates by them, and gradients arrive on them; an algorithm reaches them
+    through :meth:`optimizer_params` and :meth:`grads`. None where ``params`` are the
+    parameters."""
     _spans: dict[tuple[bool, bool], Spans] = field(default_factory=dict, init=False, repr=False)
+
+    def optimizer_params(self) -> list[torch.Tensor]:
+        """The tensors the optimizer holds, index for index with ``params``."""
+        return self.params if self.owners is None else self.owners
+
+    def grads(self) -> list[torch.Tensor]:
+        """Each trainable parameter's gradient as a tensor the communicator can average (a
+        sharded gradient's local shard); a missing gradient becomes zeros first, so every
+        replica hands over the same payload."""
+        found = []
+        for p in self.optimizer_params():
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            found.append(local_tensor(p.grad))
+        return found
 
     def model_tensors(self, *, params: bool = True, buffers: bool = False) -> list[torch.Tensor]:
         """Parameters and/or buffers to hand to the communicator: one flat span per dtype
@@ -119,6 +141,9 @@ class AlgorithmCapabilities:
     """On a ``DistributedDataParallel`` model, DDP averages the gradients of every backward."""
     synchronous_baseline: bool = False
     """The synchronous data-parallel baseline a report marks beside the local algorithms."""
+    sharded_parameters: bool = True
+    """Runs on a sharded model (FSDP2), each rank averaging its local shards with the same
+    shards of the other replicas: see :attr:`AlgorithmConfig.SHARDED_PARAMETERS`."""
     blocks: tuple[tuple[str, int], ...] = ()
     """Each block scope the algorithm averages over, as (its config field, G): blocks of G
     consecutive workers, so G must divide the workers."""
@@ -153,6 +178,10 @@ class AlgorithmConfig:
     READS_INNER_LR: ClassVar[bool] = False
     """Whether the synchronizer reads the inner optimizer's learning rate (SlowMo scales
     its outer step by it): runs batched as trials must then share one rate schedule."""
+    SHARDED_PARAMETERS: ClassVar[bool] = True
+    """Whether the synchronizer works on local shards (``SyncContext.owners`` set): it
+    reaches gradients, optimizer state and learning rates only through the context's
+    helpers, never through ``params[i].grad``."""
     BLOCK_FIELDS: ClassVar[tuple[str, ...]] = ()
     """Fields holding a block size G (blocks of G consecutive workers average among
     themselves): the run config checks that each divides the workers."""
@@ -165,6 +194,7 @@ class AlgorithmConfig:
             reads_inner_lr=self.READS_INNER_LR,
             uses_ddp_gradients=self.USES_DDP_GRADIENTS,
             synchronous_baseline=self.SYNCHRONOUS_BASELINE,
+            sharded_parameters=self.SHARDED_PARAMETERS,
             blocks=tuple((key, int(getattr(self, key))) for key in self.BLOCK_FIELDS),
         )
 

@@ -28,6 +28,7 @@ class GradientAccumulation(AlgorithmConfig):
     """
 
     SYMBOLS: ClassVar[dict[str, str]] = {"steps": "k"}
+    SHARDED_PARAMETERS: ClassVar[bool] = False  # it swaps parameters' .grad tensors
 
     steps: int = 2
     """Micro-batches per applied update (k). 1 is mini-batch SGD."""

@@ -88,6 +88,11 @@ class ProcessGroupCommunicator:
         self._pairs: PairChannels | None = None
 
     @property
+    def group(self) -> Any:
+        """The process group it averages over (None: the default world)."""
+        return self._group
+
+    @property
     def rank(self) -> int:
         return self._rank
 

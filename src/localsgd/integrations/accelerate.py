@@ -23,6 +23,13 @@ The algorithm runs in the step hooks of the optimizer ``accelerator.prepare`` wr
 H counts optimizer updates: under ``accelerator.accumulate`` a micro-batch that does not
 step does not count (accelerate's class counts calls of ``step()``). Local steps run as
 under ``no_sync()``; mini-batch SGD lets DDP's own all-reduce average the gradients.
+
+An FSDP2 model runs when each replica is sharded on its own: ``ParallelismConfig(
+dp_replicate_size=R, dp_shard_size=S)`` and ``fully_shard(module,
+mesh=accelerator.torch_device_mesh["dp_shard"])`` before ``accelerator.prepare`` (which
+leaves a model already sharded alone); the algorithm averages each rank's shards over
+``dp_replicate``. A model accelerate shards itself over both dimensions (HSDP) is refused:
+FSDP would all-reduce its gradients over the replicas at every step.
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ from torch import nn
 
 from localsgd.algorithms import LocalSGD as LocalSGDConfig
 from localsgd.algorithms.base import AlgorithmConfig, build
+from localsgd.comm.sharding import is_sharded
 from localsgd.data_parallel import DataParallel
 from localsgd.util.checks import check_int
 
@@ -52,6 +60,10 @@ SUPPORTED = (
     "MULTI_NEURON",
 )
 """accelerate's distributed types its own LocalSGD supports (plain data parallelism)."""
+
+REPLICATE_DIM = "dp_replicate"
+"""The dimension of accelerate's device mesh (``ParallelismConfig.dp_replicate_size``) a
+sharded model's replicas lie along: the algorithm averages over it."""
 
 
 class LocalSGD:
@@ -74,9 +86,13 @@ class LocalSGD:
         from accelerate import DistributedType
 
         supported = {getattr(DistributedType, n) for n in SUPPORTED if hasattr(DistributedType, n)}
-        if accelerator.distributed_type not in supported:
+        fsdp2 = accelerator.distributed_type == DistributedType.FSDP and bool(
+            getattr(accelerator, "is_fsdp2", False)
+        )
+        if accelerator.distributed_type not in supported and not fsdp2:
             raise NotImplementedError(
-                "LocalSGD is supported only for CPUs and GPUs (no DeepSpeed or MegatronLM)"
+                "LocalSGD is supported for CPUs and GPUs and for FSDP2 (fsdp_version=2) models "
+                "sharded within replicas; not for DeepSpeed, MegatronLM or FSDP1"
             )
         if algorithm is None:
             if local_sgd_steps is None:
@@ -94,9 +110,26 @@ class LocalSGD:
 
     def __enter__(self) -> LocalSGD:
         if self.enabled:
-            self.dp = DataParallel(self.model, self._find_optimizer(), self.algorithm)
+            self.dp = DataParallel(
+                self.model, self._find_optimizer(), self.algorithm, mesh=self._replicate_mesh()
+            )
             self.dp.__enter__()
         return self
+
+    def _replicate_mesh(self) -> Any:
+        """For a sharded (FSDP2) model, the 1-D mesh of its replicas; else None (the world)."""
+        if not is_sharded(list(self.model.parameters())):
+            return None
+        mesh: Any = getattr(self.accelerator, "torch_device_mesh", None)
+        names = tuple(getattr(mesh, "mesh_dim_names", None) or ())
+        if REPLICATE_DIM not in names:
+            raise ValueError(
+                "a sharded (FSDP2) model needs replicas to average: build the Accelerator with "
+                "parallelism_config=ParallelismConfig(dp_replicate_size=R, dp_shard_size=S) and "
+                f'shard the model with fully_shard(module, mesh=accelerator.torch_device_mesh["dp_shard"]) '
+                f"before accelerator.prepare (the mesh has dimensions {names})"
+            )
+        return mesh[REPLICATE_DIM]
 
     def __exit__(
         self,
