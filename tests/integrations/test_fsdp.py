@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 import localsgd
-from harness import free_port, launch
+from harness import finished, free_port, launch
 from localsgd import algorithms
 from localsgd.comm.sharding import replicate_communicator
 from localsgd.comm.solo import SoloCommunicator
@@ -42,11 +42,7 @@ def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     loopback = ["--master-addr", "127.0.0.1", "--master-port", str(free_port())]
     proc = launch([*torchrun, *loopback, str(SCRIPT), str(out)], TIMEOUT)
     files = [out / f"rank{r}.pt" for r in range(WORLD)]
-    complete = all(f.exists() for f in files)  # each written whole, then renamed
-    # A finished gloo rank may still abort in the interpreter's teardown (SIGABRT), which
-    # torchrun reports as a failure; the results are what count then.
-    aborted_after_work = complete and "Signal 6 (SIGABRT)" in proc.stderr
-    assert proc.returncode == 0 or aborted_after_work, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert finished(proc, files), proc.stdout[-3000:] + proc.stderr[-3000:]
     return [torch.load(f, weights_only=False) for f in files]
 
 

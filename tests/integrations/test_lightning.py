@@ -14,17 +14,14 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
-from harness import LAUNCHER_VARS, run_in_session
+from harness import finished, launch
 
 # Looked up, not imported: only the launched processes need Lightning (seconds to import).
 if importlib.util.find_spec("lightning") is None or importlib.util.find_spec("pytorch_lightning") is None:
@@ -39,25 +36,14 @@ EPOCH = 6
 EXAMPLE = {"--period": 4, "--epochs": 2, "--samples": 512, "--batch-size": 32}
 
 
-def launch(args: list[str]) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
-    env.update(
-        OMP_NUM_THREADS="1",
-        PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT / "src"), env.get("PYTHONPATH")])),
-    )
-    cmd = [sys.executable, *TORCHRUN, *args]
-    returncode, out, err = run_in_session(cmd, env, ROOT, TIMEOUT)
-    return subprocess.CompletedProcess(cmd, returncode, out, err)
-
-
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     out = tmp_path_factory.mktemp("lightning")
     example = [str(a) for kv in EXAMPLE.items() for a in kv]
-    proc = launch([str(HERE / "lightning_parity.py"), str(out), *example])
+    proc = launch([*TORCHRUN, str(HERE / "lightning_parity.py"), str(out), *example], TIMEOUT)
     # Each rank writes its file (by rename, so it is complete) before ending.
     files = [out / f"rank{r}.pt" for r in range(2)]
-    assert all(f.exists() for f in files), proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert finished(proc, files), proc.stdout[-3000:] + proc.stderr[-5000:]
     results = [torch.load(f) for f in files]
     results[0].update(dir=out, stdout=proc.stdout)
     return results

@@ -11,16 +11,13 @@ average over two ranks, (a + b) / 2, rounds the same whichever rank computes it.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
-from harness import LAUNCHER_VARS, free_port
+from harness import finished, free_port, launch
 
 pytest.importorskip("accelerate")
 pytest.importorskip("transformers")
@@ -34,40 +31,20 @@ N_PARAMS_BYTES = 14412  # the tiny BERT's 3603 float32 parameters
 
 
 def torchrun_env(tmp: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
-    env.update(
-        OMP_NUM_THREADS="1",
-        HF_HUB_OFFLINE="1",
-        XDG_CACHE_HOME=str(tmp / "cache"),
-        PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT / "src"), env.get("PYTHONPATH")])),
-    )
-    return env
+    return {"HF_HUB_OFFLINE": "1", "XDG_CACHE_HOME": str(tmp / "cache")}
 
 
 def torchrun() -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+    return ["-m", "torch.distributed.run", "--nproc-per-node", "2",
             "--master-addr", "127.0.0.1", "--master-port", str(free_port())]  # fmt: skip
-
-
-def finished(proc: subprocess.CompletedProcess[str], complete: bool) -> bool:
-    """Whether a launch did its work: it exited cleanly, or every rank had written its
-    results (atomically) before a gloo process aborted in its teardown (SIGABRT, which
-    torchrun reports as a failed child)."""
-    return proc.returncode == 0 or (complete and "SIGABRT" in proc.stderr)
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     out = tmp_path_factory.mktemp("trainer")
-    proc = subprocess.run(
-        [*torchrun(), str(SCRIPT), str(out)],
-        env=torchrun_env(out),
-        capture_output=True,
-        text=True,
-        timeout=400,
-    )
+    proc = launch([*torchrun(), str(SCRIPT), str(out)], 400, torchrun_env(out))
     files = [out / f"rank{r}.pt" for r in range(2)]
-    assert finished(proc, all(f.is_file() for f in files)), proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert finished(proc, files), proc.stdout[-3000:] + proc.stderr[-3000:]
     return [torch.load(f, weights_only=False) for f in files]
 
 
@@ -211,12 +188,13 @@ def test_example_trains_mnli_under_torchrun_with_local_sgd(tmp_path, text_fixtur
         "--max_steps", "12", "--save_steps", "6", "--report_to", "none", "--disable_tqdm", "true",
         "--output_dir", str(tmp_path / "model"), "--algorithm", '{"name": "local_sgd", "period": 4}',
     ]  # fmt: skip
-    proc = subprocess.run(command, env=torchrun_env(tmp_path), capture_output=True, text=True, timeout=400)
+    proc = launch(command, 400, torchrun_env(tmp_path))
     lines = [line for line in proc.stdout.splitlines() if line.startswith('{"')]
-    complete = len(lines) == 1 and all(
-        (tmp_path / "model" / "checkpoint-12" / f"localsgd-rank{rank}.pt").is_file() for rank in (0, 1)
-    )  # the main process prints the results once, after the last checkpoint
-    assert finished(proc, complete), proc.stdout[-3000:] + proc.stderr[-3000:]
+    # the main process prints the results once, after the last checkpoint
+    saved = [tmp_path / "model" / "checkpoint-12" / f"localsgd-rank{rank}.pt" for rank in (0, 1)]
+    assert finished(proc, saved if len(lines) == 1 else [tmp_path / "missing"]), (
+        proc.stdout[-3000:] + proc.stderr[-3000:]
+    )
     assert len(lines) == 1, proc.stdout[-3000:]
     out = json.loads(lines[0])
     assert out["processes"] == 2 and out["updates"] == 12
