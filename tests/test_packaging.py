@@ -211,3 +211,13 @@ def test_readme_example_is_the_file_the_package_check_runs() -> None:
         "README.md's first python block and examples/readme.py differ: change both"
     )
     assert "examples/readme.py" in (ROOT / ".ci" / "package").read_text(encoding="utf-8")
+
+
+def test_the_command_prints_the_version() -> None:
+    from typer.testing import CliRunner
+
+    from localsgd.cli import app
+
+    result = CliRunner().invoke(app, ["--version"])
+    assert result.exit_code == 0, result.output
+    assert result.output == f"localsgd {_version_literal()}\n"
