@@ -49,10 +49,11 @@ lint: setup
 
 # The package as users get it: wheel and sdist built and checked (twine --strict), the wheel
 # installed in a new virtual environment without extras and with [text], and the README's
-# example and a study's dry run executed from outside the repository (.ci/package).
+# example and a study's dry run executed from outside the repository (.ci/package); the
+# checked wheel and sdist are left in dist/.
 package: setup
 	$(PY) -m pip install -q 'build>=1.2' 'twine>=6.1'
-	PYTHON=$(PYTHON) TORCH_PIN="$(TORCH_PIN)" .ci/package $(PY)
+	PYTHON=$(PYTHON) TORCH_PIN="$(TORCH_PIN)" DIST_DIR=$(CURDIR)/dist .ci/package $(PY)
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info src/*.egg-info
