@@ -1,17 +1,19 @@
-# Set-up is part of every target: a fresh clone needs nothing but Python 3.10+.
+# Set-up is part of every target: a fresh clone needs nothing but Python 3.11+.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 # The CPU wheel, pinned: an unpinned torch makes pip fetch a multi-GB CUDA build.
 TORCH_PIN := torch==2.13.0
 
-.PHONY: setup test demo quickstart bench bench-docs lint clean
+.PHONY: setup test demo quickstart bench bench-docs lint package clean
 
+# The suite tests the optional integrations (Trainer, accelerate, Lightning, trackers) rather
+# than skipping them, so their extras come with it.
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_PIN)
-	$(PY) -m pip install -q -e '.[test,text]'
+	$(PY) -m pip install -q -e '.[test,text,lightning,trackers]'
 	touch $@
 
 setup: $(VENV)/.installed
@@ -45,5 +47,13 @@ lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks examples
 	$(VENV)/bin/mypy src/localsgd
 
+# The package as users get it: wheel and sdist built and checked (twine --strict), the wheel
+# installed in a new virtual environment without extras and with [text], and the README's
+# example and a study's dry run executed from outside the repository (.ci/package); the
+# checked wheel and sdist are left in dist/.
+package: setup
+	$(PY) -m pip install -q 'build>=1.2' 'twine>=6.1'
+	PYTHON=$(PYTHON) TORCH_PIN="$(TORCH_PIN)" DIST_DIR=$(CURDIR)/dist .ci/package $(PY)
+
 clean:
-	rm -rf $(VENV) build *.egg-info src/*.egg-info
+	rm -rf $(VENV) build dist *.egg-info src/*.egg-info

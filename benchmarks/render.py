@@ -144,7 +144,7 @@ def when(date: str | None) -> str:
     except ValueError:
         return date
     if t.tzinfo is not None:
-        t = t.astimezone(datetime.timezone.utc)
+        t = t.astimezone(datetime.UTC)
     return t.strftime("%Y-%m-%d %H:%M UTC")
 
 

@@ -24,7 +24,7 @@ def machine_at_end() -> dict[str, Any]:
     load = os.getloadavg()
     print(f"\n{usable_cores()} cores; load average {load[0]:.1f} at the end (the machine is shared)")
     return {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "torch": torch.__version__,
         "python": platform.python_version(),
         "cores": usable_cores(),

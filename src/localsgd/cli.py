@@ -30,6 +30,24 @@ app = typer.Typer(
     help="Communication-efficient data-parallel training: run, sweep and report local SGD and its family.",
 )
 
+def _print_version(value: bool) -> None:
+    if value:
+        from localsgd import __version__
+
+        typer.echo(f"localsgd {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit."),
+    ] = False,
+) -> None:
+    """Communication-efficient data-parallel training: run, sweep and report local SGD and its family."""
+
+
 SetOption = Annotated[
     list[str] | None,
     typer.Option("--set", help="Override a config value, e.g. --set algorithm.period=16 (repeatable)."),

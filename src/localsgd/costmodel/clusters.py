@@ -24,12 +24,11 @@ In TOML, bandwidth is in Gb/s (``bandwidth_gbit``), as network gear is rated; in
 from __future__ import annotations
 
 import json
+import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import tomllib
 
 from localsgd.costmodel.model import ALLREDUCE_ALGORITHMS, GBIT, Cluster, Link, check_real
 from localsgd.util.checks import ConfigError, check_choice, check_int, from_dict

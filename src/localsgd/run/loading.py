@@ -8,11 +8,10 @@ field's type.
 from __future__ import annotations
 
 import json
+import tomllib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
-
-import tomllib
 
 from localsgd.run.config import RunConfig, run_config
 from localsgd.util.checks import ConfigError

@@ -43,7 +43,7 @@ def parts(ctx: Context) -> Parts:
 
 def _intro(study: Study) -> str:
     plan = study.plan
-    generated = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    generated = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     intro = []
     if plan.get("study"):
         description = str(plan.get("description") or "").strip()
