@@ -17,6 +17,7 @@ import lightning as L
 import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.strategies import DDPStrategy
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
@@ -27,6 +28,8 @@ from localsgd.run.worker import exit_process
 
 N, FEATURES, BATCH, LR = 48, 6, 4, 0.1  # 24 samples a rank: 6 updates an epoch
 LOCAL = {"name": "local_sgd", "period": 4}
+# fp16: rank 1's loss overflows at the 4th update (0-based 3), where H = 4 makes a sync due.
+OVERFLOW_AT = 3
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "lightning.py"
 
 
@@ -53,26 +56,43 @@ def flat(model: nn.Module) -> torch.Tensor:
     return torch.cat([p.detach().reshape(-1).clone() for p in model.parameters()])
 
 
-def optimizer(model: nn.Module) -> torch.optim.Optimizer:
-    # Momentum: a per-rank optimizer state that an exact resume must restore.
-    return torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
+def optimizer(model: nn.Module, fused: bool = False) -> torch.optim.Optimizer:
+    # Momentum: a per-rank optimizer state that an exact resume must restore. Fused: the
+    # optimizer unscales inside its step (Lightning then never calls the scaler's unscale_).
+    return torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9, fused=fused or None)
+
+
+def grad_scaler() -> torch.amp.GradScaler:
+    # No growth within a run: the scale halves only at a skipped step.
+    return torch.amp.GradScaler("cpu", init_scale=256.0, growth_interval=1000)
+
+
+def overflow(loss: torch.Tensor, step: int) -> torch.Tensor:
+    """The loss, made infinite on rank 1 at update ``OVERFLOW_AT`` (its gradients overflow)."""
+    if step == OVERFLOW_AT and int(os.environ["RANK"]) == 1:
+        return loss * float("inf")
+    return loss
 
 
 def net_class(base: type) -> type:
     """The LightningModule, over ``lightning.LightningModule`` or ``pytorch_lightning``'s."""
 
     class Net(base):  # type: ignore[misc, valid-type]
-        def __init__(self, manual: bool) -> None:
+        def __init__(self, manual: bool, fused: bool) -> None:
             super().__init__()
             self.automatic_optimization = not manual
+            self.fused = fused
             self.net = mlp()
             self.trace: list[torch.Tensor] = []
             self.validated: list[torch.Tensor] = []
             self.grad_sync: list[bool] = []
+            self.scales: list[float] = []
 
         def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
             x, y = batch
             loss = nn.functional.mse_loss(self.net(x), y)
+            if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
+                loss = overflow(loss, self.trainer.global_step)
             if self.automatic_optimization:
                 return loss
             opt = self.optimizers()
@@ -85,13 +105,16 @@ def net_class(base: type) -> type:
             self.trace.append(flat(self.net))
             ddp = self.trainer.strategy.model
             self.grad_sync.append(bool(getattr(ddp, "require_backward_grad_sync", True)))
+            scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+            if scaler is not None:
+                self.scales.append(scaler.get_scale())
 
         def validation_step(self, batch: Any, batch_idx: int) -> None:
             if batch_idx == 0:
                 self.validated.append(flat(self.net))
 
         def configure_optimizers(self) -> torch.optim.Optimizer:
-            return optimizer(self.net)
+            return optimizer(self.net, self.fused)
 
     return Net
 
@@ -107,10 +130,11 @@ def fit(
     ckpt_path: str | None = None,
     trainer_module: Any = L,
     manual: bool = False,
+    fused: bool = False,
     **trainer_kwargs: Any,
 ) -> dict[str, Any]:
     train, val = data()
-    model = net_class(trainer_module.LightningModule)(manual)
+    model = net_class(trainer_module.LightningModule)(manual, fused)
     callbacks = []
     if checkpoints is not None:
         callbacks.append(ModelCheckpoint(dirpath=checkpoints, filename="{epoch}", save_top_k=-1))
@@ -143,31 +167,52 @@ def fit(
         "final": flat(model.net),
         "validated": model.validated,
         "grad_sync": model.grad_sync,
+        "scales": model.scales,
         "global_step": trainer.global_step,
         "stats": dp.stats if dp is not None else None,
     }
 
 
-def bare(algorithm: Any, *, epochs: int = 2, micro: int = 1) -> dict[str, Any]:
+def bare(
+    algorithm: Any, *, epochs: int = 2, micro: int = 1, fp16: str | None = None, fused: bool = False
+) -> dict[str, Any]:
     """The reference: DataParallel around a plain loop over this rank's DistributedSampler
-    order, ``micro`` micro-batches of BATCH // micro per update (loss scaled by 1/micro)."""
+    order, ``micro`` micro-batches of BATCH // micro per update (loss scaled by 1/micro).
+
+    ``fp16``: forward under fp16 autocast, the loss scaled by a GradScaler and overflowing
+    as in the Lightning module; ``"stepped"`` steps with ``dp.step(scaler)``, ``"handed"``
+    hands the scaler to DataParallel and calls ``unscale_``, ``step``, ``update`` as
+    Lightning's MixedPrecision plugin does."""
     train, _ = data()
     sampler = shard(train)
     loader = DataLoader(train, batch_size=BATCH // micro, sampler=sampler)
     model = mlp()
-    opt = optimizer(model)
-    trace, consensus = [], []
-    with DataParallel(model, opt, algorithm) as dp:
+    opt = optimizer(model, fused)
+    scaler = grad_scaler() if fp16 else None
+    trace, consensus, scales = [], [], []
+    with DataParallel(model, opt, algorithm, scaler=scaler if fp16 == "handed" else None) as dp:
         for _ in range(epochs):
             for i, (x, y) in enumerate(loader):
-                (nn.functional.mse_loss(model(x), y) / micro).backward()
-                if (i + 1) % micro == 0:
+                with torch.autocast("cpu", dtype=torch.half, cache_enabled=False, enabled=fp16 is not None):
+                    loss = nn.functional.mse_loss(model(x), y) / micro
+                    loss = overflow(loss, len(trace)) if scaler is not None else loss
+                (scaler.scale(loss) if scaler is not None else loss).backward()
+                if scaler is not None:
+                    if fp16 == "handed":
+                        scaler.unscale_(opt)
+                        scaler.step(opt)
+                    else:
+                        dp.step(scaler)
+                    scaler.update()
+                    scales.append(scaler.get_scale())
+                    opt.zero_grad()
+                elif (i + 1) % micro == 0:
                     opt.step()
                     opt.zero_grad()
                 trace.append(flat(model))
             with dp.consensus():
                 consensus.append(flat(model))
-    return {"trace": trace, "final": flat(model), "consensus": consensus, "stats": dp.stats}
+    return {"trace": trace, "final": flat(model), "consensus": consensus, "stats": dp.stats, "scales": scales}
 
 
 def refusals() -> list[str]:
@@ -219,6 +264,15 @@ def main(out: Path, example_args: list[str]) -> None:
         LocalSGDStrategy(diloco), out, ckpt_path=str(out / "diloco" / "epoch=0.ckpt")
     )
     results["manual"] = fit(LocalSGDStrategy(LOCAL), out, manual=True)
+    # fp16 with a GradScaler; Lightning maps precision="16-mixed" on CPU to bf16, so the
+    # plugin is built by hand.
+    fp16 = MixedPrecision("16-mixed", "cpu", scaler=grad_scaler())
+    results["fp16"] = fit(LocalSGDStrategy(LOCAL), out, plugins=[fp16])
+    results["fp16_stepped"] = bare(LOCAL, fp16="stepped")
+    results["fp16_handed"] = bare(LOCAL, fp16="handed")
+    fp16 = MixedPrecision("16-mixed", "cpu", scaler=grad_scaler())
+    results["fp16_fused"] = fit(LocalSGDStrategy(LOCAL), out, plugins=[fp16], fused=True)
+    results["fp16_fused_bare"] = bare(LOCAL, fp16="stepped", fused=True)
     results["async"] = fit(LocalSGDStrategy({"name": "async_local_sgd", "period": 4}), out, validate=True)
     accumulation = {"name": "gradient_accumulation", "steps": 2}
     results["grad_accumulation_algorithm"] = fit(LocalSGDStrategy(accumulation), out, epochs=1)

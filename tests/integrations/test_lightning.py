@@ -2,7 +2,7 @@
 it trains as Lightning's own DDP does, local SGD as ``DataParallel`` in a bare loop on the
 same per-rank data, bit for bit; H counts optimizer updates under gradient accumulation;
 validation and checkpoints see the consensus model; a resumed run ends as the uninterrupted
-one. And ``examples/lightning.py`` trains under ``torchrun`` (in the same launch).
+one; under fp16 a step one rank's overflow skips is skipped on both and still counts. And ``examples/lightning.py`` trains under ``torchrun`` (in the same launch).
 
 Bitwise equality is the right bar: each pair runs the same float operations in the same
 order on the same data (DDP's all-reduce of one bucket, or no communication between syncs,
@@ -87,6 +87,35 @@ def test_manual_optimization_trains_the_same(ranks):
     for r in ranks:
         assert same(r["manual"]["trace"], r["local_bare"]["trace"])
         assert r["manual"]["stats"]["syncs"] == 3 and not any(r["manual"]["grad_sync"])
+
+
+def test_fp16_skipped_step_counts_and_matches_the_bare_loop(ranks):
+    # Rank 1's loss overflowed at update 4, where a sync is due: both ranks skipped it (the
+    # scale halved once, on both), it counted, and the sync happened at it.
+    for r in ranks:
+        ours = r["fp16"]
+        assert ours["scales"] == [256.0] * 3 + [128.0] * 9
+        assert ours["global_step"] == ours["stats"]["steps"] == 12 and ours["stats"]["syncs"] == 3
+        for reference in (r["fp16_stepped"], r["fp16_handed"]):
+            assert same(ours["trace"], reference["trace"]) and torch.equal(ours["final"], reference["final"])
+            assert reference["scales"] == ours["scales"] and reference["stats"]["syncs"] == 3
+    a, b = ranks[0]["fp16"]["trace"], ranks[1]["fp16"]["trace"]
+    # Replicas agree after the same updates as in the fp32 run, and only then.
+    fp32 = [torch.equal(x, y) for x, y in zip(ranks[0]["local"]["trace"], ranks[1]["local"]["trace"])]
+    assert [torch.equal(x, y) for x, y in zip(a, b)] == fp32
+    # No update at the skipped step: the sync averaged the replicas of update 3.
+    assert torch.equal(a[3], (a[2] + b[2]) / 2) and torch.isfinite(a[-1]).all()
+
+
+def test_fp16_with_a_fused_optimizer_skips_on_every_rank(ranks):
+    # A fused optimizer unscales inside its step, where Lightning never calls unscale_: the
+    # strategy unscales first so that rank 0 skips the update with rank 1.
+    for r in ranks:
+        ours = r["fp16_fused"]
+        assert ours["scales"] == r["fp16"]["scales"] and ours["stats"]["syncs"] == 3
+        assert same(ours["trace"], r["fp16_fused_bare"]["trace"])
+    a, b = ranks[0]["fp16_fused"]["trace"], ranks[1]["fp16_fused"]["trace"]
+    assert torch.equal(a[3], (a[2] + b[2]) / 2) and torch.equal(a[-1], b[-1])
 
 
 def test_validation_during_fit_sees_the_consensus_model(ranks):

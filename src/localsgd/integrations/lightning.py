@@ -23,6 +23,11 @@ state and its optimizer state to ``<checkpoint>.localsgd-rank<r>.pt`` beside it,
 ``fit(ckpt_path=...)`` continues exactly. A checkpoint without them resumes from the
 consensus with the algorithm's counters restarted (a warning says so).
 
+``precision="16-mixed"`` works with every algorithm: the precision plugin's ``GradScaler``
+is handed to ``DataParallel``, so an overflow on any rank makes every rank skip that step,
+and a skipped step still counts toward H (syncs fall at the same updates as in fp32). A fused
+optimizer, which unscales inside its step, is unscaled before it, for the ranks to agree.
+
 For ``pytorch_lightning.Trainer`` use :data:`PLLocalSGDStrategy` (the same class over
 ``pytorch_lightning``'s ``DDPStrategy``).
 """
@@ -72,6 +77,11 @@ class _RunFirst:
         self._result = closure()
         self._fresh = True
 
+    def ran_backward(self, module: Any) -> bool:
+        """Whether the backward pass ran (in automatic optimization, a ``training_step``
+        that returns ``None`` skips it, and Lightning then skips the step)."""
+        return self._result is not None or not module.automatic_optimization
+
     def __call__(self) -> Any:
         if self._fresh:
             self._fresh = False
@@ -118,16 +128,14 @@ class _LocalSGDMixin(_Base):
                 f"LocalSGDStrategy runs the algorithm around one optimizer; configure_optimizers "
                 f"returned {len(self.optimizers)}"
             )
-        scaler = getattr(self.precision_plugin, "scaler", None)
-        if scaler is not None and not self.algorithm.USES_DDP_GRADIENTS:
-            # A GradScaler skips steps from this rank's gradients alone; ranks that skip
-            # different steps run out of step (and deadlock in a sync).
-            raise ValueError(
-                f"precision with a GradScaler ('16-mixed') is not supported with algorithm "
-                f"{self.algorithm.name!r}; use precision='bf16-mixed' or '32-true'"
-            )
         assert self.model is not None
-        self.data_parallel = DataParallel(self.model, self.optimizers[0], self.algorithm, flat=self._flat)
+        # '16-mixed': the precision plugin's unscale_, step and update drive this scaler;
+        # handed over, its unscale_ makes the ranks skip an overflowing step together and
+        # its update counts a skipped step toward the algorithm's schedule.
+        scaler = getattr(self.precision_plugin, "scaler", None)
+        self.data_parallel = DataParallel(
+            self.model, self.optimizers[0], self.algorithm, flat=self._flat, scaler=scaler
+        )
         self.data_parallel.__enter__()
         self._active = True
         if isinstance(self.model, DistributedDataParallel) and not self.algorithm.USES_DDP_GRADIENTS:
@@ -153,7 +161,19 @@ class _LocalSGDMixin(_Base):
     ) -> Any:
         if not self._active:
             return super().optimizer_step(optimizer, closure, model, **kwargs)
-        return super().optimizer_step(optimizer, _RunFirst(closure), model, **kwargs)
+        first = _RunFirst(closure)
+        scaler = getattr(self.precision_plugin, "scaler", None)
+        if (
+            scaler is not None
+            and scaler.is_enabled()
+            and getattr(optimizer, "_step_supports_amp_scaling", False)
+            and first.ran_backward(model or self.lightning_module)
+        ):
+            # A fused optimizer unscales inside its step, from this rank's gradients alone, and
+            # Lightning leaves it to; unscaled here (the ranks agree on an overflow), its step
+            # applies the agreed flag.
+            scaler.unscale_(optimizer)
+        return super().optimizer_step(optimizer, first, model, **kwargs)
 
     def on_train_end(self) -> None:
         self._leave_consensus()
@@ -298,6 +318,8 @@ class LocalSGDStrategy(_LocalSGDMixin, DDPStrategy):
     Consistency: that of the algorithm (local SGD: parameters identical on every rank after
     every H-th optimizer update); every rank holds the consensus model after ``fit``, in
     validation during ``fit`` and in the weights of every checkpoint.
+    Under ``precision="16-mixed"`` a step the ``GradScaler`` skips (any rank's gradients
+    overflowed) is skipped on every rank and still counts as an update toward H.
     """
 
 
