@@ -14,7 +14,7 @@ import torch
 
 from harness import run_world
 from localsgd import workloads
-from localsgd.run.config import run_config
+from localsgd.run.config import TrainConfig, run_config
 from localsgd.run.training import train
 from localsgd.util.checks import ConfigError
 
@@ -196,7 +196,7 @@ def test_options_fix_the_process_count_and_stay_out_of_old_run_ids():
     data = plain.to_dict()
     assert data.pop("engine_options") == {}
     del data["comm"]
-    for key in ("timeout_seconds", "checkpoint_every", "max_restarts"):
+    for key in TrainConfig.OPERATIONAL:
         del data["train"][key]  # how a run is carried out is no part of its identity
     # Added later, at their defaults.
     del data["schedule"]["warmup"], data["schedule"]["warmup_start"]
