@@ -323,3 +323,10 @@ def test_the_fields_round_trip_and_default_to_no_streaming():
         assert A.build(built.to_dict()) == built
         assert dataclasses.asdict(built)["mixing"] == 0.5
         assert "overlap=1" in built.label()
+
+
+def test_a_streamed_config_keeps_its_period_field_for_the_hk_view():
+    from localsgd.report.labels import period_fields
+
+    assert period_fields(A.build(STREAMED["local_sgd"])) == ["period"]
+    assert period_fields(A.build(STREAMED["hierarchical_local_sgd"])) == ["period"]
