@@ -9,6 +9,7 @@ import contextlib
 import copy
 import dataclasses
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -187,6 +188,7 @@ STREAMED = {
         "overlap": 1,
     },
     "post_local_sgd": {"name": "post_local_sgd", "switch_step": 3, "period": 4, "fragments": 4, "overlap": 1},
+    "slowmo": {"name": "slowmo", "period": 4, "fragments": 2, "overlap": 2, "outer_momentum": 0.5, "mixing": 0.25},
 }
 
 
@@ -201,6 +203,39 @@ def test_a_checkpoint_taken_with_an_average_in_flight_resumes_exactly(name):
         assert torch.equal(a, b)
     for key in ("syncs", "collectives", "bytes"):
         assert whole["stats"][key] == resumed["stats"][key], key
+
+
+def resume_world(rank: int, world: int, folder: str) -> dict[str, Any]:
+    """DiLoCo streamed, checkpointed at step 5 with fragment 0's average in flight, then
+    resumed from that checkpoint into a model of another init."""
+    algo = A.build(STREAMED["diloco"])
+    path = Path(folder) / f"rank{rank}.pt"
+    model = make_model()
+    opt = sgd(model, 0.9)
+    with localsgd.DataParallel(model, opt, algo) as dp:
+        for step in range(STEPS):
+            loss_step(model, opt, *batch(rank, step))
+            if step + 1 == 5:
+                torch.save({"dp": dp.state_dict(), "model": model.state_dict(), "opt": opt.state_dict()}, path)
+    whole = {"params": flat(model), "stats": dict(dp.stats)}
+    ckpt = torch.load(path, weights_only=False)
+    model = make_model(seed=123)
+    model.load_state_dict(ckpt["model"])
+    opt = sgd(model, 0.9)
+    opt.load_state_dict(ckpt["opt"])
+    with localsgd.DataParallel(model, opt, algo) as dp:
+        dp.load_state_dict(ckpt["dp"])
+        for step in range(5, STEPS):
+            loss_step(model, opt, *batch(rank, step))
+    return {"whole": whole, "resumed": {"params": flat(model), "stats": dict(dp.stats)}, "ckpt": ckpt["dp"]}
+
+
+def test_a_checkpoint_with_an_average_in_flight_resumes_exactly_on_gloo(tmp_path):
+    for r in run_world(resume_world, 2, str(tmp_path)):
+        assert [f["lands"] for f in r["ckpt"]["algorithm"]["in_flight"]] == [6]
+        assert torch.equal(r["whole"]["params"], r["resumed"]["params"])
+        for key in ("syncs", "collectives", "bytes"):
+            assert r["whole"]["stats"][key] == r["resumed"]["stats"][key], key
 
 
 def test_a_saved_state_holds_the_average_in_flight():
