@@ -246,9 +246,8 @@ class ProcessGroupCommunicator:
         route = self._route(scope)
         parts: list[_Part] = []
         if route.size > 1 and tensors:
-            if any(t.is_cuda for t in tensors):
-                # The collective runs on its own stream; the values it reads must be written.
-                torch.cuda.synchronize()
+            # No device synchronization here: the backend orders its collective stream after
+            # the work already queued on the current one, and the caller computes on meanwhile.
             for flat, members in _flats(tensors):
                 wide = reduction_dtype(flat.dtype)
                 reduced = flat if wide == flat.dtype else flat.to(wide)
