@@ -92,8 +92,22 @@ def _same(today: dict[str, Any], streamed: dict[str, Any], name: str) -> None:
     }
 
 
-def test_one_fragment_without_overlap_or_mixing_is_each_algorithm_bit_for_bit_on_gloo():
-    ranks = run_world(identity_world, 2)
+def gloo_world(rank: int, world: int, folder: str) -> dict[str, Any]:
+    """Every gloo check of this file in one world (a world's start is the slow part)."""
+    return {
+        "identity": identity_world(rank, world),
+        "streamed": streamed_world(rank, world),
+        "resume": resume_world(rank, world, folder),
+    }
+
+
+@pytest.fixture(scope="module")
+def gloo(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    return run_world(gloo_world, 2, str(tmp_path_factory.mktemp("streaming")))
+
+
+def test_one_fragment_without_overlap_or_mixing_is_each_algorithm_bit_for_bit_on_gloo(gloo):
+    ranks = [r["identity"] for r in gloo]
     for rank in ranks:
         for name, (today, streamed) in rank.items():
             _same(today, streamed, name)
@@ -230,8 +244,8 @@ def resume_world(rank: int, world: int, folder: str) -> dict[str, Any]:
     return {"whole": whole, "resumed": {"params": flat(model), "stats": dict(dp.stats)}, "ckpt": ckpt["dp"]}
 
 
-def test_a_checkpoint_with_an_average_in_flight_resumes_exactly_on_gloo(tmp_path):
-    for r in run_world(resume_world, 2, str(tmp_path)):
+def test_a_checkpoint_with_an_average_in_flight_resumes_exactly_on_gloo(gloo):
+    for r in (g["resume"] for g in gloo):
         assert [f["lands"] for f in r["ckpt"]["algorithm"]["in_flight"]] == [6]
         assert torch.equal(r["whole"]["params"], r["resumed"]["params"])
         for key in ("syncs", "collectives", "bytes"):
@@ -290,8 +304,8 @@ def streamed_world(rank: int, world: int) -> dict[str, Any]:
     return {"before_exit": before_exit, "final": flat(model), "stats": dict(dp.stats)}
 
 
-def test_streamed_local_sgd_follows_the_formula_and_counts_each_fragment():
-    ranks = run_world(streamed_world, 2)
+def test_streamed_local_sgd_follows_the_formula_and_counts_each_fragment(gloo):
+    ranks = [g["streamed"] for g in gloo]
     reference = streamed_reference(4, 2, 1, 0.5, 11)
     for rank, r in enumerate(ranks):
         torch.testing.assert_close(r["before_exit"], reference[rank], rtol=1e-6, atol=1e-7)
