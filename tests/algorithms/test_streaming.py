@@ -333,6 +333,14 @@ def test_fragments_are_contiguous_nonempty_and_balanced_by_elements():
         split_fragments([5, 5], 3)
 
 
+def test_more_fragments_than_parameter_tensors_is_refused_naming_the_key():
+    model = nn.Linear(3, 2)  # two parameter tensors
+    algo = A.LocalSGD(period=4, fragments=4)
+    with pytest.raises(ValueError, match=r"local_sgd.fragments = 4 exceeds the model's 2 trainable parameter tensors"):
+        with localsgd.DataParallel(model, torch.optim.SGD(model.parameters(), lr=0.1), algo):
+            pass
+
+
 def test_planned_streamed_syncs_count_each_fragment_as_it_lands():
     assert streamed_syncs(12, 4, StreamingOptions()) == 3
     assert streamed_syncs(12, 4, StreamingOptions(2, 0, 0.0)) == 6  # at 2, 4, 6, 8, 10, 12

@@ -94,6 +94,7 @@ class HierarchicalSync:
                 options,
                 average_buffers=config.average_buffers,
                 optimizer_state=config.optimizer_state,
+                key="hierarchical_local_sgd.fragments",
             )
             if options.active
             else None

@@ -79,6 +79,8 @@ class PeriodicConfig(Protocol):
     @property
     def optimizer_state(self) -> str: ...
 
+    name: ClassVar[str]
+
 
 def periodic_sync(
     config: PeriodicConfig, ctx: SyncContext, period: int, outer: AfterAverage | None = None
@@ -94,6 +96,7 @@ def periodic_sync(
             average_buffers=config.average_buffers,
             optimizer_state=config.optimizer_state,
             outer=outer,
+            key=f"{config.name}.fragments",
         )
     return LocalSGDSync(ctx, period, ModelAverager(ctx, config.average_buffers, config.optimizer_state), outer)
 

@@ -122,13 +122,13 @@ def fragment_offsets(period: int, fragments: int) -> list[int]:
     return [p * (period // fragments) for p in range(fragments)]
 
 
-def split_fragments(sizes: Sequence[int], fragments: int) -> list[list[int]]:
+def split_fragments(sizes: Sequence[int], fragments: int, key: str = "fragments") -> list[list[int]]:
     """``fragments`` contiguous groups of the indices of ``sizes`` (element counts, in
     module order), each non-empty, whose totals are as close to equal as the boundaries
     between tensors allow: boundary k sits where the running total is nearest k/F of all."""
     n = len(sizes)
     if fragments > n:
-        raise ValueError(f"fragments = {fragments} exceeds the model's {n} trainable parameter tensors")
+        raise ValueError(f"{key} = {fragments} exceeds the model's {n} trainable parameter tensors")
     running = [0]
     for size in sizes:
         running.append(running[-1] + size)
@@ -210,6 +210,7 @@ class Streamer:
         optimizer_state: str,
         outer: OuterStep | None = None,
         scope: Scope = WORLD,
+        key: str = "fragments",
     ) -> None:
         self.ctx = ctx
         self.period = period
@@ -221,7 +222,7 @@ class Streamer:
         # Global element counts (a sharded parameter's, not its local shard's), so every
         # rank draws the same boundaries.
         sizes = [p.numel() for p in ctx.optimizer_params()]
-        self.fragments = split_fragments(sizes, options.fragments)
+        self.fragments = split_fragments(sizes, options.fragments, key)
         self.offsets = fragment_offsets(period, options.fragments)
         self._members = [
             [ctx.params[i] for i in idx] + (ctx.buffers if p == 0 and average_buffers else [])
@@ -399,12 +400,19 @@ class StreamingSync:
         average_buffers: bool,
         optimizer_state: str,
         outer: OuterStep | None = None,
+        key: str = "fragments",
     ) -> None:
         self.ctx = ctx
         self.period = period
         self.average_buffers = average_buffers
         self.streamer = Streamer(
-            ctx, period, options, average_buffers=average_buffers, optimizer_state=optimizer_state, outer=outer
+            ctx,
+            period,
+            options,
+            average_buffers=average_buffers,
+            optimizer_state=optimizer_state,
+            outer=outer,
+            key=key,
         )
 
     @property
