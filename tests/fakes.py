@@ -23,6 +23,20 @@ class Call:
 
 
 @dataclass
+class FakePending:
+    comm: FakeCommunicator
+    tensors: list[torch.Tensor]
+    scope: Scope
+    record: bool
+    done: bool = False
+
+    def wait(self) -> None:
+        if not self.done:
+            self.done = True
+            self.comm.average(self.tensors, self.scope, record=self.record)
+
+
+@dataclass
 class FakeCommunicator:
     """Pretends to be rank ``rank`` of ``world_size``; averaging leaves tensors unchanged
     (as if every replica held the same values) but is counted like the real thing."""
@@ -50,6 +64,12 @@ class FakeCommunicator:
         if record:
             for members in groups.values():
                 self.stats.record(scope.label(), sum(t.numel() * t.element_size() for t in members), 0.0)
+
+    def start_average(
+        self, tensors: Sequence[torch.Tensor], scope: Scope = WORLD, *, record: bool = True
+    ) -> FakePending:
+        """Counted, as the real communicators count it, when waited on."""
+        return FakePending(self, list(tensors), scope, record)
 
     def broadcast(self, tensors: Sequence[torch.Tensor], src: int = 0, *, record: bool = True) -> None:
         self.calls.append(Call("broadcast", "world", sum(t.numel() for t in tensors), []))

@@ -23,6 +23,13 @@ CONFIGS = [
     {"name": "diloco", "period": 6},
     {"name": "diloco", "period": 3, "switch_step": 7},
     {"name": "gradient_accumulation", "steps": 3},
+    # Streamed: each fragment's sync counted at the step it lands.
+    {"name": "local_sgd", "period": 4, "fragments": 2, "overlap": 1},
+    {"name": "local_sgd", "period": 6, "fragments": 3, "overlap": 2, "mixing": 0.5},
+    {"name": "post_local_sgd", "switch_step": 10, "period": 4, "fragments": 4, "overlap": 1},
+    {"name": "hierarchical_local_sgd", "period": 2, "block_period": 3, "block_size": 2, "fragments": 3, "overlap": 1},
+    {"name": "slowmo", "period": 4, "switch_step": 9, "fragments": 2, "overlap": 2},
+    {"name": "diloco", "period": 6, "fragments": 2, "overlap": 3, "mixing": 0.25},
     {"name": "sma"},
 ]
 

@@ -381,3 +381,22 @@ def test_import_is_light() -> None:
     code = "import sys, localsgd.costmodel; print(sorted(m for m in ('torch', 'numpy', 'pandas') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_overlap_hides_what_tau_steps_of_compute_cover_per_collective() -> None:
+    # 1 MB over a 12.5 MB/s ring of 4: each world collective moves 2·3/4 MB, about 0.12 s.
+    cluster = Cluster("slow", 1, inter=Link(1e-3, 1.25e7), intra=Link(1e-5, 2e9), allreduce="ring")
+    counters = {"world": {"collectives": 6, "bytes": 6 * 1e6}, "block2": {"collectives": 4, "bytes": 4e6}}
+    transfer = scope_cost("world", 4, cluster).seconds(1e6)
+    plain = comm_seconds(counters, 4, cluster)
+    hide = 0.05
+    partly = comm_seconds(counters, 4, cluster, hidden={"world": hide})
+    assert plain - partly == pytest.approx(6 * hide, rel=1e-12)  # the block scope is untouched
+    gone = comm_seconds(counters, 4, cluster, hidden={"world": 10.0})
+    assert gone == pytest.approx(plain - 6 * transfer, rel=1e-12)
+    # τ steps of the run's compute per step: 2 × (32 × 1e-3 s) hide 0.064 s per collective.
+    est = estimate_run(counters, 40, 4, 32, cluster, 1e-3 * 32, overlap={"world": 2})
+    assert est.comm_seconds == pytest.approx(plain - 6 * min(transfer, 2 * 32e-3), rel=1e-12)
+    assert est.compute_seconds == pytest.approx(40 * 32e-3)
+    assert estimate_run(counters, 40, 4, 32, cluster, 32e-3, overlap={"world": 0}).comm_seconds == plain
+    assert math.isnan(comm_seconds(counters, 4, cluster, hidden={"world": math.nan}))

@@ -44,6 +44,7 @@ algorithm = [
     {{ name = "local_sgd", period = 4 }},
     {{ name = "post_local_sgd", period = 8, switch_epoch = 1.0 }},
     {{ name = "async_local_sgd", period = 4 }},
+    {{ name = "diloco", period = 4, fragments = 2, overlap = 1 }},
 ]
 """
 
@@ -73,18 +74,25 @@ def test_an_estimate_is_compute_plus_planned_syncs_times_the_collective(tmp_path
         assert got.comm_seconds is not None
         assert math.isclose(got.comm_seconds, syncs * allreduce), name
     assert by_name["async_local_sgd"].comm_seconds is None
+    # Streamed, F = 2, τ = 1: 2·steps/H - 1 fragment syncs landed, each of half the model,
+    # each waiting for what one step's compute (32 ms) does not hide.
+    half = collective_seconds(2e6, "world", 16, cluster)
+    streamed = by_name["diloco"].comm_seconds
+    assert streamed is not None
+    assert math.isclose(streamed, (2 * steps // 4 - 1) * max(0.0, half - 32 * 1e-3))
+    assert half < 32e-3 and streamed == 0.0  # on 10 GbE one step hides a 2 MB fragment whole
 
 
 def test_dry_run_prints_each_runs_estimate(tmp_path):
     result = CliRunner().invoke(app, ["study", str(study_file(tmp_path)), "--dry-run", "--out", str(tmp_path / "o")])
     assert result.exit_code == 0, result.output
     lines = [line for line in result.output.splitlines() if "est." in line]
-    assert len(lines) == 4
+    assert len(lines) == 5
     assert all(line.endswith("on v100x8-10gbe") for line in lines)
     hours = [float(re.search(r"est\. ([0-9.]+) h", line).group(1)) for line in lines[:3]]
     assert hours[0] >= hours[2] >= hours[1]  # every step > post-local > local SGD, H = 4
     assert "communication not planned (asynchronous)" in lines[3]
-    assert "4 runs ->" in result.output
+    assert "5 runs ->" in result.output
 
 
 def test_a_workload_without_sizes_or_a_wrong_cluster_is_one_line(tmp_path):

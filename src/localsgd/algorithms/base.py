@@ -118,11 +118,15 @@ class Synchronizer(Protocol):
     def load_state_dict(self, state: Mapping[str, Any]) -> None: ...
 
 
-def switched_syncs(steps: int, switch_step: int, period: int) -> dict[str, int]:
+def switched_syncs(steps: int, switch_step: int, period: int, streaming: Any = None) -> dict[str, int]:
     """Mini-batch SGD (a sync every step) before ``switch_step``, then a sync every
-    ``period`` steps counted from the switch (post-local SGD, SlowMo and DiLoCo with t')."""
+    ``period`` steps counted from the switch (post-local SGD, SlowMo and DiLoCo with t');
+    ``streaming`` (:class:`~localsgd.algorithms.streaming.StreamingOptions`): each
+    fragment's sync counted, as it lands."""
+    from localsgd.algorithms.streaming import StreamingOptions, streamed_syncs
+
     before = min(steps, switch_step)
-    return {"world": before + max(0, steps - switch_step) // period}
+    return {"world": before + streamed_syncs(max(0, steps - switch_step), period, streaming or StreamingOptions())}
 
 
 @dataclass(frozen=True)

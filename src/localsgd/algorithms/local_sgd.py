@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
+import torch
+
 from localsgd.algorithms._common import ModelAverager, average_model, require_keys
 from localsgd.algorithms.base import OPTIMIZER_STATE_CHOICES, AlgorithmConfig, SyncContext, register
+from localsgd.algorithms.streaming import (
+    StreamingSync,
+    check_streaming,
+    streamed_syncs,
+    streaming_options,
+)
 from localsgd.util.checks import check_bool, check_choice, check_int
 
 
@@ -36,23 +44,73 @@ class LocalSGD(AlgorithmConfig):
     optimizer_state: str = "local"
     """At a sync, the optimizer state (momentum) is kept ``local``, averaged (``average``,
     in the same collective) or ``reset``."""
+    fragments: int = 1
+    """F: the parameters stream in F fragments, each synced at its own offset in the period
+    (see :mod:`localsgd.algorithms.streaming`); F divides H."""
+    overlap: int = 0
+    """τ: steps a fragment's average is in flight before it lands; τ <= H/F."""
+    mixing: float = 0.0
+    """α: a landed average θ̃ becomes (1 − α)·θ̃ + α·θ_local, in [0, 1)."""
 
     def __post_init__(self) -> None:
         check_int("local_sgd.period", self.period, 1)
         check_local_options("local_sgd", self.average_buffers, self.optimizer_state)
+        check_streaming(
+            "local_sgd", self.fragments, self.overlap, self.mixing, self.period, "local_sgd.period", self.optimizer_state
+        )
 
     @property
     def sync_period(self) -> int:
         return self.period
 
-    def bind(self, ctx: SyncContext) -> LocalSGDSync:
-        return LocalSGDSync(ctx, self.period, ModelAverager(ctx, self.average_buffers, self.optimizer_state))
+    def planned_syncs(self, steps: int) -> dict[str, int]:
+        return {"world": streamed_syncs(steps, self.period, streaming_options(self))}
+
+    def bind(self, ctx: SyncContext) -> LocalSGDSync | StreamingSync:
+        return periodic_sync(self, ctx, self.period)
+
+
+class PeriodicConfig(Protocol):
+    """The fields a periodic averaging algorithm's synchronizer is built from."""
+
+    @property
+    def average_buffers(self) -> bool: ...
+
+    @property
+    def optimizer_state(self) -> str: ...
+
+    name: ClassVar[str]
+
+
+def periodic_sync(
+    config: PeriodicConfig, ctx: SyncContext, period: int, outer: AfterAverage | None = None
+) -> LocalSGDSync | StreamingSync:
+    """An average every H = ``period`` local steps (then ``outer``), streamed where the
+    config's F, τ or α ask for it."""
+    options = streaming_options(config)
+    if options.active:
+        return StreamingSync(
+            ctx,
+            period,
+            options,
+            average_buffers=config.average_buffers,
+            optimizer_state=config.optimizer_state,
+            outer=outer,
+            key=f"{config.name}.fragments",
+        )
+    return LocalSGDSync(ctx, period, ModelAverager(ctx, config.average_buffers, config.optimizer_state), outer)
 
 
 class AfterAverage(Protocol):
     """Work done right after the replicas were averaged (SlowMo's and DiLoCo's outer step)."""
 
     def apply(self, *, commit: bool = True) -> None: ...
+
+    def step(
+        self, indices: Sequence[int], averaged: Mapping[int, torch.Tensor], *, commit: bool = True
+    ) -> list[tuple[list[int], list[torch.Tensor]]]:
+        """The step of some parameters alone (a streamed fragment), returning their models."""
+        ...
 
     def restart(self) -> None:
         """Start afresh from the current (identical) parameters: local SGD begins here."""

@@ -19,22 +19,22 @@ et al. 2021 apply slow momentum after post-local SGD's switch).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 
 from localsgd.algorithms._common import (
-    ModelAverager,
     clone_all,
     load_tensors,
     lr_of,
     require_keys,
 )
 from localsgd.algorithms.base import AlgorithmConfig, SyncContext, register, switched_syncs
-from localsgd.algorithms.local_sgd import LocalSGDSync, check_local_options
+from localsgd.algorithms.local_sgd import LocalSGDSync, check_local_options, periodic_sync
 from localsgd.algorithms.post_local_sgd import SwitchedSync
+from localsgd.algorithms.streaming import StreamingSync, check_streaming, streaming_options
 from localsgd.util.checks import check_bool, check_float, check_int
 
 
@@ -66,14 +66,33 @@ class OuterMomentum:
         resulting model into the parameters but leaves x_0 and u untouched (to evaluate
         the model a sync would produce now)."""
         params = self.ctx.params
-        for s, idx in self._scales().items():
+        for idx, x0 in self.step(range(len(params)), params, commit=commit):
+            torch._foreach_copy_([params[i] for i in idx], x0)
+
+    @torch.no_grad()
+    def step(
+        self,
+        indices: Iterable[int],
+        averaged: Sequence[torch.Tensor] | Mapping[int, torch.Tensor],
+        *,
+        commit: bool = True,
+    ) -> list[tuple[list[int], list[torch.Tensor]]]:
+        """The outer step of the parameters at ``indices`` (into ``ctx.params``) from their
+        averages x̄ (``averaged[i]``): the new models x_0, as (indices, tensors) per scale
+        s. A fragment of the model steps alone this way (streaming synchronization)."""
+        wanted = set(indices)
+        out = []
+        for s, every in self._scales().items():
+            idx = [i for i in every if i in wanted]
+            if not idx:
+                continue
             if s == 0:
                 # A zero inner learning rate moved nothing; the outer step η·γ·u is 0 too.
-                torch._foreach_copy_([params[i] for i in idx], [self.anchor[i] for i in idx])
+                out.append((idx, [self.anchor[i] for i in idx]))
                 continue
             x0 = [self.anchor[i] if commit else self.anchor[i].clone() for i in idx]
             u = [self.buffer[i] if commit else self.buffer[i].clone() for i in idx]
-            g = list(torch._foreach_sub(x0, [params[i] for i in idx]))
+            g = list(torch._foreach_sub(x0, [averaged[i] for i in idx]))
             if s != 1.0:
                 torch._foreach_div_(g, s)
             torch._foreach_mul_(u, self.momentum)
@@ -84,7 +103,8 @@ class OuterMomentum:
             else:
                 d = u
             torch._foreach_add_(x0, d, alpha=-self.lr * s)
-            torch._foreach_copy_([params[i] for i in idx], x0)
+            out.append((idx, x0))
+        return out
 
     @torch.no_grad()
     def restart(self) -> None:
@@ -137,6 +157,12 @@ class SlowMo(AlgorithmConfig):
     switch_step: int = 0
     """t': steps t < t' average gradients (mini-batch SGD); outer steps start from the model
     at t' (0-based), with the slow momentum at zero. 0 is SlowMo from the start."""
+    fragments: int = 1
+    """F: fragments streamed at their own offsets in the period (:mod:`~localsgd.algorithms.streaming`)."""
+    overlap: int = 0
+    """τ: steps a fragment's pseudo-gradient is in flight before its outer step; τ <= H/F."""
+    mixing: float = 0.0
+    """α: the outer step's result θ̃ lands as (1 − α)·θ̃ + α·θ_local, in [0, 1)."""
 
     def __post_init__(self) -> None:
         check_int("slowmo.period", self.period, 1)
@@ -145,15 +171,18 @@ class SlowMo(AlgorithmConfig):
         check_float("slowmo.outer_lr", self.outer_lr, 0.0, None, low_open=True)
         check_bool("slowmo.nesterov", self.nesterov)
         check_local_options("slowmo", self.average_buffers, self.optimizer_state)
+        check_streaming(
+            "slowmo", self.fragments, self.overlap, self.mixing, self.period, "slowmo.period", self.optimizer_state
+        )
 
     @property
     def sync_period(self) -> int:
         return self.period
 
     def planned_syncs(self, steps: int) -> dict[str, int]:
-        return switched_syncs(steps, self.switch_step, self.period)
+        return switched_syncs(steps, self.switch_step, self.period, streaming_options(self))
 
-    def bind(self, ctx: SyncContext) -> LocalSGDSync | SwitchedSync:
+    def bind(self, ctx: SyncContext) -> LocalSGDSync | StreamingSync | SwitchedSync:
         outer = OuterMomentum(ctx, self.outer_lr, self.outer_momentum, self.nesterov, scale_by_lr=True)
         return after_switch(self, ctx, outer)
 
@@ -190,6 +219,13 @@ class DiLoCo(AlgorithmConfig):
     switch_step: int = 0
     """t': steps t < t' average gradients (mini-batch SGD); outer steps start from the model
     at t' (0-based), with the outer momentum at zero. 0 is DiLoCo from the start."""
+    fragments: int = 1
+    """F: fragments streamed at their own offsets in the period (Streaming DiLoCo's
+    fragments; :mod:`~localsgd.algorithms.streaming`)."""
+    overlap: int = 0
+    """τ: steps a fragment's pseudo-gradient is in flight before its outer step; τ <= H/F."""
+    mixing: float = 0.0
+    """α: the outer step's result θ̃ lands as (1 − α)·θ̃ + α·θ_local, in [0, 1)."""
 
     def __post_init__(self) -> None:
         check_int("diloco.period", self.period, 1)
@@ -198,24 +234,26 @@ class DiLoCo(AlgorithmConfig):
         check_float("diloco.outer_momentum", self.outer_momentum, 0.0, 1.0)
         check_bool("diloco.nesterov", self.nesterov)
         check_local_options("diloco", self.average_buffers, self.optimizer_state)
+        check_streaming(
+            "diloco", self.fragments, self.overlap, self.mixing, self.period, "diloco.period", self.optimizer_state
+        )
 
     @property
     def sync_period(self) -> int:
         return self.period
 
     def planned_syncs(self, steps: int) -> dict[str, int]:
-        return switched_syncs(steps, self.switch_step, self.period)
+        return switched_syncs(steps, self.switch_step, self.period, streaming_options(self))
 
-    def bind(self, ctx: SyncContext) -> LocalSGDSync | SwitchedSync:
+    def bind(self, ctx: SyncContext) -> LocalSGDSync | StreamingSync | SwitchedSync:
         outer = OuterMomentum(ctx, self.outer_lr, self.outer_momentum, self.nesterov, scale_by_lr=False)
         return after_switch(self, ctx, outer)
 
 
 def after_switch(
     config: SlowMo | DiLoCo, ctx: SyncContext, outer: OuterMomentum
-) -> LocalSGDSync | SwitchedSync:
+) -> LocalSGDSync | StreamingSync | SwitchedSync:
     """Outer steps every H local steps; after mini-batch SGD up to t' when t' > 0 (at t' = 0
     the synchronizer, its state included, is exactly the one without a switch)."""
-    averager = ModelAverager(ctx, config.average_buffers, config.optimizer_state)
-    local = LocalSGDSync(ctx, config.period, averager, outer)
+    local = periodic_sync(config, ctx, config.period, outer)
     return SwitchedSync(ctx, config.switch_step, local, config.name) if config.switch_step else local

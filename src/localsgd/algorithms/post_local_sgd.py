@@ -6,10 +6,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from localsgd.algorithms._common import ModelAverager, require_keys
+from localsgd.algorithms._common import require_keys
 from localsgd.algorithms.base import AlgorithmConfig, SyncContext, register, switched_syncs
-from localsgd.algorithms.local_sgd import LocalSGDSync, check_local_options
+from localsgd.algorithms.local_sgd import LocalSGDSync, check_local_options, periodic_sync
 from localsgd.algorithms.minibatch import MiniBatchSync
+from localsgd.algorithms.streaming import StreamingSync, check_streaming, streaming_options
 from localsgd.util.checks import check_int
 
 
@@ -33,22 +34,37 @@ class PostLocalSGD(AlgorithmConfig):
     """Average floating-point buffers (BatchNorm statistics) at each local-SGD sync."""
     optimizer_state: str = "local"
     """Optimizer state at a local-SGD sync: ``local``, ``average`` or ``reset``."""
+    fragments: int = 1
+    """F: after the switch, fragments streamed at their own offsets in the period
+    (:mod:`~localsgd.algorithms.streaming`); F divides H."""
+    overlap: int = 0
+    """τ: steps a fragment's average is in flight before it lands; τ <= H/F."""
+    mixing: float = 0.0
+    """α: a landed average θ̃ becomes (1 − α)·θ̃ + α·θ_local, in [0, 1)."""
 
     def __post_init__(self) -> None:
         check_int("post_local_sgd.switch_step", self.switch_step, 0)
         check_int("post_local_sgd.period", self.period, 1)
         check_local_options("post_local_sgd", self.average_buffers, self.optimizer_state)
+        check_streaming(
+            "post_local_sgd",
+            self.fragments,
+            self.overlap,
+            self.mixing,
+            self.period,
+            "post_local_sgd.period",
+            self.optimizer_state,
+        )
 
     @property
     def sync_period(self) -> int:
         return self.period
 
     def planned_syncs(self, steps: int) -> dict[str, int]:
-        return switched_syncs(steps, self.switch_step, self.period)
+        return switched_syncs(steps, self.switch_step, self.period, streaming_options(self))
 
     def bind(self, ctx: SyncContext) -> SwitchedSync:
-        averager = ModelAverager(ctx, self.average_buffers, self.optimizer_state)
-        return SwitchedSync(ctx, self.switch_step, LocalSGDSync(ctx, self.period, averager), self.name)
+        return SwitchedSync(ctx, self.switch_step, periodic_sync(self, ctx, self.period), self.name)
 
 
 class SwitchedSync:
@@ -56,7 +72,9 @@ class SwitchedSync:
     from t' on, restarted at the switch (an outer optimizer anchors at the model there).
     Post-local SGD's schedule; SlowMo and DiLoCo after a switch use it too."""
 
-    def __init__(self, ctx: SyncContext, switch_step: int, local: LocalSGDSync, name: str) -> None:
+    def __init__(
+        self, ctx: SyncContext, switch_step: int, local: LocalSGDSync | StreamingSync, name: str
+    ) -> None:
         self.switch_step = switch_step
         self.name = name
         self.step = 0

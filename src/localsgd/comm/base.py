@@ -1,7 +1,8 @@
 """The communicator protocol: the narrow waist between algorithms and engines.
 
-Algorithms only ever call :meth:`Communicator.average` and :meth:`Communicator.broadcast`,
-and asynchronous ones :meth:`~Communicator.serve`, :meth:`~Communicator.push` and
+Algorithms only ever call :meth:`Communicator.average` (or its non-blocking half,
+:meth:`Communicator.start_average`, whose :class:`PendingAverage` they ``wait`` on) and
+:meth:`Communicator.broadcast`, and asynchronous ones :meth:`~Communicator.serve`, :meth:`~Communicator.push` and
 :meth:`~Communicator.pull` (a parameter server). An engine supplies the implementation:
 real process groups (:class:`~localsgd.comm.process_group.ProcessGroupCommunicator`) or the
 simulated engine's (:class:`~localsgd.engines.simulated.engine.SimulatedCommunicator`), which holds
@@ -112,6 +113,19 @@ class Server(Protocol):
 
 
 ServerFactory = Callable[[list[torch.Tensor]], Server]
+
+
+class PendingAverage(Protocol):
+    """An average in flight (:meth:`Communicator.start_average`). Until :meth:`wait`
+    returns, the tensors it was started on belong to the communicator: their contents are
+    undefined and nothing may write to them."""
+
+    def wait(self) -> None:
+        """Block until the average has landed in the tensors. Its collectives and bytes are
+        counted here, as :meth:`Communicator.average` counts them, and its seconds are the
+        time spent waiting (what the caller did not hide behind its own work). A second
+        call returns at once."""
+        ...
 """Builds the server from the initial global model (one replica's tensors)."""
 
 
@@ -142,6 +156,14 @@ class Communicator(Protocol):
     def average(
         self, tensors: Sequence[torch.Tensor], scope: Scope = WORLD, *, record: bool = True
     ) -> None: ...
+
+    def start_average(
+        self, tensors: Sequence[torch.Tensor], scope: Scope = WORLD, *, record: bool = True
+    ) -> PendingAverage:
+        """:meth:`average` without blocking: the collectives start now and the averages
+        land in ``tensors`` when the returned handle's ``wait()`` returns. Every rank
+        starts, and waits on, the same averages in the same order."""
+        ...
 
     def broadcast(self, tensors: Sequence[torch.Tensor], src: int = 0, *, record: bool = True) -> None: ...
 

@@ -9,7 +9,7 @@ from typing import Any, NamedTuple
 import torch
 import torch.distributed as dist
 
-from localsgd.comm.base import WORLD, Block, CommStats, Scope, ServerFactory, check_block
+from localsgd.comm.base import WORLD, Block, CommStats, PendingAverage, Scope, ServerFactory, check_block
 from localsgd.comm.flat import contiguous_span, group_by_dtype, pack, reduction_dtype, unpack
 from localsgd.comm.parameter_server import (
     KIND_FINISH,
@@ -46,6 +46,54 @@ def _flats(tensors: Sequence[torch.Tensor]) -> Iterator[tuple[torch.Tensor, list
             yield span, None
         else:
             yield pack(members), members
+
+
+class _Part(NamedTuple):
+    """One collective of an average in flight: its work handle, the flat buffer the result
+    belongs in, the buffer reduced (a wider copy for bf16/fp16) and where to unpack it."""
+
+    work: Any
+    flat: torch.Tensor
+    reduced: torch.Tensor
+    members: list[torch.Tensor] | None
+
+
+class _Pending:
+    """An average started by :meth:`ProcessGroupCommunicator.start_average`."""
+
+    def __init__(self, stats: CommStats, route: _Route, parts: list[_Part], record: bool, started: float) -> None:
+        self._stats = stats
+        self._route = route
+        self._parts = parts
+        self._record = record
+        self._started = started
+        self._done = False
+
+    def wait(self) -> None:
+        if self._done:
+            return
+        self._done = True
+        route = self._route
+        for i, part in enumerate(self._parts):
+            start = time.perf_counter()
+            part.work.wait()
+            if route.scale is not None:
+                part.reduced.mul_(route.scale)  # SUM then scale, as average(): identical bits
+            if part.reduced is not part.flat:
+                part.flat.copy_(part.reduced)
+            if part.flat.is_cuda:
+                torch.cuda.synchronize(part.flat.device)
+            if part.members is not None:
+                unpack(part.flat, part.members)
+            if self._record:
+                if route.pause:
+                    # A slow link delays each collective after the previous one; whatever
+                    # of that has passed since the start was hidden by the caller's work.
+                    left = self._started + (i + 1) * route.pause - time.perf_counter()
+                    if left > 0:
+                        time.sleep(left)
+                self._stats.record(route.label, part.reduced.nbytes, time.perf_counter() - start)
+        self._parts = []
 
 
 class ProcessGroupCommunicator:
@@ -188,6 +236,25 @@ class ProcessGroupCommunicator:
             if route.pause:
                 time.sleep(route.pause)
             self._stats.record(route.label, reduced.nbytes, time.perf_counter() - start)
+
+    def start_average(
+        self, tensors: Sequence[torch.Tensor], scope: Scope = WORLD, *, record: bool = True
+    ) -> PendingAverage:
+        """The collectives start with ``async_op=True``; the division by K (gloo) and the
+        copies back happen in :meth:`_Pending.wait`. An injected delay runs from the start,
+        so the work done before ``wait`` hides it as it would hide a slow link."""
+        route = self._route(scope)
+        parts: list[_Part] = []
+        if route.size > 1 and tensors:
+            # No device synchronization here: the backend orders its collective stream after
+            # the work already queued on the current one, and the caller computes on meanwhile.
+            for flat, members in _flats(tensors):
+                wide = reduction_dtype(flat.dtype)
+                reduced = flat if wide == flat.dtype else flat.to(wide)
+                op = dist.ReduceOp.AVG if route.scale is None else dist.ReduceOp.SUM
+                work = dist.all_reduce(reduced, op=op, group=route.group, async_op=True)
+                parts.append(_Part(work, flat, reduced, members))
+        return _Pending(self._stats, route, parts, record, time.perf_counter())
 
     def broadcast(self, tensors: Sequence[torch.Tensor], src: int = 0, *, record: bool = True) -> None:
         if self._world_size == 1 or not tensors:

@@ -7,8 +7,18 @@ from collections.abc import Sequence
 
 import torch
 
-from localsgd.comm.base import WORLD, Block, CommStats, Scope, ServerFactory, check_block
+from localsgd.comm.base import WORLD, Block, CommStats, PendingAverage, Scope, ServerFactory, check_block
 from localsgd.comm.parameter_server import ServerHost, record_exchange, record_pull
+
+
+class Landed:
+    """An average that had nothing to exchange: it has landed already."""
+
+    def wait(self) -> None:
+        return None
+
+
+LANDED = Landed()
 
 
 class SoloCommunicator:
@@ -37,6 +47,11 @@ class SoloCommunicator:
 
     def average(self, tensors: Sequence[torch.Tensor], scope: Scope = WORLD, *, record: bool = True) -> None:
         return None
+
+    def start_average(
+        self, tensors: Sequence[torch.Tensor], scope: Scope = WORLD, *, record: bool = True
+    ) -> PendingAverage:
+        return LANDED
 
     def broadcast(self, tensors: Sequence[torch.Tensor], src: int = 0, *, record: bool = True) -> None:
         return None

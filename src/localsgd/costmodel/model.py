@@ -304,13 +304,15 @@ def collective_seconds(nbytes: float, scope: str, workers: int, cluster: Cluster
 
 @dataclass(frozen=True)
 class Estimate:
-    """A run's wall-clock estimate on a cluster: compute and communication, added (the
-    model assumes no overlap between them)."""
+    """A run's wall-clock estimate on a cluster: compute and communication, added
+    (communication is what a step waits for: all of it, unless a streamed run's overlap
+    hides part behind compute)."""
 
     compute_seconds: float
     """steps × compute seconds per step."""
     comm_seconds: float
-    """Σ over scopes of collectives × latency term + payload bytes × bandwidth term."""
+    """Σ over scopes of collectives × latency term + payload bytes × bandwidth term, less
+    what overlap hides."""
     total_seconds: float
     """compute_seconds + comm_seconds."""
 
@@ -352,14 +354,21 @@ def comm_seconds(
     workers: int,
     cluster: Cluster,
     delay: Mapping[str, float] | None = None,
+    hidden: Mapping[str, float] | None = None,
 ) -> float:
     """Σ_scope collectives_s · (latency_s + delay_s) + bytes_s · per_byte_s, from cumulative
     counters ``{"world": {"collectives": c, "bytes": b, ...}, "block2": {...}}`` (other keys,
     such as measured ``seconds``, are ignored). ``delay`` adds seconds to every collective
     of a scope (``{"world": 1.0}``: a run's injected ``comm.delay``). Exact when all
     collectives of a scope move the same payload, and in general since every term is affine
-    in the payload."""
+    in the payload.
+
+    ``hidden`` (``{scope: seconds}``): compute each collective of a scope runs beside
+    (streaming's τ steps of compute while a fragment's average is in flight). A step then
+    waits only for what the transfer does not hide: per collective max(0, latency + delay +
+    payload · per_byte − hidden), with the scope's mean payload per collective."""
     added = check_delay(delay, workers)
+    hide = dict(hidden or {})
     total = 0.0
     for scope, counters in counters_by_scope.items():
         if not isinstance(counters, Mapping):
@@ -369,6 +378,13 @@ def comm_seconds(
         if collectives == 0 and nbytes == 0:
             continue
         cost = scope_cost(scope, workers, cluster)
+        behind = hide.get(scope, 0.0)
+        if behind and collectives:
+            if math.isnan(behind):
+                return math.nan
+            transfer = cost.latency + added.get(scope, 0.0) + nbytes / collectives * cost.per_byte
+            total += collectives * max(0.0, transfer - behind)
+            continue
         total += collectives * (cost.latency + added.get(scope, 0.0)) + nbytes * cost.per_byte
     return total
 
@@ -400,12 +416,17 @@ def estimate_run(
     cluster: Cluster,
     measured_compute_per_step: float | None = None,
     delay: Mapping[str, float] | None = None,
+    overlap: Mapping[str, int] | None = None,
 ) -> Estimate:
     """Estimate a run (or its prefix up to an evaluation row) on ``cluster``:
     ``steps`` × :func:`compute_per_step` + :func:`comm_seconds` of its cumulative counters
-    (with ``delay`` seconds added to every collective of a scope)."""
+    (with ``delay`` seconds added to every collective of a scope). ``overlap``
+    (``{scope: τ}``): a streamed run's averages of that scope are in flight for τ steps, so
+    each hides τ × the compute of a step (the exit sync, not overlapped, is counted so too)."""
     steps = check_real("steps", steps)
     _check_workers(workers)
-    compute = steps * compute_per_step(batch_size, cluster, measured_compute_per_step)
-    comm = comm_seconds(counters_by_scope, workers, cluster, delay)
+    per_step = compute_per_step(batch_size, cluster, measured_compute_per_step)
+    compute = steps * per_step
+    hidden = {scope: int(tau) * per_step for scope, tau in (overlap or {}).items() if tau}
+    comm = comm_seconds(counters_by_scope, workers, cluster, delay, hidden)
     return Estimate(compute, comm, compute + comm)

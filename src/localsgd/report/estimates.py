@@ -10,7 +10,7 @@ estimated speedup over the K=1 baseline on the cluster.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import pandas as pd
@@ -116,6 +116,17 @@ def injected_delay(run: dict[str, Any]) -> dict[str, float]:
     }
 
 
+OVERLAP_COLUMN = "config.algorithm.overlap"
+"""The flattened config column of a streamed run's τ (its world averages in flight τ steps)."""
+
+
+def streamed_overlap(run: dict[str, Any]) -> dict[str, int]:
+    """A run's overlap τ by scope (streaming averages the world scope), from its flattened
+    config; empty where the run does not overlap."""
+    tau = _float(run.get(OVERLAP_COLUMN))
+    return {"world": int(tau)} if math.isfinite(tau) and tau > 0 else {}
+
+
 def _estimate(
     counters: dict[str, dict[str, float]] | None,
     steps: float,
@@ -124,10 +135,11 @@ def _estimate(
     cluster: Cluster,
     measured: float,
     delay: dict[str, float] | None = None,
+    overlap: dict[str, int] | None = None,
 ) -> tuple[float, float, float]:
     if counters is None or not math.isfinite(steps):
         return (math.nan, math.nan, math.nan)
-    est = estimate_run(counters, steps, workers, batch_size, cluster, measured, delay)
+    est = estimate_run(counters, steps, workers, batch_size, cluster, measured, delay, overlap)
     return (est.compute_seconds, est.comm_seconds, est.total_seconds)
 
 
@@ -184,21 +196,25 @@ Estimate = tuple[float, float, float]
 
 @dataclass(frozen=True)
 class _RunInputs:
-    """Per run: (K, B, workload), injected delay per scope, compute seconds per step."""
+    """Per run: (K, B, workload), injected delay per scope, compute seconds per step,
+    streaming's overlap τ per scope."""
 
     who: dict[str, tuple[int, int, str]]
     delays: dict[str, dict[str, float]]
     per_step: dict[str, float]
+    overlap: dict[str, dict[str, int]] = field(default_factory=dict)
 
     @classmethod
     def of(cls, runs: pd.DataFrame) -> _RunInputs:
         who: dict[str, tuple[int, int, str]] = {}
         delays: dict[str, dict[str, float]] = {}
         per_step: dict[str, float] = {}
+        overlap: dict[str, dict[str, int]] = {}
         for run in runs.to_dict("records"):
             rid, workers, batch = str(run["run_id"]), int(run["workers"]), int(run["batch_size"])
             who[rid] = (workers, batch, str(run["workload"]))
             delays[rid] = injected_delay(run)
+            overlap[rid] = streamed_overlap(run)
             per_step[rid] = measured_compute_per_step(
                 float(run["wall_seconds"]),
                 float(run["comm_seconds"]),
@@ -219,7 +235,7 @@ class _RunInputs:
             if not run["real_wall_time"] and workers > 1 and (workload, batch) in single:
                 times = single[(workload, batch)]
                 per_step[rid] = sum(times) / len(times)
-        return cls(who, delays, per_step)
+        return cls(who, delays, per_step, overlap)
 
 
 def _run_estimate(study: Study, rid: str, runs: _RunInputs, cluster: Cluster) -> Estimate:
@@ -228,7 +244,14 @@ def _run_estimate(study: Study, rid: str, runs: _RunInputs, cluster: Cluster) ->
     counters = study.final_counters.get(rid, {})
     steps = float(counters.get("steps", math.nan))
     return _estimate(
-        counters.get("by_scope"), steps, workers, batch, cluster, runs.per_step[rid], runs.delays[rid]
+        counters.get("by_scope"),
+        steps,
+        workers,
+        batch,
+        cluster,
+        runs.per_step[rid],
+        runs.delays[rid],
+        runs.overlap.get(rid),
     )
 
 
@@ -248,7 +271,14 @@ def _row_estimates(
         workers, batch, workload = runs.who[rid]
         step = _float(row.get("step"))
         est = _estimate(
-            row_counters(row), step, workers, batch, cluster, runs.per_step[rid], runs.delays[rid]
+            row_counters(row),
+            step,
+            workers,
+            batch,
+            cluster,
+            runs.per_step[rid],
+            runs.delays[rid],
+            runs.overlap.get(rid),
         )
         rows_est.append(est)
         goal = targets[workload]

@@ -56,9 +56,14 @@ def period_fields(built: AlgorithmConfig) -> list[str]:
         value = getattr(built, f.name)
         if isinstance(value, bool) or not isinstance(value, int):
             continue
-        try:
-            moved = dataclasses.replace(built, **{f.name: value + 1})  # type: ignore[type-var]
-        except ValueError:
+        # H + 1 may be refused where another field must divide H (streaming's fragments F).
+        for candidate in (value + 1, 2 * value):
+            try:
+                moved = dataclasses.replace(built, **{f.name: candidate})  # type: ignore[type-var]
+                break
+            except ValueError:
+                continue
+        else:
             continue
         if moved.sync_period != built.sync_period:
             out.append(f.name)

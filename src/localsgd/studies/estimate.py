@@ -11,7 +11,9 @@ The estimate of a run of K workers at batch B per worker, T steps::
 with T from the epochs and ``train_samples`` (less the workload's validation split), the
 synchronisations from the algorithm's schedule
 (:meth:`~localsgd.algorithms.AlgorithmConfig.planned_syncs`), fp32 parameters, and the
-collective costs of :mod:`localsgd.costmodel`. Compute and communication do not overlap.
+collective costs of :mod:`localsgd.costmodel`. Compute and communication do not overlap,
+except in a streamed run (fragments F, overlap τ): a world sync carries 4·P/F bytes and a
+step waits max(0, its transfer − τ · B · seconds_per_sample) for it.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from localsgd.algorithms.streaming import streaming_options
 from localsgd.costmodel import Cluster, collective_seconds, load_cluster
 from localsgd.run.config import RunConfig
 from localsgd.util.checks import ConfigError
@@ -89,12 +92,24 @@ def estimate_run(run: RunConfig, section: EstimateSection, cluster: Cluster) -> 
     steps = math.ceil(run.train.epochs * steps_per_epoch)
     if run.train.max_steps is not None:
         steps = min(steps, run.train.max_steps)
-    compute = steps * run.data.batch_size * section.seconds_per_sample[name]
-    syncs = run.algorithm_config(steps_per_epoch).planned_syncs(steps)
+    per_step = run.data.batch_size * section.seconds_per_sample[name]
+    compute = steps * per_step
+    algorithm = run.algorithm_config(steps_per_epoch)
+    syncs = algorithm.planned_syncs(steps)
     if syncs is None:
         return RunEstimate(steps, compute, None)
     nbytes = FP32_BYTES * section.parameters[name]
-    comm = sum(n * collective_seconds(nbytes, scope, run.workers, cluster) for scope, n in syncs.items() if n)
+    streaming = streaming_options(algorithm)
+
+    def wait(scope: str) -> float:
+        if scope != "world":
+            return collective_seconds(nbytes, scope, run.workers, cluster)
+        # A streamed world sync carries one fragment (1/F of the model, balanced by elements)
+        # and waits only for what τ steps of compute do not hide.
+        one = collective_seconds(nbytes / streaming.fragments, scope, run.workers, cluster)
+        return max(0.0, one - streaming.overlap * per_step)
+
+    comm = sum(n * wait(scope) for scope, n in syncs.items() if n)
     return RunEstimate(steps, compute, comm)
 
 

@@ -11,7 +11,16 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from localsgd.comm.base import WORLD, Block, CommStats, Scope, Server, ServerFactory, check_block
+from localsgd.comm.base import (
+    WORLD,
+    Block,
+    CommStats,
+    PendingAverage,
+    Scope,
+    Server,
+    ServerFactory,
+    check_block,
+)
 from localsgd.comm.flat import group_by_dtype, reduction_dtype
 from localsgd.comm.parameter_server import record_exchange, record_pull
 
@@ -72,6 +81,22 @@ def replica_span(tensors: Sequence[torch.Tensor], replicas: int) -> torch.Tensor
             return None
         expected += t[0].numel()
     return first.as_strided((replicas, expected - start), (row_stride, 1), start)
+
+
+class _Deferred:
+    """An average of stacked replicas, taken when waited on."""
+
+    def __init__(self, comm: SimulatedCommunicator, tensors: list[torch.Tensor], scope: Scope, record: bool) -> None:
+        self._comm: SimulatedCommunicator | None = comm
+        self._tensors = tensors
+        self._scope = scope
+        self._record = record
+
+    def wait(self) -> None:
+        if self._comm is not None:
+            self._comm.average(self._tensors, self._scope, record=self._record)
+            self._comm = None
+            self._tensors = []
 
 
 class SimulatedCommunicator:
@@ -150,6 +175,16 @@ class SimulatedCommunicator:
                 blocks.copy_(mean.expand_as(blocks))
             if record:
                 self._stats.record(scope.label(), nbytes, time.perf_counter() - start)
+
+    def start_average(
+        self, tensors: Sequence[torch.Tensor], scope: Scope = WORLD, *, record: bool = True
+    ) -> PendingAverage:
+        """Nothing moves until ``wait()``: the mean is taken then, so the result becomes
+        visible exactly when a worker process would see it, and is counted then, as there.
+        (Nobody may write to ``tensors`` in between, so taking the mean late changes nothing.)"""
+        if isinstance(scope, Block):
+            check_block(scope, self._k)
+        return _Deferred(self, list(tensors), scope, record)
 
     @torch.no_grad()
     def broadcast(self, tensors: Sequence[torch.Tensor], src: int = 0, *, record: bool = True) -> None:
