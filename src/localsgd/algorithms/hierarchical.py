@@ -10,6 +10,7 @@ from localsgd.algorithms._common import ModelAverager, average_model, require_ke
 from localsgd.algorithms.base import AlgorithmConfig, SyncContext, register
 from localsgd.algorithms.local_sgd import check_local_options
 from localsgd.comm.base import WORLD, Block
+from localsgd.comm.codecs import NO_COMPRESSION, Compression, resolve
 from localsgd.util.checks import check_int
 
 
@@ -37,12 +38,16 @@ class HierarchicalLocalSGD(AlgorithmConfig):
     """Average floating-point buffers (BatchNorm statistics) at each sync too."""
     optimizer_state: str = "local"
     """Optimizer state at a sync: ``local``, ``average`` or ``reset``."""
+    compression: Compression | Mapping[str, Any] = NO_COMPRESSION
+    """What crosses the wire at a block or global sync (the change since the last sync): ``{codec = "int8", block = 256, ratio = 0.01,
+    error_feedback = true}`` (see :mod:`localsgd.comm.codecs`); ``none`` sends it exactly."""
 
     def __post_init__(self) -> None:
         check_int("hierarchical_local_sgd.period", self.period, 1)
         check_int("hierarchical_local_sgd.block_period", self.block_period, 1)
         check_int("hierarchical_local_sgd.block_size", self.block_size, 1)
         check_local_options("hierarchical_local_sgd", self.average_buffers, self.optimizer_state)
+        object.__setattr__(self, "compression", resolve("hierarchical_local_sgd", self.compression))
 
     @property
     def sync_period(self) -> int:
@@ -63,7 +68,8 @@ class HierarchicalSync:
         self.ctx = ctx
         self.block = Block(config.block_size)
         ctx.comm.prepare(self.block)
-        self.averager = ModelAverager(ctx, config.average_buffers, config.optimizer_state)
+        compression = resolve(config.name, config.compression)
+        self.averager = ModelAverager(ctx, config.average_buffers, config.optimizer_state, compression)
         self.step = 0
         self.block_syncs = 0
         self.global_syncs = 0
@@ -101,12 +107,15 @@ class HierarchicalSync:
         self.last_global = self.step
 
     def state_dict(self) -> dict[str, Any]:
-        return {
+        state: dict[str, Any] = {
             "step": self.step,
             "block_syncs": self.block_syncs,
             "global_syncs": self.global_syncs,
             "last_global": self.last_global,
         }
+        if self.averager.delta is not None:
+            state["compression"] = self.averager.delta.state_dict()
+        return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         require_keys(state, ["step", "block_syncs", "global_syncs", "last_global"], "hierarchical_local_sgd")
@@ -114,3 +123,6 @@ class HierarchicalSync:
         self.block_syncs = int(state["block_syncs"])
         self.global_syncs = int(state["global_syncs"])
         self.last_global = int(state["last_global"])
+        if self.averager.delta is not None:
+            require_keys(state, ["compression"], "hierarchical_local_sgd with compression")
+            self.averager.delta.load_state_dict(state["compression"])

@@ -8,6 +8,7 @@ from typing import Any, ClassVar, Protocol
 
 from localsgd.algorithms._common import ModelAverager, average_model, require_keys
 from localsgd.algorithms.base import OPTIMIZER_STATE_CHOICES, AlgorithmConfig, SyncContext, register
+from localsgd.comm.codecs import NO_COMPRESSION, Compression, resolve
 from localsgd.util.checks import check_bool, check_choice, check_int
 
 
@@ -36,17 +37,24 @@ class LocalSGD(AlgorithmConfig):
     optimizer_state: str = "local"
     """At a sync, the optimizer state (momentum) is kept ``local``, averaged (``average``,
     in the same collective) or ``reset``."""
+    compression: Compression | Mapping[str, Any] = NO_COMPRESSION
+    """What crosses the wire at a sync (the change since the last one): ``{codec = "int8", block = 256, ratio = 0.01,
+    error_feedback = true}`` (see :mod:`localsgd.comm.codecs`); ``none`` sends it exactly."""
 
     def __post_init__(self) -> None:
         check_int("local_sgd.period", self.period, 1)
         check_local_options("local_sgd", self.average_buffers, self.optimizer_state)
+        object.__setattr__(self, "compression", resolve("local_sgd", self.compression))
 
     @property
     def sync_period(self) -> int:
         return self.period
 
     def bind(self, ctx: SyncContext) -> LocalSGDSync:
-        return LocalSGDSync(ctx, self.period, ModelAverager(ctx, self.average_buffers, self.optimizer_state))
+        compression = resolve(self.name, self.compression)
+        return LocalSGDSync(
+            ctx, self.period, ModelAverager(ctx, self.average_buffers, self.optimizer_state, compression)
+        )
 
 
 class AfterAverage(Protocol):
@@ -88,6 +96,8 @@ class LocalSGDSync:
         model at post-local SGD's switch): the outer optimizer anchors there."""
         if self.outer is not None:
             self.outer.restart()
+        if self.averager.delta is not None:
+            self.averager.delta.restart()
 
     def after_step(self) -> None:
         self.since_sync += 1
@@ -124,6 +134,8 @@ class LocalSGDSync:
         }
         if self.outer is not None:
             state["outer"] = self.outer.state_dict()
+        if self.averager.delta is not None:
+            state["compression"] = self.averager.delta.state_dict()
         return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -134,3 +146,6 @@ class LocalSGDSync:
         if self.outer is not None:
             require_keys(state, ["outer"], "local SGD with an outer optimizer")
             self.outer.load_state_dict(state["outer"])
+        if self.averager.delta is not None:
+            require_keys(state, ["compression"], "local SGD with compression")
+            self.averager.delta.load_state_dict(state["compression"])

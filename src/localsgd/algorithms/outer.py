@@ -35,6 +35,7 @@ from localsgd.algorithms._common import (
 from localsgd.algorithms.base import AlgorithmConfig, SyncContext, register, switched_syncs
 from localsgd.algorithms.local_sgd import LocalSGDSync, check_local_options
 from localsgd.algorithms.post_local_sgd import SwitchedSync
+from localsgd.comm.codecs import NO_COMPRESSION, Compression, resolve
 from localsgd.util.checks import check_bool, check_float, check_int
 
 
@@ -138,6 +139,11 @@ class SlowMo(AlgorithmConfig):
     """t': steps t < t' average gradients (mini-batch SGD); outer steps start from the model
     at t' (0-based), with the slow momentum at zero. 0 is SlowMo from the start."""
 
+    compression: Compression | Mapping[str, Any] = NO_COMPRESSION
+    """What crosses the wire: the pseudo-gradient x_0 − x_k, as ``{codec = "int8", block =
+    256, ratio = 0.01, error_feedback = true}`` (gradients before t'; see
+    :mod:`localsgd.comm.codecs`); ``none`` sends it exactly."""
+
     def __post_init__(self) -> None:
         check_int("slowmo.period", self.period, 1)
         check_int("slowmo.switch_step", self.switch_step, 0)
@@ -145,6 +151,7 @@ class SlowMo(AlgorithmConfig):
         check_float("slowmo.outer_lr", self.outer_lr, 0.0, None, low_open=True)
         check_bool("slowmo.nesterov", self.nesterov)
         check_local_options("slowmo", self.average_buffers, self.optimizer_state)
+        object.__setattr__(self, "compression", resolve("slowmo", self.compression))
 
     @property
     def sync_period(self) -> int:
@@ -191,6 +198,11 @@ class DiLoCo(AlgorithmConfig):
     """t': steps t < t' average gradients (mini-batch SGD); outer steps start from the model
     at t' (0-based), with the outer momentum at zero. 0 is DiLoCo from the start."""
 
+    compression: Compression | Mapping[str, Any] = NO_COMPRESSION
+    """What crosses the wire: the pseudo-gradient x_0 − x_k, as ``{codec = "int8", block =
+    256, ratio = 0.01, error_feedback = true}`` (gradients before t'; see
+    :mod:`localsgd.comm.codecs`); ``none`` sends it exactly."""
+
     def __post_init__(self) -> None:
         check_int("diloco.period", self.period, 1)
         check_int("diloco.switch_step", self.switch_step, 0)
@@ -198,6 +210,7 @@ class DiLoCo(AlgorithmConfig):
         check_float("diloco.outer_momentum", self.outer_momentum, 0.0, 1.0)
         check_bool("diloco.nesterov", self.nesterov)
         check_local_options("diloco", self.average_buffers, self.optimizer_state)
+        object.__setattr__(self, "compression", resolve("diloco", self.compression))
 
     @property
     def sync_period(self) -> int:
@@ -216,6 +229,9 @@ def after_switch(
 ) -> LocalSGDSync | SwitchedSync:
     """Outer steps every H local steps; after mini-batch SGD up to t' when t' > 0 (at t' = 0
     the synchronizer, its state included, is exactly the one without a switch)."""
-    averager = ModelAverager(ctx, config.average_buffers, config.optimizer_state)
+    compression = resolve(config.name, config.compression)
+    averager = ModelAverager(ctx, config.average_buffers, config.optimizer_state, compression)
     local = LocalSGDSync(ctx, config.period, averager, outer)
-    return SwitchedSync(ctx, config.switch_step, local, config.name) if config.switch_step else local
+    if not config.switch_step:
+        return local
+    return SwitchedSync(ctx, config.switch_step, local, config.name, compression)

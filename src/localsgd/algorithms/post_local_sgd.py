@@ -10,6 +10,7 @@ from localsgd.algorithms._common import ModelAverager, require_keys
 from localsgd.algorithms.base import AlgorithmConfig, SyncContext, register, switched_syncs
 from localsgd.algorithms.local_sgd import LocalSGDSync, check_local_options
 from localsgd.algorithms.minibatch import MiniBatchSync
+from localsgd.comm.codecs import NO_COMPRESSION, Compression, resolve
 from localsgd.util.checks import check_int
 
 
@@ -33,11 +34,15 @@ class PostLocalSGD(AlgorithmConfig):
     """Average floating-point buffers (BatchNorm statistics) at each local-SGD sync."""
     optimizer_state: str = "local"
     """Optimizer state at a local-SGD sync: ``local``, ``average`` or ``reset``."""
+    compression: Compression | Mapping[str, Any] = NO_COMPRESSION
+    """What crosses the wire (gradients before t', changes since the last sync after): ``{codec = "int8", block = 256, ratio = 0.01,
+    error_feedback = true}`` (see :mod:`localsgd.comm.codecs`); ``none`` sends it exactly."""
 
     def __post_init__(self) -> None:
         check_int("post_local_sgd.switch_step", self.switch_step, 0)
         check_int("post_local_sgd.period", self.period, 1)
         check_local_options("post_local_sgd", self.average_buffers, self.optimizer_state)
+        object.__setattr__(self, "compression", resolve("post_local_sgd", self.compression))
 
     @property
     def sync_period(self) -> int:
@@ -47,8 +52,10 @@ class PostLocalSGD(AlgorithmConfig):
         return switched_syncs(steps, self.switch_step, self.period)
 
     def bind(self, ctx: SyncContext) -> SwitchedSync:
-        averager = ModelAverager(ctx, self.average_buffers, self.optimizer_state)
-        return SwitchedSync(ctx, self.switch_step, LocalSGDSync(ctx, self.period, averager), self.name)
+        compression = resolve(self.name, self.compression)
+        averager = ModelAverager(ctx, self.average_buffers, self.optimizer_state, compression)
+        local = LocalSGDSync(ctx, self.period, averager)
+        return SwitchedSync(ctx, self.switch_step, local, self.name, compression)
 
 
 class SwitchedSync:
@@ -56,11 +63,18 @@ class SwitchedSync:
     from t' on, restarted at the switch (an outer optimizer anchors at the model there).
     Post-local SGD's schedule; SlowMo and DiLoCo after a switch use it too."""
 
-    def __init__(self, ctx: SyncContext, switch_step: int, local: LocalSGDSync, name: str) -> None:
+    def __init__(
+        self,
+        ctx: SyncContext,
+        switch_step: int,
+        local: LocalSGDSync,
+        name: str,
+        compression: Compression = NO_COMPRESSION,
+    ) -> None:
         self.switch_step = switch_step
         self.name = name
         self.step = 0
-        self.minibatch = MiniBatchSync(ctx)
+        self.minibatch = MiniBatchSync(ctx, compression)
         self.local = local
 
     @property

@@ -115,13 +115,28 @@ ServerFactory = Callable[[list[torch.Tensor]], Server]
 """Builds the server from the initial global model (one replica's tensors)."""
 
 
+class WireCodec(Protocol):
+    """How an average is compressed (:class:`localsgd.comm.codecs.WireState`): the
+    communicator hands it each dtype group's flat values and its own all-gather."""
+
+    def exchange(
+        self, slot: int, flat: torch.Tensor, gather: Callable[[torch.Tensor], list[torch.Tensor]]
+    ) -> int:
+        """Replace ``flat`` with the scope's mean of what its members sent; return the bytes
+        this rank sent (``gather`` takes one payload, returns every member's in rank order)."""
+        ...
+
+
 @runtime_checkable
 class Communicator(Protocol):
     """What an algorithm may ask of the engine.
 
     ``average`` works in place and issues one collective per dtype among ``tensors``
     (never one per tensor). ``record=False`` keeps the call out of :attr:`stats`, for
-    bookkeeping traffic such as evaluating the consensus model.
+    bookkeeping traffic such as evaluating the consensus model. ``codec``: the values
+    cross the wire compressed, as an all-gather of each member's payload that every member
+    decodes and averages in rank order (see :mod:`localsgd.comm.codecs`); counted bytes
+    are the payload's.
     """
 
     @property
@@ -140,7 +155,12 @@ class Communicator(Protocol):
         ...
 
     def average(
-        self, tensors: Sequence[torch.Tensor], scope: Scope = WORLD, *, record: bool = True
+        self,
+        tensors: Sequence[torch.Tensor],
+        scope: Scope = WORLD,
+        *,
+        record: bool = True,
+        codec: WireCodec | None = None,
     ) -> None: ...
 
     def broadcast(self, tensors: Sequence[torch.Tensor], src: int = 0, *, record: bool = True) -> None: ...

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from localsgd.comm.base import WORLD, Block, CommStats, Scope, Server, ServerFactory, check_block
+from localsgd.comm.base import WORLD, Block, CommStats, Scope, Server, ServerFactory, WireCodec, check_block
 from localsgd.comm.flat import group_by_dtype, reduction_dtype
 from localsgd.comm.parameter_server import record_exchange, record_pull
 
@@ -134,12 +134,22 @@ class SimulatedCommunicator:
             yield members, sum(t[0].numel() * size for t in members)
 
     @torch.no_grad()
-    def average(self, tensors: Sequence[torch.Tensor], scope: Scope = WORLD, *, record: bool = True) -> None:
+    def average(
+        self,
+        tensors: Sequence[torch.Tensor],
+        scope: Scope = WORLD,
+        *,
+        record: bool = True,
+        codec: WireCodec | None = None,
+    ) -> None:
         size = scope.size if isinstance(scope, Block) else self._k
         if isinstance(scope, Block):
             check_block(scope, self._k)
         if size == 1 or not tensors:
             return  # as the process engine: a group of one exchanges and counts nothing
+        if codec is not None:
+            self._average_encoded(tensors, scope, size, record, codec)
+            return
         for members, nbytes in self._groups(tensors, wire=True):
             start = time.perf_counter()
             span = replica_span(members, self._stacked)
@@ -148,6 +158,29 @@ class SimulatedCommunicator:
                 blocks = view.unflatten(0, (self._stacked // size, size))
                 mean = blocks.mean(1, keepdim=True, dtype=wide)  # bf16/fp16: in fp32, rounded once
                 blocks.copy_(mean.expand_as(blocks))
+            if record:
+                self._stats.record(scope.label(), nbytes, time.perf_counter() - start)
+
+    def _average_encoded(
+        self, tensors: Sequence[torch.Tensor], scope: Scope, size: int, record: bool, codec: WireCodec
+    ) -> None:
+        """The process engine's compressed average, every replica at once: each replica's
+        payload encoded from its own row, and every row of a block given the block's
+        payloads in replica order, to decode and average as each rank does."""
+        stacked = self._stacked
+
+        def gather(payload: torch.Tensor) -> list[torch.Tensor]:
+            blocks = payload.unflatten(0, (stacked // size, size))
+            return [blocks[:, j : j + 1].expand_as(blocks).reshape(payload.shape) for j in range(size)]
+
+        for slot, (members, _) in enumerate(self._groups(tensors)):
+            start = time.perf_counter()
+            span = replica_span(members, stacked)
+            flat = span if span is not None else torch.cat([t.reshape(stacked, -1) for t in members], 1)
+            nbytes = codec.exchange(slot, flat, gather)
+            if span is None:
+                for t, piece in zip(members, flat.split([t[0].numel() for t in members], 1)):
+                    t.copy_(piece.view_as(t))
             if record:
                 self._stats.record(scope.label(), nbytes, time.perf_counter() - start)
 
