@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import math
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -159,6 +160,11 @@ def test_bytes_per_sync_from_dp_stats_at_the_default_block():
         stats = train_simulated(4, A.LocalSGD(period=2, compression={"codec": codec}))["stats"]
         assert stats["collectives"] == STEPS // 2
         sent[codec] = stats["bytes"] / stats["collectives"]
+        world = stats["by_scope"]["world"]
+        if codec == "none":
+            assert "gathers" not in world
+        else:  # the cost model prices these as all-gathers
+            assert (world["gathers"], world["gathered_bytes"]) == (world["collectives"], world["bytes"])
     assert sent == {"none": 4 * n, "int8": n + 32, "int4": 439 + 32, "fp16": 2 * n, "topk": 8 * 9}
     assert (
         sent["int8"] / sent["none"] == pytest.approx(0.2591, abs=1e-4) and sent["int8"] / sent["none"] <= 0.27
@@ -236,3 +242,56 @@ def test_resume_is_exact_with_the_residual():
     for name, (whole, again, has_state) in run_world(resumed, 2)[0].items():
         assert has_state, name
         assert torch.equal(whole, again), name
+
+
+RUN = {
+    "workload": {"name": "scenarios:mnist1d_cnn_float64", "num_samples": 1000},
+    "workers": 2,
+    "seed": 3,
+    "algorithm": {"name": "local_sgd", "period": 3, "compression": {"codec": "int8", "error_feedback": True}},
+    "data": {"batch_size": 16},
+    "optimizer": {"lr": 0.05},
+    "train": {"epochs": 10, "max_steps": 12, "eval_every": 6},
+}
+
+
+def run_processes(rank: int, world: int, folder: str, cache: str) -> Any:
+    import os
+
+    os.environ["XDG_CACHE_HOME"] = cache
+    from localsgd.run.config import run_config
+    from localsgd.run.training import train
+
+    run_dir = Path(folder) if rank == 0 else None
+    status = train(run_config({**RUN, "engine": "processes"}), run_dir, rank, world, "gloo")
+    return status
+
+
+def test_a_compressed_run_records_the_same_bytes_and_model_on_both_engines(tmp_path, data_cache, monkeypatch):
+    """A whole int8 run with error feedback through the training loop: the run record's
+    counters (what the report and the cost model read) are the payload's on both engines,
+    and the models agree (float64, as the engines' other equivalence tests)."""
+    from localsgd.run.config import run_config
+    from localsgd.run.training import train
+
+    monkeypatch.setenv("XDG_CACHE_HOME", data_cache)
+    (tmp_path / "p").mkdir()
+    (tmp_path / "s").mkdir()
+    processes = run_world(run_processes, 2, str(tmp_path / "p"), data_cache)[0]
+    simulated = train(run_config({**RUN, "engine": "simulated"}), tmp_path / "s", 0, 1)
+    assert processes.status == simulated.status == "completed"
+    p, s = processes.counters, simulated.counters
+    assert (p.syncs, p.collectives, p.bytes) == (s.syncs, s.collectives, s.bytes)
+    assert p.by_scope["world"] == {**s.by_scope["world"], "seconds": p.by_scope["world"]["seconds"]}
+    params = torch.load(tmp_path / "p" / "checkpoint.pt")["model"]
+    n = sum(v.numel() for k, v in params.items() if v.is_floating_point() and "running" not in k)
+    statistics = sum(v.numel() for k, v in params.items() if "running" in k)  # BatchNorm's, float64
+    # 4 syncs: the parameters' int8 deltas gathered, the buffers all-reduced exactly beside them.
+    world = p.by_scope["world"]
+    assert (p.syncs, world["collectives"], world["gathers"]) == (4, 8, 4)
+    assert world["gathered_bytes"] == 4 * payload_bytes(Compression(codec="int8"), n)
+    assert world["bytes"] == world["gathered_bytes"] + 4 * 8 * statistics
+    other = torch.load(tmp_path / "s" / "checkpoint.pt")["model"]
+    for key, tensor in params.items():
+        if tensor.is_floating_point():
+            torch.testing.assert_close(other[key], tensor, rtol=1e-10, atol=1e-12)

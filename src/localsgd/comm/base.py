@@ -59,7 +59,9 @@ class CommStats:
 
     ``bytes`` is the payload handed to each collective (numel x element size), not the
     traffic a particular collective algorithm puts on the wire; the cost model turns one
-    into the other.
+    into the other. A compressed average is an all-gather of each rank's payload, not an
+    all-reduce: its scope's entry also counts it under ``gathers`` and ``gathered_bytes``
+    (keys present only once one happened), so the cost model prices the two apart.
     """
 
     collectives: int = 0
@@ -67,7 +69,7 @@ class CommStats:
     seconds: float = 0.0
     by_scope: dict[str, dict[str, float]] = field(default_factory=dict)
 
-    def record(self, scope_label: str, nbytes: int, seconds: float) -> None:
+    def record(self, scope_label: str, nbytes: int, seconds: float, *, gathered: bool = False) -> None:
         self.collectives += 1
         self.bytes += nbytes
         self.seconds += seconds
@@ -77,6 +79,9 @@ class CommStats:
         entry["collectives"] += 1
         entry["bytes"] += nbytes
         entry["seconds"] += seconds
+        if gathered:
+            entry["gathers"] = entry.get("gathers", 0) + 1
+            entry["gathered_bytes"] = entry.get("gathered_bytes", 0) + nbytes
 
     def as_dict(self) -> dict[str, object]:
         return {

@@ -222,7 +222,7 @@ class ProcessGroupCommunicator:
             if record:
                 if route.pause:
                     time.sleep(route.pause)
-                self._stats.record(route.label, nbytes, time.perf_counter() - start)
+                self._stats.record(route.label, nbytes, time.perf_counter() - start, gathered=True)
 
     def broadcast(self, tensors: Sequence[torch.Tensor], src: int = 0, *, record: bool = True) -> None:
         if self._world_size == 1 or not tensors:

@@ -182,7 +182,7 @@ class SimulatedCommunicator:
                 for t, piece in zip(members, flat.split([t[0].numel() for t in members], 1)):
                     t.copy_(piece.view_as(t))
             if record:
-                self._stats.record(scope.label(), nbytes, time.perf_counter() - start)
+                self._stats.record(scope.label(), nbytes, time.perf_counter() - start, gathered=True)
 
     @torch.no_grad()
     def broadcast(self, tensors: Sequence[torch.Tensor], src: int = 0, *, record: bool = True) -> None:
