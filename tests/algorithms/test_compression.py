@@ -295,3 +295,35 @@ def test_a_compressed_run_records_the_same_bytes_and_model_on_both_engines(tmp_p
     for key, tensor in params.items():
         if tensor.is_floating_point():
             torch.testing.assert_close(other[key], tensor, rtol=1e-10, atol=1e-12)
+
+
+def test_batched_trials_compress_each_world_apart():
+    """Trials stacked as independent worlds (groups > 1): each world's compressed average
+    is the one it gets alone, block scopes included."""
+    from localsgd.comm.base import WORLD, Block
+    from localsgd.comm.codecs import WireState
+
+    values = torch.stack([gradient(k, 0, torch.Size([300])) for k in range(8)])
+    for scope in (WORLD, Block(2)):
+        together = values.clone()
+        SimulatedCommunicator(4, groups=2).average(
+            [together], scope, codec=WireState(Compression(codec="int4"))
+        )
+        for world in range(2):
+            alone = values[4 * world : 4 * world + 4].clone()
+            SimulatedCommunicator(4).average([alone], scope, codec=WireState(Compression(codec="int4")))
+            assert torch.equal(together[4 * world : 4 * world + 4], alone)
+
+
+def test_ddp_averaged_gradients_refuse_a_codec():
+    from localsgd.algorithms.base import SyncContext
+    from localsgd.comm.solo import SoloCommunicator
+
+    net = model()
+    ctx = SyncContext(
+        SoloCommunicator(), list(net.parameters()), [], torch.optim.SGD(net.parameters(), lr=0.1)
+    )
+    ctx.gradients_averaged = lambda: None
+    with pytest.raises(ValueError, match="DistributedDataParallel model DDP averages them uncompressed"):
+        A.MiniBatchSGD(compression={"codec": "int8"}).bind(ctx)
+    A.MiniBatchSGD().bind(ctx)  # uncompressed: DDP's averaging is counted as before
