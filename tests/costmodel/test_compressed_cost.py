@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+from pathlib import Path
+
 import pytest
 
 from localsgd.comm.codecs import Compression, payload_bytes
@@ -92,3 +95,61 @@ def test_a_metrics_rows_counters_keep_the_gathers_for_the_report() -> None:
     }
     plain = {"by_scope": {"world": {"collectives": 4, "bytes": 400, "seconds": 0.1}}}
     assert row_counters(plain) == {"world": {"collectives": 4, "bytes": 400, "seconds": 0.1}}
+
+
+STUDY = """
+[study]
+name = "estimated"
+
+[study.estimate]
+cluster = "{cluster}"
+train_samples = 12800
+seconds_per_sample = {{ mnist1d_mlp = 1.0e-3 }}
+parameters = {{ mnist1d_mlp = 1000000 }}
+
+[base]
+engine = "simulated"
+workload = "mnist1d_mlp"
+
+[base.data]
+batch_size = 32
+
+[base.train]
+epochs = 3
+
+[[grid]]
+workers = [16]
+algorithm = [
+    {{ name = "local_sgd", period = 4 }},
+    {{ name = "local_sgd", period = 4, compression = {{ codec = "int4" }} }},
+    {{ name = "local_sgd", period = 4, compression = {{ codec = "topk", ratio = 0.01 }} }},
+]
+"""
+
+
+def test_a_study_estimate_before_the_runs_prices_the_codec(tmp_path: Path) -> None:
+    """``[study.estimate]``: a compressed run's planned syncs are all-gathers of the codec's
+    payload (int4: 10⁶/2 codes and 8 bytes per block of 256; top-k 1 %: 10⁴ values and
+    indices). On two nodes of eight (K = 16), an all-gather of int4 costs more than the
+    hierarchical all-reduce of fp32, whose inter-node rings carry 1/M of the bytes each:
+    a codec pays only past a K/2-fold reduction of the payload. Top-k's 50-fold does."""
+    from localsgd.costmodel import collective_seconds, load_cluster
+    from localsgd.studies.estimate import EstimateSection
+    from localsgd.studies.estimate import estimate_run as estimate_planned
+    from localsgd.studies.loading import load_study
+
+    cluster_file = Path(__file__).resolve().parents[2] / "studies" / "clusters" / "v100x8_10gbe.toml"
+    path = tmp_path / "study.toml"
+    path.write_text(STUDY.format(cluster=cluster_file))
+    study = load_study(path)
+    section = study.section.estimate
+    assert isinstance(section, EstimateSection)
+    cluster = load_cluster(cluster_file)
+    plain, int4, topk = (estimate_planned(run, section, cluster).comm_seconds for run in study.runs)
+    syncs = 3 * 22 // 4  # 22 steps an epoch (see tests/studies/test_estimate.py)
+    payload = 500_000 + 8 * math.ceil(1e6 / 256)
+    assert plain == pytest.approx(syncs * collective_seconds(4e6, "world", 16, cluster), rel=1e-12)
+    gather = gather_scope_cost("world", 16, cluster)
+    assert int4 == pytest.approx(syncs * gather.seconds(payload), rel=1e-12)
+    assert topk == pytest.approx(syncs * gather.seconds(8 * 10_000), rel=1e-12)
+    assert topk < 0.5 * plain < plain < int4
