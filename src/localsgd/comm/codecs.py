@@ -126,10 +126,11 @@ def _bytes(t: torch.Tensor) -> torch.Tensor:
 
 def _view(payload: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Bytes of ``payload`` ([..., m·itemsize]) read as ``dtype``; copied first when not
-    aligned for it (a slice of a 1-D payload starts at any byte)."""
+    aligned for it (a slice of a payload starts at any byte; a size-1 dimension of a view
+    keeps its parent's stride)."""
     t = payload.contiguous()
-    if t.storage_offset() % dtype.itemsize:
-        t = t.clone()
+    if t.storage_offset() % dtype.itemsize or any(st % dtype.itemsize for st in t.stride()[:-1]):
+        t = t.clone(memory_format=torch.contiguous_format)
     return t.view(dtype)
 
 
@@ -298,7 +299,8 @@ def payload_bytes(compression: Compression, n: int, itemsize: int = 4) -> int:
 
 Gather = Callable[[torch.Tensor], list[torch.Tensor]]
 """A communicator's all-gather: this rank's payload in, every member's payload out, in
-rank order, each shaped as the one sent."""
+rank order, each shaped as the one sent or broadcastable to it (the simulated engine hands
+a block's rows one [blocks, 1, B] view per member, decoded once per block)."""
 
 
 class WireState:
@@ -318,17 +320,19 @@ class WireState:
         (one replica's)."""
         n = flat.shape[-1]
         x = flat.to(torch.float32, copy=True)
+        # Kept as [replicas, n] (or [n]): a communicator may lay the replicas out by scope.
+        rows = x.view(-1, n) if x.dim() > 1 else x
         residual = self.residuals.get(slot)
         if self.compression.error_feedback and residual is not None:
-            if residual.shape != x.shape:
+            if residual.shape != rows.shape:
                 raise ValueError(
                     f"compression residual {slot} has shape {tuple(residual.shape)}, "
-                    f"the averaged values {tuple(x.shape)}: was the state saved by another model?"
+                    f"the averaged values {tuple(rows.shape)}: was the state saved by another model?"
                 )
-            x.add_(residual.to(x.device))
+            rows.add_(residual.to(x.device))
         payload = self.codec.encode(x)
         if self.compression.error_feedback:
-            self.residuals[slot] = x.sub_(self.codec.decode(payload, n))
+            self.residuals[slot] = rows.sub_(self.codec.decode(payload, n).reshape(rows.shape))
         gathered = gather(payload)
         # Rank order, one addition at a time: the same bits on every rank and engine.
         mean = self.codec.decode(gathered[0], n)

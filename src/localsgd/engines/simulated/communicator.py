@@ -165,19 +165,20 @@ class SimulatedCommunicator:
         self, tensors: Sequence[torch.Tensor], scope: Scope, size: int, record: bool, codec: WireCodec
     ) -> None:
         """The process engine's compressed average, every replica at once: each replica's
-        payload encoded from its own row, and every row of a block given the block's
-        payloads in replica order, to decode and average as each rank does."""
+        payload encoded from its own row, and the block's payloads decoded and averaged in
+        replica order as each rank does, once per block (the values are laid out [blocks,
+        G, n]; each member's payload is a [blocks, 1, B] view, and the mean broadcasts back
+        to the block's rows)."""
         stacked = self._stacked
 
         def gather(payload: torch.Tensor) -> list[torch.Tensor]:
-            blocks = payload.unflatten(0, (stacked // size, size))
-            return [blocks[:, j : j + 1].expand_as(blocks).reshape(payload.shape) for j in range(size)]
+            return [payload[:, j : j + 1] for j in range(size)]
 
         for slot, (members, _) in enumerate(self._groups(tensors)):
             start = time.perf_counter()
             span = replica_span(members, stacked)
             flat = span if span is not None else torch.cat([t.reshape(stacked, -1) for t in members], 1)
-            nbytes = codec.exchange(slot, flat, gather)
+            nbytes = codec.exchange(slot, flat.unflatten(0, (stacked // size, size)), gather)
             if span is None:
                 for t, piece in zip(members, flat.split([t[0].numel() for t in members], 1)):
                     t.copy_(piece.view_as(t))
