@@ -327,3 +327,37 @@ def test_ddp_averaged_gradients_refuse_a_codec():
     with pytest.raises(ValueError, match="DistributedDataParallel model DDP averages them uncompressed"):
         A.MiniBatchSGD(compression={"codec": "int8"}).bind(ctx)
     A.MiniBatchSGD().bind(ctx)  # uncompressed: DDP's averaging is counted as before
+
+
+def test_resume_is_exact_on_the_simulated_engine():
+    """The stacked replicas' residuals (every replica's) and anchor resume exactly too."""
+    world = 4
+    for name, algo in configs(world).items():
+
+        def run(
+            stop: int | None, state: dict[str, Any] | None, algo: A.AlgorithmConfig = algo
+        ) -> tuple[torch.Tensor, dict[str, Any] | None]:
+            stacked = StackedModel(model(), world)
+            opt = torch.optim.SGD(stacked.parameters(), lr=0.1, momentum=0.9)
+            saved = None
+            with localsgd.DataParallel(
+                stacked, opt, algo, comm=SimulatedCommunicator(world), flat=False
+            ) as dp:
+                first = 0
+                if state is not None:
+                    opt.load_state_dict(state["opt"])
+                    dp.load_state_dict(state["dp"])
+                    first = 5
+                for step in range(first, STEPS):
+                    opt.zero_grad()
+                    for p in stacked.parameters():
+                        p.grad = torch.stack([gradient(k, step, p.shape[1:]) for k in range(world)])
+                    opt.step()
+                    if step + 1 == stop:
+                        saved = copy.deepcopy({"dp": dp.state_dict(), "opt": opt.state_dict()})
+            return torch.cat([p.detach().reshape(-1) for p in stacked.parameters()]), saved
+
+        whole, saved = run(5, None)
+        assert saved is not None
+        again, _ = run(None, saved)
+        assert torch.equal(whole, again), name
