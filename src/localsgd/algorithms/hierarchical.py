@@ -39,8 +39,9 @@ class HierarchicalLocalSGD(AlgorithmConfig):
     optimizer_state: str = "local"
     """Optimizer state at a sync: ``local``, ``average`` or ``reset``."""
     compression: Compression | Mapping[str, Any] = NO_COMPRESSION
-    """What crosses the wire at a block or global sync (the change since the last sync): ``{codec = "int8", block = 256, ratio = 0.01,
-    error_feedback = true}`` (see :mod:`localsgd.comm.codecs`); ``none`` sends it exactly."""
+    """What crosses the wire at a block or global sync (the change since the last global one):
+    ``{codec = "int8", block = 256, ratio = 0.01, error_feedback = true}`` (see
+    :mod:`localsgd.comm.codecs`); ``none`` sends it exactly."""
 
     def __post_init__(self) -> None:
         check_int("hierarchical_local_sgd.period", self.period, 1)

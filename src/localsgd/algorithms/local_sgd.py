@@ -38,8 +38,9 @@ class LocalSGD(AlgorithmConfig):
     """At a sync, the optimizer state (momentum) is kept ``local``, averaged (``average``,
     in the same collective) or ``reset``."""
     compression: Compression | Mapping[str, Any] = NO_COMPRESSION
-    """What crosses the wire at a sync (the change since the last one): ``{codec = "int8", block = 256, ratio = 0.01,
-    error_feedback = true}`` (see :mod:`localsgd.comm.codecs`); ``none`` sends it exactly."""
+    """What crosses the wire at a sync (the change since the last one): ``{codec = "int8",
+    block = 256, ratio = 0.01, error_feedback = true}`` (see :mod:`localsgd.comm.codecs`);
+    ``none`` sends it exactly."""
 
     def __post_init__(self) -> None:
         check_int("local_sgd.period", self.period, 1)

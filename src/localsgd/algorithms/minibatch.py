@@ -27,8 +27,9 @@ class MiniBatchSGD(AlgorithmConfig):
     SYNCHRONOUS_BASELINE: ClassVar[bool] = True
 
     compression: Compression | Mapping[str, Any] = NO_COMPRESSION
-    """What crosses the wire every step (the gradients): ``{codec = "int8", block = 256, ratio = 0.01,
-    error_feedback = true}`` (see :mod:`localsgd.comm.codecs`); ``none`` sends it exactly."""
+    """What crosses the wire every step (the gradients): ``{codec = "int8", block = 256, ratio
+    = 0.01, error_feedback = true}`` (see :mod:`localsgd.comm.codecs`); ``none`` sends it
+    exactly."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "compression", resolve("minibatch_sgd", self.compression))

@@ -35,8 +35,9 @@ class PostLocalSGD(AlgorithmConfig):
     optimizer_state: str = "local"
     """Optimizer state at a local-SGD sync: ``local``, ``average`` or ``reset``."""
     compression: Compression | Mapping[str, Any] = NO_COMPRESSION
-    """What crosses the wire (gradients before t', changes since the last sync after): ``{codec = "int8", block = 256, ratio = 0.01,
-    error_feedback = true}`` (see :mod:`localsgd.comm.codecs`); ``none`` sends it exactly."""
+    """What crosses the wire (gradients before t', changes since the last sync after): ``{codec
+    = "int8", block = 256, ratio = 0.01, error_feedback = true}`` (see
+    :mod:`localsgd.comm.codecs`); ``none`` sends it exactly."""
 
     def __post_init__(self) -> None:
         check_int("post_local_sgd.switch_step", self.switch_step, 0)
