@@ -153,3 +153,26 @@ def test_a_study_estimate_before_the_runs_prices_the_codec(tmp_path: Path) -> No
     assert int4 == pytest.approx(syncs * gather.seconds(payload), rel=1e-12)
     assert topk == pytest.approx(syncs * gather.seconds(8 * 10_000), rel=1e-12)
     assert topk < 0.5 * plain < plain < int4
+
+
+def test_hidden_compute_hides_a_scope_with_gathers_per_mean_collective() -> None:
+    """Overlap (``hidden``) on a scope that also counts all-gathers: each collective waits
+    max(0, the scope's mean transfer − hidden), the all-reduces and all-gathers priced as
+    without overlap; a scope without gathers keeps the per-collective formula."""
+    cluster = Cluster("flat", 1, inter=WAN)
+    k, n = 8, 1_000_000
+    fp32 = 4 * n
+    int8 = payload_bytes(Compression(codec="int8"), n)
+    counters = {
+        "world": {"collectives": 4, "bytes": 2 * fp32 + 2 * int8, "gathers": 2, "gathered_bytes": 2 * int8}
+    }
+    whole = comm_seconds(counters, k, cluster)
+    expected = 2 * scope_cost("world", k, cluster).seconds(fp32) + 2 * gather_scope_cost(
+        "world", k, cluster
+    ).seconds(int8)
+    assert whole == pytest.approx(expected, rel=1e-12)
+    hide = whole / 4 / 3
+    assert comm_seconds(counters, k, cluster, hidden={"world": hide}) == pytest.approx(
+        4 * (whole / 4 - hide), rel=1e-12
+    )
+    assert comm_seconds(counters, k, cluster, hidden={"world": whole}) == 0.0
