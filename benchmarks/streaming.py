@@ -160,6 +160,29 @@ def make_optimizer(inner: str, model: nn.Module) -> torch.optim.Optimizer:
     return torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9)
 
 
+def codec_of(case: dict[str, Any]) -> str | None:
+    compression = case["algorithm"].get("compression")
+    return None if compression is None else str(compression["codec"])
+
+
+def codec_alone(plan: Plan, codec: str, reps: int = 5) -> float:
+    """Median seconds of one compressed average's own work on one process, everything but
+    the transfer: encoding (with error feedback), and decoding and averaging the K payloads
+    (the all-gather replaced by copies of this rank's payload)."""
+    from localsgd.comm.codecs import Compression, WireState
+
+    n = sum(p.numel() for p in build_model(plan).parameters())
+    values = torch.randn(n, generator=torch.Generator().manual_seed(3))
+    state = WireState(Compression(codec=codec))
+    times = []
+    for _ in range(reps + 1):
+        flat = values.clone()
+        start = time.perf_counter()
+        state.exchange(0, flat, lambda payload: [payload.clone() for _ in range(plan.workers)])
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[1:])
+
+
 def compute_alone(plan: Plan, steps: int = 24) -> float:
     """Median seconds of one training step of one process alone (no peers, no sync)."""
     model = build_model(plan)
@@ -229,8 +252,10 @@ def calibrate_link(plan: Plan, rate_bits: float | None, burst: int, model_bytes:
 
     sizes = probe_sizes(rate_bits)
     if rate_bits is None:
-        # Loopback: up to a few model's bytes is all the run ever moves at once.
-        sizes = [s for s in sizes if s < 2 * model_bytes] + [2 * model_bytes]
+        # Loopback: up to twice the model's bytes (all a sync moves), and at least 8 MiB, so
+        # that the times grow with the payload beyond a busy scheduler's hiccups.
+        top = max(2 * model_bytes, 8 * 2**20)
+        sizes = [s for s in sizes if s < top] + [top]
     pause = 2 * burst * 8 / rate_bits + 1e-3 if rate_bits and burst else 0.0
     data = measure(sizes, plan.calibration_reps, 1, pause)
     fit = fit_link(data["bytes"], data["seconds"], int(data["world_size"]), burst)  # type: ignore[arg-type]
@@ -370,10 +395,13 @@ def evaluate(
             predicted_wait = comm_seconds(counters, k, cluster, job["delay"] or None, hidden) / steps
             unhidden_wait = comm_seconds(counters, k, cluster, job["delay"] or None) / steps
             world = counters.get("world", {})
+            codec = codec_of(case)
+            own = job["codec_alone_s"][codec] * world.get("collectives", 0) / steps if codec else 0.0
             reps.append(
                 {
                     "step_s": step,
                     "wait_s": wait,
+                    "wait_by_rank_s": [x["wait_s"] / steps for x in per_rank],
                     "compute_s": compute,
                     "predicted_wait_s": predicted_wait,
                     "predicted_wait_unhidden_s": unhidden_wait,
@@ -381,6 +409,7 @@ def evaluate(
                     "collectives": world.get("collectives", 0),
                     "bytes_per_collective": world.get("bytes", 0) / max(world.get("collectives", 0), 1),
                     "gathers": world.get("gathers", 0),
+                    "codec_alone_s": own,
                 }
             )
         rows[name] = reps
@@ -399,6 +428,11 @@ def evaluate(
             )
         else:
             ratios.append(ratio("measured / predicted s/step", measured, predicted, **labels))
+        if codec_of(job["cases"][name]):
+            with_codec = [x["predicted_step_s"] + x["codec_alone_s"] for x in reps]
+            ratios.append(
+                ratio("measured / (predicted + codec work alone) s/step", measured, with_codec, **labels)
+            )
         if overlap_of(job["cases"][name]):
             plain = rows[plain_of(name)]
             ratios.append(
@@ -430,6 +464,7 @@ def tables(
         assert step is not None
         hidden = find("hidden share of the network wait", name)
         plain = rows[plain_of(name)]
+        codec = codec_of(job["cases"][name])
         predicted_hidden = ""
         wall_hidden = ""
         if hidden is not None:
@@ -450,6 +485,7 @@ def tables(
                 predicted_hidden,
                 wall_hidden,
                 f"{med(x['bytes_per_collective'] for x in reps) / 1e6:.3f}",
+                "" if codec is None else f"{1e3 * job['codec_alone_s'][codec]:.1f}",
             ]
         )
     reps = len(next(iter(rows.values())))
@@ -468,6 +504,7 @@ def tables(
                 "predicted hidden share",
                 "hidden share (wall)",
                 "MB per collective",
+                "codec work ms/sync (alone)",
             ],
             "rows": out,
             "note": (
@@ -480,8 +517,9 @@ def tables(
                 "repetition (target ≥ 0.70); hidden share (wall): (plain step − step) / plain "
                 "wait, which also charges the overlap's own costs (snapshot copies, the "
                 "collective's thread competing for the cores). Codecs send an all-gather of their "
-                "payload; encoding and decoding are inside the measured wait, not in the "
-                "prediction. A shared machine: figures are noisy (load average in the machine field)."
+                "payload (MB per collective: what one rank sends); encoding, decoding and "
+                "averaging the payloads are inside the measured wait but not in the cost model's "
+                "prediction: codec work (alone) is their time on one process with no transfer. A shared machine: figures are noisy (load average in the machine field)."
             ),
         }
     ]
@@ -557,6 +595,7 @@ def main() -> int:
             "rate_bits": rate_bits,
             "burst": 0,
             "model_bytes": model_bytes,
+            "codec_alone_s": {codec: codec_alone(plan, codec) for codec in (plan.codecs if codecs else ())},
             "out": str(work / "rank0.json"),
         }
         timeout = 900.0
@@ -587,6 +626,7 @@ def main() -> int:
         },
         "model": {"parameters": model_bytes // 4, "bytes": model_bytes},
         "compute_alone_step_s": alone,
+        "codec_alone_s": job["codec_alone_s"],
         "cases": job["cases"],
         "measurements": rows,
         "machine": machine_at_end(),

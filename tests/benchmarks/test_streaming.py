@@ -64,6 +64,23 @@ def test_quick_run_writes_ratios_and_a_table_per_case(tmp_path):
         fragments = cases[name]["algorithm"].get("fragments", 1)
         assert [m["collectives"] for m in reps_of] == [windows * fragments] * reps
         assert all(m["predicted_step_s"] > 0 and m["step_s"] > 0 for m in reps_of)
+    # A codec's sync is an all-gather of its payload: scales included, int8 sends at most
+    # 0.27x and 4-bit at most 0.15x of the plain case's fp32 bytes.
+    coded = {
+        name: case["algorithm"]["compression"]["codec"]
+        for name, case in cases.items()
+        if "compression" in case["algorithm"]
+    }
+    limits = {"int8": 0.27, "int4": 0.15}
+    for name, codec in coded.items():
+        plain = found["measurements"][name.split(" ")[0]][0]["bytes_per_collective"]
+        sent = [m["bytes_per_collective"] for m in found["measurements"][name]]
+        assert all(0 < b <= limits[codec] * plain for b in sent), (name, sent, plain)
+        assert all(m["gathers"] == m["collectives"] for m in found["measurements"][name])
+        assert [r["case"] for r in by_name["measured / (predicted + codec work alone) s/step"]].count(
+            name
+        ) == 1
+        assert found["codec_alone_s"][codec] > 0
     [table] = found["tables"]
     assert table["columns"][:2] == ["case", "ms/step"]
     assert [row[0] for row in table["rows"]] == list(cases)
