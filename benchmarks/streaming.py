@@ -15,7 +15,8 @@ The link is either
 - ``delay`` (no root needed): the processes on this machine's loopback, and an injected
   ``comm.delay`` of share · H · step compute seconds on every world collective (the
   communicator starts it with the collective, so overlapped compute hides it as it would
-  hide a slow transfer).
+  hide a slow transfer). The delay is per collective, not per byte: a codec's rows there
+  check the machinery only, since compression cannot shorten it.
 
 In the same launch the link is calibrated first, as ``benchmarks/emulated_cluster.py`` does
 (gloo all-reduces of growing payloads through the communicator, ``emulation.fit_link``:
