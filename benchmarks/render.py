@@ -39,6 +39,7 @@ ORDER = [
     "study_throughput",
     "imagenet_pipeline",
     "emulated_cluster",
+    "streaming",
     "soak",
     "gpu_smoke",
 ]
