@@ -8,17 +8,20 @@ from typing import Any
 import torch
 
 from localsgd.algorithms.base import SyncContext
+from localsgd.algorithms.compressed import DeltaCompression, average_through
 from localsgd.comm.base import WORLD, Scope
+from localsgd.comm.codecs import NO_COMPRESSION, Compression, WireState
 from localsgd.comm.sharding import local_tensor
 
 
-def average_gradients(ctx: SyncContext) -> None:
-    """Average every trainable parameter's gradient over the world (one collective per dtype).
+def average_gradients(ctx: SyncContext, wire: WireState | None = None) -> None:
+    """Average every trainable parameter's gradient over the world (one collective per dtype),
+    compressed through ``wire`` when given.
 
     A missing gradient counts as zeros and every parameter receives the average, so the
     replicas' optimizers see the same gradients and stay identical.
     """
-    ctx.comm.average(ctx.grads(), WORLD)
+    average_through(ctx, ctx.grads(), wire)
 
 
 def optimizer_state_tensors(ctx: SyncContext) -> list[torch.Tensor]:
@@ -46,23 +49,44 @@ class ModelAverager:
 
     ``optimizer_state``: ``local`` leaves it alone, ``average`` averages it with the
     parameters, ``reset`` clears it (momentum starts again from the next gradient).
+    ``compression``: parameters travel as compressed deltas (:mod:`.compressed`), the rest
+    exactly in a second collective.
     """
 
-    def __init__(self, ctx: SyncContext, average_buffers: bool, optimizer_state: str) -> None:
+    def __init__(
+        self,
+        ctx: SyncContext,
+        average_buffers: bool,
+        optimizer_state: str,
+        compression: Compression = NO_COMPRESSION,
+    ) -> None:
         self.ctx = ctx
         self.average_buffers = average_buffers
         self.optimizer_state = optimizer_state
+        self.delta = DeltaCompression(ctx, compression) if compression.enabled else None
 
     def __call__(self, scope: Scope = WORLD) -> None:
         ctx = self.ctx
+        if self.delta is not None:
+            self.delta(scope)
+            rest = ctx.model_tensors(params=False, buffers=True) if self.average_buffers else []
+            if self.optimizer_state == "average":
+                rest = list(rest) + optimizer_state_tensors(ctx)
+            if rest:
+                ctx.comm.average(rest, scope)
+            self._reset_state()
+            return
         tensors = ctx.model_tensors(params=True, buffers=self.average_buffers)
         if self.optimizer_state == "average":
             tensors = list(tensors)
             tensors += optimizer_state_tensors(ctx)
         ctx.comm.average(tensors, scope)
+        self._reset_state()
+
+    def _reset_state(self) -> None:
         if self.optimizer_state == "reset":
-            for p in ctx.optimizer_params():
-                ctx.optimizer.state.pop(p, None)
+            for p in self.ctx.optimizer_params():
+                self.ctx.optimizer.state.pop(p, None)
 
 
 class ParametersAlwaysInSync:

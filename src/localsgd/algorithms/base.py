@@ -22,6 +22,7 @@ from typing import Any, ClassVar, Protocol, TypeVar
 import torch
 
 from localsgd.comm.base import Communicator
+from localsgd.comm.codecs import NO_COMPRESSION, Compression
 from localsgd.comm.flat import Spans
 from localsgd.comm.sharding import local_tensor
 from localsgd.util.checks import ConfigError, from_dict
@@ -151,6 +152,9 @@ class AlgorithmCapabilities:
     blocks: tuple[tuple[str, int], ...] = ()
     """Each block scope the algorithm averages over, as (its config field, G): blocks of G
     consecutive workers, so G must divide the workers."""
+    compression: Compression = NO_COMPRESSION
+    """How its syncs cross the wire (its ``compression`` field): the payload and the
+    collective (an all-gather for a codec) an estimate before the run prices."""
 
 
 class AlgorithmConfig:
@@ -200,6 +204,7 @@ class AlgorithmConfig:
             synchronous_baseline=self.SYNCHRONOUS_BASELINE,
             sharded_parameters=self.SHARDED_PARAMETERS,
             blocks=tuple((key, int(getattr(self, key))) for key in self.BLOCK_FIELDS),
+            compression=getattr(self, "compression", NO_COMPRESSION),
         )
 
     @property

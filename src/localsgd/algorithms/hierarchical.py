@@ -9,8 +9,15 @@ from typing import Any, ClassVar
 from localsgd.algorithms._common import ModelAverager, average_model, require_keys
 from localsgd.algorithms.base import AlgorithmConfig, SyncContext, register
 from localsgd.algorithms.local_sgd import check_local_options
-from localsgd.algorithms.streaming import Streamer, check_streaming, streamed_syncs, streaming_options
+from localsgd.algorithms.streaming import (
+    Streamer,
+    check_streaming,
+    refuse_compressed,
+    streamed_syncs,
+    streaming_options,
+)
 from localsgd.comm.base import WORLD, Block
+from localsgd.comm.codecs import NO_COMPRESSION, Compression, resolve
 from localsgd.util.checks import check_int
 
 
@@ -45,13 +52,17 @@ class HierarchicalLocalSGD(AlgorithmConfig):
     """τ: steps a fragment's global average is in flight before it lands; τ <= H·H_b/F."""
     mixing: float = 0.0
     """α: a landed global average θ̃ becomes (1 − α)·θ̃ + α·θ_local, in [0, 1)."""
+    compression: Compression | Mapping[str, Any] = NO_COMPRESSION
+    """What crosses the wire at a block or global sync (the change since the last global one):
+    ``{codec = "int8", block = 256, ratio = 0.01, error_feedback = true}`` (see
+    :mod:`localsgd.comm.codecs`); ``none`` sends it exactly."""
 
     def __post_init__(self) -> None:
         check_int("hierarchical_local_sgd.period", self.period, 1)
         check_int("hierarchical_local_sgd.block_period", self.block_period, 1)
         check_int("hierarchical_local_sgd.block_size", self.block_size, 1)
         check_local_options("hierarchical_local_sgd", self.average_buffers, self.optimizer_state)
-        check_streaming(
+        streaming = check_streaming(
             "hierarchical_local_sgd",
             self.fragments,
             self.overlap,
@@ -60,6 +71,8 @@ class HierarchicalLocalSGD(AlgorithmConfig):
             "hierarchical_local_sgd.period·block_period",
             self.optimizer_state,
         )
+        object.__setattr__(self, "compression", resolve("hierarchical_local_sgd", self.compression))
+        refuse_compressed("hierarchical_local_sgd", streaming, self.compression)
 
     @property
     def sync_period(self) -> int:
@@ -81,7 +94,8 @@ class HierarchicalSync:
         self.ctx = ctx
         self.block = Block(config.block_size)
         ctx.comm.prepare(self.block)
-        self.averager = ModelAverager(ctx, config.average_buffers, config.optimizer_state)
+        compression = resolve(config.name, config.compression)
+        self.averager = ModelAverager(ctx, config.average_buffers, config.optimizer_state, compression)
         self.step = 0
         self.block_syncs = 0
         self.global_syncs = 0
@@ -159,6 +173,8 @@ class HierarchicalSync:
         }
         if self.streamer is not None:
             state["streaming"] = self.streamer.state_dict()
+        if self.averager.delta is not None:
+            state["compression"] = self.averager.delta.state_dict()
         return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -170,3 +186,6 @@ class HierarchicalSync:
         if self.streamer is not None:
             require_keys(state, ["streaming"], "hierarchical_local_sgd with streaming")
             self.streamer.load_state_dict(state["streaming"])
+        if self.averager.delta is not None:
+            require_keys(state, ["compression"], "hierarchical_local_sgd with compression")
+            self.averager.delta.load_state_dict(state["compression"])

@@ -13,9 +13,11 @@ from localsgd.algorithms.base import OPTIMIZER_STATE_CHOICES, AlgorithmConfig, S
 from localsgd.algorithms.streaming import (
     StreamingSync,
     check_streaming,
+    refuse_compressed,
     streamed_syncs,
     streaming_options,
 )
+from localsgd.comm.codecs import NO_COMPRESSION, Compression, resolve
 from localsgd.util.checks import check_bool, check_choice, check_int
 
 
@@ -51,13 +53,19 @@ class LocalSGD(AlgorithmConfig):
     """τ: steps a fragment's average is in flight before it lands; τ <= H/F."""
     mixing: float = 0.0
     """α: a landed average θ̃ becomes (1 − α)·θ̃ + α·θ_local, in [0, 1)."""
+    compression: Compression | Mapping[str, Any] = NO_COMPRESSION
+    """What crosses the wire at a sync (the change since the last one): ``{codec = "int8",
+    block = 256, ratio = 0.01, error_feedback = true}`` (see :mod:`localsgd.comm.codecs`);
+    ``none`` sends it exactly."""
 
     def __post_init__(self) -> None:
         check_int("local_sgd.period", self.period, 1)
         check_local_options("local_sgd", self.average_buffers, self.optimizer_state)
-        check_streaming(
+        streaming = check_streaming(
             "local_sgd", self.fragments, self.overlap, self.mixing, self.period, "local_sgd.period", self.optimizer_state
         )
+        object.__setattr__(self, "compression", resolve("local_sgd", self.compression))
+        refuse_compressed("local_sgd", streaming, self.compression)
 
     @property
     def sync_period(self) -> int:
@@ -79,6 +87,9 @@ class PeriodicConfig(Protocol):
     @property
     def optimizer_state(self) -> str: ...
 
+    @property
+    def compression(self) -> Compression | Mapping[str, Any]: ...
+
     name: ClassVar[str]
 
 
@@ -98,7 +109,9 @@ def periodic_sync(
             outer=outer,
             key=f"{config.name}.fragments",
         )
-    return LocalSGDSync(ctx, period, ModelAverager(ctx, config.average_buffers, config.optimizer_state), outer)
+    compression = resolve(config.name, config.compression)
+    averager = ModelAverager(ctx, config.average_buffers, config.optimizer_state, compression)
+    return LocalSGDSync(ctx, period, averager, outer)
 
 
 class AfterAverage(Protocol):
@@ -146,6 +159,8 @@ class LocalSGDSync:
         model at post-local SGD's switch): the outer optimizer anchors there."""
         if self.outer is not None:
             self.outer.restart()
+        if self.averager.delta is not None:
+            self.averager.delta.restart()
 
     def after_step(self) -> None:
         self.since_sync += 1
@@ -182,6 +197,8 @@ class LocalSGDSync:
         }
         if self.outer is not None:
             state["outer"] = self.outer.state_dict()
+        if self.averager.delta is not None:
+            state["compression"] = self.averager.delta.state_dict()
         return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -192,3 +209,6 @@ class LocalSGDSync:
         if self.outer is not None:
             require_keys(state, ["outer"], "local SGD with an outer optimizer")
             self.outer.load_state_dict(state["outer"])
+        if self.averager.delta is not None:
+            require_keys(state, ["compression"], "local SGD with compression")
+            self.averager.delta.load_state_dict(state["compression"])

@@ -34,7 +34,8 @@ from localsgd.algorithms._common import (
 from localsgd.algorithms.base import AlgorithmConfig, SyncContext, register, switched_syncs
 from localsgd.algorithms.local_sgd import LocalSGDSync, check_local_options, periodic_sync
 from localsgd.algorithms.post_local_sgd import SwitchedSync
-from localsgd.algorithms.streaming import StreamingSync, check_streaming, streaming_options
+from localsgd.algorithms.streaming import StreamingSync, check_streaming, refuse_compressed, streaming_options
+from localsgd.comm.codecs import NO_COMPRESSION, Compression, resolve
 from localsgd.util.checks import check_bool, check_float, check_int
 
 
@@ -163,6 +164,10 @@ class SlowMo(AlgorithmConfig):
     """τ: steps a fragment's pseudo-gradient is in flight before its outer step; τ <= H/F."""
     mixing: float = 0.0
     """α: the outer step's result θ̃ lands as (1 − α)·θ̃ + α·θ_local, in [0, 1)."""
+    compression: Compression | Mapping[str, Any] = NO_COMPRESSION
+    """What crosses the wire: the pseudo-gradient x_0 − x_k, as ``{codec = "int8", block =
+    256, ratio = 0.01, error_feedback = true}`` (gradients before t'; see
+    :mod:`localsgd.comm.codecs`); ``none`` sends it exactly."""
 
     def __post_init__(self) -> None:
         check_int("slowmo.period", self.period, 1)
@@ -171,9 +176,11 @@ class SlowMo(AlgorithmConfig):
         check_float("slowmo.outer_lr", self.outer_lr, 0.0, None, low_open=True)
         check_bool("slowmo.nesterov", self.nesterov)
         check_local_options("slowmo", self.average_buffers, self.optimizer_state)
-        check_streaming(
+        streaming = check_streaming(
             "slowmo", self.fragments, self.overlap, self.mixing, self.period, "slowmo.period", self.optimizer_state
         )
+        object.__setattr__(self, "compression", resolve("slowmo", self.compression))
+        refuse_compressed("slowmo", streaming, self.compression)
 
     @property
     def sync_period(self) -> int:
@@ -226,6 +233,10 @@ class DiLoCo(AlgorithmConfig):
     """τ: steps a fragment's pseudo-gradient is in flight before its outer step; τ <= H/F."""
     mixing: float = 0.0
     """α: the outer step's result θ̃ lands as (1 − α)·θ̃ + α·θ_local, in [0, 1)."""
+    compression: Compression | Mapping[str, Any] = NO_COMPRESSION
+    """What crosses the wire: the pseudo-gradient x_0 − x_k, as ``{codec = "int8", block =
+    256, ratio = 0.01, error_feedback = true}`` (gradients before t'; see
+    :mod:`localsgd.comm.codecs`); ``none`` sends it exactly."""
 
     def __post_init__(self) -> None:
         check_int("diloco.period", self.period, 1)
@@ -234,9 +245,11 @@ class DiLoCo(AlgorithmConfig):
         check_float("diloco.outer_momentum", self.outer_momentum, 0.0, 1.0)
         check_bool("diloco.nesterov", self.nesterov)
         check_local_options("diloco", self.average_buffers, self.optimizer_state)
-        check_streaming(
+        streaming = check_streaming(
             "diloco", self.fragments, self.overlap, self.mixing, self.period, "diloco.period", self.optimizer_state
         )
+        object.__setattr__(self, "compression", resolve("diloco", self.compression))
+        refuse_compressed("diloco", streaming, self.compression)
 
     @property
     def sync_period(self) -> int:
@@ -256,4 +269,6 @@ def after_switch(
     """Outer steps every H local steps; after mini-batch SGD up to t' when t' > 0 (at t' = 0
     the synchronizer, its state included, is exactly the one without a switch)."""
     local = periodic_sync(config, ctx, config.period, outer)
-    return SwitchedSync(ctx, config.switch_step, local, config.name) if config.switch_step else local
+    if not config.switch_step:
+        return local
+    return SwitchedSync(ctx, config.switch_step, local, config.name, resolve(config.name, config.compression))

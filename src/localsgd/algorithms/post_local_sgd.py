@@ -10,7 +10,8 @@ from localsgd.algorithms._common import require_keys
 from localsgd.algorithms.base import AlgorithmConfig, SyncContext, register, switched_syncs
 from localsgd.algorithms.local_sgd import LocalSGDSync, check_local_options, periodic_sync
 from localsgd.algorithms.minibatch import MiniBatchSync
-from localsgd.algorithms.streaming import StreamingSync, check_streaming, streaming_options
+from localsgd.algorithms.streaming import StreamingSync, check_streaming, refuse_compressed, streaming_options
+from localsgd.comm.codecs import NO_COMPRESSION, Compression, resolve
 from localsgd.util.checks import check_int
 
 
@@ -41,12 +42,16 @@ class PostLocalSGD(AlgorithmConfig):
     """τ: steps a fragment's average is in flight before it lands; τ <= H/F."""
     mixing: float = 0.0
     """α: a landed average θ̃ becomes (1 − α)·θ̃ + α·θ_local, in [0, 1)."""
+    compression: Compression | Mapping[str, Any] = NO_COMPRESSION
+    """What crosses the wire (gradients before t', changes since the last sync after): ``{codec
+    = "int8", block = 256, ratio = 0.01, error_feedback = true}`` (see
+    :mod:`localsgd.comm.codecs`); ``none`` sends it exactly."""
 
     def __post_init__(self) -> None:
         check_int("post_local_sgd.switch_step", self.switch_step, 0)
         check_int("post_local_sgd.period", self.period, 1)
         check_local_options("post_local_sgd", self.average_buffers, self.optimizer_state)
-        check_streaming(
+        streaming = check_streaming(
             "post_local_sgd",
             self.fragments,
             self.overlap,
@@ -55,6 +60,8 @@ class PostLocalSGD(AlgorithmConfig):
             "post_local_sgd.period",
             self.optimizer_state,
         )
+        object.__setattr__(self, "compression", resolve("post_local_sgd", self.compression))
+        refuse_compressed("post_local_sgd", streaming, self.compression)
 
     @property
     def sync_period(self) -> int:
@@ -64,7 +71,8 @@ class PostLocalSGD(AlgorithmConfig):
         return switched_syncs(steps, self.switch_step, self.period, streaming_options(self))
 
     def bind(self, ctx: SyncContext) -> SwitchedSync:
-        return SwitchedSync(ctx, self.switch_step, periodic_sync(self, ctx, self.period), self.name)
+        local = periodic_sync(self, ctx, self.period)
+        return SwitchedSync(ctx, self.switch_step, local, self.name, resolve(self.name, self.compression))
 
 
 class SwitchedSync:
@@ -73,12 +81,17 @@ class SwitchedSync:
     Post-local SGD's schedule; SlowMo and DiLoCo after a switch use it too."""
 
     def __init__(
-        self, ctx: SyncContext, switch_step: int, local: LocalSGDSync | StreamingSync, name: str
+        self,
+        ctx: SyncContext,
+        switch_step: int,
+        local: LocalSGDSync | StreamingSync,
+        name: str,
+        compression: Compression = NO_COMPRESSION,
     ) -> None:
         self.switch_step = switch_step
         self.name = name
         self.step = 0
-        self.minibatch = MiniBatchSync(ctx)
+        self.minibatch = MiniBatchSync(ctx, compression)
         self.local = local
 
     @property

@@ -104,6 +104,16 @@ def check_streaming(
     return options
 
 
+def refuse_compressed(prefix: str, options: StreamingOptions, compression: object) -> None:
+    """A compressed sync is not streamed yet: ``{prefix}.compression`` with a codec asks
+    for F, τ, α at 1, 0, 0 (a fragment's in-flight average would need its own all-gather)."""
+    if options.active and getattr(compression, "enabled", False):
+        raise ConfigError(
+            f"{prefix}.compression: a compressed sync does not stream yet ({prefix}.fragments/overlap/"
+            f"mixing must be 1/0/0, got {options.fragments}/{options.overlap}/{options.mixing:g})"
+        )
+
+
 def streamed_syncs(steps: int, period: int, options: StreamingOptions) -> int:
     """Fragment syncs landed within ``steps`` local steps: fragment p starts at the steps
     t ≡ p·H/F (mod H), t ≥ 1, and lands τ steps later. ``steps // period`` without

@@ -60,7 +60,9 @@ class CommStats:
 
     ``bytes`` is the payload handed to each collective (numel x element size), not the
     traffic a particular collective algorithm puts on the wire; the cost model turns one
-    into the other.
+    into the other. A compressed average is an all-gather of each rank's payload, not an
+    all-reduce: its scope's entry also counts it under ``gathers`` and ``gathered_bytes``
+    (keys present only once one happened), so the cost model prices the two apart.
     """
 
     collectives: int = 0
@@ -68,7 +70,7 @@ class CommStats:
     seconds: float = 0.0
     by_scope: dict[str, dict[str, float]] = field(default_factory=dict)
 
-    def record(self, scope_label: str, nbytes: int, seconds: float) -> None:
+    def record(self, scope_label: str, nbytes: int, seconds: float, *, gathered: bool = False) -> None:
         self.collectives += 1
         self.bytes += nbytes
         self.seconds += seconds
@@ -78,6 +80,9 @@ class CommStats:
         entry["collectives"] += 1
         entry["bytes"] += nbytes
         entry["seconds"] += seconds
+        if gathered:
+            entry["gathers"] = entry.get("gathers", 0) + 1
+            entry["gathered_bytes"] = entry.get("gathered_bytes", 0) + nbytes
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -129,13 +134,28 @@ class PendingAverage(Protocol):
 """Builds the server from the initial global model (one replica's tensors)."""
 
 
+class WireCodec(Protocol):
+    """How an average is compressed (:class:`localsgd.comm.codecs.WireState`): the
+    communicator hands it each dtype group's flat values and its own all-gather."""
+
+    def exchange(
+        self, slot: int, flat: torch.Tensor, gather: Callable[[torch.Tensor], list[torch.Tensor]]
+    ) -> int:
+        """Replace ``flat`` with the scope's mean of what its members sent; return the bytes
+        this rank sent (``gather`` takes one payload, returns every member's in rank order)."""
+        ...
+
+
 @runtime_checkable
 class Communicator(Protocol):
     """What an algorithm may ask of the engine.
 
     ``average`` works in place and issues one collective per dtype among ``tensors``
     (never one per tensor). ``record=False`` keeps the call out of :attr:`stats`, for
-    bookkeeping traffic such as evaluating the consensus model.
+    bookkeeping traffic such as evaluating the consensus model. ``codec``: the values
+    cross the wire compressed, as an all-gather of each member's payload that every member
+    decodes and averages in rank order (see :mod:`localsgd.comm.codecs`); counted bytes
+    are the payload's.
     """
 
     @property
@@ -154,7 +174,12 @@ class Communicator(Protocol):
         ...
 
     def average(
-        self, tensors: Sequence[torch.Tensor], scope: Scope = WORLD, *, record: bool = True
+        self,
+        tensors: Sequence[torch.Tensor],
+        scope: Scope = WORLD,
+        *,
+        record: bool = True,
+        codec: WireCodec | None = None,
     ) -> None: ...
 
     def start_average(

@@ -9,7 +9,16 @@ from typing import Any, NamedTuple
 import torch
 import torch.distributed as dist
 
-from localsgd.comm.base import WORLD, Block, CommStats, PendingAverage, Scope, ServerFactory, check_block
+from localsgd.comm.base import (
+    WORLD,
+    Block,
+    CommStats,
+    PendingAverage,
+    Scope,
+    ServerFactory,
+    WireCodec,
+    check_block,
+)
 from localsgd.comm.flat import contiguous_span, group_by_dtype, pack, reduction_dtype, unpack
 from localsgd.comm.parameter_server import (
     KIND_FINISH,
@@ -198,9 +207,19 @@ class ProcessGroupCommunicator:
             self._routes[scope] = route
         return route
 
-    def average(self, tensors: Sequence[torch.Tensor], scope: Scope = WORLD, *, record: bool = True) -> None:
+    def average(
+        self,
+        tensors: Sequence[torch.Tensor],
+        scope: Scope = WORLD,
+        *,
+        record: bool = True,
+        codec: WireCodec | None = None,
+    ) -> None:
         route = self._route(scope)
         if route.size == 1 or not tensors:
+            return
+        if codec is not None:
+            self._average_encoded(tensors, route, record, codec)
             return
         if len(tensors) == 1:
             flat = tensors[0]
@@ -255,6 +274,31 @@ class ProcessGroupCommunicator:
                 work = dist.all_reduce(reduced, op=op, group=route.group, async_op=True)
                 parts.append(_Part(work, flat, reduced, members))
         return _Pending(self._stats, route, parts, record, time.perf_counter())
+
+    def _average_encoded(
+        self, tensors: Sequence[torch.Tensor], route: _Route, record: bool, codec: WireCodec
+    ) -> None:
+        """Each dtype group's payload all-gathered, decoded and averaged by every rank."""
+
+        def gather(payload: torch.Tensor) -> list[torch.Tensor]:
+            out = [torch.empty_like(payload) for _ in range(route.size)]
+            dist.all_gather(out, payload, group=route.group)
+            return out
+
+        for slot, (flat, members) in enumerate(_flats(tensors)):
+            cuda = flat.is_cuda
+            if cuda:
+                torch.cuda.synchronize(flat.device)
+            start = time.perf_counter()
+            nbytes = codec.exchange(slot, flat, gather)
+            if members is not None:
+                unpack(flat, members)
+            if cuda:
+                torch.cuda.synchronize(flat.device)
+            if record:
+                if route.pause:
+                    time.sleep(route.pause)
+                self._stats.record(route.label, nbytes, time.perf_counter() - start, gathered=True)
 
     def broadcast(self, tensors: Sequence[torch.Tensor], src: int = 0, *, record: bool = True) -> None:
         if self._world_size == 1 or not tensors:

@@ -7,7 +7,16 @@ from collections.abc import Sequence
 
 import torch
 
-from localsgd.comm.base import WORLD, Block, CommStats, PendingAverage, Scope, ServerFactory, check_block
+from localsgd.comm.base import (
+    WORLD,
+    Block,
+    CommStats,
+    PendingAverage,
+    Scope,
+    ServerFactory,
+    WireCodec,
+    check_block,
+)
 from localsgd.comm.parameter_server import ServerHost, record_exchange, record_pull
 
 
@@ -45,7 +54,14 @@ class SoloCommunicator:
         if isinstance(scope, Block):
             check_block(scope, 1)
 
-    def average(self, tensors: Sequence[torch.Tensor], scope: Scope = WORLD, *, record: bool = True) -> None:
+    def average(
+        self,
+        tensors: Sequence[torch.Tensor],
+        scope: Scope = WORLD,
+        *,
+        record: bool = True,
+        codec: WireCodec | None = None,
+    ) -> None:
         return None
 
     def start_average(

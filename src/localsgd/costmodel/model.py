@@ -283,6 +283,56 @@ def scope_cost(scope: str, workers: int, cluster: Cluster) -> CollectiveCost:
     return allreduce_cost(size, cluster)
 
 
+# -- compressed averages: an all-gather of each rank's payload -------------------------------
+
+
+def ring_allgather_cost(p: int, link: Link) -> CollectiveCost:
+    """A ring all-gather of an n-byte payload per rank: p−1 steps, each passing one rank's
+    n bytes on, T = (p−1)·α + (p−1)·n/β. n is what each rank sends (a codec's payload), so
+    per byte it costs p/2 times a ring all-reduce's 2(p−1)/p: compression pays only where
+    it shrinks the payload by more than that."""
+    _check_workers(p, "p")
+    if p == 1:
+        return ZERO
+    return CollectiveCost((p - 1) * link.alpha, (p - 1) / link.bandwidth)
+
+
+def allgather_cost(p: int, cluster: Cluster) -> CollectiveCost:
+    """An all-gather of n bytes per rank over ranks [0, p) of ``cluster``, placed as
+    :func:`allreduce_cost` places them: one ring inside a node or across single-device
+    nodes; with ``allreduce = "hierarchical"`` and N = p/M full nodes, M concurrent
+    inter-node rings (one per local rank, each gathering N payloads), then an intra-node
+    all-gather of the N·n bytes each holds, (N−1)(α_e + n/β_e) + (M−1)(α_i + N·n/β_i);
+    otherwise one flat ring at the inter-node link's pace."""
+    _check_workers(p, "p")
+    g = cluster.devices_per_node
+    if p == 1:
+        return ZERO
+    if p <= g:
+        return ring_allgather_cost(p, cluster._intra())
+    if cluster._flat(p):
+        return ring_allgather_cost(p, cluster.inter)
+    nodes = p // g
+    across = ring_allgather_cost(nodes, cluster.inter)
+    inside = ring_allgather_cost(g, cluster._intra())
+    return across + CollectiveCost(inside.latency, inside.per_byte * nodes)
+
+
+def gather_scope_cost(scope: str, workers: int, cluster: Cluster) -> CollectiveCost:
+    """:func:`scope_cost` for an all-gather (a compressed average) of ``scope``: blocks
+    inside a node gather on the intra-node link, straddling ones at the inter-node pace."""
+    size = scope_size(scope, workers)
+    if scope in SERVER_SCOPES:
+        raise ValueError(f"scope {scope!r} is a parameter server's transfer, not a collective")
+    if scope == "world" or size == 1:
+        return allgather_cost(size, cluster)
+    if _block_on_one_node(size, workers, cluster):
+        return ring_allgather_cost(size, cluster._intra())
+    if size < cluster.devices_per_node:
+        return ring_allgather_cost(size, cluster.inter)
+    return allgather_cost(size, cluster)
+
+
 def collective_seconds(nbytes: float, scope: str, workers: int, cluster: Cluster) -> float:
     """One collective of ``nbytes`` in ``scope``, from the per-collective formulas
     (:func:`allreduce_seconds`, :func:`ring_allreduce_seconds`); equals
@@ -361,12 +411,14 @@ def comm_seconds(
     such as measured ``seconds``, are ignored). ``delay`` adds seconds to every collective
     of a scope (``{"world": 1.0}``: a run's injected ``comm.delay``). Exact when all
     collectives of a scope move the same payload, and in general since every term is affine
-    in the payload.
+    in the payload. A scope's ``gathers`` and ``gathered_bytes`` (compressed averages,
+    included in its totals) are priced as all-gathers (:func:`gather_scope_cost`), the
+    rest as all-reduces.
 
     ``hidden`` (``{scope: seconds}``): compute each collective of a scope runs beside
     (streaming's τ steps of compute while a fragment's average is in flight). A step then
     waits only for what the transfer does not hide: per collective max(0, latency + delay +
-    payload · per_byte − hidden), with the scope's mean payload per collective."""
+    payload · per_byte − hidden), with the scope's mean transfer per collective."""
     added = check_delay(delay, workers)
     hide = dict(hidden or {})
     total = 0.0
@@ -377,15 +429,25 @@ def comm_seconds(
         nbytes = check_real(f"{scope}.bytes", counters.get("bytes", 0), unit="bytes")
         if collectives == 0 and nbytes == 0:
             continue
+        gathers = check_real(f"{scope}.gathers", counters.get("gathers", 0))
+        gathered = check_real(f"{scope}.gathered_bytes", counters.get("gathered_bytes", 0), unit="bytes")
+        if gathers > collectives or gathered > nbytes:
+            raise ValueError(
+                f"scope {scope!r} counts more gathers ({gathers:g}, {gathered:g} B) than collectives "
+                f"({collectives:g}, {nbytes:g} B)"
+            )
         cost = scope_cost(scope, workers, cluster)
+        reduces, reduced = collectives - gathers, nbytes - gathered
+        seconds = collectives * added.get(scope, 0.0) + reduces * cost.latency + reduced * cost.per_byte
+        if gathers:
+            gather = gather_scope_cost(scope, workers, cluster)
+            seconds += gathers * gather.latency + gathered * gather.per_byte
         behind = hide.get(scope, 0.0)
         if behind and collectives:
             if math.isnan(behind):
                 return math.nan
-            transfer = cost.latency + added.get(scope, 0.0) + nbytes / collectives * cost.per_byte
-            total += collectives * max(0.0, transfer - behind)
-            continue
-        total += collectives * (cost.latency + added.get(scope, 0.0)) + nbytes * cost.per_byte
+            seconds = collectives * max(0.0, seconds / collectives - behind)
+        total += seconds
     return total
 
 

@@ -186,13 +186,18 @@ def _run_row(record: RunRecord, rows: list[MetricsRow]) -> dict[str, Any]:
     return row
 
 
+SCOPE_KEYS = ("collectives", "bytes", "seconds", "gathers", "gathered_bytes")
+"""A scope's counters; the last two only where a compressed average happened (see
+:class:`localsgd.comm.base.CommStats`)."""
+
+
 def row_counters(row: Mapping[str, Any]) -> dict[str, dict[str, float]] | None:
     """The cumulative per-scope counters of a metrics row: its ``by_scope``, or, when it
     has none, its totals counted as world scope. None when the row has neither."""
     by_scope = row.get("by_scope")
     if isinstance(by_scope, Mapping) and by_scope:
         out = {
-            str(scope): {k: _number(v.get(k, 0)) for k in ("collectives", "bytes", "seconds")}
+            str(scope): {k: _number(v.get(k, 0)) for k in SCOPE_KEYS if k in v or k in SCOPE_KEYS[:3]}
             for scope, v in by_scope.items()
             if isinstance(v, Mapping)
         }

@@ -7,6 +7,7 @@ The estimate of a run of K workers at batch B per worker, T steps::
 
     compute = T · B · seconds_per_sample                (the workers in parallel)
     comm    = Σ_scope syncs(scope) · allreduce(4·P bytes, scope, K, cluster)
+            (with a codec: Σ_scope syncs(scope) · allgather(payload(P), scope, K, cluster))
 
 with T from the epochs and ``train_samples`` (less the workload's validation split), the
 synchronisations from the algorithm's schedule
@@ -22,7 +23,8 @@ import math
 from dataclasses import dataclass, field
 
 from localsgd.algorithms.streaming import streaming_options
-from localsgd.costmodel import Cluster, collective_seconds, load_cluster
+from localsgd.comm.codecs import payload_bytes
+from localsgd.costmodel import Cluster, collective_seconds, gather_scope_cost, load_cluster
 from localsgd.run.config import RunConfig
 from localsgd.util.checks import ConfigError
 from localsgd.workloads import VALIDATION_FRACTION
@@ -98,6 +100,13 @@ def estimate_run(run: RunConfig, section: EstimateSection, cluster: Cluster) -> 
     syncs = algorithm.planned_syncs(steps)
     if syncs is None:
         return RunEstimate(steps, compute, None)
+    compression = algorithm.capabilities.compression
+    if compression.enabled:
+        payload = payload_bytes(compression, section.parameters[name])
+        comm = sum(
+            n * gather_scope_cost(scope, run.workers, cluster).seconds(payload) for scope, n in syncs.items() if n
+        )
+        return RunEstimate(steps, compute, comm)
     nbytes = FP32_BYTES * section.parameters[name]
     streaming = streaming_options(algorithm)
 

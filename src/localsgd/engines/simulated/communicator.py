@@ -19,6 +19,7 @@ from localsgd.comm.base import (
     Scope,
     Server,
     ServerFactory,
+    WireCodec,
     check_block,
 )
 from localsgd.comm.flat import group_by_dtype, reduction_dtype
@@ -159,12 +160,22 @@ class SimulatedCommunicator:
             yield members, sum(t[0].numel() * size for t in members)
 
     @torch.no_grad()
-    def average(self, tensors: Sequence[torch.Tensor], scope: Scope = WORLD, *, record: bool = True) -> None:
+    def average(
+        self,
+        tensors: Sequence[torch.Tensor],
+        scope: Scope = WORLD,
+        *,
+        record: bool = True,
+        codec: WireCodec | None = None,
+    ) -> None:
         size = scope.size if isinstance(scope, Block) else self._k
         if isinstance(scope, Block):
             check_block(scope, self._k)
         if size == 1 or not tensors:
             return  # as the process engine: a group of one exchanges and counts nothing
+        if codec is not None:
+            self._average_encoded(tensors, scope, size, record, codec)
+            return
         for members, nbytes in self._groups(tensors, wire=True):
             start = time.perf_counter()
             span = replica_span(members, self._stacked)
@@ -185,6 +196,30 @@ class SimulatedCommunicator:
         if isinstance(scope, Block):
             check_block(scope, self._k)
         return _Deferred(self, list(tensors), scope, record)
+
+    def _average_encoded(
+        self, tensors: Sequence[torch.Tensor], scope: Scope, size: int, record: bool, codec: WireCodec
+    ) -> None:
+        """The process engine's compressed average, every replica at once: each replica's
+        payload encoded from its own row, and the block's payloads decoded and averaged in
+        replica order as each rank does, once per block (the values are laid out [blocks,
+        G, n]; each member's payload is a [blocks, 1, B] view, and the mean broadcasts back
+        to the block's rows)."""
+        stacked = self._stacked
+
+        def gather(payload: torch.Tensor) -> list[torch.Tensor]:
+            return [payload[:, j : j + 1] for j in range(size)]
+
+        for slot, (members, _) in enumerate(self._groups(tensors)):
+            start = time.perf_counter()
+            span = replica_span(members, stacked)
+            flat = span if span is not None else torch.cat([t.reshape(stacked, -1) for t in members], 1)
+            nbytes = codec.exchange(slot, flat.unflatten(0, (stacked // size, size)), gather)
+            if span is None:
+                for t, piece in zip(members, flat.split([t[0].numel() for t in members], 1)):
+                    t.copy_(piece.view_as(t))
+            if record:
+                self._stats.record(scope.label(), nbytes, time.perf_counter() - start, gathered=True)
 
     @torch.no_grad()
     def broadcast(self, tensors: Sequence[torch.Tensor], src: int = 0, *, record: bool = True) -> None:

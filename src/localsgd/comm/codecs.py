@@ -1,0 +1,351 @@
+"""Codecs for what crosses the wire: fp16, bf16, int8 and 4-bit min-max, fp8, top-k.
+
+A codec turns a flat fp32 tensor ``[..., n]`` (one replica's values, or every replica's
+stacked along leading dimensions) into a byte payload ``[..., B]`` and back. The leading
+dimensions are only batched over: encoding row r of a stack gives the bytes encoding that
+row alone gives, so the simulated engine's stacked replicas produce the process engine's
+bits.
+
+**Collective pattern.** A quantized payload cannot be summed by an all-reduce, and an
+all-reduce in fp16/bf16 rounds at every addition in an order each backend chooses. Every
+codec therefore takes the same path: each rank sends its payload in an **all-gather** (B
+bytes handed to the collective, the figure ``CommStats.bytes`` counts), then every rank
+decodes the K payloads and averages them itself, in rank order (``((d_0 + d_1) + ...) /
+K`` in fp32). All ranks get the same bits, and so does the simulated engine, which stacks
+the replicas and does the same elementwise arithmetic. A ring all-gather moves (K−1)·B
+bytes per rank where a ring all-reduce of the fp32 values moves 2(K−1)/K·4n: the cost
+model (:func:`localsgd.costmodel.model.scope_cost`) prices each pattern.
+
+**Error feedback.** With ``error_feedback``, what the codec lost on this rank, e = x' −
+decode(encode(x')) with x' = x + e, is kept and added before the next encode (Seide et
+al. 2014; Karimireddy et al. 2019), so the transmitted values sum to the true ones up to
+one residual. The residual is each rank's own, part of the algorithm's state dict.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from localsgd.util.checks import ConfigError, check_bool, check_choice, check_float, check_int
+
+FP8 = getattr(torch, "float8_e4m3fn", None)
+"""torch's fp8 e4m3 dtype where this torch has it (the ``fp8`` codec needs it)."""
+FP8_MAX = 448.0
+"""The largest finite e4m3fn value: an fp8 block is scaled so its largest magnitude lands here."""
+
+
+def codec_names() -> list[str]:
+    """The ``compression.codec`` values this torch supports."""
+    return ["none", "fp16", "bf16", "int8", "int4", *(["fp8"] if FP8 is not None else []), "topk"]
+
+
+def check_compression(
+    prefix: str, codec: object, block: object, ratio: object, error_feedback: object
+) -> None:
+    check_choice(f"{prefix}.codec", codec, codec_names())
+    check_int(f"{prefix}.block", block, 2)
+    check_float(f"{prefix}.ratio", ratio, 0.0, 1.0, low_open=True, high_open=False)
+    check_bool(f"{prefix}.error_feedback", error_feedback)
+
+
+@dataclass(frozen=True)
+class Compression:
+    """How an algorithm compresses what it averages (see the module docstring).
+
+    ``codec``: ``none`` (exact, today's all-reduce), ``fp16``/``bf16`` (a cast), ``int8``
+    and ``int4`` (min-max quantization per block of ``block`` values, an fp32 offset and
+    scale per block), ``fp8`` (e4m3, an fp32 scale per block), ``topk`` (the ``ratio``·n
+    largest magnitudes, values and indices).
+    """
+
+    codec: str = "none"
+    """The codec: one of :func:`codec_names`."""
+    block: int = 256
+    """Values per block of the int8/int4/fp8 scales (each block sends 8 or 4 bytes more)."""
+    ratio: float = 0.01
+    """topk: the fraction of values sent, k = ceil(ratio·n), in (0, 1]."""
+    error_feedback: bool = True
+    """Keep what the codec lost on this rank and add it before the next encode."""
+
+    def __post_init__(self) -> None:
+        check_compression("compression", self.codec, self.block, self.ratio, self.error_feedback)
+
+    @property
+    def enabled(self) -> bool:
+        return self.codec != "none"
+
+    def __str__(self) -> str:
+        if not self.enabled:
+            return "none"
+        detail = f"k={self.ratio:g}n" if self.codec == "topk" else f"block={self.block}"
+        if self.codec in ("fp16", "bf16"):
+            detail = ""
+        flags = [x for x in (detail, "ef" if self.error_feedback else "") if x]
+        return f"{self.codec}({','.join(flags)})" if flags else self.codec
+
+
+NO_COMPRESSION = Compression()
+
+
+def resolve(algorithm: str, value: Compression | Mapping[str, Any]) -> Compression:
+    """An algorithm's ``compression`` field as a :class:`Compression`; a plain table (TOML,
+    a dict) is checked with errors naming ``<algorithm>.compression.<key>``."""
+    if isinstance(value, Compression):
+        return value
+    prefix = f"{algorithm}.compression"
+    if not isinstance(value, Mapping):
+        raise ConfigError(f'{prefix} must be a table such as {{codec = "int8"}}, got {value!r}')
+    allowed = {"codec", "block", "ratio", "error_feedback"}
+    unknown = sorted(set(map(str, value)) - allowed)
+    if unknown:
+        raise ConfigError(f"unknown key '{prefix}.{unknown[0]}'; allowed: {sorted(allowed)}")
+    merged = {
+        "codec": NO_COMPRESSION.codec,
+        "block": NO_COMPRESSION.block,
+        "ratio": NO_COMPRESSION.ratio,
+        "error_feedback": NO_COMPRESSION.error_feedback,
+        **value,
+    }
+    if isinstance(merged["ratio"], int) and not isinstance(merged["ratio"], bool):
+        merged["ratio"] = float(merged["ratio"])
+    check_compression(prefix, merged["codec"], merged["block"], merged["ratio"], merged["error_feedback"])
+    return Compression(**merged)
+
+
+# -- codecs: [..., n] fp32 <-> [..., B] uint8 -----------------------------------------------
+
+
+def _bytes(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view(torch.uint8)
+
+
+def _view(payload: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Bytes of ``payload`` ([..., m·itemsize]) read as ``dtype``; copied first when not
+    aligned for it (a slice of a payload starts at any byte; a size-1 dimension of a view
+    keeps its parent's stride)."""
+    t = payload.contiguous()
+    if t.storage_offset() % dtype.itemsize or any(st % dtype.itemsize for st in t.stride()[:-1]):
+        t = t.clone(memory_format=torch.contiguous_format)
+    return t.view(dtype)
+
+
+def _blocks(x: torch.Tensor, block: int) -> torch.Tensor:
+    """``x`` [..., n] as [..., nb, block], the last block padded with its last value (so
+    padding never widens a block's range)."""
+    n = x.shape[-1]
+    pad = -n % block
+    if pad:
+        x = torch.cat([x, x[..., -1:].expand(*x.shape[:-1], pad)], -1)
+    return x.unflatten(-1, (x.shape[-1] // block, block))
+
+
+class Cast:
+    """fp16 / bf16: each value rounded to the narrower float; 2n bytes."""
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        self.dtype = dtype
+
+    def payload_bytes(self, n: int) -> int:
+        return 2 * n
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return _bytes(x.to(self.dtype))
+
+    def decode(self, payload: torch.Tensor, n: int) -> torch.Tensor:
+        return _view(payload, self.dtype).float()
+
+
+class MinMax:
+    """int8 / int4 min-max quantization per block: q = round((x − lo)/s) with s = (hi −
+    lo)/(2^bits − 1), decoded as lo + q·s (error ≤ s/2). Codes (n bytes, or ceil(n/2) for
+    4 bits: two codes per byte) then each block's lo and s as fp32."""
+
+    def __init__(self, bits: int, block: int) -> None:
+        self.bits = bits
+        self.block = block
+        self.levels = 2**bits - 1
+
+    def _code_bytes(self, n: int) -> int:
+        return n if self.bits == 8 else (n + 1) // 2
+
+    def payload_bytes(self, n: int) -> int:
+        return self._code_bytes(n) + 8 * math.ceil(n / self.block)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[-1]
+        xb = _blocks(x, self.block)
+        lo = xb.amin(-1)
+        scale = (xb.amax(-1) - lo) / self.levels
+        # A constant block: every code 0 decodes to lo exactly; any s > 0 avoids 0/0.
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        q = ((xb - lo.unsqueeze(-1)) / scale.unsqueeze(-1)).round_().clamp_(0, self.levels)
+        codes = q.to(torch.uint8).flatten(-2)[..., :n]
+        if self.bits == 4:
+            if n % 2:
+                codes = torch.cat([codes, codes.new_zeros(*codes.shape[:-1], 1)], -1)
+            codes = codes[..., 0::2] | (codes[..., 1::2] << 4)
+        return torch.cat([codes, _bytes(lo), _bytes(scale)], -1)
+
+    def decode(self, payload: torch.Tensor, n: int) -> torch.Tensor:
+        nb = math.ceil(n / self.block)
+        c = self._code_bytes(n)
+        codes = payload[..., :c]
+        lo = _view(payload[..., c : c + 4 * nb], torch.float32)
+        scale = _view(payload[..., c + 4 * nb : c + 8 * nb], torch.float32)
+        if self.bits == 4:
+            codes = torch.stack([codes & 15, codes >> 4], -1).flatten(-2)
+        q = codes[..., :n].float()
+        pad = nb * self.block - n
+        if pad:
+            q = torch.cat([q, q.new_zeros(*q.shape[:-1], pad)], -1)
+        x = lo.unsqueeze(-1) + q.unflatten(-1, (nb, self.block)) * scale.unsqueeze(-1)
+        return x.flatten(-2)[..., :n]
+
+
+class Fp8:
+    """fp8 e4m3 per block: x/s rounded to e4m3 with s = max|x|/448 per block (fp32); n bytes
+    of codes plus 4 per block."""
+
+    def __init__(self, block: int) -> None:
+        assert FP8 is not None, "this torch has no float8_e4m3fn"
+        self.dtype: torch.dtype = FP8
+        self.block = block
+
+    def payload_bytes(self, n: int) -> int:
+        return n + 4 * math.ceil(n / self.block)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[-1]
+        xb = _blocks(x, self.block)
+        scale = xb.abs().amax(-1) / FP8_MAX
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        scaled = (xb / scale.unsqueeze(-1)).clamp_(-FP8_MAX, FP8_MAX)
+        codes = _bytes(scaled.to(self.dtype)).flatten(-2)[..., :n]
+        return torch.cat([codes, _bytes(scale)], -1)
+
+    def decode(self, payload: torch.Tensor, n: int) -> torch.Tensor:
+        nb = math.ceil(n / self.block)
+        codes = payload[..., :n]
+        scale = _view(payload[..., n : n + 4 * nb], torch.float32)
+        pad = nb * self.block - n
+        if pad:
+            codes = torch.cat([codes, codes.new_zeros(*codes.shape[:-1], pad)], -1)
+        values = codes.contiguous().view(self.dtype).float().unflatten(-1, (nb, self.block))
+        return (values * scale.unsqueeze(-1)).flatten(-2)[..., :n]
+
+
+class TopK:
+    """The k = ceil(ratio·n) largest magnitudes: their fp32 values, then their indices in
+    ascending order (int32, int64 past 2³¹ values); 8k (or 12k) bytes. Decoded as zeros
+    elsewhere."""
+
+    def __init__(self, ratio: float) -> None:
+        self.ratio = ratio
+
+    def k(self, n: int) -> int:
+        return max(1, min(n, math.ceil(self.ratio * n)))
+
+    @staticmethod
+    def _index_dtype(n: int) -> torch.dtype:
+        return torch.int32 if n < 2**31 else torch.int64
+
+    def payload_bytes(self, n: int) -> int:
+        k = self.k(n)
+        return 4 * k + k * self._index_dtype(n).itemsize
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[-1]
+        idx = x.abs().topk(self.k(n), -1, sorted=False).indices.sort(-1).values
+        values = x.gather(-1, idx)
+        return torch.cat([_bytes(values), _bytes(idx.to(self._index_dtype(n)))], -1)
+
+    def decode(self, payload: torch.Tensor, n: int) -> torch.Tensor:
+        k = self.k(n)
+        values = _view(payload[..., : 4 * k], torch.float32)
+        idx = _view(payload[..., 4 * k :], self._index_dtype(n)).long()
+        return values.new_zeros(*values.shape[:-1], n).scatter_(-1, idx, values)
+
+
+Codec = Cast | MinMax | Fp8 | TopK
+
+
+def make_codec(compression: Compression) -> Codec:
+    """The codec a (compressing) :class:`Compression` names."""
+    name = compression.codec
+    if name == "fp16":
+        return Cast(torch.float16)
+    if name == "bf16":
+        return Cast(torch.bfloat16)
+    if name in ("int8", "int4"):
+        return MinMax(8 if name == "int8" else 4, compression.block)
+    if name == "fp8":
+        return Fp8(compression.block)
+    if name == "topk":
+        return TopK(compression.ratio)
+    raise ValueError(
+        f"compression.codec {name!r} sends values as they are; allowed codecs: {codec_names()[1:]}"
+    )
+
+
+def payload_bytes(compression: Compression, n: int, itemsize: int = 4) -> int:
+    """Bytes one rank sends to average ``n`` values (``itemsize`` each when uncompressed)."""
+    return make_codec(compression).payload_bytes(n) if compression.enabled else n * itemsize
+
+
+Gather = Callable[[torch.Tensor], list[torch.Tensor]]
+"""A communicator's all-gather: this rank's payload in, every member's payload out, in
+rank order, each shaped as the one sent or broadcastable to it (the simulated engine hands
+a block's rows one [blocks, 1, B] view per member, decoded once per block)."""
+
+
+class WireState:
+    """A codec and each rank's residuals: what one call site of an algorithm averages through
+    (its parameter deltas, its gradients). Communicators call :meth:`exchange`; the
+    algorithm checkpoints :meth:`state_dict`."""
+
+    def __init__(self, compression: Compression) -> None:
+        self.compression = compression
+        self.codec = make_codec(compression)
+        self.residuals: dict[int, torch.Tensor] = {}
+
+    @torch.no_grad()
+    def exchange(self, slot: int, flat: torch.Tensor, gather: Gather) -> int:
+        """Replace ``flat`` ([..., n]; ``slot``: which of the call's dtype groups) with the
+        mean over the scope of every member's decoded payload; return the payload's bytes
+        (one replica's)."""
+        n = flat.shape[-1]
+        x = flat.to(torch.float32, copy=True)
+        # Kept as [replicas, n] (or [n]): a communicator may lay the replicas out by scope.
+        rows = x.view(-1, n) if x.dim() > 1 else x
+        residual = self.residuals.get(slot)
+        if self.compression.error_feedback and residual is not None:
+            if residual.shape != rows.shape:
+                raise ValueError(
+                    f"compression residual {slot} has shape {tuple(residual.shape)}, "
+                    f"the averaged values {tuple(rows.shape)}: was the state saved by another model?"
+                )
+            rows.add_(residual.to(x.device))
+        payload = self.codec.encode(x)
+        if self.compression.error_feedback:
+            self.residuals[slot] = rows.sub_(self.codec.decode(payload, n).reshape(rows.shape))
+        gathered = gather(payload)
+        # Rank order, one addition at a time: the same bits on every rank and engine.
+        mean = self.codec.decode(gathered[0], n)
+        for other in gathered[1:]:
+            mean.add_(self.codec.decode(other, n))
+        mean.div_(len(gathered))
+        flat.copy_(mean)
+        return int(payload.shape[-1])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"residuals": {slot: r.clone() for slot, r in self.residuals.items()}}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if "residuals" not in state:
+            raise ValueError("compression state is missing 'residuals'; was it saved with error feedback?")
+        self.residuals = {int(slot): r.detach().clone() for slot, r in state["residuals"].items()}
