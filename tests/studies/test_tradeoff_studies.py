@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
+from localsgd.comm.codecs import codec_names
 from localsgd.studies.loading import load_study
 
 STUDIES = Path(__file__).resolve().parents[2] / "studies"
@@ -40,3 +41,26 @@ def test_streaming_sweeps_fragments_overlap_and_mixing_up_to_h_over_f():
         (8, "simulated")
     }
     assert {r.algorithm["period"] for r in study.runs if "period" in r.algorithm} == {PERIOD}
+
+
+def test_compression_tries_every_codec_with_and_without_error_feedback():
+    study = load_study(STUDIES / "compression.toml")
+    assert _baselines(study) == {(1, "minibatch_sgd"): 3, (8, "minibatch_sgd"): 3}
+    points = Counter(
+        (
+            r.algorithm["name"],
+            r.algorithm.get("compression", {}).get("codec", "none"),
+            r.algorithm.get("compression", {}).get("error_feedback", False),
+        )
+        for r in study.runs
+        if r.algorithm["name"] != "minibatch_sgd"
+    )
+    expected = {
+        (name, codec, feedback): 3
+        for name in ("local_sgd", "diloco")
+        for codec in codec_names()
+        for feedback in ((False,) if codec == "none" else (False, True))
+    }
+    assert points == expected
+    assert {"int8", "int4", "topk"} <= {codec for _, codec, _ in points}
+    assert len(study.runs) == 6 + 3 * len(expected)
