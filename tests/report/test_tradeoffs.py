@@ -110,14 +110,13 @@ def test_a_streaming_study_gets_the_section_its_fronts_and_figures(store: Path):
         png = written[f"{stem}.png"]
         assert png.read_bytes().startswith(b"\x89PNG")
     rows = _table_rows(markdown)
+    # One worker is the reference, on no front; the mixed variant costs what the plain one
+    # does and is less accurate; the streamed one is cheaper on both axes.
     assert rows == {
-        "minibatch_sgd K=1": ["—", "yes"],
-        "local_sgd H=4 K=4": ["yes", rows["local_sgd H=4 K=4"][1]],
+        "minibatch_sgd K=1": ["—", "—"],
+        "local_sgd H=4 K=4": ["yes", "yes"],
         "local_sgd H=4 mixing=0.5 K=4": ["no", "no"],
-        "local_sgd H=8 fragments=2 overlap=1 K=4": [
-            "yes",
-            rows["local_sgd H=8 fragments=2 overlap=1 K=4"][1],
-        ],
+        "local_sgd H=8 fragments=2 overlap=1 K=4": ["yes", "yes"],
     }
     sheet = pd.read_excel(written["xlsx"], sheet_name="tradeoffs")
     assert sheet["front_bytes"].fillna("").tolist() == ["", "yes", "no", "yes"]

@@ -105,18 +105,18 @@ def parts(ctx: Context) -> Parts:
     if not varied or ctx.summary.empty:
         return Parts()
     cluster, summary = _estimated(ctx)
-    summary = summary.assign(
-        **{
-            BYTES_FRONT: fronts(summary, ctx.metrics, "bytes_mean", False),
-            TIME_FRONT: fronts(summary, ctx.metrics, "est_total_seconds_mean", False),
-        }
-    )
+    # The fronts compare ways of synchronising K > 1 workers; one worker is the reference.
+    many = summary["workers"].astype(int) > 1
+    summary = summary.assign(**{BYTES_FRONT: None, TIME_FRONT: None})
+    summary.loc[many, BYTES_FRONT] = fronts(summary[many], ctx.metrics, "bytes_mean", False)
+    summary.loc[many, TIME_FRONT] = fronts(summary[many], ctx.metrics, "est_total_seconds_mean", False)
+    drawn = summary[many]
     look, metrics, name = ctx.look, ctx.metrics, cluster.name
     by_bytes = Drawing(
         "tradeoff_bytes",
         "Pareto front: final primary metric against bytes sent per worker (mean ± std over seeds)",
         lambda: plots.pareto(
-            summary[summary["bytes_mean"].astype(float) > 0],
+            drawn,
             look,
             metrics,
             BYTES_AXIS,
@@ -129,12 +129,12 @@ def parts(ctx: Context) -> Parts:
         f"Pareto front: final primary metric against estimated training time on {name} "
         "(mean ± std over seeds on both axes)",
         lambda: plots.pareto(
-            summary,
+            drawn,
             look,
             metrics,
             _time_axis(name),
             title=f"Pareto front: final {{metric}} against estimated time on {name}",
-            why_empty="no run with an estimated time",
+            why_empty="no run of K>1 workers with an estimated time",
         ),
     )
     return Parts(
@@ -159,8 +159,9 @@ def _text(varied: Sequence[str], cluster: Cluster) -> str:
         + ", the cost model's estimate from each run's own counters, with a streamed fragment's "
         "transfer hidden behind its τ steps of compute where the run overlaps. A configuration is "
         "on a front when no other is at least as accurate and at least as cheap, and better on "
-        "one (means over seeds); the fronts' staircases are dashed and the dominated points "
-        "faded. One worker sends nothing and is on the time front only."
+        "one (means over seeds), among the runs of K > 1 workers; the fronts' staircases are "
+        "dashed and the dominated points faded. One worker, which sends nothing, is in the table "
+        "as the reference and in neither figure."
     )
 
 
