@@ -135,3 +135,8 @@ def test_a_study_without_streaming_or_compression_has_no_section(tmp_path: Path)
     build_estimate_store(tmp_path)
     made = tradeoffs.parts(context(tmp_path, formats="png"))
     assert not made.blocks and not made.sheets
+
+
+def test_the_time_axis_is_logarithmic_only_over_a_wide_span():
+    assert tradeoffs._log(pd.Series([0.81, 0.87, 1.07])) is None
+    assert tradeoffs._log(pd.Series([0.8, 20.0, math.nan])) == 10

@@ -71,6 +71,16 @@ def fronts(summary: pd.DataFrame, metrics: Metrics, x: str, x_higher: bool) -> l
     return out
 
 
+LOG_SPAN = 4.0
+"""The time axis is logarithmic when its largest value is at least this many times its
+smallest: a narrower span (every run's time within a few percent) gets a linear axis."""
+
+
+def _log(values: pd.Series) -> int | None:
+    finite = [float(v) for v in values if math.isfinite(float(v)) and float(v) > 0]
+    return 10 if finite and max(finite) >= LOG_SPAN * min(finite) else None
+
+
 BYTES_AXIS = plots.XAxis(
     "bytes_mean",
     "bytes_std",
@@ -81,12 +91,13 @@ BYTES_AXIS = plots.XAxis(
 )
 
 
-def _time_axis(cluster: str) -> plots.XAxis:
+def _time_axis(drawn: pd.DataFrame, cluster: str) -> plots.XAxis:
+    log = _log(drawn["est_total_seconds_mean"])
     return plots.XAxis(
         "est_total_seconds_mean",
         "est_total_seconds_std",
-        f"estimated training time on {cluster} (s, log scale; compute + communication)",
-        log=10,
+        f"estimated training time on {cluster} (s{', log scale' if log else ''}; compute + communication)",
+        log=log,
         higher_is_better=False,
     )
 
@@ -132,7 +143,7 @@ def parts(ctx: Context) -> Parts:
             drawn,
             look,
             metrics,
-            _time_axis(name),
+            _time_axis(drawn, name),
             title=f"Pareto front: final {{metric}} against estimated time on {name}",
             why_empty="no run of K>1 workers with an estimated time",
         ),
