@@ -104,6 +104,8 @@ COLUMNS: dict[str, tuple[str, str]] = {
     "subset": ("examples", "training subset: the first N examples after a seeded shuffle; all when unset"),
     "metric": ("", "the primary metric the final_* columns hold"),
     "final": ("metric", "the primary metric (column metric) at the last evaluation"),
+    "front_bytes": ("", "yes: on the Pareto front of metric against bytes per worker; blank: not drawn"),
+    "front_time": ("", "yes: on the Pareto front of metric against estimated time; blank: not drawn"),
     "item": ("", "cluster parameter or target"),
     "value": ("", "its value (seconds, bytes per second)"),
 }

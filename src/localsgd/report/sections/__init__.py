@@ -22,6 +22,7 @@ from localsgd.report.sections import (
     steps_to_result,
     summary,
     switch_point,
+    tradeoffs,
     training_error,
 )
 
@@ -33,6 +34,7 @@ SECTIONS: tuple[Section, ...] = (
     curves,  # primary metric and train loss against epochs and wall time
     communication,  # against bytes and H·K
     cluster,  # --cluster: estimated times, time to target
+    tradeoffs,  # streaming or compression varied: accuracy against bytes and estimated time
     training_error,  # workloads that evaluate it
     steps_to_result,  # --target or the study's target
     stages,  # studies of stages
