@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from localsgd import algorithms
-from localsgd.algorithms._common import ModelAverager, average_model, require_keys
-from localsgd.algorithms.base import AlgorithmConfig, SyncContext
+from localsgd.algorithms._common import ModelAverager, average_model
+from localsgd.algorithms.base import AlgorithmConfig, SyncContext, require_keys
 from localsgd.comm.base import Block
 from localsgd.run.config import run_config
 from localsgd.run.training import train

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import torch
 
@@ -113,26 +112,6 @@ def average_model(ctx: SyncContext, *, params: bool, buffers: bool, record: bool
 
 def clone_all(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     return [t.detach().clone() for t in tensors]
-
-
-def load_tensors(field: str, destination: Sequence[torch.Tensor], source: Sequence[torch.Tensor]) -> None:
-    """Copy a saved tensor list into live tensors, checking that the shapes match."""
-    if len(destination) != len(source):
-        raise ValueError(f"state {field!r} holds {len(source)} tensors, the model has {len(destination)}")
-    with torch.no_grad():
-        for i, (dst, src) in enumerate(zip(destination, source)):
-            if tuple(dst.shape) != tuple(src.shape):
-                raise ValueError(
-                    f"state {field!r} tensor {i} has shape {tuple(src.shape)}, "
-                    f"the model's has {tuple(dst.shape)}"
-                )
-            dst.copy_(src)
-
-
-def require_keys(state: Mapping[str, Any], keys: Sequence[str], algorithm: str) -> None:
-    missing = [k for k in keys if k not in state]
-    if missing:
-        raise ValueError(f"{algorithm} state is missing {missing}; was it saved by {algorithm}?")
 
 
 def lr_of(ctx: SyncContext) -> dict[int, float]:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol, TypeVar
 
@@ -117,17 +117,6 @@ class Synchronizer(Protocol):
     def state_dict(self) -> dict[str, Any]: ...
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None: ...
-
-
-def switched_syncs(steps: int, switch_step: int, period: int, streaming: Any = None) -> dict[str, int]:
-    """Mini-batch SGD (a sync every step) before ``switch_step``, then a sync every
-    ``period`` steps counted from the switch (post-local SGD, SlowMo and DiLoCo with t');
-    ``streaming`` (:class:`~localsgd.algorithms.streaming.StreamingOptions`): each
-    fragment's sync counted, as it lands."""
-    from localsgd.algorithms.streaming import StreamingOptions, streamed_syncs
-
-    before = min(steps, switch_step)
-    return {"world": before + streamed_syncs(max(0, steps - switch_step), period, streaming or StreamingOptions())}
 
 
 @dataclass(frozen=True)
@@ -345,3 +334,23 @@ def build(spec: Mapping[str, Any] | AlgorithmConfig) -> AlgorithmConfig:
         raise ConfigError(f"algorithm spec needs a 'name' key; allowed names: {names()}")
     cls = get(spec["name"])
     return from_dict(cls, {k: v for k, v in spec.items() if k != "name"}, cls.name)
+
+
+def load_tensors(field: str, destination: Sequence[torch.Tensor], source: Sequence[torch.Tensor]) -> None:
+    """Copy a saved tensor list into live tensors, checking that the shapes match."""
+    if len(destination) != len(source):
+        raise ValueError(f"state {field!r} holds {len(source)} tensors, the model has {len(destination)}")
+    with torch.no_grad():
+        for i, (dst, src) in enumerate(zip(destination, source)):
+            if tuple(dst.shape) != tuple(src.shape):
+                raise ValueError(
+                    f"state {field!r} tensor {i} has shape {tuple(src.shape)}, "
+                    f"the model's has {tuple(dst.shape)}"
+                )
+            dst.copy_(src)
+
+
+def require_keys(state: Mapping[str, Any], keys: Sequence[str], algorithm: str) -> None:
+    missing = [k for k in keys if k not in state]
+    if missing:
+        raise ValueError(f"{algorithm} state is missing {missing}; was it saved by {algorithm}?")

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from localsgd.algorithms.base import SyncContext
+from localsgd.algorithms.base import SyncContext, load_tensors, require_keys
 from localsgd.comm.base import WORLD, Scope, World
 from localsgd.comm.codecs import Compression, WireState
 
@@ -57,7 +57,6 @@ class DeltaCompression:
         return {"anchor": [a.clone() for a in self.anchor], "wire": self.wire.state_dict()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        from localsgd.algorithms._common import load_tensors, require_keys
 
         require_keys(state, ["anchor", "wire"], "compression")
         load_tensors("compression.anchor", self.anchor, state["anchor"])

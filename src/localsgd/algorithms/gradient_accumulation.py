@@ -8,8 +8,8 @@ from typing import Any, ClassVar
 
 import torch
 
-from localsgd.algorithms._common import ParametersAlwaysInSync, clone_all, load_tensors, require_keys
-from localsgd.algorithms.base import AlgorithmConfig, SyncContext, register
+from localsgd.algorithms._common import ParametersAlwaysInSync, clone_all
+from localsgd.algorithms.base import AlgorithmConfig, SyncContext, load_tensors, register, require_keys
 from localsgd.comm.base import WORLD
 from localsgd.util.checks import check_int
 

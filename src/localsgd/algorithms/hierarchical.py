@@ -6,8 +6,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from localsgd.algorithms._common import ModelAverager, average_model, require_keys
-from localsgd.algorithms.base import AlgorithmConfig, SyncContext, register
+from localsgd.algorithms._common import ModelAverager, average_model
+from localsgd.algorithms.base import AlgorithmConfig, SyncContext, register, require_keys
 from localsgd.algorithms.local_sgd import check_local_options
 from localsgd.algorithms.streaming import (
     Streamer,

@@ -8,8 +8,14 @@ from typing import Any, ClassVar, Protocol
 
 import torch
 
-from localsgd.algorithms._common import ModelAverager, average_model, require_keys
-from localsgd.algorithms.base import OPTIMIZER_STATE_CHOICES, AlgorithmConfig, SyncContext, register
+from localsgd.algorithms._common import ModelAverager, average_model
+from localsgd.algorithms.base import (
+    OPTIMIZER_STATE_CHOICES,
+    AlgorithmConfig,
+    SyncContext,
+    register,
+    require_keys,
+)
 from localsgd.algorithms.streaming import (
     StreamingSync,
     check_streaming,

@@ -6,8 +6,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from localsgd.algorithms._common import ParametersAlwaysInSync, average_gradients, require_keys
-from localsgd.algorithms.base import AlgorithmConfig, SyncContext, register
+from localsgd.algorithms._common import ParametersAlwaysInSync, average_gradients
+from localsgd.algorithms.base import AlgorithmConfig, SyncContext, register, require_keys
 from localsgd.algorithms.compressed import compressed_wire
 from localsgd.comm.codecs import NO_COMPRESSION, Compression, resolve
 

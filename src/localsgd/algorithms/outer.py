@@ -25,16 +25,17 @@ from typing import Any, ClassVar
 
 import torch
 
-from localsgd.algorithms._common import (
-    clone_all,
-    load_tensors,
-    lr_of,
-    require_keys,
-)
-from localsgd.algorithms.base import AlgorithmConfig, SyncContext, register, switched_syncs
+from localsgd.algorithms._common import clone_all, lr_of
+from localsgd.algorithms.base import AlgorithmConfig, SyncContext, load_tensors, register, require_keys
 from localsgd.algorithms.local_sgd import LocalSGDSync, check_local_options, periodic_sync
 from localsgd.algorithms.post_local_sgd import SwitchedSync
-from localsgd.algorithms.streaming import StreamingSync, check_streaming, refuse_compressed, streaming_options
+from localsgd.algorithms.streaming import (
+    StreamingSync,
+    check_streaming,
+    refuse_compressed,
+    streaming_options,
+    switched_syncs,
+)
 from localsgd.comm.codecs import NO_COMPRESSION, Compression, resolve
 from localsgd.util.checks import check_bool, check_float, check_int
 

@@ -6,11 +6,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from localsgd.algorithms._common import require_keys
-from localsgd.algorithms.base import AlgorithmConfig, SyncContext, register, switched_syncs
+from localsgd.algorithms.base import AlgorithmConfig, SyncContext, register, require_keys
 from localsgd.algorithms.local_sgd import LocalSGDSync, check_local_options, periodic_sync
 from localsgd.algorithms.minibatch import MiniBatchSync
-from localsgd.algorithms.streaming import StreamingSync, check_streaming, refuse_compressed, streaming_options
+from localsgd.algorithms.streaming import (
+    StreamingSync,
+    check_streaming,
+    refuse_compressed,
+    streaming_options,
+    switched_syncs,
+)
 from localsgd.comm.codecs import NO_COMPRESSION, Compression, resolve
 from localsgd.util.checks import check_int
 

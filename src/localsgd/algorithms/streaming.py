@@ -42,8 +42,8 @@ from typing import Any, Protocol
 
 import torch
 
-from localsgd.algorithms._common import average_model, load_tensors, require_keys
-from localsgd.algorithms.base import SyncContext
+from localsgd.algorithms._common import average_model
+from localsgd.algorithms.base import SyncContext, load_tensors, require_keys
 from localsgd.comm.base import WORLD, PendingAverage, Scope
 from localsgd.util.checks import ConfigError, check_float, check_int
 
@@ -125,6 +125,15 @@ def streamed_syncs(steps: int, period: int, options: StreamingOptions) -> int:
     for offset in fragment_offsets(period, options.fragments):
         total += (started_by + period - offset) // period - (1 if offset == 0 else 0)
     return total
+
+
+def switched_syncs(steps: int, switch_step: int, period: int, streaming: StreamingOptions | None = None) -> dict[str, int]:
+    """Mini-batch SGD (a sync every step) before ``switch_step``, then a sync every
+    ``period`` steps counted from the switch (post-local SGD, SlowMo and DiLoCo with t');
+    ``streaming`` (:class:`StreamingOptions`): each
+    fragment's sync counted, as it lands."""
+    before = min(steps, switch_step)
+    return {"world": before + streamed_syncs(max(0, steps - switch_step), period, streaming or StreamingOptions())}
 
 
 def fragment_offsets(period: int, fragments: int) -> list[int]:
