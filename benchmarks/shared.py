@@ -127,3 +127,39 @@ def ratio_line(r: dict[str, Any]) -> str:
 
 
 RATIO_FIELDS = {"name", "median", "min", "max", "reps", "values", "target", "target_is", "verdict"}
+
+
+def free_port() -> int:
+    """A free TCP port on the loopback interface (for a spawned gloo world's rendezvous)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def run_ranks(target: Callable[..., None], world: int, args: tuple[Any, ...], out: Path, timeout: float) -> None:
+    """Spawn ``world`` processes running ``target(rank, world, port, *args)`` and wait for
+    them; a rank that hangs past ``timeout`` or fails, or no ``out`` file at the end, fails
+    the benchmark (no partial tables)."""
+    import multiprocessing as mp
+    import time
+
+    ctx = mp.get_context("spawn")
+    port = free_port()
+    procs = [ctx.Process(target=target, args=(r, world, port, *args)) for r in range(world)]
+    for p in procs:
+        p.start()
+    deadline = time.monotonic() + timeout
+    for p in procs:
+        p.join(max(0.0, deadline - time.monotonic()))
+    hung = [r for r, p in enumerate(procs) if p.is_alive()]
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join()
+    if hung:
+        raise TimeoutError(f"world {world}: ranks {hung} still running after {timeout:.0f} s")
+    failed = [r for r, p in enumerate(procs) if p.exitcode != 0]
+    if failed or not Path(out).exists():
+        raise RuntimeError(f"world {world}: ranks {failed} failed (see their tracebacks)")

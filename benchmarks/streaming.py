@@ -54,9 +54,7 @@ import argparse
 import dataclasses
 import json
 import logging
-import multiprocessing as mp
 import os
-import socket
 import statistics
 import sys
 import tempfile
@@ -65,7 +63,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from shared import MIN_REPS, interleaved, machine_at_end, ratio, ratio_line, write_results
+from shared import MIN_REPS, interleaved, machine_at_end, ratio, ratio_line, run_ranks, write_results
 from torch import nn
 
 log = logging.getLogger("streaming")
@@ -334,33 +332,6 @@ def spawned_worker(rank: int, world: int, port: int, job: dict[str, Any]) -> Non
 # -- the controller ------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def run_spawned(job: dict[str, Any], world: int, timeout: float) -> None:
-    ctx = mp.get_context("spawn")
-    port = free_port()
-    procs = [ctx.Process(target=spawned_worker, args=(r, world, port, job)) for r in range(world)]
-    for p in procs:
-        p.start()
-    deadline = time.monotonic() + timeout
-    for p in procs:
-        p.join(max(0.0, deadline - time.monotonic()))
-    hung = [r for r, p in enumerate(procs) if p.is_alive()]
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-            p.join()
-    if hung:
-        raise TimeoutError(f"ranks {hung} still running after {timeout:.0f} s")
-    failed = [r for r, p in enumerate(procs) if p.exitcode != 0]
-    if failed or not Path(job["out"]).exists():
-        raise RuntimeError(f"ranks {failed} failed (see their tracebacks)")
-
-
 def run_emulated(job: dict[str, Any], plan: Plan, rate: str, work: Path, timeout: float) -> dict[str, Any]:
     from localsgd.emulation import EmulatedCluster
 
@@ -619,7 +590,7 @@ def main() -> int:
             assert rate is not None
             where = run_emulated(job, plan, rate, work, timeout)
         else:
-            run_spawned(job, plan.workers, timeout)
+            run_ranks(spawned_worker, plan.workers, (job,), Path(job["out"]), timeout)
         raw = json.loads(Path(job["out"]).read_text())
     ratios, rows = evaluate(raw, job, plan)
     for r in ratios:

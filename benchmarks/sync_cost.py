@@ -47,9 +47,7 @@ import copy
 import dataclasses
 import json
 import logging
-import multiprocessing as mp
 import os
-import socket
 import statistics
 import sys
 import tempfile
@@ -62,7 +60,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from shared import MIN_REPS, interleaved, machine_at_end, ratio, ratio_line, write_results
+from shared import MIN_REPS, interleaved, machine_at_end, ratio, ratio_line, run_ranks, write_results
 from torch import nn
 from torch.distributed.algorithms.model_averaging.averagers import PeriodicModelAverager
 
@@ -359,38 +357,12 @@ def rank_main(rank: int, world: int, port: int, cfg_dict: dict[str, Any], out: s
 # -- the launcher -----------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def run_world(world: int, cfg: BenchConfig, timeout: float = 900.0) -> dict[str, Any]:
     """Rank 0's result (it holds every rank's figures); a rank that fails or hangs fails
     the run (no partial tables)."""
-    ctx = mp.get_context("spawn")
-    port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
         out = str(Path(tmp) / "rank0.json")
-        procs = [
-            ctx.Process(target=rank_main, args=(r, world, port, dataclasses.asdict(cfg), out))
-            for r in range(world)
-        ]
-        for p in procs:
-            p.start()
-        deadline = time.monotonic() + timeout
-        for p in procs:
-            p.join(max(0.0, deadline - time.monotonic()))
-        hung = [r for r, p in enumerate(procs) if p.is_alive()]
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-                p.join()
-        if hung:
-            raise TimeoutError(f"world {world}: ranks {hung} still running after {timeout}s")
-        failed = [r for r, p in enumerate(procs) if p.exitcode != 0]
-        if failed or not Path(out).exists():
-            raise RuntimeError(f"world {world}: ranks {failed} failed (see their tracebacks)")
+        run_ranks(rank_main, world, (dataclasses.asdict(cfg), out), Path(out), timeout)
         with open(out) as f:
             result: dict[str, Any] = json.load(f)
         return result
