@@ -19,6 +19,9 @@ from localsgd.comm.process_group import ProcessGroupCommunicator
 from localsgd.engines.simulated.communicator import SimulatedCommunicator
 from localsgd.run.config import run_config
 
+# One worker runs the module, so that the launch behind its module fixture runs once per session.
+pytestmark = pytest.mark.xdist_group("mixed_precision")
+
 WORLD = 3  # three ranks: a sum of three bf16 values rounds twice, a sum of two exactly once
 STEPS = 6
 SKIPPED = 2  # 0-based: the 3rd step, at which H = 3 makes a sync due

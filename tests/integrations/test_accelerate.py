@@ -18,6 +18,9 @@ from harness import LAUNCHER_VARS, free_port
 pytest.importorskip("accelerate")
 pytest.importorskip("transformers")
 
+# One worker runs the module, so that the launch behind its module fixture runs once per session.
+pytestmark = pytest.mark.xdist_group("accelerate")
+
 SCRIPT = Path(__file__).with_name("accelerate_parity.py")
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -24,6 +24,9 @@ from localsgd.comm.solo import SoloCommunicator
 
 pytest.importorskip("torch.distributed.fsdp")
 
+# One worker runs the module, so that the launch behind its module fixture runs once per session.
+pytestmark = pytest.mark.xdist_group("fsdp")
+
 SCRIPT = Path(__file__).with_name("fsdp_parity.py")
 WORLD = 4
 TIMEOUT = 400

@@ -27,6 +27,9 @@ from harness import finished, launch
 if importlib.util.find_spec("lightning") is None or importlib.util.find_spec("pytorch_lightning") is None:
     pytest.skip("lightning and pytorch_lightning are not installed", allow_module_level=True)
 
+# One worker runs the module, so that the launch behind its module fixture runs once per session.
+pytestmark = pytest.mark.xdist_group("lightning")
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 TIMEOUT = 400  # seconds; a launch takes ~35 s on 2 busy cores
