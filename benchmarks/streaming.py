@@ -72,6 +72,8 @@ HIDDEN_TARGET = 0.70
 """The share of the plain run's network wait that overlap must hide."""
 BAND = (0.85, 1.15)
 """Measured / predicted step time, wanted within this band."""
+CODEC_KEYS = ("encoded", "decoded", "codec_seconds")
+"""A scope's counters of a codec's own work (``CommStats``)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,26 +171,21 @@ def codec_of(case: dict[str, Any]) -> str | None:
     return None if compression is None else str(compression["codec"])
 
 
-def codec_work(plan: Plan, codec: str, reps: int = 5) -> float:
-    """Median seconds of one compressed average's own work on this rank, everything but the
-    transfer: encoding (with error feedback), then decoding and averaging the K payloads (the
-    all-gather replaced by copies of this rank's payload). Every rank times it at once, after
-    a barrier, as the ranks do it at once in a run."""
+def codec_costs(plan: Plan, codecs: list[str]) -> dict[str, list[float]]:
+    """This rank's (encode, decode) seconds per value of each codec, as ``localsgd cluster
+    calibrate`` measures them (``comm.codecs.measure_codec``: exchanges with no transfer, at
+    the model's size). Every rank measures at once, after a barrier, as the ranks encode
+    and decode at once in a run."""
     import torch.distributed as dist
 
-    from localsgd.comm.codecs import Compression, WireState
+    from localsgd.comm.codecs import Compression, measure_codec
 
     n = sum(p.numel() for p in build_model(plan).parameters())
-    values = torch.randn(n, generator=torch.Generator().manual_seed(3))
-    state = WireState(Compression(codec=codec))
-    times = []
-    for _ in range(reps + 1):
-        flat = values.clone()
+    out = {}
+    for codec in codecs:
         dist.barrier()
-        start = time.perf_counter()
-        state.exchange(0, flat, lambda payload: [payload.clone() for _ in range(plan.workers)])
-        times.append(time.perf_counter() - start)
-    return statistics.median(times[1:])
+        out[codec] = list(measure_codec(Compression(codec=codec), n))
+    return out
 
 
 def compute_alone(plan: Plan, steps: int = 24) -> float:
@@ -281,7 +278,7 @@ def worker_body(job: dict[str, Any]) -> dict[str, Any] | None:
     try:
         plan = Plan(**{**job["plan"], "codecs": tuple(job["plan"]["codecs"])})
         calibration = calibrate_link(plan, job["rate_bits"], job["burst"], job["model_bytes"])
-        work = {codec: codec_work(plan, codec) for codec in job["codecs"]}
+        work = codec_costs(plan, job["codecs"])
         records: dict[str, list[dict[str, Any]]] = {name: [] for name in job["cases"]}
 
         def variant(name: str) -> Any:
@@ -296,13 +293,16 @@ def worker_body(job: dict[str, Any]) -> dict[str, Any] | None:
         # interleaved drops the warm-up repetitions' values; drop their records alike.
         mine = {name: recs[plan.warmup :] for name, recs in records.items()}
         ranks: list[Any] = [None] * info.world_size
-        dist.all_gather_object(ranks, {"cases": mine, "codec_work_s": work})
+        dist.all_gather_object(ranks, {"cases": mine, "codec_costs": work})
     finally:
         localsgd.destroy_distributed()
     if info.rank != 0:
         return None
-    codec_s = {codec: statistics.fmean(rank["codec_work_s"][codec] for rank in ranks) for codec in work}
-    return {"calibration": calibration, "ranks": [rank["cases"] for rank in ranks], "codec_work_s": codec_s}
+    costs = {
+        codec: [statistics.fmean(rank["codec_costs"][codec][i] for rank in ranks) for i in range(2)]
+        for codec in work
+    }
+    return {"calibration": calibration, "ranks": [rank["cases"] for rank in ranks], "codec_costs": costs}
 
 
 def torchrun_worker(job_file: str) -> int:
@@ -353,7 +353,7 @@ def evaluate(
     raw: dict[str, Any], job: dict[str, Any], plan: Plan
 ) -> tuple[list[dict[str, Any]], dict[str, list[dict[str, Any]]]]:
     """Per case and repetition: measured and predicted, from every rank's records."""
-    from localsgd.costmodel import Cluster, Link, comm_seconds
+    from localsgd.costmodel import Cluster, CodecCost, Link, comm_seconds
 
     fit = raw["calibration"]
     cluster = Cluster(
@@ -361,7 +361,9 @@ def evaluate(
         devices_per_node=1,
         inter=Link(fit["alpha"], fit["bandwidth"]),
         allreduce="ring",
+        codecs={codec: CodecCost(*cost) for codec, cost in raw["codec_costs"].items()},
     )
+    transfer_only = dataclasses.replace(cluster, codecs={})  # and counters without the codec's keys
     k = plan.workers
     rows: dict[str, list[dict[str, Any]]] = {}
     for name, case in job["cases"].items():
@@ -375,11 +377,18 @@ def evaluate(
             compute = step - wait
             counters = per_rank[0]["by_scope"]
             hidden = {"world": tau * compute} if tau else None
-            predicted_wait = comm_seconds(counters, k, cluster, job["delay"] or None, hidden) / steps
-            unhidden_wait = comm_seconds(counters, k, cluster, job["delay"] or None) / steps
-            world = counters.get("world", {})
+            delay = job["delay"] or None
             codec = codec_of(case)
-            own = raw["codec_work_s"][codec] * world.get("collectives", 0) / steps if codec else 0.0
+            predicted_wait = comm_seconds(counters, k, cluster, delay, hidden, codec) / steps
+            unhidden_wait = comm_seconds(counters, k, cluster, delay, None, codec) / steps
+            world = counters.get("world", {})
+            syncs = max(world.get("collectives", 0), 1)
+            # The codec's part, measured in the run (each rank's own) and predicted; the rest of
+            # a compressed average's wait is its all-gather.
+            coded_s = statistics.fmean(x["by_scope"].get("world", {}).get("codec_seconds", 0.0) for x in per_rank)
+            predicted_codec = cluster.codec_seconds(codec, world) if codec else 0.0
+            moved = {scope: {key: v for key, v in c.items() if key not in CODEC_KEYS} for scope, c in counters.items()}
+            transfer = comm_seconds(moved, k, transfer_only, delay, hidden)
             reps.append(
                 {
                     "step_s": step,
@@ -390,9 +399,12 @@ def evaluate(
                     "predicted_wait_unhidden_s": unhidden_wait,
                     "predicted_step_s": compute + predicted_wait,
                     "collectives": world.get("collectives", 0),
-                    "bytes_per_collective": world.get("bytes", 0) / max(world.get("collectives", 0), 1),
+                    "bytes_per_collective": world.get("bytes", 0) / syncs,
                     "gathers": world.get("gathers", 0),
-                    "codec_work_s": own,
+                    "codec_s_per_sync": coded_s / syncs,
+                    "predicted_codec_s_per_sync": predicted_codec / syncs,
+                    "gather_s_per_sync": (wait * steps - coded_s) / syncs,
+                    "predicted_transfer_s_per_sync": transfer / syncs,
                 }
             )
         rows[name] = reps
@@ -412,8 +424,22 @@ def evaluate(
         else:
             ratios.append(ratio("measured / predicted s/step", measured, predicted, **labels))
         if codec_of(job["cases"][name]):
-            with_codec = [x["predicted_step_s"] + x["codec_work_s"] for x in reps]
-            ratios.append(ratio("measured / (predicted + codec work) s/step", measured, with_codec, **labels))
+            ratios.append(
+                ratio(
+                    "codec work in the run / calibrated",
+                    [x["codec_s_per_sync"] for x in reps],
+                    [x["predicted_codec_s_per_sync"] for x in reps],
+                    **labels,
+                )
+            )
+            ratios.append(
+                ratio(
+                    "all-gather wait / predicted transfer",
+                    [x["gather_s_per_sync"] for x in reps],
+                    [x["predicted_transfer_s_per_sync"] for x in reps],
+                    **labels,
+                )
+            )
         if overlap_of(job["cases"][name]):
             plain = rows[plain_of(name)]
             ratios.append(
@@ -436,7 +462,6 @@ def tables(
     rows: dict[str, list[dict[str, Any]]],
     ratios: list[dict[str, Any]],
     job: dict[str, Any],
-    codec_work_s: dict[str, float],
     link_note: str,
 ) -> list[dict[str, Any]]:
     def find(name: str, case: str) -> dict[str, Any] | None:
@@ -470,7 +495,14 @@ def tables(
                 predicted_hidden,
                 wall_hidden,
                 f"{med(x['bytes_per_collective'] for x in reps) / 1e6:.3f}",
-                "" if codec is None else f"{1e3 * codec_work_s[codec]:.1f}",
+                ""
+                if codec is None
+                else f"{1e3 * med(x['codec_s_per_sync'] for x in reps):.1f} / "
+                f"{1e3 * med(x['predicted_codec_s_per_sync'] for x in reps):.1f}",
+                ""
+                if codec is None
+                else f"{1e3 * med(x['gather_s_per_sync'] for x in reps):.1f} / "
+                f"{1e3 * med(x['predicted_transfer_s_per_sync'] for x in reps):.1f}",
             ]
         )
     reps = len(next(iter(rows.values())))
@@ -489,7 +521,8 @@ def tables(
                 "predicted hidden share",
                 "hidden share (wall)",
                 "MB per collective",
-                "codec work ms/sync",
+                "codec ms/sync: run / calibrated",
+                "all-gather ms/sync: run / predicted",
             ],
             "rows": out,
             "note": (
@@ -502,10 +535,13 @@ def tables(
                 "repetition (target ≥ 0.70); hidden share (wall): (plain step − step) / plain "
                 "wait, which also charges the overlap's own costs (snapshot copies, the "
                 "collective's thread competing for the cores). Codecs send an all-gather of their "
-                "payload (MB per collective: what one rank sends); encoding, decoding and "
-                "averaging the payloads are inside the measured wait but not in the cost model's "
-                "prediction: codec work is their time per sync on each rank with no transfer (mean over "
-                "ranks, timed in the same launch, the ranks at once). A shared machine: figures are noisy (load average in the machine field)."
+                "payload (MB per collective: what one rank sends), and encode, decode and average "
+                "on every rank: the cost model prices that work with per-value costs calibrated in "
+                "the same launch (`comm.codecs.measure_codec`, every rank at once, no transfer, as "
+                "`localsgd cluster calibrate` does) from the run's counters of values encoded and "
+                "decoded; codec ms/sync: that work as the run timed it (mean over ranks) / as "
+                "calibrated; all-gather ms/sync: the rest of the wait / the cost model's transfer. "
+                "A shared machine: figures are noisy (load average in the machine field)."
             ),
         }
     ]
@@ -525,6 +561,9 @@ def main() -> int:
     parser.add_argument("--repetitions", type=int, default=None, help=f"default {MIN_REPS}")
     parser.add_argument("--share", type=float, default=None, help="a sync's transfer over a period's compute")
     parser.add_argument("--no-codecs", action="store_true", help="leave out the codec cases")
+    parser.add_argument(
+        "--only", action="append", help="run only the cases whose name contains this (and the plain ones; repeatable)"
+    )
     parser.add_argument("--out", help="also write the JSON here (--quick writes nothing otherwise)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -576,12 +615,18 @@ def main() -> int:
         work = Path(tmp)
         job = {
             "plan": dataclasses.asdict(plan),
-            "cases": cases(plan, codecs),
+            "cases": {
+                name: case
+                for name, case in cases(plan, codecs).items()
+                if not args.only or name == plain_of(name) or any(part in name for part in args.only)
+            },
             "delay": delay,
             "rate_bits": rate_bits,
             "burst": 0,
             "model_bytes": model_bytes,
-            "codecs": list(plan.codecs) if codecs else [],
+            "codecs": [c for c in plan.codecs if not args.only or any(c in part or part in c for part in args.only)]
+            if codecs
+            else [],
             "out": str(work / "rank0.json"),
         }
         timeout = 900.0
@@ -595,7 +640,7 @@ def main() -> int:
     ratios, rows = evaluate(raw, job, plan)
     for r in ratios:
         print(ratio_line(r), flush=True)
-    result_tables = tables(rows, ratios, job, raw["codec_work_s"], link_note)
+    result_tables = tables(rows, ratios, job, link_note)
     for row in result_tables[0]["rows"]:
         print(" | ".join(str(c) for c in row))
     payload = {
@@ -612,7 +657,7 @@ def main() -> int:
         },
         "model": {"parameters": model_bytes // 4, "bytes": model_bytes},
         "compute_alone_step_s": alone,
-        "codec_work_s": raw["codec_work_s"],
+        "codec_costs_s_per_value": raw["codec_costs"],
         "cases": job["cases"],
         "measurements": rows,
         "machine": machine_at_end(),

@@ -627,9 +627,10 @@ def _write_calibration(cluster: EmulatedCluster, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(cluster_to_toml(result.cluster, comment))
     link = result.cluster.inter
+    codecs = ", ".join(f"{name} {c.encode * 1e9:.3g}/{c.decode * 1e9:.3g}" for name, c in result.cluster.codecs.items())
     typer.echo(
         f"cluster file: {path} (inter-node α = {link.alpha * 1e6:.4g} µs, "
-        f"β = {link.bandwidth * 8 / 1e6:.4g} Mbit/s)"
+        f"β = {link.bandwidth * 8 / 1e6:.4g} Mbit/s; codecs, encode/decode ns per value: {codecs})"
     )
 
 

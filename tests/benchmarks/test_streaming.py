@@ -77,8 +77,16 @@ def test_quick_run_writes_ratios_and_a_table_per_case(tmp_path):
         sent = [m["bytes_per_collective"] for m in found["measurements"][name]]
         assert all(0 < b <= limits[codec] * plain for b in sent), (name, sent, plain)
         assert all(m["gathers"] == m["collectives"] for m in found["measurements"][name])
-        assert [r["case"] for r in by_name["measured / (predicted + codec work) s/step"]].count(name) == 1
-        assert found["codec_work_s"][codec] > 0
+        for figure in ("codec work in the run / calibrated", "all-gather wait / predicted transfer"):
+            assert [r["case"] for r in by_name[figure]].count(name) == 1
+        encode, decode = found["codec_costs_s_per_value"][codec]
+        assert encode > 0 and decode > 0
+        # The prediction prices the codec's work: its per-value costs times the values counted.
+        steps = found["plan"]["periods"] * found["plan"]["period"]
+        for m in found["measurements"][name]:
+            assert m["predicted_codec_s_per_sync"] > 0
+            per_sync = m["predicted_transfer_s_per_sync"] + m["predicted_codec_s_per_sync"]
+            assert m["predicted_wait_s"] * steps == pytest.approx(per_sync * m["collectives"])
     [table] = found["tables"]
     assert table["columns"][:2] == ["case", "ms/step"]
     assert [row[0] for row in table["rows"]] == list(cases)

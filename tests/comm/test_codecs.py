@@ -149,12 +149,21 @@ def test_residual_round_trips_through_the_state_dict():
         other.exchange(0, values(8, (10,)), lambda p: [p])
 
 
+def test_error_feedback_decodes_its_own_payload_once_more():
+    wire = WireState(Compression(codec="int8", block=16))
+    rows = torch.stack([values(20), values(21)])  # two replicas stacked, as the simulated engine
+    done = wire.exchange(0, rows, lambda p: [p[:1], p[1:]])
+    assert (done.nbytes, done.encoded, done.decoded) == (N + 8 * math.ceil(N / 16), N, 3 * N)
+
+
 def test_the_mean_is_taken_in_member_order():
     wire = WireState(Compression(codec="fp16", error_feedback=False))
     members = [values(10 + j) for j in range(3)]
     payloads = [make_codec(wire.compression).encode(m) for m in members]
     flat = members[1].clone()
-    assert wire.exchange(0, flat, lambda p: payloads) == 2 * N
+    done = wire.exchange(0, flat, lambda p: payloads)
+    assert (done.nbytes, done.encoded, done.decoded) == (2 * N, N, 3 * N)
+    assert done.codec_seconds > 0
     expected = ((members[0].half().float() + members[1].half().float()) + members[2].half().float()) / 3
     assert torch.equal(flat, expected)
 

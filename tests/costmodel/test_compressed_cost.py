@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -93,6 +94,8 @@ def test_a_metrics_rows_counters_keep_the_gathers_for_the_report() -> None:
     assert row_counters(row) == {
         "world": {"collectives": 4, "bytes": 400, "seconds": 0.1, "gathers": 4, "gathered_bytes": 400}
     }
+    coded = {**row["by_scope"]["world"], "encoded": 800, "decoded": 2400, "codec_seconds": 0.02}
+    assert row_counters({"by_scope": {"world": coded}}) == {"world": coded}
     plain = {"by_scope": {"world": {"collectives": 4, "bytes": 400, "seconds": 0.1}}}
     assert row_counters(plain) == {"world": {"collectives": 4, "bytes": 400, "seconds": 0.1}}
 
@@ -153,6 +156,13 @@ def test_a_study_estimate_before_the_runs_prices_the_codec(tmp_path: Path) -> No
     assert int4 == pytest.approx(syncs * gather.seconds(payload), rel=1e-12)
     assert topk == pytest.approx(syncs * gather.seconds(8 * 10_000), rel=1e-12)
     assert topk < 0.5 * plain < plain < int4
+    # A cluster that prices int4's work adds it per sync: 10⁶ values encoded, 17 payloads
+    # decoded (16 members and its own, with error feedback).
+    from localsgd.costmodel import CodecCost
+
+    priced = dataclasses.replace(cluster, codecs={"int4": CodecCost(encode=4e-9, decode=2e-9)})
+    worked = estimate_planned(study.runs[1], section, priced).comm_seconds
+    assert worked == pytest.approx(int4 + syncs * (1e6 * 4e-9 + 17e6 * 2e-9), rel=1e-12)
 
 
 def test_hidden_compute_hides_a_scope_with_gathers_per_mean_collective() -> None:
@@ -176,3 +186,51 @@ def test_hidden_compute_hides_a_scope_with_gathers_per_mean_collective() -> None
         4 * (whole / 4 - hide), rel=1e-12
     )
     assert comm_seconds(counters, k, cluster, hidden={"world": whole}) == 0.0
+
+
+def test_a_codecs_work_is_priced_by_the_cluster_or_as_measured() -> None:
+    """A compressed scope's ``encoded``/``decoded`` counters priced by the cluster's
+    per-value costs for the run's codec; without them, the run's measured ``codec_seconds``
+    (as compute without ``seconds_per_sample``); an uncompressed scope pays nothing."""
+    from localsgd.costmodel import CodecCost
+
+    counters = {
+        "world": {
+            "collectives": 4, "bytes": 4000, "gathers": 4, "gathered_bytes": 4000,
+            "encoded": 8000, "decoded": 24000, "codec_seconds": 0.5,
+        }
+    }  # fmt: skip
+    bare = Cluster("flat", 1, inter=WAN)
+    priced = Cluster("flat", 1, inter=WAN, codecs={"int8": CodecCost(encode=2e-6, decode=1e-6)})
+    transfer = 4 * allgather_cost(8, bare).latency + 4000 * allgather_cost(8, bare).per_byte
+    assert comm_seconds(counters, 8, priced, codec="int8") == pytest.approx(transfer + 8000 * 2e-6 + 24000 * 1e-6)
+    # Another codec than the one priced, or no codec named: the measured seconds.
+    assert comm_seconds(counters, 8, priced, codec="int4") == pytest.approx(transfer + 0.5)
+    assert comm_seconds(counters, 8, bare) == pytest.approx(transfer + 0.5)
+    est = estimate_run(counters, 10, 8, 32, priced, 0.01, codec="int8")
+    assert est.comm_seconds == pytest.approx(transfer + 0.04)
+    plain = {"world": {"collectives": 4, "bytes": 4000}}
+    assert comm_seconds(plain, 8, priced, codec="int8") == pytest.approx(4 * scope_cost("world", 8, bare).seconds(1000))
+    with pytest.raises(ValueError, match=r"encode must be a finite number >= 0 seconds per value, got -1"):
+        CodecCost(encode=-1, decode=0)
+
+
+def test_a_cluster_file_carries_codec_costs(tmp_path: Path) -> None:
+    from localsgd.costmodel import CodecCost, cluster_to_toml, load_cluster
+
+    path = tmp_path / "lab.toml"
+    text = "name = 'lab'\ndevices_per_node = 1\n[inter]\nalpha = 1e-5\nbandwidth_gbit = 1\n"
+    path.write_text(text + "[codecs.int8]\nencode = 3e-9\ndecode = 1.5e-9\n")
+    cluster = load_cluster(path)
+    assert cluster.codecs == {"int8": CodecCost(3e-9, 1.5e-9)}
+    again = tmp_path / "again.toml"
+    again.write_text(cluster_to_toml(cluster))
+    assert load_cluster(again) == cluster
+    for table, message in [
+        ("[codecs.int9]\nencode = 1\ndecode = 1\n", r"lab\.toml': unknown key 'codecs\.int9': not a codec; allowed: \['fp16'"),
+        ("[codecs.int8]\nencode = 1\n", r"missing key 'codecs\.int8\.decode'"),
+        ("[codecs.int8]\nencode = 1\ndecode = -2\n", r"codecs\.int8\.decode must be a finite number >= 0"),
+    ]:
+        path.write_text(text + table)
+        with pytest.raises(ValueError, match=message):
+            load_cluster(path)

@@ -320,7 +320,7 @@ def test_cluster_toml(tmp_path: Path) -> None:
     [
         (
             lambda t: "gpus = 8\n" + t,
-            r"unknown key 'gpus'; allowed: \['allreduce', 'description', 'devices_per_node'",
+            r"unknown key 'gpus'; allowed: \['allreduce', 'codecs', 'description', 'devices_per_node'",
         ),
         (lambda t: 'allreduce = "tree"\n' + t, r"allreduce must be one of \['hierarchical', 'ring'\]"),
         (

@@ -70,7 +70,9 @@ class CommStats:
     seconds: float = 0.0
     by_scope: dict[str, dict[str, float]] = field(default_factory=dict)
 
-    def record(self, scope_label: str, nbytes: int, seconds: float, *, gathered: bool = False) -> None:
+    def record(
+        self, scope_label: str, nbytes: int, seconds: float, *, gathered: bool = False, coded: Exchanged | None = None
+    ) -> None:
         self.collectives += 1
         self.bytes += nbytes
         self.seconds += seconds
@@ -83,6 +85,10 @@ class CommStats:
         if gathered:
             entry["gathers"] = entry.get("gathers", 0) + 1
             entry["gathered_bytes"] = entry.get("gathered_bytes", 0) + nbytes
+        if coded is not None:
+            entry["encoded"] = entry.get("encoded", 0) + coded.encoded
+            entry["decoded"] = entry.get("decoded", 0) + coded.decoded
+            entry["codec_seconds"] = entry.get("codec_seconds", 0.0) + coded.codec_seconds
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -134,15 +140,29 @@ class PendingAverage(Protocol):
 """Builds the server from the initial global model (one replica's tensors)."""
 
 
+@dataclass(frozen=True)
+class Exchanged:
+    """What one compressed average cost one worker (:meth:`WireCodec.exchange`)."""
+
+    nbytes: int
+    """The payload this worker sent (scales and indices included)."""
+    encoded: int
+    """Values it encoded (its own, once)."""
+    decoded: int
+    """Values it decoded: each member's payload, and its own once more for error feedback."""
+    codec_seconds: float
+    """Seconds it spent encoding, decoding and averaging (everything but the all-gather)."""
+
+
 class WireCodec(Protocol):
     """How an average is compressed (:class:`localsgd.comm.codecs.WireState`): the
     communicator hands it each dtype group's flat values and its own all-gather."""
 
     def exchange(
         self, slot: int, flat: torch.Tensor, gather: Callable[[torch.Tensor], list[torch.Tensor]]
-    ) -> int:
-        """Replace ``flat`` with the scope's mean of what its members sent; return the bytes
-        this rank sent (``gather`` takes one payload, returns every member's in rank order)."""
+    ) -> Exchanged:
+        """Replace ``flat`` with the scope's mean of what its members sent; return what it
+        cost this rank (``gather`` takes one payload, returns every member's in rank order)."""
         ...
 
 

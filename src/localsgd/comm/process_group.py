@@ -290,7 +290,7 @@ class ProcessGroupCommunicator:
             if cuda:
                 torch.cuda.synchronize(flat.device)
             start = time.perf_counter()
-            nbytes = codec.exchange(slot, flat, gather)
+            coded = codec.exchange(slot, flat, gather)
             if members is not None:
                 unpack(flat, members)
             if cuda:
@@ -298,7 +298,8 @@ class ProcessGroupCommunicator:
             if record:
                 if route.pause:
                     time.sleep(route.pause)
-                self._stats.record(route.label, nbytes, time.perf_counter() - start, gathered=True)
+                seconds = time.perf_counter() - start
+                self._stats.record(route.label, coded.nbytes, seconds, gathered=True, coded=coded)
 
     def broadcast(self, tensors: Sequence[torch.Tensor], src: int = 0, *, record: bool = True) -> None:
         if self._world_size == 1 or not tensors:

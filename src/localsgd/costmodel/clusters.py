@@ -17,6 +17,10 @@ file describes your own cluster::
     alpha = 5.0e-6
     bandwidth_gbit = 100
 
+    [codecs.int8]                 # optional, per compression.codec: its work on one device
+    encode = 3.6e-9               # seconds per value encoded
+    decode = 1.5e-9               # seconds per value decoded and averaged
+
 In TOML, bandwidth is in Gb/s (``bandwidth_gbit``), as network gear is rated; in code,
 :class:`~localsgd.costmodel.model.Link` takes bytes per second (1 Gb/s = 1.25e8 B/s).
 """
@@ -30,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from localsgd.costmodel.model import ALLREDUCE_ALGORITHMS, GBIT, Cluster, Link, check_real
+from localsgd.costmodel.model import ALLREDUCE_ALGORITHMS, GBIT, Cluster, CodecCost, Link, check_real
 from localsgd.util.checks import ConfigError, check_choice, check_int, from_dict
 
 TCP_ALPHA = 50e-6
@@ -129,6 +133,35 @@ class ClusterFile:
     allreduce: str = "hierarchical"
     """``hierarchical`` or ``ring``: how an all-reduce spanning nodes runs (see
     :attr:`~localsgd.costmodel.model.Cluster.allreduce`)."""
+    codecs: dict[str, Any] | None = None
+    """``[codecs.<codec>]`` tables of ``encode`` and ``decode`` seconds per value (see
+    :class:`~localsgd.costmodel.model.CodecCost`; default: measured in each run)."""
+
+
+@dataclass(frozen=True)
+class CodecFile:
+    """One ``[codecs.<codec>]`` table of a cluster file."""
+
+    encode: float
+    """Seconds per value encoded, >= 0."""
+    decode: float
+    """Seconds per value decoded and averaged, >= 0."""
+
+
+def _codecs(tables: Mapping[str, Any]) -> dict[str, CodecCost]:
+    from localsgd.comm.codecs import codec_names
+
+    allowed = codec_names()[1:]
+    out = {}
+    for name, table in tables.items():
+        if name not in allowed:
+            raise ConfigError(f"unknown key 'codecs.{name}': not a codec; allowed: {allowed}")
+        spec = from_dict(CodecFile, table, f"codecs.{name}")
+        out[name] = CodecCost(
+            encode=check_real(f"codecs.{name}.encode", spec.encode, unit="seconds per value"),
+            decode=check_real(f"codecs.{name}.decode", spec.decode, unit="seconds per value"),
+        )
+    return out
 
 
 def cluster_from_dict(data: Mapping[str, Any]) -> Cluster:
@@ -149,6 +182,7 @@ def cluster_from_dict(data: Mapping[str, Any]) -> Cluster:
         seconds_per_sample=spec.seconds_per_sample,
         description=spec.description,
         allreduce=spec.allreduce,
+        codecs=_codecs(spec.codecs or {}),
     )
 
 
@@ -168,6 +202,8 @@ def cluster_to_dict(cluster: Cluster) -> dict[str, Any]:
     if cluster.intra is not None:
         out["intra"] = link(cluster.intra)
     out["inter"] = link(cluster.inter)
+    if cluster.codecs:
+        out["codecs"] = {name: {"encode": c.encode, "decode": c.decode} for name, c in cluster.codecs.items()}
     return out
 
 
@@ -185,6 +221,8 @@ def cluster_to_toml(cluster: Cluster, comment: str = "") -> str:
     for table in ("intra", "inter"):
         if table in data:
             lines += ["", f"[{table}]", *(f"{k} = {value(v)}" for k, v in data[table].items())]
+    for name, cost in data.get("codecs", {}).items():
+        lines += ["", f"[codecs.{name}]", *(f"{k} = {value(v)}" for k, v in cost.items())]
     return "\n".join(lines) + "\n"
 
 

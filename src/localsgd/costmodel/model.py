@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from localsgd.util.checks import check_float, check_int
@@ -44,6 +44,27 @@ class Link:
         object.__setattr__(
             self, "bandwidth", check_real("bandwidth", self.bandwidth, strict=True, unit="bytes/s")
         )
+
+
+@dataclass(frozen=True)
+class CodecCost:
+    """A codec's own work on one device, in seconds per value: what a compressed average
+    costs beside moving its payload. One worker encodes its n values once and decodes n
+    values per member's payload (and its own once more with error feedback), adding each
+    into the mean: ``encode · encoded + decode · decoded`` (the counters ``encoded`` and
+    ``decoded`` of :class:`localsgd.comm.base.CommStats`)."""
+
+    encode: float
+    """Seconds per value encoded (quantizing, packing, the error-feedback residual's update)."""
+    decode: float
+    """Seconds per value decoded and added into the mean."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "encode", check_real("encode", self.encode, unit="seconds per value"))
+        object.__setattr__(self, "decode", check_real("decode", self.decode, unit="seconds per value"))
+
+    def seconds(self, encoded: float, decoded: float) -> float:
+        return self.encode * encoded + self.decode * decoded
 
 
 ALLREDUCE_ALGORITHMS = ("hierarchical", "ring")
@@ -79,6 +100,11 @@ class Cluster:
     all-gather: NCCL on rail-optimised nodes) or ``ring`` (one flat ring over all p ranks in
     rank order, as gloo runs every all-reduce: the hop that crosses nodes sets the pace of
     every step). Irrelevant when M = 1."""
+    codecs: Mapping[str, CodecCost] = field(default_factory=dict, hash=False)
+    """Per ``compression.codec`` (``int8``, ...), its work on one target device (see
+    :class:`CodecCost`; ``localsgd cluster calibrate`` measures them). A codec missing
+    here is charged what the run measured (its ``codec_seconds``), as compute is without
+    ``seconds_per_sample``."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name.strip():
@@ -99,6 +125,21 @@ class Cluster:
             raise ValueError(f"description must be a string, got {self.description!r}")
         if self.allreduce not in ALLREDUCE_ALGORITHMS:
             raise ValueError(f"allreduce must be one of {list(ALLREDUCE_ALGORITHMS)}, got {self.allreduce!r}")
+        if not isinstance(self.codecs, Mapping) or not all(
+            isinstance(k, str) and isinstance(v, CodecCost) for k, v in self.codecs.items()
+        ):
+            raise ValueError(f"codecs must map codec names to CodecCost(encode, decode), got {self.codecs!r}")
+        object.__setattr__(self, "codecs", dict(self.codecs))
+
+    def codec_seconds(self, codec: str | None, counters: Mapping[str, Any]) -> float:
+        """The codec work of a scope's counters (its ``encoded``/``decoded`` values): priced
+        by :attr:`codecs` when it has ``codec``, else the run's measured ``codec_seconds``."""
+        cost = self.codecs.get(codec) if codec else None
+        if cost is None:
+            return check_real("codec_seconds", counters.get("codec_seconds", 0.0), unit="seconds")
+        encoded = check_real("encoded", counters.get("encoded", 0))
+        decoded = check_real("decoded", counters.get("decoded", 0))
+        return cost.seconds(encoded, decoded)
 
     def placement(self, workers: int) -> tuple[int, int]:
         """(nodes, devices used per node) for K = ``workers``: (ceil(K/M), min(K, M))."""
@@ -405,6 +446,7 @@ def comm_seconds(
     cluster: Cluster,
     delay: Mapping[str, float] | None = None,
     hidden: Mapping[str, float] | None = None,
+    codec: str | None = None,
 ) -> float:
     """Σ_scope collectives_s · (latency_s + delay_s) + bytes_s · per_byte_s, from cumulative
     counters ``{"world": {"collectives": c, "bytes": b, ...}, "block2": {...}}`` (other keys,
@@ -413,7 +455,8 @@ def comm_seconds(
     collectives of a scope move the same payload, and in general since every term is affine
     in the payload. A scope's ``gathers`` and ``gathered_bytes`` (compressed averages,
     included in its totals) are priced as all-gathers (:func:`gather_scope_cost`), the
-    rest as all-reduces.
+    rest as all-reduces; their codec's own work is added (:meth:`Cluster.codec_seconds`,
+    ``codec`` naming the run's ``compression.codec``).
 
     ``hidden`` (``{scope: seconds}``): compute each collective of a scope runs beside
     (streaming's τ steps of compute while a fragment's average is in flight). A step then
@@ -442,6 +485,7 @@ def comm_seconds(
         if gathers:
             gather = gather_scope_cost(scope, workers, cluster)
             seconds += gathers * gather.latency + gathered * gather.per_byte
+            seconds += cluster.codec_seconds(codec, counters)
         behind = hide.get(scope, 0.0)
         if behind and collectives:
             if math.isnan(behind):
@@ -479,16 +523,18 @@ def estimate_run(
     measured_compute_per_step: float | None = None,
     delay: Mapping[str, float] | None = None,
     overlap: Mapping[str, int] | None = None,
+    codec: str | None = None,
 ) -> Estimate:
     """Estimate a run (or its prefix up to an evaluation row) on ``cluster``:
     ``steps`` × :func:`compute_per_step` + :func:`comm_seconds` of its cumulative counters
     (with ``delay`` seconds added to every collective of a scope). ``overlap``
     (``{scope: τ}``): a streamed run's averages of that scope are in flight for τ steps, so
-    each hides τ × the compute of a step (the exit sync, not overlapped, is counted so too)."""
+    each hides τ × the compute of a step (the exit sync, not overlapped, is counted so too).
+    ``codec``: the run's ``compression.codec``, whose work :attr:`Cluster.codecs` prices."""
     steps = check_real("steps", steps)
     _check_workers(workers)
     per_step = compute_per_step(batch_size, cluster, measured_compute_per_step)
     compute = steps * per_step
     hidden = {scope: int(tau) * per_step for scope, tau in (overlap or {}).items() if tau}
-    comm = comm_seconds(counters_by_scope, workers, cluster, delay, hidden)
+    comm = comm_seconds(counters_by_scope, workers, cluster, delay, hidden, codec)
     return Estimate(compute, comm, compute + comm)

@@ -31,7 +31,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from localsgd.costmodel import Cluster, Link
+from localsgd.costmodel import Cluster, CodecCost, Link
 from localsgd.emulation.cluster import EmulatedCluster
 
 MIN_BYTES = 4096
@@ -191,9 +191,25 @@ def _probe(
     return fit_link(data["bytes"], data["seconds"], int(data["world_size"]), burst)
 
 
+def calibrate_codecs(threads: int = 1) -> dict[str, CodecCost]:
+    """Every codec's work per value on this machine's CPU (``threads`` torch threads, as a
+    worker process has), with error feedback (:func:`localsgd.comm.codecs.measure_codec`)."""
+    import torch
+
+    from localsgd.comm.codecs import Compression, codec_names, measure_codec
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return {name: CodecCost(*measure_codec(Compression(codec=name))) for name in codec_names()[1:]}
+    finally:
+        torch.set_num_threads(before)
+
+
 def calibrate(cluster: EmulatedCluster, *, reps: int = 7, name: str | None = None) -> Calibration:
     """Probe the inter-node link (2 nodes × 1 process) and a node's loopback (1 node × 2
-    processes) of a running ``cluster``, and return the cost model's view of it."""
+    processes) of a running ``cluster``, time every codec on this machine's CPU, and return
+    the cost model's view of it."""
     if cluster.nodes < 2:
         raise ValueError("calibrating the inter-node link needs an emulated cluster of at least 2 nodes")
     with tempfile.TemporaryDirectory(prefix="localsgd-probe-") as tmp:
@@ -216,7 +232,8 @@ def calibrate(cluster: EmulatedCluster, *, reps: int = 7, name: str | None = Non
         inter=inter.link,
         intra=intra.link,
         allreduce="ring",
-        description=described,
+        description=described + "; codecs timed on this machine's CPU, one thread",
+        codecs=calibrate_codecs(),
     )
     return Calibration(result, inter, intra)
 

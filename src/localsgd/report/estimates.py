@@ -127,6 +127,17 @@ def streamed_overlap(run: dict[str, Any]) -> dict[str, int]:
     return {"world": int(tau)} if math.isfinite(tau) and tau > 0 else {}
 
 
+CODEC_COLUMN = "config.algorithm.compression.codec"
+"""The flattened config column of a compressed run's codec (whose work a cluster may price)."""
+
+
+def compression_codec(run: dict[str, Any]) -> str | None:
+    """A run's ``compression.codec`` from its flattened config; None where it sends values
+    as they are."""
+    codec = run.get(CODEC_COLUMN)
+    return codec if isinstance(codec, str) and codec != "none" else None
+
+
 def _estimate(
     counters: dict[str, dict[str, float]] | None,
     steps: float,
@@ -136,10 +147,11 @@ def _estimate(
     measured: float,
     delay: dict[str, float] | None = None,
     overlap: dict[str, int] | None = None,
+    codec: str | None = None,
 ) -> tuple[float, float, float]:
     if counters is None or not math.isfinite(steps):
         return (math.nan, math.nan, math.nan)
-    est = estimate_run(counters, steps, workers, batch_size, cluster, measured, delay, overlap)
+    est = estimate_run(counters, steps, workers, batch_size, cluster, measured, delay, overlap, codec)
     return (est.compute_seconds, est.comm_seconds, est.total_seconds)
 
 
@@ -197,12 +209,13 @@ Estimate = tuple[float, float, float]
 @dataclass(frozen=True)
 class _RunInputs:
     """Per run: (K, B, workload), injected delay per scope, compute seconds per step,
-    streaming's overlap τ per scope."""
+    streaming's overlap τ per scope, the codec of a compressed run."""
 
     who: dict[str, tuple[int, int, str]]
     delays: dict[str, dict[str, float]]
     per_step: dict[str, float]
     overlap: dict[str, dict[str, int]] = field(default_factory=dict)
+    codec: dict[str, str | None] = field(default_factory=dict)
 
     @classmethod
     def of(cls, runs: pd.DataFrame) -> _RunInputs:
@@ -210,11 +223,13 @@ class _RunInputs:
         delays: dict[str, dict[str, float]] = {}
         per_step: dict[str, float] = {}
         overlap: dict[str, dict[str, int]] = {}
+        codec: dict[str, str | None] = {}
         for run in runs.to_dict("records"):
             rid, workers, batch = str(run["run_id"]), int(run["workers"]), int(run["batch_size"])
             who[rid] = (workers, batch, str(run["workload"]))
             delays[rid] = injected_delay(run)
             overlap[rid] = streamed_overlap(run)
+            codec[rid] = compression_codec(run)
             per_step[rid] = measured_compute_per_step(
                 float(run["wall_seconds"]),
                 float(run["comm_seconds"]),
@@ -235,7 +250,7 @@ class _RunInputs:
             if not run["real_wall_time"] and workers > 1 and (workload, batch) in single:
                 times = single[(workload, batch)]
                 per_step[rid] = sum(times) / len(times)
-        return cls(who, delays, per_step, overlap)
+        return cls(who, delays, per_step, overlap, codec)
 
 
 def _run_estimate(study: Study, rid: str, runs: _RunInputs, cluster: Cluster) -> Estimate:
@@ -252,6 +267,7 @@ def _run_estimate(study: Study, rid: str, runs: _RunInputs, cluster: Cluster) ->
         runs.per_step[rid],
         runs.delays[rid],
         runs.overlap.get(rid),
+        runs.codec.get(rid),
     )
 
 
@@ -279,6 +295,7 @@ def _row_estimates(
             runs.per_step[rid],
             runs.delays[rid],
             runs.overlap.get(rid),
+            runs.codec.get(rid),
         )
         rows_est.append(est)
         goal = targets[workload]

@@ -186,9 +186,11 @@ def _run_row(record: RunRecord, rows: list[MetricsRow]) -> dict[str, Any]:
     return row
 
 
-SCOPE_KEYS = ("collectives", "bytes", "seconds", "gathers", "gathered_bytes")
-"""A scope's counters; the last two only where a compressed average happened (see
-:class:`localsgd.comm.base.CommStats`)."""
+SCOPE_KEYS = (
+    "collectives", "bytes", "seconds", "gathers", "gathered_bytes", "encoded", "decoded", "codec_seconds"
+)  # fmt: skip
+"""A scope's counters; all but the first three only where a compressed average happened
+(see :class:`localsgd.comm.base.CommStats`)."""
 
 
 def row_counters(row: Mapping[str, Any]) -> dict[str, dict[str, float]] | None:

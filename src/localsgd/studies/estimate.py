@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 from localsgd.algorithms.streaming import streaming_options
 from localsgd.comm.codecs import payload_bytes
-from localsgd.costmodel import Cluster, collective_seconds, gather_scope_cost, load_cluster
+from localsgd.costmodel import Cluster, collective_seconds, gather_scope_cost, load_cluster, scope_size
 from localsgd.run.config import RunConfig
 from localsgd.util.checks import ConfigError
 from localsgd.workloads import VALIDATION_FRACTION
@@ -102,10 +102,20 @@ def estimate_run(run: RunConfig, section: EstimateSection, cluster: Cluster) -> 
         return RunEstimate(steps, compute, None)
     compression = algorithm.capabilities.compression
     if compression.enabled:
-        payload = payload_bytes(compression, section.parameters[name])
-        comm = sum(
-            n * gather_scope_cost(scope, run.workers, cluster).seconds(payload) for scope, n in syncs.items() if n
-        )
+        values = section.parameters[name]
+        payload = payload_bytes(compression, values)
+        own = int(compression.error_feedback)
+
+        def exchange(scope: str) -> float:
+            # The codec's own work where the cluster prices it (nothing was measured yet):
+            # n values encoded, and each member's payload (and one's own, with error
+            # feedback) decoded.
+            members = scope_size(scope, run.workers)
+            counters = {"encoded": values, "decoded": values * (members + own)}
+            work = cluster.codec_seconds(compression.codec, counters) if compression.codec in cluster.codecs else 0.0
+            return gather_scope_cost(scope, run.workers, cluster).seconds(payload) + work
+
+        comm = sum(n * exchange(scope) for scope, n in syncs.items() if n)
         return RunEstimate(steps, compute, comm)
     nbytes = FP32_BYTES * section.parameters[name]
     streaming = streaming_options(algorithm)

@@ -214,12 +214,13 @@ class SimulatedCommunicator:
             start = time.perf_counter()
             span = replica_span(members, stacked)
             flat = span if span is not None else torch.cat([t.reshape(stacked, -1) for t in members], 1)
-            nbytes = codec.exchange(slot, flat.unflatten(0, (stacked // size, size)), gather)
+            coded = codec.exchange(slot, flat.unflatten(0, (stacked // size, size)), gather)
             if span is None:
                 for t, piece in zip(members, flat.split([t[0].numel() for t in members], 1)):
                     t.copy_(piece.view_as(t))
             if record:
-                self._stats.record(scope.label(), nbytes, time.perf_counter() - start, gathered=True)
+                seconds = time.perf_counter() - start
+                self._stats.record(scope.label(), coded.nbytes, seconds, gathered=True, coded=coded)
 
     @torch.no_grad()
     def broadcast(self, tensors: Sequence[torch.Tensor], src: int = 0, *, record: bool = True) -> None:
