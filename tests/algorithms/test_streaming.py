@@ -97,6 +97,7 @@ def gloo_world(rank: int, world: int, folder: str) -> dict[str, Any]:
     return {
         "identity": identity_world(rank, world),
         "streamed": streamed_world(rank, world),
+        "whole_period": whole_period_world(rank, world),
         "resume": resume_world(rank, world, folder),
     }
 
@@ -264,7 +265,8 @@ def test_a_saved_state_holds_the_average_in_flight():
 
 def streamed_reference(period: int, fragments: int, overlap: int, mixing: float, steps: int) -> list[torch.Tensor]:
     """Local SGD streamed by hand on K separate models: fragment p's average of the models
-    at t, landing at t + τ as (1 − α)·average + α·local."""
+    at t, landing at t + τ as (1 − α)·average + α·local; what lands at the step its own
+    fragment starts again (F = 1, τ = H) lands after that start."""
     models = [make_model() for _ in range(2)]
     opts = [sgd(m) for m in models]
     params = [list(m.parameters()) for m in models]
@@ -275,25 +277,26 @@ def streamed_reference(period: int, fragments: int, overlap: int, mixing: float,
         for k, (m, o) in enumerate(zip(models, opts)):
             loss_step(m, o, *batch(k, step - 1))
 
-        def land(step: int) -> None:
-            while flying and flying[0][0] == step:
+        starting = [p for p, offset in enumerate(offsets) if (step - offset) % period == 0]
+
+        def land(step: int, keep: tuple[int, ...] = ()) -> None:
+            while flying and flying[0][0] == step and flying[0][1] not in keep:
                 _, p, mean = flying.pop(0)
                 with torch.no_grad():
                     for k in range(2):
                         for i, avg in zip(groups[p], mean):
                             params[k][i].copy_((1 - mixing) * avg + mixing * params[k][i])
 
-        land(step)
-        for p, offset in enumerate(offsets):
-            if (step - offset) % period == 0:
-                mean = [(params[0][i].detach() + params[1][i].detach()) / 2 for i in groups[p]]
-                flying.append((step + overlap, p, mean))
+        land(step, tuple(starting))
+        for p in starting:
+            mean = [(params[0][i].detach() + params[1][i].detach()) / 2 for i in groups[p]]
+            flying.append((step + overlap, p, mean))
         land(step)
     return [flat(m) for m in models]
 
 
-def streamed_world(rank: int, world: int) -> dict[str, Any]:
-    algo = A.LocalSGD(period=4, fragments=2, overlap=1, mixing=0.5)
+def streamed_world(rank: int, world: int, algo: A.AlgorithmConfig | None = None) -> dict[str, Any]:
+    algo = algo or A.LocalSGD(period=4, fragments=2, overlap=1, mixing=0.5)
     model = make_model()
     opt = sgd(model)
     dp = localsgd.DataParallel(model, opt, algo)
@@ -302,6 +305,10 @@ def streamed_world(rank: int, world: int) -> dict[str, Any]:
             loss_step(model, opt, *batch(rank, step))
         before_exit = flat(model)
     return {"before_exit": before_exit, "final": flat(model), "stats": dict(dp.stats)}
+
+
+def whole_period_world(rank: int, world: int) -> dict[str, Any]:
+    return streamed_world(rank, world, A.LocalSGD(period=4, overlap=4))
 
 
 def test_streamed_local_sgd_follows_the_formula_and_counts_each_fragment(gloo):
@@ -318,6 +325,20 @@ def test_streamed_local_sgd_follows_the_formula_and_counts_each_fragment(gloo):
     sizes = [p.numel() for p in make_model().parameters()]
     first, second = (4 * sum(sizes[i] for i in g) for g in split_fragments(sizes, 2))
     assert ranks[0]["stats"]["bytes"] == 3 * first + 4 * second
+
+
+def test_one_fragment_in_flight_a_whole_period_averages_each_periods_progress(gloo):
+    """F = 1, τ = H, α = 0: the average started at step 8 is of the models before the one
+    started at 4 lands (landing first would average the landed model itself: no progress
+    ever averaged, the model frozen at the first average)."""
+    ranks = [g["whole_period"] for g in gloo]
+    reference = streamed_reference(4, 1, 4, 0.0, 11)
+    for rank, r in enumerate(ranks):
+        torch.testing.assert_close(r["before_exit"], reference[rank], rtol=1e-6, atol=1e-7)
+        assert r["stats"]["syncs"] == streamed_syncs(11, 4, StreamingOptions(1, 4, 0.0)) + 1 == 2
+    frozen = streamed_reference(4, 1, 0, 0.0, 4)[0]  # the models' average at step 4
+    assert not torch.allclose(ranks[0]["final"], frozen, atol=1e-3)
+    assert torch.equal(ranks[0]["final"], ranks[1]["final"])
 
 
 # -- configuration -------------------------------------------------------------------------------

@@ -12,7 +12,8 @@ switch, hierarchical local SGD at its global level, SlowMo, DiLoCo):
   buffers, when averaged, travel with fragment 0. H must be divisible by F.
 - τ = ``overlap``: a fragment's average is started at step t and lands at step t + τ;
   the τ steps in between train on while it is in flight (τ ≤ H/F, so it lands before
-  the next fragment starts).
+  the next fragment starts; at τ = H/F it lands at that step, and with F = 1, where the
+  next fragment is itself, the next average starts first, on the local model).
 - α = ``mixing``: what lands is mixed with the local model as it is then.
 
 In the paper's symbols, for fragment p synced at step t on worker m, with θ_p the
@@ -272,16 +273,24 @@ class Streamer:
     def advance(self) -> None:
         """One local step was taken: land what is due, start what is due (then land it at
         once where τ = 0). Landing first: with τ = H/F a fragment lands at the step its
-        successor starts, whose snapshot then holds it."""
+        successor starts, whose snapshot then holds it. A fragment that starts at the step
+        its own previous average lands (F = 1, τ = H) starts first: its snapshot holds the
+        H local steps since its last start, which landing first would discard before
+        anyone averaged them (the model would never move at α = 0)."""
         self.step += 1
         self.buffers_in_sync = False
-        self._land_due()
-        for p in self.due():
+        due = self.due()
+        self._land_due(keep=set(due))
+        for p in due:
             self.start(p)
         self._land_due()
 
-    def _land_due(self) -> None:
+    def _land_due(self, keep: set[int] | None = None) -> None:
+        """Land, in the order they started, the averages due by now, except those of the
+        fragments in ``keep`` (and any started after them)."""
         while self.in_flight and self.in_flight[0].lands <= self.step:
+            if keep and self.in_flight[0].fragment in keep:
+                return
             self.land(self.in_flight.pop(0), self.options.mixing)
 
     def start(self, fragment: int) -> None:
