@@ -125,6 +125,12 @@ def test_links_are_shaped_and_calibration_writes_a_cluster_file(env: Path) -> No
     # tbf caps the link at 100 Mbit/s: what gloo's payload gets cannot exceed it.
     assert 0 < cluster.inter.bandwidth * 8 <= 1.02e8
     assert "cluster file:" in done.stdout and "Mbit/s" in done.stdout
+    # Every codec's work timed on this CPU, so report --cluster prices compressed runs.
+    from localsgd.comm.codecs import codec_names
+
+    assert sorted(cluster.codecs) == sorted(codec_names()[1:])
+    assert all(c.encode > 0 and 0 <= c.decode < 1e-6 for c in cluster.codecs.values())
+    assert "int8" in done.stdout and "[codecs.int8]" in out.read_text()
 
 
 FLAKY = """

@@ -20,6 +20,7 @@ from localsgd.report.graphics import (
     Style,
     grid,
     grid_size,
+    labels_and_legend,
     legend,
     log_ticks,
     sentence,
@@ -146,12 +147,11 @@ def _curve_block(
         labels += drawn[1]
     label = f"{ylabel}, log scale" if positive else ylabel
     if multiples:
-        owner.supxlabel(xlabel, fontsize="medium")
-        owner.supylabel(label, fontsize="medium")
+        labels_and_legend(owner, xlabel, label, handles, labels, "variant, workers K")
     else:
         axes[0].set_xlabel(xlabel)
         axes[0].set_ylabel(label)
-    legend(owner, handles, labels, "variant, workers K")
+        legend(owner, handles, labels, "variant, workers K")
 
 
 def _curves(

@@ -193,7 +193,21 @@ def legend(owner: Figure | SubFigure, handles: list[Any], labels: list[str], tit
     if len(handles) <= SIDE_LEGEND_MAX:
         owner.legend(handles, labels, loc="outside right center", **common)
     else:
-        owner.legend(handles, labels, loc="outside lower center", ncols=3, **common)
+        owner.legend(handles, labels, loc="outside lower center", ncols=3, alignment="center", **common)
+
+
+def labels_and_legend(
+    owner: Figure | SubFigure, xlabel: str, ylabel: str, handles: list[Any], labels: list[str], title: str
+) -> None:
+    """A panel grid's shared axis labels and its legend. Where the legend goes below the
+    panels, the x label heads it: constrained layout puts an outside legend and a
+    ``supxlabel`` both at the figure's bottom edge, one over the other."""
+    owner.supylabel(ylabel, fontsize="medium")
+    if len(handles) > SIDE_LEGEND_MAX:
+        legend(owner, handles, labels, f"{xlabel}\n\n{title}")
+        return
+    owner.supxlabel(xlabel, fontsize="medium")
+    legend(owner, handles, labels, title)
 
 
 def add_entries(handles: list[Any], labels: list[str], drawn: tuple[list[Any], list[str]]) -> None:

@@ -29,7 +29,7 @@ from localsgd.report.graphics import (
     add_entries,
     grid,
     grid_size,
-    legend,
+    labels_and_legend,
     sentence,
     stack,
     title_metric,
@@ -150,8 +150,13 @@ def metric_vs_hk(summary: pd.DataFrame, metrics: dict[str, Metric]) -> MplFigure
             base = mine[mine["algorithm"].astype(str).map(synchronous_baseline) & (mine["workers"] > 1)]
             drawn = _panel(ax, lines, base, f"final_{metric.name}", metric.scale, colors)
             add_entries(handles, labels, drawn)
-        owner.supxlabel("H·K (local steps between averagings × workers, log₂ scale)")
-        owner.supylabel(f"final {metric.heading}")
-        legend(owner, handles, labels, "workers K (seeds); dashed: the synchronous baseline")
+        labels_and_legend(
+            owner,
+            "H·K (local steps between averagings × workers, log₂ scale)",
+            f"final {metric.heading}",
+            handles,
+            labels,
+            "workers K (seeds); dashed: the synchronous baseline",
+        )
     return fig
 

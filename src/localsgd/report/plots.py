@@ -24,6 +24,7 @@ from localsgd.report.graphics import (
     Style,
     grid,
     grid_size,
+    labels_and_legend,
     legend,
     log_ticks,
     look_families,
@@ -298,9 +299,13 @@ def _overlap(points: list[_Point], frame: _Frame, axis: XAxis) -> bool:
     )
 
 
-def _draw_point(ax: Axes, p: _Point, axis: XAxis, frame: _Frame, metric: Metric, *, context: bool) -> Any:
+def _draw_point(
+    ax: Axes, p: _Point, axis: XAxis, frame: _Frame, metric: Metric, *, context: bool, stacked: int = 0
+) -> Any:
     """One point with its error bars (shifted together by its dodge); an outlier as an
-    arrowhead at the edge, with its value. Returns the legend handle."""
+    arrowhead at the edge, with its value (``stacked`` rows of other outliers' values
+    further from the edge, so close ones do not print over each other). Returns the
+    legend handle."""
 
     def shift(v: float) -> float:
         return _inverse(axis, _forward(axis, v) + p.dodge) if p.dodge else v
@@ -326,7 +331,7 @@ def _draw_point(ax: Axes, p: _Point, axis: XAxis, frame: _Frame, metric: Metric,
             note = ax.annotate(
                 f"{value} {'↓' if p.edge < 0 else '↑'}",
                 (x, y),
-                xytext=(0, 7 if p.edge < 0 else -14),
+                xytext=(0, 7 + 9 * stacked if p.edge < 0 else -14 - 9 * stacked),
                 textcoords="offset points",
                 ha="center",
                 fontsize="x-small",
@@ -459,14 +464,16 @@ def _scatter_block(owner: Any, block: _Block, look: dict[str, Style], axis: XAxi
             handles += marked[0]
             labels += marked[1]
         _decorate(ax, axis, frame)
+    line = axes[0].get_legend_handles_labels()
+    entries = ([*line[0], *handles], [*line[1], *labels])
     if multiples:
-        owner.supxlabel(axis.label, fontsize="medium")
-        owner.supylabel(f"final {metric.heading}", fontsize="medium")
+        labels_and_legend(
+            owner, axis.label, f"final {metric.heading}", *entries, "variant, workers K (seeds)"
+        )
     else:
         axes[0].set_xlabel(axis.label)
         axes[0].set_ylabel(f"final {metric.heading}")
-    line = axes[0].get_legend_handles_labels()
-    legend(owner, [*line[0], *handles], [*line[1], *labels], "variant, workers K (seeds)")
+        legend(owner, *entries, "variant, workers K (seeds)")
 
 
 def _scatter_panel(
@@ -480,11 +487,18 @@ def _scatter_panel(
     labels: list[str] = []
     if family is not None:
         ax.set_title(family_title(family), fontsize="medium")
+    mine = [p for p in points if family is None or p.style.family == family]
+    # The values of this panel's outliers at each edge, one row each, in x order.
+    rows = {
+        id(p): i
+        for e in (-1, 1)
+        for i, p in enumerate(sorted((q for q in mine if q.edge == e), key=lambda q: q.x))
+    }
     for p in sorted(points, key=lambda p: list(look).index(p.group)):
         if family is not None and p.style.family != family:
             _draw_point(ax, p, axis, frame, metric, context=True)
             continue
-        handle = _draw_point(ax, p, axis, frame, metric, context=False)
+        handle = _draw_point(ax, p, axis, frame, metric, context=False, stacked=rows.get(id(p), 0))
         if p.group in dominated:
             _fade(handle)
         handles.append(handle)

@@ -31,7 +31,7 @@ from localsgd.report.graphics import (
     family_colors,
     grid,
     grid_size,
-    legend,
+    labels_and_legend,
     sentence,
     stack,
     title_metric,
@@ -194,8 +194,13 @@ def metric_vs_switch_point(frame: pd.DataFrame, metrics: dict[str, Metric]) -> M
             base = mine[mine["switch"].isna() & (mine["setting"] == setting)]
             drawn = _panel(ax, part, base, several_batches, colors)
             add_entries(handles, labels, drawn)
-        owner.supxlabel("switch point t' (epochs of synchronous mini-batch SGD before local steps)")
-        owner.supylabel(f"final {metrics[workload].heading}")
-        legend(owner, handles, labels, "variant, workers K (seeds)")
+        labels_and_legend(
+            owner,
+            "switch point t' (epochs of synchronous mini-batch SGD before local steps)",
+            f"final {metrics[workload].heading}",
+            handles,
+            labels,
+            "variant, workers K (seeds)",
+        )
     return fig
 
