@@ -27,6 +27,7 @@ import torch
 from localsgd.algorithms.base import SyncContext, load_tensors, require_keys
 from localsgd.comm.base import WORLD, Scope, World
 from localsgd.comm.codecs import Compression, WireState
+from localsgd.comm.flat import copies
 
 
 class DeltaCompression:
@@ -36,13 +37,19 @@ class DeltaCompression:
         self.ctx = ctx
         self.wire = WireState(compression)
         self.anchor = [p.detach().clone() for p in ctx.params]
+        # Δ's buffers, reused by every sync and laid out as the model (one buffer per dtype
+        # when it is flat), so the communicator averages them in place: no model-sized
+        # allocation or packing per sync.
+        self.delta = copies(ctx.params, ctx.flat)
 
     @torch.no_grad()
     def __call__(self, scope: Scope = WORLD) -> None:
-        params = self.ctx.params
-        delta = list(torch._foreach_sub(self.anchor, params))
+        params, delta = self.ctx.params, self.delta
+        torch._foreach_copy_(delta, self.anchor)
+        torch._foreach_sub_(delta, params)
         self.ctx.comm.average(delta, scope, codec=self.wire)
-        torch._foreach_copy_(params, torch._foreach_sub(self.anchor, delta))
+        torch._foreach_copy_(params, self.anchor)
+        torch._foreach_sub_(params, delta)
         if isinstance(scope, World):
             # A block's average leaves the anchor where the world last agreed: anchors of
             # different blocks would differ, and so would the next world average.

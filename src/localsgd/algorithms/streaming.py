@@ -46,6 +46,7 @@ import torch
 from localsgd.algorithms._common import average_model
 from localsgd.algorithms.base import SyncContext, load_tensors, require_keys
 from localsgd.comm.base import WORLD, PendingAverage, Scope
+from localsgd.comm.flat import copies
 from localsgd.util.checks import ConfigError, check_float, check_int
 
 
@@ -199,22 +200,6 @@ class InFlight:
     handle: PendingAverage
 
 
-def snapshot(tensors: Sequence[torch.Tensor], flat: bool) -> list[torch.Tensor]:
-    """Copies of ``tensors`` to average while they train on: back to back in one buffer
-    per dtype where the model is laid out flat (one collective on it in place)."""
-    if not flat:
-        return [t.detach().clone() for t in tensors]
-    out: list[torch.Tensor | None] = [None] * len(tensors)
-    groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
-    for i, t in enumerate(tensors):
-        groups.setdefault((t.device, t.dtype), []).append(i)
-    for idx in groups.values():
-        buffer = torch.cat([tensors[i].detach().reshape(-1) for i in idx])
-        for i, view in zip(idx, buffer.split([tensors[i].numel() for i in idx])):
-            out[i] = view.view_as(tensors[i])
-    return [t for t in out if t is not None]
-
-
 class Streamer:
     """The fragment schedule of one averaging level: starts, lands, mixes and counts each
     fragment's sync. ``advance()`` after every local step; ``restart()`` where local steps
@@ -294,7 +279,7 @@ class Streamer:
             self.land(self.in_flight.pop(0), self.options.mixing)
 
     def start(self, fragment: int) -> None:
-        copy = snapshot(self._members[fragment], self.ctx.flat)
+        copy = copies(self._members[fragment], self.ctx.flat)
         handle = self.ctx.comm.start_average(copy, self.scope)
         self.in_flight.append(InFlight(fragment, self.step, self.step + self.options.overlap, copy, handle))
 
@@ -406,7 +391,7 @@ class Streamer:
         self.in_flight = []
         for saved in state["in_flight"]:
             fragment = int(saved["fragment"])
-            copy = snapshot(self._members[fragment], self.ctx.flat)
+            copy = copies(self._members[fragment], self.ctx.flat)
             load_tensors("in_flight.average", copy, saved["average"])
             self.in_flight.append(InFlight(fragment, int(saved["started"]), int(saved["lands"]), copy, _Landed()))
         if self.outer is not None:

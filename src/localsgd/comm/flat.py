@@ -43,6 +43,23 @@ def contiguous_span(tensors: Sequence[torch.Tensor]) -> torch.Tensor | None:
     return flat
 
 
+def copies(tensors: Sequence[torch.Tensor], flat: bool) -> list[torch.Tensor]:
+    """Copies of ``tensors``, to average (or compute on) while the originals change: back
+    to back in one buffer per device and dtype where the model is laid out flat (so a
+    collective works on the buffer in place, with no packing), each its own tensor else."""
+    if not flat:
+        return [t.detach().clone() for t in tensors]
+    out: list[torch.Tensor | None] = [None] * len(tensors)
+    groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    for i, t in enumerate(tensors):
+        groups.setdefault((t.device, t.dtype), []).append(i)
+    for idx in groups.values():
+        buffer = torch.cat([tensors[i].detach().reshape(-1) for i in idx])
+        for i, view in zip(idx, buffer.split([tensors[i].numel() for i in idx])):
+            out[i] = view.view_as(tensors[i])
+    return [t for t in out if t is not None]
+
+
 def pack(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """A new 1-D buffer holding ``tensors`` back to back."""
     return torch.cat([t.detach().reshape(-1) for t in tensors])
