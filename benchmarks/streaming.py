@@ -36,9 +36,12 @@ what ``localsgd report --cluster`` does. The ratios: measured / predicted step (
 0.85–1.15, two one-sided targets), and the hidden fraction of a streamed case, 1 − its wait /
 the wait of the same algorithm plain, in the same repetition (wanted ≥ 0.70). The codec
 cases (int8 and 4-bit, error feedback on; blocking, as a codec is not streamed) send an
-all-gather of their payload, which the cost model prices; the encoding, decoding and
-averaging that go with it are timed apart on every rank (no transfer), and
-measured / (predicted + that codec work) is reported beside the cost model's ratio.
+all-gather of their payload, which the cost model prices, and encode, decode and average on
+every rank, which it prices too: per-value costs calibrated in the same launch, before the
+cases (``comm.codecs.measure_codec``, every rank at once, as ``localsgd cluster calibrate``
+does), times the run's counters of values encoded and decoded. Beside the ratio: the codec's
+work as the run timed it against the calibration, and the rest of the wait against the
+cost model's transfer.
 
 Nothing here is asserted: this is a measurement. Absolute figures on a shared machine are
 noisy; the JSON records the load average.
