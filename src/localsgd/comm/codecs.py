@@ -34,6 +34,7 @@ import torch
 
 from localsgd.comm.base import Exchanged
 from localsgd.util.checks import ConfigError, check_bool, check_choice, check_float, check_int
+from localsgd.util.codec_names import CODECS
 
 FP8 = getattr(torch, "float8_e4m3fn", None)
 """torch's fp8 e4m3 dtype where this torch has it (the ``fp8`` codec needs it)."""
@@ -43,7 +44,7 @@ FP8_MAX = 448.0
 
 def codec_names() -> list[str]:
     """The ``compression.codec`` values this torch supports."""
-    return ["none", "fp16", "bf16", "int8", "int4", *(["fp8"] if FP8 is not None else []), "topk"]
+    return [name for name in CODECS if name != "fp8" or FP8 is not None]
 
 
 def check_compression(
@@ -420,9 +421,13 @@ def measure_codec(compression: Compression, n: int = 2**20, reps: int = 5) -> tu
     values = torch.randn(n, generator=torch.Generator().manual_seed(0))
     points = []
     for members in (1, 2, 4, 8):
+
+        def copies_of(payload: torch.Tensor, m: int = members) -> list[torch.Tensor]:
+            return [payload.clone() for _ in range(m)]
+
         times = []
         for _ in range(reps + 1):  # the first call warms the allocator
-            done = state.exchange(0, values.clone(), lambda p, m=members: [p.clone() for _ in range(m)])
+            done = state.exchange(0, values.clone(), copies_of)
             times.append(done.codec_seconds)
         points.append((done.decoded / n, sorted(times[1:])[reps // 2]))
     mx = sum(x for x, _ in points) / len(points)

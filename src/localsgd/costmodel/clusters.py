@@ -36,6 +36,7 @@ from typing import Any
 
 from localsgd.costmodel.model import ALLREDUCE_ALGORITHMS, GBIT, Cluster, CodecCost, Link, check_real
 from localsgd.util.checks import ConfigError, check_choice, check_int, from_dict
+from localsgd.util.codec_names import CODECS
 
 TCP_ALPHA = 50e-6
 """Typical per-message latency of kernel TCP over (10/25 GbE) Ethernet, software included."""
@@ -149,9 +150,7 @@ class CodecFile:
 
 
 def _codecs(tables: Mapping[str, Any]) -> dict[str, CodecCost]:
-    from localsgd.comm.codecs import codec_names
-
-    allowed = codec_names()[1:]
+    allowed = list(CODECS[1:])
     out = {}
     for name, table in tables.items():
         if name not in allowed:

@@ -102,8 +102,8 @@ def estimate_run(run: RunConfig, section: EstimateSection, cluster: Cluster) -> 
         return RunEstimate(steps, compute, None)
     compression = algorithm.capabilities.compression
     if compression.enabled:
-        values = section.parameters[name]
-        payload = payload_bytes(compression, values)
+        count = section.parameters[name]
+        payload = payload_bytes(compression, count)
         own = int(compression.error_feedback)
 
         def exchange(scope: str) -> float:
@@ -111,7 +111,7 @@ def estimate_run(run: RunConfig, section: EstimateSection, cluster: Cluster) -> 
             # n values encoded, and each member's payload (and one's own, with error
             # feedback) decoded.
             members = scope_size(scope, run.workers)
-            counters = {"encoded": values, "decoded": values * (members + own)}
+            counters = {"encoded": count, "decoded": count * (members + own)}
             work = cluster.codec_seconds(compression.codec, counters) if compression.codec in cluster.codecs else 0.0
             return gather_scope_cost(scope, run.workers, cluster).seconds(payload) + work
 
