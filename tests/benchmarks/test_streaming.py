@@ -80,7 +80,7 @@ def test_quick_run_writes_ratios_and_a_table_per_case(tmp_path):
         for figure in ("codec work in the run / calibrated", "all-gather wait / predicted transfer"):
             assert [r["case"] for r in by_name[figure]].count(name) == 1
         encode, decode = found["codec_costs_s_per_value"][codec]
-        assert encode > 0 and decode > 0
+        assert encode >= 0 and decode >= 0 and encode + decode > 0
         # The prediction prices the codec's work: its per-value costs times the values counted.
         steps = found["plan"]["periods"] * found["plan"]["period"]
         for m in found["measurements"][name]:

@@ -129,7 +129,9 @@ def test_links_are_shaped_and_calibration_writes_a_cluster_file(env: Path) -> No
     from localsgd.comm.codecs import codec_names
 
     assert sorted(cluster.codecs) == sorted(codec_names()[1:])
-    assert all(c.encode > 0 and 0 <= c.decode < 1e-6 for c in cluster.codecs.values())
+    # Per value: nanoseconds on a CPU (a fit on a busy machine may put either term at 0).
+    assert all(0 <= c.encode < 1e-6 and 0 <= c.decode < 1e-6 for c in cluster.codecs.values())
+    assert all(c.encode + c.decode > 0 for c in cluster.codecs.values())
     assert "int8" in done.stdout and "[codecs.int8]" in out.read_text()
 
 

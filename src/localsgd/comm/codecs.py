@@ -414,7 +414,8 @@ def measure_codec(compression: Compression, n: int = 2**20, reps: int = 5) -> tu
     """This machine's (encode, decode) seconds per value for ``compression`` (the terms of
     :class:`localsgd.costmodel.model.CodecCost`), on the CPU in this process's threads:
     the medians of ``reps`` exchanges of ``n`` values with 1, 2, 4 and 8 members' payloads
-    (copies of its own; no transfer), fitted by least squares as encode·n + decode·decoded.
+    (copies of its own; no transfer), fitted by least squares as encode·n + decode·decoded,
+    each clamped at 0 (other work on a busy machine can tilt the fit).
     Encode takes whatever does not grow with the members (the copies in and out, the
     residual's update)."""
     state = WireState(compression)
