@@ -16,6 +16,9 @@ from harness import run_world
 from localsgd import algorithms as A
 from scenarios import batch, flat, loss_step, make_model
 
+# One xdist worker runs this module, so its world of two ranks is built once per session, not once per worker.
+pytestmark = pytest.mark.xdist_group("ddp_worlds")
+
 STEPS = 7
 
 

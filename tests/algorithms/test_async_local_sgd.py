@@ -24,7 +24,8 @@ from localsgd.run.config import run_config
 from localsgd.util.checks import ConfigError
 from scenarios import batch, flat, loss_step, make_model
 
-pytestmark = pytest.mark.timeout(600)
+# One xdist worker runs this module, so its bounded world of 4 is built once per session, not once per worker.
+pytestmark = [pytest.mark.timeout(600), pytest.mark.xdist_group("async_local_sgd")]
 
 
 def plain(steps: int, momentum: float = 0.9) -> torch.Tensor:

@@ -29,7 +29,8 @@ from localsgd.engines.simulated.engine import ReplicaGradients, SimulatedCommuni
 from localsgd.util.checks import ConfigError
 from scenarios import batch, flat, loss_step, make_model, sgd
 
-pytestmark = pytest.mark.timeout(600)
+# One xdist worker runs this module, so its gloo world is built once per session, not once per worker.
+pytestmark = [pytest.mark.timeout(600), pytest.mark.xdist_group("streaming_gloo")]
 
 STEPS = 14
 CONSENSUS_AT = 10

@@ -14,7 +14,8 @@ import scenarios
 from harness import run_world
 
 WORLDS = [2, 4]
-pytestmark = pytest.mark.timeout(600)
+# One xdist worker runs this module, so its K = 2 and K = 4 worlds are built once per session, not once per worker.
+pytestmark = [pytest.mark.timeout(600), pytest.mark.xdist_group("process_group")]
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -39,7 +39,12 @@ from localsgd.run.execute import execute_run
 from localsgd.run.worker import TORCHRUN_NOTE
 
 WHY = unavailable()
-pytestmark = [pytest.mark.skipif(WHY is not None, reason=WHY or ""), pytest.mark.timeout(600)]
+# One xdist worker runs this module, so its uninterrupted emulated run is built once per session, not once per worker.
+pytestmark = [
+    pytest.mark.skipif(WHY is not None, reason=WHY or ""),
+    pytest.mark.timeout(600),
+    pytest.mark.xdist_group("node_faults"),
+]
 
 # 720 training samples, K = 2, B = 16: 22 steps an epoch; local SGD averages every 2nd step.
 TRAINING = {

@@ -21,6 +21,9 @@ matplotlib = pytest.importorskip("matplotlib")
 from matplotlib.collections import PolyCollection  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 
+# One xdist worker runs this module, so conftest's session report is built once per session, not once per worker.
+pytestmark = pytest.mark.xdist_group("report_build")
+
 ACCURACY = Metric("accuracy", "test accuracy", "%", True, 100.0)
 METRICS = {"w": ACCURACY}
 

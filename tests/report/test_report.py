@@ -18,6 +18,9 @@ from localsgd.report import make_report, variant_label
 from report.records import write_run
 from report.stores import FAILURE, RUNS, STEPS, build_estimate_store, config_of, rows_of, run_id_of
 
+# One xdist worker runs this module, so conftest's session report is built once per session, not once per worker.
+pytestmark = pytest.mark.xdist_group("report_build")
+
 pd = pytest.importorskip("pandas")
 openpyxl = pytest.importorskip("openpyxl")
 

@@ -16,6 +16,9 @@ from localsgd.util.nest import flatten
 from report.records import write_run
 from report.stores import build_estimate_store, config_of, rows_of, run_id_of
 
+# One xdist worker runs this module, so conftest's session report is built once per session, not once per worker.
+pytestmark = pytest.mark.xdist_group("report_build")
+
 openpyxl = pytest.importorskip("openpyxl")
 pd = pytest.importorskip("pandas")
 

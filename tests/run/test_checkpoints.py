@@ -20,6 +20,9 @@ from localsgd.run.config import run_config
 from localsgd.run.execute import execute_run
 from scenarios import fast_spec
 
+# One xdist worker runs this module, so its whole run is built once per session, not once per worker.
+pytestmark = pytest.mark.xdist_group("checkpoints")
+
 
 class Interrupting:
     """A workload that raises KeyboardInterrupt (a Ctrl-C) when replica ``rank`` is about
