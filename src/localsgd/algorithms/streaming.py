@@ -30,7 +30,8 @@ so F = 1, τ = 0, α = 0 is the algorithm without streaming, bit for bit. Each f
 sync is one sync in ``dp.stats`` and its collective carries that fragment's bytes.
 
 The snapshot a fragment's average is started on is a copy of its parameters: the
-collective works on that copy while the optimizer keeps stepping the parameters. A
+collective works on that copy while the optimizer keeps stepping the parameters. Once its
+average has landed, its buffers are reused by that fragment's next snapshot. A
 checkpoint taken while an average is in flight waits for it and saves the landed
 average with its due step, so a resume applies it at the same step, exactly.
 """
@@ -239,6 +240,9 @@ class Streamer:
         """The local step at which each fragment was last left identical on every replica."""
         self.buffers_in_sync = True
         self.in_flight: list[InFlight] = []
+        self._spares: list[list[list[torch.Tensor]]] = [[] for _ in self.fragments]
+        """Per fragment, snapshots whose average has landed: reused by its next start, so a
+        sync allocates no model-sized memory (two at most while F = 1, τ = H)."""
 
     # -- the schedule -------------------------------------------------------------------------
 
@@ -278,8 +282,14 @@ class Streamer:
                 return
             self.land(self.in_flight.pop(0), self.options.mixing)
 
+    @torch.no_grad()
     def start(self, fragment: int) -> None:
-        copy = copies(self._members[fragment], self.ctx.flat)
+        spares = self._spares[fragment]
+        if spares:
+            copy = spares.pop()
+            torch._foreach_copy_(copy, self._members[fragment])
+        else:
+            copy = copies(self._members[fragment], self.ctx.flat)
         handle = self.ctx.comm.start_average(copy, self.scope)
         self.in_flight.append(InFlight(fragment, self.step, self.step + self.options.overlap, copy, handle))
 
@@ -316,6 +326,8 @@ class Streamer:
             self.synced_at[entry.fragment] = self.step
             if len(averaged) > n:
                 self.buffers_in_sync = True
+        # Applied: its buffers serve the fragment's next snapshot.
+        self._spares[entry.fragment].append(averaged)
 
     # -- the consensus ------------------------------------------------------------------------
 
