@@ -357,3 +357,24 @@ def test_an_fp16_run_resumes_with_its_loss_scale(tmp_path):
     expected, got = final_model(whole.run_dir(run.run_id())), final_model(resumed.run_dir(run.run_id()))
     assert all(torch.equal(expected[k], got[k]) for k in expected)
     assert rows(whole.run_dir(run.run_id())) == rows(resumed.run_dir(run.run_id()))
+
+
+def test_a_write_cut_short_by_a_killed_worker_leaves_no_temporary_file(tmp_path, monkeypatch):
+    """A worker torn down mid-write never reaches the atomic write's own cleanup (its
+    temporary checkpoint stays behind); the attempt's end removes it, and only it."""
+    from localsgd.run import training
+    from localsgd.util.files import temporary_name
+
+    def torn_down(config, folder, rank, world_size, workload=None):
+        (folder / "checkpoints").mkdir(parents=True, exist_ok=True)
+        temporary_name(folder / "checkpoints" / "step8-rank0.pt").write_bytes(b"half a checkpoint")
+        (folder / "checkpoints" / ".kept").write_text("not a temporary file")
+        raise RuntimeError("rank 1 failed: the group is torn down")
+
+    monkeypatch.setattr(training, "train", torn_down)
+    run = run_config(config({"name": "local_sgd", "period": 4}, workers=1, max_steps=4))
+    store = Store(tmp_path / "store")
+    assert execute_run(run, store) == "failed"
+    left = sorted(p.name for p in store.run_dir(run.run_id()).rglob("*") if p.is_file())
+    assert not [name for name in left if ".tmp" in name], left
+    assert ".kept" in left

@@ -18,11 +18,10 @@ import contextlib
 import ctypes
 import json
 import os
-import secrets
 from pathlib import Path
 from typing import Any
 
-from localsgd.util.files import disk_full
+from localsgd.util.files import disk_full, temporary_name
 
 
 def json_text(data: Any) -> str:
@@ -56,7 +55,7 @@ class GroupWrite:
         try:
             for path, data in files.items():
                 current = path
-                tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp{path.suffix}")
+                tmp = temporary_name(path)
                 with open(tmp, "xb") as f:
                     temporary[path] = tmp
                     f.write(data)

@@ -13,7 +13,7 @@ from localsgd.records.store import LOCK, Store
 from localsgd.run.bookkeeping import stop_rule
 from localsgd.run.config import RunConfig
 from localsgd.util.checks import ConfigError, check_output_folder
-from localsgd.util.files import DiskFull, disk_full, no_space
+from localsgd.util.files import DiskFull, disk_full, no_space, remove_temporaries
 
 
 def preflight(runs: Iterable[RunConfig], *, local: bool = True) -> dict[str, workloads.Workload]:
@@ -149,12 +149,16 @@ def execute_run(
     )
     error: ErrorInfo | None = None
     try:
-        if launch is not None and config.processes() > 1:
-            launch(job)
-        elif session is None:
-            engine.execute(job)
-        else:
-            session.execute(job)
+        try:
+            if launch is not None and config.processes() > 1:
+                launch(job)
+            elif session is None:
+                engine.execute(job)
+            else:
+                session.execute(job)
+        finally:
+            # The attempt is over: a worker torn down mid-write left its temporary file.
+            remove_temporaries(folder)
     except engines.WorkerFailure as exc:
         error = exc.error
     except DiskFull:

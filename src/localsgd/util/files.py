@@ -11,6 +11,7 @@ import contextlib
 import errno
 import json
 import os
+import re
 import secrets
 from collections.abc import Iterator
 from pathlib import Path
@@ -62,13 +63,36 @@ def disk_full(exc: BaseException, path: str | Path) -> BaseException:
     return DiskFull(path)
 
 
+def temporary_name(path: Path) -> Path:
+    """The name :func:`atomic_path` writes ``path``'s new content under, beside it."""
+    return path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp{path.suffix}")
+
+
+TEMPORARY = re.compile(r"\..+\.[0-9a-f]{12}\.tmp(\.[^.]+)?")
+"""What :func:`temporary_name` names look like."""
+
+
+def remove_temporaries(folder: Path) -> list[Path]:
+    """Delete the temporary files of atomic writes left anywhere under ``folder``: a process
+    killed mid-write (a run's workers torn down when one of them failed) never reached the
+    cleanup that :func:`atomic_path` does itself. Only when nothing writes there any more.
+    Returns what it removed."""
+    removed = []
+    for path in Path(folder).rglob(".*"):
+        if TEMPORARY.fullmatch(path.name) and path.is_file():
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+                removed.append(path)
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """A fresh path beside ``path`` for the block to create; it replaces ``path`` (after an
     fsync) only if the block succeeds. The file gets the usual umask, not ``mkstemp``'s
     0600, so results stay readable to the rest of a team."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp{path.suffix}")
+    tmp = temporary_name(path)
     try:
         yield tmp
         with open(tmp, "rb+") as f:
