@@ -112,7 +112,8 @@ def estimate_run(run: RunConfig, section: EstimateSection, cluster: Cluster) -> 
             # feedback) decoded.
             members = scope_size(scope, run.workers)
             counters = {"encoded": count, "decoded": count * (members + own)}
-            work = cluster.codec_seconds(compression.codec, counters) if compression.codec in cluster.codecs else 0.0
+            # (Without a price the cost model charges measured seconds: none here, so 0.)
+            work = cluster.codec_seconds(compression.codec, counters)
             return gather_scope_cost(scope, run.workers, cluster).seconds(payload) + work
 
         comm = sum(n * exchange(scope) for scope, n in syncs.items() if n)
