@@ -63,8 +63,10 @@ def free_port() -> int:
 # Ranks are forked from one server process that has imported torch and localsgd once for the
 # whole session: a spawned rank spends seconds importing torch, and the suite starts dozens
 # of worlds. The server runs nothing of torch (no thread pools exist to be lost by a fork),
-# and each rank still is its own process with its own process group.
-PRELOAD = ["torch", "torch.distributed", "localsgd", "localsgd.run.training"]
+# and each rank still is its own process with its own process group. torch._dynamo
+# is among the preloads: every optimizer's construction and step imports it (a second of
+# CPU in each rank otherwise); importing it starts no thread.
+PRELOAD = ["torch", "torch.distributed", "torch._dynamo", "localsgd", "localsgd.run.training"]
 
 
 def _context() -> Any:
