@@ -22,7 +22,7 @@ from localsgd.run.execute import execute_run
 
 pytestmark = pytest.mark.timeout(600)
 
-LAUNCHES = 3
+LAUNCHES = 6
 ABORTED = "failed (exitcode: -6) local_rank: 1 (pid: 4242) of binary: python"
 
 
