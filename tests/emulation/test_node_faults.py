@@ -56,7 +56,7 @@ TRAINING = {
 # train.timeout_seconds of the tests that wait it out on purpose (an outage longer than it, a
 # rendezvous that a lost node never joins, torch's exit barrier): short, but seconds beyond
 # what two workers of a loaded machine take to start and to meet at a collective.
-TIMEOUT = 6
+TIMEOUT = 8
 
 
 def training(max_steps: int = 40, workload: str = "mnist1d_mlp", **train: object) -> RunConfig:
