@@ -370,8 +370,15 @@ def run_spec(folder: str, engine: str) -> Any:
 
 
 def run_processes(rank: int, world: int, folder: str, out: str) -> dict[str, Any] | None:
+    import multiprocessing
+
     from localsgd.run.training import train
 
+    # The loader processes fork from the rank, as from a rank a launcher starts (a fresh
+    # interpreter: fork is the start method on Linux before Python 3.14). A harness rank
+    # inherits the harness's forkserver, under which every loader (one an epoch and one an
+    # evaluation) is a process of a new server that imports torch anew, seconds each.
+    multiprocessing.set_start_method("fork", force=True)
     run_dir = Path(out) / "processes" if rank == 0 else None
     if run_dir is not None:
         run_dir.mkdir()
