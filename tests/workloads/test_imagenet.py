@@ -473,7 +473,10 @@ engine = ["processes", "simulated"]
     )
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = tmp_path / "store"
-    for args in (["study", str(study), "--out", str(out)], ["report", str(out)]):
+    # The report's figures as PNG at a low resolution: report.md is what is read here, and
+    # the PDF and SVG copies of each figure (seconds of matplotlib) are not.
+    report_args = ["report", str(out), "--format", "png", "--dpi", "50"]
+    for args in (["study", str(study), "--out", str(out)], report_args):
         done = subprocess.run(
             [sys.executable, "-m", "localsgd.cli", *args], capture_output=True, text=True, env=env, timeout=600
         )
