@@ -57,15 +57,19 @@ def interleaved(
 ) -> dict[str, list[float]]:
     """``{variant: [value per repetition]}``: each callable returns one measurement (seconds,
     or a rate); repetition r runs the variants rotated by r. ``warmup`` repetitions run first
-    and are dropped."""
+    and are dropped. A callable may instead return ``{variant: value}`` for several variants
+    it measured together (alternating call by call, say); each lands under its own name."""
     names = list(variants)
-    out: dict[str, list[float]] = {name: [] for name in names}
+    out: dict[str, list[float]] = {}
     for r in range(warmup + reps):
         shift = r % len(names)
         for name in names[shift:] + names[:shift]:
             value = variants[name]()
-            if r >= warmup:
-                out[name].append(float(value))
+            if r < warmup:
+                continue
+            values = value if isinstance(value, dict) else {name: value}
+            for key, v in values.items():
+                out.setdefault(key, []).append(float(v))
     return out
 
 

@@ -4,7 +4,9 @@ For a ResNet-20 (0.27 M parameters in 65 tensors: latency-bound) and a 25 M-para
 (bandwidth-bound), at each world size K, the same K processes time these, interleaved
 (:func:`shared.interleaved`: every repetition runs each variant once, in an order that
 rotates; a variant's value in a repetition is the median of many calls, each after a
-barrier, and a sync's time is the slowest rank's, since a sync is done when every rank is):
+barrier, and a sync's time is the slowest rank's, since a sync is done when every rank is).
+``ours``, ``raw`` and ``raw_scaled`` alternate call by call within a repetition, so the
+ratio between them is taken over the same moments of a shared machine:
 
 - ``ours``: ``LocalSGD(period=1)``'s sync through :class:`localsgd.DataParallel`, the whole
   Python path (synchronizer, averager, span check, communicator, counters);
@@ -15,7 +17,7 @@ barrier, and a sync's time is the slowest rank's, since a sync is done when ever
   call ``ours`` makes. The parameters are zeros, identical on every rank, so repeated SUMs
   stay finite and no denormal ever slows the arithmetic (a collective's speed does not
   depend on the values otherwise);
-- ``raw_scaled``: ``raw`` plus the ``mul_(1/K)`` an average needs on gloo, which has no
+- ``raw_scaled``: ``raw`` then the ``mul_(1/K)`` an average needs on gloo, which has no
   averaging reduction that is faster (its ``AVG`` measured slower than SUM then one pass);
 - ``per_tensor``: one ``all_reduce`` and one divide per parameter tensor (HF accelerate's
   LocalSGD; accelerate also clones each tensor, so it is slower still), on a plain copy;
@@ -90,7 +92,7 @@ class BenchConfig:
     models: tuple[str, ...] = tuple(MODELS)
     reps: int = 7
     warmup: int = 1
-    resnet_calls: int = 60
+    resnet_calls: int = 300
     resnet_calls_oversubscribed: int = 15
     resnet_per_tensor_calls: int = 5
     resnet_per_tensor_calls_oversubscribed: int = 3
@@ -188,6 +190,22 @@ def median_call(fn: Callable[[], Any], calls: int) -> float:
     return statistics.median(times)
 
 
+def alternating_medians(fns: dict[str, Callable[[], Any]], calls: int) -> dict[str, float]:
+    """This rank's median seconds per call of each function, the functions called in turn
+    (the order rotating every round), each call after a barrier: every variant sees the
+    same moments of a shared machine, so their ratio does not carry its drift."""
+    names = list(fns)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for i in range(calls):
+        shift = i % len(names)
+        for name in names[shift:] + names[:shift]:
+            dist.barrier()
+            start = time.perf_counter()
+            fns[name]()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def slowest(values: dict[str, list[float]], world: int) -> dict[str, list[float]]:
     """Per variant and repetition, the largest value over the ranks."""
     gathered: list[Any] = [None] * world
@@ -242,16 +260,20 @@ def sync_costs(name: str, cfg: BenchConfig, rank: int, world: int) -> dict[str, 
         assert isinstance(sync, LocalSGDSync), type(sync)
         flat = contiguous_span(params)
         assert flat is not None and flat.numel() == n_params, "params are not one buffer"
-        ops: dict[str, tuple[Callable[[], Any], int]] = {
-            "ours": (sync.sync, calls),
-            "raw": (lambda: dist.all_reduce(flat), calls),
-            "raw_scaled": (lambda: (dist.all_reduce(flat), flat.mul_(inv)), calls),
-            "per_tensor": (per_tensor, slow_calls),
-            "torch_averager": (torch_average, slow_calls),
+        # ours and its two limits alternate call by call; the slow baselines run apart.
+        paired: dict[str, Callable[[], Any]] = {
+            "ours": sync.sync,
+            "raw": lambda: dist.all_reduce(flat),
+            "raw_scaled": lambda: (dist.all_reduce(flat), flat.mul_(inv)),
         }
+        apart: dict[str, Callable[[], Any]] = {"per_tensor": per_tensor, "torch_averager": torch_average}
+        calls_per_rep = {**dict.fromkeys(paired, calls), **dict.fromkeys(apart, slow_calls)}
         start = time.perf_counter()
         values = interleaved(
-            {v: (lambda fn=fn, n=n: median_call(fn, n)) for v, (fn, n) in ops.items()},
+            {
+                "sync": lambda: alternating_medians(paired, calls),
+                **{v: (lambda fn=fn: median_call(fn, slow_calls)) for v, fn in apart.items()},
+            },
             reps=cfg.reps,
             warmup=cfg.warmup,
         )
@@ -265,7 +287,7 @@ def sync_costs(name: str, cfg: BenchConfig, rank: int, world: int) -> dict[str, 
     return {
         "params": n_params,
         "param_tensors": len(params),
-        "calls_per_rep": {v: n for v, (_, n) in ops.items()},
+        "calls_per_rep": calls_per_rep,
         "oversubscribed": oversubscribed,
         "slowest_s": slowest(values, world),
         # The library's own figure: the seconds it records around its collective (and scale).
