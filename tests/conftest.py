@@ -66,4 +66,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         folder = item.path.relative_to(root).parts[0]
         if folder in EXCLUSIVE_FOLDERS:
+            own = item.get_closest_marker("xdist_group")
+            if own is not None and own.args[:1] != (folder,):
+                raise pytest.UsageError(f"{item.nodeid}: tests under {folder}/ run in xdist group {folder!r}")
             item.add_marker(pytest.mark.xdist_group(folder))

@@ -39,11 +39,14 @@ from localsgd.run.execute import execute_run
 from localsgd.run.worker import TORCHRUN_NOTE
 
 WHY = unavailable()
-# One xdist worker runs this module, so its uninterrupted emulated run is built once per session, not once per worker.
+# The xdist worker that runs every emulation test (tests/conftest.py: EXCLUSIVE_FOLDERS) runs
+# this module too, so its uninterrupted emulated run is built once per session, and no
+# clean-up of stale emulations here meets another module's emulation (a hard-killed one
+# that test_cluster.py is about to clean up itself, say).
 pytestmark = [
     pytest.mark.skipif(WHY is not None, reason=WHY or ""),
     pytest.mark.timeout(600),
-    pytest.mark.xdist_group("node_faults"),
+    pytest.mark.xdist_group("emulation"),
 ]
 
 # 720 training samples, K = 2, B = 16: 22 steps an epoch; local SGD averages every 2nd step.
