@@ -300,16 +300,18 @@ def test_a_frozen_worker_fails_its_run_naming_its_rank(project, where):
     run = run_config({**training, "workload": {"name": "faulty:make", "gate": str(gate)}})
     store = Store(project / "store")
     with PROCESSES.session() as session:
-        thread, result = run_in_thread(execute_run, run, store, session=session if where == "pool" else None)
+        thread, result = run_in_thread(
+            execute_run, run, store, session=session if where == "pool" else None
+        )
         wait_for(gate.with_name("gate.waiting"))
         if where == "pool":
             frozen = session.pools[0].pids[1]
         else:
-            # The launcher forks its workers from a fork server; each names itself by rank.
             (frozen,) = (
                 pid
                 for pid in descendants(os.getpid())
-                if Path(f"/proc/{pid}/comm").read_text().strip() == "localsgd rank 1"
+                if b"RANK=1\x00" in Path(f"/proc/{pid}/environ").read_bytes()
+                and b"--run-dir" in Path(f"/proc/{pid}/cmdline").read_bytes()
             )
         os.kill(frozen, signal.SIGSTOP)
         gate.with_name("gate.open").touch()  # rank 0 goes on, into a collective with rank 1
@@ -319,9 +321,7 @@ def test_a_frozen_worker_fails_its_run_naming_its_rank(project, where):
     assert not thread.is_alive() and result.get("status") == "failed", result
     error = store.error(run.run_id())
     assert error is not None and error.type == "WorkerUnresponsive" and error.rank == 1
-    assert error.line().startswith(
-        f"WorkerUnresponsive: rank 1 (pid {frozen}) stopped answering: no heartbeat for"
-    )
+    assert error.line().startswith(f"WorkerUnresponsive: rank 1 (pid {frozen}) stopped answering: no heartbeat for")
     assert "(train.timeout_seconds = 6)" in error.message
     assert_all_gone({frozen})
 

@@ -1,8 +1,6 @@
 """``python -m localsgd.worker``: the worker process's entry point (:mod:`localsgd.run.worker`)."""
 
-from localsgd.run.worker import entry, forked_entry
-
-__all__ = ["entry", "forked_entry"]
+from localsgd.run.worker import entry
 
 if __name__ == "__main__":
     entry()

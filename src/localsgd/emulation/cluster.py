@@ -153,14 +153,7 @@ class EmulatedCluster:
         agent = self._launchers.get(node)
         if agent is None or agent.poll() is not None:
             raise RuntimeError(f"node {node} runs no launcher of this cluster")
-        # The agent's multiprocessing helpers (the fork server its workers come from, the
-        # resource tracker) are the launcher's, not workers: a node whose workers crashed
-        # still has them, and the agent learns each worker's signal through the fork server.
-        victims = [
-            pid
-            for pid in namespace_pids(self.network.nodes[node])
-            if pid != agent.pid and not _multiprocessing_helper(pid)
-        ]
+        victims = [pid for pid in namespace_pids(self.network.nodes[node]) if pid != agent.pid]
         if launcher:
             victims.append(agent.pid)
         for pid in victims:
@@ -459,16 +452,3 @@ def _ip(args: Sequence[str]) -> str:
 
 def _tails(log_dir: Path, where: Placement) -> str:
     return "\n".join(f"-- node {n}\n{tail(log_dir / f'node{n}.log')}" for n in where.nodes)
-
-
-def _multiprocessing_helper(pid: int) -> bool:
-    """Whether ``pid`` runs multiprocessing's fork server or resource tracker itself (not
-    a process forked from the server, which renames itself)."""
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            cmdline = f.read()
-        with open(f"/proc/{pid}/comm", "rb") as f:
-            comm = f.read().strip()
-    except OSError:
-        return False
-    return b"from multiprocessing." in cmdline and not comm.startswith(b"localsgd")

@@ -51,19 +51,13 @@ from localsgd.util.files import EXIT_DISK_FULL, DiskFull
 from localsgd.util.lifetime import (
     DEFAULT_TIMEOUT_SECONDS,
     EXIT_ORPHANED,
-    LAUNCHER_PID,
     WATCH_FD,
     die_with_parent,
-    name_process,
     restart_attempt,
     watch_parent,
 )
 
 log = logging.getLogger("localsgd.worker")
-
-IMPORTED_IN = os.getpid()
-"""The process that imported this module. In a worker forked from a fork server that
-imported it (:func:`forked_entry`), the fork server's pid: the worker's parent."""
 
 CACHED_WORKLOADS = 2
 """Built workloads (their data in memory) a pool worker keeps for the next runs."""
@@ -287,23 +281,6 @@ def _workload(built: OrderedDict[str, workloads.Workload], config: RunConfig) ->
     return built[key]
 
 
-def _exit_status(code: int | str | None) -> int:
-    """``sys.exit``'s meaning of ``code`` as a process exit status (a message: printed, 1)."""
-    if code is None:
-        return 0
-    if isinstance(code, int):
-        return code
-    print(code, file=sys.stderr)
-    return 1
-
-
-def _flush_output() -> None:
-    logging.shutdown()
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(Exception):
-            stream.flush()
-
-
 def exit_process(code: int | str | None) -> NoReturn:
     """End this worker with ``code`` (``sys.exit``'s meaning) once its output is flushed,
     skipping the interpreter's teardown.
@@ -314,62 +291,30 @@ def exit_process(code: int | str | None) -> NoReturn:
     while other threads still use them, which aborts a finished worker ("terminate called
     without an active exception", SIGABRT) in a few launches in a hundred, and its
     launcher then reports the whole launch failed."""
-    status = _exit_status(code)
-    _flush_output()
+    if code is None:
+        status = 0
+    elif isinstance(code, int):
+        status = code
+    else:
+        print(code, file=sys.stderr)
+        status = 1
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
     os._exit(status)
-
-
-def _main_code(argv: list[str] | None) -> int | str | None:
-    try:
-        return main(argv)
-    except SystemExit as exc:
-        return exc.code
-    except BaseException:
-        traceback.print_exc()
-        return 1
 
 
 def entry(argv: list[str] | None = None) -> NoReturn:
     """``python -m localsgd.worker``: :func:`main`, ended by :func:`exit_process`."""
-    exit_process(_main_code(argv))
-
-
-def _leave_fork_server_alone() -> None:
-    """Close this process's end of the fork server's "alive" pipe. multiprocessing hands it
-    to every process the server forks, so that they may fork through it too, and the server
-    lives while any holds it: a worker holding it would keep the server, and so itself,
-    alive after the launcher died."""
-    from multiprocessing import forkserver
-
-    server = getattr(forkserver, "_forkserver", None)
-    fd = getattr(server, "_forkserver_alive_fd", None)
-    if server is not None and fd is not None:
-        with contextlib.suppress(OSError):
-            os.close(fd)
-        server._forkserver_alive_fd = None
-
-
-def forked_entry(*argv: str) -> None:
-    """``python -m localsgd.worker ARGV`` as a function, for torch's elastic agent to run in
-    workers forked from a fork server that has imported torch and this module already
-    (:mod:`localsgd.engines.launching.elastic`): a worker starts without paying for its
-    interpreter and imports. The fork server is the worker's parent and exits with the
-    launcher, so the parent-death signal, armed in :func:`main`, ties the worker to it.
-
-    A failure ends the process at once with :func:`main`'s exit code, which torch's agent
-    reports; a success returns, for the agent to collect, and the process then ends as
-    multiprocessing ends its children (``os._exit``, no interpreter teardown)."""
-    # The parent to check for after arming the parent-death signal: the fork server, or
-    # (this module not preloaded there) whichever process forked this one.
-    parent = IMPORTED_IN if os.getpid() != IMPORTED_IN else os.getppid()
-    os.environ[LAUNCHER_PID] = str(parent)
-    _leave_fork_server_alone()
-    # Its command line is the fork server's: the name says what it is (ps -o comm, top).
-    name_process(f"localsgd rank {os.environ.get('RANK', '?')}")
-    status = _exit_status(_main_code(list(argv)))
-    if status != 0:
-        exit_process(status)
-    _flush_output()
+    try:
+        code: int | str | None = main(argv)
+    except SystemExit as exc:
+        code = exc.code
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    exit_process(code)
 
 
 if __name__ == "__main__":

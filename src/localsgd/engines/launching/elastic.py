@@ -22,11 +22,6 @@ barrier for the other nodes' agents (torch's default: 300 s). An agent that has 
 arrives there: a node that outlived a lost node (an asynchronous run goes on without one)
 waits that long before it exits.
 
-Workers that run a module with a ``forked_entry`` function (``-m localsgd.worker``, what
-every launch of this package runs) are forked from a fork server that has imported torch
-and that module once, instead of each starting an interpreter and importing them again
-(:func:`fork_workers`); any other program is started as torchrun starts it.
-
 Every group of workers it starts learns the rendezvous round it belongs to
 (:data:`RDZV_ROUND`). torch's own attempt counter (``TORCHELASTIC_RESTART_COUNT``) counts the
 restarts of one agent: when one node's workers fail, that node's agent counts a restart and
@@ -37,13 +32,10 @@ the same number on every node.
 from __future__ import annotations
 
 import datetime
-import importlib
-import multiprocessing
 import os
 import socket
 import sys
 from collections.abc import Sequence
-from typing import Any
 
 from localsgd.util.lifetime import EXIT_ORPHANED, LAUNCHER_PID, RDZV_ROUND, watch_parent
 
@@ -149,51 +141,6 @@ def bound_exit_barrier(seconds: float) -> None:
     SimpleElasticAgent.__init__ = __init__  # type: ignore[method-assign]
 
 
-FORK_PRELOAD = ("torch", "torch.distributed", "torch._dynamo")
-"""What the fork server imports before the worker's module: torch's optimizers import
-``torch._dynamo`` at their first step, which costs a worker about a second of CPU."""
-
-
-def fork_workers() -> None:
-    """Have torchrun fork ``python -u -m MODULE ARGS`` workers, where ``MODULE`` has a
-    ``forked_entry(*args)`` function, from a fork server that imported :data:`FORK_PRELOAD`
-    and ``MODULE`` (torch's ``forkserver`` start method for a function entry point).
-
-    A forked worker's environment is this process's, as a started one's is: the server
-    started before the rendezvous round was exported, so each worker gets the environment
-    of the moment its group starts, plus torch's own variables for its rank."""
-    import torch.distributed.run as torchrun
-    from torch.distributed.elastic.agent.server import local_elastic_agent
-
-    original = torchrun.config_from_args
-    if getattr(original, "forks_workers", False):
-        return
-
-    def config_from_args(args: Any) -> tuple[Any, Any, list[str]]:
-        config, cmd, cmd_args = original(args)
-        if cmd == sys.executable and len(cmd_args) >= 3 and cmd_args[:2] == ["-u", "-m"]:
-            module = importlib.import_module(cmd_args[2])
-            entry = getattr(module, "forked_entry", None)
-            if callable(entry):
-                multiprocessing.set_forkserver_preload([*FORK_PRELOAD, cmd_args[2]])
-                # A worker's output reaches the log as it is written, as with ``python -u``.
-                os.environ["PYTHONUNBUFFERED"] = "1"
-                config.start_method = "forkserver"
-                return config, entry, cmd_args[3:]
-        return config, cmd, cmd_args
-
-    config_from_args.forks_workers = True  # type: ignore[attr-defined]
-    torchrun.config_from_args = config_from_args
-
-    start = local_elastic_agent.start_processes
-
-    def start_processes(**kwargs: Any) -> Any:  # the agent passes every argument by name
-        kwargs["envs"] = {rank: {**os.environ, **env} for rank, env in kwargs["envs"].items()}
-        return start(**kwargs)
-
-    local_elastic_agent.start_processes = start_processes  # type: ignore[assignment]
-
-
 class UsageError(ValueError):
     """A bad option of this launcher (its own, before torchrun's)."""
 
@@ -235,7 +182,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ[LAUNCHER_PID] = str(os.getpid())
     bind_stores(bind)
     export_round()
-    fork_workers()
     if exit_barrier is not None:
         bound_exit_barrier(exit_barrier)
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
