@@ -181,13 +181,7 @@ def build_model(name: str, cfg: BenchConfig) -> nn.Module:
 def median_call(fn: Callable[[], Any], calls: int) -> float:
     """This rank's median seconds per call; a barrier lines the ranks up before each call, so
     a call's time is the operation's, not the wait for a late peer."""
-    times = []
-    for _ in range(calls):
-        dist.barrier()
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return alternating_medians({"call": fn}, calls)["call"]
 
 
 def alternating_medians(fns: dict[str, Callable[[], Any]], calls: int) -> dict[str, float]:

@@ -40,9 +40,8 @@ from localsgd.run.worker import TORCHRUN_NOTE
 
 WHY = unavailable()
 # The xdist worker that runs every emulation test (tests/conftest.py: EXCLUSIVE_FOLDERS) runs
-# this module too, so its uninterrupted emulated run is built once per session, and no
-# clean-up of stale emulations here meets another module's emulation (a hard-killed one
-# that test_cluster.py is about to clean up itself, say).
+# this module too, so its uninterrupted emulated run is built once per session, and its
+# clean-up of stale emulations never runs beside another module's emulation.
 pytestmark = [
     pytest.mark.skipif(WHY is not None, reason=WHY or ""),
     pytest.mark.timeout(600),
