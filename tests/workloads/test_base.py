@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import re
@@ -203,6 +204,68 @@ def test_train_batches_follow_the_shards(cnn: workloads.Workload, arrays: dict[s
         assert torch.equal(y, y_all[idx])
         seen.append(idx)
     assert len(torch.unique(torch.cat(seen))) == world_size * steps * batch_size
+
+
+def stacked_one_by_one(workload: workloads.Workload, streams: list, batch_size: int, epoch: int) -> list:
+    """What stacking the streams' own batches gives: the reference for stacked_train_batches."""
+    per_stream = [
+        list(workload.train_batches(r, w, batch_size, epoch, seed, "cpu")) for r, w, seed in streams
+    ]
+    return [{k: torch.stack([b[k] for b in group]) for k in group[0]} for group in zip(*per_stream)]
+
+
+def test_stacked_train_batches_equal_the_streams_batches_stacked(cnn: workloads.Workload) -> None:
+    # Two trials (seeds 5 and 9) of 3 replicas each, as a batched search stacks them.
+    streams = [(rank, 3, seed) for seed in (5, 9) for rank in range(3)]
+    got = list(workloads.stacked_train_batches(cnn, streams, 32, 2, "cpu"))
+    want = stacked_one_by_one(cnn, streams, 32, 2)
+    assert len(got) == len(want) == cnn.steps_per_epoch(3, 32) == 7
+    for g, w in zip(got, want):
+        assert g["x"].shape == (6, 32, 40) and g["y"].shape == (6, 32)
+        assert torch.equal(g["x"], w["x"]) and torch.equal(g["y"], w["y"])
+    # Streams of unequal lengths stop with the shortest, as zipping them does.
+    mixed = [(0, 3, 1), (1, 2, 1)]
+    got = workloads.stacked_train_batches(cnn, mixed, 32, 0, "cpu")
+    same = [torch.equal(g["y"], w["y"]) for g, w in zip(got, stacked_one_by_one(cnn, mixed, 32, 0), strict=True)]
+    assert same == [True] * cnn.steps_per_epoch(3, 32)
+    with pytest.raises(ValueError, match=r"rank must be in \[0, 2\) for world_size 2, got 2"):
+        workloads.stacked_train_batches(cnn, [(0, 2, 0), (2, 2, 0)], 32, 0, "cpu")
+
+
+def test_stacked_train_batches_come_from_a_train_batches_replaced_or_overridden(
+    cnn: workloads.Workload,
+) -> None:
+    def doubled(rank, world_size, batch_size, epoch, seed, device):
+        for data in type(cnn).train_batches(cnn, rank, world_size, batch_size, epoch, seed, device):  # type: ignore[arg-type]
+            yield {"x": data["x"] * 2, "y": data["y"]}
+
+    streams = [(0, 2, 1), (1, 2, 1)]
+    plain = list(workloads.stacked_train_batches(cnn, streams, 32, 0, "cpu"))
+    patched = copy.copy(cnn)
+    patched.train_batches = doubled  # type: ignore[method-assign]
+    got = workloads.stacked_train_batches(patched, streams, 32, 0, "cpu")
+    assert all(torch.equal(p["x"], 2 * q["x"]) for p, q in zip(got, plain, strict=True))
+
+    class Doubled(type(cnn)):  # type: ignore[misc]
+        def train_batches(self, *args):
+            return doubled(*args)
+
+    sub = copy.copy(cnn)
+    sub.__class__ = Doubled
+    got = workloads.stacked_train_batches(sub, streams, 32, 0, "cpu")
+    assert all(torch.equal(p["x"], 2 * q["x"]) for p, q in zip(got, plain, strict=True))
+
+
+def test_stacked_train_batches_of_a_workload_without_its_own_method() -> None:
+    class Counting:
+        """Only the workload contract's train_batches: batch t of stream (rank, seed) is t + 10·rank + seed."""
+
+        def train_batches(self, rank, world_size, batch_size, epoch, seed, device):
+            batches = [{"x": torch.full((batch_size,), float(t + 10 * rank + seed))} for t in range(3 - rank)]
+            return iter(batches)
+
+    got = list(workloads.stacked_train_batches(Counting(), [(0, 2, 1), (1, 2, 1)], 4, 0, "cpu"))  # type: ignore[arg-type]
+    assert [g["x"][:, 0].tolist() for g in got] == [[1.0, 11.0], [2.0, 12.0]]
 
 
 def test_train_batches_reshuffle_every_epoch(cnn: workloads.Workload) -> None:

@@ -230,6 +230,18 @@ def test_cifar_train_batches_are_augmented_shards(cifar: workloads.Workload, cif
     assert torch.equal(x, again)  # augmentation seeded by (seed, epoch, rank)
 
 
+def test_cifar_stacked_batches_are_each_streams_augmented_batches(cifar: workloads.Workload) -> None:
+    # Augmentation draws per stream (seed, epoch, rank): stacking keeps each stream's draws.
+    streams = [(0, 2, 3), (1, 2, 3), (0, 2, 4)]
+    got = list(workloads.stacked_train_batches(cifar, streams, 16, 1, "cpu"))
+    per_stream = [list(cifar.train_batches(r, w, 16, 1, seed, "cpu")) for r, w, seed in streams]
+    assert len(got) == 2
+    for t, g in enumerate(got):
+        assert g["x"].shape == (3, 16, 3, 32, 32)
+        assert all(torch.equal(g["x"][s], per_stream[s][t]["x"]) for s in range(3))
+        assert all(torch.equal(g["y"][s], per_stream[s][t]["y"]) for s in range(3))
+
+
 def test_cifar_model_init(cifar: workloads.Workload) -> None:
     assert same_params(cifar.make_model(3), cifar.make_model(3))
     assert not same_params(cifar.make_model(3), cifar.make_model(4))

@@ -39,6 +39,7 @@ from localsgd.workloads.base import (
     shard_indices,
     shuffle_generator,
     split_spec,
+    stacked_train_batches,
     validation_size,
     validation_split,
 )
@@ -72,6 +73,7 @@ __all__ = [
     "shard_indices",
     "shuffle_generator",
     "split_spec",
+    "stacked_train_batches",
     "text",
     "validation_size",
     "validation_split",

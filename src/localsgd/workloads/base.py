@@ -25,9 +25,9 @@ import inspect
 import os
 import sys
 import typing
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, cast, runtime_checkable
 
 import numpy as np
 import torch
@@ -36,6 +36,7 @@ from torch import nn
 
 from localsgd.records.record import Metric
 from localsgd.util.checks import ConfigError, check_int, from_dict
+from localsgd.util.nest import zip_nests
 
 Device = torch.device | str
 Batch = Any
@@ -139,6 +140,30 @@ def check_workload(obj: object, where: str) -> Workload:
             f"{where} returned a workload whose primary {workload.primary!r} is not one of {names}"
         )
     return workload
+
+
+Stream = tuple[int, int, int]
+"""One replica's stream of training batches: ``(rank, world_size, seed)``."""
+
+
+def stacked_train_batches(
+    workload: Workload, streams: Sequence[Stream], batch_size: int, epoch: int, device: Device
+) -> Iterator[Batch]:
+    """The batches of one epoch of several replicas' streams, step by step, stacked: each
+    a nest of tensors with a leading dimension over ``streams`` (their order), equal to
+    ``train_batches`` of each stream zipped and stacked. A workload with a
+    ``stacked_train_batches`` method of its own (:class:`TensorWorkload`: one gather per
+    step instead of one per stream, and one stack) produces them; any other, stream by stream."""
+    own = getattr(workload, "stacked_train_batches", None)
+    if own is not None:
+        return cast(Iterator[Batch], own(streams, batch_size, epoch, device))
+    return stack_streams([workload.train_batches(r, w, batch_size, epoch, seed, device) for r, w, seed in streams])
+
+
+def stack_streams(streams: Sequence[Iterator[Batch]]) -> Iterator[Batch]:
+    """``streams`` zipped, each step's batches stacked along a new leading dimension."""
+    for group in zip(*streams):
+        yield zip_nests(torch.stack, list(group))
 
 
 def validation_size(workload: Workload) -> int:
@@ -496,6 +521,37 @@ class TensorWorkload:
         generator = augment_generator(seed, epoch, rank) if self._train_transform else None
         # Validation above runs now; the batches are produced lazily.
         return self._batches(x_all, y_all, order.split(batch_size), generator)
+
+    def stacked_train_batches(
+        self, streams: Sequence[Stream], batch_size: int, epoch: int, device: Device
+    ) -> Iterator[Batch]:
+        """:func:`stacked_train_batches`: each step's samples of every stream taken by one
+        index ``[S, B]``; stream by stream with a train transform (which draws per stream)
+        or where ``train_batches`` is not this class's own (a subclass's, or one set on the
+        instance), which the streams' batches then come from."""
+        own = getattr(self.train_batches, "__func__", None) is TensorWorkload.train_batches
+        if self._train_transform is not None or not own:
+            return stack_streams(
+                [self.train_batches(r, w, batch_size, epoch, seed, device) for r, w, seed in streams]
+            )
+        x_all, y_all = self._on(device)[:2]
+        shards = []
+        for rank, world_size, seed in streams:
+            check_rank(rank, world_size)
+            steps = self.steps_per_epoch(world_size, batch_size)
+            shards.append(shard_indices(self.train_size, rank, world_size, epoch, seed)[: steps * batch_size])
+        steps = min((len(s) // batch_size for s in shards), default=0)
+        if not shards or steps == 0:
+            return iter(())
+        # [S, steps, B]: stream s's batch t is its shard's t-th chunk of B, as train_batches splits it.
+        order = torch.stack([s[: steps * batch_size] for s in shards]).view(len(shards), steps, batch_size)
+        return self._gathered(x_all, y_all, order.to(x_all.device))
+
+    @staticmethod
+    def _gathered(x_all: torch.Tensor, y_all: torch.Tensor, order: torch.Tensor) -> Iterator[Batch]:
+        for step in range(order.shape[1]):
+            idx = order[:, step]
+            yield {"x": x_all[idx], "y": y_all[idx]}
 
     def _batches(
         self,

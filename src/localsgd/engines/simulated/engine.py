@@ -207,12 +207,8 @@ class SimulatedReplicas:
         if self.asynchrony is not None:
             while True:  # each replica its own stream, for as long as the schedule runs
                 yield zip_nests(torch.stack, self.asynchrony.next_batches())
-        streams = [
-            self.workload.train_batches(k, self.replicas, batch_size, epoch, seed, self.device)
-            for k in range(self.replicas)
-        ]
-        for group in zip(*streams):
-            yield zip_nests(torch.stack, list(group))
+        streams = [(k, self.replicas, seed) for k in range(self.replicas)]
+        yield from workloads.stacked_train_batches(self.workload, streams, batch_size, epoch, self.device)
 
     def _still(self) -> list[int]:
         """The replicas held still at this step."""

@@ -23,7 +23,6 @@ from localsgd import workloads
 from localsgd.engines.simulated.communicator import SimulatedCommunicator
 from localsgd.engines.simulated.gradients import ReplicaGradients, replica_details
 from localsgd.engines.simulated.stacked import StackedModel, retain_freed_memory
-from localsgd.util.nest import zip_nests
 
 log = logging.getLogger(__name__)
 
@@ -142,13 +141,8 @@ class TrialReplicas:
         )
 
     def batches(self, batch_size: int, epoch: int) -> Iterator[Any]:
-        streams = [
-            self.workload.train_batches(k, self.replicas, batch_size, epoch, seed, self.device)
-            for seed in self.seeds
-            for k in range(self.replicas)
-        ]
-        for group in zip(*streams):
-            yield zip_nests(torch.stack, list(group))
+        streams = [(k, self.replicas, seed) for seed in self.seeds for k in range(self.replicas)]
+        return workloads.stacked_train_batches(self.workload, streams, batch_size, epoch, self.device)
 
     def forward_backward(self, batch: Any) -> torch.Tensor:
         """Set the gradients; return each trial's mean loss (``[R]``)."""
