@@ -255,6 +255,18 @@ def test_stacked_train_batches_come_from_a_train_batches_replaced_or_overridden(
     got = workloads.stacked_train_batches(sub, streams, 32, 0, "cpu")
     assert all(torch.equal(p["x"], 2 * q["x"]) for p, q in zip(got, plain, strict=True))
 
+    class Wrapper:
+        """Its own train_batches; everything else, the stacked method included, from inside."""
+
+        def __getattr__(self, name):
+            return getattr(cnn, name)
+
+        def train_batches(self, *args):
+            return doubled(*args)
+
+    got = workloads.stacked_train_batches(Wrapper(), streams, 32, 0, "cpu")  # type: ignore[arg-type]
+    assert all(torch.equal(p["x"], 2 * q["x"]) for p, q in zip(got, plain, strict=True))
+
 
 def test_stacked_train_batches_of_a_workload_without_its_own_method() -> None:
     class Counting:

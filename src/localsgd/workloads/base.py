@@ -151,12 +151,14 @@ def stacked_train_batches(
 ) -> Iterator[Batch]:
     """The batches of one epoch of several replicas' streams, step by step, stacked: each
     a nest of tensors with a leading dimension over ``streams`` (their order), equal to
-    ``train_batches`` of each stream zipped and stacked. A workload with a
-    ``stacked_train_batches`` method of its own (:class:`TensorWorkload`: one gather per
-    step instead of one per stream, and one stack) produces them; any other, stream by stream."""
-    own = getattr(workload, "stacked_train_batches", None)
+    ``train_batches`` of each stream zipped and stacked. A workload whose class has a
+    ``stacked_train_batches`` method (:class:`TensorWorkload`: one gather per step instead
+    of one per stream, and one stack) produces them; any other, stream by stream (a
+    wrapper that hands other attributes to a workload inside has its own
+    ``train_batches`` used, not the inner workload's stacked batches)."""
+    own = getattr(type(workload), "stacked_train_batches", None)
     if own is not None:
-        return cast(Iterator[Batch], own(streams, batch_size, epoch, device))
+        return cast(Iterator[Batch], own(workload, streams, batch_size, epoch, device))
     return stack_streams([workload.train_batches(r, w, batch_size, epoch, seed, device) for r, w, seed in streams])
 
 
