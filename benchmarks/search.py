@@ -19,7 +19,10 @@ record, no evaluation), interleaved the same way:
   backward of 64 replicas, their per-trial losses, the per-trial SGD) against that limit.
 
 The batched search also reports how much of its time is training (the loop's own clock,
-``batch_wall_seconds``) and how much the rest (building, evaluating, recording).
+``batch_wall_seconds``) and how much the rest (building, evaluating, recording), and its
+ceiling: sequential / (the same steps of the plain model at batch 64·32 + the rest),
+the wide steps timed in the same repetitions as the searches; the ratio a batched search
+would reach if its training cost no more than one wide step per step.
 
     python benchmarks/search.py            # the figures in docs: about 8 minutes on 2 cores
     python benchmarks/search.py --quick    # smoke run: 8 trials x 10 steps, 2 repetitions
@@ -205,10 +208,14 @@ def main() -> None:
     )
     for name in chosen:
         configs = search_configs(name, trials, steps)
+        bound_fns = bound_steps(name, trials, steps)
         with tempfile.TemporaryDirectory() as tmp:
             search = Search(name, configs, Path(tmp))
+            # The wide step of the bare model, in the same repetitions: the ceiling below.
             seconds = interleaved(
-                {"batched": search.batched, "sequential": search.sequential}, reps, warmup=warmup
+                {"batched": search.batched, "sequential": search.sequential, "wide": bound_fns["wide"]},
+                reps,
+                warmup=warmup,
             )
         search_ratio = ratio(
             "search: sequential / batched",
@@ -218,9 +225,21 @@ def main() -> None:
             workload=name,
             trials=trials,
         )
-        ratios.append(search_ratio)
-        print(ratio_line(search_ratio), flush=True)
         training = search.training[warmup:]
+        # What the ratio would be if the trials' training cost one wide step of the bare model
+        # per step (their arithmetic in one matmul per layer, nothing else) and the rest of the
+        # batched search (building, evaluations, records) stayed as measured.
+        rest = [b - t for b, t in zip(seconds["batched"], training)]
+        ceiling = ratio(
+            "ceiling: sequential / (wide steps + the rest)",
+            seconds["sequential"],
+            [w + r for w, r in zip(seconds["wide"], rest)],
+            workload=name,
+            trials=trials,
+        )
+        ratios += [search_ratio, ceiling]
+        print(ratio_line(search_ratio), flush=True)
+        print(ratio_line(ceiling), flush=True)
         batched = statistics.median(seconds["batched"])
         train_part = statistics.median(training)
         search_rows.append(
@@ -234,10 +253,11 @@ def main() -> None:
                 round(batched - train_part, 2),
                 _range(search_ratio),
                 search_ratio["verdict"] or "(no target)",
+                _range(ceiling),
             ]
         )
 
-        bound = interleaved(bound_steps(name, trials, steps), reps, warmup=1)
+        bound = interleaved(bound_fns, reps, warmup=1)
         limit = ratio(
             f"bound: {trials} steps at batch 32 / one at {trials}·32",
             bound["alone"],
@@ -281,6 +301,7 @@ def main() -> None:
                     "of which the rest (s)",
                     "sequential / batched",
                     "verdict (target >= 10, MLP)",
+                    "ceiling: sequential / (wide steps + the rest)",
                 ],
                 "rows": search_rows,
                 "note": (
@@ -288,7 +309,10 @@ def main() -> None:
                     f"momentum 0 or 0.9, a seed each, {steps} steps and 2 evaluations each, every record "
                     "written. Seconds are medians over the repetitions; the ratio is per repetition, "
                     "median [min, max]. 'Training' is the batched loop's own clock; 'the rest' is "
-                    "building the trials, their stacked evaluations and their group-committed records."
+                    "building the trials, their stacked evaluations and their group-committed records. "
+                    "The ceiling is, per repetition, sequential over the time of the same steps of the "
+                    f"bare model at batch {trials}·32 plus that repetition's rest: the ratio a batched "
+                    "search whose training cost no more than one wide step per step would reach."
                 ),
             },
             {

@@ -34,13 +34,15 @@ def test_the_search_benchmark_reports_its_ratios_and_tables(tmp_path):
         for workload in ("mnist1d_mlp", "mnist1d_cnn")
         for name in (
             "search: sequential / batched",
+            "ceiling: sequential / (wide steps + the rest)",
             "bound: 4 steps at batch 32 / one at 4·32",
             "stacked step / one at batch 4·32",
         )
     ]
     search = found["ratios"][0]
     assert search["target"] == 10.0 and search["reps"] == 1 and search["median"] > 0
-    assert found["ratios"][3]["target"] is None  # the CNN's figure is reported, not targeted
+    assert found["ratios"][1]["target"] is None and found["ratios"][1]["median"] > 0
+    assert found["ratios"][4]["target"] is None  # the CNN's figure is reported, not targeted
     first, second = found["tables"]
     assert [row[0] for row in first["rows"]] == ["mnist1d_mlp", "mnist1d_cnn"]
     assert all(len(row) == len(first["columns"]) for row in first["rows"])
