@@ -24,7 +24,7 @@ ceiling: sequential / (the same steps of the plain model at batch 64·32 + the r
 the wide steps timed in the same repetitions as the searches; the ratio a batched search
 would reach if its training cost no more than one wide step per step.
 
-    python benchmarks/search.py            # the figures in docs: about 8 minutes on 2 cores
+    python benchmarks/search.py            # the figures in docs: about 4 minutes on 2 cores
     python benchmarks/search.py --quick    # smoke run: 8 trials x 10 steps, 2 repetitions
 """
 
