@@ -159,12 +159,15 @@ def stacked_train_batches(
     own = getattr(type(workload), "stacked_train_batches", None)
     if own is not None:
         return cast(Iterator[Batch], own(workload, streams, batch_size, epoch, device))
-    return stack_streams([workload.train_batches(r, w, batch_size, epoch, seed, device) for r, w, seed in streams])
+    return _stacked_one_by_one(workload, streams, batch_size, epoch, device)
 
 
-def stack_streams(streams: Sequence[Iterator[Batch]]) -> Iterator[Batch]:
-    """``streams`` zipped, each step's batches stacked along a new leading dimension."""
-    for group in zip(*streams):
+def _stacked_one_by_one(
+    workload: Workload, streams: Sequence[Stream], batch_size: int, epoch: int, device: Device
+) -> Iterator[Batch]:
+    """Each stream's ``train_batches``, zipped, each step's batches stacked."""
+    batches = [workload.train_batches(r, w, batch_size, epoch, seed, device) for r, w, seed in streams]
+    for group in zip(*batches):
         yield zip_nests(torch.stack, list(group))
 
 
@@ -533,17 +536,15 @@ class TensorWorkload:
         instance), which the streams' batches then come from."""
         own = getattr(self.train_batches, "__func__", None) is TensorWorkload.train_batches
         if self._train_transform is not None or not own:
-            return stack_streams(
-                [self.train_batches(r, w, batch_size, epoch, seed, device) for r, w, seed in streams]
-            )
+            return _stacked_one_by_one(self, streams, batch_size, epoch, device)
         x_all, y_all = self._on(device)[:2]
-        shards = []
+        shards, lengths = [], []
         for rank, world_size, seed in streams:
             check_rank(rank, world_size)
-            steps = self.steps_per_epoch(world_size, batch_size)
-            shards.append(shard_indices(self.train_size, rank, world_size, epoch, seed)[: steps * batch_size])
-        steps = min((len(s) // batch_size for s in shards), default=0)
-        if not shards or steps == 0:
+            lengths.append(self.steps_per_epoch(world_size, batch_size))
+            shards.append(shard_indices(self.train_size, rank, world_size, epoch, seed))
+        steps = min(lengths, default=0)  # zipped streams stop with the shortest
+        if steps == 0:
             return iter(())
         # [S, steps, B]: stream s's batch t is its shard's t-th chunk of B, as train_batches splits it.
         order = torch.stack([s[: steps * batch_size] for s in shards]).view(len(shards), steps, batch_size)
