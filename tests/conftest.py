@@ -61,6 +61,9 @@ def uninterrupted_run(tmp_path_factory: pytest.TempPathFactory, data_cache: str)
 EXCLUSIVE_FOLDERS = ("emulation",)
 
 
+# First among the hooks: pytest-xdist's own reads the groups (and names each grouped test
+# ``NODEID@GROUP``) in this same hook, and would not see a group added after it.
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     root = Path(__file__).parent
     for item in items:

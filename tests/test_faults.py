@@ -307,11 +307,11 @@ def test_a_frozen_worker_fails_its_run_naming_its_rank(project, where):
         if where == "pool":
             frozen = session.pools[0].pids[1]
         else:
+            # The launcher forks its workers; each names itself by its rank.
             (frozen,) = (
                 pid
                 for pid in descendants(os.getpid())
-                if b"RANK=1\x00" in Path(f"/proc/{pid}/environ").read_bytes()
-                and b"--run-dir" in Path(f"/proc/{pid}/cmdline").read_bytes()
+                if Path(f"/proc/{pid}/comm").read_text().strip() == "localsgd rank 1"
             )
         os.kill(frozen, signal.SIGSTOP)
         gate.with_name("gate.open").touch()  # rank 0 goes on, into a collective with rank 1

@@ -4,6 +4,7 @@ and the refusal to delete what it did not create (no root needed)."""
 from __future__ import annotations
 
 import itertools
+import os
 
 import pytest
 
@@ -16,6 +17,17 @@ from localsgd.emulation import (
     probe_sizes,
 )
 from localsgd.emulation.network import MIN_BURST, default_burst, parse_rate
+
+
+def test_every_test_here_runs_in_the_emulation_group(request: pytest.FixtureRequest) -> None:
+    """Under ``make test`` (pytest-xdist, ``--dist loadgroup``) the tests of this folder run
+    on one worker, one after another (tests/conftest.py): pytest-xdist names a grouped
+    test ``NODEID@GROUP``. A group added too late is not seen, and the clean-up of stale
+    emulations in one module then meets another module's emulation."""
+    # In a worker, pytest-xdist sets ``loadgroup`` when the session runs with --dist loadgroup.
+    if not os.environ.get("PYTEST_XDIST_WORKER") or not getattr(request.config.option, "loadgroup", False):
+        pytest.skip("only pytest-xdist with --dist loadgroup groups tests (make test)")
+    assert request.node.nodeid.endswith("@emulation"), request.node.nodeid
 
 
 def test_rates_are_tc_rates() -> None:

@@ -53,6 +53,7 @@ from localsgd.util.lifetime import (
     EXIT_ORPHANED,
     WATCH_FD,
     die_with_parent,
+    name_process,
     restart_attempt,
     watch_parent,
 )
@@ -281,6 +282,23 @@ def _workload(built: OrderedDict[str, workloads.Workload], config: RunConfig) ->
     return built[key]
 
 
+def _exit_status(code: int | str | None) -> int:
+    """``sys.exit``'s meaning of ``code`` as a process exit status (a message: printed, 1)."""
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code
+    print(code, file=sys.stderr)
+    return 1
+
+
+def _flush_output() -> None:
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+
+
 def exit_process(code: int | str | None) -> NoReturn:
     """End this worker with ``code`` (``sys.exit``'s meaning) once its output is flushed,
     skipping the interpreter's teardown.
@@ -291,30 +309,42 @@ def exit_process(code: int | str | None) -> NoReturn:
     while other threads still use them, which aborts a finished worker ("terminate called
     without an active exception", SIGABRT) in a few launches in a hundred, and its
     launcher then reports the whole launch failed."""
-    if code is None:
-        status = 0
-    elif isinstance(code, int):
-        status = code
-    else:
-        print(code, file=sys.stderr)
-        status = 1
-    logging.shutdown()
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(Exception):
-            stream.flush()
+    status = _exit_status(code)
+    _flush_output()
     os._exit(status)
+
+
+def _main_code(argv: list[str] | None) -> int | str | None:
+    try:
+        return main(argv)
+    except SystemExit as exc:
+        return exc.code
+    except BaseException:
+        traceback.print_exc()
+        return 1
 
 
 def entry(argv: list[str] | None = None) -> NoReturn:
     """``python -m localsgd.worker``: :func:`main`, ended by :func:`exit_process`."""
-    try:
-        code: int | str | None = main(argv)
-    except SystemExit as exc:
-        code = exc.code
-    except BaseException:
-        traceback.print_exc()
-        code = 1
-    exit_process(code)
+    exit_process(_main_code(argv))
+
+
+def forked_entry(*argv: str) -> None:
+    """``python -m localsgd.worker ARGV`` as a function, for a launcher that forks its
+    workers from its own process, which has imported torch and this module already
+    (:mod:`localsgd.engines.launching.elastic`): a worker starts without paying for an
+    interpreter and its imports. The launcher is the worker's parent, as it is of a started
+    worker, so the parent-death signal armed in :func:`main` ties the worker to it.
+
+    A failure ends the process at once with :func:`main`'s exit code, which torch's agent
+    reports; a success returns, for the agent to collect, and multiprocessing then ends the
+    process with ``os._exit`` (no interpreter teardown either)."""
+    # Its command line is the launcher's: the name says what it is (ps -o comm, top).
+    name_process(f"localsgd rank {os.environ.get('RANK', '?')}")
+    status = _exit_status(_main_code(list(argv)))
+    if status != 0:
+        exit_process(status)
+    _flush_output()
 
 
 if __name__ == "__main__":

@@ -63,6 +63,21 @@ def die_with_parent(sig: int = signal.SIGKILL) -> bool:
     return armed
 
 
+_PR_SET_NAME = 15
+
+
+def name_process(name: str) -> bool:
+    """Set this process's name (``/proc/PID/comm``, what ``ps -o comm`` and ``top`` show; at
+    most 15 bytes are kept). Returns whether it was set (False off Linux)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(_PR_SET_NAME, ctypes.c_char_p(name.encode()[:15]), 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
 class ParentTie:
     """The parent's side of a tie: create it, pass :attr:`fd` to the child (``pass_fds``)
     and call :meth:`started` once the child runs. The child sees end-of-file on ``fd`` when

@@ -22,6 +22,12 @@ barrier for the other nodes' agents (torch's default: 300 s). An agent that has 
 arrives there: a node that outlived a lost node (an asynchronous run goes on without one)
 waits that long before it exits.
 
+Workers that run a module of this package with a ``forked_entry`` function
+(``-m localsgd.worker``, what every launch of this package runs) are forked from this
+process once it has imported torch and that module, instead of each starting an interpreter
+and importing them again (:func:`fork_workers`); any other program is started as torchrun
+starts it.
+
 Every group of workers it starts learns the rendezvous round it belongs to
 (:data:`RDZV_ROUND`). torch's own attempt counter (``TORCHELASTIC_RESTART_COUNT``) counts the
 restarts of one agent: when one node's workers fail, that node's agent counts a restart and
@@ -32,10 +38,14 @@ the same number on every node.
 from __future__ import annotations
 
 import datetime
+import importlib
+import io
 import os
+import signal
 import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from localsgd.util.lifetime import EXIT_ORPHANED, LAUNCHER_PID, RDZV_ROUND, watch_parent
 
@@ -141,6 +151,81 @@ def bound_exit_barrier(seconds: float) -> None:
     SimpleElasticAgent.__init__ = __init__  # type: ignore[method-assign]
 
 
+FORK_PRELOAD = ("torch._dynamo",)
+"""Imported before the worker's module, once, in the launcher: torch's optimizers import
+``torch._dynamo`` at their first step, which costs a started worker about a second of CPU."""
+
+RESET_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+"""The signals torch's agent handles itself once it starts workers; a forked worker gets
+back the handling this process started with, the one a started worker would inherit."""
+
+_at_start: dict[int, Any] = {}
+
+
+def fork_workers() -> None:
+    """Have torchrun fork the workers of ``-m localsgd.X ARGS``, where module ``localsgd.X``
+    has a ``forked_entry(*args)`` function, from this process (torch's ``fork`` start method
+    for a function entry point), after importing :data:`FORK_PRELOAD` and the module here.
+
+    A forked worker starts as a started one would: the environment of the moment its group
+    starts (the rendezvous round included) plus torch's variables for its rank, the signal
+    handling this process started with, unbuffered output (``python -u``), and the thread
+    count ``OMP_NUM_THREADS`` asks for. Any other program is started as torchrun starts it,
+    and so is every worker once this process has initialised CUDA (which a fork cannot
+    carry)."""
+    import torch.distributed.run as torchrun
+
+    original = torchrun.config_from_args
+    if getattr(original, "forks_workers", False):
+        return
+    _at_start.update({sig: signal.getsignal(sig) for sig in RESET_SIGNALS})
+
+    def config_from_args(args: Any) -> tuple[Any, Any, list[str]]:
+        config, cmd, cmd_args = original(args)
+        if cmd == sys.executable and len(cmd_args) >= 3 and cmd_args[:2] == ["-u", "-m"]:
+            module = cmd_args[2]
+            if module.startswith("localsgd."):
+                for name in FORK_PRELOAD:
+                    importlib.import_module(name)
+                entry = getattr(importlib.import_module(module), "forked_entry", None)
+                import torch
+
+                if callable(entry) and not torch.cuda.is_initialized():
+                    config.start_method = "fork"
+                    return config, forked_worker, [module, *cmd_args[3:]]
+        return config, cmd, cmd_args
+
+    config_from_args.forks_workers = True  # type: ignore[attr-defined]
+    torchrun.config_from_args = config_from_args
+
+
+def forked_worker(module: str, *args: str) -> None:
+    """A worker forked by torch's agent from this process (:func:`fork_workers`): made to
+    start as ``python -u -m MODULE ARGS`` would, then ``MODULE.forked_entry(*ARGS)``."""
+    for sig, handler in _at_start.items():
+        if handler is not None:
+            signal.signal(sig, handler)
+    for name in ("stdout", "stderr"):
+        stream = getattr(sys, name)
+        with_fd = getattr(stream, "fileno", None)
+        if with_fd is None:
+            continue
+        try:
+            raw = io.FileIO(with_fd(), "w", closefd=False)
+        except (OSError, ValueError):
+            continue
+        unbuffered = io.TextIOWrapper(raw, encoding=stream.encoding, errors=stream.errors, write_through=True)
+        setattr(sys, name, unbuffered)
+        setattr(sys, f"__{name}__", unbuffered)
+    threads = os.environ.get("OMP_NUM_THREADS", "")
+    if threads.isdigit() and int(threads) > 0:
+        import torch
+
+        torch.set_num_threads(int(threads))
+    entry: Callable[..., None] = importlib.import_module(module).forked_entry
+    entry(*args)
+
+
 class UsageError(ValueError):
     """A bad option of this launcher (its own, before torchrun's)."""
 
@@ -182,6 +267,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ[LAUNCHER_PID] = str(os.getpid())
     bind_stores(bind)
     export_round()
+    fork_workers()
     if exit_barrier is not None:
         bound_exit_barrier(exit_barrier)
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
