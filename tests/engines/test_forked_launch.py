@@ -1,4 +1,4 @@
-"""The launcher forks ``localsgd.worker`` workers from its own process; other programs start
+"""The launcher forks ``localsgd.worker`` (and link probe) workers from its own process; other programs start
 as torchrun starts them, and a forked worker starts as a started one would. Checked in a
 fresh interpreter: the launcher patches torch's launcher in its own process, which must not
 leak into the test process."""
@@ -20,7 +20,8 @@ import torch.distributed.run as torchrun
 elastic.fork_workers()
 elastic.fork_workers()  # a second call changes nothing
 out = {"modules_before": "localsgd.run.worker" in sys.modules or "torch._dynamo" in sys.modules}
-for name, program in {"worker": ["-m", "localsgd.worker", "run.toml", "--run-dir", "d"],
+for name, program in {"probe": ["-m", "localsgd.emulation.probe", "out.json", "--sizes", "4096"],
+                      "worker": ["-m", "localsgd.worker", "run.toml", "--run-dir", "d"],
                       "other": ["-m", "json.tool", "in.json"]}.items():
     args = torchrun.parse_args(["--nnodes", "1", "--nproc-per-node", "2", *program])
     config, cmd, cmd_args = torchrun.config_from_args(args)
@@ -29,6 +30,7 @@ for name, program in {"worker": ["-m", "localsgd.worker", "run.toml", "--run-dir
         "args": list(cmd_args),
         "start_method": config.start_method,
     }
+    out[f"dynamo_after_{name}"] = "torch._dynamo" in sys.modules
 out["preloaded"] = all(m in sys.modules for m in ("torch._dynamo", "localsgd.run.worker"))
 out["executable"] = sys.executable
 
@@ -84,6 +86,13 @@ def test_the_worker_module_is_forked_and_any_other_program_is_started(tmp_path: 
     # Nothing heavy at fork_workers(); the worker's module and torch._dynamo once a launch
     # of the worker is configured.
     assert out["modules_before"] is False and out["preloaded"] is True
+    # What each program preloads is its own (FORK_PRELOAD): the probe trains nothing.
+    assert out["dynamo_after_probe"] is False and out["dynamo_after_worker"] is True
+    assert out["probe"] == {
+        "entry": "localsgd.engines.launching.elastic.forked_worker",
+        "args": ["localsgd.emulation.probe", "out.json", "--sizes", "4096"],
+        "start_method": "fork",
+    }
     assert out["worker"] == {
         "entry": "localsgd.engines.launching.elastic.forked_worker",
         "args": ["localsgd.worker", "run.toml", "--run-dir", "d"],

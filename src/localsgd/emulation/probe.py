@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -60,6 +61,17 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         localsgd.destroy_distributed()
     return 0
+
+
+def forked_entry(*argv: str) -> None:
+    """:func:`main` for a launcher that forks its workers from a process that has imported
+    this module (:mod:`localsgd.engines.launching.elastic`): a failure ends the process with
+    its exit code; a success returns, for torch's agent to collect."""
+    code = main(list(argv))
+    if code:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 if __name__ == "__main__":

@@ -151,10 +151,6 @@ def bound_exit_barrier(seconds: float) -> None:
     SimpleElasticAgent.__init__ = __init__  # type: ignore[method-assign]
 
 
-FORK_PRELOAD = ("torch._dynamo",)
-"""Imported before the worker's module, once, in the launcher: torch's optimizers import
-``torch._dynamo`` at their first step, which costs a started worker about a second of CPU."""
-
 RESET_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 """The signals torch's agent handles itself once it starts workers; a forked worker gets
 back the handling this process started with, the one a started worker would inherit."""
@@ -165,7 +161,8 @@ _at_start: dict[int, Any] = {}
 def fork_workers() -> None:
     """Have torchrun fork the workers of ``-m localsgd.X ARGS``, where module ``localsgd.X``
     has a ``forked_entry(*args)`` function, from this process (torch's ``fork`` start method
-    for a function entry point), after importing :data:`FORK_PRELOAD` and the module here.
+    for a function entry point), once the module and the modules it names in
+    ``FORK_PRELOAD`` (what its workers would import later anyway) are imported here.
 
     A forked worker starts as a started one would: the environment of the moment its group
     starts (the rendezvous round included) plus torch's variables for its rank, the signal
@@ -185,9 +182,10 @@ def fork_workers() -> None:
         if cmd == sys.executable and len(cmd_args) >= 3 and cmd_args[:2] == ["-u", "-m"]:
             module = cmd_args[2]
             if module.startswith("localsgd."):
-                for name in FORK_PRELOAD:
+                program = importlib.import_module(module)
+                entry = getattr(program, "forked_entry", None)
+                for name in getattr(program, "FORK_PRELOAD", ()):
                     importlib.import_module(name)
-                entry = getattr(importlib.import_module(module), "forked_entry", None)
                 import torch
 
                 if callable(entry) and not torch.cuda.is_initialized():
