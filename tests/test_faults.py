@@ -311,7 +311,7 @@ def test_a_frozen_worker_fails_its_run_naming_its_rank(project, where):
             (frozen,) = (
                 pid
                 for pid in descendants(os.getpid())
-                if Path(f"/proc/{pid}/comm").read_text().strip() == "localsgd rank 1"
+                if Path(f"/proc/{pid}/comm").read_text().strip() == "localsgd r1"
             )
         os.kill(frozen, signal.SIGSTOP)
         gate.with_name("gate.open").touch()  # rank 0 goes on, into a collective with rank 1

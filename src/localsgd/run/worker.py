@@ -339,8 +339,9 @@ def forked_entry(*argv: str) -> None:
     A failure ends the process at once with :func:`main`'s exit code, which torch's agent
     reports; a success returns, for the agent to collect, and multiprocessing then ends the
     process with ``os._exit`` (no interpreter teardown either)."""
-    # Its command line is the launcher's: the name says what it is (ps -o comm, top).
-    name_process(f"localsgd rank {os.environ.get('RANK', '?')}")
+    # Its command line is the launcher's: the name says what it is (ps -o comm, top), in the
+    # 15 bytes a name keeps, whole up to rank 99999.
+    name_process(f"localsgd r{os.environ.get('RANK', '?')}")
     status = _exit_status(_main_code(list(argv)))
     if status != 0:
         exit_process(status)
