@@ -17,12 +17,21 @@ from localsgd.engines.launching import elastic
 import torch
 import torch.distributed.run as torchrun
 
+def handling(sig):
+    handler = signal.getsignal(sig)
+    names = {signal.SIG_DFL: "default", signal.SIG_IGN: "ignored", signal.default_int_handler: "python"}
+    return names.get(handler, "other")
+
+
+WATCHED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+at_start = {int(sig): handling(sig) for sig in WATCHED}  # what this interpreter inherited
 elastic.fork_workers()
 elastic.fork_workers()  # a second call changes nothing
 out = {"modules_before": "localsgd.run.worker" in sys.modules or "torch._dynamo" in sys.modules}
 for name, program in {"probe": ["-m", "localsgd.emulation.probe", "out.json", "--sizes", "4096"],
                       "worker": ["-m", "localsgd.worker", "run.toml", "--run-dir", "d"],
-                      "other": ["-m", "json.tool", "in.json"]}.items():
+                      "other": ["-m", "json.tool", "in.json"],
+                      "missing": ["-m", "localsgd.no_such_module"]}.items():
     args = torchrun.parse_args(["--nnodes", "1", "--nproc-per-node", "2", *program])
     config, cmd, cmd_args = torchrun.config_from_args(args)
     out[name] = {
@@ -35,8 +44,9 @@ out["preloaded"] = all(m in sys.modules for m in ("torch._dynamo", "localsgd.run
 out["executable"] = sys.executable
 
 # What torch's agent does before it forks: its own signal handlers, a rank's variables.
-signal.signal(signal.SIGTERM, lambda *a: None)
-signal.signal(signal.SIGHUP, lambda *a: None)
+for sig in WATCHED:
+    signal.signal(sig, lambda *a: None)
+out["at_start"] = at_start
 torch.set_num_threads(2)
 os.environ["OMP_NUM_THREADS"] = "1"
 sys.stdout.write("buffered by the launcher, flushed before the fork\n")
@@ -52,14 +62,18 @@ print(json.dumps(out), flush=True)
 ENTRY = r"""
 import json, os, signal, sys, torch
 
+def handling(sig):
+    handler = signal.getsignal(sig)
+    names = {signal.SIG_DFL: "default", signal.SIG_IGN: "ignored", signal.default_int_handler: "python"}
+    return names.get(handler, "other")
+
+
 def forked_entry(*args):
     sys.stdout.write("from the worker\n")  # no flush: reaches the file at once, as with -u
     with open(os.environ["PROBE_OUT"], "w") as f:
         json.dump({
             "args": list(args),
-            "sigterm_default": signal.getsignal(signal.SIGTERM) == signal.SIG_DFL,
-            "sighup_default": signal.getsignal(signal.SIGHUP) == signal.SIG_DFL,
-            "sigint_python": signal.getsignal(signal.SIGINT) is signal.default_int_handler,
+            "signals": {int(sig): handling(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)},
             "threads": torch.get_num_threads(),
             "stdout_seen": open(os.environ["PROBE_STDOUT"]).read(),
         }, f)
@@ -103,13 +117,22 @@ def test_the_worker_module_is_forked_and_any_other_program_is_started(tmp_path: 
         "args": ["-u", "-m", "json.tool", "in.json"],
         "start_method": "spawn",
     }
+    # A module that cannot be imported is started, and its workers say so as python -m would.
+    assert out["missing"] == {
+        "entry": out["executable"],
+        "args": ["-u", "-m", "localsgd.no_such_module"],
+        "start_method": "spawn",
+    }
     assert out["exitcode"] == 0
     child = json.loads((tmp_path / "child.json").read_text())
+    # Each signal handled as the launcher's interpreter started (Python's SIGINT handler and
+    # the default for the others, or ignored where it inherited that), not by the handlers
+    # installed since.
+    at_start = out["at_start"]
+    assert set(at_start.values()) <= {"default", "ignored", "python"}
     assert child == {
         "args": ["a", "--b"],
-        "sigterm_default": True,  # as the launcher started, not torch's agent's handler
-        "sighup_default": True,
-        "sigint_python": True,
+        "signals": at_start,
         "threads": 1,  # OMP_NUM_THREADS, as a started worker reads it
         # The launcher's buffered line once (flushed before the fork, not copied into the
         # child's buffer), then the worker's own line the moment it was written.

@@ -182,7 +182,10 @@ def fork_workers() -> None:
         if cmd == sys.executable and len(cmd_args) >= 3 and cmd_args[:2] == ["-u", "-m"]:
             module = cmd_args[2]
             if module.startswith("localsgd."):
-                program = importlib.import_module(module)
+                try:
+                    program = importlib.import_module(module)
+                except ImportError:  # started, its workers report it as python -m would
+                    return config, cmd, cmd_args
                 entry = getattr(program, "forked_entry", None)
                 for name in getattr(program, "FORK_PRELOAD", ()):
                     importlib.import_module(name)
