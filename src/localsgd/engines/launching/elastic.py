@@ -179,25 +179,32 @@ def fork_workers() -> None:
 
     def config_from_args(args: Any) -> tuple[Any, Any, list[str]]:
         config, cmd, cmd_args = original(args)
-        if cmd == sys.executable and len(cmd_args) >= 3 and cmd_args[:2] == ["-u", "-m"]:
-            module = cmd_args[2]
-            if module.startswith("localsgd."):
-                try:
-                    program = importlib.import_module(module)
-                except ImportError:  # started, its workers report it as python -m would
-                    return config, cmd, cmd_args
-                entry = getattr(program, "forked_entry", None)
-                for name in getattr(program, "FORK_PRELOAD", ()):
-                    importlib.import_module(name)
-                import torch
-
-                if callable(entry) and not torch.cuda.is_initialized():
-                    config.start_method = "fork"
-                    return config, forked_worker, [module, *cmd_args[3:]]
+        if cmd == sys.executable and cmd_args[:2] == ["-u", "-m"] and _forkable(cmd_args[2:3]):
+            config.start_method = "fork"
+            return config, forked_worker, cmd_args[2:]
         return config, cmd, cmd_args
 
     config_from_args.forks_workers = True  # type: ignore[attr-defined]
     torchrun.config_from_args = config_from_args
+
+
+def _forkable(module: list[str]) -> bool:
+    """Whether ``module`` (its name, or nothing) is a module of this package with a
+    ``forked_entry``, imported here with its ``FORK_PRELOAD``, and CUDA is untouched. A
+    module that cannot be imported is started: its workers report it as ``python -m`` would."""
+    if not module or not module[0].startswith("localsgd."):
+        return False
+    try:
+        program = importlib.import_module(module[0])
+    except ImportError:
+        return False
+    if not callable(getattr(program, "forked_entry", None)):
+        return False
+    for name in getattr(program, "FORK_PRELOAD", ()):
+        importlib.import_module(name)
+    import torch
+
+    return not torch.cuda.is_initialized()
 
 
 def forked_worker(module: str, *args: str) -> None:
