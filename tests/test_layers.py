@@ -48,6 +48,7 @@ LAYERS = {
 ENTRY_POINTS = {
     "localsgd.worker": "the worker process every launch path starts",
     "localsgd.engines.launching.elastic": "torch's elastic launcher, tied to its parent",
+    "localsgd.engines.launching.server": "the launcher server every launcher is forked from",
     "localsgd.emulation.probe": "the link probe run inside an emulated node",
 }
 """Modules started with ``python -m`` by a lower layer: a process boundary, not an import."""

@@ -5,5 +5,7 @@
   lost worker of an asynchronous run (rank 0's death still fails it);
 - ``pool``: a pool of worker processes kept between the runs of a study;
 - ``heartbeat``: workers that stop answering are found and named;
-- ``elastic``: the launcher process itself, tied to the process that started it.
+- ``elastic``: the launcher process itself, tied to the process that started it;
+- ``server``: the process every launcher of a process is forked from, which imported the
+  launcher's modules once.
 """

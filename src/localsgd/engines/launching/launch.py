@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from localsgd.engines.base import Job, WorkerFailure
+from localsgd.engines.launching import server
 from localsgd.engines.launching.heartbeat import HEARTBEATS, HeartbeatWatch
 from localsgd.records.record import ErrorInfo, RecordError, from_json, read_json
 from localsgd.util.files import DiskFull, write_json_atomic
@@ -45,7 +46,7 @@ log = logging.getLogger(__name__)
 ERRORS = "errors"
 WORKER_MODULE = "localsgd.worker"
 """The worker entry point every launch path starts (``python -m localsgd.worker``)."""
-LAUNCHER_MODULE = "localsgd.engines.launching.elastic"
+LAUNCHER_MODULE = server.LAUNCHER_MODULE
 """torch's elastic launcher, bound to one address and tied to its parent (run, not imported)."""
 LOOPBACK = "127.0.0.1"
 STOP_GRACE = 15.0
@@ -143,7 +144,12 @@ class Launched:
         fd = self._tie.fd if self._tie is not None else None
         self.command = command(fd)
         with log_path.open("ab" if append else "wb") as log:
-            self.proc = subprocess.Popen(
+            served = (
+                server.start(self.command, env=env, stdout=log.fileno(), tie=fd)
+                if server.wanted(self.command, env)
+                else None
+            )
+            self.proc: subprocess.Popen[bytes] | server.ServedProcess = served or subprocess.Popen(
                 self.command,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
