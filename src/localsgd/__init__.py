@@ -15,6 +15,7 @@ _LAZY = {
     "init_distributed": ("localsgd.distributed", "init_distributed"),
     "destroy_distributed": ("localsgd.distributed", "destroy_distributed"),
     "DistInfo": ("localsgd.distributed", "DistInfo"),
+    "exit_process": ("localsgd.util.lifetime", "exit_process"),
     "algorithms": ("localsgd.algorithms", None),
     "comm": ("localsgd.comm", None),
     "workloads": ("localsgd.workloads", None),
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
     from localsgd import algorithms, comm, workloads
     from localsgd.data_parallel import DataParallel
     from localsgd.distributed import DistInfo, destroy_distributed, init_distributed
+    from localsgd.util.lifetime import exit_process
 
 __all__ = [
     "DataParallel",
@@ -31,6 +33,7 @@ __all__ = [
     "algorithms",
     "comm",
     "destroy_distributed",
+    "exit_process",
     "init_distributed",
     "workloads",
 ]

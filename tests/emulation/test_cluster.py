@@ -27,7 +27,7 @@ from localsgd import engines
 from localsgd.cli import app
 from localsgd.costmodel import load_cluster
 from localsgd.emulation import EmulatedCluster, EmulatedNetwork, NetworkSpec, cleanup_stale, unavailable
-from localsgd.emulation.network import STATE_DIR, namespaces
+from localsgd.emulation.network import STATE_DIR, namespace_pids, namespaces
 from localsgd.records import Store
 from localsgd.run.config import run_config
 from localsgd.run.execute import execute_run
@@ -61,12 +61,15 @@ def gone(cluster: EmulatedCluster) -> None:
 
 
 def running(marker: str) -> list[int]:
-    """Processes whose command line mentions ``marker`` (a test's own folder)."""
+    """Processes whose command line mentions ``marker`` (a test's own folder), or that run
+    in it: a launcher forked from a launcher server, and the workers forked from it, carry
+    the server's command line, and the directory of the command that started them."""
     found = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit() and int(entry.name) != os.getpid():
             try:
-                if marker in (entry / "cmdline").read_bytes().decode(errors="replace"):
+                cwd = os.readlink(entry / "cwd")
+                if marker in (entry / "cmdline").read_bytes().decode(errors="replace") or cwd.startswith(marker):
                     found.append(int(entry.name))
             except OSError:
                 continue
@@ -199,17 +202,18 @@ def test_an_interrupted_emulation_leaves_nothing_behind(env: Path, sig: signal.S
         [*command, "--procs-per-node", "1", "--out", str(env / "store")], cwd=env, preexec_fn=start
     )
     try:
-        # Wait until every node's launcher and worker run inside their namespaces (their
-        # command lines name the run's folder; the CLI's own names only the store), so that
+        # Wait until every node's launcher and worker run inside their namespaces, so that
         # the signal comes while training, not while the launchers are being started.
         deadline = time.monotonic() + 240
         state = None
         while time.monotonic() < deadline and proc.poll() is None:
             mine = [p for p in STATE_DIR.glob("lsgd*.json") if json.loads(p.read_text())["pid"] == proc.pid]
             logs = list((env / "store").glob("runs/*.partial/nodes/node*.log"))
-            if mine and len(logs) == 2 and len(running(str(env / "store" / "runs"))) >= 4:
-                state = json.loads(mine[0].read_text())
-                break
+            if mine and len(logs) == 2:
+                nodes = [n for n in json.loads(mine[0].read_text())["namespaces"] if "node" in n]
+                if len(nodes) == 2 and all(len(namespace_pids(n)) >= 2 for n in nodes):
+                    state = json.loads(mine[0].read_text())
+                    break
             time.sleep(0.2)
         assert state is not None, "the emulated job did not start"
         created = state["namespaces"]
@@ -221,6 +225,38 @@ def test_an_interrupted_emulation_leaves_nothing_behind(env: Path, sig: signal.S
             proc.kill()
     assert not set(created) & set(namespaces())
     assert running(str(env)) == [] and running("slow:make") == []
+
+
+WHERE = """
+import json, os, sys
+parent = os.getppid()
+print("where " + json.dumps({
+    "netns": os.readlink("/proc/self/ns/net"),
+    "launcher_netns": os.readlink(f"/proc/{parent}/ns/net"),
+    "launcher": open(f"/proc/{parent}/cmdline", "rb").read().decode().split("\\0"),
+    "cwd": os.getcwd(),
+}), flush=True)
+"""
+
+
+@pytest.mark.parametrize("served", [True, False], ids=["served", "started"])
+def test_each_nodes_launcher_runs_inside_its_namespace(env: Path, served: bool, monkeypatch) -> None:
+    """Forked from this process's launcher server into the node's network namespace, or
+    started there by ``ip netns exec``: the launcher and its workers are inside it."""
+    (env / "where.py").write_text(WHERE)
+    if not served:
+        monkeypatch.setenv("LOCALSGD_LAUNCHER_SERVER", "0")
+    with EmulatedCluster(2, 1) as cluster:
+        inodes = [f"net:[{os.stat(f'/run/netns/{name}').st_ino}]" for name in cluster.network.nodes]
+        assert cluster.run([str(env / "where.py")], log_dir=env / "logs", timeout=120) == [0, 0]
+    gone(cluster)
+    for node, inode in enumerate(inodes):
+        [line] = [x for x in (env / "logs" / f"node{node}.log").read_text().splitlines() if x.startswith("where ")]
+        where = json.loads(line.removeprefix("where "))
+        assert where["netns"] == where["launcher_netns"] == inode
+        assert where["cwd"] == str(env)
+        module = "localsgd.engines.launching.server" if served else "localsgd.engines.launching.elastic"
+        assert where["launcher"][1:3] == ["-m", module]
 
 
 def test_namespaces_it_did_not_create_are_left_alone(env: Path) -> None:

@@ -29,7 +29,7 @@ from torch.distributed.fsdp import fully_shard
 import localsgd
 from localsgd import algorithms
 from localsgd.comm.process_group import ProcessGroupCommunicator
-from localsgd.run.worker import exit_process
+from localsgd.util.lifetime import exit_process
 
 BATCH = 8  # a replica's batch; each shard rank takes half
 STEPS = 5

@@ -33,6 +33,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import BinaryIO
 
 from localsgd.emulation.network import (
     EmulatedNetwork,
@@ -44,7 +45,9 @@ from localsgd.emulation.network import (
     signals_raise,
 )
 from localsgd.engines.base import Job, WorkerFailure
+from localsgd.engines.launching import server
 from localsgd.engines.launching.launch import LAUNCHER_MODULE, exit_signals, root_error, tail
+from localsgd.engines.launching.server import Launcher
 from localsgd.records.record import ErrorInfo
 from localsgd.util.files import write_json_atomic
 
@@ -91,8 +94,8 @@ class EmulatedCluster:
         self.spec = NetworkSpec(nodes, rate, burst)
         self.procs_per_node = procs_per_node
         self.network = EmulatedNetwork(self.spec)
-        self._procs: list[subprocess.Popen[bytes]] = []
-        self._launchers: dict[int, subprocess.Popen[bytes]] = {}
+        self._procs: list[Launcher] = []
+        self._launchers: dict[int, Launcher] = {}
         self._signals: contextlib.ExitStack | None = None
 
     @property
@@ -299,10 +302,7 @@ class EmulatedCluster:
             commands = self.commands(program, where, max_restarts=max_restarts, join_timeout=join_timeout)
             for command, node in zip(commands, where.nodes):
                 out = logs.enter_context((log_dir / f"node{node}.log").open("wb"))
-                proc = subprocess.Popen(
-                    command, stdout=out, stderr=subprocess.STDOUT, env=self.node_env(node, base),
-                    start_new_session=True,
-                )  # fmt: skip
+                proc = self._start(command, node, self.node_env(node, base), out)
                 self._procs.append(proc)
                 self._launchers[node] = proc
                 procs.append(proc)
@@ -311,8 +311,21 @@ class EmulatedCluster:
             finally:
                 self.stop()
 
+    def _start(self, command: list[str], node: int, env: dict[str, str], out: BinaryIO) -> Launcher:
+        """Node ``node``'s launcher: forked from this process's launcher server into the
+        node's network namespace (:mod:`~localsgd.engines.launching.server`), else started
+        with ``ip netns exec``; in a session of its own either way."""
+        prefix = self.network.exec_prefix(node)
+        program = command[len(prefix) :]
+        if server.wanted(program, env):
+            netns = self.network.namespace_path(node)
+            served = server.start(program, env=env, stdout=out.fileno(), tie=None, netns=netns)
+            if served is not None:
+                return served
+        return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
     @staticmethod
-    def _wait(procs: list[subprocess.Popen[bytes]], timeout: float | None) -> list[int]:
+    def _wait(procs: list[Launcher], timeout: float | None) -> list[int]:
         deadline = None if timeout is None else time.monotonic() + timeout
         failed_at: float | None = None
         while any(p.poll() is None for p in procs):

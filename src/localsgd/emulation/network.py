@@ -43,6 +43,8 @@ SUBNET = "10.77.0"
 STATE_DIR = Path("/run/localsgd-emulation")
 """One file per live emulation (its namespaces and owner pid), for :func:`cleanup_stale`."""
 MAX_NODES = 250
+NETNS_DIR = "/run/netns"
+"""Where ``ip netns add`` keeps a named namespace's file."""
 
 _IDENT = re.compile(rf"{PREFIX}[0-9a-f]{{6}}")
 _NAMESPACE = re.compile(rf"({_IDENT.pattern})-(node\d+|switch)")
@@ -291,6 +293,10 @@ class EmulatedNetwork:
     def exec_prefix(self, node: int) -> list[str]:
         """The command prefix that runs a program inside node ``node``."""
         return ["ip", "netns", "exec", self.nodes[node]]
+
+    def namespace_path(self, node: int) -> str:
+        """The file of node ``node``'s network namespace (what ``ip netns exec`` enters)."""
+        return os.path.join(NETNS_DIR, self.nodes[node])
 
 
 def kill_all(pids: Sequence[int], grace: float = 3.0) -> None:

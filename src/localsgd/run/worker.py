@@ -53,6 +53,9 @@ from localsgd.util.lifetime import (
     EXIT_ORPHANED,
     WATCH_FD,
     die_with_parent,
+    exit_process,
+    exit_status,
+    flush_output,
     name_process,
     restart_attempt,
     watch_parent,
@@ -282,38 +285,6 @@ def _workload(built: OrderedDict[str, workloads.Workload], config: RunConfig) ->
     return built[key]
 
 
-def _exit_status(code: int | str | None) -> int:
-    """``sys.exit``'s meaning of ``code`` as a process exit status (a message: printed, 1)."""
-    if code is None:
-        return 0
-    if isinstance(code, int):
-        return code
-    print(code, file=sys.stderr)
-    return 1
-
-
-def _flush_output() -> None:
-    logging.shutdown()
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(Exception):
-            stream.flush()
-
-
-def exit_process(code: int | str | None) -> NoReturn:
-    """End this worker with ``code`` (``sys.exit``'s meaning) once its output is flushed,
-    skipping the interpreter's teardown.
-
-    A worker's work is over when :func:`main` returns: the record is written, the process
-    group destroyed. What the teardown adds is a hazard: daemon threads (the heartbeat,
-    torch's own) are stopped mid-call with ``pthread_exit`` and C++ static destructors run
-    while other threads still use them, which aborts a finished worker ("terminate called
-    without an active exception", SIGABRT) in a few launches in a hundred, and its
-    launcher then reports the whole launch failed."""
-    status = _exit_status(code)
-    _flush_output()
-    os._exit(status)
-
-
 def _main_code(argv: list[str] | None) -> int | str | None:
     try:
         return main(argv)
@@ -342,10 +313,10 @@ def forked_entry(*argv: str) -> None:
     # Its command line is the launcher's: the name says what it is (ps -o comm, top), in the
     # 15 bytes a name keeps, whole up to rank 99999.
     name_process(f"localsgd r{os.environ.get('RANK', '?')}")
-    status = _exit_status(_main_code(list(argv)))
+    status = exit_status(_main_code(list(argv)))
     if status != 0:
         exit_process(status)
-    _flush_output()
+    flush_output()
 
 
 if __name__ == "__main__":

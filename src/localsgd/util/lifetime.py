@@ -24,6 +24,7 @@ import signal
 import sys
 import threading
 from collections.abc import Callable
+from typing import NoReturn
 
 DEFAULT_TIMEOUT_SECONDS = 120.0
 """``train.timeout_seconds`` by default: how long a collective, the rendezvous or a silent
@@ -154,3 +155,39 @@ def restart_attempt() -> int:
         if value.isdigit():
             return int(value)
     return 0
+
+
+def exit_status(code: int | str | None) -> int:
+    """``sys.exit``'s meaning of ``code`` as a process exit status (a message: printed, 1)."""
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code
+    print(code, file=sys.stderr)
+    return 1
+
+
+def flush_output() -> None:
+    """Flush the logging handlers and standard output and error."""
+    import logging
+
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+
+
+def exit_process(code: int | str | None = 0) -> NoReturn:
+    """End this process with ``code`` (``sys.exit``'s meaning) once its output is flushed,
+    skipping the interpreter's teardown. For a distributed worker whose work is done: its
+    results written, its process group destroyed (``localsgd.exit_process()`` at the end of
+    a script run under torchrun).
+
+    What the teardown adds is a hazard: daemon threads (a heartbeat, torch's own) are
+    stopped mid-call with ``pthread_exit`` and C++ static destructors run while other
+    threads still use them, which aborts a finished gloo worker ("terminate called without
+    an active exception", SIGABRT) in a few launches in a hundred with torch 2.13, and its
+    launcher then reports the whole launch failed."""
+    status = exit_status(code)
+    flush_output()
+    os._exit(status)

@@ -149,7 +149,7 @@ class Launched:
                 if server.wanted(self.command, env)
                 else None
             )
-            self.proc: subprocess.Popen[bytes] | server.ServedProcess = served or subprocess.Popen(
+            self.proc: server.Launcher = served or subprocess.Popen(
                 self.command,
                 stdin=subprocess.DEVNULL,
                 stdout=log,

@@ -52,7 +52,7 @@ from localsgd.engines.launching.launch import (
     torchrun_command,
     worker_env,
 )
-from localsgd.engines.launching.server import ServedProcess
+from localsgd.engines.launching.server import Launcher
 from localsgd.records.record import ErrorInfo
 from localsgd.util.lifetime import DEFAULT_TIMEOUT_SECONDS, EXIT_ORPHANED
 
@@ -130,7 +130,7 @@ class WorkerPool:
         self._closed = False
 
     @property
-    def _proc(self) -> subprocess.Popen[bytes] | ServedProcess | None:
+    def _proc(self) -> Launcher | None:
         return self._launched.proc if self._launched is not None else None
 
     @property

@@ -14,7 +14,8 @@ those modules; that launch and every later one is a fork of the server, made to 
 - a session of its own, as ``start_new_session`` gives a started one;
 - the signal handling a started interpreter has: what the caller ignores stays ignored,
   every other handler is the default (and Python's for SIGINT);
-- the caller's tie (``--watch-fd``): the launcher exits when its caller does.
+- the caller's tie (``--watch-fd``): the launcher exits when its caller does;
+- for an emulated node, the node's network namespace, entered as ``ip netns exec`` would.
 
 The caller holds a :class:`ServedProcess`, which answers as a ``subprocess.Popen`` of the
 launcher would (``pid``, ``poll``, ``wait``, ``send_signal``, ``returncode``): the server
@@ -41,7 +42,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, TypeAlias
 
 SERVER_MODULE = "localsgd.engines.launching.server"
 LAUNCHER_MODULE = "localsgd.engines.launching.elastic"
@@ -148,6 +149,10 @@ class ServedProcess:
         self.send_signal(signal.SIGKILL)
 
 
+Launcher: TypeAlias = "subprocess.Popen[bytes] | ServedProcess"
+"""A launcher this process holds: started (``Popen``) or forked by the server."""
+
+
 class _Server:
     """This process's side of a running server."""
 
@@ -225,12 +230,14 @@ def start(
     env: Mapping[str, str],
     stdout: int,
     tie: int | None,
+    netns: str | None = None,
 ) -> ServedProcess | None:
     """Fork the launcher ``command`` from this process's server (started now if there is
     none), with standard input from ``/dev/null``, standard output and error on ``stdout``
     (a descriptor), in the current directory, with ``env``, tied by descriptor ``tie``
-    (what ``--watch-fd`` names in ``command``). None when no server can serve it: the
-    caller starts the launcher itself."""
+    (what ``--watch-fd`` names in ``command``), and (``netns``: the path of a network
+    namespace, as ``ip netns exec`` would enter it) in that network namespace. None when no
+    server can serve it: the caller starts the launcher itself."""
     key = _key(env)
     cwd = os.getcwd()
     with _servers_lock:
@@ -247,6 +254,7 @@ def start(
         "cwd": cwd,
         "ignored": _ignored(),
         "tie": tie is not None,
+        "netns": netns,
     }
     with open(os.devnull, "rb") as null:
         fds = [null.fileno(), stdout, stdout] + ([tie] if tie is not None else [])
@@ -267,7 +275,9 @@ def _serve(channel: socket.socket) -> None:
 
     for name in PRELOAD:
         importlib.import_module(name)
-    served = _Served(channel, _base_path())
+    base = _base_path()
+    os.chdir("/")  # each launcher goes to its caller's; this one holds none
+    served = _Served(channel, base)
     while True:
         ready, _, _ = select.select([channel], [], [], 0.05)
         if ready and not served.accept():
@@ -341,33 +351,7 @@ def _launcher(request: dict[str, Any], fds: list[int], base: list[str]) -> None:
     """The forked launcher: made to start as the started one would, then run."""
     code = 1
     try:
-        os.setsid()
-        for target, fd in enumerate(fds[:3]):
-            os.dup2(fd, target)
-        tie = os.dup(fds[3]) if request.get("tie") and len(fds) > 3 else None
-        if tie is None:
-            os.closerange(3, _max_fd())
-        else:
-            os.closerange(3, tie)
-            os.closerange(tie + 1, _max_fd())
-        os.chdir(request["cwd"])
-        os.environ.clear()
-        os.environ.update(request["env"])
-        given = [p for p in request["env"].get("PYTHONPATH", "").split(os.pathsep) if p]
-        sys.path[:] = [request["cwd"], *given, *base]
-        ignored = set(request.get("ignored", ()))
-        for sig in RESET_SIGNALS:
-            if sig in _PYTHON_IGNORES or sig in ignored:
-                handler: Any = signal.SIG_IGN
-            elif sig == signal.SIGINT:
-                handler = signal.default_int_handler
-            else:
-                handler = signal.SIG_DFL
-            with contextlib.suppress(OSError, ValueError):
-                signal.signal(sig, handler)
-        argv = list(request["argv"])
-        if tie is not None and "--watch-fd" in argv:
-            argv[argv.index("--watch-fd") + 1] = str(tie)
+        argv = _as_started(request, fds, base)
         from localsgd.engines.launching import elastic
 
         sys.argv = [elastic.__file__, *argv]
@@ -390,6 +374,58 @@ def _launcher(request: dict[str, Any], fds: list[int], base: list[str]) -> None:
     finally:
         _flush()
         os._exit(code)
+
+
+def _as_started(request: dict[str, Any], fds: list[int], base: list[str]) -> list[str]:
+    """Make this forked process what ``python -m LAUNCHER ARGS`` started by the caller would
+    be at its start; returns ARGS (``--watch-fd`` naming the tie's descriptor here)."""
+    os.setsid()
+    for target, fd in enumerate(fds[:3]):
+        os.dup2(fd, target)
+    if request.get("netns"):
+        _enter_network_namespace(request["netns"])
+    tie = os.dup(fds[3]) if request.get("tie") and len(fds) > 3 else None
+    if tie is None:
+        os.closerange(3, _max_fd())
+    else:
+        os.closerange(3, tie)
+        os.closerange(tie + 1, _max_fd())
+    os.chdir(request["cwd"])
+    os.environ.clear()
+    os.environ.update(request["env"])
+    given = [p for p in request["env"].get("PYTHONPATH", "").split(os.pathsep) if p]
+    sys.path[:] = [request["cwd"], *given, *base]
+    ignored = set(request.get("ignored", ()))
+    for sig in RESET_SIGNALS:
+        if sig in _PYTHON_IGNORES or sig in ignored:
+            handler: Any = signal.SIG_IGN
+        elif sig == signal.SIGINT:
+            handler = signal.default_int_handler
+        else:
+            handler = signal.SIG_DFL
+        with contextlib.suppress(OSError, ValueError):
+            signal.signal(sig, handler)
+    argv = list(request["argv"])
+    if tie is not None and "--watch-fd" in argv:
+        argv[argv.index("--watch-fd") + 1] = str(tie)
+    return argv
+
+
+_CLONE_NEWNET = 0x40000000
+
+
+def _enter_network_namespace(path: str) -> None:
+    """Move this (single-threaded) process into the network namespace at ``path``."""
+    import ctypes
+
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.setns(fd, _CLONE_NEWNET) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"cannot enter network namespace {path}: {os.strerror(err)}")
+    finally:
+        os.close(fd)
 
 
 def _flush() -> None:
