@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -168,3 +169,33 @@ def test_the_server_is_single_threaded_and_leaves_with_its_caller_and_so_do_its_
         if caller.poll() is None:
             caller.kill()
             caller.wait()
+
+
+def test_a_launcher_whose_caller_gave_up_waiting_is_killed_and_the_next_is_served(tmp_path):
+    probe = tmp_path / "probe.py"
+    probe.write_text(PROBE)
+    env = worker_env(1)
+    srv = server._Server(server._key(env), env, str(tmp_path))
+    try:
+
+        def request() -> dict:
+            command = torchrun_command(1, [str(probe)])
+            return {"argv": command[3:], "env": env, "cwd": str(tmp_path), "ignored": [], "tie": False}
+
+        abandoned, served = tmp_path / "abandoned.log", tmp_path / "served.log"
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        with abandoned.open("wb") as out, open(os.devnull, "rb") as null:
+            message = [json.dumps(request()).encode()]
+            socket.send_fds(srv.channel, message, [theirs.fileno(), null.fileno(), out.fileno(), out.fileno()])
+        theirs.close()
+        mine.close()  # gone before the server's reply: its launcher must not run unseen
+        # The server takes requests in order: by the time the next launch has run, the
+        # abandoned one was forked, found no one to tell, and was killed.
+        with served.open("wb") as out, open(os.devnull, "rb") as null:
+            launched = srv.fork(request(), [null.fileno(), out.fileno(), out.fileno()])
+        assert launched is not None and launched.wait(120) == 0
+        assert "probe says" in served.read_text()
+        time.sleep(1.0)
+        assert "probe says" not in abandoned.read_text()
+    finally:
+        srv.close()

@@ -195,6 +195,9 @@ class _Server:
             reply = json.loads(data) if data else {}
         except (OSError, ValueError):
             reply = {}
+        except BaseException:
+            mine.close()  # interrupted: a launcher forked now finds no one and is killed
+            raise
         finally:
             with contextlib.suppress(OSError):
                 theirs.close()
@@ -318,9 +321,14 @@ class _Served:
         if request is None:
             reply_to.close()
             return True
-        self.replies[pid] = reply_to
-        with contextlib.suppress(OSError):
+        try:
             reply_to.send(json.dumps({"pid": pid}).encode())
+        except OSError:
+            # The caller gave up waiting (or was interrupted) and starts no launcher from
+            # here: this one must not run unseen.
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)  # just forked: nothing of its own started yet
+        self.replies[pid] = reply_to
         return True
 
     def reap(self) -> None:
