@@ -175,7 +175,7 @@ def test_a_launcher_whose_caller_gave_up_waiting_is_killed_and_the_next_is_serve
     probe = tmp_path / "probe.py"
     probe.write_text(PROBE)
     env = worker_env(1)
-    srv = server._Server(server._key(env), env, str(tmp_path))
+    srv = server._Server(env, str(tmp_path))
     try:
 
         def request() -> dict:

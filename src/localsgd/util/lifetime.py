@@ -167,14 +167,19 @@ def exit_status(code: int | str | None) -> int:
     return 1
 
 
+def flush_streams() -> None:
+    """Flush standard output and error (whatever they are now)."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+
+
 def flush_output() -> None:
     """Flush the logging handlers and standard output and error."""
     import logging
 
     logging.shutdown()
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(Exception):
-            stream.flush()
+    flush_streams()
 
 
 def exit_process(code: int | str | None = 0) -> NoReturn:

@@ -32,6 +32,7 @@ server is started for it).
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import os
@@ -41,8 +42,12 @@ import socket
 import subprocess
 import sys
 import threading
+import time
+import traceback
 from collections.abc import Mapping, Sequence
 from typing import Any, TypeAlias
+
+from localsgd.util.lifetime import exit_process, flush_streams, process_alive
 
 SERVER_MODULE = "localsgd.engines.launching.server"
 LAUNCHER_MODULE = "localsgd.engines.launching.elastic"
@@ -115,8 +120,6 @@ class ServedProcess:
             else:
                 # The server went away first: the launcher is an orphan now, and its status
                 # is lost. It is over when the process is (its tie still ends it with us).
-                from localsgd.util.lifetime import process_alive
-
                 if process_alive(self.pid):
                     return None
                 self.returncode = 1
@@ -127,8 +130,6 @@ class ServedProcess:
         return self._read(0)
 
     def wait(self, timeout: float | None = None) -> int:
-        import time
-
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
@@ -156,8 +157,7 @@ Launcher: TypeAlias = "subprocess.Popen[bytes] | ServedProcess"
 class _Server:
     """This process's side of a running server."""
 
-    def __init__(self, key: tuple[str, ...], env: Mapping[str, str], cwd: str) -> None:
-        self.key = key
+    def __init__(self, env: Mapping[str, str], cwd: str) -> None:
         self.owner = os.getpid()
         self.lock = threading.Lock()
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -250,7 +250,7 @@ def start(
                 server.close()
             server = None
         if server is None:
-            server = _servers[key] = _Server(key, env, cwd)
+            server = _servers[key] = _Server(env, cwd)
     request = {
         "argv": list(command[3:]),
         "env": dict(env),
@@ -310,7 +310,7 @@ class _Served:
         except ValueError:
             request = None
         if request is not None:
-            _flush()
+            flush_streams()
             pid = os.fork()
             if pid == 0:
                 for sock in (self.channel, reply_to, *self.replies.values()):
@@ -357,7 +357,7 @@ def _base_path() -> list[str]:
 
 def _launcher(request: dict[str, Any], fds: list[int], base: list[str]) -> None:
     """The forked launcher: made to start as the started one would, then run."""
-    code = 1
+    code: int | str | None = 1
     try:
         argv = _as_started(request, fds, base)
         from localsgd.engines.launching import elastic
@@ -366,22 +366,17 @@ def _launcher(request: dict[str, Any], fds: list[int], base: list[str]) -> None:
         try:
             code = elastic.main(argv)
         except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+            code = exc.code
         except KeyboardInterrupt:
-            _flush()
+            flush_streams()
             signal.signal(signal.SIGINT, signal.SIG_DFL)
             os.kill(os.getpid(), signal.SIGINT)
-        import atexit
-
         atexit._run_exitfuncs()
     except BaseException:
-        import traceback
-
         traceback.print_exc()
         code = 1
     finally:
-        _flush()
-        os._exit(code)
+        exit_process(code)
 
 
 def _as_started(request: dict[str, Any], fds: list[int], base: list[str]) -> list[str]:
@@ -434,12 +429,6 @@ def _enter_network_namespace(path: str) -> None:
             raise OSError(err, f"cannot enter network namespace {path}: {os.strerror(err)}")
     finally:
         os.close(fd)
-
-
-def _flush() -> None:
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(Exception):
-            stream.flush()
 
 
 def _max_fd() -> int:
